@@ -1,0 +1,356 @@
+"""Configuration dataclasses: what a quantized number looks like and how a model is quantized.
+
+Two frozen dataclasses carry every choice lowbit makes:
+
+* :class:`QuantSpec` describes one quantized number format (bits, signedness, symmetric or
+  affine, narrow range, granularity).
+* :class:`QuantizationConfig` describes how a whole model is quantized (weight spec, activation
+  spec, mode, calibrator, skipped layers and per-layer overrides).
+
+Both validate on construction (errors name the field and the fix) and round-trip through plain
+JSON-compatible dicts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "GRANULARITIES",
+    "MODES",
+    "QuantSpec",
+    "QuantizationConfig",
+]
+
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
+Mode = Literal["dynamic", "static", "weight_only"]
+
+GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group", "per_token")
+MODES: tuple[str, ...] = ("dynamic", "static", "weight_only")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The spec of one quantized integer format.
+
+    Args:
+        bits: integer width, 2..8 (4 and 8 are the ones with fast kernels).
+        signed: integers in ``[-2^(b-1), 2^(b-1)-1]`` when True, ``[0, 2^b-1]`` when False.
+        symmetric: zero-point fixed at the middle of the range (0 for signed); otherwise affine
+            with an integer zero-point chosen from the observed range.
+        narrow_range: drop the most negative code (``[-127, 127]`` for int8) so that the range is
+            symmetric around zero; for unsigned it drops code 0.
+        granularity: ``"per_tensor"`` (one scale), ``"per_channel"`` (one scale per index of
+            ``axis``), ``"per_group"`` (one scale per ``group_size`` consecutive elements of the
+            last dimension, for every row), or ``"per_token"`` (one scale per row of the last
+            dimension: dynamic activations).
+        axis: channel axis for ``per_channel`` (0 = output channels of a weight).
+        group_size: elements per group along the last (input) dimension for ``per_group``.
+
+    Raises:
+        ValueError: on an out-of-range field; the message names the field and the fix.
+
+    Example:
+        >>> spec = QuantSpec(bits=4, granularity="per_group", group_size=32)
+        >>> spec.qmin, spec.qmax
+        (-8, 7)
+        >>> QuantSpec.from_dict(spec.to_dict()) == spec
+        True
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    narrow_range: bool = False
+    granularity: Granularity = "per_tensor"
+    axis: int = 0
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise ValueError(
+                f"QuantSpec.bits={self.bits!r} is not supported; use an integer in 2..8 "
+                "(8 for INT8, 4 for INT4)"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantSpec.granularity={self.granularity!r} is unknown; use one of {GRANULARITIES}"
+            )
+        if self.granularity == "per_group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    "QuantSpec.group_size must be a positive integer when granularity='per_group'"
+                    f" (got {self.group_size!r}); typical values are 32, 64 or 128"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"QuantSpec.group_size={self.group_size!r} only applies to granularity='per_group';"
+                f" remove it or set granularity='per_group' (granularity is {self.granularity!r})"
+            )
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise ValueError(f"QuantSpec.axis must be an int, got {self.axis!r}")
+
+    # ------------------------------------------------------------------ derived properties
+    @property
+    def qmin(self) -> int:
+        """Smallest integer code."""
+        base = -(2 ** (self.bits - 1)) if self.signed else 0
+        return base + 1 if self.narrow_range else base
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code."""
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The torch dtype that holds one unpacked code (int8 or uint8)."""
+        return torch.int8 if self.signed else torch.uint8
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are refused by name."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"QuantSpec: unknown field(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**dict(data))
+
+    def with_(self, **changes: Any) -> QuantSpec:
+        """A copy with some fields changed (validated again).
+
+        Example:
+            >>> QuantSpec().with_(bits=4).bits
+            4
+        """
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ common formats
+    @classmethod
+    def int8_weight(cls) -> QuantSpec:
+        """INT8 symmetric per-output-channel weights (the accurate default)."""
+        return cls(bits=8, signed=True, symmetric=True, granularity="per_channel", axis=0)
+
+    @classmethod
+    def int4_weight(cls, group_size: int = 128, symmetric: bool = False) -> QuantSpec:
+        """INT4 group-wise weights (asymmetric by default, as most INT4 LLM recipes use)."""
+        return cls(bits=4, signed=True, symmetric=symmetric, granularity="per_group",
+                   group_size=group_size)
+
+    @classmethod
+    def int8_dynamic_activation(cls, granularity: Granularity = "per_token") -> QuantSpec:
+        """INT8 symmetric activations quantized at run time, one scale per token by default."""
+        return cls(bits=8, signed=True, symmetric=True, granularity=granularity)
+
+    @classmethod
+    def int8_static_activation(cls) -> QuantSpec:
+        """INT8 affine per-tensor activations with a calibrated range."""
+        return cls(bits=8, signed=True, symmetric=False, granularity="per_tensor")
+
+
+def _default_weight_spec() -> QuantSpec:
+    return QuantSpec.int8_weight()
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How a model is quantized.
+
+    Args:
+        weights: spec of the weights.
+        activations: spec of the activations; ``None`` for weight-only. For ``mode="dynamic"``
+            it says how activations are quantized at run time (default per token); for
+            ``mode="static"`` it is the calibrated format (default per-tensor affine INT8).
+        mode: ``"dynamic"``, ``"static"`` or ``"weight_only"``.
+        calibrator: registry name of the calibrator for static activations (``"minmax"``,
+            ``"moving_average"``, ``"percentile"``, ``"entropy"``, ``"mse"`` or a custom one).
+        calibrator_kwargs: keyword arguments for the calibrator (e.g. ``{"percentile": 99.99}``).
+        skip_layers: qualified layer names or glob patterns kept in float.
+        layer_overrides: ``{name or glob: QuantizationConfig or None}``; ``None`` keeps the layer
+            in FP32. The first matching pattern in insertion order wins; an exact name beats globs.
+
+    Raises:
+        ValueError: when a field is invalid or the combination makes no sense.
+
+    Example:
+        >>> cfg = QuantizationConfig.int8_static(calibrator="percentile")
+        >>> cfg.mode, cfg.activations.granularity
+        ('static', 'per_tensor')
+        >>> QuantizationConfig.from_json(cfg.to_json()) == cfg
+        True
+        >>> QuantizationConfig(layer_overrides={"fc2": None}).config_for("fc2") is None
+        True
+    """
+
+    weights: QuantSpec = field(default_factory=_default_weight_spec)
+    activations: QuantSpec | None = field(default_factory=QuantSpec.int8_dynamic_activation)
+    mode: Mode = "dynamic"
+    calibrator: str = "minmax"
+    calibrator_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    skip_layers: tuple[str, ...] = ()
+    layer_overrides: Mapping[str, QuantizationConfig | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(
+                f"QuantizationConfig.mode={self.mode!r} is unknown; use one of {MODES}"
+            )
+        if not isinstance(self.weights, QuantSpec):
+            raise ValueError("QuantizationConfig.weights must be a QuantSpec, "
+                             f"got {type(self.weights).__name__}")
+        if self.activations is not None and not isinstance(self.activations, QuantSpec):
+            raise ValueError("QuantizationConfig.activations must be a QuantSpec or None, "
+                             f"got {type(self.activations).__name__}")
+        if self.mode == "weight_only" and self.activations is not None:
+            raise ValueError("QuantizationConfig: mode='weight_only' keeps activations in float; "
+                             "pass activations=None")
+        if self.mode in ("dynamic", "static") and self.activations is None:
+            raise ValueError(f"QuantizationConfig: mode={self.mode!r} needs an activations spec; "
+                             "use mode='weight_only' for float activations")
+        if self.mode in ("dynamic", "static") and self.weights.bits != 8:
+            raise ValueError(
+                f"QuantizationConfig: mode={self.mode!r} runs INT8 x INT8 kernels, so weights.bits "
+                f"must be 8 (got {self.weights.bits}); use mode='weight_only' for INT4 weights"
+            )
+        if self.activations is not None:
+            if self.activations.bits != 8 and self.mode in ("dynamic", "static"):
+                raise ValueError(
+                    f"QuantizationConfig: activations.bits={self.activations.bits} is not "
+                    "supported by the integer kernels; use 8 (lower activation widths are a QAT "
+                    "experiment: see QATPreparer)"
+                )
+            if self.activations.granularity == "per_group" or (
+                self.activations.granularity == "per_channel"
+            ):
+                raise ValueError(
+                    "QuantizationConfig: activations must be 'per_tensor' or 'per_token' "
+                    f"(got {self.activations.granularity!r})"
+                )
+            if self.mode == "static" and self.activations.granularity != "per_tensor":
+                raise ValueError("QuantizationConfig: static activations are calibrated per "
+                                 "tensor; use granularity='per_tensor' or mode='dynamic'")
+        if self.weights.granularity == "per_token":
+            raise ValueError("QuantizationConfig.weights: 'per_token' is for activations; use "
+                             "'per_channel' or 'per_group' for weights")
+        if not isinstance(self.calibrator, str) or not self.calibrator:
+            raise ValueError("QuantizationConfig.calibrator must be a registry name such as "
+                             f"'minmax' (got {self.calibrator!r}); pass calibrator instances to "
+                             "PTQQuantizer(calibrator=...)")
+        if isinstance(self.skip_layers, str):
+            object.__setattr__(self, "skip_layers", (self.skip_layers,))
+        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        for name in self.skip_layers:
+            if not isinstance(name, str):
+                raise ValueError(f"QuantizationConfig.skip_layers must hold strings, got {name!r}")
+        overrides = dict(self.layer_overrides)
+        for key, value in overrides.items():
+            if not isinstance(key, str):
+                raise ValueError(f"QuantizationConfig.layer_overrides keys are layer names or "
+                                 f"globs, got {key!r}")
+            if value is not None and not isinstance(value, QuantizationConfig):
+                raise ValueError(
+                    f"QuantizationConfig.layer_overrides[{key!r}] must be a QuantizationConfig or "
+                    f"None (FP32 fallback), got {type(value).__name__}"
+                )
+        object.__setattr__(self, "layer_overrides", MappingProxyType(overrides))
+        kwargs = MappingProxyType(dict(self.calibrator_kwargs))
+        object.__setattr__(self, "calibrator_kwargs", kwargs)
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def int8_dynamic(cls, per_token: bool = True, **kwargs: Any) -> QuantizationConfig:
+        """INT8 per-channel weights, activations quantized at run time (per token by default)."""
+        act = QuantSpec.int8_dynamic_activation("per_token" if per_token else "per_tensor")
+        return cls(weights=QuantSpec.int8_weight(), activations=act, mode="dynamic", **kwargs)
+
+    @classmethod
+    def int8_static(cls, calibrator: str = "minmax", **kwargs: Any) -> QuantizationConfig:
+        """INT8 per-channel weights and calibrated per-tensor INT8 activations."""
+        return cls(weights=QuantSpec.int8_weight(), activations=QuantSpec.int8_static_activation(),
+                   mode="static", calibrator=calibrator, **kwargs)
+
+    @classmethod
+    def int4_weight_only(cls, group_size: int = 128, symmetric: bool = False,
+                         **kwargs: Any) -> QuantizationConfig:
+        """INT4 group-wise weights (packed two per byte), float activations."""
+        return cls(weights=QuantSpec.int4_weight(group_size, symmetric), activations=None,
+                   mode="weight_only", **kwargs)
+
+    # ------------------------------------------------------------------ per-layer resolution
+    def is_skipped(self, name: str) -> bool:
+        """True when ``name`` matches one of ``skip_layers`` (exact name or glob)."""
+        return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in self.skip_layers)
+
+    def config_for(self, name: str) -> QuantizationConfig | None:
+        """The config that applies to layer ``name`` (``None`` = keep in FP32)."""
+        if self.is_skipped(name):
+            return None
+        if name in self.layer_overrides:
+            return self.layer_overrides[name]
+        for pattern, value in self.layer_overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return value
+        return self
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict (overrides nested; ``None`` marks FP32 fallback)."""
+        return {
+            "weights": self.weights.to_dict(),
+            "activations": None if self.activations is None else self.activations.to_dict(),
+            "mode": self.mode,
+            "calibrator": self.calibrator,
+            "calibrator_kwargs": dict(self.calibrator_kwargs),
+            "skip_layers": list(self.skip_layers),
+            "layer_overrides": {
+                k: (None if v is None else v.to_dict()) for k, v in self.layer_overrides.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantizationConfig:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"QuantizationConfig: unknown field(s) {sorted(unknown)}; "
+                             f"known: {sorted(known)}")
+        if "weights" in data:
+            data["weights"] = QuantSpec.from_dict(data["weights"])
+        if data.get("activations") is not None:
+            data["activations"] = QuantSpec.from_dict(data["activations"])
+        if "skip_layers" in data:
+            data["skip_layers"] = tuple(data["skip_layers"])
+        if "layer_overrides" in data:
+            data["layer_overrides"] = {
+                k: (None if v is None else cls.from_dict(v))
+                for k, v in data["layer_overrides"].items()
+            }
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """The config as a JSON string (sorted keys, stable)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantizationConfig:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
