@@ -1,0 +1,140 @@
+"""Shared base and helpers of lowbit's quantized modules (see ``modules.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.config import QuantSpec
+from lowbit.ops import choose_qparams, compute_range, quantize
+
+__all__ = ["QuantizedModuleBase", "conv_geometry", "jsonable", "quantize_weight"]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tensors / tuples turned into plain JSON types (lists, floats, ints).
+
+    Example:
+        >>> jsonable({"range": (torch.tensor(1.5), 2)})
+        {'range': [1.5, 2]}
+    """
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (torch.dtype,)):
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str, kind: str,
+                    weight_qparams: tuple[Any, Any] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize a float weight: ``(codes, scale float32, zero_point int32)``.
+
+    Args:
+        weight: float weight (2-D ``[N, K]`` for grouped specs).
+        spec: the weight spec.
+        name, kind: layer name and float type for error messages.
+        weight_qparams: ``(scale, zero_point)`` overriding the observed qparams (QAT).
+
+    Raises:
+        ValueError: on NaN/Inf weights, naming the layer and the fix.
+
+    Example:
+        >>> q, s, z = quantize_weight(torch.randn(4, 8), QuantSpec.int8_weight(), "fc", "Linear")
+        >>> q.dtype, tuple(s.shape)
+        (torch.int8, (4,))
+    """
+    w = weight.detach().float()
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        label = name or "<unnamed layer>"
+        raise ValueError(f"{label} ({kind}): weight has {bad} NaN/Inf value(s); fix the weights "
+                         f"or keep it in float with layer_overrides={{{label!r}: None}}")
+    if weight_qparams is not None:
+        scale = torch.as_tensor(weight_qparams[0], dtype=torch.float32).detach().clone()
+        zp = torch.as_tensor(weight_qparams[1]).detach().to(torch.int32).clone()
+    else:
+        scale, zp = choose_qparams(*compute_range(w, spec, name or "weight"), spec)
+    return quantize(w, scale, zp, spec), scale.contiguous(), zp.contiguous()
+
+
+def conv_geometry(module: nn.Module) -> dict[str, Any]:
+    """Stride/padding/dilation/groups of a float conv, with pre-padding for non-zero modes.
+
+    ``padding="same"`` and ``padding_mode != "zeros"`` become an explicit ``F.pad`` before the
+    convolution (``pre_pad``, ``pad_mode``) and ``padding=0``.
+
+    Example:
+        >>> conv_geometry(nn.Conv2d(3, 4, 3, padding=1))["padding"]
+        [1, 1]
+    """
+    dims = 1 if isinstance(module, nn.Conv1d) else 2
+    geo: dict[str, Any] = {"stride": list(module.stride), "dilation": list(module.dilation),
+                           "groups": module.groups, "pre_pad": None, "pad_mode": "constant"}
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        geo["pre_pad"] = [int(p) for p in module._reversed_padding_repeated_twice]
+        geo["pad_mode"] = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        geo["padding"] = [0] * dims
+    else:
+        geo["padding"] = list(module.padding)
+    return geo
+
+
+class QuantizedModuleBase(nn.Module):
+    """Common plumbing: backend, layer name, fused ReLU, meta, cache refresh after loading.
+
+    Subclasses hold plain buffers, implement ``_refresh_cache()`` (non-persistent kernel caches)
+    and ``_shape_meta()``; ``meta()`` adds the common fields.
+    """
+
+    def __init__(self, *, backend: str = "auto", name: str = "", fused_relu: bool = False,
+                 orig_dtype: str = "float32", meta_extra: Mapping[str, Any] | None = None
+                 ) -> None:
+        super().__init__()
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
+        self.backend = backend
+        self.name = name
+        self.fused_relu = bool(fused_relu)
+        self.orig_dtype = orig_dtype
+        self.meta_extra: dict[str, Any] = jsonable(dict(meta_extra or {}))
+
+    def _refresh_cache(self) -> None:
+        """Rebuild derived (non-persistent) kernel caches from the persistent buffers."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_cache()
+
+    def _label(self) -> str:
+        return f"{self.name or '<unnamed>'} ({type(self).__name__})"
+
+    def _check_features(self, x: torch.Tensor, expected: int, dim: int = -1) -> None:
+        if x.dim() == 0 or x.shape[dim] != expected:
+            raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
+                             f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
+
+    def _shape_meta(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def kernel_info(self) -> Any:
+        """The kernel (or per-M kernel plan) this module runs; JSON-compatible."""
+        return "reference"
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-compatible description: class, shapes, specs, mode, kernel choice, extras."""
+        return {"class": type(self).__name__, **self._shape_meta(), "fused_relu": self.fused_relu,
+                "dtype": self.orig_dtype, "backend": self.backend, "name": self.name,
+                "kernel": self.kernel_info(), "extra": dict(self.meta_extra)}
+
+    @staticmethod
+    def _act(y: torch.Tensor, relu: bool) -> torch.Tensor:
+        return F.relu(y) if relu else y

@@ -1,0 +1,133 @@
+"""The calibration process: stream batches through a model and record each layer's input range.
+
+Calibrators are attached with local forward-pre-hooks that are removed in ``finally``, so a
+failing batch never leaves hooks behind. Batches are streamed (a one-pass generator works) and
+each calibrator keeps constant-size state, so memory stays flat however many batches run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calibrators import Calibrator
+
+__all__ = ["CalibrationRecord", "run_batch", "run_calibration"]
+
+
+@dataclass
+class CalibrationRecord:
+    """What calibration saw at one layer's input.
+
+    Attributes:
+        calibrator: registry name of the calibrator used.
+        min: observed minimum (float32 scalar as Python float).
+        max: observed maximum.
+        range: the clipping range the calibrator chose ``(lo, hi)``.
+        scale: the resulting activation scale.
+        zero_point: the resulting activation zero-point.
+        num_batches: how many batches reached the layer.
+        last_change: relative movement of the range in the last update (convergence).
+    """
+
+    calibrator: str
+    min: float
+    max: float
+    range: tuple[float, float]
+    scale: float
+    zero_point: int
+    num_batches: int
+    last_change: float
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on one calibration batch.
+
+    A tensor is passed as is, a tuple/list passes its first item (``(inputs, labels)`` from a
+    DataLoader), a mapping is passed as keyword arguments (tokenizer output for transformers).
+
+    Example:
+        >>> run_batch(nn.Identity(), (torch.ones(1), torch.zeros(1))).tolist()
+        [1.0]
+    """
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise TypeError(
+        f"calibration_data yielded a {type(batch).__name__}; yield tensors, (input, target) "
+        "tuples, or dicts of keyword inputs"
+    )
+
+
+def run_calibration(model: nn.Module, calibrators: dict[str, Calibrator],
+                    calibration_data: Iterable[Any], *, progress: bool = True,
+                    max_batches: int | None = None) -> int:
+    """Feed every batch through ``model``; each named layer's input goes to its calibrator.
+
+    Args:
+        model: the (float) model; run in eval mode under ``torch.inference_mode``.
+        calibrators: ``{layer name: Calibrator}``.
+        calibration_data: any iterable of batches (see :func:`run_batch`).
+        progress: show a tqdm progress bar.
+        max_batches: stop after this many batches.
+
+    Returns:
+        The number of batches run.
+
+    Raises:
+        ValueError: when ``calibration_data`` is ``None`` or yields no batch.
+
+    Example:
+        >>> from lowbit.calibrators import create_calibrator
+        >>> m = nn.Sequential(nn.Linear(2, 2))
+        >>> cals = {"0": create_calibrator("minmax")}
+        >>> run_calibration(m, cals, [torch.ones(1, 2), -torch.ones(1, 2)], progress=False)
+        2
+        >>> [round(v.item(), 1) for v in cals["0"].compute_range()]
+        [-1.0, 1.0]
+    """
+    if calibration_data is None:
+        raise ValueError("calibration_data is None: static quantization needs representative "
+                         "input batches (a DataLoader, a list of tensors, ...)")
+    handles = []
+
+    def make_hook(cal: Calibrator):
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            cal.update(x.detach())
+        return hook
+
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        for name, cal in calibrators.items():
+            handles.append(model.get_submodule(name).register_forward_pre_hook(
+                make_hook(cal), with_kwargs=True))
+        total = max_batches
+        if total is None and hasattr(calibration_data, "__len__"):
+            total = len(calibration_data)  # type: ignore[arg-type]
+        bar = tqdm(calibration_data, total=total, desc="calibrating", unit="batch",
+                   disable=not progress, leave=False)
+        with torch.inference_mode():
+            for batch in bar:
+                run_batch(model, batch)
+                count += 1
+                if max_batches is not None and count >= max_batches:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("calibration_data is empty: it yielded no batch; pass at least one "
+                         "representative input batch")
+    return count

@@ -1,0 +1,315 @@
+"""Integer kernels: the only place lowbit calls torch's integer ops, with a reference path.
+
+Every kernel here has two implementations selected by a ``kernel`` name:
+
+* a fast one built on torch's CPU integer ops, and
+* ``"reference"``: pure PyTorch, the obvious formula in float64 (exact for integer codes), which
+  gives the same result up to float rounding (for the INT8 x INT8 kernels: bit for bit, because
+  the integer accumulator is exact in both and the float epilogue is shared).
+
+INT8 x INT8 linear (dynamic or static activations)::
+
+    u      = clamp(round(x * (1/s_x)) + zp_x, qmin, qmax) + 128          # uint8 codes
+    acc    = u @ w.T - (zp_x + 128) * colsum(w)        # int32, == (q_x - zp_x) @ w.T exactly
+    y      = acc * s_x * s_w[n] + bias
+
+Activations are shifted into uint8 because oneDNN's u8 x s8 GEMM (``torch._int_mm``) is as fast
+as or faster than s8 x s8; the shift is folded into the precomputed ``colsum`` term.
+
+Kernel choice (:func:`select_kernel`), measured with ``benchmarks/bench_kernels.py`` on the
+2-core AMD Zen 4 (AVX-512 VNNI + BF16, no AMX), torch 2.13, 2 threads. Ratios are time relative
+to fp32 ``F.linear`` in the same run (lower is faster); the full table is in that script's output.
+
+===================================  =========  =========  ==========  ==========  ========
+kernel (M x K x N)                   1x4096^2   8x4096^2   32x384x1536 256x1024x4k 1024^3
+===================================  =========  =========  ==========  ==========  ========
+bf16 F.linear                        0.58       0.27       0.75        0.36        0.38
+``_int_mm`` u8s8 (int32 out)         0.12       0.21       0.30        0.19        0.19
+QuantizedLinear dynamic (wrapper)    0.14       0.24       0.56        0.27        0.26
+``_weight_int8pack_mm`` bf16 act     0.20       0.25       0.55        0.90        0.98
+Int8WeightOnly dequant+bf16 GEMM     0.83       0.52       1.10        0.45        0.42
+``_weight_int4pack_mm_for_cpu`` bf16 0.12       0.18       0.50        0.85        0.95
+Int4 dequant + bf16 GEMM             1.00       0.60       1.20        0.45        0.42
+===================================  =========  =========  ==========  ==========  ========
+
+Decisions drawn from those numbers:
+
+* INT8 x INT8: always ``torch._int_mm`` with uint8 activations (``"int_mm_u8s8"``); it wins at
+  every shape. ``onednn::qlinear_pointwise`` / ``qconv2d_pointwise`` were **rejected**: on this
+  machine they are not exact (u8 x s8 pair sums saturate at int16 for full-range weights: errors
+  of 10^5 on a 10^6 accumulator), so they would silently lose accuracy.
+* Weight-only INT8 / INT4: the packed bf16 ops for ``M <= WEIGHT_ONLY_PACKED_MAX_M`` (= 64),
+  dequantize-to-bf16 + bf16 GEMM above (the packed ops scale like GEMV and lose at large M).
+* INT4 packed op constraints: ``N % 16 == 0``, group size in {32, 64, 128, 256}; other shapes use
+  the dequantize path (bf16 GEMM) or reference. fp32 activations are never fed to the packed ops
+  (3-50x slower than fp32 F.linear): they are cast to bf16 and back.
+* ``aten._dyn_quant_matmul_4bit`` (KleidiAI) is Arm-only in this build: on x86 it falls back to a
+  dequantize reference, so it is not used.
+* Conv2d INT8: im2col (``F.unfold``) + the same u8 x s8 GEMM for ``groups == 1`` (1x1 stride-1
+  convs skip the unfold); ``groups > 1`` uses the reference path (reported in ``meta``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "INT4_GROUP_SIZES",
+    "WEIGHT_ONLY_PACKED_MAX_M",
+    "int4_pack_for_cpu",
+    "int8_conv2d",
+    "int8_linear",
+    "quantize_activation_u8",
+    "select_kernel",
+    "weight_only_linear",
+]
+
+#: Largest number of rows M for which the packed weight-only ops beat dequantize + bf16 GEMM.
+WEIGHT_ONLY_PACKED_MAX_M = 64
+#: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+_HAS_INT_MM = hasattr(torch, "_int_mm")
+_HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+_HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int = 0,
+                  group_size: int | None = None, groups: int = 1) -> str:
+    """The kernel for one call, a deterministic function of the op and the shape.
+
+    Args:
+        op: ``"int8_linear"``, ``"int8_conv2d"``, ``"int8_weight_only"`` or ``"int4_weight_only"``.
+        m: rows of the activation matrix (tokens; batch x output pixels for conv).
+        backend: ``"auto"`` or ``"reference"`` (always the pure-PyTorch path).
+        n: output features; k: input features (padded K for INT4).
+        group_size: INT4 group size (``None`` = not a packable INT4 layout).
+        groups: conv groups.
+
+    Returns:
+        One of ``"int_mm_u8s8"``, ``"int8pack_bf16"``, ``"int4pack_bf16"``, ``"dequant_bf16"``,
+        ``"reference"``.
+
+    Raises:
+        ValueError: on an unknown op or backend.
+
+    Example:
+        >>> select_kernel("int8_linear", 1)
+        'int_mm_u8s8'
+        >>> select_kernel("int4_weight_only", 1, n=64, k=256, group_size=32)
+        'int4pack_bf16'
+        >>> select_kernel("int4_weight_only", 512, n=64, k=256, group_size=32)
+        'dequant_bf16'
+    """
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
+    if backend == "reference":
+        return "reference"
+    if op == "int8_linear":
+        return "int_mm_u8s8" if _HAS_INT_MM else "reference"
+    if op == "int8_conv2d":
+        return "int_mm_u8s8" if _HAS_INT_MM and groups == 1 else "reference"
+    if op == "int8_weight_only":
+        return "int8pack_bf16" if _HAS_INT8PACK and m <= WEIGHT_ONLY_PACKED_MAX_M else "dequant_bf16"
+    if op == "int4_weight_only":
+        packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
+                    and k % group_size == 0)  # type: ignore[operator]
+        return "int4pack_bf16" if packable and m <= WEIGHT_ONLY_PACKED_MAX_M else "dequant_bf16"
+    raise ValueError(f"select_kernel: unknown op {op!r}")
+
+
+def quantize_activation_u8(x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tensor | None = None,
+                           zero_point: torch.Tensor | None = None, *, per_token: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize float activations to signed codes stored shifted by +128 as uint8.
+
+    ``u = clamp(round(x * (1/scale)) + zp, qmin, qmax) + 128``: the same codes as
+    ``lowbit.ops.quantize`` (bit for bit), shifted so that oneDNN's u8 x s8 GEMM can take them.
+    Without ``scale`` the qparams are dynamic and symmetric (``scale = max|x| / qmax``, clamped to
+    float32 eps, ``zp = 0``), per row when ``per_token`` else per tensor, as
+    ``lowbit.ops.choose_qparams`` computes them.
+
+    Args:
+        x: float activations ``[M, K]`` (or any shape for per-tensor).
+        qmin, qmax: signed code range of the activation spec (e.g. -128, 127).
+        scale, zero_point: static qparams (float32 / int32 scalars); both or neither.
+        per_token: dynamic granularity.
+
+    Returns:
+        ``(u uint8 like x, scale float32 [M, 1] or (), zp_u int32 = zp + 128, same shape)``.
+
+    Example:
+        >>> u, s, z = quantize_activation_u8(torch.tensor([[1.0, -2.0]]), -128, 127)
+        >>> (u.int() - z).tolist()
+        [[64, -127]]
+    """
+    xf = x.float()
+    if scale is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
+        scale = torch.clamp(amax / qmax, min=torch.finfo(torch.float32).eps)
+        zp_u = torch.full_like(scale, 128, dtype=torch.int32)
+    else:
+        scale = scale.float()
+        zp_u = zero_point.to(torch.int32) + 128  # type: ignore[union-attr]
+    inv = 1.0 / scale
+    u = torch.round(xf * inv).add_(zp_u.float()).clamp_(qmin + 128, qmax + 128)
+    return u.to(torch.uint8), scale, zp_u
+
+
+def _int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``acc * s_x * s_w + bias`` (then ReLU), float32 ``[M, N]``; shared by all INT8 paths."""
+    y = acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
+    if bias is not None:
+        y.add_(bias)
+    return y.relu_() if relu else y
+
+
+def int8_linear(u: torch.Tensor, x_scale: torch.Tensor, zp_u: torch.Tensor, w: torch.Tensor,
+                w_scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None = None,
+                *, relu: bool = False, kernel: str = "int_mm_u8s8",
+                comp: torch.Tensor | None = None) -> torch.Tensor:
+    """INT8 x INT8 GEMM with INT32 accumulation and a float epilogue.
+
+    ``y[m, n] = s_x[m] * s_w[n] * sum_k (u[m, k] - zp_u[m]) * w[n, k] + bias[n]``
+
+    Args:
+        u: uint8 activation codes ``[M, K]`` from :func:`quantize_activation_u8`.
+        x_scale, zp_u: ``[M, 1]`` (per token) or ``()`` (per tensor) float32 / int32.
+        w: int8 weight ``[N, K]``, contiguous.
+        w_scale: float32 ``[N]``; colsum: int32 ``[N]``, ``w.sum(1)``.
+        bias: float32 ``[N]`` or None; relu: apply ReLU after the bias.
+        kernel: ``"int_mm_u8s8"`` or ``"reference"``.
+        comp: optional precomputed ``zp_u * colsum`` (int32 ``[N]``) for a fixed zero-point.
+
+    Returns:
+        float32 ``[M, N]``.
+
+    Example:
+        >>> w = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
+        >>> u, s, z = quantize_activation_u8(torch.tensor([[1.0, 0.5]]), -128, 127)
+        >>> args = (u, s, z, w, torch.ones(2), w.int().sum(1))
+        >>> torch.equal(int8_linear(*args), int8_linear(*args, kernel="reference"))
+        True
+    """
+    if kernel == "reference":
+        centered = u.double() - zp_u.double()  # (M, K) exact codes q - zp
+        acc = (centered @ w.double().t()).to(torch.int32)  # (M, N) exact for K < 2^37
+    else:
+        acc = torch._int_mm(u, w.t())  # (M, N) int32; B = transpose of contiguous (N, K)
+        acc.sub_(comp if comp is not None else zp_u * colsum)
+    return _int8_epilogue(acc, x_scale, w_scale, bias, relu)
+
+
+def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin: int, qmax: int,
+                w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
+                bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
+                dilation: tuple[int, int], groups: int, *, relu: bool = False,
+                kernel: str = "int_mm_u8s8") -> torch.Tensor:
+    """INT8 Conv2d on per-tensor activation qparams: im2col + u8 x s8 GEMM, or reference.
+
+    Zero padding is exact: 0.0 quantizes to the zero-point, which the compensation removes.
+
+    Args:
+        x: float input ``[B, C, H, W]``; x_scale / x_zp: per-tensor qparams (float32 / int32).
+        qmin, qmax: activation code range.
+        w: int8 weight ``[O, C/groups, kh, kw]``; w_scale float32 ``[O]``;
+        colsum: int32 ``[O]`` (sum of w over all but the first dim).
+        bias, stride, padding, dilation, groups: as in ``F.conv2d``; relu: fused ReLU.
+        kernel: ``"int_mm_u8s8"`` (groups must be 1) or ``"reference"``.
+
+    Returns:
+        float32 ``[B, O, Ho, Wo]``.
+
+    Example:
+        >>> w = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int8)
+        >>> x = torch.randn(2, 3, 5, 5)
+        >>> args = (x, torch.tensor(0.02), torch.tensor(3), -128, 127, w, torch.ones(4),
+        ...         w.int().sum((1, 2, 3)), None, (1, 1), (1, 1), (1, 1), 1)
+        >>> torch.equal(int8_conv2d(*args), int8_conv2d(*args, kernel="reference"))
+        True
+    """
+    bsz, _, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if kernel == "reference":
+        u, _, zp_u = quantize_activation_u8(x, qmin, qmax, x_scale, x_zp)
+        centered = u.double() - zp_u.double()  # (B, C, H, W) codes q - zp; zero pad = exact
+        acc = F.conv2d(centered, w.double(), None, stride, padding, dilation, groups)
+        acc = acc.to(torch.int32).permute(0, 2, 3, 1).reshape(-1, o)  # (B*Ho*Wo, O)
+    else:
+        if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
+            cols = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (B*H*W, C)
+        else:
+            cols = F.unfold(x.float(), (kh, kw), dilation, padding, stride)  # (B, C*kh*kw, L)
+            cols = cols.transpose(1, 2).reshape(bsz * ho * wo, -1)  # (B*L, C*kh*kw)
+        u, _, zp_u = quantize_activation_u8(cols, qmin, qmax, x_scale, x_zp)
+        acc = torch._int_mm(u, w.reshape(o, -1).t())  # (B*L, O) int32
+        acc.sub_(zp_u * colsum)
+    y = _int8_epilogue(acc, x_scale, w_scale, bias, relu)  # (B*L, O)
+    return y.reshape(bsz, ho, wo, o).permute(0, 3, 1, 2)  # (B, O, Ho, Wo), channels-last memory
+
+
+def int4_pack_for_cpu(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                      shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert lowbit INT4 weights to ``aten._weight_int4pack_mm_for_cpu``'s layout.
+
+    The op computes ``w = (u - 8) * s + z`` with ``u`` in [0, 15]; lowbit stores
+    ``w = (c - zp) * s`` with codes ``c = u - shift`` (shift 8 for signed, 0 for unsigned codes),
+    so ``z = (8 - shift - zp) * s``.
+
+    Args:
+        codes: int8/uint8 codes ``[N, K]``; scale / zero_point: ``[N, K // group]``.
+        shift: 8 for signed codes, 0 for unsigned.
+
+    Returns:
+        ``(packed uint8 [N, K/2], scale_and_zero float32 [K // group, N, 2])``.
+
+    Example:
+        >>> c = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+        >>> p, sz = int4_pack_for_cpu(c, torch.ones(16, 2), torch.zeros(16, 2, dtype=torch.int32), 8)
+        >>> tuple(p.shape), tuple(sz.shape)
+        ((16, 32), (2, 16, 2))
+    """
+    u = codes.to(torch.int32) + shift  # (N, K) in [0, 15]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    zero = (8 - shift - zero_point.float()) * scale.float()  # (N, G)
+    sz = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
+    return packed, sz
+
+
+def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # type: ignore[valid-type]
+                       bias: torch.Tensor | None = None, *, packed: torch.Tensor | None = None,
+                       scales: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
+    """Float-activation linear with low-bit weights; result in float32 ``[M, N]``.
+
+    Args:
+        x: float ``[M, K]``.
+        kernel: from :func:`select_kernel`: ``"int8pack_bf16"`` (``packed`` = int8 ``[N, K]``,
+            ``scales`` bf16 ``[N]``), ``"int4pack_bf16"`` (``packed`` from
+            :func:`int4_pack_for_cpu`, ``scales`` its bf16 scale-and-zero), ``"dequant_bf16"``
+            or ``"reference"`` (float32).
+        dequantize: zero-argument callable returning the float32 weight ``[N, K]``.
+        bias: float32 ``[N]`` or None.
+
+    Returns:
+        float32 ``[M, N]``.
+
+    Example:
+        >>> w = torch.randn(3, 4)
+        >>> y = weight_only_linear(torch.ones(2, 4), "reference", lambda: w)
+        >>> torch.allclose(y, torch.ones(2, 4) @ w.t())
+        True
+    """
+    if kernel == "int8pack_bf16":
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), packed, scales).float()
+    elif kernel == "int4pack_bf16":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), packed, group_size, scales).float()
+    elif kernel == "dequant_bf16":
+        y = F.linear(x.to(torch.bfloat16), dequantize().to(torch.bfloat16)).float()
+    else:
+        return F.linear(x.float(), dequantize(), bias)
+    return y if bias is None else y.add_(bias)

@@ -1,0 +1,418 @@
+"""Quantized modules that run on integer kernels; conversion dispatch and support checks.
+
+INT8 x INT8 modules live here (:class:`QuantizedLinear`, :class:`QuantizedConv2d`,
+:class:`QuantizedConv1d`); weight-only ones (:class:`Int4Linear`, :class:`Int8WeightOnlyLinear`,
+:class:`QuantizedEmbedding`, :class:`WeightOnlyConv2d`, :class:`WeightOnlyConv1d`) in
+``modules_weight_only.py``. All hold plain buffers (see ``docs/design.md``): ``weight`` (int8
+codes, or uint8 packed nibbles for <= 4 bits), ``weight_scale`` float32, ``weight_zero_point``
+int32, ``bias`` float32, and for static activations ``input_scale`` / ``input_zero_point``.
+Kernel caches are non-persistent and rebuilt by ``_refresh_cache()`` after ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit._qmodule import QuantizedModuleBase, conv_geometry, quantize_weight
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.kernels import int8_conv2d, int8_linear, quantize_activation_u8, select_kernel
+from lowbit.modules_weight_only import (
+    Int4Linear,
+    Int8WeightOnlyLinear,
+    QuantizedEmbedding,
+    WeightOnlyConv1d,
+    WeightOnlyConv2d,
+)
+from lowbit.ops import choose_qparams, compute_range, dequantize
+
+__all__ = [
+    "QUANTIZABLE_TYPES",
+    "QUANTIZED_MODULES",
+    "Int4Linear",
+    "Int8WeightOnlyLinear",
+    "QuantizedConv1d",
+    "QuantizedConv2d",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
+    "WeightOnlyConv1d",
+    "WeightOnlyConv2d",
+    "check_supported",
+    "convert_module",
+    "module_from_meta",
+]
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+class _Int8Base(QuantizedModuleBase):
+    """Buffers and activation handling shared by the INT8 x INT8 modules."""
+
+    def _init_int8(self, weight_shape: tuple[int, ...], has_bias: bool, weight_spec: QuantSpec,
+                   act_spec: QuantSpec, mode: str) -> None:
+        self.weight_spec, self.act_spec, self.mode = weight_spec, act_spec, mode
+        n = weight_shape[0]
+        qshape = () if weight_spec.granularity == "per_tensor" else (n,)
+        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(qshape))
+        self.register_buffer("weight_zero_point", torch.zeros(qshape, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(n) if has_bias else None)
+        if mode == "static":
+            self.register_buffer("input_scale", torch.tensor(1.0))
+            self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+        # signed-equivalent activation code range (unsigned specs shift by -128)
+        off = 0 if act_spec.signed else -128
+        self._act_off, self._qmin, self._qmax = off, act_spec.qmin + off, act_spec.qmax + off
+        self.register_buffer("_w_scale", torch.ones(n), persistent=False)  # (N,) float32
+        self.register_buffer("_colsum", torch.zeros(n, dtype=torch.int32), persistent=False)
+        self.register_buffer("_comp", None, persistent=False)  # (N,) zp_u * colsum, fixed zp
+
+    def _refresh_cache(self) -> None:
+        n = self.weight.shape[0]
+        self._w_scale = self.weight_scale.float().expand(n).contiguous()
+        self._colsum = self.weight.reshape(n, -1).sum(1, dtype=torch.int32)
+        if self.mode == "static":
+            self._comp = (self.input_zero_point.to(torch.int32) + self._act_off + 128) * self._colsum
+        elif self.act_spec.symmetric:
+            self._comp = 128 * self._colsum
+        else:
+            self._comp = None
+
+    def _quantize_input(self, x: torch.Tensor, per_token: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.mode == "static":
+            return quantize_activation_u8(x, self._qmin, self._qmax, self.input_scale,
+                                          self.input_zero_point + self._act_off)
+        if self.act_spec.symmetric:
+            return quantize_activation_u8(x, self._qmin, self._qmax, per_token=per_token)
+        spec = self.act_spec if per_token else self.act_spec.with_(granularity="per_tensor")
+        scale, zp = choose_qparams(*compute_range(x, spec, self.name), spec)
+        return quantize_activation_u8(x, self._qmin, self._qmax, scale, zp + self._act_off)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float32 weight ``(q - zp) * scale`` (same as ``lowbit.ops.dequantize``)."""
+        return dequantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_spec)
+
+    def _spec_meta(self) -> dict[str, Any]:
+        return {"weight_spec": self.weight_spec.to_dict(), "activation_spec": self.act_spec.to_dict(),
+                "mode": self.mode, "bias": self.bias is not None}
+
+    @classmethod
+    def _init_from(cls, module: nn.Module, config: QuantizationConfig, **kw: Any) -> dict:
+        assert config.activations is not None
+        return {"weight_spec": config.weights, "act_spec": config.activations, "mode": config.mode,
+                "has_bias": module.bias is not None, "orig_dtype": str(module.weight.dtype)[6:],
+                **kw}
+
+    def _fill(self, module: nn.Module, input_qparams: Any, weight_qparams: Any) -> None:
+        kind = type(module).__name__
+        q, s, z = quantize_weight(module.weight, self.weight_spec, self.name, kind, weight_qparams)
+        self.weight.copy_(q)
+        self.weight_scale.copy_(s.reshape(self.weight_scale.shape))
+        self.weight_zero_point.copy_(z.reshape(self.weight_zero_point.shape))
+        if self.bias is not None:
+            self.bias.copy_(module.bias.detach().float())
+        if self.mode == "static":
+            if input_qparams is None:
+                raise ValueError(f"{self.name or kind}: mode='static' needs input_qparams=(scale, "
+                                 "zero_point) from calibration")
+            self.input_scale.fill_(float(torch.as_tensor(input_qparams[0]).reshape(())))
+            self.input_zero_point.fill_(int(torch.as_tensor(input_qparams[1]).reshape(())))
+        self._refresh_cache()
+
+
+class QuantizedLinear(_Int8Base):
+    """INT8 weights x INT8 activations (dynamic per-token/per-tensor, or static) linear layer.
+
+    ``y = s_x * s_w[n] * ((q_x - zp_x) @ q_w.T)[m, n] + bias[n]`` with INT32 accumulation on
+    ``torch._int_mm`` (see ``lowbit.kernels``). Float in, float out (input dtype preserved).
+
+    Args:
+        in_features, out_features, has_bias: shapes.
+        weight_spec: INT8 symmetric per-channel (axis 0) or per-tensor spec.
+        act_spec: activation spec (8 bits; per_token or per_tensor).
+        mode: ``"dynamic"`` or ``"static"``.
+        backend, name, fused_relu, orig_dtype, meta_extra: see :meth:`from_float`.
+
+    Example:
+        >>> fc = nn.Linear(16, 8)
+        >>> q = QuantizedLinear.from_float(fc, QuantizationConfig.int8_dynamic(), name="fc")
+        >>> x = torch.randn(3, 16)
+        >>> q.weight.dtype, bool(torch.nn.functional.cosine_similarity(
+        ...     q(x).flatten(), fc(x).flatten(), dim=0) > 0.99)
+        (torch.int8, True)
+    """
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = True, *,
+                 weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None,
+                 mode: str = "dynamic", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.in_features, self.out_features = in_features, out_features
+        self._init_int8((out_features, in_features), has_bias,
+                        weight_spec or QuantSpec.int8_weight(),
+                        act_spec or QuantSpec.int8_dynamic_activation(), mode)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantizationConfig, *,
+                   input_qparams: Any = None, weight_qparams: Any = None, fused_relu: bool = False,
+                   name: str = "", meta_extra: Mapping[str, Any] | None = None,
+                   backend: str = "auto") -> QuantizedLinear:
+        """Quantize a float ``nn.Linear``.
+
+        Args:
+            module: the float layer. config: its resolved config (dynamic or static).
+            input_qparams: ``(scale, zero_point)`` of static activations.
+            weight_qparams: ``(scale, zero_point)`` overriding the weight qparams (QAT).
+            fused_relu: apply ReLU to the output. name: layer name for errors and meta.
+            meta_extra: JSON-compatible extras for :meth:`meta` (calibrator, observed range).
+            backend: ``"auto"`` or ``"reference"``.
+
+        Raises:
+            ValueError: NaN/Inf weights, or static mode without ``input_qparams``.
+        """
+        q = cls(module.in_features, module.out_features,
+                **cls._init_from(module, config, fused_relu=fused_relu, name=name,
+                                 meta_extra=meta_extra, backend=backend))
+        q._fill(module, input_qparams, weight_qparams)
+        return q
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> QuantizedLinear:
+        """An empty module of the shapes in ``meta`` (fill it with ``load_state_dict``)."""
+        return cls(meta["in_features"], meta["out_features"], meta["bias"],
+                   weight_spec=QuantSpec.from_dict(meta["weight_spec"]),
+                   act_spec=QuantSpec.from_dict(meta["activation_spec"]), mode=meta["mode"],
+                   backend=meta.get("backend", "auto"), name=meta.get("name", ""),
+                   fused_relu=meta.get("fused_relu", False), orig_dtype=meta.get("dtype", "float32"),
+                   meta_extra=meta.get("extra"))
+
+    def _shape_meta(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                **self._spec_meta()}
+
+    def kernel_info(self) -> str:
+        """The INT8 GEMM used (``"int_mm_u8s8"`` or ``"reference"``)."""
+        return select_kernel("int8_linear", 1, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
+        self._check_features(x, self.in_features)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        u, s, zp_u = self._quantize_input(x2, self.act_spec.granularity == "per_token")
+        kernel = select_kernel("int8_linear", x2.shape[0], backend=self.backend)
+        y = int8_linear(u, s, zp_u, self.weight, self._w_scale, self._colsum, self.bias,
+                        relu=self.fused_relu, kernel=kernel, comp=self._comp)  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"mode={self.mode}, act={self.act_spec.granularity}, "
+                f"fused_relu={self.fused_relu}, backend={self.backend}")
+
+
+class QuantizedConv2d(_Int8Base):
+    """INT8 x INT8 Conv2d (static, or dynamic with per-tensor activation qparams).
+
+    ``weight`` keeps the conv shape ``[O, C/groups, kh, kw]`` as int8. Per-token activation specs
+    are applied per tensor for convs. ``groups > 1`` runs the reference path (see ``meta``).
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+        >>> q = QuantizedConv2d.from_float(conv, QuantizationConfig.int8_dynamic(), name="c")
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> q(x).shape, bool(torch.nn.functional.cosine_similarity(
+        ...     q(x).flatten(), conv(x).flatten(), dim=0) > 0.99)
+        (torch.Size([2, 8, 8, 8]), True)
+    """
+
+    _dims = 2
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...],
+                 has_bias: bool = True, *, geometry: Mapping[str, Any] | None = None,
+                 weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None,
+                 mode: str = "dynamic", **kw: Any) -> None:
+        super().__init__(**kw)
+        d = self._dims
+        self.geometry = dict(geometry or {"stride": [1] * d, "padding": [0] * d,
+                                          "dilation": [1] * d, "groups": 1, "pre_pad": None,
+                                          "pad_mode": "constant"})
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        shape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)
+        self._init_int8(shape, has_bias, weight_spec or QuantSpec.int8_weight(),
+                        act_spec or QuantSpec.int8_dynamic_activation(), mode)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantizationConfig, *,
+                   input_qparams: Any = None, weight_qparams: Any = None, fused_relu: bool = False,
+                   name: str = "", meta_extra: Mapping[str, Any] | None = None,
+                   backend: str = "auto") -> QuantizedConv2d:
+        """Quantize a float conv; arguments as :meth:`QuantizedLinear.from_float`."""
+        q = cls(module.in_channels, module.out_channels, module.kernel_size,
+                geometry=conv_geometry(module),
+                **cls._init_from(module, config, fused_relu=fused_relu, name=name,
+                                 meta_extra=meta_extra, backend=backend))
+        q._fill(module, input_qparams, weight_qparams)
+        return q
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> QuantizedConv2d:
+        """An empty module of the shapes in ``meta`` (fill it with ``load_state_dict``)."""
+        return cls(meta["in_channels"], meta["out_channels"], meta["kernel_size"], meta["bias"],
+                   geometry=meta["geometry"], weight_spec=QuantSpec.from_dict(meta["weight_spec"]),
+                   act_spec=QuantSpec.from_dict(meta["activation_spec"]), mode=meta["mode"],
+                   backend=meta.get("backend", "auto"), name=meta.get("name", ""),
+                   fused_relu=meta.get("fused_relu", False), orig_dtype=meta.get("dtype", "float32"),
+                   meta_extra=meta.get("extra"))
+
+    def _shape_meta(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "geometry": dict(self.geometry),
+                "activation_granularity_used": "per_tensor", **self._spec_meta()}
+
+    def kernel_info(self) -> str:
+        """``"int_mm_u8s8"`` (im2col + INT8 GEMM) or ``"reference"`` (always for groups > 1)."""
+        return select_kernel("int8_conv2d", 1, backend=self.backend, groups=self.geometry["groups"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
+        self._check_features(x, self.in_channels, dim=1)
+        g = self.geometry
+        xf = x.float()
+        if g["pre_pad"] is not None:
+            xf = F.pad(xf, g["pre_pad"], mode=g["pad_mode"])
+        w = self.weight
+        stride, padding, dilation = g["stride"], g["padding"], g["dilation"]
+        if self._dims == 1:  # conv1d as conv2d over a unit height
+            xf, w = xf.unsqueeze(2), w.unsqueeze(2)
+            stride, padding, dilation = [1, *stride], [0, *padding], [1, *dilation]
+        if self.mode == "static":
+            s, zp = self.input_scale, self.input_zero_point + self._act_off
+        else:
+            spec = self.act_spec.with_(granularity="per_tensor")
+            s, zp = choose_qparams(*compute_range(xf, spec, self.name), spec)
+            zp = zp + self._act_off
+        kernel = select_kernel("int8_conv2d", 1, backend=self.backend, groups=g["groups"])
+        y = int8_conv2d(xf, s, zp, self._qmin, self._qmax, w, self._w_scale, self._colsum,
+                        self.bias, tuple(stride), tuple(padding), tuple(dilation), g["groups"],
+                        relu=self.fused_relu, kernel=kernel)  # (B, O, Ho, Wo)
+        if self._dims == 1:
+            y = y.squeeze(2)
+        return y.contiguous().to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"{self.geometry}, mode={self.mode}, fused_relu={self.fused_relu}, "
+                f"backend={self.backend}")
+
+
+class QuantizedConv1d(QuantizedConv2d):
+    """INT8 x INT8 Conv1d, run as a Conv2d over a unit height (weight ``[O, C/groups, k]``).
+
+    Example:
+        >>> q = QuantizedConv1d.from_float(nn.Conv1d(4, 6, 3), QuantizationConfig.int8_dynamic())
+        >>> q(torch.randn(2, 4, 10)).shape
+        torch.Size([2, 6, 8])
+    """
+
+    _dims = 1
+
+
+QUANTIZED_MODULES: dict[str, type[nn.Module]] = {
+    c.__name__: c for c in (QuantizedLinear, QuantizedConv2d, QuantizedConv1d, Int4Linear,
+                            Int8WeightOnlyLinear, QuantizedEmbedding, WeightOnlyConv2d,
+                            WeightOnlyConv1d)
+}
+
+
+def module_from_meta(meta: Mapping[str, Any]) -> nn.Module:
+    """Rebuild an empty quantized module from its :meth:`meta` dict (for ``lowbit.load``).
+
+    Raises:
+        ValueError: when ``meta["class"]`` is not a lowbit quantized module.
+
+    Example:
+        >>> q = QuantizedLinear.from_float(nn.Linear(4, 2), QuantizationConfig.int8_dynamic())
+        >>> r = module_from_meta(q.meta()); _ = r.load_state_dict(q.state_dict())
+        >>> torch.equal(r(torch.ones(1, 4)), q(torch.ones(1, 4)))
+        True
+    """
+    cls = QUANTIZED_MODULES.get(meta.get("class", ""))
+    if cls is None:
+        raise ValueError(f"module_from_meta: unknown class {meta.get('class')!r}; known: "
+                         f"{sorted(QUANTIZED_MODULES)}")
+    return cls.from_meta(meta)  # type: ignore[attr-defined]
+
+
+def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None:
+    """Why ``module`` cannot be quantized under ``config``, or None when it can.
+
+    Example:
+        >>> check_supported(nn.Linear(4, 4), QuantizationConfig.int8_dynamic()) is None
+        True
+        >>> check_supported(nn.Embedding(10, 4), QuantizationConfig.int8_dynamic())
+        "Embedding has no activations to quantize; use mode='weight_only' for it"
+    """
+    if not isinstance(module, QUANTIZABLE_TYPES):
+        return f"{type(module).__name__} is not a quantizable type"
+    kind, w = type(module).__name__, config.weights
+    if isinstance(module, nn.Embedding):
+        if config.mode != "weight_only":
+            return f"{kind} has no activations to quantize; use mode='weight_only' for it"
+        if module.max_norm is not None:
+            return f"{kind} with max_norm renormalizes its weight in place; keep it in float"
+        if w.granularity == "per_tensor" or (w.granularity == "per_channel" and w.axis != 0):
+            return f"{kind}: weight-only embeddings are per row (per_channel axis=0) or per_group"
+        return None
+    if w.granularity == "per_channel" and w.axis != 0:
+        return f"{kind}: per_channel weights must use axis=0 (output channels), got {w.axis}"
+    if config.mode == "weight_only":
+        if w.granularity == "per_group" and w.bits == 8 and isinstance(module, nn.Linear):
+            return None  # reference/dequant path
+        return None
+    if w.granularity not in ("per_tensor", "per_channel"):
+        return (f"{kind}: INT8 x INT8 kernels need per_tensor or per_channel weights "
+                f"(got {w.granularity}); use mode='weight_only' for group-wise weights")
+    if not (w.symmetric and w.signed):
+        return (f"{kind}: INT8 x INT8 kernels need signed symmetric weights; set "
+                "weights=QuantSpec.int8_weight()")
+    return None
+
+
+def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any) -> nn.Module:
+    """Build the quantized replacement of a float layer (dispatch on type and ``config.mode``).
+
+    Args:
+        module: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Embedding``.
+        config: the layer's resolved config.
+        **kwargs: passed to ``from_float`` (``input_qparams``, ``weight_qparams``,
+            ``fused_relu``, ``name``, ``meta_extra``, ``backend``).
+
+    Raises:
+        ValueError: when :func:`check_supported` refuses the layer (the message names it).
+
+    Example:
+        >>> q = convert_module(nn.Linear(64, 32), QuantizationConfig.int4_weight_only(32))
+        >>> type(q).__name__, q.weight.dtype, tuple(q.weight.shape)
+        ('Int4Linear', torch.uint8, (32, 32))
+    """
+    reason = check_supported(module, config)
+    if reason is not None:
+        raise ValueError(f"{kwargs.get('name') or '<unnamed>'}: {reason}")
+    wo = config.mode == "weight_only"
+    if isinstance(module, nn.Embedding):
+        cls: Any = QuantizedEmbedding
+    elif isinstance(module, nn.Linear):
+        cls = (Int4Linear if config.weights.bits <= 4 else Int8WeightOnlyLinear) if wo \
+            else QuantizedLinear
+    elif isinstance(module, nn.Conv1d):
+        cls = WeightOnlyConv1d if wo else QuantizedConv1d
+    else:
+        cls = WeightOnlyConv2d if wo else QuantizedConv2d
+    if wo:
+        kwargs = {k: v for k, v in kwargs.items() if k != "input_qparams"}
+    return cls.from_float(module, config, **kwargs)

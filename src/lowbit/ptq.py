@@ -1,0 +1,328 @@
+"""Post-training quantization: the ``Quantizer`` interface, ``PTQQuantizer`` and shortcuts.
+
+``PTQQuantizer.quantize`` copies the model, plans every layer (refusing bad ones up front, by
+name), folds BatchNorm into the layer before it, calibrates static activations with streamed
+batches, and swaps in integer modules. Each quantized layer takes and returns float tensors and
+quantizes its own input, so a model that mixes INT8 and FP32 layers needs no stubs: the
+boundaries quantize and dequantize themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lowbit.calibration import CalibrationRecord, run_calibration
+from lowbit.calibrators import Calibrator, create_calibrator
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.modules import convert_module
+from lowbit.traverse import (
+    LayerPlan,
+    find_fusions,
+    fold_batchnorm,
+    plan_layers,
+    relu_modules_to_remove,
+)
+
+__all__ = [
+    "PTQQuantizer",
+    "QuantizationReport",
+    "Quantizer",
+    "quantize_dynamic",
+    "quantize_static",
+    "quantize_weight_only",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationReport:
+    """Per-layer coverage of one quantize call: nothing is skipped silently.
+
+    Attributes:
+        rows: one :class:`~lowbit.traverse.LayerPlan` per layer with weights.
+        fusion_method: ``"fx"`` or ``"module_order"``.
+        fusion_note: why fx tracing failed, when it did.
+        calibration: ``{layer: CalibrationRecord}`` for static layers.
+        num_calibration_batches: batches run during calibration.
+    """
+
+    rows: list[LayerPlan]
+    fusion_method: str = "fx"
+    fusion_note: str = ""
+    calibration: dict[str, CalibrationRecord] = field(default_factory=dict)
+    num_calibration_batches: int = 0
+
+    @property
+    def quantized(self) -> list[str]:
+        """Names of the layers that now run on integer kernels."""
+        return [r.name for r in self.rows if r.status == "quantized"]
+
+    @property
+    def fp32(self) -> list[str]:
+        """Names kept in float on request."""
+        return [r.name for r in self.rows if r.status == "fp32 (requested)"]
+
+    @property
+    def skipped(self) -> list[str]:
+        """Names lowbit could not quantize (each row says why)."""
+        return [r.name for r in self.rows if r.status == "skipped"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form."""
+        return {
+            "fusion_method": self.fusion_method,
+            "fusion_note": self.fusion_note,
+            "num_calibration_batches": self.num_calibration_batches,
+            "layers": [
+                {"name": r.name, "type": r.module_type, "status": r.status, "reason": r.reason,
+                 "fused_relu": r.fused_relu, "folded_bn": r.folded_bn,
+                 "calibration": (vars(self.calibration[r.name])
+                                 if r.name in self.calibration else None)}
+                for r in self.rows
+            ],
+        }
+
+    def to_markdown(self) -> str:
+        """A markdown table: layer, type, status, scheme or reason, fusions."""
+        lines = ["| layer | type | status | scheme / reason | fused |", "|---|---|---|---|---|"]
+        for r in self.rows:
+            fused = ", ".join(x for x in (f"BN {r.folded_bn}" if r.folded_bn else "",
+                                          "ReLU" if r.fused_relu else "") if x)
+            lines.append(f"| {r.name} | {r.module_type} | {r.status} | {r.reason} | {fused} |")
+        lines.append("")
+        lines.append(f"{len(self.quantized)} quantized, {len(self.fp32)} kept in FP32 on request, "
+                     f"{len(self.skipped)} skipped; fusions found by {self.fusion_method}"
+                     + (f" ({self.fusion_note})" if self.fusion_note else ""))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+class Quantizer(ABC):
+    """The quantizer interface: ``quantize`` a model, with per-layer FP32 fallback.
+
+    Example:
+        >>> q = PTQQuantizer()
+        >>> q.set_per_layer_fallback("fc2", True)
+        >>> sorted(q.fallback_layers)
+        ['fc2']
+    """
+
+    def __init__(self, config: QuantizationConfig | None = None) -> None:
+        self.config = config
+        self.fallback_layers: set[str] = set()
+
+    def set_per_layer_fallback(self, layer_name: str, enabled: bool) -> None:
+        """Keep ``layer_name`` in FP32 (``enabled=True``) or quantize it again (``False``)."""
+        if not isinstance(layer_name, str) or not layer_name:
+            raise ValueError("set_per_layer_fallback: layer_name must be a qualified module name "
+                             "such as 'fc2' or 'features.3'")
+        if enabled:
+            self.fallback_layers.add(layer_name)
+        else:
+            self.fallback_layers.discard(layer_name)
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, calibration_data: Iterable[Any] | None = None,
+                 config: QuantizationConfig | None = None) -> nn.Module:
+        """Return a quantized copy of ``model``."""
+
+
+class PTQQuantizer(Quantizer):
+    """Post-training quantization: dynamic, static (calibrated) and weight-only.
+
+    Args:
+        config: default :class:`QuantizationConfig` (INT8 dynamic per-token when ``None``).
+        calibrator: a registry name, Calibrator class or instance (used as a template for every
+            layer) that overrides ``config.calibrator``.
+        progress: show a progress bar while calibrating.
+        max_calibration_batches: stop calibration after this many batches.
+        inplace: modify the given model instead of a deep copy.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> data = [torch.randn(8, 16) for _ in range(4)]
+        >>> qmodel = PTQQuantizer(QuantizationConfig.int8_static()).quantize(model, data)
+        >>> type(qmodel[0]).__name__, qmodel[0].weight.dtype, qmodel(data[0]).shape
+        ('QuantizedLinear', torch.int8, torch.Size([8, 4]))
+    """
+
+    def __init__(self, config: QuantizationConfig | None = None, *,
+                 calibrator: str | type[Calibrator] | Calibrator | None = None,
+                 progress: bool = True, max_calibration_batches: int | None = None,
+                 inplace: bool = False) -> None:
+        super().__init__(config)
+        if config is not None and not isinstance(config, QuantizationConfig):
+            raise TypeError(f"PTQQuantizer(config=...) must be a QuantizationConfig, got "
+                            f"{type(config).__name__}")
+        self.calibrator = calibrator
+        self.progress = progress
+        self.max_calibration_batches = max_calibration_batches
+        self.inplace = inplace
+        self.last_report: QuantizationReport | None = None
+        self.calibrators: dict[str, Calibrator] = {}
+
+    def _make_calibrator(self, cfg: QuantizationConfig, name: str) -> Calibrator:
+        source = self.calibrator if self.calibrator is not None else cfg.calibrator
+        kwargs = {} if self.calibrator is not None else dict(cfg.calibrator_kwargs)
+        cal = create_calibrator(source, cfg.activations, **kwargs)
+        cal.tensor_name = f"{name} input"
+        return cal
+
+    def quantize(self, model: nn.Module, calibration_data: Iterable[Any] | None = None,
+                 config: QuantizationConfig | None = None, *,
+                 inplace: bool | None = None) -> nn.Module:
+        """Quantize a copy of ``model`` (the original is never touched unless ``inplace``).
+
+        Args:
+            model: a trained float ``nn.Module``.
+            calibration_data: batches for static layers (ignored for dynamic/weight-only).
+            config: overrides the quantizer's config for this call.
+            inplace: overrides the quantizer's ``inplace`` for this call.
+
+        Returns:
+            The quantized model in eval mode, with ``model.lowbit_report`` (a
+            :class:`QuantizationReport`) attached; also kept as ``self.last_report``.
+
+        Raises:
+            ValueError: NaN/Inf weights (the layer is named), empty calibration data for static
+                layers, or an unsupported combination refused at planning time.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"quantize(model=...) expects a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        cfg = config or self.config or QuantizationConfig.int8_dynamic()
+        do_inplace = self.inplace if inplace is None else inplace
+        qmodel = model if do_inplace else copy.deepcopy(model)
+        qmodel.eval()
+
+        fusions = find_fusions(qmodel)
+        plans = plan_layers(qmodel, cfg, self.fallback_layers, fusions)
+        todo = {n: p for n, p in plans.items() if p.status == "quantized"}
+        report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
+        if not todo:
+            warnings.warn("quantize: the model has no quantizable layer under this config; "
+                          "returning it unchanged (see model.lowbit_report)", stacklevel=2)
+        fold_batchnorm(qmodel, fusions, layers={n for n, p in todo.items() if p.folded_bn})
+
+        static = {n: p for n, p in todo.items() if p.config and p.config.mode == "static"}
+        self.calibrators = {n: self._make_calibrator(p.config, n) for n, p in static.items()}
+        if static:
+            report.num_calibration_batches = run_calibration(
+                qmodel, self.calibrators, calibration_data, progress=self.progress,
+                max_batches=self.max_calibration_batches)
+            for name, cal in self.calibrators.items():
+                if int(cal.num_batches) == 0:
+                    plan = todo.pop(name)
+                    plan.config, plan.status = None, "skipped"
+                    plan.reason = ("not reached by any calibration batch, so its input range is "
+                                   "unknown; kept in float")
+                    plan.fused_relu = False
+
+        for name, plan in todo.items():
+            assert plan.config is not None
+            module = qmodel.get_submodule(name)
+            kwargs: dict[str, Any] = {"fused_relu": plan.fused_relu, "name": name}
+            if name in self.calibrators:
+                cal = self.calibrators[name]
+                scale, zp = cal.compute_qparams(plan.config.activations)
+                kwargs["input_qparams"] = (scale, zp)
+                record = _record(cal, plan.config.calibrator, scale, zp)
+                report.calibration[name] = record
+                kwargs["meta_extra"] = {"calibrator": record.calibrator,
+                                        "observed_range": [record.min, record.max],
+                                        "clipping_range": list(record.range)}
+            qmodel.set_submodule(name, convert_module(module, plan.config, **kwargs))
+
+        fused = {n for n, p in todo.items() if p.fused_relu}
+        for relu in relu_modules_to_remove(fusions, fused):
+            qmodel.set_submodule(relu, nn.Identity())
+        qmodel.lowbit_report = report
+        self.last_report = report
+        log.info("lowbit: %d layers quantized, %d FP32 by request, %d skipped",
+                 len(report.quantized), len(report.fp32), len(report.skipped))
+        return qmodel
+
+
+def _record(cal: Calibrator, default_name: str, scale: Any, zp: Any) -> CalibrationRecord:
+    lo, hi = cal.compute_range()
+    seen_lo = getattr(cal, "min_val", lo)
+    seen_hi = getattr(cal, "max_val", hi)
+    return CalibrationRecord(
+        calibrator=getattr(cal, "name", default_name) or default_name,
+        min=float(seen_lo.min()), max=float(seen_hi.max()),
+        range=(float(lo.min()), float(hi.max())),
+        scale=float(scale.reshape(-1)[0]), zero_point=int(zp.reshape(-1)[0]),
+        num_batches=int(cal.num_batches), last_change=float(cal.last_change),
+    )
+
+
+def quantize_dynamic(model: nn.Module, config: QuantizationConfig | None = None, *,
+                     inplace: bool = False) -> nn.Module:
+    """INT8 weights (per channel) and INT8 activations quantized at run time (per token).
+
+    Example:
+        >>> import torch
+        >>> m = nn.Sequential(nn.Linear(8, 8))
+        >>> quantize_dynamic(m)[0].weight.dtype
+        torch.int8
+    """
+    cfg = config or QuantizationConfig.int8_dynamic()
+    if cfg.mode != "dynamic":
+        raise ValueError(f"quantize_dynamic: config.mode is {cfg.mode!r}; use "
+                         "QuantizationConfig.int8_dynamic() or PTQQuantizer for other modes")
+    return PTQQuantizer(cfg, inplace=inplace).quantize(model)
+
+
+def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
+                    config: QuantizationConfig | None = None, *,
+                    calibrator: str | type[Calibrator] | Calibrator | None = None,
+                    inplace: bool = False, progress: bool = True,
+                    max_calibration_batches: int | None = None) -> nn.Module:
+    """INT8 weights and calibrated INT8 activations.
+
+    Example:
+        >>> import torch
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        >>> q = quantize_static(m, [torch.randn(2, 1, 8, 8)], progress=False)
+        >>> float(q[0].input_scale) > 0
+        True
+    """
+    cfg = config or QuantizationConfig.int8_static()
+    if cfg.mode != "static":
+        raise ValueError(f"quantize_static: config.mode is {cfg.mode!r}; use "
+                         "QuantizationConfig.int8_static(...)")
+    return PTQQuantizer(cfg, calibrator=calibrator, progress=progress, inplace=inplace,
+                        max_calibration_batches=max_calibration_batches
+                        ).quantize(model, calibration_data)
+
+
+def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128, *,
+                         symmetric: bool = False, config: QuantizationConfig | None = None,
+                         inplace: bool = False) -> nn.Module:
+    """Weight-only quantization (INT4 packed two per byte, group-wise scales by default).
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(256, 8))
+        >>> quantize_weight_only(m)[0].weight.dtype
+        torch.uint8
+    """
+    if config is None:
+        spec = (QuantSpec.int8_weight() if bits == 8
+                else QuantSpec.int4_weight(group_size, symmetric).with_(bits=bits))
+        config = QuantizationConfig(weights=spec, activations=None, mode="weight_only")
+    if config.mode != "weight_only":
+        raise ValueError(f"quantize_weight_only: config.mode is {config.mode!r}; use "
+                         "QuantizationConfig.int4_weight_only(...)")
+    return PTQQuantizer(config, inplace=inplace).quantize(model)

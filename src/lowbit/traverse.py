@@ -1,0 +1,316 @@
+"""Model traversal: which layers to quantize, how, and which neighbours fuse into them.
+
+* :func:`find_fusions` finds Conv/Linear -> BatchNorm -> ReLU chains with ``torch.fx`` when the
+  model traces, and falls back to the order of children inside ``nn.Sequential`` containers
+  (where registration order is execution order) when it does not, saying so in ``note``.
+* :func:`fold_bn_weights` / :func:`fold_batchnorm` fold an eval-mode BatchNorm into the layer
+  before it (exact up to float rounding).
+* :func:`plan_layers` resolves the per-layer config (skip lists, overrides, FP32 fallback) and
+  refuses bad layers up front, naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.config import QuantizationConfig
+from lowbit.ops import check_finite
+
+__all__ = [
+    "QUANTIZABLE_TYPES",
+    "Fusions",
+    "LayerPlan",
+    "find_fusions",
+    "fold_batchnorm",
+    "fold_bn_weights",
+    "plan_layers",
+]
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
+FUNCTIONAL_RELU = "<functional>"
+
+
+@dataclass
+class Fusions:
+    """What fuses into which layer.
+
+    Attributes:
+        bn_for: layer name -> name of the BatchNorm that directly and only consumes its output.
+        relu_after: layer name -> ReLU module name (or ``"<functional>"``) applied right after
+            the layer (or after its BatchNorm).
+        relu_uses: ReLU module name -> how many times the forward calls it (a shared ReLU module
+            must not be removed).
+        method: ``"fx"`` or ``"module_order"``.
+        note: why torch.fx could not trace the model, when it could not.
+    """
+
+    bn_for: dict[str, str] = field(default_factory=dict)
+    relu_after: dict[str, str] = field(default_factory=dict)
+    relu_uses: dict[str, int] = field(default_factory=dict)
+    method: str = "fx"
+    note: str = ""
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one layer.
+
+    Attributes:
+        name: qualified module name.
+        module_type: class name of the float module.
+        config: resolved config, or ``None`` when the layer stays in float.
+        status: ``"quantized"``, ``"fp32 (requested)"`` or ``"skipped"``.
+        reason: a human-readable why.
+        fused_relu: a following ReLU is applied inside the quantized layer.
+        folded_bn: name of the BatchNorm folded into this layer.
+    """
+
+    name: str
+    module_type: str
+    config: QuantizationConfig | None
+    status: str
+    reason: str = ""
+    fused_relu: bool = False
+    folded_bn: str | None = None
+
+
+def _is_relu_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.ReLU):
+        return str(node.target)
+    if node.op == "call_function" and node.target in _RELU_FUNCS:
+        return FUNCTIONAL_RELU
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return FUNCTIONAL_RELU
+    return None
+
+
+def _fx_fusions(model: nn.Module) -> Fusions:
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    fusions = Fusions(method="fx")
+    fusions.relu_uses = {k: v for k, v in calls.items() if isinstance(modules.get(k), nn.ReLU)}
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or not isinstance(modules.get(name), _WEIGHTED):
+            continue
+        if calls[name] != 1:  # a layer called twice cannot absorb one BN/ReLU
+            continue
+        tail = node
+        users = list(tail.users)
+        if len(users) == 1 and users[0].op == "call_module":
+            bn_name = str(users[0].target)
+            bn = modules.get(bn_name)
+            if isinstance(bn, _BN) and calls.get(bn_name) == 1 and _bn_foldable(bn):
+                fusions.bn_for[name] = bn_name
+                tail = users[0]
+        users = list(tail.users)
+        if len(users) == 1:
+            relu = _is_relu_node(users[0], modules)
+            if relu is not None:
+                fusions.relu_after[name] = relu
+    return fusions
+
+
+def _order_fusions(model: nn.Module, note: str) -> Fusions:
+    fusions = Fusions(method="module_order", note=note)
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        prefix = f"{parent_name}." if parent_name else ""
+        for i, (child_name, child) in enumerate(children):
+            if not isinstance(child, _WEIGHTED):
+                continue
+            j = i + 1
+            if j < len(children) and isinstance(children[j][1], _BN) and _bn_foldable(
+                children[j][1]
+            ):
+                fusions.bn_for[prefix + child_name] = prefix + children[j][0]
+                j += 1
+            if j < len(children) and isinstance(children[j][1], nn.ReLU):
+                relu_name = prefix + children[j][0]
+                fusions.relu_after[prefix + child_name] = relu_name
+                fusions.relu_uses[relu_name] = 1
+    return fusions
+
+
+def _bn_foldable(bn: nn.Module) -> bool:
+    return bool(getattr(bn, "track_running_stats", False)) and bn.running_mean is not None
+
+
+def find_fusions(model: nn.Module) -> Fusions:
+    """Find BatchNorm and ReLU neighbours that fuse into Conv/Linear layers.
+
+    Uses ``torch.fx.symbolic_trace``; when the model does not trace (data-dependent control
+    flow), falls back to child order inside ``nn.Sequential`` containers and records why.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+        >>> f = find_fusions(m)
+        >>> f.method, f.bn_for, f.relu_after
+        ('fx', {'0': '1'}, {'0': '2'})
+    """
+    try:
+        return _fx_fusions(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        note = f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); " \
+               "fusions found from nn.Sequential order only"
+        log.info(note)
+        return _order_fusions(model, note.splitlines()[0])
+
+
+def fold_bn_weights(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm into the preceding layer's weight and bias.
+
+    ``W' = W * g / sqrt(var + eps)`` (per output channel), ``b' = (b - mean) * g / sqrt(var +
+    eps) + beta``, with ``g = 1, beta = 0`` for a non-affine BatchNorm. Computed in float64 and
+    cast back, so the folded layer equals layer+BN up to float32 rounding.
+
+    Example:
+        >>> conv, bn = nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3).eval()
+        >>> w, b = fold_bn_weights(conv.weight, conv.bias, bn)
+        >>> w.shape, b.shape
+        (torch.Size([3, 2, 1, 1]), torch.Size([3]))
+    """
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    b = bias.double() if bias is not None else torch.zeros_like(mean)
+    w = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return w.to(weight.dtype), ((b - mean) * scale + beta).to(weight.dtype)
+
+
+def fold_batchnorm(model: nn.Module, fusions: Fusions, layers: set[str] | None = None) -> None:
+    """Fold each ``fusions.bn_for`` BatchNorm into its layer, in place; the BN becomes Identity.
+
+    Args:
+        model: the model to change (a copy, normally).
+        fusions: from :func:`find_fusions`.
+        layers: fold only for these layer names (default: all).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+        >>> fold_batchnorm(m, find_fusions(m))
+        >>> type(m[1]).__name__
+        'Identity'
+    """
+    for name, bn_name in fusions.bn_for.items():
+        if layers is not None and name not in layers:
+            continue
+        layer = model.get_submodule(name)
+        bn = model.get_submodule(bn_name)
+        with torch.no_grad():
+            w, b = fold_bn_weights(layer.weight, layer.bias, bn)
+            layer.weight.copy_(w)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(b)
+            else:
+                layer.bias.copy_(b)
+        model.set_submodule(bn_name, nn.Identity())
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    weights = [p for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
+    if weights and not isinstance(module, QUANTIZABLE_TYPES):
+        return f"{type(module).__name__} has no lowbit integer kernel; kept in float"
+    return None
+
+
+def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str] | None = None,
+                fusions: Fusions | None = None) -> dict[str, LayerPlan]:
+    """Decide, for every quantizable layer, whether and how it is quantized.
+
+    Args:
+        model: the float model.
+        config: the global config (``skip_layers`` and ``layer_overrides`` apply per layer).
+        fallback: names kept in FP32 on request (``Quantizer.set_per_layer_fallback``).
+        fusions: from :func:`find_fusions`, to record fused ReLU / folded BN.
+
+    Returns:
+        ``{name: LayerPlan}`` in module order, also listing layers with weights that lowbit
+        cannot quantize (status ``"skipped"`` with the reason).
+
+    Raises:
+        ValueError: a layer to be quantized has NaN/Inf weights (the message names it).
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> plan = plan_layers(m, QuantizationConfig(skip_layers=("2",)))
+        >>> [(p.name, p.status) for p in plan.values()]
+        [('0', 'quantized'), ('2', 'fp32 (requested)')]
+    """
+    from lowbit.modules import check_supported  # modules import traverse-free helpers only
+
+    fallback = fallback or set()
+    fusions = fusions or Fusions()
+    parents = {name: mod for name, mod in model.named_modules()}
+    plans: dict[str, LayerPlan] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        kind = type(module).__name__
+        if not isinstance(module, QUANTIZABLE_TYPES):
+            reason = _unsupported_reason(module)
+            if reason:
+                plans[name] = LayerPlan(name, kind, None, "skipped", reason)
+            continue
+        parent = parents.get(name.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            plans[name] = LayerPlan(name, kind, None, "skipped",
+                                    "inside nn.MultiheadAttention, whose fused kernel reads the "
+                                    "float weight directly; kept in float")
+            continue
+        layer_cfg = None if name in fallback else config.config_for(name)
+        if layer_cfg is None:
+            why = ("set_per_layer_fallback" if name in fallback else
+                   "skip_layers" if config.is_skipped(name) else "layer_overrides")
+            plans[name] = LayerPlan(name, kind, None, "fp32 (requested)", f"kept in FP32 by {why}")
+            continue
+        reason = check_supported(module, layer_cfg)
+        if reason:
+            plans[name] = LayerPlan(name, kind, None, "skipped", reason)
+            continue
+        check_finite(module.weight, f"{name} ({kind}).weight")
+        if getattr(module, "bias", None) is not None:
+            check_finite(module.bias, f"{name} ({kind}).bias")
+        fused_relu = name in fusions.relu_after and layer_cfg.mode != "weight_only"
+        plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg),
+                                fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name))
+    return plans
+
+
+def _scheme(cfg: QuantizationConfig) -> str:
+    w = cfg.weights
+    wdesc = f"W{w.bits} {w.granularity}" + (f"/{w.group_size}" if w.group_size else "")
+    if cfg.activations is None:
+        return f"{wdesc}, float activations"
+    a = cfg.activations
+    how = "run-time" if cfg.mode == "dynamic" else f"calibrated ({cfg.calibrator})"
+    return f"{wdesc}, A{a.bits} {a.granularity} {how}"
+
+
+def relu_modules_to_remove(fusions: Fusions, fused_layers: set[str]) -> set[str]:
+    """ReLU modules that can become Identity because their only call was fused into a layer."""
+    out = set()
+    for layer, relu in fusions.relu_after.items():
+        if layer in fused_layers and relu != FUNCTIONAL_RELU and fusions.relu_uses.get(relu) == 1:
+            out.add(relu)
+    return out
+

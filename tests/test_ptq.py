@@ -1,0 +1,325 @@
+"""PTQ API: dynamic, static and weight-only quantization on small real models (seed 001)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.calibrators import Calibrator, register_calibrator
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.ops import dequantize
+from lowbit.ptq import (
+    PTQQuantizer,
+    Quantizer,
+    quantize_dynamic,
+    quantize_static,
+    quantize_weight_only,
+)
+
+torch.manual_seed(0)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.pool(self.relu1(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        return self.fc2(self.drop(F.relu(self.fc1(x.flatten(1)))))
+
+
+class ResBlockNet(nn.Module):
+    """Residual model: functional adds in forward must keep working."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.bna = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.stem(x)))
+        y = self.b(F.relu(self.bna(self.a(x))))
+        x = self.relu(x + y)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture
+def images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(16, 1, 16, 16, generator=g) for _ in range(6)]
+
+
+def test_dynamic_linear_model_int8_weights_float_boundaries() -> None:
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(32, 64)
+    q = quantize_dynamic(model)
+    for i in (0, 2):
+        assert q[i].weight.dtype == torch.int8
+        assert q[i].weight.numel() * q[i].weight.element_size() == model[i].weight.numel()
+    out = q(x)
+    assert out.dtype == torch.float32  # activations stay float at module boundaries
+    ref = model(x)
+    # bound: per-token INT8 activations x per-channel INT8 weights keep cosine >= 0.999
+    assert cosine(out, ref) > 0.999
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert type(model[0]) is nn.Linear  # the user's model is untouched
+
+
+def test_static_conv_model_calibrated_scales(images: list[torch.Tensor]) -> None:
+    model = ConvNet().eval()
+    q = quantize_static(model, images, progress=False)
+    report = q.lowbit_report
+    assert report.quantized == ["conv1", "conv2", "fc1", "fc2"]
+    assert report.num_calibration_batches == len(images)
+    for name in report.quantized:
+        layer = q.get_submodule(name)
+        assert layer.weight.dtype == torch.int8
+        rec = report.calibration[name]
+        assert rec.num_batches == len(images)
+        # input range of conv1 is the data range [0, 1): scale ~ 1/255, zero-point at qmin
+        assert 0 < float(layer.input_scale) < 1
+    rec = report.calibration["conv1"]
+    assert rec.min >= 0 and 0.95 < rec.max < 1.0
+    assert abs(float(q.conv1.input_scale) - rec.max / 255) < 1e-3
+    x = torch.rand(8, 1, 16, 16)
+    assert cosine(q(x), model(x)) > 0.99
+    assert isinstance(q.relu1, nn.Identity)  # ReLU module fused into conv1
+
+
+def test_multilayer_model_every_quantizable_layer_quantized(images) -> None:
+    model = ConvNet().eval()
+    q = PTQQuantizer(QuantizationConfig.int8_static(), progress=False).quantize(model, images)
+    assert isinstance(q.pool, nn.MaxPool2d) and isinstance(q.drop, nn.Dropout)
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        meta = q.get_submodule(name).meta()
+        assert meta["weight_spec"]["bits"] == 8
+        assert q.get_submodule(name).weight_scale.numel() == model.get_submodule(name).out_channels \
+            if "conv" in name else model.get_submodule(name).out_features
+
+
+def test_residual_model_with_bn_folding_works(images) -> None:
+    model = ResBlockNet().eval()
+    with torch.no_grad():
+        for bn in (model.bn0, model.bna):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    data = [torch.rand(8, 3, 12, 12) for _ in range(4)]
+    q = quantize_static(model, data, progress=False)
+    assert isinstance(q.bn0, nn.Identity) and isinstance(q.bna, nn.Identity)
+    assert isinstance(q.relu, nn.ReLU)  # shared ReLU (called twice) is kept
+    rows = {r.name: r for r in q.lowbit_report.rows}
+    assert rows["stem"].folded_bn == "bn0" and rows["stem"].fused_relu
+    assert rows["a"].fused_relu and not rows["b"].fused_relu
+    x = torch.rand(4, 3, 12, 12)
+    assert cosine(q(x), model(x)) > 0.99
+
+
+def test_per_layer_fallback_toggle_and_mixed_boundaries() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(20, 40)
+            self.fc2 = nn.Linear(40, 40)
+            self.fc3 = nn.Linear(40, 5)
+
+        def forward(self, x):
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    model = Net().eval()
+    data = [torch.randn(16, 20) for _ in range(4)]
+    quantizer = PTQQuantizer(QuantizationConfig.int8_static(), progress=False)
+    assert isinstance(quantizer, Quantizer)
+    quantizer.set_per_layer_fallback("fc2", True)
+    mixed = quantizer.quantize(model, data)
+    assert type(mixed.fc2) is nn.Linear and mixed.fc2 is not model.fc2
+    assert mixed.lowbit_report.fp32 == ["fc2"]
+    assert type(mixed.fc1).__name__ == "QuantizedLinear"
+    # boundaries: fc1 outputs float into the float fc2; fc3 quantizes fc2's float output itself
+    x = torch.randn(8, 20)
+    h = F.relu(mixed.fc1(x))
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(mixed(x), mixed.fc3(F.relu(mixed.fc2(h))))
+    assert cosine(mixed(x), model(x)) > 0.995
+    quantizer.set_per_layer_fallback("fc2", False)
+    full = quantizer.quantize(model, data)
+    assert type(full.fc2).__name__ == "QuantizedLinear"
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_granularity_and_symmetry(granularity: str, symmetric: bool) -> None:
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    wspec = QuantSpec(bits=8, symmetric=symmetric, granularity=granularity)
+    cfg = QuantizationConfig(weights=wspec, activations=QuantSpec.int8_dynamic_activation(),
+                             mode="dynamic")
+    q = quantize_dynamic(model, cfg)
+    expected = 1 if granularity == "per_tensor" else 16
+    assert q[0].weight_scale.numel() == expected
+    w_hat = dequantize(q[0].weight, q[0].weight_scale, q[0].weight_zero_point, wspec)
+    step = q[0].weight_scale.max()
+    assert (w_hat - model[0].weight).abs().max() <= step / 2 + 1e-7
+    torch.testing.assert_close(q[0].dequantize_weight(), w_hat)
+
+
+@pytest.mark.parametrize("name", ["minmax", "moving_average", "percentile", "entropy", "mse"])
+def test_each_calibrator_quantizes_conv_model(name: str, images) -> None:
+    model = ConvNet().eval()
+    q = quantize_static(model, images, QuantizationConfig.int8_static(calibrator=name),
+                        progress=False)
+    assert q.lowbit_report.calibration["fc1"].calibrator == name
+    x = images[0]
+    assert cosine(q(x), model(x)) > 0.98
+
+
+def test_custom_calibrator_instance_and_registered_name(images) -> None:
+    @register_calibrator("fixed_unit_test")
+    class Fixed(Calibrator):
+        def compute_range(self):
+            super().compute_range()  # raises when no data was seen
+            return torch.tensor(-4.0), torch.tensor(4.0)
+
+    model = ConvNet().eval()
+    q = quantize_static(model, images, QuantizationConfig.int8_static("fixed_unit_test"),
+                        progress=False)
+    assert abs(float(q.fc1.input_scale) - 8 / 255) < 1e-6
+
+
+def test_mixed_overrides_weight_only_and_static() -> None:
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    cfg = QuantizationConfig.int8_static(
+        layer_overrides={"0": QuantizationConfig.int4_weight_only(group_size=32), "2": None})
+    data = [torch.randn(4, 128) for _ in range(3)]
+    q = PTQQuantizer(cfg, progress=False).quantize(model, data)
+    assert q[0].weight.dtype == torch.uint8 and q[0].weight.shape == (64, 64)
+    assert type(q[2]) is nn.Linear
+    assert cosine(q(data[0]), model(data[0])) > 0.99
+
+
+def test_deterministic_and_original_untouched() -> None:
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = copy.deepcopy(model.state_dict())
+    a, b = quantize_dynamic(model), quantize_dynamic(model)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_inplace_opt_in() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    out = quantize_dynamic(model, inplace=True)
+    assert out is model and type(model[0]).__name__ == "QuantizedLinear"
+
+
+def test_int4_weight_only_packs_two_per_byte() -> None:
+    model = nn.Sequential(nn.Linear(256, 64)).eval()
+    q = quantize_weight_only(model, bits=4, group_size=128)
+    assert q[0].weight.dtype == torch.uint8
+    assert q[0].weight.numel() == 256 * 64 // 2
+    x = torch.randn(3, 256)
+    assert cosine(q(x), model(x)) > 0.99
+
+
+# ----------------------------------------------------------------------------- edge cases
+def test_empty_calibration_data_is_a_clear_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        quantize_static(model, [], progress=False)
+    with pytest.raises(ValueError, match="calibration_data is None"):
+        quantize_static(model, None, progress=False)  # type: ignore[arg-type]
+
+
+def test_single_batch_and_generator_and_dict_batches() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    q = quantize_static(model, (torch.randn(2, 4) for _ in range(1)), progress=False)
+    assert q.lowbit_report.num_calibration_batches == 1
+
+    class Kw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, input_ids, scale=1.0):
+            return self.fc(input_ids) * scale
+
+    q = quantize_static(Kw(), [{"input_ids": torch.randn(3, 4), "scale": 2.0}], progress=False)
+    assert q.lowbit_report.calibration["fc"].num_batches == 1
+
+
+def test_one_layer_model_and_tuple_batches() -> None:
+    model = nn.Linear(8, 3).eval()
+    data = [(torch.randn(4, 8), torch.zeros(4)) for _ in range(2)]
+    q = quantize_static(model, data, progress=False)
+    assert type(q).__name__ == "QuantizedLinear"  # the root itself is swapped
+    x = torch.randn(5, 8)
+    assert cosine(q(x), model(x)) > 0.995
+
+
+def test_no_quantizable_layer_warns_and_returns_unchanged() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.MaxPool1d(2))
+    with pytest.warns(UserWarning, match="no quantizable layer"):
+        q = quantize_dynamic(model)
+    assert q.lowbit_report.quantized == []
+    assert [type(m) for m in q] == [nn.ReLU, nn.MaxPool1d]
+
+
+def test_nan_weights_clear_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].weight.data[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"0 \(Linear\)\.weight has 1 NaN/Inf.*layer_overrides"):
+        quantize_dynamic(model)
+
+
+def test_wrong_config_mode_for_shortcut() -> None:
+    with pytest.raises(ValueError, match="config.mode is 'dynamic'"):
+        quantize_static(nn.Linear(2, 2), [torch.ones(1, 2)], QuantizationConfig.int8_dynamic())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        quantize_dynamic("not a model")  # type: ignore[arg-type]
+
+
+def test_layer_not_reached_by_calibration_is_kept_float_and_reported() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    q = quantize_static(Unused(), [torch.randn(2, 4)], progress=False)
+    rows = {r.name: r for r in q.lowbit_report.rows}
+    assert rows["unused"].status == "skipped" and "not reached" in rows["unused"].reason
+    assert type(q.unused) is nn.Linear
+
+
+def test_report_markdown_lists_every_layer(images) -> None:
+    q = quantize_static(ConvNet().eval(), images, progress=False,
+                        config=QuantizationConfig.int8_static(skip_layers=("fc2",)))
+    md = q.lowbit_report.to_markdown()
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        assert f"| {name} |" in md
+    assert "3 quantized, 1 kept in FP32 on request, 0 skipped" in md
+    d = q.lowbit_report.to_dict()
+    assert d["layers"][0]["calibration"]["num_batches"] == len(images)

@@ -1,0 +1,142 @@
+"""Model traversal: layer identification, fusion discovery, exact BatchNorm folding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.config import QuantizationConfig
+from lowbit.traverse import FUNCTIONAL_RELU, find_fusions, fold_batchnorm, plan_layers
+
+
+class ConvBnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(x))
+        x = F.relu(x + y)  # residual: the ReLU after bn2 is not adjacent, so not fused
+        return self.fc(self.pool(x).flatten(1))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x).mean((2, 3))
+        if x.sum() > 0:  # data-dependent control flow defeats torch.fx
+            x = x * 2
+        return self.head(x)
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+
+
+def test_fx_finds_bn_and_relu_and_respects_residual() -> None:
+    f = find_fusions(ConvBnNet())
+    assert f.method == "fx"
+    assert f.bn_for == {"conv1": "bn1", "conv2": "bn2"}
+    assert f.relu_after == {"conv1": "relu"}  # conv2+bn2 feeds an add, not a ReLU
+    assert f.relu_uses == {"relu": 1}
+
+
+def test_functional_relu_is_detected() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    assert find_fusions(M()).relu_after == {"fc": FUNCTIONAL_RELU}
+
+
+def test_untraceable_model_falls_back_to_sequential_order() -> None:
+    f = find_fusions(Untraceable())
+    assert f.method == "module_order"
+    assert "torch.fx could not trace" in f.note
+    assert f.bn_for == {"body.0": "body.1"}
+    assert f.relu_after == {"body.0": "body.2"}
+
+
+def test_bn_folding_is_numerically_exact_before_quantization() -> None:
+    model = ConvBnNet().eval()
+    _randomize_bn(model)
+    x = torch.randn(4, 3, 16, 16)
+    ref = model(x)
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded, find_fusions(folded))
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.Identity)
+    assert folded.conv2.bias is not None  # created by folding
+    out = folded(x)
+    # float64 folding: the only difference left is float32 rounding of the folded weights
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_identifies_quantizable_layers_and_reasons() -> None:
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc1 = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+            self.up = nn.ConvTranspose1d(8, 8, 1)
+            self.fc2 = nn.Linear(8, 2)
+
+    cfg = QuantizationConfig.int8_dynamic(layer_overrides={"fc2": None})
+    plan = plan_layers(Mixed(), cfg)
+    status = {n: p.status for n, p in plan.items()}
+    assert status == {
+        "emb": "skipped",  # Embedding only in weight-only mode
+        "attn.out_proj": "skipped",  # MHA's fused kernel reads out_proj.weight
+        "fc1": "quantized",
+        "up": "skipped",  # no kernel for ConvTranspose
+        "fc2": "fp32 (requested)",
+    }
+    assert "MultiheadAttention" in plan["attn.out_proj"].reason
+    assert "ConvTranspose1d" in plan["up"].reason
+    assert "layer_overrides" in plan["fc2"].reason
+    assert "norm" not in plan  # norms are not weight layers
+
+
+def test_plan_refuses_nan_weights_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"2 \(Linear\)\.weight has 1 NaN/Inf"):
+        plan_layers(model, QuantizationConfig())
+    # kept in float on request, the same model plans fine
+    plan = plan_layers(model, QuantizationConfig(skip_layers=("2",)))
+    assert plan["2"].status == "fp32 (requested)"
+
+
+def test_skip_globs_and_fallback_set() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    plan = plan_layers(model, QuantizationConfig(skip_layers=("[01]",)), fallback={"2"})
+    assert [p.status for p in plan.values()] == ["fp32 (requested)"] * 3
+    assert "set_per_layer_fallback" in plan["2"].reason
