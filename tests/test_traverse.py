@@ -113,6 +113,7 @@ def test_plan_identifies_quantizable_layers_and_reasons() -> None:
     status = {n: p.status for n, p in plan.items()}
     assert status == {
         "emb": "skipped",  # Embedding only in weight-only mode
+        "attn": "skipped",  # in_proj_weight: no kernel for MultiheadAttention itself
         "attn.out_proj": "skipped",  # MHA's fused kernel reads out_proj.weight
         "fc1": "quantized",
         "up": "skipped",  # no kernel for ConvTranspose

@@ -107,6 +107,13 @@ class QuantizedModuleBase(nn.Module):
         self.orig_dtype = orig_dtype
         self.meta_extra: dict[str, Any] = jsonable(dict(meta_extra or {}))
 
+    @staticmethod
+    def _common(meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor kwargs common to every module, read from a :meth:`meta` dict."""
+        return {"backend": meta.get("backend", "auto"), "name": meta.get("name", ""),
+                "fused_relu": meta.get("fused_relu", False),
+                "orig_dtype": meta.get("dtype", "float32"), "meta_extra": meta.get("extra")}
+
     def _refresh_cache(self) -> None:
         """Rebuild derived (non-persistent) kernel caches from the persistent buffers."""
 

@@ -76,7 +76,7 @@ _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int = 0,
-                  group_size: int | None = None, groups: int = 1) -> str:
+                  group_size: int | None = None, groups: int = 1, packable: bool = True) -> str:
     """The kernel for one call, a deterministic function of the op and the shape.
 
     Args:
@@ -86,6 +86,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         n: output features; k: input features (padded K for INT4).
         group_size: INT4 group size (``None`` = not a packable INT4 layout).
         groups: conv groups.
+        packable: for ``"int8_weight_only"``: the weight is symmetric per-channel (the packed
+            op's only layout).
 
     Returns:
         One of ``"int_mm_u8s8"``, ``"int8pack_bf16"``, ``"int4pack_bf16"``, ``"dequant_bf16"``,
@@ -111,7 +113,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if op == "int8_conv2d":
         return "int_mm_u8s8" if _HAS_INT_MM and groups == 1 else "reference"
     if op == "int8_weight_only":
-        return "int8pack_bf16" if _HAS_INT8PACK and m <= WEIGHT_ONLY_PACKED_MAX_M else "dequant_bf16"
+        fast = _HAS_INT8PACK and packable and m <= WEIGHT_ONLY_PACKED_MAX_M
+        return "int8pack_bf16" if fast else "dequant_bf16"
     if op == "int4_weight_only":
         packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
                     and k % group_size == 0)  # type: ignore[operator]
@@ -269,7 +272,8 @@ def int4_pack_for_cpu(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
 
     Example:
         >>> c = torch.randint(-8, 8, (16, 64), dtype=torch.int8)
-        >>> p, sz = int4_pack_for_cpu(c, torch.ones(16, 2), torch.zeros(16, 2, dtype=torch.int32), 8)
+        >>> zp = torch.zeros(16, 2, dtype=torch.int32)
+        >>> p, sz = int4_pack_for_cpu(c, torch.ones(16, 2), zp, 8)
         >>> tuple(p.shape), tuple(sz.shape)
         ((16, 32), (2, 16, 2))
     """

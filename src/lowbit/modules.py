@@ -76,7 +76,8 @@ class _Int8Base(QuantizedModuleBase):
         self._w_scale = self.weight_scale.float().expand(n).contiguous()
         self._colsum = self.weight.reshape(n, -1).sum(1, dtype=torch.int32)
         if self.mode == "static":
-            self._comp = (self.input_zero_point.to(torch.int32) + self._act_off + 128) * self._colsum
+            zp_u = self.input_zero_point.to(torch.int32) + self._act_off + 128
+            self._comp = zp_u * self._colsum
         elif self.act_spec.symmetric:
             self._comp = 128 * self._colsum
         else:
@@ -98,8 +99,9 @@ class _Int8Base(QuantizedModuleBase):
         return dequantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_spec)
 
     def _spec_meta(self) -> dict[str, Any]:
-        return {"weight_spec": self.weight_spec.to_dict(), "activation_spec": self.act_spec.to_dict(),
-                "mode": self.mode, "bias": self.bias is not None}
+        return {"weight_spec": self.weight_spec.to_dict(),
+                "activation_spec": self.act_spec.to_dict(), "mode": self.mode,
+                "bias": self.bias is not None}
 
     @classmethod
     def _init_from(cls, module: nn.Module, config: QuantizationConfig, **kw: Any) -> dict:
@@ -186,9 +188,7 @@ class QuantizedLinear(_Int8Base):
         return cls(meta["in_features"], meta["out_features"], meta["bias"],
                    weight_spec=QuantSpec.from_dict(meta["weight_spec"]),
                    act_spec=QuantSpec.from_dict(meta["activation_spec"]), mode=meta["mode"],
-                   backend=meta.get("backend", "auto"), name=meta.get("name", ""),
-                   fused_relu=meta.get("fused_relu", False), orig_dtype=meta.get("dtype", "float32"),
-                   meta_extra=meta.get("extra"))
+                   **cls._common(meta))
 
     def _shape_meta(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
@@ -265,9 +265,7 @@ class QuantizedConv2d(_Int8Base):
         return cls(meta["in_channels"], meta["out_channels"], meta["kernel_size"], meta["bias"],
                    geometry=meta["geometry"], weight_spec=QuantSpec.from_dict(meta["weight_spec"]),
                    act_spec=QuantSpec.from_dict(meta["activation_spec"]), mode=meta["mode"],
-                   backend=meta.get("backend", "auto"), name=meta.get("name", ""),
-                   fused_relu=meta.get("fused_relu", False), orig_dtype=meta.get("dtype", "float32"),
-                   meta_extra=meta.get("extra"))
+                   **cls._common(meta))
 
     def _shape_meta(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -371,9 +369,7 @@ def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None
     if w.granularity == "per_channel" and w.axis != 0:
         return f"{kind}: per_channel weights must use axis=0 (output channels), got {w.axis}"
     if config.mode == "weight_only":
-        if w.granularity == "per_group" and w.bits == 8 and isinstance(module, nn.Linear):
-            return None  # reference/dequant path
-        return None
+        return None  # every weight-only spec has at least the dequantize path
     if w.granularity not in ("per_tensor", "per_channel"):
         return (f"{kind}: INT8 x INT8 kernels need per_tensor or per_channel weights "
                 f"(got {w.granularity}); use mode='weight_only' for group-wise weights")

@@ -243,7 +243,11 @@ class PTQQuantizer(Quantizer):
                 kwargs["meta_extra"] = {"calibrator": record.calibrator,
                                         "observed_range": [record.min, record.max],
                                         "clipping_range": list(record.range)}
-            qmodel.set_submodule(name, convert_module(module, plan.config, **kwargs))
+            new = convert_module(module, plan.config, **kwargs)
+            if name:
+                qmodel.set_submodule(name, new)
+            else:  # the model itself is a single quantizable layer
+                qmodel = new
 
         fused = {n for n, p in todo.items() if p.fused_relu}
         for relu in relu_modules_to_remove(fusions, fused):

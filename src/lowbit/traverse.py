@@ -263,7 +263,7 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
     parents = {name: mod for name, mod in model.named_modules()}
     plans: dict[str, LayerPlan] = {}
     for name, module in model.named_modules():
-        if not name:
+        if not name and not isinstance(module, QUANTIZABLE_TYPES):
             continue
         kind = type(module).__name__
         if not isinstance(module, QUANTIZABLE_TYPES):

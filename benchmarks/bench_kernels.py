@@ -1,0 +1,155 @@
+"""Kernel benchmark: time ratios vs fp32 ``F.linear`` / ``F.conv2d`` (lower is faster).
+
+Prints a markdown table per layer type. Candidates are timed round-robin in one process (the
+host is shared and noisy) and the median per candidate is reported. These numbers set the
+thresholds in ``lowbit.kernels`` (see its module docstring).
+
+Usage: ``python benchmarks/bench_kernels.py [--threads 2] [--rounds 15] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.kernels import int4_pack_for_cpu, quantize_activation_u8
+from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedConv2d, QuantizedLinear
+
+LINEAR_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 384, 1536), (256, 1024, 4096),
+                 (1024, 1024, 1024)]
+CONV_BATCHES = [1, 64]
+
+
+def _median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]]:
+    torch.manual_seed(0)
+    fc = nn.Linear(k, n)
+    x = torch.randn(m, k)
+    xb = x.bfloat16()
+    wb = fc.weight.detach().bfloat16()
+    dyn = QuantizedLinear.from_float(fc, QuantizationConfig.int8_dynamic())
+    amax = float(x.abs().max())
+    static = QuantizedLinear.from_float(fc, QuantizationConfig.int8_static(),
+                                        input_qparams=(amax / 127, 0))
+    w8 = dyn.weight
+    u, _, _ = quantize_activation_u8(x, -128, 127)
+    s8 = (u.int() - 128).to(torch.int8)
+    i4 = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(128))
+    i4_deq = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(128))
+    i8wo_cfg = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None,
+                                  mode="weight_only")
+    i8wo = Int8WeightOnlyLinear.from_float(fc, i8wo_cfg)
+    packed, sz = int4_pack_for_cpu(i4.codes(), i4.weight_scale, i4.weight_zero_point, 8)
+    szb = sz.bfloat16()
+    sb = dyn.weight_scale.bfloat16()
+    from lowbit.kernels import weight_only_linear
+
+    cands: dict[str, Callable[[], object]] = {
+        "fp32 F.linear": lambda: F.linear(x, fc.weight, fc.bias),
+        "bf16 F.linear": lambda: F.linear(xb, wb),
+        "_int_mm u8s8 (int32 out)": lambda: torch._int_mm(u, w8.t()),
+        "_int_mm s8s8 (int32 out)": lambda: torch._int_mm(s8, w8.t()),
+        "per-token quantize only": lambda: quantize_activation_u8(x, -128, 127),
+        "QuantizedLinear dynamic (auto)": lambda: dyn(x),
+        "QuantizedLinear static (auto)": lambda: static(x),
+        "_weight_int8pack_mm bf16": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb),
+        "Int8WeightOnlyLinear (auto)": lambda: i8wo(x),
+        "int8 wo dequant+bf16": lambda: weight_only_linear(x, "dequant_bf16",
+                                                           i8wo._dequant_padded),
+        "_weight_int4pack_mm bf16 g128": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xb, packed, 128, szb),
+        "Int4Linear g128 (auto)": lambda: i4(x),
+        "int4 dequant+bf16": lambda: weight_only_linear(x, "dequant_bf16",
+                                                        i4_deq._dequant_padded),
+    }
+    if m <= 8:
+        cands["_weight_int4pack_mm fp32 act"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, packed, 128, sz)
+    try:  # prepacked oneDNN qlinear: fast but not exact on this CPU (see lowbit.kernels)
+        pw = torch.ops.onednn.qlinear_prepack(w8, [m, k])
+        zw = torch.zeros(n, dtype=torch.int64)
+        cands["onednn qlinear u8 (inexact)"] = lambda: torch.ops.onednn.qlinear_pointwise(
+            u, 0.01, 128, pw, dyn.weight_scale, zw, None, 1.0, 0, torch.float32, "none", [], "")
+    except (RuntimeError, AttributeError):
+        pass
+    return cands
+
+
+def _conv_candidates(batch: int) -> dict[str, Callable[[], object]]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(batch, 32, 16, 16)
+    dyn = QuantizedConv2d.from_float(conv, QuantizationConfig.int8_dynamic())
+    st = QuantizedConv2d.from_float(conv, QuantizationConfig.int8_static(),
+                                    input_qparams=(float(x.abs().max()) / 127, 0))
+    return {
+        "fp32 F.conv2d": lambda: conv(x),
+        "bf16 F.conv2d": lambda: F.conv2d(x.bfloat16(), conv.weight.bfloat16(),
+                                          conv.bias.bfloat16(), padding=1),
+        "QuantizedConv2d dynamic (auto)": lambda: dyn(x),
+        "QuantizedConv2d static (auto)": lambda: st(x),
+        "im2col F.unfold only": lambda: F.unfold(x, 3, padding=1),
+    }
+
+
+def _table(title: str, cols: list[str], rows: dict[str, dict[str, float]],
+           base: str) -> str:
+    lines = [f"### {title} (time / {base}; lower is faster)", "",
+             "| kernel | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    names: list[str] = []
+    for r in rows.values():
+        names += [n for n in r if n not in names]
+    for name in names:
+        cells = []
+        for c in cols:
+            t = rows[c].get(name)
+            cells.append("-" if t is None else f"{t / rows[c][base]:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| (" + base + " ms) | " + " | ".join(
+        f"{rows[c][base] * 1e3:.2f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the benchmark and print the tables."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [(1, 256, 256), (33, 128, 256)] if args.quick else LINEAR_SHAPES
+    with torch.inference_mode():
+        lin = {f"{m}x{k}x{n}": _median_times(_linear_candidates(m, k, n), args.rounds)
+               for m, k, n in shapes}
+        conv = {f"batch {b}": _median_times(_conv_candidates(b), args.rounds)
+                for b in CONV_BATCHES}
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds\n")
+    print(_table("Linear M x K x N", list(lin), lin, "fp32 F.linear"))
+    print()
+    print(_table("Linear M x K x N, vs bf16", list(lin), lin, "bf16 F.linear"))
+    print()
+    print(_table("Conv2d 32->32 3x3 pad 1 on 16x16", list(conv), conv, "fp32 F.conv2d"))
+
+
+if __name__ == "__main__":
+    main()

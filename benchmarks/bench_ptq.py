@@ -1,0 +1,327 @@
+"""PTQ benchmark: lowbit dynamic / static / INT4 vs FP32, bf16, torch.ao and ONNX Runtime.
+
+Run: ``.venv/bin/python benchmarks/bench_ptq.py`` (about 3-5 minutes on 2 cores; ``--quick`` for
+a smoke run). Prints, for each model, whole-model latency at batch 1 and 32 with ratios vs FP32
+and vs bf16, size, and output error vs FP32; then per-layer latency ratios. Everything runs with
+2 intra-op threads (PyTorch and ONNX Runtime, ORT with spinning off) in one process, timing
+rounds interleaved across variants: only ratios measured side by side mean anything on a shared
+machine.
+
+Models and inputs:
+
+* ``MLP(784-1024-1024-10)`` and ``MnistCNN``, trained for one epoch on the bundled MNIST split
+  (first 8,000 of the 10k test images), timed on evaluation images (last 2,000);
+* ``TransformerEncoderBlock(hidden=384, heads=12, ffn=1536)`` (random init, random inputs); a
+  "batch" is a batch of sequences of 128 tokens, so batch 32 = 4,096 tokens.
+
+Variants: FP32 eager; the model cast to bfloat16; lowbit INT8 dynamic (per-channel weights,
+per-token activations); lowbit INT8 static (min-max, calibrated on 512 training inputs); lowbit
+INT4 weight-only (group 128, 32 for MnistCNN whose fc1 has 1568 inputs); torch.ao
+``quantize_dynamic`` (deprecated, per-tensor qint8 Linear); ONNX Runtime FP32 and ORT
+``quantize_dynamic`` (defaults: per-tensor QInt8 weights).
+
+The issue's targets are reported, never asserted. Results also go to
+``benchmarks/results/bench_ptq.json`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.data import mnist_splits
+from lowbit.evaluation import ComparisonTable, compare_models, format_bytes, model_nbytes
+from lowbit.models import MLP, MnistCNN, TransformerEncoderBlock, train_classifier
+from lowbit.ptq import quantize_dynamic, quantize_static, quantize_weight_only
+
+THREADS = 2
+SEQ_LEN = 128
+BATCHES = {"b1": 1, "b32": 32}
+LINEAR_HEAVY = ("MLP", "TransformerEncoderBlock")
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_ptq.json"
+
+
+@dataclass
+class Case:
+    """One model to benchmark, its inputs and calibration batches."""
+
+    name: str
+    model: nn.Module
+    inputs: dict[str, torch.Tensor]
+    calibration: list[torch.Tensor]
+    int4_group: int = 128
+    variants: dict[str, Callable] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class CastBF16(nn.Module):
+    """What a user gets for free: the model in bfloat16, float32 in and out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(torch.bfloat16)).float()
+
+
+class OrtModel:
+    """An ONNX Runtime session called like a model (float32 tensor in, tensor out)."""
+
+    def __init__(self, path: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def _cases(quick: bool) -> list[Case]:
+    splits = mnist_splits()
+    train_x = splits.train.tensors[0]
+    eval_x = splits.eval.tensors[0]
+    calibration = list(train_x[:512].split(64))
+    cases = []
+    for name, model in (("MLP", MLP()), ("MnistCNN", MnistCNN())):
+        torch.manual_seed(0)
+        train_classifier(model, splits.train, epochs=1, batch_size=64, lr=2e-3, progress=False)
+        inputs = {label: eval_x[:b] for label, b in BATCHES.items()}
+        cases.append(Case(name, model, inputs, calibration,
+                          int4_group=32 if name == "MnistCNN" else 128))
+    torch.manual_seed(0)
+    block = TransformerEncoderBlock().eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {label: torch.randn(b, SEQ_LEN, 384, generator=g) for label, b in BATCHES.items()}
+    calib = [torch.randn(4, SEQ_LEN, 384, generator=g) for _ in range(2 if quick else 8)]
+    cases.append(Case("TransformerEncoderBlock", block, inputs, calib))
+    return cases
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, folder: str, stem: str) -> tuple[str, str]:
+    """Export to ONNX (TorchScript exporter) and quantize with ORT's quantize_dynamic."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    fp32_path = os.path.join(folder, f"{stem}.onnx")
+    int8_path = os.path.join(folder, f"{stem}.int8.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), fp32_path, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+                          opset_version=17)
+    proto = onnx.load(fp32_path)
+    proto.ir_version = min(proto.ir_version, 9)  # onnxruntime refuses the newest IR versions
+    onnx.save(proto, fp32_path)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ORT logs a "consider pre-processing" warning
+    try:
+        ort_quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    return fp32_path, int8_path
+
+
+def _build_variants(case: Case, folder: str) -> None:
+    model = case.model.eval()
+    builders: dict[str, Callable[[], object]] = {
+        "FP32": lambda: model,
+        "bf16": lambda: CastBF16(model),
+        "lowbit INT8 dynamic": lambda: quantize_dynamic(model),
+        "lowbit INT8 static": lambda: quantize_static(model, case.calibration, progress=False),
+        f"lowbit INT4 g{case.int4_group}": lambda: quantize_weight_only(
+            model, bits=4, group_size=case.int4_group),
+        "torch.ao dynamic": lambda: _torch_ao_dynamic(model),
+    }
+    for name, build in builders.items():
+        try:
+            case.variants[name] = build()
+        except Exception as exc:  # report and go on: one broken variant must not hide the rest
+            case.errors[name] = f"{type(exc).__name__}: {exc}"
+    try:
+        fp32_path, int8_path = _onnx(model, case.inputs["b1"], folder, case.name)
+        case.variants["ORT FP32"] = OrtModel(fp32_path)
+        case.variants["ORT dynamic INT8"] = OrtModel(int8_path)
+        case.sizes["ORT FP32"] = os.path.getsize(fp32_path)
+        case.sizes["ORT dynamic INT8"] = os.path.getsize(int8_path)
+    except Exception as exc:
+        case.errors["ORT"] = f"{type(exc).__name__}: {exc}"
+
+
+def _torch_ao_dynamic(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+def _whole_model(case: Case, iters: int) -> ComparisonTable:
+    ordered = {"b32": case.inputs["b32"], "b1": case.inputs["b1"]}  # output error on batch 32
+    return compare_models(case.variants, None, ordered, warmup=3, iters=iters, rounds=4,
+                          threads=THREADS, sizes=case.sizes)
+
+
+def _whole_model_markdown(table: ComparisonTable) -> str:
+    bf16 = next((r for r in table if r.name == "bf16"), None)
+    head = ["variant", "size", "vs FP32 size"]
+    for label in BATCHES:
+        head += [f"{label} ms", f"{label} vs FP32", f"{label} vs bf16"]
+    head += ["cosine", "max abs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        cells = [r.name, format_bytes(r.nbytes) if r.nbytes else "n/a",
+                 f"{r.compression:.2f}x smaller" if r.compression else "n/a"]
+        for label in BATCHES:
+            ms = r.latency[label].median_ms
+            vs_bf16 = bf16.latency[label].median_ms / ms if bf16 else float("nan")
+            cells += [f"{ms:.3f}", f"{r.speedup[label]:.2f}x", f"{vs_bf16:.2f}x"]
+        err = r.output_error
+        cells += [f"{err.cosine:.6f}", f"{err.max_abs:.4f}"] if err else ["n/a", "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _per_layer(case: Case, iters: int) -> str:
+    """Latency ratio (FP32 time / variant time) of every Linear/Conv2d layer on its real input."""
+    layers = [n for n, m in case.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    captured: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
+    handles = []
+    for name in layers:
+        def hook(module, args, name=name):
+            captured[name][current] = args[0].detach().clone()
+        handles.append(case.model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for current, x in case.inputs.items():  # noqa: B007 (read by the hook)
+                case.model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    names = [v for v in case.variants if v not in ("FP32", "ORT FP32", "ORT dynamic INT8")]
+    head = ["layer", "batch", "M x K -> N", "FP32 ms", *[f"{v}" for v in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in layers:
+        float_layer = case.model.get_submodule(name)
+        layer_variants = {"FP32": float_layer}
+        for v in names:
+            if v == "bf16":
+                layer_variants[v] = CastBF16(float_layer)
+                continue
+            sub = case.variants[v].get_submodule(name)
+            if type(sub) is not type(float_layer):  # the variant really swapped this layer
+                layer_variants[v] = sub
+        for label, x in captured[name].items():
+            table = compare_models(layer_variants, None, {label: x}, warmup=2, iters=iters,
+                                   rounds=3, threads=THREADS)
+            rows = {r.name: r for r in table}
+            m = x.numel() // x.shape[-1] if isinstance(float_layer, nn.Linear) else x.shape[0]
+            k, n = ((float_layer.in_features, float_layer.out_features)
+                    if isinstance(float_layer, nn.Linear)
+                    else (float_layer.in_channels, float_layer.out_channels))
+            cells = [name, label, f"{m} x {k} -> {n}",
+                     f"{rows['FP32'].latency[label].median_ms:.4f}"]
+            cells += [f"{rows[v].speedup[label]:.2f}x" if v in rows else "float" for v in names]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _targets(results: dict[str, ComparisonTable]) -> list[str]:
+    out = []
+    for model, table in results.items():
+        rows = {r.name: r for r in table}
+        dyn, ao = rows.get("lowbit INT8 dynamic"), rows.get("torch.ao dynamic")
+        bf16 = rows.get("bf16")
+        int4 = next((r for n, r in rows.items() if n.startswith("lowbit INT4")), None)
+        if dyn is None:
+            out.append(f"- {model}: lowbit INT8 dynamic missing (see errors)")
+            continue
+        if model in LINEAR_HEAVY:
+            s32 = dyn.speedup["b32"]
+            vs_bf16 = bf16.latency["b32"].median_ms / dyn.latency["b32"].median_ms if bf16 else 0
+            out.append(f"- {model}: INT8 dynamic >= 3x FP32 at batch 32: "
+                       f"{'MET' if s32 >= 3 else 'NOT MET'} ({s32:.2f}x); faster than bf16: "
+                       f"{'MET' if vs_bf16 > 1 else 'NOT MET'} ({vs_bf16:.2f}x)")
+        s1 = dyn.speedup["b1"]
+        out.append(f"- {model}: INT8 dynamic not slower than FP32 at batch 1: "
+                   f"{'MET' if s1 >= 1 else 'NOT MET'} ({s1:.2f}x)")
+        if ao is not None and ao.output_error and dyn.output_error:
+            better = dyn.output_error.cosine > ao.output_error.cosine
+            out.append(f"- {model}: INT8 dynamic more accurate than torch.ao per-tensor: "
+                       f"{'MET' if better else 'NOT MET'} (cosine {dyn.output_error.cosine:.6f} "
+                       f"vs {ao.output_error.cosine:.6f})")
+        if int4 is not None:
+            ok = int4.compression >= 4 and int4.speedup["b1"] > 1
+            out.append(f"- {model}: {int4.name} >= 4x smaller and faster than FP32 at batch 1: "
+                       f"{'MET' if ok else 'NOT MET'} ({int4.compression:.2f}x smaller, "
+                       f"{int4.speedup['b1']:.2f}x speed)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
+    parser.add_argument("--no-per-layer", action="store_true", help="skip per-layer tables")
+    parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
+    args = parser.parse_args(argv)
+    iters = 4 if args.quick else 24
+    start = time.perf_counter()
+    torch.set_num_threads(THREADS)
+    print(f"# lowbit PTQ benchmark: torch {torch.__version__}, {THREADS} threads, "
+          f"transformer sequence length {SEQ_LEN}", flush=True)
+    print("Ratios are FP32 (or bf16) time / variant time: > 1 is faster. Median of "
+          f"{iters} calls per variant, interleaved. MLP/MnistCNN inputs: bundled MNIST "
+          "evaluation images (last 2,000 of the 10k test set); trained 1 epoch on the first "
+          "8,000.\n", flush=True)
+    results: dict[str, ComparisonTable] = {}
+    dump: dict[str, object] = {"threads": THREADS, "seq_len": SEQ_LEN, "models": {}}
+    failed = False
+    with tempfile.TemporaryDirectory() as folder:
+        for case in _cases(args.quick):
+            _build_variants(case, folder)
+            table = _whole_model(case, iters)
+            results[case.name] = table
+            print(f"## {case.name}: whole model (output error vs FP32 at batch 32)\n", flush=True)
+            print(_whole_model_markdown(table), flush=True)
+            for name, err in case.errors.items():
+                failed = True
+                print(f"\n{name} FAILED: {err}", flush=True)
+            per_layer = "" if args.no_per_layer else _per_layer(case, max(3, iters // 2))
+            if per_layer:
+                print(f"\n## {case.name}: per layer (speedup vs FP32 layer; 'float' = variant "
+                      "kept it in float)\n", flush=True)
+                print(per_layer, flush=True)
+            print(flush=True)
+            dump["models"][case.name] = {"rows": table.to_dict(), "errors": case.errors,
+                                         "fp32_nbytes": model_nbytes(case.model)}
+    print("## PTQ issue targets (reported, not asserted)\n")
+    for line in _targets(results):
+        print(line)
+    print(f"\nTotal {time.perf_counter() - start:.0f} s.")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(dump, indent=2, default=str))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Weight-only quantized modules: float activations, low-bit weights dequantized by the kernel.
+
+:class:`Int4Linear` (2..4 bits, packed two per byte), :class:`Int8WeightOnlyLinear` (5..8
+bits), :class:`QuantizedEmbedding` and :class:`WeightOnlyConv2d` / :class:`WeightOnlyConv1d`.
+
+Layout of every weight: the float weight is viewed as ``[N, K]`` (conv: ``[O, C/groups*kh*kw]``,
+embedding: ``[num_embeddings, embedding_dim]``) and zero-padded on the right to ``Kp`` columns when
+the group size does not divide ``K`` (or to an even count for packing); the padding dequantizes to
+exact zeros and is reported in ``meta()["padded_in_features"]``. When ``K < group_size`` the
+whole row is one group (``meta()["effective_weight_spec"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit._qmodule import QuantizedModuleBase, conv_geometry, quantize_weight
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.kernels import int4_pack_for_cpu, select_kernel, weight_only_linear
+from lowbit.ops import dequantize, pack_int4, unpack_int4
+
+__all__ = ["Int4Linear", "Int8WeightOnlyLinear", "QuantizedEmbedding", "WeightOnlyConv1d",
+           "WeightOnlyConv2d"]
+
+
+def _layout(k: int, spec: QuantSpec) -> tuple[QuantSpec, int]:
+    """(effective spec, padded K) for a ``[N, K]`` weight."""
+    packed = spec.bits <= 4
+    if spec.granularity != "per_group":
+        return spec, k + (k % 2 if packed else 0)
+    g = spec.group_size
+    assert g is not None
+    if k < g:
+        g = k + (k % 2 if packed else 0)
+        return spec.with_(group_size=g), g
+    kp = -(-k // g) * g
+    if packed and kp % 2:
+        kp += g
+    return spec, kp
+
+
+class _WeightOnly(QuantizedModuleBase):
+    """Buffers, packing and dequantization shared by the weight-only modules."""
+
+    def _init_w(self, n: int, k: int, has_bias: bool, spec: QuantSpec) -> None:
+        self.weight_spec = spec
+        self.eff_spec, self.kp = _layout(k, spec)
+        self.n, self.k = n, k
+        self.packed = spec.bits <= 4
+        if self.packed:
+            self.register_buffer("weight", torch.zeros(n, self.kp // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("weight", torch.zeros(n, self.kp, dtype=spec.storage_dtype))
+        gran = self.eff_spec.granularity
+        qshape: tuple[int, ...] = {"per_tensor": (), "per_channel": (n,)}.get(
+            gran, (n, self.kp // (self.eff_spec.group_size or 1)))
+        self.register_buffer("weight_scale", torch.ones(qshape))
+        self.register_buffer("weight_zero_point", torch.zeros(qshape, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(n) if has_bias else None)
+
+    def _fill(self, weight2d: torch.Tensor, bias: torch.Tensor | None, kind: str,
+              weight_qparams: Any) -> None:
+        w = F.pad(weight2d.detach().float(), (0, self.kp - self.k))  # (N, Kp)
+        q, s, z = quantize_weight(w, self.eff_spec, self.name, kind, weight_qparams)
+        self.weight.copy_(pack_int4(q) if self.packed else q)
+        self.weight_scale.copy_(s.reshape(self.weight_scale.shape))
+        self.weight_zero_point.copy_(z.reshape(self.weight_zero_point.shape))
+        if self.bias is not None and bias is not None:
+            self.bias.copy_(bias.detach().float())
+        self._refresh_cache()
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked integer codes ``[N, Kp]`` (int8, or uint8 for unsigned specs)."""
+        return unpack_int4(self.weight, self.weight_spec.signed) if self.packed else self.weight
+
+    def _dequant_padded(self) -> torch.Tensor:  # (N, Kp) float32
+        return dequantize(self.codes(), self.weight_scale, self.weight_zero_point, self.eff_spec)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float32 weight ``(q - zp) * scale`` without padding, ``[N, K]``."""
+        return self._dequant_padded()[:, : self.k]
+
+    def _w_meta(self) -> dict[str, Any]:
+        return {"weight_spec": self.weight_spec.to_dict(),
+                "effective_weight_spec": self.eff_spec.to_dict(), "activation_spec": None,
+                "mode": "weight_only", "bias": self.bias is not None,
+                "padded_in_features": self.kp, "padding": self.kp - self.k}
+
+
+class _WeightOnlyLinear(_WeightOnly):
+    """Linear with float activations; subclasses pick the packed kernel."""
+
+    _op = "int4_weight_only"
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool = True, *,
+                 weight_spec: QuantSpec | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.in_features, self.out_features = in_features, out_features
+        self._init_w(out_features, in_features, has_bias, weight_spec or self._default_spec())
+        self.register_buffer("_packed", None, persistent=False)
+        self.register_buffer("_scales", None, persistent=False)
+
+    @staticmethod
+    def _default_spec() -> QuantSpec:
+        return QuantSpec.int4_weight()
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantizationConfig, *,
+                   weight_qparams: Any = None, fused_relu: bool = False, name: str = "",
+                   meta_extra: Mapping[str, Any] | None = None, backend: str = "auto",
+                   input_qparams: Any = None) -> _WeightOnlyLinear:
+        """Quantize the weights of a float ``nn.Linear`` (``input_qparams`` is ignored).
+
+        Raises:
+            ValueError: NaN/Inf weights (names the layer and the fix).
+        """
+        q = cls(module.in_features, module.out_features, module.bias is not None,
+                weight_spec=config.weights, backend=backend, name=name, fused_relu=fused_relu,
+                orig_dtype=str(module.weight.dtype)[6:], meta_extra=meta_extra)
+        q._fill(module.weight, module.bias, type(module).__name__, weight_qparams)
+        return q
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> _WeightOnlyLinear:
+        """An empty module of the shapes in ``meta`` (fill it with ``load_state_dict``)."""
+        return cls(meta["in_features"], meta["out_features"], meta["bias"],
+                   weight_spec=QuantSpec.from_dict(meta["weight_spec"]), **cls._common(meta))
+
+    def _shape_meta(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                **self._w_meta()}
+
+    def _select(self, m: int) -> str:
+        raise NotImplementedError
+
+    def kernel_info(self) -> dict[str, str]:
+        """Kernel per activation row count: ``{"M<=64": ..., "M>64": ...}``."""
+        from lowbit.kernels import WEIGHT_ONLY_PACKED_MAX_M as t
+        return {f"M<={t}": self._select(1), f"M>{t}": self._select(t + 1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float (..., K) -> float (..., N) in x's dtype."""
+        self._check_features(x, self.in_features)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.kp > self.k:
+            x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
+        kernel = self._select(x2.shape[0])
+        y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias, packed=self._packed,
+                               scales=self._scales, group_size=self._group())  # (M, N) float32
+        y = self._act(y, self.fused_relu)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _group(self) -> int:
+        spec = self.eff_spec
+        return spec.group_size if spec.granularity == "per_group" else self.kp  # type: ignore
+
+    def extra_repr(self) -> str:
+        s = self.weight_spec
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={s.bits}, {s.granularity}, group_size={s.group_size}, "
+                f"padded_in_features={self.kp}, backend={self.backend}")
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """Weight-only 2..4-bit linear: codes packed two per byte, group-wise scales/zero-points.
+
+    Small M runs ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations (N % 16 == 0, group
+    in {32, 64, 128, 256}); otherwise dequantize + bf16 GEMM; ``backend="reference"``:
+    dequantize + fp32 GEMM.
+
+    Example:
+        >>> fc = nn.Linear(100, 32)
+        >>> q = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(group_size=32))
+        >>> q.weight.dtype, tuple(q.weight.shape), q.meta()["padding"]
+        (torch.uint8, (32, 64), 28)
+        >>> q(torch.randn(3, 100)).shape
+        torch.Size([3, 32])
+    """
+
+    def _select(self, m: int) -> str:
+        g = self._group() if self.eff_spec.granularity != "per_tensor" else None
+        return select_kernel("int4_weight_only", m, backend=self.backend, n=self.n, k=self.kp,
+                             group_size=g)
+
+    def _refresh_cache(self) -> None:
+        self._packed = self._scales = None
+        if self._select(1) == "int4pack_bf16":
+            scale = self.weight_scale.reshape(self.n, -1)
+            zp = self.weight_zero_point.reshape(self.n, -1)
+            shift = 8 if self.weight_spec.signed else 0
+            self._packed, sz = int4_pack_for_cpu(self.codes(), scale, zp, shift)
+            self._scales = sz.to(torch.bfloat16)  # (Kp/g, N, 2)
+
+
+class Int8WeightOnlyLinear(_WeightOnlyLinear):
+    """Weight-only INT8 (5..8-bit) linear with float activations.
+
+    Symmetric per-channel weights at small M run ``aten._weight_int8pack_mm`` on bf16
+    activations; otherwise dequantize + bf16 GEMM (``backend="reference"``: fp32).
+
+    Example:
+        >>> q = Int8WeightOnlyLinear.from_float(nn.Linear(16, 8), QuantizationConfig(
+        ...     weights=QuantSpec.int8_weight(), activations=None, mode="weight_only"))
+        >>> q.weight.dtype, q(torch.randn(2, 16)).shape
+        (torch.int8, torch.Size([2, 8]))
+    """
+
+    @staticmethod
+    def _default_spec() -> QuantSpec:
+        return QuantSpec.int8_weight()
+
+    def _select(self, m: int) -> str:
+        s = self.weight_spec
+        ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
+        return select_kernel("int8_weight_only", m, backend=self.backend, packable=ok)
+
+    def _refresh_cache(self) -> None:
+        self._packed = self.weight if self._select(1) == "int8pack_bf16" else None
+        self._scales = self.weight_scale.to(torch.bfloat16) if self._packed is not None else None
+
+
+class QuantizedEmbedding(_WeightOnly):
+    """Weight-only INT8 / INT4 embedding, per row (``per_channel`` axis 0) or per group.
+
+    Looks up the codes of the requested rows and dequantizes only those.
+
+    Example:
+        >>> emb = nn.Embedding(10, 6)
+        >>> cfg = QuantizationConfig.int4_weight_only(group_size=4)
+        >>> q = QuantizedEmbedding.from_float(emb, cfg)
+        >>> idx = torch.tensor([[1, 2]])
+        >>> q(idx).shape, torch.allclose(q(idx), q.dequantize_weight()[idx])
+        (torch.Size([1, 2, 6]), True)
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *,
+                 weight_spec: QuantSpec | None = None, padding_idx: int | None = None,
+                 **kw: Any) -> None:
+        super().__init__(**kw)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self._init_w(num_embeddings, embedding_dim, False, weight_spec or QuantSpec.int8_weight())
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantizationConfig, *,
+                   weight_qparams: Any = None, fused_relu: bool = False, name: str = "",
+                   meta_extra: Mapping[str, Any] | None = None, backend: str = "auto",
+                   input_qparams: Any = None) -> QuantizedEmbedding:
+        """Quantize a float ``nn.Embedding`` (``fused_relu`` / ``input_qparams`` are ignored)."""
+        q = cls(module.num_embeddings, module.embedding_dim, weight_spec=config.weights,
+                padding_idx=module.padding_idx, backend=backend, name=name,
+                orig_dtype=str(module.weight.dtype)[6:], meta_extra=meta_extra)
+        q._fill(module.weight, None, type(module).__name__, weight_qparams)
+        return q
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> QuantizedEmbedding:
+        """An empty module of the shapes in ``meta`` (fill it with ``load_state_dict``)."""
+        return cls(meta["num_embeddings"], meta["embedding_dim"],
+                   weight_spec=QuantSpec.from_dict(meta["weight_spec"]),
+                   padding_idx=meta.get("padding_idx"), **cls._common(meta))
+
+    def _shape_meta(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx, **self._w_meta()}
+
+    def kernel_info(self) -> str:
+        """Row gather + dequantize of the gathered rows (same for both backends)."""
+        return "gather_dequant"
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Indices (...) -> float rows (..., D) in the original dtype."""
+        rows = F.embedding(idx, self.weight)  # (..., Kp) codes or (..., Kp/2) packed
+        if self.packed:
+            rows = unpack_int4(rows, self.weight_spec.signed)
+        rows = rows.float()
+        spec = self.eff_spec
+        s = self.weight_scale.reshape(self.n, -1)[idx].unsqueeze(-1)  # (..., G, 1)
+        z = self.weight_zero_point.reshape(self.n, -1)[idx].unsqueeze(-1).float()
+        if spec.granularity == "per_group":
+            rows = rows.reshape(*rows.shape[:-1], -1, spec.group_size)  # (..., G, g)
+        else:
+            rows = rows.unsqueeze(-2)  # (..., 1, Kp)
+        out = ((rows - z) * s).flatten(-2)[..., : self.k]  # (..., D)
+        dtype = getattr(torch, self.orig_dtype, torch.float32)
+        return out.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_spec.bits}, "
+                f"{self.weight_spec.granularity}")
+
+
+class WeightOnlyConv2d(_WeightOnly):
+    """Conv2d with low-bit weights (2..8 bits, packed when <= 4) dequantized on the fly.
+
+    The weight is quantized as ``[O, C/groups*kh*kw]`` (per channel or per group along that
+    flattened dimension) and dequantized into a float conv each call.
+
+    Example:
+        >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+        >>> q = WeightOnlyConv2d.from_float(conv, QuantizationConfig.int4_weight_only(9))
+        >>> q(torch.randn(1, 3, 6, 6)).shape
+        torch.Size([1, 8, 6, 6])
+    """
+
+    _dims = 2
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...],
+                 has_bias: bool = True, *, geometry: Mapping[str, Any] | None = None,
+                 weight_spec: QuantSpec | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        d = self._dims
+        self.geometry = dict(geometry or {"stride": [1] * d, "padding": [0] * d,
+                                          "dilation": [1] * d, "groups": 1, "pre_pad": None,
+                                          "pad_mode": "constant"})
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.wshape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)
+        k = self.wshape[1] * int(torch.tensor(self.kernel_size).prod())
+        self._init_w(out_channels, k, has_bias, weight_spec or QuantSpec.int4_weight(32))
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantizationConfig, *,
+                   weight_qparams: Any = None, fused_relu: bool = False, name: str = "",
+                   meta_extra: Mapping[str, Any] | None = None, backend: str = "auto",
+                   input_qparams: Any = None) -> WeightOnlyConv2d:
+        """Quantize the weights of a float conv (``input_qparams`` is ignored)."""
+        q = cls(module.in_channels, module.out_channels, module.kernel_size,
+                module.bias is not None, geometry=conv_geometry(module),
+                weight_spec=config.weights, backend=backend, name=name, fused_relu=fused_relu,
+                orig_dtype=str(module.weight.dtype)[6:], meta_extra=meta_extra)
+        q._fill(module.weight.reshape(module.out_channels, -1), module.bias,
+                type(module).__name__, weight_qparams)
+        return q
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> WeightOnlyConv2d:
+        """An empty module of the shapes in ``meta`` (fill it with ``load_state_dict``)."""
+        return cls(meta["in_channels"], meta["out_channels"], meta["kernel_size"], meta["bias"],
+                   geometry=meta["geometry"], weight_spec=QuantSpec.from_dict(meta["weight_spec"]),
+                   **cls._common(meta))
+
+    def _shape_meta(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "geometry": dict(self.geometry),
+                **self._w_meta()}
+
+    def kernel_info(self) -> str:
+        """Dequantize the weight, then the float convolution."""
+        return "dequant_fp32"
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float32 weight in the conv's shape ``[O, C/groups, *kernel_size]``."""
+        return super().dequantize_weight().reshape(self.wshape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float conv with the dequantized weight; output in x's dtype."""
+        self._check_features(x, self.in_channels, dim=1)
+        g = self.geometry
+        if g["pre_pad"] is not None:
+            x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
+        conv = F.conv1d if self._dims == 1 else F.conv2d
+        w = self.dequantize_weight().to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        y = conv(x, w, b, g["stride"], g["padding"], g["dilation"], g["groups"])
+        return self._act(y, self.fused_relu)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"bits={self.weight_spec.bits}, {self.weight_spec.granularity}")
+
+
+class WeightOnlyConv1d(WeightOnlyConv2d):
+    """Conv1d with low-bit weights dequantized on the fly (see :class:`WeightOnlyConv2d`).
+
+    Example:
+        >>> q = WeightOnlyConv1d.from_float(nn.Conv1d(4, 6, 3),
+        ...                                 QuantizationConfig.int4_weight_only(group_size=12))
+        >>> q(torch.randn(2, 4, 10)).shape
+        torch.Size([2, 6, 8])
+    """
+
+    _dims = 1

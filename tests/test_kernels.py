@@ -1,0 +1,142 @@
+"""Kernels: fast paths equal the reference path; quantization equals lowbit.ops bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.config import QuantSpec
+from lowbit.kernels import (
+    int4_pack_for_cpu,
+    int8_conv2d,
+    int8_linear,
+    quantize_activation_u8,
+    select_kernel,
+    weight_only_linear,
+)
+from lowbit.ops import choose_qparams, compute_range, dequantize, quantize, quantize_tensor
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 33), (3, 4, 64)])
+def test_dynamic_per_token_quantize_matches_ops(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3
+    x[..., 0] = 0.0
+    spec = QuantSpec.int8_dynamic_activation("per_token")
+    scale, zp = choose_qparams(*compute_range(x, spec), spec)
+    expected = quantize(x, scale, zp, spec)
+    u, s, zp_u = quantize_activation_u8(x, spec.qmin, spec.qmax, per_token=True)
+    assert torch.equal(s, scale)
+    assert torch.equal(u.int() - zp_u, expected.int())
+
+
+def test_static_affine_quantize_matches_ops_including_ties() -> None:
+    spec = QuantSpec.int8_static_activation()
+    scale, zp = torch.tensor(0.5), torch.tensor(-3, dtype=torch.int32)
+    x = torch.tensor([0.25, 0.75, -0.25, 1.25, 100.0, -100.0, 0.0, 63.9])  # .5 ties + clamps
+    u, _, zp_u = quantize_activation_u8(x, spec.qmin, spec.qmax, scale, zp)
+    assert torch.equal(u.int() - 128, quantize(x, scale, zp, spec).int())
+    assert int(zp_u) == -3 + 128
+
+
+def test_zero_rows_do_not_divide_by_zero() -> None:
+    u, s, _ = quantize_activation_u8(torch.zeros(2, 4), -128, 127)
+    assert torch.isfinite(s).all() and torch.equal(u, torch.full((2, 4), 128, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (7, 33, 17), (33, 128, 48), (16, 5, 3)])
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_linear_int_mm_equals_reference(m: int, k: int, n: int, static: bool) -> None:
+    torch.manual_seed(m + k)
+    x, w = torch.randn(m, k), torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    if static:
+        u, s, zp_u = quantize_activation_u8(x, -128, 127, torch.tensor(0.02),
+                                            torch.tensor(-7, dtype=torch.int32))
+    else:
+        u, s, zp_u = quantize_activation_u8(x, -128, 127)
+    colsum = w.int().sum(1)
+    args = (u, s, zp_u, w, torch.rand(n) + 0.1, colsum, torch.randn(n))
+    fast = int8_linear(*args, kernel="int_mm_u8s8")
+    ref = int8_linear(*args, kernel="reference")
+    assert torch.equal(fast, ref)
+    # the integer accumulator is exact: compare with int64 maths
+    acc = (u.long() - zp_u.long()) @ w.long().t()
+    expected = acc.float() * s * args[4] + args[6]
+    torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_int8_linear_extreme_codes_do_not_saturate() -> None:
+    u = torch.full((4, 256), 255, dtype=torch.uint8)
+    u[:, ::3] = 0
+    w = torch.full((32, 256), 127, dtype=torch.int8)
+    zp_u = torch.tensor(0, dtype=torch.int32)
+    y = int8_linear(u, torch.tensor(1.0), zp_u, w, torch.ones(32), w.int().sum(1))
+    assert torch.equal(y, (u.long() @ w.long().t()).float())
+
+
+def test_int8_linear_fused_relu() -> None:
+    torch.manual_seed(1)
+    u, s, z = quantize_activation_u8(torch.randn(3, 16), -128, 127)
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    y = int8_linear(u, s, z, w, torch.ones(8), w.int().sum(1))
+    assert torch.equal(int8_linear(u, s, z, w, torch.ones(8), w.int().sum(1), relu=True),
+                       y.relu())
+
+
+@pytest.mark.parametrize("stride,padding,dilation,ksize", [
+    ((1, 1), (1, 1), (1, 1), 3), ((2, 1), (0, 2), (1, 2), 3), ((1, 1), (0, 0), (1, 1), 1)])
+def test_int8_conv2d_im2col_equals_reference(stride, padding, dilation, ksize) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 9, 8)
+    w = torch.randint(-128, 128, (6, 5, ksize, ksize), dtype=torch.int8)
+    args = (x, torch.tensor(0.03), torch.tensor(5, dtype=torch.int32), -128, 127, w,
+            torch.rand(6) + 0.1, w.int().sum((1, 2, 3)), torch.randn(6), stride, padding,
+            dilation, 1)
+    fast = int8_conv2d(*args, kernel="int_mm_u8s8")
+    ref = int8_conv2d(*args, kernel="reference")
+    assert torch.equal(fast, ref)
+    expect_shape = F.conv2d(x, w.float(), None, stride, padding, dilation).shape
+    assert fast.shape == expect_shape
+
+
+def test_int4_cpu_packing_matches_reference_dequantization() -> None:
+    torch.manual_seed(3)
+    for spec in (QuantSpec.int4_weight(32), QuantSpec.int4_weight(64, symmetric=True),
+                 QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_group",
+                           group_size=32)):
+        w = torch.randn(32, 128)
+        q, s, z = quantize_tensor(w, spec)
+        packed, sz = int4_pack_for_cpu(q, s, z, 8 if spec.signed else 0)
+        eye = torch.eye(128)
+        got = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, spec.group_size, sz).t()
+        expected = dequantize(q, s, z, spec)
+        # (u - 8) * s + z vs (q - zp) * s: equal up to one float rounding
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+
+
+def test_weight_only_kernels_equal_reference_up_to_bf16() -> None:
+    torch.manual_seed(4)
+    spec = QuantSpec.int4_weight(32)
+    q, s, z = quantize_tensor(torch.randn(48, 96), spec)
+    packed, sz = int4_pack_for_cpu(q, s, z, 8)
+    deq = dequantize(q, s, z, spec)
+    x = torch.randn(5, 96)
+    ref = weight_only_linear(x, "reference", lambda: deq)
+    for kernel in ("int4pack_bf16", "dequant_bf16"):
+        y = weight_only_linear(x, kernel, lambda: deq, packed=packed,
+                               scales=sz.bfloat16(), group_size=32)
+        assert F.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.9999
+        assert (y - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_select_kernel_is_deterministic_and_documented() -> None:
+    assert select_kernel("int8_linear", 1, backend="reference") == "reference"
+    assert select_kernel("int8_conv2d", 4, groups=2) == "reference"
+    assert select_kernel("int4_weight_only", 1, n=17, k=64, group_size=32) == "dequant_bf16"
+    assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=16) == "dequant_bf16"
+    assert select_kernel("int8_weight_only", 1, packable=False) == "dequant_bf16"
+    with pytest.raises(ValueError, match="backend"):
+        select_kernel("int8_linear", 1, backend="fast")
+    with pytest.raises(ValueError, match="unknown op"):
+        select_kernel("int3_linear", 1)

@@ -1,0 +1,289 @@
+"""Quantized modules: storage, accuracy vs FP32, auto == reference, round trips, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.modules import (
+    QUANTIZED_MODULES,
+    Int4Linear,
+    Int8WeightOnlyLinear,
+    QuantizedConv1d,
+    QuantizedConv2d,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    WeightOnlyConv2d,
+    check_supported,
+    convert_module,
+    module_from_meta,
+)
+from lowbit.ops import dequantize, quantize_tensor, unpack_int4
+
+DYN = QuantizationConfig.int8_dynamic()
+DYN_PT = QuantizationConfig.int8_dynamic(per_token=False)
+STATIC = QuantizationConfig.int8_static()
+INT4 = QuantizationConfig.int4_weight_only(group_size=32)
+INT8_WO = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None, mode="weight_only")
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _static_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = STATIC.activations
+    from lowbit.ops import choose_qparams, compute_range
+    return choose_qparams(*compute_range(x, spec), spec)
+
+
+def _linear(k: int = 64, n: int = 48, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(k, n)
+
+
+def _make(kind: str, fc: nn.Linear, x: torch.Tensor, backend: str = "auto") -> nn.Module:
+    if kind == "static":
+        return QuantizedLinear.from_float(fc, STATIC, input_qparams=_static_qparams(x),
+                                          backend=backend, name="fc")
+    cfg = {"dynamic": DYN, "dynamic_pt": DYN_PT, "int4": INT4, "int8wo": INT8_WO}[kind]
+    return convert_module(fc, cfg, name="fc", backend=backend)
+
+
+KINDS = ["dynamic", "dynamic_pt", "static", "int4", "int8wo"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 67), (7, 67), (33, 67), (2, 5, 67)])
+def test_linear_auto_vs_reference_and_fp32(kind: str, shape: tuple[int, ...]) -> None:
+    fc = _linear(67, 48)  # odd K, not divisible by the INT4 group size
+    x = torch.randn(shape)
+    q = _make(kind, fc, x)
+    ref = _make(kind, fc, x, backend="reference")
+    y, y_ref, y_fp = q(x), ref(x), fc(x).detach()
+    assert y.shape == y_fp.shape and y.dtype == x.dtype
+    if kind in ("dynamic", "dynamic_pt", "static"):
+        assert torch.equal(y, y_ref)  # exact integer accumulator, shared epilogue
+    else:  # bf16 activations on the fast path
+        assert _cos(y, y_ref) > 0.9999
+    assert _cos(y, y_fp) > (0.995 if kind == "int4" else 0.999)
+
+
+def test_dynamic_error_bound_from_scales() -> None:
+    fc = _linear(128, 32)
+    x = torch.randn(9, 128)
+    q = QuantizedLinear.from_float(fc, DYN)
+    y, y_fp = q(x), fc(x).detach()
+    # |err| <= sum_k |x||dw| + |dx||w| + |dx||dw| with |dx| <= s_x/2, |dw| <= s_w/2
+    s_x = x.abs().amax(1, keepdim=True) / 127
+    s_w = q.weight_scale[None, :]
+    bound = (x.abs().sum(1, keepdim=True) * s_w / 2 + s_x / 2 * fc.weight.abs().sum(1)[None]
+             + 128 * s_x * s_w / 4)
+    assert ((y - y_fp).abs() <= bound + 1e-5).all()
+
+
+def test_storage_dtypes_and_bytes() -> None:
+    fc = _linear(64, 48)
+    q8 = QuantizedLinear.from_float(fc, DYN)
+    assert q8.weight.dtype == torch.int8 and q8.weight.nbytes == 48 * 64
+    q4 = Int4Linear.from_float(fc, INT4)
+    assert q4.weight.dtype == torch.uint8 and q4.weight.nbytes == 48 * 64 // 2
+    assert q4.weight_scale.shape == (48, 2) and q4.weight_zero_point.dtype == torch.int32
+    assert set(q8.state_dict()) == {"weight", "weight_scale", "weight_zero_point", "bias"}
+    qs = QuantizedLinear.from_float(fc, STATIC, input_qparams=(0.1, 3))
+    assert {"input_scale", "input_zero_point"} <= set(qs.state_dict())
+    assert not isinstance(q8, nn.Linear) and not isinstance(q4, nn.Linear)
+
+
+def test_static_zero_point_compensation_is_exact() -> None:
+    fc = _linear(40, 24)
+    x = torch.randn(6, 40) + 1.5  # asymmetric range -> non-zero zero-point
+    scale, zp = _static_qparams(x)
+    assert int(zp) != 0
+    q = QuantizedLinear.from_float(fc, STATIC, input_qparams=(scale, zp))
+    from lowbit.ops import quantize
+    qx = quantize(x, scale, zp, STATIC.activations).long()
+    acc = (qx - int(zp)) @ q.weight.long().t()  # exact integer accumulator
+    expected = acc.float() * scale * q.weight_scale + q.bias
+    torch.testing.assert_close(q(x), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_relu(kind: str) -> None:
+    fc = _linear(32, 16)
+    x = torch.randn(4, 32)
+    q = _make(kind, fc, x)
+    q.fused_relu = True
+    if hasattr(q, "_refresh_cache"):
+        q._refresh_cache()
+    y = q(x)
+    q.fused_relu = False
+    assert torch.equal(y, q(x).relu())
+
+
+def _roundtrip_modules() -> list[tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(5)
+    fc, x = _linear(67, 48), torch.randn(3, 67)
+    conv, xc = nn.Conv2d(4, 8, 3, padding=1), torch.randn(2, 4, 7, 7)
+    out = [(_make(k, fc, x), x) for k in KINDS]
+    out.append((QuantizedConv2d.from_float(conv, DYN, fused_relu=True), xc))
+    out.append((QuantizedConv2d.from_float(conv, STATIC, input_qparams=_static_qparams(xc),
+                                           meta_extra={"calibrator": "minmax",
+                                                       "observed_range": (-1.0, 2.0)}), xc))
+    out.append((WeightOnlyConv2d.from_float(conv, INT4), xc))
+    emb = nn.Embedding(20, 12)
+    out.append((QuantizedEmbedding.from_float(emb, INT4), torch.tensor([[1, 5, 19]])))
+    return out
+
+
+def test_state_dict_round_trips_torch_save_and_safetensors(tmp_path) -> None:
+    for q, x in _roundtrip_modules():
+        y = q(x)
+        meta = json.loads(json.dumps(q.meta()))  # JSON-compatible
+        # torch.save / torch.load(weights_only=True)
+        buf = io.BytesIO()
+        torch.save(q.state_dict(), buf)
+        buf.seek(0)
+        r1 = module_from_meta(meta)
+        r1.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+        assert torch.equal(r1(x), y), meta["class"]
+        # safetensors
+        r2 = QUANTIZED_MODULES[meta["class"]].from_meta(meta)
+        r2.load_state_dict(st_load(st_save(dict(q.state_dict()))), strict=True)
+        assert torch.equal(r2(x), y), meta["class"]
+        assert r2.meta() == meta
+
+
+def test_meta_contents() -> None:
+    fc = _linear(67, 48)
+    m = Int4Linear.from_float(fc, INT4, name="blocks.0.fc", meta_extra={"note": "x"}).meta()
+    assert m["class"] == "Int4Linear" and m["padding"] == 29 and m["padded_in_features"] == 96
+    assert m["weight_spec"] == INT4.weights.to_dict() and m["name"] == "blocks.0.fc"
+    assert m["extra"] == {"note": "x"} and m["dtype"] == "float32"
+    s = QuantizedLinear.from_float(fc, STATIC, input_qparams=(0.1, 2), fused_relu=True).meta()
+    assert s["mode"] == "static" and s["fused_relu"] and s["kernel"] == "int_mm_u8s8"
+    assert s["activation_spec"] == STATIC.activations.to_dict()
+    assert "M<=64" in m["kernel"]
+
+
+def test_dequantize_weight_matches_ops() -> None:
+    fc = _linear(64, 32)
+    q8 = QuantizedLinear.from_float(fc, DYN)
+    codes, s, z = quantize_tensor(fc.weight, DYN.weights)
+    assert torch.equal(q8.dequantize_weight(), dequantize(codes, s, z, DYN.weights))
+    q4 = Int4Linear.from_float(fc, INT4)
+    codes, s, z = quantize_tensor(fc.weight, INT4.weights)
+    assert torch.equal(unpack_int4(q4.weight), codes)
+    assert torch.equal(q4.dequantize_weight(), dequantize(codes, s, z, INT4.weights))
+
+
+def test_int4_small_k_uses_one_group_per_row_and_low_bits() -> None:
+    fc = _linear(21, 16)
+    q = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(group_size=128))
+    assert q.meta()["effective_weight_spec"]["group_size"] == 22
+    x = torch.randn(2, 21)
+    assert _cos(q(x), fc(x).detach()) > 0.99
+    cfg3 = QuantizationConfig(weights=QuantSpec(bits=3, symmetric=False, granularity="per_group",
+                                                group_size=32), activations=None,
+                              mode="weight_only")
+    fc = _linear(64, 32)
+    q3 = convert_module(fc, cfg3)
+    assert isinstance(q3, Int4Linear)
+    ref3 = convert_module(fc, cfg3, backend="reference")
+    x = torch.randn(3, 64)
+    assert _cos(q3(x), ref3(x)) > 0.9999 and _cos(q3(x), fc(x).detach()) > 0.95
+
+
+def test_int8_weight_only_per_group_uses_dequant_path() -> None:
+    cfg = QuantizationConfig(weights=QuantSpec(bits=8, granularity="per_group", group_size=16),
+                             activations=None, mode="weight_only")
+    fc = _linear(40, 16)
+    q = convert_module(fc, cfg)
+    assert isinstance(q, Int8WeightOnlyLinear) and q.meta()["padding"] == 8
+    x = torch.randn(70, 40)
+    assert _cos(q(x), fc(x).detach()) > 0.999
+
+
+@pytest.mark.parametrize("cfg_name", ["dynamic", "static"])
+@pytest.mark.parametrize("groups,stride,padding,dilation,mode", [
+    (1, 1, 1, 1, "zeros"), (2, 2, 0, 1, "zeros"), (1, 1, "same", 2, "zeros"),
+    (1, 1, 1, 1, "reflect")])
+def test_conv2d(cfg_name, groups, stride, padding, dilation, mode) -> None:
+    torch.manual_seed(6)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                     padding_mode=mode)
+    x = torch.randn(2, 4, 9, 9)
+    kw = {"input_qparams": _static_qparams(x)} if cfg_name == "static" else {}
+    cfg = STATIC if cfg_name == "static" else DYN
+    q = convert_module(conv, cfg, **kw)
+    ref = convert_module(conv, cfg, backend="reference", **kw)
+    y = q(x)
+    assert torch.equal(y, ref(x)) and y.is_contiguous()
+    assert _cos(y, conv(x).detach()) > 0.999
+    if groups > 1:
+        assert q.meta()["kernel"] == "reference"
+
+
+def test_conv1d() -> None:
+    conv = nn.Conv1d(3, 5, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, 11)
+    q = convert_module(conv, DYN)
+    assert isinstance(q, QuantizedConv1d) and q.weight.shape == (5, 3, 3)
+    assert _cos(q(x), conv(x).detach()) > 0.999
+    wo = convert_module(conv, QuantizationConfig.int4_weight_only(group_size=9))
+    assert _cos(wo(x), conv(x).detach()) > 0.98
+
+
+def test_bf16_input_dtype_preserved() -> None:
+    fc = _linear(32, 16)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    for kind in KINDS:
+        assert _make(kind, fc, x.float())(x).dtype == torch.bfloat16
+
+
+def test_nan_weights_error_names_layer() -> None:
+    fc = _linear(8, 4)
+    with torch.no_grad():
+        fc.weight[0, 0] = float("nan")
+    for cfg in (DYN, INT4):
+        with pytest.raises(ValueError, match=r"encoder\.fc.*layer_overrides"):
+            convert_module(fc, cfg, name="encoder.fc")
+
+
+def test_shape_mismatch_error_names_layer() -> None:
+    q = QuantizedLinear.from_float(_linear(8, 4), DYN, name="head")
+    with pytest.raises(ValueError, match=r"head.*in_features=8"):
+        q(torch.randn(2, 9))
+    q4 = Int4Linear.from_float(_linear(64, 16), INT4, name="proj")
+    with pytest.raises(ValueError, match=r"proj.*in_features=64"):
+        q4(torch.randn(2, 63))
+
+
+def test_check_supported_and_dispatch() -> None:
+    assert "weight_only" in check_supported(nn.Embedding(4, 4), DYN)
+    assert check_supported(nn.ReLU(), DYN) is not None
+    assert check_supported(nn.Linear(4, 4), DYN) is None
+    grouped = QuantizationConfig(weights=QuantSpec(bits=8, granularity="per_group", group_size=2))
+    assert "per_group" in check_supported(nn.Linear(4, 4), grouped)
+    with pytest.raises(ValueError, match="emb"):
+        convert_module(nn.Embedding(4, 4), DYN, name="emb")
+    assert isinstance(convert_module(nn.Linear(8, 4), INT8_WO), Int8WeightOnlyLinear)
+    assert isinstance(convert_module(nn.Conv2d(2, 2, 1), INT4), WeightOnlyConv2d)
+    with pytest.raises(ValueError, match="input_qparams"):
+        convert_module(nn.Linear(8, 4), STATIC, name="fc")
+
+
+def test_embedding_int8_per_row_matches_dequantize() -> None:
+    emb = nn.Embedding(30, 10, padding_idx=0)
+    q = convert_module(emb, INT8_WO)
+    idx = torch.randint(0, 30, (4, 7))
+    assert torch.equal(q(idx), q.dequantize_weight()[idx])
+    assert _cos(q(idx), emb(idx).detach()) > 0.999
