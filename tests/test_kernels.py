@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lowbit.config import QuantSpec
 from lowbit.kernels import (
+    cpu_features,
     int4_pack_for_cpu,
     int8_conv2d,
     int8_linear,
@@ -45,9 +46,12 @@ def test_zero_rows_do_not_divide_by_zero() -> None:
     assert torch.isfinite(s).all() and torch.equal(u, torch.full((2, 4), 128, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (7, 33, 17), (33, 128, 48), (16, 5, 3)])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (7, 33, 17), (33, 128, 48), (16, 5, 3),
+                                   (3, 2100, 8)])
 @pytest.mark.parametrize("static", [False, True])
-def test_int8_linear_int_mm_equals_reference(m: int, k: int, n: int, static: bool) -> None:
+@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+def test_int8_linear_fast_kernels_equal_reference(m: int, k: int, n: int, static: bool,
+                                                  kernel: str) -> None:
     torch.manual_seed(m + k)
     x, w = torch.randn(m, k), torch.randint(-128, 128, (n, k), dtype=torch.int8)
     if static:
@@ -57,7 +61,7 @@ def test_int8_linear_int_mm_equals_reference(m: int, k: int, n: int, static: boo
         u, s, zp_u = quantize_activation_u8(x, -128, 127)
     colsum = w.int().sum(1)
     args = (u, s, zp_u, w, torch.rand(n) + 0.1, colsum, torch.randn(n))
-    fast = int8_linear(*args, kernel="int_mm_u8s8")
+    fast = int8_linear(*args, kernel=kernel)
     ref = int8_linear(*args, kernel="reference")
     assert torch.equal(fast, ref)
     # the integer accumulator is exact: compare with int64 maths
@@ -66,12 +70,13 @@ def test_int8_linear_int_mm_equals_reference(m: int, k: int, n: int, static: boo
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-5)
 
 
-def test_int8_linear_extreme_codes_do_not_saturate() -> None:
-    u = torch.full((4, 256), 255, dtype=torch.uint8)
+@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes", "reference"])
+def test_int8_linear_extreme_codes_do_not_saturate(kernel: str) -> None:
+    u = torch.full((4, 1300), 255, dtype=torch.uint8)
     u[:, ::3] = 0
-    w = torch.full((32, 256), 127, dtype=torch.int8)
+    w = torch.full((32, 1300), -128, dtype=torch.int8)
     zp_u = torch.tensor(0, dtype=torch.int32)
-    y = int8_linear(u, torch.tensor(1.0), zp_u, w, torch.ones(32), w.int().sum(1))
+    y = int8_linear(u, torch.tensor(1.0), zp_u, w, torch.ones(32), w.int().sum(1), kernel=kernel)
     assert torch.equal(y, (u.long() @ w.long().t()).float())
 
 
@@ -86,14 +91,15 @@ def test_int8_linear_fused_relu() -> None:
 
 @pytest.mark.parametrize("stride,padding,dilation,ksize", [
     ((1, 1), (1, 1), (1, 1), 3), ((2, 1), (0, 2), (1, 2), 3), ((1, 1), (0, 0), (1, 1), 1)])
-def test_int8_conv2d_im2col_equals_reference(stride, padding, dilation, ksize) -> None:
+@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+def test_int8_conv2d_im2col_equals_reference(stride, padding, dilation, ksize, kernel) -> None:
     torch.manual_seed(2)
     x = torch.randn(2, 5, 9, 8)
     w = torch.randint(-128, 128, (6, 5, ksize, ksize), dtype=torch.int8)
     args = (x, torch.tensor(0.03), torch.tensor(5, dtype=torch.int32), -128, 127, w,
             torch.rand(6) + 0.1, w.int().sum((1, 2, 3)), torch.randn(6), stride, padding,
             dilation, 1)
-    fast = int8_conv2d(*args, kernel="int_mm_u8s8")
+    fast = int8_conv2d(*args, kernel=kernel)
     ref = int8_conv2d(*args, kernel="reference")
     assert torch.equal(fast, ref)
     expect_shape = F.conv2d(x, w.float(), None, stride, padding, dilation).shape
@@ -133,9 +139,15 @@ def test_weight_only_kernels_equal_reference_up_to_bf16() -> None:
 def test_select_kernel_is_deterministic_and_documented() -> None:
     assert select_kernel("int8_linear", 1, backend="reference") == "reference"
     assert select_kernel("int8_conv2d", 4, groups=2) == "reference"
-    assert select_kernel("int4_weight_only", 1, n=17, k=64, group_size=32) == "dequant_bf16"
-    assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=16) == "dequant_bf16"
-    assert select_kernel("int8_weight_only", 1, packable=False) == "dequant_bf16"
+    dequant = "dequant_bf16" if "bf16" in cpu_features() else "reference"
+    assert select_kernel("int4_weight_only", 1, n=17, k=64, group_size=32) == dequant
+    assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=16) == dequant
+    assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=32) == "int4pack_bf16"
+    assert select_kernel("int8_weight_only", 1, k=64, packable=False) == dequant
+    assert select_kernel("int8_weight_only", 1, k=68) == dequant  # op needs K % 8 == 0
+    big = "int_mm_u8s8" if "vnni" in cpu_features() else "fp32_codes"
+    assert select_kernel("int8_linear", 17) == big
+    assert select_kernel("int8_weight_only", 1, k=64) == "int8pack_bf16"
     with pytest.raises(ValueError, match="backend"):
         select_kernel("int8_linear", 1, backend="fast")
     with pytest.raises(ValueError, match="unknown op"):

@@ -663,15 +663,16 @@ def _kl_divergence(h: torch.Tensor, s: torch.Tensor, e: torch.Tensor, nq: int,
     n = h.sum()
     zero = h.new_zeros(1)
     cum = torch.cat([zero, h.cumsum(0)])  # (B+1,) mass before index i
-    nzc = torch.cat([zero, (h > 0).to(h.dtype).cumsum(0)])
+    nzc = torch.cat([zero, (h > 0).to(h.dtype).cumsum(0)])  # non-empty bins before index i
     hlogh = torch.cat([zero, _xlogx(h).cumsum(0)])
     left, right = cum[s], n - cum[e]  # (C,) outliers folded into the edge bins
     first, last = h[s], h[e - 1]
     m = (e - s) // nq  # (C,) fine bins per quantized bin
     k = torch.arange(nq + 1)
     b = torch.where(k < nq, s[:, None] + k * m[:, None], e[:, None])  # (C, nq+1) boundaries
-    q = cum[b[:, 1:]] - cum[b[:, :-1]]  # (C, nq) in-window mass per quantized bin
-    nz = nzc[b[:, 1:]] - nzc[b[:, :-1]]
+    flat = b.reshape(-1)
+    q = cum.index_select(0, flat).view(b.shape).diff(dim=1)  # (C, nq) in-window mass
+    nz = nzc.index_select(0, flat).view(b.shape).diff(dim=1)  # (C, nq) non-empty fine bins
     nz[:, 0] += ((first == 0) & (left > 0)).to(h.dtype)
     nz[:, -1] += ((last == 0) & (right > 0)).to(h.dtype)
     p = q.clone()
@@ -679,10 +680,9 @@ def _kl_divergence(h: torch.Tensor, s: torch.Tensor, e: torch.Tensor, nq: int,
     p[:, -1] += right
     plogp = (hlogh[e] - hlogh[s] - _xlogx(first) - _xlogx(last)
              + _xlogx(first + left) + _xlogx(last + right))
-    live = nz > 0
-    q = q.clamp(min=eps)
-    plogq = torch.where(live, p * torch.log(q / nz.clamp(min=1)), torch.zeros_like(q)).sum(1)
-    qsum = torch.where(live, q, torch.zeros_like(q)).sum(1)
+    q.clamp_(min=eps)
+    plogq = (p * torch.log(q / nz.clamp(min=1))).sum(1)  # p = 0 wherever nz = 0
+    qsum = (q * (nz > 0)).sum(1)
     return (plogp - plogq) / n - torch.log(n) + torch.log(qsum)
 
 
@@ -710,7 +710,7 @@ class EntropyCalibrator(HistogramCalibrator):
     """
 
     def __init__(self, spec: QuantSpec | None = None, *, tensor_name: str = "tensor",
-                 num_quantized_bins: int | None = None, bins: int = 2048,
+                 num_quantized_bins: int | None = None, bins: int = 8192,
                  **kwargs: Any) -> None:
         if num_quantized_bins is not None and (not isinstance(num_quantized_bins, int)
                                                or num_quantized_bins < 2):
@@ -721,6 +721,9 @@ class EntropyCalibrator(HistogramCalibrator):
 
     def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         counts, w, half = self._counts()
+        counts[half] -= float(self.zero_count)  # exact zeros quantize exactly: search the rest
+        if float(counts.sum()) == 0.0:
+            return self._clamped(float(self.min_val), float(self.max_val))
         levels = self.spec.qmax - self.spec.qmin + 1
         if self.spec.symmetric:
             h = self._folded(counts)  # (half,) |x| histogram over [0, 2**k)
@@ -733,7 +736,7 @@ class EntropyCalibrator(HistogramCalibrator):
             nq = self.num_quantized_bins or levels
             nonzero = torch.nonzero(h).flatten()
             i_lo, i_hi = int(nonzero.min()), int(nonzero.max()) + 1
-            n = torch.arange(1, half + 1)
+            n = torch.arange(1, max(half - i_lo, i_hi - half) + 1)  # larger n: same window
             s = (half - n).clamp(min=i_lo)
             e = (half + n).clamp(max=i_hi)
             keep = (e - s) >= nq

@@ -221,18 +221,10 @@ class QuantizationConfig:
         if self.mode in ("dynamic", "static") and self.activations is None:
             raise ValueError(f"QuantizationConfig: mode={self.mode!r} needs an activations spec; "
                              "use mode='weight_only' for float activations")
-        if self.mode in ("dynamic", "static") and self.weights.bits != 8:
-            raise ValueError(
-                f"QuantizationConfig: mode={self.mode!r} runs INT8 x INT8 kernels, so weights.bits "
-                f"must be 8 (got {self.weights.bits}); use mode='weight_only' for INT4 weights"
-            )
+        # dynamic/static run INT8 x INT8 kernels: any width <= 8 is stored as int8 codes
+        # (e.g. W4A8 for QAT, or 7-bit weights, which oneDNN's u8 x s8 GEMM on AVX2-only CPUs
+        # computes without int16 saturation); packed INT4 storage is mode='weight_only'.
         if self.activations is not None:
-            if self.activations.bits != 8 and self.mode in ("dynamic", "static"):
-                raise ValueError(
-                    f"QuantizationConfig: activations.bits={self.activations.bits} is not "
-                    "supported by the integer kernels; use 8 (lower activation widths are a QAT "
-                    "experiment: see QATPreparer)"
-                )
             if self.activations.granularity == "per_group" or (
                 self.activations.granularity == "per_channel"
             ):

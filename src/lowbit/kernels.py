@@ -16,47 +16,64 @@ INT8 x INT8 linear (dynamic or static activations)::
 Activations are shifted into uint8 because oneDNN's u8 x s8 GEMM (``torch._int_mm``) is as fast
 as or faster than s8 x s8; the shift is folded into the precomputed ``colsum`` term.
 
-Kernel choice (:func:`select_kernel`), measured with ``benchmarks/bench_kernels.py`` on the
-2-core AMD Zen 4 (AVX-512 VNNI + BF16, no AMX), torch 2.13, 2 threads. Ratios are time relative
-to fp32 ``F.linear`` in the same run (lower is faster); the full table is in that script's output.
+Kernel choice (:func:`select_kernel`) depends on the CPU (:func:`cpu_features`) and on M.
+Measured with ``benchmarks/bench_kernels.py`` (2 threads, median of 9 rounds, ratio = time /
+fp32 ``F.linear`` in the same run; lower is faster). The session machine was a 2-core AMD EPYC
+exposing **AVX2 only** (no AVX-512, no VNNI, no AVX512-BF16), heavily shared, so absolute times
+are noisy; VNNI figures are from /work/shared/KERNELS.md (Zen 4, AVX-512 VNNI + BF16).
 
-===================================  =========  =========  ==========  ==========  ========
-kernel (M x K x N)                   1x4096^2   8x4096^2   32x384x1536 256x1024x4k 1024^3
-===================================  =========  =========  ==========  ==========  ========
-bf16 F.linear                        0.58       0.27       0.75        0.36        0.38
-``_int_mm`` u8s8 (int32 out)         0.12       0.21       0.30        0.19        0.19
-QuantizedLinear dynamic (wrapper)    0.14       0.24       0.56        0.27        0.26
-``_weight_int8pack_mm`` bf16 act     0.20       0.25       0.55        0.90        0.98
-Int8WeightOnly dequant+bf16 GEMM     0.83       0.52       1.10        0.45        0.42
-``_weight_int4pack_mm_for_cpu`` bf16 0.12       0.18       0.50        0.85        0.95
-Int4 dequant + bf16 GEMM             1.00       0.60       1.20        0.45        0.42
-===================================  =========  =========  ==========  ==========  ========
+=================================  ========  ========  ===========  ===========  ========
+AVX2 machine (M x K x N)           1x4096^2  8x4096^2  32x384x1536  256x1024x4k  1024^3
+=================================  ========  ========  ===========  ===========  ========
+bf16 F.linear                      0.59      1.22      3.19         6.67         4.35
+``_int_mm`` u8s8 (int32 out)       1.87      4.29      9.34         22.1         14.2
+QuantizedLinear dynamic (wrapper)  1.98      4.28      9.66         22.3         23.3
+onednn qlinear u8 (**inexact**)    0.86      0.50      0.71         0.48         0.53
+``_weight_int8pack_mm`` bf16 act   0.29      0.33      0.73         1.58         1.88
+``_weight_int4pack_mm`` bf16 g128  0.44      0.32      0.71         1.60         1.56
+``_weight_int4pack_mm`` fp32 act   5.77      13.2      -            -            -
+int4 dequant + bf16 GEMM           56.9      19.9      6.34         7.63         10.6
+=================================  ========  ========  ===========  ===========  ========
+
+On VNNI CPUs (KERNELS.md) ``_int_mm`` u8s8 is 0.05-0.2 at every shape and the packed
+weight-only ops 0.12-0.29 up to M=8 but ~0.8-1.1 at M>=256, where bf16 GEMM is 0.31-0.41.
+A side-by-side check on the AVX2 machine at 4096^2 gave ``_int_mm`` / exact fp32-on-codes:
+M=1 5.0 / 16, M=4 1.8 / 4.8, M=16 5.1 / 5.4, M=64 18 / 5.3 (ratios to fp32 F.linear).
 
 Decisions drawn from those numbers:
 
-* INT8 x INT8: always ``torch._int_mm`` with uint8 activations (``"int_mm_u8s8"``); it wins at
-  every shape. ``onednn::qlinear_pointwise`` / ``qconv2d_pointwise`` were **rejected**: on this
-  machine they are not exact (u8 x s8 pair sums saturate at int16 for full-range weights: errors
-  of 10^5 on a 10^6 accumulator), so they would silently lose accuracy.
-* Weight-only INT8 / INT4: the packed bf16 ops for ``M <= WEIGHT_ONLY_PACKED_MAX_M`` (= 64),
-  dequantize-to-bf16 + bf16 GEMM above (the packed ops scale like GEMV and lose at large M).
-* INT4 packed op constraints: ``N % 16 == 0``, group size in {32, 64, 128, 256}; other shapes use
-  the dequantize path (bf16 GEMM) or reference. fp32 activations are never fed to the packed ops
-  (3-50x slower than fp32 F.linear): they are cast to bf16 and back.
-* ``aten._dyn_quant_matmul_4bit`` (KleidiAI) is Arm-only in this build: on x86 it falls back to a
-  dequantize reference, so it is not used.
-* Conv2d INT8: im2col (``F.unfold``) + the same u8 x s8 GEMM for ``groups == 1`` (1x1 stride-1
-  convs skip the unfold); ``groups > 1`` uses the reference path (reported in ``meta``).
+* INT8 x INT8 with VNNI: ``torch._int_mm`` with uint8 activations (``"int_mm_u8s8"``) at every M.
+  Without VNNI: ``_int_mm`` for ``M <= NO_VNNI_INT_MM_MAX_M`` (16), above it ``"fp32_codes"``
+  (fp32 GEMM over the integer codes in K chunks of 1024, exact because every partial sum is an
+  integer below 2^24). Neither beats fp32 on AVX2-only CPUs: there use weight-only INT8/INT4.
+* ``onednn::qlinear_pointwise`` / ``qconv2d_pointwise`` are **rejected**: on this CPU they are
+  not exact (u8 x s8 pair sums saturate at int16, as ``vpmaddubsw`` does without VNNI: errors of
+  10^5 on a 10^6 accumulator with full-range weights), so they would silently lose accuracy.
+* Weight-only INT8 / INT4: the packed bf16-activation ops for ``M <= WEIGHT_ONLY_PACKED_MAX_M``
+  (64); above, dequantize + bf16 GEMM on CPUs with AVX512-BF16, else dequantize + fp32 GEMM.
+  fp32 activations are never fed to the packed ops (3-50x slower): cast to bf16 and back.
+* ``_weight_int8pack_mm`` needs ``K % 8 == 0`` (other K crash the process in torch 2.13).
+* INT4 packed op constraints: ``N % 16 == 0``, group size in {32, 64, 128, 256}, ``K % group ==
+  0``; other shapes use the dequantize path.
+* ``aten._dyn_quant_matmul_4bit`` (KleidiAI) has its fast path on Arm only; on this x86 build
+  ``_dyn_quant_pack_4bit_weight`` refused plain inputs ("Expected bias length to match output
+  dimension" even with an ``[N]`` bias), so it is not used.
+* Conv2d INT8: im2col (``F.unfold``) + the same INT8 GEMM for ``groups == 1`` (1x1 stride-1 convs
+  skip the unfold); ``groups > 1`` uses the reference path (reported in ``meta``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "INT4_GROUP_SIZES",
+    "NO_VNNI_INT_MM_MAX_M",
     "WEIGHT_ONLY_PACKED_MAX_M",
+    "cpu_features",
     "int4_pack_for_cpu",
     "int8_conv2d",
     "int8_linear",
@@ -70,9 +87,41 @@ WEIGHT_ONLY_PACKED_MAX_M = 64
 #: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
+#: On CPUs without VNNI, ``_int_mm`` is only used up to this M; above it the exact chunked
+#: fp32 GEMM over integer codes (``"fp32_codes"``) is faster.
+NO_VNNI_INT_MM_MAX_M = 16
+#: fp32 GEMM over integer codes is exact while partial sums stay below 2^24: 128 * 128 * 1024.
+_CODES_CHUNK_K = 1024
+
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> frozenset[str]:
+    """CPU features that decide the kernels: ``{"vnni", "bf16"}`` subsets (cached).
+
+    Read from ``/proc/cpuinfo`` flags (``avx512_vnni`` / ``avx_vnni`` / ``amx_int8`` -> vnni;
+    ``avx512_bf16`` / ``amx_bf16`` -> bf16); elsewhere torch's CPU capability ``AVX512`` is
+    taken to mean both.
+
+    Example:
+        >>> cpu_features() <= {"vnni", "bf16"}
+        True
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = set(fh.read().split())
+    except OSError:
+        cap = torch.backends.cpu.get_cpu_capability()
+        return frozenset({"vnni", "bf16"} if "AVX512" in cap else set())
+    feats = set()
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        feats.add("vnni")
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        feats.add("bf16")
+    return frozenset(feats)
 
 
 def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int = 0,
@@ -90,8 +139,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             op's only layout).
 
     Returns:
-        One of ``"int_mm_u8s8"``, ``"int8pack_bf16"``, ``"int4pack_bf16"``, ``"dequant_bf16"``,
-        ``"reference"``.
+        One of ``"int_mm_u8s8"``, ``"fp32_codes"``, ``"int8pack_bf16"``, ``"int4pack_bf16"``,
+        ``"dequant_bf16"``, ``"reference"``.
 
     Raises:
         ValueError: on an unknown op or backend.
@@ -99,26 +148,33 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     Example:
         >>> select_kernel("int8_linear", 1)
         'int_mm_u8s8'
+        >>> select_kernel("int8_linear", 512) in ("int_mm_u8s8", "fp32_codes")  # VNNI or not
+        True
         >>> select_kernel("int4_weight_only", 1, n=64, k=256, group_size=32)
         'int4pack_bf16'
-        >>> select_kernel("int4_weight_only", 512, n=64, k=256, group_size=32)
+        >>> select_kernel("int4_weight_only", 512, n=64, k=256, group_size=32)  # doctest: +SKIP
         'dequant_bf16'
     """
     if backend not in ("auto", "reference"):
         raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
     if backend == "reference":
         return "reference"
-    if op == "int8_linear":
-        return "int_mm_u8s8" if _HAS_INT_MM else "reference"
-    if op == "int8_conv2d":
-        return "int_mm_u8s8" if _HAS_INT_MM and groups == 1 else "reference"
+    feats = cpu_features()
+    if op in ("int8_linear", "int8_conv2d"):
+        if op == "int8_conv2d" and groups != 1:
+            return "reference"
+        if _HAS_INT_MM and ("vnni" in feats or m <= NO_VNNI_INT_MM_MAX_M):
+            return "int_mm_u8s8"
+        return "fp32_codes"
+    dequant = "dequant_bf16" if "bf16" in feats else "reference"
     if op == "int8_weight_only":
-        fast = _HAS_INT8PACK and packable and m <= WEIGHT_ONLY_PACKED_MAX_M
-        return "int8pack_bf16" if fast else "dequant_bf16"
+        # K % 8 != 0 segfaults inside aten._weight_int8pack_mm (torch 2.13 CPU)
+        fast = _HAS_INT8PACK and packable and k % 8 == 0 and m <= WEIGHT_ONLY_PACKED_MAX_M
+        return "int8pack_bf16" if fast else dequant
     if op == "int4_weight_only":
         packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
                     and k % group_size == 0)  # type: ignore[operator]
-        return "int4pack_bf16" if packable and m <= WEIGHT_ONLY_PACKED_MAX_M else "dequant_bf16"
+        return "int4pack_bf16" if packable and m <= WEIGHT_ONLY_PACKED_MAX_M else dequant
     raise ValueError(f"select_kernel: unknown op {op!r}")
 
 
@@ -160,6 +216,25 @@ def quantize_activation_u8(x: torch.Tensor, qmin: int, qmax: int, scale: torch.T
     return u.to(torch.uint8), scale, zp_u
 
 
+def _int8_acc(u: torch.Tensor, zp_u: torch.Tensor, w2d: torch.Tensor, colsum: torch.Tensor,
+              comp: torch.Tensor | None, kernel: str) -> torch.Tensor:
+    """Exact int32 ``(u - zp_u) @ w2d.T`` ``[M, N]`` by the chosen kernel."""
+    if kernel == "reference":
+        centered = u.double() - zp_u.double()  # (M, K) exact codes q - zp
+        return (centered @ w2d.double().t()).to(torch.int32)  # exact for K < 2^37
+    if kernel == "fp32_codes":  # exact: every partial sum is an integer below 2^24
+        centered32 = u.float().sub_(zp_u.float())  # (M, K) in [-255, 255] -> |q - zp| <= 128
+        wf = w2d.float()  # (N, K)
+        acc = None
+        for s in range(0, w2d.shape[1], _CODES_CHUNK_K):
+            part = (centered32[:, s:s + _CODES_CHUNK_K] @ wf[:, s:s + _CODES_CHUNK_K].t())
+            acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
+        assert acc is not None
+        return acc
+    acc = torch._int_mm(u, w2d.t())  # (M, N) int32; B = transpose of contiguous (N, K)
+    return acc.sub_(comp if comp is not None else zp_u * colsum)
+
+
 def _int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
     """``acc * s_x * s_w + bias`` (then ReLU), float32 ``[M, N]``; shared by all INT8 paths."""
@@ -183,7 +258,7 @@ def int8_linear(u: torch.Tensor, x_scale: torch.Tensor, zp_u: torch.Tensor, w: t
         w: int8 weight ``[N, K]``, contiguous.
         w_scale: float32 ``[N]``; colsum: int32 ``[N]``, ``w.sum(1)``.
         bias: float32 ``[N]`` or None; relu: apply ReLU after the bias.
-        kernel: ``"int_mm_u8s8"`` or ``"reference"``.
+        kernel: ``"int_mm_u8s8"``, ``"fp32_codes"`` or ``"reference"``.
         comp: optional precomputed ``zp_u * colsum`` (int32 ``[N]``) for a fixed zero-point.
 
     Returns:
@@ -196,12 +271,7 @@ def int8_linear(u: torch.Tensor, x_scale: torch.Tensor, zp_u: torch.Tensor, w: t
         >>> torch.equal(int8_linear(*args), int8_linear(*args, kernel="reference"))
         True
     """
-    if kernel == "reference":
-        centered = u.double() - zp_u.double()  # (M, K) exact codes q - zp
-        acc = (centered @ w.double().t()).to(torch.int32)  # (M, N) exact for K < 2^37
-    else:
-        acc = torch._int_mm(u, w.t())  # (M, N) int32; B = transpose of contiguous (N, K)
-        acc.sub_(comp if comp is not None else zp_u * colsum)
+    acc = _int8_acc(u, zp_u, w, colsum, comp, kernel)  # (M, N) int32
     return _int8_epilogue(acc, x_scale, w_scale, bias, relu)
 
 
@@ -220,7 +290,7 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin
         w: int8 weight ``[O, C/groups, kh, kw]``; w_scale float32 ``[O]``;
         colsum: int32 ``[O]`` (sum of w over all but the first dim).
         bias, stride, padding, dilation, groups: as in ``F.conv2d``; relu: fused ReLU.
-        kernel: ``"int_mm_u8s8"`` (groups must be 1) or ``"reference"``.
+        kernel: ``"int_mm_u8s8"`` / ``"fp32_codes"`` (groups must be 1) or ``"reference"``.
 
     Returns:
         float32 ``[B, O, Ho, Wo]``.
@@ -249,8 +319,7 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin
             cols = F.unfold(x.float(), (kh, kw), dilation, padding, stride)  # (B, C*kh*kw, L)
             cols = cols.transpose(1, 2).reshape(bsz * ho * wo, -1)  # (B*L, C*kh*kw)
         u, _, zp_u = quantize_activation_u8(cols, qmin, qmax, x_scale, x_zp)
-        acc = torch._int_mm(u, w.reshape(o, -1).t())  # (B*L, O) int32
-        acc.sub_(zp_u * colsum)
+        acc = _int8_acc(u, zp_u, w.reshape(o, -1), colsum, None, kernel)  # (B*L, O) int32
     y = _int8_epilogue(acc, x_scale, w_scale, bias, relu)  # (B*L, O)
     return y.reshape(bsz, ho, wo, o).permute(0, 3, 1, 2)  # (B, O, Ho, Wo), channels-last memory
 

@@ -20,7 +20,13 @@ from torch import nn
 
 from lowbit._qmodule import QuantizedModuleBase, conv_geometry, quantize_weight
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.kernels import int8_conv2d, int8_linear, quantize_activation_u8, select_kernel
+from lowbit.kernels import (
+    NO_VNNI_INT_MM_MAX_M,
+    int8_conv2d,
+    int8_linear,
+    quantize_activation_u8,
+    select_kernel,
+)
 from lowbit.modules_weight_only import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -194,9 +200,11 @@ class QuantizedLinear(_Int8Base):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 **self._spec_meta()}
 
-    def kernel_info(self) -> str:
-        """The INT8 GEMM used (``"int_mm_u8s8"`` or ``"reference"``)."""
-        return select_kernel("int8_linear", 1, backend=self.backend)
+    def kernel_info(self) -> dict[str, str]:
+        """The INT8 GEMM per activation row count, e.g. ``{"M<=16": "int_mm_u8s8", ...}``."""
+        t = NO_VNNI_INT_MM_MAX_M
+        return {f"M<={t}": select_kernel("int8_linear", 1, backend=self.backend),
+                f"M>{t}": select_kernel("int8_linear", t + 1, backend=self.backend)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
@@ -272,9 +280,11 @@ class QuantizedConv2d(_Int8Base):
                 "kernel_size": list(self.kernel_size), "geometry": dict(self.geometry),
                 "activation_granularity_used": "per_tensor", **self._spec_meta()}
 
-    def kernel_info(self) -> str:
-        """``"int_mm_u8s8"`` (im2col + INT8 GEMM) or ``"reference"`` (always for groups > 1)."""
-        return select_kernel("int8_conv2d", 1, backend=self.backend, groups=self.geometry["groups"])
+    def kernel_info(self) -> dict[str, str]:
+        """im2col + INT8 GEMM per row count (B*Ho*Wo); ``"reference"`` for groups > 1."""
+        t, g = NO_VNNI_INT_MM_MAX_M, self.geometry["groups"]
+        return {f"M<={t}": select_kernel("int8_conv2d", 1, backend=self.backend, groups=g),
+                f"M>{t}": select_kernel("int8_conv2d", t + 1, backend=self.backend, groups=g)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
@@ -294,7 +304,8 @@ class QuantizedConv2d(_Int8Base):
             spec = self.act_spec.with_(granularity="per_tensor")
             s, zp = choose_qparams(*compute_range(xf, spec, self.name), spec)
             zp = zp + self._act_off
-        kernel = select_kernel("int8_conv2d", 1, backend=self.backend, groups=g["groups"])
+        rows = xf.shape[0] * xf.shape[2] * xf.shape[3]  # upper bound of B*Ho*Wo
+        kernel = select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"])
         y = int8_conv2d(xf, s, zp, self._qmin, self._qmax, w, self._w_scale, self._colsum,
                         self.bias, tuple(stride), tuple(padding), tuple(dilation), g["groups"],
                         relu=self.fused_relu, kernel=kernel)  # (B, O, Ho, Wo)

@@ -217,7 +217,7 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     def _select(self, m: int) -> str:
         s = self.weight_spec
         ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
-        return select_kernel("int8_weight_only", m, backend=self.backend, packable=ok)
+        return select_kernel("int8_weight_only", m, backend=self.backend, k=self.kp, packable=ok)
 
     def _refresh_cache(self) -> None:
         self._packed = self.weight if self._select(1) == "int8pack_bf16" else None

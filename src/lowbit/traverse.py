@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import QuantizationConfig
+from lowbit.modules import QUANTIZABLE_TYPES, check_supported
 from lowbit.ops import check_finite
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
@@ -256,8 +256,6 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         >>> [(p.name, p.status) for p in plan.values()]
         [('0', 'quantized'), ('2', 'fp32 (requested)')]
     """
-    from lowbit.modules import check_supported  # modules import traverse-free helpers only
-
     fallback = fallback or set()
     fusions = fusions or Fusions()
     parents = {name: mod for name, mod in model.named_modules()}

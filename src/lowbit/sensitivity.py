@@ -1,0 +1,341 @@
+"""Per-layer quantization sensitivity and automatic FP32 fallback to an accuracy budget.
+
+:func:`analyze_sensitivity` quantizes the whole model once (so static layers are calibrated on
+the float network's activations, exactly as in a full PTQ run), then, for each layer in turn,
+swaps only that layer's quantized module into a float copy of the model and measures
+
+* the drop of a user metric (``eval_fn(model) -> float``, higher is better, e.g. accuracy in
+  percent) against the float model, and
+* the output error on one batch (cosine similarity and relative L2) against the float output.
+
+A layer whose BatchNorm was folded into it has that BatchNorm replaced by ``nn.Identity`` while
+it is measured. :func:`auto_fallback` then keeps the most sensitive layers in FP32 one at a time
+(``layer_overrides={name: None}``) until the drop is within a budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calibration import run_batch
+from lowbit.config import QuantizationConfig
+from lowbit.evaluation import compare_outputs
+from lowbit.ptq import PTQQuantizer
+
+__all__ = ["LayerSensitivity", "SensitivityReport", "analyze_sensitivity", "auto_fallback"]
+
+log = logging.getLogger(__name__)
+
+EvalFn = Callable[[nn.Module], float]
+
+
+@dataclass
+class LayerSensitivity:
+    """How much quantizing one layer alone hurts.
+
+    Attributes:
+        name: qualified module name.
+        module_type: float class name.
+        scheme: how the layer was quantized.
+        metric: ``eval_fn`` with only this layer quantized (``None`` without ``eval_fn``).
+        drop: baseline metric minus ``metric`` (points; ``None`` without ``eval_fn``).
+        cosine: cosine similarity of the model output to the float output on one batch.
+        rel_l2: relative L2 error of that output.
+        sensitivity: the ranking key: ``drop`` when there is an ``eval_fn``, else
+            ``1 - cosine``.
+    """
+
+    name: str
+    module_type: str
+    scheme: str
+    metric: float | None
+    drop: float | None
+    cosine: float | None
+    rel_l2: float | None
+    sensitivity: float
+
+
+@dataclass
+class SensitivityReport:
+    """Per-layer sensitivities, most sensitive first.
+
+    Attributes:
+        rows: one :class:`LayerSensitivity` per analysed layer, sorted by ``sensitivity``
+            (descending; ties broken by lower cosine).
+        baseline: the float model's metric (``None`` without ``eval_fn``).
+        quantized_metric: the metric with every layer quantized.
+        metric_name: what the metric is (for tables and plots).
+        skipped: ``{layer: reason}`` for layers that were not quantized at all.
+
+    Example:
+        >>> row = LayerSensitivity("fc1", "Linear", "W8", 97.0, 1.5, 0.99, 0.1, 1.5)
+        >>> rep = SensitivityReport([row], baseline=98.5, metric_name="accuracy")
+        >>> rep.most_sensitive(1)
+        ['fc1']
+        >>> SensitivityReport.from_dict(rep.to_dict()) == rep
+        True
+    """
+
+    rows: list[LayerSensitivity]
+    baseline: float | None = None
+    quantized_metric: float | None = None
+    metric_name: str = "metric"
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def most_sensitive(self, k: int = 1) -> list[str]:
+        """Names of the ``k`` most sensitive layers."""
+        return [r.name for r in self.rows[: max(0, k)]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form."""
+        return {"metric_name": self.metric_name, "baseline": self.baseline,
+                "quantized_metric": self.quantized_metric, "skipped": dict(self.skipped),
+                "rows": [asdict(r) for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityReport:
+        """Inverse of :meth:`to_dict`."""
+        return cls(rows=[LayerSensitivity(**r) for r in data["rows"]],
+                   baseline=data.get("baseline"), quantized_metric=data.get("quantized_metric"),
+                   metric_name=data.get("metric_name", "metric"),
+                   skipped=dict(data.get("skipped", {})))
+
+    def to_markdown(self) -> str:
+        """A markdown table, most sensitive layer first, with the baseline underneath.
+
+        Example:
+            >>> row = LayerSensitivity("fc1", "Linear", "W8", 97.0, 1.5, 0.99, 0.1, 1.5)
+            >>> print(SensitivityReport([row], 98.5, 96.0, "accuracy").to_markdown())
+            | rank | layer | type | scheme | accuracy | drop | output cosine |
+            |---|---|---|---|---|---|---|
+            | 1 | fc1 | Linear | W8 | 97.0000 | +1.5000 | 0.990000 |
+            <BLANKLINE>
+            FP32 accuracy 98.5000; all layers quantized: 96.0000 (drop +2.5000).
+        """
+        def num(v: float | None, fmt: str) -> str:
+            return "n/a" if v is None else format(v, fmt)
+
+        m = self.metric_name
+        lines = [f"| rank | layer | type | scheme | {m} | drop | output cosine |",
+                 "|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(self.rows, 1):
+            lines.append(f"| {i} | {r.name} | {r.module_type} | {r.scheme} | "
+                         f"{num(r.metric, '.4f')} | {num(r.drop, '+.4f')} | "
+                         f"{num(r.cosine, '.6f')} |")
+        if self.baseline is not None:
+            tail = f"FP32 {m} {self.baseline:.4f}"
+            if self.quantized_metric is not None:
+                tail += (f"; all layers quantized: {self.quantized_metric:.4f} "
+                         f"(drop {self.baseline - self.quantized_metric:+.4f})")
+            lines += ["", tail + "."]
+        lines += [f"- {name}: not analysed ({why})" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _replayable(data: Iterable[Any] | None) -> list[Any] | Iterable[Any] | None:
+    """One-pass iterators become lists (the data is used more than once)."""
+    if data is not None and iter(data) is data:
+        return list(data)
+    return data
+
+
+def _first(data: Iterable[Any] | None) -> Any:
+    if data is None:
+        return None
+    for batch in data:
+        return batch
+    return None
+
+
+def _output(model: nn.Module, batch: Any) -> torch.Tensor | None:
+    with torch.inference_mode():
+        out = run_batch(model, batch)
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = None,
+                        eval_fn: EvalFn | None = None,
+                        calibration_data: Iterable[Any] | None = None,
+                        layers: Iterable[str] | None = None, progress: bool = True, *,
+                        example_input: Any = None, metric_name: str = "metric"
+                        ) -> SensitivityReport:
+    """Quantize one layer at a time (the others float) and measure the damage.
+
+    Args:
+        model: the float model (not modified).
+        config: the quantization config (INT8 dynamic per-token when ``None``).
+        eval_fn: ``eval_fn(model) -> float``, higher is better (e.g. accuracy in percent). When
+            ``None``, layers are ranked by ``1 - cosine`` of the output on ``example_input``.
+        calibration_data: batches for static layers; its first batch is the default
+            ``example_input``. A one-pass iterator is materialized into a list.
+        layers: analyse only these layer names (default: every layer the config quantizes).
+        progress: show a progress bar over the layers.
+        example_input: a batch (tensor, ``(inputs, labels)`` tuple or dict) for the output error.
+        metric_name: name of the metric in tables and plots (e.g. ``"accuracy"``).
+
+    Returns:
+        A :class:`SensitivityReport` sorted most sensitive first.
+
+    Raises:
+        ValueError: no ``eval_fn`` and no batch to measure output error on; an unknown name in
+            ``layers``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> with torch.no_grad():
+        ...     model[2].weight[0, 0] = 100.0  # an outlier ruins per-tensor scales
+        >>> cfg = QuantizationConfig(weights=QuantizationConfig().weights.with_(
+        ...     granularity="per_tensor"))
+        >>> rep = analyze_sensitivity(model, cfg, example_input=torch.randn(32, 8),
+        ...                           progress=False)
+        >>> rep.most_sensitive(1)
+        ['2']
+    """
+    config = config or QuantizationConfig.int8_dynamic()
+    calibration_data = _replayable(calibration_data)
+    example = example_input if example_input is not None else _first(calibration_data)
+    if eval_fn is None and example is None:
+        raise ValueError("analyze_sensitivity: pass eval_fn (higher is better), or an "
+                         "example_input / calibration_data batch to rank layers by output error")
+    qfull = PTQQuantizer(config, progress=progress).quantize(model, calibration_data)
+    plans = {r.name: r for r in qfull.lowbit_report.rows}
+    todo = [n for n, r in plans.items() if r.status == "quantized"]
+    skipped = {n: r.reason for n, r in plans.items() if r.status != "quantized"}
+    if layers is not None:
+        wanted = list(layers)
+        unknown = [n for n in wanted if n not in todo]
+        if unknown:
+            raise ValueError(f"analyze_sensitivity: layers {unknown} are not quantized under this "
+                             f"config; choose from {todo}")
+        todo = [n for n in todo if n in wanted]
+
+    work = copy.deepcopy(model).eval()
+    baseline = None if eval_fn is None else float(eval_fn(work))
+    quantized_metric = None if eval_fn is None else float(eval_fn(qfull))
+    reference = None if example is None else _output(work, example)
+    rows = []
+    for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
+        plan = plans[name]
+        swapped = {name: qfull.get_submodule(name)}
+        if plan.folded_bn:
+            swapped[plan.folded_bn] = nn.Identity()
+        originals = {n: work.get_submodule(n) for n in swapped}
+        try:
+            for n, module in swapped.items():
+                work.set_submodule(n, module)
+            metric = None if eval_fn is None else float(eval_fn(work))
+            out = None if reference is None else _output(work, example)
+        finally:
+            for n, module in originals.items():
+                work.set_submodule(n, module)
+        err = None if out is None or reference is None else compare_outputs(reference, out)
+        drop = None if metric is None or baseline is None else baseline - metric
+        cosine = None if err is None else err.cosine
+        rows.append(LayerSensitivity(
+            name=name, module_type=plan.module_type, scheme=plan.reason, metric=metric,
+            drop=drop, cosine=cosine, rel_l2=None if err is None else err.rel_l2,
+            sensitivity=drop if drop is not None else 1.0 - (cosine if cosine is not None
+                                                             else 1.0)))
+    rows.sort(key=lambda r: (-r.sensitivity, r.cosine if r.cosine is not None else 1.0))
+    return SensitivityReport(rows, baseline, quantized_metric, metric_name, skipped)
+
+
+def _with_fp32(config: QuantizationConfig, names: Iterable[str]) -> QuantizationConfig:
+    overrides: dict[str, QuantizationConfig | None] = {n: None for n in names}
+    overrides.update({k: v for k, v in config.layer_overrides.items() if k not in overrides})
+    return replace(config, layer_overrides=overrides)
+
+
+def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: EvalFn,
+                  calibration_data: Iterable[Any] | None = None, budget: float = 1.0, *,
+                  sensitivity: SensitivityReport | None = None, progress: bool = True,
+                  max_fallback: int | None = None) -> tuple[nn.Module, list[str]]:
+    """Quantize ``model``, keeping its most sensitive layers in FP32 until the drop fits a budget.
+
+    Layers are added to FP32 greedily, most sensitive first (from ``sensitivity`` or a fresh
+    :func:`analyze_sensitivity`), each step re-quantizing with
+    ``layer_overrides={name: None, ...}``, until ``eval_fn(float) - eval_fn(quantized) <= budget``.
+
+    Args:
+        model: the float model (not modified).
+        config: the quantization config (INT8 dynamic per-token when ``None``).
+        eval_fn: ``eval_fn(model) -> float``, higher is better (e.g. accuracy in percent).
+        calibration_data: batches for static layers (a one-pass iterator is materialized).
+        budget: largest acceptable drop, in the metric's units (points for accuracy).
+        sensitivity: a report to reuse; computed when ``None``.
+        progress: progress bars.
+        max_fallback: keep at most this many layers in FP32 (default: no limit).
+
+    Returns:
+        ``(quantized_model, fallback_layers)``; the model's ``lowbit_report`` shows the fallback
+        layers as ``"fp32 (requested)"``, and ``model.lowbit_fallback`` records the budget,
+        baseline and final drop. If the budget cannot be met, a warning says so and the
+        model with the most fallback layers tried is returned.
+
+    Raises:
+        ValueError: ``budget < 0``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> with torch.no_grad():
+        ...     model[2].weight[0, 0] = 100.0
+        >>> cfg = QuantizationConfig(weights=QuantizationConfig().weights.with_(
+        ...     granularity="per_tensor"))
+        >>> x = torch.randn(64, 8)
+        >>> score = lambda m: -float((m(x) - model(x)).detach().abs().mean())  # higher: better
+        >>> q, fp32 = auto_fallback(model, cfg, score, budget=0.05, progress=False)
+        >>> fp32, type(q[2]).__name__
+        (['2'], 'Linear')
+    """
+    if budget < 0:
+        raise ValueError(f"auto_fallback: budget={budget} must be >= 0 (the largest acceptable "
+                         "drop of eval_fn, e.g. 1.0 accuracy point)")
+    config = config or QuantizationConfig.int8_dynamic()
+    calibration_data = _replayable(calibration_data)
+
+    def quantize(fallback: list[str]) -> nn.Module:
+        cfg = _with_fp32(config, fallback) if fallback else config
+        return PTQQuantizer(cfg, progress=False).quantize(model, calibration_data)
+
+    baseline = float(eval_fn(model))
+    fallback: list[str] = []
+    qmodel = quantize(fallback)
+    drop = baseline - float(eval_fn(qmodel))
+    if drop > budget:
+        report = sensitivity or analyze_sensitivity(model, config, eval_fn, calibration_data,
+                                                    progress=progress)
+        order = [r.name for r in report.rows]
+        if max_fallback is not None:
+            order = order[:max_fallback]
+        bar = tqdm(order, desc="fallback", unit="layer", disable=not progress, leave=False)
+        for name in bar:
+            fallback.append(name)
+            qmodel = quantize(fallback)
+            drop = baseline - float(eval_fn(qmodel))
+            log.info("auto_fallback: %s in FP32 -> drop %.4f (budget %.4f)", fallback, drop,
+                     budget)
+            if drop <= budget:
+                break
+        if drop > budget:
+            warnings.warn(f"auto_fallback: drop {drop:.4f} is still above budget {budget} with "
+                          f"{len(fallback)} layer(s) in FP32 ({fallback}); returning that model",
+                          stacklevel=2)
+    qmodel.lowbit_fallback = {"layers": list(fallback), "budget": budget,
+                              "baseline": baseline, "drop": drop}
+    return qmodel, fallback

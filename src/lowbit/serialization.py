@@ -1,0 +1,674 @@
+"""Save and load quantized models: safetensors tensors plus a JSON manifest, no pickle.
+
+Layout of ``lowbit.save(model, "out")`` (a directory)::
+
+    out/model.safetensors   every tensor of model.state_dict() (int8 codes, packed int4 bytes,
+                            scales, zero-points, float parameters) + the manifest as metadata
+    out/lowbit.json         a readable copy of the manifest
+
+``lowbit.save(model, "model.safetensors")`` writes the single file only. The manifest embedded
+in the safetensors file is the authoritative one, so each save has one commit point: the file
+is written to a temporary name in the same folder, fsynced, then ``os.replace``-d over the old
+one. A crash mid-save leaves the previous file intact.
+
+The manifest records the format version, lowbit and torch versions, the SHA-256 of the tensors
+and of the manifest itself, the model's class and (only when given) an importable factory, and,
+for every module of the quantized model that differs from the float model, how to rebuild it:
+a lowbit quantized module's ``meta()`` (rebuilt with ``from_meta``) or a structural replacement
+(a folded BatchNorm or fused ReLU that became ``nn.Identity``). Loading copies nothing into the
+float skeleton until the file and the skeleton have been checked against each other, then
+swaps the modules and calls ``load_state_dict(strict=True)``: never a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import struct
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import metadata as _metadata
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from lowbit.modules import QUANTIZED_MODULES, module_from_meta
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LoadError",
+    "SavedLayer",
+    "describe",
+    "load",
+    "read_manifest",
+    "save",
+]
+
+#: Version of the file format written by :func:`save`; :func:`load` refuses any other.
+FORMAT_VERSION = 1
+MANIFEST_KEY = "lowbit"
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "lowbit.json"
+#: Structural replacements :func:`load` may apply (float module -> this module, no arguments).
+REPLACEMENTS: dict[str, type[nn.Module]] = {"Identity": nn.Identity}
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class LoadError(ValueError):
+    """A lowbit file cannot be loaded: truncated, tampered, wrong version or wrong skeleton."""
+
+
+def _lowbit_version() -> str:
+    try:
+        return _metadata.version("lowbit")
+    except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
+        return "unknown"
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over name, dtype, shape and raw bytes of every tensor, in name order.
+
+    Example:
+        >>> a = tensors_sha256({"w": torch.zeros(2)}); b = tensors_sha256({"w": torch.ones(2)})
+        >>> len(a), a == b
+        (64, False)
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(_canonical([name, str(t.dtype), list(t.shape)]))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------- saving
+def _module_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{name: how to rebuild it}`` for every quantized module and every ``nn.Identity``."""
+    registered = set(QUANTIZED_MODULES.values())
+    entries: dict[str, dict[str, Any]] = {}
+    first_name: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        if id(module) in first_name and type(module) in registered:
+            entries[name] = {"kind": "shared", "of": first_name[id(module)]}
+            continue
+        first_name.setdefault(id(module), name)
+        if type(module) in registered:
+            entries[name] = {"kind": "quantized", "meta": module.meta()}  # type: ignore[operator]
+        elif type(module) is nn.Identity:
+            entries[name] = {"kind": "replace", "class": "Identity"}
+        elif type(module).__module__.startswith("lowbit."):
+            raise ValueError(
+                f"lowbit.save: {name} ({type(module).__name__}) is not a saveable quantized "
+                "module; convert QAT models with QATPreparer.convert_to_quantized first, or "
+                "checkpoint them with torch.save(model.state_dict())")
+    return entries
+
+
+def _dedupe(state: Mapping[str, torch.Tensor]
+            ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """Contiguous CPU tensors without shared storage; ``aliases`` for tied tensors; zero-points
+    narrowed to int8 when they fit (``narrowed`` maps name -> original dtype)."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    narrowed: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if t.numel():
+            seen[key] = name
+        storage = t.untyped_storage().data_ptr() if t.numel() else None
+        t = t.cpu()
+        if storage in storages or not t.is_contiguous():
+            t = t.contiguous().clone()  # a view into another tensor: store its own copy
+        if storage is not None:
+            storages.add(storage)
+        if (t.dtype == torch.int32 and name.endswith("zero_point") and t.numel()
+                and int(t.min()) >= -128 and int(t.max()) <= 127):
+            t, narrowed[name] = t.to(torch.int8), "int32"  # bit-exact when widened on load
+        out[name] = t
+    return out, aliases, narrowed
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _class_ref(model: nn.Module) -> str:
+    return f"{type(model).__module__}:{type(model).__qualname__}"
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, factory: str | None = None,
+         factory_kwargs: Mapping[str, Any] | None = None,
+         extra: Mapping[str, Any] | None = None) -> Path:
+    """Save a quantized model (no pickle): safetensors tensors + a JSON manifest, atomically.
+
+    Args:
+        model: a model returned by lowbit's quantizers (a float model saves too).
+        path: a directory (``model.safetensors`` + ``lowbit.json`` inside, created if needed),
+            or a file name ending in ``.safetensors`` (single file, manifest in its metadata).
+        factory: ``"package.module:function"`` that builds the float skeleton; recorded so that
+            ``load(path, trust_factory=True)`` can rebuild the model without your code.
+        factory_kwargs: JSON-compatible keyword arguments of ``factory``.
+        extra: JSON-compatible user data stored in the manifest under ``"extra"``.
+
+    Returns:
+        The path of the safetensors file written.
+
+    Raises:
+        ValueError: ``factory`` is not ``"module:function"``, ``extra`` is not JSON-compatible,
+            a module cannot be saved (e.g. an unconverted QAT module), or ``path`` is a
+            directory where a file is asked for (and vice versa).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lowbit.ptq import quantize_dynamic
+        >>> q = quantize_dynamic(nn.Sequential(nn.Linear(8, 4)))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = save(q, d + "/q")
+        ...     r = load(d + "/q", model=nn.Sequential(nn.Linear(8, 4)))
+        >>> x = torch.randn(2, 8); torch.equal(r(x), q(x))
+        True
+    """
+    if factory is not None and not _FACTORY_RE.match(factory):
+        raise ValueError(f"lowbit.save: factory={factory!r} must look like "
+                         "'package.module:function'")
+    path = Path(path)
+    single = path.suffix == ".safetensors"
+    if single and path.is_dir():
+        raise ValueError(f"lowbit.save: {path} is a directory; pass a file name or a folder "
+                         "name without the .safetensors suffix")
+    if not single and path.exists() and not path.is_dir():
+        raise ValueError(f"lowbit.save: {path} is an existing file; pass a directory, or a "
+                         "name ending in .safetensors for the single-file format")
+    entries = _module_entries(model)
+    tensors, aliases, narrowed = _dedupe(model.state_dict())
+    report = getattr(model, "lowbit_report", None)
+    manifest: dict[str, Any] = {
+        "format": "lowbit",
+        "format_version": FORMAT_VERSION,
+        "lowbit_version": _lowbit_version(),
+        "torch_version": torch.__version__,
+        "architecture": {"class": _class_ref(model), "factory": factory,
+                         "factory_kwargs": dict(factory_kwargs or {})},
+        "modules": entries,
+        "schemes": ({r.name: {"status": r.status, "scheme": r.reason}
+                     for r in getattr(report, "rows", [])}),
+        "quantization_report": report.to_dict() if hasattr(report, "to_dict") else None,
+        "aliases": aliases,
+        "narrowed": narrowed,
+        "tensors_sha256": tensors_sha256(tensors),
+        "extra": dict(extra or {}),
+    }
+    try:
+        manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
+        text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"lowbit.save: the manifest is not JSON-compatible ({e}); pass plain "
+                         "numbers, strings, lists and dicts in factory_kwargs / extra") from e
+    target = path if single else path / TENSORS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {MANIFEST_KEY: text}
+    _atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata))
+    if not single:
+        pretty = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+        _atomic_write(path / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(pretty))
+    return target
+
+
+# ---------------------------------------------------------------------------------- loading
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / TENSORS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"lowbit.load: {p} does not exist; pass the folder or the "
+                                ".safetensors file written by lowbit.save")
+    return p
+
+
+def _parse_header(data: bytes, size: int, where: Path) -> dict[str, Any]:
+    """The manifest, from the first bytes ``data`` of a file of ``size`` bytes.
+
+    Raises :class:`LoadError` on a truncated file, a corrupted header or a missing manifest.
+    """
+    if len(data) < 8:
+        raise LoadError(f"{where}: truncated file ({len(data)} bytes); save it again")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise LoadError(f"{where}: truncated file (header needs {n} bytes, only "
+                        f"{len(data) - 8} present); save it again")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{where}: not a safetensors file or corrupted header ({e})") from e
+    if not isinstance(header, dict):
+        raise LoadError(f"{where}: corrupted safetensors header")
+    try:
+        end = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items()
+                           if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise LoadError(f"{where}: corrupted safetensors header ({e})") from e
+    if end > size:
+        raise LoadError(f"{where}: truncated file (tensor data needs {end} bytes, file has "
+                        f"{size}); save it again")
+    meta = header.get("__metadata__") or {}
+    if MANIFEST_KEY not in meta:
+        raise LoadError(f"{where}: not a lowbit file (no '{MANIFEST_KEY}' manifest in its "
+                        "metadata); plain safetensors files load with safetensors.torch.load_file")
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{where}: the lowbit manifest is corrupted ({e})") from e
+    return manifest
+
+
+def _check_manifest(manifest: Any, where: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != "lowbit":
+        raise LoadError(f"{where}: not a lowbit manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LoadError(
+            f"{where}: unsupported lowbit format version {version!r} (written by lowbit "
+            f"{manifest.get('lowbit_version', '?')}); this lowbit {_lowbit_version()} reads "
+            f"version {FORMAT_VERSION}; upgrade lowbit or re-save the model with this version")
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if hashlib.sha256(_canonical(body)).hexdigest() != manifest.get("manifest_sha256"):
+        raise LoadError(f"{where}: manifest checksum mismatch: the manifest was modified or "
+                        "corrupted after saving; save the model again")
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a saved model, checked (format, version, manifest checksum).
+
+    Tensors are not read; :func:`load` and :func:`describe` also verify their SHA-256.
+
+    Args:
+        path: the folder or ``.safetensors`` file written by :func:`save`.
+
+    Returns:
+        The manifest dict (see :func:`save`).
+
+    Raises:
+        FileNotFoundError: no such file. LoadError: not a lowbit file, truncated header,
+            unsupported format version, modified manifest.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = save(nn.Linear(2, 2), d + "/m.safetensors")
+        ...     read_manifest(d + "/m.safetensors")["format_version"]
+        1
+    """
+    p = _resolve(path)
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        data = head + f.read(min(n, 100_000_000))
+    manifest = _parse_header(data, p.stat().st_size, p)
+    _check_manifest(manifest, p)
+    return manifest
+
+
+def _read_verified(path: str | os.PathLike[str]
+                   ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """Read, check and verify a saved file; tensors widened and aliases restored."""
+    p = _resolve(path)
+    data = p.read_bytes()
+    manifest = _parse_header(data, len(data), p)
+    _check_manifest(manifest, p)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error type
+        raise LoadError(f"{p}: corrupted tensor data ({e}); save the model again") from e
+    if tensors_sha256(tensors) != manifest.get("tensors_sha256"):
+        raise LoadError(f"{p}: SHA-256 mismatch: the tensor data was modified or corrupted "
+                        "after saving; save the model again")
+    for name, dtype in manifest.get("narrowed", {}).items():
+        tensors[name] = tensors[name].to(getattr(torch, dtype))
+    for name, source in manifest.get("aliases", {}).items():
+        tensors[name] = tensors[source]
+    if p.name == TENSORS_FILE and (p.parent / MANIFEST_FILE).is_file():
+        try:
+            side = json.loads((p.parent / MANIFEST_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            side = None
+        if side != manifest:
+            warnings.warn(f"{p.parent / MANIFEST_FILE} differs from the manifest embedded in "
+                          f"{p} (an interrupted save or a manual edit); using the embedded one",
+                          stacklevel=3)
+    return p, manifest, tensors
+
+
+def _import_factory(ref: str) -> Callable[..., nn.Module]:
+    if not _FACTORY_RE.match(ref):
+        raise LoadError(f"factory {ref!r} must look like 'package.module:function'")
+    mod_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise LoadError(f"cannot import the factory {ref!r} ({e}); install the package that "
+                        "defines it or pass model=YourNet()") from e
+    if not callable(obj):
+        raise LoadError(f"factory {ref!r} is not callable")
+    return obj
+
+
+def _skeleton(manifest: dict[str, Any], model: nn.Module | None, trust_factory: bool,
+              where: Path) -> nn.Module:
+    arch = manifest.get("architecture", {})
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"lowbit.load(model=...) must be an nn.Module (the float model), got "
+                            f"{type(model).__name__}")
+        return model
+    factory = arch.get("factory")
+    if factory is None:
+        raise ValueError(f"lowbit.load: {where} records no factory; pass the float model: "
+                         f"load(path, model=...) (saved from {arch.get('class', '?')})")
+    if not trust_factory:
+        raise ValueError(f"lowbit.load: pass model=... (a float {arch.get('class', '?')}), or "
+                         f"trust_factory=True to import and call {factory!r} recorded in {where}")
+    built = _import_factory(factory)(**arch.get("factory_kwargs", {}))
+    if not isinstance(built, nn.Module):
+        raise LoadError(f"factory {factory!r} returned {type(built).__name__}, not an nn.Module")
+    return built
+
+
+def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Path
+                        ) -> dict[str, nn.Module]:
+    names = dict(skeleton.named_modules(remove_duplicate=False))
+    built: dict[str, nn.Module] = {}
+    for name, entry in sorted(manifest.get("modules", {}).items(),
+                              key=lambda kv: kv[0].count(".")):
+        parent = name.rpartition(".")[0]
+        if name not in names and parent not in built:
+            raise LoadError(
+                f"{where}: the float model has no module {name!r}; pass the same architecture "
+                f"that was quantized ({manifest.get('architecture', {}).get('class', '?')})")
+        kind = entry.get("kind")
+        if kind == "quantized":
+            meta = entry.get("meta", {})
+            cls = meta.get("class")
+            if cls not in QUANTIZED_MODULES:
+                raise LoadError(f"{where}: module {name!r} is a {cls!r}, which this lowbit "
+                                f"{_lowbit_version()} does not know; upgrade lowbit")
+            try:
+                built[name] = module_from_meta(meta)
+            except (KeyError, TypeError, ValueError) as e:
+                raise LoadError(f"{where}: cannot rebuild module {name!r} ({cls}) from its "
+                                f"meta: {e}") from e
+            weight = getattr(names.get(name), "weight", None)
+            expected = _weight_shape(meta)
+            if isinstance(weight, torch.Tensor) and expected and list(weight.shape) != expected:
+                raise LoadError(
+                    f"{where}: the float model does not match the saved model: {name} has a "
+                    f"weight of shape {list(weight.shape)}, the saved {cls} replaces one of "
+                    f"shape {expected}. Pass the same architecture (and constructor arguments) "
+                    "that was quantized")
+        elif kind == "replace" and entry.get("class") in REPLACEMENTS:
+            built[name] = REPLACEMENTS[entry["class"]]()
+        elif kind == "shared" and entry.get("of") in built:
+            built[name] = built[entry["of"]]
+        else:
+            raise LoadError(f"{where}: unknown module entry for {name!r}: {entry!r}")
+    return built
+
+
+def _expected_state(skeleton: nn.Module, built: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The state dict the skeleton will have after the replacements, computed without them."""
+    state = dict(skeleton.state_dict(keep_vars=True))
+    for name in built:
+        prefix = name + "."
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    for name, module in built.items():
+        if any(name.startswith(other + ".") for other in built):
+            continue  # inside another replacement: already counted there
+        state.update({f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+    return state
+
+
+def _check_compatible(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                      where: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing from the file: {missing[:5]}" + (" ..." if len(missing) > 5
+                                                                   else ""))
+    if unexpected:
+        problems.append(f"not in the model: {unexpected[:5]}" + (" ..." if len(unexpected) > 5
+                                                                 else ""))
+    for k in sorted(set(expected) & set(tensors)):
+        e, t = expected[k], tensors[k]
+        if tuple(e.shape) != tuple(t.shape):
+            problems.append(f"{k}: file has shape {tuple(t.shape)}, model {tuple(e.shape)}")
+        elif e.dtype != t.dtype:
+            problems.append(f"{k}: file has {t.dtype}, model {e.dtype} (convert the float model "
+                            f"with .to({t.dtype}) before loading)")
+        if len(problems) >= 6:
+            break
+    if problems:
+        raise LoadError(f"{where}: the float model does not match the saved model: "
+                        + "; ".join(problems)
+                        + ". Pass the same architecture (and constructor arguments) that was "
+                        "quantized")
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
+         trust_factory: bool = False) -> nn.Module:
+    """Rebuild a model saved by :func:`save`; its outputs are bit-identical to the saved one's.
+
+    The file is fully read and verified (format version, manifest checksum, SHA-256 of the
+    tensors) and checked against the float skeleton before anything is changed.
+
+    Args:
+        path: the folder or ``.safetensors`` file written by :func:`save`.
+        model: the float skeleton (``MyNet()``, same constructor arguments as the model that was
+            quantized). It is changed in place and returned.
+        trust_factory: when ``model`` is None, import and call the factory recorded at save time
+            (``save(..., factory="package.module:function")``). Off by default: importing runs
+            code named by the file.
+
+    Returns:
+        The quantized model in eval mode, with the manifest as ``model.lowbit_manifest``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        LoadError: truncated, tampered or corrupted file; unknown format version (named);
+            a skeleton that does not match the saved model (the message lists the differences).
+        ValueError: neither ``model`` nor an allowed factory.
+
+    Example:
+        >>> import tempfile
+        >>> from lowbit.ptq import quantize_weight_only
+        >>> q = quantize_weight_only(nn.Sequential(nn.Linear(64, 32)), bits=4, group_size=32)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = save(q, d + "/q.safetensors", factory="torch.nn:Linear",
+        ...              factory_kwargs={"in_features": 3, "out_features": 1})
+        ...     load(d + "/q.safetensors")
+        Traceback (most recent call last):
+        ...
+        ValueError: lowbit.load: pass model=... (a float torch.nn.modules.container:Sequential), ...
+    """
+    p, manifest, tensors = _read_verified(path)
+    skeleton = _skeleton(manifest, model, trust_factory, p)
+    built = _build_replacements(manifest, skeleton, p)
+    _check_compatible(_expected_state(skeleton, built), tensors, p)
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, module in built.items():
+            if any(name.startswith(other + ".") for other in originals):
+                continue
+            old = skeleton.get_submodule(name)
+            originals[name] = old
+            ref = next(iter(old.parameters()), None)
+            if ref is None:
+                ref = next(iter(old.buffers()), None)
+            skeleton.set_submodule(name, module if ref is None else module.to(ref.device))
+        skeleton.load_state_dict(tensors, strict=True)
+    except Exception:
+        for name, old in originals.items():  # leave the caller's skeleton as it was
+            skeleton.set_submodule(name, old)
+        raise
+    skeleton.eval()
+    skeleton.lowbit_manifest = manifest
+    return skeleton
+
+
+# ---------------------------------------------------------------------------------- inspect
+@dataclass
+class SavedLayer:
+    """One quantized layer of a saved model (a row of ``lowbit inspect``).
+
+    Attributes:
+        name: qualified module name.
+        cls: lowbit module class.
+        scheme: short description (weight bits/granularity, activations).
+        bits: weight bits.
+        shape: shape of the float weight it replaces.
+        scale_min, scale_max: range of its weight scales.
+        nbytes: bytes of its tensors in the file.
+    """
+
+    name: str
+    cls: str
+    scheme: str
+    bits: int
+    shape: list[int]
+    scale_min: float
+    scale_max: float
+    nbytes: int
+
+
+def _scheme_text(meta: Mapping[str, Any]) -> str:
+    w = meta.get("weight_spec") or {}
+    text = f"W{w.get('bits', '?')} {w.get('granularity', '?')}"
+    if w.get("group_size"):
+        text += f"/{w['group_size']}"
+    a = meta.get("activation_spec")
+    if not a:
+        return text + ", float activations"
+    how = "calibrated" if meta.get("mode") == "static" else "run-time"
+    extra = meta.get("extra") or {}
+    if meta.get("mode") == "static" and extra.get("calibrator"):
+        how += f" ({extra['calibrator']})"
+    return text + f", A{a.get('bits', '?')} {a.get('granularity', '?')} {how}"
+
+
+def _weight_shape(meta: Mapping[str, Any]) -> list[int]:
+    if "in_features" in meta:
+        return [meta["out_features"], meta["in_features"]]
+    if "in_channels" in meta:
+        groups = (meta.get("geometry") or {}).get("groups", 1)
+        return [meta["out_channels"], meta["in_channels"] // groups, *meta["kernel_size"]]
+    for a, b in (("num_embeddings", "embedding_dim"), ("n", "k")):
+        if a in meta:
+            return [meta[a], meta[b]]
+    return []
+
+
+def layer_rows(metas: Mapping[str, Mapping[str, Any]], state: Mapping[str, torch.Tensor]
+               ) -> list[SavedLayer]:
+    """:class:`SavedLayer` rows from ``{name: module meta}`` and the model's state dict.
+
+    Example:
+        >>> from lowbit.modules import QuantizedLinear
+        >>> from lowbit.config import QuantizationConfig
+        >>> q = QuantizedLinear.from_float(nn.Linear(4, 2), QuantizationConfig.int8_dynamic())
+        >>> row = layer_rows({"fc": q.meta()}, {f"fc.{k}": v for k, v in q.state_dict().items()})
+        >>> row[0].bits, row[0].shape
+        (8, [2, 4])
+    """
+    rows = []
+    for name, meta in metas.items():
+        own = {k: v for k, v in state.items() if k.startswith(name + ".")}
+        scale = own.get(f"{name}.weight_scale")
+        rows.append(SavedLayer(
+            name=name, cls=str(meta.get("class")), scheme=_scheme_text(meta),
+            bits=int((meta.get("weight_spec") or {}).get("bits", 0)),
+            shape=_weight_shape(meta),
+            scale_min=float(scale.min()) if scale is not None and scale.numel() else float("nan"),
+            scale_max=float(scale.max()) if scale is not None and scale.numel() else float("nan"),
+            nbytes=sum(t.numel() * t.element_size() for t in own.values())))
+    return rows
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a saved file holds, verified: manifest summary and one row per quantized layer.
+
+    Args:
+        path: the folder or ``.safetensors`` file written by :func:`save`.
+
+    Returns:
+        ``{"path", "file_bytes", "format_version", "lowbit_version", "torch_version",
+        "architecture", "layers": [SavedLayer as dict], "float_bytes", "replacements"}``.
+
+    Raises:
+        FileNotFoundError, LoadError: as :func:`load`.
+
+    Example:
+        >>> import tempfile
+        >>> from lowbit.ptq import quantize_dynamic
+        >>> q = quantize_dynamic(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = save(q, d)
+        ...     info = describe(d)
+        >>> [(r["name"], r["bits"]) for r in info["layers"]]
+        [('0', 8), ('2', 8)]
+    """
+    p, manifest, tensors = _read_verified(path)
+    modules = manifest.get("modules", {})
+    metas = {n: e["meta"] for n, e in modules.items() if e.get("kind") == "quantized"}
+    rows = layer_rows(metas, tensors)
+    in_layers = {k for k in tensors for n in metas if k.startswith(n + ".")}
+    aliases = manifest.get("aliases", {})
+    float_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                      if k not in in_layers and k not in aliases)
+    return {
+        "path": str(p), "file_bytes": p.stat().st_size,
+        "format_version": manifest["format_version"],
+        "lowbit_version": manifest.get("lowbit_version"),
+        "torch_version": manifest.get("torch_version"),
+        "architecture": manifest.get("architecture"),
+        "layers": [vars(r) for r in rows], "float_bytes": float_bytes,
+        "replacements": sorted(n for n, e in modules.items() if e.get("kind") == "replace"),
+    }

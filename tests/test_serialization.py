@@ -1,0 +1,336 @@
+"""lowbit.save / lowbit.load: round trips, sizes, integrity, atomicity, plain state dicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from lowbit.config import QuantizationConfig
+from lowbit.models import MLP, MnistCNN
+from lowbit.ptq import PTQQuantizer, quantize_dynamic, quantize_static, quantize_weight_only
+from lowbit.serialization import (
+    FORMAT_VERSION,
+    LoadError,
+    describe,
+    load,
+    read_manifest,
+    save,
+)
+
+SMALL_MLP = {"in_features": 784, "hidden": [64, 32], "num_classes": 10}
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = MnistCNN().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding matters
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _images(n: int = 8, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def _quantize(method: str, model: nn.Module) -> nn.Module:
+    calib = [_images(16, seed=s) for s in range(2)]
+    if method == "dynamic":
+        return quantize_dynamic(model)
+    if method == "static":
+        return quantize_static(model, calib, progress=False)
+    if method == "int4":
+        return quantize_weight_only(model, bits=4, group_size=32)
+    if method == "mixed":  # INT8 static convs, INT4 fc1, fc2 kept in FP32
+        cfg = QuantizationConfig.int8_static(layer_overrides={
+            "fc1": QuantizationConfig.int4_weight_only(group_size=32), "fc2": None})
+        return PTQQuantizer(cfg, progress=False).quantize(model, calib)
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static", "int4", "mixed"])
+@pytest.mark.parametrize("single_file", [False, True])
+def test_round_trip_is_bit_identical(tmp_path: Path, method: str, single_file: bool) -> None:
+    q = _quantize(method, _cnn())
+    path = tmp_path / ("m.safetensors" if single_file else "m")
+    written = save(q, path)
+    assert written.is_file() and written.suffix == ".safetensors"
+    assert (path / "lowbit.json").is_file() != single_file
+    loaded = load(path, model=MnistCNN())
+    x = _images(5, seed=7)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), q(x))
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in q.modules()]
+    assert loaded.lowbit_manifest["format_version"] == FORMAT_VERSION
+    assert not loaded.training
+
+
+def test_manifest_contents(tmp_path: Path) -> None:
+    q = _quantize("static", _cnn())
+    save(q, tmp_path / "m", factory="lowbit.models:MnistCNN", extra={"note": "hi"})
+    manifest = json.loads((tmp_path / "m" / "lowbit.json").read_text())
+    assert manifest == read_manifest(tmp_path / "m")
+    assert manifest["torch_version"] == torch.__version__ and manifest["lowbit_version"]
+    assert manifest["architecture"]["class"] == "lowbit.models:MnistCNN"
+    conv1 = manifest["modules"]["conv1"]["meta"]
+    assert conv1["class"] == "QuantizedConv2d" and conv1["dtype"] == "float32"
+    assert conv1["extra"]["calibrator"] == "minmax"
+    # folded BatchNorm and fused ReLUs are structural replacements
+    assert manifest["modules"]["bn1"] == {"kind": "replace", "class": "Identity"}
+    assert "W8 per_channel" in manifest["schemes"]["fc1"]["scheme"]
+    assert len(manifest["tensors_sha256"]) == 64 and manifest["extra"] == {"note": "hi"}
+    assert b"pickle" not in (tmp_path / "m" / "model.safetensors").read_bytes()[:8]
+
+
+def test_describe_lists_layers(tmp_path: Path) -> None:
+    save(_quantize("mixed", _cnn()), tmp_path / "m")
+    info = describe(tmp_path / "m")
+    rows = {r["name"]: r for r in info["layers"]}
+    assert set(rows) == {"conv1", "conv2", "fc1"}  # fc2 stayed in float
+    assert rows["fc1"]["bits"] == 4 and rows["fc1"]["shape"] == [128, 1568]
+    assert rows["conv2"]["scale_min"] <= rows["conv2"]["scale_max"]
+    assert info["float_bytes"] == (128 * 10 + 10) * 4
+
+
+def test_factory_needs_trust(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    q = quantize_dynamic(MLP(**SMALL_MLP))
+    save(q, tmp_path / "m", factory="lowbit.models:MLP", factory_kwargs=SMALL_MLP)
+    with pytest.raises(ValueError, match="trust_factory=True"):
+        load(tmp_path / "m")
+    loaded = load(tmp_path / "m", trust_factory=True)
+    x = _images(3)
+    assert torch.equal(loaded(x), q(x))
+    with pytest.raises(ValueError, match="package.module:function"):
+        save(q, tmp_path / "n", factory="not a factory")
+
+
+def test_no_factory_asks_for_model(tmp_path: Path) -> None:
+    save(quantize_dynamic(MLP(**SMALL_MLP)), tmp_path / "m")
+    with pytest.raises(ValueError, match="records no factory; pass the float model"):
+        load(tmp_path / "m", trust_factory=True)
+
+
+def test_file_size_ratios(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLP().eval()  # 784-1024-1024-10, 1.9M parameters
+    torch.save(model.state_dict(), tmp_path / "fp32.pt")
+    fp32 = (tmp_path / "fp32.pt").stat().st_size
+    int8 = save(quantize_dynamic(model), tmp_path / "int8.safetensors").stat().st_size
+    int4 = save(quantize_weight_only(model, bits=4, group_size=128),
+                tmp_path / "int4.safetensors").stat().st_size
+    assert fp32 / int8 >= 3.8, fp32 / int8
+    assert fp32 / int4 >= 6.5, fp32 / int4
+    cnn = _cnn()
+    torch.save(cnn.state_dict(), tmp_path / "cnn.pt")
+    cnn_int8 = save(_quantize("static", cnn), tmp_path / "cnn8.safetensors").stat().st_size
+    assert (tmp_path / "cnn.pt").stat().st_size / cnn_int8 >= 3.8
+
+
+def test_plain_state_dict_round_trip(tmp_path: Path) -> None:
+    """state_dict()/load_state_dict() work with torch.save / torch.load(weights_only=True)."""
+    for method in ("dynamic", "static", "int4"):
+        q = _quantize(method, _cnn())
+        torch.save(q.state_dict(), tmp_path / f"{method}.pt")
+        torch.manual_seed(123)
+        other = _quantize(method, MnistCNN().eval())  # same structure, other weights
+        state = torch.load(tmp_path / f"{method}.pt", weights_only=True)
+        other.load_state_dict(state)
+        x = _images(4)
+        assert torch.equal(other(x), q(x)), method
+
+
+def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    model[1].weight = model[0].weight
+    path = save(model, tmp_path / "t.safetensors")
+    assert len(safetensors.torch.load_file(path)) == 1
+    skeleton = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    skeleton[1].weight = skeleton[0].weight
+    loaded = load(path, model=skeleton)
+    assert torch.equal(loaded[1].weight, model[0].weight)
+    assert loaded[0].weight is loaded[1].weight
+
+
+def test_unconverted_lowbit_module_is_refused(tmp_path: Path) -> None:
+    from lowbit.calibrators import create_calibrator
+
+    model = nn.Sequential(nn.Linear(2, 2), create_calibrator("minmax"))
+    with pytest.raises(ValueError, match=r"1 \(MinMaxCalibrator\) is not a saveable"):
+        save(model, tmp_path / "m")
+
+
+def test_wrong_paths(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.safetensors").mkdir()
+    q = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="existing file"):
+        save(q, tmp_path / "file")
+    with pytest.raises(ValueError, match="is a directory"):
+        save(q, tmp_path / "dir.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nothing", model=q)
+
+
+# ------------------------------------------------------------------ integrity
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, nn.Module]:
+    q = _quantize("static", _cnn())
+    return save(q, tmp_path / "m.safetensors"), q
+
+
+def _header_len(path: Path) -> int:
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def _assert_skeleton_untouched(path: Path, match: str) -> None:
+    skeleton = _cnn()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    types = [type(m) for m in skeleton.modules()]
+    with pytest.raises(LoadError, match=match):
+        load(path, model=skeleton)
+    assert [type(m) for m in skeleton.modules()] == types
+    after = skeleton.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tampered_tensor_data(saved: tuple[Path, nn.Module]) -> None:
+    path, _ = saved
+    data = bytearray(path.read_bytes())
+    data[_header_len(path) + 100] ^= 0x01
+    path.write_bytes(bytes(data))
+    _assert_skeleton_untouched(path, "SHA-256 mismatch")
+
+
+def test_tampered_manifest(saved: tuple[Path, nn.Module]) -> None:
+    path, _ = saved
+    tensors = safetensors.torch.load_file(path)
+    manifest = read_manifest(path)
+    manifest["modules"]["fc1"]["meta"]["mode"] = "dynamic"  # well-formed, but not what was saved
+    safetensors.torch.save_file(tensors, path, {"lowbit": json.dumps(manifest)})
+    _assert_skeleton_untouched(path, "manifest checksum mismatch")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 60, -1000, -1])
+def test_truncated_file(saved: tuple[Path, nn.Module], keep: int) -> None:
+    path, _ = saved
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    _assert_skeleton_untouched(path, "truncated|corrupted")
+
+
+def test_unknown_format_version_is_named(saved: tuple[Path, nn.Module]) -> None:
+    import hashlib
+
+    path, _ = saved
+    tensors = safetensors.torch.load_file(path)
+    manifest = read_manifest(path)
+    manifest["format_version"] = 99
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    manifest["manifest_sha256"] = hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    safetensors.torch.save_file(tensors, path, {"lowbit": json.dumps(manifest)})
+    _assert_skeleton_untouched(path, "unsupported lowbit format version 99")
+    with pytest.raises(LoadError, match="version 99"):
+        read_manifest(path)
+
+
+def test_plain_safetensors_is_not_a_lowbit_file(tmp_path: Path) -> None:
+    path = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, path)
+    with pytest.raises(LoadError, match="not a lowbit file"):
+        load(path, model=nn.Linear(2, 1))
+
+
+def test_wrong_skeleton_is_refused_before_any_change(saved: tuple[Path, nn.Module]) -> None:
+    path, _ = saved
+    skeleton = MnistCNN(hidden=64)
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(LoadError, match="does not match the saved model"):
+        load(path, model=skeleton)
+    assert type(skeleton.fc1) is nn.Linear and type(skeleton.bn1) is nn.BatchNorm2d
+    assert all(torch.equal(before[k], v) for k, v in skeleton.state_dict().items())
+    with pytest.raises(LoadError, match="float model has no module 'bn1'"):
+        load(path, model=MLP(**SMALL_MLP))
+    float_path = save(nn.Linear(4, 2), path.parent / "float.safetensors")
+    with pytest.raises(LoadError, match=r"file has torch.float32, model torch.bfloat16"):
+        load(float_path, model=nn.Linear(4, 2).to(torch.bfloat16))
+
+
+def test_stale_sidecar_manifest_warns(tmp_path: Path) -> None:
+    q = _quantize("dynamic", _cnn())
+    save(q, tmp_path / "m")
+    (tmp_path / "m" / "lowbit.json").write_text("{}")
+    with pytest.warns(UserWarning, match="differs from the manifest embedded"):
+        loaded = load(tmp_path / "m", model=MnistCNN())
+    assert torch.equal(loaded(_images(2)), q(_images(2)))
+
+
+# ------------------------------------------------------------------ atomic save
+_SAVER = textwrap.dedent("""
+    import sys, time, torch, safetensors.torch
+    from lowbit.models import MLP
+    from lowbit.ptq import quantize_dynamic
+    from lowbit.serialization import save
+
+    real_save = safetensors.torch.save
+    def slow_save_file(tensors, filename, metadata=None):  # writes half, then hangs
+        data = real_save(tensors, metadata=metadata)
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            print("HALF", flush=True)
+            time.sleep(120)
+            f.write(data[len(data) // 2:])
+    safetensors.torch.save_file = slow_save_file
+    torch.manual_seed(1)
+    save(quantize_dynamic(MLP(in_features=784, hidden=(256,), num_classes=10)), sys.argv[1])
+""")
+
+
+def test_killed_save_leaves_previous_file_intact(tmp_path: Path) -> None:
+    kwargs = {"in_features": 784, "hidden": [256], "num_classes": 10}
+    torch.manual_seed(0)
+    first = quantize_dynamic(MLP(**kwargs))
+    for target in (tmp_path / "m", tmp_path / "single.safetensors"):
+        save(first, target)
+        before = sorted(p.name for p in target.parent.iterdir())
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "HALF"  # killed in the middle of a write
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        leftovers = [p for p in target.parent.rglob(".*.tmp")]
+        assert leftovers, "the kill should have happened during the temporary write"
+        loaded = load(target, model=MLP(**kwargs))  # the previous save, verified
+        x = _images(3)
+        assert torch.equal(loaded(x), first(x))
+        for p in leftovers:
+            p.unlink()
+        assert sorted(p.name for p in target.parent.iterdir()) == before
+
+
+def test_save_overwrites_atomically(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a, b = (quantize_dynamic(MLP(**SMALL_MLP)) for _ in range(2))
+    save(a, tmp_path / "m")
+    save(b, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["lowbit.json",
+                                                                  "model.safetensors"]
+    x = _images(2)
+    assert torch.equal(load(tmp_path / "m", model=MLP(**SMALL_MLP))(x), b(x))
