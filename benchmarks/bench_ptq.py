@@ -184,14 +184,14 @@ def _whole_model(case: Case, iters: int) -> ComparisonTable:
 
 def _whole_model_markdown(table: ComparisonTable) -> str:
     bf16 = next((r for r in table if r.name == "bf16"), None)
-    head = ["variant", "size", "vs FP32 size"]
+    head = ["variant", "size", "compression"]
     for label in BATCHES:
         head += [f"{label} ms", f"{label} vs FP32", f"{label} vs bf16"]
     head += ["cosine", "max abs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r.name, format_bytes(r.nbytes) if r.nbytes else "n/a",
-                 f"{r.compression:.2f}x smaller" if r.compression else "n/a"]
+                 f"{r.compression:.2f}x" if r.compression else "n/a"]
         for label in BATCHES:
             ms = r.latency[label].median_ms
             vs_bf16 = bf16.latency[label].median_ms / ms if bf16 else float("nan")
@@ -219,7 +219,7 @@ def _per_layer(case: Case, iters: int) -> str:
         for h in handles:
             h.remove()
     names = [v for v in case.variants if v not in ("FP32", "ORT FP32", "ORT dynamic INT8")]
-    head = ["layer", "batch", "M x K -> N", "FP32 ms", *[f"{v}" for v in names]]
+    head = ["layer", "batch", "shape", "FP32 ms", *[f"{v}" for v in names]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in layers:
         float_layer = case.model.get_submodule(name)
@@ -235,15 +235,19 @@ def _per_layer(case: Case, iters: int) -> str:
             table = compare_models(layer_variants, None, {label: x}, warmup=2, iters=iters,
                                    rounds=3, threads=THREADS)
             rows = {r.name: r for r in table}
-            m = x.numel() // x.shape[-1] if isinstance(float_layer, nn.Linear) else x.shape[0]
-            k, n = ((float_layer.in_features, float_layer.out_features)
-                    if isinstance(float_layer, nn.Linear)
-                    else (float_layer.in_channels, float_layer.out_channels))
-            cells = [name, label, f"{m} x {k} -> {n}",
+            cells = [name, label, _shape(float_layer, x),
                      f"{rows['FP32'].latency[label].median_ms:.4f}"]
             cells += [f"{rows[v].speedup[label]:.2f}x" if v in rows else "float" for v in names]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _shape(layer: nn.Module, x: torch.Tensor) -> str:
+    """``M x K -> N`` for a Linear; ``B x C x H x W, kxk -> C_out`` for a Conv2d."""
+    if isinstance(layer, nn.Linear):
+        return f"{x.numel() // x.shape[-1]} x {layer.in_features} -> {layer.out_features}"
+    k = "x".join(map(str, layer.kernel_size))
+    return f"{' x '.join(map(str, x.shape))}, {k} -> {layer.out_channels}"
 
 
 def _targets(results: dict[str, ComparisonTable]) -> list[str]:
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-per-layer", action="store_true", help="skip per-layer tables")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
-    iters = 4 if args.quick else 24
+    iters = 4 if args.quick else 16
     start = time.perf_counter()
     torch.set_num_threads(THREADS)
     print(f"# lowbit PTQ benchmark: torch {torch.__version__}, {THREADS} threads, "

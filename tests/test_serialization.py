@@ -76,6 +76,35 @@ def test_round_trip_is_bit_identical(tmp_path: Path, method: str, single_file: b
     assert not loaded.training
 
 
+def test_qat_converted_round_trip(tmp_path: Path) -> None:
+    from lowbit.qat import QATPreparer
+
+    preparer = QATPreparer(QuantizationConfig.int8_static())
+    qat = preparer.prepare_for_qat(_cnn().train())
+    opt = torch.optim.SGD(qat.parameters(), lr=0.01)
+    for step in range(3):
+        opt.zero_grad()
+        qat(_images(16, seed=step)).logsumexp(1).mean().backward()
+        opt.step()
+    q = preparer.convert_to_quantized(qat)
+    save(q, tmp_path / "qat")
+    loaded = load(tmp_path / "qat", model=MnistCNN())
+    x = _images(5, seed=9)
+    assert torch.equal(loaded(x), q(x))
+    assert type(loaded.fc1).__name__ == "QuantizedLinear"
+
+
+def test_quantized_root_module_round_trip(tmp_path: Path) -> None:
+    q = quantize_dynamic(nn.Linear(16, 8))
+    assert type(q).__name__ == "QuantizedLinear"
+    save(q, tmp_path / "root.safetensors")
+    loaded = load(tmp_path / "root.safetensors", model=nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    assert torch.equal(loaded(x), q(x))
+    with pytest.raises(LoadError, match=r"shape \[4, 16\]"):
+        load(tmp_path / "root.safetensors", model=nn.Linear(16, 4))
+
+
 def test_manifest_contents(tmp_path: Path) -> None:
     q = _quantize("static", _cnn())
     save(q, tmp_path / "m", factory="lowbit.models:MnistCNN", extra={"note": "hi"})
@@ -112,7 +141,7 @@ def test_factory_needs_trust(tmp_path: Path) -> None:
     loaded = load(tmp_path / "m", trust_factory=True)
     x = _images(3)
     assert torch.equal(loaded(x), q(x))
-    with pytest.raises(ValueError, match="package.module:function"):
+    with pytest.raises(ValueError, match=r"package\.module:function"):
         save(q, tmp_path / "n", factory="not a factory")
 
 
@@ -163,12 +192,28 @@ def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
     assert loaded[0].weight is loaded[1].weight
 
 
-def test_unconverted_lowbit_module_is_refused(tmp_path: Path) -> None:
+def test_residual_model_round_trip(tmp_path: Path) -> None:
+    from lowbit.models import TinyResNet
+
+    torch.manual_seed(0)
+    q = quantize_static(TinyResNet().eval(), [torch.randn(4, 3, 32, 32)], progress=False)
+    save(q, tmp_path / "r")
+    loaded = load(tmp_path / "r", model=TinyResNet())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_unconverted_lowbit_modules_are_refused(tmp_path: Path) -> None:
     from lowbit.calibrators import create_calibrator
+    from lowbit.qat import QATPreparer
 
     model = nn.Sequential(nn.Linear(2, 2), create_calibrator("minmax"))
     with pytest.raises(ValueError, match=r"1 \(MinMaxCalibrator\) is not a saveable"):
         save(model, tmp_path / "m")
+    qat = QATPreparer(QuantizationConfig.int8_dynamic()).prepare_for_qat(nn.Sequential(
+        nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="convert_to_quantized first"):
+        save(qat, tmp_path / "qat")
 
 
 def test_wrong_paths(tmp_path: Path) -> None:

@@ -13,6 +13,10 @@ Backward:
   inside the range and ``q - zp`` (the clamped code) outside, times the gradient scale
   ``g = 1 / sqrt(numel_per_scale * qmax)``; the same formula as
   ``torch._fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine``.
+  The module learns ``log_scale`` (``scale = exp(log_scale)``, as TQT learns log thresholds):
+  the scale stays positive, and the user's optimizer, whose learning rate suits weights of
+  order 1e-2..1, moves a scale of order 1e-3 by a relative amount instead of driving it
+  through zero (Adam's step is about ``lr`` whatever the gradient's size).
 
 Observation schedule. Qparams come from a :class:`~lowbit.calibrators.Calibrator` (the observer,
 a child module whose state is in buffers). The observer sees the tensor only in training mode
@@ -35,18 +39,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.calibrators import Calibrator, create_calibrator
+from lowbit.calibrators import Calibrator, MinMaxCalibrator, create_calibrator
 from lowbit.config import QuantSpec
-from lowbit.ops import _codes, _expand, choose_qparams, compute_range
+from lowbit.ops import _expand, choose_qparams, compute_range
 
 __all__ = ["FakeQuantize", "fake_quantize_lsq"]
 
-_EPS = torch.finfo(torch.float32).eps
 #: Columns of one forward statistics row (see :meth:`FakeQuantize.history`).
 FORWARD_COLUMNS = ("scale", "scale_min", "scale_max", "zero_point", "range_min", "range_max",
                    "clipped_fraction")
 #: Columns filled by the backward pass of the same step.
 BACKWARD_COLUMNS = ("grad_norm_in", "grad_norm")
+_ROW_COLUMNS = FORWARD_COLUMNS[:-1]  # what a forward row stores; clipping comes separately
 
 
 class _FakeQuantizeFn(torch.autograd.Function):
@@ -54,37 +58,41 @@ class _FakeQuantizeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, spec, learn, grad_factor, sink):  # type: ignore[override]
-        s = _expand(scale.detach().float(), x, spec)  # broadcastable to x's grouped view
-        z = _expand(zero_point, x, spec).float()
-        codes = _codes(x, scale.detach(), zero_point, spec)  # unclamped float codes, grouped view
+        xg = _grouped_float(x, spec)  # float32, grouped view for per_group
+        s = _expand(scale.detach().float(), x, spec)  # broadcastable to xg
+        # the codes of lowbit.ops (round(x * (1/s)) + zp), with fewer passes over x
+        codes = (xg * (1.0 / s)).round_()
+        z = None if spec.symmetric and spec.signed else _expand(zero_point, x, spec).float()
+        if z is not None:
+            codes += z
         q = torch.clamp(codes, spec.qmin, spec.qmax)
-        inside = (codes >= spec.qmin) & (codes <= spec.qmax)
-        out = ((q - z) * s).reshape(x.shape).to(x.dtype)
+        inside = codes == q  # the code was not clipped (NaN compares False, as torch does)
         ctx.spec, ctx.learn, ctx.grad_factor, ctx.x_shape = spec, learn, grad_factor, x.shape
         ctx.sink = sink  # (FakeQuantize, row index) or None: where backward records grad norms
+        if z is not None:
+            q -= z  # q - zp
         if learn:
             # d x_hat / d scale, computed here so that backward needs no copy of x
-            term = torch.where(inside, (q - z) - _grouped_float(x, spec) / s, q - z)
+            term = torch.where(inside, q - xg / s, q)
             ctx.save_for_backward(inside, term, scale)
         else:
             ctx.save_for_backward(inside)
         if sink is not None:
-            sink[0]._set_clipped(sink[1], 1.0 - inside.float().mean())
-        return out
+            sink[0]._set_clipped(sink[1], torch.count_nonzero(inside), inside.numel())
+        return q.mul_(s).reshape(x.shape).to(x.dtype)  # (q - zp) * scale
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         inside = ctx.saved_tensors[0]
         g = grad.reshape(inside.shape) if inside.shape != grad.shape else grad
-        gx = (g * inside.to(g.dtype)).reshape(ctx.x_shape)
+        gx = torch.where(inside, g, 0.0).reshape(ctx.x_shape)  # clipped STE
         gs = None
         if ctx.learn:
             term, scale = ctx.saved_tensors[1], ctx.saved_tensors[2]
             gs = _scale_grad(g.float() * term, scale, ctx.spec, ctx.x_shape) * ctx.grad_factor
         if ctx.sink is not None:
             fq, row = ctx.sink
-            fq._set_grad(row, torch.linalg.vector_norm(grad.float()),
-                         torch.linalg.vector_norm(gx.float()))
+            fq._set_grad(row, torch.linalg.vector_norm(grad), torch.linalg.vector_norm(gx))
         return gx, gs, None, None, None, None, None
 
 
@@ -157,15 +165,18 @@ class FakeQuantize(nn.Module):
         observer_kwargs: options of the observer (e.g. ``{"averaging_constant": 0.01}``).
         dynamic: compute qparams from each tensor at run time (``mode="dynamic"`` activations);
             no observer, no stored qparams.
-        learnable_scale: make ``scale`` an ``nn.Parameter`` trained with the LSQ gradient; the
-            observer only initializes it.
+        learnable_scale: train the scale with the LSQ gradient through the parameter
+            ``log_scale`` (``scale`` then reads ``exp(log_scale)``); the observer only initializes
+            it.
         reset_observer: forget the observer's history before each observation, so qparams follow
             the current tensor only (what weights need: the range of today's weights).
         freeze_observer_after: stop observing after this many training steps (``None``: never).
-        record_statistics: keep one statistics row per training forward (see :meth:`history`).
+        record_statistics: keep statistics of training forwards (see :meth:`history`).
+        statistics_every: record every n-th training forward (1: every step).
         name: tensor name used in errors and statistics, e.g. ``"fc1.input"``.
 
-    Buffers: ``scale`` (a parameter when learnable), ``zero_point``, ``fake_quant_enabled``,
+    Buffers: ``scale`` (parameter ``log_scale`` when learnable), ``zero_point``,
+    ``fake_quant_enabled``,
     ``observer_enabled``, ``initialized``, ``num_steps`` (training forwards seen), and the
     observer's own buffers: ``state_dict()`` restores a quantizer exactly.
 
@@ -195,7 +206,8 @@ class FakeQuantize(nn.Module):
             "moving_average"), *, observer_kwargs: Mapping[str, Any] | None = None,
                  dynamic: bool = False, learnable_scale: bool = False,
                  reset_observer: bool = False, freeze_observer_after: int | None = None,
-                 record_statistics: bool = True, name: str = "tensor") -> None:
+                 record_statistics: bool = True, statistics_every: int = 1,
+                 name: str = "tensor") -> None:
         super().__init__()
         if not isinstance(spec, QuantSpec):
             raise ValueError(f"FakeQuantize({name}): spec must be a QuantSpec, got "
@@ -214,13 +226,17 @@ class FakeQuantize(nn.Module):
         self.learnable_scale, self.reset_observer = bool(learnable_scale), bool(reset_observer)
         self.freeze_observer_after = freeze_observer_after
         self.record_statistics = bool(record_statistics)
+        if not isinstance(statistics_every, int) or statistics_every < 1:
+            raise ValueError(f"FakeQuantize({name}): statistics_every must be a positive int, "
+                             f"got {statistics_every!r}")
+        self.statistics_every = statistics_every
         self.observer: Calibrator | None = None
         if not dynamic:
             self.observer = create_calibrator(observer, spec, tensor_name=name,
                                               **dict(observer_kwargs or {}))
         qshape: tuple[int, ...] = () if spec.granularity == "per_tensor" else (0,)
         if learnable_scale:
-            self.scale = nn.Parameter(torch.ones(qshape))
+            self.log_scale = nn.Parameter(torch.zeros(qshape))
         else:
             self.register_buffer("scale", torch.ones(qshape))
         self.register_buffer("zero_point", torch.zeros(qshape, dtype=torch.int32))
@@ -228,9 +244,10 @@ class FakeQuantize(nn.Module):
         self.register_buffer("observer_enabled", torch.tensor(True))
         self.register_buffer("initialized", torch.tensor(bool(dynamic)))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
-        self._fwd: list[torch.Tensor] = []  # one (len(FORWARD_COLUMNS),) row per training step
-        self._bwd: dict[int, torch.Tensor] = {}  # row -> (grad_norm_in, grad_norm)
-        self._clip: dict[int, torch.Tensor] = {}
+        self._fwd: list[torch.Tensor] = []  # one (6,) row per recorded step, see _record_row
+        self._steps: list[int] = []  # the training step of each row
+        self._bwd: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # grad norms in / out
+        self._clip: dict[int, Any] = {}  # (kept count, numel) or a loaded fraction
 
     # ------------------------------------------------------------------ modes
     def enable_observer(self, enabled: bool = True) -> None:
@@ -270,6 +287,13 @@ class FakeQuantize(nn.Module):
                              "the model (training mode) before reading its qparams")
         return self.scale.detach().float().clone(), self.zero_point.detach().clone()
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "scale":  # a learnable quantizer's scale is derived from its log
+            params = self.__dict__.get("_parameters", {})
+            if "log_scale" in params:
+                return torch.exp(params["log_scale"])
+        return super().__getattr__(name)
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Feed ``x`` to the observer and refresh ``scale``/``zero_point`` from its range.
@@ -280,87 +304,102 @@ class FakeQuantize(nn.Module):
             return
         if self.reset_observer:
             self.observer.reset()
-        self.observer.update(x)
+        self.observer.update(self._summary(x))
         if self.learnable_scale and bool(self.initialized):
             return
         scale, zp = self.observer.compute_qparams(self.spec)
         self._set_qparams(scale, zp)
         self.initialized.fill_(True)
 
+    def _summary(self, x: torch.Tensor) -> torch.Tensor:
+        """What the observer needs to see: for min-max observers of per-channel (axis 0)
+        statistics, the ``(C, 2)`` tensor of each channel's min and max, which gives the
+        observer exactly the same state as ``x`` itself (``amin``/``amax`` are an order of
+        magnitude faster than ``torch.aminmax(dim=...)`` on CPU); otherwise ``x``."""
+        spec = self.spec
+        if (not isinstance(self.observer, MinMaxCalibrator) or spec.granularity != "per_channel"
+                or x.dim() < 2 or spec.axis % x.dim() != 0):
+            return x
+        flat = x.detach().reshape(x.shape[0], -1)  # (C, rest)
+        return torch.stack([flat.amin(1), flat.amax(1)], dim=1)  # (C, 2)
+
     def _set_qparams(self, scale: torch.Tensor, zp: torch.Tensor) -> None:
         scale = scale.to(self.zero_point.device, torch.float32)
-        if self.scale.shape != scale.shape:  # first per-channel / per-group observation
-            if isinstance(self.scale, nn.Parameter):
-                self.scale.data = scale.clone()
-            else:
-                self.scale = scale.clone()
-            self.zero_point = zp.to(self.zero_point.device, torch.int32).clone()
-            return
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zp)
+        zp = zp.to(self.zero_point.device, torch.int32)
+        if self.learnable_scale:
+            self.log_scale.data = torch.log(scale).reshape(scale.shape)  # shape may be new
+        elif self.scale.shape != scale.shape:  # first per-channel / per-group observation
+            self.scale = scale.clone()
+        else:
+            self.scale.copy_(scale)
+        if self.zero_point.shape != zp.shape:
+            self.zero_point = zp.clone()
+        else:
+            self.zero_point.copy_(zp)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Observe (training mode, when enabled), then quantize-dequantize ``x``."""
         training = self.training
+        observe = (training and self.observing) or not bool(self.initialized)
+        if training:
+            self.num_steps += 1
+        record = training and self.record_statistics and (
+            int(self.num_steps) % self.statistics_every == 0)
         if self.dynamic:
             if not bool(self.fake_quant_enabled):
                 return x
             scale, zp = choose_qparams(*compute_range(x, self.spec, self.name), self.spec)
-            rng = compute_range(x, self.spec.with_(granularity="per_tensor"), self.name)
-            return self._apply(x, scale, zp, rng, training)
-        if (training and self.observing) or not bool(self.initialized):
+            row = None
+            if record:  # the batch's own range
+                lo, hi = compute_range(x, self.spec.with_(granularity="per_tensor"), self.name)
+                row = self._record_row(scale, zp, lo, hi)
+            return self._apply(x, scale, zp, row)
+        if observe:
             self.observe(x)
-        if training:
-            self.num_steps += 1
-        if not bool(self.fake_quant_enabled):
-            if training and self.record_statistics:
-                self._record_passthrough()
-            return x
         assert self.observer is not None
-        rng = (self.observer.min_val, self.observer.max_val)
-        return self._apply(x, self.scale, self.zero_point, rng, training)
+        row = None
+        if record:
+            row = self._record_row(self.scale, self.zero_point, self.observer.min_val,
+                                   self.observer.max_val)
+        if not bool(self.fake_quant_enabled):
+            if row is not None:
+                self._clip[row] = 0.0  # pass-through: nothing clipped
+            return x
+        return self._apply(x, self.scale, self.zero_point, row)
 
     def _apply(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
-               rng: tuple[torch.Tensor, torch.Tensor], training: bool) -> torch.Tensor:
-        sink = None
-        if training and self.record_statistics:
-            sink = (self, self._record_row(scale, zp, rng))
+               row: int | None) -> torch.Tensor:
+        sink = None if row is None else (self, row)
         learn = self.learnable_scale and torch.is_grad_enabled()
-        if learn:
-            scale = self._positive_scale()
         factor = lsq_grad_factor(x, scale, self.spec) if learn else 0.0
         return _FakeQuantizeFn.apply(x, scale, zp, self.spec, learn, factor, sink)
 
-    def _positive_scale(self) -> torch.Tensor:
-        return torch.clamp(self.scale, min=_EPS)
-
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
-    def _record_row(self, scale: torch.Tensor, zp: torch.Tensor,
-                    rng: tuple[torch.Tensor, torch.Tensor]) -> int:
-        s, z = scale.detach().float(), zp.float()
-        row = torch.stack([s.mean(), s.min(), s.max(), z.mean(), rng[0].min().float(),
-                           rng[1].max().float(), torch.full_like(s.mean(), math.nan)])
+    def _record_row(self, scale: torch.Tensor, zp: torch.Tensor, lo: torch.Tensor,
+                    hi: torch.Tensor) -> int:
+        """Append this step's (scale mean/min/max, zero-point mean, range min/max); no sync."""
+        s = scale.detach()
+        if s.dim() == 0 and zp.dim() == 0 and lo.dim() == 0:  # per tensor: no reduction
+            row = torch.stack((s, s, s, zp.to(s.dtype), lo.to(s.dtype), hi.to(s.dtype)))
+        else:
+            s_lo, s_hi = torch.aminmax(s)
+            row = torch.stack((s.mean(), s_lo, s_hi, zp.float().mean(), lo.min().float(),
+                               hi.max().float()))
         self._fwd.append(row)
+        self._steps.append(int(self.num_steps))
         return len(self._fwd) - 1
 
-    def _record_passthrough(self) -> None:
-        """A row for a step with fake quantization off: nothing clipped, no gradient row."""
-        assert self.observer is not None
-        row = self._record_row(self.scale, self.zero_point,
-                               (self.observer.min_val, self.observer.max_val))
-        self._clip[row] = torch.zeros(())
-
-    def _set_clipped(self, row: int, value: torch.Tensor) -> None:
-        self._clip[row] = value.detach()
+    def _set_clipped(self, row: int, kept: torch.Tensor, numel: int) -> None:
+        self._clip[row] = (kept.detach(), numel)  # fraction computed when read
 
     def _set_grad(self, row: int, norm_in: torch.Tensor, norm_out: torch.Tensor) -> None:
-        self._bwd[row] = torch.stack([norm_in.detach(), norm_out.detach()])
+        self._bwd[row] = (norm_in.detach(), norm_out.detach())
 
     def history(self) -> dict[str, list[float]]:
-        """Per training step: ``step`` and the columns of ``FORWARD_COLUMNS`` and
-        ``BACKWARD_COLUMNS`` (``nan`` where a step had no backward).
+        """Per recorded training step: ``step`` (the training forward's index) and the columns
+        of ``FORWARD_COLUMNS`` and ``BACKWARD_COLUMNS`` (``nan`` where a step had no backward).
 
         Example:
             >>> fq = FakeQuantize(QuantSpec()).train()
@@ -369,26 +408,54 @@ class FakeQuantize(nn.Module):
             ([1], True)
         """
         n = len(self._fwd)
-        out: dict[str, list[float]] = {"step": list(range(1, n + 1))}
-        fwd = torch.stack(self._fwd).cpu() if n else torch.zeros(0, len(FORWARD_COLUMNS))
-        for j, col in enumerate(FORWARD_COLUMNS):
+        out: dict[str, list[float]] = {"step": list(self._steps)}
+        fwd = torch.stack(self._fwd).cpu() if n else torch.zeros(0, len(_ROW_COLUMNS))
+        for j, col in enumerate(_ROW_COLUMNS):
             out[col] = fwd[:, j].tolist()
-        out["clipped_fraction"] = [float(self._clip[i]) if i in self._clip else math.nan
-                                   for i in range(n)]
+        out["clipped_fraction"] = [self._clipped(i) for i in range(n)]
         for j, col in enumerate(BACKWARD_COLUMNS):
             out[col] = [float(self._bwd[i][j]) if i in self._bwd else math.nan for i in range(n)]
         return out
 
+    def _clipped(self, row: int) -> float:
+        value = self._clip.get(row, math.nan)
+        if isinstance(value, tuple):
+            return 1.0 - int(value[0]) / max(value[1], 1)
+        return float(value)
+
+    def load_history(self, columns: Mapping[str, list[float | None]]) -> None:
+        """Replace the recorded statistics by ``columns`` (as :meth:`history` returns them).
+
+        Example:
+            >>> a = FakeQuantize(QuantSpec()).train(); _ = a(torch.randn(3))
+            >>> b = FakeQuantize(QuantSpec()); b.load_history(a.history())
+            >>> b.history() == a.history()
+            True
+        """
+        def col(name: str) -> list[float]:
+            return [math.nan if v is None else float(v) for v in columns.get(name, [])]
+
+        steps = [int(v) for v in columns.get("step", [])]
+        n = len(steps)
+        fwd = [col(c) or [math.nan] * n for c in _ROW_COLUMNS]
+        self._steps = steps
+        self._fwd = [torch.tensor([c[i] for c in fwd]) for i in range(n)]
+        clip = col("clipped_fraction")
+        self._clip = {i: v for i, v in enumerate(clip) if not math.isnan(v)}
+        bwd = [col(c) or [math.nan] * n for c in BACKWARD_COLUMNS]
+        self._bwd = {i: (torch.tensor(bwd[0][i]), torch.tensor(bwd[1][i])) for i in range(n)
+                     if not (math.isnan(bwd[0][i]) and math.isnan(bwd[1][i]))}
+
     def clear_history(self) -> None:
         """Forget the recorded statistics (qparams and observer state are kept)."""
-        self._fwd, self._bwd, self._clip = [], {}, {}
+        self._fwd, self._steps, self._bwd, self._clip = [], [], {}, {}
 
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
         # per-channel qparams and observer ranges get their shape at the first observation:
         # adopt the incoming shapes so a fresh quantizer can load a trained one
-        for name, buf in [*self.named_buffers(), ("scale", self.scale)]:
+        for name, buf in [*self.named_buffers(), *self.named_parameters(recurse=False)]:
             key = prefix + name
             incoming = state_dict.get(key)
             if not isinstance(incoming, torch.Tensor) or buf is None or incoming.shape == buf.shape:

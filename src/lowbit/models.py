@@ -27,9 +27,9 @@ __all__ = [
 class MnistCNN(nn.Module):
     """A small CNN for 28x28 digits: (conv-BN-ReLU-pool), (conv-ReLU-pool), fc-ReLU, fc.
 
-    About 207k parameters; reaches about 98.5% on the bundled MNIST split (8,000 training images,
-    2,000 evaluation images) after 5 epochs of :func:`train_classifier`, in about 10 seconds on 2
-    CPU cores.
+    About 207k parameters; reaches 98.6-98.9% on the bundled MNIST split (8,000 training images,
+    2,000 evaluation images) after 4 epochs of :func:`train_classifier` with ``lr=2e-3``, in
+    about 6 seconds on 2 idle CPU cores.
 
     Args:
         num_classes: number of output logits.

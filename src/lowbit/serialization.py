@@ -59,6 +59,8 @@ TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "lowbit.json"
 #: Structural replacements :func:`load` may apply (float module -> this module, no arguments).
 REPLACEMENTS: dict[str, type[nn.Module]] = {"Identity": nn.Identity}
+#: Modules that exist only before conversion (QAT layers, fake-quantizers, calibrators).
+_UNSAVEABLE = ("lowbit.qat", "lowbit.fake_quantize", "lowbit.calibrators")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -100,7 +102,7 @@ def _module_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     first_name: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if not name:
+        if not name and type(module) not in registered:
             continue
         if id(module) in first_name and type(module) in registered:
             entries[name] = {"kind": "shared", "of": first_name[id(module)]}
@@ -110,7 +112,7 @@ def _module_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
             entries[name] = {"kind": "quantized", "meta": module.meta()}  # type: ignore[operator]
         elif type(module) is nn.Identity:
             entries[name] = {"kind": "replace", "class": "Identity"}
-        elif type(module).__module__.startswith("lowbit."):
+        elif type(module).__module__ in _UNSAVEABLE:
             raise ValueError(
                 f"lowbit.save: {name} ({type(module).__name__}) is not a saveable quantized "
                 "module; convert QAT models with QATPreparer.convert_to_quantized first, or "
@@ -128,6 +130,9 @@ def _dedupe(state: Mapping[str, torch.Tensor]
     seen: dict[tuple[Any, ...], str] = {}
     storages: set[int] = set()
     for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"lowbit.save: state_dict entry {name!r} is a {type(t).__name__}, "
+                             "not a tensor (get_extra_state?); safetensors stores tensors only")
         t = t.detach()
         key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if t.numel() and key in seen:
@@ -268,9 +273,15 @@ def _parse_header(data: bytes, size: int, where: Path) -> dict[str, Any]:
 
     Raises :class:`LoadError` on a truncated file, a corrupted header or a missing manifest.
     """
+    if data[:2] == b"PK":
+        raise LoadError(f"{where}: not a lowbit file (a zip archive, e.g. torch.save or "
+                        "TorchScript); pass the folder or .safetensors file lowbit.save wrote")
     if len(data) < 8:
         raise LoadError(f"{where}: truncated file ({len(data)} bytes); save it again")
     (n,) = struct.unpack("<Q", data[:8])
+    if n > size:
+        raise LoadError(f"{where}: not a safetensors file, or truncated (its header would "
+                        f"need {n} bytes, the file has {size}); save it again")
     if n > len(data) - 8:
         raise LoadError(f"{where}: truncated file (header needs {n} bytes, only "
                         f"{len(data) - 8} present); save it again")
@@ -289,6 +300,9 @@ def _parse_header(data: bytes, size: int, where: Path) -> dict[str, Any]:
         raise LoadError(f"{where}: truncated file (tensor data needs {end} bytes, file has "
                         f"{size}); save it again")
     meta = header.get("__metadata__") or {}
+    if "lowbit.checkpoint" in meta:
+        raise LoadError(f"{where}: a training checkpoint, not a saved quantized model; load it "
+                        "with lowbit.checkpoint.load_checkpoint")
     if MANIFEST_KEY not in meta:
         raise LoadError(f"{where}: not a lowbit file (no '{MANIFEST_KEY}' manifest in its "
                         "metadata); plain safetensors files load with safetensors.torch.load_file")
@@ -455,6 +469,8 @@ def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Pa
 
 def _expected_state(skeleton: nn.Module, built: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The state dict the skeleton will have after the replacements, computed without them."""
+    if "" in built:  # the root module itself was quantized
+        return dict(built[""].state_dict(keep_vars=True))
     state = dict(skeleton.state_dict(keep_vars=True))
     for name in built:
         prefix = name + "."
@@ -519,20 +535,27 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
 
     Example:
         >>> import tempfile
+        >>> from lowbit.models import MLP
         >>> from lowbit.ptq import quantize_weight_only
-        >>> q = quantize_weight_only(nn.Sequential(nn.Linear(64, 32)), bits=4, group_size=32)
+        >>> kwargs = {"in_features": 64, "hidden": [32], "num_classes": 4}
+        >>> q = quantize_weight_only(MLP(**kwargs), bits=4, group_size=32)
         >>> with tempfile.TemporaryDirectory() as d:
-        ...     _ = save(q, d + "/q.safetensors", factory="torch.nn:Linear",
-        ...              factory_kwargs={"in_features": 3, "out_features": 1})
-        ...     load(d + "/q.safetensors")
-        Traceback (most recent call last):
-        ...
-        ValueError: lowbit.load: pass model=... (a float torch.nn.modules.container:Sequential), ...
+        ...     _ = save(q, d + "/q.safetensors", factory="lowbit.models:MLP",
+        ...              factory_kwargs=kwargs)
+        ...     r = load(d + "/q.safetensors", trust_factory=True)  # or model=MLP(**kwargs)
+        >>> x = torch.randn(2, 64); torch.equal(r(x), q(x)), type(r.layers[0]).__name__
+        (True, 'Int4Linear')
     """
     p, manifest, tensors = _read_verified(path)
     skeleton = _skeleton(manifest, model, trust_factory, p)
     built = _build_replacements(manifest, skeleton, p)
     _check_compatible(_expected_state(skeleton, built), tensors, p)
+    if "" in built:  # the root module itself was quantized: the skeleton is not reused
+        root = built[""]
+        root.load_state_dict(tensors, strict=True)
+        root.eval()
+        root.lowbit_manifest = manifest
+        return root
     originals: dict[str, nn.Module] = {}
     try:
         for name, module in built.items():

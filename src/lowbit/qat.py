@@ -1,0 +1,572 @@
+"""Quantization-aware training: prepare a model with fake quantization, train it, convert it.
+
+``QATPreparer(config).prepare_for_qat(model)`` returns a copy in which every quantizable
+``Linear`` / ``Conv1d`` / ``Conv2d`` is a :class:`QATLayer`: the float layer (``base_layer``,
+same parameters, same ``requires_grad``), a :class:`~lowbit.fake_quantize.FakeQuantize` on its
+weight and one on its activation, a folded BatchNorm and a fused ReLU where present. The user's
+optimizer, loop and loss stay unchanged. ``convert_to_quantized`` then builds, for every
+``QATLayer``, the very integer module PTQ builds (:func:`lowbit.modules.convert_module`), fed
+with the learned qparams.
+
+Where the activation fake-quantizer sits, and why. A converted lowbit module quantizes **its
+own input** with ``input_qparams`` and returns float (``docs/design.md``), so the tensor the
+integer kernel consumes is the layer's input. Each ``QATLayer`` therefore fake-quantizes its
+input (``input_quantizer``) with exactly the spec and qparams the converted module receives,
+and its weight with the qparams stored in the module; the integer kernel then sees the same
+codes as the QAT forward, bit for bit, and only float rounding in the GEMM separates the two.
+This is the "output activation after the fused ReLU" of the issue seen from the consumer's
+side: in ``conv -> BN -> ReLU -> pool -> conv`` the second conv's input quantizer sees the
+first conv's post-ReLU output (max-pooling commutes with a monotone quantizer). An output-side
+quantizer would have to hand its qparams to the next layer, which breaks as soon as the next
+op is a residual add, a concat or the model's float output; the input side is exact in every
+graph. The last layer's output is float in the converted model, so it is float in QAT too.
+
+* ``mode="static"``: the input quantizer observes with a moving average (``activation_observer``)
+  in training mode and its qparams become the converted module's ``input_scale`` /
+  ``input_zero_point``.
+* ``mode="dynamic"``: qparams are computed per token (per tensor for convs, as the converted
+  conv does) from each input at run time; nothing is learned.
+* ``mode="weight_only"``: no activation quantizer; the weight is fake-quantized in the converted
+  module's ``[N, K]`` padded group layout.
+
+Conv/Linear + BatchNorm (found by :func:`lowbit.traverse.find_fusions`) follow the standard QAT
+folding (Jacob et al. 2018; ``torch.ao.nn.intrinsic.qat.ConvBn2d``): in training the weight is
+scaled by ``gamma / sqrt(running_var + eps)`` before fake quantization, the conv output is
+unscaled and the BatchNorm normalizes it with batch statistics (running statistics keep
+updating); after ``freeze_bn_after`` steps (or :func:`freeze_bn_stats`, or with the BatchNorm
+module itself in eval mode), and always in eval mode, the layer runs the folded weights of
+:func:`lowbit.traverse.fold_bn_weights`, which is what conversion quantizes. In the
+batch-statistics phase the rescaling ``gamma / sqrt(running_var + eps)`` is a constant for
+autograd (``gamma`` learns through the BatchNorm's affine, as in the float model), which also
+avoids three extra passes over the conv output in backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.calibrators import available_calibrators
+from lowbit.config import QuantizationConfig
+from lowbit.fake_quantize import FakeQuantize
+from lowbit.modules import convert_module
+from lowbit.modules_weight_only import _layout
+from lowbit.ptq import QuantizationReport
+from lowbit.qat_stats import QATStatistics, collect_statistics
+from lowbit.traverse import find_fusions, fold_bn_weights, plan_layers, relu_modules_to_remove
+
+__all__ = [
+    "QATConfig",
+    "QATLayer",
+    "QATPreparer",
+    "convert_qat",
+    "freeze_bn_stats",
+    "get_qat_statistics",
+    "prepare_qat",
+    "set_fake_quant_enabled",
+    "set_observer_enabled",
+]
+
+log = logging.getLogger(__name__)
+
+_QAT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _default_quantization() -> QuantizationConfig:
+    return QuantizationConfig.int8_static()
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How a model is trained with fake quantization.
+
+    Args:
+        quantization: the target :class:`~lowbit.config.QuantizationConfig` (weights,
+            activations, mode; ``skip_layers`` and ``layer_overrides`` set the spec or mode per
+            layer or glob, ``None`` keeps a layer in float: partial QAT). Default INT8 static.
+        activation_observer: calibrator name observing static activations during training
+            (default ``"moving_average"``; ``quantization.calibrator`` is a PTQ setting).
+        activation_observer_kwargs: its options, e.g. ``{"averaging_constant": 0.01}``.
+        weight_observer: calibrator name for weights (default ``"minmax"``, per channel when the
+            spec is). Weights are observed afresh at every step (the range of the current
+            weights), except with ``"moving_average"``, which averages over steps as torch.ao
+            does.
+        learnable_scale: train the scales with the LSQ gradient (weights and static
+            activations; not for frozen layers) through ``log_scale`` parameters, which the
+            user's optimizer picks up from ``qat_model.parameters()``; the observers only
+            initialize them.
+        freeze_bn_after: training steps after which folded BatchNorms stop using batch
+            statistics and stop updating their running statistics (``None``: never).
+        freeze_observers_after: training steps after which ranges stop moving (``None``: never).
+        record_statistics: keep per-step statistics (see :func:`get_qat_statistics`).
+        statistics_every: record every n-th training step only (1: every step; larger values
+            cut the small per-step cost of statistics on big runs).
+
+    Raises:
+        ValueError: on an unknown observer name or a negative step count.
+
+    Example:
+        >>> cfg = QATConfig(learnable_scale=True, freeze_bn_after=200)
+        >>> cfg.quantization.mode, QATConfig.from_dict(cfg.to_dict()) == cfg
+        ('static', True)
+    """
+
+    quantization: QuantizationConfig = field(default_factory=_default_quantization)
+    activation_observer: str = "moving_average"
+    activation_observer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    weight_observer: str = "minmax"
+    learnable_scale: bool = False
+    freeze_bn_after: int | None = None
+    freeze_observers_after: int | None = None
+    record_statistics: bool = True
+    statistics_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quantization, QuantizationConfig):
+            raise ValueError("QATConfig.quantization must be a QuantizationConfig, got "
+                             f"{type(self.quantization).__name__}")
+        for what in ("activation_observer", "weight_observer"):
+            name = getattr(self, what)
+            if name not in available_calibrators():
+                raise ValueError(f"QATConfig.{what}={name!r} is unknown; use one of "
+                                 f"{available_calibrators()}")
+        for what in ("freeze_bn_after", "freeze_observers_after"):
+            value = getattr(self, what)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"QATConfig.{what} must be a non-negative int or None, got "
+                                 f"{value!r}")
+        if not isinstance(self.statistics_every, int) or self.statistics_every < 1:
+            raise ValueError("QATConfig.statistics_every must be a positive int, got "
+                             f"{self.statistics_every!r}")
+        object.__setattr__(self, "activation_observer_kwargs",
+                           dict(self.activation_observer_kwargs))
+
+    def __hash__(self) -> int:
+        return hash((self.quantization, self.activation_observer, self.weight_observer,
+                     self.learnable_scale, self.freeze_bn_after, self.freeze_observers_after,
+                     self.record_statistics, self.statistics_every,
+                     tuple(sorted(self.activation_observer_kwargs))))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict (the quantization config nested)."""
+        return {"quantization": self.quantization.to_dict(),
+                "activation_observer": self.activation_observer,
+                "activation_observer_kwargs": dict(self.activation_observer_kwargs),
+                "weight_observer": self.weight_observer, "learnable_scale": self.learnable_scale,
+                "freeze_bn_after": self.freeze_bn_after,
+                "freeze_observers_after": self.freeze_observers_after,
+                "record_statistics": self.record_statistics,
+                "statistics_every": self.statistics_every}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QATConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are refused by name."""
+        data = dict(data)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"QATConfig: unknown field(s) {sorted(unknown)}")
+        if "quantization" in data:
+            data["quantization"] = QuantizationConfig.from_dict(data["quantization"])
+        return cls(**data)
+
+
+class QATLayer(nn.Module):
+    """A Linear / Conv1d / Conv2d trained with fake-quantized weight and input activation.
+
+    ``y = relu?(op(input_quantizer(x), weight_quantizer(W'), b'))`` where ``W', b'`` are the
+    weight and bias with the BatchNorm folded in (see the module docstring for training mode).
+
+    Args:
+        base_layer: the float layer (kept as is: same parameters and ``requires_grad``).
+        config: the layer's resolved :class:`~lowbit.config.QuantizationConfig`.
+        options: the :class:`QATConfig` (observers, LSQ, freezing, statistics).
+        bn: a BatchNorm that directly follows the layer, folded into it.
+        fused_relu: apply ReLU to the output (the model's ReLU module becomes ``Identity``).
+        name: qualified layer name, used in errors and statistics.
+
+    Raises:
+        ValueError: when ``base_layer`` is not a Linear/Conv1d/Conv2d.
+
+    Example:
+        >>> layer = QATLayer(nn.Linear(8, 4), QuantizationConfig.int8_static(), name="fc")
+        >>> y = layer.train()(torch.randn(5, 8))
+        >>> y.shape, float(layer.input_quantizer.scale) > 0
+        (torch.Size([5, 4]), True)
+    """
+
+    num_steps: torch.Tensor
+    bn_frozen: torch.Tensor
+
+    def __init__(self, base_layer: nn.Module, config: QuantizationConfig,
+                 options: QATConfig | None = None, *, bn: nn.Module | None = None,
+                 fused_relu: bool = False, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(base_layer, _QAT_TYPES):
+            raise ValueError(f"{name or '<unnamed>'}: QAT supports Linear, Conv1d and Conv2d, not "
+                             f"{type(base_layer).__name__}")
+        options = options or QATConfig(quantization=config)
+        self.base_layer, self.bn, self.name = base_layer, bn, name
+        # stored as JSON: QuantizationConfig holds MappingProxyType fields, which deepcopy refuses
+        self._config_json = config.to_json()
+        self.fused_relu = bool(fused_relu)
+        self.freeze_bn_after = options.freeze_bn_after
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("bn_frozen", torch.tensor(False))
+        weight = base_layer.weight
+        self._k = weight[0].numel()
+        self._weight_only = config.mode == "weight_only"
+        wspec, self._kp = config.weights, self._k
+        if self._weight_only:  # the converted module's [N, Kp] layout (padding, small groups)
+            wspec, self._kp = _layout(self._k, config.weights)
+        learn = options.learnable_scale and weight.requires_grad
+        self.weight_quantizer = FakeQuantize(
+            wspec, options.weight_observer, learnable_scale=learn,
+            reset_observer=options.weight_observer != "moving_average",
+            freeze_observer_after=options.freeze_observers_after,
+            record_statistics=options.record_statistics,
+            statistics_every=options.statistics_every, name=f"{name}.weight")
+        self.input_quantizer: FakeQuantize | None = None
+        if config.activations is not None:
+            aspec = config.activations
+            dynamic = config.mode == "dynamic"
+            if dynamic and not isinstance(base_layer, nn.Linear):
+                aspec = aspec.with_(granularity="per_tensor")  # as QuantizedConv2d does
+            self.input_quantizer = FakeQuantize(
+                aspec, options.activation_observer,
+                observer_kwargs=None if dynamic else options.activation_observer_kwargs,
+                dynamic=dynamic, learnable_scale=learn and not dynamic,
+                freeze_observer_after=options.freeze_observers_after,
+                record_statistics=options.record_statistics,
+                statistics_every=options.statistics_every, name=f"{name}.input")
+        with torch.no_grad():  # weight qparams from the pretrained weights, right away
+            self.weight_quantizer.observe(self._weight_view(self._folded()[0]))
+
+    @property
+    def config(self) -> QuantizationConfig:
+        """The layer's resolved quantization config."""
+        return QuantizationConfig.from_json(self._config_json)
+
+    # ------------------------------------------------------------------ weights
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias with the BatchNorm (running statistics) folded in."""
+        w, b = self.base_layer.weight, self.base_layer.bias
+        if self.bn is None:
+            return w, b
+        return fold_bn_weights(w, b, self.bn)
+
+    def _weight_view(self, w: torch.Tensor) -> torch.Tensor:
+        """The tensor the weight quantizer sees: ``w``, or its padded ``[N, Kp]`` view."""
+        if not self._weight_only:
+            return w
+        w2 = w.reshape(w.shape[0], -1)  # (N, K)
+        return F.pad(w2, (0, self._kp - self._k)) if self._kp > self._k else w2  # (N, Kp)
+
+    def _quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
+        wq = self.weight_quantizer(self._weight_view(w))
+        if self._weight_only:
+            wq = wq[:, : self._k].reshape(w.shape)
+        return wq
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.base_layer, nn.Linear):
+            return F.linear(x, w, b)
+        return self.base_layer._conv_forward(x, w, b)
+
+    @property
+    def bn_is_frozen(self) -> bool:
+        """True when the BatchNorm runs folded with its running statistics in training too."""
+        if self.bn is None:
+            return True
+        late = self.freeze_bn_after is not None and int(self.num_steps) >= self.freeze_bn_after
+        return bool(self.bn_frozen) or late
+
+    def freeze_bn(self, frozen: bool = True) -> None:
+        """Stop (or resume) batch statistics and running-statistics updates of the folded BN."""
+        self.bn_frozen.fill_(bool(frozen))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the input and the (folded) weight, run the float op, fused ReLU."""
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        bn = self.bn
+        if bn is not None and self.training and bn.training and not self.bn_is_frozen:
+            y = self._forward_bn_training(x, bn)
+        else:
+            w, b = self._folded()
+            y = self._op(x, self._quantize_weight(w), b)
+        if self.training:
+            self.num_steps += 1
+        return F.relu(y) if self.fused_relu else y
+
+    def _forward_bn_training(self, x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+        weight = self.base_layer.weight
+        with torch.no_grad():  # gamma / sqrt(running_var + eps): a constant rescaling here;
+            # gamma gets its gradient from the BatchNorm's affine, as in the float model
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            factor = gamma.double() / torch.sqrt(bn.running_var.double() + bn.eps)  # (C,)
+            factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+            inv = (1.0 / factor).to(weight.dtype)
+            factor = factor.to(weight.dtype)
+        w_scaled = weight * factor.reshape([-1] + [1] * (weight.dim() - 1))  # folded scale
+        y = self._op(x, self._quantize_weight(w_scaled), None)
+        shape = [1, -1] + [1] * (y.dim() - 2)
+        y = y * inv.reshape(shape)  # back to conv(x, W), up to the weight's quantization
+        if self.base_layer.bias is not None:
+            y = y + self.base_layer.bias.reshape(shape)
+        return bn(y)  # batch statistics; running statistics update
+
+    # ------------------------------------------------------------------ conversion
+    def to_float(self) -> nn.Module:
+        """A float copy of the layer with the BatchNorm folded in (what gets quantized)."""
+        layer = copy.deepcopy(self.base_layer)
+        with torch.no_grad():
+            w, b = self._folded()
+            layer.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            layer.bias = None if b is None else nn.Parameter(b.detach().clone(),
+                                                             requires_grad=False)
+        return layer
+
+    def to_quantized(self, backend: str = "auto") -> nn.Module:
+        """The integer module PTQ would build, with this layer's learned qparams.
+
+        Raises:
+            ValueError: when the static input quantizer never saw data.
+        """
+        kwargs: dict[str, Any] = {"fused_relu": self.fused_relu, "name": self.name,
+                                  "weight_qparams": self.weight_quantizer.qparams(),
+                                  "backend": backend}
+        iq = self.input_quantizer
+        extra: dict[str, Any] = {"qat": True,
+                                 "learnable_scale": self.weight_quantizer.learnable_scale}
+        if iq is not None and not iq.dynamic:
+            if not bool(iq.initialized):
+                raise ValueError(f"{self.name}: its input quantizer never saw data, so the input "
+                                 "range is unknown; run at least one batch through the QAT model "
+                                 "before converting, or keep the layer in float with "
+                                 f"layer_overrides={{{self.name!r}: None}}")
+            kwargs["input_qparams"] = iq.qparams()
+            assert iq.observer is not None
+            extra["calibrator"] = f"qat:{iq.observer.name}"
+            extra["observed_range"] = [float(iq.observer.min_val), float(iq.observer.max_val)]
+        kwargs["meta_extra"] = extra
+        return convert_module(self.to_float(), self.config, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, mode={self.config.mode}, fused_relu={self.fused_relu}, "
+                f"folded_bn={self.bn is not None}")
+
+
+class QATPreparer:
+    """Prepare a float model for quantization-aware training and convert it afterwards.
+
+    Args:
+        config: a :class:`QATConfig`, or a :class:`~lowbit.config.QuantizationConfig` used with
+            the default QAT options (``None``: INT8 static).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> preparer = QATPreparer(QuantizationConfig.int8_static())
+        >>> qat_model = preparer.prepare_for_qat(model)
+        >>> opt = torch.optim.SGD(qat_model.parameters(), lr=0.1)  # the user's own optimizer
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     loss = qat_model(torch.randn(8, 16)).pow(2).mean()
+        ...     loss.backward()
+        ...     opt.step()
+        >>> q = preparer.convert_to_quantized(qat_model)
+        >>> type(q[0]).__name__, q[0].weight.dtype, q[0].fused_relu
+        ('QuantizedLinear', torch.int8, True)
+    """
+
+    def __init__(self, config: QATConfig | QuantizationConfig | None = None) -> None:
+        if config is None:
+            config = QATConfig()
+        elif isinstance(config, QuantizationConfig):
+            config = QATConfig(quantization=config)
+        elif not isinstance(config, QATConfig):
+            raise TypeError("QATPreparer(config=...) must be a QATConfig or QuantizationConfig, "
+                            f"got {type(config).__name__}")
+        self.config = config
+
+    def prepare_for_qat(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with every quantizable layer replaced by a :class:`QATLayer`.
+
+        BatchNorms folded into a layer and ReLU modules fused into one become ``nn.Identity``;
+        layers kept in float by the config (or that lowbit cannot quantize) are left as they
+        are and listed in ``qat_model.lowbit_report``. The copy keeps the training mode of
+        ``model``.
+
+        Raises:
+            TypeError: when ``model`` is not an ``nn.Module``.
+            ValueError: NaN/Inf weights or an unsupported spec (the layer is named).
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"prepare_for_qat(model=...) expects an nn.Module, got "
+                            f"{type(model).__name__}")
+        qat = _copy_model(model)
+        fusions = find_fusions(qat)
+        plans = plan_layers(qat, self.config.quantization, None, fusions)
+        fused: set[str] = set()
+        for name, plan in plans.items():
+            module = qat.get_submodule(name)
+            if plan.status != "quantized":
+                continue
+            if not isinstance(module, _QAT_TYPES):
+                plan.config, plan.status = None, "skipped"
+                plan.reason = (f"QAT covers Linear/Conv1d/Conv2d; {plan.module_type} kept in "
+                               "float (quantize it after conversion with PTQ)")
+                continue
+            assert plan.config is not None
+            bn = qat.get_submodule(plan.folded_bn) if plan.folded_bn else None
+            layer = QATLayer(module, plan.config, self.config, bn=bn,
+                             fused_relu=plan.fused_relu, name=name)
+            layer.train(module.training)
+            if not name:
+                qat = layer
+                break
+            qat.set_submodule(name, layer)
+            if plan.folded_bn:
+                qat.set_submodule(plan.folded_bn, nn.Identity())
+            if plan.fused_relu:
+                fused.add(name)
+        if isinstance(qat, nn.Module) and not isinstance(qat, QATLayer):
+            for relu in relu_modules_to_remove(fusions, fused):
+                qat.set_submodule(relu, nn.Identity())
+        report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
+        qat.lowbit_report = report
+        qat.lowbit_qat_config_json = json.dumps(self.config.to_dict(), sort_keys=True)
+        n = len(report.quantized)
+        if n == 0:
+            log.warning("prepare_for_qat: no layer to quantize under this config")
+        log.info("lowbit QAT: %d layers prepared, %d FP32 by request, %d skipped", n,
+                 len(report.fp32), len(report.skipped))
+        return qat
+
+    def convert_to_quantized(self, qat_model: nn.Module, *, backend: str = "auto"
+                             ) -> nn.Module:
+        """Replace every :class:`QATLayer` by its integer module; no ``FakeQuantize`` remains.
+
+        Weights are quantized with the weight quantizer's qparams (learned or observed),
+        static inputs with the input quantizer's; the QAT model is not modified.
+
+        Args:
+            qat_model: a model from :meth:`prepare_for_qat` (trained or not).
+            backend: ``"auto"`` (fast integer kernels) or ``"reference"``.
+
+        Returns:
+            The quantized copy in eval mode, with ``lowbit_report`` attached.
+
+        Raises:
+            ValueError: when a static layer's input quantizer never saw data.
+        """
+        return convert_qat(qat_model, backend=backend)
+
+    def get_qat_statistics(self, qat_model: nn.Module) -> QATStatistics:
+        """Per-quantizer, per-step statistics: see :func:`get_qat_statistics`."""
+        return get_qat_statistics(qat_model)
+
+
+def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Convert a QAT model to integer modules (see :meth:`QATPreparer.convert_to_quantized`).
+
+    Example:
+        >>> qat = prepare_qat(nn.Sequential(nn.Linear(8, 8)), QuantizationConfig.int8_dynamic())
+        >>> type(convert_qat(qat)[0]).__name__
+        'QuantizedLinear'
+    """
+    model = _copy_model(qat_model)
+    if isinstance(model, QATLayer):
+        out = model.to_quantized(backend)
+        out.lowbit_report = getattr(qat_model, "lowbit_report", None)
+        return out.eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QATLayer):
+            model.set_submodule(name, module.to_quantized(backend))
+    leftovers = [n for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
+    if leftovers:
+        raise ValueError(f"convert_qat: FakeQuantize modules outside QAT layers remain at "
+                         f"{leftovers}; remove them or prepare the model with QATPreparer")
+    return model.eval()
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """Deep copy that shares an attached ``lowbit_report`` (immutable configs inside it)."""
+    report = getattr(model, "lowbit_report", None)
+    memo = {} if report is None else {id(report): report}
+    return copy.deepcopy(model, memo)
+
+
+def prepare_qat(model: nn.Module, config: QATConfig | QuantizationConfig | None = None
+                ) -> nn.Module:
+    """One-line QAT: ``QATPreparer(config).prepare_for_qat(model)``.
+
+    Example:
+        >>> qat = prepare_qat(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+        >>> type(qat[0]).__name__, type(qat[1]).__name__
+        ('QATLayer', 'Identity')
+    """
+    return QATPreparer(config).prepare_for_qat(model)
+
+
+def get_qat_statistics(qat_model: nn.Module) -> QATStatistics:
+    """Per layer and quantizer: scale/zero-point per training step, observed ranges, and the
+    gradient flow through each fake-quant node (clipped fraction, gradient norms).
+
+    Example:
+        >>> qat = prepare_qat(nn.Sequential(nn.Linear(4, 4))).train()
+        >>> qat(torch.randn(3, 4)).sum().backward()
+        >>> stats = get_qat_statistics(qat)
+        >>> sorted(stats.traces), stats.traces["0.input"]["step"]
+        (['0.input', '0.weight'], [1])
+    """
+    return collect_statistics(qat_model)
+
+
+def _quantizers(model: nn.Module) -> list[FakeQuantize]:
+    return [m for m in model.modules() if isinstance(m, FakeQuantize)]
+
+
+def set_observer_enabled(model: nn.Module, enabled: bool = True) -> None:
+    """Let every ``FakeQuantize`` in ``model`` update its range in training, or freeze them all.
+
+    Example:
+        >>> qat = prepare_qat(nn.Sequential(nn.Linear(4, 4)))
+        >>> set_observer_enabled(qat, False); bool(qat[0].input_quantizer.observer_enabled)
+        False
+    """
+    for fq in _quantizers(model):
+        fq.enable_observer(enabled)
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool = True) -> None:
+    """Turn fake quantization of every ``FakeQuantize`` in ``model`` on or off (observers go on).
+
+    Example:
+        >>> qat = prepare_qat(nn.Sequential(nn.Linear(4, 4)))
+        >>> set_fake_quant_enabled(qat, False); bool(qat[0].weight_quantizer.fake_quant_enabled)
+        False
+    """
+    for fq in _quantizers(model):
+        fq.enable_fake_quant(enabled)
+
+
+def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
+    """Run every folded BatchNorm of ``model`` on its running statistics (or resume updating).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        >>> qat = prepare_qat(m); freeze_bn_stats(qat); qat[0].bn_is_frozen
+        True
+    """
+    for m in model.modules():
+        if isinstance(m, QATLayer):
+            m.freeze_bn(frozen)

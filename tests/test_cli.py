@@ -1,0 +1,222 @@
+"""The ``lowbit`` command line, end to end through ``python -m lowbit`` (and ``main`` in-process
+for the quick error checks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.cli import main
+from lowbit.models import MLP, MnistCNN
+from lowbit.serialization import load
+
+ARCH = ["--arch", "lowbit.models:MLP", "--arch-kwargs", '{"hidden": [32]}']
+
+
+def lowbit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lowbit", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float MLP state dict, a lowbit-quantized copy of it and a small labelled tensor file."""
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    torch.save(MLP(hidden=(32,)).state_dict(), d / "mlp.pt")
+    x = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.save({"inputs": x, "labels": torch.arange(40) % 10}, d / "data.pt")
+    assert main(["quantize", str(d / "mlp.pt"), *ARCH, "--method", "dynamic", "--out",
+                 str(d / "q_dyn"), "--quiet"]) == 0
+    return d
+
+
+def test_quantize_static_on_mnist_then_inspect(work: Path) -> None:
+    run = lowbit("quantize", "mlp.pt", *ARCH, "--method", "static", "--calib", "mnist",
+                 "--calibrator", "percentile", "--calib-samples", "128", "--out", "q_static",
+                 "--json", "--quiet", cwd=work)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["out"].endswith("q_static/model.safetensors") and out["config"]["mode"] == "static"
+    assert [r["status"] for r in out["report"]["layers"]] == ["quantized", "quantized"]
+    model = load(work / "q_static", trust_factory=True)  # the factory was recorded
+    assert model.layers[0].meta()["extra"]["calibrator"] == "percentile"
+
+    run = lowbit("inspect", "q_static", cwd=work)
+    assert run.returncode == 0, run.stderr
+    assert "| layers.0 | QuantizedLinear | W8 per_channel, A8 per_tensor calibrated " \
+           "(percentile) | 8 | 32x784 |" in run.stdout
+    info = json.loads(lowbit("inspect", "q_static", "--json", cwd=work).stdout)
+    assert [r["name"] for r in info["layers"]] == ["layers.0", "layers.2"]
+
+
+@pytest.mark.parametrize("extra", [["--method", "dynamic", "--per-tensor", "--skip", "layers.2"],
+                                   ["--method", "int4", "--group-size", "32"]])
+def test_quantize_variants_in_process(work: Path, extra: list[str], capsys) -> None:
+    out = work / f"q_{extra[1]}.safetensors"
+    assert main(["quantize", str(work / "mlp.pt"), *ARCH, *extra, "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Saved {out}" in printed
+    model = load(out, model=MLP(hidden=(32,)))
+    if extra[1] == "int4":
+        assert type(model.layers[0]).__name__ == "Int4Linear"
+    else:
+        assert model.layers[0].weight_scale.dim() == 0 and type(model.layers[2]).__name__ == \
+            "Linear"
+
+
+def test_compare_with_report(work: Path) -> None:
+    run = lowbit("compare", "mlp.pt", "q_dyn", *ARCH, "--data", "data.pt", "--iters", "3",
+                 "--batch-sizes", "1,8", "--json", "--report", "cmp_report", cwd=work)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)["rows"]
+    assert [r["name"] for r in rows] == ["FP32", "q_dyn"]
+    assert rows[1]["compression"] > 3 and rows[1]["output_error"]["cosine"] > 0.99
+    assert set(rows[1]["latency"]) == {"b1", "b8"}
+    for name in ("report.md", "report.html", "latency.png", "hist_layers.0.png"):
+        assert (work / "cmp_report" / name).is_file(), name
+
+
+def test_sensitivity_with_budget_and_report(work: Path) -> None:
+    run = lowbit("sensitivity", "mlp.pt", *ARCH, "--method", "static", "--calib", "mnist",
+                 "--calib-samples", "128", "--data", "mnist", "--samples", "300", "--budget",
+                 "100", "--out", "q_fallback", "--report", "sens_report", cwd=work)
+    assert run.returncode == 0, run.stderr
+    assert "| 1 | layers." in run.stdout and "FP32 fallback for a drop <= 100.0: none" in \
+        run.stdout
+    assert (work / "q_fallback" / "model.safetensors").is_file()
+    assert (work / "sens_report" / "sensitivity.png").is_file()
+    assert "## Sensitivity" in (work / "sens_report" / "report.md").read_text()
+
+
+def test_bench_json_and_progress(work: Path) -> None:
+    run = lowbit("bench", "mlp.pt", "q_dyn", *ARCH, "--input-shape", "1,1,28,28",
+                 "--batch-sizes", "1,4", "--iters", "3", "--rounds", "1", "--json", cwd=work)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)["rows"]
+    assert [r["name"] for r in rows] == ["mlp.pt", "q_dyn"] and rows[0]["speedup"]["b4"] == 1.0
+    assert "benchmarking" in run.stderr  # the progress bar; --quiet removes it
+    quiet = lowbit("bench", "mlp.pt", *ARCH, "--input-shape", "1,784", "--batch-sizes", "2",
+                   "--iters", "2", "--rounds", "1", "--quiet", cwd=work)
+    assert quiet.returncode == 0 and quiet.stderr == "" and "| mlp.pt |" in quiet.stdout
+
+
+def test_exported_program_model(work: Path) -> None:
+    torch.manual_seed(0)
+    model = MnistCNN().eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(2, 1, 28, 28),),
+                                  dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, work / "cnn.pt2")
+    run = lowbit("quantize", "cnn.pt2", "--method", "dynamic", "--out", "q_cnn.safetensors",
+                 "--quiet", cwd=work)
+    assert run.returncode == 0, run.stderr
+    assert "| fc1 | Linear | quantized |" in run.stdout and "| conv1 | Conv2d | quantized |" \
+        in run.stdout
+    run = lowbit("compare", "cnn.pt2", "q_cnn.safetensors", "--data", "data.pt", "--iters", "2",
+                 "--batch-sizes", "4", "--json", "--quiet", cwd=work)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["rows"][1]["output_error"]["cosine"] > 0.99
+
+
+def test_torchscript_model_needs_arch(work: Path, capsys) -> None:
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(MLP(hidden=(32,)).eval()), work / "mlp_ts.pt")
+    assert main(["quantize", str(work / "mlp_ts.pt"), "--method", "dynamic", "--out",
+                 str(work / "x")]) == 2
+    assert "is TorchScript" in capsys.readouterr().err
+    assert main(["quantize", str(work / "mlp_ts.pt"), *ARCH, "--method", "dynamic", "--out",
+                 str(work / "q_ts"), "--quiet"]) == 0
+
+
+def test_demo_and_entry_points(work: Path) -> None:
+    run = lowbit("demo", "--help", cwd=work)
+    assert run.returncode == 0 and "usage: lowbit demo" in run.stdout and "--epochs" in run.stdout
+    script = Path(sys.executable).with_name("lowbit")
+    if script.exists():  # the console-script entry point of the installed package
+        run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "quantize" in run.stdout
+
+
+def test_data_formats(tmp_path: Path) -> None:
+    import numpy as np
+    import safetensors.torch
+
+    from lowbit.cli import load_data
+
+    x, y = torch.randn(6, 3), torch.arange(6)
+    torch.save((x, y), tmp_path / "pair.pt")
+    np.save(tmp_path / "x.npy", x.double().numpy())
+    safetensors.torch.save_file({"x": x, "y": y}, tmp_path / "xy.safetensors")
+    for name in ("pair.pt", "x.npy", "xy.safetensors"):
+        data = load_data(str(tmp_path / name), limit=4)
+        assert torch.equal(data.inputs, x[:4]) and data.inputs.dtype == torch.float32, name
+        assert (data.labels is None) == (name == "x.npy"), name
+    mnist = load_data("mnist", "calib", limit=10)
+    assert mnist.inputs.shape == (10, 1, 28, 28) and mnist.labels.shape == (10,)
+    safetensors.torch.save_file({"a": x, "b": x.clone()}, tmp_path / "ambiguous.safetensors")
+    with pytest.raises(ValueError, match="name them 'inputs'"):
+        load_data(str(tmp_path / "ambiguous.safetensors"))
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    ([], 2, "the following arguments are required: COMMAND"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    (["quantize", "mlp.pt", "--out", "x"], 2, "--method"),
+    (["quantize", "mlp.pt", "--method", "static", *ARCH, "--out", "x"], 2,
+     "--method static needs --calib DATA"),
+    (["quantize", "mlp.pt", "--method", "dynamic", "--out", "x"], 2, "pass --arch"),
+    (["quantize", "mlp.pt", "--method", "dynamic", "--arch", "nocolon", "--out", "x"], 2,
+     "must look like 'package.module:factory'"),
+    (["quantize", "mlp.pt", "--method", "dynamic", *ARCH[:2], "--arch-kwargs", "{oops",
+      "--out", "x"], 2, "not valid JSON"),
+    (["quantize", "mlp.pt", "--method", "static", "--calibrator", "magic", "--out", "x"], 2,
+     "invalid choice: 'magic'"),
+    (["compare", "mlp.pt", "q_dyn", *ARCH, "--data", "data.pt", "--batch-sizes", "0"], 2,
+     "expected positive integers"),
+    (["bench", "mlp.pt", *ARCH], 2, "pass --data DATA or --input-shape"),
+    (["inspect", "q_dyn"], 0, ""),
+    (["quantize", "missing.pt", "--method", "dynamic", *ARCH, "--out", "x"], 1,
+     "MODEL 'missing.pt' does not exist"),
+    (["quantize", "mlp.pt", "--method", "dynamic", "--arch", "lowbit.models:MnistCNN",
+      "--out", "x"], 1, "does not fit --arch lowbit.models:MnistCNN"),
+    (["quantize", "mlp.pt", "--method", "dynamic", "--arch", "no_such_pkg:f", "--out", "x"], 1,
+     "cannot import it"),
+    (["compare", "mlp.pt", "q_dyn", "--data", "data.pt"], 2, "pass --arch"),
+    (["compare", "mlp.pt", "q_dyn", *ARCH, "--data", "nothing.npy"], 1,
+     "DATA 'nothing.npy' does not exist"),
+    (["inspect", "data.pt"], 1, "data.pt: not a lowbit file (a zip archive"),
+    (["inspect", "nothing"], 1, "does not exist; pass the folder or the .safetensors file"),
+])
+def test_errors_are_one_line(work: Path, monkeypatch, capsys, argv: list[str], code: int,
+                             message: str) -> None:
+    monkeypatch.chdir(work)
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    if code:
+        assert err.startswith("lowbit: error: ") and err.count("\n") == 1, err
+        assert message in err
+        assert "Traceback" not in err
+
+
+def test_tampered_file_and_debug_via_subprocess(work: Path) -> None:
+    bad = work / "bad.safetensors"
+    data = bytearray((work / "q_dyn" / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    run = lowbit("inspect", "bad.safetensors", cwd=work)
+    assert run.returncode == 1
+    assert run.stderr.startswith("lowbit: error: ") and run.stderr.count("\n") == 1
+    assert "SHA-256 mismatch" in run.stderr and "Traceback" not in run.stderr
+    run = lowbit("inspect", "bad.safetensors", "--debug", cwd=work)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "LoadError" in run.stderr
+    run = lowbit("quantize", cwd=work)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert run.stderr.startswith("lowbit: error: the following arguments are required")

@@ -1,0 +1,209 @@
+"""QuantSpec / QuantizationConfig: validation names the field, JSON round trips (nested
+overrides included), presets, and per-layer resolution with ``config_for``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowbit.config import GRANULARITIES, QuantizationConfig, QuantSpec
+
+
+# ------------------------------------------------------------------------ QuantSpec
+@pytest.mark.parametrize("bits, signed, narrow, qmin, qmax, dtype", [
+    (8, True, False, -128, 127, torch.int8),
+    (8, True, True, -127, 127, torch.int8),
+    (8, False, False, 0, 255, torch.uint8),
+    (8, False, True, 1, 255, torch.uint8),
+    (4, True, False, -8, 7, torch.int8),
+    (4, False, False, 0, 15, torch.uint8),
+    (2, True, False, -2, 1, torch.int8),
+    (2, True, True, -1, 1, torch.int8),
+])
+def test_quantspec_code_range(bits, signed, narrow, qmin, qmax, dtype):
+    spec = QuantSpec(bits=bits, signed=signed, narrow_range=narrow)
+    assert (spec.qmin, spec.qmax, spec.storage_dtype) == (qmin, qmax, dtype)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"bits": 1}, "bits"),
+    ({"bits": 9}, "bits"),
+    ({"bits": "8"}, "bits"),
+    ({"bits": False}, "bits"),
+    ({"granularity": "per_row"}, "granularity"),
+    ({"granularity": "per_group"}, "group_size"),
+    ({"granularity": "per_group", "group_size": 0}, "group_size"),
+    ({"granularity": "per_group", "group_size": 32.0}, "group_size"),
+    ({"granularity": "per_channel", "group_size": 32}, "group_size"),
+    ({"axis": 1.5}, "axis"),
+    ({"axis": True}, "axis"),
+])
+def test_quantspec_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"QuantSpec\.{field}"):
+        QuantSpec(**kwargs)
+
+
+def test_quantspec_is_frozen_and_with_revalidates():
+    spec = QuantSpec()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.bits = 4  # type: ignore[misc]
+    assert spec.with_(bits=4).bits == 4 and spec.bits == 8
+    with pytest.raises(ValueError, match="bits"):
+        spec.with_(bits=12)
+
+
+def test_quantspec_from_dict_refuses_unknown_keys_by_name():
+    with pytest.raises(ValueError, match="bogus"):
+        QuantSpec.from_dict({"bits": 8, "bogus": 1})
+
+
+@st.composite
+def valid_specs(draw: st.DrawFn) -> QuantSpec:
+    granularity = draw(st.sampled_from(GRANULARITIES))
+    kwargs = dict(bits=draw(st.integers(2, 8)), signed=draw(st.booleans()),
+                  symmetric=draw(st.booleans()), narrow_range=draw(st.booleans()),
+                  granularity=granularity, axis=draw(st.integers(-3, 3)))
+    if granularity == "per_group":
+        kwargs["group_size"] = draw(st.sampled_from([1, 16, 32, 64, 128]))
+    return QuantSpec(**kwargs)
+
+
+@given(spec=valid_specs())
+def test_quantspec_dict_and_json_round_trip(spec):
+    data = json.loads(json.dumps(spec.to_dict()))
+    assert QuantSpec.from_dict(data) == spec
+
+
+# ------------------------------------------------------------------ QuantizationConfig
+@pytest.mark.parametrize("kwargs, field", [
+    ({"mode": "fast"}, "mode"),
+    ({"weights": "int8"}, "weights"),
+    ({"activations": "int8"}, "activations"),
+    ({"mode": "weight_only"}, "activations"),
+    ({"mode": "dynamic", "activations": None}, "activations"),
+    ({"activations": QuantSpec(granularity="per_channel")}, "activations"),
+    ({"mode": "static", "activations": QuantSpec(granularity="per_token")}, "granularity"),
+    ({"weights": QuantSpec(granularity="per_token")}, "weights"),
+    ({"calibrator": ""}, "calibrator"),
+    ({"calibrator": None}, "calibrator"),
+    ({"skip_layers": ["fc1", 3]}, "skip_layers"),
+    ({"layer_overrides": {3: None}}, "layer_overrides"),
+    ({"layer_overrides": {"fc1": "int8"}}, r"layer_overrides\['fc1'\]"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantizationConfig(**kwargs)
+
+
+def test_config_from_dict_refuses_unknown_keys_by_name():
+    with pytest.raises(ValueError, match="calibratr"):
+        QuantizationConfig.from_dict({"calibratr": "minmax"})
+    nested = QuantizationConfig().to_dict()
+    nested["layer_overrides"] = {"fc1": {"weights": {"bits": 8, "signs": True}}}
+    with pytest.raises(ValueError, match="signs"):
+        QuantizationConfig.from_dict(nested)
+
+
+def _nested_config() -> QuantizationConfig:
+    inner = QuantizationConfig.int4_weight_only(group_size=64, skip_layers=("lm_head",),
+                                                layer_overrides={"*.gate": None})
+    static = QuantizationConfig.int8_static(calibrator="percentile",
+                                            calibrator_kwargs={"percentile": 99.9, "bins": 4096})
+    return QuantizationConfig(
+        weights=QuantSpec(bits=7, symmetric=False, granularity="per_channel", axis=1),
+        mode="dynamic", calibrator="entropy", calibrator_kwargs={"num_quantized_bins": 128},
+        skip_layers=("classifier", "encoder.*.norm"),
+        layer_overrides={"decoder.*": inner, "encoder.0.attn": static, "head": None},
+    )
+
+
+def test_config_json_round_trip_with_nested_overrides():
+    cfg = _nested_config()
+    text = cfg.to_json()
+    assert json.loads(text) == cfg.to_dict()  # plain JSON, nothing custom
+    back = QuantizationConfig.from_json(text)
+    assert back == cfg and hash(back) == hash(cfg) and back.to_json() == text
+    assert back.layer_overrides["decoder.*"].layer_overrides["*.gate"] is None
+    assert back.layer_overrides["encoder.0.attn"].calibrator_kwargs["percentile"] == 99.9
+    assert back.layer_overrides["head"] is None
+    assert list(back.layer_overrides) == ["decoder.*", "encoder.0.attn", "head"]  # order kept
+
+
+def test_config_is_immutable_and_copies_its_mappings():
+    overrides = {"fc1": None}
+    kwargs = {"percentile": 99.0}
+    cfg = QuantizationConfig(layer_overrides=overrides, calibrator_kwargs=kwargs)
+    overrides["fc2"] = None
+    kwargs["percentile"] = 1.0
+    assert "fc2" not in cfg.layer_overrides and cfg.calibrator_kwargs["percentile"] == 99.0
+    with pytest.raises(TypeError):
+        cfg.layer_overrides["fc3"] = None  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.mode = "static"  # type: ignore[misc]
+
+
+def test_skip_layers_accepts_a_single_string():
+    assert QuantizationConfig(skip_layers="fc1").skip_layers == ("fc1",)
+
+
+# ------------------------------------------------------------------------------ presets
+def test_preset_int8_dynamic():
+    cfg = QuantizationConfig.int8_dynamic()
+    assert cfg.mode == "dynamic" and cfg == QuantizationConfig()
+    assert cfg.weights == QuantSpec(bits=8, symmetric=True, granularity="per_channel", axis=0)
+    assert cfg.activations.granularity == "per_token" and cfg.activations.symmetric
+    assert QuantizationConfig.int8_dynamic(per_token=False).activations.granularity == "per_tensor"
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "moving_average", "percentile", "entropy", "mse"])
+def test_preset_int8_static(calibrator):
+    cfg = QuantizationConfig.int8_static(calibrator=calibrator)
+    assert cfg.mode == "static" and cfg.calibrator == calibrator
+    assert cfg.weights.granularity == "per_channel" and cfg.weights.bits == 8
+    assert cfg.activations == QuantSpec(bits=8, symmetric=False, granularity="per_tensor")
+
+
+def test_preset_int4_weight_only():
+    cfg = QuantizationConfig.int4_weight_only(group_size=64)
+    assert cfg.mode == "weight_only" and cfg.activations is None
+    assert cfg.weights == QuantSpec(bits=4, symmetric=False, granularity="per_group",
+                                    group_size=64)
+    assert QuantizationConfig.int4_weight_only(symmetric=True).weights.group_size == 128
+
+
+def test_presets_pass_extra_fields_through():
+    cfg = QuantizationConfig.int8_static(skip_layers=("fc3",), calibrator_kwargs={"bins": 512})
+    assert cfg.is_skipped("fc3") and cfg.calibrator_kwargs["bins"] == 512
+
+
+# ---------------------------------------------------------------------------- config_for
+def test_config_for_resolution_order():
+    conv = QuantizationConfig.int8_static()
+    first = QuantizationConfig.int4_weight_only(group_size=32)
+    second = QuantizationConfig.int4_weight_only(group_size=64)
+    cfg = QuantizationConfig(
+        skip_layers=("head", "blocks.*.norm"),
+        layer_overrides={"blocks.*": first, "blocks.1*": second, "blocks.1.fc": conv,
+                         "aux.*": None, "head": conv},
+    )
+    assert cfg.config_for("blocks.1.fc") is conv  # an exact name beats every glob
+    assert cfg.config_for("blocks.1.proj") is first  # first matching glob in insertion order
+    assert cfg.config_for("blocks.3.proj") is first
+    assert cfg.config_for("aux.0") is None  # None override = keep in FP32
+    assert cfg.config_for("head") is None  # skip_layers beat overrides
+    assert cfg.config_for("blocks.2.norm") is None  # skip by glob
+    assert cfg.config_for("stem") is cfg  # no match: the config itself
+    assert cfg.config_for("blocks") is cfg  # globs match whole names only
+    assert cfg.is_skipped("blocks.0.norm") and not cfg.is_skipped("blocks.0.fc")
+
+
+def test_config_for_globs_are_case_sensitive_fnmatch_patterns():
+    cfg = QuantizationConfig(layer_overrides={"Encoder.*": None, "fc[1]": None})
+    assert cfg.config_for("encoder.0") is cfg
+    assert cfg.config_for("Encoder.0") is None
+    assert cfg.config_for("fc1") is None  # fnmatch: [1] is a character class

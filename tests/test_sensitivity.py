@@ -1,0 +1,146 @@
+"""Per-layer sensitivity analysis and automatic FP32 fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.data import mnist_splits
+from lowbit.evaluation import evaluate_accuracy
+from lowbit.models import MLP, MnistCNN, train_classifier
+from lowbit.sensitivity import SensitivityReport, analyze_sensitivity, auto_fallback
+
+PER_TENSOR_STATIC = QuantizationConfig.int8_static().__class__(
+    weights=QuantSpec(bits=8, granularity="per_tensor"),
+    activations=QuantSpec.int8_static_activation(), mode="static")
+
+
+def _trap_model() -> nn.Sequential:
+    """Four Linear layers; layer "2" is deliberately sensitive to per-tensor quantization.
+
+    Hidden unit 0 is always zero (ReLU of a negative constant), so the float model ignores
+    layer 2's huge weight on it; quantized per tensor, that outlier sets a scale so large that
+    every other weight of layer 2 rounds to zero.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):  # He init, no bias: inputs drive the outputs
+                nn.init.normal_(layer.weight, std=(2.0 / layer.in_features) ** 0.5)
+                layer.bias.zero_()
+        model[0].weight[0].zero_()
+        model[0].bias[0] = -1.0
+        model[2].weight[:, 0] = 0.0
+        model[2].weight[0, 0] = 1000.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def trap() -> tuple[nn.Sequential, list[torch.Tensor], object]:
+    model = _trap_model()
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(1))
+    labels = model(x).argmax(1).detach()
+
+    def agreement(m: nn.Module) -> float:  # % of float predictions kept, higher is better
+        with torch.inference_mode():
+            return 100.0 * float((m(x).argmax(1) == labels).float().mean())
+
+    return model, list(x[:256].split(64)), agreement
+
+
+def test_identifies_the_sensitive_layer(trap) -> None:
+    model, calib, agreement = trap
+    rep = analyze_sensitivity(model, PER_TENSOR_STATIC, agreement, calib, progress=False,
+                              metric_name="agreement")
+    assert rep.most_sensitive(1) == ["2"]
+    assert sorted(r.name for r in rep.rows) == ["0", "2", "4", "6"]
+    worst, *others = rep.rows
+    assert worst.drop > 30 and all(r.drop < 5 for r in others)
+    assert worst.cosine < min(r.cosine for r in others)
+    assert rep.baseline == 100.0 and rep.quantized_metric < 70
+    assert all(isinstance(p, torch.Tensor) for p in model.state_dict().values())
+    assert type(model[2]) is nn.Linear  # the float model is untouched
+
+
+def test_auto_fallback_keeps_the_sensitive_layer_in_fp32(trap) -> None:
+    model, calib, agreement = trap
+    qmodel, fallback = auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, budget=2.0,
+                                     progress=False)
+    assert fallback == ["2"]
+    assert type(qmodel[2]) is nn.Linear
+    assert {type(qmodel[i]).__name__ for i in (0, 4, 6)} == {"QuantizedLinear"}
+    assert 100.0 - agreement(qmodel) <= 2.0
+    assert qmodel.lowbit_report.fp32 == ["2"]
+    assert qmodel.lowbit_fallback["layers"] == ["2"]
+
+
+def test_auto_fallback_reuses_a_report_and_warns_when_budget_unreachable(trap) -> None:
+    model, calib, agreement = trap
+    rep = analyze_sensitivity(model, PER_TENSOR_STATIC, agreement, calib, progress=False)
+    with pytest.warns(UserWarning, match="still above budget"):
+        _, fallback = auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, budget=0.0,
+                                    sensitivity=rep, progress=False, max_fallback=1)
+    assert fallback == ["2"]
+    with pytest.raises(ValueError, match="budget=-1"):
+        auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, budget=-1)
+
+
+def test_output_error_ranking_without_eval_fn(trap) -> None:
+    model, calib, _ = trap
+    rep = analyze_sensitivity(model, PER_TENSOR_STATIC, None, iter(calib), progress=False)
+    assert rep.most_sensitive(1) == ["2"] and rep.baseline is None
+    assert rep.rows[0].metric is None and rep.rows[0].sensitivity == 1 - rep.rows[0].cosine
+    with pytest.raises(ValueError, match="pass eval_fn"):
+        analyze_sensitivity(model, QuantizationConfig.int8_dynamic(), None)
+
+
+def test_layers_filter(trap) -> None:
+    model, calib, agreement = trap
+    rep = analyze_sensitivity(model, PER_TENSOR_STATIC, agreement, calib, layers=["4", "6"],
+                              progress=False)
+    assert sorted(r.name for r in rep.rows) == ["4", "6"]
+    with pytest.raises(ValueError, match=r"layers \['nope'\] are not quantized"):
+        analyze_sensitivity(model, PER_TENSOR_STATIC, agreement, calib, layers=["nope"])
+
+
+def test_mnist_sensitivity_and_serialization_of_the_report() -> None:
+    splits = mnist_splits()
+    torch.manual_seed(0)
+    model = train_classifier(MLP(hidden=(64,)), Subset(splits.train, range(2000)), epochs=1,
+                             progress=False)
+    evalset = TensorDataset(*(t[:500] for t in splits.eval.tensors))
+    calib = list(splits.train.tensors[0][:256].split(64))
+    accuracy = lambda m: evaluate_accuracy(m, evalset)  # noqa: E731
+    rep = analyze_sensitivity(model, QuantizationConfig.int8_static(), accuracy, calib,
+                              progress=False, metric_name="accuracy")
+    assert {r.name for r in rep.rows} == {"layers.0", "layers.2"}
+    assert rep.baseline > 60  # a 1-epoch MLP on 2,000 images
+    assert all(abs(r.drop) < 5 and r.cosine > 0.98 for r in rep.rows)
+    text = rep.to_markdown()
+    assert "| 1 | " in text and "FP32 accuracy" in text
+    again = SensitivityReport.from_dict(json.loads(json.dumps(rep.to_dict())))
+    assert again == rep
+    qmodel, fallback = auto_fallback(model, QuantizationConfig.int8_static(), accuracy, calib,
+                                     budget=5.0, sensitivity=rep, progress=False)
+    assert fallback == [] and qmodel.lowbit_report.fp32 == []
+
+
+def test_folded_batchnorm_is_measured_once() -> None:
+    """conv1 carries bn1 folded in: analysing it alone must not apply the BatchNorm twice."""
+    torch.manual_seed(0)
+    model = MnistCNN().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-1, 1)
+        model.bn1.running_var.uniform_(0.2, 3.0)
+    x = torch.randn(16, 1, 28, 28)
+    rep = analyze_sensitivity(model, QuantizationConfig.int8_dynamic(), example_input=x,
+                              progress=False)
+    conv1 = next(r for r in rep.rows if r.name == "conv1")
+    assert conv1.cosine > 0.999
