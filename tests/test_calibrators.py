@@ -24,6 +24,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.ao.quantization import observer as tao
 
 from lowbit import calibrators as cb
@@ -568,36 +569,72 @@ def test_moving_average_change_is_bounded_and_range_converges(rng):
 
 
 # ------------------------------------------------------------------------- bounded memory
-def _buffer_bytes(cal: Calibrator) -> int:
-    return sum(b.numel() * b.element_size() for b in cal.buffers())
+def _state_bytes(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from ``obj``'s attributes: buffers, and any list, tuple,
+    dict or set a calibrator might (wrongly) keep batches in. torch's CPU allocations are
+    invisible to tracemalloc; this walks the Python objects instead."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(_state_bytes(v, seen) for v in obj)
+    if isinstance(obj, nn.Module):
+        return _state_bytes(vars(obj), seen)
+    return 0
+
+
+def _calibrate_streaming(cal: Calibrator, batches: int) -> tuple[int, int]:
+    """Feed ``batches`` fresh N(0, s) batches of 4,096 values, s growing (so histograms re-bin),
+    each a numpy-backed tensor made on the fly: numpy reports its buffers to tracemalloc, so a
+    calibrator holding on to batches shows up in the traced peak. Returns (traced peak bytes,
+    calibrator state bytes)."""
+    gen = np.random.default_rng(0)
+    tracemalloc.start()
+    try:
+        for i in range(batches):
+            cal(torch.from_numpy(gen.standard_normal(4096, dtype=np.float32) * (1 + i / 50)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert cal.num_batches == batches
+    return peak, _state_bytes(cal)
+
+
+def _flat_memory(name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    warm = create_calibrator(name)
+    _calibrate_streaming(warm, 3)  # lazy initialisation (dispatch caches) outside the measurement
+    return _calibrate_streaming(create_calibrator(name), 10), _calibrate_streaming(
+        create_calibrator(name), 1000)
 
 
 @pytest.mark.parametrize("name", BUILTINS)
-def test_memory_stays_flat_from_10_to_1000_batches(name, rng):
-    """Constant-size state: the buffers hold the same number of bytes after 10 and after 1,000
-    batches (torch's CPU allocations are invisible to tracemalloc, hence this check), and the
-    peak Python memory traced during batches 11-1,000 exceeds that of batches 1-10 by < 64 KiB.
-    The data's scale grows, so histograms are re-binned along the way."""
-    cal = create_calibrator(name)
-    batches = [torch.randn(64, generator=rng) * (1 + i / 50) for i in range(1000)]
-    cal(batches[0])  # warm up lazy initialisation outside the measurement
-    cal.reset()
-    tracemalloc.start()
-    try:
-        for x in batches[:10]:
-            cal(x)
-        current10, peak10 = tracemalloc.get_traced_memory()
-        bytes10 = _buffer_bytes(cal)
-        tracemalloc.reset_peak()
-        for x in batches[10:]:
-            cal(x)
-        current1000, peak1000 = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert cal.num_batches == 1000
-    assert _buffer_bytes(cal) == bytes10
-    assert peak1000 - peak10 < 64 * 1024, (peak10, peak1000)
-    assert current1000 - current10 < 16 * 1024, (current10, current1000)
+def test_memory_stays_flat_from_10_to_1000_batches(name):
+    """Constant-size state: a run of 1,000 batches (16 KiB each, 16 MB in all) peaks within
+    32 KiB of a run of 10 in traced Python/numpy memory (keeping the batches would add 16 MB),
+    and the calibrator holds exactly as many tensor bytes afterwards (keeping copies would add
+    16 MB)."""
+    (peak10, bytes10), (peak1000, bytes1000) = _flat_memory(name)
+    assert bytes1000 == bytes10 < 128 * 1024
+    assert peak1000 - peak10 < 32 * 1024, (peak10, peak1000)
+
+
+@pytest.mark.parametrize("keep", ["references", "copies"])
+def test_memory_check_catches_a_calibrator_that_keeps_batches(keep, registry):
+    """The check above can fail: a min-max calibrator that keeps every batch (by reference or as
+    a torch copy) is caught by the traced peak or by the state bytes."""
+    @register_calibrator("leaky_test")
+    class Leaky(MinMaxCalibrator):
+        def _observe(self, x, lo, hi, first):
+            self.__dict__.setdefault("kept", []).append(x if keep == "references" else x.clone())
+            super()._observe(x, lo, hi, first)
+
+    (peak10, bytes10), (peak1000, bytes1000) = _flat_memory("leaky_test")
+    assert peak1000 - peak10 > 10_000_000 or bytes1000 - bytes10 > 10_000_000
 
 
 # ------------------------------------------------------------------------- ONNX Runtime

@@ -152,3 +152,55 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
         select_kernel("int8_linear", 1, backend="fast")
     with pytest.raises(ValueError, match="unknown op"):
         select_kernel("int3_linear", 1)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (7, 33, 17), (40, 1100, 24)])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+def test_int8_linear_affine_weights_equal_reference(m: int, k: int, n: int, static: bool,
+                                                    kernel: str) -> None:
+    torch.manual_seed(m + n)
+    x, w = torch.randn(m, k), torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    w_zp = torch.randint(-128, 128, (n,), dtype=torch.int32)
+    if static:
+        u, s, zp_u = quantize_activation_u8(x, -128, 127, torch.tensor(0.02),
+                                            torch.tensor(-100, dtype=torch.int32))
+    else:
+        u, s, zp_u = quantize_activation_u8(x, -128, 127)
+    colsum = w.int().sum(1) - k * w_zp
+    args = (u, s, zp_u, w, torch.rand(n) + 0.1, colsum, torch.randn(n))
+    fast = int8_linear(*args, kernel=kernel, w_zp=w_zp)
+    ref = int8_linear(*args, kernel="reference", w_zp=w_zp)
+    assert torch.equal(fast, ref)
+    acc = (u.long() - zp_u.long()) @ (w.long() - w_zp.long()[:, None]).t()  # int64 maths
+    torch.testing.assert_close(ref, acc.float() * s * args[4] + args[6], rtol=1e-6, atol=1e-5)
+    # a weight zero-point really changes the result (the correction term is not dropped)
+    assert not torch.equal(fast, int8_linear(*args, kernel=kernel))
+
+
+def test_fp32_codes_is_exact_with_full_range_affine_activations() -> None:
+    # centered codes of 255 times weights of +-127/128: a 1024-term fp32 partial sum passes 2^24
+    # (and rounds), while the total stays small enough to be exact in the float32 output
+    g = torch.Generator().manual_seed(0)
+    u = torch.full((2, 2048), 255, dtype=torch.uint8)
+    w = 127 + torch.randint(0, 2, (8, 2048), generator=g)
+    w[:, :1024] *= -1
+    w = w.clamp(-128, 127).to(torch.int8)
+    zp_u = torch.tensor(0, dtype=torch.int32)
+    y = int8_linear(u, torch.tensor(1.0), zp_u, w, torch.ones(8), w.int().sum(1),
+                    kernel="fp32_codes")
+    assert torch.equal(y.long(), u.long() @ w.long().t())
+
+
+@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+def test_int8_conv2d_affine_weights_equal_reference(kernel: str) -> None:
+    torch.manual_seed(7)
+    x = torch.randn(2, 5, 9, 8)
+    w = torch.randint(-128, 128, (6, 5, 3, 3), dtype=torch.int8)
+    w_zp = torch.randint(-20, 20, (6,), dtype=torch.int32)
+    colsum = w.int().sum((1, 2, 3)) - 45 * w_zp
+    args = (x, torch.tensor(0.03), torch.tensor(5, dtype=torch.int32), -128, 127, w,
+            torch.rand(6) + 0.1, colsum, torch.randn(6), (1, 2), (1, 1), (1, 1), 1)
+    fast = int8_conv2d(*args, kernel=kernel, w_zp=w_zp)
+    assert torch.equal(fast, int8_conv2d(*args, kernel="reference", w_zp=w_zp))
+    assert not torch.equal(fast, int8_conv2d(*args, kernel=kernel))

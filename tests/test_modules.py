@@ -287,3 +287,101 @@ def test_embedding_int8_per_row_matches_dequantize() -> None:
     idx = torch.randint(0, 30, (4, 7))
     assert torch.equal(q(idx), q.dequantize_weight()[idx])
     assert _cos(q(idx), emb(idx).detach()) > 0.999
+
+
+def _cfg(weights: QuantSpec, acts: QuantSpec | None = None, mode: str = "dynamic"
+         ) -> QuantizationConfig:
+    return QuantizationConfig(weights=weights, mode=mode,
+                              activations=acts or QuantSpec.int8_dynamic_activation())
+
+
+AFFINE_W = [QuantSpec(bits=8, symmetric=False, granularity="per_tensor"),
+            QuantSpec(bits=8, symmetric=False, granularity="per_channel")]
+
+
+@pytest.mark.parametrize("wspec", AFFINE_W, ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_linear_affine_weights(wspec: QuantSpec, mode: str) -> None:
+    torch.manual_seed(8)
+    fc = nn.Linear(96, 40)
+    with torch.no_grad():
+        fc.weight.add_(0.05 * torch.rand(40, 1))  # one-sided rows -> non-zero zero-points
+    x = torch.randn(5, 96) + 0.5
+    acts = QuantSpec.int8_static_activation() if mode == "static" else None
+    cfg = _cfg(wspec, acts, mode)
+    kw = {"input_qparams": _static_qparams(x)} if mode == "static" else {}
+    q = convert_module(fc, cfg, **kw)
+    ref = convert_module(fc, cfg, backend="reference", **kw)
+    assert check_supported(fc, cfg) is None and bool(q.weight_zero_point.ne(0).any())
+    y = q(x)
+    assert torch.equal(y, ref(x))
+    # exact integer accumulator with the weight zero-point: int64 maths
+    if mode == "static":
+        from lowbit.ops import quantize
+        s_x, zp_x = kw["input_qparams"]
+        qx = quantize(x, s_x, zp_x, cfg.activations).long() - int(zp_x)
+        s_x = s_x.reshape(1, 1)
+    else:
+        s_x = x.abs().amax(1, keepdim=True) / 127
+        qx = torch.round(x / s_x).long()
+    qw = q.weight.long() - q.weight_zero_point.long().reshape(-1, 1)
+    expected = (qx @ qw.t()).float() * s_x * q.weight_scale + q.bias
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    assert _cos(y, fc(x).detach()) > 0.999
+    # round trip through the state dict rebuilds the zero-point caches
+    r = module_from_meta(q.meta())
+    r.load_state_dict(q.state_dict())
+    assert torch.equal(r(x), y)
+
+
+@pytest.mark.parametrize("wspec", AFFINE_W, ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_conv2d_affine_weights(wspec: QuantSpec, mode: str) -> None:
+    torch.manual_seed(9)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.add_(0.1)
+    x = torch.randn(2, 4, 9, 9)
+    acts = QuantSpec.int8_static_activation() if mode == "static" else None
+    cfg = _cfg(wspec, acts, mode)
+    kw = {"input_qparams": _static_qparams(x)} if mode == "static" else {}
+    q = convert_module(conv, cfg, **kw)
+    assert bool(q.weight_zero_point.ne(0).any())
+    y = q(x)
+    assert torch.equal(y, convert_module(conv, cfg, backend="reference", **kw)(x))
+    assert _cos(y, conv(x).detach()) > 0.999
+    q1 = convert_module(nn.Conv1d(4, 6, 3), cfg, **kw) if mode == "dynamic" else None
+    if q1 is not None:
+        assert q1(torch.randn(2, 4, 10)).shape == (2, 6, 8)
+
+
+def test_unsigned_weights_are_refused_with_a_fix() -> None:
+    cfg = _cfg(QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_channel"))
+    assert "signed" in check_supported(nn.Linear(4, 4), cfg)
+
+
+@pytest.mark.parametrize("wbits,abits,asigned,asym", [
+    (4, 8, True, True), (8, 4, True, True), (4, 4, True, True), (8, 4, False, False),
+    (6, 8, False, True), (8, 5, True, False)])
+@pytest.mark.parametrize("wsym", [True, False])
+def test_fewer_bits_run_as_int8_codes(wbits: int, abits: int, asigned: bool, asym: bool,
+                                      wsym: bool) -> None:
+    torch.manual_seed(10)
+    fc = nn.Linear(64, 32)
+    x = torch.randn(6, 64) + 0.3
+    wspec = QuantSpec(bits=wbits, symmetric=wsym, granularity="per_channel")
+    aspec = QuantSpec(bits=abits, signed=asigned, symmetric=asym, granularity="per_token")
+    q = convert_module(fc, _cfg(wspec, aspec))
+    assert q.weight.dtype == torch.int8
+    assert int(q.weight.min()) >= wspec.qmin and int(q.weight.max()) <= wspec.qmax
+    y = q(x)
+    assert torch.equal(y, convert_module(fc, _cfg(wspec, aspec), backend="reference")(x))
+    # same as fake-quantizing both operands with lowbit.ops in float64
+    from lowbit.ops import choose_qparams, compute_range, quantize
+    s_x, zp_x = choose_qparams(*compute_range(x, aspec), aspec)
+    qx = quantize(x, s_x, zp_x, aspec).double() - zp_x.double()
+    qw = q.weight.double() - q.weight_zero_point.double()[:, None]
+    expected = (qx @ qw.t()) * s_x.double() * q.weight_scale.double() + q.bias.double()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    bits = min(wbits, abits)
+    assert _cos(y, fc(x).detach()) > {4: 0.97, 5: 0.99, 6: 0.995, 8: 0.999}[bits]

@@ -21,14 +21,34 @@ from lowbit.calibrators import (
     create_calibrator,
     register_calibrator,
 )
+from lowbit.checkpoint import load_checkpoint, save_checkpoint
 from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.evaluation import (
+    ComparisonRow,
+    ComparisonTable,
+    LatencyStats,
+    OutputError,
+    compare_models,
+    compare_outputs,
+    evaluate_accuracy,
+    measure_latency,
+    model_nbytes,
+    quantized_weight_nbytes,
+)
+from lowbit.fake_quantize import FakeQuantize
 from lowbit.modules import (
+    QUANTIZED_MODULES,
     Int4Linear,
     Int8WeightOnlyLinear,
     QuantizedConv1d,
     QuantizedConv2d,
     QuantizedEmbedding,
     QuantizedLinear,
+    WeightOnlyConv1d,
+    WeightOnlyConv2d,
+    check_supported,
+    convert_module,
+    module_from_meta,
 )
 from lowbit.ptq import (
     PTQQuantizer,
@@ -38,20 +58,52 @@ from lowbit.ptq import (
     quantize_static,
     quantize_weight_only,
 )
+from lowbit.qat import (
+    QATConfig,
+    QATLayer,
+    QATPreparer,
+    convert_qat,
+    freeze_bn_stats,
+    get_qat_statistics,
+    prepare_qat,
+    set_fake_quant_enabled,
+    set_observer_enabled,
+)
+from lowbit.qat_stats import QATStatistics
+from lowbit.report import report
+from lowbit.sensitivity import (
+    LayerSensitivity,
+    SensitivityReport,
+    analyze_sensitivity,
+    auto_fallback,
+)
+from lowbit.serialization import LoadError, describe, load, read_manifest, save
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "QUANTIZED_MODULES",
     "CalibrationRecord",
     "Calibrator",
+    "ComparisonRow",
+    "ComparisonTable",
     "EntropyCalibrator",
+    "FakeQuantize",
     "Int4Linear",
     "Int8WeightOnlyLinear",
+    "LatencyStats",
+    "LayerSensitivity",
+    "LoadError",
     "MSECalibrator",
     "MinMaxCalibrator",
     "MovingAverageCalibrator",
+    "OutputError",
     "PTQQuantizer",
     "PercentileCalibrator",
+    "QATConfig",
+    "QATLayer",
+    "QATPreparer",
+    "QATStatistics",
     "QuantSpec",
     "QuantizationConfig",
     "QuantizationReport",
@@ -60,12 +112,39 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedLinear",
     "Quantizer",
+    "SensitivityReport",
+    "WeightOnlyConv1d",
+    "WeightOnlyConv2d",
     "__version__",
+    "analyze_sensitivity",
+    "auto_fallback",
     "available_calibrators",
+    "check_supported",
+    "compare_models",
+    "compare_outputs",
+    "convert_module",
+    "convert_qat",
     "create_calibrator",
+    "describe",
+    "evaluate_accuracy",
+    "freeze_bn_stats",
+    "get_qat_statistics",
+    "load",
+    "load_checkpoint",
+    "measure_latency",
+    "model_nbytes",
+    "module_from_meta",
     "ops",
+    "prepare_qat",
     "quantize_dynamic",
     "quantize_static",
     "quantize_weight_only",
+    "quantized_weight_nbytes",
+    "read_manifest",
     "register_calibrator",
+    "report",
+    "save",
+    "save_checkpoint",
+    "set_fake_quant_enabled",
+    "set_observer_enabled",
 ]

@@ -79,11 +79,12 @@ def _default_spec() -> QuantSpec:
 
 
 def _relative_change(old: tuple[torch.Tensor, torch.Tensor],
-                     new: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """``max((|d min| + |d max|) / (max - min))`` over channels; 0 when nothing moved."""
+                     new: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``max((|d min| + |d max|) / (max - min))`` over channels (0-dim tensor, on the device);
+    0 when nothing moved."""
     delta = (new[0] - old[0]).abs() + (new[1] - old[1]).abs()
     rel = torch.where(delta == 0, torch.zeros_like(delta), delta / (new[1] - new[0]))
-    return float(rel.max())
+    return rel.max()
 
 
 class Calibrator(nn.Module):
@@ -104,6 +105,10 @@ class Calibrator(nn.Module):
         last_change: relative movement ``(|d min| + |d max|) / (max - min)`` of the tracked range
             (running min/max, moving averages, or the histogram's observed min/max) in the last
             update or merge; ``inf`` after the first update. It shrinks as calibration converges.
+
+    Devices: the state follows the batches (a calibrator fed CUDA tensors moves its buffers to
+    that device), and :meth:`update` never waits for the device: it reads nothing back to the
+    host (no ``.item()``), except the NaN/Inf check of CPU batches, which is free there.
 
     Raises:
         ValueError: on an unknown option, a non-QuantSpec spec or an unsupported granularity.
@@ -149,37 +154,52 @@ class Calibrator(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold one batch into the statistics (constant memory, incremental).
+        """Fold one batch into the statistics (constant memory, incremental, no host sync).
+
+        The calibrator's buffers move to ``x``'s device if they are elsewhere. A NaN/Inf batch on
+        the CPU is refused at once and leaves no trace; on an accelerator, checking would force a
+        host sync per batch, so the non-finite values flow into the tracked range and
+        :meth:`compute_range` refuses it (:meth:`reset` starts over).
 
         Raises:
-            ValueError: when ``x`` is empty or holds NaN/Inf (the message names ``tensor_name``),
-                or when per-channel statistics change shape between batches.
+            ValueError: when ``x`` is empty or (on the CPU) holds NaN/Inf (the message names
+                ``tensor_name``), or when per-channel statistics change shape between batches.
         """
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{self.tensor_name}: expected a torch.Tensor, got {type(x).__name__}")
         if x.numel() == 0:
             raise ValueError(f"{self.tensor_name} is empty (shape {tuple(x.shape)}); "
                              "calibration batches must hold at least one value")
-        x = x.detach().float()
+        x = x.detach()
+        if x.device != self.num_batches_tracked.device:
+            self.to(x.device)
+        x = x.float()
         lo, hi = ops.compute_range(x, self.spec, self.tensor_name)
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        if x.device.type == "cpu" and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
             ops.check_finite(x, self.tensor_name)  # raises, with the count of bad values
-        first = self.num_batches == 0
-        old = None if first else (self.min_val.clone(), self.max_val.clone())
+        first = self.num_batches_tracked == 0  # a device tensor: no host sync
+        old = (self.min_val.clone(), self.max_val.clone())
         self._observe(x, lo, hi, first)
-        self._record_change(old)
-        self.num_batches_tracked += 1
+        self._record_change(old, first)
+        self.num_batches_tracked = self.num_batches_tracked + 1  # out of place: inference_mode
 
     @torch.no_grad()
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The chosen ``(min, max)`` as float32 tensors (shape of the spec's statistics).
 
         Raises:
-            ValueError: before any batch was observed.
+            ValueError: before any batch was observed, or when the batches held NaN/Inf (only
+                accelerator batches get this far; CPU batches are refused by :meth:`update`).
         """
         if self.num_batches == 0:
             raise ValueError(f"{self.tensor_name}: no data observed: call update()/run "
                              "calibration batches first")
+        seen = [getattr(self, n, None) for n in ("min_val", "max_val")]
+        if not all(t is None or bool(torch.isfinite(t).all()) for t in seen):
+            raise ValueError(f"{self.tensor_name}: the calibration batches held NaN/Inf values "
+                             "(the observed range is not finite); fix the input, or keep its layer "
+                             "in float with layer_overrides={'<layer name>': None}; reset() to "
+                             "calibrate again")
         lo, hi = self._compute_range()
         return lo.float(), hi.float()
 
@@ -232,7 +252,7 @@ class Calibrator(nn.Module):
             return
         old = (self.min_val.clone(), self.max_val.clone())
         self._merge(other)
-        self._record_change(old)
+        self._record_change(old, None)
         self.num_batches_tracked += other.num_batches_tracked.to(self.num_batches_tracked.device)
 
     def extra_repr(self) -> str:
@@ -244,8 +264,13 @@ class Calibrator(nn.Module):
     def _init_state(self, device: torch.device) -> None:
         raise NotImplementedError
 
-    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: bool) -> None:
-        """Fold batch ``x`` (float32) in; ``lo, hi`` is its range at the spec's granularity."""
+    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 first: torch.Tensor) -> None:
+        """Fold batch ``x`` (float32) in; ``lo, hi`` is its range at the spec's granularity.
+
+        ``first`` is a 0-dim bool tensor on the state's device, true for the first batch: use it
+        in ``torch.where`` to stay sync-free (``if first:`` works too, but waits for the device).
+        """
         raise NotImplementedError
 
     def _merge(self, other: Calibrator) -> None:
@@ -286,9 +311,16 @@ class Calibrator(nn.Module):
                 f"{tuple(self.min_val.shape)} but {what} gives {tuple(lo.shape)}; the channel "
                 f"axis (axis={self.spec.axis}) / groups must keep their size across batches")
 
-    def _record_change(self, old: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        change = math.inf if old is None else _relative_change(old, (self.min_val, self.max_val))
-        self.range_change.fill_(change)
+    def _record_change(self, old: tuple[torch.Tensor, torch.Tensor],
+                       first: torch.Tensor | None) -> None:
+        """Store the relative range movement on the device (``inf`` for the first batch)."""
+        if old[0].shape != self.min_val.shape:  # per-channel statistics were just created
+            self.range_change.fill_(math.inf)
+            return
+        change = _relative_change(old, (self.min_val, self.max_val))
+        if first is not None:
+            change = torch.where(first, math.inf, change)
+        self.range_change = change.to(self.range_change.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
@@ -418,11 +450,12 @@ class MinMaxCalibrator(Calibrator):
         self.register_buffer("min_val", lo)
         self.register_buffer("max_val", hi)
 
-    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: bool) -> None:
-        if first:
+    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 first: torch.Tensor) -> None:
+        if self.min_val.numel() == 0:  # per-channel/group: the first batch sets the shape
             self.min_val, self.max_val = lo.clone(), hi.clone()
             return
-        self._check_shape(lo)
+        self._check_shape(lo)  # per tensor, the initial (+inf, -inf) needs no special case
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
@@ -460,14 +493,15 @@ class MovingAverageCalibrator(MinMaxCalibrator):
         self.averaging_constant = float(averaging_constant)
         super().__init__(spec, tensor_name=tensor_name, **kwargs)
 
-    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: bool) -> None:
-        if first:
+    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 first: torch.Tensor) -> None:
+        if self.min_val.numel() == 0:  # per-channel/group: the first batch sets the shape
             self.min_val, self.max_val = lo.clone(), hi.clone()
             return
         self._check_shape(lo)
         c = self.averaging_constant
-        self.min_val = self.min_val + c * (lo - self.min_val)
-        self.max_val = self.max_val + c * (hi - self.max_val)
+        self.min_val = torch.where(first, lo, self.min_val + c * (lo - self.min_val))
+        self.max_val = torch.where(first, hi, self.max_val + c * (hi - self.max_val))
 
     def _merge(self, other: Calibrator) -> None:
         self._check_shape(other.min_val, "the other calibrator")
@@ -478,24 +512,41 @@ class MovingAverageCalibrator(MinMaxCalibrator):
 
 
 # ---------------------------------------------------------------------- histogram family
-def _bin_counts(x: torch.Tensor, exponent: int, bins: int) -> torch.Tensor:
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exactly ``2.0 ** e`` (float32) for integer ``e`` in [-126, 127], built from its bits on
+    ``e``'s device (no host sync, no reliance on ``exp2`` rounding).
+
+    Example:
+        >>> _pow2(torch.tensor([-3, 0, 10])).tolist()
+        [0.125, 1.0, 1024.0]
+    """
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _bin_counts(x: torch.Tensor, exponent: torch.Tensor, bins: int) -> torch.Tensor:
     """int64 counts of ``x`` over the grid ``[-2**exponent, 2**exponent)`` with ``bins`` bins.
 
-    ``x * (1/w)`` scales by a power of two, so ``floor`` sees the exact quotient.
+    ``x * (1/w)`` scales by a power of two, so ``floor`` sees the exact quotient. On CUDA,
+    ``torch.bincount`` reads the largest index back to the host; ``index_add_`` does not.
     """
     half = bins // 2
-    inv_w = 2.0 ** (half.bit_length() - 1 - exponent)  # 1 / bin width, a power of two
-    idx = torch.floor(x.reshape(-1) * inv_w).to(torch.int64) + half  # (N,) bin index
-    return torch.bincount(idx.clamp_(0, bins - 1), minlength=bins)
+    inv_w = _pow2(half.bit_length() - 1 - exponent)  # 1 / bin width, a power of two
+    idx = torch.floor(x.reshape(-1) * inv_w).to(torch.int64).add_(half).clamp_(0, bins - 1)
+    if idx.device.type == "cpu":
+        return torch.bincount(idx, minlength=bins)
+    counts = torch.zeros(bins, dtype=torch.int64, device=idx.device)
+    return counts.index_add_(0, idx, torch.ones_like(idx))
 
 
-def _coarsen(hist: torch.Tensor, shift: int) -> torch.Tensor:
-    """Re-bin onto the grid ``2**shift`` times wider: bin j -> ``((j - half) >> shift) + half``."""
-    if shift <= 0:
-        return hist
+def _coarsen(hist: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Re-bin onto the grid ``2**shift`` times wider: bin j -> ``((j - half) >> shift) + half``.
+
+    ``shift`` is a 0-dim int64 tensor >= 0 (0 returns an equal histogram), so regridding needs
+    no host sync.
+    """
     half = hist.numel() // 2
     j = torch.arange(hist.numel(), device=hist.device)
-    target = ((j - half) >> min(shift, 62)) + half  # floor division by 2**shift
+    target = ((j - half) >> shift.clamp(max=62)) + half  # floor division by 2**shift
     return torch.zeros_like(hist).index_add_(0, target, hist)
 
 
@@ -538,9 +589,10 @@ class HistogramCalibrator(Calibrator):
 
     def __init__(self, spec: QuantSpec | None = None, *, tensor_name: str = "tensor",
                  bins: int = 2048, **kwargs: Any) -> None:
-        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 64 or bins & (bins - 1):
-            raise ValueError(f"{type(self).__name__}.bins={bins!r} must be a power of two >= 64 "
-                             "(e.g. 2048)")
+        if (not isinstance(bins, int) or isinstance(bins, bool) or not 64 <= bins <= 2**24
+                or bins & (bins - 1)):
+            raise ValueError(f"{type(self).__name__}.bins={bins!r} must be a power of two in "
+                             "[64, 2**24] (e.g. 2048)")
         self.bins = bins
         super().__init__(spec, tensor_name=tensor_name, **kwargs)
 
@@ -567,28 +619,27 @@ class HistogramCalibrator(Calibrator):
             raise ValueError(f"{self.tensor_name}: cannot merge a {other.histogram.numel()}-bin "
                              f"histogram into a {self.bins}-bin one; use the same bins")
 
-    def _regrid(self, exponent: int) -> None:
-        current = int(self.grid_exponent)
-        if exponent > current:
-            self.histogram = _coarsen(self.histogram, exponent - current)
-            self.grid_exponent.fill_(exponent)
+    def _regrid(self, exponent: torch.Tensor) -> None:
+        """Widen the grid to ``[-2**exponent, 2**exponent)`` if that is wider (on the device)."""
+        self.histogram = _coarsen(self.histogram, (exponent - self.grid_exponent).clamp(min=0))
+        self.grid_exponent = torch.maximum(self.grid_exponent, exponent)
 
-    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: bool) -> None:
-        amax = max(-float(lo), float(hi))
-        exponent = _K_MIN if amax == 0.0 else max(math.frexp(amax)[1], _K_MIN)  # amax < 2**exp
-        self._regrid(exponent)
-        k = int(self.grid_exponent)
-        self.histogram += _bin_counts(x, k, self.bins).to(self.histogram.device)
-        self.zero_count += (x == 0).sum().to(self.zero_count.device)
+    def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 first: torch.Tensor) -> None:
+        amax = torch.maximum(-lo, hi)
+        exponent = torch.frexp(amax).exponent.to(torch.int64)  # amax < 2**exponent
+        self._regrid(torch.where(amax == 0, _K_MIN, exponent).clamp(min=_K_MIN))
+        self.histogram = self.histogram + _bin_counts(x, self.grid_exponent, self.bins)
+        self.zero_count = self.zero_count + (x == 0).sum()
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
     def _merge(self, other: Calibrator) -> None:
         assert isinstance(other, HistogramCalibrator)
-        k = max(int(self.grid_exponent), int(other.grid_exponent))
-        self._regrid(k)
         dev = self.histogram.device
-        self.histogram += _coarsen(other.histogram.to(dev), k - int(other.grid_exponent))
+        other_k = other.grid_exponent.to(dev)
+        self._regrid(other_k)
+        self.histogram += _coarsen(other.histogram.to(dev), self.grid_exponent - other_k)
         self.zero_count += other.zero_count.to(dev)
         self.min_val = torch.minimum(self.min_val, other.min_val.to(dev))
         self.max_val = torch.maximum(self.max_val, other.max_val.to(dev))

@@ -369,6 +369,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
              f"{format_bytes(r['nbytes'])} |")
     _say(f"\nfloat tensors: {format_bytes(info['float_bytes'])}; replaced by Identity: "
          f"{', '.join(info['replacements']) or 'none'}")
+    for name, cfg in info["adapters"].items():
+        _say(f"LoRA adapter on {name or '<root>'}: r={cfg['r']}, alpha={cfg['alpha']:g}, "
+             f"dropout={cfg['dropout']:g}")
     return 0
 
 

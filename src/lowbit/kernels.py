@@ -44,7 +44,7 @@ Decisions drawn from those numbers:
 
 * INT8 x INT8 with VNNI: ``torch._int_mm`` with uint8 activations (``"int_mm_u8s8"``) at every M.
   Without VNNI: ``_int_mm`` for ``M <= NO_VNNI_INT_MM_MAX_M`` (16), above it ``"fp32_codes"``
-  (fp32 GEMM over the integer codes in K chunks of 1024, exact because every partial sum is an
+  (fp32 GEMM over the integer codes in K chunks of 512, exact because every partial sum is an
   integer below 2^24). Neither beats fp32 on AVX2-only CPUs: there use weight-only INT8/INT4.
 * ``onednn::qlinear_pointwise`` / ``qconv2d_pointwise`` are **rejected**: on this CPU they are
   not exact (u8 x s8 pair sums saturate at int16, as ``vpmaddubsw`` does without VNNI: errors of
@@ -90,8 +90,9 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: On CPUs without VNNI, ``_int_mm`` is only used up to this M; above it the exact chunked
 #: fp32 GEMM over integer codes (``"fp32_codes"``) is faster.
 NO_VNNI_INT_MM_MAX_M = 16
-#: fp32 GEMM over integer codes is exact while partial sums stay below 2^24: 128 * 128 * 1024.
-_CODES_CHUNK_K = 1024
+#: fp32 GEMM over integer codes is exact while every partial sum stays below 2^24: centered
+#: activation codes reach 255 (affine zero-point), weight codes 128, and 512 * 255 * 128 < 2^24.
+_CODES_CHUNK_K = 512
 
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -217,22 +218,34 @@ def quantize_activation_u8(x: torch.Tensor, qmin: int, qmax: int, scale: torch.T
 
 
 def _int8_acc(u: torch.Tensor, zp_u: torch.Tensor, w2d: torch.Tensor, colsum: torch.Tensor,
-              comp: torch.Tensor | None, kernel: str) -> torch.Tensor:
-    """Exact int32 ``(u - zp_u) @ w2d.T`` ``[M, N]`` by the chosen kernel."""
+              comp: torch.Tensor | None, kernel: str, w_zp: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """Exact int32 ``(u - zp_u) @ (w2d - w_zp).T`` ``[M, N]`` by the chosen kernel.
+
+    ``colsum[n] = sum_k (w2d[n, k] - w_zp[n])``; with a weight zero-point the GEMM over the raw
+    codes is corrected by ``w_zp[n] * rowsum_m(u)`` (see :func:`int8_linear`).
+    """
     if kernel == "reference":
         centered = u.double() - zp_u.double()  # (M, K) exact codes q - zp
-        return (centered @ w2d.double().t()).to(torch.int32)  # exact for K < 2^37
+        wc = w2d.double() if w_zp is None else w2d.double() - w_zp.double()[:, None]  # (N, K)
+        return (centered @ wc.t()).to(torch.int32)  # exact for K < 2^37
     if kernel == "fp32_codes":  # exact: every partial sum is an integer below 2^24
-        centered32 = u.float().sub_(zp_u.float())  # (M, K) in [-255, 255] -> |q - zp| <= 128
-        wf = w2d.float()  # (N, K)
+        centered32 = u.float().sub_(zp_u.float())  # (M, K), |q - zp| <= 255
+        wf = w2d.float()  # (N, K), |w| <= 128
         acc = None
         for s in range(0, w2d.shape[1], _CODES_CHUNK_K):
             part = (centered32[:, s:s + _CODES_CHUNK_K] @ wf[:, s:s + _CODES_CHUNK_K].t())
             acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
         assert acc is not None
+        if w_zp is not None:  # - w_zp[n] * sum_k (u - zp_u)[m, k]
+            rows = u.sum(1, dtype=torch.int32) - w2d.shape[1] * zp_u.reshape(-1)
+            acc.addr_(rows.expand(acc.shape[0]), w_zp, alpha=-1)
         return acc
     acc = torch._int_mm(u, w2d.t())  # (M, N) int32; B = transpose of contiguous (N, K)
-    return acc.sub_(comp if comp is not None else zp_u * colsum)
+    acc.sub_(comp if comp is not None else zp_u * colsum)
+    if w_zp is not None:  # - w_zp[n] * sum_k u[m, k]
+        acc.addr_(u.sum(1, dtype=torch.int32), w_zp, alpha=-1)
+    return acc
 
 
 def _int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -247,19 +260,24 @@ def _int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tens
 def int8_linear(u: torch.Tensor, x_scale: torch.Tensor, zp_u: torch.Tensor, w: torch.Tensor,
                 w_scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None = None,
                 *, relu: bool = False, kernel: str = "int_mm_u8s8",
-                comp: torch.Tensor | None = None) -> torch.Tensor:
+                comp: torch.Tensor | None = None, w_zp: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """INT8 x INT8 GEMM with INT32 accumulation and a float epilogue.
 
-    ``y[m, n] = s_x[m] * s_w[n] * sum_k (u[m, k] - zp_u[m]) * w[n, k] + bias[n]``
+    ``y[m, n] = s_x[m] * s_w[n] * sum_k (u[m, k] - zp_u[m]) * (w[n, k] - w_zp[n]) + bias[n]``
+
+    An affine weight (``w_zp``) costs one int32 row sum of ``u`` and a rank-1 update:
+    ``acc = u @ w.T - zp_u * colsum - w_zp[n] * sum_k u[m, k]`` with the centered ``colsum``.
 
     Args:
         u: uint8 activation codes ``[M, K]`` from :func:`quantize_activation_u8`.
         x_scale, zp_u: ``[M, 1]`` (per token) or ``()`` (per tensor) float32 / int32.
         w: int8 weight ``[N, K]``, contiguous.
-        w_scale: float32 ``[N]``; colsum: int32 ``[N]``, ``w.sum(1)``.
+        w_scale: float32 ``[N]``; colsum: int32 ``[N]``, ``(w - w_zp).sum(1)``.
         bias: float32 ``[N]`` or None; relu: apply ReLU after the bias.
         kernel: ``"int_mm_u8s8"``, ``"fp32_codes"`` or ``"reference"``.
         comp: optional precomputed ``zp_u * colsum`` (int32 ``[N]``) for a fixed zero-point.
+        w_zp: int32 weight zero-points ``[N]``, or None for symmetric weights.
 
     Returns:
         float32 ``[M, N]``.
@@ -270,8 +288,12 @@ def int8_linear(u: torch.Tensor, x_scale: torch.Tensor, zp_u: torch.Tensor, w: t
         >>> args = (u, s, z, w, torch.ones(2), w.int().sum(1))
         >>> torch.equal(int8_linear(*args), int8_linear(*args, kernel="reference"))
         True
+        >>> zw = torch.tensor([1, -3], dtype=torch.int32)  # affine weights
+        >>> args = (u, s, z, w, torch.ones(2), w.int().sum(1) - 2 * zw)
+        >>> torch.equal(int8_linear(*args, w_zp=zw), int8_linear(*args, w_zp=zw, kernel="reference"))
+        True
     """
-    acc = _int8_acc(u, zp_u, w, colsum, comp, kernel)  # (M, N) int32
+    acc = _int8_acc(u, zp_u, w, colsum, comp, kernel, w_zp)  # (M, N) int32
     return _int8_epilogue(acc, x_scale, w_scale, bias, relu)
 
 
@@ -279,7 +301,7 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin
                 w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
                 bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], groups: int, *, relu: bool = False,
-                kernel: str = "int_mm_u8s8") -> torch.Tensor:
+                kernel: str = "int_mm_u8s8", w_zp: torch.Tensor | None = None) -> torch.Tensor:
     """INT8 Conv2d on per-tensor activation qparams: im2col + u8 x s8 GEMM, or reference.
 
     Zero padding is exact: 0.0 quantizes to the zero-point, which the compensation removes.
@@ -288,9 +310,10 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin
         x: float input ``[B, C, H, W]``; x_scale / x_zp: per-tensor qparams (float32 / int32).
         qmin, qmax: activation code range.
         w: int8 weight ``[O, C/groups, kh, kw]``; w_scale float32 ``[O]``;
-        colsum: int32 ``[O]`` (sum of w over all but the first dim).
+        colsum: int32 ``[O]``, the sum of ``w - w_zp`` over all but the first dim.
         bias, stride, padding, dilation, groups: as in ``F.conv2d``; relu: fused ReLU.
         kernel: ``"int_mm_u8s8"`` / ``"fp32_codes"`` (groups must be 1) or ``"reference"``.
+        w_zp: int32 weight zero-points ``[O]``, or None for symmetric weights.
 
     Returns:
         float32 ``[B, O, Ho, Wo]``.
@@ -310,7 +333,8 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin
     if kernel == "reference":
         u, _, zp_u = quantize_activation_u8(x, qmin, qmax, x_scale, x_zp)
         centered = u.double() - zp_u.double()  # (B, C, H, W) codes q - zp; zero pad = exact
-        acc = F.conv2d(centered, w.double(), None, stride, padding, dilation, groups)
+        wc = w.double() if w_zp is None else w.double() - w_zp.double().reshape(-1, 1, 1, 1)
+        acc = F.conv2d(centered, wc, None, stride, padding, dilation, groups)
         acc = acc.to(torch.int32).permute(0, 2, 3, 1).reshape(-1, o)  # (B*Ho*Wo, O)
     else:
         if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
@@ -319,7 +343,7 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin
             cols = F.unfold(x.float(), (kh, kw), dilation, padding, stride)  # (B, C*kh*kw, L)
             cols = cols.transpose(1, 2).reshape(bsz * ho * wo, -1)  # (B*L, C*kh*kw)
         u, _, zp_u = quantize_activation_u8(cols, qmin, qmax, x_scale, x_zp)
-        acc = _int8_acc(u, zp_u, w.reshape(o, -1), colsum, None, kernel)  # (B*L, O) int32
+        acc = _int8_acc(u, zp_u, w.reshape(o, -1), colsum, None, kernel, w_zp)  # (B*L, O)
     y = _int8_epilogue(acc, x_scale, w_scale, bias, relu)  # (B*L, O)
     return y.reshape(bsz, ho, wo, o).permute(0, 3, 1, 2)  # (B, O, Ho, Wo), channels-last memory
 

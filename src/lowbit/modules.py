@@ -70,17 +70,22 @@ class _Int8Base(QuantizedModuleBase):
         if mode == "static":
             self.register_buffer("input_scale", torch.tensor(1.0))
             self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
-        # signed-equivalent activation code range (unsigned specs shift by -128)
-        off = 0 if act_spec.signed else -128
+        # signed-equivalent activation code range (unsigned specs shift by -2^(bits-1), which
+        # maps the symmetric unsigned midpoint to 0)
+        off = 0 if act_spec.signed else -(2 ** (act_spec.bits - 1))
         self._act_off, self._qmin, self._qmax = off, act_spec.qmin + off, act_spec.qmax + off
         self.register_buffer("_w_scale", torch.ones(n), persistent=False)  # (N,) float32
         self.register_buffer("_colsum", torch.zeros(n, dtype=torch.int32), persistent=False)
         self.register_buffer("_comp", None, persistent=False)  # (N,) zp_u * colsum, fixed zp
+        self.register_buffer("_w_zp", None, persistent=False)  # (N,) int32, None when all 0
 
     def _refresh_cache(self) -> None:
         n = self.weight.shape[0]
+        w2d = self.weight.reshape(n, -1)  # (N, K)
         self._w_scale = self.weight_scale.float().expand(n).contiguous()
-        self._colsum = self.weight.reshape(n, -1).sum(1, dtype=torch.int32)
+        w_zp = self.weight_zero_point.to(torch.int32).expand(n).contiguous()
+        self._w_zp = w_zp if bool(w_zp.any()) else None
+        self._colsum = w2d.sum(1, dtype=torch.int32) - w2d.shape[1] * w_zp  # sum_k (w - w_zp)
         if self.mode == "static":
             zp_u = self.input_zero_point.to(torch.int32) + self._act_off + 128
             self._comp = zp_u * self._colsum
@@ -141,8 +146,10 @@ class QuantizedLinear(_Int8Base):
 
     Args:
         in_features, out_features, has_bias: shapes.
-        weight_spec: INT8 symmetric per-channel (axis 0) or per-tensor spec.
-        act_spec: activation spec (8 bits; per_token or per_tensor).
+        weight_spec: signed per-channel (axis 0) or per-tensor spec of at most 8 bits,
+            symmetric or affine (a weight zero-point costs one row sum per call).
+        act_spec: activation spec (at most 8 bits, signed or unsigned; per_token or
+            per_tensor).
         mode: ``"dynamic"`` or ``"static"``.
         backend, name, fused_relu, orig_dtype, meta_extra: see :meth:`from_float`.
 
@@ -213,7 +220,8 @@ class QuantizedLinear(_Int8Base):
         u, s, zp_u = self._quantize_input(x2, self.act_spec.granularity == "per_token")
         kernel = select_kernel("int8_linear", x2.shape[0], backend=self.backend)
         y = int8_linear(u, s, zp_u, self.weight, self._w_scale, self._colsum, self.bias,
-                        relu=self.fused_relu, kernel=kernel, comp=self._comp)  # (M, N)
+                        relu=self.fused_relu, kernel=kernel, comp=self._comp,
+                        w_zp=self._w_zp)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -308,7 +316,7 @@ class QuantizedConv2d(_Int8Base):
         kernel = select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"])
         y = int8_conv2d(xf, s, zp, self._qmin, self._qmax, w, self._w_scale, self._colsum,
                         self.bias, tuple(stride), tuple(padding), tuple(dilation), g["groups"],
-                        relu=self.fused_relu, kernel=kernel)  # (B, O, Ho, Wo)
+                        relu=self.fused_relu, kernel=kernel, w_zp=self._w_zp)  # (B, O, Ho, Wo)
         if self._dims == 1:
             y = y.squeeze(2)
         return y.contiguous().to(x.dtype)
@@ -384,9 +392,9 @@ def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None
     if w.granularity not in ("per_tensor", "per_channel"):
         return (f"{kind}: INT8 x INT8 kernels need per_tensor or per_channel weights "
                 f"(got {w.granularity}); use mode='weight_only' for group-wise weights")
-    if not (w.symmetric and w.signed):
-        return (f"{kind}: INT8 x INT8 kernels need signed symmetric weights; set "
-                "weights=QuantSpec.int8_weight()")
+    if not w.signed:
+        return (f"{kind}: INT8 x INT8 kernels need signed weight codes (symmetric or affine); "
+                "set weights=QuantSpec(signed=True, ...) or use QuantSpec.int8_weight()")
     return None
 
 

@@ -14,8 +14,9 @@ one. A crash mid-save leaves the previous file intact.
 The manifest records the format version, lowbit and torch versions, the SHA-256 of the tensors
 and of the manifest itself, the model's class and (only when given) an importable factory, and,
 for every module of the quantized model that differs from the float model, how to rebuild it:
-a lowbit quantized module's ``meta()`` (rebuilt with ``from_meta``) or a structural replacement
-(a folded BatchNorm or fused ReLU that became ``nn.Identity``). Loading copies nothing into the
+a lowbit quantized module's ``meta()`` (rebuilt with ``from_meta``), a
+:class:`~lowbit.lora.LoRALinear` adapter (its base's ``meta()`` and ``lora_config()``), or a
+structural replacement (a folded BatchNorm or fused ReLU that became ``nn.Identity``). Loading copies nothing into the
 float skeleton until the file and the skeleton have been checked against each other, then
 swaps the modules and calls ``load_state_dict(strict=True)``: never a half-loaded model.
 """
@@ -40,6 +41,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from lowbit.lora import LoRALinear, mark_only_lora_trainable
 from lowbit.modules import QUANTIZED_MODULES, module_from_meta
 
 __all__ = [
@@ -98,17 +100,24 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------- saving
 def _module_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{name: how to rebuild it}`` for every quantized module and every ``nn.Identity``."""
-    registered = set(QUANTIZED_MODULES.values())
+    registered = {*QUANTIZED_MODULES.values(), LoRALinear}
     entries: dict[str, dict[str, Any]] = {}
     first_name: dict[int, str] = {}
+    adapters: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
+        if any(not a or name.startswith(a + ".") for a in adapters):
+            continue  # inside a LoRA wrapper: rebuilt with it
         if not name and type(module) not in registered:
             continue
         if id(module) in first_name and type(module) in registered:
             entries[name] = {"kind": "shared", "of": first_name[id(module)]}
             continue
         first_name.setdefault(id(module), name)
-        if type(module) in registered:
+        if isinstance(module, LoRALinear):
+            entries[name] = {"kind": "lora", "meta": module.base.meta(),  # type: ignore[operator]
+                             "lora": module.lora_config()}
+            adapters.append(name)
+        elif type(module) in registered:
             entries[name] = {"kind": "quantized", "meta": module.meta()}  # type: ignore[operator]
         elif type(module) is nn.Identity:
             entries[name] = {"kind": "replace", "class": "Identity"}
@@ -427,6 +436,28 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, trust_factory: 
     return built
 
 
+def _rebuild_quantized(name: str, meta: dict[str, Any], float_module: nn.Module | None,
+                       where: Path) -> nn.Module:
+    """An empty quantized module from its meta, checked against the float layer it replaces."""
+    cls = meta.get("class")
+    if cls not in QUANTIZED_MODULES:
+        raise LoadError(f"{where}: module {name!r} is a {cls!r}, which this lowbit "
+                        f"{_lowbit_version()} does not know; upgrade lowbit")
+    try:
+        module = module_from_meta(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{where}: cannot rebuild module {name!r} ({cls}) from its meta: {e}"
+                        ) from e
+    weight = getattr(float_module, "weight", None)
+    expected = _weight_shape(meta)
+    if isinstance(weight, torch.Tensor) and expected and list(weight.shape) != expected:
+        raise LoadError(
+            f"{where}: the float model does not match the saved model: {name} has a weight of "
+            f"shape {list(weight.shape)}, the saved {cls} replaces one of shape {expected}. "
+            "Pass the same architecture (and constructor arguments) that was quantized")
+    return module
+
+
 def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Path
                         ) -> dict[str, nn.Module]:
     names = dict(skeleton.named_modules(remove_duplicate=False))
@@ -439,25 +470,15 @@ def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Pa
                 f"{where}: the float model has no module {name!r}; pass the same architecture "
                 f"that was quantized ({manifest.get('architecture', {}).get('class', '?')})")
         kind = entry.get("kind")
-        if kind == "quantized":
-            meta = entry.get("meta", {})
-            cls = meta.get("class")
-            if cls not in QUANTIZED_MODULES:
-                raise LoadError(f"{where}: module {name!r} is a {cls!r}, which this lowbit "
-                                f"{_lowbit_version()} does not know; upgrade lowbit")
-            try:
-                built[name] = module_from_meta(meta)
-            except (KeyError, TypeError, ValueError) as e:
-                raise LoadError(f"{where}: cannot rebuild module {name!r} ({cls}) from its "
-                                f"meta: {e}") from e
-            weight = getattr(names.get(name), "weight", None)
-            expected = _weight_shape(meta)
-            if isinstance(weight, torch.Tensor) and expected and list(weight.shape) != expected:
-                raise LoadError(
-                    f"{where}: the float model does not match the saved model: {name} has a "
-                    f"weight of shape {list(weight.shape)}, the saved {cls} replaces one of "
-                    f"shape {expected}. Pass the same architecture (and constructor arguments) "
-                    "that was quantized")
+        if kind in ("quantized", "lora"):
+            module = _rebuild_quantized(name, entry.get("meta", {}), names.get(name), where)
+            if kind == "lora":
+                try:
+                    module = LoRALinear.from_config(module, entry["lora"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise LoadError(f"{where}: cannot rebuild the LoRA adapter of {name!r} "
+                                    f"from {entry.get('lora')!r}: {e}") from e
+            built[name] = module
         elif kind == "replace" and entry.get("class") in REPLACEMENTS:
             built[name] = REPLACEMENTS[entry["class"]]()
         elif kind == "shared" and entry.get("of") in built:
@@ -553,9 +574,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
     if "" in built:  # the root module itself was quantized: the skeleton is not reused
         root = built[""]
         root.load_state_dict(tensors, strict=True)
-        root.eval()
-        root.lowbit_manifest = manifest
-        return root
+        return _finish(root, manifest)
     originals: dict[str, nn.Module] = {}
     try:
         for name, module in built.items():
@@ -572,9 +591,16 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
         for name, old in originals.items():  # leave the caller's skeleton as it was
             skeleton.set_submodule(name, old)
         raise
-    skeleton.eval()
-    skeleton.lowbit_manifest = manifest
-    return skeleton
+    return _finish(skeleton, manifest)
+
+
+def _finish(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
+    """Eval mode, the manifest attached; a LoRA model has only its adapters trainable."""
+    if any(e.get("kind") == "lora" for e in manifest.get("modules", {}).values()):
+        mark_only_lora_trainable(model)
+    model.eval()
+    model.lowbit_manifest = manifest
+    return model
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -643,8 +669,9 @@ def layer_rows(metas: Mapping[str, Mapping[str, Any]], state: Mapping[str, torch
     """
     rows = []
     for name, meta in metas.items():
-        own = {k: v for k, v in state.items() if k.startswith(name + ".")}
-        scale = own.get(f"{name}.weight_scale")
+        prefix = f"{name}." if name else ""
+        own = {k: v for k, v in state.items() if k.startswith(prefix)}
+        scale = own.get(f"{prefix}weight_scale")
         rows.append(SavedLayer(
             name=name, cls=str(meta.get("class")), scheme=_scheme_text(meta),
             bits=int((meta.get("weight_spec") or {}).get("bits", 0)),
@@ -663,7 +690,9 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Returns:
         ``{"path", "file_bytes", "format_version", "lowbit_version", "torch_version",
-        "architecture", "layers": [SavedLayer as dict], "float_bytes", "replacements"}``.
+        "architecture", "layers": [SavedLayer as dict], "float_bytes", "replacements",
+        "adapters": {LoRA layer: its config}}`` (a LoRA layer's base is listed as
+        ``"<layer>.base"``).
 
     Raises:
         FileNotFoundError, LoadError: as :func:`load`.
@@ -681,8 +710,10 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     p, manifest, tensors = _read_verified(path)
     modules = manifest.get("modules", {})
     metas = {n: e["meta"] for n, e in modules.items() if e.get("kind") == "quantized"}
+    adapters = {n: e["lora"] for n, e in modules.items() if e.get("kind") == "lora"}
+    metas.update({f"{n}.base" if n else "base": modules[n]["meta"] for n in adapters})
     rows = layer_rows(metas, tensors)
-    in_layers = {k for k in tensors for n in metas if k.startswith(n + ".")}
+    in_layers = {k for k in tensors for n in metas if k.startswith(f"{n}." if n else "")}
     aliases = manifest.get("aliases", {})
     float_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
                       if k not in in_layers and k not in aliases)
@@ -694,4 +725,5 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "architecture": manifest.get("architecture"),
         "layers": [vars(r) for r in rows], "float_bytes": float_bytes,
         "replacements": sorted(n for n, e in modules.items() if e.get("kind") == "replace"),
+        "adapters": adapters,
     }

@@ -1,0 +1,72 @@
+"""Quantization-aware training: prepare, train with your own loop, convert to integer kernels.
+
+With 2-bit weights post-training quantization loses a lot of accuracy on the MNIST CNN; a short
+QAT fine-tune with an unchanged PyTorch loop (plain Adam over ``qat_model.parameters()``) wins it
+back, and the converted model runs on the same integer modules PTQ produces. Runs in about a
+minute on 2 CPU cores:
+
+    python examples/qat_quickstart.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import lowbit
+from lowbit.data import mnist_splits
+from lowbit.models import MnistCNN, train_classifier
+
+
+def main() -> None:
+    splits = mnist_splits()
+    print(splits.description)
+    torch.manual_seed(0)
+    model = train_classifier(MnistCNN(), splits.train, epochs=2, lr=2e-3, progress=False)
+    fp32 = lowbit.evaluate_accuracy(model, splits.eval)
+
+    # W2A8: 2-bit per-channel weights, 8-bit asymmetric static activations.
+    config = lowbit.QuantizationConfig(
+        weights=lowbit.QuantSpec(bits=2, granularity="per_channel"),
+        activations=lowbit.QuantSpec(bits=8, symmetric=False), mode="static")
+
+    # Post-training quantization as the baseline.
+    calibration = DataLoader(Subset(splits.train, range(512)), batch_size=64)
+    ptq = lowbit.PTQQuantizer(config, progress=False).quantize(model, calibration)
+    ptq_acc = lowbit.evaluate_accuracy(ptq, splits.eval)
+
+    # QAT: a copy of the model with FakeQuantize on every layer's weight and input.
+    preparer = lowbit.QATPreparer(config)
+    qat_model = preparer.prepare_for_qat(model)
+    optimizer = torch.optim.Adam(qat_model.parameters(), lr=1e-4)  # your optimizer, unchanged
+    qat_model.train()
+    loader = DataLoader(Subset(splits.train, range(4000)), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    for images, labels in loader:  # your loop, unchanged
+        optimizer.zero_grad()
+        loss = F.cross_entropy(qat_model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    # Convert: learned qparams -> integer weights; every FakeQuantize is gone.
+    qmodel = preparer.convert_to_quantized(qat_model)
+    qat_acc = lowbit.evaluate_accuracy(qmodel, splits.eval)
+    print(f"FP32 {fp32:.2f}% | W2A8 PTQ {ptq_acc:.2f}% | W2A8 QAT {qat_acc:.2f}%")
+
+    stats = preparer.get_qat_statistics(qat_model)
+    print(f"recorded {len(stats.nodes)} fake-quant nodes over the fine-tune")
+
+    with tempfile.TemporaryDirectory() as folder:
+        lowbit.save(qmodel, f"{folder}/mnist_w2a8")
+        restored = lowbit.load(f"{folder}/mnist_w2a8", model=MnistCNN())
+    x = splits.eval.tensors[0][:8]
+    with torch.inference_mode():
+        assert torch.equal(restored(x), qmodel(x))
+    print("saved and reloaded: identical outputs")
+
+
+if __name__ == "__main__":
+    main()

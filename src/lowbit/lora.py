@@ -1,0 +1,222 @@
+"""QLoRA-style adapters on quantized linear layers: frozen integer base, trainable float LoRA.
+
+``add_lora(qmodel)`` wraps quantized linear layers (:class:`~lowbit.modules.QuantizedLinear`,
+:class:`~lowbit.modules.Int4Linear`, :class:`~lowbit.modules.Int8WeightOnlyLinear`) in
+:class:`LoRALinear`::
+
+    y = base(x) + dropout(x) @ lora_A.T @ lora_B.T * (alpha / r)
+
+The base keeps its integer codes and runs its integer kernel; its backward pass uses the
+dequantized weight (``grad_x = grad_y @ W_hat``, as QLoRA does), so gradients reach adapters of
+earlier layers. ``lora_B`` starts at zero: a fresh adapter does not change the model's output.
+There is no ``merge``: the base is integer, folding a float update into it would re-quantize it.
+``lowbit.save`` / ``lowbit.load`` record the adapter configuration and rebuild the wrappers.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedLinear
+
+__all__ = ["LORA_BASES", "LoRALinear", "add_lora", "lora_parameters", "mark_only_lora_trainable"]
+
+#: Quantized layers :class:`LoRALinear` can wrap.
+LORA_BASES: tuple[type[nn.Module], ...] = (QuantizedLinear, Int4Linear, Int8WeightOnlyLinear)
+
+
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    """``base(x)`` on the integer kernel; backward through the dequantized weight only."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        return base(x)  # autograd is off inside Function.forward
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.base = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        weight = ctx.base.dequantize_weight()  # (N, K) float32
+        return (grad.float() @ weight).to(grad.dtype), None
+
+
+class LoRALinear(nn.Module):
+    """A frozen quantized linear layer plus a trainable low-rank float update.
+
+    Args:
+        base: a quantized linear layer (one of :data:`LORA_BASES`). Its buffers stay integer;
+            a ReLU fused into it moves to the wrapper (applied after the LoRA update).
+        r: rank of the update (>= 1).
+        alpha: scaling numerator: the update is multiplied by ``alpha / r``.
+        dropout: dropout probability on the adapter's input (0: none).
+
+    Attributes:
+        lora_A: ``(r, in_features)`` parameter, Kaiming-uniform initialised.
+        lora_B: ``(out_features, r)`` parameter, zeros.
+        scaling: ``alpha / r``.
+
+    Raises:
+        TypeError: ``base`` is not a quantized linear layer.
+        ValueError: ``r < 1`` or ``dropout`` outside [0, 1).
+
+    Example:
+        >>> from lowbit.config import QuantizationConfig
+        >>> fc = nn.Linear(16, 8)
+        >>> base = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(group_size=16))
+        >>> layer = LoRALinear(base, r=4, alpha=8)
+        >>> x = torch.randn(2, 16)
+        >>> torch.equal(layer(x), base(x)), layer.scaling  # lora_B starts at zero
+        (True, 2.0)
+        >>> layer(x).sum().backward()
+        >>> layer.lora_A.grad is not None, base.weight.dtype
+        (True, torch.uint8)
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(base, LORA_BASES):
+            raise TypeError(f"LoRALinear wraps {[c.__name__ for c in LORA_BASES]}, got "
+                            f"{type(base).__name__}")
+        if int(r) != r or r < 1:
+            raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
+        self.in_features: int = base.in_features  # type: ignore[assignment]
+        self.out_features: int = base.out_features  # type: ignore[assignment]
+        self.r, self.alpha, self.dropout_p = int(r), float(alpha), float(dropout)
+        self.scaling = self.alpha / self.r
+        self.fused_relu = bool(base.fused_relu)
+        base.fused_relu = False  # ReLU(base + update), not ReLU(base) + update
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + dropout(x) @ A.T @ B.T * scaling`` (then ReLU if one was fused)."""
+        y = _FrozenQuantizedLinear.apply(x, self.base)
+        update = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
+        y = y + (update * self.scaling).to(y.dtype)
+        return F.relu(y) if self.fused_relu else y
+
+    def lora_config(self) -> dict[str, Any]:
+        """JSON-compatible adapter settings (what ``lowbit.save`` records).
+
+        Example:
+            >>> from lowbit.config import QuantizationConfig
+            >>> q = QuantizedLinear.from_float(nn.Linear(4, 2), QuantizationConfig.int8_dynamic())
+            >>> LoRALinear(q, r=2, alpha=4).lora_config()
+            {'r': 2, 'alpha': 4.0, 'dropout': 0.0, 'fused_relu': False}
+        """
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout_p,
+                "fused_relu": self.fused_relu}
+
+    @classmethod
+    def from_config(cls, base: nn.Module, config: dict[str, Any]) -> LoRALinear:
+        """Rebuild a wrapper from :meth:`lora_config` (adapter weights come from a state dict).
+
+        Example:
+            >>> from lowbit.config import QuantizationConfig
+            >>> q = QuantizedLinear.from_float(nn.Linear(4, 2), QuantizationConfig.int8_dynamic())
+            >>> cfg = {"r": 2, "alpha": 4.0, "dropout": 0.0, "fused_relu": True}
+            >>> LoRALinear.from_config(q, cfg).lora_config() == cfg
+            True
+        """
+        layer = cls(base, r=config["r"], alpha=config["alpha"],
+                    dropout=config.get("dropout", 0.0))
+        layer.fused_relu = bool(config.get("fused_relu", False)) or layer.fused_relu
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+                f"dropout={self.dropout_p:g}, fused_relu={self.fused_relu}")
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The ``lora_A`` / ``lora_B`` parameters of every :class:`LoRALinear` (for the optimizer).
+
+    Example:
+        >>> len(lora_parameters(nn.Linear(2, 2)))
+        0
+    """
+    return [p for m in model.modules() if isinstance(m, LoRALinear)
+            for p in (m.lora_A, m.lora_B)]
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze every parameter except the LoRA adapters (``requires_grad``), in place.
+
+    Example:
+        >>> m = nn.Linear(2, 2); mark_only_lora_trainable(m); m.weight.requires_grad
+        False
+    """
+    adapters = {id(p) for p in lora_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapters)
+
+
+def add_lora(qmodel: nn.Module, r: int = 8, alpha: float = 16.0,
+             target_modules: Sequence[str] = ("*",), dropout: float = 0.0, *,
+             inplace: bool = False) -> nn.Module:
+    """Wrap a quantized model's linear layers in :class:`LoRALinear` adapters (QLoRA style).
+
+    Every other parameter (e.g. layers kept in FP32) is frozen, so only the adapters train.
+
+    Args:
+        qmodel: a model quantized by lowbit (a quantized linear layer on its own works too).
+        r, alpha, dropout: adapter rank, scaling numerator and input dropout.
+        target_modules: glob patterns (``fnmatch``) over qualified layer names; a quantized
+            linear layer matching any of them gets an adapter.
+        inplace: modify ``qmodel`` instead of a deep copy.
+
+    Returns:
+        The model with adapters (``qmodel`` itself when ``inplace``).
+
+    Raises:
+        ValueError: no quantized linear layer matches ``target_modules`` (the message lists
+            them), or the model already has adapters.
+
+    Example:
+        >>> from lowbit.ptq import quantize_weight_only
+        >>> q = quantize_weight_only(nn.Sequential(nn.Linear(64, 32), nn.ReLU(),
+        ...                                        nn.Linear(32, 4)), bits=4, group_size=32)
+        >>> lq = add_lora(q, r=4, target_modules=["0"])
+        >>> type(lq[0]).__name__, type(lq[2]).__name__, type(q[0]).__name__
+        ('LoRALinear', 'Int4Linear', 'Int4Linear')
+        >>> [n for n, p in lq.named_parameters() if p.requires_grad]
+        ['0.lora_A', '0.lora_B']
+    """
+    if any(isinstance(m, LoRALinear) for m in qmodel.modules()):
+        raise ValueError("add_lora: the model already has LoRA adapters")
+    if inplace:
+        model = qmodel
+    else:  # the attached report holds immutable configs: share it
+        report = getattr(qmodel, "lowbit_report", None)
+        model = copy.deepcopy(qmodel, {} if report is None else {id(report): report})
+    patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    candidates = [n for n, m in model.named_modules() if isinstance(m, LORA_BASES)]
+    chosen = [n for n in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not chosen:
+        raise ValueError(f"add_lora: no quantized linear layer matches target_modules="
+                         f"{patterns}; candidates: {candidates or 'none (quantize it first)'}")
+    if chosen == [""]:  # the model itself is a quantized linear layer
+        model = LoRALinear(model, r, alpha, dropout)
+    for name in chosen:
+        if name:
+            model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+    mark_only_lora_trainable(model)
+    return model
