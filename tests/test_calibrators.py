@@ -20,15 +20,19 @@ import io
 import math
 import re
 import tracemalloc
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.ao.quantization import observer as tao
+from torch.overrides import TorchFunctionMode
 
+import lowbit
 from lowbit import calibrators as cb
 from lowbit import ops
+from lowbit.calibration import run_calibration
 from lowbit.calibrators import (
     Calibrator,
     EntropyCalibrator,
@@ -533,6 +537,190 @@ def test_calibrators_run_on_cuda(name, rng):
         assert all_equal([v.cpu() for v in gpu.compute_range()], cpu.compute_range())
     else:
         assert torch.allclose(hi.cpu(), cpu.compute_range()[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", BUILTINS)
+def test_cuda_update_never_syncs(name, rng):
+    """With CUDA's sync debug mode set to error, updates after the first (which moves a CPU
+    calibrator's state to the GPU) run without a single device synchronization."""
+    cal = create_calibrator(name)
+    batches = (torch.randn(20, 1000, generator=rng) * 3).cuda().unbind(0)
+    cal(batches[0])
+    assert {b.device.type for b in cal.buffers()} == {"cuda"}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches[1:]:
+            cal(b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cal.num_batches == 20 and math.isfinite(cal.last_change)
+
+
+# ---------------------------------------------------------------- host syncs and devices
+class _HostReads(TorchFunctionMode):
+    """Records every tensor -> Python read (``item``, ``bool()``, ``float()``, ...): on an
+    accelerator each one waits for the device."""
+
+    READS: ClassVar[set[str]] = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__",
+                                 "__index__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, spec", [(n, None) for n in BUILTINS] + [
+    ("minmax", QuantSpec(granularity="per_channel", axis=1)),
+    ("moving_average", QuantSpec(granularity="per_group", group_size=4))])
+def test_update_reads_nothing_back_on_accelerators(name, spec):
+    """Batches on the ``meta`` device (shapes only: any read of a value raises) stand in for
+    CUDA: the calibrator moves its state to the batches' device and updates it without ever
+    reading a value back to the host, so calibrating a GPU model does not sync per layer."""
+    cal = create_calibrator(name, spec)
+    cal(torch.randn(16, 8))  # state on the CPU first: it follows the batches to their device
+    for _ in range(3):
+        cal(torch.randn(16, 8, device="meta"))
+    assert {b.device.type for b in cal.buffers()} == {"meta"}
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_update_on_cpu_reads_back_only_the_finite_check(name, rng):
+    """On the CPU, the only host read per batch is the (free) NaN/Inf check; qparams may sync."""
+    cal = create_calibrator(name)
+    cal(torch.randn(64, generator=rng))
+    with _HostReads() as mode:
+        for _ in range(5):
+            cal(torch.randn(64, generator=rng) * 3)
+    assert mode.reads == ["__bool__"] * 5
+    assert math.isfinite(cal.last_change) and cal.num_batches == 6
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_non_finite_state_is_refused_by_compute_range(name):
+    """On accelerators a NaN/Inf batch is not checked in ``update`` (that would sync): it makes
+    the tracked range non-finite, and ``compute_range`` refuses it, naming the tensor."""
+    state = calibrate(name, torch.randn(100)).state_dict()
+    state["max_val"] = torch.tensor(float("nan"))
+    broken = create_calibrator(name, tensor_name="layer4.input")
+    broken.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"layer4\.input: the calibration batches held NaN/Inf"):
+        broken.compute_qparams()
+    broken.reset()
+    broken(torch.randn(10))
+    assert all(math.isfinite(float(v)) for v in broken.compute_range())
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_state_made_under_inference_mode_keeps_working_outside(name, rng):
+    """``run_calibration`` runs under ``torch.inference_mode``; updating, merging and resetting
+    the calibrators afterwards (normal mode) must not hit 'inplace update to inference tensor'."""
+    cal = create_calibrator(name)
+    with torch.inference_mode():
+        cal(torch.randn(100, generator=rng))
+        cal(torch.randn(100, generator=rng) * 10)  # re-bins the histograms
+        cal.reset()
+        cal(torch.randn(100, generator=rng))
+    cal(torch.randn(100, generator=rng) * 100)
+    other = calibrate(name, torch.randn(100, generator=rng) * 1000, batches=1)
+    cal.merge(other)
+    assert cal.num_batches == 3
+    assert float(cal.compute_range()[1]) > 100
+
+
+# ---------------------------------------------------------------- the calibration process
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_run_calibration_streams_a_one_pass_generator_with_a_progress_bar(capsys, rng):
+    """A generator (no ``len``) is consumed once, every batch reaches every calibrator, the
+    model is left in its original mode without hooks, and tqdm draws a bar on stderr."""
+    model = _TwoLayers().train()
+    data = [torch.randn(3, 4, generator=rng) for _ in range(7)]
+    cals = {"fc1": create_calibrator("minmax"), "fc2": create_calibrator("percentile")}
+    assert run_calibration(model, cals, (x for x in data), progress=True) == 7
+    assert "calibrating" in capsys.readouterr().err
+    assert all(c.num_batches == 7 for c in cals.values())
+    assert torch.equal(cals["fc1"].min_val, torch.stack(data).min())
+    assert model.training and not model.fc1._forward_pre_hooks
+    gen = (x for x in data)
+    assert run_calibration(model, {"fc1": create_calibrator("minmax")}, gen, progress=False,
+                           max_batches=3) == 3
+    assert len(list(gen)) == 4  # stopped after 3, without reading ahead
+
+
+@pytest.mark.parametrize("data, kwargs, match", [
+    (None, {}, "calibration_data is None"),
+    ([], {}, "calibration_data is empty"),
+    (iter(()), {}, "calibration_data is empty"),
+    (torch.randn(8, 4), {}, r"calibration_data is a single tensor of shape \(8, 4\)"),
+    ([torch.randn(2, 4)], {"max_batches": 0}, "max_batches=0 must be >= 1"),
+])
+def test_run_calibration_names_the_bad_argument(data, kwargs, match):
+    model = _TwoLayers()
+    with pytest.raises(ValueError, match=match):
+        run_calibration(model, {"fc1": create_calibrator("minmax")}, data, progress=False,
+                        **kwargs)
+    assert not model.fc1._forward_pre_hooks
+
+
+def test_run_calibration_removes_hooks_when_a_batch_fails():
+    model = _TwoLayers()
+    with pytest.raises(RuntimeError):
+        run_calibration(model, {"fc1": create_calibrator("minmax")},
+                        [torch.randn(2, 4), torch.randn(2, 5)], progress=False)
+    assert not model.fc1._forward_pre_hooks
+
+
+def test_custom_calibrator_works_everywhere_a_builtin_does(registry, rng):
+    """A calibrator registered by name drives ``lowbit.quantize_static`` (its qparams become the
+    layer's input qparams, the report names it), a QAT ``FakeQuantize`` observer, merge and
+    state_dict."""
+    @register_calibrator("half_range_test")
+    class HalfRange(MinMaxCalibrator):
+        """Clips the min-max range to half its width."""
+
+        def _compute_range(self):
+            return self.min_val / 2, self.max_val / 2
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    data = [torch.randn(5, 4, generator=rng) for _ in range(4)]
+    q = lowbit.quantize_static(model, data,
+                               config=QuantizationConfig.int8_static(calibrator="half_range_test"),
+                               progress=False)
+    assert q.lowbit_report.calibration["0"].calibrator == "half_range_test"
+    assert q.lowbit_report.calibration["0"].num_batches == 4
+    stacked = torch.cat(data)
+    expected = ops.choose_qparams(stacked.min() / 2, stacked.max() / 2,
+                                  QuantizationConfig.int8_static().activations)
+    assert torch.equal(q[0].input_scale, expected[0])
+    assert int(q[0].input_zero_point) == int(expected[1])
+
+    fq = lowbit.FakeQuantize(QuantSpec(bits=8, symmetric=False), observer="half_range_test")
+    assert type(fq.observer) is HalfRange
+    fq.train()
+    fq(torch.tensor([-2.0, 4.0]))
+    assert fq.observer.compute_range()[1].item() == 2.0
+
+    a, b = calibrate("half_range_test", stacked[:10], batches=2), calibrate(
+        "half_range_test", stacked[10:], batches=2)
+    a.merge(b)
+    assert all_equal(a.compute_range(), (stacked.min() / 2, stacked.max() / 2))
+    fresh = create_calibrator("half_range_test")
+    fresh.load_state_dict(a.state_dict())
+    assert all_equal(fresh.compute_qparams(), a.compute_qparams())
 
 
 # ----------------------------------------------------------------------------- convergence

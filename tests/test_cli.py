@@ -13,7 +13,7 @@ import torch
 
 from lowbit.cli import main
 from lowbit.models import MLP, MnistCNN
-from lowbit.serialization import load
+from lowbit.serialization import load, save
 
 ARCH = ["--arch", "lowbit.models:MLP", "--arch-kwargs", '{"hidden": [32]}']
 
@@ -95,16 +95,44 @@ def test_sensitivity_with_budget_and_report(work: Path) -> None:
     assert "## Sensitivity" in (work / "sens_report" / "report.md").read_text()
 
 
-def test_bench_json_and_progress(work: Path) -> None:
+def test_sensitivity_json_progress_and_quiet(work: Path) -> None:
+    run = lowbit("sensitivity", "mlp.pt", *ARCH, "--method", "static", "--calib", "data.pt",
+                 "--data", "data.pt", "--json", cwd=work)
+    assert run.returncode == 0, run.stderr
+    rep = json.loads(run.stdout)["sensitivity"]
+    assert {r["name"] for r in rep["rows"]} == {"layers.0", "layers.2"}
+    assert rep["metric_name"] == "accuracy" and rep["baseline"] is not None
+    assert "calibrating" in run.stderr and "sensitivity" in run.stderr  # progress bars
+    quiet = lowbit("sensitivity", "mlp.pt", *ARCH, "--method", "dynamic", "--data", "data.pt",
+                   "--json", "--quiet", cwd=work)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert json.loads(quiet.stdout)["sensitivity"]["rows"][0]["cosine"] > 0.99
+
+
+def test_bench_json_progress_and_report(work: Path) -> None:
     run = lowbit("bench", "mlp.pt", "q_dyn", *ARCH, "--input-shape", "1,1,28,28",
-                 "--batch-sizes", "1,4", "--iters", "3", "--rounds", "1", "--json", cwd=work)
+                 "--batch-sizes", "1,4", "--iters", "3", "--rounds", "1", "--json",
+                 "--report", "bench_report", cwd=work)
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout)["rows"]
     assert [r["name"] for r in rows] == ["mlp.pt", "q_dyn"] and rows[0]["speedup"]["b4"] == 1.0
     assert "benchmarking" in run.stderr  # the progress bar; --quiet removes it
+    assert (work / "bench_report" / "latency.png").is_file()
+    assert "| q_dyn |" in (work / "bench_report" / "report.md").read_text()
     quiet = lowbit("bench", "mlp.pt", *ARCH, "--input-shape", "1,784", "--batch-sizes", "2",
                    "--iters", "2", "--rounds", "1", "--quiet", cwd=work)
     assert quiet.returncode == 0 and quiet.stderr == "" and "| mlp.pt |" in quiet.stdout
+
+
+def test_inspect_lists_lora_adapters(work: Path, capsys) -> None:
+    from lowbit.lora import add_lora
+
+    model = load(work / "q_dyn", model=MLP(hidden=(32,)))
+    save(add_lora(model, r=4, alpha=8, target_modules=["layers.0"]), work / "q_lora")
+    assert main(["inspect", str(work / "q_lora")]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA adapter on layers.0: r=4, alpha=8, dropout=0" in out
+    assert "| layers.0.base | QuantizedLinear |" in out
 
 
 def test_exported_program_model(work: Path) -> None:
@@ -133,6 +161,18 @@ def test_torchscript_model_needs_arch(work: Path, capsys) -> None:
     assert "is TorchScript" in capsys.readouterr().err
     assert main(["quantize", str(work / "mlp_ts.pt"), *ARCH, "--method", "dynamic", "--out",
                  str(work / "q_ts"), "--quiet"]) == 0
+
+
+def test_demo_end_to_end(work: Path) -> None:
+    """``python -m lowbit demo`` trains on the bundled MNIST, quantizes three ways, prints the
+    table (one epoch to keep the suite short; the README's default is four)."""
+    run = lowbit("--quiet", "demo", "--epochs", "1", "--json", "demo.json", cwd=work)
+    assert run.returncode == 0, run.stderr
+    for name in ("FP32", "INT8 dynamic", "INT8 static", "INT4 weight-only"):
+        assert f"| {name} |" in run.stdout
+    assert "training" not in run.stderr  # --quiet before the subcommand reaches the demo
+    rows = {r["name"]: r for r in json.loads((work / "demo.json").read_text())["rows"]}
+    assert rows["FP32"]["accuracy"] > 93 and rows["INT8 static"]["compression"] > 3
 
 
 def test_demo_and_entry_points(work: Path) -> None:

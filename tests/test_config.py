@@ -207,3 +207,17 @@ def test_config_for_globs_are_case_sensitive_fnmatch_patterns():
     assert cfg.config_for("encoder.0") is cfg
     assert cfg.config_for("Encoder.0") is None
     assert cfg.config_for("fc1") is None  # fnmatch: [1] is a character class
+
+
+def test_config_copy_and_deepcopy_share_the_frozen_instance():
+    import copy
+
+    inner = QuantizationConfig.int4_weight_only(32)
+    cfg = QuantizationConfig.int8_static(calibrator_kwargs={"percentile": 99.9},
+                                         layer_overrides={"fc": None, "conv*": inner})
+    assert copy.copy(cfg) is cfg and copy.deepcopy(cfg) is cfg
+    holder = torch.nn.Linear(2, 2)
+    holder.cfg = cfg  # e.g. a module keeping its config: deepcopy of the module works
+    clone = copy.deepcopy(holder)
+    assert clone.cfg is cfg and clone.weight is not holder.weight
+    assert clone.cfg.config_for("conv1") is inner

@@ -214,3 +214,97 @@ def test_errors_name_the_problem() -> None:
         FakeQuantize(QuantSpec(), "nope")
     with pytest.raises(ValueError, match="no data observed"):
         FakeQuantize(QuantSpec(), name="fc1.input").qparams()
+
+
+# ---------------------------------------------------------------------- fast paths, same results
+@pytest.mark.parametrize("observer", ["minmax", "moving_average"])
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8, granularity="per_channel"),
+    QuantSpec(bits=4, granularity="per_channel", axis=1, symmetric=False),
+    QuantSpec(bits=4, granularity="per_group", group_size=4, symmetric=False)],
+    ids=lambda s: f"{s.bits}b-{s.granularity}-{s.axis}")
+@pytest.mark.parametrize("reset", [False, True])
+def test_fast_observer_leaves_the_calibrator_state_update_would(observer, spec, reset) -> None:
+    """FakeQuantize updates min-max / moving-average observers on their buffers directly (no
+    host sync but the NaN check): the observer state and qparams equal those of the generic
+    Calibrator.update + compute_qparams, buffer for buffer."""
+    from lowbit.calibrators import create_calibrator
+
+    fq = FakeQuantize(spec, observer, observer_kwargs={"averaging_constant": 0.3}
+                      if observer == "moving_average" else None, reset_observer=reset).train()
+    kwargs = {"averaging_constant": 0.3} if observer == "moving_average" else {}
+    ref = create_calibrator(observer, spec, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    for i in range(4):
+        x = torch.randn(6, 8, generator=g) * (1 + i) + (i - 2)
+        fq.observe(x)
+        if reset:
+            ref.reset()
+        ref.update(x)
+        scale, zp = ref.compute_qparams(spec)
+        assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zp), i
+        mine, theirs = fq.observer.state_dict(), ref.state_dict()
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert torch.equal(mine[key], theirs[key]), (i, key)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_clip_free_weights_equal_the_masked_path(bits: int, narrow: bool) -> None:
+    """Symmetric signed weights observed afresh each step can never clip, so FakeQuantize skips
+    the clamp and mask there: forward and gradient equal lowbit.ops.fake_quantize's, on rows
+    of every magnitude (zeros: eps scale; subnormal-small; a lone value at +-amax)."""
+    spec = QuantSpec(bits=bits, granularity="per_channel", narrow_range=narrow)
+    fq = FakeQuantize(spec, "minmax", reset_observer=True).train()
+    assert fq._clip_free
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(8, 33, generator=g) * torch.logspace(-30, 30, 8).reshape(8, 1)
+    w[0] = 0.0
+    w[1, 5], w[2, 7] = 3.0e38, -3.0e38
+    w[3] = torch.rand(33, generator=g) * 1e-38  # subnormal scales
+    w = w.requires_grad_(True)
+    upstream = torch.randn(8, 33, generator=g)
+    y = fq(w)
+    (gx,) = torch.autograd.grad(y, w, upstream)
+    w2 = w.detach().clone().requires_grad_(True)
+    y2 = fake_quantize(w2, fq.scale, fq.zero_point, spec)
+    (gx2,) = torch.autograd.grad(y2, w2, upstream)
+    assert torch.equal(y, y2) and torch.equal(gx, gx2)
+    assert fq.history()["clipped_fraction"] == [0.0]
+
+
+def test_dynamic_quantizer_is_clip_free_and_exact() -> None:
+    spec = QuantSpec.int8_dynamic_activation()
+    fq = FakeQuantize(spec, dynamic=True).train()
+    x = (torch.randn(5, 16) * torch.logspace(-3, 3, 5).reshape(5, 1)).requires_grad_(True)
+    y = fq(x)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    scale, zp = choose_qparams(*compute_range(x, spec), spec)
+    assert torch.equal(y, fake_quantize(x.detach(), scale, zp, spec))
+    assert torch.equal(gx, torch.ones_like(x))
+
+
+def test_nan_while_observing_is_refused_by_name_and_leaves_state() -> None:
+    fq = FakeQuantize(QuantSpec(bits=8, symmetric=False), name="fc1.input").train()
+    fq(torch.randn(4, 4))
+    before = {k: v.clone() for k, v in fq.state_dict().items()}
+    bad = torch.randn(4, 4)
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"fc1\.input has 1 NaN/Inf"):
+        fq(bad)
+    after = fq.state_dict()
+    for key in ("scale", "zero_point", "observer.min_val", "observer.max_val",
+                "observer.num_batches_tracked"):
+        assert torch.equal(after[key], before[key]), key
+
+
+def test_statistics_every_n_steps() -> None:
+    fq = FakeQuantize(QuantSpec(), statistics_every=3).train()
+    for _ in range(7):
+        fq(torch.randn(8, requires_grad=True)).sum().backward()
+    h = fq.history()
+    assert h["step"] == [3, 6] and len(h["scale"]) == 2 and int(fq.num_steps) == 7
+    assert all(not math.isnan(v) for v in h["grad_norm"])
+    with pytest.raises(ValueError, match="statistics_every"):
+        FakeQuantize(QuantSpec(), statistics_every=0)

@@ -148,6 +148,9 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
     big = "int_mm_u8s8" if "vnni" in cpu_features() else "fp32_codes"
     assert select_kernel("int8_linear", 17) == big
     assert select_kernel("int8_weight_only", 1, k=64) == "int8pack_bf16"
+    assert select_kernel("int8_weight_only", 65, k=64) == dequant
+    assert select_kernel("int4_weight_only", 512, n=16, k=64, group_size=32) == "int4pack_bf16"
+    assert select_kernel("int4_weight_only", 513, n=16, k=64, group_size=32) == dequant
     with pytest.raises(ValueError, match="backend"):
         select_kernel("int8_linear", 1, backend="fast")
     with pytest.raises(ValueError, match="unknown op"):

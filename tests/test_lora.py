@@ -186,7 +186,7 @@ def test_target_modules_inplace_and_errors() -> None:
         LoRALinear(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="r=0"):
         add_lora(_quantize("dynamic"), r=0)
-    with pytest.raises(ValueError, match="dropout=1.0"):
+    with pytest.raises(ValueError, match=r"dropout=1\.0"):
         add_lora(_quantize("dynamic"), dropout=1.0)
 
 
@@ -251,3 +251,28 @@ def test_root_lora_layer_round_trip(tmp_path: Path) -> None:
     assert isinstance(loaded, LoRALinear)
     assert torch.equal(loaded(_x()), layer(_x()))
     assert describe(tmp_path / "root.safetensors")["layers"][0]["name"] == "base"
+
+
+class _Tied(nn.Module):
+    """One linear layer used twice (under two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_shared_layer_gets_one_adapter_and_round_trips(tmp_path: Path) -> None:
+    q = quantize_dynamic(_Tied())
+    q.b = q.a  # PTQ swaps a shared layer under its first name only (reported to the lead)
+    lq = add_lora(q, r=2, target_modules=["b"])
+    assert isinstance(lq.a, LoRALinear) and lq.a is lq.b
+    assert len(lora_parameters(lq)) == 2  # one A and one B: the shared wrapper counts once
+    _perturb(lq)
+    save(lq, tmp_path / "tied")
+    loaded = load(tmp_path / "tied", model=_Tied())
+    assert loaded.a is loaded.b and isinstance(loaded.a, LoRALinear)
+    assert torch.equal(loaded(_x()), lq(_x()))

@@ -171,7 +171,7 @@ def test_meta_contents() -> None:
     s = QuantizedLinear.from_float(fc, STATIC, input_qparams=(0.1, 2), fused_relu=True).meta()
     assert s["mode"] == "static" and s["fused_relu"] and s["kernel"]["M<=16"] == "int_mm_u8s8"
     assert s["activation_spec"] == STATIC.activations.to_dict()
-    assert "M<=64" in m["kernel"]
+    assert "M<=512" in m["kernel"]
 
 
 def test_dequantize_weight_matches_ops() -> None:

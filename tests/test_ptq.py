@@ -334,3 +334,35 @@ def test_report_markdown_lists_every_layer(images) -> None:
     assert "3 quantized, 1 kept in FP32 on request, 0 skipped" in md
     d = q.lowbit_report.to_dict()
     assert d["layers"][0]["calibration"]["num_batches"] == len(images)
+
+
+class SharedLayer(nn.Module):
+    """One Linear registered under two names and called twice, then a ReLU after one call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_shared_layer_is_reported_under_every_name_and_stays_shared(mode: str) -> None:
+    torch.manual_seed(0)
+    model = SharedLayer().eval()
+    x = torch.randn(16, 8)
+    if mode == "dynamic":
+        q = quantize_dynamic(model)
+    else:
+        q = quantize_static(model, [x[:8], x[8:]], progress=False)
+    rows = {r.name: r for r in q.lowbit_report.rows}
+    assert rows["a"].status == rows["b"].status == "quantized"
+    assert "same module as 'a'" in rows["b"].reason
+    assert q.a is q.b and type(q.a).__name__ == "QuantizedLinear"
+    assert not q.a.fused_relu  # the ReLU follows only one of the two calls
+    ref = model(x)
+    out = q(x)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999

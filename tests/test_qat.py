@@ -86,14 +86,43 @@ def layer_io(model: nn.Module, names: list[str], x: torch.Tensor
     return ins, outs
 
 
-def assert_layerwise_agreement(qat: nn.Module, converted: nn.Module, x: torch.Tensor) -> None:
+BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+
+
+def bf16_kernel_bound(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Elementwise bound on |kernel - float32| for a weight-only linear whose kernel runs in
+    bf16 on this CPU (``kernels.select_kernel``: ``int4pack_bf16`` / ``int8pack_bf16`` /
+    ``dequant_bf16``), or None when it runs in float32. The kernel rounds x, the weight (or its
+    scale and zero, ``w = (c - 8) * s + z``) and the product to bf16 (relative ``u = 2**-8``
+    each) and accumulates in float32, so ``|dy| <= 3.2 u * (|x| @ A.T)`` with ``A >= |w|`` the
+    magnitude of the terms the weight is built from: ``(|c + shift - 8| + |8 - shift - zp|) * s``.
+    """
+    if not hasattr(layer, "_select"):
+        return None
+    x2 = x.reshape(-1, layer.in_features)
+    if layer._select(x2.shape[0]) not in ("int4pack_bf16", "int8pack_bf16", "dequant_bf16"):
+        return None
+    x2 = torch.nn.functional.pad(x2, (0, layer.kp - layer.k))
+    spec, shift = layer.eff_spec, 8 if layer.weight_spec.signed else 0
+    s, zp = layer.weight_scale, layer.weight_zero_point.float()
+    if spec.granularity == "per_group":  # (N, G) -> (N, Kp)
+        s, zp = (t.repeat_interleave(spec.group_size, dim=1) for t in (s, zp))
+    else:  # () or (N,): broadcast over (N, Kp)
+        s, zp = s.reshape(-1, 1), zp.reshape(-1, 1)
+    a = ((layer.codes().float() + shift - 8).abs() + (8 - shift - zp).abs()) * s  # (N, Kp)
+    return 3.2 * BF16_U * (x2.abs() @ a.t()) + 1e-6
+
+
+def assert_layerwise_agreement(qat: nn.Module, converted: nn.Module, x: torch.Tensor) -> float:
     """Every converted layer's output is within one quantization step of the QAT layer's
     fake-quantized output (end to end), and equal up to float rounding on the same input.
     The step of a layer's output is the input scale of the integer layer that reads it; for
-    the last layer (and weight-only / dynamic consumers), an INT8 step of its output range."""
+    the last layer (and weight-only / dynamic consumers), an INT8 step of its output range.
+    Returns the largest end-to-end difference of the last layer (the logits)."""
     names = qat_layers(qat)
     q_in, q_out = layer_io(qat, names, x)
     _, c_out = layer_io(converted, names, x)
+    e2e = 0.0
     for i, name in enumerate(names):
         nxt = qat.get_submodule(names[i + 1]).input_quantizer if i + 1 < len(names) else None
         if nxt is not None and not nxt.dynamic:
@@ -102,12 +131,31 @@ def assert_layerwise_agreement(qat: nn.Module, converted: nn.Module, x: torch.Te
             step = float(q_out[name].max() - q_out[name].min()) / 255  # an INT8 output step
         e2e = float((q_out[name] - c_out[name]).abs().max())
         assert e2e <= step, f"{name}: converted differs by {e2e:.3g} > one step {step:.3g}"
+        layer = converted.get_submodule(name)
         with torch.no_grad():
-            same = converted.get_submodule(name)(q_in[name])
-        # integer activations: the kernel reads the same codes, only float rounding differs;
-        # weight-only kernels run bf16 activations, so they get the one-step bound
-        tol = step * (1e-3 if qat.get_submodule(name).input_quantizer is not None else 1.0)
-        assert float((same - q_out[name]).abs().max()) <= tol, name
+            same = layer(q_in[name])
+        err = (same - q_out[name]).abs()
+        bound = bf16_kernel_bound(layer, q_in[name])
+        if bound is not None:  # weight-only kernel in bf16: its rounding is the whole difference
+            assert bool((err.reshape(bound.shape) <= bound).all()), \
+                f"{name}: {float(err.max()):.3g} exceeds the bf16 bound"
+        else:
+            # integer activations read the same codes, float32 weight-only kernels the same
+            # weights: only float32 rounding of the GEMM and the epilogue differs
+            assert float(err.max()) <= step * 1e-3, name
+    return e2e
+
+
+def assert_same_predictions(qat_logits: torch.Tensor, converted_logits: torch.Tensor,
+                            delta: float) -> None:
+    """The argmax agrees except where the QAT model's two best logits are within ``2 * delta``
+    (``delta``: the largest logit difference, itself at most one output step): a near-tie that
+    the bf16 rounding of a weight-only kernel may flip. Integer-activation modes pass
+    ``delta=0``: the predictions must be identical."""
+    top2 = qat_logits.topk(2, dim=1).values
+    gap = top2[:, 0] - top2[:, 1]
+    differ = qat_logits.argmax(1) != converted_logits.argmax(1)
+    assert bool((gap[differ] <= 2 * delta).all()), (gap[differ], delta)
 
 
 def assert_converted(model: nn.Module) -> None:
@@ -178,19 +226,30 @@ def test_prepare_wraps_every_layer_and_keeps_the_original() -> None:
     assert qat.lowbit_report.quantized == ["conv", "conv1d", "fc"]
 
 
-def test_frozen_layer_stays_frozen_through_training() -> None:
+@pytest.mark.parametrize("lsq", [False, True])
+def test_frozen_layer_stays_frozen_through_training(lsq: bool) -> None:
     model = Small()
     for p in model.conv.parameters():
         p.requires_grad_(False)
-    qat = prepare_qat(model)
-    w0 = qat.conv.base_layer.weight.clone()
-    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    qat = prepare_qat(model, QATConfig(learnable_scale=lsq))
+    frozen = {k: v.clone() for k, v in qat.conv.base_layer.named_parameters()}
+    assert not any(p.requires_grad for p in qat.conv.weight_quantizer.parameters())
+    opt = torch.optim.AdamW(qat.parameters(), lr=0.1, weight_decay=0.1)  # decay touches all
     for _ in range(3):
         opt.zero_grad()
         qat(torch.randn(4, 3, 8, 8)).sum().backward()
         opt.step()
-    assert torch.equal(qat.conv.base_layer.weight, w0)
-    assert qat.conv.base_layer.weight.grad is None
+    for k, p in qat.conv.base_layer.named_parameters():
+        assert torch.equal(p, frozen[k]) and p.grad is None and not p.requires_grad, k
+    assert not torch.equal(qat.fc.base_layer.weight, model.fc.weight)  # the others train
+
+
+def test_statistics_every_n_steps_from_the_config() -> None:
+    qat = prepare_qat(nn.Sequential(nn.Linear(4, 4)), QATConfig(statistics_every=2)).train()
+    for _ in range(5):
+        qat(torch.randn(3, 4)).sum().backward()
+    stats = get_qat_statistics(qat)
+    assert stats.traces["0.weight"]["step"] == [2, 4] == stats.traces["0.input"]["step"]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -223,10 +282,11 @@ def test_int8_qat_then_convert_matches_fp32_and_fake_quant(int8_qat, fp32, split
 
 
 def test_qat_beats_ptq_where_ptq_hurts(fp32, splits) -> None:
-    """QAT_ProducesBetterAccuracy_ThanPTQ: 2-bit weights x INT8 activations on the MNIST CNN
-    (measured: FP32 98.35%, PTQ 67.05%, QAT 97.60%). On this easy task W4A8, W8A4 and W4A4 PTQ
-    lose less than 0.5 points (see benchmarks/bench_qat.py), so 2-bit weights are the setting
-    where PTQ really hurts."""
+    """QAT_ProducesBetterAccuracy_ThanPTQ: 2-bit weights x INT8 activations on the MNIST CNN.
+    Measured (the FP32 model depends on the thread count through float reductions): 2 threads
+    FP32 98.30%, PTQ 62.10%, QAT 96.85% (recovers 96% of the loss); 1 thread FP32 98.35%,
+    PTQ 67.05%, QAT 97.55%. On this easy task W4A8, W8A4 and W4A4 PTQ lose less than 0.5
+    points (see benchmarks/bench_qat.py), so 2-bit weights are the setting where PTQ hurts."""
     model, fp32_acc = fp32
     calib = DataLoader(Subset(splits.train, range(512)), batch_size=64)
     ptq_acc = evaluate_accuracy(PTQQuantizer(W2A8, progress=False).quantize(model, calib),
@@ -244,6 +304,26 @@ def test_qat_beats_ptq_where_ptq_hurts(fp32, splits) -> None:
     assert_converted(converted)
     assert type(converted.fc1).__name__ == "QuantizedLinear"
     assert int(converted.fc1.weight.min()) >= -2 and int(converted.fc1.weight.max()) <= 1
+    assert_layerwise_agreement(qat, converted, splits.eval.tensors[0][:256])
+
+
+def test_int4_weight_only_qat_converted_matches_on_mnist(fp32, splits) -> None:
+    """INT4 weight-only: the converted model's Int4Linear layers may run bf16 kernels (packed
+    ``_weight_int4pack_mm`` at small batches, dequantize + bf16 GEMM at large ones, on CPUs
+    with AVX512-BF16), yet MNIST accuracy equals the QAT model's within one sample at both
+    batch sizes, and every layer stays within one output step / the bf16 bound."""
+    model, _ = fp32
+    preparer = QATPreparer(QuantizationConfig.int4_weight_only(32))
+    qat = preparer.prepare_for_qat(model)
+    plain_loop(qat, loader(splits.train, 2000), torch.optim.Adam(qat.parameters(), lr=3e-5))
+    converted = preparer.convert_to_quantized(qat)
+    assert_converted(converted)
+    assert type(converted.fc1).__name__ == "Int4Linear"
+    qat_acc = evaluate_accuracy(qat, splits.eval)
+    one_sample = 100.0 / len(splits.eval) + 1e-9
+    for batch_size in (64, 256):  # both kernel choices of Int4Linear
+        conv_acc = evaluate_accuracy(converted, splits.eval, batch_size=batch_size)
+        assert abs(conv_acc - qat_acc) <= one_sample, (batch_size, qat_acc, conv_acc)
     assert_layerwise_agreement(qat, converted, splits.eval.tensors[0][:256])
 
 
@@ -312,8 +392,10 @@ def test_converted_agrees_with_fake_quant_in_every_mode(name: str, cfg: QATConfi
     converted = convert_qat(qat)
     assert_converted(converted)
     x = torch.randn(40, 64)
-    assert_layerwise_agreement(qat, converted, x)
-    assert torch.equal(qat.eval()(x).argmax(1), converted(x).argmax(1))
+    delta = assert_layerwise_agreement(qat, converted, x)
+    with torch.no_grad():
+        # weight-only kernels may run bf16 activations (AVX512-BF16 CPUs): near-ties may flip
+        assert_same_predictions(qat.eval()(x), converted(x), delta if "weight-only" in name else 0)
     if cfg.learnable_scale:
         assert isinstance(qat[0].input_quantizer.log_scale, nn.Parameter)
         assert float(converted[0].input_scale) == float(qat[0].input_quantizer.scale.detach())

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import html
+import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,30 +129,55 @@ def _console_messages(stderr: str) -> list[str]:
             if ":CONSOLE" in line or "Uncaught" in line or "Failed to load resource" in line]
 
 
+# Run after the load event of a copy of the page: how each image decoded and the page height.
+_PROBE = ("<script>window.addEventListener('load', () => document.body.setAttribute("
+          "'data-probe', JSON.stringify({images: [...document.images].map(i => i.complete ? "
+          "i.naturalWidth : -1), height: document.documentElement.scrollHeight})))</script>")
+
+
+def _probe(page: Path, tmp: Path) -> dict[str, Any]:
+    probe = tmp / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    dom = _chromium("--window-size=1280,1000", "--dump-dom", probe.as_uri(), tmp=tmp).stdout
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, dom[-1000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install "
                     "-y chromium); the HTML report is not rendered in this run")
 def test_renders_in_headless_chromium(full_report: Path, tmp_path: Path) -> None:
+    probe = _probe(full_report, tmp_path)
+    assert len(probe["images"]) == 4 and min(probe["images"]) > 300, probe  # all PNGs decoded
+    height = int(probe["height"])
+    assert 1500 < height < 10_000, probe
     shot = tmp_path / "shot.png"
     run = _chromium("--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
-                    "--window-size=1280,2000", full_report.as_uri(), tmp=tmp_path)
+                    f"--window-size=1280,{height}", full_report.as_uri(), tmp=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert _console_messages(run.stderr) == []
-    assert shot.is_file() and shot.stat().st_size > 20_000
-    pixels = imread(shot)
-    assert pixels.shape[:2] == (2000, 1280) and float(pixels[..., :3].std()) > 0.05
+    assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 50_000
+    pixels = imread(shot)[..., :3]  # the whole page, plots included
+    assert pixels.shape[:2] == (height, 1280) and float(pixels.std()) > 0.05
+    bottom = pixels[int(height * 0.75):]  # the last histograms, at the end of the page
+    assert float(bottom.std()) > 0.05 and float((bottom < 0.5).mean()) > 0.005
     keep = os.environ.get("LOWBIT_SCREENSHOT_DIR")  # to look at the screenshot
     if keep:
         shutil.copy(shot, Path(keep) / "report_screenshot.png")
     dom = _chromium("--dump-dom", full_report.as_uri(), tmp=tmp_path).stdout
-    for text in ("Comparison", "Per-layer schemes", "Sensitivity", "INT8 static", "conv2"):
+    for text in ("Comparison", "Per-layer schemes", "Sensitivity",
+                 "Weight and activation histograms", "INT8 static", "speedup b1", "conv2"):
         assert text in dom
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 def test_console_error_detection_works(tmp_path: Path) -> None:
-    """The check above would notice a console error: a page with one is flagged."""
+    """The checks above would notice a console error or a broken image: a page with both is
+    flagged."""
     bad = tmp_path / "bad.html"
-    bad.write_text("<!DOCTYPE html><p>x</p><script>undefinedFunction();</script>")
+    bad.write_text("<!DOCTYPE html><html><body><p>x</p><img src='data:image/png;base64,AAAA'>"
+                   "<script>undefinedFunction();</script></body></html>")
     run = _chromium("--enable-logging=stderr", "--v=0", f"--screenshot={tmp_path / 's.png'}",
                     bad.as_uri(), tmp=tmp_path)
     assert any("Uncaught ReferenceError" in line for line in _console_messages(run.stderr))
+    assert _probe(bad, tmp_path)["images"] == [0]

@@ -76,22 +76,42 @@ def test_round_trip_is_bit_identical(tmp_path: Path, method: str, single_file: b
     assert not loaded.training
 
 
-def test_qat_converted_round_trip(tmp_path: Path) -> None:
-    from lowbit.qat import QATPreparer
+@pytest.mark.parametrize("config", [QuantizationConfig.int8_static(),
+                                    QuantizationConfig.int8_dynamic(),
+                                    QuantizationConfig.int4_weight_only(group_size=32)],
+                         ids=["static", "dynamic", "int4"])
+def test_qat_converted_round_trip(tmp_path: Path, config: QuantizationConfig) -> None:
+    from lowbit.qat import QATConfig, convert_qat, prepare_qat
 
-    preparer = QATPreparer(QuantizationConfig.int8_static())
-    qat = preparer.prepare_for_qat(_cnn().train())
+    qat = prepare_qat(_cnn().train(), QATConfig(quantization=config, learnable_scale=True))
     opt = torch.optim.SGD(qat.parameters(), lr=0.01)
     for step in range(3):
         opt.zero_grad()
         qat(_images(16, seed=step)).logsumexp(1).mean().backward()
         opt.step()
-    q = preparer.convert_to_quantized(qat)
+    q = convert_qat(qat)
     save(q, tmp_path / "qat")
     loaded = load(tmp_path / "qat", model=MnistCNN())
     x = _images(5, seed=9)
-    assert torch.equal(loaded(x), q(x))
-    assert type(loaded.fc1).__name__ == "QuantizedLinear"
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), q(x))
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in q.modules()]
+    assert type(loaded.fc1).__name__ == ("Int4Linear" if config.mode == "weight_only"
+                                         else "QuantizedLinear")
+
+
+def test_bfloat16_model_round_trip(tmp_path: Path) -> None:
+    """The original dtype is recorded; a bf16 model comes back bf16 and bit-identical."""
+    torch.manual_seed(0)
+    model = MLP(**SMALL_MLP).to(torch.bfloat16).eval()
+    q = quantize_dynamic(model)
+    save(q, tmp_path / "bf16")
+    manifest = read_manifest(tmp_path / "bf16")
+    assert manifest["modules"]["layers.0"]["meta"]["dtype"] == "bfloat16"
+    loaded = load(tmp_path / "bf16", model=MLP(**SMALL_MLP).to(torch.bfloat16))
+    x = _images(3).to(torch.bfloat16)
+    out = loaded(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, q(x))
 
 
 def test_quantized_root_module_round_trip(tmp_path: Path) -> None:

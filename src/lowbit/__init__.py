@@ -36,6 +36,7 @@ from lowbit.evaluation import (
     quantized_weight_nbytes,
 )
 from lowbit.fake_quantize import FakeQuantize
+from lowbit.lora import LoRALinear, add_lora, lora_parameters, mark_only_lora_trainable
 from lowbit.modules import (
     QUANTIZED_MODULES,
     Int4Linear,
@@ -93,6 +94,7 @@ __all__ = [
     "Int8WeightOnlyLinear",
     "LatencyStats",
     "LayerSensitivity",
+    "LoRALinear",
     "LoadError",
     "MSECalibrator",
     "MinMaxCalibrator",
@@ -116,6 +118,7 @@ __all__ = [
     "WeightOnlyConv1d",
     "WeightOnlyConv2d",
     "__version__",
+    "add_lora",
     "analyze_sensitivity",
     "auto_fallback",
     "available_calibrators",
@@ -131,6 +134,8 @@ __all__ = [
     "get_qat_statistics",
     "load",
     "load_checkpoint",
+    "lora_parameters",
+    "mark_only_lora_trainable",
     "measure_latency",
     "model_nbytes",
     "module_from_meta",

@@ -75,15 +75,18 @@ def run_calibration(model: nn.Module, calibrators: dict[str, Calibrator],
     Args:
         model: the (float) model; run in eval mode under ``torch.inference_mode``.
         calibrators: ``{layer name: Calibrator}``.
-        calibration_data: any iterable of batches (see :func:`run_batch`).
-        progress: show a tqdm progress bar.
-        max_batches: stop after this many batches.
+        calibration_data: any iterable of batches (see :func:`run_batch`); a one-pass generator
+            is read once, one batch at a time, and never closed (it can be resumed after
+            ``max_batches``).
+        progress: show a tqdm progress bar (on stderr).
+        max_batches: stop after this many batches (>= 1).
 
     Returns:
         The number of batches run.
 
     Raises:
-        ValueError: when ``calibration_data`` is ``None`` or yields no batch.
+        ValueError: when ``calibration_data`` is ``None``, a bare tensor (iterating it would give
+            one batch per row) or yields no batch, or ``max_batches < 1``.
 
     Example:
         >>> from lowbit.calibrators import create_calibrator
@@ -97,6 +100,12 @@ def run_calibration(model: nn.Module, calibrators: dict[str, Calibrator],
     if calibration_data is None:
         raise ValueError("calibration_data is None: static quantization needs representative "
                          "input batches (a DataLoader, a list of tensors, ...)")
+    if isinstance(calibration_data, torch.Tensor):
+        raise ValueError(f"calibration_data is a single tensor of shape "
+                         f"{tuple(calibration_data.shape)}; iterating it would feed one row per "
+                         "batch. Pass a list of batches, e.g. [x] or list(x.split(32))")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches={max_batches} must be >= 1 (or None for all batches)")
     handles = []
 
     def make_hook(cal: Calibrator):
@@ -112,15 +121,17 @@ def run_calibration(model: nn.Module, calibrators: dict[str, Calibrator],
         for name, cal in calibrators.items():
             handles.append(model.get_submodule(name).register_forward_pre_hook(
                 make_hook(cal), with_kwargs=True))
-        total = max_batches
-        if total is None and hasattr(calibration_data, "__len__"):
-            total = len(calibration_data)  # type: ignore[arg-type]
-        bar = tqdm(calibration_data, total=total, desc="calibrating", unit="batch",
-                   disable=not progress, leave=False)
-        with torch.inference_mode():
-            for batch in bar:
+        total = len(calibration_data) if hasattr(calibration_data, "__len__") else None
+        if max_batches is not None:
+            total = max_batches if total is None else min(total, max_batches)
+        # The bar is updated by hand: iterating through tqdm would close a generator it wraps.
+        bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress,
+                   leave=False)
+        with bar, torch.inference_mode():
+            for batch in calibration_data:
                 run_batch(model, batch)
                 count += 1
+                bar.update()
                 if max_batches is not None and count >= max_batches:
                     break
     finally:

@@ -265,6 +265,22 @@ class QuantizationConfig:
     def __hash__(self) -> int:
         return hash(self.to_json())
 
+    def __copy__(self) -> QuantizationConfig:
+        """The config itself: it is frozen and its mappings are read-only views."""
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuantizationConfig:
+        """The config itself (``copy.deepcopy`` of a model holding one shares it): frozen and
+        immutable, so a copy could never differ, and ``MappingProxyType`` cannot be deep-copied.
+
+        Example:
+            >>> import copy
+            >>> cfg = QuantizationConfig.int8_static(layer_overrides={"fc": None})
+            >>> copy.deepcopy({"cfg": cfg})["cfg"] is cfg
+            True
+        """
+        return self
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def int8_dynamic(cls, per_token: bool = True, **kwargs: Any) -> QuantizationConfig:

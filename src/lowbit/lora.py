@@ -180,7 +180,8 @@ def add_lora(qmodel: nn.Module, r: int = 8, alpha: float = 16.0,
         qmodel: a model quantized by lowbit (a quantized linear layer on its own works too).
         r, alpha, dropout: adapter rank, scaling numerator and input dropout.
         target_modules: glob patterns (``fnmatch``) over qualified layer names; a quantized
-            linear layer matching any of them gets an adapter.
+            linear layer matching any of them gets an adapter (one adapter for a layer shared
+            under several names).
         inplace: modify ``qmodel`` instead of a deep copy.
 
     Returns:
@@ -208,15 +209,21 @@ def add_lora(qmodel: nn.Module, r: int = 8, alpha: float = 16.0,
         report = getattr(qmodel, "lowbit_report", None)
         model = copy.deepcopy(qmodel, {} if report is None else {id(report): report})
     patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    candidates = [n for n, m in model.named_modules() if isinstance(m, LORA_BASES)]
-    chosen = [n for n in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, LORA_BASES)]
+    chosen = {id(m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     if not chosen:
+        candidates = [n for n, _ in named] or "none (quantize it first)"
         raise ValueError(f"add_lora: no quantized linear layer matches target_modules="
-                         f"{patterns}; candidates: {candidates or 'none (quantize it first)'}")
-    if chosen == [""]:  # the model itself is a quantized linear layer
-        model = LoRALinear(model, r, alpha, dropout)
-    for name in chosen:
-        if name:
-            model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+                         f"{patterns}; candidates: {candidates}")
+    wrappers: dict[int, LoRALinear] = {}  # a layer used under several names gets one adapter
+    for name, module in named:
+        if id(module) in chosen:
+            if id(module) not in wrappers:
+                wrappers[id(module)] = LoRALinear(module, r, alpha, dropout)
+            if name:
+                model.set_submodule(name, wrappers[id(module)])
+            else:  # the model itself is a quantized linear layer
+                model = wrappers[id(module)]
     mark_only_lora_trainable(model)
     return model

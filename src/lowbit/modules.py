@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+_F32_EPS = torch.finfo(torch.float32).eps
 
 
 class _Int8Base(QuantizedModuleBase):
@@ -74,6 +75,7 @@ class _Int8Base(QuantizedModuleBase):
         # maps the symmetric unsigned midpoint to 0)
         off = 0 if act_spec.signed else -(2 ** (act_spec.bits - 1))
         self._act_off, self._qmin, self._qmax = off, act_spec.qmin + off, act_spec.qmax + off
+        self._zero = torch.tensor(0, dtype=torch.int32)  # signed zero-point of symmetric specs
         self.register_buffer("_w_scale", torch.ones(n), persistent=False)  # (N,) float32
         self.register_buffer("_colsum", torch.zeros(n, dtype=torch.int32), persistent=False)
         self.register_buffer("_comp", None, persistent=False)  # (N,) zp_u * colsum, fixed zp
@@ -308,6 +310,9 @@ class QuantizedConv2d(_Int8Base):
             stride, padding, dilation = [1, *stride], [0, *padding], [1, *dilation]
         if self.mode == "static":
             s, zp = self.input_scale, self.input_zero_point + self._act_off
+        elif self.act_spec.symmetric:  # max|x| / qmax, zero-point 0: as choose_qparams
+            amax = xf.abs().amax()
+            s, zp = amax.div_(self._qmax).clamp_(min=_F32_EPS), self._zero
         else:
             spec = self.act_spec.with_(granularity="per_tensor")
             s, zp = choose_qparams(*compute_range(xf, spec, self.name), spec)

@@ -21,7 +21,13 @@ from torch import nn
 
 from lowbit._qmodule import QuantizedModuleBase, conv_geometry, quantize_weight
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.kernels import int4_pack_for_cpu, select_kernel, weight_only_linear
+from lowbit.kernels import (
+    INT4_PACKED_MAX_M,
+    WEIGHT_ONLY_PACKED_MAX_M,
+    int4_pack_for_cpu,
+    select_kernel,
+    weight_only_linear,
+)
 from lowbit.ops import dequantize, pack_int4, unpack_int4
 
 __all__ = ["Int4Linear", "Int8WeightOnlyLinear", "QuantizedEmbedding", "WeightOnlyConv1d",
@@ -138,9 +144,11 @@ class _WeightOnlyLinear(_WeightOnly):
     def _select(self, m: int) -> str:
         raise NotImplementedError
 
+    _max_packed_m = INT4_PACKED_MAX_M
+
     def kernel_info(self) -> dict[str, str]:
-        """Kernel per activation row count: ``{"M<=64": ..., "M>64": ...}``."""
-        from lowbit.kernels import WEIGHT_ONLY_PACKED_MAX_M as t
+        """Kernel per activation row count, e.g. ``{"M<=512": ..., "M>512": ...}``."""
+        t = self._max_packed_m
         return {f"M<={t}": self._select(1), f"M>{t}": self._select(t + 1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,7 @@ class _WeightOnlyLinear(_WeightOnly):
 class Int4Linear(_WeightOnlyLinear):
     """Weight-only 2..4-bit linear: codes packed two per byte, group-wise scales/zero-points.
 
-    Small M runs ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations (N % 16 == 0, group
+    M <= 512 runs ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations (N % 16 == 0, group
     in {32, 64, 128, 256}); otherwise dequantize + bf16 GEMM; ``backend="reference"``:
     dequantize + fp32 GEMM.
 
@@ -209,6 +217,8 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
         >>> q.weight.dtype, q(torch.randn(2, 16)).shape
         (torch.int8, torch.Size([2, 8]))
     """
+
+    _max_packed_m = WEIGHT_ONLY_PACKED_MAX_M
 
     @staticmethod
     def _default_spec() -> QuantSpec:

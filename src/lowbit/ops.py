@@ -32,8 +32,10 @@ __all__ = [
     "choose_qparams",
     "compute_range",
     "dequantize",
+    "expand_qparam",
     "fake_quantize",
     "pack_int4",
+    "qparams_from_range",
     "quantize",
     "quantize_tensor",
     "unpack_int4",
@@ -76,6 +78,9 @@ def compute_range(x: torch.Tensor, spec: QuantSpec, name: str = "tensor"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``x`` reduced to the shape the granularity asks for (float32).
 
+    Computed with ``amin``/``amax`` (exact, like every min/max): on CPU they are an order of
+    magnitude faster than ``torch.aminmax(dim=...)`` and never slower for full reductions.
+
     Example:
         >>> lo, hi = compute_range(torch.tensor([[1., -2.], [3., 4.]]),
         ...                        QuantSpec(granularity="per_channel"))
@@ -86,16 +91,16 @@ def compute_range(x: torch.Tensor, spec: QuantSpec, name: str = "tensor"
         raise ValueError(f"{name} is empty; cannot compute a quantization range")
     x = x.detach().float()
     if spec.granularity == "per_tensor":
-        return torch.aminmax(x)
+        return x.amin(), x.amax()
     if spec.granularity == "per_channel":
         axis = spec.axis % x.dim()
-        flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-        return torch.aminmax(flat, dim=1)
+        flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, rest)
+        return flat.amin(1), flat.amax(1)
     if spec.granularity == "per_token":
-        return torch.aminmax(x, dim=-1, keepdim=True)
+        return x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     groups = _check_groups(x, spec, name)
     grouped = x.reshape(*x.shape[:-1], groups, spec.group_size)
-    return torch.aminmax(grouped, dim=-1)
+    return grouped.amin(-1), grouped.amax(-1)
 
 
 def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
@@ -131,6 +136,21 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
     if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
         raise ValueError("choose_qparams: the observed range holds NaN/Inf; the calibrated "
                          "tensor had non-finite values")
+    return qparams_from_range(min_val, max_val, spec)
+
+
+def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose_qparams` without its argument checks (no host sync), for hot loops.
+
+    The caller guarantees float32 tensors with ``min_val <= max_val``; NaN/Inf give a non-finite
+    scale, which the caller can test on the (small) result instead of on the range.
+
+    Example:
+        >>> s, z = qparams_from_range(torch.tensor(-1.0), torch.tensor(2.54), QuantSpec())
+        >>> round(s.item(), 6), z.item()
+        (0.02, 0)
+    """
     lo = torch.clamp(min_val, max=0.0)
     hi = torch.clamp(max_val, min=0.0)
     qmin, qmax = spec.qmin, spec.qmax
@@ -150,8 +170,15 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
     return scale, zero_point
 
 
-def _expand(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Reshape a qparam so it broadcasts against ``x`` (grouped view for per_group)."""
+def expand_qparam(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape a qparam (shape from the table above) so it broadcasts against ``x``, or against
+    ``x``'s grouped view ``x.shape[:-1] + (groups, group_size)`` for per_group.
+
+    Example:
+        >>> expand_qparam(torch.ones(3), torch.zeros(3, 8), QuantSpec(granularity="per_channel")
+        ...               ).shape
+        torch.Size([3, 1])
+    """
     if spec.granularity == "per_tensor":
         return p.reshape(())
     if spec.granularity == "per_channel":
@@ -162,6 +189,9 @@ def _expand(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.granularity == "per_token":
         return p.reshape(*x.shape[:-1], 1)
     return p.reshape(*x.shape[:-1], -1, 1)
+
+
+_expand = expand_qparam  # the former private name, kept for existing callers
 
 
 def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -209,7 +209,7 @@ class PTQQuantizer(Quantizer):
 
         fusions = find_fusions(qmodel)
         plans = plan_layers(qmodel, cfg, self.fallback_layers, fusions)
-        todo = {n: p for n, p in plans.items() if p.status == "quantized"}
+        todo = {n: p for n, p in plans.items() if p.status == "quantized" and not p.shared_with}
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
         if not todo:
             warnings.warn("quantize: the model has no quantizable layer under this config; "
@@ -249,6 +249,13 @@ class PTQQuantizer(Quantizer):
             else:  # the model itself is a single quantizable layer
                 qmodel = new
 
+        for name, plan in plans.items():  # second names of shared layers: the same new module
+            if plan.shared_with and plan.status == "quantized":
+                if plan.shared_with in todo:
+                    qmodel.set_submodule(name, qmodel.get_submodule(plan.shared_with))
+                else:  # the first name was skipped after calibration
+                    shared = plans[plan.shared_with]
+                    plan.config, plan.status, plan.reason = None, shared.status, shared.reason
         fused = {n for n, p in todo.items() if p.fused_relu}
         for relu in relu_modules_to_remove(fusions, fused):
             qmodel.set_submodule(relu, nn.Identity())

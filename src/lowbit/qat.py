@@ -214,8 +214,7 @@ class QATLayer(nn.Module):
                              f"{type(base_layer).__name__}")
         options = options or QATConfig(quantization=config)
         self.base_layer, self.bn, self.name = base_layer, bn, name
-        # stored as JSON: QuantizationConfig holds MappingProxyType fields, which deepcopy refuses
-        self._config_json = config.to_json()
+        self._config = config  # frozen: deepcopy of the model shares it
         self.fused_relu = bool(fused_relu)
         self.freeze_bn_after = options.freeze_bn_after
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
@@ -252,7 +251,7 @@ class QATLayer(nn.Module):
     @property
     def config(self) -> QuantizationConfig:
         """The layer's resolved quantization config."""
-        return QuantizationConfig.from_json(self._config_json)
+        return self._config
 
     # ------------------------------------------------------------------ weights
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -194,6 +194,9 @@ def _sensitivity_png(rep: SensitivityReport) -> bytes:
         ax.set_xlabel(label)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.grid(axis="x", alpha=0.3)
+        if not any(values):
+            ax.text(0.5, 0.5, "no layer changes it", transform=ax.transAxes, ha="center",
+                    va="center", color="#555555", backgroundcolor="white")
         if i > 1:
             ax.set_yticklabels([])
     fig.suptitle("Per-layer sensitivity (each layer quantized alone)")
@@ -241,6 +244,7 @@ def _hist_png(h: LayerHistogram) -> bytes:
             ax.plot([], [], color="#c0392b", linestyle="--", label=f"{what} "
                     f"[{rng[0]:.3g}, {rng[1]:.3g}]")
             ax.legend(loc="upper right", fontsize=8)
+        ax.locator_params(axis="x", nbins=6)
         ax.set_title(f"{h.name} {title}", fontsize=10)
         ax.set_ylabel("count (log)")
     return _png(fig)

@@ -16,9 +16,10 @@ and of the manifest itself, the model's class and (only when given) an importabl
 for every module of the quantized model that differs from the float model, how to rebuild it:
 a lowbit quantized module's ``meta()`` (rebuilt with ``from_meta``), a
 :class:`~lowbit.lora.LoRALinear` adapter (its base's ``meta()`` and ``lora_config()``), or a
-structural replacement (a folded BatchNorm or fused ReLU that became ``nn.Identity``). Loading copies nothing into the
-float skeleton until the file and the skeleton have been checked against each other, then
-swaps the modules and calls ``load_state_dict(strict=True)``: never a half-loaded model.
+structural replacement (a folded BatchNorm or fused ReLU that became ``nn.Identity``). Loading
+copies nothing into the float skeleton until the file and the skeleton have been checked
+against each other, then swaps the modules and calls ``load_state_dict(strict=True)``: never a
+half-loaded model.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def _module_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
             continue
         if id(module) in first_name and type(module) in registered:
             entries[name] = {"kind": "shared", "of": first_name[id(module)]}
+            if isinstance(module, LoRALinear):
+                adapters.append(name)
             continue
         first_name.setdefault(id(module), name)
         if isinstance(module, LoRALinear):

@@ -73,6 +73,8 @@ class LayerPlan:
         reason: a human-readable why.
         fused_relu: a following ReLU is applied inside the quantized layer.
         folded_bn: name of the BatchNorm folded into this layer.
+        shared_with: for a module registered under several names, the first name; this row
+            follows that layer's decision and shares its quantized module.
     """
 
     name: str
@@ -82,6 +84,7 @@ class LayerPlan:
     reason: str = ""
     fused_relu: bool = False
     folded_bn: str | None = None
+    shared_with: str | None = None
 
 
 def _is_relu_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -260,9 +263,14 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
     fusions = fusions or Fusions()
     parents = {name: mod for name, mod in model.named_modules()}
     plans: dict[str, LayerPlan] = {}
-    for name, module in model.named_modules():
+    first_name: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         if not name and not isinstance(module, QUANTIZABLE_TYPES):
             continue
+        if id(module) in first_name:  # the same module object under a second name
+            _plan_alias(plans, name, first_name[id(module)])
+            continue
+        first_name[id(module)] = name
         kind = type(module).__name__
         if not isinstance(module, QUANTIZABLE_TYPES):
             reason = _unsupported_reason(module)
@@ -292,6 +300,23 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg),
                                 fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name))
     return plans
+
+
+def _plan_alias(plans: dict[str, LayerPlan], alias: str, first: str) -> None:
+    """Record a second name of a shared module: it follows (and shares) the first one's fate.
+
+    A shared layer is called from several places, so a ReLU or BatchNorm after one call is not
+    fused into it.
+    """
+    plan = plans.get(first)
+    if plan is None:  # not a layer lowbit plans (e.g. a container reused twice)
+        return
+    plan.fused_relu, plan.folded_bn = False, None
+    note = f"same module as {first!r}; shares its "
+    note += "quantized module" if plan.status == "quantized" else "decision"
+    plans[alias] = LayerPlan(alias, plan.module_type, plan.config, plan.status,
+                             f"{note} ({plan.reason})" if plan.reason else note,
+                             shared_with=first)
 
 
 def _scheme(cfg: QuantizationConfig) -> str:
