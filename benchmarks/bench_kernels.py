@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.kernels import int4_pack_for_cpu, quantize_activation_u8
+from lowbit.kernels import int4_pack_for_cpu, quantize_activation, quantize_activation_u8
 from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedConv2d, QuantizedLinear
 
 LINEAR_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 384, 1536), (256, 1024, 4096),
@@ -51,8 +51,8 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
     static = QuantizedLinear.from_float(fc, QuantizationConfig.int8_static(),
                                         input_qparams=(amax / 127, 0))
     w8 = dyn.weight
-    u, _, _ = quantize_activation_u8(x, -128, 127)
-    s8 = (u.int() - 128).to(torch.int8)
+    s8, _, _ = quantize_activation(x, -128, 127)
+    u = s8.view(torch.uint8) ^ 0x80  # the same codes shifted to uint8
     i4 = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(128))
     i4_deq = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(128))
     i8wo_cfg = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None,
@@ -68,7 +68,8 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
         "bf16 F.linear": lambda: F.linear(xb, wb),
         "_int_mm u8s8 (int32 out)": lambda: torch._int_mm(u, w8.t()),
         "_int_mm s8s8 (int32 out)": lambda: torch._int_mm(s8, w8.t()),
-        "per-token quantize only": lambda: quantize_activation_u8(x, -128, 127),
+        "per-token quantize only (int8)": lambda: quantize_activation(x, -128, 127),
+        "per-token quantize only (uint8)": lambda: quantize_activation_u8(x, -128, 127),
         "QuantizedLinear dynamic (auto)": lambda: dyn(x),
         "QuantizedLinear static (auto)": lambda: static(x),
         "_weight_int8pack_mm bf16": lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb),

@@ -7,10 +7,12 @@ particular features go below the marked line.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 # ---------------------------------------------------------------------------------- generic
 # Hypothesis: modest example counts, no deadline (CI hosts are shared and noisy), and
@@ -21,6 +23,10 @@ settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("LOWBIT_HYPOTHESIS_PROFILE", "ci"))
+# Hypothesis caches constants under ./.hypothesis even without a database: tests write only to
+# temporary folders.
+set_hypothesis_home_dir(os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY")
+                        or tempfile.mkdtemp(prefix="lowbit-hypothesis-"))
 
 # Under pytest-xdist every worker would otherwise start torch's default thread pool on the
 # same cores; oversubscribed intra-op threads make small tensor ops up to 100x slower.

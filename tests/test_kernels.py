@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,11 +16,16 @@ from lowbit.kernels import (
     int4_pack_for_cpu,
     int8_conv2d,
     int8_linear,
+    quantize_activation,
     quantize_activation_u8,
     select_kernel,
     weight_only_linear,
 )
 from lowbit.ops import choose_qparams, compute_range, dequantize, quantize, quantize_tensor
+
+# oneDNN's int8 GEMM is exact only with VNNI (without it int16 pair sums saturate)
+INT_MM = pytest.param("int_mm_s8s8", marks=pytest.mark.skipif(
+    "vnni" not in cpu_features(), reason="_int_mm is used (and exact) only on VNNI CPUs"))
 
 
 @pytest.mark.parametrize("shape", [(1, 7), (5, 33), (3, 4, 64)])
@@ -27,62 +36,79 @@ def test_dynamic_per_token_quantize_matches_ops(shape: tuple[int, ...]) -> None:
     spec = QuantSpec.int8_dynamic_activation("per_token")
     scale, zp = choose_qparams(*compute_range(x, spec), spec)
     expected = quantize(x, scale, zp, spec)
-    u, s, zp_u = quantize_activation_u8(x, spec.qmin, spec.qmax, per_token=True)
-    assert torch.equal(s, scale)
-    assert torch.equal(u.int() - zp_u, expected.int())
+    q, s, zp_q = quantize_activation(x, spec.qmin, spec.qmax, per_token=True)
+    assert torch.equal(s, scale) and zp_q is None and q.dtype == torch.int8
+    assert torch.equal(q, expected.to(torch.int8))
+    u, s_u, zp_u = quantize_activation_u8(x, spec.qmin, spec.qmax, per_token=True)
+    assert torch.equal(s_u, scale) and torch.equal(u.int() - zp_u, expected.int())
+
+
+@pytest.mark.parametrize("shape", [(600, 300), (1, 1 << 17)])  # max(amax, -amin) sizes
+@pytest.mark.parametrize("per_token", [True, False])
+def test_large_dynamic_quantize_matches_ops(shape: tuple[int, int], per_token: bool) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    x[0, 0] = -50.0  # the largest magnitude is negative
+    spec = QuantSpec.int8_dynamic_activation("per_token" if per_token else "per_tensor")
+    scale, zp = choose_qparams(*compute_range(x, spec), spec)
+    q, s, _ = quantize_activation(x, spec.qmin, spec.qmax, per_token=per_token)
+    assert torch.equal(s, scale) and torch.equal(q, quantize(x, scale, zp, spec).to(torch.int8))
 
 
 def test_static_affine_quantize_matches_ops_including_ties() -> None:
     spec = QuantSpec.int8_static_activation()
     scale, zp = torch.tensor(0.5), torch.tensor(-3, dtype=torch.int32)
     x = torch.tensor([0.25, 0.75, -0.25, 1.25, 100.0, -100.0, 0.0, 63.9])  # .5 ties + clamps
+    q, _, zp_q = quantize_activation(x, spec.qmin, spec.qmax, scale, zp)
+    assert torch.equal(q.int(), quantize(x, scale, zp, spec).int()) and int(zp_q) == -3
     u, _, zp_u = quantize_activation_u8(x, spec.qmin, spec.qmax, scale, zp)
     assert torch.equal(u.int() - 128, quantize(x, scale, zp, spec).int())
     assert int(zp_u) == -3 + 128
 
 
 def test_zero_rows_do_not_divide_by_zero() -> None:
-    u, s, _ = quantize_activation_u8(torch.zeros(2, 4), -128, 127)
-    assert torch.isfinite(s).all() and torch.equal(u, torch.full((2, 4), 128, dtype=torch.uint8))
+    q, s, _ = quantize_activation(torch.zeros(2, 4), -128, 127)
+    assert torch.isfinite(s).all() and torch.equal(q, torch.zeros(2, 4, dtype=torch.int8))
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 64, 32), (7, 33, 17), (33, 128, 48), (16, 5, 3),
                                    (3, 2100, 8)])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes"])
 def test_int8_linear_fast_kernels_equal_reference(m: int, k: int, n: int, static: bool,
                                                   kernel: str) -> None:
     torch.manual_seed(m + k)
     x, w = torch.randn(m, k), torch.randint(-128, 128, (n, k), dtype=torch.int8)
     if static:
-        u, s, zp_u = quantize_activation_u8(x, -128, 127, torch.tensor(0.02),
-                                            torch.tensor(-7, dtype=torch.int32))
+        q, s, zp = quantize_activation(x, -128, 127, torch.tensor(0.02),
+                                       torch.tensor(-7, dtype=torch.int32))
     else:
-        u, s, zp_u = quantize_activation_u8(x, -128, 127)
+        q, s, zp = quantize_activation(x, -128, 127)
     colsum = w.int().sum(1)
-    args = (u, s, zp_u, w, torch.rand(n) + 0.1, colsum, torch.randn(n))
+    args = (q, s, zp, w, torch.rand(n) + 0.1, colsum, torch.randn(n))
     fast = int8_linear(*args, kernel=kernel)
     ref = int8_linear(*args, kernel="reference")
     assert torch.equal(fast, ref)
     # the integer accumulator is exact: compare with int64 maths
-    acc = (u.long() - zp_u.long()) @ w.long().t()
+    acc = (q.long() - (0 if zp is None else zp.long())) @ w.long().t()
     expected = acc.float() * s * args[4] + args[6]
     torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes", "reference"])
+@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes", "reference"])
 def test_int8_linear_extreme_codes_do_not_saturate(kernel: str) -> None:
-    u = torch.full((4, 1300), 255, dtype=torch.uint8)
-    u[:, ::3] = 0
     w = torch.full((32, 1300), -128, dtype=torch.int8)
-    zp_u = torch.tensor(0, dtype=torch.int32)
-    y = int8_linear(u, torch.tensor(1.0), zp_u, w, torch.ones(32), w.int().sum(1), kernel=kernel)
-    assert torch.equal(y, (u.long() @ w.long().t()).float())
+    for dtype, hi in ((torch.uint8, 255), (torch.int8, -128)):  # int8 codes and shifted uint8
+        u = torch.full((4, 1300), hi, dtype=dtype)
+        u[:, ::3] = 0
+        y = int8_linear(u, torch.tensor(1.0), None, w, torch.ones(32), w.int().sum(1),
+                        kernel=kernel)
+        assert torch.equal(y, (u.long() @ w.long().t()).float())
 
 
 def test_int8_linear_fused_relu() -> None:
     torch.manual_seed(1)
-    u, s, z = quantize_activation_u8(torch.randn(3, 16), -128, 127)
+    u, s, z = quantize_activation(torch.randn(3, 16), -128, 127)
     w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
     y = int8_linear(u, s, z, w, torch.ones(8), w.int().sum(1))
     assert torch.equal(int8_linear(u, s, z, w, torch.ones(8), w.int().sum(1), relu=True),
@@ -91,7 +117,7 @@ def test_int8_linear_fused_relu() -> None:
 
 @pytest.mark.parametrize("stride,padding,dilation,ksize", [
     ((1, 1), (1, 1), (1, 1), 3), ((2, 1), (0, 2), (1, 2), 3), ((1, 1), (0, 0), (1, 1), 1)])
-@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes"])
 def test_int8_conv2d_im2col_equals_reference(stride, padding, dilation, ksize, kernel) -> None:
     torch.manual_seed(2)
     x = torch.randn(2, 5, 9, 8)
@@ -144,9 +170,10 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
     assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=16) == dequant
     assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=32) == "int4pack_bf16"
     assert select_kernel("int8_weight_only", 1, k=64, packable=False) == dequant
-    assert select_kernel("int8_weight_only", 1, k=68) == dequant  # op needs K % 8 == 0
-    big = "int_mm_u8s8" if "vnni" in cpu_features() else "fp32_codes"
-    assert select_kernel("int8_linear", 17) == big
+    assert select_kernel("int8_weight_only", 1, k=68) == dequant  # op needs K % 16 == 0
+    assert select_kernel("int8_weight_only", 2, k=72) == dequant  # K = 72 segfaults at M >= 2
+    fast = "int_mm_s8s8" if "vnni" in cpu_features() else "fp32_codes"  # at every M
+    assert select_kernel("int8_linear", 1) == select_kernel("int8_linear", 4096) == fast
     assert select_kernel("int8_weight_only", 1, k=64) == "int8pack_bf16"
     assert select_kernel("int8_weight_only", 65, k=64) == dequant
     assert select_kernel("int4_weight_only", 512, n=16, k=64, group_size=32) == "int4pack_bf16"
@@ -159,23 +186,24 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
 
 @pytest.mark.parametrize("m,k,n", [(1, 64, 32), (7, 33, 17), (40, 1100, 24)])
 @pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes"])
 def test_int8_linear_affine_weights_equal_reference(m: int, k: int, n: int, static: bool,
                                                     kernel: str) -> None:
     torch.manual_seed(m + n)
     x, w = torch.randn(m, k), torch.randint(-128, 128, (n, k), dtype=torch.int8)
     w_zp = torch.randint(-128, 128, (n,), dtype=torch.int32)
     if static:
-        u, s, zp_u = quantize_activation_u8(x, -128, 127, torch.tensor(0.02),
-                                            torch.tensor(-100, dtype=torch.int32))
+        q, s, zp = quantize_activation(x, -128, 127, torch.tensor(0.02),
+                                       torch.tensor(-100, dtype=torch.int32))
     else:
-        u, s, zp_u = quantize_activation_u8(x, -128, 127)
+        q, s, zp = quantize_activation(x, -128, 127)
     colsum = w.int().sum(1) - k * w_zp
-    args = (u, s, zp_u, w, torch.rand(n) + 0.1, colsum, torch.randn(n))
+    args = (q, s, zp, w, torch.rand(n) + 0.1, colsum, torch.randn(n))
     fast = int8_linear(*args, kernel=kernel, w_zp=w_zp)
     ref = int8_linear(*args, kernel="reference", w_zp=w_zp)
     assert torch.equal(fast, ref)
-    acc = (u.long() - zp_u.long()) @ (w.long() - w_zp.long()[:, None]).t()  # int64 maths
+    centered = q.long() - (0 if zp is None else zp.long())
+    acc = centered @ (w.long() - w_zp.long()[:, None]).t()  # int64 maths
     torch.testing.assert_close(ref, acc.float() * s * args[4] + args[6], rtol=1e-6, atol=1e-5)
     # a weight zero-point really changes the result (the correction term is not dropped)
     assert not torch.equal(fast, int8_linear(*args, kernel=kernel))
@@ -195,7 +223,7 @@ def test_fp32_codes_is_exact_with_full_range_affine_activations() -> None:
     assert torch.equal(y.long(), u.long() @ w.long().t())
 
 
-@pytest.mark.parametrize("kernel", ["int_mm_u8s8", "fp32_codes"])
+@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes"])
 def test_int8_conv2d_affine_weights_equal_reference(kernel: str) -> None:
     torch.manual_seed(7)
     x = torch.randn(2, 5, 9, 8)
@@ -207,3 +235,30 @@ def test_int8_conv2d_affine_weights_equal_reference(kernel: str) -> None:
     fast = int8_conv2d(*args, kernel=kernel, w_zp=w_zp)
     assert torch.equal(fast, int8_conv2d(*args, kernel="reference", w_zp=w_zp))
     assert not torch.equal(fast, int8_conv2d(*args, kernel=kernel))
+
+
+def test_without_vnni_int8_kernels_stay_exact() -> None:
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN run as on an AVX2-only CPU, where _int_mm saturates
+    # int16 pair sums; cpu_features() follows the cap and the exact fp32_codes path is chosen
+    code = """
+import torch
+from torch import nn
+from lowbit.config import QuantizationConfig
+from lowbit.kernels import cpu_features
+from lowbit.modules import QuantizedLinear
+assert "vnni" not in cpu_features()
+torch.manual_seed(0)
+fc = nn.Linear(1024, 64)
+cfg = QuantizationConfig.int8_dynamic()
+q = QuantizedLinear.from_float(fc, cfg)
+ref = QuantizedLinear.from_float(fc, cfg, backend="reference")
+for m in (1, 16, 40):
+    x = torch.randn(m, 1024)
+    assert torch.equal(q(x), ref(x)), m
+print(q.kernel_info())
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "fp32_codes"

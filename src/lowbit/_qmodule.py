@@ -92,7 +92,8 @@ class QuantizedModuleBase(nn.Module):
     """Common plumbing: backend, layer name, fused ReLU, meta, cache refresh after loading.
 
     Subclasses hold plain buffers, implement ``_refresh_cache()`` (non-persistent kernel caches)
-    and ``_shape_meta()``; ``meta()`` adds the common fields.
+    and ``_shape_meta()``; ``meta()`` adds the common fields. Every ``forward`` starts with
+    ``x = self._input(x, ...)``: inputs that require grad are detached (inference modules).
     """
 
     def __init__(self, *, backend: str = "auto", name: str = "", fused_relu: bool = False,
@@ -124,10 +125,19 @@ class QuantizedModuleBase(nn.Module):
     def _label(self) -> str:
         return f"{self.name or '<unnamed>'} ({type(self).__name__})"
 
-    def _check_features(self, x: torch.Tensor, expected: int, dim: int = -1) -> None:
+    def _input(self, x: torch.Tensor, expected: int, dim: int = -1) -> torch.Tensor:
+        """``x`` checked for ``expected`` features in ``dim``, detached from autograd.
+
+        Quantized modules are inference modules: their buffers are not parameters and rounding
+        has no useful gradient, so ``forward`` never records a graph (the in-place kernels
+        could not be differentiated) and its output does not require grad, even when ``x``
+        does. Float layers after it still get gradients; ``lowbit.lora`` wraps its frozen base
+        in its own autograd Function to pass gradients through.
+        """
         if x.dim() == 0 or x.shape[dim] != expected:
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
+        return x.detach()
 
     def _shape_meta(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -9,12 +9,13 @@ Every kernel here has two implementations selected by a ``kernel`` name:
 
 INT8 x INT8 linear (dynamic or static activations)::
 
-    u      = clamp(round(x * (1/s_x)) + zp_x, qmin, qmax) + 128          # uint8 codes
-    acc    = u @ w.T - (zp_x + 128) * colsum(w)        # int32, == (q_x - zp_x) @ w.T exactly
+    q      = clamp(round(x * (1/s_x)) + zp_x, qmin, qmax)                # int8 codes
+    acc    = q @ w.T - zp_x * colsum(w)               # int32, == (q_x - zp_x) @ w.T exactly
     y      = acc * s_x * s_w[n] + bias
 
-Activations are shifted into uint8 because oneDNN's u8 x s8 GEMM (``torch._int_mm``) is as fast
-as or faster than s8 x s8; the shift is folded into the precomputed ``colsum`` term.
+Symmetric activations (``zp_x = 0``: the dynamic default, and static symmetric specs) go into
+``torch._int_mm`` as int8 codes with no compensation pass at all; only a non-zero zero-point
+costs the ``zp_x * colsum`` pass.
 
 Kernel choice (:func:`select_kernel`) depends on the CPU (:func:`cpu_features`, read at run
 time) and on M. Measured with ``benchmarks/bench_kernels.py`` (2 threads, median of 9 rounds,
@@ -63,10 +64,19 @@ fp32-on-codes: M=1 5.0 / 16, M=4 1.8 / 4.8, M=16 5.1 / 5.4, M=64 18 / 5.3.
 
 Decisions drawn from those numbers:
 
-* INT8 x INT8 with VNNI: ``torch._int_mm`` with uint8 activations (``"int_mm_u8s8"``) at every M.
-  Without VNNI: ``_int_mm`` for ``M <= NO_VNNI_INT_MM_MAX_M`` (16), above it ``"fp32_codes"``
-  (fp32 GEMM over the integer codes in K chunks of 512, exact because every partial sum is an
-  integer below 2^24). Neither beats fp32 on AVX2-only CPUs: there use weight-only INT8/INT4.
+* INT8 x INT8 with VNNI: ``torch._int_mm`` on int8 activation codes (``"int_mm_s8s8"``) at
+  every M. s8 x s8 was within 5-10% of u8 x s8 in the GEMM alone (oneDNN shifts internally)
+  and drops the wrapper's sign-flip pass and the ``[M, N]`` shift-compensation pass: whole
+  layer 1 thread, old u8s8 wrapper / s8s8 (ms): MLP 784-1024-1024-10 batch 1 0.137 / 0.115,
+  batch 32 0.52 / 0.46; ``TransformerEncoderBlock`` (1, 128, 384) 2.10 / 1.72, (32, 128, 384)
+  91 / 80 (fp32 5.4 and 167).
+  Without VNNI: ``"fp32_codes"`` at every M (fp32 GEMM over the integer codes in K chunks of
+  512, exact because every partial sum is an integer below 2^24). ``_int_mm`` is **not exact**
+  there, u8 x s8 or s8 x s8: with ``ONEDNN_MAX_CPU_ISA=AVX2`` on the VNNI machine a 1x1024x256
+  dynamic layer was off by 15% of its output range (int16 pair-sum saturation, as for
+  ``qlinear`` below), so an earlier ``_int_mm`` for ``M <= 16`` there was dropped. Neither beats
+  fp32 on AVX2-only CPUs: there use weight-only INT8/INT4. :func:`cpu_features` honours that
+  ISA cap, so the AVX2 selection can be tested on a VNNI machine.
 * ``onednn::qlinear_pointwise`` / ``qconv2d_pointwise``: on AVX2-only CPUs **not exact** (u8 x s8
   pair sums saturate at int16, as ``vpmaddubsw`` does without VNNI: errors of 10^5 on a 10^6
   accumulator with full-range weights). On the VNNI CPU the accumulation is exact (u8 255 x s8
@@ -75,8 +85,10 @@ Decisions drawn from those numbers:
   tensor (lowbit's default is per token) and symmetric weights only, and fuses a float epilogue
   that the reference path could not reproduce bit for bit. Not used.
 * The wrapper decides the speed: per-token quantization is ``x * (1/s)``, ``round_``, then
-  float -> int8 (2x faster than -> uint8) and a sign-bit flip to uint8; ``abs().amax()`` (not
-  ``vector_norm(inf)`` / ``aminmax``, ~10x slower here); the epilogue runs in place in the int32
+  float -> int8 (2x faster than -> uint8); ``max|x|`` is ``abs().amax()`` below 2^17 elements
+  and ``max(amax, -amin)`` above (no ``|x|`` temporary: 1.3-1.5x faster at 4096x384 and
+  4096x1536; ``vector_norm(inf)`` / ``aminmax`` are ~10x slower); the epilogue runs in place in
+  the int32
   accumulator's memory (3 passes, no new ``[M, N]`` buffer: 10x faster at 4096x1536, where the
   page faults of a fresh 25 MB buffer cost more than the arithmetic).
 * Weight-only INT8: ``_weight_int8pack_mm`` on bf16 activations for
@@ -84,22 +96,29 @@ Decisions drawn from those numbers:
   ``M <= INT4_PACKED_MAX_M`` (512: dequantizing INT4 is expensive, crossover ~1024); above,
   dequantize + bf16 GEMM on CPUs with AVX512-BF16, else dequantize + fp32 GEMM. fp32
   activations are never fed to the packed ops (3-50x slower): cast to bf16 and back.
-* ``_weight_int8pack_mm`` needs ``K % 8 == 0`` (other K crash the process in torch 2.13).
+* ``_weight_int8pack_mm`` needs ``K % 16 == 0``: other K crash the process in torch 2.13
+  (K = 24, 40, 72, 136 segfault from M = 2 on, K % 8 != 0 at any M). ``Int8WeightOnlyLinear``
+  adds zero weight columns up to a multiple of 16 in its packed cache and pads the input.
 * INT4 packed op constraints: ``N % 16 == 0``, group size in {32, 64, 128, 256}, ``K % group ==
-  0``; other shapes use the dequantize path.
+  0``. ``Int4Linear`` pads the packed rows to a multiple of 16 and slices the output (a 1024->10
+  head at M=1: 4 us instead of ~70 us for dequantize + bf16 GEMM); other shapes use the
+  dequantize path.
 * ``aten._dyn_quant_matmul_4bit`` (KleidiAI) has its fast path on Arm only; on this x86 build
   ``_dyn_quant_pack_4bit_weight`` refused plain inputs ("Expected bias length to match output
   dimension" even with an ``[N]`` bias), so it is not used.
-* Conv2d INT8: the input is quantized once, then a channels-last im2col on the uint8 codes (one
+* Conv2d INT8: the input is quantized once, then a channels-last im2col on the int8 codes (one
   strided copy; ``F.unfold`` on floats was 85x the conv time at batch 64) + the same INT8 GEMM
   for ``groups == 1``; ``groups > 1`` uses the reference path (reported in ``meta``).
 * Affine weights (``w_zp != 0``): one int32 row sum of the activation codes and a rank-1
-  update ``acc -= rowsum(u) (x) w_zp`` on top of the symmetric kernel.
+  update ``acc -= rowsum(q) (x) w_zp`` on top of the symmetric kernel.
+* Not done: running quantize -> GEMM -> epilogue in row blocks so the temporaries stay in cache
+  measured only 5-12% faster on 4096-row layers (1 thread) for a Python loop per layer.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -107,12 +126,12 @@ import torch.nn.functional as F
 __all__ = [
     "INT4_GROUP_SIZES",
     "INT4_PACKED_MAX_M",
-    "NO_VNNI_INT_MM_MAX_M",
     "WEIGHT_ONLY_PACKED_MAX_M",
     "cpu_features",
     "int4_pack_for_cpu",
     "int8_conv2d",
     "int8_linear",
+    "quantize_activation",
     "quantize_activation_u8",
     "select_kernel",
     "weight_only_linear",
@@ -126,12 +145,14 @@ INT4_PACKED_MAX_M = 512
 #: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
-#: On CPUs without VNNI, ``_int_mm`` is only used up to this M; above it the exact chunked
-#: fp32 GEMM over integer codes (``"fp32_codes"``) is faster.
-NO_VNNI_INT_MM_MAX_M = 16
 #: fp32 GEMM over integer codes is exact while every partial sum stays below 2^24: centered
 #: activation codes reach 255 (affine zero-point), weight codes 128, and 512 * 255 * 128 < 2^24.
 _CODES_CHUNK_K = 512
+#: From this many elements on, ``max|x|`` is taken as ``max(amax, -amin)`` (see ``_absmax``).
+_MINMAX_NUMEL = 1 << 17
+#: oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) that still include VNNI / AVX512-BF16.
+_VNNI_ISAS = ("VNNI", "BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
+_BF16_ISAS = ("BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
 
 _F32_EPS = torch.finfo(torch.float32).eps
 _HAS_INT_MM = hasattr(torch, "_int_mm")
@@ -145,7 +166,9 @@ def cpu_features() -> frozenset[str]:
 
     Read from ``/proc/cpuinfo`` flags (``avx512_vnni`` / ``avx_vnni`` / ``amx_int8`` -> vnni;
     ``avx512_bf16`` / ``amx_bf16`` -> bf16); elsewhere torch's CPU capability ``AVX512`` is
-    taken to mean both.
+    taken to mean both. An ISA cap in ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) that
+    excludes them removes them too: oneDNN then runs without them (e.g. ``AVX2`` emulates an
+    AVX2-only CPU, where ``_int_mm`` is not exact).
 
     Example:
         >>> cpu_features() <= {"vnni", "bf16"}
@@ -158,9 +181,11 @@ def cpu_features() -> frozenset[str]:
         cap = torch.backends.cpu.get_cpu_capability()
         return frozenset({"vnni", "bf16"} if "AVX512" in cap else set())
     feats = set()
-    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+           or "ALL").upper()
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} and any(t in isa for t in _VNNI_ISAS):
         feats.add("vnni")
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    if flags & {"avx512_bf16", "amx_bf16"} and any(t in isa for t in _BF16_ISAS):
         feats.add("bf16")
     return frozenset(feats)
 
@@ -180,16 +205,14 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             op's only layout).
 
     Returns:
-        One of ``"int_mm_u8s8"``, ``"fp32_codes"``, ``"int8pack_bf16"``, ``"int4pack_bf16"``,
+        One of ``"int_mm_s8s8"``, ``"fp32_codes"``, ``"int8pack_bf16"``, ``"int4pack_bf16"``,
         ``"dequant_bf16"``, ``"reference"``.
 
     Raises:
         ValueError: on an unknown op or backend.
 
     Example:
-        >>> select_kernel("int8_linear", 1)
-        'int_mm_u8s8'
-        >>> select_kernel("int8_linear", 512) in ("int_mm_u8s8", "fp32_codes")  # VNNI or not
+        >>> select_kernel("int8_linear", 512) in ("int_mm_s8s8", "fp32_codes")  # VNNI or not
         True
         >>> select_kernel("int4_weight_only", 1, n=64, k=256, group_size=32)
         'int4pack_bf16'
@@ -204,13 +227,13 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if op in ("int8_linear", "int8_conv2d"):
         if op == "int8_conv2d" and groups != 1:
             return "reference"
-        if _HAS_INT_MM and ("vnni" in feats or m <= NO_VNNI_INT_MM_MAX_M):
-            return "int_mm_u8s8"
-        return "fp32_codes"
+        # without VNNI oneDNN's int8 GEMM saturates int16 pair sums: not exact at any M
+        return "int_mm_s8s8" if _HAS_INT_MM and "vnni" in feats else "fp32_codes"
     dequant = "dequant_bf16" if "bf16" in feats else "reference"
     if op == "int8_weight_only":
-        # K % 8 != 0 segfaults inside aten._weight_int8pack_mm (torch 2.13 CPU)
-        fast = _HAS_INT8PACK and packable and k % 8 == 0 and m <= WEIGHT_ONLY_PACKED_MAX_M
+        # K % 16 != 0 segfaults inside aten._weight_int8pack_mm (torch 2.13 CPU; K % 16 == 8
+        # only from M = 2 on)
+        fast = _HAS_INT8PACK and packable and k % 16 == 0 and m <= WEIGHT_ONLY_PACKED_MAX_M
         return "int8pack_bf16" if fast else dequant
     if op == "int4_weight_only":
         packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
@@ -219,82 +242,118 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     raise ValueError(f"select_kernel: unknown op {op!r}")
 
 
-def quantize_activation_u8(x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tensor | None = None,
-                           zero_point: torch.Tensor | None = None, *, per_token: bool = True
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize float activations to signed codes stored shifted by +128 as uint8.
+def _absmax(x: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """``max|x|`` per row (``[M, 1]``) or per tensor (``()``), without a float temporary when big.
 
-    ``u = clamp(round(x * (1/scale)) + zp, qmin, qmax) + 128``: the same codes as
-    ``lowbit.ops.quantize`` (bit for bit), shifted so that oneDNN's u8 x s8 GEMM can take them.
-    Without ``scale`` the qparams are dynamic and symmetric (``scale = max|x| / qmax``, clamped to
-    float32 eps, ``zp = 0``), per row when ``per_token`` else per tensor, as
-    ``lowbit.ops.choose_qparams`` computes them.
+    ``abs().amax()`` writes an ``|x|`` copy: on large inputs ``max(amax, -amin)`` (two reads, no
+    write) is 1.3x faster; below ``_MINMAX_NUMEL`` elements one reduction call is cheaper.
+    """
+    if x.numel() < _MINMAX_NUMEL:
+        return x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
+    if per_token:
+        return torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    return torch.maximum(x.amax(), x.amin().neg_())
+
+
+def quantize_activation(x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tensor | None = None,
+                        zero_point: torch.Tensor | None = None, *, per_token: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize float activations to int8 codes ``clamp(round(x * (1/scale)) + zp, qmin, qmax)``.
+
+    The same codes as ``lowbit.ops.quantize`` (bit for bit). Without ``scale`` the qparams are
+    dynamic and symmetric (``scale = max|x| / qmax``, clamped to float32 eps, zero-point 0), per
+    row when ``per_token`` else per tensor, as ``lowbit.ops.choose_qparams`` computes them.
 
     Args:
         x: float activations ``[M, K]`` (or any shape for per-tensor).
         qmin, qmax: signed code range of the activation spec (e.g. -128, 127).
-        scale, zero_point: static qparams (float32 / int32 scalars); both or neither.
+        scale, zero_point: given qparams (float32 / int32 scalars); ``zero_point=None`` means 0
+            (symmetric), which saves the zero-point compensation in :func:`int8_linear`.
         per_token: dynamic granularity.
 
     Returns:
-        ``(u uint8 like x, scale float32 [M, 1] or (), zp_u int32 = zp + 128)``; ``zp_u`` has
-        the shape of ``zero_point`` (static) or is a scalar (dynamic).
+        ``(q int8 like x, scale float32 [M, 1] or (), zero_point int32 or None)``; the
+        zero-point is None when it is 0 by construction (dynamic symmetric, or given as None).
 
     Example:
-        >>> u, s, z = quantize_activation_u8(torch.tensor([[1.0, -2.0]]), -128, 127)
-        >>> (u.int() - z).tolist()
-        [[64, -127]]
+        >>> q, s, z = quantize_activation(torch.tensor([[1.0, -2.0]]), -128, 127)
+        >>> q.tolist(), z
+        ([[64, -127]], None)
     """
     xf = x if x.dtype == torch.float32 else x.float()
-    if scale is None:  # abs().amax() is ~10x faster than vector_norm(inf) / aminmax here
-        amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
-        scale = amax.div_(qmax).clamp_(min=_F32_EPS)
-        zp, zp_u = None, torch.tensor(128, dtype=torch.int32)
+    zp = None if zero_point is None else zero_point.to(torch.int32)
+    if scale is None:
+        scale = _absmax(xf, per_token).div_(qmax).clamp_(min=_F32_EPS)
         # |round(x / scale)| <= qmax: only a range narrower than -qmax..qmax needs the clamp
         clamp = qmin > -qmax
     else:
-        scale = scale.float()
-        zp = zero_point.to(torch.int32)  # type: ignore[union-attr]
-        zp_u, clamp = zp + 128, True
+        scale, clamp = scale.float(), True
     t = xf * scale.reciprocal()  # the one float temporary; 1/scale as in lowbit.ops
     t.round_()
     if zp is not None:
         t.add_(zp)
     if clamp:
         t.clamp_(qmin, qmax)
-    # signed codes -> +128 as uint8 is a flip of the sign bit; float -> int8 is 2x faster than
-    # float -> uint8 on this CPU
-    return t.to(torch.int8).view(torch.uint8).bitwise_xor_(0x80), scale, zp_u
+    return t.to(torch.int8), scale, zp  # float -> int8 is 2x faster than float -> uint8
 
 
-def _int8_acc(u: torch.Tensor, zp_u: torch.Tensor, w2d: torch.Tensor, colsum: torch.Tensor,
+def quantize_activation_u8(x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tensor | None = None,
+                           zero_point: torch.Tensor | None = None, *, per_token: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_activation` with the codes stored shifted by +128 as uint8.
+
+    ``u = q + 128`` (a flip of the sign bit) and ``zp_u = zp + 128``: the layout of oneDNN's
+    u8 x s8 GEMMs. Kept for callers that want unsigned codes; lowbit's kernels take int8 codes.
+
+    Returns:
+        ``(u uint8 like x, scale float32 [M, 1] or (), zp_u int32)``.
+
+    Example:
+        >>> u, s, z = quantize_activation_u8(torch.tensor([[1.0, -2.0]]), -128, 127)
+        >>> (u.int() - z).tolist()
+        [[64, -127]]
+    """
+    if scale is not None and zero_point is None:
+        zero_point = torch.zeros((), dtype=torch.int32)
+    q, scale, zp = quantize_activation(x, qmin, qmax, scale, zero_point, per_token=per_token)
+    zp_u = torch.tensor(128, dtype=torch.int32) if zp is None else zp + 128
+    return q.view(torch.uint8).bitwise_xor_(0x80), scale, zp_u
+
+
+def _int8_acc(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor, colsum: torch.Tensor,
               comp: torch.Tensor | None, kernel: str, w_zp: torch.Tensor | None = None
               ) -> torch.Tensor:
-    """Exact int32 ``(u - zp_u) @ (w2d - w_zp).T`` ``[M, N]`` by the chosen kernel.
+    """Exact int32 ``(q - zp) @ (w2d - w_zp).T`` ``[M, N]`` by the chosen kernel.
 
-    ``colsum[n] = sum_k (w2d[n, k] - w_zp[n])``; with a weight zero-point the GEMM over the raw
-    codes is corrected by ``w_zp[n] * rowsum_m(u)`` (see :func:`int8_linear`).
+    ``q`` are int8 codes (uint8 codes work too, e.g. from :func:`quantize_activation_u8`);
+    ``zp=None`` means 0. ``colsum[n] = sum_k (w2d[n, k] - w_zp[n])``; the zero-point costs
+    ``zp * colsum`` (or the precomputed ``comp``), a weight zero-point ``w_zp[n] * rowsum_m(q)``.
     """
     if kernel == "reference":
-        centered = u.double() - zp_u.double()  # (M, K) exact codes q - zp
+        centered = q.double() if zp is None else q.double() - zp.double()  # (M, K) q - zp
         wc = w2d.double() if w_zp is None else w2d.double() - w_zp.double()[:, None]  # (N, K)
         return (centered @ wc.t()).to(torch.int32)  # exact for K < 2^37
     if kernel == "fp32_codes":  # exact: every partial sum is an integer below 2^24
-        centered32 = u.float().sub_(zp_u.float())  # (M, K), |q - zp| <= 255
+        centered32 = q.float() if zp is None else q.float().sub_(zp.float())  # |q - zp| <= 255
         wf = w2d.float()  # (N, K), |w| <= 128
         acc = None
         for s in range(0, w2d.shape[1], _CODES_CHUNK_K):
             part = (centered32[:, s:s + _CODES_CHUNK_K] @ wf[:, s:s + _CODES_CHUNK_K].t())
             acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
         assert acc is not None
-        if w_zp is not None:  # - w_zp[n] * sum_k (u - zp_u)[m, k]
-            rows = u.sum(1, dtype=torch.int32) - w2d.shape[1] * zp_u.reshape(-1)
+        if w_zp is not None:  # - w_zp[n] * sum_k (q - zp)[m, k]
+            rows = q.sum(1, dtype=torch.int32)
+            if zp is not None:
+                rows = rows - w2d.shape[1] * zp.reshape(-1)
             acc.addr_(rows.expand(acc.shape[0]), w_zp, alpha=-1)
         return acc
-    acc = torch._int_mm(u, w2d.t())  # (M, N) int32; B = transpose of contiguous (N, K)
-    acc.sub_(comp if comp is not None else zp_u * colsum)
-    if w_zp is not None:  # - w_zp[n] * sum_k u[m, k]
-        acc.addr_(u.sum(1, dtype=torch.int32), w_zp, alpha=-1)
+    acc = torch._int_mm(q, w2d.t())  # (M, N) int32; B = transpose of contiguous (N, K)
+    if comp is not None:
+        acc.sub_(comp)
+    elif zp is not None:
+        acc.sub_(zp * colsum)
+    if w_zp is not None:  # - w_zp[n] * sum_k q[m, k]
+        acc.addr_(q.sum(1, dtype=torch.int32), w_zp, alpha=-1)
     return acc
 
 
@@ -315,26 +374,30 @@ def _int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tens
     return y.relu_() if relu else y
 
 
-def int8_linear(u: torch.Tensor, x_scale: torch.Tensor, zp_u: torch.Tensor, w: torch.Tensor,
-                w_scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None = None,
-                *, relu: bool = False, kernel: str = "int_mm_u8s8",
-                comp: torch.Tensor | None = None, w_zp: torch.Tensor | None = None
-                ) -> torch.Tensor:
+def int8_linear(q: torch.Tensor, x_scale: torch.Tensor, zp: torch.Tensor | None,
+                w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
+                bias: torch.Tensor | None = None, *, relu: bool = False,
+                kernel: str | None = None, comp: torch.Tensor | None = None,
+                w_zp: torch.Tensor | None = None) -> torch.Tensor:
     """INT8 x INT8 GEMM with INT32 accumulation and a float epilogue.
 
-    ``y[m, n] = s_x[m] * s_w[n] * sum_k (u[m, k] - zp_u[m]) * (w[n, k] - w_zp[n]) + bias[n]``
+    ``y[m, n] = s_x[m] * s_w[n] * sum_k (q[m, k] - zp[m]) * (w[n, k] - w_zp[n]) + bias[n]``
 
-    An affine weight (``w_zp``) costs one int32 row sum of ``u`` and a rank-1 update:
-    ``acc = u @ w.T - zp_u * colsum - w_zp[n] * sum_k u[m, k]`` with the centered ``colsum``.
+    Symmetric activations (``zp=None``) go straight into the GEMM; a zero-point costs one
+    ``[M, N]`` pass ``acc -= zp * colsum``; an affine weight (``w_zp``) one int32 row sum of
+    ``q`` and a rank-1 update ``acc -= rowsum(q) (x) w_zp`` (``colsum`` is centered).
 
     Args:
-        u: uint8 activation codes ``[M, K]`` from :func:`quantize_activation_u8`.
-        x_scale, zp_u: ``[M, 1]`` (per token) or ``()`` (per tensor) float32 / int32.
+        q: int8 activation codes ``[M, K]`` from :func:`quantize_activation` (the uint8 codes
+            of :func:`quantize_activation_u8` with their ``zp_u`` give the same result).
+        x_scale, zp: ``[M, 1]`` (per token) or ``()`` (per tensor) float32 / int32; ``zp``
+            None means 0.
         w: int8 weight ``[N, K]``, contiguous.
         w_scale: float32 ``[N]``; colsum: int32 ``[N]``, ``(w - w_zp).sum(1)``.
         bias: float32 ``[N]`` or None; relu: apply ReLU after the bias.
-        kernel: ``"int_mm_u8s8"``, ``"fp32_codes"`` or ``"reference"``.
-        comp: optional precomputed ``zp_u * colsum`` (int32 ``[N]``) for a fixed zero-point.
+        kernel: ``"int_mm_s8s8"``, ``"fp32_codes"`` or ``"reference"``; None: chosen by
+            :func:`select_kernel` for this CPU and M.
+        comp: optional precomputed ``zp * colsum`` (int32 ``[N]``) for a fixed zero-point.
         w_zp: int32 weight zero-points ``[N]``, or None for symmetric weights.
 
     Returns:
@@ -342,36 +405,40 @@ def int8_linear(u: torch.Tensor, x_scale: torch.Tensor, zp_u: torch.Tensor, w: t
 
     Example:
         >>> w = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
-        >>> u, s, z = quantize_activation_u8(torch.tensor([[1.0, 0.5]]), -128, 127)
-        >>> args = (u, s, z, w, torch.ones(2), w.int().sum(1))
+        >>> q, s, z = quantize_activation(torch.tensor([[1.0, 0.5]]), -128, 127)
+        >>> args = (q, s, z, w, torch.ones(2), w.int().sum(1))
         >>> torch.equal(int8_linear(*args), int8_linear(*args, kernel="reference"))
         True
         >>> zw = torch.tensor([1, -3], dtype=torch.int32)  # affine weights
-        >>> args = (u, s, z, w, torch.ones(2), w.int().sum(1) - 2 * zw)
+        >>> args = (q, s, z, w, torch.ones(2), w.int().sum(1) - 2 * zw)
         >>> ref = int8_linear(*args, w_zp=zw, kernel="reference")
         >>> torch.equal(int8_linear(*args, w_zp=zw), ref)
         True
     """
-    acc = _int8_acc(u, zp_u, w, colsum, comp, kernel, w_zp)  # (M, N) int32
+    if kernel is None:
+        kernel = select_kernel("int8_linear", q.shape[0])
+    acc = _int8_acc(q, zp, w, colsum, comp, kernel, w_zp)  # (M, N) int32
     return _int8_epilogue(acc, x_scale, w_scale, bias, relu)
 
 
-def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin: int, qmax: int,
-                w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
+def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor | None, qmin: int,
+                qmax: int, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
                 bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
                 dilation: tuple[int, int], groups: int, *, relu: bool = False,
-                kernel: str = "int_mm_u8s8", w_zp: torch.Tensor | None = None) -> torch.Tensor:
-    """INT8 Conv2d on per-tensor activation qparams: uint8 im2col + u8 x s8 GEMM, or reference.
+                kernel: str | None = None, w_zp: torch.Tensor | None = None) -> torch.Tensor:
+    """INT8 Conv2d on per-tensor activation qparams: int8 im2col + INT8 GEMM, or reference.
 
     Zero padding is exact: 0.0 quantizes to the zero-point, which the compensation removes.
 
     Args:
-        x: float input ``[B, C, H, W]``; x_scale / x_zp: per-tensor qparams (float32 / int32).
+        x: float input ``[B, C, H, W]``; x_scale / x_zp: per-tensor qparams (float32 / int32;
+            ``x_zp=None`` means 0 and skips the zero-point compensation).
         qmin, qmax: activation code range.
         w: int8 weight ``[O, C/groups, kh, kw]``; w_scale float32 ``[O]``;
         colsum: int32 ``[O]``, the sum of ``w - w_zp`` over all but the first dim.
         bias, stride, padding, dilation, groups: as in ``F.conv2d``; relu: fused ReLU.
-        kernel: ``"int_mm_u8s8"`` / ``"fp32_codes"`` (groups must be 1) or ``"reference"``.
+        kernel: ``"int_mm_s8s8"`` / ``"fp32_codes"`` (groups must be 1) or ``"reference"``;
+            None: chosen by :func:`select_kernel`.
         w_zp: int32 weight zero-points ``[O]``, or None for symmetric weights.
 
     Returns:
@@ -389,25 +456,27 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor, qmin
     o, _, kh, kw = w.shape
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if kernel is None:
+        kernel = select_kernel("int8_conv2d", bsz * ho * wo, groups=groups)
+    q, _, zp = quantize_activation(x, qmin, qmax, x_scale, x_zp)  # (B, C, H, W) int8 codes
     if kernel == "reference":
-        u, _, zp_u = quantize_activation_u8(x, qmin, qmax, x_scale, x_zp)
-        centered = u.double() - zp_u.double()  # (B, C, H, W) codes q - zp; zero pad = exact
+        centered = q.double() if zp is None else q.double() - zp.double()  # zero pad = exact
         wc = w.double() if w_zp is None else w.double() - w_zp.double().reshape(-1, 1, 1, 1)
         acc = F.conv2d(centered, wc, None, stride, padding, dilation, groups)
         acc = acc.to(torch.int32).permute(0, 2, 3, 1).reshape(-1, o)  # (B*Ho*Wo, O)
-    else:  # quantize the input once, then im2col on uint8 codes (4x fewer bytes than float)
-        u, _, zp_u = quantize_activation_u8(x, qmin, qmax, x_scale, x_zp)  # (B, C, H, W)
-        cols = _im2col_u8(u, int(zp_u), (kh, kw), stride, padding, dilation, (ho, wo))
+    else:  # quantize the input once, then im2col on int8 codes (4x fewer bytes than float)
+        pad = 0 if zp is None else int(zp)
+        cols = _im2col_codes(q, pad, (kh, kw), stride, padding, dilation, (ho, wo))
         w2d = w.permute(0, 2, 3, 1).reshape(o, -1)  # (O, kh*kw*C), the order of the columns
-        acc = _int8_acc(cols, zp_u, w2d, colsum, None, kernel, w_zp)  # (B*Ho*Wo, O) int32
+        acc = _int8_acc(cols, zp, w2d, colsum, None, kernel, w_zp)  # (B*Ho*Wo, O) int32
     y = _int8_epilogue(acc, x_scale, w_scale, bias, relu)  # (B*L, O)
     return y.reshape(bsz, ho, wo, o).permute(0, 3, 1, 2)  # (B, O, Ho, Wo), channels-last memory
 
 
-def _im2col_u8(u: torch.Tensor, pad_value: int, ksize: tuple[int, int], stride: tuple[int, int],
+def _im2col_codes(u: torch.Tensor, pad_value: int, ksize: tuple[int, int], stride: tuple[int, int],
                padding: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int]
                ) -> torch.Tensor:
-    """Channels-last im2col of uint8 codes ``[B, C, H, W]`` -> ``[B*Ho*Wo, kh*kw*C]``.
+    """Channels-last im2col of integer codes ``[B, C, H, W]`` -> ``[B*Ho*Wo, kh*kw*C]``.
 
     Padding is filled with ``pad_value`` (the zero-point code, i.e. an exact 0.0); the patches are
     gathered by one strided copy.
@@ -456,17 +525,20 @@ def int4_pack_for_cpu(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
 
 def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # type: ignore[valid-type]
                        bias: torch.Tensor | None = None, *, packed: torch.Tensor | None = None,
-                       scales: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
+                       scales: torch.Tensor | None = None, group_size: int = 0,
+                       out_features: int | None = None) -> torch.Tensor:
     """Float-activation linear with low-bit weights; result in float32 ``[M, N]``.
 
     Args:
         x: float ``[M, K]``.
-        kernel: from :func:`select_kernel`: ``"int8pack_bf16"`` (``packed`` = int8 ``[N, K]``,
+        kernel: from :func:`select_kernel`: ``"int8pack_bf16"`` (``packed`` = int8 ``[N, K16]``,
+            zero columns up to a multiple of 16 and ``x`` padded to match,
             ``scales`` bf16 ``[N]``), ``"int4pack_bf16"`` (``packed`` from
             :func:`int4_pack_for_cpu`, ``scales`` its bf16 scale-and-zero), ``"dequant_bf16"``
             or ``"reference"`` (float32).
         dequantize: zero-argument callable returning the float32 weight ``[N, K]``.
         bias: float32 ``[N]`` or None.
+        out_features: N when ``packed`` has extra (padding) rows: the output is sliced to it.
 
     Returns:
         float32 ``[M, N]``.
@@ -478,10 +550,13 @@ def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # ty
         True
     """
     if kernel == "int8pack_bf16":
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), packed, scales).float()
+        xb = x.to(torch.bfloat16)
+        if packed.shape[1] != x.shape[1]:  # type: ignore[union-attr]  # zero columns, K % 16
+            xb = F.pad(xb, (0, packed.shape[1] - x.shape[1]))  # type: ignore[union-attr]
+        y = torch.ops.aten._weight_int8pack_mm(xb, packed, scales).float()
     elif kernel == "int4pack_bf16":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), packed, group_size, scales).float()
+            x.to(torch.bfloat16), packed, group_size, scales)[:, :out_features].float()
     elif kernel == "dequant_bf16":
         y = F.linear(x.to(torch.bfloat16), dequantize().to(torch.bfloat16)).float()
     else:

@@ -20,13 +20,7 @@ from torch import nn
 
 from lowbit._qmodule import QuantizedModuleBase, conv_geometry, quantize_weight
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.kernels import (
-    NO_VNNI_INT_MM_MAX_M,
-    int8_conv2d,
-    int8_linear,
-    quantize_activation_u8,
-    select_kernel,
-)
+from lowbit.kernels import int8_conv2d, int8_linear, quantize_activation, select_kernel
 from lowbit.modules_weight_only import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -75,10 +69,9 @@ class _Int8Base(QuantizedModuleBase):
         # maps the symmetric unsigned midpoint to 0)
         off = 0 if act_spec.signed else -(2 ** (act_spec.bits - 1))
         self._act_off, self._qmin, self._qmax = off, act_spec.qmin + off, act_spec.qmax + off
-        self._zero = torch.tensor(0, dtype=torch.int32)  # signed zero-point of symmetric specs
         self.register_buffer("_w_scale", torch.ones(n), persistent=False)  # (N,) float32
         self.register_buffer("_colsum", torch.zeros(n, dtype=torch.int32), persistent=False)
-        self.register_buffer("_comp", None, persistent=False)  # (N,) zp_u * colsum, fixed zp
+        self.register_buffer("_comp", None, persistent=False)  # (N,) zp * colsum, static zp != 0
         self.register_buffer("_w_zp", None, persistent=False)  # (N,) int32, None when all 0
 
     def _refresh_cache(self) -> None:
@@ -88,24 +81,26 @@ class _Int8Base(QuantizedModuleBase):
         w_zp = self.weight_zero_point.to(torch.int32).expand(n).contiguous()
         self._w_zp = w_zp if bool(w_zp.any()) else None
         self._colsum = w2d.sum(1, dtype=torch.int32) - w2d.shape[1] * w_zp  # sum_k (w - w_zp)
+        self._comp = None
         if self.mode == "static":
-            zp_u = self.input_zero_point.to(torch.int32) + self._act_off + 128
-            self._comp = zp_u * self._colsum
-        elif self.act_spec.symmetric:
-            self._comp = 128 * self._colsum
-        else:
-            self._comp = None
+            zp = self.input_zero_point.to(torch.int32) + self._act_off
+            self._comp = zp * self._colsum if bool(zp != 0) else None
+
+    def _static_zero_point(self) -> torch.Tensor | None:
+        """Signed static activation zero-point, None when it is 0 (no compensation needed)."""
+        return None if self._comp is None else self.input_zero_point + self._act_off
 
     def _quantize_input(self, x: torch.Tensor, per_token: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """int8 codes, scale and signed zero-point (None when 0) of the activations."""
         if self.mode == "static":
-            return quantize_activation_u8(x, self._qmin, self._qmax, self.input_scale,
-                                          self.input_zero_point + self._act_off)
+            return quantize_activation(x, self._qmin, self._qmax, self.input_scale,
+                                       self._static_zero_point())
         if self.act_spec.symmetric:
-            return quantize_activation_u8(x, self._qmin, self._qmax, per_token=per_token)
+            return quantize_activation(x, self._qmin, self._qmax, per_token=per_token)
         spec = self.act_spec if per_token else self.act_spec.with_(granularity="per_tensor")
         scale, zp = choose_qparams(*compute_range(x, spec, self.name), spec)
-        return quantize_activation_u8(x, self._qmin, self._qmax, scale, zp + self._act_off)
+        return quantize_activation(x, self._qmin, self._qmax, scale, zp + self._act_off)
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight ``(q - zp) * scale`` (same as ``lowbit.ops.dequantize``)."""
@@ -209,19 +204,17 @@ class QuantizedLinear(_Int8Base):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 **self._spec_meta()}
 
-    def kernel_info(self) -> dict[str, str]:
-        """The INT8 GEMM per activation row count, e.g. ``{"M<=16": "int_mm_u8s8", ...}``."""
-        t = NO_VNNI_INT_MM_MAX_M
-        return {f"M<={t}": select_kernel("int8_linear", 1, backend=self.backend),
-                f"M>{t}": select_kernel("int8_linear", t + 1, backend=self.backend)}
+    def kernel_info(self) -> str:
+        """The INT8 GEMM, e.g. ``"int_mm_s8s8"`` (the same at every M)."""
+        return select_kernel("int8_linear", 1, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
-        self._check_features(x, self.in_features)
+        x = self._input(x, self.in_features)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        u, s, zp_u = self._quantize_input(x2, self.act_spec.granularity == "per_token")
+        q, s, zp = self._quantize_input(x2, self.act_spec.granularity == "per_token")
         kernel = select_kernel("int8_linear", x2.shape[0], backend=self.backend)
-        y = int8_linear(u, s, zp_u, self.weight, self._w_scale, self._colsum, self.bias,
+        y = int8_linear(q, s, zp, self.weight, self._w_scale, self._colsum, self.bias,
                         relu=self.fused_relu, kernel=kernel, comp=self._comp,
                         w_zp=self._w_zp)  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -290,15 +283,14 @@ class QuantizedConv2d(_Int8Base):
                 "kernel_size": list(self.kernel_size), "geometry": dict(self.geometry),
                 "activation_granularity_used": "per_tensor", **self._spec_meta()}
 
-    def kernel_info(self) -> dict[str, str]:
-        """im2col + INT8 GEMM per row count (B*Ho*Wo); ``"reference"`` for groups > 1."""
-        t, g = NO_VNNI_INT_MM_MAX_M, self.geometry["groups"]
-        return {f"M<={t}": select_kernel("int8_conv2d", 1, backend=self.backend, groups=g),
-                f"M>{t}": select_kernel("int8_conv2d", t + 1, backend=self.backend, groups=g)}
+    def kernel_info(self) -> str:
+        """The INT8 GEMM after im2col; ``"reference"`` for groups > 1."""
+        return select_kernel("int8_conv2d", 1, backend=self.backend,
+                             groups=self.geometry["groups"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
-        self._check_features(x, self.in_channels, dim=1)
+        x = self._input(x, self.in_channels, dim=1)
         g = self.geometry
         xf = x.float()
         if g["pre_pad"] is not None:
@@ -309,10 +301,10 @@ class QuantizedConv2d(_Int8Base):
             xf, w = xf.unsqueeze(2), w.unsqueeze(2)
             stride, padding, dilation = [1, *stride], [0, *padding], [1, *dilation]
         if self.mode == "static":
-            s, zp = self.input_scale, self.input_zero_point + self._act_off
+            s, zp = self.input_scale, self._static_zero_point()
         elif self.act_spec.symmetric:  # max|x| / qmax, zero-point 0: as choose_qparams
             amax = xf.abs().amax()
-            s, zp = amax.div_(self._qmax).clamp_(min=_F32_EPS), self._zero
+            s, zp = amax.div_(self._qmax).clamp_(min=_F32_EPS), None
         else:
             spec = self.act_spec.with_(granularity="per_tensor")
             s, zp = choose_qparams(*compute_range(xf, spec, self.name), spec)

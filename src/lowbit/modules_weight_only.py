@@ -153,13 +153,14 @@ class _WeightOnlyLinear(_WeightOnly):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float (..., K) -> float (..., N) in x's dtype."""
-        self._check_features(x, self.in_features)
+        x = self._input(x, self.in_features)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.kp > self.k:
             x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
         kernel = self._select(x2.shape[0])
         y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias, packed=self._packed,
-                               scales=self._scales, group_size=self._group())  # (M, N) float32
+                               scales=self._scales, group_size=self._group(),
+                               out_features=self.n)  # (M, N) float32
         y = self._act(y, self.fused_relu)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -177,9 +178,10 @@ class _WeightOnlyLinear(_WeightOnly):
 class Int4Linear(_WeightOnlyLinear):
     """Weight-only 2..4-bit linear: codes packed two per byte, group-wise scales/zero-points.
 
-    M <= 512 runs ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations (N % 16 == 0, group
-    in {32, 64, 128, 256}); otherwise dequantize + bf16 GEMM; ``backend="reference"``:
-    dequantize + fp32 GEMM.
+    M <= 512 runs ``aten._weight_int4pack_mm_for_cpu`` on bf16 activations (group in {32, 64,
+    128, 256}); otherwise dequantize + bf16 GEMM; ``backend="reference"``: dequantize + fp32
+    GEMM. The op needs N % 16 == 0: other N (e.g. a 10-class head) get zero rows in the packed
+    cache (non-persistent, so state_dict and saved files are unchanged) and the output is sliced.
 
     Example:
         >>> fc = nn.Linear(100, 32)
@@ -190,26 +192,34 @@ class Int4Linear(_WeightOnlyLinear):
         torch.Size([3, 32])
     """
 
+    def _n_packed(self) -> int:
+        """Rows of the packed cache: N rounded up to the packed op's multiple of 16."""
+        return -(-self.n // 16) * 16
+
     def _select(self, m: int) -> str:
         g = self._group() if self.eff_spec.granularity != "per_tensor" else None
-        return select_kernel("int4_weight_only", m, backend=self.backend, n=self.n, k=self.kp,
-                             group_size=g)
+        return select_kernel("int4_weight_only", m, backend=self.backend, n=self._n_packed(),
+                             k=self.kp, group_size=g)
 
     def _refresh_cache(self) -> None:
         self._packed = self._scales = None
         if self._select(1) == "int4pack_bf16":
-            scale = self.weight_scale.reshape(self.n, -1)
-            zp = self.weight_zero_point.reshape(self.n, -1)
+            pad = self._n_packed() - self.n  # zero rows: their outputs are sliced off
+            codes = F.pad(self.codes(), (0, 0, 0, pad))  # (Np, Kp)
+            scale = F.pad(self.weight_scale.reshape(self.n, -1), (0, 0, 0, pad))  # (Np, G)
+            zp = F.pad(self.weight_zero_point.reshape(self.n, -1), (0, 0, 0, pad))
             shift = 8 if self.weight_spec.signed else 0
-            self._packed, sz = int4_pack_for_cpu(self.codes(), scale, zp, shift)
-            self._scales = sz.to(torch.bfloat16)  # (Kp/g, N, 2)
+            self._packed, sz = int4_pack_for_cpu(codes, scale, zp, shift)
+            self._scales = sz.to(torch.bfloat16)  # (Kp/g, Np, 2)
 
 
 class Int8WeightOnlyLinear(_WeightOnlyLinear):
     """Weight-only INT8 (5..8-bit) linear with float activations.
 
     Symmetric per-channel weights at small M run ``aten._weight_int8pack_mm`` on bf16
-    activations; otherwise dequantize + bf16 GEMM (``backend="reference"``: fp32).
+    activations; otherwise dequantize + bf16 GEMM (``backend="reference"``: fp32). The op needs
+    K % 16 == 0: other K get zero columns in the packed cache (non-persistent) and the input is
+    padded to match.
 
     Example:
         >>> q = Int8WeightOnlyLinear.from_float(nn.Linear(16, 8), QuantizationConfig(
@@ -227,11 +237,14 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     def _select(self, m: int) -> str:
         s = self.weight_spec
         ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
-        return select_kernel("int8_weight_only", m, backend=self.backend, k=self.kp, packable=ok)
+        k16 = -(-self.kp // 16) * 16  # the packed cache's K (zero columns added)
+        return select_kernel("int8_weight_only", m, backend=self.backend, k=k16, packable=ok)
 
     def _refresh_cache(self) -> None:
-        self._packed = self.weight if self._select(1) == "int8pack_bf16" else None
-        self._scales = self.weight_scale.to(torch.bfloat16) if self._packed is not None else None
+        self._packed = self._scales = None
+        if self._select(1) == "int8pack_bf16":
+            self._packed = F.pad(self.weight, (0, -self.kp % 16))  # (N, K16), zero columns
+            self._scales = self.weight_scale.to(torch.bfloat16)
 
 
 class QuantizedEmbedding(_WeightOnly):
@@ -370,7 +383,7 @@ class WeightOnlyConv2d(_WeightOnly):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float conv with the dequantized weight; output in x's dtype."""
-        self._check_features(x, self.in_channels, dim=1)
+        x = self._input(x, self.in_channels, dim=1)
         g = self.geometry
         if g["pre_pad"] is not None:
             x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
