@@ -10,12 +10,11 @@ Usage: ``python benchmarks/bench_kernels.py [--threads 2] [--rounds 15] [--quick
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import median_times
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
@@ -27,17 +26,6 @@ LINEAR_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 384, 1536), (256, 1024, 
 CONV_BATCHES = [1, 64]
 
 
-def _median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]]:
@@ -140,9 +128,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [(1, 256, 256), (33, 128, 256)] if args.quick else LINEAR_SHAPES
     with torch.inference_mode():
-        lin = {f"{m}x{k}x{n}": _median_times(_linear_candidates(m, k, n), args.rounds)
+        lin = {f"{m}x{k}x{n}": median_times(_linear_candidates(m, k, n), args.rounds)
                for m, k, n in shapes}
-        conv = {f"batch {b}": _median_times(_conv_candidates(b), args.rounds)
+        conv = {f"batch {b}": median_times(_conv_candidates(b), args.rounds)
                 for b in CONV_BATCHES}
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds\n")
     print(_table("Linear M x K x N", list(lin), lin, "fp32 F.linear"))

@@ -18,28 +18,12 @@ Usage: ``python benchmarks/bench_numerics.py [--threads 2] [--rounds 9] [--size 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from _timing import median_times
 
 from lowbit import ops
 from lowbit.config import QuantSpec
-
-
-def _median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median wall time per candidate, candidates interleaved round-robin (noisy shared host)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up (allocator, first-call dispatch)
-        fn()
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def torch_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -138,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             assert torch.equal(ops.fake_quantize(x, scale, zp, spec), ref), "not bit-identical"
             assert torch.equal(quantize_inplace(x, scale, zp, spec),
                                ops.quantize(x, scale, zp, spec)), "not bit-identical"
-            times = _median_times({
+            times = median_times({
                 "quantize": lambda s=spec, a=scale, b=zp: ops.quantize(x, a, b, s),
                 "fake": lambda s=spec, a=scale, b=zp: ops.fake_quantize(x, a, b, s),
                 "torch": lambda s=spec, a=scale, b=zp: torch_fake_quantize(x, a, b, s),
@@ -149,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                 ours, proto = ops.compute_range(x, spec), range_aminmax(x, spec)
                 same = all(torch.equal(a, b) for a, b in zip(ours, proto, strict=True))
                 assert same, "range differs"
-                range_times = _median_times({
+                range_times = median_times({
                     "ours": lambda s=spec: ops.compute_range(x, s),
                     "aminmax": lambda s=spec: range_aminmax(x, s),
                     "e2e": lambda s=spec: ops.quantize_tensor(x, s),

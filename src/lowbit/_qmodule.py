@@ -12,7 +12,8 @@ from torch import nn
 from lowbit.config import QuantSpec
 from lowbit.ops import choose_qparams, compute_range, quantize
 
-__all__ = ["QuantizedModuleBase", "conv_geometry", "jsonable", "quantize_weight"]
+__all__ = ["QuantizedModuleBase", "conv_geometry", "default_conv_geometry", "jsonable",
+           "quantize_weight"]
 
 
 def jsonable(value: Any) -> Any:
@@ -86,6 +87,17 @@ def conv_geometry(module: nn.Module) -> dict[str, Any]:
     else:
         geo["padding"] = list(module.padding)
     return geo
+
+
+def default_conv_geometry(dims: int) -> dict[str, Any]:
+    """The geometry of a plain conv (stride 1, no padding) with ``dims`` spatial dimensions.
+
+    Example:
+        >>> default_conv_geometry(1)["stride"]
+        [1]
+    """
+    return {"stride": [1] * dims, "padding": [0] * dims, "dilation": [1] * dims, "groups": 1,
+            "pre_pad": None, "pad_mode": "constant"}
 
 
 class QuantizedModuleBase(nn.Module):

@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit._qmodule import QuantizedModuleBase, conv_geometry, quantize_weight
+from lowbit._qmodule import (
+    QuantizedModuleBase,
+    conv_geometry,
+    default_conv_geometry,
+    quantize_weight,
+)
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import int8_conv2d, int8_linear, quantize_activation, select_kernel
 from lowbit.modules_weight_only import (
@@ -248,9 +253,7 @@ class QuantizedConv2d(_Int8Base):
                  mode: str = "dynamic", **kw: Any) -> None:
         super().__init__(**kw)
         d = self._dims
-        self.geometry = dict(geometry or {"stride": [1] * d, "padding": [0] * d,
-                                          "dilation": [1] * d, "groups": 1, "pre_pad": None,
-                                          "pad_mode": "constant"})
+        self.geometry = dict(geometry or default_conv_geometry(d))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
         shape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)

@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit._qmodule import QuantizedModuleBase, conv_geometry, quantize_weight
+from lowbit._qmodule import (
+    QuantizedModuleBase,
+    conv_geometry,
+    default_conv_geometry,
+    quantize_weight,
+)
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     INT4_PACKED_MAX_M,
@@ -338,9 +343,7 @@ class WeightOnlyConv2d(_WeightOnly):
                  weight_spec: QuantSpec | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         d = self._dims
-        self.geometry = dict(geometry or {"stride": [1] * d, "padding": [0] * d,
-                                          "dilation": [1] * d, "groups": 1, "pre_pad": None,
-                                          "pad_mode": "constant"})
+        self.geometry = dict(geometry or default_conv_geometry(d))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
         self.wshape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)

@@ -61,7 +61,13 @@ from lowbit.modules import convert_module
 from lowbit.modules_weight_only import _layout
 from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
-from lowbit.traverse import find_fusions, fold_bn_weights, plan_layers, relu_modules_to_remove
+from lowbit.traverse import (
+    WEIGHTED_LAYERS,
+    find_fusions,
+    fold_bn_weights,
+    plan_layers,
+    relu_modules_to_remove,
+)
 
 __all__ = [
     "QATConfig",
@@ -77,7 +83,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_QAT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _default_quantization() -> QuantizationConfig:
@@ -209,7 +214,7 @@ class QATLayer(nn.Module):
                  options: QATConfig | None = None, *, bn: nn.Module | None = None,
                  fused_relu: bool = False, name: str = "") -> None:
         super().__init__()
-        if not isinstance(base_layer, _QAT_TYPES):
+        if not isinstance(base_layer, WEIGHTED_LAYERS):
             raise ValueError(f"{name or '<unnamed>'}: QAT supports Linear, Conv1d and Conv2d, not "
                              f"{type(base_layer).__name__}")
         options = options or QATConfig(quantization=config)
@@ -419,7 +424,7 @@ class QATPreparer:
             module = qat.get_submodule(name)
             if plan.status != "quantized":
                 continue
-            if not isinstance(module, _QAT_TYPES):
+            if not isinstance(module, WEIGHTED_LAYERS):
                 plan.config, plan.status = None, "skipped"
                 plan.reason = (f"QAT covers Linear/Conv1d/Conv2d; {plan.module_type} kept in "
                                "float (quantize it after conversion with PTQ)")

@@ -24,6 +24,7 @@ from lowbit.ops import check_finite
 
 __all__ = [
     "QUANTIZABLE_TYPES",
+    "WEIGHTED_LAYERS",
     "Fusions",
     "LayerPlan",
     "find_fusions",
@@ -34,7 +35,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: Layers with a weight matrix that BatchNorm folds into, ReLU fuses after, and QAT wraps.
+WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
 FUNCTIONAL_RELU = "<functional>"
@@ -108,7 +110,7 @@ def _fx_fusions(model: nn.Module) -> Fusions:
     fusions.relu_uses = {k: v for k, v in calls.items() if isinstance(modules.get(k), nn.ReLU)}
     for node in graph.nodes:
         name = str(node.target)
-        if node.op != "call_module" or not isinstance(modules.get(name), _WEIGHTED):
+        if node.op != "call_module" or not isinstance(modules.get(name), WEIGHTED_LAYERS):
             continue
         if calls[name] != 1:  # a layer called twice cannot absorb one BN/ReLU
             continue
@@ -136,7 +138,7 @@ def _order_fusions(model: nn.Module, note: str) -> Fusions:
         children = list(parent.named_children())
         prefix = f"{parent_name}." if parent_name else ""
         for i, (child_name, child) in enumerate(children):
-            if not isinstance(child, _WEIGHTED):
+            if not isinstance(child, WEIGHTED_LAYERS):
                 continue
             j = i + 1
             if j < len(children) and isinstance(children[j][1], _BN) and _bn_foldable(
