@@ -206,7 +206,8 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec:
     """Unclamped float codes ``round(x * (1/scale)) + zero_point`` in x's grouped view."""
     xg = _grouped(x.float(), spec)
     inv = 1.0 / _expand(scale.float(), x, spec)
-    return torch.round(xg * inv) + _expand(zero_point, x, spec).float()
+    codes = xg * inv  # the one full-size temporary; the rest is in place (same values)
+    return codes.round_().add_(_expand(zero_point, x, spec).float())
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
@@ -221,7 +222,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
         ...          torch.tensor(0), spec).tolist()
         [127, -66, 41, -107]
     """
-    q = torch.clamp(_codes(x, scale, zero_point, spec), spec.qmin, spec.qmax)
+    q = _codes(x, scale, zero_point, spec).clamp_(spec.qmin, spec.qmax)
     return q.reshape(x.shape).to(spec.storage_dtype)
 
 
@@ -245,11 +246,11 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, spec, clip_gradient):  # type: ignore[override]
         codes = _codes(x, scale, zero_point, spec)
-        q = torch.clamp(codes, spec.qmin, spec.qmax)
-        out = (q - _expand(zero_point, x, spec).float()) * _expand(scale.float(), x, spec)
         if clip_gradient:
             mask = ((codes >= spec.qmin) & (codes <= spec.qmax)).reshape(x.shape)
             ctx.save_for_backward(mask)
+        out = codes.clamp_(spec.qmin, spec.qmax)  # in place: codes are not needed any more
+        out.sub_(_expand(zero_point, x, spec).float()).mul_(_expand(scale.float(), x, spec))
         ctx.clip_gradient = clip_gradient
         return out.reshape(x.shape).to(x.dtype)
 
