@@ -18,12 +18,21 @@ from _timing import median_times
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.kernels import int4_pack_for_cpu, quantize_activation, quantize_activation_u8
+from lowbit.kernels import (
+    cpu_features,
+    int4_pack_for_cpu,
+    int8_conv2d,
+    quantize_activation,
+    quantize_activation_u8,
+)
 from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedConv2d, QuantizedLinear
 
 LINEAR_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 384, 1536), (256, 1024, 4096),
                  (1024, 1024, 1024)]
 CONV_BATCHES = [1, 64]
+#: (C_in, C_out, H = W) of 3x3 pad-1 convs: K = 9 * C_in spans the ``"fp32_codes_conv"``
+#: threshold (the MNIST CNN's two convs are the first two).
+CONV_SHAPES = [(1, 16, 28), (16, 32, 14), (4, 32, 28), (8, 32, 28), (32, 32, 16)]
 
 
 
@@ -83,19 +92,29 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
     return cands
 
 
-def _conv_candidates(batch: int) -> dict[str, Callable[[], object]]:
+def _conv_candidates(batch: int, cin: int = 32, cout: int = 32, hw: int = 16
+                     ) -> dict[str, Callable[[], object]]:
     torch.manual_seed(0)
-    conv = nn.Conv2d(32, 32, 3, padding=1)
-    x = torch.randn(batch, 32, 16, 16)
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    x = torch.randn(batch, cin, hw, hw)
     dyn = QuantizedConv2d.from_float(conv, QuantizationConfig.int8_dynamic())
     st = QuantizedConv2d.from_float(conv, QuantizationConfig.int8_static(),
                                     input_qparams=(float(x.abs().max()) / 127, 0))
+    w, s, zp, cs = dyn.weight, torch.tensor(0.02), None, dyn._colsum
+
+    def forced(kernel: str) -> Callable[[], object]:
+        return lambda: int8_conv2d(x, s, zp, -128, 127, w, dyn._w_scale, cs, dyn.bias, (1, 1),
+                                   (1, 1), (1, 1), 1, kernel=kernel).contiguous()
+
+    gemm = "int_mm_s8s8" if "vnni" in cpu_features() else "fp32_codes"
     return {
         "fp32 F.conv2d": lambda: conv(x),
         "bf16 F.conv2d": lambda: F.conv2d(x.bfloat16(), conv.weight.bfloat16(),
                                           conv.bias.bfloat16(), padding=1),
         "QuantizedConv2d dynamic (auto)": lambda: dyn(x),
         "QuantizedConv2d static (auto)": lambda: st(x),
+        f"int8_conv2d im2col + {gemm}": forced(gemm),
+        "int8_conv2d fp32_codes_conv": forced("fp32_codes_conv"),
         "im2col F.unfold only": lambda: F.unfold(x, 3, padding=1),
     }
 
@@ -132,12 +151,19 @@ def main() -> None:
                for m, k, n in shapes}
         conv = {f"batch {b}": median_times(_conv_candidates(b), args.rounds)
                 for b in CONV_BATCHES}
+        small = {c: {f"batch {b}": median_times(_conv_candidates(b, *c), args.rounds)
+                     for b in CONV_BATCHES} for c in (CONV_SHAPES[:2] if args.quick
+                                                     else CONV_SHAPES)}
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds\n")
     print(_table("Linear M x K x N", list(lin), lin, "fp32 F.linear"))
     print()
     print(_table("Linear M x K x N, vs bf16", list(lin), lin, "bf16 F.linear"))
     print()
     print(_table("Conv2d 32->32 3x3 pad 1 on 16x16", list(conv), conv, "fp32 F.conv2d"))
+    for (cin, cout, hw), rows in small.items():
+        print()
+        print(_table(f"Conv2d {cin}->{cout} 3x3 pad 1 on {hw}x{hw} (K = {9 * cin})", list(rows),
+                     rows, "fp32 F.conv2d"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from lowbit.config import QuantSpec
 from lowbit.kernels import (
+    CONV_CODES_EXACT_K,
+    CONV_CODES_MAX_K,
     cpu_features,
     int4_pack_for_cpu,
     int8_conv2d,
@@ -117,7 +119,7 @@ def test_int8_linear_fused_relu() -> None:
 
 @pytest.mark.parametrize("stride,padding,dilation,ksize", [
     ((1, 1), (1, 1), (1, 1), 3), ((2, 1), (0, 2), (1, 2), 3), ((1, 1), (0, 0), (1, 1), 1)])
-@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes"])
+@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes", "fp32_codes_conv"])
 def test_int8_conv2d_im2col_equals_reference(stride, padding, dilation, ksize, kernel) -> None:
     torch.manual_seed(2)
     x = torch.randn(2, 5, 9, 8)
@@ -223,7 +225,7 @@ def test_fp32_codes_is_exact_with_full_range_affine_activations() -> None:
     assert torch.equal(y.long(), u.long() @ w.long().t())
 
 
-@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes"])
+@pytest.mark.parametrize("kernel", [INT_MM, "fp32_codes", "fp32_codes_conv"])
 def test_int8_conv2d_affine_weights_equal_reference(kernel: str) -> None:
     torch.manual_seed(7)
     x = torch.randn(2, 5, 9, 8)
@@ -255,6 +257,12 @@ ref = QuantizedLinear.from_float(fc, cfg, backend="reference")
 for m in (1, 16, 40):
     x = torch.randn(m, 1024)
     assert torch.equal(q(x), ref(x)), m
+from lowbit.modules import QuantizedConv2d
+conv = nn.Conv2d(16, 8, 3, padding=1)  # K = 144: fp32 conv on codes without VNNI
+qc = QuantizedConv2d.from_float(conv, cfg)
+rc = QuantizedConv2d.from_float(conv, cfg, backend="reference")
+xc = torch.randn(16, 16, 9, 9)
+assert torch.equal(qc(xc), rc(xc)) and qc.kernel_info() == "fp32_codes_conv"
 print(q.kernel_info())
 """
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -262,3 +270,74 @@ print(q.kernel_info())
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "fp32_codes"
+
+
+@pytest.mark.parametrize("batch,cin,cout,hw,ksize,stride,padding,dilation,groups", [
+    (1, 1, 16, (28, 28), 3, (1, 1), (1, 1), (1, 1), 1),  # MNIST conv1, K = 9
+    (17, 1, 16, (12, 10), 3, (1, 1), (1, 1), (1, 1), 1),  # batch >= 16: mkldnn's conv
+    (3, 16, 8, (9, 8), 3, (2, 1), (0, 2), (1, 2), 1),  # K = 144
+    (2, 3, 5, (11, 11), 5, (2, 2), (2, 2), (1, 1), 1),  # K = 75
+    (20, 8, 8, (7, 9), 3, (1, 1), (1, 1), (1, 1), 8),  # depthwise
+    (2, 6, 4, (8, 8), 3, (1, 2), (1, 0), (2, 1), 2),  # grouped
+    (4, 4, 6, (6, 6), 1, (1, 1), (0, 0), (1, 1), 1),  # 1x1
+])
+@pytest.mark.parametrize("zp", [None, -128, 5, 127])
+@pytest.mark.parametrize("affine_w", [False, True])
+def test_int8_conv2d_fp32_codes_conv_equals_reference(batch, cin, cout, hw, ksize, stride,
+                                                      padding, dilation, groups, zp,
+                                                      affine_w) -> None:
+    g = torch.Generator().manual_seed(batch * 131 + cin * 7 + cout)
+    x = torch.randn(batch, cin, *hw, generator=g) * 3 + (0.0 if zp is None else 0.02 * zp)
+    w = torch.randint(-128, 128, (cout, cin // groups, ksize, ksize), dtype=torch.int8,
+                      generator=g)
+    k = w[0].numel()
+    w_zp = torch.randint(-60, 60, (cout,), dtype=torch.int32, generator=g) if affine_w else None
+    colsum = w.int().sum((1, 2, 3)) - (0 if w_zp is None else k * w_zp)
+    x_zp = None if zp is None else torch.tensor(zp, dtype=torch.int32)
+    bias = torch.randn(cout, generator=g) if zp != 5 else None
+    args = (x, torch.tensor(0.021), x_zp, -128, 127, w, torch.rand(cout, generator=g) + 0.1,
+            colsum, bias, stride, padding, dilation, groups)
+    for relu in (False, True):
+        fast = int8_conv2d(*args, kernel="fp32_codes_conv", w_zp=w_zp, relu=relu)
+        ref = int8_conv2d(*args, kernel="reference", w_zp=w_zp, relu=relu)
+        assert torch.equal(fast, ref)
+        assert fast.shape == F.conv2d(x, w.float(), None, stride, padding, dilation,
+                                      groups).shape
+    wf = w.float() if w_zp is None else w.float() - w_zp.float().reshape(-1, 1, 1, 1)
+    cached = int8_conv2d(*args, kernel="fp32_codes_conv", w_zp=w_zp, w_float=wf)
+    assert torch.equal(cached, int8_conv2d(*args, kernel="reference", w_zp=w_zp))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_int8_conv2d_fp32_codes_conv_exact_at_worst_case_k(batch: int) -> None:
+    # the exactness bound: K = 258 (= 258 * 1 * 1), |q - zp| = 255, |w - w_zp| = 255, all
+    # products of one sign: the accumulator reaches 258 * 255^2 = 16,776,450 < 2^24
+    k = CONV_CODES_EXACT_K
+    x = torch.full((batch, k, 3, 3), 255 * 0.5)  # code 127 = zp + 255 (scale 0.5)
+    w = torch.full((4, k, 1, 1), -128, dtype=torch.int8)
+    w_zp = torch.full((4,), 127, dtype=torch.int32)  # w - w_zp = -255
+    args = (x, torch.tensor(0.5), torch.tensor(-128, dtype=torch.int32), -128, 127, w,
+            torch.ones(4), torch.full((4,), -255 * k, dtype=torch.int32), None, (1, 1), (0, 0),
+            (1, 1), 1)
+    fast = int8_conv2d(*args, kernel="fp32_codes_conv", w_zp=w_zp)
+    assert torch.equal(fast, int8_conv2d(*args, kernel="reference", w_zp=w_zp))
+    assert float(fast.min()) == float(-255 * 255 * k * 0.5)
+
+
+def test_select_kernel_conv_by_k() -> None:
+    vnni = "vnni" in cpu_features()
+    gemm = "int_mm_s8s8" if vnni else "fp32_codes"
+    assert select_kernel("int8_conv2d", 64, k=9) == "fp32_codes_conv"
+    assert select_kernel("int8_conv2d", 64, k=CONV_CODES_MAX_K) == "fp32_codes_conv"
+    mid = select_kernel("int8_conv2d", 64, k=CONV_CODES_MAX_K + 16)
+    assert mid == (gemm if vnni else "fp32_codes_conv")
+    assert select_kernel("int8_conv2d", 64, k=CONV_CODES_EXACT_K + 1) == gemm
+    assert select_kernel("int8_conv2d", 64, k=0) == gemm  # K unknown
+    assert select_kernel("int8_conv2d", 64, k=CONV_CODES_EXACT_K, groups=4) == "fp32_codes_conv"
+    assert select_kernel("int8_conv2d", 64, k=CONV_CODES_EXACT_K + 1, groups=4) == "reference"
+    assert select_kernel("int8_conv2d", 64, k=9, backend="reference") == "reference"
+    torch._C._set_mkldnn_enabled(False)  # F.conv2d could then take NNPACK: inexact
+    try:
+        assert select_kernel("int8_conv2d", 64, k=9) == gemm
+    finally:
+        torch._C._set_mkldnn_enabled(True)

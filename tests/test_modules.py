@@ -13,6 +13,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.kernels import select_kernel
 from lowbit.modules import (
     QUANTIZED_MODULES,
     Int4Linear,
@@ -230,7 +231,35 @@ def test_conv2d(cfg_name, groups, stride, padding, dilation, mode) -> None:
     assert torch.equal(y, ref(x)) and y.is_contiguous()
     assert _cos(y, conv(x).detach()) > 0.999
     if groups > 1:
-        assert q.meta()["kernel"] == "reference"
+        assert q.meta()["kernel"] == "fp32_codes_conv"  # K = 18: exact fp32 conv on codes
+
+
+@pytest.mark.parametrize("cin,groups", [(1, 1), (16, 1), (32, 1), (8, 8)])
+def test_conv2d_kernels_by_k_equal_reference(cin: int, groups: int) -> None:
+    # K = 9 and 72 (depthwise): fp32 conv on codes; K = 288: im2col + INT8 GEMM
+    torch.manual_seed(11)
+    conv = nn.Conv2d(cin, 8, 3, padding=1, groups=groups)
+    x = torch.randn(17, cin, 10, 10)
+    for cfg, kw in ((DYN, {}), (STATIC, {"input_qparams": _static_qparams(x)})):
+        q = convert_module(conv, cfg, **kw)
+        ref = convert_module(conv, cfg, backend="reference", **kw)
+        assert torch.equal(q(x), ref(x)) and q(x).is_contiguous()
+        k = cin // groups * 9
+        expect = select_kernel("int8_conv2d", 1, k=k, groups=groups)
+        assert q.kernel_info() == q.meta()["kernel"] == expect
+        assert (expect == "fp32_codes_conv") == (k <= 258) or k == 144  # 144: VNNI -> GEMM
+
+
+def test_conv2d_codes_cache_follows_load_state_dict() -> None:
+    torch.manual_seed(12)
+    a, b = nn.Conv2d(2, 4, 3), nn.Conv2d(2, 4, 3)
+    x = torch.randn(2, 2, 6, 6)
+    qa, qb = convert_module(a, DYN), convert_module(b, DYN)
+    assert qa.kernel_info() == "fp32_codes_conv"
+    ya = qa(x)  # fills the float weight cache
+    qa.load_state_dict(qb.state_dict())
+    assert torch.equal(qa(x), qb(x)) and not torch.equal(qa(x), ya)
+    assert "_codes_cache" not in qa.state_dict()
 
 
 def test_conv1d() -> None:
@@ -239,6 +268,8 @@ def test_conv1d() -> None:
     q = convert_module(conv, DYN)
     assert isinstance(q, QuantizedConv1d) and q.weight.shape == (5, 3, 3)
     assert _cos(q(x), conv(x).detach()) > 0.999
+    assert q.kernel_info() == "fp32_codes_conv"
+    assert torch.equal(q(x), convert_module(conv, DYN, backend="reference")(x))
     wo = convert_module(conv, QuantizationConfig.int4_weight_only(group_size=9))
     assert _cos(wo(x), conv(x).detach()) > 0.98
 

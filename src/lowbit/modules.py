@@ -234,7 +234,9 @@ class QuantizedConv2d(_Int8Base):
     """INT8 x INT8 Conv2d (static, or dynamic with per-tensor activation qparams).
 
     ``weight`` keeps the conv shape ``[O, C/groups, kh, kw]`` as int8. Per-token activation specs
-    are applied per tensor for convs. ``groups > 1`` runs the reference path (see ``meta``).
+    are applied per tensor for convs. Small reduction sizes (``C/groups * kh * kw``) run an exact
+    fp32 conv on the codes (``"fp32_codes_conv"``); ``groups > 1`` with a larger one runs the
+    reference path (see ``meta``).
 
     Example:
         >>> conv = nn.Conv2d(3, 8, 3, padding=1)
@@ -259,6 +261,7 @@ class QuantizedConv2d(_Int8Base):
         shape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)
         self._init_int8(shape, has_bias, weight_spec or QuantSpec.int8_weight(),
                         act_spec or QuantSpec.int8_dynamic_activation(), mode)
+        self._codes_cache: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def from_float(cls, module: nn.Module, config: QuantizationConfig, *,
@@ -287,9 +290,29 @@ class QuantizedConv2d(_Int8Base):
                 "activation_granularity_used": "per_tensor", **self._spec_meta()}
 
     def kernel_info(self) -> str:
-        """The INT8 GEMM after im2col; ``"reference"`` for groups > 1."""
+        """``"fp32_codes_conv"`` for a small K, else the INT8 GEMM after im2col (or reference)."""
         return select_kernel("int8_conv2d", 1, backend=self.backend,
-                             groups=self.geometry["groups"])
+                             groups=self.geometry["groups"], k=self.weight[0].numel())
+
+    def _refresh_cache(self) -> None:
+        super()._refresh_cache()
+        self._codes_cache = None
+
+    def _codes_weight(self) -> torch.Tensor:
+        """float32 centered weight codes ``w - w_zp`` for ``"fp32_codes_conv"`` (cached).
+
+        A plain attribute, not a buffer (never saved): dropped by ``_refresh_cache`` (so after
+        ``load_state_dict``, like the other kernel caches) and rebuilt when ``weight`` is
+        replaced by another tensor.
+        """
+        key = self.weight.data_ptr()
+        cache = self._codes_cache
+        if cache is None or cache[0] != key:
+            wf = self.weight.float()
+            if self._w_zp is not None:
+                wf.sub_(self._w_zp.float().reshape(-1, *([1] * (wf.dim() - 1))))
+            cache = self._codes_cache = (key, wf)
+        return cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
@@ -313,10 +336,17 @@ class QuantizedConv2d(_Int8Base):
             s, zp = choose_qparams(*compute_range(xf, spec, self.name), spec)
             zp = zp + self._act_off
         rows = xf.shape[0] * xf.shape[2] * xf.shape[3]  # upper bound of B*Ho*Wo
-        kernel = select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"])
+        kernel = select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"],
+                               k=self.weight[0].numel())
+        w_float = None
+        if kernel == "fp32_codes_conv":
+            w_float = self._codes_weight()
+            if self._dims == 1:
+                w_float = w_float.unsqueeze(2)
         y = int8_conv2d(xf, s, zp, self._qmin, self._qmax, w, self._w_scale, self._colsum,
                         self.bias, tuple(stride), tuple(padding), tuple(dilation), g["groups"],
-                        relu=self.fused_relu, kernel=kernel, w_zp=self._w_zp)  # (B, O, Ho, Wo)
+                        relu=self.fused_relu, kernel=kernel, w_zp=self._w_zp,
+                        w_float=w_float)  # (B, O, Ho, Wo)
         if self._dims == 1:
             y = y.squeeze(2)
         return y.contiguous().to(x.dtype)
