@@ -475,3 +475,28 @@ def test_single_layer_model() -> None:
     converted = convert_qat(qat)
     assert type(converted).__name__ == "QuantizedLinear"
     assert get_qat_statistics(qat).nodes == ["weight", "input"]
+
+
+def test_shared_layer_stays_shared_through_prepare_and_convert() -> None:
+    """A Linear registered under two names is one QAT layer and one integer module."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(torch.relu(self.a(x))))
+
+    model = Shared().eval()
+    preparer = QATPreparer(QuantizationConfig.int8_dynamic())
+    qat = preparer.prepare_for_qat(model)
+    assert isinstance(qat.a, QATLayer) and qat.a is qat.b
+    assert len(list(qat.parameters())) == len(list(model.parameters()))
+    converted = preparer.convert_to_quantized(qat)
+    assert type(converted.a).__name__ == "QuantizedLinear" and converted.a is converted.b
+    x = torch.randn(16, 8)
+    assert torch.nn.functional.cosine_similarity(converted(x).flatten(), model(x).flatten(),
+                                                 dim=0) > 0.999

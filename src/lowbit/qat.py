@@ -421,9 +421,12 @@ class QATPreparer:
         plans = plan_layers(qat, self.config.quantization, None, fusions)
         fused: set[str] = set()
         for name, plan in plans.items():
-            module = qat.get_submodule(name)
             if plan.status != "quantized":
                 continue
+            if plan.shared_with:  # a second name of a shared layer: the same QAT layer
+                qat.set_submodule(name, qat.get_submodule(plan.shared_with))
+                continue
+            module = qat.get_submodule(name)
             if not isinstance(module, WEIGHTED_LAYERS):
                 plan.config, plan.status = None, "skipped"
                 plan.reason = (f"QAT covers Linear/Conv1d/Conv2d; {plan.module_type} kept in "
@@ -492,9 +495,12 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         out = model.to_quantized(backend)
         out.lowbit_report = getattr(qat_model, "lowbit_report", None)
         return out.eval()
-    for name, module in list(model.named_modules()):
+    converted: dict[int, nn.Module] = {}  # a shared QAT layer converts once, stays shared
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, QATLayer):
-            model.set_submodule(name, module.to_quantized(backend))
+            if id(module) not in converted:
+                converted[id(module)] = module.to_quantized(backend)
+            model.set_submodule(name, converted[id(module)])
     leftovers = [n for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
     if leftovers:
         raise ValueError(f"convert_qat: FakeQuantize modules outside QAT layers remain at "
