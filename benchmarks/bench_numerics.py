@@ -6,11 +6,11 @@ per-tensor / per-channel / per-group(128), next to ``torch.fake_quantize_per_ten
 to one row per group, which is bit-identical), timed round-robin in the same process; the last
 column is lowbit's throughput divided by torch's (> 1: lowbit is faster).
 
-A second table times two prototypes: ``fake_quantize`` dispatching per-tensor, per-channel and
-per-group (reshaped) float inputs to torch's fused op, which the golden tests show to be
-bit-identical in forward and gradient; and ``quantize`` computed with in-place ops. A third
-times the range reduction, ``ops.compute_range`` against ``torch.aminmax`` (which reduces along a
-dimension several times slower than ``amin`` + ``amax`` on CPU), and ``quantize_tensor``.
+lowbit computes ``x * (1/scale)`` into one temporary and finishes in place, which on large
+tensors beats torch's fused op (on small ones torch's fused op is not faster either). A second
+table times the range reduction, ``ops.compute_range`` against ``torch.aminmax`` (which
+reduces along a dimension several times slower than ``amin`` + ``amax`` on CPU), and
+``quantize_tensor``.
 
 Usage: ``python benchmarks/bench_numerics.py [--threads 2] [--rounds 9] [--size 4096] [--quick]``
 """
@@ -41,38 +41,7 @@ def torch_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     return out.reshape(x.shape)
 
 
-def fake_quantize_dispatch(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                           spec: QuantSpec, clip_gradient: bool = True) -> torch.Tensor:
-    """Prototype for ``ops.fake_quantize``: torch's fused op where it is bit-identical."""
-    if clip_gradient and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch_fake_quantize(x, scale, zero_point, spec)
-    return ops.fake_quantize(x, scale, zero_point, spec, clip_gradient)
 
-
-def _broadcastable(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """A qparam reshaped to broadcast against ``x`` (per_group: its grouped view)."""
-    if spec.granularity == "per_tensor":
-        return p.reshape(())
-    if spec.granularity == "per_channel":
-        shape = [1] * x.dim()
-        shape[spec.axis % x.dim()] = -1
-        return p.reshape(shape)
-    if spec.granularity == "per_token":
-        return p.reshape(*x.shape[:-1], 1)
-    return p.reshape(*x.shape[:-1], -1, 1)
-
-
-def quantize_inplace(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                     spec: QuantSpec) -> torch.Tensor:
-    """Prototype for ``ops.quantize``: the same formula with one float temporary instead of
-    four (in-place round/add/clamp); bit-identical (checked below)."""
-    xf = x.float()
-    if spec.granularity == "per_group":  # (..., groups, group_size) view
-        xf = xf.reshape(*x.shape[:-1], -1, spec.group_size)
-    inv = 1.0 / _broadcastable(scale.float(), x, spec)
-    q = xf.mul(inv).round_().add_(_broadcastable(zero_point, x, spec)).clamp_(spec.qmin,
-                                                                              spec.qmax)
-    return q.reshape(x.shape).to(spec.storage_dtype)
 
 
 def range_aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| bits | granularity | lowbit quantize | lowbit fake_quantize | torch fake_quantize "
           "| quantize / torch | fake_quantize / torch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    dispatch_rows, range_rows = [], []
+    range_rows = []
     for bits in (8, 4):
         for granularity, extra in (("per_tensor", {}), ("per_channel", {"axis": 0}),
                                    ("per_group", {"group_size": 128})):
@@ -120,14 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             scale, zp = ops.choose_qparams(*ops.compute_range(x, spec), spec)
             ref = torch_fake_quantize(x, scale, zp, spec)
             assert torch.equal(ops.fake_quantize(x, scale, zp, spec), ref), "not bit-identical"
-            assert torch.equal(quantize_inplace(x, scale, zp, spec),
-                               ops.quantize(x, scale, zp, spec)), "not bit-identical"
             times = median_times({
                 "quantize": lambda s=spec, a=scale, b=zp: ops.quantize(x, a, b, s),
                 "fake": lambda s=spec, a=scale, b=zp: ops.fake_quantize(x, a, b, s),
                 "torch": lambda s=spec, a=scale, b=zp: torch_fake_quantize(x, a, b, s),
-                "dispatch": lambda s=spec, a=scale, b=zp: fake_quantize_dispatch(x, a, b, s),
-                "q_inplace": lambda s=spec, a=scale, b=zp: quantize_inplace(x, a, b, s),
             }, rounds)
             if bits == 8:  # the range does not depend on the bit width
                 ours, proto = ops.compute_range(x, spec), range_aminmax(x, spec)
@@ -144,18 +109,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {bits} | {label} | {rate['quantize']:.2f} | {rate['fake']:.2f} | "
                   f"{rate['torch']:.2f} | {rate['quantize'] / rate['torch']:.2f} | "
                   f"{rate['fake'] / rate['torch']:.2f} |", flush=True)
-            dispatch_rows.append((bits, label, rate["fake"], rate["dispatch"], rate["quantize"],
-                                  rate["q_inplace"]))
-
-    print("\n## Suggested changes, measured: fake_quantize dispatched to torch's op "
-          "(bit-identical forward and gradient, see tests/test_ops.py); quantize with in-place "
-          "ops (bit-identical)\n")
-    print("| bits | granularity | fake_quantize GB/s | dispatched | speed-up "
-          "| quantize GB/s | in-place | speed-up |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for bits, label, fake, dispatched, quant, inplace in dispatch_rows:
-        print(f"| {bits} | {label} | {fake:.2f} | {dispatched:.2f} | {dispatched / fake:.2f}x "
-              f"| {quant:.2f} | {inplace:.2f} | {inplace / quant:.2f}x |")
 
     print("\n## Range reduction (the first step of quantize_tensor and of every calibrator update):"
           " ops.compute_range vs torch.aminmax (identical values)\n")
