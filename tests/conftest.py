@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis.configuration import set_hypothesis_home_dir
+from torch import nn
 
 # ---------------------------------------------------------------------------------- generic
 # Hypothesis: modest example counts, no deadline (CI hosts are shared and noisy), and
@@ -47,3 +48,22 @@ def rng() -> torch.Generator:
 
 
 # ------------------------------------------------------------------------ feature fixtures
+
+
+class _SharedLayer(nn.Module):
+    """One Linear registered under two names and called twice, with a ReLU after one call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+@pytest.fixture
+def shared_layer_model() -> nn.Module:
+    """A float model (eval mode) whose Linear ``a`` is also registered as ``b``."""
+    return _SharedLayer().eval()

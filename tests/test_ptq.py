@@ -336,23 +336,10 @@ def test_report_markdown_lists_every_layer(images) -> None:
     assert d["layers"][0]["calibration"]["num_batches"] == len(images)
 
 
-class SharedLayer(nn.Module):
-    """One Linear registered under two names and called twice, then a ReLU after one call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = self.a
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.b(torch.relu(self.a(x))))
-
-
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_shared_layer_is_reported_under_every_name_and_stays_shared(mode: str) -> None:
-    torch.manual_seed(0)
-    model = SharedLayer().eval()
+def test_shared_layer_is_reported_under_every_name_and_stays_shared(
+        mode: str, shared_layer_model: nn.Module) -> None:
+    model = shared_layer_model
     x = torch.randn(16, 8)
     if mode == "dynamic":
         q = quantize_dynamic(model)

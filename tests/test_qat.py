@@ -477,20 +477,9 @@ def test_single_layer_model() -> None:
     assert get_qat_statistics(qat).nodes == ["weight", "input"]
 
 
-def test_shared_layer_stays_shared_through_prepare_and_convert() -> None:
+def test_shared_layer_stays_shared_through_prepare_and_convert(shared_layer_model) -> None:
     """A Linear registered under two names is one QAT layer and one integer module."""
-
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(8, 8)
-            self.b = self.a
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.b(torch.relu(self.a(x))))
-
-    model = Shared().eval()
+    model = shared_layer_model
     preparer = QATPreparer(QuantizationConfig.int8_dynamic())
     qat = preparer.prepare_for_qat(model)
     assert isinstance(qat.a, QATLayer) and qat.a is qat.b
