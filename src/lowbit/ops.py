@@ -191,8 +191,6 @@ def expand_qparam(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Te
     return p.reshape(*x.shape[:-1], -1, 1)
 
 
-_expand = expand_qparam  # the former private name, kept for existing callers
-
 
 def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.granularity != "per_group":
@@ -205,9 +203,9 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec:
            ) -> torch.Tensor:
     """Unclamped float codes ``round(x * (1/scale)) + zero_point`` in x's grouped view."""
     xg = _grouped(x.float(), spec)
-    inv = 1.0 / _expand(scale.float(), x, spec)
+    inv = 1.0 / expand_qparam(scale.float(), x, spec)
     codes = xg * inv  # the one full-size temporary; the rest is in place (same values)
-    return codes.round_().add_(_expand(zero_point, x, spec).float())
+    return codes.round_().add_(expand_qparam(zero_point, x, spec).float())
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
@@ -236,7 +234,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
         [2.5399999618530273, -1.3199999332427979]
     """
     qg = _grouped(q.float(), spec)
-    x = (qg - _expand(zero_point, q, spec).float()) * _expand(scale.float(), q, spec)
+    x = (qg - expand_qparam(zero_point, q, spec).float()) * expand_qparam(scale.float(), q, spec)
     return x.reshape(q.shape).to(dtype)
 
 
@@ -250,7 +248,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
             mask = ((codes >= spec.qmin) & (codes <= spec.qmax)).reshape(x.shape)
             ctx.save_for_backward(mask)
         out = codes.clamp_(spec.qmin, spec.qmax)  # in place: codes are not needed any more
-        out.sub_(_expand(zero_point, x, spec).float()).mul_(_expand(scale.float(), x, spec))
+        out.sub_(expand_qparam(zero_point, x, spec).float())
+        out.mul_(expand_qparam(scale.float(), x, spec))
         ctx.clip_gradient = clip_gradient
         return out.reshape(x.shape).to(x.dtype)
 
