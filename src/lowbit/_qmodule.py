@@ -134,6 +134,12 @@ class QuantizedModuleBase(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._refresh_cache()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedModuleBase:
+        """``.to()`` / ``.cuda()`` / ...: buffers are replaced, so rebuild the caches from them."""
+        out = super()._apply(fn, recurse)
+        self._refresh_cache()
+        return out
+
     def _label(self) -> str:
         return f"{self.name or '<unnamed>'} ({type(self).__name__})"
 
