@@ -189,6 +189,8 @@ _VNNI_ISAS = ("VNNI", "BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
 _BF16_ISAS = ("BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
 
 _F32_EPS = torch.finfo(torch.float32).eps
+#: Activation dtypes the fused C kernels read (and, for the linear epilogue, write).
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -298,7 +300,8 @@ def _native_lib(*tensors: torch.Tensor) -> Any:
 def _quantize_native(lib: Any, x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tensor | None,
                      zp: torch.Tensor | None, per_token: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """:func:`quantize_activation` by ``lb_quantize_s8``; None when the layout does not fit."""
+    """:func:`quantize_activation` by ``lb_quantize_s8`` (float32 or bfloat16 ``x``); None when
+    the layout does not fit."""
     if x.dim() == 2 and x.stride(1) == 1:
         x2 = x
     elif x.is_contiguous() and (per_token is False or scale is not None):
@@ -319,7 +322,8 @@ def _quantize_native(lib: Any, x: torch.Tensor, qmin: int, qmax: int, scale: tor
         dynamic = 0
     zpc = None if zp is None else zp.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8)
-    lib.lb_quantize_s8(x2.data_ptr(), m, k, x2.stride(0), scale.data_ptr(), int(per_row),
+    lib.lb_quantize_s8(x2.data_ptr(), int(x.dtype == torch.bfloat16), m, k, x2.stride(0),
+                       scale.data_ptr(), int(per_row),
                        dynamic, None if zpc is None else zpc.data_ptr(), qmin, qmax,
                        q.data_ptr(), threads_for(m * k))
     return q, scale, zp
@@ -366,12 +370,12 @@ def quantize_activation(x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tens
         >>> q.tolist(), z
         ([[64, -127]], None)
     """
-    xf = x if x.dtype == torch.float32 else x.float()
     zp = None if zero_point is None else zero_point.to(torch.int32)
-    if native and (lib := _native_lib(xf)) is not None:
-        out = _quantize_native(lib, xf, qmin, qmax, scale, zp, per_token)
+    if native and x.dtype in _NATIVE_DTYPES and (lib := _native_lib(x)) is not None:
+        out = _quantize_native(lib, x, qmin, qmax, scale, zp, per_token)
         if out is not None:
             return out
+    xf = x if x.dtype == torch.float32 else x.float()
     if scale is None:
         scale = _absmax(xf, per_token).div_(qmax).clamp_(min=_F32_EPS)
         # |round(x / scale)| <= qmax: only a range narrower than -qmax..qmax needs the clamp
@@ -504,7 +508,8 @@ def _epilogue_native(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Te
     b = None if bias is None else bias.contiguous()
     lib.lb_epilogue(acc.data_ptr(), int(acc.dtype == torch.int32), outer, n, inner,
                     sx.data_ptr(), int(per_row), sw.data_ptr(),
-                    None if b is None else b.data_ptr(), int(relu), threads_for(acc.numel()))
+                    None if b is None else b.data_ptr(), int(relu), None,
+                    threads_for(acc.numel()))
     return True
 
 
@@ -629,13 +634,14 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
     """:func:`quantize_activation` + :func:`int8_linear` in three calls: the fused C quantizer,
     the INT8 GEMM and the fused C epilogue; the same bits. None when it does not apply.
 
-    It applies to float32 CPU ``x [M, K]`` with unit stride in K, symmetric weights, the
+    It applies to float32 or bfloat16 CPU ``x [M, K]`` with unit stride in K (a bfloat16 ``x``
+    gives a bfloat16 output, rounded once from the float32 result), symmetric weights, the
     ``"int_mm_s8s8"`` / ``"fp32_codes"`` GEMMs, and the C kernels available (see
     :mod:`lowbit.native`). Eager PyTorch spends ~12 op dispatches on the same work, which is
     most of a small layer's time (e.g. 21 vs 4 us for a 128 -> 10 Linear at batch 1).
 
     Args:
-        x: float32 activations ``[M, K]``.
+        x: float32 or bfloat16 activations ``[M, K]``.
         qmin, qmax: activation code range.
         w, w_scale, colsum, bias: int8 ``[N, K]`` weight, float32 ``[N]`` scales, int32 ``[N]``
             column sums, float32 ``[N]`` bias or None (all contiguous).
@@ -646,7 +652,7 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
         relu: fused ReLU. kernel: the GEMM.
 
     Returns:
-        float32 ``[M, N]``, or None (use :func:`quantize_activation` + :func:`int8_linear`).
+        ``[M, N]`` in x's dtype, or None (use :func:`quantize_activation` + :func:`int8_linear`).
 
     Example:
         >>> w = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
@@ -658,27 +664,29 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
         True
     """
     lib = _native_lib(x)
-    if (lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1
+    if (lib is None or x.dtype not in _NATIVE_DTYPES or x.dim() != 2 or x.stride(1) != 1
             or kernel not in ("int_mm_s8s8", "fp32_codes")):
         return None
     m, k = x.shape
     n = w.shape[0]
+    bf16 = x.dtype == torch.bfloat16
     q = torch.empty((m, k), dtype=torch.int8)
     zp = None
     if scale is None:
         s = torch.empty((m, 1) if per_token else ())
-        lib.lb_quantize_s8(x.data_ptr(), m, k, x.stride(0), s.data_ptr(), int(per_token), 1, None,
-                           qmin, qmax, q.data_ptr(), threads_for(m * k))
+        lib.lb_quantize_s8(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(), int(per_token), 1,
+                           None, qmin, qmax, q.data_ptr(), threads_for(m * k))
     else:
         s, zp = scale, zero_point
-        lib.lb_quantize_s8(x.data_ptr(), m, k, x.stride(0), s.data_ptr(), 0, 0,
+        lib.lb_quantize_s8(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(), 0, 0,
                            None if zp is None else zp.data_ptr(), qmin, qmax, q.data_ptr(),
                            threads_for(m * k))
     acc = _int8_acc(q, zp, w, colsum, comp, kernel)  # (M, N) int32
+    out = torch.empty((m, n), dtype=torch.bfloat16) if bf16 else None
     lib.lb_epilogue(acc.data_ptr(), 1, m, n, 1, s.data_ptr(), int(s.numel() != 1),
                     w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
-                    threads_for(m * n))
-    return acc.view(torch.float32)
+                    None if out is None else out.data_ptr(), threads_for(m * n))
+    return acc.view(torch.float32) if out is None else out
 
 
 def _conv_codes_fp32(x: torch.Tensor, x_scale: torch.Tensor | None, x_zp: torch.Tensor | None,
@@ -720,7 +728,7 @@ def _conv_codes_fp32(x: torch.Tensor, x_scale: torch.Tensor | None, x_zp: torch.
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
         lib.lb_epilogue(y.data_ptr(), 0, y.shape[0], o, y[0, 0].numel(), x_scale.data_ptr(), 0,
                         w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
-                        threads_for(y.numel()))
+                        None, threads_for(y.numel()))
         return y
     return _float_epilogue(y, x_scale, w_scale.reshape(o, 1, 1),
                            None if bias is None else bias.reshape(o, 1, 1), relu, native=False)

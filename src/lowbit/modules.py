@@ -100,7 +100,8 @@ class _Int8Base(QuantizedModuleBase):
         # its tensors gathered once (module attribute lookups cost ~0.5 us each at batch 1)
         static = self.mode == "static"
         fusable = (self.backend != "reference" and self._w_zp is None
-                   and (static or self.act_spec.symmetric))
+                   and (static or self.act_spec.symmetric)
+                   and (self.bias is None or self.bias.dtype == torch.float32))
         self._fused_args = None if not fusable else (
             self.weight, self._w_scale, self._colsum, self.bias,
             self.input_scale.float() if static else None,

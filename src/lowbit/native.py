@@ -44,10 +44,11 @@ _state: dict[str, Any] = {"lib": None, "tried": False, "reason": "not loaded yet
 _P, _I64, _I32, _INT, _F = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int,
                            ctypes.c_float)
 _SIGNATURES = {
-    "lb_absmax": (_F, [_P, _I64, _I64, _I64, _INT]),
-    "lb_quantize_s8": (None, [_P, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32, _P, _INT]),
+    "lb_absmax": (_F, [_P, _INT, _I64, _I64, _I64, _INT]),
+    "lb_quantize_s8": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32, _P,
+                              _INT]),
     "lb_quantize_centered_f32": (None, [_P, _I64, _P, _INT, _I32, _I32, _I32, _P, _INT]),
-    "lb_epilogue": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _P, _P, _INT, _INT]),
+    "lb_epilogue": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _P, _P, _INT, _P, _INT]),
 }
 
 
