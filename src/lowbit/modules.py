@@ -284,6 +284,7 @@ class QuantizedConv2d(_Int8Base):
                  mode: str = "dynamic", **kw: Any) -> None:
         super().__init__(**kw)
         d = self._dims
+        self._conv_args: tuple | None = None  # set by _refresh_cache
         self.geometry = dict(geometry or default_conv_geometry(d))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
@@ -326,6 +327,15 @@ class QuantizedConv2d(_Int8Base):
     def _refresh_cache(self) -> None:
         super()._refresh_cache()
         self._codes_cache = None
+        self._cols_cache = None
+        g = self.geometry
+        # the fused C path (lowbit.native): 2-d, zero padding, symmetric weights, float32 bias;
+        # everything it needs gathered once (batch-1 convs are dominated by per-call overhead)
+        fast = (self._fused_args is not None and self._dims == 2 and g["pre_pad"] is None
+                and g["groups"] == 1)
+        self._conv_args = None if not fast else (
+            self.weight[0].numel(), tuple(g["stride"]), tuple(g["padding"]),
+            tuple(g["dilation"]))
 
     def _codes_weight(self) -> torch.Tensor:
         """float32 centered weight codes ``w - w_zp`` for ``"fp32_codes_conv"`` (cached).
@@ -343,9 +353,23 @@ class QuantizedConv2d(_Int8Base):
             cache = self._codes_cache = (key, wf)
         return cache[1]
 
+    def _cols_weight(self) -> torch.Tensor:
+        """The int8 weight as the im2col GEMM's ``[O, kh*kw*C]`` matrix (cached like
+        :meth:`_codes_weight`)."""
+        key = self.weight.data_ptr()
+        cache = self._cols_cache
+        if cache is None or cache[0] != key:
+            w = self.weight if self._dims == 2 else self.weight.unsqueeze(2)
+            cache = self._cols_cache = (key, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))
+        return cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
         x = self._input(x, self.in_channels, dim=1)
+        if self._conv_args is not None and x.dim() == 4 and x.dtype == torch.float32:
+            y = self._forward_fused(x)
+            if y is not None:
+                return y
         g = self.geometry
         xf = x.float()
         if g["pre_pad"] is not None:
@@ -366,18 +390,37 @@ class QuantizedConv2d(_Int8Base):
         rows = xf.shape[0] * xf.shape[2] * xf.shape[3]  # upper bound of B*Ho*Wo
         kernel = select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"],
                                k=self.weight[0].numel())
-        w_float = None
+        w_float = w_cols = None
         if kernel == "fp32_codes_conv":
             w_float = self._codes_weight()
             if self._dims == 1:
                 w_float = w_float.unsqueeze(2)
+        elif kernel != "reference" and g["groups"] == 1:
+            w_cols = self._cols_weight()
         y = int8_conv2d(xf, s, zp, self._qmin, self._qmax, w, self._w_scale, self._colsum,
                         self.bias, tuple(stride), tuple(padding), tuple(dilation), g["groups"],
                         relu=self.fused_relu, kernel=kernel, w_zp=self._w_zp,
-                        w_float=w_float)  # (B, O, Ho, Wo)
+                        w_float=w_float, w_cols=w_cols)  # (B, O, Ho, Wo)
         if self._dims == 1:
             y = y.squeeze(2)
-        return y.contiguous().to(x.dtype)
+        y = y if y.is_contiguous() else y.contiguous()
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`forward` with the tensors and geometry gathered by ``_refresh_cache`` (the same
+        kernels and bits, fewer Python steps); None when the C kernels cannot take ``x``."""
+        k, stride, padding, dilation = self._conv_args  # type: ignore[misc]
+        _, w_scale, colsum, bias, scale, zp, _ = self._fused_args  # type: ignore[misc]
+        kernel = select_kernel("int8_conv2d", 0, k=k)
+        if kernel == "fp32_codes_conv":
+            w_float, w_cols = self._codes_weight(), None
+        elif kernel in ("int_mm_s8s8", "fp32_codes"):
+            w_float, w_cols = None, self._cols_weight()
+        else:
+            return None
+        return int8_conv2d(x, scale, zp, self._qmin, self._qmax, self.weight, w_scale, colsum,
+                           bias, stride, padding, dilation, 1, relu=self.fused_relu,
+                           kernel=kernel, w_float=w_float, w_cols=w_cols).contiguous()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -182,3 +182,129 @@ void lb_epilogue(void *acc, int is_int32, int64_t outer, int64_t n, int64_t inne
         }
     }
 }
+
+/* INT8 conv, step 1: the float32 NCHW input x [b, c, h, w] quantized per tensor to int8 codes
+ * in a zero-point-padded NHWC buffer qpad [b, h + 2 ph, w + 2 pw, c] (padding = the code of
+ * 0.0, i.e. zp: exact zero padding). dynamic: scale[0] is written from max|x| first. */
+void lb_quantize_nhwc_padded_s8(const float *x, int64_t b, int64_t c, int64_t h, int64_t w,
+                                int64_t ph, int64_t pw, float *scale, int dynamic, int32_t zp,
+                                int32_t qmin, int32_t qmax, int8_t *qpad, int nthreads) {
+    const int64_t n = b * c * h * w;
+    if (dynamic)
+        scale[0] = dynamic_scale(lb_absmax(x, 0, 1, n, n, nthreads), (float)qmax);
+    const float inv = 1.0f / scale[0];
+    const float lo = (float)qmin, hi = (float)qmax, z = (float)zp;
+    const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
+    const int8_t zcode = (int8_t)clampf(z, lo, hi);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < b * hp; ++r) { /* one padded row (all channels) at a time */
+        const int64_t bi = r / hp, y = r % hp - ph;
+        int8_t *out = qpad + r * wp * c;
+        if (y < 0 || y >= h) {
+            memset(out, zcode, (size_t)(wp * c));
+            continue;
+        }
+        memset(out, zcode, (size_t)(pw * c));
+        memset(out + (pw + w) * c, zcode, (size_t)(pw * c));
+        for (int64_t ch = 0; ch < c; ++ch) {
+            const float *xr = x + ((bi * c + ch) * h + y) * w;
+            int8_t *o = out + pw * c + ch;
+            for (int64_t j = 0; j < w; ++j)
+                o[j * c] = (int8_t)clampf(nearbyintf(xr[j] * inv) + z, lo, hi);
+        }
+    }
+}
+
+/* Copy n bytes: an inline loop for the few bytes of thin layers (a libc call per patch row
+ * would cost more than the copy), memcpy otherwise. */
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+static inline void copy_bytes(int8_t *dst, const int8_t *src, int64_t n) {
+    if (n >= 32) {
+        memcpy(dst, src, (size_t)n);
+        return;
+    }
+    for (int64_t t = 0; t < n; ++t)
+        dst[t] = src[t];
+}
+
+/* INT8 conv, step 2: channels-last im2col of qpad into cols [b * ho * wo, kh * kw * c]
+ * (column order (u, v, channel), the order of w.permute(0, 2, 3, 1)). */
+void lb_im2col_nhwc_s8(const int8_t *qpad, int64_t b, int64_t c, int64_t hp, int64_t wp,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                       int64_t ho, int64_t wo, int8_t *cols, int nthreads) {
+    const int64_t k = kh * kw * c;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < b * ho; ++r) {
+        const int64_t bi = r / ho, i = r % ho;
+        for (int64_t j = 0; j < wo; ++j) {
+            int8_t *dst = cols + (r * wo + j) * k;
+            for (int64_t u = 0; u < kh; ++u) {
+                const int8_t *src = qpad + ((bi * hp + i * sh + u * dh) * wp + j * sw) * c;
+                if (dw == 1) { /* the kw patches of a row are adjacent in NHWC */
+                    copy_bytes(dst, src, kw * c);
+                    dst += kw * c;
+                    continue;
+                }
+                for (int64_t v = 0; v < kw; ++v, dst += c)
+                    copy_bytes(dst, src + v * dw * c, c);
+            }
+        }
+    }
+}
+
+/* INT8 conv, step 3: the epilogue of lb_epilogue on the GEMM's int32 acc [b * l, n] (rows are
+ * output pixels), written transposed as float32 NCHW y [b, n, l]. */
+void lb_epilogue_to_nchw(const int32_t *acc, int64_t b, int64_t l, int64_t n, const float *sx,
+                         const float *sw, const float *bias, int relu, float *y, int nthreads) {
+    const float s = sx[0];
+    const int64_t tile = 64;
+    const int64_t tiles = (l + tile - 1) / tile;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
+    for (int64_t t = 0; t < b * tiles; ++t) {
+        const int64_t bi = t / tiles, l0 = (t % tiles) * tile;
+        const int64_t l1 = l0 + tile < l ? l0 + tile : l;
+        for (int64_t c = 0; c < n; ++c) {
+            const float w = sw[c];
+            float *out = y + (bi * n + c) * l;
+            for (int64_t p = l0; p < l1; ++p) {
+                float v = (float)acc[(bi * l + p) * n + c] * w;
+                v = bias ? fmaf(v, s, bias[c]) : v * s;
+                out[p] = relu ? (v > 0.0f ? v : 0.0f) : v;
+            }
+        }
+    }
+}
+
+static inline int32_t dot_s8(const int8_t *a, const int8_t *b, int64_t k) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < k; ++j)
+        s += (int32_t)a[j] * (int32_t)b[j];
+    return s;
+}
+
+/* A whole small INT8 linear layer in one call: quantize x [m, k] (as lb_quantize_s8, into the
+ * scratch q [m, k]), int32 dot products with the int8 weight w [n, k] (minus comp[c], the
+ * static zero-point term, when given), and the lb_epilogue, written as float32 (or bfloat16
+ * when out_bf16) to out [m, n]. For batch-1-like shapes, where three calls and an int32
+ * temporary cost more than the arithmetic. */
+void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, float *scale,
+                        int per_row, int dynamic, const int32_t *zp, int32_t qmin, int32_t qmax,
+                        int8_t *q, const int8_t *w, int64_t n, const int32_t *comp,
+                        const float *sw, const float *bias, int relu, void *out, int out_bf16,
+                        int nthreads) {
+    lb_quantize_s8(x, bf16, m, k, ldx, scale, per_row, dynamic, zp, qmin, qmax, q, 1);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) collapse(2)
+    for (int64_t i = 0; i < m; ++i) {
+        for (int64_t c = 0; c < n; ++c) {
+            const int32_t acc = dot_s8(q + i * k, w + c * k, k) - (comp ? comp[c] : 0);
+            const float s = scale[per_row ? i : 0];
+            float v = (float)acc * sw[c];
+            v = bias ? fmaf(v, s, bias[c]) : v * s;
+            v = relu ? (v > 0.0f ? v : 0.0f) : v;
+            if (out_bf16)
+                ((uint16_t *)out)[i * n + c] = f32_to_bf16(v);
+            else
+                ((float *)out)[i * n + c] = v;
+        }
+    }
+}

@@ -1,0 +1,261 @@
+"""Fused C kernels: built in a temp folder, bit-identical to the pure-PyTorch path everywhere."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from lowbit import native
+from lowbit.kernels import (
+    _epilogue_native,
+    _float_epilogue,
+    _int8_epilogue,
+    fused_int8_linear,
+    int8_conv2d,
+    int8_linear,
+    quantize_activation,
+)
+from lowbit.ptq import quantize_dynamic, quantize_static
+
+HAS_CC = native._compiler() is not None
+needs_native = pytest.mark.skipif(not HAS_CC, reason="no C compiler: lowbit runs pure PyTorch")
+
+
+@pytest.fixture
+def no_native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The pure-PyTorch path everywhere (as on a machine without a C compiler)."""
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    native._reset_for_tests()
+    assert native.load_native() is None
+    yield
+    monkeypatch.delenv("LOWBIT_NATIVE")
+    native._reset_for_tests()
+
+
+def test_builds_into_the_cache_dir_when_a_compiler_exists(tmp_path, monkeypatch) -> None:
+    status = native.native_status()
+    if not HAS_CC:
+        assert not status["available"] and "compiler" in status["reason"]
+        return
+    assert status["available"], status["reason"]
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    path = native._build(native._compiler())  # type: ignore[arg-type]
+    assert path.parent == tmp_path and path.suffix == ".so"
+    stamp = path.stat().st_mtime_ns
+    assert native._build(native._compiler()) == path  # type: ignore[arg-type]
+    assert path.stat().st_mtime_ns == stamp  # cached, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
+
+
+def test_disabled_by_environment(no_native) -> None:
+    assert native.native_status() == {"available": False, "reason": "disabled by LOWBIT_NATIVE=0",
+                                      "path": None}
+
+
+def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native.shutil, "which", lambda name: f"/bin/{name}"
+                        if name == "false" else None)
+    native._reset_for_tests()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lowbit.native"):
+            assert native.load_native() is None
+        status = native.native_status()
+        assert not status["available"] and "failed" in status["reason"]
+        assert "pure-PyTorch" in caplog.text
+        x = torch.randn(4, 16)
+        q, s, _ = quantize_activation(x, -128, 127)  # still works, on the PyTorch path
+        assert q.dtype == torch.int8 and s.shape == (4, 1)
+    finally:
+        monkeypatch.undo()
+        native._reset_for_tests()
+
+
+# ------------------------------------------------------------------ bit identity, kernel level
+
+@needs_native
+@given(m=st.integers(1, 70), k=st.integers(1, 300), scale=st.floats(1e-3, 1e3),
+       per_token=st.booleans(), bf16=st.booleans(), strided=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_dynamic_quantize_is_bit_identical(m, k, scale, per_token, bf16, strided, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k + 3 * strided, generator=g) * scale
+    x = x[:, 1:k + 1] if strided else x  # rows with a stride larger than K
+    x[0, 0] = 0.0
+    if bf16:
+        x = x.to(torch.bfloat16)
+    q, s, z = quantize_activation(x, -128, 127, per_token=per_token)
+    q_ref, s_ref, z_ref = quantize_activation(x, -128, 127, per_token=per_token, native=False)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and z is None and z_ref is None
+
+
+@needs_native
+@given(m=st.integers(1, 40), k=st.integers(2, 200), scale=st.floats(1e-4, 10.0),
+       zp=st.integers(-128, 127), qrange=st.sampled_from([(-128, 127), (-127, 127), (-8, 7)]),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_static_quantize_is_bit_identical(m, k, scale, zp, qrange, bf16, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 40
+    x[0, :2] = torch.tensor([0.5, -2.5]) * scale  # (near) ties: round half to even
+    x = x.to(torch.bfloat16) if bf16 else x
+    s, z = torch.tensor(scale), torch.tensor(zp, dtype=torch.int32)
+    q, _, _ = quantize_activation(x, *qrange, s, z)
+    q_ref, _, _ = quantize_activation(x, *qrange, s, z, native=False)
+    assert torch.equal(q, q_ref)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_inputs_use_threads_and_stay_identical(threads: int) -> None:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(257, 1031) * 5  # > PARALLEL_MIN_ELEMENTS, odd sizes
+        assert x.numel() >= native.PARALLEL_MIN_ELEMENTS
+        for per_token in (True, False):
+            got = quantize_activation(x, -128, 127, per_token=per_token)
+            ref = quantize_activation(x, -128, 127, per_token=per_token, native=False)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        acc = torch.randint(-2**20, 2**20, (257, 1031), dtype=torch.int32)
+        sx, sw, b = torch.rand(257, 1), torch.rand(1031), torch.randn(1031)
+        assert torch.equal(_int8_epilogue(acc.clone(), sx, sw, b, True),
+                           _int8_epilogue(acc.clone(), sx, sw, b, True, native=False))
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_native
+@given(m=st.integers(1, 50), n=st.integers(1, 300), per_row=st.booleans(), bias=st.booleans(),
+       relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_epilogue_is_bit_identical(m, n, per_row, bias, relu, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-2**22, 2**22, (m, n), dtype=torch.int32, generator=g)
+    sx = torch.rand((m, 1) if per_row else (), generator=g)
+    sw = torch.rand(n, generator=g) * 1e-3
+    b = torch.randn(n, generator=g) if bias else None
+    assert torch.equal(_int8_epilogue(acc.clone(), sx, sw, b, relu),
+                       _int8_epilogue(acc.clone(), sx, sw, b, relu, native=False))
+
+
+@needs_native
+@pytest.mark.parametrize("bias", [True, False])
+def test_nchw_float_epilogue_is_bit_identical(bias: bool) -> None:
+    y = torch.randint(-5000, 5000, (3, 8, 5, 7)).float()
+    sx, sw = torch.tensor(0.013), torch.rand(8, 1, 1)
+    b = torch.randn(8, 1, 1) if bias else None
+    got = _float_epilogue(y.clone(), sx, sw, b, True)
+    assert torch.equal(got, _float_epilogue(y.clone(), sx, sw, b, True, native=False))
+
+
+@needs_native
+def test_epilogue_refuses_layouts_it_does_not_handle() -> None:
+    acc = torch.ones(4, 6, dtype=torch.int32)
+    assert not _epilogue_native(acc.t(), torch.tensor(1.0), torch.ones(4), None, False)
+    assert not _epilogue_native(acc, torch.ones(3, 1), torch.ones(6), None, False)  # M mismatch
+    assert not _epilogue_native(acc, torch.tensor(1.0), torch.ones(6).double(), None, False)
+    assert torch.equal(acc, torch.ones(4, 6, dtype=torch.int32))  # untouched
+
+
+# ------------------------------------------------------------------ bit identity, fused linear
+
+@needs_native
+@given(m=st.integers(1, 40), k=st.sampled_from([8, 24, 64, 100]), n=st.integers(1, 40),
+       mode=st.sampled_from(["per_token", "per_tensor", "static", "static_affine"]),
+       bf16=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_fused_linear_equals_reference(m, k, n, mode, bf16, relu, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2
+    x = x.to(torch.bfloat16) if bf16 else x
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws, b = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+    colsum = w.sum(1, dtype=torch.int32)
+    scale = zp = comp = None
+    if mode.startswith("static"):
+        scale = torch.tensor(0.02)
+        if mode == "static_affine":
+            zp = torch.tensor(-7, dtype=torch.int32)
+            comp = zp * colsum
+    kernel = "int_mm_s8s8" if k > 16 else "fp32_codes"
+    y = fused_int8_linear(x, -128, 127, w, ws, colsum, b, per_token=mode == "per_token",
+                          scale=scale, zero_point=zp, comp=comp, relu=relu, kernel=kernel)
+    q, s, z = quantize_activation(x, -128, 127, scale, zp, per_token=mode == "per_token",
+                                  native=False)
+    ref = int8_linear(q, s, z, w, ws, colsum, b, relu=relu, kernel="reference")
+    assert y is not None and y.dtype == x.dtype
+    assert torch.equal(y, ref.to(x.dtype))
+
+
+def test_fused_linear_declines_what_it_cannot_run() -> None:
+    w = torch.ones(4, 8, dtype=torch.int8)
+    args = (-128, 127, w, torch.ones(4), w.int().sum(1), None)
+    assert fused_int8_linear(torch.randn(3, 8).double(), *args) is None
+    assert fused_int8_linear(torch.randn(8, 3).t(), *args) is None  # K not unit-stride
+    assert fused_int8_linear(torch.randn(3, 8), *args, kernel="reference") is None
+    wide = torch.tensor(2, dtype=torch.int64) * args[4]  # an int64 zero-point term
+    assert fused_int8_linear(torch.randn(3, 8), *args, scale=torch.tensor(0.1),
+                             zero_point=torch.tensor(2, dtype=torch.int32), comp=wide) is None
+
+
+# ------------------------------------------------------------------ modules, native on and off
+
+def _models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                        nn.Flatten(), nn.Linear(16 * 6 * 6, 5)).eval()
+    return {"mlp": mlp, "cnn": cnn}
+
+
+def _outputs(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    xs = {"mlp": torch.randn(6, 64, generator=torch.Generator().manual_seed(1)),
+          "cnn": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+    out = {}
+    for name, model in models.items():
+        x = xs[name]
+        calib = [x]
+        with torch.inference_mode():
+            out[f"{name}/dynamic"] = quantize_dynamic(model)(x)
+            out[f"{name}/static"] = quantize_static(model, calib, progress=False)(x)
+            out[f"{name}/bf16"] = quantize_dynamic(model.to(torch.bfloat16))(x.bfloat16())
+            model.float()
+    return out
+
+
+@needs_native
+def test_quantized_models_give_the_same_bits_without_native(request) -> None:
+    assert native.load_native() is not None
+    fast = _outputs(_models())
+    request.getfixturevalue("no_native")
+    slow = _outputs(_models())
+    for key, y in fast.items():
+        assert y.dtype == slow[key].dtype and torch.equal(y, slow[key]), key
+
+
+@needs_native
+def test_conv_kernels_agree_with_reference_with_native_on() -> None:
+    w = torch.randint(-127, 128, (6, 4, 3, 3), dtype=torch.int8)
+    x = torch.randn(2, 4, 9, 9)
+    args = (x, None, None, -128, 127, w, torch.rand(6), w.int().sum((1, 2, 3)), torch.randn(6),
+            (1, 1), (1, 1), (1, 1), 1)
+    ref = int8_conv2d(*args, kernel="reference")
+    for kernel in ("fp32_codes_conv", "fp32_codes"):
+        assert torch.equal(int8_conv2d(*args, kernel=kernel), ref), kernel
+
+
+def test_module_cast_to_bf16_keeps_working() -> None:
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    q = quantize_dynamic(model)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        ref = q(x)
+        q.to(torch.bfloat16)  # bias and scales become bf16: the fused path must step aside
+        y = q(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02)
