@@ -153,6 +153,7 @@ __all__ = [
     "INT4_PACKED_MAX_M",
     "WEIGHT_ONLY_PACKED_MAX_M",
     "cpu_features",
+    "dequantize_weight_native",
     "fused_int8_linear",
     "int4_pack_for_cpu",
     "int8_conv2d",
@@ -850,6 +851,41 @@ def int4_pack_for_cpu(codes: torch.Tensor, scale: torch.Tensor, zero_point: torc
     zero = (8 - shift - zero_point.float()) * scale.float()  # (N, G)
     sz = torch.stack([scale.float(), zero], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
     return packed, sz
+
+
+def dequantize_weight_native(weight: torch.Tensor, packed: bool, signed: bool, n: int, kp: int,
+                             k: int, group_size: int | None, scale: torch.Tensor,
+                             zero_point: torch.Tensor) -> torch.Tensor | None:
+    """float32 ``(code - zp) * scale`` ``[N, K]`` of a weight-only module's stored codes by one
+    call of the fused C kernel; None when it does not apply (then use ``lowbit.ops``).
+
+    Args:
+        weight: stored codes ``[N, Kp]`` (int8 / uint8), or int4 nibbles ``[N, Kp / 2]`` (uint8)
+            when ``packed``; signed: the codes' signedness.
+        n, kp, k: rows, padded and real row length (the output drops the padding).
+        group_size: codes per scale along a row, None for per-channel or per-tensor (told apart
+            by ``scale.numel()``).
+        scale, zero_point: float32 / int32 qparams ``()``, ``[N]`` or ``[N, Kp / group]``.
+
+    Example:
+        >>> from lowbit.ops import pack_int4
+        >>> codes = torch.tensor([[-8, 7, 1, 0]], dtype=torch.int8)
+        >>> w = dequantize_weight_native(pack_int4(codes), True, True, 1, 4, 3, None,
+        ...                              torch.tensor([0.5]), torch.zeros(1, dtype=torch.int32))
+        >>> w is None or w.tolist() == [[-4.0, 3.5, 0.5]]
+        True
+    """
+    lib = _native_lib(weight)
+    if lib is None or not _c_layout((scale, torch.float32), (zero_point, torch.int32)):
+        return None
+    if not weight.is_contiguous() or weight.dtype not in (torch.int8, torch.uint8):
+        return None
+    group = group_size or (0 if scale.numel() == 1 else kp)
+    out = torch.empty((n, k))
+    lib.lb_dequantize_weight(weight.data_ptr(), int(packed), int(signed), n, kp, k, group,
+                             scale.data_ptr(), zero_point.data_ptr(), out.data_ptr(),
+                             threads_for(n * k))
+    return out
 
 
 def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # type: ignore[valid-type]

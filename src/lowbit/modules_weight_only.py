@@ -29,6 +29,7 @@ from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     INT4_PACKED_MAX_M,
     WEIGHT_ONLY_PACKED_MAX_M,
+    dequantize_weight_native,
     int4_pack_for_cpu,
     select_kernel,
     weight_only_linear,
@@ -93,7 +94,18 @@ class _WeightOnly(QuantizedModuleBase):
         return dequantize(self.codes(), self.weight_scale, self.weight_zero_point, self.eff_spec)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """The float32 weight ``(q - zp) * scale`` without padding, ``[N, K]``."""
+        """The float32 weight ``(q - zp) * scale`` without padding, ``[N, K]``.
+
+        One pass of the fused C kernel (same bits) unless the backend is ``"reference"`` or the
+        kernels are unavailable (see :mod:`lowbit.native`).
+        """
+        if self.backend != "reference":
+            w = dequantize_weight_native(self.weight, self.packed, self.weight_spec.signed,
+                                         self.n, self.kp, self.k, self.eff_spec.group_size
+                                         if self.eff_spec.granularity == "per_group" else None,
+                                         self.weight_scale, self.weight_zero_point)
+            if w is not None:
+                return w
         return self._dequant_padded()[:, : self.k]
 
     def _w_meta(self) -> dict[str, Any]:
@@ -391,10 +403,12 @@ class WeightOnlyConv2d(_WeightOnly):
         if g["pre_pad"] is not None:
             x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
         conv = F.conv1d if self._dims == 1 else F.conv2d
-        w = self.dequantize_weight().to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
+        w = self.dequantize_weight().reshape(self.wshape)
+        if x.dtype != torch.float32:
+            w = w.to(x.dtype)
+        b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         y = conv(x, w, b, g["stride"], g["padding"], g["dilation"], g["groups"])
-        return self._act(y, self.fused_relu)
+        return y.relu_() if self.fused_relu else y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

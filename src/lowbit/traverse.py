@@ -298,7 +298,9 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         check_finite(module.weight, f"{name} ({kind}).weight")
         if getattr(module, "bias", None) is not None:
             check_finite(module.bias, f"{name} ({kind}).bias")
-        fused_relu = name in fusions.relu_after and layer_cfg.mode != "weight_only"
+        # a following ReLU runs inside the quantized layer (in place on its fresh output), for
+        # weight-only layers too; an embedding lookup has no fused activation
+        fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
         plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg),
                                 fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name))
     return plans

@@ -308,3 +308,45 @@ void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t l
         }
     }
 }
+
+/* Signed int4 from a nibble: 0..15 -> -8..7 (v >= 8 ? v - 16 : v). */
+static inline int32_t s4(int32_t v) { return (v ^ 8) - 8; }
+
+/* Dequantized weight out [n, k] = (code - zp) * scale of stored codes [n, kp] (kp >= k, the
+ * padded row length): int4 nibbles packed two per byte, low nibble first (packed), else one
+ * int8 / uint8 code per byte (is_signed). One scale / zero-point per tensor (group == 0), or
+ * per run of `group` codes in a row (group == kp: per channel). zp NULL means 0. */
+void lb_dequantize_weight(const uint8_t *w, int packed, int is_signed, int64_t n, int64_t kp,
+                          int64_t k, int64_t group, const float *scale, const int32_t *zp,
+                          float *out, int nthreads) {
+    const int64_t groups = group ? kp / group : 1, run = group ? group : kp;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < n; ++r) {
+        const uint8_t *wr = w + r * (packed ? kp / 2 : kp);
+        float *o = out + r * k;
+        for (int64_t j0 = 0; j0 < k; j0 += run) { /* one scale / zero-point per run */
+            const int64_t j1 = j0 + run < k ? j0 + run : k;
+            const int64_t g = group ? r * groups + j0 / group : 0;
+            const float sc = scale[g], z = zp ? (float)zp[g] : 0.0f;
+            int64_t j = j0;
+            if (!packed) {
+                for (; j < j1; ++j)
+                    o[j] = ((float)(is_signed ? (int32_t)(int8_t)wr[j] : (int32_t)wr[j]) - z) * sc;
+                continue;
+            }
+            for (; j < j1 && (j & 1); ++j) /* an odd start: the high nibble alone */
+                o[j] = ((float)(is_signed ? s4(wr[j >> 1] >> 4) : wr[j >> 1] >> 4) - z) * sc;
+            const int64_t pairs = (j1 - j) / 2, b0 = j >> 1;
+            float *oj = o + j;
+            const int32_t flip = is_signed ? 8 : 0; /* (v ^ 8) - 8 sign-extends a nibble */
+            for (int64_t p = 0; p < pairs; ++p) { /* both nibbles of a byte */
+                const int32_t byte = wr[b0 + p];
+                oj[2 * p] = ((float)(((byte & 0xF) ^ flip) - flip) - z) * sc;
+                oj[2 * p + 1] = ((float)(((byte >> 4) ^ flip) - flip) - z) * sc;
+            }
+            j += 2 * pairs;
+            if (j < j1) /* an odd end: the low nibble alone */
+                o[j] = ((float)(is_signed ? s4(wr[j >> 1] & 0xF) : wr[j >> 1] & 0xF) - z) * sc;
+        }
+    }
+}
