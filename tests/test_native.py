@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -12,15 +15,19 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowbit import native
+from lowbit.config import QuantSpec
 from lowbit.kernels import (
+    SMALL_LINEAR_MACS,
     _epilogue_native,
     _float_epilogue,
     _int8_epilogue,
+    dequantize_weight_native,
     fused_int8_linear,
     int8_conv2d,
     int8_linear,
     quantize_activation,
 )
+from lowbit.modules_weight_only import Int4Linear, Int8WeightOnlyLinear, WeightOnlyConv2d
 from lowbit.ptq import quantize_dynamic, quantize_static
 
 HAS_CC = native._compiler() is not None
@@ -166,7 +173,7 @@ def test_epilogue_refuses_layouts_it_does_not_handle() -> None:
 # ------------------------------------------------------------------ bit identity, fused linear
 
 @needs_native
-@given(m=st.integers(1, 40), k=st.sampled_from([8, 24, 64, 100]), n=st.integers(1, 40),
+@given(m=st.integers(1, 40), k=st.sampled_from([8, 24, 64, 100, 300]), n=st.integers(1, 300),
        mode=st.sampled_from(["per_token", "per_tensor", "static", "static_affine"]),
        bf16=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
 def test_fused_linear_equals_reference(m, k, n, mode, bf16, relu, seed) -> None:
@@ -190,6 +197,19 @@ def test_fused_linear_equals_reference(m, k, n, mode, bf16, relu, seed) -> None:
     ref = int8_linear(q, s, z, w, ws, colsum, b, relu=relu, kernel="reference")
     assert y is not None and y.dtype == x.dtype
     assert torch.equal(y, ref.to(x.dtype))
+
+
+@needs_native
+@pytest.mark.parametrize("mnk", [(1, 128, 10), (64, 512, 256)])  # one C call / three calls
+def test_fused_linear_both_strategies_equal_reference(mnk: tuple[int, int, int]) -> None:
+    m, n, k = mnk
+    x = torch.randn(m, k)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    ws, b, colsum = torch.rand(n) * 0.01, torch.randn(n), w.sum(1, dtype=torch.int32)
+    y = fused_int8_linear(x, -128, 127, w, ws, colsum, b, relu=True)
+    q, s, z = quantize_activation(x, -128, 127, native=False)
+    assert y is not None and (m * n * k <= SMALL_LINEAR_MACS) == (mnk == (1, 128, 10))
+    assert torch.equal(y, int8_linear(q, s, z, w, ws, colsum, b, relu=True, kernel="reference"))
 
 
 def test_fused_linear_declines_what_it_cannot_run() -> None:
@@ -259,3 +279,90 @@ def test_module_cast_to_bf16_keeps_working() -> None:
         y = q(x.bfloat16())
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02)
+
+
+@needs_native
+@pytest.mark.parametrize("case", [
+    dict(stride=1, padding=1, dilation=1, ksize=3, cin=1),
+    dict(stride=2, padding=0, dilation=1, ksize=3, cin=5),
+    dict(stride=1, padding=2, dilation=2, ksize=3, cin=4),
+    dict(stride=1, padding=0, dilation=1, ksize=1, cin=6),  # 1x1: no im2col at all
+    dict(stride=(2, 1), padding=(1, 0), dilation=1, ksize=(3, 2), cin=40),  # > 32-byte rows
+])
+@pytest.mark.parametrize("zp", [None, 5])
+def test_native_conv_gemm_equals_reference(case: dict, zp: int | None) -> None:
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    kh, kw = pair(case["ksize"])
+    w = torch.randint(-127, 128, (7, case["cin"], kh, kw), dtype=torch.int8)
+    x = torch.randn(3, case["cin"], 11, 9)
+    scale = None if zp is None else torch.tensor(0.03)
+    zpt = None if zp is None else torch.tensor(zp, dtype=torch.int32)
+    args = (x, scale, zpt, -128, 127, w, torch.rand(7), w.sum((1, 2, 3), dtype=torch.int32),
+            torch.randn(7), pair(case["stride"]), pair(case["padding"]), pair(case["dilation"]),
+            1)
+    ref = int8_conv2d(*args, relu=True, kernel="reference")
+    for kernel in ("int_mm_s8s8", "fp32_codes"):
+        got = int8_conv2d(*args, relu=True, kernel=kernel)
+        assert got.is_contiguous() and torch.equal(got, ref), kernel
+
+
+@needs_native
+@given(bits=st.sampled_from([4, 8]), signed=st.booleans(), symmetric=st.booleans(),
+       gran=st.sampled_from(["per_tensor", "per_channel", "per_group"]),
+       group=st.sampled_from([2, 7, 8, 32]), k=st.integers(1, 70), n=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_weight_dequantization_is_bit_identical(bits, signed, symmetric, gran, group, k, n,
+                                                seed) -> None:
+    torch.manual_seed(seed)
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric and signed, granularity=gran,
+                     axis=0,
+                     group_size=group if gran == "per_group" else None)
+    layer = nn.Linear(k, n)
+    cls = Int4Linear if bits == 4 else Int8WeightOnlyLinear
+    cfg_spec = {"weight_spec": spec}
+    q = cls(k, n, **cfg_spec)
+    q._fill(layer.weight.detach(), layer.bias.detach(), "Linear", None)
+    got = q.dequantize_weight()
+    assert torch.equal(got, q._dequant_padded()[:, :k])
+
+
+@needs_native
+def test_weight_only_conv_uses_the_same_weights() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, 3, padding=1)
+    fast = WeightOnlyConv2d.from_float(conv, _int4_config(), fused_relu=True)
+    ref = WeightOnlyConv2d.from_float(conv, _int4_config(), fused_relu=True, backend="reference")
+    x = torch.randn(2, 5, 7, 7)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), ref(x)) and bool((fast(x) >= 0).all())
+    w = fast.weight
+    got = dequantize_weight_native(w, True, True, fast.n, fast.kp, fast.k,
+                                   fast.eff_spec.group_size, fast.weight_scale,
+                                   fast.weight_zero_point)
+    assert got is not None and torch.equal(got.reshape(fast.wshape), ref.dequantize_weight())
+
+
+def _int4_config():
+    from lowbit.config import QuantizationConfig
+    return QuantizationConfig.int4_weight_only(group_size=8)
+
+
+@needs_native
+def test_portable_torch_kernels_keep_bit_identity(tmp_path) -> None:
+    """With torch's portable (non-FMA) kernels, the C epilogue rounds as they do."""
+    script = (
+        "import torch\n"
+        "from lowbit.kernels import _int8_epilogue\n"
+        "from lowbit.native import load_native\n"
+        "assert load_native() is not None\n"
+        "acc = torch.randint(-2**22, 2**22, (33, 70), dtype=torch.int32)\n"
+        "sx, sw, b = torch.rand(33, 1), torch.rand(70), torch.randn(70)\n"
+        "a = _int8_epilogue(acc.clone(), sx, sw, b, False)\n"
+        "r = _int8_epilogue(acc.clone(), sx, sw, b, False, native=False)\n"
+        "assert torch.equal(a, r), (a - r).abs().max()\n"
+        "print(torch.backends.cpu.get_cpu_capability())\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "DEFAULT"

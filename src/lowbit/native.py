@@ -44,6 +44,7 @@ _state: dict[str, Any] = {"lib": None, "tried": False, "reason": "not loaded yet
 _P, _I64, _I32, _INT, _F = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int,
                            ctypes.c_float)
 _SIGNATURES = {
+    "lb_set_addcmul_fma": (None, [_INT]),
     "lb_absmax": (_F, [_P, _INT, _I64, _I64, _I64, _INT]),
     "lb_quantize_s8": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32, _P,
                               _INT]),
@@ -108,6 +109,22 @@ def _build(cc: str) -> Path:
             os.unlink(tmp)
 
 
+def _addcmul_fuses() -> bool:
+    """Whether ``torch.addcmul`` rounds ``bias + v * s`` once (FMA) on this machine.
+
+    Its AVX2 / AVX-512 kernels are compiled with FMA contraction; its portable one (older CPUs,
+    or ``ATEN_CPU_CAPABILITY=default``) is not. The epilogue kernels follow whichever rounding
+    torch uses here, so that both paths stay bit-identical. Raises when torch's vectorized and
+    scalar code disagree (then lowbit keeps to the pure-PyTorch path).
+    """
+    v = torch.full((67,), 1 + 2.0**-12)  # v * v needs 26 significant bits: FMA is visible
+    got = torch.addcmul(torch.full((67,), -1.0), v, v)
+    fused = float(got[0]) == 2.0**-11 + 2.0**-24
+    if bool((got != got[0]).any()):
+        raise RuntimeError("torch.addcmul rounds its vector and scalar lanes differently")
+    return fused
+
+
 def load_native() -> ctypes.CDLL | None:
     """The compiled kernel library, building it on first call; None when unavailable.
 
@@ -136,6 +153,7 @@ def load_native() -> ctypes.CDLL | None:
                 for name, (res, args) in _SIGNATURES.items():
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = res, args
+                lib.lb_set_addcmul_fma(int(_addcmul_fuses()))
                 reason = "loaded"
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, reason = None, f"build or load failed: {exc}"

@@ -3,8 +3,8 @@
  * Built on first use by lowbit/native.py (cc -O3 -march=native -ffp-contract=off) and called
  * through ctypes on raw buffers. Each function computes, element by element, the same IEEE
  * float32 operations in the same order as lowbit's pure-PyTorch path (no implicit FMA
- * contraction, the one explicit fmaf where torch's addcmul fuses, round half to even), so the
- * two give the same bits; tests check that. Activations may be float32 or bfloat16 (read as
+ * contraction; torch.addcmul's rounding, one fused multiply-add or two roundings, as probed;
+ * round half to even), so the two give the same bits; tests check that. Activations may be float32 or bfloat16 (read as
  * the float32 it widens to exactly; written with torch's round-to-nearest-even narrowing).
  * The work is split over rows with OpenMP (the runtime PyTorch already loaded) when it is big.
  */
@@ -12,6 +12,18 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Whether torch.addcmul(bias, v, s) rounds once (a fused multiply-add, as its AVX2 / AVX-512
+ * kernels compile) or twice (its portable kernel); lowbit/native.py probes torch and sets it. */
+static int addcmul_fma = 1;
+
+void lb_set_addcmul_fma(int on) { addcmul_fma = on; }
+
+/* bias + v * s rounded as torch.addcmul rounds it (fused: the addcmul_fma setting, read once
+ * per call into a local so that loops stay vectorizable). */
+static inline float add_mul(float b, float v, float s, int fused) {
+    return fused ? fmaf(v, s, b) : b + v * s;
+}
 
 static inline float clampf(float v, float lo, float hi) {
     /* torch.clamp: max(v, lo) then min(., hi) */
@@ -139,18 +151,17 @@ void lb_quantize_centered_f32(const float *x, int64_t n, float *scale, int dynam
     }
 }
 
-/* One [len] run of the epilogue: v = acc * w (then * s, or fma(v, s, b)), ReLU; w / b advance
- * by w_step / b_step (1: per channel along the run; 0: one channel). Written as float32 in
- * place, or as bfloat16 to out_bf16. */
+/* One [len] run of the epilogue: v = acc * w, then * s or add_mul(b, v, s), ReLU; w / b
+ * advance by w_step / b_step (1: per channel along the run; 0: one channel). Written as
+ * float32 in place, or as bfloat16 to out_bf16. */
 static inline void epilogue_run(void *acc, int is_int32, int64_t len, const float *w,
                                 int64_t w_step, const float *b, int64_t b_step, float s,
-                                int relu, uint16_t *out_bf16) {
+                                int relu, uint16_t *out_bf16, int fused) {
     float *y = (float *)acc;
     const int32_t *a = (const int32_t *)acc;
     for (int64_t i = 0; i < len; ++i) {
         float v = (is_int32 ? (float)a[i] : y[i]) * w[i * w_step];
-        /* torch.addcmul(bias, v, s) is one fused multiply-add on x86 (AVX2/AVX-512) */
-        v = b ? fmaf(v, s, b[i * b_step]) : v * s;
+        v = b ? add_mul(b[i * b_step], v, s, fused) : v * s;
         v = relu ? (v > 0.0f ? v : 0.0f) : v;
         if (out_bf16)
             out_bf16[i] = f32_to_bf16(v);
@@ -160,25 +171,27 @@ static inline void epilogue_run(void *acc, int is_int32, int64_t len, const floa
 }
 
 /* Epilogue on an [outer, n, inner] accumulator (int32 when is_int32, else float32):
- *   y = fma(acc * sw[c], sx[o], bias[c])  (or (acc * sw[c]) * sx[o] without bias), then ReLU,
+ *   y = bias[c] + (acc * sw[c]) * sx[o]  (rounded as add_mul; no bias: (acc * sw[c]) * sx[o]),
+ *   then ReLU,
  * where c indexes n and o indexes outer (sx_per_outer, else sx[0]). The result is written as
  * float32 in place (out_bf16 NULL) or as bfloat16 to out_bf16 (same layout).
  * Linear: [M, N, 1]; NCHW conv: [B, C, HW]. */
 void lb_epilogue(void *acc, int is_int32, int64_t outer, int64_t n, int64_t inner,
                  const float *sx, int sx_per_outer, const float *sw, const float *bias, int relu,
                  uint16_t *out_bf16, int nthreads) {
+    const int fused = addcmul_fma;
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
     for (int64_t o = 0; o < outer; ++o) {
         const float s = sx[sx_per_outer ? o : 0];
         if (inner == 1) {
             epilogue_run((float *)acc + o * n, is_int32, n, sw, 1, bias, 1, s, relu,
-                         out_bf16 ? out_bf16 + o * n : 0);
+                         out_bf16 ? out_bf16 + o * n : 0, fused);
             continue;
         }
         for (int64_t c = 0; c < n; ++c) {
             const int64_t base = (o * n + c) * inner;
             epilogue_run((float *)acc + base, is_int32, inner, sw + c, 0, bias ? bias + c : 0,
-                         0, s, relu, out_bf16 ? out_bf16 + base : 0);
+                         0, s, relu, out_bf16 ? out_bf16 + base : 0, fused);
         }
     }
 }
@@ -257,6 +270,7 @@ void lb_im2col_nhwc_s8(const int8_t *qpad, int64_t b, int64_t c, int64_t hp, int
 void lb_epilogue_to_nchw(const int32_t *acc, int64_t b, int64_t l, int64_t n, const float *sx,
                          const float *sw, const float *bias, int relu, float *y, int nthreads) {
     const float s = sx[0];
+    const int fused = addcmul_fma;
     const int64_t tile = 64;
     const int64_t tiles = (l + tile - 1) / tile;
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
@@ -268,7 +282,7 @@ void lb_epilogue_to_nchw(const int32_t *acc, int64_t b, int64_t l, int64_t n, co
             float *out = y + (bi * n + c) * l;
             for (int64_t p = l0; p < l1; ++p) {
                 float v = (float)acc[(bi * l + p) * n + c] * w;
-                v = bias ? fmaf(v, s, bias[c]) : v * s;
+                v = bias ? add_mul(bias[c], v, s, fused) : v * s;
                 out[p] = relu ? (v > 0.0f ? v : 0.0f) : v;
             }
         }
@@ -293,13 +307,14 @@ void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t l
                         const float *sw, const float *bias, int relu, void *out, int out_bf16,
                         int nthreads) {
     lb_quantize_s8(x, bf16, m, k, ldx, scale, per_row, dynamic, zp, qmin, qmax, q, 1);
+    const int fused = addcmul_fma;
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) collapse(2)
     for (int64_t i = 0; i < m; ++i) {
         for (int64_t c = 0; c < n; ++c) {
             const int32_t acc = dot_s8(q + i * k, w + c * k, k) - (comp ? comp[c] : 0);
             const float s = scale[per_row ? i : 0];
             float v = (float)acc * sw[c];
-            v = bias ? fmaf(v, s, bias[c]) : v * s;
+            v = bias ? add_mul(bias[c], v, s, fused) : v * s;
             v = relu ? (v > 0.0f ? v : 0.0f) : v;
             if (out_bf16)
                 ((uint16_t *)out)[i * n + c] = f32_to_bf16(v);
