@@ -14,6 +14,7 @@ from lowbit.config import QuantSpec
 from lowbit.kernels import (
     CONV_CODES_EXACT_K,
     CONV_CODES_MAX_K,
+    CONV_CODES_MAX_K_NATIVE,
     cpu_features,
     int4_pack_for_cpu,
     int8_conv2d,
@@ -23,6 +24,7 @@ from lowbit.kernels import (
     select_kernel,
     weight_only_linear,
 )
+from lowbit.native import load_native
 from lowbit.ops import choose_qparams, compute_range, dequantize, quantize, quantize_tensor
 
 # oneDNN's int8 GEMM is exact only with VNNI (without it int16 pair sums saturate)
@@ -327,9 +329,10 @@ def test_int8_conv2d_fp32_codes_conv_exact_at_worst_case_k(batch: int) -> None:
 def test_select_kernel_conv_by_k() -> None:
     vnni = "vnni" in cpu_features()
     gemm = "int_mm_s8s8" if vnni else "fp32_codes"
+    max_k = CONV_CODES_MAX_K if load_native() is None else CONV_CODES_MAX_K_NATIVE
     assert select_kernel("int8_conv2d", 64, k=9) == "fp32_codes_conv"
-    assert select_kernel("int8_conv2d", 64, k=CONV_CODES_MAX_K) == "fp32_codes_conv"
-    mid = select_kernel("int8_conv2d", 64, k=CONV_CODES_MAX_K + 16)
+    assert select_kernel("int8_conv2d", 64, k=max_k) == "fp32_codes_conv"
+    mid = select_kernel("int8_conv2d", 64, k=max_k + 16)
     assert mid == (gemm if vnni else "fp32_codes_conv")
     assert select_kernel("int8_conv2d", 64, k=CONV_CODES_EXACT_K + 1) == gemm
     assert select_kernel("int8_conv2d", 64, k=0) == gemm  # K unknown

@@ -250,16 +250,17 @@ def test_conv2d_kernels_by_k_equal_reference(cin: int, groups: int) -> None:
         assert (expect == "fp32_codes_conv") == (k <= 258) or k == 144  # 144: VNNI -> GEMM
 
 
-def test_conv2d_codes_cache_follows_load_state_dict() -> None:
+@pytest.mark.parametrize("cin", [1, 8])  # K = 9: fp32 conv over codes; K = 72: im2col GEMM
+def test_conv2d_weight_caches_follow_load_state_dict(cin: int) -> None:
     torch.manual_seed(12)
-    a, b = nn.Conv2d(2, 4, 3), nn.Conv2d(2, 4, 3)
-    x = torch.randn(2, 2, 6, 6)
+    a, b = nn.Conv2d(cin, 4, 3), nn.Conv2d(cin, 4, 3)
+    x = torch.randn(2, cin, 6, 6)
     qa, qb = convert_module(a, DYN), convert_module(b, DYN)
-    assert qa.kernel_info() == "fp32_codes_conv"
-    ya = qa(x)  # fills the float weight cache
+    assert qa.kernel_info() == select_kernel("int8_conv2d", 1, k=cin * 9)
+    ya = qa(x)  # fills the weight cache of its kernel
     qa.load_state_dict(qb.state_dict())
     assert torch.equal(qa(x), qb(x)) and not torch.equal(qa(x), ya)
-    assert "_codes_cache" not in qa.state_dict()
+    assert not {"_codes_cache", "_cols_cache"} & set(qa.state_dict())
 
 
 def test_conv1d() -> None:

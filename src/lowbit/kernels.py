@@ -149,6 +149,7 @@ from lowbit.native import load_native, threads_for
 __all__ = [
     "CONV_CODES_EXACT_K",
     "CONV_CODES_MAX_K",
+    "CONV_CODES_MAX_K_NATIVE",
     "INT4_GROUP_SIZES",
     "INT4_PACKED_MAX_M",
     "WEIGHT_ONLY_PACKED_MAX_M",
@@ -179,6 +180,12 @@ _CODES_CHUNK_K = 512
 #: ``F.conv2d`` over the centered codes) on VNNI CPUs, where im2col + ``_int_mm`` wins above
 #: (measured crossover K ~ 108-144).
 CONV_CODES_MAX_K = 128
+#: The same with the fused C kernels (:mod:`lowbit.native`): their im2col (quantize into a
+#: padded NHWC buffer, gather, NCHW epilogue) makes the INT8 GEMM win from K ~ 27 on (whole
+#: conv, 32 output channels, batch 1 / 8 / 32 vs ``fp32_codes_conv``: K = 9 46 / 91 / - vs
+#: 41 / 89 / - us; K = 27 56 / 127 / 457 vs 79 / 136 / 348; K = 72 47 / 118 / 363 vs
+#: 86 / 142 / 373; K = 144 33 / 79 / 180 vs 57 / 126 / 270).
+CONV_CODES_MAX_K_NATIVE = 16
 #: ``"fp32_codes_conv"`` is exact for any zero-points up to this K: |q - zp| and |w - w_zp| are
 #: at most 255 and 258 * 255 * 255 < 2^24. Without VNNI (and for ``groups > 1``) it is used up
 #: to here.
@@ -269,8 +276,9 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         return "reference"
     feats = cpu_features()
     # with mkldnn off, F.conv2d may pick NNPACK (Winograd/FFT: not exact on integers)
+    max_k = CONV_CODES_MAX_K if load_native() is None else CONV_CODES_MAX_K_NATIVE
     if (op == "int8_conv2d" and 0 < k <= CONV_CODES_EXACT_K and torch._C._get_mkldnn_enabled()
-            and (groups != 1 or k <= CONV_CODES_MAX_K or not (_HAS_INT_MM and "vnni" in feats))):
+            and (groups != 1 or k <= max_k or not (_HAS_INT_MM and "vnni" in feats))):
         return "fp32_codes_conv"
     if op in ("int8_linear", "int8_conv2d"):
         if op == "int8_conv2d" and groups != 1:
