@@ -17,6 +17,7 @@ from torch import nn
 from lowbit import native
 from lowbit.config import QuantSpec
 from lowbit.kernels import (
+    BLOCK_ROWS,
     SMALL_LINEAR_MACS,
     _epilogue_native,
     _float_epilogue,
@@ -26,11 +27,14 @@ from lowbit.kernels import (
     int8_conv2d,
     int8_linear,
     quantize_activation,
+    select_kernel,
 )
 from lowbit.modules_weight_only import Int4Linear, Int8WeightOnlyLinear, WeightOnlyConv2d
 from lowbit.ptq import quantize_dynamic, quantize_static
 
 HAS_CC = native._compiler() is not None
+#: The INT8 GEMM of this CPU: ``_int_mm`` is exact (and used) only with VNNI.
+GEMM = select_kernel("int8_linear", 64)
 needs_native = pytest.mark.skipif(not HAS_CC, reason="no C compiler: lowbit runs pure PyTorch")
 
 
@@ -189,7 +193,7 @@ def test_fused_linear_equals_reference(m, k, n, mode, bf16, relu, seed) -> None:
         if mode == "static_affine":
             zp = torch.tensor(-7, dtype=torch.int32)
             comp = zp * colsum
-    kernel = "int_mm_s8s8" if k > 16 else "fp32_codes"
+    kernel = GEMM if k > 16 else "fp32_codes"
     y = fused_int8_linear(x, -128, 127, w, ws, colsum, b, per_token=mode == "per_token",
                           scale=scale, zero_point=zp, comp=comp, relu=relu, kernel=kernel)
     q, s, z = quantize_activation(x, -128, 127, scale, zp, per_token=mode == "per_token",
@@ -206,10 +210,31 @@ def test_fused_linear_both_strategies_equal_reference(mnk: tuple[int, int, int])
     x = torch.randn(m, k)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     ws, b, colsum = torch.rand(n) * 0.01, torch.randn(n), w.sum(1, dtype=torch.int32)
-    y = fused_int8_linear(x, -128, 127, w, ws, colsum, b, relu=True)
+    y = fused_int8_linear(x, -128, 127, w, ws, colsum, b, relu=True, kernel=GEMM)
     q, s, z = quantize_activation(x, -128, 127, native=False)
     assert y is not None and (m * n * k <= SMALL_LINEAR_MACS) == (mnk == (1, 128, 10))
     assert torch.equal(y, int8_linear(q, s, z, w, ws, colsum, b, relu=True, kernel="reference"))
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["per_token", "per_tensor", "static_affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_in_row_blocks_equals_reference(mode: str, dtype: torch.dtype) -> None:
+    m, k, n = 2 * BLOCK_ROWS + 77, 64, 48  # two full blocks and a partial one
+    x = (torch.randn(m, k) * 3).to(dtype)
+    x[5] *= 100  # one row dominates a per-tensor scale
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    ws, b, colsum = torch.rand(n) * 0.01, torch.randn(n), w.sum(1, dtype=torch.int32)
+    scale = zp = comp = None
+    if mode == "static_affine":
+        scale, zp = torch.tensor(0.05), torch.tensor(9, dtype=torch.int32)
+        comp = zp * colsum
+    y = fused_int8_linear(x, -128, 127, w, ws, colsum, b, per_token=mode == "per_token",
+                          scale=scale, zero_point=zp, comp=comp, relu=True, kernel=GEMM)
+    q, s, z = quantize_activation(x, -128, 127, scale, zp, per_token=mode == "per_token",
+                                  native=False)
+    ref = int8_linear(q, s, z, w, ws, colsum, b, relu=True, kernel="reference").to(dtype)
+    assert y is not None and y.dtype == dtype and torch.equal(y, ref)
 
 
 def test_fused_linear_declines_what_it_cannot_run() -> None:
@@ -301,7 +326,7 @@ def test_native_conv_gemm_equals_reference(case: dict, zp: int | None) -> None:
             torch.randn(7), pair(case["stride"]), pair(case["padding"]), pair(case["dilation"]),
             1)
     ref = int8_conv2d(*args, relu=True, kernel="reference")
-    for kernel in ("int_mm_s8s8", "fp32_codes"):
+    for kernel in {GEMM, "fp32_codes"}:
         got = int8_conv2d(*args, relu=True, kernel=kernel)
         assert got.is_contiguous() and torch.equal(got, ref), kernel
 

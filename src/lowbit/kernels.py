@@ -201,6 +201,8 @@ _F32_EPS = torch.finfo(torch.float32).eps
 #: C call (its own int8 dot products) instead of quantize + ``_int_mm`` + epilogue: e.g. 6.5 vs
 #: 10.7 us for 1x128 -> 10, 9.7 vs 12.0 us for 1x1568 -> 128; from ~1M on ``_int_mm`` wins.
 SMALL_LINEAR_MACS = 1 << 18
+#: :func:`fused_int8_linear` runs layers of at least twice this many rows block by block.
+BLOCK_ROWS = 512
 #: Activation dtypes the fused C kernels read (and, for the linear epilogue, write).
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _HAS_INT_MM = hasattr(torch, "_int_mm")
@@ -698,12 +700,12 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
-    q = torch.empty((m, k), dtype=torch.int8)
     if m * n * k <= SMALL_LINEAR_MACS:  # one call: quantize, int32 dot products, epilogue
         dynamic = scale is None
         s = (torch.empty((m, 1) if per_token else ()) if scale is None else scale)
         zp = None if dynamic else zero_point
         out = torch.empty((m, n), dtype=x.dtype)
+        q = torch.empty((m, k), dtype=torch.int8)
         lib.lb_linear_s8_small(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(),
                                int(dynamic and per_token), int(dynamic),
                                None if zp is None else zp.data_ptr(), qmin, qmax, q.data_ptr(),
@@ -711,7 +713,11 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
                                w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
                                int(relu), out.data_ptr(), bf16, threads_for(m * n * k))
         return out
+    if kernel == "int_mm_s8s8" and m >= 2 * BLOCK_ROWS:
+        return _fused_linear_blocks(lib, x, qmin, qmax, w, w_scale, bias, per_token, scale,
+                                    zero_point, comp, relu)
     zp = None
+    q = torch.empty((m, k), dtype=torch.int8)
     if scale is None:
         s = torch.empty((m, 1) if per_token else ())
         lib.lb_quantize_s8(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(), int(per_token), 1,
@@ -727,6 +733,48 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
                     w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
                     None if out is None else out.data_ptr(), threads_for(m * n))
     return acc.view(torch.float32) if out is None else out
+
+
+def _fused_linear_blocks(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
+                         w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
+                         scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                         comp: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """:func:`fused_int8_linear` for many rows, :data:`BLOCK_ROWS` at a time: the int8 codes
+    (and, for a bfloat16 output, the int32 accumulator) live in small buffers reused across
+    blocks and stay in cache between the quantizer, ``_int_mm`` and the epilogue; a float32
+    output takes the accumulator in place. The same per-row arithmetic, so the same bits."""
+    m, k = x.shape
+    n = w.shape[0]
+    bf16 = x.dtype == torch.bfloat16
+    rows = BLOCK_ROWS
+    out = torch.empty((m, n), dtype=x.dtype)
+    qb = torch.empty((rows, k), dtype=torch.int8)
+    accb = torch.empty((rows, n), dtype=torch.int32) if bf16 else None
+    per_row = scale is None and per_token
+    if scale is None:  # per token: each block computes its rows' scales
+        s = torch.empty((m, 1) if per_token else ())
+        if not per_token:  # one scale from all rows first (float32 maths, as everywhere)
+            absmax = lib.lb_absmax(x.data_ptr(), bf16, m, k, x.stride(0), threads_for(m * k))
+            s = torch.tensor(absmax).div_(qmax).clamp_(min=_F32_EPS)
+    else:
+        s = scale
+    zp_ptr = None if zero_point is None else zero_point.data_ptr()
+    x_ptr, x_row, s_ptr, out_ptr = (x.data_ptr(), x.stride(0) * x.element_size(), s.data_ptr(),
+                                    out.data_ptr())
+    wt, n_threads = w.t(), threads_for(rows * max(k, n))
+    for r0 in range(0, m, rows):
+        b = min(rows, m - r0)
+        s_blk = s_ptr + 4 * r0 if per_row else s_ptr
+        lib.lb_quantize_s8(x_ptr + r0 * x_row, bf16, b, k, x.stride(0), s_blk, int(per_row),
+                           int(per_row), zp_ptr, qmin, qmax, qb.data_ptr(), n_threads)
+        acc = accb[:b] if accb is not None else out[r0:r0 + b].view(torch.int32)
+        torch._int_mm(qb[:b], wt, out=acc)
+        if comp is not None:
+            acc.sub_(comp)
+        lib.lb_epilogue(acc.data_ptr(), 1, b, n, 1, s_blk, int(s.numel() != 1),
+                        w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
+                        out_ptr + r0 * n * 2 if bf16 else None, n_threads)
+    return out
 
 
 def _conv_gemm_native(lib: Any, x: torch.Tensor, x_scale: torch.Tensor | None,
