@@ -156,6 +156,7 @@ __all__ = [
     "cpu_features",
     "dequantize_weight_native",
     "fused_int8_linear",
+    "fused_linear_layout",
     "int4_pack_for_cpu",
     "int8_conv2d",
     "int8_linear",
@@ -307,7 +308,7 @@ def _native_lib(*tensors: torch.Tensor) -> Any:
     if lib is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     for t in tensors:
-        if type(t) is not torch.Tensor or t.device.type != "cpu":
+        if type(t) is not torch.Tensor or not t.is_cpu:
             return None
     return lib
 
@@ -693,10 +694,33 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
     """
     lib = _native_lib(x)
     if (lib is None or x.dtype not in _NATIVE_DTYPES or x.dim() != 2 or x.stride(1) != 1
-            or kernel not in ("int_mm_s8s8", "fp32_codes") or not _c_layout(
-                (w, torch.int8), (w_scale, torch.float32), (bias, torch.float32),
-                (comp, torch.int32), (scale, torch.float32), (zero_point, torch.int32))):
+            or kernel not in ("int_mm_s8s8", "fp32_codes") or not fused_linear_layout(
+                w, w_scale, bias, comp, scale, zero_point)):
         return None
+    return _fused_linear(lib, x, qmin, qmax, w, w_scale, colsum, bias, per_token, scale,
+                         zero_point, comp, relu, kernel)
+
+
+def fused_linear_layout(w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                        comp: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                        zero_point: torch.Tensor | None = None) -> bool:
+    """Whether a layer's tensors have the dtypes and layout :func:`fused_int8_linear` reads
+    (int8 weight, float32 scales and bias, int32 zero-point terms, all contiguous): a module
+    checks this once, then calls the kernel without per-call checks.
+
+    Example:
+        >>> fused_linear_layout(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2), None)
+        True
+    """
+    return _c_layout((w, torch.int8), (w_scale, torch.float32), (bias, torch.float32),
+                     (comp, torch.int32), (scale, torch.float32), (zero_point, torch.int32))
+
+
+def _fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
+                  w_scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None,
+                  per_token: bool, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                  comp: torch.Tensor | None, relu: bool, kernel: str) -> torch.Tensor:
+    """:func:`fused_int8_linear` once everything is checked."""
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16

@@ -26,7 +26,10 @@ from lowbit._qmodule import (
 )
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
-    fused_int8_linear,
+    _NATIVE_DTYPES,
+    _fused_linear,
+    _native_lib,
+    fused_linear_layout,
     int8_conv2d,
     int8_linear,
     quantize_activation,
@@ -99,13 +102,13 @@ class _Int8Base(QuantizedModuleBase):
         # the fused C path (lowbit.native): symmetric weights, symmetric or static activations;
         # its tensors gathered once (module attribute lookups cost ~0.5 us each at batch 1)
         static = self.mode == "static"
+        args = (self.weight, self._w_scale, self._colsum, self.bias,
+                self.input_scale.float() if static else None,
+                self._static_zero_point() if static else None, self._comp)
         fusable = (self.backend != "reference" and self._w_zp is None
                    and (static or self.act_spec.symmetric)
-                   and (self.bias is None or self.bias.dtype == torch.float32))
-        self._fused_args = None if not fusable else (
-            self.weight, self._w_scale, self._colsum, self.bias,
-            self.input_scale.float() if static else None,
-            self._static_zero_point() if static else None, self._comp)
+                   and fused_linear_layout(*args[:2], args[3], args[6], args[4], args[5]))
+        self._fused_args = args if fusable else None
 
     def _static_zero_point(self) -> torch.Tensor | None:
         """Signed static activation zero-point, None when it is 0 (no compensation needed)."""
@@ -238,15 +241,14 @@ class QuantizedLinear(_Int8Base):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         kernel = select_kernel("int8_linear", x2.shape[0], backend=self.backend)
         per_token = self.act_spec.granularity == "per_token"
-        if self._fused_args is not None:  # quantize, GEMM, epilogue: 3 calls, not ~12 ops
-            w, w_scale, colsum, bias, scale, zp, comp = self._fused_args
-            y = fused_int8_linear(x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
-                                  per_token=per_token, scale=scale, zero_point=zp, comp=comp,
-                                  relu=self.fused_relu, kernel=kernel)
-            if y is not None:
-                if x.dim() != 2:
-                    y = y.reshape(*x.shape[:-1], self.out_features)
-                return y if x.dtype == torch.float32 else y.to(x.dtype)
+        fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
+        if (fa is not None and x2.dtype in _NATIVE_DTYPES and x2.stride(-1) == 1
+                and kernel in ("int_mm_s8s8", "fp32_codes")
+                and (lib := _native_lib(x2)) is not None):
+            w, w_scale, colsum, bias, scale, zp, comp = fa
+            y = _fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
+                              per_token, scale, zp, comp, self.fused_relu, kernel)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         q, s, zp = self._quantize_input(x2, per_token)
         y = int8_linear(q, s, zp, self.weight, self._w_scale, self._colsum, self.bias,
                         relu=self.fused_relu, kernel=kernel, comp=self._comp,
