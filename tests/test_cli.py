@@ -114,14 +114,17 @@ def test_bench_json_progress_and_report(work: Path) -> None:
                  "--batch-sizes", "1,4", "--iters", "3", "--rounds", "1", "--json",
                  "--report", "bench_report", cwd=work)
     assert run.returncode == 0, run.stderr
-    rows = json.loads(run.stdout)["rows"]
+    out = json.loads(run.stdout)
+    rows = out["rows"]
     assert [r["name"] for r in rows] == ["mlp.pt", "q_dyn"] and rows[0]["speedup"]["b4"] == 1.0
+    assert set(out["native"]) == {"available", "reason", "path"}  # which kernels were timed
     assert "benchmarking" in run.stderr  # the progress bar; --quiet removes it
     assert (work / "bench_report" / "latency.png").is_file()
     assert "| q_dyn |" in (work / "bench_report" / "report.md").read_text()
     quiet = lowbit("bench", "mlp.pt", *ARCH, "--input-shape", "1,784", "--batch-sizes", "2",
                    "--iters", "2", "--rounds", "1", "--quiet", cwd=work)
     assert quiet.returncode == 0 and quiet.stderr == "" and "| mlp.pt |" in quiet.stdout
+    assert "fused C kernels: " in quiet.stdout
 
 
 def test_inspect_lists_lora_adapters(work: Path, capsys) -> None:

@@ -51,6 +51,7 @@ from lowbit.modules import (
     convert_module,
     module_from_meta,
 )
+from lowbit.native import native_status
 from lowbit.ptq import (
     PTQQuantizer,
     QuantizationReport,
@@ -139,6 +140,7 @@ __all__ = [
     "measure_latency",
     "model_nbytes",
     "module_from_meta",
+    "native_status",
     "ops",
     "prepare_qat",
     "quantize_dynamic",

@@ -473,6 +473,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from lowbit.evaluation import LatencyStats, format_bytes, measure_latency, model_nbytes
+    from lowbit.native import native_status
 
     if args.data:
         inputs = _latency_inputs(load_data(args.data, "eval"), args.batch_sizes)
@@ -505,11 +506,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  for k, s in lat.items()},
                      "speedup": {k: (LatencyStats.from_samples(samples[(base, k)], threads)
                                      .median_ms / lat[k].median_ms) for k in inputs}})
+    native = native_status()
     if args.json:
-        _json_out({"threads": threads, "rows": rows})
+        _json_out({"threads": threads, "native": native, "rows": rows})
     else:
         _say(f"Median latency per call, {threads} thread(s), {args.rounds} interleaved rounds "
-             "(compare ratios: shared machines are noisy)\n")
+             f"(compare ratios: shared machines are noisy); fused C kernels: {native['reason']}"
+             "\n")
         _say("| model | size | " + " | ".join(f"{k} | speedup {k}" for k in inputs) + " |")
         _say("|---|---|" + "---|---|" * len(inputs))
         for r in rows:
