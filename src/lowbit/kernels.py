@@ -135,8 +135,8 @@ Decisions drawn from those numbers:
   when available, with the same bits): the quantizer (one pass, float32 or bf16 in), the
   epilogue (one pass, float32 in place or bf16 out), the conv's quantize-into-padded-NHWC,
   im2col and NCHW epilogue, a whole small linear layer (``SMALL_LINEAR_MACS``) in one call,
-  and weight dequantization. Measured (2 threads, us, PyTorch ops -> C): per-token quantize
-  4096x1536 0.30 -> 0.10 ms; linear epilogue 4096x1536 with bias 0.93 -> 0.45 ms; whole
+  and weight dequantization. Measured (2 threads, PyTorch ops -> C): per-token quantize
+  4096x384 0.30 -> 0.10 ms; linear epilogue 4096x1536 with bias 0.93 -> 0.45 ms; whole
   ``QuantizedLinear`` 1x128 -> 10 21 -> 10 us, 1x1568 -> 128 23.5 -> 15 us; INT4 conv weight
   (32x144) dequantization 33 -> 8 us; MNIST CNN end to end at batch 1 (fp32 ~0.105 ms)
   0.19 -> 0.12 ms; encoder block (32x128x384) 46 -> 34 ms with glibc's default allocator,
