@@ -391,3 +391,14 @@ def test_portable_torch_kernels_keep_bit_identity(tmp_path) -> None:
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "DEFAULT"
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_empty_batches_pass_through(use_native: bool, request) -> None:
+    if not use_native:
+        request.getfixturevalue("no_native")
+    lin = quantize_dynamic(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval())
+    conv = quantize_dynamic(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)).eval())
+    with torch.inference_mode():
+        assert lin(torch.zeros(0, 16)).shape == (0, 4)
+        assert conv(torch.zeros(0, 3, 6, 6)).shape == (0, 4, 4, 4)

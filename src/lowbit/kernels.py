@@ -214,7 +214,7 @@ SMALL_LINEAR_MACS = 1 << 18
 #: :func:`fused_int8_linear` runs layers of at least twice this many rows block by block.
 BLOCK_ROWS = 512
 #: Activation dtypes the fused C kernels read (and, for the linear epilogue, write).
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -310,9 +310,15 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     raise ValueError(f"select_kernel: unknown op {op!r}")
 
 
-def _native_lib(*tensors: torch.Tensor) -> Any:
+def native_lib_for(*tensors: torch.Tensor) -> Any:
     """The fused C kernel library when it can run on these tensors (plain CPU tensors, eager
-    mode), else None (the pure-PyTorch path)."""
+    mode), else None (the pure-PyTorch path).
+
+    Example:
+        >>> lib = native_lib_for(torch.zeros(2))
+        >>> lib is None or hasattr(lib, "lb_epilogue")
+        True
+    """
     lib = load_native()
     if lib is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
@@ -360,6 +366,8 @@ def _absmax(x: torch.Tensor, per_token: bool) -> torch.Tensor:
     ``abs().amax()`` writes an ``|x|`` copy: on large inputs ``max(amax, -amin)`` (two reads, no
     write) is 1.3x faster; below ``_MINMAX_NUMEL`` elements one reduction call is cheaper.
     """
+    if x.numel() == 0:  # an empty batch: no range (the scale then clamps to eps)
+        return x.new_zeros((*x.shape[:-1], 1) if per_token else ())
     if x.numel() < _MINMAX_NUMEL:
         return x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
     if per_token:
@@ -396,7 +404,7 @@ def quantize_activation(x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tens
         ([[64, -127]], None)
     """
     zp = None if zero_point is None else zero_point.to(torch.int32)
-    if native and x.dtype in _NATIVE_DTYPES and (lib := _native_lib(x)) is not None:
+    if native and x.dtype in NATIVE_DTYPES and (lib := native_lib_for(x)) is not None:
         out = _quantize_native(lib, x, qmin, qmax, scale, zp, per_token)
         if out is not None:
             return out
@@ -519,10 +527,10 @@ def _epilogue_native(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Te
         return False
     n = acc.shape[1]
     parts = [x_scale, w_scale] if bias is None else [x_scale, w_scale, bias]
-    lib = _native_lib(acc, *parts)
+    lib = native_lib_for(acc, *parts)
     if lib is None or any(t.dtype != torch.float32 for t in parts):
         return False
-    outer, inner = acc.shape[0], acc[0, 0].numel()
+    outer, inner = acc.shape[0], (acc.shape[2] * acc.shape[3] if acc.dim() == 4 else 1)
     per_row = x_scale.numel() != 1
     if (per_row and (x_scale.numel() != outer or acc.dim() != 2)) or w_scale.numel() not in (1, n):
         return False
@@ -641,7 +649,7 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor | Non
     if w_cols is None:
         w_cols = w.permute(0, 2, 3, 1).reshape(o, -1)  # (O, kh*kw*C), the order of the columns
     if (native and groups == 1 and w_zp is None and x.dtype == torch.float32
-            and x.is_contiguous() and (lib := _native_lib(x)) is not None):
+            and x.is_contiguous() and (lib := native_lib_for(x)) is not None):
         return _conv_gemm_native(lib, x, x_scale, x_zp, qmin, qmax, w_cols, (kh, kw), w_scale,
                                  colsum, bias, stride, padding, dilation, (ho, wo), relu, kernel)
     q, x_scale, zp = quantize_activation(x, qmin, qmax, x_scale, x_zp, per_token=False,
@@ -701,12 +709,12 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
         >>> y is None or torch.equal(y, ref)
         True
     """
-    lib = _native_lib(x)
-    if (lib is None or x.dtype not in _NATIVE_DTYPES or x.dim() != 2 or x.stride(1) != 1
+    lib = native_lib_for(x)
+    if (lib is None or x.dtype not in NATIVE_DTYPES or x.dim() != 2 or x.stride(1) != 1
             or kernel not in ("int_mm_s8s8", "fp32_codes") or not fused_linear_layout(
                 w, w_scale, bias, comp, scale, zero_point)):
         return None
-    return _fused_linear(lib, x, qmin, qmax, w, w_scale, colsum, bias, per_token, scale,
+    return run_fused_linear(lib, x, qmin, qmax, w, w_scale, colsum, bias, per_token, scale,
                          zero_point, comp, relu, kernel)
 
 
@@ -725,11 +733,23 @@ def fused_linear_layout(w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
                      (comp, torch.int32), (scale, torch.float32), (zero_point, torch.int32))
 
 
-def _fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
+def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
                   w_scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None,
                   per_token: bool, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
                   comp: torch.Tensor | None, relu: bool, kernel: str) -> torch.Tensor:
-    """:func:`fused_int8_linear` once everything is checked."""
+    """:func:`fused_int8_linear` once everything is checked (a module checks its own tensors
+    once with :func:`fused_linear_layout`, then only ``x`` and ``lib`` per call).
+
+    Example:
+        >>> w = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
+        >>> x = torch.tensor([[1.0, 0.5]])
+        >>> lib = native_lib_for(x)
+        >>> y = lib and run_fused_linear(lib, x, -128, 127, w, torch.ones(2), w.sum(
+        ...     1, dtype=torch.int32), None, True, None, None, None, False, "fp32_codes")
+        >>> y is None or y.tolist() == fused_int8_linear(x, -128, 127, w, torch.ones(2),
+        ...     w.sum(1, dtype=torch.int32), None, kernel="fp32_codes").tolist()
+        True
+    """
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
@@ -866,7 +886,7 @@ def _conv_codes_fp32(x: torch.Tensor, x_scale: torch.Tensor | None, x_zp: torch.
     o = w.shape[0]
     xf = x if x.dtype == torch.float32 else x.float()
     zp = 0 if x_zp is None else int(x_zp)
-    lib = _native_lib(xf) if xf.is_contiguous() else None
+    lib = native_lib_for(xf) if xf.is_contiguous() else None
     if lib is not None:  # one pass (two when dynamic), the same codes
         dynamic = x_scale is None
         x_scale = torch.empty(()) if x_scale is None else x_scale.float().contiguous()
@@ -884,9 +904,10 @@ def _conv_codes_fp32(x: torch.Tensor, x_scale: torch.Tensor | None, x_zp: torch.
     y = F.conv2d(t, w_float, None, stride, padding, dilation, groups).contiguous()
     if (lib is not None and w_scale.is_contiguous() and w_scale.numel() == o
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
-        lib.lb_epilogue(y.data_ptr(), 0, y.shape[0], o, y[0, 0].numel(), x_scale.data_ptr(), 0,
-                        w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
-                        None, threads_for(y.numel()))
+        lib.lb_epilogue(y.data_ptr(), 0, y.shape[0], o, y.shape[2] * y.shape[3],
+                        x_scale.data_ptr(), 0, w_scale.data_ptr(),
+                        None if bias is None else bias.data_ptr(), int(relu), None,
+                        threads_for(y.numel()))
         return y
     return _float_epilogue(y, x_scale, w_scale.reshape(o, 1, 1),
                            None if bias is None else bias.reshape(o, 1, 1), relu, native=False)
@@ -964,7 +985,7 @@ def dequantize_weight_native(weight: torch.Tensor, packed: bool, signed: bool, n
         >>> w is None or w.tolist() == [[-4.0, 3.5, 0.5]]
         True
     """
-    lib = _native_lib(weight)
+    lib = native_lib_for(weight)
     if lib is None or not _c_layout((scale, torch.float32), (zero_point, torch.int32)):
         return None
     if not weight.is_contiguous() or weight.dtype not in (torch.int8, torch.uint8):

@@ -26,13 +26,13 @@ from lowbit._qmodule import (
 )
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
-    _NATIVE_DTYPES,
-    _fused_linear,
-    _native_lib,
+    NATIVE_DTYPES,
     fused_linear_layout,
     int8_conv2d,
     int8_linear,
+    native_lib_for,
     quantize_activation,
+    run_fused_linear,
     select_kernel,
 )
 from lowbit.modules_weight_only import (
@@ -242,11 +242,11 @@ class QuantizedLinear(_Int8Base):
         kernel = select_kernel("int8_linear", x2.shape[0], backend=self.backend)
         per_token = self.act_spec.granularity == "per_token"
         fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
-        if (fa is not None and x2.dtype in _NATIVE_DTYPES and x2.stride(-1) == 1
+        if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1
                 and kernel in ("int_mm_s8s8", "fp32_codes")
-                and (lib := _native_lib(x2)) is not None):
+                and (lib := native_lib_for(x2)) is not None):
             w, w_scale, colsum, bias, scale, zp, comp = fa
-            y = _fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
+            y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
                               per_token, scale, zp, comp, self.fused_relu, kernel)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         q, s, zp = self._quantize_input(x2, per_token)

@@ -92,6 +92,7 @@ def _build(cc: str) -> Path:
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
+    _LOG.info("lowbit: building the fused C kernels into %s (once per machine)", target)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
