@@ -18,6 +18,7 @@ from lowbit import native
 from lowbit.config import QuantSpec
 from lowbit.kernels import (
     BLOCK_ROWS,
+    SMALL_LINEAR_CODES,
     SMALL_LINEAR_MACS,
     _epilogue_native,
     _float_epilogue,
@@ -212,7 +213,8 @@ def test_fused_linear_both_strategies_equal_reference(mnk: tuple[int, int, int])
     ws, b, colsum = torch.rand(n) * 0.01, torch.randn(n), w.sum(1, dtype=torch.int32)
     y = fused_int8_linear(x, -128, 127, w, ws, colsum, b, relu=True, kernel=GEMM)
     q, s, z = quantize_activation(x, -128, 127, native=False)
-    assert y is not None and (m * n * k <= SMALL_LINEAR_MACS) == (mnk == (1, 128, 10))
+    small = m * n * k <= SMALL_LINEAR_MACS and m * k <= SMALL_LINEAR_CODES
+    assert y is not None and small == (mnk == (1, 128, 10))
     assert torch.equal(y, int8_linear(q, s, z, w, ws, colsum, b, relu=True, kernel="reference"))
 
 

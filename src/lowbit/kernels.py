@@ -211,6 +211,9 @@ _F32_EPS = torch.finfo(torch.float32).eps
 #: C call (its own int8 dot products) instead of quantize + ``_int_mm`` + epilogue: e.g. 6.5 vs
 #: 10.7 us for 1x128 -> 10, 9.7 vs 12.0 us for 1x1568 -> 128; from ~1M on ``_int_mm`` wins.
 SMALL_LINEAR_MACS = 1 << 18
+#: ... and up to this many activation codes (bytes of C stack scratch; thread stacks can be
+#: as small as 128 KiB).
+SMALL_LINEAR_CODES = 1 << 14
 #: :func:`fused_int8_linear` runs layers of at least twice this many rows block by block.
 BLOCK_ROWS = 512
 #: Activation dtypes the fused C kernels read (and, for the linear epilogue, write).
@@ -753,15 +756,13 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
-    if m * n * k <= SMALL_LINEAR_MACS:  # one call: quantize, int32 dot products, epilogue
-        dynamic = scale is None
-        s = (torch.empty((m, 1) if per_token else ()) if scale is None else scale)
-        zp = None if dynamic else zero_point
+    if m * n * k <= SMALL_LINEAR_MACS and m * k <= SMALL_LINEAR_CODES:  # one call
+        dynamic = scale is None  # (its codes and dynamic scales live on the C stack)
         out = torch.empty((m, n), dtype=x.dtype)
-        q = torch.empty((m, k), dtype=torch.int8)
-        lib.lb_linear_s8_small(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(),
+        lib.lb_linear_s8_small(x.data_ptr(), bf16, m, k, x.stride(0),
+                               None if dynamic else scale.data_ptr(),  # type: ignore[union-attr]
                                int(dynamic and per_token), int(dynamic),
-                               None if zp is None else zp.data_ptr(), qmin, qmax, q.data_ptr(),
+                               None if zero_point is None else zero_point.data_ptr(), qmin, qmax,
                                w.data_ptr(), n, None if comp is None else comp.data_ptr(),
                                w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
                                int(relu), out.data_ptr(), bf16, threads_for(m * n * k))
@@ -859,8 +860,9 @@ def _conv_gemm_native(lib: Any, x: torch.Tensor, x_scale: torch.Tensor | None,
     zpt = None if x_zp is None else x_zp.to(torch.int32)
     acc = _int8_acc(cols, zpt, w_cols, colsum, None, kernel)  # (B*Ho*Wo, O) int32
     y = torch.empty((bsz, o, ho, wo))
-    w_scale = w_scale.float().expand(o).contiguous()
-    b = None if bias is None else bias.float().contiguous()
+    if not _c_layout((w_scale, torch.float32)) or w_scale.numel() != o:  # modules: already so
+        w_scale = w_scale.float().expand(o).contiguous()
+    b = bias if bias is None or _c_layout((bias, torch.float32)) else bias.float().contiguous()
     lib.lb_epilogue_to_nchw(acc.data_ptr(), bsz, ho * wo, o, s.data_ptr(), w_scale.data_ptr(),
                             None if b is None else b.data_ptr(), int(relu), y.data_ptr(),
                             threads_for(acc.numel()))

@@ -296,16 +296,20 @@ static inline int32_t dot_s8(const int8_t *a, const int8_t *b, int64_t k) {
     return s;
 }
 
-/* A whole small INT8 linear layer in one call: quantize x [m, k] (as lb_quantize_s8, into the
- * scratch q [m, k]), int32 dot products with the int8 weight w [n, k] (minus comp[c], the
+/* A whole small INT8 linear layer in one call: quantize x [m, k] (as lb_quantize_s8, with its
+ * codes and, when dynamic, its scales in stack scratch: m * k <= 2^14 bytes, the caller's
+ * SMALL_LINEAR_CODES), int32 dot products with the int8 weight w [n, k] (minus comp[c], the
  * static zero-point term, when given), and the lb_epilogue, written as float32 (or bfloat16
- * when out_bf16) to out [m, n]. For batch-1-like shapes, where three calls and an int32
- * temporary cost more than the arithmetic. */
-void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, float *scale,
-                        int per_row, int dynamic, const int32_t *zp, int32_t qmin, int32_t qmax,
-                        int8_t *q, const int8_t *w, int64_t n, const int32_t *comp,
-                        const float *sw, const float *bias, int relu, void *out, int out_bf16,
-                        int nthreads) {
+ * when out_bf16) to out [m, n]. For batch-1-like shapes, where three calls and their
+ * temporaries cost more than the arithmetic. scale: the static scale (NULL when dynamic). */
+void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx,
+                        const float *static_scale, int per_row, int dynamic, const int32_t *zp,
+                        int32_t qmin, int32_t qmax, const int8_t *w, int64_t n,
+                        const int32_t *comp, const float *sw, const float *bias, int relu,
+                        void *out, int out_bf16, int nthreads) {
+    int8_t q[m * k > 0 ? m * k : 1];
+    float dyn_scale[m > 0 ? m : 1];
+    float *scale = dynamic ? dyn_scale : (float *)static_scale;
     lb_quantize_s8(x, bf16, m, k, ldx, scale, per_row, dynamic, zp, qmin, qmax, q, 1);
     const int fused = addcmul_fma;
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) collapse(2)
