@@ -255,9 +255,11 @@ def _per_layer(case: Case, iters: int) -> str:
             if v == "bf16":
                 layer_variants[v] = CastBF16(float_layer)
                 continue
-            sub = case.variants[v].get_submodule(name)
+            variant = case.variants[v]
+            wrapped = isinstance(variant, BF16Inputs)
+            sub = (variant.model if wrapped else variant).get_submodule(name)
             if type(sub) is not type(float_layer):  # the variant really swapped this layer
-                layer_variants[v] = sub
+                layer_variants[v] = BF16Inputs(sub) if wrapped else sub
         for label, x in captured[name].items():
             table = compare_models(layer_variants, None, {label: x}, warmup=2, iters=iters,
                                    rounds=3, threads=THREADS)
