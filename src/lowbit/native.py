@@ -3,8 +3,9 @@
 Eager PyTorch spends most of a small quantized layer's time dispatching ops: dynamic per-token
 quantization is ~8 ops and the epilogue 3-4, each a few microseconds plus a pass over memory.
 The C kernels do each in one call and one pass, computing the same float32 operations in the
-same order as the pure-PyTorch path (no FMA contraction, round half to even), so both give the
-same bits: the tests compare them on every path.
+same order as the pure-PyTorch path (no implicit FMA contraction, ``torch.addcmul``'s rounding
+as probed on this machine, round half to even), so both give the same bits: the tests compare
+them on every path.
 
 The library is compiled once per source/CPU/compiler with the system C compiler
 (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, OpenMP resolving to the runtime PyTorch
