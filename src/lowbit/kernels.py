@@ -395,7 +395,8 @@ def quantize_activation(x: torch.Tensor, qmin: int, qmax: int, scale: torch.Tens
             (symmetric), which saves the zero-point compensation in :func:`int8_linear`.
         per_token: dynamic granularity.
         native: use the fused C kernel (:mod:`lowbit.native`, one pass, same bits) when it is
-            available and ``x`` is a float32 CPU tensor with unit stride in its last dim.
+            available and ``x`` is a float32 or bfloat16 CPU tensor with unit stride in its
+            last dim (2-D; or contiguous, for per-tensor or given scales).
 
     Returns:
         ``(q int8 like x, scale float32 [M, 1] or (), zero_point int32 or None)``; the
