@@ -27,6 +27,7 @@ from lowbit._qmodule import (
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     NATIVE_DTYPES,
+    conv2d_fused,
     fused_linear_layout,
     int8_conv2d,
     int8_linear,
@@ -335,9 +336,10 @@ class QuantizedConv2d(_Int8Base):
         # everything it needs gathered once (batch-1 convs are dominated by per-call overhead)
         fast = (self._fused_args is not None and self._dims == 2 and g["pre_pad"] is None
                 and g["groups"] == 1)
+        zp = self._fused_args[5] if fast else None  # type: ignore[index]
         self._conv_args = None if not fast else (
-            self.weight[0].numel(), tuple(g["stride"]), tuple(g["padding"]),
-            tuple(g["dilation"]))
+            self.weight[0].numel(), tuple(self.kernel_size), tuple(g["stride"]),
+            tuple(g["padding"]), tuple(g["dilation"]), 0 if zp is None else int(zp))
 
     def _codes_weight(self) -> torch.Tensor:
         """float32 centered weight codes ``w - w_zp`` for ``"fp32_codes_conv"`` (cached).
@@ -411,18 +413,21 @@ class QuantizedConv2d(_Int8Base):
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """:meth:`forward` with the tensors and geometry gathered by ``_refresh_cache`` (the same
         kernels and bits, fewer Python steps); None when the C kernels cannot take ``x``."""
-        k, stride, padding, dilation = self._conv_args  # type: ignore[misc]
+        k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
         _, w_scale, colsum, bias, scale, zp, _ = self._fused_args  # type: ignore[misc]
         kernel = select_kernel("int8_conv2d", 0, k=k)
         if kernel == "fp32_codes_conv":
-            w_float, w_cols = self._codes_weight(), None
+            weight = self._codes_weight()
         elif kernel in ("int_mm_s8s8", "fp32_codes"):
-            w_float, w_cols = None, self._cols_weight()
+            weight = self._cols_weight()
         else:
             return None
-        return int8_conv2d(x, scale, zp, self._qmin, self._qmax, self.weight, w_scale, colsum,
-                           bias, stride, padding, dilation, 1, relu=self.fused_relu,
-                           kernel=kernel, w_float=w_float, w_cols=w_cols).contiguous()
+        lib = native_lib_for(x) if x.is_contiguous() else None
+        if lib is None:
+            return None
+        return conv2d_fused(lib, x, kernel, scale, zp, zp_int, self._qmin, self._qmax, weight,
+                            w_scale, colsum, bias, ksize, stride, padding, dilation,
+                            self.fused_relu)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
