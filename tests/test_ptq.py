@@ -11,6 +11,7 @@ from torch import nn
 
 from lowbit.calibrators import MinMaxCalibrator, register_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.models import MnistCNN
 from lowbit.ops import dequantize
 from lowbit.ptq import (
     PTQQuantizer,
@@ -19,6 +20,7 @@ from lowbit.ptq import (
     quantize_static,
     quantize_weight_only,
 )
+from lowbit.serialization import load, save
 
 torch.manual_seed(0)
 
@@ -353,3 +355,26 @@ def test_shared_layer_is_reported_under_every_name_and_stays_shared(
     ref = model(x)
     out = q(x)
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_maxpool_after_conv_runs_inside_it(method: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = MnistCNN().eval()
+    x = torch.randn(3, 1, 28, 28)
+    q = (quantize_dynamic(model) if method == "dynamic"
+         else quantize_static(model, [torch.randn(16, 1, 28, 28)], progress=False))
+    assert isinstance(q.pool1, nn.Identity) and isinstance(q.pool2, nn.Identity)
+    assert q.conv1.geometry["fused_maxpool"] == 2
+    rows = {r.name: r for r in q.lowbit_report.rows}
+    assert rows["conv1"].fused_pool == "pool1" and rows["fc1"].fused_pool is None
+    unfused = copy.deepcopy(q)  # the same integer layers with the pools run separately
+    for conv in (unfused.conv1, unfused.conv2):
+        conv.geometry["fused_maxpool"] = 0
+    unfused.pool1, unfused.pool2 = nn.MaxPool2d(2), nn.MaxPool2d(2)
+    with torch.inference_mode():
+        y = q(x)
+        assert torch.equal(y, unfused(x))
+        save(q, tmp_path / "q")
+        assert torch.equal(load(tmp_path / "q", model=MnistCNN()).eval()(x), y)
+    assert "MaxPool pool1" in q.lowbit_report.to_markdown()

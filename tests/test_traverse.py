@@ -141,3 +141,36 @@ def test_skip_globs_and_fallback_set() -> None:
     plan = plan_layers(model, QuantizationConfig(skip_layers=("[01]",)), fallback={"2"})
     assert [p.status for p in plan.values()] == ["fp32 (requested)"] * 3
     assert "set_per_layer_fallback" in plan["2"].reason
+
+
+class PoolNet(nn.Module):
+    """conv-BN-ReLU-pool (fusable), conv-pool used twice, conv-overlapping pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2)  # also applied to the input: not fusable
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.pool3 = nn.MaxPool2d(3, stride=2)  # overlapping windows: not fusable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool2(self.conv2(x)) + self.pool2(x)
+        return self.pool3(self.conv3(x))
+
+
+def test_fx_finds_fusable_maxpools_only() -> None:
+    f = find_fusions(PoolNet().eval())
+    assert f.pool_after == {"conv1": "pool1"}
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3),
+                        nn.MaxPool2d(2, ceil_mode=True))
+    assert find_fusions(seq).pool_after == {"0": "2"}  # ceil_mode pools are left alone
+    nested = nn.Sequential(Untraceable().body, nn.MaxPool2d(2))  # traces: the pool follows
+    assert find_fusions(nested).pool_after == {"0.0": "1"}
+    untraceable = Untraceable()
+    assert find_fusions(untraceable).pool_after == {}
+    untraceable.body.append(nn.MaxPool2d(2))  # module order inside the Sequential
+    f = find_fusions(untraceable)
+    assert f.method == "module_order" and f.pool_after == {"body.0": "body.3"}

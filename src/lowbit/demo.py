@@ -84,7 +84,8 @@ def _coverage_markdown(reports: dict[str, Any]) -> str:
             if row.status == "quantized":
                 schemes.setdefault(method, row.reason)
                 fused = "".join(f" +{x}" for x in (("BN" if row.folded_bn else ""),
-                                                    ("ReLU" if row.fused_relu else "")) if x)
+                                                    ("ReLU" if row.fused_relu else ""),
+                                                    ("Pool" if row.fused_pool else "")) if x)
                 cells.append("quantized" + fused)
             else:
                 notes.append(f"{method}, {layer}: {row.reason}")
@@ -162,7 +163,7 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0, quiet: bool = False,
          "shared machines are noisy: compare ratios):")
     _say(table_md)
     say()
-    say("Per-layer coverage (quantized = runs on integer kernels; +BN/+ReLU = folded/fused):")
+    say("Per-layer coverage (quantized = runs on integer kernels; +BN/+ReLU/+Pool = folded/fused):")
     say(coverage_md)
     total_s = time.perf_counter() - start
     say()

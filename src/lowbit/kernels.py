@@ -171,6 +171,7 @@ __all__ = [
     "int4_pack_for_cpu",
     "int8_conv2d",
     "int8_linear",
+    "maxpool2d_native",
     "quantize_activation",
     "quantize_activation_u8",
     "select_kernel",
@@ -838,8 +839,8 @@ def conv2d_fused(lib: Any, x: torch.Tensor, kernel: str, x_scale: torch.Tensor |
                  x_zp: torch.Tensor | None, zp_int: int, qmin: int, qmax: int,
                  weight: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
                  bias: torch.Tensor | None, ksize: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], relu: bool
-                 ) -> torch.Tensor:
+                 padding: tuple[int, int], dilation: tuple[int, int], relu: bool,
+                 pool: int = 0) -> torch.Tensor:
     """A module's INT8 conv on the C kernels with everything checked beforehand (the layer's
     tensors by ``_refresh_cache``, ``x`` float32, contiguous, CPU, 4-D): the same kernels and
     bits as :func:`int8_conv2d`, without its per-call preparation (a batch-1 conv is ~8-25 us).
@@ -852,9 +853,10 @@ def conv2d_fused(lib: Any, x: torch.Tensor, kernel: str, x_scale: torch.Tensor |
             symmetric; zp_int: ``x_zp`` as an int (0 when None).
         w_scale, colsum, bias: float32 ``[O]``, int32 ``[O]``, float32 ``[O]`` or None.
         ksize, stride, padding, dilation, relu: the conv's geometry and fused ReLU.
+        pool: a fused ``MaxPool2d(pool)`` (kernel = stride, no padding) on the output; 0: none.
 
     Returns:
-        float32 ``[B, O, Ho, Wo]``, contiguous.
+        float32 ``[B, O, Ho, Wo]`` (pooled: ``[B, O, Ho // pool, Wo // pool]``), contiguous.
 
     Example:
         >>> w = torch.randint(-127, 128, (4, 2, 3, 3), dtype=torch.int8)
@@ -886,10 +888,28 @@ def conv2d_fused(lib: Any, x: torch.Tensor, kernel: str, x_scale: torch.Tensor |
         y = y if y.is_contiguous() else y.contiguous()
         lib.lb_epilogue(y.data_ptr(), 0, bsz, o, ho * wo, s_ptr, 0, w_scale.data_ptr(), b_ptr,
                         int(relu), None, threads_for(y.numel()))
-        return y
-    return _conv_gemm_native(lib, x, x_scale, x_zp, qmin, qmax, weight, ksize, w_scale, colsum,
-                             bias, stride, padding, dilation, (ho, wo), relu, kernel,
-                             zp_int=zp_int)
+    else:
+        y = _conv_gemm_native(lib, x, x_scale, x_zp, qmin, qmax, weight, ksize, w_scale,
+                              colsum, bias, stride, padding, dilation, (ho, wo), relu, kernel,
+                              zp_int=zp_int)
+    return y if not pool else maxpool2d_native(lib, y, pool)
+
+
+def maxpool2d_native(lib: Any, y: torch.Tensor, k: int) -> torch.Tensor:
+    """``F.max_pool2d(y, k)`` (kernel = stride = k, no padding, floor) of a contiguous float32
+    NCHW ``y`` by one C call; the same values (a max picks, it does not round).
+
+    Example:
+        >>> y = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> lib = native_lib_for(y)
+        >>> out = lib and maxpool2d_native(lib, y, 2)
+        >>> out is None or torch.equal(out, F.max_pool2d(y, 2))
+        True
+    """
+    b, c, h, w = y.shape
+    out = torch.empty((b, c, h // k, w // k))
+    lib.lb_maxpool2d(y.data_ptr(), b * c, h, w, k, out.data_ptr(), threads_for(y.numel()))
+    return out
 
 
 def _conv_gemm_native(lib: Any, x: torch.Tensor, x_scale: torch.Tensor | None,

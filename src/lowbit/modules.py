@@ -407,6 +407,8 @@ class QuantizedConv2d(_Int8Base):
                         w_float=w_float, w_cols=w_cols)  # (B, O, Ho, Wo)
         if self._dims == 1:
             y = y.squeeze(2)
+        if g.get("fused_maxpool"):  # a following MaxPool2d fused by lowbit.ptq
+            y = F.max_pool2d(y, g["fused_maxpool"])
         y = y if y.is_contiguous() else y.contiguous()
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -427,7 +429,7 @@ class QuantizedConv2d(_Int8Base):
             return None
         return conv2d_fused(lib, x, kernel, scale, zp, zp_int, self._qmin, self._qmax, weight,
                             w_scale, colsum, bias, ksize, stride, padding, dilation,
-                            self.fused_relu)
+                            self.fused_relu, self.geometry.get("fused_maxpool", 0))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -55,6 +55,7 @@ _SIGNATURES = {
                                           _I32, _I32, _I32, _P, _INT]),
     "lb_im2col_nhwc_s8": (None, [_P, *[_I64] * 12, _P, _INT]),
     "lb_epilogue_to_nchw": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _INT, _P, _INT]),
+    "lb_maxpool2d": (None, [_P, _I64, _I64, _I64, _I64, _P, _INT]),
     "lb_dequantize_weight": (None, [_P, _INT, _INT, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]),
     "lb_linear_s8_small": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32,
                                   _P, _I64, _P, _P, _P, _INT, _P, _INT, _INT]),

@@ -22,11 +22,13 @@ from torch import nn
 from lowbit.calibration import CalibrationRecord, run_calibration
 from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.modules import convert_module
+from lowbit.modules import QuantizedConv2d, convert_module
 from lowbit.traverse import (
+    Fusions,
     LayerPlan,
     find_fusions,
     fold_batchnorm,
+    fusable_maxpool,
     plan_layers,
     relu_modules_to_remove,
 )
@@ -85,6 +87,7 @@ class QuantizationReport:
             "layers": [
                 {"name": r.name, "type": r.module_type, "status": r.status, "reason": r.reason,
                  "fused_relu": r.fused_relu, "folded_bn": r.folded_bn,
+                 "fused_pool": r.fused_pool,
                  "calibration": (vars(self.calibration[r.name])
                                  if r.name in self.calibration else None)}
                 for r in self.rows
@@ -96,7 +99,8 @@ class QuantizationReport:
         lines = ["| layer | type | status | scheme / reason | fused |", "|---|---|---|---|---|"]
         for r in self.rows:
             fused = ", ".join(x for x in (f"BN {r.folded_bn}" if r.folded_bn else "",
-                                          "ReLU" if r.fused_relu else "") if x)
+                                          "ReLU" if r.fused_relu else "",
+                                          f"MaxPool {r.fused_pool}" if r.fused_pool else "") if x)
             lines.append(f"| {r.name} | {r.module_type} | {r.status} | {r.reason} | {fused} |")
         lines.append("")
         lines.append(f"{len(self.quantized)} quantized, {len(self.fp32)} kept in FP32 on request, "
@@ -259,11 +263,30 @@ class PTQQuantizer(Quantizer):
         fused = {n for n, p in todo.items() if p.fused_relu}
         for relu in relu_modules_to_remove(fusions, fused):
             qmodel.set_submodule(relu, nn.Identity())
+        _fuse_maxpools(qmodel, fusions, todo)
         qmodel.lowbit_report = report
         self.last_report = report
         log.info("lowbit: %d layers quantized, %d FP32 by request, %d skipped",
                  len(report.quantized), len(report.fp32), len(report.skipped))
         return qmodel
+
+
+def _fuse_maxpools(qmodel: nn.Module, fusions: Fusions, todo: dict[str, LayerPlan]) -> None:
+    """Run each non-overlapping MaxPool2d that directly follows an INT8 Conv2d (or its fused
+    BatchNorm / ReLU) inside that conv, and make the pool module ``Identity``.
+
+    A max picks one of its inputs, so pooling the conv's float output inside the module gives
+    the same values as the separate pool (a ReLU in between commutes with max); at batch 1 the
+    separate module call and pass over memory cost about as much as a small conv itself.
+    """
+    for name, plan in todo.items():
+        pool = fusions.pool_after.get(name)
+        layer = qmodel.get_submodule(name) if name and pool else None
+        if type(layer) is not QuantizedConv2d:
+            continue
+        layer.geometry["fused_maxpool"] = fusable_maxpool(qmodel.get_submodule(pool))
+        qmodel.set_submodule(pool, nn.Identity())
+        plan.fused_pool = pool
 
 
 def _record(cal: Calibrator, default_name: str, scale: Any, zp: Any) -> CalibrationRecord:

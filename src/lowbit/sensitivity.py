@@ -232,8 +232,9 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
         plan = plans[name]
         swapped = {name: qfull.get_submodule(name)}
-        if plan.folded_bn:
-            swapped[plan.folded_bn] = nn.Identity()
+        for absorbed in (plan.folded_bn, plan.fused_pool):  # now inside the quantized layer
+            if absorbed:
+                swapped[absorbed] = nn.Identity()
         originals = {n: work.get_submodule(n) for n in swapped}
         try:
             for n, module in swapped.items():

@@ -30,6 +30,7 @@ __all__ = [
     "find_fusions",
     "fold_batchnorm",
     "fold_bn_weights",
+    "fusable_maxpool",
     "plan_layers",
 ]
 
@@ -52,6 +53,8 @@ class Fusions:
             the layer (or after its BatchNorm).
         relu_uses: ReLU module name -> how many times the forward calls it (a shared ReLU module
             must not be removed).
+        pool_after: layer name -> a non-overlapping ``nn.MaxPool2d`` module (kernel = stride,
+            no padding) called once, right after the layer (or its BatchNorm / ReLU).
         method: ``"fx"`` or ``"module_order"``.
         note: why torch.fx could not trace the model, when it could not.
     """
@@ -59,6 +62,7 @@ class Fusions:
     bn_for: dict[str, str] = field(default_factory=dict)
     relu_after: dict[str, str] = field(default_factory=dict)
     relu_uses: dict[str, int] = field(default_factory=dict)
+    pool_after: dict[str, str] = field(default_factory=dict)
     method: str = "fx"
     note: str = ""
 
@@ -75,6 +79,7 @@ class LayerPlan:
         reason: a human-readable why.
         fused_relu: a following ReLU is applied inside the quantized layer.
         folded_bn: name of the BatchNorm folded into this layer.
+        fused_pool: name of the MaxPool2d run inside this (INT8 Conv2d) layer.
         shared_with: for a module registered under several names, the first name; this row
             follows that layer's decision and shares its quantized module.
     """
@@ -87,6 +92,7 @@ class LayerPlan:
     fused_relu: bool = False
     folded_bn: str | None = None
     shared_with: str | None = None
+    fused_pool: str | None = None
 
 
 def _is_relu_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -127,7 +133,31 @@ def _fx_fusions(model: nn.Module) -> Fusions:
             relu = _is_relu_node(users[0], modules)
             if relu is not None:
                 fusions.relu_after[name] = relu
+                tail = users[0]
+        users = list(tail.users)
+        if len(users) == 1 and users[0].op == "call_module":
+            pool = str(users[0].target)
+            if calls.get(pool) == 1 and fusable_maxpool(modules.get(pool)):
+                fusions.pool_after[name] = pool
     return fusions
+
+
+def fusable_maxpool(module: nn.Module | None) -> int:
+    """The kernel size of an ``nn.MaxPool2d`` a quantized conv can run itself (square, kernel =
+    stride, no padding or dilation, floor, no indices), else 0.
+
+    Example:
+        >>> fusable_maxpool(nn.MaxPool2d(2)), fusable_maxpool(nn.MaxPool2d(3, stride=2))
+        (2, 0)
+    """
+    if type(module) is not nn.MaxPool2d:
+        return 0
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    k, s = pair(module.kernel_size), pair(module.stride)
+    ok = (k[0] == k[1] == s[0] == s[1] and pair(module.padding) == (0, 0)
+          and pair(module.dilation) == (1, 1) and not module.ceil_mode
+          and not module.return_indices)
+    return int(k[0]) if ok else 0
 
 
 def _order_fusions(model: nn.Module, note: str) -> Fusions:
@@ -150,6 +180,11 @@ def _order_fusions(model: nn.Module, note: str) -> Fusions:
                 relu_name = prefix + children[j][0]
                 fusions.relu_after[prefix + child_name] = relu_name
                 fusions.relu_uses[relu_name] = 1
+                j += 1
+            if j < len(children) and fusable_maxpool(children[j][1]) and sum(
+                    m is children[j][1] for _, m in model.named_modules(remove_duplicate=False)
+            ) == 1:  # a pool module registered once (the forward may still call it elsewhere)
+                fusions.pool_after[prefix + child_name] = prefix + children[j][0]
     return fusions
 
 

@@ -369,3 +369,36 @@ void lb_dequantize_weight(const uint8_t *w, int packed, int is_signed, int64_t n
         }
     }
 }
+
+/* A MaxPool2d fused after a conv (kernel = stride = k, no padding, floor): y [planes, h, w]
+ * float32 -> out [planes, h / k, w / k], as torch's CPU max_pool2d picks (start at -inf, take
+ * a value when greater or NaN). */
+static inline float pool_take(float m, float val) { return (val > m || val != val) ? val : m; }
+
+void lb_maxpool2d(const float *y, int64_t planes, int64_t h, int64_t w, int64_t k, float *out,
+                  int nthreads) {
+    const int64_t ho = h / k, wo = w / k;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
+    for (int64_t r = 0; r < planes * ho; ++r) {
+        const int64_t p = r / ho, i = r % ho;
+        const float *src = y + (p * h + i * k) * w;
+        float *dst = out + r * wo;
+        if (k == 2) { /* the common case, in the same order: (0,0) (0,1) (1,0) (1,1) */
+            const float *a = src, *b = src + w;
+            for (int64_t j = 0; j < wo; ++j) {
+                float m = pool_take(-INFINITY, a[2 * j]);
+                m = pool_take(m, a[2 * j + 1]);
+                m = pool_take(m, b[2 * j]);
+                dst[j] = pool_take(m, b[2 * j + 1]);
+            }
+            continue;
+        }
+        for (int64_t j = 0; j < wo; ++j) {
+            float m = -INFINITY;
+            for (int64_t u = 0; u < k; ++u)
+                for (int64_t v = 0; v < k; ++v)
+                    m = pool_take(m, src[u * w + j * k + v]);
+            dst[j] = m;
+        }
+    }
+}
