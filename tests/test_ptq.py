@@ -357,13 +357,14 @@ def test_shared_layer_is_reported_under_every_name_and_stays_shared(
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
 
 
-@pytest.mark.parametrize("method", ["dynamic", "static"])
+@pytest.mark.parametrize("method", ["dynamic", "static", "int4"])
 def test_maxpool_after_conv_runs_inside_it(method: str, tmp_path) -> None:
     torch.manual_seed(0)
     model = MnistCNN().eval()
     x = torch.randn(3, 1, 28, 28)
     q = (quantize_dynamic(model) if method == "dynamic"
-         else quantize_static(model, [torch.randn(16, 1, 28, 28)], progress=False))
+         else quantize_static(model, [torch.randn(16, 1, 28, 28)], progress=False)
+         if method == "static" else quantize_weight_only(model, bits=4, group_size=32))
     assert isinstance(q.pool1, nn.Identity) and isinstance(q.pool2, nn.Identity)
     assert q.conv1.geometry["fused_maxpool"] == 2
     rows = {r.name: r for r in q.lowbit_report.rows}

@@ -31,6 +31,8 @@ from lowbit.kernels import (
     WEIGHT_ONLY_PACKED_MAX_M,
     dequantize_weight_native,
     int4_pack_for_cpu,
+    maxpool2d_native,
+    native_lib_for,
     select_kernel,
     weight_only_linear,
 )
@@ -408,7 +410,13 @@ class WeightOnlyConv2d(_WeightOnly):
             w = w.to(x.dtype)
         b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         y = conv(x, w, b, g["stride"], g["padding"], g["dilation"], g["groups"])
-        return y.relu_() if self.fused_relu else y
+        y = y.relu_() if self.fused_relu else y
+        pool = g.get("fused_maxpool")  # a following MaxPool2d fused by lowbit.ptq
+        if pool:
+            lib = None if self.backend == "reference" or y.dtype != torch.float32 else (
+                native_lib_for(y) if y.is_contiguous() else None)
+            y = F.max_pool2d(y, pool) if lib is None else maxpool2d_native(lib, y, pool)
+        return y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -22,7 +22,7 @@ from torch import nn
 from lowbit.calibration import CalibrationRecord, run_calibration
 from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.modules import QuantizedConv2d, convert_module
+from lowbit.modules import QuantizedConv2d, WeightOnlyConv2d, convert_module
 from lowbit.traverse import (
     Fusions,
     LayerPlan,
@@ -272,8 +272,9 @@ class PTQQuantizer(Quantizer):
 
 
 def _fuse_maxpools(qmodel: nn.Module, fusions: Fusions, todo: dict[str, LayerPlan]) -> None:
-    """Run each non-overlapping MaxPool2d that directly follows an INT8 Conv2d (or its fused
-    BatchNorm / ReLU) inside that conv, and make the pool module ``Identity``.
+    """Run each non-overlapping MaxPool2d that directly follows a quantized Conv2d (INT8 or
+    weight-only; or its fused BatchNorm / ReLU) inside that conv, and make the pool module
+    ``Identity``.
 
     A max picks one of its inputs, so pooling the conv's float output inside the module gives
     the same values as the separate pool (a ReLU in between commutes with max); at batch 1 the
@@ -282,7 +283,7 @@ def _fuse_maxpools(qmodel: nn.Module, fusions: Fusions, todo: dict[str, LayerPla
     for name, plan in todo.items():
         pool = fusions.pool_after.get(name)
         layer = qmodel.get_submodule(name) if name and pool else None
-        if type(layer) is not QuantizedConv2d:
+        if type(layer) not in (QuantizedConv2d, WeightOnlyConv2d):
             continue
         layer.geometry["fused_maxpool"] = fusable_maxpool(qmodel.get_submodule(pool))
         qmodel.set_submodule(pool, nn.Identity())
