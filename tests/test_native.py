@@ -404,3 +404,28 @@ def test_empty_batches_pass_through(use_native: bool, request) -> None:
     with torch.inference_mode():
         assert lin(torch.zeros(0, 16)).shape == (0, 4)
         assert conv(torch.zeros(0, 3, 6, 6)).shape == (0, 4, 4, 4)
+
+
+def test_modules_can_be_called_from_several_threads() -> None:
+    """The fused path keeps no per-module scratch: concurrent calls give the same results."""
+    import threading
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    q = quantize_dynamic(model)
+    xs = [torch.randn(1100 if i % 2 else 3, 64) for i in range(6)]  # row blocks and one call
+    with torch.inference_mode():
+        refs = [q(x) for x in xs]
+    wrong: list[int] = []
+
+    def work(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(10):
+                if not torch.equal(q(xs[i]), refs[i]):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
