@@ -21,7 +21,6 @@ from lowbit.kernels import (
     SMALL_LINEAR_CODES,
     SMALL_LINEAR_MACS,
     _epilogue_native,
-    _float_epilogue,
     _int8_epilogue,
     dequantize_weight_native,
     fused_int8_linear,
@@ -158,18 +157,22 @@ def test_linear_epilogue_is_bit_identical(m, n, per_row, bias, relu, seed) -> No
 
 @needs_native
 @pytest.mark.parametrize("bias", [True, False])
-def test_nchw_float_epilogue_is_bit_identical(bias: bool) -> None:
-    y = torch.randint(-5000, 5000, (3, 8, 5, 7)).float()
-    sx, sw = torch.tensor(0.013), torch.rand(8, 1, 1)
-    b = torch.randn(8, 1, 1) if bias else None
-    got = _float_epilogue(y.clone(), sx, sw, b, True)
-    assert torch.equal(got, _float_epilogue(y.clone(), sx, sw, b, True, native=False))
+def test_nchw_conv_epilogue_is_bit_identical(bias: bool) -> None:
+    """The C epilogue on the NCHW output of the fp32 conv over codes."""
+    w = torch.randint(-127, 128, (8, 2, 3, 3), dtype=torch.int8)
+    x = torch.randn(3, 2, 5, 7)
+    args = (x, torch.tensor(0.013), None, -128, 127, w, torch.rand(8),
+            w.sum((1, 2, 3), dtype=torch.int32), torch.randn(8) if bias else None, (1, 1),
+            (1, 1), (1, 1), 1)
+    got = int8_conv2d(*args, relu=True, kernel="fp32_codes_conv")
+    assert torch.equal(got, int8_conv2d(*args, relu=True, kernel="reference"))
 
 
 @needs_native
 def test_epilogue_refuses_layouts_it_does_not_handle() -> None:
     acc = torch.ones(4, 6, dtype=torch.int32)
     assert not _epilogue_native(acc.t(), torch.tensor(1.0), torch.ones(4), None, False)
+    assert not _epilogue_native(acc.float(), torch.tensor(1.0), torch.ones(6), None, False)
     assert not _epilogue_native(acc, torch.ones(3, 1), torch.ones(6), None, False)  # M mismatch
     assert not _epilogue_native(acc, torch.tensor(1.0), torch.ones(6).double(), None, False)
     assert torch.equal(acc, torch.ones(4, 6, dtype=torch.int32))  # untouched

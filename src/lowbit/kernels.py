@@ -503,20 +503,17 @@ def _int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tens
         return acc.view(torch.float32)
     y = acc.view(torch.float32)
     y.copy_(acc)  # int32 -> float32 element by element in the same memory
-    return _float_epilogue(y, x_scale, w_scale, bias, relu, native=False)
+    return _float_epilogue(y, x_scale, w_scale, bias, relu)
 
 
 def _float_epilogue(y: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, relu: bool, native: bool = True) -> torch.Tensor:
-    """The float part of :func:`_int8_epilogue`, in place on a float32 accumulator.
-
-    ``y`` is ``[M, N]`` (per-row or scalar ``x_scale``, ``w_scale`` / ``bias`` ``[N]``) or NCHW
-    ``[B, N, H, W]`` with a scalar ``x_scale`` and ``[N, 1, 1]`` ``w_scale`` / ``bias``.
+                    bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """The float part of :func:`_int8_epilogue` in PyTorch ops, in place on a float32
+    accumulator: ``[M, N]`` (per-row or scalar ``x_scale``, ``w_scale`` / ``bias`` ``[N]``) or
+    NCHW ``[B, N, H, W]`` (scalar ``x_scale``, ``[N, 1, 1]`` ``w_scale`` / ``bias``).
     ``"fp32_codes_conv"`` calls it directly on its (exact, integer-valued) float32 conv output:
     the same values and the same ops as the int32 -> float32 copy, so the same bits.
     """
-    if native and _epilogue_native(y, x_scale, w_scale, bias, relu):
-        return y
     y.mul_(w_scale)
     if bias is None:
         y.mul_(x_scale)
@@ -527,27 +524,24 @@ def _float_epilogue(y: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
 
 def _epilogue_native(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                      bias: torch.Tensor | None, relu: bool) -> bool:
-    """:func:`_int8_epilogue` / :func:`_float_epilogue` by ``lb_epilogue``, in place; False
-    (nothing done) when the C kernel is unavailable or the layout does not fit."""
-    if not acc.is_contiguous() or acc.dim() not in (2, 4) or acc.dtype not in (torch.int32,
-                                                                              torch.float32):
+    """:func:`_int8_epilogue` of an int32 ``[M, N]`` accumulator by ``lb_epilogue``, in place;
+    False (nothing done) when the C kernel is unavailable or the layout does not fit."""
+    if not acc.is_contiguous() or acc.dim() != 2 or acc.dtype != torch.int32:
         return False
-    n = acc.shape[1]
+    m, n = acc.shape
     parts = [x_scale, w_scale] if bias is None else [x_scale, w_scale, bias]
     lib = native_lib_for(acc, *parts)
     if lib is None or any(t.dtype != torch.float32 for t in parts):
         return False
-    outer, inner = acc.shape[0], (acc.shape[2] * acc.shape[3] if acc.dim() == 4 else 1)
     per_row = x_scale.numel() != 1
-    if (per_row and (x_scale.numel() != outer or acc.dim() != 2)) or w_scale.numel() not in (1, n):
+    if (per_row and x_scale.numel() != m) or w_scale.numel() not in (1, n):
         return False
     if bias is not None and bias.numel() != n:
         return False
     sw = w_scale.expand(n) if w_scale.numel() == 1 else w_scale
     sx, sw = x_scale.contiguous(), sw.contiguous()
     b = None if bias is None else bias.contiguous()
-    lib.lb_epilogue(acc.data_ptr(), int(acc.dtype == torch.int32), outer, n, inner,
-                    sx.data_ptr(), int(per_row), sw.data_ptr(),
+    lib.lb_epilogue(acc.data_ptr(), 1, m, n, 1, sx.data_ptr(), int(per_row), sw.data_ptr(),
                     None if b is None else b.data_ptr(), int(relu), None,
                     threads_for(acc.numel()))
     return True
@@ -872,23 +866,14 @@ def conv2d_fused(lib: Any, x: torch.Tensor, kernel: str, x_scale: torch.Tensor |
         >>> y is None or torch.equal(y, ref)
         True
     """
-    bsz, _, h, wd = x.shape
-    (kh, kw), (ph, pw) = ksize, padding
-    ho = (h + 2 * ph - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wd + 2 * pw - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    o = w_scale.shape[0]
-    cell = ctypes.c_float() if x_scale is None else None  # the dynamic scale, written by C
-    s_ptr = ctypes.addressof(cell) if cell is not None else x_scale.data_ptr()  # type: ignore[union-attr]
-    b_ptr = None if bias is None else bias.data_ptr()
     if kernel == "fp32_codes_conv":
-        t = torch.empty_like(x)
-        lib.lb_quantize_centered_f32(x.data_ptr(), x.numel(), s_ptr, int(cell is not None),
-                                     zp_int, qmin, qmax, t.data_ptr(), threads_for(x.numel()))
-        y = F.conv2d(t, weight, None, stride, padding, dilation, 1)
-        y = y if y.is_contiguous() else y.contiguous()
-        lib.lb_epilogue(y.data_ptr(), 0, bsz, o, ho * wo, s_ptr, 0, w_scale.data_ptr(), b_ptr,
-                        int(relu), None, threads_for(y.numel()))
+        y = _conv_codes_native(lib, x, x_scale, zp_int, qmin, qmax, weight, w_scale, bias,
+                               stride, padding, dilation, 1, relu)
     else:
+        _, _, h, wd = x.shape
+        (kh, kw), (ph, pw) = ksize, padding
+        ho = (h + 2 * ph - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (wd + 2 * pw - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         y = _conv_gemm_native(lib, x, x_scale, x_zp, qmin, qmax, weight, ksize, w_scale,
                               colsum, bias, stride, padding, dilation, (ho, wo), relu, kernel,
                               zp_int=zp_int)
@@ -972,31 +957,46 @@ def _conv_codes_fp32(x: torch.Tensor, x_scale: torch.Tensor | None, x_zp: torch.
     o = w.shape[0]
     xf = x if x.dtype == torch.float32 else x.float()
     zp = 0 if x_zp is None else int(x_zp)
-    lib = native_lib_for(xf) if xf.is_contiguous() else None
-    if lib is not None:  # one pass (two when dynamic), the same codes
-        dynamic = x_scale is None
-        x_scale = torch.empty(()) if x_scale is None else x_scale.float().contiguous()
-        t = torch.empty_like(xf)
-        lib.lb_quantize_centered_f32(xf.data_ptr(), xf.numel(), x_scale.data_ptr(), int(dynamic),
-                                     zp, qmin, qmax, t.data_ptr(), threads_for(xf.numel()))
-    else:
-        if x_scale is None:  # max|x| / qmax, zero-point 0: as choose_qparams
-            x_scale = _absmax(xf, False).div_(qmax).clamp_(min=_F32_EPS)
-        t = xf * x_scale.float().reciprocal()  # as quantize_activation
-        t.round_()
-        t.clamp_(qmin - zp, qmax - zp)  # == clamp(round + zp, qmin, qmax) - zp, |.| <= 255
     if w_float is None:
         w_float = w.float() if w_zp is None else w.float().sub_(w_zp.float().reshape(-1, 1, 1, 1))
+    lib = (native_lib_for(xf) if xf.is_contiguous() and w_scale.numel() == o
+           and _c_layout((w_scale, torch.float32), (bias, torch.float32)) else None)
+    if lib is not None:
+        if x_scale is not None and not _c_layout((x_scale, torch.float32)):
+            x_scale = x_scale.float().contiguous()
+        return _conv_codes_native(lib, xf, x_scale, zp, qmin, qmax, w_float, w_scale, bias,
+                                  stride, padding, dilation, groups, relu)
+    if x_scale is None:  # max|x| / qmax, zero-point 0: as choose_qparams
+        x_scale = _absmax(xf, False).div_(qmax).clamp_(min=_F32_EPS)
+    t = xf * x_scale.float().reciprocal()  # as quantize_activation
+    t.round_()
+    t.clamp_(qmin - zp, qmax - zp)  # == clamp(round + zp, qmin, qmax) - zp, |.| <= 255
     y = F.conv2d(t, w_float, None, stride, padding, dilation, groups).contiguous()
-    if (lib is not None and w_scale.is_contiguous() and w_scale.numel() == o
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
-        lib.lb_epilogue(y.data_ptr(), 0, y.shape[0], o, y.shape[2] * y.shape[3],
-                        x_scale.data_ptr(), 0, w_scale.data_ptr(),
-                        None if bias is None else bias.data_ptr(), int(relu), None,
-                        threads_for(y.numel()))
-        return y
     return _float_epilogue(y, x_scale, w_scale.reshape(o, 1, 1),
-                           None if bias is None else bias.reshape(o, 1, 1), relu, native=False)
+                           None if bias is None else bias.reshape(o, 1, 1), relu)
+
+
+def _conv_codes_native(lib: Any, x: torch.Tensor, x_scale: torch.Tensor | None, zp: int,
+                       qmin: int, qmax: int, w_float: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None, stride: tuple[int, int],
+                       padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                       relu: bool) -> torch.Tensor:
+    """``"fp32_codes_conv"`` on the C kernels: the centered codes in one pass (two when dynamic:
+    ``x_scale`` None), ``F.conv2d`` over them, the epilogue in place in NCHW; the same bits as
+    :func:`_conv_codes_fp32`'s PyTorch ops. ``x``, ``x_scale``, ``w_scale`` ``[O]`` and ``bias``
+    are float32 and contiguous."""
+    cell = ctypes.c_float() if x_scale is None else None  # the dynamic scale, written by C
+    s_ptr = ctypes.addressof(cell) if cell is not None else x_scale.data_ptr()  # type: ignore[union-attr]
+    t = torch.empty_like(x)
+    lib.lb_quantize_centered_f32(x.data_ptr(), x.numel(), s_ptr, int(cell is not None), zp,
+                                 qmin, qmax, t.data_ptr(), threads_for(x.numel()))
+    y = F.conv2d(t, w_float, None, stride, padding, dilation, groups)
+    y = y if y.is_contiguous() else y.contiguous()
+    bsz, o, ho, wo = y.shape
+    lib.lb_epilogue(y.data_ptr(), 0, bsz, o, ho * wo, s_ptr, 0, w_scale.data_ptr(),
+                    None if bias is None else bias.data_ptr(), int(relu), None,
+                    threads_for(y.numel()))
+    return y
 
 
 def _im2col_codes(u: torch.Tensor, pad_value: int, ksize: tuple[int, int], stride: tuple[int, int],
