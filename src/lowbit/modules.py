@@ -11,7 +11,7 @@ Kernel caches are non-persistent and rebuilt by ``_refresh_cache()`` after ``loa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -103,13 +103,14 @@ class _Int8Base(QuantizedModuleBase):
         # the fused C path (lowbit.native): symmetric weights, symmetric or static activations;
         # its tensors gathered once (module attribute lookups cost ~0.5 us each at batch 1)
         static = self.mode == "static"
-        args = (self.weight, self._w_scale, self._colsum, self.bias,
-                self.input_scale.float() if static else None,
-                self._static_zero_point() if static else None, self._comp)
+        scale = self.input_scale.float() if static else None
+        zp = self._static_zero_point() if static else None
         fusable = (self.backend != "reference" and self._w_zp is None
                    and (static or self.act_spec.symmetric)
-                   and fused_linear_layout(*args[:2], args[3], args[6], args[4], args[5]))
-        self._fused_args = args if fusable else None
+                   and fused_linear_layout(self.weight, self._w_scale, self.bias, self._comp,
+                                           scale, zp))
+        self._fused_args = (self.weight, self._w_scale, self._colsum, self.bias, scale, zp,
+                            self._comp) if fusable else None
 
     def _static_zero_point(self) -> torch.Tensor | None:
         """Signed static activation zero-point, None when it is 0 (no compensation needed)."""
@@ -248,7 +249,7 @@ class QuantizedLinear(_Int8Base):
                 and (lib := native_lib_for(x2)) is not None):
             w, w_scale, colsum, bias, scale, zp, comp = fa
             y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
-                              per_token, scale, zp, comp, self.fused_relu, kernel)
+                                 per_token, scale, zp, comp, self.fused_relu, kernel)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         q, s, zp = self._quantize_input(x2, per_token)
         y = int8_linear(q, s, zp, self.weight, self._w_scale, self._colsum, self.bias,
@@ -294,7 +295,8 @@ class QuantizedConv2d(_Int8Base):
         shape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)
         self._init_int8(shape, has_bias, weight_spec or QuantSpec.int8_weight(),
                         act_spec or QuantSpec.int8_dynamic_activation(), mode)
-        self._codes_cache: tuple[int, torch.Tensor] | None = None
+        self._codes_cache: tuple[int, torch.Tensor] | None = None  # see _weight_cache
+        self._cols_cache: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def from_float(cls, module: nn.Module, config: QuantizationConfig, *,
@@ -341,31 +343,32 @@ class QuantizedConv2d(_Int8Base):
             self.weight[0].numel(), tuple(self.kernel_size), tuple(g["stride"]),
             tuple(g["padding"]), tuple(g["dilation"]), 0 if zp is None else int(zp))
 
-    def _codes_weight(self) -> torch.Tensor:
-        """float32 centered weight codes ``w - w_zp`` for ``"fp32_codes_conv"`` (cached).
-
-        A plain attribute, not a buffer (never saved): dropped by ``_refresh_cache`` (so after
-        ``load_state_dict``, like the other kernel caches) and rebuilt when ``weight`` is
-        replaced by another tensor.
-        """
+    def _weight_cache(self, slot: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A kernel's derived weight, kept in the plain attribute ``slot`` (not a buffer: never
+        saved), dropped by ``_refresh_cache`` (so after ``load_state_dict``, like the other
+        kernel caches) and rebuilt when ``weight`` is replaced by another tensor."""
         key = self.weight.data_ptr()
-        cache = self._codes_cache
+        cache = getattr(self, slot)
         if cache is None or cache[0] != key:
+            cache = (key, build())
+            setattr(self, slot, cache)
+        return cache[1]
+
+    def _codes_weight(self) -> torch.Tensor:
+        """float32 centered weight codes ``w - w_zp`` for ``"fp32_codes_conv"`` (cached)."""
+        def build() -> torch.Tensor:
             wf = self.weight.float()
             if self._w_zp is not None:
                 wf.sub_(self._w_zp.float().reshape(-1, *([1] * (wf.dim() - 1))))
-            cache = self._codes_cache = (key, wf)
-        return cache[1]
+            return wf
+        return self._weight_cache("_codes_cache", build)
 
     def _cols_weight(self) -> torch.Tensor:
-        """The int8 weight as the im2col GEMM's ``[O, kh*kw*C]`` matrix (cached like
-        :meth:`_codes_weight`)."""
-        key = self.weight.data_ptr()
-        cache = self._cols_cache
-        if cache is None or cache[0] != key:
+        """The int8 weight as the im2col GEMM's ``[O, kh*kw*C]`` matrix (cached)."""
+        def build() -> torch.Tensor:
             w = self.weight if self._dims == 2 else self.weight.unsqueeze(2)
-            cache = self._cols_cache = (key, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))
-        return cache[1]
+            return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        return self._weight_cache("_cols_cache", build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
