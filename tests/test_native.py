@@ -26,6 +26,7 @@ from lowbit.kernels import (
     fused_int8_linear,
     int8_conv2d,
     int8_linear,
+    maxpool2d_native,
     quantize_activation,
     select_kernel,
 )
@@ -432,3 +433,21 @@ def test_modules_can_be_called_from_several_threads() -> None:
     for t in threads:
         t.join()
     assert wrong == []
+
+
+def test_low_level_kernels_refuse_mismatched_shapes() -> None:
+    """The C kernels read operands by the sizes they are given: mismatches are refused, named."""
+    w = torch.ones(4, 8, dtype=torch.int8)
+    ws, colsum = torch.ones(4), w.sum(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"same K; got x \(3, 16\), w \(4, 8\)"):
+        fused_int8_linear(torch.randn(3, 16), -128, 127, w, ws, colsum, None)
+    with pytest.raises(ValueError, match=r"bias must have one value per output feature \(N=4\)"):
+        fused_int8_linear(torch.randn(3, 8), -128, 127, w, ws, colsum, torch.ones(3))
+    with pytest.raises(ValueError, match=r"contiguous float32 NCHW.*use F\.max_pool2d"):
+        maxpool2d_native(None, torch.randn(1, 2, 4, 4).transpose(2, 3), 2)
+    with pytest.raises(ValueError, match=r"weight must be \(4, 8\) for n=4, kp=16"):
+        dequantize_weight_native(torch.zeros(2, 3, dtype=torch.uint8), True, True, 4, 16, 16,
+                                 None, torch.ones(4), torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="scale / zero_point need 1, 4 or 8 values"):
+        dequantize_weight_native(torch.zeros(4, 8, dtype=torch.uint8), True, True, 4, 16, 16, 8,
+                                 torch.ones(3), torch.zeros(3, dtype=torch.int32))

@@ -163,7 +163,6 @@ __all__ = [
     "INT4_GROUP_SIZES",
     "INT4_PACKED_MAX_M",
     "WEIGHT_ONLY_PACKED_MAX_M",
-    "conv2d_fused",
     "cpu_features",
     "dequantize_weight_native",
     "fused_int8_linear",
@@ -710,6 +709,7 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
         >>> y is None or torch.equal(y, ref)
         True
     """
+    _check_linear_shapes("fused_int8_linear", x, w, w_scale, colsum, bias, comp)
     lib = native_lib_for(x)
     if (lib is None or x.dtype not in NATIVE_DTYPES or x.dim() != 2 or x.stride(1) != 1
             or kernel not in ("int_mm_s8s8", "fp32_codes") or not fused_linear_layout(
@@ -717,6 +717,21 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
         return None
     return run_fused_linear(lib, x, qmin, qmax, w, w_scale, colsum, bias, per_token, scale,
                          zero_point, comp, relu, kernel)
+
+
+def _check_linear_shapes(fn: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                         colsum: torch.Tensor, bias: torch.Tensor | None,
+                         comp: torch.Tensor | None) -> None:
+    """Refuse operands whose shapes do not match ``x [M, K]`` and ``w [N, K]`` (the C kernels
+    read them by those sizes)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{fn}: x must be [M, K] and w [N, K] with the same K; got x "
+                         f"{tuple(x.shape)}, w {tuple(w.shape)}")
+    n = w.shape[0]
+    for name, t in (("w_scale", w_scale), ("colsum", colsum), ("bias", bias), ("comp", comp)):
+        if t is not None and t.numel() != n:
+            raise ValueError(f"{fn}: {name} must have one value per output feature (N={n}); "
+                             f"got shape {tuple(t.shape)}")
 
 
 def fused_linear_layout(w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -891,6 +906,10 @@ def maxpool2d_native(lib: Any, y: torch.Tensor, k: int) -> torch.Tensor:
         >>> out is None or torch.equal(out, F.max_pool2d(y, 2))
         True
     """
+    if y.dim() != 4 or y.dtype != torch.float32 or not y.is_contiguous() or k < 1:
+        raise ValueError(f"maxpool2d_native: needs a contiguous float32 NCHW tensor and k >= 1; "
+                         f"got {tuple(y.shape)} {y.dtype} (contiguous={y.is_contiguous()}), "
+                         f"k={k}; use F.max_pool2d otherwise")
     b, c, h, w = y.shape
     out = torch.empty((b, c, h // k, w // k))
     lib.lb_maxpool2d(y.data_ptr(), b * c, h, w, k, out.data_ptr(), threads_for(y.numel()))
@@ -1071,6 +1090,16 @@ def dequantize_weight_native(weight: torch.Tensor, packed: bool, signed: bool, n
         >>> w is None or w.tolist() == [[-4.0, 3.5, 0.5]]
         True
     """
+    rows = (n, kp // 2 if packed else kp)
+    if tuple(weight.shape) != rows or k > kp or (packed and kp % 2):
+        raise ValueError(f"dequantize_weight_native: weight must be {rows} for n={n}, kp={kp}"
+                         f"{' (int4, two codes per byte)' if packed else ''}, and k <= kp; got "
+                         f"weight {tuple(weight.shape)}, k={k}")
+    groups = kp // group_size if group_size else 1
+    if scale.numel() not in (1, n, n * groups) or zero_point.numel() != scale.numel():
+        raise ValueError(f"dequantize_weight_native: scale / zero_point need 1, {n} or "
+                         f"{n * groups} values (per tensor, channel or group); got "
+                         f"{scale.numel()} / {zero_point.numel()}")
     lib = native_lib_for(weight)
     if lib is None or not _c_layout((scale, torch.float32), (zero_point, torch.int32)):
         return None
