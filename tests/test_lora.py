@@ -276,3 +276,23 @@ def test_shared_layer_gets_one_adapter_and_round_trips(tmp_path: Path) -> None:
     loaded = load(tmp_path / "tied", model=_Tied())
     assert loaded.a is loaded.b and isinstance(loaded.a, LoRALinear)
     assert torch.equal(loaded(_x()), lq(_x()))
+
+
+def test_fused_gelu_moves_after_the_update(tmp_path) -> None:
+    torch.manual_seed(0)
+    q = quantize_weight_only(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)),
+                             group_size=32)
+    assert q[0].fused_gelu == "none" and isinstance(q[1], nn.Identity)
+    layer = add_lora(q, r=4)[0]
+    assert layer.fused_gelu == "none" and layer.base.fused_gelu is None
+    assert layer.lora_config()["fused_gelu"] == "none"
+    _perturb(layer)
+    x = torch.randn(3, 32)
+    update = x @ layer.lora_A.T @ layer.lora_B.T * layer.scaling
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.gelu(layer.base(x) + update))
+        y = q(x)
+    save(q, tmp_path / "q")
+    back = load(tmp_path / "q", model=nn.Sequential(nn.Linear(32, 64), nn.GELU(),
+                                                    nn.Linear(64, 8)))
+    assert back[0].fused_gelu == "none" and torch.equal(back(x), y)

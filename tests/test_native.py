@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -29,6 +30,7 @@ from lowbit.kernels import (
     maxpool2d_native,
     quantize_activation,
     select_kernel,
+    weight_only_linear_native,
 )
 from lowbit.modules_weight_only import Int4Linear, Int8WeightOnlyLinear, WeightOnlyConv2d
 from lowbit.ptq import quantize_dynamic, quantize_static
@@ -355,6 +357,86 @@ def test_weight_dequantization_is_bit_identical(bits, signed, symmetric, gran, g
     q._fill(layer.weight.detach(), layer.bias.detach(), "Linear", None)
     got = q.dequantize_weight()
     assert torch.equal(got, q._dequant_padded()[:, :k])
+
+
+def _wo_layer(bits: int, signed: bool, symmetric: bool, gran: str, group: int, k: int, n: int,
+              bias: bool = True) -> Int4Linear | Int8WeightOnlyLinear:
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric and signed, granularity=gran,
+                     axis=0, group_size=group if gran == "per_group" else None)
+    layer = nn.Linear(k, n, bias=bias)
+    q = (Int4Linear if bits == 4 else Int8WeightOnlyLinear)(k, n, bias, weight_spec=spec)
+    q._fill(layer.weight.detach(), None if layer.bias is None else layer.bias.detach(), "Linear",
+            None)
+    return q
+
+
+@needs_native
+@given(bits=st.sampled_from([4, 8]), signed=st.booleans(), symmetric=st.booleans(),
+       gran=st.sampled_from(["per_tensor", "per_channel", "per_group"]),
+       group=st.sampled_from([2, 8, 32]), k=st.integers(1, 70), n=st.integers(1, 9),
+       m=st.integers(1, 5), bias=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_small_weight_only_linear_equals_dequantized_float(bits, signed, symmetric, gran, group,
+                                                           k, n, m, bias, relu, seed) -> None:
+    """The one-call C weight-only linear gives F.linear over the dequantized weight up to float32
+    summation order: |error| <= k eps (|x| @ |W|.T), the bound of any summation order."""
+    torch.manual_seed(seed)
+    q = _wo_layer(bits, signed, symmetric, gran, group, k, n, bias)
+    x = torch.randn(m, k)
+    s = q.eff_spec
+    got = weight_only_linear_native(
+        x, q.weight, packed=q.packed, signed=q.weight_spec.signed, n=n, kp=q.kp,
+        group_size=s.group_size if s.granularity == "per_group" else None,
+        scale=q.weight_scale, zero_point=q.weight_zero_point, bias=q.bias, relu=relu)
+    w = q.dequantize_weight()
+    ref = F.linear(x, w, q.bias)
+    ref = ref.relu() if relu else ref
+    bound = 2 * (k + 2) * torch.finfo(torch.float32).eps * (
+        x.abs() @ w.abs().t() + (0 if q.bias is None else q.bias.abs())) + 1e-30
+    assert got is not None and got.shape == (m, n)
+    assert bool(((got - ref).abs() <= bound).all()), (got - ref).abs().max()
+
+
+@needs_native
+def test_small_weight_only_layers_run_one_c_call_for_float32_inputs() -> None:
+    """A 128 -> 10 INT4 head at batch 1 runs the C path (reported as ``native_fp32``); larger M,
+    bf16 inputs and the reference backend keep the packed / float kernels, with the same
+    values up to rounding."""
+    torch.manual_seed(0)
+    q = _wo_layer(4, True, True, "per_group", 32, 128, 10)
+    limit = q._small_max_m
+    assert limit >= 1 and q.kernel_info() == {f"M<={limit}": "native_fp32",
+                                              "M<=512": q._select_packed(1),
+                                              "M>512": q._select_packed(513)}
+    assert q._select(1) == "native_fp32" and q._select(limit + 1) == q._select_packed(limit + 1)
+    ref = Int4Linear(128, 10, weight_spec=q.weight_spec, backend="reference")
+    ref.load_state_dict(q.state_dict())
+    assert "native_fp32" not in ref.kernel_info().values()
+    for m in (1, limit, limit + 1):
+        x = torch.randn(m, 128)
+        assert torch.allclose(q(x), ref(x), rtol=1e-2, atol=1e-2)  # bf16 packed op past limit
+    x = torch.randn(1, 128)
+    y = torch.nn.functional.linear(x, q.dequantize_weight(), q.bias)
+    assert torch.allclose(q(x), y, rtol=1e-5, atol=1e-6)  # float32 all through
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+    odd = _wo_layer(4, True, True, "per_group", 7, 14, 3)  # packed groups not byte aligned
+    assert odd._small_max_m == 0 and "native_fp32" not in odd.kernel_info().values()
+    with pytest.raises(ValueError, match=r"x must be float32 \[M, K\] with K <= kp=128"):
+        weight_only_linear_native(torch.randn(2, 129), q.weight, packed=True, signed=True, n=10,
+                                  kp=128, group_size=32, scale=q.weight_scale,
+                                  zero_point=q.weight_zero_point)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[10\]"):
+        weight_only_linear_native(x, q.weight, packed=True, signed=True, n=10, kp=128,
+                                  group_size=32, scale=q.weight_scale,
+                                  zero_point=q.weight_zero_point, bias=torch.ones(3))
+
+
+def test_small_weight_only_path_steps_aside_without_native(no_native) -> None:
+    torch.manual_seed(0)
+    q = _wo_layer(4, True, True, "per_group", 32, 128, 10)
+    assert "native_fp32" not in q.kernel_info().values() and q._select(1) != "native_fp32"
+    x = torch.randn(1, 128)
+    y = torch.nn.functional.linear(x, q.dequantize_weight(), q.bias)
+    assert torch.allclose(q(x), y, rtol=1e-2, atol=1e-2)
 
 
 @needs_native

@@ -11,7 +11,7 @@ from torch import nn
 
 from lowbit.calibrators import MinMaxCalibrator, register_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.models import MnistCNN
+from lowbit.models import MnistCNN, TransformerEncoderBlock
 from lowbit.ops import dequantize
 from lowbit.ptq import (
     PTQQuantizer,
@@ -379,3 +379,80 @@ def test_maxpool_after_conv_runs_inside_it(method: str, tmp_path) -> None:
         save(q, tmp_path / "q")
         assert torch.equal(load(tmp_path / "q", model=MnistCNN()).eval()(x), y)
     assert "MaxPool pool1" in q.lowbit_report.to_markdown()
+
+
+def _unfused_gelu(q: nn.Module, layer: str, gelu: str) -> nn.Module:
+    """``q`` with the GELU fused into ``layer`` run as its own module again."""
+    u = copy.deepcopy(q)
+    approximate = u.get_submodule(layer).fused_gelu
+    u.get_submodule(layer).fused_gelu = None
+    u.set_submodule(gelu, nn.GELU(approximate=approximate))
+    return u
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static", "int4", "int8_weight_only"])
+def test_gelu_after_linear_runs_inside_it(method: str, tmp_path) -> None:
+    """The encoder's FFN GELU runs in place on the quantized ffn_in's output: the same values as
+    the separate module, one activation-sized tensor less; saved and loaded with the layer."""
+    torch.manual_seed(0)
+    model = TransformerEncoderBlock(hidden=32, heads=4, ffn=64).eval()
+    x = torch.randn(2, 5, 32)
+    q = (quantize_dynamic(model) if method == "dynamic"
+         else quantize_static(model, [torch.randn(4, 5, 32)], progress=False)
+         if method == "static" else quantize_weight_only(model, bits=4, group_size=32)
+         if method == "int4" else quantize_weight_only(model, bits=8))
+    assert isinstance(q.act, nn.Identity) and q.ffn_in.fused_gelu == "none"
+    assert all(getattr(q, n).fused_gelu is None for n in ("query", "key", "attn_out", "ffn_out"))
+    rows = {r.name: r for r in q.lowbit_report.rows}
+    assert rows["ffn_in"].fused_gelu == "act" and rows["ffn_out"].fused_gelu is None
+    assert "GELU act" in q.lowbit_report.to_markdown()
+    assert q.lowbit_report.to_dict()["layers"][4]["fused_gelu"] == "act"
+    with torch.inference_mode():
+        y = q(x)
+        for batch in (x, x[:1, :1]):  # many rows, and one (the small C paths)
+            assert torch.equal(q(batch), _unfused_gelu(q, "ffn_in", "act")(batch))
+        assert torch.nn.functional.cosine_similarity(y.flatten(), model(x).flatten(), 0) > 0.99
+        save(q, tmp_path / "q")
+        back = load(tmp_path / "q", model=TransformerEncoderBlock(hidden=32, heads=4, ffn=64))
+        assert back.ffn_in.fused_gelu == "none" and torch.equal(back.eval()(x), y)
+    assert model.act.__class__ is nn.GELU  # the float model is untouched
+
+
+def test_gelu_fusion_keeps_the_tanh_approximation_and_leaves_other_gelus() -> None:
+    """Fused: an nn.GELU module (tanh too) directly after a Linear. Not fused: a GELU module
+    called twice, one after a non-Linear, and a functional F.gelu (not idempotent, and the
+    forward would still call it)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.g1 = nn.Linear(8, 8), nn.GELU(approximate="tanh")
+            self.fc2, self.shared = nn.Linear(8, 8), nn.GELU()
+            self.fc3, self.norm, self.g3 = nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU()
+            self.fc4 = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.g1(self.fc1(x))
+            x = self.shared(self.shared(self.fc2(x)))
+            x = self.g3(self.norm(self.fc3(x)))
+            return F.gelu(self.fc4(x))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    q = quantize_dynamic(model)
+    assert q.fc1.fused_gelu == "tanh" and isinstance(q.g1, nn.Identity)
+    assert q.fc2.fused_gelu is None and isinstance(q.shared, nn.GELU)
+    assert q.fc3.fused_gelu is None and isinstance(q.g3, nn.GELU)
+    assert q.fc4.fused_gelu is None
+    x = torch.randn(3, 8)
+    assert torch.equal(q(x), _unfused_gelu(q, "fc1", "g1")(x))
+    seq = quantize_dynamic(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)))
+    assert seq[0].fused_gelu == "none" and isinstance(seq[1], nn.Identity)
+
+
+def test_fused_gelu_is_validated() -> None:
+    q = quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    with pytest.raises(ValueError, match="fuses one activation; it already has fused_relu"):
+        q[0].fused_gelu = "none"
+    with pytest.raises(ValueError, match="must be None, 'none' or 'tanh'"):
+        quantize_dynamic(nn.Linear(4, 4)).fused_gelu = "erf"

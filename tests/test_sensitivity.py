@@ -12,7 +12,7 @@ from torch.utils.data import Subset, TensorDataset
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.data import mnist_splits
 from lowbit.evaluation import evaluate_accuracy
-from lowbit.models import MLP, MnistCNN, train_classifier
+from lowbit.models import MLP, MnistCNN, TransformerEncoderBlock, train_classifier
 from lowbit.sensitivity import SensitivityReport, analyze_sensitivity, auto_fallback
 
 PER_TENSOR_STATIC = QuantizationConfig.int8_static().__class__(
@@ -144,3 +144,14 @@ def test_folded_batchnorm_is_measured_once() -> None:
                               progress=False)
     conv1 = next(r for r in rep.rows if r.name == "conv1")
     assert conv1.cosine > 0.999
+
+
+def test_fused_gelu_is_applied_once() -> None:
+    """ffn_in carries the FFN's GELU: analysing it alone swaps the GELU module out with it."""
+    torch.manual_seed(0)
+    model = TransformerEncoderBlock(hidden=32, heads=4, ffn=64).eval()
+    x = torch.randn(2, 6, 32)
+    rep = analyze_sensitivity(model, QuantizationConfig.int8_dynamic(), example_input=x,
+                              progress=False)
+    ffn_in = next(r for r in rep.rows if r.name == "ffn_in")
+    assert ffn_in.cosine > 0.9999 and isinstance(model.act, nn.GELU)  # twice: 0.9986

@@ -101,7 +101,7 @@ def default_conv_geometry(dims: int) -> dict[str, Any]:
 
 
 class QuantizedModuleBase(nn.Module):
-    """Common plumbing: backend, layer name, fused ReLU, meta, cache refresh after loading.
+    """Common plumbing: backend, layer name, fused ReLU / GELU, meta, cache refresh after loading.
 
     Subclasses hold plain buffers, implement ``_refresh_cache()`` (non-persistent kernel caches)
     and ``_shape_meta()``; ``meta()`` adds the common fields. Every ``forward`` starts with
@@ -109,14 +109,15 @@ class QuantizedModuleBase(nn.Module):
     """
 
     def __init__(self, *, backend: str = "auto", name: str = "", fused_relu: bool = False,
-                 orig_dtype: str = "float32", meta_extra: Mapping[str, Any] | None = None
-                 ) -> None:
+                 fused_gelu: str | None = None, orig_dtype: str = "float32",
+                 meta_extra: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if backend not in ("auto", "reference"):
             raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
         self.backend = backend
         self.name = name
         self.fused_relu = bool(fused_relu)
+        self.fused_gelu = fused_gelu  # validated by the property setter
         self.orig_dtype = orig_dtype
         self.meta_extra: dict[str, Any] = jsonable(dict(meta_extra or {}))
 
@@ -125,7 +126,33 @@ class QuantizedModuleBase(nn.Module):
         """Constructor kwargs common to every module, read from a :meth:`meta` dict."""
         return {"backend": meta.get("backend", "auto"), "name": meta.get("name", ""),
                 "fused_relu": meta.get("fused_relu", False),
-                "orig_dtype": meta.get("dtype", "float32"), "meta_extra": meta.get("extra")}
+                "fused_gelu": meta.get("fused_gelu"), "orig_dtype": meta.get("dtype", "float32"),
+                "meta_extra": meta.get("extra")}
+
+    @property
+    def fused_gelu(self) -> str | None:
+        """The ``approximate`` mode (``"none"`` or ``"tanh"``) of a GELU that runs inside this
+        layer, or ``None``. ``lowbit.ptq`` sets it when an ``nn.GELU`` module directly and only
+        consumes a quantized Linear's output: the GELU then runs in place on the layer's fresh
+        output (same op, same values), which saves one activation-sized tensor and pass.
+        """
+        return self._fused_gelu
+
+    @fused_gelu.setter
+    def fused_gelu(self, value: str | None) -> None:
+        if value not in (None, "none", "tanh"):
+            raise ValueError(f"{self._label()}: fused_gelu={value!r} must be None, 'none' or "
+                             "'tanh' (nn.GELU's approximate argument)")
+        if value is not None and self.fused_relu:
+            raise ValueError(f"{self._label()}: a layer fuses one activation; it already has "
+                             "fused_relu=True")
+        self._fused_gelu = value
+
+    def _gelu(self, y: torch.Tensor) -> torch.Tensor:
+        """Apply the fused GELU in place on ``y`` (a fresh output tensor of this layer)."""
+        if self._fused_gelu is None:
+            return y
+        return torch.ops.aten.gelu_(y, approximate=self._fused_gelu)
 
     def _refresh_cache(self) -> None:
         """Rebuild derived (non-persistent) kernel caches from the persistent buffers."""
@@ -167,6 +194,7 @@ class QuantizedModuleBase(nn.Module):
     def meta(self) -> dict[str, Any]:
         """JSON-compatible description: class, shapes, specs, mode, kernel choice, extras."""
         return {"class": type(self).__name__, **self._shape_meta(), "fused_relu": self.fused_relu,
+                "fused_gelu": self.fused_gelu,
                 "dtype": self.orig_dtype, "backend": self.backend, "name": self.name,
                 "kernel": self.kernel_info(), "extra": dict(self.meta_extra)}
 

@@ -57,7 +57,7 @@ class LoRALinear(nn.Module):
 
     Args:
         base: a quantized linear layer (one of :data:`LORA_BASES`). Its buffers stay integer;
-            a ReLU fused into it moves to the wrapper (applied after the LoRA update).
+            a ReLU or GELU fused into it moves to the wrapper (applied after the LoRA update).
         r: rank of the update (>= 1).
         alpha: scaling numerator: the update is multiplied by ``alpha / r``.
         dropout: dropout probability on the adapter's input (0: none).
@@ -99,7 +99,8 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.dropout_p = int(r), float(alpha), float(dropout)
         self.scaling = self.alpha / self.r
         self.fused_relu = bool(base.fused_relu)
-        base.fused_relu = False  # ReLU(base + update), not ReLU(base) + update
+        self.fused_gelu: str | None = base.fused_gelu
+        base.fused_relu, base.fused_gelu = False, None  # act(base + update), not act(base) + ...
         self.base = base
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))
@@ -107,10 +108,13 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``base(x) + dropout(x) @ A.T @ B.T * scaling`` (then ReLU if one was fused)."""
+        """``base(x) + dropout(x) @ A.T @ B.T * scaling`` (then the ReLU / GELU fused into the
+        base, if any)."""
         y = _FrozenQuantizedLinear.apply(x, self.base)
         update = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
         y = y + (update * self.scaling).to(y.dtype)
+        if self.fused_gelu is not None:
+            return F.gelu(y, approximate=self.fused_gelu)
         return F.relu(y) if self.fused_relu else y
 
     def lora_config(self) -> dict[str, Any]:
@@ -122,8 +126,9 @@ class LoRALinear(nn.Module):
             >>> LoRALinear(q, r=2, alpha=4).lora_config()
             {'r': 2, 'alpha': 4.0, 'dropout': 0.0, 'fused_relu': False}
         """
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout_p,
-                "fused_relu": self.fused_relu}
+        cfg = {"r": self.r, "alpha": self.alpha, "dropout": self.dropout_p,
+               "fused_relu": self.fused_relu}
+        return cfg if self.fused_gelu is None else {**cfg, "fused_gelu": self.fused_gelu}
 
     @classmethod
     def from_config(cls, base: nn.Module, config: dict[str, Any]) -> LoRALinear:
@@ -139,11 +144,13 @@ class LoRALinear(nn.Module):
         layer = cls(base, r=config["r"], alpha=config["alpha"],
                     dropout=config.get("dropout", 0.0))
         layer.fused_relu = bool(config.get("fused_relu", False)) or layer.fused_relu
+        layer.fused_gelu = config.get("fused_gelu") or layer.fused_gelu
         return layer
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
-                f"dropout={self.dropout_p:g}, fused_relu={self.fused_relu}")
+                f"dropout={self.dropout_p:g}, fused_relu={self.fused_relu}"
+                + ("" if self.fused_gelu is None else f", fused_gelu={self.fused_gelu!r}"))
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

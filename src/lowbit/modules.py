@@ -250,17 +250,19 @@ class QuantizedLinear(_Int8Base):
             w, w_scale, colsum, bias, scale, zp, comp = fa
             y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
                                  per_token, scale, zp, comp, self.fused_relu, kernel)
+            y = self._gelu(y)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         q, s, zp = self._quantize_input(x2, per_token)
         y = int8_linear(q, s, zp, self.weight, self._w_scale, self._colsum, self.bias,
                         relu=self.fused_relu, kernel=kernel, comp=self._comp,
                         w_zp=self._w_zp)  # (M, N)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
 
     def extra_repr(self) -> str:
+        gelu = "" if self.fused_gelu is None else f", fused_gelu={self.fused_gelu!r}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"mode={self.mode}, act={self.act_spec.granularity}, "
-                f"fused_relu={self.fused_relu}, backend={self.backend}")
+                f"fused_relu={self.fused_relu}{gelu}, backend={self.backend}")
 
 
 class QuantizedConv2d(_Int8Base):

@@ -29,13 +29,18 @@ from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     INT4_PACKED_MAX_M,
     WEIGHT_ONLY_PACKED_MAX_M,
-    dequantize_weight_native,
+    c_layout,
     int4_pack_for_cpu,
     maxpool2d_native,
     native_lib_for,
+    run_dequantize_weight_native,
+    run_weight_only_linear_native,
     select_kernel,
     weight_only_linear,
+    wo_small_fits,
+    wo_small_max_rows,
 )
+from lowbit.native import load_native
 from lowbit.ops import dequantize, pack_int4, unpack_int4
 
 __all__ = ["Int4Linear", "Int8WeightOnlyLinear", "QuantizedEmbedding", "WeightOnlyConv1d",
@@ -76,6 +81,21 @@ class _WeightOnly(QuantizedModuleBase):
         self.register_buffer("weight_scale", torch.ones(qshape))
         self.register_buffer("weight_zero_point", torch.zeros(qshape, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(n) if has_bias else None)
+        self._c_args: tuple | None = None  # set by _refresh_cache
+
+    def _refresh_cache(self) -> None:
+        """The arguments of the C dequantization (``lowbit.native``), checked once: codes,
+        packed, signed, N, Kp, K, group (0: one scale), scale, zero-point."""
+        s = self.eff_spec
+        group = s.group_size if s.granularity == "per_group" else (
+            0 if s.granularity == "per_tensor" else self.kp)
+        ok = (self.backend != "reference" and self.weight.is_contiguous()
+              and self.weight.dtype in (torch.int8, torch.uint8)
+              and c_layout((self.weight_scale, torch.float32),
+                            (self.weight_zero_point, torch.int32)))
+        self._c_args = (self.weight, int(self.packed), int(self.weight_spec.signed), self.n,
+                        self.kp, self.k, group or 0, self.weight_scale,
+                        self.weight_zero_point) if ok else None
 
     def _fill(self, weight2d: torch.Tensor, bias: torch.Tensor | None, kind: str,
               weight_qparams: Any) -> None:
@@ -101,13 +121,8 @@ class _WeightOnly(QuantizedModuleBase):
         One pass of the fused C kernel (same bits) unless the backend is ``"reference"`` or the
         kernels are unavailable (see :mod:`lowbit.native`).
         """
-        if self.backend != "reference":
-            w = dequantize_weight_native(self.weight, self.packed, self.weight_spec.signed,
-                                         self.n, self.kp, self.k, self.eff_spec.group_size
-                                         if self.eff_spec.granularity == "per_group" else None,
-                                         self.weight_scale, self.weight_zero_point)
-            if w is not None:
-                return w
+        if self._c_args is not None and (lib := native_lib_for(self.weight)) is not None:
+            return run_dequantize_weight_native(lib, self._c_args)
         return self._dequant_padded()[:, : self.k]
 
     def _w_meta(self) -> dict[str, Any]:
@@ -129,6 +144,8 @@ class _WeightOnlyLinear(_WeightOnly):
         self._init_w(out_features, in_features, has_bias, weight_spec or self._default_spec())
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_scales", None, persistent=False)
+        self._small_args: tuple | None = None  # set by _refresh_cache
+        self._small_max_m = 0
 
     @staticmethod
     def _default_spec() -> QuantSpec:
@@ -160,28 +177,53 @@ class _WeightOnlyLinear(_WeightOnly):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 **self._w_meta()}
 
-    def _select(self, m: int) -> str:
+    def _select_packed(self, m: int) -> str:
         raise NotImplementedError
+
+    def _select(self, m: int) -> str:
+        """The kernel for ``m`` float32 activation rows (bf16 inputs skip ``"native_fp32"``)."""
+        if m <= self._small_max_m and load_native() is not None:
+            return "native_fp32"
+        return self._select_packed(m)
+
+    def _refresh_cache(self) -> None:
+        """Also the one-call C path for small shapes (:func:`weight_only_linear_native`)."""
+        super()._refresh_cache()
+        c = self._c_args
+        ok = (c is not None and c_layout((self.bias, torch.float32))
+              and wo_small_fits(self.packed, c[6]))
+        self._small_max_m = wo_small_max_rows(self.n, self.kp) if ok else 0
+        self._small_args = (*c[:5], *c[6:], self.bias) if ok and self._small_max_m else None
 
     _max_packed_m = INT4_PACKED_MAX_M
 
     def kernel_info(self) -> dict[str, str]:
-        """Kernel per activation row count, e.g. ``{"M<=512": ..., "M>512": ...}``."""
+        """Kernel per activation row count, first match: e.g. ``{"M<=25": "native_fp32",
+        "M<=512": "int4pack_bf16", "M>512": "dequant_bf16"}`` (``"native_fp32"``: small
+        float32 inputs, with the C kernels)."""
         t = self._max_packed_m
-        return {f"M<={t}": self._select(1), f"M>{t}": self._select(t + 1)}
+        small = {} if self._select(1) != "native_fp32" else {
+            f"M<={self._small_max_m}": "native_fp32"}
+        return {**small, f"M<={t}": self._select_packed(1), f"M>{t}": self._select_packed(t + 1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float (..., K) -> float (..., N) in x's dtype."""
         x = self._input(x, self.in_features)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if (x2.shape[0] <= self._small_max_m and x2.dtype == torch.float32
+                and (x2.stride(-1) == 1 or x2.shape[0] == 1)
+                and (lib := native_lib_for(x2)) is not None):  # one C call
+            y = run_weight_only_linear_native(lib, x2, self._small_args,  # type: ignore[arg-type]
+                                              self.fused_relu)
+            return self._gelu(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
         if self.kp > self.k:
             x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
-        kernel = self._select(x2.shape[0])
+        kernel = self._select_packed(x2.shape[0])
         y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias, packed=self._packed,
                                scales=self._scales, group_size=self._group(),
                                out_features=self.n)  # (M, N) float32
         y = self._act(y, self.fused_relu)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
 
     def _group(self) -> int:
         spec = self.eff_spec
@@ -215,14 +257,15 @@ class Int4Linear(_WeightOnlyLinear):
         """Rows of the packed cache: N rounded up to the packed op's multiple of 16."""
         return -(-self.n // 16) * 16
 
-    def _select(self, m: int) -> str:
+    def _select_packed(self, m: int) -> str:
         g = self._group() if self.eff_spec.granularity != "per_tensor" else None
         return select_kernel("int4_weight_only", m, backend=self.backend, n=self._n_packed(),
                              k=self.kp, group_size=g)
 
     def _refresh_cache(self) -> None:
+        super()._refresh_cache()
         self._packed = self._scales = None
-        if self._select(1) == "int4pack_bf16":
+        if self._select_packed(1) == "int4pack_bf16":
             pad = self._n_packed() - self.n  # zero rows: their outputs are sliced off
             codes = F.pad(self.codes(), (0, 0, 0, pad))  # (Np, Kp)
             scale = F.pad(self.weight_scale.reshape(self.n, -1), (0, 0, 0, pad))  # (Np, G)
@@ -253,15 +296,16 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     def _default_spec() -> QuantSpec:
         return QuantSpec.int8_weight()
 
-    def _select(self, m: int) -> str:
+    def _select_packed(self, m: int) -> str:
         s = self.weight_spec
         ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
         k16 = -(-self.kp // 16) * 16  # the packed cache's K (zero columns added)
         return select_kernel("int8_weight_only", m, backend=self.backend, k=k16, packable=ok)
 
     def _refresh_cache(self) -> None:
+        super()._refresh_cache()
         self._packed = self._scales = None
-        if self._select(1) == "int8pack_bf16":
+        if self._select_packed(1) == "int8pack_bf16":
             self._packed = F.pad(self.weight, (0, -self.kp % 16))  # (N, K16), zero columns
             self._scales = self.weight_scale.to(torch.bfloat16)
 

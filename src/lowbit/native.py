@@ -57,6 +57,8 @@ _SIGNATURES = {
     "lb_epilogue_to_nchw": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _INT, _P, _INT]),
     "lb_maxpool2d": (None, [_P, _I64, _I64, _I64, _I64, _P, _INT]),
     "lb_dequantize_weight": (None, [_P, _INT, _INT, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]),
+    "lb_wo_linear_small": (_INT, [_P, _I64, _I64, _I64, _P, _INT, _INT, _I64, _I64, _I64, _P,
+                                  _P, _P, _INT, _P, _INT]),
     "lb_linear_s8_small": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32,
                                   _P, _I64, _P, _P, _P, _INT, _P, _INT, _INT]),
 }

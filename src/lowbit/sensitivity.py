@@ -232,7 +232,7 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
         plan = plans[name]
         swapped = {name: qfull.get_submodule(name)}
-        for absorbed in (plan.folded_bn, plan.fused_pool):  # now inside the quantized layer
+        for absorbed in (plan.folded_bn, plan.fused_pool, plan.fused_gelu):  # now inside it
             if absorbed:
                 swapped[absorbed] = nn.Identity()
         originals = {n: work.get_submodule(n) for n in swapped}

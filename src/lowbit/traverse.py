@@ -53,6 +53,8 @@ class Fusions:
             the layer (or after its BatchNorm).
         relu_uses: ReLU module name -> how many times the forward calls it (a shared ReLU module
             must not be removed).
+        gelu_after: Linear layer name -> an ``nn.GELU`` module called once, right after the
+            layer (its output's only user); the module becomes ``Identity`` once fused.
         pool_after: layer name -> a non-overlapping ``nn.MaxPool2d`` module (kernel = stride,
             no padding) called once, right after the layer (or its BatchNorm / ReLU).
         method: ``"fx"`` or ``"module_order"``.
@@ -62,6 +64,7 @@ class Fusions:
     bn_for: dict[str, str] = field(default_factory=dict)
     relu_after: dict[str, str] = field(default_factory=dict)
     relu_uses: dict[str, int] = field(default_factory=dict)
+    gelu_after: dict[str, str] = field(default_factory=dict)
     pool_after: dict[str, str] = field(default_factory=dict)
     method: str = "fx"
     note: str = ""
@@ -80,6 +83,7 @@ class LayerPlan:
         fused_relu: a following ReLU is applied inside the quantized layer.
         folded_bn: name of the BatchNorm folded into this layer.
         fused_pool: name of the MaxPool2d run inside this (INT8 Conv2d) layer.
+        fused_gelu: name of the GELU run inside this (quantized Linear) layer.
         shared_with: for a module registered under several names, the first name; this row
             follows that layer's decision and shares its quantized module.
     """
@@ -93,6 +97,7 @@ class LayerPlan:
     folded_bn: str | None = None
     shared_with: str | None = None
     fused_pool: str | None = None
+    fused_gelu: str | None = None
 
 
 def _is_relu_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
@@ -134,12 +139,24 @@ def _fx_fusions(model: nn.Module) -> Fusions:
             if relu is not None:
                 fusions.relu_after[name] = relu
                 tail = users[0]
+            elif _fusable_gelu(modules[name], users[0], modules, calls):
+                fusions.gelu_after[name] = str(users[0].target)
+                continue
         users = list(tail.users)
         if len(users) == 1 and users[0].op == "call_module":
             pool = str(users[0].target)
             if calls.get(pool) == 1 and fusable_maxpool(modules.get(pool)):
                 fusions.pool_after[name] = pool
     return fusions
+
+
+def _fusable_gelu(layer: nn.Module, node: torch.fx.Node, modules: dict[str, nn.Module],
+                  calls: dict[str, int]) -> bool:
+    """``node`` calls an ``nn.GELU`` module once, on a Linear's output (a GELU is not
+    idempotent, so unlike ReLU only a module the fusion can replace by ``Identity`` fuses)."""
+    return (isinstance(layer, nn.Linear) and node.op == "call_module"
+            and isinstance(modules.get(str(node.target)), nn.GELU)
+            and calls.get(str(node.target)) == 1 and len(node.args) == 1 and not node.kwargs)
 
 
 def fusable_maxpool(module: nn.Module | None) -> int:
@@ -181,11 +198,21 @@ def _order_fusions(model: nn.Module, note: str) -> Fusions:
                 fusions.relu_after[prefix + child_name] = relu_name
                 fusions.relu_uses[relu_name] = 1
                 j += 1
-            if j < len(children) and fusable_maxpool(children[j][1]) and sum(
-                    m is children[j][1] for _, m in model.named_modules(remove_duplicate=False)
-            ) == 1:  # a pool module registered once (the forward may still call it elsewhere)
+            elif (j < len(children) and isinstance(child, nn.Linear)
+                  and isinstance(children[j][1], nn.GELU) and _registered_once(model,
+                                                                               children[j][1])):
+                fusions.gelu_after[prefix + child_name] = prefix + children[j][0]
+                continue
+            if j < len(children) and fusable_maxpool(children[j][1]) and _registered_once(
+                    model, children[j][1]):
                 fusions.pool_after[prefix + child_name] = prefix + children[j][0]
     return fusions
+
+
+def _registered_once(model: nn.Module, module: nn.Module) -> bool:
+    """``module`` appears once in the tree (the forward may still call it elsewhere, which
+    module-order fusion cannot see; fx-based fusion counts the calls)."""
+    return sum(m is module for _, m in model.named_modules(remove_duplicate=False)) == 1
 
 
 def _bn_foldable(bn: nn.Module) -> bool:
@@ -337,7 +364,8 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         # weight-only layers too; an embedding lookup has no fused activation
         fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
         plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg),
-                                fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name))
+                                fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name),
+                                fused_gelu=fusions.gelu_after.get(name))
     return plans
 
 
@@ -350,7 +378,7 @@ def _plan_alias(plans: dict[str, LayerPlan], alias: str, first: str) -> None:
     plan = plans.get(first)
     if plan is None:  # not a layer lowbit plans (e.g. a container reused twice)
         return
-    plan.fused_relu, plan.folded_bn = False, None
+    plan.fused_relu, plan.folded_bn, plan.fused_gelu = False, None, None
     note = f"same module as {first!r}; shares its "
     note += "quantized module" if plan.status == "quantized" else "decision"
     plans[alias] = LayerPlan(alias, plan.module_type, plan.config, plan.status,
