@@ -359,6 +359,20 @@ def test_weight_dequantization_is_bit_identical(bits, signed, symmetric, gran, g
     assert torch.equal(got, q._dequant_padded()[:, :k])
 
 
+@needs_native
+@given(b=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 13), w=st.integers(1, 13),
+       k=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_maxpool_is_bit_identical_with_ties_signed_zeros_and_nans(b, c, h, w, k, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, float("nan"), float("-inf"), float("inf")])
+    y = pick[torch.randint(0, len(pick), (b, c, h, w), generator=g)]
+    if h < k or w < k:
+        return
+    got = maxpool2d_native(native.load_native(), y, k)
+    ref = torch.nn.functional.max_pool2d(y, k)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
 def _wo_layer(bits: int, signed: bool, symmetric: bool, gran: str, group: int, k: int, n: int,
               bias: bool = True) -> Int4Linear | Int8WeightOnlyLinear:
     spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric and signed, granularity=gran,

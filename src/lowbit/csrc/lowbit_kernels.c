@@ -212,23 +212,49 @@ void lb_quantize_nhwc_padded_s8(const float *x, int64_t b, int64_t c, int64_t h,
     const float lo = (float)qmin, hi = (float)qmax, z = (float)zp;
     const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
     const int8_t zcode = (int8_t)clampf(z, lo, hi);
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
-    for (int64_t r = 0; r < b * hp; ++r) { /* one padded row (all channels) at a time */
-        const int64_t bi = r / hp, y = r % hp - ph;
-        int8_t *out = qpad + r * wp * c;
-        if (y < 0 || y >= h) {
+    /* the codes in x's NCHW order first, one long vectorized pass (a conv's rows are often
+     * shorter than a vector), then interleaved into the padded NHWC rows */
+    int8_t *codes = (int8_t *)malloc((size_t)(n > 0 ? n : 1));
+    if (!codes) { /* no scratch: store each code in place (same values, slower) */
+        for (int64_t r = 0; r < b * hp; ++r) {
+            const int64_t bi = r / hp, y = r % hp - ph;
+            int8_t *out = qpad + r * wp * c;
             memset(out, zcode, (size_t)(wp * c));
-            continue;
+            if (y < 0 || y >= h)
+                continue;
+            for (int64_t ch = 0; ch < c; ++ch)
+                for (int64_t j = 0; j < w; ++j)
+                    out[(pw + j) * c + ch] = (int8_t)clampf(
+                        nearbyintf(x[((bi * c + ch) * h + y) * w + j] * inv) + z, lo, hi);
         }
-        memset(out, zcode, (size_t)(pw * c));
-        memset(out + (pw + w) * c, zcode, (size_t)(pw * c));
-        for (int64_t ch = 0; ch < c; ++ch) {
-            const float *xr = x + ((bi * c + ch) * h + y) * w;
-            int8_t *o = out + pw * c + ch;
+        return;
+    }
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for
+        for (int64_t i = 0; i < n; i += 4096) {
+            const int64_t e = i + 4096 < n ? i + 4096 : n;
+            for (int64_t j = i; j < e; ++j)
+                codes[j] = (int8_t)clampf(nearbyintf(x[j] * inv) + z, lo, hi);
+        }
+#pragma omp for
+        for (int64_t r = 0; r < b * hp; ++r) { /* one padded row (all channels) at a time */
+            const int64_t bi = r / hp, y = r % hp - ph;
+            int8_t *out = qpad + r * wp * c;
+            if (y < 0 || y >= h) {
+                memset(out, zcode, (size_t)(wp * c));
+                continue;
+            }
+            memset(out, zcode, (size_t)(pw * c));
+            memset(out + (pw + w) * c, zcode, (size_t)(pw * c));
+            const int8_t *src = codes + (bi * c * h + y) * w;
+            int8_t *o = out + pw * c;
             for (int64_t j = 0; j < w; ++j)
-                o[j * c] = (int8_t)clampf(nearbyintf(xr[j] * inv) + z, lo, hi);
+                for (int64_t ch = 0; ch < c; ++ch)
+                    o[j * c + ch] = src[ch * h * w + j];
         }
     }
+    free(codes);
 }
 
 /* Copy n bytes: an inline loop for the few bytes of thin layers (a libc call per patch row
@@ -491,21 +517,39 @@ static inline float pool_take(float m, float val) { return (val > m || val != va
 void lb_maxpool2d(const float *y, int64_t planes, int64_t h, int64_t w, int64_t k, float *out,
                   int nthreads) {
     const int64_t ho = h / k, wo = w / k;
+    /* k = 2 on even-width rows: the horizontal pairs of the whole tensor in one long
+     * vectorized pass, then the vertical pairs. take(take(a, b), take(c, d)) is the sequential
+     * take(take(take(take(-inf, a), b), c), d) bit for bit: ties keep the earlier value, and
+     * any NaN gives the last NaN either way (take(-inf, a) is a itself). */
+    float *pairs = (k == 2 && w % 2 == 0 && ho > 0)
+        ? (float *)malloc((size_t)(planes * h * wo) * sizeof(float)) : NULL;
+    if (pairs) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+        {
+            const int64_t np = planes * h * wo;
+#pragma omp for
+            for (int64_t i = 0; i < np; i += 4096) {
+                const int64_t e = i + 4096 < np ? i + 4096 : np;
+                for (int64_t q = i; q < e; ++q)
+                    pairs[q] = pool_take(y[2 * q], y[2 * q + 1]);
+            }
+#pragma omp for
+            for (int64_t r = 0; r < planes * ho; ++r) {
+                const int64_t p = r / ho, i = r % ho;
+                const float *a = pairs + (p * h + 2 * i) * wo, *b = a + wo;
+                float *dst = out + r * wo;
+                for (int64_t j = 0; j < wo; ++j)
+                    dst[j] = pool_take(a[j], b[j]);
+            }
+        }
+        free(pairs);
+        return;
+    }
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
     for (int64_t r = 0; r < planes * ho; ++r) {
         const int64_t p = r / ho, i = r % ho;
         const float *src = y + (p * h + i * k) * w;
         float *dst = out + r * wo;
-        if (k == 2) { /* the common case, in the same order: (0,0) (0,1) (1,0) (1,1) */
-            const float *a = src, *b = src + w;
-            for (int64_t j = 0; j < wo; ++j) {
-                float m = pool_take(-INFINITY, a[2 * j]);
-                m = pool_take(m, a[2 * j + 1]);
-                m = pool_take(m, b[2 * j]);
-                dst[j] = pool_take(m, b[2 * j + 1]);
-            }
-            continue;
-        }
         for (int64_t j = 0; j < wo; ++j) {
             float m = -INFINITY;
             for (int64_t u = 0; u < k; ++u)
