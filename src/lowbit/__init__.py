@@ -37,6 +37,7 @@ from lowbit.evaluation import (
 )
 from lowbit.fake_quantize import FakeQuantize
 from lowbit.lora import LoRALinear, add_lora, lora_parameters, mark_only_lora_trainable
+from lowbit.memory import output_pool_stats, release_output_pool
 from lowbit.modules import (
     QUANTIZED_MODULES,
     Int4Linear,
@@ -142,6 +143,7 @@ __all__ = [
     "module_from_meta",
     "native_status",
     "ops",
+    "output_pool_stats",
     "prepare_qat",
     "quantize_dynamic",
     "quantize_static",
@@ -149,6 +151,7 @@ __all__ = [
     "quantized_weight_nbytes",
     "read_manifest",
     "register_calibrator",
+    "release_output_pool",
     "report",
     "save",
     "save_checkpoint",

@@ -154,6 +154,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lowbit.memory import empty as pooled_empty
 from lowbit.native import load_native, threads_for
 
 __all__ = [
@@ -460,8 +461,8 @@ def quantize_activation_u8(x: torch.Tensor, qmin: int, qmax: int, scale: torch.T
 
 
 def _int8_acc(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor, colsum: torch.Tensor,
-              comp: torch.Tensor | None, kernel: str, w_zp: torch.Tensor | None = None
-              ) -> torch.Tensor:
+              comp: torch.Tensor | None, kernel: str, w_zp: torch.Tensor | None = None,
+              pooled: bool = False) -> torch.Tensor:
     """Exact int32 ``(q - zp) @ (w2d - w_zp).T`` ``[M, N]`` by the chosen kernel.
 
     ``q`` are int8 codes (uint8 codes work too, e.g. from :func:`quantize_activation_u8`);
@@ -486,7 +487,9 @@ def _int8_acc(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor, colsu
                 rows = rows - w2d.shape[1] * zp.reshape(-1)
             acc.addr_(rows.expand(acc.shape[0]), w_zp, alpha=-1)
         return acc
-    acc = torch._int_mm(q, w2d.t())  # (M, N) int32; B = transpose of contiguous (N, K)
+    # (M, N) int32; B = transpose of contiguous (N, K); pooled: in lowbit.memory's reused blocks
+    acc = (torch._int_mm(q, w2d.t()) if not pooled else
+           torch._int_mm(q, w2d.t(), out=pooled_empty((q.shape[0], w2d.shape[0]), torch.int32)))
     if comp is not None:
         acc.sub_(comp)
     elif zp is not None:
@@ -806,8 +809,8 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
         lib.lb_quantize_s8(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(), 0, 0,
                            None if zp is None else zp.data_ptr(), qmin, qmax, q.data_ptr(),
                            threads_for(m * k))
-    acc = _int8_acc(q, zp, w, colsum, comp, kernel)  # (M, N) int32
-    out = torch.empty((m, n), dtype=torch.bfloat16) if bf16 else None
+    acc = _int8_acc(q, zp, w, colsum, comp, kernel, pooled=True)  # (M, N) int32
+    out = pooled_empty((m, n), torch.bfloat16) if bf16 else None
     lib.lb_epilogue(acc.data_ptr(), 1, m, n, 1, s.data_ptr(), int(s.numel() != 1),
                     w_scale.data_ptr(), None if bias is None else bias.data_ptr(), int(relu),
                     None if out is None else out.data_ptr(), threads_for(m * n))
@@ -826,7 +829,7 @@ def _fused_linear_blocks(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: tor
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
     rows = BLOCK_ROWS
-    out = torch.empty((m, n), dtype=x.dtype)
+    out = pooled_empty((m, n), x.dtype)
     qb = torch.empty((rows, k), dtype=torch.int8)
     accb = torch.empty((rows, n), dtype=torch.int32) if bf16 else None
     per_row = scale is None and per_token
@@ -958,8 +961,8 @@ def _conv_gemm_native(lib: Any, x: torch.Tensor, x_scale: torch.Tensor | None,
                               stride[0], stride[1], dilation[0], dilation[1], ho, wo,
                               cols.data_ptr(), threads_for(cols.numel()))
     zpt = None if x_zp is None else x_zp.to(torch.int32)
-    acc = _int8_acc(cols, zpt, w_cols, colsum, None, kernel)  # (B*Ho*Wo, O) int32
-    y = torch.empty((bsz, o, ho, wo))
+    acc = _int8_acc(cols, zpt, w_cols, colsum, None, kernel, pooled=True)  # (B*Ho*Wo, O) int32
+    y = pooled_empty((bsz, o, ho, wo))
     if not c_layout((w_scale, torch.float32)) or w_scale.numel() != o:  # modules: already so
         w_scale = w_scale.float().expand(o).contiguous()
     b = bias if bias is None or c_layout((bias, torch.float32)) else bias.float().contiguous()
