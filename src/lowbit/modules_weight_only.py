@@ -30,11 +30,13 @@ from lowbit.kernels import (
     INT4_PACKED_MAX_M,
     WEIGHT_ONLY_PACKED_MAX_M,
     c_layout,
+    direct_conv_fits,
     int4_pack_for_cpu,
     maxpool2d_native,
     native_lib_for,
     run_dequantize_weight_native,
     run_weight_only_linear_native,
+    run_wo_conv2d_native,
     select_kernel,
     weight_only_linear,
     wo_small_fits,
@@ -449,12 +451,23 @@ class WeightOnlyConv2d(_WeightOnly):
         if g["pre_pad"] is not None:
             x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
         conv = F.conv1d if self._dims == 1 else F.conv2d
-        w = self.dequantize_weight().reshape(self.wshape)
-        if x.dtype != torch.float32:
-            w = w.to(x.dtype)
-        b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        y = conv(x, w, b, g["stride"], g["padding"], g["dilation"], g["groups"])
-        y = y.relu_() if self.fused_relu else y
+        lib = None
+        if (self._dims == 2 and self._c_args is not None and direct_conv_fits(
+                x, self.n * self.k, g["stride"], g["groups"])
+                and c_layout((self.bias, torch.float32))):
+            lib = native_lib_for(x)
+        if lib is not None:  # small: dequantize + direct conv + bias + ReLU in one C call
+            y = run_wo_conv2d_native(lib, x, self._c_args, self.out_channels, self.kernel_size,
+                                     self.bias, g["stride"], g["padding"], g["dilation"],
+                                     self.fused_relu)
+        else:
+            w = self.dequantize_weight().reshape(self.wshape)
+            if x.dtype != torch.float32:
+                w = w.to(x.dtype)
+            b = (self.bias if self.bias is None or self.bias.dtype == x.dtype
+                 else self.bias.to(x.dtype))
+            y = conv(x, w, b, g["stride"], g["padding"], g["dilation"], g["groups"])
+            y = y.relu_() if self.fused_relu else y
         pool = g.get("fused_maxpool")  # a following MaxPool2d fused by lowbit.ptq
         if pool:
             lib = None if self.backend == "reference" or y.dtype != torch.float32 else (

@@ -59,6 +59,10 @@ _SIGNATURES = {
     "lb_dequantize_weight": (None, [_P, _INT, _INT, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]),
     "lb_wo_linear_small": (_INT, [_P, _I64, _I64, _I64, _P, _INT, _INT, _I64, _I64, _I64, _P,
                                   _P, _P, _INT, _P, _INT]),
+    "lb_conv2d_f32_small": (_INT, [_P, _I64, _I64, _I64, _I64, _P, *[_I64] * 9, _P, _INT, _P,
+                                   _INT]),
+    "lb_wo_conv2d_small": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _INT, _INT, _I64, _I64, _P, _P,
+                                  *[_I64] * 9, _P, _INT, _P, _INT]),
     "lb_linear_s8_small": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32,
                                   _P, _I64, _P, _P, _P, _INT, _P, _INT, _INT]),
 }

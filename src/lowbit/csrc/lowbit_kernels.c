@@ -13,6 +13,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 /* Whether torch.addcmul(bias, v, s) rounds once (a fused multiply-add, as its AVX2 / AVX-512
  * kernels compile) or twice (its portable kernel); lowbit/native.py probes torch and sets it. */
@@ -179,6 +182,31 @@ static inline void epilogue_run(void *acc, int is_int32, int64_t len, const floa
  * where c indexes n and o indexes outer (sx_per_outer, else sx[0]). The result is written as
  * float32 in place (out_bf16 NULL) or as bfloat16 to out_bf16 (same layout).
  * Linear: [M, N, 1]; NCHW conv: [B, C, HW]. */
+/* epilogue_run over one float32 NCHW plane, its weight scale and bias hoisted (the strided
+ * form, step 0, did not vectorize): the same operations in the same order. */
+static inline void epilogue_plane(float *y, int64_t len, float w, const float *bias, int64_t c,
+                                  float s, int relu, int fused) {
+    if (!bias) {
+        for (int64_t i = 0; i < len; ++i) {
+            const float v = y[i] * w * s;
+            y[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
+        }
+        return;
+    }
+    const float b = bias[c];
+    if (fused) {
+        for (int64_t i = 0; i < len; ++i) {
+            const float v = fmaf(y[i] * w, s, b);
+            y[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
+        }
+    } else {
+        for (int64_t i = 0; i < len; ++i) {
+            const float v = b + (y[i] * w) * s;
+            y[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
+        }
+    }
+}
+
 void lb_epilogue(void *acc, int is_int32, int64_t outer, int64_t n, int64_t inner,
                  const float *sx, int sx_per_outer, const float *sw, const float *bias, int relu,
                  uint16_t *out_bf16, int nthreads) {
@@ -193,6 +221,10 @@ void lb_epilogue(void *acc, int is_int32, int64_t outer, int64_t n, int64_t inne
         }
         for (int64_t c = 0; c < n; ++c) {
             const int64_t base = (o * n + c) * inner;
+            if (!is_int32 && !out_bf16) { /* a float32 NCHW plane: one weight scale and bias */
+                epilogue_plane((float *)acc + base, inner, sw[c], bias, c, s, relu, fused);
+                continue;
+            }
             epilogue_run((float *)acc + base, is_int32, inner, sw + c, 0, bias ? bias + c : 0,
                          0, s, relu, out_bf16 ? out_bf16 + base : 0, fused);
         }
@@ -559,3 +591,133 @@ void lb_maxpool2d(const float *y, int64_t planes, int64_t h, int64_t w, int64_t 
         }
     }
 }
+
+/* A direct float32 conv2d (groups 1, width stride 1) for small layers, where oneDNN's per-call
+ * cost dominates: x [b, c, h, w] (zero padding ph / pw), weight [o, c, kh, kw], y [b, o, ho, wo]
+ * plus bias and ReLU. Each output is the sum over the taps (ci, u, v), in that order, of x * w by
+ * fused multiply-adds: a fixed order, so a fixed result (integer-valued inputs, as the centered
+ * codes of "fp32_codes_conv", give exact integer sums below 2^24). Vectorized over 16 output
+ * pixels of a row, 8 output channels at a time (8 independent FMA chains), stored straight into
+ * the NCHW rows. Returns 0; -1 when out of memory, -2 for a width stride other than 1. */
+/* Store the first nj (1..16) lanes of v: one masked store with AVX-512 (a variable-size memcpy
+ * is a library call per row segment, which cost more than the arithmetic). */
+static inline void store_first(float *dst, const v16sf *v, int64_t nj) {
+    if (nj == 16) {
+        memcpy(dst, v, sizeof *v);
+        return;
+    }
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(dst, (__mmask16)((1u << nj) - 1u), (__m512)*v);
+#else
+    for (int64_t l = 0; l < nj; ++l)
+        dst[l] = (*v)[l];
+#endif
+}
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#define LB_OCB 8
+/* The conv itself; wz: the weight as [o8, k] rows (o8 = o rounded up to LB_OCB, zero rows). */
+static int conv2d_direct(const float *x, int64_t b, int64_t c, int64_t h, int64_t w,
+                         const float *wz, int64_t o, int64_t kh, int64_t kw, int64_t sh,
+                         int64_t ph, int64_t pw, int64_t dh, int64_t dw, const float *bias,
+                         int relu, float *y, int nthreads) {
+    const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
+    const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = wp - dw * (kw - 1);
+    const int64_t k = c * kh * kw, nob = (o + LB_OCB - 1) / LB_OCB;
+    /* padded x, with 16 floats of slack: a row's last vector may read past its end */
+    float *xpad = (float *)calloc((size_t)(b * c * hp * wp + 16), sizeof(float));
+    int64_t *koff = (int64_t *)malloc((size_t)k * sizeof(int64_t));
+    if (!xpad || !koff) {
+        free(xpad);
+        free(koff);
+        return -1;
+    }
+    for (int64_t pl = 0; pl < b * c; ++pl)
+        for (int64_t i = 0; i < h; ++i)
+            memcpy(xpad + (pl * hp + i + ph) * wp + pw, x + (pl * h + i) * w,
+                   (size_t)w * sizeof(float));
+    for (int64_t ci = 0; ci < c; ++ci) /* where tap (ci, u, v) reads, from an output's corner */
+        for (int64_t u = 0; u < kh; ++u)
+            for (int64_t v = 0; v < kw; ++v)
+                koff[(ci * kh + u) * kw + v] = (ci * hp + u * dh) * wp + v * dw;
+    const v16sf zero = {0};
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) collapse(3)
+    for (int64_t n = 0; n < b; ++n) {
+        for (int64_t i = 0; i < ho; ++i) {
+            for (int64_t ob = 0; ob < nob; ++ob) {
+                const float *xrow = xpad + (n * c * hp + i * sh) * wp;
+                const float *wb = wz + ob * LB_OCB * k;
+                for (int64_t j0 = 0; j0 < wo; j0 += 16) {
+                    const int64_t nj = wo - j0 < 16 ? wo - j0 : 16;
+                    v16sf a[LB_OCB];
+                    for (int q = 0; q < LB_OCB; ++q)
+                        a[q] = zero;
+                    for (int64_t kk = 0; kk < k; ++kk) {
+                        v16sf xv;
+                        memcpy(&xv, xrow + koff[kk] + j0, sizeof xv);
+                        for (int q = 0; q < LB_OCB; ++q)
+                            a[q] += xv * wb[q * k + kk];
+                    }
+                    for (int q = 0; q < LB_OCB; ++q) {
+                        const int64_t oc = ob * LB_OCB + q;
+                        if (oc >= o)
+                            break;
+                        v16sf r = bias ? a[q] + bias[oc] : a[q];
+                        if (relu) /* r < 0 -> 0; NaN stays NaN, as torch.relu */
+                            r = (v16sf)((v16si)r & ~(r < zero));
+                        store_first(y + ((n * o + oc) * ho + i) * wo + j0, &r, nj);
+                    }
+                }
+            }
+        }
+    }
+    free(xpad);
+    free(koff);
+    return 0;
+}
+
+int lb_conv2d_f32_small(const float *x, int64_t b, int64_t c, int64_t h, int64_t w,
+                        const float *weight, int64_t o, int64_t kh, int64_t kw, int64_t sh,
+                        int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                        const float *bias, int relu, float *y, int nthreads) {
+    if (sw != 1)
+        return -2;
+    if (b <= 0 || o <= 0 || h + 2 * ph - dh * (kh - 1) - 1 < 0 || w + 2 * pw - dw * (kw - 1) < 1)
+        return 0;
+    const int64_t k = c * kh * kw, o8 = (o + LB_OCB - 1) / LB_OCB * LB_OCB;
+    float *wz = (float *)calloc((size_t)(o8 * k), sizeof(float)); /* [o8, k], zero rows */
+    if (!wz)
+        return -1;
+    memcpy(wz, weight, (size_t)(o * k) * sizeof(float));
+    const int err = conv2d_direct(x, b, c, h, w, wz, o, kh, kw, sh, ph, pw, dh, dw, bias, relu,
+                                  y, nthreads);
+    free(wz);
+    return err;
+}
+
+/* The weight-only conv in one call: the weight dequantized from its codes (as
+ * lb_dequantize_weight: rows of kp codes, the first k = c * kh * kw used) straight into the
+ * direct conv's weight rows, then lb_conv2d_f32_small. */
+int lb_wo_conv2d_small(const float *x, int64_t b, int64_t c, int64_t h, int64_t w,
+                       const uint8_t *codes, int packed, int is_signed, int64_t kp,
+                       int64_t group, const float *scale, const int32_t *zp, int64_t o,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                       int64_t dh, int64_t dw, const float *bias, int relu, float *y,
+                       int nthreads) {
+    if (sw != 1)
+        return -2;
+    if (b <= 0 || o <= 0 || h + 2 * ph - dh * (kh - 1) - 1 < 0 || w + 2 * pw - dw * (kw - 1) < 1)
+        return 0;
+    const int64_t k = c * kh * kw, o8 = (o + LB_OCB - 1) / LB_OCB * LB_OCB;
+    float *wz = (float *)calloc((size_t)(o8 * k), sizeof(float));
+    if (!wz)
+        return -1;
+    for (int64_t r = 0; r < o; ++r)
+        dequantize_row(codes, packed, is_signed, kp, k, group, scale, zp, r, wz + r * k);
+    const int err = conv2d_direct(x, b, c, h, w, wz, o, kh, kw, sh, ph, pw, dh, dw, bias, relu,
+                                  y, nthreads);
+    free(wz);
+    return err;
+}
+#pragma GCC pop_options
