@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.kernels import select_kernel
+from lowbit.kernels import CODES_DIRECT_MAX_MACS, select_kernel
 from lowbit.modules import (
     QUANTIZED_MODULES,
     Int4Linear,
@@ -240,26 +240,36 @@ def test_conv2d_kernels_by_k_equal_reference(cin: int, groups: int) -> None:
     torch.manual_seed(11)
     conv = nn.Conv2d(cin, 8, 3, padding=1, groups=groups)
     x = torch.randn(17, cin, 10, 10)
+    big = torch.randn(2, cin, 64, 64)  # M = 8,192 rows: past the direct codes conv (if any)
     for cfg, kw in ((DYN, {}), (STATIC, {"input_qparams": _static_qparams(x)})):
         q = convert_module(conv, cfg, **kw)
         ref = convert_module(conv, cfg, backend="reference", **kw)
-        assert torch.equal(q(x), ref(x)) and q(x).is_contiguous()
+        for xx in (x, big):
+            assert torch.equal(q(xx), ref(xx)) and q(xx).is_contiguous()
         k = cin // groups * 9
         expect = select_kernel("int8_conv2d", 1, k=k, groups=groups)
-        assert q.kernel_info() == q.meta()["kernel"] == expect
         assert (expect == "fp32_codes_conv") == (k <= 258) or k == 144  # 144: VNNI -> GEMM
+        if expect != "fp32_codes_conv" and q._conv_kernel(1) == "fp32_codes_conv":  # C kernels
+            limit = CODES_DIRECT_MAX_MACS // (8 * k)  # small calls: the direct codes conv
+            expect = {f"M<={limit}": "fp32_codes_conv", f"M>{limit}": expect}
+            assert q._conv_kernel(limit) == "fp32_codes_conv" != q._conv_kernel(limit + 1)
+        assert q.kernel_info() == q.meta()["kernel"] == expect
 
 
 @pytest.mark.parametrize("cin", [1, 8])  # K = 9: fp32 conv over codes; K = 72: im2col GEMM
 def test_conv2d_weight_caches_follow_load_state_dict(cin: int) -> None:
+    """Both weight caches (the codes of "fp32_codes_conv", the im2col matrix of the GEMM) are
+    rebuilt when the state dict changes: a small and a large input reach both for K = 72."""
     torch.manual_seed(12)
     a, b = nn.Conv2d(cin, 4, 3), nn.Conv2d(cin, 4, 3)
-    x = torch.randn(2, cin, 6, 6)
-    qa, qb = convert_module(a, DYN), convert_module(b, DYN)
-    assert qa.kernel_info() == select_kernel("int8_conv2d", 1, k=cin * 9)
-    ya = qa(x)  # fills the weight cache of its kernel
+    xs = [torch.randn(2, cin, 6, 6), torch.randn(2, cin, 70, 70)]  # 9,800 rows: past the
+    qa, qb = convert_module(a, DYN), convert_module(b, DYN)  # direct codes conv's limit
+    if cin == 8:
+        assert qa._conv_kernel(9800) == select_kernel("int8_conv2d", 1, k=72) != "fp32_codes_conv"
+    ys = [qa(x) for x in xs]  # fills the weight caches of their kernels
     qa.load_state_dict(qb.state_dict())
-    assert torch.equal(qa(x), qb(x)) and not torch.equal(qa(x), ya)
+    for x, y in zip(xs, ys, strict=True):
+        assert torch.equal(qa(x), qb(x)) and not torch.equal(qa(x), y)
     assert not {"_codes_cache", "_cols_cache"} & set(qa.state_dict())
 
 

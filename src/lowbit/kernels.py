@@ -201,6 +201,11 @@ CONV_CODES_MAX_K = 128
 #: 41 / 89 / - us; K = 27 56 / 127 / 457 vs 79 / 136 / 348; K = 72 47 / 118 / 363 vs
 #: 86 / 142 / 373; K = 144 33 / 79 / 180 vs 57 / 126 / 270).
 CONV_CODES_MAX_K_NATIVE = 16
+#: With the C kernels, an INT8 conv (groups 1, width stride 1, K up to CONV_CODES_EXACT_K) of
+#: up to this many multiply-adds runs ``"fp32_codes_conv"`` on the direct C conv rather than
+#: im2col + ``_int_mm`` (16 -> 32 channels 3x3 on 14x14: batch 1 25 vs 29 us, batch 8 76 vs
+#: 60 us; 3 -> 16 on 32x32: batch 1 21 vs 34 us).
+CODES_DIRECT_MAX_MACS = 1 << 21
 #: ``"fp32_codes_conv"`` is exact for any zero-points up to this K: |q - zp| and |w - w_zp| are
 #: at most 255 and 258 * 255 * 255 < 2^24. Without VNNI (and for ``groups > 1``) it is used up
 #: to here.
@@ -264,7 +269,8 @@ def cpu_features() -> frozenset[str]:
 
 
 def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int = 0,
-                  group_size: int | None = None, groups: int = 1, packable: bool = True) -> str:
+                  group_size: int | None = None, groups: int = 1, packable: bool = True,
+                  unit_stride: bool = False) -> str:
     """The kernel for one call, a deterministic function of the op and the shape.
 
     Args:
@@ -277,6 +283,9 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         groups: conv groups.
         packable: for ``"int8_weight_only"``: the weight is symmetric per-channel (the packed
             op's only layout).
+        unit_stride: for ``"int8_conv2d"`` with ``n`` (output channels) given: the width stride
+            is 1, so with the C kernels a conv of at most :data:`CODES_DIRECT_MAX_MACS`
+            multiply-adds (``m*n*k``) runs ``"fp32_codes_conv"`` on the direct C conv.
 
     Returns:
         One of ``"int_mm_s8s8"``, ``"fp32_codes"``, ``"fp32_codes_conv"``, ``"int8pack_bf16"``,
@@ -300,6 +309,10 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if backend == "reference":
         return "reference"
     feats = cpu_features()
+    if (op == "int8_conv2d" and unit_stride and groups == 1 and 0 < k <= CONV_CODES_EXACT_K
+            and 0 < m * n * k <= CODES_DIRECT_MAX_MACS and load_native() is not None
+            and torch._C._get_mkldnn_enabled()):  # (F.conv2d when the C path steps aside)
+        return "fp32_codes_conv"  # the direct C conv over the codes: exact, and no GEMM setup
     # with mkldnn off, F.conv2d may pick NNPACK (Winograd/FFT: not exact on integers)
     max_k = CONV_CODES_MAX_K if load_native() is None else CONV_CODES_MAX_K_NATIVE
     if (op == "int8_conv2d" and 0 < k <= CONV_CODES_EXACT_K and torch._C._get_mkldnn_enabled()

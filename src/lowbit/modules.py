@@ -26,6 +26,7 @@ from lowbit._qmodule import (
 )
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
+    CODES_DIRECT_MAX_MACS,
     NATIVE_DTYPES,
     conv2d_fused,
     fused_linear_layout,
@@ -326,10 +327,23 @@ class QuantizedConv2d(_Int8Base):
                 "kernel_size": list(self.kernel_size), "geometry": dict(self.geometry),
                 "activation_granularity_used": "per_tensor", **self._spec_meta()}
 
-    def kernel_info(self) -> str:
-        """``"fp32_codes_conv"`` for a small K, else the INT8 GEMM after im2col (or reference)."""
-        return select_kernel("int8_conv2d", 1, backend=self.backend,
-                             groups=self.geometry["groups"], k=self.weight[0].numel())
+    def _conv_kernel(self, rows: int) -> str:
+        """The kernel for ``rows`` = batch x input pixels (an upper bound of the output pixels,
+        known before the call)."""
+        g = self.geometry
+        return select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"],
+                             k=self.weight[0].numel(), n=self.out_channels,
+                             unit_stride=g["stride"][-1] == 1)
+
+    def kernel_info(self) -> str | dict[str, str]:
+        """``"fp32_codes_conv"`` for a small K, else the INT8 GEMM after im2col (or reference);
+        ``{"M<=X": "fp32_codes_conv", "M>X": ...}`` when small calls (M = batch x input
+        pixels) run the direct C conv over the codes."""
+        small, large = self._conv_kernel(1), self._conv_kernel(1 << 40)
+        if small == large:
+            return small
+        limit = CODES_DIRECT_MAX_MACS // (self.out_channels * self.weight[0].numel())
+        return {f"M<={limit}": small, f"M>{limit}": large}
 
     def _refresh_cache(self) -> None:
         super()._refresh_cache()
@@ -397,8 +411,7 @@ class QuantizedConv2d(_Int8Base):
             s, zp = choose_qparams(*compute_range(xf, spec, self.name), spec)
             zp = zp + self._act_off
         rows = xf.shape[0] * xf.shape[2] * xf.shape[3]  # upper bound of B*Ho*Wo
-        kernel = select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"],
-                               k=self.weight[0].numel())
+        kernel = self._conv_kernel(rows)
         w_float = w_cols = None
         if kernel == "fp32_codes_conv":
             w_float = self._codes_weight()
@@ -422,7 +435,8 @@ class QuantizedConv2d(_Int8Base):
         kernels and bits, fewer Python steps); None when the C kernels cannot take ``x``."""
         k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
         _, w_scale, colsum, bias, scale, zp, _ = self._fused_args  # type: ignore[misc]
-        kernel = select_kernel("int8_conv2d", 0, k=k)
+        kernel = select_kernel("int8_conv2d", x.shape[0] * x.shape[2] * x.shape[3], k=k,
+                               n=self.out_channels, unit_stride=stride[1] == 1)
         if kernel == "fp32_codes_conv":
             weight = self._codes_weight()
         elif kernel in ("int_mm_s8s8", "fp32_codes"):
