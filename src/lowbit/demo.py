@@ -168,9 +168,9 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0, quiet: bool = False,
     total_s = time.perf_counter() - start
     say()
     say("Note: this CNN's layers are tiny (16/32-channel convs, 10-30 us each in FP32), so "
-        "per-call overhead, not arithmetic, sets its speed at batch 1 (INT8 is about even with "
-        "FP32 there); on larger Linear layers (MLPs, transformers) INT8 runs 2-4.5x faster "
-        "than FP32: see `python benchmarks/bench_ptq.py`.")
+        "per-call overhead, not arithmetic, sets its speed at batch 1 (lowbit runs them on "
+        "fused C kernels, about 1.1x FP32 there); on larger Linear layers (MLPs, transformers) "
+        "INT8 runs 2-4.5x faster than FP32: see `python benchmarks/bench_ptq.py`.")
     say(f"Done in {total_s:.1f} s (training {train_s:.1f} s).")
     return {
         "description": splits.description,
