@@ -344,3 +344,19 @@ def test_select_kernel_conv_by_k() -> None:
         assert select_kernel("int8_conv2d", 64, k=9) == gemm
     finally:
         torch._C._set_mkldnn_enabled(True)
+
+
+def test_kernel_choice_off_the_cpu() -> None:
+    """On CUDA: _int_mm only where it takes the shape (M > 16, K and N multiples of 8), else the
+    exact float64 reference; never a CPU-only packed op or C kernel."""
+    cuda = {"device": "cuda"}
+    assert select_kernel("int8_linear", 32, k=128, n=16, **cuda) == "int_mm_s8s8"
+    for m, k, n in ((16, 128, 16), (32, 100, 16), (32, 128, 10)):
+        assert select_kernel("int8_linear", m, k=k, n=n, **cuda) == "reference"
+    assert select_kernel("int8_conv2d", 1024, k=144, n=32, **cuda) == "int_mm_s8s8"
+    assert select_kernel("int8_conv2d", 1024, k=9, n=16, **cuda) == "reference"
+    assert select_kernel("int8_conv2d", 1024, k=144, n=32, groups=2, **cuda) == "reference"
+    assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=32, **cuda) == "reference"
+    assert select_kernel("int8_weight_only", 1, k=64, **cuda) == "reference"
+    with pytest.raises(ValueError, match="unknown op"):
+        select_kernel("int2_linear", 1, **cuda)

@@ -491,3 +491,18 @@ def test_shared_layer_stays_shared_through_prepare_and_convert(shared_layer_mode
     x = torch.randn(16, 8)
     assert torch.nn.functional.cosine_similarity(converted(x).flatten(), model(x).flatten(),
                                                  dim=0) > 0.999
+
+
+def test_qat_models_move_with_to() -> None:
+    """``.to(dtype/device)`` reaches every FakeQuantize (its fake-quantize step once shadowed
+    ``nn.Module._apply``, so any ``.to()`` of a QAT model raised)."""
+    torch.manual_seed(0)
+    qat = prepare_qat(MnistCNN(), QuantizationConfig.int8_static())
+    x = torch.randn(4, 1, 28, 28)
+    qat.eval()
+    with torch.no_grad():
+        before = qat(x)
+        qat.to(torch.float64)
+        assert qat.conv1.weight_quantizer.scale.dtype == torch.float64
+        qat.to("cpu", torch.float32)
+        assert torch.equal(qat(x), before)

@@ -439,7 +439,7 @@ class FakeQuantize(nn.Module):
             if not math.isfinite(float(scale.amax())):  # as in _observe_fast
                 choose_qparams(lo, hi, self.spec)  # raises, naming the problem
             row = self._record_row(scale, zp, lo, hi, step) if record else None
-            return self._apply(x, scale, zp, row, self._clip_free)
+            return self._fake_quantize(x, scale, zp, row, self._clip_free)
         # observe before the step counts: freeze_observer_after=n observes n training steps
         observe = not bool(self.initialized) or (training and self._observing(step - 1))
         if observe:
@@ -453,7 +453,7 @@ class FakeQuantize(nn.Module):
             if row is not None:
                 self._clip[row] = 0.0  # pass-through: nothing clipped
             return x
-        return self._apply(x, self.scale, self.zero_point, row, observe and self._clip_free)
+        return self._fake_quantize(x, self.scale, self.zero_point, row, observe and self._clip_free)
 
     def _observing(self, steps_before: int) -> bool:
         limit = self.freeze_observer_after
@@ -471,7 +471,7 @@ class FakeQuantize(nn.Module):
             return False
         return self.dynamic or (self.reset_observer and type(self.observer) is MinMaxCalibrator)
 
-    def _apply(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+    def _fake_quantize(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
                row: int | None, no_clip: bool = False) -> torch.Tensor:
         sink = None if row is None else (self, row)
         learn = self.learnable_scale and torch.is_grad_enabled()

@@ -270,7 +270,7 @@ def cpu_features() -> frozenset[str]:
 
 def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int = 0,
                   group_size: int | None = None, groups: int = 1, packable: bool = True,
-                  unit_stride: bool = False) -> str:
+                  unit_stride: bool = False, device: str = "cpu") -> str:
     """The kernel for one call, a deterministic function of the op and the shape.
 
     Args:
@@ -286,6 +286,11 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         unit_stride: for ``"int8_conv2d"`` with ``n`` (output channels) given: the width stride
             is 1, so with the C kernels a conv of at most :data:`CODES_DIRECT_MAX_MACS`
             multiply-adds (``m*n*k``) runs ``"fp32_codes_conv"`` on the direct C conv.
+        device: the tensors' device type. Off the CPU (CUDA): ``"int_mm_s8s8"`` where
+            ``torch._int_mm`` takes the shape there (M > 16, K and N multiples of 8), else
+            ``"reference"`` (float64 over the codes: exact); weight-only layers dequantize and
+            run a float GEMM (``"reference"``). The CPU-only packed ops and C kernels are never
+            picked there.
 
     Returns:
         One of ``"int_mm_s8s8"``, ``"fp32_codes"``, ``"fp32_codes_conv"``, ``"int8pack_bf16"``,
@@ -307,6 +312,13 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if backend not in ("auto", "reference"):
         raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
     if backend == "reference":
+        return "reference"
+    if device != "cpu":
+        if (op in ("int8_linear", "int8_conv2d") and groups == 1 and _HAS_INT_MM and m > 16
+                and k > 0 and k % 8 == 0 and n > 0 and n % 8 == 0):
+            return "int_mm_s8s8"
+        if op not in ("int8_linear", "int8_conv2d", "int8_weight_only", "int4_weight_only"):
+            raise ValueError(f"select_kernel: unknown op {op!r}")
         return "reference"
     feats = cpu_features()
     if (op == "int8_conv2d" and unit_stride and groups == 1 and 0 < k <= CONV_CODES_EXACT_K
@@ -611,7 +623,8 @@ def int8_linear(q: torch.Tensor, x_scale: torch.Tensor, zp: torch.Tensor | None,
         True
     """
     if kernel is None:
-        kernel = select_kernel("int8_linear", q.shape[0])
+        kernel = select_kernel("int8_linear", q.shape[0], k=q.shape[1], n=w.shape[0],
+                               device=q.device.type)
     acc = _int8_acc(q, zp, w, colsum, comp, kernel, w_zp)  # (M, N) int32
     return _int8_epilogue(acc, x_scale, w_scale, bias, relu, native=kernel != "reference")
 
@@ -664,7 +677,8 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor | Non
     wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if kernel is None:
         kernel = select_kernel("int8_conv2d", bsz * ho * wo, groups=groups,
-                               k=w[0].numel())
+                               k=w[0].numel(), **({} if x.is_cpu else
+                                                  {"n": o, "device": x.device.type}))
     native = kernel != "reference"
     if kernel == "fp32_codes_conv":
         return _conv_codes_fp32(x, x_scale, x_zp, qmin, qmax, w, w_scale, bias, stride, padding,

@@ -234,15 +234,22 @@ class QuantizedLinear(_Int8Base):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 **self._spec_meta()}
 
-    def kernel_info(self) -> str:
-        """The INT8 GEMM, e.g. ``"int_mm_s8s8"`` (the same at every M)."""
-        return select_kernel("int8_linear", 1, backend=self.backend)
+    def _kernel(self, m: int, device: str) -> str:
+        return select_kernel("int8_linear", m, backend=self.backend, k=self.in_features,
+                             n=self.out_features, device=device)
+
+    def kernel_info(self) -> str | dict[str, str]:
+        """The INT8 GEMM, e.g. ``"int_mm_s8s8"`` (the same at every M on CPU); on CUDA
+        ``{"M<=16": "reference", "M>16": "int_mm_s8s8"}`` where ``_int_mm`` takes the shape."""
+        device = self.weight.device.type
+        small, large = self._kernel(1, device), self._kernel(1 << 40, device)
+        return small if small == large else {"M<=16": small, "M>16": large}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
         x = self._input(x, self.in_features)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        kernel = select_kernel("int8_linear", x2.shape[0], backend=self.backend)
+        kernel = self._kernel(x2.shape[0], x2.device.type)
         per_token = self.act_spec.granularity == "per_token"
         fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
         if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1
@@ -333,7 +340,7 @@ class QuantizedConv2d(_Int8Base):
         g = self.geometry
         return select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"],
                              k=self.weight[0].numel(), n=self.out_channels,
-                             unit_stride=g["stride"][-1] == 1)
+                             unit_stride=g["stride"][-1] == 1, device=self.weight.device.type)
 
     def kernel_info(self) -> str | dict[str, str]:
         """``"fp32_codes_conv"`` for a small K, else the INT8 GEMM after im2col (or reference);
@@ -536,6 +543,9 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
         **kwargs: passed to ``from_float`` (``input_qparams``, ``weight_qparams``,
             ``fused_relu``, ``name``, ``meta_extra``, ``backend``).
 
+    Returns:
+        The quantized module, on the float layer's device.
+
     Raises:
         ValueError: when :func:`check_supported` refuses the layer (the message names it).
 
@@ -559,4 +569,6 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
         cls = WeightOnlyConv2d if wo else QuantizedConv2d
     if wo:
         kwargs = {k: v for k, v in kwargs.items() if k != "input_qparams"}
-    return cls.from_float(module, config, **kwargs)
+    q = cls.from_float(module, config, **kwargs)
+    device = module.weight.device  # the replacement lives where the float layer did (CUDA too)
+    return q if device.type == "cpu" else q.to(device)

@@ -91,7 +91,7 @@ class _WeightOnly(QuantizedModuleBase):
         s = self.eff_spec
         group = s.group_size if s.granularity == "per_group" else (
             0 if s.granularity == "per_tensor" else self.kp)
-        ok = (self.backend != "reference" and self.weight.is_contiguous()
+        ok = (self.backend != "reference" and self.weight.is_cpu and self.weight.is_contiguous()
               and self.weight.dtype in (torch.int8, torch.uint8)
               and c_layout((self.weight_scale, torch.float32),
                             (self.weight_zero_point, torch.int32)))
@@ -262,6 +262,7 @@ class Int4Linear(_WeightOnlyLinear):
     def _select_packed(self, m: int) -> str:
         g = self._group() if self.eff_spec.granularity != "per_tensor" else None
         return select_kernel("int4_weight_only", m, backend=self.backend, n=self._n_packed(),
+                             device=self.weight.device.type,
                              k=self.kp, group_size=g)
 
     def _refresh_cache(self) -> None:
@@ -302,7 +303,8 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
         s = self.weight_spec
         ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
         k16 = -(-self.kp // 16) * 16  # the packed cache's K (zero columns added)
-        return select_kernel("int8_weight_only", m, backend=self.backend, k=k16, packable=ok)
+        return select_kernel("int8_weight_only", m, backend=self.backend, k=k16, packable=ok,
+                             device=self.weight.device.type)
 
     def _refresh_cache(self) -> None:
         super()._refresh_cache()

@@ -250,6 +250,7 @@ class QATLayer(nn.Module):
                 freeze_observer_after=options.freeze_observers_after,
                 record_statistics=options.record_statistics,
                 statistics_every=options.statistics_every, name=f"{name}.input")
+        self.to(weight.device)  # the new quantizers' buffers join the layer (e.g. on CUDA)
         with torch.no_grad():  # weight qparams from the pretrained weights, right away
             self.weight_quantizer.observe(self._weight_view(self._folded()[0]))
 
