@@ -1084,7 +1084,19 @@ def run_wo_conv2d_native(lib: Any, x: torch.Tensor, c_args: tuple, out_channels:
     """A weight-only conv in one C call: the weight dequantized from its codes (``c_args`` as
     a weight-only module builds them for :func:`run_dequantize_weight_native`) straight into
     the direct conv (:func:`conv2d_direct_native`), with bias and ReLU. ``x`` and the conv
-    must pass :func:`direct_conv_fits`."""
+    must pass :func:`direct_conv_fits`.
+
+    Example:
+        >>> codes = torch.ones(2, 4, dtype=torch.int8)  # 2 output channels, 1 x 2 x 2 kernel
+        >>> args = (codes, 0, 1, 2, 4, 4, 4, torch.tensor([0.5, 1.0]),
+        ...         torch.zeros(2, dtype=torch.int32))
+        >>> x = torch.ones(1, 1, 3, 3)
+        >>> lib = native_lib_for(x)
+        >>> y = lib and run_wo_conv2d_native(lib, x, args, 2, (2, 2), None, (1, 1), (0, 0),
+        ...                                  (1, 1), False)
+        >>> y is None or y[0, :, 0, 0].tolist() == [2.0, 4.0]
+        True
+    """
     w, packed, signed, _n, kp, _k, group, scale, zp = c_args
     b, c, h, wd = x.shape
     ho, wo = _conv_out_hw(x, ksize, stride, padding, dilation)
@@ -1242,7 +1254,15 @@ def dequantize_weight_native(weight: torch.Tensor, packed: bool, signed: bool, n
 def run_dequantize_weight_native(lib: Any, args: tuple) -> torch.Tensor:
     """:func:`dequantize_weight_native` once checked: ``args`` is ``(weight, packed, signed, n,
     kp, k, group, scale, zero_point)`` with ``group`` as the C kernels take it (0: one scale
-    per tensor); a module builds it once."""
+    per tensor); a module builds it once.
+
+    Example:
+        >>> codes = torch.tensor([[3, -2]], dtype=torch.int8)
+        >>> lib = native_lib_for(codes)
+        >>> args = (codes, 0, 1, 1, 2, 2, 2, torch.tensor([0.5]), torch.zeros(1, dtype=torch.int32))
+        >>> lib is None or run_dequantize_weight_native(lib, args).tolist() == [[1.5, -1.0]]
+        True
+    """
     w, packed, signed, n, kp, k, group, scale, zp = args
     out = torch.empty((n, k))
     lib.lb_dequantize_weight(w.data_ptr(), packed, signed, n, kp, k, group, scale.data_ptr(),
@@ -1350,7 +1370,17 @@ def run_weight_only_linear_native(lib: Any, x: torch.Tensor, args: tuple, relu: 
                                   ) -> torch.Tensor:
     """:func:`weight_only_linear_native` once checked: ``args`` is ``(weight, packed, signed,
     n, kp, group, scale, zero_point, bias)`` with ``group`` as the C kernels take it (a module
-    builds it once)."""
+    builds it once).
+
+    Example:
+        >>> codes = torch.tensor([[3, -2]], dtype=torch.int8)
+        >>> lib = native_lib_for(codes)
+        >>> args = (codes, 0, 1, 1, 2, 2, torch.tensor([0.5]), torch.zeros(1, dtype=torch.int32),
+        ...         None)
+        >>> y = lib and run_weight_only_linear_native(lib, torch.ones(1, 2), args, False)
+        >>> y is None or y.tolist() == [[0.5]]
+        True
+    """
     w, packed, signed, n, kp, group, scale, zp, bias = args
     m, k = x.shape
     out = torch.empty((m, n))
