@@ -201,6 +201,8 @@ CONV_CODES_MAX_K = 128
 #: 41 / 89 / - us; K = 27 56 / 127 / 457 vs 79 / 136 / 348; K = 72 47 / 118 / 363 vs
 #: 86 / 142 / 373; K = 144 33 / 79 / 180 vs 57 / 126 / 270).
 CONV_CODES_MAX_K_NATIVE = 16
+#: ``torch._int_mm`` on CUDA takes more than this many rows (and K, N multiples of 8).
+CUDA_INT_MM_MIN_ROWS = 16
 #: With the C kernels, an INT8 conv (groups 1, width stride 1, K up to CONV_CODES_EXACT_K) of
 #: up to this many multiply-adds runs ``"fp32_codes_conv"`` on the direct C conv rather than
 #: im2col + ``_int_mm`` (16 -> 32 channels 3x3 on 14x14: batch 1 25 vs 29 us, batch 8 76 vs
@@ -314,7 +316,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if backend == "reference":
         return "reference"
     if device != "cpu":
-        if (op in ("int8_linear", "int8_conv2d") and groups == 1 and _HAS_INT_MM and m > 16
+        if (op in ("int8_linear", "int8_conv2d") and groups == 1 and _HAS_INT_MM
+                and m > CUDA_INT_MM_MIN_ROWS
                 and k > 0 and k % 8 == 0 and n > 0 and n % 8 == 0):
             return "int_mm_s8s8"
         if op not in ("int8_linear", "int8_conv2d", "int8_weight_only", "int4_weight_only"):
@@ -629,6 +632,14 @@ def int8_linear(q: torch.Tensor, x_scale: torch.Tensor, zp: torch.Tensor | None,
     return _int8_epilogue(acc, x_scale, w_scale, bias, relu, native=kernel != "reference")
 
 
+def _conv_out_hw(x: torch.Tensor, ksize: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int]:
+    """Output height and width of a conv of ``x`` ``[B, C, H, W]`` (zero padding)."""
+    h, w = x.shape[2], x.shape[3]
+    return ((h + 2 * padding[0] - dilation[0] * (ksize[0] - 1) - 1) // stride[0] + 1,
+            (w + 2 * padding[1] - dilation[1] * (ksize[1] - 1) - 1) // stride[1] + 1)
+
+
 def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor | None, qmin: int,
                 qmax: int, w: torch.Tensor, w_scale: torch.Tensor, colsum: torch.Tensor,
                 bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
@@ -671,14 +682,12 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor | Non
         >>> torch.equal(int8_conv2d(*args), int8_conv2d(*args, kernel="reference"))
         True
     """
-    bsz, _, h, wd = x.shape
+    bsz = x.shape[0]
     o, _, kh, kw = w.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = _conv_out_hw(x, (kh, kw), stride, padding, dilation)
     if kernel is None:
-        kernel = select_kernel("int8_conv2d", bsz * ho * wo, groups=groups,
-                               k=w[0].numel(), **({} if x.is_cpu else
-                                                  {"n": o, "device": x.device.type}))
+        kernel = select_kernel("int8_conv2d", bsz * ho * wo, groups=groups, k=w[0].numel(),
+                               n=o, device=x.device.type)
     native = kernel != "reference"
     if kernel == "fp32_codes_conv":
         return _conv_codes_fp32(x, x_scale, x_zp, qmin, qmax, w, w_scale, bias, stride, padding,
@@ -928,12 +937,9 @@ def conv2d_fused(lib: Any, x: torch.Tensor, kernel: str, x_scale: torch.Tensor |
         y = _conv_codes_native(lib, x, x_scale, zp_int, qmin, qmax, weight, w_scale, bias,
                                stride, padding, dilation, 1, relu)
     else:
-        _, _, h, wd = x.shape
-        (kh, kw), (ph, pw) = ksize, padding
-        ho = (h + 2 * ph - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (wd + 2 * pw - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         y = _conv_gemm_native(lib, x, x_scale, x_zp, qmin, qmax, weight, ksize, w_scale,
-                              colsum, bias, stride, padding, dilation, (ho, wo), relu, kernel,
+                              colsum, bias, stride, padding, dilation,
+                              _conv_out_hw(x, ksize, stride, padding, dilation), relu, kernel,
                               zp_int=zp_int)
     return y if not pool else maxpool2d_native(lib, y, pool)
 
@@ -1063,13 +1069,6 @@ def direct_conv_fits(x: torch.Tensor, weight_numel: int, stride: Sequence[int],
     return b * h * w * weight_numel <= DIRECT_CONV_MAX_MACS
 
 
-def _conv_out_hw(x: torch.Tensor, ksize: Sequence[int], stride: Sequence[int],
-                 padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int]:
-    h, w = x.shape[2], x.shape[3]
-    return ((h + 2 * padding[0] - dilation[0] * (ksize[0] - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (ksize[1] - 1) - 1) // stride[1] + 1)
-
-
 def _direct_conv_result(err: int, caller: str) -> None:
     if err == -1:
         raise MemoryError(f"{caller}: no memory for the padded input / weight rows")
@@ -1149,7 +1148,8 @@ def _conv_codes_native(lib: Any, x: torch.Tensor, x_scale: torch.Tensor | None, 
                        padding: tuple[int, int], dilation: tuple[int, int], groups: int,
                        relu: bool) -> torch.Tensor:
     """``"fp32_codes_conv"`` on the C kernels: the centered codes in one pass (two when dynamic:
-    ``x_scale`` None), ``F.conv2d`` over them, the epilogue in place in NCHW; the same bits as
+    ``x_scale`` None), the direct C conv over them (``F.conv2d`` when it does not fit), the
+    epilogue in place in NCHW; the same bits as
     :func:`_conv_codes_fp32`'s PyTorch ops. ``x``, ``x_scale``, ``w_scale`` ``[O]`` and ``bias``
     are float32 and contiguous."""
     cell = ctypes.c_float() if x_scale is None else None  # the dynamic scale, written by C
@@ -1247,7 +1247,7 @@ def dequantize_weight_native(weight: torch.Tensor, packed: bool, signed: bool, n
     if lib is None:
         return None
     return run_dequantize_weight_native(lib, (weight, int(packed), int(signed), n, kp, k,
-                                              _wo_group(group_size, scale, kp), scale,
+                                              wo_group(group_size, scale, kp), scale,
                                               zero_point))
 
 
@@ -1357,12 +1357,17 @@ def weight_only_linear_native(x: torch.Tensor, weight: torch.Tensor, *, packed: 
             or not wo_small_fits(packed, group_size)):
         return None
     return run_weight_only_linear_native(lib, x, (weight, int(packed), int(signed), n, kp,
-                                                  _wo_group(group_size, scale, kp), scale,
+                                                  wo_group(group_size, scale, kp), scale,
                                                   zero_point, bias), relu)
 
 
-def _wo_group(group_size: int | None, scale: torch.Tensor, kp: int) -> int:
-    """The C kernels' ``group``: codes per scale along a row, 0 for one scale per tensor."""
+def wo_group(group_size: int | None, scale: torch.Tensor, kp: int) -> int:
+    """The C kernels' ``group``: codes per scale along a row, 0 for one scale per tensor.
+
+    Example:
+        >>> wo_group(32, torch.ones(4, 2), 64), wo_group(None, torch.ones(4), 64)
+        (32, 64)
+    """
     return group_size or (0 if scale.numel() == 1 else kp)
 
 

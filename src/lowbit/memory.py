@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -73,10 +74,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.T
         >>> empty((2, 3)).shape  # small: plain torch.empty
         torch.Size([2, 3])
     """
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    size = numel * dtype.itemsize
+    size = math.prod(shape) * dtype.itemsize
     if size < POOL_MIN_BYTES or _limit() == 0:
         return torch.empty(shape, dtype=dtype)
     with _lock:

@@ -27,6 +27,7 @@ from lowbit._qmodule import (
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     CODES_DIRECT_MAX_MACS,
+    CUDA_INT_MM_MIN_ROWS,
     NATIVE_DTYPES,
     conv2d_fused,
     fused_linear_layout,
@@ -241,9 +242,9 @@ class QuantizedLinear(_Int8Base):
     def kernel_info(self) -> str | dict[str, str]:
         """The INT8 GEMM, e.g. ``"int_mm_s8s8"`` (the same at every M on CPU); on CUDA
         ``{"M<=16": "reference", "M>16": "int_mm_s8s8"}`` where ``_int_mm`` takes the shape."""
-        device = self.weight.device.type
+        device, t = self.weight.device.type, CUDA_INT_MM_MIN_ROWS
         small, large = self._kernel(1, device), self._kernel(1 << 40, device)
-        return small if small == large else {"M<=16": small, "M>16": large}
+        return small if small == large else {f"M<={t}": small, f"M>{t}": large}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
@@ -349,7 +350,8 @@ class QuantizedConv2d(_Int8Base):
         small, large = self._conv_kernel(1), self._conv_kernel(1 << 40)
         if small == large:
             return small
-        limit = CODES_DIRECT_MAX_MACS // (self.out_channels * self.weight[0].numel())
+        limit = (CODES_DIRECT_MAX_MACS // (self.out_channels * self.weight[0].numel())
+                 if self.weight.is_cpu else CUDA_INT_MM_MIN_ROWS)
         return {f"M<={limit}": small, f"M>{limit}": large}
 
     def _refresh_cache(self) -> None:
@@ -440,18 +442,17 @@ class QuantizedConv2d(_Int8Base):
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """:meth:`forward` with the tensors and geometry gathered by ``_refresh_cache`` (the same
         kernels and bits, fewer Python steps); None when the C kernels cannot take ``x``."""
-        k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
+        lib = native_lib_for(x) if x.is_contiguous() else None
+        if lib is None:
+            return None
+        _k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
         _, w_scale, colsum, bias, scale, zp, _ = self._fused_args  # type: ignore[misc]
-        kernel = select_kernel("int8_conv2d", x.shape[0] * x.shape[2] * x.shape[3], k=k,
-                               n=self.out_channels, unit_stride=stride[1] == 1)
+        kernel = self._conv_kernel(x.shape[0] * x.shape[2] * x.shape[3])
         if kernel == "fp32_codes_conv":
             weight = self._codes_weight()
         elif kernel in ("int_mm_s8s8", "fp32_codes"):
             weight = self._cols_weight()
         else:
-            return None
-        lib = native_lib_for(x) if x.is_contiguous() else None
-        if lib is None:
             return None
         return conv2d_fused(lib, x, kernel, scale, zp, zp_int, self._qmin, self._qmax, weight,
                             w_scale, colsum, bias, ksize, stride, padding, dilation,

@@ -39,6 +39,7 @@ from lowbit.kernels import (
     run_wo_conv2d_native,
     select_kernel,
     weight_only_linear,
+    wo_group,
     wo_small_fits,
     wo_small_max_rows,
 )
@@ -89,14 +90,14 @@ class _WeightOnly(QuantizedModuleBase):
         """The arguments of the C dequantization (``lowbit.native``), checked once: codes,
         packed, signed, N, Kp, K, group (0: one scale), scale, zero-point."""
         s = self.eff_spec
-        group = s.group_size if s.granularity == "per_group" else (
-            0 if s.granularity == "per_tensor" else self.kp)
+        group = wo_group(s.group_size if s.granularity == "per_group" else None,
+                         self.weight_scale, self.kp)
         ok = (self.backend != "reference" and self.weight.is_cpu and self.weight.is_contiguous()
               and self.weight.dtype in (torch.int8, torch.uint8)
               and c_layout((self.weight_scale, torch.float32),
                             (self.weight_zero_point, torch.int32)))
         self._c_args = (self.weight, int(self.packed), int(self.weight_spec.signed), self.n,
-                        self.kp, self.k, group or 0, self.weight_scale,
+                        self.kp, self.k, group, self.weight_scale,
                         self.weight_zero_point) if ok else None
 
     def _fill(self, weight2d: torch.Tensor, bias: torch.Tensor | None, kind: str,
@@ -191,11 +192,13 @@ class _WeightOnlyLinear(_WeightOnly):
     def _refresh_cache(self) -> None:
         """Also the one-call C path for small shapes (:func:`weight_only_linear_native`)."""
         super()._refresh_cache()
-        c = self._c_args
-        ok = (c is not None and c_layout((self.bias, torch.float32))
-              and wo_small_fits(self.packed, c[6]))
-        self._small_max_m = wo_small_max_rows(self.n, self.kp) if ok else 0
-        self._small_args = (*c[:5], *c[6:], self.bias) if ok and self._small_max_m else None
+        self._small_max_m, self._small_args = 0, None
+        if self._c_args is None or not c_layout((self.bias, torch.float32)):
+            return
+        w, packed, signed, n, kp, _k, group, scale, zp = self._c_args
+        if wo_small_fits(self.packed, group):
+            self._small_max_m = wo_small_max_rows(n, kp)
+            self._small_args = (w, packed, signed, n, kp, group, scale, zp, self.bias)
 
     _max_packed_m = INT4_PACKED_MAX_M
 
@@ -463,7 +466,7 @@ class WeightOnlyConv2d(_WeightOnly):
                                      self.bias, g["stride"], g["padding"], g["dilation"],
                                      self.fused_relu)
         else:
-            w = self.dequantize_weight().reshape(self.wshape)
+            w = self.dequantize_weight()  # [O, C/groups, *kernel_size]
             if x.dtype != torch.float32:
                 w = w.to(x.dtype)
             b = (self.bias if self.bias is None or self.bias.dtype == x.dtype

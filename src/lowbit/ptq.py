@@ -308,9 +308,9 @@ def _fuse_gelus(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> None:
     glibc's default allocator is also what pushed the heap past its trim threshold, so that
     every call page-faulted its activations back in.
     """
+    linear = (QuantizedLinear, Int4Linear, Int8WeightOnlyLinear)
     for name, plan in todo.items():
         layer = qmodel.get_submodule(name) if name and plan.fused_gelu else None
-        linear = (QuantizedLinear, Int4Linear, Int8WeightOnlyLinear)
         if not isinstance(layer, linear) or layer.fused_relu:
             plan.fused_gelu = None
             continue

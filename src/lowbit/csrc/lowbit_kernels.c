@@ -677,14 +677,23 @@ static int conv2d_direct(const float *x, int64_t b, int64_t c, int64_t h, int64_
     return 0;
 }
 
+/* 1 when the direct conv has work to do; 0 for an empty output (nothing to do); -2 for a
+ * width stride other than 1 (the conv reads 16 consecutive input pixels per vector). */
+static int direct_conv_shape(int64_t b, int64_t o, int64_t h, int64_t w, int64_t kh,
+                             int64_t kw, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                             int64_t dw) {
+    if (sw != 1)
+        return -2;
+    return b > 0 && o > 0 && h + 2 * ph - dh * (kh - 1) > 0 && w + 2 * pw - dw * (kw - 1) > 0;
+}
+
 int lb_conv2d_f32_small(const float *x, int64_t b, int64_t c, int64_t h, int64_t w,
                         const float *weight, int64_t o, int64_t kh, int64_t kw, int64_t sh,
                         int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                         const float *bias, int relu, float *y, int nthreads) {
-    if (sw != 1)
-        return -2;
-    if (b <= 0 || o <= 0 || h + 2 * ph - dh * (kh - 1) - 1 < 0 || w + 2 * pw - dw * (kw - 1) < 1)
-        return 0;
+    const int shape = direct_conv_shape(b, o, h, w, kh, kw, sw, ph, pw, dh, dw);
+    if (shape <= 0)
+        return shape;
     const int64_t k = c * kh * kw, o8 = (o + LB_OCB - 1) / LB_OCB * LB_OCB;
     float *wz = (float *)calloc((size_t)(o8 * k), sizeof(float)); /* [o8, k], zero rows */
     if (!wz)
@@ -705,10 +714,9 @@ int lb_wo_conv2d_small(const float *x, int64_t b, int64_t c, int64_t h, int64_t 
                        int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                        int64_t dh, int64_t dw, const float *bias, int relu, float *y,
                        int nthreads) {
-    if (sw != 1)
-        return -2;
-    if (b <= 0 || o <= 0 || h + 2 * ph - dh * (kh - 1) - 1 < 0 || w + 2 * pw - dw * (kw - 1) < 1)
-        return 0;
+    const int shape = direct_conv_shape(b, o, h, w, kh, kw, sw, ph, pw, dh, dw);
+    if (shape <= 0)
+        return shape;
     const int64_t k = c * kh * kw, o8 = (o + LB_OCB - 1) / LB_OCB * LB_OCB;
     float *wz = (float *)calloc((size_t)(o8 * k), sizeof(float));
     if (!wz)
