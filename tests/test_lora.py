@@ -296,3 +296,5 @@ def test_fused_gelu_moves_after_the_update(tmp_path) -> None:
     back = load(tmp_path / "q", model=nn.Sequential(nn.Linear(32, 64), nn.GELU(),
                                                     nn.Linear(64, 8)))
     assert back[0].fused_gelu == "none" and torch.equal(back(x), y)
+    with pytest.raises(ValueError, match="fused_gelu='erf' must be None, 'none' or 'tanh'"):
+        LoRALinear.from_config(back[0], {**layer.lora_config(), "fused_gelu": "erf"})

@@ -577,6 +577,14 @@ def test_low_level_kernels_refuse_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match=r"weight must be \(4, 8\) for n=4, kp=16"):
         dequantize_weight_native(torch.zeros(2, 3, dtype=torch.uint8), True, True, 4, 16, 16,
                                  None, torch.ones(4), torch.zeros(4, dtype=torch.int32))
+    lib = native.load_native()
+    if lib is not None:
+        x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 2, 3, 3)
+        with pytest.raises(ValueError, match=r"same C.*weight \(4, 2, 3, 3\).*use F\.conv2d"):
+            conv2d_direct_native(lib, x, w, None, (1, 1), (1, 1), (1, 1))
+        with pytest.raises(ValueError, match=r"bias \(3,\)"):
+            conv2d_direct_native(lib, x, torch.randn(4, 3, 3, 3), torch.ones(3), (1, 1), (1, 1),
+                                 (1, 1))
     with pytest.raises(ValueError, match="scale / zero_point need 1, 4 or 8 values"):
         dequantize_weight_native(torch.zeros(4, 8, dtype=torch.uint8), True, True, 4, 16, 16, 8,
                                  torch.ones(3), torch.zeros(3, dtype=torch.int32))

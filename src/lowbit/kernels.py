@@ -1129,7 +1129,21 @@ def conv2d_direct_native(lib: Any, x: torch.Tensor, weight: torch.Tensor,
         >>> y = lib and conv2d_direct_native(lib, x, w, None, (1, 1), (1, 1), (1, 1))
         >>> y is None or torch.allclose(y, F.conv2d(x, w, None, 1, 1), atol=1e-5)
         True
+
+    Raises:
+        ValueError: operands the C conv cannot read as given (named), e.g. a weight whose input
+            channels differ from ``x``'s; use ``F.conv2d`` for those.
     """
+    if (weight.dim() != 4 or x.dim() != 4 or weight.shape[1] != x.shape[1]
+            or not direct_conv_fits(x, weight.numel(), stride, 1)
+            or not c_layout((weight, torch.float32), (bias, torch.float32))
+            or (bias is not None and bias.numel() != weight.shape[0])):
+        raise ValueError(
+            f"conv2d_direct_native: needs contiguous float32 x [B, C, H, W] and weight "
+            f"[O, C, kh, kw] with the same C, bias [O] or None, width stride 1 and at most "
+            f"DIRECT_CONV_MAX_MACS multiply-adds (see direct_conv_fits); got x "
+            f"{tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, bias "
+            f"{None if bias is None else tuple(bias.shape)}, stride {tuple(stride)}; use F.conv2d")
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     ho, wo = _conv_out_hw(x, (kh, kw), stride, padding, dilation)

@@ -144,7 +144,11 @@ class LoRALinear(nn.Module):
         layer = cls(base, r=config["r"], alpha=config["alpha"],
                     dropout=config.get("dropout", 0.0))
         layer.fused_relu = bool(config.get("fused_relu", False)) or layer.fused_relu
-        layer.fused_gelu = config.get("fused_gelu") or layer.fused_gelu
+        gelu = config.get("fused_gelu")
+        if gelu not in (None, "none", "tanh"):
+            raise ValueError(f"LoRALinear.from_config: fused_gelu={gelu!r} must be None, 'none' "
+                             "or 'tanh' (nn.GELU's approximate); the config is damaged")
+        layer.fused_gelu = gelu or layer.fused_gelu
         return layer
 
     def extra_repr(self) -> str:
