@@ -1144,6 +1144,13 @@ def conv2d_direct_native(lib: Any, x: torch.Tensor, weight: torch.Tensor,
             f"DIRECT_CONV_MAX_MACS multiply-adds (see direct_conv_fits); got x "
             f"{tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, bias "
             f"{None if bias is None else tuple(bias.shape)}, stride {tuple(stride)}; use F.conv2d")
+    return _conv2d_direct(lib, x, weight, bias, stride, padding, dilation, relu)
+
+
+def _conv2d_direct(lib: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                   relu: bool = False) -> torch.Tensor:
+    """:func:`conv2d_direct_native` once its operands are known to fit."""
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     ho, wo = _conv_out_hw(x, (kh, kw), stride, padding, dilation)
@@ -1173,7 +1180,7 @@ def _conv_codes_native(lib: Any, x: torch.Tensor, x_scale: torch.Tensor | None, 
                                  qmin, qmax, t.data_ptr(), threads_for(x.numel()))
     if direct_conv_fits(t, w_float.numel(), stride, groups) and c_layout(
             (w_float, torch.float32)):  # exact either way: integer sums < 2^24
-        y = conv2d_direct_native(lib, t, w_float, None, stride, padding, dilation)
+        y = _conv2d_direct(lib, t, w_float, None, stride, padding, dilation)
     else:
         y = F.conv2d(t, w_float, None, stride, padding, dilation, groups)
         y = y if y.is_contiguous() else y.contiguous()
