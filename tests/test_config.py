@@ -221,3 +221,20 @@ def test_config_copy_and_deepcopy_share_the_frozen_instance():
     clone = copy.deepcopy(holder)
     assert clone.cfg is cfg and clone.weight is not holder.weight
     assert clone.cfg.config_for("conv1") is inner
+
+
+def test_config_pickles_and_round_trips_equal():
+    import pickle
+
+    inner = QuantizationConfig.int4_weight_only(32)
+    cfg = QuantizationConfig.int8_static(calibrator="percentile",
+                                         calibrator_kwargs={"percentile": 99.9},
+                                         skip_layers=("head",),
+                                         layer_overrides={"fc": None, "conv*": inner})
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and hash(back) == hash(cfg) and back is not cfg
+    assert back.config_for("conv1") == inner and back.config_for("fc") is None
+    with pytest.raises(TypeError):  # the mappings are read-only views again
+        back.layer_overrides["x"] = None  # type: ignore[index]
+    with pytest.raises(TypeError):
+        back.calibrator_kwargs["percentile"] = 1.0  # type: ignore[index]

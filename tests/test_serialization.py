@@ -200,6 +200,25 @@ def test_plain_state_dict_round_trip(tmp_path: Path) -> None:
         assert torch.equal(other(x), q(x)), method
 
 
+
+@pytest.mark.parametrize("method", ["dynamic", "static", "int4"])
+def test_whole_model_pickles_with_torch_save(tmp_path: Path, method: str) -> None:
+    """torch.save(model) / torch.load(weights_only=False) (trusted files only) keep the
+    outputs; the QuantizationConfig and report inside the model pickle too."""
+    import pickle
+
+    q = _quantize(method, _cnn())
+    x = _images(4)
+    with torch.inference_mode():
+        expected = q(x)
+    torch.save(q, tmp_path / "model.pt")
+    back = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.inference_mode():
+        assert torch.equal(back(x), expected)
+    assert [type(m) for m in back.modules()] == [type(m) for m in q.modules()]
+    report = pickle.loads(pickle.dumps(q.lowbit_report))
+    assert report.to_dict() == q.lowbit_report.to_dict()
+
 def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
     model[1].weight = model[0].weight

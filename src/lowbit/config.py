@@ -281,6 +281,20 @@ class QuantizationConfig:
         """
         return self
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickle through the constructor: ``MappingProxyType`` fields cannot be pickled, so
+        they travel as plain dicts and are validated and wrapped again on unpickling.
+
+        Example:
+            >>> import pickle
+            >>> cfg = QuantizationConfig.int8_static(layer_overrides={"fc": None})
+            >>> pickle.loads(pickle.dumps(cfg)) == cfg
+            True
+        """
+        return (type(self), (self.weights, self.activations, self.mode, self.calibrator,
+                             dict(self.calibrator_kwargs), self.skip_layers,
+                             dict(self.layer_overrides)))
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def int8_dynamic(cls, per_token: bool = True, **kwargs: Any) -> QuantizationConfig:
