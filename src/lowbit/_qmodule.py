@@ -12,8 +12,15 @@ from torch import nn
 from lowbit.config import QuantSpec
 from lowbit.ops import choose_qparams, compute_range, quantize
 
-__all__ = ["QuantizedModuleBase", "conv_geometry", "default_conv_geometry", "jsonable",
-           "quantize_weight"]
+__all__ = ["MAX_CONV_EXTENT", "QuantizedModuleBase", "check_conv_geometry", "conv_geometry",
+           "default_conv_geometry", "jsonable", "quantize_weight"]
+
+#: Largest kernel extent ``dilation * (kernel_size - 1) + 1``, stride or fused max-pool size
+#: (per spatial dimension) a quantized conv accepts: far above real networks, small enough that
+#: a hostile file cannot make one layer pad its input to gigabytes.
+MAX_CONV_EXTENT = 4096
+_PAD_MODES = ("constant", "reflect", "replicate", "circular")
+_GEOMETRY_KEYS = {"stride", "padding", "dilation", "groups", "pre_pad", "pad_mode"}
 
 
 def jsonable(value: Any) -> Any:
@@ -67,11 +74,101 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str, kind: str,
     return quantize(w, scale, zp, spec), scale.contiguous(), zp.contiguous()
 
 
-def conv_geometry(module: nn.Module) -> dict[str, Any]:
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(value: Any, n: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == n and all(map(_int, value))
+
+
+def check_conv_geometry(geometry: Mapping[str, Any], kernel_size: Any, in_channels: Any,
+                        out_channels: Any, dims: int, label: str = "conv") -> None:
+    """Refuse a conv geometry the kernels cannot run safely (they index memory by these sizes).
+
+    Rules, per spatial dimension: ``1 <= kernel_size``; ``1 <= stride``, ``1 <= dilation`` and
+    the kernel extent ``dilation * (kernel_size - 1) + 1`` at most :data:`MAX_CONV_EXTENT`;
+    ``0 <= padding <= dilation * (kernel_size - 1)`` (more padding only adds output pixels
+    computed from zeros alone); the same bound for each side of ``pre_pad`` (then ``padding``
+    is 0); ``groups >= 1`` dividing both channel counts.
+
+    Args:
+        geometry: ``{"stride", "padding", "dilation", "groups", "pre_pad", "pad_mode"}`` and
+            optionally ``"fused_maxpool"`` (see :func:`conv_geometry`).
+        kernel_size, in_channels, out_channels: the conv's shape.
+        dims: 1 (Conv1d) or 2 (Conv2d).
+        label: names the layer in the error message.
+
+    Raises:
+        ValueError: naming ``label``, the field and the allowed range.
+
+    Example:
+        >>> geo = conv_geometry(nn.Conv2d(3, 4, 3, padding=1))
+        >>> check_conv_geometry(geo, (3, 3), 3, 4, dims=2)  # fine: returns None
+        >>> check_conv_geometry({**geo, "padding": [-1, -1]}, (3, 3), 3, 4, dims=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: conv: padding=[-1, -1] must hold 2 integers, each >= 0 and <= ...
+    """
+    def bad(field: str, value: Any, rule: str) -> ValueError:
+        return ValueError(f"{label}: {field}={value!r} must {rule}; fix the layer or keep it in "
+                          "float")
+
+    if not isinstance(geometry, Mapping):
+        raise bad("geometry", geometry, "be a dict of stride/padding/dilation/groups")
+    missing, unknown = _GEOMETRY_KEYS - set(geometry), set(geometry) - _GEOMETRY_KEYS - {
+        "fused_maxpool"}
+    if missing or unknown:
+        raise bad("geometry", dict(geometry), f"have the fields {sorted(_GEOMETRY_KEYS)} (and "
+                  f"optionally 'fused_maxpool'); missing {sorted(missing)}, unknown "
+                  f"{sorted(unknown)}")
+    for field, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if not _int(value) or not 1 <= value < 2**31:
+            raise bad(field, value, "be a positive integer")
+    if not _ints(kernel_size, dims) or min(kernel_size) < 1:
+        raise bad("kernel_size", kernel_size, f"hold {dims} positive integers")
+    g = geometry
+    if not _ints(g["dilation"], dims) or min(g["dilation"]) < 1:
+        raise bad("dilation", g["dilation"], f"hold {dims} integers >= 1")
+    reach = [d * (k - 1) for d, k in zip(g["dilation"], kernel_size, strict=True)]
+    if max(reach) + 1 > MAX_CONV_EXTENT:
+        raise bad("dilation", g["dilation"], f"keep dilation * (kernel_size - 1) + 1 <= "
+                  f"{MAX_CONV_EXTENT} (kernel_size={list(kernel_size)})")
+    if not _ints(g["stride"], dims) or not all(1 <= s <= MAX_CONV_EXTENT for s in g["stride"]):
+        raise bad("stride", g["stride"], f"hold {dims} integers in 1..{MAX_CONV_EXTENT}")
+    if not _ints(g["padding"], dims) or not all(
+            0 <= p <= r for p, r in zip(g["padding"], reach, strict=True)):
+        raise bad("padding", g["padding"], f"hold {dims} integers, each >= 0 and <= dilation * "
+                  f"(kernel_size - 1) = {reach} (the kernel's reach)")
+    if g["pre_pad"] is not None:  # F.pad order: last dimension first, (before, after) pairs
+        sides = [r for r in reversed(reach) for _ in range(2)]
+        if not _ints(g["pre_pad"], 2 * dims) or not all(
+                0 <= p <= r for p, r in zip(g["pre_pad"], sides, strict=True)):
+            raise bad("pre_pad", g["pre_pad"], f"be None or hold {2 * dims} integers, each >= 0 "
+                      f"and <= dilation * (kernel_size - 1) of its dimension, {reach}")
+        if any(g["padding"]):
+            raise bad("padding", g["padding"], "be 0 when pre_pad is given")
+    if g["pad_mode"] not in _PAD_MODES:
+        raise bad("pad_mode", g["pad_mode"], f"be one of {_PAD_MODES}")
+    groups = g["groups"]
+    if not _int(groups) or groups < 1 or in_channels % groups or out_channels % groups:
+        raise bad("groups", groups, f"be a positive integer dividing in_channels={in_channels} "
+                  f"and out_channels={out_channels}")
+    pool = g.get("fused_maxpool", 0)
+    if not _int(pool) or not 0 <= pool <= MAX_CONV_EXTENT or (pool and dims != 2):
+        raise bad("fused_maxpool", pool, f"be an integer in 0..{MAX_CONV_EXTENT} (2-d convs "
+                  "only)")
+
+
+def conv_geometry(module: nn.Module, name: str = "") -> dict[str, Any]:
     """Stride/padding/dilation/groups of a float conv, with pre-padding for non-zero modes.
 
     ``padding="same"`` and ``padding_mode != "zeros"`` become an explicit ``F.pad`` before the
     convolution (``pre_pad``, ``pad_mode``) and ``padding=0``.
+
+    Raises:
+        ValueError: a geometry :func:`check_conv_geometry` refuses (e.g. negative padding),
+            naming the layer (``name``, else the module).
 
     Example:
         >>> conv_geometry(nn.Conv2d(3, 4, 3, padding=1))["padding"]
@@ -86,6 +183,9 @@ def conv_geometry(module: nn.Module) -> dict[str, Any]:
         geo["padding"] = [0] * dims
     else:
         geo["padding"] = list(module.padding)
+    label = f"{name} ({type(module).__name__})" if name else repr(module)
+    check_conv_geometry(geo, list(module.kernel_size), module.in_channels, module.out_channels,
+                        dims, label)
     return geo
 
 
