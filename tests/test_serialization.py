@@ -21,7 +21,9 @@ from lowbit.models import MLP, MnistCNN
 from lowbit.ptq import PTQQuantizer, quantize_dynamic, quantize_static, quantize_weight_only
 from lowbit.serialization import (
     FORMAT_VERSION,
+    STALE_TMP_SECONDS,
     LoadError,
+    clean_stale_temporaries,
     describe,
     load,
     read_manifest,
@@ -404,8 +406,9 @@ def test_killed_save_leaves_previous_file_intact(tmp_path: Path) -> None:
         loaded = load(target, model=MLP(**kwargs))  # the previous save, verified
         x = _images(3)
         assert torch.equal(loaded(x), first(x))
-        for p in leftovers:
-            p.unlink()
+        for p in leftovers:  # an hour later, the next save removes what the crash left
+            os.utime(p, (p.stat().st_atime, p.stat().st_mtime - STALE_TMP_SECONDS - 1))
+        save(first, target)
         assert sorted(p.name for p in target.parent.iterdir()) == before
 
 
@@ -418,3 +421,46 @@ def test_save_overwrites_atomically(tmp_path: Path) -> None:
                                                                   "model.safetensors"]
     x = _images(2)
     assert torch.equal(load(tmp_path / "m", model=MLP(**SMALL_MLP))(x), b(x))
+
+
+def test_stale_temporaries_are_removed_by_the_next_save(tmp_path: Path) -> None:
+    import fcntl
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    old = folder.stat().st_mtime - STALE_TMP_SECONDS - 60
+    names = {"stale": ".model.safetensors.lowbit-a1b2c3d4.tmp",
+             "stale_json": ".lowbit.json.lowbit-zz99xx00.tmp",
+             "fresh": ".model.safetensors.lowbit-e5f6g7h8.tmp",  # a save running right now
+             "locked": ".model.safetensors.lowbit-i9j0k1l2.tmp",  # old, but a save holds it
+             "not_ours": ".model.safetensors.tmp", "user": "notes.lowbit-aaaa.tmp"}
+    for key, name in names.items():
+        (folder / name).write_bytes(b"partial")
+        if key != "fresh":
+            os.utime(folder / name, (old, old))
+    (folder / ".x.lowbit-link0000.tmp").symlink_to(folder / names["user"])
+    os.utime(folder / ".x.lowbit-link0000.tmp", (old, old), follow_symlinks=False)
+    with open(folder / names["locked"], "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        save(quantize_dynamic(nn.Sequential(nn.Linear(8, 4))), folder)
+    left = {p.name for p in folder.iterdir()}
+    assert left == {"model.safetensors", "lowbit.json", ".x.lowbit-link0000.tmp",
+                    *(names[k] for k in ("fresh", "locked", "not_ours", "user"))}
+    # once the lock is released, any age counts with older_than=0
+    removed = clean_stale_temporaries(folder, older_than=0)
+    assert sorted(p.name for p in removed) == sorted([names["fresh"], names["locked"]])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_saved_files_honour_the_umask(tmp_path: Path, umask: int) -> None:
+    """mkstemp creates 0600 files; saves get what open() would give (0o666 & ~umask)."""
+    q = quantize_dynamic(nn.Sequential(nn.Linear(8, 4)))
+    previous = os.umask(umask)
+    try:
+        save(q, tmp_path / "m")
+        save(q, tmp_path / "single.safetensors")
+    finally:
+        os.umask(previous)
+    for p in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "lowbit.json",
+              tmp_path / "single.safetensors"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p

@@ -83,7 +83,8 @@ def _ints(value: Any, n: int) -> bool:
 
 
 def check_conv_geometry(geometry: Mapping[str, Any], kernel_size: Any, in_channels: Any,
-                        out_channels: Any, dims: int, label: str = "conv") -> None:
+                        out_channels: Any, dims: int, label: str = "conv",
+                        fix: str = "fix the layer or keep it in float") -> None:
     """Refuse a conv geometry the kernels cannot run safely (they index memory by these sizes).
 
     Rules, per spatial dimension: ``1 <= kernel_size``; ``1 <= stride``, ``1 <= dilation`` and
@@ -98,6 +99,7 @@ def check_conv_geometry(geometry: Mapping[str, Any], kernel_size: Any, in_channe
         kernel_size, in_channels, out_channels: the conv's shape.
         dims: 1 (Conv1d) or 2 (Conv2d).
         label: names the layer in the error message.
+        fix: what the message tells the user to do.
 
     Raises:
         ValueError: naming ``label``, the field and the allowed range.
@@ -111,8 +113,7 @@ def check_conv_geometry(geometry: Mapping[str, Any], kernel_size: Any, in_channe
         ValueError: conv: padding=[-1, -1] must hold 2 integers, each >= 0 and <= ...
     """
     def bad(field: str, value: Any, rule: str) -> ValueError:
-        return ValueError(f"{label}: {field}={value!r} must {rule}; fix the layer or keep it in "
-                          "float")
+        return ValueError(f"{label}: {field}={value!r:.200} must {rule}; {fix}")
 
     if not isinstance(geometry, Mapping):
         raise bad("geometry", geometry, "be a dict of stride/padding/dilation/groups")

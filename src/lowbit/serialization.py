@@ -27,10 +27,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import struct
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,8 +44,22 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lowbit.lora import LoRALinear, mark_only_lora_trainable
-from lowbit.modules import QUANTIZED_MODULES, module_from_meta
+from lowbit._qmodule import check_conv_geometry
+from lowbit.config import QuantSpec
+from lowbit.lora import LORA_BASES, LoRALinear, mark_only_lora_trainable
+from lowbit.modules import (
+    QUANTIZED_MODULES,
+    QuantizedConv2d,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    WeightOnlyConv2d,
+    module_from_meta,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "FORMAT_VERSION",
@@ -165,18 +181,110 @@ def _dedupe(state: Mapping[str, torch.Tensor]
     return out, aliases, narrowed
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+#: Temporary files of :func:`_atomic_write`: ``.<target name>.lowbit-<random>.tmp``.
+_TMP_PREFIX, _TMP_SUFFIX = ".lowbit-", ".tmp"
+_TMP_RE = re.compile(r"^\..+\.lowbit-[A-Za-z0-9_]+\.tmp$")
+#: A temporary not written to for this long (seconds), and not locked by a running save, was
+#: left by a crashed save: the next save into the same folder removes it.
+STALE_TMP_SECONDS = 3600.0
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where possible: ``os.umask`` must set it to read it)."""
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on ``fd`` without waiting; True when taken (or when the
+    platform has no ``fcntl``, where only the age of a temporary protects it)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_temporaries(folder: str | os.PathLike[str], *,
+                            older_than: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Remove the temporaries lowbit saves left in ``folder`` when they crashed.
+
+    Only files named like lowbit's temporaries (``.<name>.lowbit-<random>.tmp``), not written
+    to for ``older_than`` seconds and not locked by a save in progress are removed. Every
+    :func:`save` (and :func:`lowbit.checkpoint.save_checkpoint`) calls it on its folder.
+
+    Returns:
+        The paths removed.
+
+    Example:
+        >>> import os, pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> old = d / ".model.safetensors.lowbit-k2j4x9aa.tmp"; _ = old.write_bytes(b"half")
+        >>> os.utime(old, (0, 0))  # last written in 1970
+        >>> [p.name for p in clean_stale_temporaries(d)], old.exists()
+        (['.model.safetensors.lowbit-k2j4x9aa.tmp'], False)
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not _TMP_RE.match(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # removed meanwhile, or not ours to open
+        try:
+            if _try_lock(fd):  # a running save holds its temporary locked
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``.
+
+    The temporary is fresh and locked while written (:func:`clean_stale_temporaries` of another
+    save leaves it alone) and gets the mode a plain ``open(path, "w")`` would (``0o666 &
+    ~umask``; ``mkstemp`` and ``safetensors`` create 0600). Stale temporaries of crashed saves
+    in the folder are removed first.
+    """
+    clean_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_PREFIX}",
+                               suffix=_TMP_SUFFIX)
+    try:
+        _try_lock(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after write: writers may recreate the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)  # releases the lock
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -280,20 +388,48 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+#: Largest safetensors header accepted (the limit of the safetensors library itself).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def header_length(head: bytes, size: int, where: str | os.PathLike[str]) -> int:
+    """The header length a safetensors file of ``size`` bytes declares in its first 8 bytes
+    ``head``, checked before anything else is read (a garbage file can declare any length).
+
+    Raises:
+        LoadError: too short, a declared header longer than the file or than
+            :data:`MAX_HEADER_BYTES`.
+
+    Example:
+        >>> header_length(struct.pack("<Q", 2) + b"{}", 10, "f")
+        2
+        >>> header_length(b"\\xff" * 8, 1 << 40, "f")  # e.g. 1 TB of random bytes
+        Traceback (most recent call last):
+        ...
+        lowbit.serialization.LoadError: f: not a safetensors file (its first 8 bytes declare ...
+    """
+    if head[:2] == b"PK":
+        raise LoadError(f"{where}: not a lowbit file (a zip archive, e.g. torch.save or "
+                        "TorchScript); pass the folder or .safetensors file lowbit.save wrote")
+    if len(head) < 8:
+        raise LoadError(f"{where}: truncated file ({len(head)} bytes); save it again")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES:
+        raise LoadError(f"{where}: not a safetensors file (its first 8 bytes declare a header of "
+                        f"{n} bytes, more than the {MAX_HEADER_BYTES} safetensors allows)")
+    if n > size - 8:
+        raise LoadError(f"{where}: not a safetensors file, or truncated (its header would "
+                        f"need {n} bytes, the file has {size}); save it again")
+    return n
+
+
 def _parse_header(data: bytes, size: int, where: Path) -> dict[str, Any]:
-    """The manifest, from the first bytes ``data`` of a file of ``size`` bytes.
+    """The manifest, from the first bytes ``data`` (at least the header) of a file of ``size``
+    bytes.
 
     Raises :class:`LoadError` on a truncated file, a corrupted header or a missing manifest.
     """
-    if data[:2] == b"PK":
-        raise LoadError(f"{where}: not a lowbit file (a zip archive, e.g. torch.save or "
-                        "TorchScript); pass the folder or .safetensors file lowbit.save wrote")
-    if len(data) < 8:
-        raise LoadError(f"{where}: truncated file ({len(data)} bytes); save it again")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > size:
-        raise LoadError(f"{where}: not a safetensors file, or truncated (its header would "
-                        f"need {n} bytes, the file has {size}); save it again")
+    n = header_length(data, size, where)
     if n > len(data) - 8:
         raise LoadError(f"{where}: truncated file (header needs {n} bytes, only "
                         f"{len(data) - 8} present); save it again")
@@ -312,6 +448,8 @@ def _parse_header(data: bytes, size: int, where: Path) -> dict[str, Any]:
         raise LoadError(f"{where}: truncated file (tensor data needs {end} bytes, file has "
                         f"{size}); save it again")
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise LoadError(f"{where}: corrupted safetensors header (__metadata__ is not a map)")
     if "lowbit.checkpoint" in meta:
         raise LoadError(f"{where}: a training checkpoint, not a saved quantized model; load it "
                         "with lowbit.checkpoint.load_checkpoint")
@@ -320,7 +458,7 @@ def _parse_header(data: bytes, size: int, where: Path) -> dict[str, Any]:
                         "metadata); plain safetensors files load with safetensors.torch.load_file")
     try:
         manifest = json.loads(meta[MANIFEST_KEY])
-    except json.JSONDecodeError as e:
+    except (TypeError, json.JSONDecodeError) as e:
         raise LoadError(f"{where}: the lowbit manifest is corrupted ({e})") from e
     return manifest
 
@@ -338,6 +476,179 @@ def _check_manifest(manifest: Any, where: Path) -> None:
     if hashlib.sha256(_canonical(body)).hexdigest() != manifest.get("manifest_sha256"):
         raise LoadError(f"{where}: manifest checksum mismatch: the manifest was modified or "
                         "corrupted after saving; save the model again")
+    _check_structure(manifest, where)
+
+
+# ---------------------------------------------------------------------------------- validation
+# Anyone who can edit a file can recompute its checksums: every field load reads is checked
+# here, by type and range, before it is used, and a bad one is refused by name (LoadError).
+#: Original dtypes a quantized module may record (the float layer's dtype).
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_MAX_DIM = 2**31 - 1
+_DAMAGED = "the file is damaged or was edited; save the model again"
+
+
+def _field(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], where: str, *,
+           optional: bool = False) -> Any:
+    """``obj[key]`` when it has one of ``types`` (``bool`` is not an ``int`` here); None when
+    ``optional`` and missing. Anything else is a :class:`LoadError` naming ``where`` and ``key``.
+    """
+    if key not in obj:
+        if optional:
+            return None
+        raise LoadError(f"{where}: field {key!r} is missing; {_DAMAGED}")
+    value = obj[key]
+    kinds = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in kinds)
+        raise LoadError(f"{where}: field {key!r} must be {names}, got {value!r:.80}; {_DAMAGED}")
+    return value
+
+
+def _dim(obj: Mapping[str, Any], key: str, where: str) -> int:
+    value = _field(obj, key, int, where)
+    if not 1 <= value <= _MAX_DIM:
+        raise LoadError(f"{where}: field {key!r}={value} must be in 1..{_MAX_DIM}; {_DAMAGED}")
+    return value
+
+
+def _spec(meta: Mapping[str, Any], key: str, where: str) -> None:
+    data = _field(meta, key, dict, where)
+    for flag in ("signed", "symmetric", "narrow_range"):
+        _field(data, flag, bool, f"{where} {key}", optional=True)
+    try:
+        QuantSpec.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{where}: field {key!r} is not a valid QuantSpec ({e}); {_DAMAGED}"
+                        ) from e
+
+
+def _check_meta(meta: Mapping[str, Any], where: str, lora: bool) -> None:
+    """A quantized module's meta: class, shapes, conv geometry, specs and flags."""
+    name = _field(meta, "class", str, where)
+    cls = QUANTIZED_MODULES.get(name)
+    if cls is None:
+        raise LoadError(f"{where} is a {name!r}, which this lowbit {_lowbit_version()} does not "
+                        "know; upgrade lowbit")
+    where = f"{where} ({name})"
+    if lora and not issubclass(cls, LORA_BASES):
+        raise LoadError(f"{where}: a LoRA adapter needs one of "
+                        f"{[c.__name__ for c in LORA_BASES]} as its base; {_DAMAGED}")
+    _spec(meta, "weight_spec", where)
+    if issubclass(cls, (QuantizedLinear, QuantizedConv2d)):
+        if _field(meta, "mode", str, where) not in ("dynamic", "static"):
+            raise LoadError(f"{where}: field 'mode'={meta['mode']!r:.40} must be 'dynamic' or "
+                            f"'static'; {_DAMAGED}")
+        _spec(meta, "activation_spec", where)
+    if issubclass(cls, QuantizedEmbedding):
+        rows = _dim(meta, "num_embeddings", where)
+        _dim(meta, "embedding_dim", where)
+        idx = _field(meta, "padding_idx", (int, type(None)), where, optional=True)
+        if idx is not None and not -rows <= idx < rows:
+            raise LoadError(f"{where}: field 'padding_idx'={idx} is outside the {rows} rows; "
+                            f"{_DAMAGED}")
+    else:
+        _field(meta, "bias", bool, where)
+    if issubclass(cls, (QuantizedConv2d, WeightOnlyConv2d)):
+        geometry = _field(meta, "geometry", dict, where)
+        try:
+            check_conv_geometry(geometry, meta.get("kernel_size"), meta.get("in_channels"),
+                                meta.get("out_channels"), cls._dims, where, fix=_DAMAGED)
+        except ValueError as e:
+            raise LoadError(str(e)) from e
+    elif not issubclass(cls, QuantizedEmbedding):
+        _dim(meta, "in_features", where)
+        _dim(meta, "out_features", where)
+    _field(meta, "fused_relu", bool, where, optional=True)
+    if _field(meta, "fused_gelu", (str, type(None)), where, optional=True) not in (
+            None, "none", "tanh"):
+        raise LoadError(f"{where}: field 'fused_gelu' must be null, 'none' or 'tanh'; {_DAMAGED}")
+    if _field(meta, "dtype", str, where, optional=True) not in (None, *_FLOAT_DTYPES):
+        raise LoadError(f"{where}: field 'dtype'={meta['dtype']!r:.40} must be one of "
+                        f"{_FLOAT_DTYPES}; {_DAMAGED}")
+    if _field(meta, "backend", str, where, optional=True) not in (None, "auto", "reference"):
+        raise LoadError(f"{where}: field 'backend' must be 'auto' or 'reference'; {_DAMAGED}")
+    _field(meta, "name", str, where, optional=True)
+    _field(meta, "extra", dict, where, optional=True)
+
+
+def _check_lora(config: Mapping[str, Any], where: str) -> None:
+    where = f"{where} LoRA adapter"
+    _dim(config, "r", where)
+    for key in ("alpha", "dropout"):
+        value = _field(config, key, (int, float), where, optional=key == "dropout")
+        if value is not None and not math.isfinite(value):
+            raise LoadError(f"{where}: field {key!r} must be finite; {_DAMAGED}")
+    _field(config, "fused_relu", bool, where, optional=True)
+    _field(config, "fused_gelu", (str, type(None)), where, optional=True)
+
+
+def _check_structure(manifest: Mapping[str, Any], where: Path) -> None:
+    """Every field :func:`load` and :func:`describe` read, by type and range (no tensors)."""
+    top = f"{where}: manifest"
+    arch = _field(manifest, "architecture", dict, top)
+    _field(arch, "class", str, f"{top} architecture")
+    _field(arch, "factory", (str, type(None)), f"{top} architecture", optional=True)
+    _field(arch, "factory_kwargs", dict, f"{top} architecture", optional=True)
+    for key in ("aliases", "narrowed"):
+        for name, value in (_field(manifest, key, dict, top, optional=True) or {}).items():
+            if not isinstance(value, str) or (key == "narrowed" and value != "int32"):
+                raise LoadError(f"{top}: {key}[{name!r}]={value!r:.40} is not "
+                                f"{'int32' if key == 'narrowed' else 'a tensor name'}; "
+                                f"{_DAMAGED}")
+    _field(manifest, "extra", dict, top, optional=True)
+    for name, entry in _field(manifest, "modules", dict, top).items():
+        here = f"{where}: module {name!r}"
+        if not isinstance(entry, dict):
+            raise LoadError(f"{here}: its entry must be an object, got {entry!r:.80}; {_DAMAGED}")
+        kind = _field(entry, "kind", str, here)
+        if kind in ("quantized", "lora"):
+            _check_meta(_field(entry, "meta", dict, here), here, lora=kind == "lora")
+            if kind == "lora":
+                _check_lora(_field(entry, "lora", dict, here), here)
+        elif kind == "replace":
+            if _field(entry, "class", str, here) not in REPLACEMENTS:
+                raise LoadError(f"{here}: replacement class {entry['class']!r:.40} is not one of "
+                                f"{sorted(REPLACEMENTS)}; {_DAMAGED}")
+        elif kind == "shared":
+            _field(entry, "of", str, here)
+        else:
+            raise LoadError(f"{here}: unknown kind {kind!r:.40} (known: quantized, lora, "
+                            f"replace, shared); {_DAMAGED}")
+
+
+def _check_tensor_refs(manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                       where: Path) -> None:
+    """``narrowed`` / ``aliases`` name stored tensors, and no module describes more weight than
+    the file stores for it: modules are rebuilt (allocated) from their meta before the exact
+    shape check, so a meta of 10^12 elements must not get that far."""
+    for key in ("narrowed", "aliases"):
+        for name, value in (manifest.get(key) or {}).items():
+            target = name if key == "narrowed" else value
+            if target not in tensors or (key == "aliases" and name in tensors):
+                raise LoadError(f"{where}: manifest {key}[{name!r}] names no stored tensor "
+                                f"{target!r:.80}; {_DAMAGED}")
+    stored = {**tensors, **{a: tensors[s] for a, s in (manifest.get("aliases") or {}).items()}}
+    for name, entry in manifest["modules"].items():
+        if entry["kind"] not in ("quantized", "lora"):
+            continue
+        prefix = (f"{name}." if name else "") + ("base." if entry["kind"] == "lora" else "")
+        weight = stored.get(f"{prefix}weight")
+        shape = _weight_shape(entry["meta"])
+        need = math.prod(shape)
+        if weight is None or need > 2 * weight.numel() * weight.element_size():
+            have = "no tensor" if weight is None else (
+                f"{weight.numel() * weight.element_size()} bytes ({list(weight.shape)} "
+                f"{str(weight.dtype).removeprefix('torch.')})")
+            raise LoadError(f"{where}: module {name!r} ({entry['meta']['class']}) describes a "
+                            f"weight of shape {shape}, but the file stores {have} for "
+                            f"{prefix}weight; {_DAMAGED}")
+        if entry["kind"] == "lora":
+            a = stored.get(f"{name}.lora_A" if name else "lora_A")
+            if a is None or a.dim() != 2 or a.shape[0] != entry["lora"]["r"]:
+                raise LoadError(f"{where}: module {name!r}: its LoRA rank r="
+                                f"{entry['lora']['r']} does not match the stored lora_A "
+                                f"{None if a is None else list(a.shape)}; {_DAMAGED}")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -364,11 +675,16 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = _resolve(path)
     with open(p, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        data = head + f.read(min(n, 100_000_000))
-    manifest = _parse_header(data, p.stat().st_size, p)
-    _check_manifest(manifest, p)
+        return _read_manifest(f, p.stat().st_size, p)
+
+
+def _read_manifest(f: Any, size: int, where: Path) -> dict[str, Any]:
+    """The checked manifest from the open file ``f``: the header length is checked against the
+    file size before the header is read, so a garbage file is never read whole."""
+    head = f.read(8)
+    data = head + f.read(header_length(head, size, where))
+    manifest = _parse_header(data, size, where)
+    _check_manifest(manifest, where)
     return manifest
 
 
@@ -376,9 +692,14 @@ def _read_verified(path: str | os.PathLike[str]
                    ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """Read, check and verify a saved file; tensors widened and aliases restored."""
     p = _resolve(path)
-    data = p.read_bytes()
-    manifest = _parse_header(data, len(data), p)
-    _check_manifest(manifest, p)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        manifest = _read_manifest(f, size, p)  # checked before the tensor data is read
+        f.seek(0)
+        try:
+            data = f.read()
+        except MemoryError as e:
+            raise MemoryError(f"{p}: its {size} bytes do not fit in memory") from e
     try:
         tensors = safetensors.torch.load(data)
     except Exception as e:  # safetensors raises its own error type
@@ -386,9 +707,10 @@ def _read_verified(path: str | os.PathLike[str]
     if tensors_sha256(tensors) != manifest.get("tensors_sha256"):
         raise LoadError(f"{p}: SHA-256 mismatch: the tensor data was modified or corrupted "
                         "after saving; save the model again")
-    for name, dtype in manifest.get("narrowed", {}).items():
-        tensors[name] = tensors[name].to(getattr(torch, dtype))
-    for name, source in manifest.get("aliases", {}).items():
+    _check_tensor_refs(manifest, tensors, p)
+    for name in manifest.get("narrowed") or {}:
+        tensors[name] = tensors[name].to(torch.int32)
+    for name, source in (manifest.get("aliases") or {}).items():
         tensors[name] = tensors[source]
     if p.name == TENSORS_FILE and (p.parent / MANIFEST_FILE).is_file():
         try:
