@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +92,7 @@ def test_file_is_safetensors_with_json_metadata(trained, tmp_path) -> None:
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     meta = json.loads(header["__metadata__"]["lowbit.checkpoint"])
-    assert meta["format"] == "lowbit.checkpoint/1"
+    assert meta["format"] == "lowbit.checkpoint/2" and len(meta["checksum"]) == 64
     assert meta["optimizer"]["class"] == "Adam"
     assert meta["qat_config"]["learnable_scale"] is True
     assert "model/conv1.input_quantizer.log_scale" in header
@@ -135,5 +137,146 @@ def test_refusals(trained, tmp_path) -> None:
     no_opt = save_checkpoint(tmp_path / "no_opt.safetensors", qat)
     with pytest.raises(ValueError, match="holds no optimizer state"):
         load_checkpoint(no_opt, fresh, torch.optim.Adam(fresh.parameters()))
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(ValueError, match=r"does not fit the model \(missing from the checkpoint: "
+                                         r"\['bn1.bias'"):
         load_checkpoint(path, MnistCNN(channels=(4, 8), hidden=16))
+
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return set(after) == set(before) and all(
+        after[k].shape == before[k].shape and torch.equal(after[k], before[k]) for k in before)
+
+
+def _mlp(hidden: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+
+@pytest.fixture()
+def adam_ckpt(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        _step(model, opt, (torch.randn(6, 4), torch.randint(0, 2, (6,))))
+    return save_checkpoint(tmp_path / "adam.safetensors", model, opt, extra={"epoch": 3})
+
+
+def test_refusals_change_neither_model_nor_optimizer(trained, adam_ckpt) -> None:
+    """Checks run before any write: the old code loaded the weights, then refused the
+    optimizer."""
+    float_model, _, _, path = trained
+    fresh = prepare_qat(float_model, CFG)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match="holds Adam state but the optimizer is a SGD"):
+        load_checkpoint(path, fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    assert _unchanged(fresh, before)
+
+    torch.manual_seed(1)
+    model = _mlp()
+    before = _snapshot(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    opt_before = opt.state_dict()
+    cases = [  # (model, optimizer, message)
+        (model, torch.optim.SGD(model.parameters(), lr=0.1), "holds Adam state"),
+        (model, torch.optim.Adam(list(model.parameters())[::-1]),  # same count, other shapes
+         r"optimizer state 'exp_avg' of parameter 0 has shape \(8, 4\), the parameter \(2,\)"),
+        (model, torch.optim.Adam(list(model.parameters())[:2]), "parameter groups of sizes"),
+    ]
+    for m, o, match in cases:
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(adam_ckpt, m, o)
+        assert _unchanged(model, before)
+    wider = _mlp(hidden=16)  # load_state_dict copied the fitting tensors, then raised
+    wider_before = _snapshot(wider)
+    with pytest.raises(ValueError, match=r"0.weight: checkpoint \(8, 4\), model \(16, 4\)"):
+        load_checkpoint(adam_ckpt, wider, torch.optim.Adam(wider.parameters()), strict=False)
+    assert _unchanged(wider, wider_before)
+    assert opt.state_dict() == opt_before and opt.param_groups[0]["lr"] == 0.5
+    assert load_checkpoint(adam_ckpt, model, opt) == {"epoch": 3}  # the right ones still load
+    assert opt.param_groups[0]["lr"] == 0.01 and not _unchanged(model, before)
+
+
+def _header_end(path: Path) -> int:
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_flipped_byte_is_detected(adam_ckpt) -> None:
+    raw = adam_ckpt.read_bytes()
+    end = _header_end(adam_ckpt)
+    epoch = raw.index(b'epoch\\": 3') + len(b'epoch\\": ')  # a digit inside the JSON metadata
+    for offset in (end, end + 37, len(raw) - 1, epoch):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 0x01 if offset != epoch else 0x07  # "3" -> "4": still valid JSON
+        adam_ckpt.write_bytes(bytes(flipped))
+        model = _mlp()
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match="fails its SHA-256 checksum: the file was "
+                                             "corrupted or modified"):
+            load_checkpoint(adam_ckpt, model, torch.optim.Adam(model.parameters()))
+        assert _unchanged(model, before)
+
+
+def test_checkpoint_without_checksum_loads_with_a_warning(adam_ckpt) -> None:
+    from safetensors.torch import load_file
+
+    raw = adam_ckpt.read_bytes()
+    meta = json.loads(json.loads(raw[8:_header_end(adam_ckpt)])["__metadata__"]
+                      ["lowbit.checkpoint"])
+    meta["format"] = "lowbit.checkpoint/1"  # as written before checksums
+    del meta["checksum"]
+    save_file(load_file(adam_ckpt), adam_ckpt, {"lowbit.checkpoint": json.dumps(meta)})
+    with pytest.warns(UserWarning, match="written before checkpoints had checksums"):
+        assert load_checkpoint(adam_ckpt, _mlp()) == {"epoch": 3}
+
+
+def test_huge_garbage_checkpoint_is_refused_from_its_header(tmp_path) -> None:
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(b"\xff" * 8)
+        f.truncate(1 << 40)  # sparse: 1 TiB that is never read
+    with pytest.raises(ValueError, match=r"load_checkpoint: .* not a safetensors file \(its "
+                                         r"first 8 bytes declare a header of"):
+        load_checkpoint(path, _mlp())
+
+
+def test_malformed_qat_statistics_are_refused_before_writing(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from lowbit.checkpoint import _checksum
+
+    torch.manual_seed(0)
+    qat = prepare_qat(MnistCNN(channels=(4, 8), hidden=16), CFG)
+    opt = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    _step(qat, opt, _batches(1)[0])
+    path = save_checkpoint(tmp_path / "q.safetensors", qat, opt)
+    tensors = load_file(path)
+    raw = path.read_bytes()
+    meta = json.loads(json.loads(raw[8:_header_end(path)])["__metadata__"]["lowbit.checkpoint"])
+    node = next(iter(meta["qat_statistics"]["traces"]))
+    meta["qat_statistics"]["traces"][node]["step"] = [0, 1, 2, 3]  # longer than its columns
+    meta["checksum"] = _checksum(meta, tensors)  # consistent: what an attacker can do
+    save_file(tensors, path, {"lowbit.checkpoint": json.dumps(meta)})
+    fresh = prepare_qat(MnistCNN(channels=(4, 8), hidden=16), CFG)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=f"the QAT statistics of '{node}' are malformed"):
+        load_checkpoint(path, fresh)
+    assert _unchanged(fresh, before)
+
+
+def test_checkpoint_files_honour_umask_and_clean_stale_temporaries(tmp_path) -> None:
+    stale = tmp_path / ".ckpt.safetensors.lowbit-0a1b2c3d.tmp"
+    stale.write_bytes(b"left by a crash")
+    os.utime(stale, (0, 0))
+    previous = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt.safetensors", _mlp())
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
