@@ -138,32 +138,92 @@ def test_inspect_lists_lora_adapters(work: Path, capsys) -> None:
     assert "| layers.0.base | QuantizedLinear |" in out
 
 
-def test_exported_program_model(work: Path) -> None:
+def test_exported_program_model(work: Path, capsys) -> None:
     torch.manual_seed(0)
     model = MnistCNN().eval()
     batch = torch.export.Dim("batch")
     program = torch.export.export(model, (torch.randn(2, 1, 28, 28),),
                                   dynamic_shapes={"x": {0: batch}})
     torch.export.save(program, work / "cnn.pt2")
+    assert main(["quantize", str(work / "cnn.pt2"), "--method", "dynamic", "--out",
+                 str(work / "x")]) == 2  # a program: only with --trust-pickle
+    assert "pass --trust-pickle only if you trust" in capsys.readouterr().err.lower()
     run = lowbit("quantize", "cnn.pt2", "--method", "dynamic", "--out", "q_cnn.safetensors",
-                 "--quiet", cwd=work)
+                 "--trust-pickle", "--quiet", cwd=work)
     assert run.returncode == 0, run.stderr
     assert "| fc1 | Linear | quantized |" in run.stdout and "| conv1 | Conv2d | quantized |" \
         in run.stdout
     run = lowbit("compare", "cnn.pt2", "q_cnn.safetensors", "--data", "data.pt", "--iters", "2",
-                 "--batch-sizes", "4", "--json", "--quiet", cwd=work)
+                 "--batch-sizes", "4", "--json", "--quiet", "--trust-pickle", cwd=work)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["rows"][1]["output_error"]["cosine"] > 0.99
 
 
-def test_torchscript_model_needs_arch(work: Path, capsys) -> None:
+def test_torchscript_model_needs_trust_and_arch(work: Path, capsys) -> None:
     torch.manual_seed(0)
     torch.jit.save(torch.jit.script(MLP(hidden=(32,)).eval()), work / "mlp_ts.pt")
-    assert main(["quantize", str(work / "mlp_ts.pt"), "--method", "dynamic", "--out",
-                 str(work / "x")]) == 2
-    assert "is TorchScript" in capsys.readouterr().err
     assert main(["quantize", str(work / "mlp_ts.pt"), *ARCH, "--method", "dynamic", "--out",
-                 str(work / "q_ts"), "--quiet"]) == 0
+                 str(work / "x")]) == 2
+    assert "is TorchScript: loading it can run any code" in capsys.readouterr().err
+    assert main(["quantize", str(work / "mlp_ts.pt"), "--method", "dynamic", "--out",
+                 str(work / "x"), "--trust-pickle"]) == 2
+    assert "is TorchScript, whose modules cannot be swapped" in capsys.readouterr().err
+    assert main(["quantize", str(work / "mlp_ts.pt"), *ARCH, "--method", "dynamic", "--out",
+                 str(work / "q_ts"), "--quiet", "--trust-pickle"]) == 0
+
+
+class _Payload:
+    """Unpickling it creates a marker file: stands for any code a pickle can run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def _evil_pt2(work: Path, marker: Path) -> Path:
+    """A real torch.export program whose bias is stored "use_pickle": a crafted pickle."""
+    import io
+    import zipfile
+
+    program = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval(),
+                                  (torch.randn(1, 4),))
+    torch.export.save(program, work / "plain.pt2")
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    evil = work / "evil.pt2"
+    with zipfile.ZipFile(work / "plain.pt2") as src, \
+            zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as out:
+        config = next(n for n in src.namelist() if n.endswith("model_weights_config.json"))
+        weights = json.loads(src.read(config))
+        weights["config"]["0.bias"]["use_pickle"] = True
+        bias_file = config.rpartition("/")[0] + "/" + weights["config"]["0.bias"]["path_name"]
+        for name in src.namelist():
+            data = src.read(name)
+            if name == config:
+                data = json.dumps(weights).encode()
+            elif name == bias_file:
+                data = payload.getvalue()
+            out.writestr(name, data)
+    return evil
+
+
+def test_pt2_is_not_unpickled_without_trust(work: Path, capsys) -> None:
+    marker = work / "pwned"
+    evil = _evil_pt2(work, marker)
+    for argv in (["quantize", str(evil), "--method", "dynamic", "--out", str(work / "e")],
+                 ["compare", str(evil), str(work / "q_dyn"), "--data", str(work / "data.pt")],
+                 ["bench", str(evil), "--input-shape", "1,4"],
+                 ["sensitivity", str(evil), "--method", "dynamic", "--data",
+                  str(work / "data.pt")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "evil.pt2' is a torch.export program (.pt2)" in err and "--trust-pickle" in err
+        assert not marker.exists(), f"{argv[0]} ran the pickle"
+    with pytest.raises(Exception):  # noqa: B017 - the proof: loading it runs the payload
+        torch.export.load(evil)
+    assert marker.exists()
 
 
 def test_demo_end_to_end(work: Path) -> None:

@@ -18,7 +18,9 @@ are loaded into the Python class); or a model saved by ``lowbit.save`` (a folder
 
 Trust: state dicts and DATA files are read without pickle (``weights_only=True``, safetensors,
 ``allow_pickle=False``); ``--arch`` imports the code you name. TorchScript and ``.pt2`` files
-are programs: ``torch.jit.load`` / ``torch.export.load`` them only from sources you trust.
+are programs that can run any code while they load (``torch.export.load`` unpickles weights
+stored with pickle; TorchScript runs its own code): they are refused unless ``--trust-pickle``
+says that you trust where they come from.
 """
 
 from __future__ import annotations
@@ -224,11 +226,39 @@ def _is_lowbit(path: Path) -> bool:
         return True
 
 
-def load_float(spec: str, arch: str | None, arch_kwargs: dict[str, Any]) -> nn.Module:
+TRUST_FLAG = "--trust-pickle"
+
+
+def _require_trust(spec: str, what: str, trusted: bool) -> None:
+    """Refuse a MODEL file whose loading can run code, unless the user said it is trusted."""
+    if not trusted:
+        raise UsageError(
+            f"MODEL {spec!r} is {what}: loading it can run any code it holds (pickle). Pass "
+            f"{TRUST_FLAG} only if you trust where it comes from; otherwise pass its state dict "
+            "(.safetensors, or .pt read with weights_only=True) with --arch")
+
+
+def load_float(spec: str, arch: str | None, arch_kwargs: dict[str, Any], *,
+               trust_pickle: bool = False) -> nn.Module:
     """Read a float MODEL argument (see the module docstring).
 
+    Args:
+        spec: the MODEL argument.
+        arch, arch_kwargs: ``--arch`` and ``--arch-kwargs``.
+        trust_pickle: ``--trust-pickle``: allow ``.pt2`` and TorchScript files, whose loading
+            runs code from the file.
+
     Raises:
-        UsageError: ``--arch`` is needed but missing. FileNotFoundError, ValueError: otherwise.
+        UsageError: ``--arch`` is needed but missing, or a ``.pt2`` / TorchScript file without
+            ``trust_pickle``. FileNotFoundError, ValueError: otherwise.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile(suffix=".pt2") as f:
+        ...     load_float(f.name, None, {})
+        Traceback (most recent call last):
+        ...
+        lowbit.cli.UsageError: MODEL '...pt2' is a torch.export program (.pt2): loading it can ...
     """
     path = Path(spec)
     if not path.exists():
@@ -236,11 +266,13 @@ def load_float(spec: str, arch: str | None, arch_kwargs: dict[str, Any]) -> nn.M
     if _is_lowbit(path):
         raise ValueError(f"MODEL {spec!r} is already quantized by lowbit; pass the float model")
     if path.suffix == ".pt2":
+        _require_trust(spec, "a torch.export program (.pt2)", trust_pickle)
         return _lift_exported(path)
     if path.suffix in (".pt", ".pth") and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             scripted = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
         if scripted:
+            _require_trust(spec, "TorchScript", trust_pickle)
             if arch is None:
                 raise UsageError(f"MODEL {spec!r} is TorchScript, whose modules cannot be "
                                  "swapped; pass --arch package.module:factory to load its "
@@ -284,9 +316,11 @@ def load_any(spec: str, args: argparse.Namespace, float_spec: str | None = None)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"MODEL {spec!r} does not exist")
+    trusted = getattr(args, "trust_pickle", False)
     if not _is_lowbit(path):
-        return load_float(spec, args.arch, args.arch_kwargs)
+        return load_float(spec, args.arch, args.arch_kwargs, trust_pickle=trusted)
     if float_spec is not None and Path(float_spec).suffix == ".pt2":
+        _require_trust(float_spec, "a torch.export program (.pt2)", trusted)
         return load(path, model=_lift_exported(Path(float_spec)))
     if args.arch is not None:
         return load(path, model=_factory(args.arch, args.arch_kwargs)())
@@ -332,7 +366,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.serialization import save
 
     config = _config(args)
-    model = load_float(args.model, args.arch, args.arch_kwargs)
+    model = load_float(args.model, args.arch, args.arch_kwargs,
+                       trust_pickle=args.trust_pickle)
     calib = _calibration(args)
     qmodel = PTQQuantizer(config, progress=not args.quiet).quantize(model, calib)
     path = save(qmodel, args.out, factory=args.arch, factory_kwargs=args.arch_kwargs)
@@ -423,7 +458,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from lowbit.sensitivity import analyze_sensitivity, auto_fallback
 
     config = _config(args)
-    model = load_float(args.model, args.arch, args.arch_kwargs)
+    model = load_float(args.model, args.arch, args.arch_kwargs,
+                       trust_pickle=args.trust_pickle)
     data = load_data(args.data, "eval", args.samples)
     calib = _calibration(args) if args.method == "static" else None
     eval_fn = None
@@ -595,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="builds the float model a state dict belongs to")
         p.add_argument("--arch-kwargs", type=_json_dict, default={}, metavar="JSON",
                        help="keyword arguments of the factory, as a JSON object")
+        p.add_argument(TRUST_FLAG, action="store_true",
+                       help="allow .pt2 (torch.export) and TorchScript MODEL files: loading "
+                            "them can run code they hold (pickle); only for trusted files")
 
     def quant_args(p: argparse.ArgumentParser, method_required: bool = True) -> None:
         p.add_argument("--method", choices=("dynamic", "static", "int4"),
