@@ -169,6 +169,8 @@ def test_hostile_conv_geometry_is_refused(cnn_copy: Path, edit, match: str) -> N
     (_set("narrowed", "fc1.weight_zero_point", value="float64"), r"narrowed\["
                                                                  r"'fc1.weight_zero_point'\]"),
     (_set("narrowed", "nope", value="int32"), r"narrowed\['nope'\] names no stored tensor"),
+    (_set("narrowed", "fc1.bias", value="int32"), r"narrowed\['fc1.bias'\]: the stored "
+                                                  r"tensor is torch.float32, not the int8"),
     (_set("aliases", "fc2.bias", value="nope"), r"aliases\['fc2.bias'\] names no stored"),
     ])
 def test_malformed_manifest_is_refused_by_name(cnn_copy: Path, edit, match: str) -> None:

@@ -628,6 +628,9 @@ def _check_tensor_refs(manifest: Mapping[str, Any], tensors: Mapping[str, torch.
             if target not in tensors or (key == "aliases" and name in tensors):
                 raise LoadError(f"{where}: manifest {key}[{name!r}] names no stored tensor "
                                 f"{target!r:.80}; {_DAMAGED}")
+            if key == "narrowed" and tensors[name].dtype != torch.int8:
+                raise LoadError(f"{where}: manifest narrowed[{name!r}]: the stored tensor is "
+                                f"{tensors[name].dtype}, not the int8 save narrows to; {_DAMAGED}")
     stored = {**tensors, **{a: tensors[s] for a, s in (manifest.get("aliases") or {}).items()}}
     for name, entry in manifest["modules"].items():
         if entry["kind"] not in ("quantized", "lora"):
