@@ -244,3 +244,20 @@ def test_manifest_that_is_not_an_object_is_refused(tmp_path: Path, metadata: dic
     safetensors.torch.save_file({"w": torch.zeros(2)}, path, metadata)
     with pytest.raises(LoadError, match=r"not a lowbit manifest|manifest is corrupted"):
         load(path, model=nn.Linear(2, 1))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("padding", [-3], r"padding=\[-3\] must hold 1 integers"),
+    ("fused_maxpool", 2, r"fused_maxpool=2 must .*2-d convs only"),
+    ("pre_pad", [1, 1, 1, 1], r"pre_pad=\[1, 1, 1, 1\] must be None or hold 2"),
+    ("groups", 4, r"groups=4 must be a positive integer dividing in_channels=6")])
+def test_hostile_weight_only_conv1d_geometry_is_refused(tmp_path: Path, field: str, value: Any,
+                                                        match: str) -> None:
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(6, 8, 3, padding=1), nn.ReLU())
+
+    save(quantize_weight_only(model(), bits=4, group_size=6), tmp_path / "c1")
+    _rewrite(tmp_path / "c1", _set("modules", "0", "meta", "geometry", field, value=value))
+    with pytest.raises(LoadError, match=r"module '0' \(WeightOnlyConv1d\): " + match):
+        load(tmp_path / "c1", model=model())
