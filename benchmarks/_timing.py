@@ -19,3 +19,28 @@ def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
             fn()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine_line() -> str:
+    """The CPU model, its ISA class and the ISA path lowbit runs, e.g. ``"AMD EPYC (AVX2, no
+    AVX-512 VNNI), lowbit ISA path: avx2"`` (benchmarks print it: results depend on it)."""
+    import platform
+
+    from lowbit.native import selected_isa
+
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = ("AVX-512 VNNI" + (" + BF16" if "avx512_bf16" in flags else "")
+           if "avx512_vnni" in flags else
+           "AVX2, no AVX-512 VNNI" if "avx2" in flags else "no AVX2")
+    model = model or platform.processor() or platform.machine()
+    return f"{model} ({isa}), lowbit ISA path: {selected_isa()}"

@@ -10,14 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowbit import native
 from lowbit.config import QuantSpec
 from lowbit.kernels import (
     CONV_CODES_EXACT_K,
     CONV_CODES_MAX_K,
     CONV_CODES_MAX_K_NATIVE,
+    U4_NATIVE_MAX_M,
     cpu_features,
     int4_pack_for_cpu,
     int8_conv2d,
+    int8_gemm,
     int8_linear,
     quantize_activation,
     quantize_activation_u8,
@@ -170,13 +173,18 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
     assert select_kernel("int8_linear", 1, backend="reference") == "reference"
     assert select_kernel("int8_conv2d", 4, groups=2) == "reference"
     dequant = "dequant_bf16" if "bf16" in cpu_features() else "reference"
-    assert select_kernel("int4_weight_only", 1, n=17, k=64, group_size=32) == dequant
+    fast = int8_gemm()  # at every M
+    # lowbit's INT4 kernel of the C ISA paths at small M (any N; K and group multiples of 32)
+    small4 = "u4_" + fast[3:] if fast.startswith("s8_") else None
+    assert select_kernel("int4_weight_only", 1, n=17, k=64, group_size=32) == (small4 or dequant)
     assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=16) == dequant
-    assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=32) == "int4pack_bf16"
+    assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=32) == (
+        small4 or "int4pack_bf16")
+    assert select_kernel("int4_weight_only", U4_NATIVE_MAX_M + 1, n=16, k=64,
+                         group_size=32) == "int4pack_bf16"
     assert select_kernel("int8_weight_only", 1, k=64, packable=False) == dequant
     assert select_kernel("int8_weight_only", 1, k=68) == dequant  # op needs K % 16 == 0
     assert select_kernel("int8_weight_only", 2, k=72) == dequant  # K = 72 segfaults at M >= 2
-    fast = "int_mm_s8s8" if "vnni" in cpu_features() else "fp32_codes"  # at every M
     assert select_kernel("int8_linear", 1) == select_kernel("int8_linear", 4096) == fast
     assert select_kernel("int8_weight_only", 1, k=64) == "int8pack_bf16"
     assert select_kernel("int8_weight_only", 65, k=64) == dequant
@@ -264,14 +272,17 @@ conv = nn.Conv2d(16, 8, 3, padding=1)  # K = 144: fp32 conv on codes without VNN
 qc = QuantizedConv2d.from_float(conv, cfg)
 rc = QuantizedConv2d.from_float(conv, cfg, backend="reference")
 xc = torch.randn(16, 16, 9, 9)
-assert torch.equal(qc(xc), rc(xc)) and qc.kernel_info() == "fp32_codes_conv"
+assert torch.equal(qc(xc), rc(xc))
+from lowbit.kernels import int8_gemm
+assert q.kernel_info() == int8_gemm() != "int_mm_s8s8"
 print(q.kernel_info())
 """
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "fp32_codes"
+    c_paths = [i for i in ("avx2", "portable") if native.isa_paths()[i] == "available"]
+    assert out.stdout.strip() == (f"s8_{c_paths[0]}" if c_paths else "fp32_codes")
 
 
 @pytest.mark.parametrize("batch,cin,cout,hw,ksize,stride,padding,dilation,groups", [
@@ -327,13 +338,12 @@ def test_int8_conv2d_fp32_codes_conv_exact_at_worst_case_k(batch: int) -> None:
 
 
 def test_select_kernel_conv_by_k() -> None:
-    vnni = "vnni" in cpu_features()
-    gemm = "int_mm_s8s8" if vnni else "fp32_codes"
+    gemm = int8_gemm()  # an integer GEMM, or "fp32_codes" (the torch path without VNNI)
     max_k = CONV_CODES_MAX_K if load_native() is None else CONV_CODES_MAX_K_NATIVE
     assert select_kernel("int8_conv2d", 64, k=9) == "fp32_codes_conv"
     assert select_kernel("int8_conv2d", 64, k=max_k) == "fp32_codes_conv"
     mid = select_kernel("int8_conv2d", 64, k=max_k + 16)
-    assert mid == (gemm if vnni else "fp32_codes_conv")
+    assert mid == (gemm if gemm != "fp32_codes" else "fp32_codes_conv")
     assert select_kernel("int8_conv2d", 64, k=CONV_CODES_EXACT_K + 1) == gemm
     assert select_kernel("int8_conv2d", 64, k=0) == gemm  # K unknown
     assert select_kernel("int8_conv2d", 64, k=CONV_CODES_EXACT_K, groups=4) == "fp32_codes_conv"

@@ -21,6 +21,7 @@ from lowbit.kernels import (
     BLOCK_ROWS,
     SMALL_LINEAR_CODES,
     SMALL_LINEAR_MACS,
+    U4_NATIVE_MAX_M,
     _epilogue_native,
     _int8_epilogue,
     conv2d_direct_native,
@@ -70,8 +71,11 @@ def test_builds_into_the_cache_dir_when_a_compiler_exists(tmp_path, monkeypatch)
 
 
 def test_disabled_by_environment(no_native) -> None:
-    assert native.native_status() == {"available": False, "reason": "disabled by LOWBIT_NATIVE=0",
-                                      "path": None}
+    status = native.native_status()
+    assert {k: status[k] for k in ("available", "reason", "path")} == {
+        "available": False, "reason": "disabled by LOWBIT_NATIVE=0", "path": None}
+    assert status["isa_paths"]["portable"] == "disabled by LOWBIT_NATIVE=0"
+    assert status["isa"] in ("avx512_vnni", "torch")  # no C path without the C kernels
 
 
 def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog) -> None:
@@ -448,8 +452,9 @@ def test_small_weight_only_layers_run_one_c_call_for_float32_inputs() -> None:
     torch.manual_seed(0)
     q = _wo_layer(4, True, True, "per_group", 32, 128, 10)
     limit = q._small_max_m
+    assert limit > U4_NATIVE_MAX_M  # (so no "u4_<isa>" range between them)
     assert limit >= 1 and q.kernel_info() == {f"M<={limit}": "native_fp32",
-                                              "M<=512": q._select_packed(1),
+                                              "M<=512": q._select_packed(512),
                                               "M>512": q._select_packed(513)}
     assert q._select(1) == "native_fp32" and q._select(limit + 1) == q._select_packed(limit + 1)
     ref = Int4Linear(128, 10, weight_spec=q.weight_spec, backend="reference")

@@ -156,7 +156,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.memory import empty as pooled_empty
-from lowbit.native import load_native, threads_for
+from lowbit.native import addcmul_fma, load_gemm, load_native, selected_isa, threads_for
 
 __all__ = [
     "CONV_CODES_EXACT_K",
@@ -171,11 +171,15 @@ __all__ = [
     "fused_linear_layout",
     "int4_pack_for_cpu",
     "int8_conv2d",
+    "int8_gemm",
     "int8_linear",
     "maxpool2d_native",
     "quantize_activation",
     "quantize_activation_u8",
+    "run_u4_linear",
+    "s8_packed",
     "select_kernel",
+    "u4_pack",
     "weight_only_linear",
     "weight_only_linear_native",
 ]
@@ -231,8 +235,13 @@ SMALL_LINEAR_CODES = 1 << 14
 #: packed bf16 ops: INT4 g32 1 x 128 -> 10 7.1 vs 12.6 us, 1 x 512 -> 64 11 vs 13 us; from
 #: ~100k on the packed ops win (1 x 1568 -> 128: 28 vs 16 us).
 WO_SMALL_MACS = 1 << 15
+#: Up to this many rows an INT4 layer with float32 activations runs lowbit's INT4 kernel of
+#: the ISA path (``"u4_avx2"``: codes unpacked in registers, FMA with the activations).
+U4_NATIVE_MAX_M = 16
 #: :func:`fused_int8_linear` runs layers of at least twice this many rows block by block.
 BLOCK_ROWS = 512
+#: The GEMMs :func:`fused_int8_linear` runs.
+FUSED_GEMMS = ("int_mm_s8s8", "fp32_codes", "s8_avx2", "s8_portable")
 #: Activation dtypes the fused C kernels read (and, for the linear epilogue, write).
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _HAS_INT_MM = hasattr(torch, "_int_mm")
@@ -295,18 +304,19 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             picked there.
 
     Returns:
-        One of ``"int_mm_s8s8"``, ``"fp32_codes"``, ``"fp32_codes_conv"``, ``"int8pack_bf16"``,
+        One of ``"int_mm_s8s8"``, ``"s8_avx2"``, ``"s8_portable"``, ``"fp32_codes"``,
+        ``"fp32_codes_conv"``, ``"u4_avx2"``, ``"u4_portable"``, ``"int8pack_bf16"``,
         ``"int4pack_bf16"``, ``"dequant_bf16"``, ``"reference"``.
 
     Raises:
         ValueError: on an unknown op or backend.
 
     Example:
-        >>> select_kernel("int8_linear", 512) in ("int_mm_s8s8", "fp32_codes")  # VNNI or not
+        >>> select_kernel("int8_linear", 512) == int8_gemm()  # this CPU's exact INT8 GEMM
         True
         >>> select_kernel("int8_conv2d", 64, k=9)  # 1 -> 16 channels, 3x3
         'fp32_codes_conv'
-        >>> select_kernel("int4_weight_only", 1, n=64, k=256, group_size=32)
+        >>> select_kernel("int4_weight_only", 100, n=64, k=256, group_size=32)
         'int4pack_bf16'
         >>> select_kernel("int4_weight_only", 2048, n=64, k=256, group_size=32)  # doctest: +SKIP
         'dequant_bf16'
@@ -324,6 +334,7 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             raise ValueError(f"select_kernel: unknown op {op!r}")
         return "reference"
     feats = cpu_features()
+    gemm = int8_gemm()
     if (op == "int8_conv2d" and unit_stride and groups == 1 and 0 < k <= CONV_CODES_EXACT_K
             and 0 < m * n * k <= CODES_DIRECT_MAX_MACS and load_native() is not None
             and torch._C._get_mkldnn_enabled()):  # (F.conv2d when the C path steps aside)
@@ -331,13 +342,12 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     # with mkldnn off, F.conv2d may pick NNPACK (Winograd/FFT: not exact on integers)
     max_k = CONV_CODES_MAX_K if load_native() is None else CONV_CODES_MAX_K_NATIVE
     if (op == "int8_conv2d" and 0 < k <= CONV_CODES_EXACT_K and torch._C._get_mkldnn_enabled()
-            and (groups != 1 or k <= max_k or not (_HAS_INT_MM and "vnni" in feats))):
+            and (groups != 1 or k <= max_k or gemm == "fp32_codes")):
         return "fp32_codes_conv"
     if op in ("int8_linear", "int8_conv2d"):
         if op == "int8_conv2d" and groups != 1:
             return "reference"
-        # without VNNI oneDNN's int8 GEMM saturates int16 pair sums: not exact at any M
-        return "int_mm_s8s8" if _HAS_INT_MM and "vnni" in feats else "fp32_codes"
+        return gemm
     dequant = "dequant_bf16" if "bf16" in feats else "reference"
     if op == "int8_weight_only":
         # K % 16 != 0 segfaults inside aten._weight_int8pack_mm (torch 2.13 CPU; K % 16 == 8
@@ -345,10 +355,112 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         fast = _HAS_INT8PACK and packable and k % 16 == 0 and m <= WEIGHT_ONLY_PACKED_MAX_M
         return "int8pack_bf16" if fast else dequant
     if op == "int4_weight_only":
+        if (gemm.startswith("s8_") and m <= U4_NATIVE_MAX_M and group_size is not None
+                and group_size % 32 == 0 and k % 32 == 0 and k % group_size == 0):
+            return "u4_" + gemm[3:]  # lowbit's INT4 kernel of this ISA (float32 activations)
         packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
                     and k % group_size == 0)  # type: ignore[operator]
         return "int4pack_bf16" if packable and m <= INT4_PACKED_MAX_M else dequant
     raise ValueError(f"select_kernel: unknown op {op!r}")
+
+
+def int8_gemm() -> str:
+    """The exact INT8 x INT8 GEMM of the selected ISA path (:func:`lowbit.native.selected_isa`).
+
+    ``"int_mm_s8s8"`` (oneDNN with VNNI), ``"s8_avx2"`` / ``"s8_portable"`` (lowbit's C
+    kernels), or ``"fp32_codes"`` (an fp32 GEMM over the codes: the ``torch`` path without
+    VNNI, where oneDNN's int8 GEMM saturates int16 pair sums and is not exact).
+
+    Example:
+        >>> int8_gemm() in ("int_mm_s8s8", "s8_avx2", "s8_portable", "fp32_codes")
+        True
+    """
+    isa = selected_isa()
+    if isa in ("avx2", "portable"):
+        return "s8_" + isa
+    if isa == "avx512_vnni" or (_HAS_INT_MM and "vnni" in cpu_features()):
+        return "int_mm_s8s8"
+    return "fp32_codes"
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s storage from its first element on: what a C kernel may read there."""
+    return t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+
+
+def s8_packed(w2d: torch.Tensor, lib: Any) -> torch.Tensor | None:
+    """The int8 ``[N, K]`` weight in the C GEMM's panel layout (``lowbit_gemm.h``), cached on
+    the tensor and rebuilt when it changes in place; None when a code is -128 (the sign trick
+    needs [-127, 127]: symmetric weights never have it) so the caller uses another GEMM.
+
+    Example:
+        >>> w = torch.randint(-127, 128, (20, 9), dtype=torch.int8)
+        >>> lib = load_gemm("portable")
+        >>> lib is None or s8_packed(w, lib).numel() == 2 * 3 * 64  # ceil(20/16) x ceil(9/4)
+        True
+    """
+    # inference tensors have no version counter (nor can they change outside inference mode)
+    key = (-1 if w2d.is_inference() else w2d._version, w2d.data_ptr(), tuple(w2d.shape))
+    cached = w2d.__dict__.get("_lowbit_s8")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if w2d.dim() != 2 or w2d.dtype != torch.int8 or w2d.device.type != "cpu":
+        raise ValueError(f"s8_packed: needs an int8 CPU [N, K] weight; got {w2d.dtype} "
+                         f"{tuple(w2d.shape)} on {w2d.device}")
+    w = w2d.contiguous()
+    n, k = w.shape
+    nbytes = lib.lbk_s8_packed_bytes(n, k)
+    out = torch.empty(max(nbytes, 0), dtype=torch.int8)
+    rc = lib.lbk_s8_pack(w.data_ptr(), n, k, k, out.data_ptr(), nbytes) if nbytes > 0 else -1
+    if rc not in (0, -2):
+        raise ValueError(f"s8_packed: the C packer refused a {n}x{k} weight (code {rc})")
+    packed = out if rc == 0 else None
+    w2d.__dict__["_lowbit_s8"] = (key, packed)
+    return packed
+
+
+def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, per_row: bool,
+             dynamic: bool, zp: torch.Tensor | None, qmin: int, qmax: int,
+             packed: torch.Tensor, n: int, comp: torch.Tensor | None,
+             w_scale: torch.Tensor | None, bias: torch.Tensor | None, relu: bool,
+             y: torch.Tensor, y_kind: int) -> None:
+    """One ``lbk_s8_linear`` call: the C side bounds-checks ``x`` and ``y`` against their
+    extents; the per-row / per-column operands are checked here (dtype, size, layout)."""
+    m, k = x.shape
+    for name, t, dt, size in (("scale", scale, torch.float32, m if per_row else 1),
+                              ("zero_point", zp, torch.int32, m if per_row else 1),
+                              ("comp", comp, torch.int32, n),
+                              ("w_scale", w_scale, torch.float32, n),
+                              ("bias", bias, torch.float32, n)):
+        if t is not None and (t.dtype != dt or t.numel() != size or not t.is_contiguous()):
+            raise ValueError(f"lowbit INT8 GEMM: {name} must be a contiguous {dt} tensor of "
+                             f"{size} values; got {t.dtype} {tuple(t.shape)}")
+    if packed.dtype != torch.int8 or not packed.is_contiguous():
+        raise ValueError("lowbit INT8 GEMM: the packed weight must come from s8_packed")
+    rc = lib.lbk_s8_linear(
+        x.data_ptr(), kind, m, k, x.stride(0), _extent(x),
+        None if scale is None else scale.data_ptr(), int(per_row), int(dynamic),
+        None if zp is None else zp.data_ptr(), qmin, qmax, packed.data_ptr(), packed.numel(), n,
+        None if comp is None else comp.data_ptr(),
+        None if w_scale is None else w_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), int(relu), int(addcmul_fma()),
+        y.data_ptr(), y_kind, _extent(y), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"lowbit INT8 GEMM ({lib.lbk_isa().decode()}) refused its arguments "
+                           f"(code {rc}): x {tuple(x.shape)} stride {x.stride()}, N={n}")
+
+
+def _s8_acc(lib: Any, q: torch.Tensor, packed: torch.Tensor, n: int,
+            pooled: bool) -> torch.Tensor:
+    """int32 ``q @ w.T`` ``[M, N]`` of int8 codes ``q [M, K]`` on the packed weight."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    m = q.shape[0]
+    acc = (pooled_empty((m, n), torch.int32) if pooled
+           else torch.empty((m, n), dtype=torch.int32))
+    _s8_call(lib, q, 2, None, False, False, None, -128, 127, packed, n, None, None, None, False,
+             acc, 2)
+    return acc
 
 
 def native_lib_for(*tensors: torch.Tensor) -> Any:
@@ -498,6 +610,13 @@ def _int8_acc(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor, colsu
     ``zp=None`` means 0. ``colsum[n] = sum_k (w2d[n, k] - w_zp[n])``; the zero-point costs
     ``zp * colsum`` (or the precomputed ``comp``), a weight zero-point ``w_zp[n] * rowsum_m(q)``.
     """
+    packed = None
+    if kernel.startswith("s8_"):
+        lib = load_gemm(kernel[3:])
+        if lib is not None and q.dtype == torch.int8:
+            packed = s8_packed(w2d, lib)
+        if packed is None:  # a -128 weight code, or uint8 codes: the exact fp32 GEMM instead
+            kernel = "fp32_codes"
     if kernel == "reference":
         centered = q.double() if zp is None else q.double() - zp.double()  # (M, K) q - zp
         wc = w2d.double() if w_zp is None else w2d.double() - w_zp.double()[:, None]  # (N, K)
@@ -517,8 +636,13 @@ def _int8_acc(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor, colsu
             acc.addr_(rows.expand(acc.shape[0]), w_zp, alpha=-1)
         return acc
     # (M, N) int32; B = transpose of contiguous (N, K); pooled: in lowbit.memory's reused blocks
-    acc = (torch._int_mm(q, w2d.t()) if not pooled else
-           torch._int_mm(q, w2d.t(), out=pooled_empty((q.shape[0], w2d.shape[0]), torch.int32)))
+    if packed is not None:
+        acc = _s8_acc(lib, q, packed, w2d.shape[0], pooled)
+    elif not pooled:
+        acc = torch._int_mm(q, w2d.t())
+    else:
+        acc = torch._int_mm(q, w2d.t(), out=pooled_empty((q.shape[0], w2d.shape[0]),
+                                                          torch.int32))
     if comp is not None:
         acc.sub_(comp)
     elif zp is not None:
@@ -764,7 +888,7 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
     _check_linear_shapes("fused_int8_linear", x, w, w_scale, colsum, bias, comp)
     lib = native_lib_for(x)
     if (lib is None or x.dtype not in NATIVE_DTYPES or x.dim() != 2 or x.stride(1) != 1
-            or kernel not in ("int_mm_s8s8", "fp32_codes") or not fused_linear_layout(
+            or kernel not in FUSED_GEMMS or not fused_linear_layout(
                 w, w_scale, bias, comp, scale, zero_point)):
         return None
     return run_fused_linear(lib, x, qmin, qmax, w, w_scale, colsum, bias, per_token, scale,
@@ -832,6 +956,17 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
                                w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
                                int(relu), out.data_ptr(), bf16, threads_for(m * n * k))
         return out
+    if kernel.startswith("s8_"):
+        packed = (lib8 := load_gemm(kernel[3:])) and s8_packed(w, lib8)
+        if packed is not None:  # quantize, GEMM and epilogue in one call of this ISA's C
+            out = (pooled_empty((m, n), x.dtype) if m * n * x.element_size() >= 1 << 20
+                   else torch.empty((m, n), dtype=x.dtype))
+            dynamic = scale is None
+            s = torch.empty((m, 1) if per_token else ()) if dynamic else scale
+            _s8_call(lib8, x, int(bf16), s, dynamic and per_token, dynamic, zero_point, qmin,
+                     qmax, packed, n, comp, w_scale, bias, relu, out, int(bf16))
+            return out
+        kernel = "fp32_codes"  # a -128 weight code: the exact fp32 GEMM over the codes
     if kernel == "int_mm_s8s8" and m >= 2 * BLOCK_ROWS:
         return _fused_linear_blocks(lib, x, qmin, qmax, w, w_scale, bias, per_token, scale,
                                     zero_point, comp, relu)
@@ -1420,6 +1555,72 @@ def run_weight_only_linear_native(lib: Any, x: torch.Tensor, args: tuple, relu: 
         raise ValueError(f"weight_only_linear_native: packed group={group} is odd (see "
                          "wo_small_fits)")
     return out
+
+
+def u4_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point: torch.Tensor,
+            group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """INT4 codes ``[N, Kp]`` and their per-group qparams in the layout of lowbit's INT4 C
+    kernels (``"u4_<isa>"``): unsigned codes ``u = code + 8`` (signed) or ``code``, per 32
+    codes 16 bytes ``u[j] | u[j + 16] << 4``; float32 scales and unsigned zero-points
+    ``[N, Kp / group]``. ``Kp`` and ``group`` must be multiples of 32.
+
+    Example:
+        >>> codes = torch.randint(-8, 8, (2, 64), dtype=torch.int8)
+        >>> wq, s, z = u4_pack(codes, True, torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32),
+        ...                    32)
+        >>> tuple(wq.shape), int(wq[0, 0] & 15) == int(codes[0, 0]) + 8
+        ((2, 32), True)
+    """
+    n, kp = codes.shape
+    if kp % 32 or group % 32 or kp % group:
+        raise ValueError(f"u4_pack: Kp={kp} and group={group} must be multiples of 32 "
+                         "(and group must divide Kp)")
+    u = codes.to(torch.int32) + (8 if signed else 0)  # (N, Kp) in [0, 15]
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
+        raise ValueError("u4_pack: codes out of the 4-bit range")
+    u = u.to(torch.uint8).reshape(n, kp // 32, 2, 16)
+    wq = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()  # (N, Kp/2)
+    groups = kp // group
+    s = scale.float().reshape(-1).expand(n * groups).reshape(n, groups).contiguous() \
+        if scale.numel() == 1 else scale.float().reshape(n, groups).contiguous()
+    z = (zero_point.to(torch.int32) + (8 if signed else 0)).float()
+    z = (z.reshape(-1).expand(n * groups) if z.numel() == 1 else z).reshape(n, groups)
+    return wq, s, z.contiguous()
+
+
+def run_u4_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | None,
+                  relu: bool) -> torch.Tensor:
+    """``x [M, K] @ W.T (+ bias, ReLU)`` in float32 on lowbit's INT4 C kernel of one ISA;
+    ``args`` = ``(wq, scales, zero_points, kp, group)`` from :func:`u4_pack`. The same as
+    dequantize + ``F.linear`` up to float32 rounding (each group's dot product first).
+
+    Example:
+        >>> codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
+        >>> s, z = torch.rand(3, 2), torch.randint(-8, 8, (3, 2), dtype=torch.int32)
+        >>> lib, x = load_gemm("portable"), torch.randn(2, 64)
+        >>> w = (codes.float() - z.float().repeat_interleave(32, 1)) * s.repeat_interleave(32, 1)
+        >>> lib is None or torch.allclose(run_u4_linear(lib, x, (*u4_pack(codes, True, s, z, 32),
+        ...     64, 32), None, False), x @ w.T, atol=1e-4)
+        True
+    """
+    wq, sc, zp, kp, group = args
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"run_u4_linear: x must be float32 [M, K]; got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = wq.shape[0]
+    y = torch.empty((m, n))
+    rc = lib.lbk_u4_linear(x.data_ptr(), m, k, x.stride(0), _extent(x) // 4, wq.data_ptr(),
+                           wq.numel(), n, kp, group, sc.data_ptr(), zp.data_ptr(),
+                           None if bias is None else bias.data_ptr(), int(relu), y.data_ptr(),
+                           y.numel(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"lowbit INT4 kernel ({lib.lbk_isa().decode()}) refused its "
+                           f"arguments (code {rc}): x {tuple(x.shape)}, N={n}, Kp={kp}, "
+                           f"group={group}")
+    return y
 
 
 def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # type: ignore[valid-type]

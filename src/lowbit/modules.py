@@ -28,6 +28,7 @@ from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     CODES_DIRECT_MAX_MACS,
     CUDA_INT_MM_MIN_ROWS,
+    FUSED_GEMMS,
     NATIVE_DTYPES,
     conv2d_fused,
     fused_linear_layout,
@@ -254,7 +255,7 @@ class QuantizedLinear(_Int8Base):
         per_token = self.act_spec.granularity == "per_token"
         fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
         if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1
-                and kernel in ("int_mm_s8s8", "fp32_codes")
+                and kernel in FUSED_GEMMS
                 and (lib := native_lib_for(x2)) is not None):
             w, w_scale, colsum, bias, scale, zp, comp = fa
             y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
@@ -450,7 +451,7 @@ class QuantizedConv2d(_Int8Base):
         kernel = self._conv_kernel(x.shape[0] * x.shape[2] * x.shape[3])
         if kernel == "fp32_codes_conv":
             weight = self._codes_weight()
-        elif kernel in ("int_mm_s8s8", "fp32_codes"):
+        elif kernel in FUSED_GEMMS:
             weight = self._cols_weight()
         else:
             return None

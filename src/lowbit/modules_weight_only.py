@@ -28,16 +28,20 @@ from lowbit._qmodule import (
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     INT4_PACKED_MAX_M,
+    U4_NATIVE_MAX_M,
     WEIGHT_ONLY_PACKED_MAX_M,
     c_layout,
     direct_conv_fits,
     int4_pack_for_cpu,
+    load_gemm,
     maxpool2d_native,
     native_lib_for,
     run_dequantize_weight_native,
+    run_u4_linear,
     run_weight_only_linear_native,
     run_wo_conv2d_native,
     select_kernel,
+    u4_pack,
     weight_only_linear,
     wo_group,
     wo_small_fits,
@@ -148,6 +152,7 @@ class _WeightOnlyLinear(_WeightOnly):
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_scales", None, persistent=False)
         self._small_args: tuple | None = None  # set by _refresh_cache
+        self._u4: tuple | None = None  # Int4Linear: lowbit's INT4 kernel layout (u4_pack)
         self._small_max_m = 0
 
     @staticmethod
@@ -205,11 +210,19 @@ class _WeightOnlyLinear(_WeightOnly):
     def kernel_info(self) -> dict[str, str]:
         """Kernel per activation row count, first match: e.g. ``{"M<=25": "native_fp32",
         "M<=512": "int4pack_bf16", "M>512": "dequant_bf16"}`` (``"native_fp32"``: small
-        float32 inputs, with the C kernels)."""
-        t = self._max_packed_m
-        small = {} if self._select(1) != "native_fp32" else {
-            f"M<={self._small_max_m}": "native_fp32"}
-        return {**small, f"M<={t}": self._select_packed(1), f"M>{t}": self._select_packed(t + 1)}
+        float32 inputs, with the C kernels; ``"u4_avx2"``: lowbit's INT4 kernel)."""
+        bounds = sorted({U4_NATIVE_MAX_M, self._max_packed_m}
+                        | ({self._small_max_m} if self._select(1) == "native_fp32" else set()))
+        runs: list[list] = []  # [upper bound or None, kernel], neighbours with one kernel merged
+        for b in [*bounds, None]:
+            kernel = self._select(bounds[-1] + 1 if b is None else b)
+            if runs and runs[-1][1] == kernel:
+                runs[-1][0] = b
+            else:
+                runs.append([b, kernel])
+        info = {f"M<={b}": k for b, k in runs if b is not None}
+        last = max((b for b, _ in runs if b is not None), default=0)
+        return {**info, f"M>{last}": runs[-1][1]} if runs[-1][0] is None else info
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float (..., K) -> float (..., N) in x's dtype."""
@@ -221,9 +234,15 @@ class _WeightOnlyLinear(_WeightOnly):
             y = run_weight_only_linear_native(lib, x2, self._small_args,  # type: ignore[arg-type]
                                               self.fused_relu)
             return self._gelu(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
+        kernel = self._select_packed(x2.shape[0])
+        if (kernel.startswith("u4_") and self._u4 is not None
+                and (lib := load_gemm(kernel[3:])) is not None and x2.device.type == "cpu"):
+            y = run_u4_linear(lib, x2.float(), self._u4, self.bias, self.fused_relu)
+            return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
+        if kernel.startswith("u4_"):
+            kernel = self._select_packed(U4_NATIVE_MAX_M + 1)
         if self.kp > self.k:
             x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
-        kernel = self._select_packed(x2.shape[0])
         y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias, packed=self._packed,
                                scales=self._scales, group_size=self._group(),
                                out_features=self.n)  # (M, N) float32
@@ -270,8 +289,12 @@ class Int4Linear(_WeightOnlyLinear):
 
     def _refresh_cache(self) -> None:
         super()._refresh_cache()
-        self._packed = self._scales = None
-        if self._select_packed(1) == "int4pack_bf16":
+        self._packed = self._scales = self._u4 = None
+        if self._select_packed(1).startswith("u4_"):  # lowbit's INT4 kernel for small M
+            g = self._group()
+            self._u4 = (*u4_pack(self.codes(), self.weight_spec.signed, self.weight_scale,
+                                 self.weight_zero_point, g), self.kp, g)
+        if "int4pack_bf16" in (self._select_packed(1), self._select_packed(U4_NATIVE_MAX_M + 1)):
             pad = self._n_packed() - self.n  # zero rows: their outputs are sliced off
             codes = F.pad(self.codes(), (0, 0, 0, pad))  # (Np, Kp)
             scale = F.pad(self.weight_scale.reshape(self.n, -1), (0, 0, 0, pad))  # (Np, G)

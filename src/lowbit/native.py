@@ -12,11 +12,19 @@ The library is compiled once per source/CPU/compiler with the system C compiler
 already loaded) into ``$LOWBIT_CACHE_DIR`` (default ``~/.cache/lowbit``), atomically. Without a
 compiler, or with ``LOWBIT_NATIVE=0``, lowbit runs its pure-PyTorch path: same results, slower
 on small shapes. :func:`native_status` says which is in use and why.
+
+The INT8 x INT8 GEMM and the INT4 weight kernels (``csrc/lowbit_gemm_*.c``) are built once per
+instruction set, each with its own flags (``avx2``: ``-mavx2 -mfma``; ``portable``: none), and
+:func:`selected_isa` picks one at run time from the CPU's features: ``avx512_vnni`` (PyTorch's
+``_int_mm``, whose oneDNN kernels are exact with VNNI), else ``avx2``, else ``portable``, else
+``torch`` (PyTorch ops only, no C). ``LOWBIT_ISA=avx2|avx512_vnni|portable|torch`` forces a
+path (an unavailable one is an error naming the reason), so one machine can test them all.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -30,7 +38,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_native", "native_status"]
+__all__ = ["ISA_PATHS", "isa_paths", "load_gemm", "load_native", "native_status", "selected_isa"]
 
 _LOG = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "lowbit_kernels.c"
@@ -68,6 +76,141 @@ _SIGNATURES = {
 }
 
 
+_GEMM_SIGNATURES = {
+    "lbk_isa": (ctypes.c_char_p, []),
+    "lbk_s8_packed_bytes": (_I64, [_I64, _I64]),
+    "lbk_s8_pack": (_INT, [_P, _I64, _I64, _I64, _P, _I64]),
+    "lbk_s8_linear": (_INT, [_P, _INT, _I64, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32,
+                             _P, _I64, _I64, _P, _P, _P, _INT, _INT, _P, _INT, _I64, _INT]),
+    "lbk_u4_linear": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P, _P,
+                             _INT, _P, _I64, _INT]),
+}
+#: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
+#: the /proc/cpuinfo flags it needs).
+ISA_PATHS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
+    "avx512_vnni": (None, (), ("avx512_vnni",)),
+    "avx2": ("lowbit_gemm_avx2.c", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+    "portable": ("lowbit_gemm_portable.c", (), ()),
+    "torch": (None, (), ()),
+}
+_VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+_gemm: dict[str, Any] = {}  # isa -> (CDLL or None, reason)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return set(next((ln for ln in fh if ln.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def _isa_missing(isa: str) -> str | None:
+    """Why an ISA path cannot run here, or None when it can (the library is not built)."""
+    source, _, needs = ISA_PATHS[isa]
+    flags = _cpu_flags()
+    if isa == "avx512_vnni":
+        cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or "ALL").upper()
+        if not flags & _VNNI_FLAGS:
+            return "the CPU has no VNNI (avx512_vnni / avx_vnni)"
+        if not any(t in cap for t in ("VNNI", "BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")):
+            return f"ONEDNN_MAX_CPU_ISA={cap} excludes VNNI"
+        return None if hasattr(torch, "_int_mm") else "this torch has no _int_mm"
+    missing = [f for f in needs if f not in flags]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if source is not None:
+        if os.environ.get("LOWBIT_NATIVE", "1") == "0":
+            return "disabled by LOWBIT_NATIVE=0"
+        if _compiler() is None:
+            return "no C compiler found (set CC)"
+    return None
+
+
+def load_gemm(isa: str) -> ctypes.CDLL | None:
+    """The compiled kernels of one ISA path (``"avx2"`` / ``"portable"``), or None when that
+    path cannot run here or failed to build (:func:`isa_paths` says why).
+
+    Example:
+        >>> lib = load_gemm("portable")
+        >>> lib is None or lib.lbk_isa() == b"portable"
+        True
+    """
+    if isa in _gemm:
+        return _gemm[isa][0]
+    with _lock:
+        if isa in _gemm:
+            return _gemm[isa][0]
+        source, flags, _ = ISA_PATHS[isa]
+        lib, reason = None, _isa_missing(isa)
+        if source is None:
+            reason = reason or "PyTorch ops (no C library)"
+        elif reason is None:
+            try:
+                cc = _compiler()
+                assert cc is not None
+                path = _build(cc, _SOURCE.with_name(source), [*_ISA_BASE_FLAGS, *flags],
+                              cpu_specific=False)
+                lib = ctypes.CDLL(str(path))
+                for name, (res, args) in _GEMM_SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = res, args
+                reason = "loaded"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                lib, reason = None, f"build or load failed: {exc}"
+                _LOG.warning("lowbit: %s kernels unavailable: %s", isa, exc)
+        _gemm[isa] = (lib, reason)
+        return lib
+
+
+def isa_paths() -> dict[str, str]:
+    """Every ISA path with ``"available"`` or the reason it cannot run here.
+
+    Example:
+        >>> isa_paths()["torch"]
+        'available'
+    """
+    out = {}
+    for isa, (source, _, _) in ISA_PATHS.items():
+        if source is None:
+            out[isa] = _isa_missing(isa) or "available"
+        else:
+            out[isa] = "available" if load_gemm(isa) is not None else _gemm[isa][1]
+    return out
+
+
+def selected_isa() -> str:
+    """The ISA path lowbit's INT8 GEMM and INT4 kernels run on: ``LOWBIT_ISA`` when set, else
+    the first available of ``avx512_vnni``, ``avx2``, ``portable``, ``torch``. Read once per
+    process (the kernels call it on every forward).
+
+    Raises:
+        ValueError: ``LOWBIT_ISA`` names an unknown path, or one that cannot run here (the
+            message says why).
+
+    Example:
+        >>> selected_isa() in ISA_PATHS
+        True
+    """
+    if (cached := _gemm.get("selected")) is not None:
+        return cached
+    forced = os.environ.get("LOWBIT_ISA", "").strip().lower() or None
+    if forced is not None:
+        if forced not in ISA_PATHS:
+            raise ValueError(f"LOWBIT_ISA={forced!r} is unknown; use one of "
+                             f"{', '.join(ISA_PATHS)} (or unset it for automatic choice)")
+        status = isa_paths()[forced]
+        if status != "available":
+            usable = [k for k, v in isa_paths().items() if v == "available"]
+            raise ValueError(f"LOWBIT_ISA={forced!r} cannot run here: {status}; unset it or "
+                             f"pick one of {usable}")
+        choice = forced
+    else:
+        choice = next(k for k, v in isa_paths().items() if v == "available")
+    _gemm["selected"] = choice
+    return choice
+
+
 def _cache_dir() -> Path:
     env = os.environ.get("LOWBIT_CACHE_DIR")
     if env:
@@ -89,14 +232,25 @@ def _cpu_key() -> str:
     return flags
 
 
-def _build(cc: str) -> Path:
-    """Compile the library (cached by source, flags, compiler and CPU flags); its path."""
+#: Flags of the per-ISA GEMM libraries, before each ISA's own (no -march=native: an ISA
+#: library runs on every CPU that has its ISA).
+_ISA_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing", "-fno-math-errno",
+                   "-fPIC", "-shared"]
+
+
+def _build(cc: str, source: Path = _SOURCE, flags: list[str] | None = None,
+           cpu_specific: bool = True) -> Path:
+    """Compile a library (cached by source and the headers beside it, flags, compiler and,
+    for ``-march=native`` builds, the CPU's flags); its path."""
+    flags = _FLAGS if flags is None else flags
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version,
-                                    _cpu_key(), platform.machine()]).encode()).hexdigest()[:16]
+    texts = [source.read_text()] + [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version,
+                                    _cpu_key() if cpu_specific else "",
+                                    platform.machine()]).encode()).hexdigest()[:16]
     folder = _cache_dir()
-    target = folder / f"lowbit_kernels-{key}.so"
+    target = folder / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,16 +260,22 @@ def _build(cc: str) -> Path:
     try:
         errors = ""
         for omp in (["-fopenmp"], []):  # without libgomp: single-threaded, same results
-            proc = subprocess.run([cc, *_FLAGS, *omp, "-o", tmp, str(_SOURCE)],
+            proc = subprocess.run([cc, *flags, *omp, "-o", tmp, str(source)],
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
                 return target
             errors = proc.stderr.strip()[-2000:]
-        raise RuntimeError(f"{cc} failed to build {_SOURCE.name}: {errors}")
+        raise RuntimeError(f"{cc} failed to build {source.name}: {errors}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def addcmul_fma() -> bool:
+    """Whether ``torch.addcmul`` rounds ``bias + v * s`` once here (the epilogues follow it)."""
+    return _addcmul_fuses()
 
 
 def _addcmul_fuses() -> bool:
@@ -162,7 +322,7 @@ def load_native() -> ctypes.CDLL | None:
                 for name, (res, args) in _SIGNATURES.items():
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = res, args
-                lib.lb_set_addcmul_fma(int(_addcmul_fuses()))
+                lib.lb_set_addcmul_fma(int(addcmul_fma()))
                 reason = "loaded"
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, reason = None, f"build or load failed: {exc}"
@@ -173,15 +333,21 @@ def load_native() -> ctypes.CDLL | None:
 
 
 def native_status() -> dict[str, Any]:
-    """Whether the fused C kernels are in use: ``{"available", "reason", "path"}``.
+    """Whether the fused C kernels are in use and which ISA path runs the INT8 / INT4 GEMMs:
+    ``{"available", "reason", "path", "isa", "isa_paths"}`` (``isa_paths``: every path with
+    ``"available"`` or why not; ``isa``: :func:`selected_isa`, or the error it raises).
 
     Example:
         >>> sorted(native_status())
-        ['available', 'path', 'reason']
+        ['available', 'isa', 'isa_paths', 'path', 'reason']
     """
     load_native()
+    try:
+        isa = selected_isa()
+    except ValueError as exc:
+        isa = f"error: {exc}"
     return {"available": _state["lib"] is not None, "reason": _state["reason"],
-            "path": _state["path"]}
+            "path": _state["path"], "isa": isa, "isa_paths": isa_paths()}
 
 
 def threads_for(numel: int) -> int:
@@ -193,3 +359,4 @@ def _reset_for_tests() -> None:
     """Forget the loaded library so the next :func:`load_native` re-reads the environment."""
     with _lock:
         _state.update(lib=None, tried=False, reason="not loaded yet", path=None)
+        _gemm.clear()

@@ -1,0 +1,393 @@
+/* lowbit INT8 x INT8 and INT4-weight kernels: the ISA-independent driver.
+ *
+ * Each ISA source (lowbit_gemm_avx2.c, lowbit_gemm_portable.c) defines the micro-kernels
+ *   s8_tile(a, lda, rows, panel, k4, out)   rows (1..4) x 16 columns, exact int32
+ *   s8_gemv(a, panels, pstride, np, k4, out) 1 row x np (1..4) panels, exact int32
+ *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
+ *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
+ * and the name LB_ISA, then includes this file, which bounds-checks every argument, lays out
+ * the operands, splits the work over OpenMP threads and applies the float epilogue.
+ * Compiled once per ISA with that ISA's flags (lowbit/native.py) and picked at run time.
+ *
+ * INT8 weight panels: w [n, k] int8 codes in [-127, 127], packed once per layer as
+ *   packed[p][s][c][j] = w[16 p + c][4 s + j]   (zero outside w), p < ceil(n/16), s < ceil(k/4)
+ * so one 4-K step of a 16-column panel is 64 contiguous bytes. Activation codes q in
+ * [-128, 127] are laid out per row as {|q[4s..4s+3]|, q[4s..4s+3]} (8 bytes per step): the
+ * AVX2 kernel multiplies |q| (unsigned) by w carrying q's sign (ggml's sign trick), so every
+ * pair sum is at most 2 * 128 * 127 = 32512 and vpmaddubsw never saturates: exact.
+ *
+ * INT4 weights: codes u in [0, 15] (signed codes + 8), per 32 codes 16 bytes with byte j =
+ * u[j] | u[j + 16] << 4; y = sum_groups s_g * (sum_j u_j x_j - z_g * sum_j x_j), z_g the
+ * unsigned zero-point; equal to the dequantize-then-GEMM reference up to float rounding.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LB_OK 0
+#define LB_EARG (-1)   /* a size, stride or pointer that does not fit */
+#define LB_ECODE (-2)  /* an INT8 weight code of -128: not packable (the caller falls back) */
+#define LB_ENOMEM (-3)
+
+/* Rows per OpenMP work item when the rows are split between threads. */
+#define LB_ROW_BLOCK 32
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* A per-thread scratch buffer that only grows (OpenMP threads persist): no page faults per
+ * call. 64-byte aligned. NULL when out of memory. */
+static __thread uint8_t *tls_buf;
+static __thread size_t tls_cap;
+
+static uint8_t *scratch(size_t bytes) {
+    if (bytes <= tls_cap)
+        return tls_buf;
+    size_t cap = bytes + (bytes >> 2) + 64;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, cap) != 0)
+        return NULL;
+    free(tls_buf);
+    tls_buf = (uint8_t *)p;
+    tls_cap = cap;
+    return tls_buf;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* c10::BFloat16 round to nearest even */
+    if (f != f)
+        return 0x7FC0;
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
+const char *lbk_isa(void) { return LB_ISA; }
+
+/* ---------------------------------------------------------------- INT8 weight packing */
+
+int64_t lbk_s8_packed_bytes(int64_t n, int64_t k) {
+    if (n <= 0 || k <= 0 || n > (1LL << 31) || k > (1LL << 31))
+        return LB_EARG;
+    return ceil_div(n, 16) * ceil_div(k, 4) * 64;
+}
+
+/* Pack w [n, k] (row stride ldw >= k) into out (out_bytes == lbk_s8_packed_bytes(n, k)).
+ * LB_ECODE when a code is -128 (the sign trick needs [-127, 127]). */
+int lbk_s8_pack(const int8_t *w, int64_t n, int64_t k, int64_t ldw, int8_t *out,
+                int64_t out_bytes) {
+    const int64_t need = lbk_s8_packed_bytes(n, k);
+    if (need < 0 || !w || !out || ldw < k || out_bytes != need)
+        return LB_EARG;
+    const int64_t k4 = ceil_div(k, 4);
+    for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < k; ++j)
+            if (w[r * ldw + j] == -128)
+                return LB_ECODE;
+    memset(out, 0, (size_t)need);
+    for (int64_t r = 0; r < n; ++r) {
+        int8_t *panel = out + (r / 16) * k4 * 64 + (r % 16) * 4;
+        for (int64_t j = 0; j < k; ++j)
+            panel[(j / 4) * 64 + (j % 4)] = w[r * ldw + j];
+    }
+    return LB_OK;
+}
+
+/* ---------------------------------------------------------------- activation layout */
+
+static inline float dyn_scale(float absmax, float qmax) { /* as lb_quantize_s8 */
+    float s = absmax / qmax;
+    return s < FLT_EPSILON ? FLT_EPSILON : s;
+}
+
+static inline float clampf(float v, float lo, float hi) {
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
+}
+
+static float row_absmax(const void *x, int bf16, int64_t k) {
+    float best = 0.0f;
+    if (bf16) {
+        const uint16_t *xb = (const uint16_t *)x;
+        for (int64_t j = 0; j < k; ++j) {
+            const float v = fabsf(bf16_to_f32(xb[j]));
+            best = v > best ? v : best;
+        }
+    } else {
+        const float *xf = (const float *)x;
+        for (int64_t j = 0; j < k; ++j) {
+            const float v = fabsf(xf[j]);
+            best = v > best ? v : best;
+        }
+    }
+    return best;
+}
+
+/* Write one row's codes as {|q|, q} per 4-K step into a (k4 * 8 bytes, zero tail). The codes
+ * are clamp(round(x * (1 / s)) + zp, qmin, qmax), the bits of lb_quantize_s8; kind 2 takes
+ * int8 codes as they are. */
+static void layout_row(const void *x, int kind, int64_t k, float inv, float zp, float lo,
+                       float hi, int8_t *tmp, uint8_t *a) {
+    const int8_t *q = tmp;
+    if (kind == 2) {
+        q = (const int8_t *)x;
+    } else if (kind == 1) {
+        const uint16_t *xb = (const uint16_t *)x;
+        for (int64_t j = 0; j < k; ++j)
+            tmp[j] = (int8_t)(int32_t)clampf(nearbyintf(bf16_to_f32(xb[j]) * inv) + zp, lo, hi);
+    } else {
+        const float *xf = (const float *)x;
+        for (int64_t j = 0; j < k; ++j)
+            tmp[j] = (int8_t)(int32_t)clampf(nearbyintf(xf[j] * inv) + zp, lo, hi);
+    }
+    layout_codes(q, k, a);
+}
+
+/* ---------------------------------------------------------------- epilogue */
+
+typedef struct {
+    const int32_t *comp; /* [n] subtracted from the accumulator, or NULL */
+    const float *sx;     /* [m] (per_row) or [1] */
+    int per_row;
+    const float *sw;     /* [n] */
+    const float *bias;   /* [n] or NULL */
+    int relu, fused;     /* fused: bias + v * s in one rounding (torch.addcmul with FMA) */
+    void *y;
+    int y_kind;          /* 0 float32, 1 bfloat16, 2 int32 accumulator (comp applied) */
+    int64_t n;           /* row length of y */
+} epi_t;
+
+/* acc [cols] of row i starting at column c0 -> y, the float ops of lb_epilogue in its order. */
+static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
+                            const int32_t *acc) {
+    const int32_t *comp = e->comp ? e->comp + c0 : NULL;
+    if (e->y_kind == 2) {
+        int32_t *y = (int32_t *)e->y + i * e->n + c0;
+        for (int64_t c = 0; c < cols; ++c)
+            y[c] = acc[c] - (comp ? comp[c] : 0);
+        return;
+    }
+    float v[64];
+    const float s = e->sx[e->per_row ? i : 0];
+    const float *sw = e->sw + c0;
+    for (int64_t c = 0; c < cols; ++c)
+        v[c] = (float)(acc[c] - (comp ? comp[c] : 0)) * sw[c];
+    if (e->bias) {
+        const float *b = e->bias + c0;
+        if (e->fused)
+            for (int64_t c = 0; c < cols; ++c)
+                v[c] = fmaf(v[c], s, b[c]);
+        else
+            for (int64_t c = 0; c < cols; ++c)
+                v[c] = b[c] + v[c] * s;
+    } else {
+        for (int64_t c = 0; c < cols; ++c)
+            v[c] = v[c] * s;
+    }
+    if (e->relu)
+        for (int64_t c = 0; c < cols; ++c)
+            v[c] = v[c] > 0.0f ? v[c] : 0.0f;
+    if (e->y_kind == 1) {
+        uint16_t *y = (uint16_t *)e->y + i * e->n + c0;
+        for (int64_t c = 0; c < cols; ++c)
+            y[c] = f32_to_bf16(v[c]);
+    } else {
+        memcpy((float *)e->y + i * e->n + c0, v, (size_t)cols * sizeof(float));
+    }
+}
+
+/* Rows [i0, i0 + rows) of A (laid out, row stride k4 * 8) times panels [p0, p1). */
+static void s8_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *wpack,
+                     int64_t k4, int64_t p0, int64_t p1, const epi_t *e) {
+    int32_t out[4 * 64];
+    const int64_t lda = k4 * 8, pstride = k4 * 64;
+    if (rows < 4) { /* GEMV-like: each row streams up to 4 panels at once */
+        for (int64_t p = p0; p < p1; p += 4) {
+            const int np = (int)(p1 - p < 4 ? p1 - p : 4);
+            for (int64_t r = 0; r < rows; ++r) {
+                s8_gemv(a + r * lda, wpack + p * pstride, pstride, np, k4, out);
+                const int64_t c0 = p * 16, cols = (e->n - c0 < np * 16) ? e->n - c0 : np * 16;
+                epilogue(e, i0 + r, c0, cols, out);
+            }
+        }
+        return;
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c0 = p * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
+        for (int64_t r = 0; r < rows; r += 4) {
+            const int rr = (int)(rows - r < 4 ? rows - r : 4);
+            s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, out);
+            for (int t = 0; t < rr; ++t)
+                epilogue(e, i0 + r + t, c0, cols, out + t * 16);
+        }
+    }
+}
+
+/* The INT8 linear layer y = epilogue(q(x) . w^T), or the raw int32 accumulator.
+ *
+ * x: kind 0 float32 / 1 bfloat16 [m, k] with row stride ldx, quantized here as lb_quantize_s8
+ *    does (scale: [m] per_row or [1]; dynamic: written from max|x|; zp: [m] / [1] or NULL);
+ *    kind 2: int8 codes, used as they are (y_kind must then be 2).
+ * x_bytes / y_bytes: how many bytes may be read at x / written at y (bounds check).
+ * wpack: lbk_s8_pack of the [n, k] weight (wpack_bytes of it). Returns LB_OK or LB_EARG /
+ * LB_ENOMEM (nothing written). */
+int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, int64_t x_bytes,
+                  float *scale, int per_row, int dynamic, const int32_t *zp, int32_t qmin,
+                  int32_t qmax, const int8_t *wpack, int64_t wpack_bytes, int64_t n,
+                  const int32_t *comp, const float *sw, const float *bias, int relu, int fused,
+                  void *y, int y_kind, int64_t y_bytes, int nthreads) {
+    static const int64_t esize[3] = {4, 2, 1}, ysize[3] = {4, 2, 4};
+    if (kind < 0 || kind > 2 || y_kind < 0 || y_kind > 2 || (kind == 2 && y_kind != 2))
+        return LB_EARG;
+    if (m < 0 || k <= 0 || n <= 0 || ldx < k || nthreads < 1 || !wpack)
+        return LB_EARG;
+    if (wpack_bytes != lbk_s8_packed_bytes(n, k) || qmin < -128 || qmax > 127 || qmin > qmax)
+        return LB_EARG;
+    if (m == 0)
+        return LB_OK;
+    if (!x || !y || (m - 1) * ldx + k > x_bytes / esize[kind] || m * n > y_bytes / ysize[y_kind])
+        return LB_EARG;
+    if (y_kind != 2 && (!scale || !sw))
+        return LB_EARG;
+    if (kind != 2 && (!scale || (dynamic && zp)))
+        return LB_EARG;
+    const int64_t k4 = ceil_div(k, 4), np = ceil_div(n, 16), lda = k4 * 8;
+    const float lo = (float)qmin, hi = (float)qmax;
+    const char *xb = (const char *)x;
+    const int64_t xrow = ldx * esize[kind];
+    if (kind != 2 && dynamic && !per_row) { /* one scale for all rows first */
+        float best = 0.0f;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * k >= (1 << 15)) \
+    reduction(max : best)
+        for (int64_t i = 0; i < m; ++i) {
+            const float v = row_absmax(xb + i * xrow, kind, k);
+            best = v > best ? v : best;
+        }
+        scale[0] = dyn_scale(best, hi);
+    }
+    const epi_t e = {comp, scale, per_row, sw, bias, relu, fused, y, y_kind, n};
+    int status = LB_OK;
+    const int split_rows = m >= 2 * LB_ROW_BLOCK * nthreads || np < 2 * nthreads;
+    if (split_rows) { /* each work item: quantize its rows, then every panel */
+        const int64_t blocks = ceil_div(m, LB_ROW_BLOCK);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * n * k >= (1 << 18)) \
+    schedule(dynamic, 1)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t i0 = b * LB_ROW_BLOCK;
+            const int64_t rows = m - i0 < LB_ROW_BLOCK ? m - i0 : LB_ROW_BLOCK;
+            uint8_t *buf = scratch((size_t)(rows * lda + k + 64));
+            if (!buf) {
+#pragma omp atomic write
+                status = LB_ENOMEM;
+                continue;
+            }
+            int8_t *tmp = (int8_t *)(buf + rows * lda);
+            for (int64_t r = 0; r < rows; ++r) {
+                const int64_t i = i0 + r;
+                float inv = 1.0f, z = 0.0f;
+                if (kind != 2) {
+                    if (dynamic && per_row)
+                        scale[i] = dyn_scale(row_absmax(xb + i * xrow, kind, k), hi);
+                    inv = 1.0f / scale[per_row ? i : 0];
+                    z = zp ? (float)zp[per_row ? i : 0] : 0.0f;
+                }
+                layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, tmp, buf + r * lda);
+            }
+            s8_block(buf, i0, rows, wpack, k4, 0, np, &e);
+        }
+        return status;
+    }
+    /* few rows: lay them all out once, then split the panels between threads */
+    uint8_t *buf = scratch((size_t)(m * lda + k + 64));
+    if (!buf)
+        return LB_ENOMEM;
+    int8_t *tmp = (int8_t *)(buf + m * lda);
+    for (int64_t i = 0; i < m; ++i) {
+        float inv = 1.0f, z = 0.0f;
+        if (kind != 2) {
+            if (dynamic && per_row)
+                scale[i] = dyn_scale(row_absmax(xb + i * xrow, kind, k), hi);
+            inv = 1.0f / scale[per_row ? i : 0];
+            z = zp ? (float)zp[per_row ? i : 0] : 0.0f;
+        }
+        layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, tmp, buf + i * lda);
+    }
+    const int64_t chunk = 4 * (ceil_div(np, 4 * (int64_t)nthreads * 4) > 0
+                                   ? ceil_div(np, 4 * (int64_t)nthreads * 4) : 1);
+    const int64_t items = ceil_div(np, chunk);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * n * k >= (1 << 18)) \
+    schedule(dynamic, 1)
+    for (int64_t t = 0; t < items; ++t) {
+        const int64_t p0 = t * chunk, p1 = p0 + chunk < np ? p0 + chunk : np;
+        s8_block(buf, 0, m, wpack, k4, p0, p1, &e);
+    }
+    return LB_OK;
+}
+
+/* ---------------------------------------------------------------- INT4 weights, float x */
+
+/* y [m, n] (+ bias, ReLU) = x [m, k] (row stride ldx, x_floats readable) . W^T, W the INT4
+ * weight wq (lbk layout above, n * kp / 2 bytes) with per-group scale s [n, kp / g] and
+ * unsigned zero-point z [n, kp / g] (float32). kp % 32 == 0, g % 32 == 0, kp % g == 0,
+ * k <= kp (x is read up to k, zero beyond). Returns LB_OK, LB_EARG or LB_ENOMEM. */
+int lbk_u4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
+                  const uint8_t *wq, int64_t wq_bytes, int64_t n, int64_t kp, int64_t g,
+                  const float *s, const float *z, const float *bias, int relu, float *y,
+                  int64_t y_floats, int nthreads) {
+    if (m < 0 || n <= 0 || k <= 0 || kp < k || g <= 0 || g % 32 || kp % g || ldx < k ||
+        nthreads < 1 || !wq || !s || !z || wq_bytes != n * (kp / 2))
+        return LB_EARG;
+    if (m == 0)
+        return LB_OK;
+    if (!x || !y || (m - 1) * ldx + k > x_floats || m * n > y_floats)
+        return LB_EARG;
+    const int64_t groups = kp / g;
+    /* x padded to kp with zeros, then the per-group sums of x */
+    float *xp = (float *)scratch((size_t)(m * (kp + groups)) * sizeof(float));
+    if (!xp)
+        return LB_ENOMEM;
+    float *xs = xp + m * kp;
+    for (int64_t i = 0; i < m; ++i) {
+        memcpy(xp + i * kp, x + i * ldx, (size_t)k * sizeof(float));
+        memset(xp + i * kp + k, 0, (size_t)(kp - k) * sizeof(float));
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            float t = 0.0f;
+            for (int64_t j = 0; j < g; ++j)
+                t += xp[i * kp + gi * g + j];
+            xs[i * groups + gi] = t;
+        }
+    }
+    const int64_t pairs = ceil_div(n, 2);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * n * kp >= (1 << 18)) \
+    schedule(dynamic, 16)
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+        const int64_t r0 = pr * 2, nr = n - r0 < 2 ? n - r0 : 2;
+        for (int64_t i = 0; i < m; i += 4) {
+            const int rows = (int)(m - i < 4 ? m - i : 4);
+            float out[4][2];
+            u4_rows(xp + i * kp, kp, rows, wq + r0 * (kp / 2), kp, g, s + r0 * groups, out,
+                    (int)nr);
+            for (int t = 0; t < rows; ++t)
+                for (int64_t c = 0; c < nr; ++c) {
+                    float v = out[t][c];
+                    const float *zr = z + (r0 + c) * groups, *sr = s + (r0 + c) * groups;
+                    const float *xsr = xs + (i + t) * groups;
+                    for (int64_t gi = 0; gi < groups; ++gi)
+                        v -= sr[gi] * zr[gi] * xsr[gi];
+                    if (bias)
+                        v += bias[r0 + c];
+                    if (relu)
+                        v = v > 0.0f ? v : 0.0f;
+                    y[(i + t) * n + r0 + c] = v;
+                }
+        }
+    }
+    return LB_OK;
+}

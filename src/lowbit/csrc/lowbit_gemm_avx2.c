@@ -1,0 +1,189 @@
+/* lowbit kernels for AVX2 + FMA CPUs (Haswell / Zen 1 and later): exact INT8 x INT8 with the
+ * sign trick, and INT4 weights unpacked in registers. Compiled with -mavx2 -mfma -mf16c.
+ * The driver (bounds checks, layouts, threads, epilogue) is lowbit_gemm.h. */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define LB_ISA "avx2"
+
+/* 32 MACs of one activation row (4 codes, broadcast) against 8 columns of a panel step:
+ * |a| (u8) x (w with a's sign) (s8) -> int16 pair sums (<= 32512: exact) -> int32. */
+static inline __m256i dot4(__m256i abs_a, __m256i sgn_a, __m256i w, __m256i ones) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_a, _mm256_sign_epi8(w, sgn_a)), ones);
+}
+
+/* one row of codes q [k] as {|q[4s..4s+3]|, q[4s..4s+3]} per step s (zero tail); |-128| is
+ * 0x80, read as the unsigned 128 */
+static void layout_codes(const int8_t *q, int64_t k, uint8_t *a) {
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32, a += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + j)), m = _mm256_abs_epi8(v);
+        const __m256i lo = _mm256_unpacklo_epi32(m, v), hi = _mm256_unpackhi_epi32(m, v);
+        _mm256_storeu_si256((__m256i *)a, _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(a + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    for (; j < k; j += 4, a += 8)
+        for (int t = 0; t < 4; ++t) {
+            const int8_t v = j + t < k ? q[j + t] : 0;
+            a[t] = (uint8_t)(v < 0 ? -(int32_t)v : v);
+            a[4 + t] = (uint8_t)v;
+        }
+}
+
+static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64_t lda,
+                                                          const int R, const int8_t *w,
+                                                          int64_t k4, int32_t *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4][2];
+    for (int r = 0; r < R; ++r)
+        acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < k4; ++s) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + s * 64));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + s * 64 + 32));
+        for (int r = 0; r < R; ++r) {
+            int32_t ab, as;
+            __builtin_memcpy(&ab, a + r * lda + s * 8, 4);
+            __builtin_memcpy(&as, a + r * lda + s * 8 + 4, 4);
+            const __m256i va = _mm256_set1_epi32(ab), vs = _mm256_set1_epi32(as);
+            acc[r][0] = _mm256_add_epi32(acc[r][0], dot4(va, vs, w0, ones));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], dot4(va, vs, w1, ones));
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        _mm256_storeu_si256((__m256i *)(out + r * 16), acc[r][0]);
+        _mm256_storeu_si256((__m256i *)(out + r * 16 + 8), acc[r][1]);
+    }
+}
+
+/* rows (1..4) x 16 columns of one panel: out[r * 16 + c] */
+static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, int64_t k4,
+                    int32_t *out) {
+    switch (rows) {
+    case 4: tile_r(a, lda, 4, w, k4, out); break;
+    case 3: tile_r(a, lda, 3, w, k4, out); break;
+    case 2: tile_r(a, lda, 2, w, k4, out); break;
+    default: tile_r(a, lda, 1, w, k4, out); break;
+    }
+}
+
+static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const int8_t *w,
+                                                          int64_t pstride, const int P,
+                                                          int64_t k4, int32_t *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4][2];
+    for (int p = 0; p < P; ++p)
+        acc[p][0] = acc[p][1] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < k4; ++s) {
+        int32_t ab, as;
+        __builtin_memcpy(&ab, a + s * 8, 4);
+        __builtin_memcpy(&as, a + s * 8 + 4, 4);
+        const __m256i va = _mm256_set1_epi32(ab), vs = _mm256_set1_epi32(as);
+        for (int p = 0; p < P; ++p) { /* P independent weight streams */
+            const int8_t *wp = w + p * pstride + s * 64;
+            _mm_prefetch((const char *)(wp + 768), _MM_HINT_T0);
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)wp);
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 32));
+            acc[p][0] = _mm256_add_epi32(acc[p][0], dot4(va, vs, w0, ones));
+            acc[p][1] = _mm256_add_epi32(acc[p][1], dot4(va, vs, w1, ones));
+        }
+    }
+    for (int p = 0; p < P; ++p) {
+        _mm256_storeu_si256((__m256i *)(out + p * 16), acc[p][0]);
+        _mm256_storeu_si256((__m256i *)(out + p * 16 + 8), acc[p][1]);
+    }
+}
+
+/* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
+static void s8_gemv(const uint8_t *a, const int8_t *w, int64_t pstride, int np, int64_t k4,
+                    int32_t *out) {
+    switch (np) {
+    case 4: gemv_p(a, w, pstride, 4, k4, out); break;
+    case 3: gemv_p(a, w, pstride, 3, k4, out); break;
+    case 2: gemv_p(a, w, pstride, 2, k4, out); break;
+    default: gemv_p(a, w, pstride, 1, k4, out); break;
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    return _mm_cvtss_f32(t);
+}
+
+/* 32 INT4 codes (16 bytes) as four float vectors: codes 0-7, 8-15, 16-23, 24-31. */
+static inline void unpack32(const uint8_t *b, __m256 *w) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)b), m = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+static inline __attribute__((always_inline)) void u4_rc(const float *x, int64_t ldx,
+                                                         const int R, const uint8_t *wq,
+                                                         int64_t kp, int64_t g, const float *s,
+                                                         float out[4][2], const int C) {
+    /* partial sums per (row, column): enough independent FMA chains to hide FMA latency */
+    enum { P = 4 };
+    const int np = R * C >= 8 ? 1 : R * C >= 4 ? 2 : 4;
+    const int64_t groups = kp / g, row_bytes = kp / 2;
+    __m256 acc[4][2];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c)
+            acc[r][c] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        __m256 d[4][2][P];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < C; ++c)
+                for (int p = 0; p < np; ++p)
+                    d[r][c][p] = _mm256_setzero_ps();
+        for (int64_t j = gi * g; j < (gi + 1) * g; j += 32) {
+            for (int c = 0; c < C; ++c) {
+                __m256 w[4];
+                const uint8_t *b = wq + c * row_bytes + j / 2;
+                _mm_prefetch((const char *)(b + 512), _MM_HINT_T0);
+                unpack32(b, w);
+                for (int r = 0; r < R; ++r) {
+                    const float *xr = x + r * ldx + j;
+                    for (int v = 0; v < 4; ++v)
+                        d[r][c][v % np] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xr + 8 * v),
+                                                          d[r][c][v % np]);
+                }
+            }
+        }
+        for (int c = 0; c < C; ++c) {
+            const __m256 sv = _mm256_set1_ps(s[c * groups + gi]);
+            for (int r = 0; r < R; ++r) {
+                __m256 t = d[r][c][0];
+                for (int p = 1; p < np; ++p)
+                    t = _mm256_add_ps(t, d[r][c][p]);
+                acc[r][c] = _mm256_fmadd_ps(sv, t, acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c)
+            out[r][c] = hsum8(acc[r][c]);
+}
+
+/* rows (1..4) of x (row stride ldx, kp floats each) . nr (1..2) INT4 weight rows:
+ * out[r][c] = sum_groups s_g * sum_j u_j x_j */
+static void u4_rows(const float *x, int64_t ldx, int rows, const uint8_t *wq, int64_t kp,
+                    int64_t g, const float *s, float out[4][2], int nr) {
+#define U4_CASE(R)                                                                          \
+    if (nr == 2)                                                                            \
+        u4_rc(x, ldx, R, wq, kp, g, s, out, 2);                                             \
+    else                                                                                    \
+        u4_rc(x, ldx, R, wq, kp, g, s, out, 1);
+    switch (rows) {
+    case 4: U4_CASE(4) break;
+    case 3: U4_CASE(3) break;
+    case 2: U4_CASE(2) break;
+    default: U4_CASE(1) break;
+    }
+#undef U4_CASE
+}
+
+#include "lowbit_gemm.h"

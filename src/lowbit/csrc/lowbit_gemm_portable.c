@@ -1,0 +1,67 @@
+/* lowbit kernels in portable C for any CPU (ARM, x86 without AVX2): the same layouts and
+ * results as the ISA-specific sources, in plain loops the compiler may vectorize.
+ * The driver (bounds checks, layouts, threads, epilogue) is lowbit_gemm.h. */
+#include <stdint.h>
+
+#define LB_ISA "portable"
+
+/* one row of codes q [k] as {|q[4s..4s+3]|, q[4s..4s+3]} per step s (zero tail) */
+static void layout_codes(const int8_t *q, int64_t k, uint8_t *a) {
+    const int64_t k4 = (k + 3) / 4;
+    for (int64_t s = 0; s < k4; ++s)
+        for (int j = 0; j < 4; ++j) {
+            const int64_t idx = s * 4 + j;
+            const int8_t v = idx < k ? q[idx] : 0;
+            a[s * 8 + j] = (uint8_t)(v < 0 ? -(int32_t)v : v);
+            a[s * 8 + 4 + j] = (uint8_t)v;
+        }
+}
+
+/* rows (1..4) x 16 columns of one panel: out[r * 16 + c], exact int32 */
+static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, int64_t k4,
+                    int32_t *out) {
+    for (int r = 0; r < rows; ++r) {
+        int32_t acc[16] = {0};
+        const int8_t *ar = (const int8_t *)(a + r * lda);
+        for (int64_t s = 0; s < k4; ++s) {
+            const int8_t *q = ar + s * 8 + 4; /* the signed codes of this step */
+            const int8_t *ws = w + s * 64;
+            for (int c = 0; c < 16; ++c)
+                for (int j = 0; j < 4; ++j)
+                    acc[c] += (int32_t)q[j] * (int32_t)ws[c * 4 + j];
+        }
+        for (int c = 0; c < 16; ++c)
+            out[r * 16 + c] = acc[c];
+    }
+}
+
+/* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
+static void s8_gemv(const uint8_t *a, const int8_t *w, int64_t pstride, int np, int64_t k4,
+                    int32_t *out) {
+    for (int p = 0; p < np; ++p)
+        s8_tile(a, 0, 1, w + p * pstride, k4, out + p * 16);
+}
+
+/* rows (1..4) of x . nr (1..2) INT4 weight rows: out[r][c] = sum_g s_g * sum_j u_j x_j */
+static void u4_rows(const float *x, int64_t ldx, int rows, const uint8_t *wq, int64_t kp,
+                    int64_t g, const float *s, float out[4][2], int nr) {
+    const int64_t groups = kp / g, row_bytes = kp / 2;
+    for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < nr; ++c) {
+            const uint8_t *wr = wq + c * row_bytes;
+            const float *xr = x + r * ldx;
+            float acc = 0.0f;
+            for (int64_t gi = 0; gi < groups; ++gi) {
+                float d = 0.0f;
+                for (int64_t j = gi * g; j < (gi + 1) * g; j += 32)
+                    for (int t = 0; t < 16; ++t) {
+                        const uint8_t b = wr[j / 2 + t];
+                        d += (float)(b & 0xF) * xr[j + t] + (float)(b >> 4) * xr[j + 16 + t];
+                    }
+                acc += s[c * groups + gi] * d;
+            }
+            out[r][c] = acc;
+        }
+}
+
+#include "lowbit_gemm.h"

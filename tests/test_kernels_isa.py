@@ -1,0 +1,216 @@
+"""lowbit's per-ISA C kernels (``csrc/lowbit_gemm_*.c``), each path this CPU can run forced one
+by one: the INT8 x INT8 GEMM bit-exact against int64 arithmetic (full-range and worst-case
+codes, odd and large shapes, strided inputs, 1 and 2 threads), the fused linear against the
+pure-PyTorch reference bit for bit, the INT4 kernel against dequantize + GEMM, the C bounds
+checks, and ``LOWBIT_ISA``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import native
+from lowbit.kernels import (
+    _s8_acc,
+    _s8_call,
+    int8_linear,
+    quantize_activation,
+    run_u4_linear,
+    s8_packed,
+    select_kernel,
+    u4_pack,
+)
+
+#: The C ISA paths this machine can run (by feature detection: AVX2 is skipped on CPUs
+#: without it, never assumed).
+C_PATHS = [isa for isa in ("avx2", "portable") if native.isa_paths()[isa] == "available"]
+needs_c = pytest.mark.skipif(not C_PATHS, reason="no C compiler: no C ISA path to test")
+
+
+@pytest.fixture(params=C_PATHS or ["none"])
+def lib(request):
+    """Each available C ISA path's library."""
+    if request.param == "none":
+        pytest.skip("no C compiler")
+    return native.load_gemm(request.param)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def forced_isa(monkeypatch: pytest.MonkeyPatch):
+    """Force ``LOWBIT_ISA`` for one test (and restore the automatic choice after)."""
+    def force(isa: str) -> None:
+        monkeypatch.setenv("LOWBIT_ISA", isa)
+        native._reset_for_tests()
+    yield force
+    monkeypatch.delenv("LOWBIT_ISA", raising=False)
+    native._reset_for_tests()
+
+
+def _exact(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (q.long() @ w.long().t()).to(torch.int32)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 7, 3), (3, 33, 17), (4, 64, 16), (5, 130, 31),
+                                   (37, 300, 100), (130, 1000, 40), (2, 16384 + 3, 21)])
+def test_s8_gemm_is_exact_on_full_range_codes(lib, threads, m: int, k: int, n: int) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    packed = s8_packed(w, lib)
+    assert packed is not None
+    assert torch.equal(_s8_acc(lib, q, packed, n, pooled=False), _exact(q, w))
+
+
+@pytest.mark.parametrize("a,b", [(-127, -127), (127, -127), (-128, 127), (-128, -127),
+                                 (127, 127)])
+def test_s8_gemm_worst_case_sums_do_not_saturate(lib, threads, a: int, b: int) -> None:
+    k = 16384 + 5  # every pair sum at its extreme, K not a multiple of any tile
+    q = torch.full((6, k), a, dtype=torch.int8)
+    w = torch.full((19, k), b, dtype=torch.int8)
+    got = _s8_acc(lib, q, s8_packed(w, lib), 19, pooled=False)  # type: ignore[arg-type]
+    assert torch.equal(got, _exact(q, w))
+    assert int(got[0, 0]) == a * b * k
+
+
+def test_s8_gemm_reads_strided_rows(lib) -> None:
+    base = torch.randint(-128, 128, (9, 80), dtype=torch.int8)
+    q = base[:, 5:69]  # row stride 80, 64 columns
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    assert torch.equal(_s8_acc(lib, q, s8_packed(w, lib), 24, pooled=False),  # type: ignore[arg-type]
+                       _exact(q, w))
+    qt = torch.randint(-128, 128, (64, 9), dtype=torch.int8).t()  # column-major: copied first
+    assert torch.equal(_s8_acc(lib, qt, s8_packed(w, lib), 24, pooled=False),  # type: ignore[arg-type]
+                       _exact(qt, w))
+
+
+def test_s8_pack_refuses_minus_128_and_the_gemm_stays_exact(lib) -> None:
+    w = torch.randint(-127, 128, (8, 40), dtype=torch.int8)
+    w[3, 7] = -128
+    assert s8_packed(w, lib) is None
+    q = torch.randint(-128, 128, (5, 40), dtype=torch.int8)
+    args = (q, torch.ones(5, 1), None, w, torch.ones(8), w.sum(1, dtype=torch.int32))
+    kernel = "s8_" + lib.lbk_isa().decode()
+    assert torch.equal(int8_linear(*args, kernel=kernel), int8_linear(*args, kernel="reference"))
+
+
+def test_s8_pack_follows_in_place_weight_changes(lib) -> None:
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    first = s8_packed(w, lib)
+    assert s8_packed(w, lib) is first  # cached
+    w.zero_()
+    q = torch.randint(-128, 128, (2, 32), dtype=torch.int8)
+    assert not _s8_acc(lib, q, s8_packed(w, lib), 16, pooled=False).any()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["per_token", "per_tensor", "static", "static_zp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_matches_the_reference_bit_for_bit(lib, threads, mode: str,
+                                                        dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(7)
+    m, k, n = 67, 259, 45
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w_scale, bias = torch.rand(n, generator=g) / 50, torch.randn(n, generator=g)
+    colsum = w.sum(1, dtype=torch.int32)
+    scale = zp = comp = None
+    if mode.startswith("static"):
+        scale = torch.tensor(0.05)
+        if mode == "static_zp":
+            zp = torch.tensor(-9, dtype=torch.int32)
+            comp = zp * colsum
+    per_token = mode == "per_token"
+    dynamic = scale is None
+    s = torch.empty((m, 1) if per_token else ()) if dynamic else scale
+    y = torch.empty((m, n), dtype=dtype)
+    bf16 = int(dtype == torch.bfloat16)
+    _s8_call(lib, x, bf16, s, dynamic and per_token, dynamic, zp, -128, 127,
+             s8_packed(w, lib), n, comp, w_scale, bias, True, y, bf16)  # type: ignore[arg-type]
+    q, qs, qz = quantize_activation(x, -128, 127, scale, zp, per_token=per_token, native=False)
+    ref = int8_linear(q, qs, qz, w, w_scale, colsum, bias, relu=True, kernel="reference")
+    assert torch.equal(y, ref.to(dtype))
+
+
+def test_the_c_kernels_refuse_what_does_not_fit(lib) -> None:
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    packed = s8_packed(w, lib)
+    q = torch.randint(-128, 128, (4, 32), dtype=torch.int8)
+    short = torch.empty((2, 16), dtype=torch.int32)  # room for 32 outputs, not 64
+    with pytest.raises(RuntimeError, match="refused its arguments"):
+        _s8_call(lib, q, 2, None, False, False, None, -128, 127, packed, 16, None, None,  # type: ignore[arg-type]
+                 None, False, short, 2)
+    with pytest.raises(RuntimeError, match="refused"):  # a packed weight of another shape
+        _s8_call(lib, q, 2, None, False, False, None, -128, 127, packed[:-64], 16, None,  # type: ignore[index]
+                 None, None, False, torch.empty((4, 16), dtype=torch.int32), 2)
+    x = torch.randn(3, 64)
+    wq, s, z = u4_pack(torch.randint(-8, 8, (5, 64), dtype=torch.int8), True,
+                       torch.rand(5, 2), torch.zeros(5, 2, dtype=torch.int32), 32)
+    with pytest.raises(RuntimeError, match="refused"):  # x has 64 columns, Kp is 32
+        run_u4_linear(lib, x, (wq, s, z, 32, 32), None, False)
+
+
+@pytest.mark.parametrize("m,k,n,g", [(1, 64, 3, 32), (3, 100, 17, 32), (4, 256, 64, 128),
+                                     (7, 1024, 33, 64), (16, 512, 8, 256)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_u4_kernel_matches_dequantize_then_gemm(lib, threads, m: int, k: int, n: int, g: int,
+                                                 signed: bool) -> None:
+    gen = torch.Generator().manual_seed(k + n)
+    kp = -(-k // g) * g
+    lo, hi = (-8, 8) if signed else (0, 16)
+    codes = torch.randint(lo, hi, (n, kp), dtype=torch.int8 if signed else torch.uint8,
+                          generator=gen)
+    s = torch.rand(n, kp // g, generator=gen) / 10
+    z = torch.randint(lo, hi, (n, kp // g), dtype=torch.int32, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    got = run_u4_linear(lib, x, (*u4_pack(codes, signed, s, z, g), kp, g), bias, True)
+    w = (codes.float() - z.float().repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
+    ref = torch.relu(x.double() @ w[:, :k].double().t() + bias.double()).float()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("isa", C_PATHS)
+def test_models_under_each_forced_isa_match_the_reference(forced_isa, isa: str) -> None:
+    forced_isa(isa)
+    assert native.selected_isa() == isa
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 128), nn.ReLU(), nn.Linear(128, 40)).eval()
+    x = torch.randn(70, 300)
+    for qmodel in (lowbit.quantize_dynamic(model), lowbit.quantize_static(model, [x[:16]])):
+        assert qmodel[0].kernel_info() == f"s8_{isa}"
+        got = qmodel(x)
+        for layer in (qmodel[0], qmodel[2]):
+            layer.backend = "reference"
+            layer._refresh_cache()
+        assert torch.equal(got, qmodel(x))
+    q4 = lowbit.quantize_weight_only(model, bits=4, group_size=32)
+    assert select_kernel("int4_weight_only", 1, n=128, k=320, group_size=32) == f"u4_{isa}"
+    ref = torch.relu(x[:3] @ q4[0].dequantize_weight().t() + q4[0].bias)  # the ReLU is fused
+    torch.testing.assert_close(q4[0](x[:3]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lowbit_isa_refuses_unknown_and_unavailable_paths(forced_isa) -> None:
+    forced_isa("sse9")
+    with pytest.raises(ValueError, match="unknown"):
+        native.selected_isa()
+    missing = [isa for isa, why in native.isa_paths().items() if why != "available"]
+    for isa in missing:  # e.g. avx512_vnni on an AVX2-only CPU
+        forced_isa(isa)
+        with pytest.raises(ValueError, match="cannot run here"):
+            native.selected_isa()
+    forced_isa("torch")
+    assert native.selected_isa() == "torch"
+    assert select_kernel("int8_linear", 8) in ("int_mm_s8s8", "fp32_codes")
+    assert native.native_status()["isa"] == "torch"
