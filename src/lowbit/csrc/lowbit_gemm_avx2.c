@@ -38,6 +38,7 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
     for (int r = 0; r < R; ++r)
         acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     for (int64_t s = 0; s < k4; ++s) {
+        _mm_prefetch((const char *)(w + s * 64 + 1024), _MM_HINT_T0); /* ahead in the panel */
         const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + s * 64));
         const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + s * 64 + 32));
         for (int r = 0; r < R; ++r) {
