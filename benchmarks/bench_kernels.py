@@ -14,16 +14,17 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import median_times
+from _timing import machine_line, median_times
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
-    cpu_features,
     int4_pack_for_cpu,
     int8_conv2d,
+    int8_gemm,
     quantize_activation,
     quantize_activation_u8,
+    s8_acc,
 )
 from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedConv2d, QuantizedLinear
 
@@ -79,6 +80,8 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
         "int4 dequant+bf16": lambda: weight_only_linear(x, "dequant_bf16",
                                                         i4_deq._dequant_padded),
     }
+    if gemm := next((g for g in ("s8_avx2", "s8_portable") if g == int8_gemm()), None):
+        cands[f"lowbit {gemm} GEMM (int32 out)"] = lambda: s8_acc(s8, w8, gemm, False)
     if m <= 8:
         cands["_weight_int4pack_mm fp32 act"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, packed, 128, sz)
@@ -106,7 +109,7 @@ def _conv_candidates(batch: int, cin: int = 32, cout: int = 32, hw: int = 16
         return lambda: int8_conv2d(x, s, zp, -128, 127, w, dyn._w_scale, cs, dyn.bias, (1, 1),
                                    (1, 1), (1, 1), 1, kernel=kernel).contiguous()
 
-    gemm = "int_mm_s8s8" if "vnni" in cpu_features() else "fp32_codes"
+    gemm = int8_gemm()  # this CPU's exact INT8 GEMM (ISA path)
     return {
         "fp32 F.conv2d": lambda: conv(x),
         "bf16 F.conv2d": lambda: F.conv2d(x.bfloat16(), conv.weight.bfloat16(),
@@ -154,7 +157,8 @@ def main() -> None:
         small = {c: {f"batch {b}": median_times(_conv_candidates(b, *c), args.rounds)
                      for b in CONV_BATCHES} for c in (CONV_SHAPES[:2] if args.quick
                                                      else CONV_SHAPES)}
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds\n")
+    print(f"{machine_line()}; torch {torch.__version__}, {args.threads} threads, median of "
+          f"{args.rounds} rounds\n")
     print(_table("Linear M x K x N", list(lin), lin, "fp32 F.linear"))
     print()
     print(_table("Linear M x K x N, vs bf16", list(lin), lin, "bf16 F.linear"))

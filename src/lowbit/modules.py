@@ -20,6 +20,7 @@ from torch import nn
 
 from lowbit._qmodule import (
     QuantizedModuleBase,
+    check_conv_geometry,
     conv_geometry,
     default_conv_geometry,
     quantize_weight,
@@ -304,6 +305,8 @@ class QuantizedConv2d(_Int8Base):
         self.geometry = dict(geometry or default_conv_geometry(d))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
+        check_conv_geometry(self.geometry, list(self.kernel_size), in_channels, out_channels, d,
+                            self._label())  # also for from_meta and direct construction
         shape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)
         self._init_int8(shape, has_bias, weight_spec or QuantSpec.int8_weight(),
                         act_spec or QuantSpec.int8_dynamic_activation(), mode)
@@ -317,7 +320,7 @@ class QuantizedConv2d(_Int8Base):
                    backend: str = "auto") -> QuantizedConv2d:
         """Quantize a float conv; arguments as :meth:`QuantizedLinear.from_float`."""
         q = cls(module.in_channels, module.out_channels, module.kernel_size,
-                geometry=conv_geometry(module),
+                geometry=conv_geometry(module, name),
                 **cls._init_from(module, config, fused_relu=fused_relu, name=name,
                                  meta_extra=meta_extra, backend=backend))
         q._fill(module, input_qparams, weight_qparams)

@@ -21,6 +21,7 @@ from torch import nn
 
 from lowbit._qmodule import (
     QuantizedModuleBase,
+    check_conv_geometry,
     conv_geometry,
     default_conv_geometry,
     quantize_weight,
@@ -33,7 +34,6 @@ from lowbit.kernels import (
     c_layout,
     direct_conv_fits,
     int4_pack_for_cpu,
-    load_gemm,
     maxpool2d_native,
     native_lib_for,
     run_dequantize_weight_native,
@@ -47,7 +47,7 @@ from lowbit.kernels import (
     wo_small_fits,
     wo_small_max_rows,
 )
-from lowbit.native import load_native
+from lowbit.native import load_gemm, load_native
 from lowbit.ops import dequantize, pack_int4, unpack_int4
 
 __all__ = ["Int4Linear", "Int8WeightOnlyLinear", "QuantizedEmbedding", "WeightOnlyConv1d",
@@ -434,6 +434,8 @@ class WeightOnlyConv2d(_WeightOnly):
         self.geometry = dict(geometry or default_conv_geometry(d))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(kernel_size)
+        check_conv_geometry(self.geometry, list(self.kernel_size), in_channels, out_channels, d,
+                            self._label())  # also for from_meta and direct construction
         self.wshape = (out_channels, in_channels // self.geometry["groups"], *self.kernel_size)
         k = self.wshape[1] * int(torch.tensor(self.kernel_size).prod())
         self._init_w(out_channels, k, has_bias, weight_spec or QuantSpec.int4_weight(32))
@@ -445,7 +447,7 @@ class WeightOnlyConv2d(_WeightOnly):
                    input_qparams: Any = None) -> WeightOnlyConv2d:
         """Quantize the weights of a float conv (``input_qparams`` is ignored)."""
         q = cls(module.in_channels, module.out_channels, module.kernel_size,
-                module.bias is not None, geometry=conv_geometry(module),
+                module.bias is not None, geometry=conv_geometry(module, name),
                 weight_spec=config.weights, backend=backend, name=name, fused_relu=fused_relu,
                 orig_dtype=str(module.weight.dtype)[6:], meta_extra=meta_extra)
         q._fill(module.weight.reshape(module.out_channels, -1), module.bias,

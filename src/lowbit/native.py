@@ -286,8 +286,9 @@ def _addcmul_fuses() -> bool:
     torch uses here, so that both paths stay bit-identical. Raises when torch's vectorized and
     scalar code disagree (then lowbit keeps to the pure-PyTorch path).
     """
-    v = torch.full((67,), 1 + 2.0**-12)  # v * v needs 26 significant bits: FMA is visible
-    got = torch.addcmul(torch.full((67,), -1.0), v, v)
+    # v * v needs 26 significant bits: FMA is visible (on the CPU whatever the default device)
+    v = torch.full((67,), 1 + 2.0**-12, device="cpu")
+    got = torch.addcmul(torch.full((67,), -1.0, device="cpu"), v, v)
     fused = float(got[0]) == 2.0**-11 + 2.0**-24
     if bool((got != got[0]).any()):
         raise RuntimeError("torch.addcmul rounds its vector and scalar lanes differently")

@@ -112,14 +112,17 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(t);
 }
 
-/* 32 INT4 codes (16 bytes) as four float vectors: codes 0-7, 8-15, 16-23, 24-31. */
+/* 32 INT4 codes (16 bytes) as four float vectors: codes 0-7, 8-15, 16-23, 24-31. Each 8 bytes
+ * are zero-extended to dwords straight from memory; a dword's low nibble is a code of the first
+ * 16, its high nibble (v >> 4: nothing above it) the code 16 places on. */
 static inline void unpack32(const uint8_t *b, __m256 *w) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)b), m = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    const __m256i m = _mm256_set1_epi32(0x0F);
+    const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
+    const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)));
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, m));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
 }
 
 static inline __attribute__((always_inline)) void u4_rc(const float *x, int64_t ldx,

@@ -1,0 +1,176 @@
+"""lowbit's per-ISA C kernels (``csrc/lowbit_gemm_*.c``, one library per instruction set):
+the exact INT8 x INT8 GEMM on packed weight panels and the INT4 weight kernel. Python keeps
+the packed weights (cached on the weight tensor) and checks every operand; the C side checks
+sizes against the memory it was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit.kernels.base import _extent
+from lowbit.memory import empty as pooled_empty
+from lowbit.native import addcmul_fma, load_gemm
+
+
+def s8_packed(w2d: torch.Tensor, lib: Any) -> torch.Tensor | None:
+    """The int8 ``[N, K]`` weight in the C GEMM's panel layout (``lowbit_gemm.h``), cached on
+    the tensor and rebuilt when it changes in place; None when a code is -128 (the sign trick
+    needs [-127, 127]: symmetric weights never have it) so the caller uses another GEMM.
+
+    Example:
+        >>> w = torch.randint(-127, 128, (20, 9), dtype=torch.int8)
+        >>> lib = load_gemm("portable")
+        >>> lib is None or s8_packed(w, lib).numel() == 2 * 3 * 64  # ceil(20/16) x ceil(9/4)
+        True
+    """
+    # inference tensors have no version counter (nor can they change outside inference mode)
+    key = (-1 if w2d.is_inference() else w2d._version, w2d.data_ptr(), tuple(w2d.shape))
+    cached = w2d.__dict__.get("_lowbit_s8")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if w2d.dim() != 2 or w2d.dtype != torch.int8 or w2d.device.type != "cpu":
+        raise ValueError(f"s8_packed: needs an int8 CPU [N, K] weight; got {w2d.dtype} "
+                         f"{tuple(w2d.shape)} on {w2d.device}")
+    w = w2d.contiguous()
+    n, k = w.shape
+    nbytes = lib.lbk_s8_packed_bytes(n, k)
+    out = torch.empty(max(nbytes, 0), dtype=torch.int8)
+    rc = lib.lbk_s8_pack(w.data_ptr(), n, k, k, out.data_ptr(), nbytes) if nbytes > 0 else -1
+    if rc not in (0, -2):
+        raise ValueError(f"s8_packed: the C packer refused a {n}x{k} weight (code {rc})")
+    packed = out if rc == 0 else None
+    w2d.__dict__["_lowbit_s8"] = (key, packed)
+    return packed
+
+
+def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, per_row: bool,
+             dynamic: bool, zp: torch.Tensor | None, qmin: int, qmax: int,
+             packed: torch.Tensor, n: int, comp: torch.Tensor | None,
+             w_scale: torch.Tensor | None, bias: torch.Tensor | None, relu: bool,
+             y: torch.Tensor, y_kind: int) -> None:
+    """One ``lbk_s8_linear`` call: the C side bounds-checks ``x`` and ``y`` against their
+    extents; the per-row / per-column operands are checked here (dtype, size, layout)."""
+    m, k = x.shape
+    for name, t, dt, size in (("scale", scale, torch.float32, m if per_row else 1),
+                              ("zero_point", zp, torch.int32, m if per_row else 1),
+                              ("comp", comp, torch.int32, n),
+                              ("w_scale", w_scale, torch.float32, n),
+                              ("bias", bias, torch.float32, n)):
+        if t is not None and (t.dtype != dt or t.numel() != size or not t.is_contiguous()):
+            raise ValueError(f"lowbit INT8 GEMM: {name} must be a contiguous {dt} tensor of "
+                             f"{size} values; got {t.dtype} {tuple(t.shape)}")
+    if packed.dtype != torch.int8 or not packed.is_contiguous():
+        raise ValueError("lowbit INT8 GEMM: the packed weight must come from s8_packed")
+    rc = lib.lbk_s8_linear(
+        x.data_ptr(), kind, m, k, x.stride(0), _extent(x),
+        None if scale is None else scale.data_ptr(), int(per_row), int(dynamic),
+        None if zp is None else zp.data_ptr(), qmin, qmax, packed.data_ptr(), packed.numel(), n,
+        None if comp is None else comp.data_ptr(),
+        None if w_scale is None else w_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), int(relu), int(addcmul_fma()),
+        y.data_ptr(), y_kind, _extent(y), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"lowbit INT8 GEMM ({lib.lbk_isa().decode()}) refused its arguments "
+                           f"(code {rc}): x {tuple(x.shape)} stride {x.stride()}, N={n}")
+
+
+def _s8_acc(lib: Any, q: torch.Tensor, packed: torch.Tensor, n: int,
+            pooled: bool) -> torch.Tensor:
+    """int32 ``q @ w.T`` ``[M, N]`` of int8 codes ``q [M, K]`` on the packed weight."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    m = q.shape[0]
+    acc = (pooled_empty((m, n), torch.int32) if pooled
+           else torch.empty((m, n), dtype=torch.int32))
+    _s8_call(lib, q, 2, None, False, False, None, -128, 127, packed, n, None, None, None, False,
+             acc, 2)
+    return acc
+
+
+def s8_acc(q: torch.Tensor, w2d: torch.Tensor, kernel: str, pooled: bool
+           ) -> torch.Tensor | None:
+    """Raw int32 ``q @ w2d.T`` ``[M, N]`` on the C GEMM of ``kernel`` (``"s8_avx2"`` /
+    ``"s8_portable"``); None when it does not apply (library unavailable, uint8 codes, or a
+    -128 weight code), so that the caller takes an exact torch path.
+
+    Example:
+        >>> q = torch.randint(-128, 128, (3, 40), dtype=torch.int8)
+        >>> w = torch.randint(-127, 128, (5, 40), dtype=torch.int8)
+        >>> acc = s8_acc(q, w, "s8_portable", False)
+        >>> acc is None or torch.equal(acc, (q.long() @ w.long().T).int())
+        True
+    """
+    lib = load_gemm(kernel[3:])
+    if lib is None or q.dtype != torch.int8:
+        return None
+    packed = s8_packed(w2d, lib)
+    return None if packed is None else _s8_acc(lib, q, packed, w2d.shape[0], pooled)
+
+
+def u4_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point: torch.Tensor,
+            group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """INT4 codes ``[N, Kp]`` and their per-group qparams in the layout of lowbit's INT4 C
+    kernels (``"u4_<isa>"``): unsigned codes ``u = code + 8`` (signed) or ``code``, per 32
+    codes 16 bytes ``u[j] | u[j + 16] << 4``; float32 scales and unsigned zero-points
+    ``[N, Kp / group]``. ``Kp`` and ``group`` must be multiples of 32.
+
+    Example:
+        >>> codes = torch.randint(-8, 8, (2, 64), dtype=torch.int8)
+        >>> wq, s, z = u4_pack(codes, True, torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32),
+        ...                    32)
+        >>> tuple(wq.shape), int(wq[0, 0] & 15) == int(codes[0, 0]) + 8
+        ((2, 32), True)
+    """
+    n, kp = codes.shape
+    if kp % 32 or group % 32 or kp % group:
+        raise ValueError(f"u4_pack: Kp={kp} and group={group} must be multiples of 32 "
+                         "(and group must divide Kp)")
+    u = codes.to(torch.int32) + (8 if signed else 0)  # (N, Kp) in [0, 15]
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
+        raise ValueError("u4_pack: codes out of the 4-bit range")
+    u = u.to(torch.uint8).reshape(n, kp // 32, 2, 16)
+    wq = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()  # (N, Kp/2)
+    groups = kp // group
+    s = scale.float().reshape(-1).expand(n * groups).reshape(n, groups).contiguous() \
+        if scale.numel() == 1 else scale.float().reshape(n, groups).contiguous()
+    z = (zero_point.to(torch.int32) + (8 if signed else 0)).float()
+    z = (z.reshape(-1).expand(n * groups) if z.numel() == 1 else z).reshape(n, groups)
+    return wq, s, z.contiguous()
+
+
+def run_u4_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | None,
+                  relu: bool) -> torch.Tensor:
+    """``x [M, K] @ W.T (+ bias, ReLU)`` in float32 on lowbit's INT4 C kernel of one ISA;
+    ``args`` = ``(wq, scales, zero_points, kp, group)`` from :func:`u4_pack`. The same as
+    dequantize + ``F.linear`` up to float32 rounding (each group's dot product first).
+
+    Example:
+        >>> codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
+        >>> s, z = torch.rand(3, 2), torch.randint(-8, 8, (3, 2), dtype=torch.int32)
+        >>> lib, x = load_gemm("portable"), torch.randn(2, 64)
+        >>> w = (codes.float() - z.float().repeat_interleave(32, 1)) * s.repeat_interleave(32, 1)
+        >>> lib is None or torch.allclose(run_u4_linear(lib, x, (*u4_pack(codes, True, s, z, 32),
+        ...     64, 32), None, False), x @ w.T, atol=1e-4)
+        True
+    """
+    wq, sc, zp, kp, group = args
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"run_u4_linear: x must be float32 [M, K]; got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = wq.shape[0]
+    y = torch.empty((m, n))
+    rc = lib.lbk_u4_linear(x.data_ptr(), m, k, x.stride(0), _extent(x) // 4, wq.data_ptr(),
+                           wq.numel(), n, kp, group, sc.data_ptr(), zp.data_ptr(),
+                           None if bias is None else bias.data_ptr(), int(relu), y.data_ptr(),
+                           y.numel(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"lowbit INT4 kernel ({lib.lbk_isa().decode()}) refused its "
+                           f"arguments (code {rc}): x {tuple(x.shape)}, N={n}, Kp={kp}, "
+                           f"group={group}")
+    return y

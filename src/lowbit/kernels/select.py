@@ -1,0 +1,222 @@
+"""Kernel selection: which kernel runs a given op and shape on this CPU, from one table per
+ISA path (:func:`lowbit.native.selected_isa`) and a few shape rules. The measurements behind
+the thresholds are in ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from lowbit.native import load_native, selected_isa
+
+#: Largest number of rows M for which ``_weight_int8pack_mm`` beats dequantize + bf16 GEMM.
+WEIGHT_ONLY_PACKED_MAX_M = 64
+
+
+#: The same for ``_weight_int4pack_mm_for_cpu``: dequantizing INT4 costs more, so the packed op
+#: wins up to larger M (measured crossover ~1024 on the VNNI machine).
+INT4_PACKED_MAX_M = 512
+
+
+#: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+#: Largest conv reduction size K = C/groups * kh * kw run as ``"fp32_codes_conv"`` (fp32
+#: ``F.conv2d`` over the centered codes) on VNNI CPUs, where im2col + ``_int_mm`` wins above
+#: (measured crossover K ~ 108-144).
+CONV_CODES_MAX_K = 128
+
+
+#: The same with the fused C kernels (:mod:`lowbit.native`): their im2col (quantize into a
+#: padded NHWC buffer, gather, NCHW epilogue) makes the INT8 GEMM win from K ~ 27 on (whole
+#: conv, 32 output channels, batch 1 / 8 / 32 vs ``fp32_codes_conv``: K = 9 46 / 91 / - vs
+#: 41 / 89 / - us; K = 27 56 / 127 / 457 vs 79 / 136 / 348; K = 72 47 / 118 / 363 vs
+#: 86 / 142 / 373; K = 144 33 / 79 / 180 vs 57 / 126 / 270).
+CONV_CODES_MAX_K_NATIVE = 16
+
+
+#: ``torch._int_mm`` on CUDA takes more than this many rows (and K, N multiples of 8).
+CUDA_INT_MM_MIN_ROWS = 16
+
+
+#: With the C kernels, an INT8 conv (groups 1, width stride 1, K up to CONV_CODES_EXACT_K) of
+#: up to this many multiply-adds runs ``"fp32_codes_conv"`` on the direct C conv rather than
+#: im2col + ``_int_mm`` (16 -> 32 channels 3x3 on 14x14: batch 1 25 vs 29 us, batch 8 76 vs
+#: 60 us; 3 -> 16 on 32x32: batch 1 21 vs 34 us).
+CODES_DIRECT_MAX_MACS = 1 << 21
+
+
+#: ``"fp32_codes_conv"`` is exact for any zero-points up to this K: |q - zp| and |w - w_zp| are
+#: at most 255 and 258 * 255 * 255 < 2^24. Without VNNI (and for ``groups > 1``) it is used up
+#: to here.
+CONV_CODES_EXACT_K = 258
+
+
+#: Up to this many rows an INT4 layer with float32 activations runs lowbit's INT4 kernel of
+#: the ISA path (``"u4_avx2"``: codes unpacked in registers, FMA with the activations).
+U4_NATIVE_MAX_M = 16
+
+
+#: oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) that still include VNNI / AVX512-BF16.
+_VNNI_ISAS = ("VNNI", "BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
+
+
+_BF16_ISAS = ("BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
+
+
+_HAS_INT_MM = hasattr(torch, "_int_mm")
+
+
+_HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+_HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> frozenset[str]:
+    """CPU features that decide the kernels: ``{"vnni", "bf16"}`` subsets (cached).
+
+    Read from ``/proc/cpuinfo`` flags (``avx512_vnni`` / ``avx_vnni`` / ``amx_int8`` -> vnni;
+    ``avx512_bf16`` / ``amx_bf16`` -> bf16); elsewhere torch's CPU capability ``AVX512`` is
+    taken to mean both. An ISA cap in ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) that
+    excludes them removes them too: oneDNN then runs without them (e.g. ``AVX2`` emulates an
+    AVX2-only CPU, where ``_int_mm`` is not exact).
+
+    Example:
+        >>> cpu_features() <= {"vnni", "bf16"}
+        True
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = set(fh.read().split())
+    except OSError:
+        cap = torch.backends.cpu.get_cpu_capability()
+        return frozenset({"vnni", "bf16"} if "AVX512" in cap else set())
+    feats = set()
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+           or "ALL").upper()
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} and any(t in isa for t in _VNNI_ISAS):
+        feats.add("vnni")
+    if flags & {"avx512_bf16", "amx_bf16"} and any(t in isa for t in _BF16_ISAS):
+        feats.add("bf16")
+    return frozenset(feats)
+
+
+#: The kernels of each ISA path (:func:`lowbit.native.selected_isa`): its exact INT8 x INT8 GEMM
+#: and its INT4 kernel for float32 activations at small M (None: PyTorch's ops instead; the
+#: ``torch`` path's GEMM is ``_int_mm`` where VNNI makes it exact, else an fp32 GEMM over the
+#: codes).
+ISA_KERNELS: dict[str, tuple[str | None, str | None]] = {
+    "avx512_vnni": ("int_mm_s8s8", None),  # oneDNN's vpdpbusd kernels
+    "avx2": ("s8_avx2", "u4_avx2"),  # csrc/lowbit_gemm_avx2.c
+    "portable": ("s8_portable", "u4_portable"),  # csrc/lowbit_gemm_portable.c
+    "torch": (None, None),
+}
+
+
+def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int = 0,
+                  group_size: int | None = None, groups: int = 1, packable: bool = True,
+                  unit_stride: bool = False, device: str = "cpu") -> str:
+    """The kernel for one call, a deterministic function of the op and the shape.
+
+    Args:
+        op: ``"int8_linear"``, ``"int8_conv2d"``, ``"int8_weight_only"`` or ``"int4_weight_only"``.
+        m: rows of the activation matrix (tokens; batch x output pixels for conv).
+        backend: ``"auto"`` or ``"reference"`` (always the pure-PyTorch path).
+        n: output features; k: input features (padded K for INT4; for conv the reduction
+            size ``C/groups * kh * kw``, 0 = unknown: no ``"fp32_codes_conv"``).
+        group_size: INT4 group size (``None`` = not a packable INT4 layout).
+        groups: conv groups.
+        packable: for ``"int8_weight_only"``: the weight is symmetric per-channel (the packed
+            op's only layout).
+        unit_stride: for ``"int8_conv2d"`` with ``n`` (output channels) given: the width stride
+            is 1, so with the C kernels a conv of at most :data:`CODES_DIRECT_MAX_MACS`
+            multiply-adds (``m*n*k``) runs ``"fp32_codes_conv"`` on the direct C conv.
+        device: the tensors' device type. Off the CPU (CUDA): ``"int_mm_s8s8"`` where
+            ``torch._int_mm`` takes the shape there (M > 16, K and N multiples of 8), else
+            ``"reference"`` (float64 over the codes: exact); weight-only layers dequantize and
+            run a float GEMM (``"reference"``). The CPU-only packed ops and C kernels are never
+            picked there.
+
+    Returns:
+        One of ``"int_mm_s8s8"``, ``"s8_avx2"``, ``"s8_portable"``, ``"fp32_codes"``,
+        ``"fp32_codes_conv"``, ``"u4_avx2"``, ``"u4_portable"``, ``"int8pack_bf16"``,
+        ``"int4pack_bf16"``, ``"dequant_bf16"``, ``"reference"``.
+
+    Raises:
+        ValueError: on an unknown op or backend.
+
+    Example:
+        >>> select_kernel("int8_linear", 512) == int8_gemm()  # this CPU's exact INT8 GEMM
+        True
+        >>> select_kernel("int8_conv2d", 64, k=9)  # 1 -> 16 channels, 3x3
+        'fp32_codes_conv'
+        >>> select_kernel("int4_weight_only", 100, n=64, k=256, group_size=32)
+        'int4pack_bf16'
+        >>> select_kernel("int4_weight_only", 2048, n=64, k=256, group_size=32)  # doctest: +SKIP
+        'dequant_bf16'
+    """
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
+    if backend == "reference":
+        return "reference"
+    if device != "cpu":
+        if (op in ("int8_linear", "int8_conv2d") and groups == 1 and _HAS_INT_MM
+                and m > CUDA_INT_MM_MIN_ROWS
+                and k > 0 and k % 8 == 0 and n > 0 and n % 8 == 0):
+            return "int_mm_s8s8"
+        if op not in ("int8_linear", "int8_conv2d", "int8_weight_only", "int4_weight_only"):
+            raise ValueError(f"select_kernel: unknown op {op!r}")
+        return "reference"
+    feats = cpu_features()
+    gemm = int8_gemm()
+    if (op == "int8_conv2d" and unit_stride and groups == 1 and 0 < k <= CONV_CODES_EXACT_K
+            and 0 < m * n * k <= CODES_DIRECT_MAX_MACS and load_native() is not None
+            and torch._C._get_mkldnn_enabled()):  # (F.conv2d when the C path steps aside)
+        return "fp32_codes_conv"  # the direct C conv over the codes: exact, and no GEMM setup
+    # with mkldnn off, F.conv2d may pick NNPACK (Winograd/FFT: not exact on integers)
+    max_k = CONV_CODES_MAX_K if load_native() is None else CONV_CODES_MAX_K_NATIVE
+    if (op == "int8_conv2d" and 0 < k <= CONV_CODES_EXACT_K and torch._C._get_mkldnn_enabled()
+            and (groups != 1 or k <= max_k or gemm == "fp32_codes")):
+        return "fp32_codes_conv"
+    if op in ("int8_linear", "int8_conv2d"):
+        if op == "int8_conv2d" and groups != 1:
+            return "reference"
+        return gemm
+    dequant = "dequant_bf16" if "bf16" in feats else "reference"
+    if op == "int8_weight_only":
+        # K % 16 != 0 segfaults inside aten._weight_int8pack_mm (torch 2.13 CPU; K % 16 == 8
+        # only from M = 2 on)
+        fast = _HAS_INT8PACK and packable and k % 16 == 0 and m <= WEIGHT_ONLY_PACKED_MAX_M
+        return "int8pack_bf16" if fast else dequant
+    if op == "int4_weight_only":
+        u4 = ISA_KERNELS[selected_isa()][1]
+        if (u4 is not None and m <= U4_NATIVE_MAX_M and group_size is not None
+                and group_size % 32 == 0 and k % 32 == 0 and k % group_size == 0):
+            return u4  # lowbit's INT4 kernel of this ISA (float32 activations)
+        packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
+                    and k % group_size == 0)  # type: ignore[operator]
+        return "int4pack_bf16" if packable and m <= INT4_PACKED_MAX_M else dequant
+    raise ValueError(f"select_kernel: unknown op {op!r}")
+
+
+def int8_gemm() -> str:
+    """The exact INT8 x INT8 GEMM of the selected ISA path (:func:`lowbit.native.selected_isa`).
+
+    ``"int_mm_s8s8"`` (oneDNN with VNNI), ``"s8_avx2"`` / ``"s8_portable"`` (lowbit's C
+    kernels), or ``"fp32_codes"`` (an fp32 GEMM over the codes: the ``torch`` path without
+    VNNI, where oneDNN's int8 GEMM saturates int16 pair sums and is not exact).
+
+    Example:
+        >>> int8_gemm() in ("int_mm_s8s8", "s8_avx2", "s8_portable", "fp32_codes")
+        True
+    """
+    gemm = ISA_KERNELS[selected_isa()][0]
+    if gemm is not None:
+        return gemm
+    return "int_mm_s8s8" if _HAS_INT_MM and "vnni" in cpu_features() else "fp32_codes"
