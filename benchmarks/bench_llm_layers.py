@@ -6,8 +6,9 @@ for a smoke run). For each shape ``M x K -> N`` (4096 -> 4096 and 4096 -> 11008 
 one process with 2 threads and rounds interleaved across variants:
 
 * FP32 eager ``nn.Linear`` (what users run), and bf16;
-* lowbit INT8 dynamic (per-channel weights, per-token activations), INT8 static (per-tensor,
-  calibrated min-max) and INT4 weight-only (group 128), each with the kernel it chose;
+* lowbit INT8 dynamic (per-channel weights, per-token activations; also with 7-bit activations,
+  ``QuantizationConfig.int8_dynamic(activation_bits=7)``), INT8 static (per-tensor, calibrated
+  min-max) and INT4 weight-only (group 128), each with the kernel it chose;
 * torch.ao ``quantize_dynamic`` (fbgemm: per-tensor weights, 7-bit activations);
 * ONNX Runtime ``quantize_dynamic`` of the exported layer (``DynamicQuantizeMatMul`` /
   ``MatMulInteger``), spinning off.
@@ -31,7 +32,8 @@ from _timing import machine_line, median_times
 from bench_ptq import OrtModel, _onnx, _torch_ao_dynamic
 from torch import nn
 
-from lowbit.ptq import quantize_dynamic, quantize_static, quantize_weight_only
+from lowbit.config import QuantizationConfig
+from lowbit.ptq import PTQQuantizer, quantize_dynamic, quantize_static, quantize_weight_only
 
 THREADS = 2
 SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 4096, 4096), (1, 4096, 11008),
@@ -39,7 +41,8 @@ SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 4096, 4096), (1, 4096, 11008),
 QUICK_SHAPES = [(1, 1024, 1024), (32, 384, 1536)]
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_llm_layers.json"
 PEERS = ("torch.ao dynamic", "ORT dynamic INT8")
-LOWBIT = ("lowbit INT8 dynamic", "lowbit INT8 static", "lowbit INT4 g128")
+LOWBIT = ("lowbit INT8 dynamic", "lowbit INT8 dyn 7-bit act", "lowbit INT8 static",
+          "lowbit INT4 g128")
 
 
 def _variants(m: int, k: int, n: int, folder: str) -> tuple[dict, dict, torch.Tensor]:
@@ -47,7 +50,9 @@ def _variants(m: int, k: int, n: int, folder: str) -> tuple[dict, dict, torch.Te
     layer = nn.Sequential(nn.Linear(k, n)).eval()
     x = torch.randn(m, k)
     calib = [torch.randn(min(m, 64), k) for _ in range(2)]
+    seven = QuantizationConfig.int8_dynamic(activation_bits=7)
     lowbit = {"lowbit INT8 dynamic": quantize_dynamic(layer),
+              "lowbit INT8 dyn 7-bit act": PTQQuantizer(seven).quantize(layer),
               "lowbit INT8 static": quantize_static(layer, calib, progress=False),
               "lowbit INT4 g128": quantize_weight_only(layer, bits=4, group_size=128)}
     kernels = {name: q[0].kernel_info() for name, q in lowbit.items()}
@@ -84,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# LLM-sized layers: {machine_line()}, {THREADS} threads, median of {rounds} "
           "interleaved rounds\n", flush=True)
     head = ["M x K -> N", "FP32 ms", *[f"{v} vs FP32" for v in ("bf16", *LOWBIT, *PEERS)],
-            "INT8 dyn vs torch.ao", "INT8 dyn vs ORT", "kernels (dyn / static / int4)",
-            "rel. error dyn / torch.ao / ORT"]
+            "INT8 dyn vs torch.ao", "INT8 dyn vs ORT", "7-bit vs torch.ao", "7-bit vs ORT",
+            "kernels (dyn / 7-bit / static / int4)", "rel. error dyn / 7-bit / torch.ao / ORT"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
     dump = []
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                   for name, v in variants.items()}, rounds)
             ref = variants["FP32"](x)
             err = {}
-            for name in ("lowbit INT8 dynamic", *PEERS):
+            for name in ("lowbit INT8 dynamic", "lowbit INT8 dyn 7-bit act", *PEERS):
                 if name in variants:
                     y = variants[name](x).float()
                     err[name] = float((y - ref).norm() / ref.norm())
@@ -104,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
             def ratio(name: str, base: float = fp32, times: dict = times) -> str:
                 return f"{base / times[name]:.2f}x" if name in times else "n/a"
 
-            dyn = times["lowbit INT8 dynamic"]
+            dyn, dyn7 = times["lowbit INT8 dynamic"], times["lowbit INT8 dyn 7-bit act"]
             cells = [f"{m} x {k} -> {n}", f"{fp32 * 1e3:.3f}",
                      *[ratio(v) for v in ("bf16", *LOWBIT, *PEERS)],
-                     *[f"{times[p] / dyn:.2f}x" if p in times else "n/a" for p in PEERS],
+                     *[f"{times[p] / t:.2f}x" if p in times else "n/a"
+                       for t in (dyn, dyn7) for p in PEERS],
                      " / ".join(_pick(kernels[v], m) for v in LOWBIT),
                      " / ".join(f"{err[v]:.1e}" if v in err else "n/a"
-                                for v in ("lowbit INT8 dynamic", *PEERS))]
+                                for v in ("lowbit INT8 dynamic", "lowbit INT8 dyn 7-bit act",
+                                          *PEERS))]
             print("| " + " | ".join(cells) + " |", flush=True)
             dump.append({"shape": [m, k, n], "seconds": times, "kernels": kernels,
                          "rel_error": err})

@@ -116,8 +116,9 @@ def test_s8_pack_follows_in_place_weight_changes(lib) -> None:
 
 @pytest.mark.parametrize("mode", ["per_token", "per_tensor", "static", "static_zp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 7])  # 7: the unsigned "u7" form, no sign op
 def test_fused_linear_matches_the_reference_bit_for_bit(lib, threads, mode: str,
-                                                        dtype: torch.dtype) -> None:
+                                                        dtype: torch.dtype, bits: int) -> None:
     g = torch.Generator().manual_seed(7)
     m, k, n = 67, 259, 45
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
@@ -135,9 +136,10 @@ def test_fused_linear_matches_the_reference_bit_for_bit(lib, threads, mode: str,
     s = torch.empty((m, 1) if per_token else ()) if dynamic else scale
     y = torch.empty((m, n), dtype=dtype)
     bf16 = int(dtype == torch.bfloat16)
-    _s8_call(lib, x, bf16, s, dynamic and per_token, dynamic, zp, -128, 127,
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    _s8_call(lib, x, bf16, s, dynamic and per_token, dynamic, zp, qmin, qmax,
              s8_packed(w, lib), n, comp, w_scale, bias, True, y, bf16)  # type: ignore[arg-type]
-    q, qs, qz = quantize_activation(x, -128, 127, scale, zp, per_token=per_token, native=False)
+    q, qs, qz = quantize_activation(x, qmin, qmax, scale, zp, per_token=per_token, native=False)
     ref = int8_linear(q, qs, qz, w, w_scale, colsum, bias, relu=True, kernel="reference")
     assert torch.equal(y, ref.to(dtype))
 
@@ -214,3 +216,22 @@ def test_lowbit_isa_refuses_unknown_and_unavailable_paths(forced_isa) -> None:
     assert native.selected_isa() == "torch"
     assert select_kernel("int8_linear", 8) in ("int_mm_s8s8", "fp32_codes")
     assert native.native_status()["isa"] == "torch"
+
+
+@needs_c
+def test_seven_bit_activations_run_exact_and_stay_accurate() -> None:
+    """An activation spec of 7 bits takes the cheaper unsigned form of the C GEMM: the same bits
+    as the reference, and per-token 7-bit stays close to FP32."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(256, 96)).eval()
+    act = lowbit.QuantSpec(bits=7, signed=True, symmetric=True, granularity="per_token")
+    cfg = lowbit.QuantizationConfig(weights=lowbit.QuantSpec.int8_weight(), activations=act,
+                                    mode="dynamic")
+    q = lowbit.PTQQuantizer(cfg).quantize(model)
+    x = torch.randn(37, 256)
+    got = q(x)
+    q[0].backend = "reference"
+    q[0]._refresh_cache()
+    assert torch.equal(got, q(x))
+    ref = model(x)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.999

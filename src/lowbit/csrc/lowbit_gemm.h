@@ -1,10 +1,11 @@
 /* lowbit INT8 x INT8 and INT4-weight kernels: the ISA-independent driver.
  *
  * Each ISA source (lowbit_gemm_avx2.c, lowbit_gemm_portable.c) defines the micro-kernels
- *   s8_tile(a, lda, rows, panel, k4, out)   rows (1..4) x 16 columns, exact int32
- *   s8_gemv(a, panels, pstride, np, k4, out) 1 row x np (1..4) panels, exact int32
+ *   s8_tile(a, lda, rows, panel, k4, u7, out)   rows (1..4) x 16 columns, exact int32
+ *   s8_gemv(a, panels, pstride, np, k4, u7, out) 1 row x np (1..4) panels, exact int32
  *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
+ *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
  * and the name LB_ISA, then includes this file, which bounds-checks every argument, lays out
  * the operands, splits the work over OpenMP threads and applies the float epilogue.
  * Compiled once per ISA with that ISA's flags (lowbit/native.py) and picked at run time.
@@ -15,6 +16,9 @@
  * [-128, 127] are laid out per row as {|q[4s..4s+3]|, q[4s..4s+3]} (8 bytes per step): the
  * AVX2 kernel multiplies |q| (unsigned) by w carrying q's sign (ggml's sign trick), so every
  * pair sum is at most 2 * 128 * 127 = 32512 and vpmaddubsw never saturates: exact.
+ * Activations of at most 7 bits (q in [-64, 63], an activation spec with bits=7) take the
+ * cheaper "u7" form: u = q + 64 in [0, 127] is the unsigned operand as it is (no sign op;
+ * pair sums <= 2 * 127 * 127), and 64 * colsum(w), stored after the panels, is subtracted.
  *
  * INT4 weights: codes u in [0, 15] (signed codes + 8), per 32 codes 16 bytes with byte j =
  * u[j] | u[j + 16] << 4; y = sum_groups s_g * (sum_j u_j x_j - z_g * sum_j x_j), z_g the
@@ -76,7 +80,7 @@ const char *lbk_isa(void) { return LB_ISA; }
 int64_t lbk_s8_packed_bytes(int64_t n, int64_t k) {
     if (n <= 0 || k <= 0 || n > (1LL << 31) || k > (1LL << 31))
         return LB_EARG;
-    return ceil_div(n, 16) * ceil_div(k, 4) * 64;
+    return ceil_div(n, 16) * (ceil_div(k, 4) * 64 + 16 * 4); /* panels, then int32 colsums */
 }
 
 /* Pack w [n, k] (row stride ldw >= k) into out (out_bytes == lbk_s8_packed_bytes(n, k)).
@@ -92,10 +96,15 @@ int lbk_s8_pack(const int8_t *w, int64_t n, int64_t k, int64_t ldw, int8_t *out,
             if (w[r * ldw + j] == -128)
                 return LB_ECODE;
     memset(out, 0, (size_t)need);
+    int32_t *colsum = (int32_t *)(out + ceil_div(n, 16) * k4 * 64); /* 4-byte aligned */
     for (int64_t r = 0; r < n; ++r) {
         int8_t *panel = out + (r / 16) * k4 * 64 + (r % 16) * 4;
-        for (int64_t j = 0; j < k; ++j)
+        int32_t sum = 0;
+        for (int64_t j = 0; j < k; ++j) {
             panel[(j / 4) * 64 + (j % 4)] = w[r * ldw + j];
+            sum += w[r * ldw + j];
+        }
+        colsum[r] = sum;
     }
     return LB_OK;
 }
@@ -134,7 +143,7 @@ static float row_absmax(const void *x, int bf16, int64_t k) {
  * are clamp(round(x * (1 / s)) + zp, qmin, qmax), the bits of lb_quantize_s8; kind 2 takes
  * int8 codes as they are. */
 static void layout_row(const void *x, int kind, int64_t k, float inv, float zp, float lo,
-                       float hi, int8_t *tmp, uint8_t *a) {
+                       float hi, int u7, int8_t *tmp, uint8_t *a) {
     const int8_t *q = tmp;
     if (kind == 2) {
         q = (const int8_t *)x;
@@ -147,13 +156,17 @@ static void layout_row(const void *x, int kind, int64_t k, float inv, float zp, 
         for (int64_t j = 0; j < k; ++j)
             tmp[j] = (int8_t)(int32_t)clampf(nearbyintf(xf[j] * inv) + zp, lo, hi);
     }
-    layout_codes(q, k, a);
+    if (u7)
+        layout_codes_u7(q, k, a);
+    else
+        layout_codes(q, k, a);
 }
 
 /* ---------------------------------------------------------------- epilogue */
 
 typedef struct {
     const int32_t *comp; /* [n] subtracted from the accumulator, or NULL */
+    const int32_t *u7;   /* [n] colsum(w): 64 * colsum is subtracted (7-bit codes), or NULL */
     const float *sx;     /* [m] (per_row) or [1] */
     int per_row;
     const float *sw;     /* [n] */
@@ -167,18 +180,19 @@ typedef struct {
 /* acc [cols] of row i starting at column c0 -> y, the float ops of lb_epilogue in its order. */
 static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
                             const int32_t *acc) {
-    const int32_t *comp = e->comp ? e->comp + c0 : NULL;
+    const int32_t *comp = e->comp ? e->comp + c0 : NULL, *u7 = e->u7 ? e->u7 + c0 : NULL;
+    int32_t a[64];
+    for (int64_t c = 0; c < cols; ++c)
+        a[c] = acc[c] - (comp ? comp[c] : 0) - (u7 ? 64 * u7[c] : 0);
     if (e->y_kind == 2) {
-        int32_t *y = (int32_t *)e->y + i * e->n + c0;
-        for (int64_t c = 0; c < cols; ++c)
-            y[c] = acc[c] - (comp ? comp[c] : 0);
+        memcpy((int32_t *)e->y + i * e->n + c0, a, (size_t)cols * sizeof(int32_t));
         return;
     }
     float v[64];
     const float s = e->sx[e->per_row ? i : 0];
     const float *sw = e->sw + c0;
     for (int64_t c = 0; c < cols; ++c)
-        v[c] = (float)(acc[c] - (comp ? comp[c] : 0)) * sw[c];
+        v[c] = (float)a[c] * sw[c];
     if (e->bias) {
         const float *b = e->bias + c0;
         if (e->fused)
@@ -212,7 +226,7 @@ static void s8_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *w
         for (int64_t p = p0; p < p1; p += 4) {
             const int np = (int)(p1 - p < 4 ? p1 - p : 4);
             for (int64_t r = 0; r < rows; ++r) {
-                s8_gemv(a + r * lda, wpack + p * pstride, pstride, np, k4, out);
+                s8_gemv(a + r * lda, wpack + p * pstride, pstride, np, k4, e->u7 != NULL, out);
                 const int64_t c0 = p * 16, cols = (e->n - c0 < np * 16) ? e->n - c0 : np * 16;
                 epilogue(e, i0 + r, c0, cols, out);
             }
@@ -223,7 +237,7 @@ static void s8_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *w
         const int64_t c0 = p * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
         for (int64_t r = 0; r < rows; r += 4) {
             const int rr = (int)(rows - r < 4 ? rows - r : 4);
-            s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, out);
+            s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, e->u7 != NULL, out);
             for (int t = 0; t < rr; ++t)
                 epilogue(e, i0 + r + t, c0, cols, out + t * 16);
         }
@@ -272,7 +286,11 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
         }
         scale[0] = dyn_scale(best, hi);
     }
-    const epi_t e = {comp, scale, per_row, sw, bias, relu, fused, y, y_kind, n};
+    /* activations of at most 7 bits: the cheaper unsigned form (see the top of this file) */
+    const int u7 = kind != 2 && qmin >= -64 && qmax <= 63;
+    const int32_t *colsum = (const int32_t *)(wpack + np * k4 * 64);
+    const epi_t e = {comp, u7 ? colsum : NULL, scale, per_row, sw, bias, relu, fused, y, y_kind,
+                     n};
     int status = LB_OK;
     const int split_rows = m >= 2 * LB_ROW_BLOCK * nthreads || np < 2 * nthreads;
     if (split_rows) { /* each work item: quantize its rows, then every panel */
@@ -298,7 +316,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
                     inv = 1.0f / scale[per_row ? i : 0];
                     z = zp ? (float)zp[per_row ? i : 0] : 0.0f;
                 }
-                layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, tmp, buf + r * lda);
+                layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, u7, tmp, buf + r * lda);
             }
             s8_block(buf, i0, rows, wpack, k4, 0, np, &e);
         }
@@ -317,7 +335,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
             inv = 1.0f / scale[per_row ? i : 0];
             z = zp ? (float)zp[per_row ? i : 0] : 0.0f;
         }
-        layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, tmp, buf + i * lda);
+        layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, u7, tmp, buf + i * lda);
     }
     const int64_t chunk = 4 * (ceil_div(np, 4 * (int64_t)nthreads * 4) > 0
                                    ? ceil_div(np, 4 * (int64_t)nthreads * 4) : 1);

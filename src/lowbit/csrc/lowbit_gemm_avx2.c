@@ -30,9 +30,32 @@ static void layout_codes(const int8_t *q, int64_t k, uint8_t *a) {
         }
 }
 
+/* one row of 7-bit codes q [k] (in [-64, 63]) as {q + 64, 0} per step s (zero tail: u = 0) */
+static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
+    const __m256i off = _mm256_set1_epi8(64), zero = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32, a += 64) {
+        const __m256i u = _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)(q + j)), off);
+        const __m256i lo = _mm256_unpacklo_epi32(u, zero), hi = _mm256_unpackhi_epi32(u, zero);
+        _mm256_storeu_si256((__m256i *)a, _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(a + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    for (; j < k; j += 4, a += 8)
+        for (int t = 0; t < 4; ++t) {
+            a[t] = j + t < k ? (uint8_t)(q[j + t] + 64) : 0;
+            a[4 + t] = 0;
+        }
+}
+
+/* 32 MACs of 7-bit codes u = q + 64 (unsigned, broadcast) against 8 columns: no sign op */
+static inline __m256i dot4_u7(__m256i u, __m256i w, __m256i ones) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), ones);
+}
+
 static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64_t lda,
                                                           const int R, const int8_t *w,
-                                                          int64_t k4, int32_t *out) {
+                                                          int64_t k4, const int U7,
+                                                          int32_t *out) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
     for (int r = 0; r < R; ++r)
@@ -44,8 +67,14 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
         for (int r = 0; r < R; ++r) {
             int32_t ab, as;
             __builtin_memcpy(&ab, a + r * lda + s * 8, 4);
+            const __m256i va = _mm256_set1_epi32(ab);
+            if (U7) {
+                acc[r][0] = _mm256_add_epi32(acc[r][0], dot4_u7(va, w0, ones));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], dot4_u7(va, w1, ones));
+                continue;
+            }
             __builtin_memcpy(&as, a + r * lda + s * 8 + 4, 4);
-            const __m256i va = _mm256_set1_epi32(ab), vs = _mm256_set1_epi32(as);
+            const __m256i vs = _mm256_set1_epi32(as);
             acc[r][0] = _mm256_add_epi32(acc[r][0], dot4(va, vs, w0, ones));
             acc[r][1] = _mm256_add_epi32(acc[r][1], dot4(va, vs, w1, ones));
         }
@@ -58,18 +87,21 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
 
 /* rows (1..4) x 16 columns of one panel: out[r * 16 + c] */
 static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, int64_t k4,
-                    int32_t *out) {
+                    int u7, int32_t *out) {
+#define TILE(R) u7 ? tile_r(a, lda, R, w, k4, 1, out) : tile_r(a, lda, R, w, k4, 0, out)
     switch (rows) {
-    case 4: tile_r(a, lda, 4, w, k4, out); break;
-    case 3: tile_r(a, lda, 3, w, k4, out); break;
-    case 2: tile_r(a, lda, 2, w, k4, out); break;
-    default: tile_r(a, lda, 1, w, k4, out); break;
+    case 4: TILE(4); break;
+    case 3: TILE(3); break;
+    case 2: TILE(2); break;
+    default: TILE(1); break;
     }
+#undef TILE
 }
 
 static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const int8_t *w,
                                                           int64_t pstride, const int P,
-                                                          int64_t k4, int32_t *out) {
+                                                          int64_t k4, const int U7,
+                                                          int32_t *out) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
     for (int p = 0; p < P; ++p)
@@ -84,8 +116,13 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
             _mm_prefetch((const char *)(wp + 768), _MM_HINT_T0);
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)wp);
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 32));
-            acc[p][0] = _mm256_add_epi32(acc[p][0], dot4(va, vs, w0, ones));
-            acc[p][1] = _mm256_add_epi32(acc[p][1], dot4(va, vs, w1, ones));
+            if (U7) {
+                acc[p][0] = _mm256_add_epi32(acc[p][0], dot4_u7(va, w0, ones));
+                acc[p][1] = _mm256_add_epi32(acc[p][1], dot4_u7(va, w1, ones));
+            } else {
+                acc[p][0] = _mm256_add_epi32(acc[p][0], dot4(va, vs, w0, ones));
+                acc[p][1] = _mm256_add_epi32(acc[p][1], dot4(va, vs, w1, ones));
+            }
         }
     }
     for (int p = 0; p < P; ++p) {
@@ -96,13 +133,15 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
 
 /* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
 static void s8_gemv(const uint8_t *a, const int8_t *w, int64_t pstride, int np, int64_t k4,
-                    int32_t *out) {
+                    int u7, int32_t *out) {
+#define GEMV(P) u7 ? gemv_p(a, w, pstride, P, k4, 1, out) : gemv_p(a, w, pstride, P, k4, 0, out)
     switch (np) {
-    case 4: gemv_p(a, w, pstride, 4, k4, out); break;
-    case 3: gemv_p(a, w, pstride, 3, k4, out); break;
-    case 2: gemv_p(a, w, pstride, 2, k4, out); break;
-    default: gemv_p(a, w, pstride, 1, k4, out); break;
+    case 4: GEMV(4); break;
+    case 3: GEMV(3); break;
+    case 2: GEMV(2); break;
+    default: GEMV(1); break;
     }
+#undef GEMV
 }
 
 static inline float hsum8(__m256 v) {

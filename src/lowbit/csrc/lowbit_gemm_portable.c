@@ -17,18 +17,32 @@ static void layout_codes(const int8_t *q, int64_t k, uint8_t *a) {
         }
 }
 
-/* rows (1..4) x 16 columns of one panel: out[r * 16 + c], exact int32 */
+/* one row of 7-bit codes q [k] (in [-64, 63]) as {q + 64, 0} per step s (zero tail: u = 0) */
+static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
+    const int64_t k4 = (k + 3) / 4;
+    for (int64_t s = 0; s < k4; ++s)
+        for (int j = 0; j < 4; ++j) {
+            const int64_t idx = s * 4 + j;
+            a[s * 8 + j] = idx < k ? (uint8_t)(q[idx] + 64) : 0;
+            a[s * 8 + 4 + j] = 0;
+        }
+}
+
+/* rows (1..4) x 16 columns of one panel: out[r * 16 + c], exact int32 (u7: the unsigned
+ * 7-bit form, q + 64 in the first 4 bytes of a step; the driver subtracts 64 * colsum) */
 static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, int64_t k4,
-                    int32_t *out) {
+                    int u7, int32_t *out) {
     for (int r = 0; r < rows; ++r) {
         int32_t acc[16] = {0};
-        const int8_t *ar = (const int8_t *)(a + r * lda);
+        const uint8_t *ar = a + r * lda;
         for (int64_t s = 0; s < k4; ++s) {
-            const int8_t *q = ar + s * 8 + 4; /* the signed codes of this step */
             const int8_t *ws = w + s * 64;
+            int32_t q[4];
+            for (int j = 0; j < 4; ++j) /* the codes of this step */
+                q[j] = u7 ? (int32_t)ar[s * 8 + j] : (int32_t)(int8_t)ar[s * 8 + 4 + j];
             for (int c = 0; c < 16; ++c)
                 for (int j = 0; j < 4; ++j)
-                    acc[c] += (int32_t)q[j] * (int32_t)ws[c * 4 + j];
+                    acc[c] += q[j] * (int32_t)ws[c * 4 + j];
         }
         for (int c = 0; c < 16; ++c)
             out[r * 16 + c] = acc[c];
@@ -37,9 +51,9 @@ static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, in
 
 /* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
 static void s8_gemv(const uint8_t *a, const int8_t *w, int64_t pstride, int np, int64_t k4,
-                    int32_t *out) {
+                    int u7, int32_t *out) {
     for (int p = 0; p < np; ++p)
-        s8_tile(a, 0, 1, w + p * pstride, k4, out + p * 16);
+        s8_tile(a, 0, 1, w + p * pstride, k4, u7, out + p * 16);
 }
 
 /* rows (1..4) of x . nr (1..2) INT4 weight rows: out[r][c] = sum_g s_g * sum_j u_j x_j */

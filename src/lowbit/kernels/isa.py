@@ -23,7 +23,8 @@ def s8_packed(w2d: torch.Tensor, lib: Any) -> torch.Tensor | None:
     Example:
         >>> w = torch.randint(-127, 128, (20, 9), dtype=torch.int8)
         >>> lib = load_gemm("portable")
-        >>> lib is None or s8_packed(w, lib).numel() == 2 * 3 * 64  # ceil(20/16) x ceil(9/4)
+        >>> packed = lib and s8_packed(w, lib)  # ceil(20/16) x ceil(9/4) steps, then colsums
+        >>> lib is None or packed.numel() == 2 * 3 * 64 + 2 * 16 * 4
         True
     """
     # inference tensors have no version counter (nor can they change outside inference mode)
