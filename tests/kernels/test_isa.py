@@ -1,8 +1,9 @@
 """lowbit's per-ISA C kernels (``csrc/lowbit_gemm_*.c``), each path this CPU can run forced one
 by one: the INT8 x INT8 GEMM bit-exact against int64 arithmetic (full-range and worst-case
 codes, odd and large shapes, strided inputs, 1 and 2 threads), the fused linear against the
-pure-PyTorch reference bit for bit, the INT4 kernel against dequantize + GEMM, the C bounds
-checks, and ``LOWBIT_ISA``."""
+pure-PyTorch reference bit for bit (8-bit and 7-bit activations), the INT4 kernel against
+dequantize + GEMM, the C bounds checks (hypothesis fuzzes every extent of both entry points with
+buffers of exactly the claimed sizes), and ``LOWBIT_ISA``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
@@ -235,3 +238,70 @@ def test_seven_bit_activations_run_exact_and_stay_accurate() -> None:
     assert torch.equal(got, q(x))
     ref = model(x)
     assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+@needs_c
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(0, 9), k=st.integers(1, 70), n=st.integers(1, 40), pad=st.integers(0, 5),
+       short_x=st.integers(0, 3), short_y=st.integers(0, 3), wrong_pack=st.booleans(),
+       kind=st.sampled_from([0, 1, 2]))
+def test_fuzz_s8_entry_point_checks_every_extent(m: int, k: int, n: int, pad: int, short_x: int,
+                                                 short_y: int, wrong_pack: bool,
+                                                 kind: int) -> None:
+    """Raw calls with buffers of exactly the claimed sizes: the C entry point either computes the
+    exact result or refuses (LB_EARG) when any extent is short, never reading past it."""
+    lib = native.load_gemm(C_PATHS[0])
+    g = torch.Generator().manual_seed(m * 7919 + k * 31 + n)
+    ldx = k + pad
+    dtype = {0: torch.float32, 1: torch.bfloat16, 2: torch.int8}[kind]
+    need_x = max(0, (m - 1) * ldx + k) if m else 0
+    flat = (torch.randn(max(need_x - short_x, 0), generator=g) * 4).to(dtype) if kind != 2 else \
+        torch.randint(-128, 128, (max(need_x - short_x, 0),), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    packed = s8_packed(w, lib)
+    assert packed is not None
+    if wrong_pack:
+        packed = packed[:-1]
+    y_kind = 2 if kind == 2 else 0
+    y = torch.empty(max(m * n - short_y, 0), dtype=torch.int32 if y_kind == 2 else torch.float32)
+    scale = torch.empty(max(m, 1))
+    sw = torch.ones(n)
+    rc = lib.lbk_s8_linear(flat.data_ptr(), kind, m, k, ldx, flat.numel() * flat.element_size(),
+                           scale.data_ptr(), 1, 1, None, -128, 127, packed.data_ptr(),
+                           packed.numel(), n, None, sw.data_ptr(), None, 0, 1, y.data_ptr(),
+                           y_kind, y.numel() * y.element_size(), 1)
+    bad = wrong_pack or (m > 0 and (short_x > 0 or short_y > 0))
+    assert rc == (-1 if bad else 0)
+    if rc == 0 and m and kind == 2:
+        q = flat.as_strided((m, k), (ldx, 1))
+        assert torch.equal(y.reshape(m, n), (q.long() @ w.long().t()).int())
+
+
+@needs_c
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 6), groups=st.integers(1, 3), n=st.integers(1, 9),
+       k_short=st.integers(0, 40), short_x=st.integers(0, 2), short_y=st.integers(0, 2),
+       wrong_w=st.booleans())
+def test_fuzz_u4_entry_point_checks_every_extent(m: int, groups: int, n: int, k_short: int,
+                                                 short_x: int, short_y: int,
+                                                 wrong_w: bool) -> None:
+    """The INT4 entry point with buffers of exactly the claimed sizes: exact-to-rounding or
+    refused, never a read past an extent."""
+    lib = native.load_gemm(C_PATHS[0])
+    g, kp = 32, 32 * groups
+    k = max(1, kp - k_short)
+    gen = torch.Generator().manual_seed(m * 131 + kp + n)
+    codes = torch.randint(-8, 8, (n, kp), dtype=torch.int8, generator=gen)
+    s, z = torch.rand(n, groups, generator=gen), torch.randint(-8, 8, (n, groups), generator=gen)
+    wq, sc, zp = u4_pack(codes, True, s, z.int(), g)
+    wq = wq.reshape(-1)[:-1] if wrong_w else wq
+    x = torch.randn(max(m * k - short_x, 0), generator=gen)
+    y = torch.empty(max(m * n - short_y, 0))
+    rc = lib.lbk_u4_linear(x.data_ptr(), m, k, k, x.numel(), wq.data_ptr(), wq.numel(), n, kp, g,
+                           sc.data_ptr(), zp.data_ptr(), None, 0, y.data_ptr(), y.numel(), 1)
+    bad = wrong_w or (m > 0 and (short_x > 0 or short_y > 0))
+    assert rc == (-1 if bad else 0)
+    if rc == 0 and m:
+        w = (codes.float() - z.float().repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
+        ref = x.reshape(m, k).double() @ w[:, :k].double().t()
+        torch.testing.assert_close(y.reshape(m, n), ref.float(), rtol=1e-5, atol=1e-5)
