@@ -86,8 +86,9 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
 }
 
 /* rows (1..4) x 16 columns of one panel: out[r * 16 + c] */
-static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, int64_t k4,
-                    int u7, int32_t *out) {
+static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int64_t lda,
+                                                          int rows, const int8_t *w,
+                                                          int64_t k4, int u7, int32_t *out) {
 #define TILE(R) u7 ? tile_r(a, lda, R, w, k4, 1, out) : tile_r(a, lda, R, w, k4, 0, out)
     switch (rows) {
     case 4: TILE(4); break;
@@ -132,8 +133,9 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
 }
 
 /* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
-static void s8_gemv(const uint8_t *a, const int8_t *w, int64_t pstride, int np, int64_t k4,
-                    int u7, int32_t *out) {
+static inline __attribute__((always_inline)) void s8_gemv(const uint8_t *a, const int8_t *w,
+                                                          int64_t pstride, int np, int64_t k4,
+                                                          int u7, int32_t *out) {
 #define GEMV(P) u7 ? gemv_p(a, w, pstride, P, k4, 1, out) : gemv_p(a, w, pstride, P, k4, 0, out)
     switch (np) {
     case 4: GEMV(4); break;

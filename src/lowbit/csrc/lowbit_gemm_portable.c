@@ -30,8 +30,9 @@ static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
 
 /* rows (1..4) x 16 columns of one panel: out[r * 16 + c], exact int32 (u7: the unsigned
  * 7-bit form, q + 64 in the first 4 bytes of a step; the driver subtracts 64 * colsum) */
-static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, int64_t k4,
-                    int u7, int32_t *out) {
+static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int64_t lda,
+                                                          int rows, const int8_t *w,
+                                                          int64_t k4, int u7, int32_t *out) {
     for (int r = 0; r < rows; ++r) {
         int32_t acc[16] = {0};
         const uint8_t *ar = a + r * lda;
@@ -50,8 +51,9 @@ static void s8_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, in
 }
 
 /* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
-static void s8_gemv(const uint8_t *a, const int8_t *w, int64_t pstride, int np, int64_t k4,
-                    int u7, int32_t *out) {
+static inline __attribute__((always_inline)) void s8_gemv(const uint8_t *a, const int8_t *w,
+                                                          int64_t pstride, int np, int64_t k4,
+                                                          int u7, int32_t *out) {
     for (int p = 0; p < np; ++p)
         s8_tile(a, 0, 1, w + p * pstride, k4, u7, out + p * 16);
 }
