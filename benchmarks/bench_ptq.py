@@ -57,11 +57,12 @@ import torch
 from _timing import machine_line
 from torch import nn
 
+from lowbit.config import QuantizationConfig
 from lowbit.data import mnist_splits
 from lowbit.evaluation import ComparisonTable, compare_models, format_bytes, model_nbytes
 from lowbit.models import MLP, MnistCNN, TransformerEncoderBlock, train_classifier
 from lowbit.native import native_status
-from lowbit.ptq import quantize_dynamic, quantize_static, quantize_weight_only
+from lowbit.ptq import PTQQuantizer, quantize_dynamic, quantize_static, quantize_weight_only
 
 THREADS = 2
 SEQ_LEN = 128
@@ -410,6 +411,8 @@ def _minilm(iters: int) -> tuple[str, list[tuple[str, str, str, bool]]]:
     variants = {"FP32": SentenceEmbedder(encoder),
                 "bf16": SentenceEmbedder(encoder, torch.bfloat16),
                 "lowbit INT8 dynamic": SentenceEmbedder(quantize_dynamic(encoder)),
+                "lowbit INT8 dynamic, 7-bit act": SentenceEmbedder(PTQQuantizer(
+                    QuantizationConfig.int8_dynamic(activation_bits=7)).quantize(encoder)),
                 "torch.ao dynamic": SentenceEmbedder(_torch_ao_dynamic(encoder))}
     for v in variants.values():
         v.eval()  # a fresh wrapper is in training mode: dropout would be on

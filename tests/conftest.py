@@ -67,3 +67,18 @@ class _SharedLayer(nn.Module):
 def shared_layer_model() -> nn.Module:
     """A float model (eval mode) whose Linear ``a`` is also registered as ``b``."""
     return _SharedLayer().eval()
+
+
+@pytest.fixture
+def forced_isa(monkeypatch: pytest.MonkeyPatch):
+    """``forced_isa(name)`` forces ``LOWBIT_ISA`` for one test; the automatic choice is back
+    after it (the selection is cached per process, so it is reset both ways)."""
+    from lowbit import native
+
+    def force(isa: str) -> None:
+        monkeypatch.setenv("LOWBIT_ISA", isa)
+        native._reset_for_tests()
+
+    yield force
+    monkeypatch.delenv("LOWBIT_ISA", raising=False)
+    native._reset_for_tests()

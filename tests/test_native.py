@@ -21,7 +21,6 @@ from lowbit.kernels import (
     BLOCK_ROWS,
     SMALL_LINEAR_CODES,
     SMALL_LINEAR_MACS,
-    U4_NATIVE_MAX_M,
     _epilogue_native,
     _int8_epilogue,
     conv2d_direct_native,
@@ -452,10 +451,11 @@ def test_small_weight_only_layers_run_one_c_call_for_float32_inputs() -> None:
     torch.manual_seed(0)
     q = _wo_layer(4, True, True, "per_group", 32, 128, 10)
     limit = q._small_max_m
-    assert limit > U4_NATIVE_MAX_M  # (so no "u4_<isa>" range between them)
-    assert limit >= 1 and q.kernel_info() == {f"M<={limit}": "native_fp32",
-                                              "M<=512": q._select_packed(512),
-                                              "M>512": q._select_packed(513)}
+    info = q.kernel_info()
+    assert limit >= 1 and next(iter(info.items())) == (f"M<={limit}", "native_fp32")
+    for rule, kernel in info.items():  # each range names the kernel its bound selects
+        bound = int(rule[3:]) if rule.startswith("M<=") else int(rule[2:]) + 1
+        assert q._select(bound) == kernel, (rule, kernel)
     assert q._select(1) == "native_fp32" and q._select(limit + 1) == q._select_packed(limit + 1)
     ref = Int4Linear(128, 10, weight_spec=q.weight_spec, backend="reference")
     ref.load_state_dict(q.state_dict())

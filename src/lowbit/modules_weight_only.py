@@ -29,6 +29,7 @@ from lowbit._qmodule import (
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     INT4_PACKED_MAX_M,
+    INT4_PACKED_MAX_M_NO_BF16,
     U4_NATIVE_MAX_M,
     WEIGHT_ONLY_PACKED_MAX_M,
     c_layout,
@@ -211,7 +212,7 @@ class _WeightOnlyLinear(_WeightOnly):
         """Kernel per activation row count, first match: e.g. ``{"M<=25": "native_fp32",
         "M<=512": "int4pack_bf16", "M>512": "dequant_bf16"}`` (``"native_fp32"``: small
         float32 inputs, with the C kernels; ``"u4_avx2"``: lowbit's INT4 kernel)."""
-        bounds = sorted({U4_NATIVE_MAX_M, self._max_packed_m}
+        bounds = sorted({U4_NATIVE_MAX_M, INT4_PACKED_MAX_M_NO_BF16, self._max_packed_m}
                         | ({self._small_max_m} if self._select(1) == "native_fp32" else set()))
         runs: list[list] = []  # [upper bound or None, kernel], neighbours with one kernel merged
         for b in [*bounds, None]:
@@ -241,6 +242,10 @@ class _WeightOnlyLinear(_WeightOnly):
             return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
         if kernel.startswith("u4_"):
             kernel = self._select_packed(U4_NATIVE_MAX_M + 1)
+        if kernel == "dequant_fp32":  # the weight dequantized in one C pass (when available)
+            y = F.linear(x2.float(), self.dequantize_weight(), self.bias)
+            y = self._act(y, self.fused_relu)
+            return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
         if self.kp > self.k:
             x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
         y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias, packed=self._packed,

@@ -50,17 +50,6 @@ def threads(request) -> Iterator[int]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def forced_isa(monkeypatch: pytest.MonkeyPatch):
-    """Force ``LOWBIT_ISA`` for one test (and restore the automatic choice after)."""
-    def force(isa: str) -> None:
-        monkeypatch.setenv("LOWBIT_ISA", isa)
-        native._reset_for_tests()
-    yield force
-    monkeypatch.delenv("LOWBIT_ISA", raising=False)
-    native._reset_for_tests()
-
-
 def _exact(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (q.long() @ w.long().t()).to(torch.int32)
 

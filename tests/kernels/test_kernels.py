@@ -16,6 +16,8 @@ from lowbit.kernels import (
     CONV_CODES_EXACT_K,
     CONV_CODES_MAX_K,
     CONV_CODES_MAX_K_NATIVE,
+    INT4_PACKED_MAX_M,
+    INT4_PACKED_MAX_M_NO_BF16,
     U4_NATIVE_MAX_M,
     cpu_features,
     int4_pack_for_cpu,
@@ -172,7 +174,8 @@ def test_weight_only_kernels_equal_reference_up_to_bf16() -> None:
 def test_select_kernel_is_deterministic_and_documented() -> None:
     assert select_kernel("int8_linear", 1, backend="reference") == "reference"
     assert select_kernel("int8_conv2d", 4, groups=2) == "reference"
-    dequant = "dequant_bf16" if "bf16" in cpu_features() else "reference"
+    dequant = "dequant_bf16" if "bf16" in cpu_features() else "dequant_fp32"
+    max4 = INT4_PACKED_MAX_M if "bf16" in cpu_features() else INT4_PACKED_MAX_M_NO_BF16
     fast = int8_gemm()  # at every M
     # lowbit's INT4 kernel of the C ISA paths at small M (any N; K and group multiples of 32)
     small4 = "u4_" + fast[3:] if fast.startswith("s8_") else None
@@ -181,15 +184,15 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
     assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=32) == (
         small4 or "int4pack_bf16")
     assert select_kernel("int4_weight_only", U4_NATIVE_MAX_M + 1, n=16, k=64,
-                         group_size=32) == "int4pack_bf16"
+                         group_size=32) == ("int4pack_bf16" if max4 > U4_NATIVE_MAX_M else dequant)
     assert select_kernel("int8_weight_only", 1, k=64, packable=False) == dequant
     assert select_kernel("int8_weight_only", 1, k=68) == dequant  # op needs K % 16 == 0
     assert select_kernel("int8_weight_only", 2, k=72) == dequant  # K = 72 segfaults at M >= 2
     assert select_kernel("int8_linear", 1) == select_kernel("int8_linear", 4096) == fast
     assert select_kernel("int8_weight_only", 1, k=64) == "int8pack_bf16"
     assert select_kernel("int8_weight_only", 65, k=64) == dequant
-    assert select_kernel("int4_weight_only", 512, n=16, k=64, group_size=32) == "int4pack_bf16"
-    assert select_kernel("int4_weight_only", 513, n=16, k=64, group_size=32) == dequant
+    assert select_kernel("int4_weight_only", max4, n=16, k=64, group_size=32) == "int4pack_bf16"
+    assert select_kernel("int4_weight_only", max4 + 1, n=16, k=64, group_size=32) == dequant
     with pytest.raises(ValueError, match="backend"):
         select_kernel("int8_linear", 1, backend="fast")
     with pytest.raises(ValueError, match="unknown op"):

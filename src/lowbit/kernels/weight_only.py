@@ -265,6 +265,6 @@ def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # ty
             x.to(torch.bfloat16), packed, group_size, scales)[:, :out_features].float()
     elif kernel == "dequant_bf16":
         y = F.linear(x.to(torch.bfloat16), dequantize().to(torch.bfloat16)).float()
-    else:
+    else:  # "reference" / "dequant_fp32"
         return F.linear(x.float(), dequantize(), bias)
     return y if bias is None else y.add_(bias)
