@@ -183,16 +183,20 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
     assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=16) == dequant
     assert select_kernel("int4_weight_only", 1, n=16, k=64, group_size=32) == (
         small4 or "int4pack_bf16")
-    assert select_kernel("int4_weight_only", U4_NATIVE_MAX_M + 1, n=16, k=64,
-                         group_size=32) == ("int4pack_bf16" if max4 > U4_NATIVE_MAX_M else dequant)
+
+    def int4_at(m: int) -> str:  # the documented plan: lowbit's kernel, packed op, dequantize
+        if small4 and m <= U4_NATIVE_MAX_M:
+            return small4
+        return "int4pack_bf16" if m <= max4 else dequant
+
+    for m in (U4_NATIVE_MAX_M + 1, max4, max4 + 1):
+        assert select_kernel("int4_weight_only", m, n=16, k=64, group_size=32) == int4_at(m)
     assert select_kernel("int8_weight_only", 1, k=64, packable=False) == dequant
     assert select_kernel("int8_weight_only", 1, k=68) == dequant  # op needs K % 16 == 0
     assert select_kernel("int8_weight_only", 2, k=72) == dequant  # K = 72 segfaults at M >= 2
     assert select_kernel("int8_linear", 1) == select_kernel("int8_linear", 4096) == fast
     assert select_kernel("int8_weight_only", 1, k=64) == "int8pack_bf16"
     assert select_kernel("int8_weight_only", 65, k=64) == dequant
-    assert select_kernel("int4_weight_only", max4, n=16, k=64, group_size=32) == "int4pack_bf16"
-    assert select_kernel("int4_weight_only", max4 + 1, n=16, k=64, group_size=32) == dequant
     with pytest.raises(ValueError, match="backend"):
         select_kernel("int8_linear", 1, backend="fast")
     with pytest.raises(ValueError, match="unknown op"):
