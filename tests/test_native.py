@@ -47,6 +47,7 @@ needs_native = pytest.mark.skipif(not HAS_CC, reason="no C compiler: lowbit runs
 def no_native(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The pure-PyTorch path everywhere (as on a machine without a C compiler)."""
     monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    monkeypatch.delenv("LOWBIT_ISA", raising=False)  # a forced C path cannot run then
     native._reset_for_tests()
     assert native.load_native() is None
     yield

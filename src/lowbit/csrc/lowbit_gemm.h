@@ -162,6 +162,38 @@ static void layout_row(const void *x, int kind, int64_t k, float inv, float zp, 
         layout_codes(q, k, a);
 }
 
+/* How the rows of x become codes (lbk_s8_linear's arguments). */
+typedef struct {
+    const char *x;
+    int64_t xrow; /* bytes between rows */
+    int kind;     /* 0 float32, 1 bfloat16, 2 int8 codes */
+    int64_t k;
+    float *scale;
+    int per_row, dynamic;
+    const int32_t *zp;
+    float lo, hi;
+    int u7;
+} quant_t;
+
+/* Rows [i0, i0 + rows) of x quantized (dynamic scales written) and laid out in buf (row
+ * stride lda), with k bytes of scratch after them. */
+static void lay_out_rows(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *buf,
+                         int64_t lda) {
+    int8_t *tmp = (int8_t *)(buf + rows * lda);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r, ri = qp->per_row ? i : 0;
+        const char *xr = qp->x + i * qp->xrow;
+        float inv = 1.0f, z = 0.0f;
+        if (qp->kind != 2) {
+            if (qp->dynamic && qp->per_row)
+                qp->scale[i] = dyn_scale(row_absmax(xr, qp->kind, qp->k), qp->hi);
+            inv = 1.0f / qp->scale[ri];
+            z = qp->zp ? (float)qp->zp[ri] : 0.0f;
+        }
+        layout_row(xr, qp->kind, qp->k, inv, z, qp->lo, qp->hi, qp->u7, tmp, buf + r * lda);
+    }
+}
+
 /* ---------------------------------------------------------------- epilogue */
 
 typedef struct {
@@ -305,6 +337,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
     const int32_t *colsum = (const int32_t *)(wpack + np * k4 * 64);
     const epi_t e = {comp, u7 ? colsum : NULL, scale, per_row, sw, bias, relu, fused, y, y_kind,
                      n};
+    const quant_t qp = {xb, xrow, kind, k, scale, per_row, dynamic, zp, lo, hi, u7};
     int status = LB_OK;
     const int split_rows = m >= 2 * LB_ROW_BLOCK * nthreads || np < 2 * nthreads;
     if (split_rows) { /* each work item: quantize its rows, then every panel */
@@ -320,18 +353,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
                 status = LB_ENOMEM;
                 continue;
             }
-            int8_t *tmp = (int8_t *)(buf + rows * lda);
-            for (int64_t r = 0; r < rows; ++r) {
-                const int64_t i = i0 + r;
-                float inv = 1.0f, z = 0.0f;
-                if (kind != 2) {
-                    if (dynamic && per_row)
-                        scale[i] = dyn_scale(row_absmax(xb + i * xrow, kind, k), hi);
-                    inv = 1.0f / scale[per_row ? i : 0];
-                    z = zp ? (float)zp[per_row ? i : 0] : 0.0f;
-                }
-                layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, u7, tmp, buf + r * lda);
-            }
+            lay_out_rows(&qp, i0, rows, buf, lda);
             s8_block(buf, i0, rows, wpack, k4, 0, np, &e);
         }
         return status;
@@ -340,19 +362,9 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
     uint8_t *buf = scratch((size_t)(m * lda + k + 64));
     if (!buf)
         return LB_ENOMEM;
-    int8_t *tmp = (int8_t *)(buf + m * lda);
-    for (int64_t i = 0; i < m; ++i) {
-        float inv = 1.0f, z = 0.0f;
-        if (kind != 2) {
-            if (dynamic && per_row)
-                scale[i] = dyn_scale(row_absmax(xb + i * xrow, kind, k), hi);
-            inv = 1.0f / scale[per_row ? i : 0];
-            z = zp ? (float)zp[per_row ? i : 0] : 0.0f;
-        }
-        layout_row(xb + i * xrow, kind, k, inv, z, lo, hi, u7, tmp, buf + i * lda);
-    }
-    const int64_t chunk = 4 * (ceil_div(np, 4 * (int64_t)nthreads * 4) > 0
-                                   ? ceil_div(np, 4 * (int64_t)nthreads * 4) : 1);
+    lay_out_rows(&qp, 0, m, buf, lda);
+    /* about 4 work items per thread, whole groups of 4 panels (the GEMV's streams) */
+    const int64_t chunk = 4 * ceil_div(np, 16 * (int64_t)nthreads);
     const int64_t items = ceil_div(np, chunk);
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * n * k >= (1 << 18)) \
     schedule(dynamic, 1)

@@ -33,10 +33,11 @@ def acc_reference(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor,
 
 
 def acc_fp32_codes(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor,
-                   w_zp: torch.Tensor | None) -> torch.Tensor:
+                   w_zp: torch.Tensor | None, pooled: bool = False) -> torch.Tensor:
     """A torch-ops path: an fp32 GEMM over the integer codes in K chunks of 512, exact because
     every partial sum is an integer below 2^24 (``|q - zp| <= 255``, ``|w| <= 128``): the exact
-    choice where the integer GEMM is not (no VNNI) and no C path is available.
+    choice where the integer GEMM is not (no VNNI) and no C path is available. ``pooled``: the
+    large buffers come from :mod:`lowbit.memory`'s reused blocks (no page faults per call).
 
     Example:
         >>> q = torch.randint(-128, 128, (3, 1100), dtype=torch.int8)
@@ -44,17 +45,25 @@ def acc_fp32_codes(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor,
         >>> torch.equal(acc_fp32_codes(q, None, w, None), acc_reference(q, None, w, None))
         True
     """
-    centered32 = q.float() if zp is None else q.float().sub_(zp.float())  # |q - zp| <= 255
+    def buffer(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        return pooled_empty(shape, dtype) if pooled else torch.empty(shape, dtype=dtype)
+
+    (m, k), n = q.shape, w2d.shape[0]
+    centered32 = buffer((m, k), torch.float32).copy_(q)  # |q - zp| <= 255
+    if zp is not None:
+        centered32.sub_(zp.float())
     wf = w2d.float()  # (N, K), |w| <= 128
-    acc = None
-    for s in range(0, w2d.shape[1], _CODES_CHUNK_K):
-        part = (centered32[:, s:s + _CODES_CHUNK_K] @ wf[:, s:s + _CODES_CHUNK_K].t())
-        acc = part.to(torch.int32) if acc is None else acc.add_(part.to(torch.int32))
-    assert acc is not None
+    acc, part = buffer((m, n), torch.int32), buffer((m, n), torch.float32)
+    for s in range(0, k, _CODES_CHUNK_K):
+        torch.mm(centered32[:, s:s + _CODES_CHUNK_K], wf[:, s:s + _CODES_CHUNK_K].t(), out=part)
+        if s == 0:
+            acc.copy_(part)  # an exact integer in float32 -> int32
+        else:
+            acc.add_(part.to(torch.int32))
     if w_zp is not None:  # - w_zp[n] * sum_k (q - zp)[m, k]
         rows = q.sum(1, dtype=torch.int32)
         if zp is not None:
-            rows = rows - w2d.shape[1] * zp.reshape(-1)
+            rows = rows - k * zp.reshape(-1)
         acc.addr_(rows.expand(acc.shape[0]), w_zp, alpha=-1)
     return acc
 
@@ -83,7 +92,7 @@ def _int8_acc(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor, colsu
         return acc_reference(q, zp, w2d, w_zp)
     acc = s8_acc(q, w2d, kernel, pooled) if kernel.startswith("s8_") else None
     if kernel == "fp32_codes" or (acc is None and kernel.startswith("s8_")):
-        return acc_fp32_codes(q, zp, w2d, w_zp)  # (also for a -128 weight code or uint8 codes)
+        return acc_fp32_codes(q, zp, w2d, w_zp, pooled)  # (also for a -128 weight code, uint8)
     if acc is None:
         acc = acc_int_mm(q, w2d, pooled)
     if comp is not None:
