@@ -29,6 +29,7 @@ from torch import nn
 from lowbit.data import mnist_splits
 from lowbit.evaluation import ComparisonTable, compare_models, evaluate_accuracy
 from lowbit.models import MnistCNN, train_classifier
+from lowbit.native import native_status
 from lowbit.ptq import quantize_dynamic, quantize_static, quantize_weight_only
 
 __all__ = ["main", "run_demo"]
@@ -169,8 +170,10 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0, quiet: bool = False,
     say()
     say("Note: this CNN's layers are tiny (16/32-channel convs, 10-30 us each in FP32), so "
         "per-call overhead, not arithmetic, sets its speed at batch 1 (lowbit runs them on "
-        "fused C kernels, about 1.1x FP32 there); on larger Linear layers (MLPs, transformers) "
-        "INT8 runs 2-4.5x faster than FP32: see `python benchmarks/bench_ptq.py`.")
+        "fused C kernels: about 1.1x FP32 on CPUs with AVX-512 VNNI, slower than oneDNN's FP32 "
+        "convolutions on AVX2-only CPUs); on larger Linear layers (MLPs, transformers) INT8 "
+        "runs 1.4-4.5x faster than FP32 (lowbit's ISA path here: "
+        f"{native_status()['isa']}): see `python benchmarks/bench_ptq.py`.")
     say(f"Done in {total_s:.1f} s (training {train_s:.1f} s).")
     return {
         "description": splits.description,
