@@ -547,7 +547,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _json_out({"threads": threads, "native": native, "rows": rows})
     else:
         _say(f"Median latency per call, {threads} thread(s), {args.rounds} interleaved rounds "
-             f"(compare ratios: shared machines are noisy); fused C kernels: {native['reason']}"
+             f"(compare ratios: shared machines are noisy); fused C kernels: {native['reason']}; "
+             f"INT8/INT4 ISA path: {native['isa']}"
              "\n")
         _say("| model | size | " + " | ".join(f"{k} | speedup {k}" for k in inputs) + " |")
         _say("|---|---|" + "---|---|" * len(inputs))
