@@ -294,3 +294,18 @@ def test_fuzz_u4_entry_point_checks_every_extent(m: int, groups: int, n: int, k_
         w = (codes.float() - z.float().repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
         ref = x.reshape(m, k).double() @ w[:, :k].double().t()
         torch.testing.assert_close(y.reshape(m, n), ref.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("layout", ["expanded", "strided", "sliced_rows"])
+def test_weight_only_batch_one_reads_strided_inputs_as_they_are(bits: int, layout: str) -> None:
+    """A batch-1 input that is expanded (stride 0) or strided reaches the C paths as the values
+    it holds (they read rows contiguously): the same output as its contiguous copy."""
+    torch.manual_seed(5)
+    k = 64
+    model = nn.Sequential(nn.Linear(k, 16)).eval()
+    q = lowbit.quantize_weight_only(model, bits=bits, group_size=32)
+    base = torch.randn(4, 2 * k)
+    x = {"expanded": base[:1, :1].expand(1, k), "strided": base[:1, ::2],
+         "sliced_rows": base[1:2, k:]}[layout]
+    assert torch.equal(q(x), q(x.contiguous()))

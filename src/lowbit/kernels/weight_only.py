@@ -215,6 +215,8 @@ def run_weight_only_linear_native(lib: Any, x: torch.Tensor, args: tuple, relu: 
         True
     """
     w, packed, signed, n, kp, group, scale, zp, bias = args
+    if x.stride(-1) != 1:  # the C kernel reads each row contiguously (a batch-1 row may be
+        x = x.contiguous()  # expanded or strided: it must not be read as if it were not)
     m, k = x.shape
     out = torch.empty((m, n))
     err = lib.lb_wo_linear_small(x.data_ptr(), m, k, x.stride(0), w.data_ptr(), packed, signed,
