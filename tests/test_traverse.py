@@ -174,3 +174,18 @@ def test_fx_finds_fusable_maxpools_only() -> None:
     untraceable.body.append(nn.MaxPool2d(2))  # module order inside the Sequential
     f = find_fusions(untraceable)
     assert f.method == "module_order" and f.pool_after == {"body.0": "body.3"}
+
+
+def test_torchscript_models_are_refused_with_a_message() -> None:
+    """A scripted or traced model's layers are compiled code lowbit cannot replace: refused by
+    quantize and prepare_for_qat (it used to come back unchanged without a word)."""
+    import lowbit
+
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    for compiled in (torch.jit.script(model), torch.jit.trace(model, torch.randn(2, 4))):
+        with pytest.raises(TypeError, match=r"TorchScript.*quantize the eager nn\.Module first"):
+            lowbit.quantize_dynamic(compiled)
+        with pytest.raises(TypeError, match="TorchScript"):
+            lowbit.QATPreparer(lowbit.QATConfig()).prepare_for_qat(compiled)
+    with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module"):
+        lowbit.quantize_dynamic(lambda x: x)  # type: ignore[arg-type]

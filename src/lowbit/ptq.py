@@ -33,6 +33,7 @@ from lowbit.modules import (
 from lowbit.traverse import (
     Fusions,
     LayerPlan,
+    check_eager_model,
     find_fusions,
     fold_batchnorm,
     fusable_maxpool,
@@ -211,9 +212,7 @@ class PTQQuantizer(Quantizer):
             ValueError: NaN/Inf weights (the layer is named), empty calibration data for static
                 layers, or an unsupported combination refused at planning time.
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"quantize(model=...) expects a torch.nn.Module, got "
-                            f"{type(model).__name__}")
+        check_eager_model(model, "quantize")
         cfg = config or self.config or QuantizationConfig.int8_dynamic()
         do_inplace = self.inplace if inplace is None else inplace
         qmodel = model if do_inplace else copy.deepcopy(model)

@@ -63,6 +63,7 @@ from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
 from lowbit.traverse import (
     WEIGHTED_LAYERS,
+    check_eager_model,
     find_fusions,
     fold_bn_weights,
     plan_layers,
@@ -414,9 +415,7 @@ class QATPreparer:
             TypeError: when ``model`` is not an ``nn.Module``.
             ValueError: NaN/Inf weights or an unsupported spec (the layer is named).
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"prepare_for_qat(model=...) expects an nn.Module, got "
-                            f"{type(model).__name__}")
+        check_eager_model(model, "prepare_for_qat")
         qat = _copy_model(model)
         fusions = find_fusions(qat)
         plans = plan_layers(qat, self.config.quantization, None, fusions)

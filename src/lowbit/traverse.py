@@ -27,6 +27,7 @@ __all__ = [
     "WEIGHTED_LAYERS",
     "Fusions",
     "LayerPlan",
+    "check_eager_model",
     "find_fusions",
     "fold_batchnorm",
     "fold_bn_weights",
@@ -404,3 +405,23 @@ def relu_modules_to_remove(fusions: Fusions, fused_layers: set[str]) -> set[str]
             out.add(relu)
     return out
 
+
+def check_eager_model(model: object, caller: str) -> None:
+    """Refuse what lowbit cannot quantize before touching it: non-modules, and TorchScript
+    (scripted or traced) models, whose layers are compiled code that a quantized module cannot
+    replace (lowbit would return them unchanged).
+
+    Example:
+        >>> check_eager_model(nn.Linear(2, 2), "quantize")
+        >>> check_eager_model(torch.jit.script(nn.Linear(2, 2)), "quantize")
+        Traceback (most recent call last):
+        ...
+        TypeError: quantize: the model is a TorchScript module (RecursiveScriptModule); ...
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{caller}: the model is a TorchScript module ({type(model).__name__}); "
+                        "quantize the eager nn.Module first, then script or trace the quantized "
+                        "model")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}(model=...) expects a torch.nn.Module, got "
+                        f"{type(model).__name__}")
