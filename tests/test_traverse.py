@@ -189,3 +189,26 @@ def test_torchscript_models_are_refused_with_a_message() -> None:
             lowbit.QATPreparer(lowbit.QATConfig()).prepare_for_qat(compiled)
     with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module"):
         lowbit.quantize_dynamic(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_names_that_match_no_layer_warn_with_the_closest_names() -> None:
+    """A typo in skip_layers / layer_overrides / a fallback would quantize the layer the user
+    meant to keep: each unmatched name warns and suggests the real ones; matches stay quiet."""
+    model = nn.Sequential()
+    model.add_module("features", nn.Linear(4, 4))
+    model.add_module("classifier", nn.Linear(4, 2))
+    cfg = QuantizationConfig(skip_layers=("clasifier",), layer_overrides={"feature*": None,
+                                                                          "head": None})
+    with pytest.warns(UserWarning) as record:
+        plan_layers(model, cfg, fallback={"featres"})
+    messages = [str(w.message) for w in record]
+    assert any("skip_layers: 'clasifier' matches no layer" in m and "'classifier'" in m
+               for m in messages)
+    assert any("layer_overrides: 'head' matches no layer" in m for m in messages)
+    assert any("set_per_layer_fallback: 'featres'" in m and "'features'" in m for m in messages)
+    assert not any("feature*" in m for m in messages)  # a glob that matches is quiet
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan_layers(model, QuantizationConfig(skip_layers=("classifier",)))

@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -367,7 +370,24 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg),
                                 fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name),
                                 fused_gelu=fusions.gelu_after.get(name))
+    _warn_unmatched(model, config, fallback)
     return plans
+
+
+def _warn_unmatched(model: nn.Module, config: QuantizationConfig, fallback: set[str]) -> None:
+    """Warn about skip / override / fallback names that match no module: a typo would otherwise
+    quantize the layer the user meant to keep, without a word. Names the closest real ones."""
+    names = [n for n, _ in model.named_modules() if n]
+    for source, patterns in (("skip_layers", tuple(config.skip_layers)),
+                             ("layer_overrides", tuple(config.layer_overrides)),
+                             ("set_per_layer_fallback", tuple(sorted(fallback)))):
+        for pattern in patterns:
+            if any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names):
+                continue
+            close = difflib.get_close_matches(pattern, names, n=3)
+            hint = f"; the closest layer names are {close}" if close else ""
+            warnings.warn(f"{source}: {pattern!r} matches no layer of the model, so it has no "
+                          f"effect{hint}", stacklevel=4)
 
 
 def _plan_alias(plans: dict[str, LayerPlan], alias: str, first: str) -> None:
