@@ -504,3 +504,26 @@ def test_int8_weight_only_k_not_multiple_of_8_uses_packed_kernel() -> None:
         x = torch.randn(m, 67)
         assert _cos(q(x), ref(x)) > 0.9999
     assert set(q.state_dict()) == {"weight", "weight_scale", "weight_zero_point", "bias"}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "int4"])
+def test_kernel_caches_follow_in_place_weight_changes(kind: str) -> None:
+    """``layer.weight.zero_()`` on a quantized layer changes its output at once (a conv's im2col
+    / codes caches, the packed GEMM weights and the column sums all derive from the weight)."""
+    torch.manual_seed(4)
+    if kind == "conv":
+        float_layer, x = nn.Conv2d(8, 16, 3), torch.randn(2, 8, 12, 12)
+        cfg = DYN
+    else:
+        float_layer, x = nn.Linear(64, 32), torch.randn(5, 64)
+        cfg = DYN if kind == "linear" else QuantizationConfig.int4_weight_only(32)
+    q = convert_module(float_layer, cfg)
+    before = q(x)
+    with torch.no_grad():
+        q.weight.zero_()  # int8 codes 0; int4: both nibbles 0, the code 0
+        if kind == "int4":
+            q.weight_zero_point.zero_()  # (read again with the weight's caches)
+    after = q(x)
+    assert not torch.equal(before, after)
+    bias = q.bias.reshape(1, -1, *([1] * (x.dim() - 2)))
+    torch.testing.assert_close(after, bias.expand_as(after), rtol=0, atol=1e-6)

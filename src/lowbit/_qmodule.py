@@ -278,11 +278,18 @@ class QuantizedModuleBase(nn.Module):
         has no useful gradient, so ``forward`` never records a graph (the in-place kernels
         could not be differentiated) and its output does not require grad, even when ``x``
         does. Float layers after it still get gradients; ``lowbit.lora`` wraps its frozen base
-        in its own autograd Function to pass gradients through.
+        in its own autograd Function to pass gradients through. A weight changed in place since
+        the last call (its version counter moved) rebuilds the kernel caches first.
         """
         if x.dim() == 0 or x.shape[dim] != expected:
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
+        w = self._buffers.get("weight")
+        if w is not None and not w.is_inference():
+            key = (w._version, w.data_ptr())
+            if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
+                self._refresh_cache()  # the kernel caches derive from it
+                self.__dict__["_weight_key"] = key
         return x.detach()
 
     def _shape_meta(self) -> dict[str, Any]:
