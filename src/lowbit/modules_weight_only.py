@@ -238,20 +238,19 @@ class _WeightOnlyLinear(_WeightOnly):
         kernel = self._select_packed(x2.shape[0])
         if (kernel.startswith("u4_") and self._u4 is not None
                 and (lib := load_gemm(kernel[3:])) is not None and x2.device.type == "cpu"):
-            y = run_u4_linear(lib, x2.float(), self._u4, self.bias, self.fused_relu)
-            return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
-        if kernel.startswith("u4_"):
-            kernel = self._select_packed(U4_NATIVE_MAX_M + 1)
-        if kernel == "dequant_fp32":  # the weight dequantized in one C pass (when available)
-            y = F.linear(x2.float(), self.dequantize_weight(), self.bias)
-            y = self._act(y, self.fused_relu)
-            return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
-        if self.kp > self.k:
-            x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
-        y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias, packed=self._packed,
-                               scales=self._scales, group_size=self._group(),
-                               out_features=self.n)  # (M, N) float32
-        y = self._act(y, self.fused_relu)
+            y = run_u4_linear(lib, x2.float(), self._u4, self.bias, self.fused_relu)  # (M, N)
+        else:
+            if kernel.startswith("u4_"):
+                kernel = self._select_packed(U4_NATIVE_MAX_M + 1)
+            if kernel == "dequant_fp32":  # the weight dequantized in one C pass (if available)
+                y = F.linear(x2.float(), self.dequantize_weight(), self.bias)
+            else:
+                if self.kp > self.k:
+                    x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
+                y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias,
+                                       packed=self._packed, scales=self._scales,
+                                       group_size=self._group(), out_features=self.n)
+            y = self._act(y, self.fused_relu)  # (M, N) float32
         return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
 
     def _group(self) -> int:

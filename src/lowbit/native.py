@@ -86,45 +86,46 @@ _GEMM_SIGNATURES = {
                              _INT, _P, _I64, _INT]),
 }
 #: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
-#: the /proc/cpuinfo flags it needs).
+#: the /proc/cpuinfo flags it needs; VNNI is read by ``lowbit.kernels.cpu_features``).
 ISA_PATHS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
-    "avx512_vnni": (None, (), ("avx512_vnni",)),
+    "avx512_vnni": (None, (), ()),
     "avx2": ("lowbit_gemm_avx2.c", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
     "portable": ("lowbit_gemm_portable.c", (), ()),
     "torch": (None, (), ()),
 }
-_VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 _gemm: dict[str, Any] = {}  # isa -> (CDLL or None, reason)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return set(next((ln for ln in fh if ln.startswith("flags")), "").split())
-    except OSError:
-        return set()
+def _no_c_reason() -> str | None:
+    """Why no C library can be built here (disabled, no compiler), or None."""
+    if os.environ.get("LOWBIT_NATIVE", "1") == "0":
+        return "disabled by LOWBIT_NATIVE=0"
+    return "no C compiler found (set CC)" if _compiler() is None else None
+
+
+def _open(path: Path, signatures: dict[str, tuple[Any, list[Any]]]) -> ctypes.CDLL:
+    """The library at ``path`` with the ctypes signatures of its entry points set."""
+    lib = ctypes.CDLL(str(path))
+    for name, (res, args) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
 
 
 def _isa_missing(isa: str) -> str | None:
     """Why an ISA path cannot run here, or None when it can (the library is not built)."""
     source, _, needs = ISA_PATHS[isa]
-    flags = _cpu_flags()
     if isa == "avx512_vnni":
-        cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or "ALL").upper()
-        if not flags & _VNNI_FLAGS:
-            return "the CPU has no VNNI (avx512_vnni / avx_vnni)"
-        if not any(t in cap for t in ("VNNI", "BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")):
-            return f"ONEDNN_MAX_CPU_ISA={cap} excludes VNNI"
+        from lowbit.kernels.select import cpu_features  # (it imports this module)
+
+        if "vnni" not in cpu_features():
+            return "the CPU has no VNNI (or ONEDNN_MAX_CPU_ISA excludes it)"
         return None if hasattr(torch, "_int_mm") else "this torch has no _int_mm"
+    flags = set(_cpu_key().split())
     missing = [f for f in needs if f not in flags]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    if source is not None:
-        if os.environ.get("LOWBIT_NATIVE", "1") == "0":
-            return "disabled by LOWBIT_NATIVE=0"
-        if _compiler() is None:
-            return "no C compiler found (set CC)"
-    return None
+    return None if source is None else _no_c_reason()
 
 
 def load_gemm(isa: str) -> ctypes.CDLL | None:
@@ -138,23 +139,20 @@ def load_gemm(isa: str) -> ctypes.CDLL | None:
     """
     if isa in _gemm:
         return _gemm[isa][0]
+    if isa not in ISA_PATHS or ISA_PATHS[isa][0] is None:
+        raise ValueError(f"load_gemm: {isa!r} is not a C ISA path; use one of "
+                         f"{[k for k, v in ISA_PATHS.items() if v[0] is not None]}")
     with _lock:
         if isa in _gemm:
             return _gemm[isa][0]
         source, flags, _ = ISA_PATHS[isa]
         lib, reason = None, _isa_missing(isa)
-        if source is None:
-            reason = reason or "PyTorch ops (no C library)"
-        elif reason is None:
+        if reason is None:
             try:
                 cc = _compiler()
                 assert cc is not None
-                path = _build(cc, _SOURCE.with_name(source), [*_ISA_BASE_FLAGS, *flags],
-                              cpu_specific=False)
-                lib = ctypes.CDLL(str(path))
-                for name, (res, args) in _GEMM_SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.restype, fn.argtypes = res, args
+                lib = _open(_build(cc, _SOURCE.with_name(source), [*_ISA_BASE_FLAGS, *flags],
+                                   cpu_specific=False), _GEMM_SIGNATURES)
                 reason = "loaded"
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, reason = None, f"build or load failed: {exc}"
@@ -311,18 +309,12 @@ def load_native() -> ctypes.CDLL | None:
     with _lock:
         if _state["tried"]:
             return _state["lib"]
-        lib, reason, path = None, "", None
-        if os.environ.get("LOWBIT_NATIVE", "1") == "0":
-            reason = "disabled by LOWBIT_NATIVE=0"
-        elif (cc := _compiler()) is None:
-            reason = "no C compiler found (set CC)"
-        else:
+        lib, path = None, None
+        reason = _no_c_reason() or ""
+        if not reason:
             try:
-                path = _build(cc)
-                lib = ctypes.CDLL(str(path))
-                for name, (res, args) in _SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.restype, fn.argtypes = res, args
+                path = _build(_compiler())  # type: ignore[arg-type]
+                lib = _open(path, _SIGNATURES)
                 lib.lb_set_addcmul_fma(int(addcmul_fma()))
                 reason = "loaded"
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:

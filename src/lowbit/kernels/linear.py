@@ -195,8 +195,7 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
     if kernel.startswith("s8_"):
         packed = (lib8 := load_gemm(kernel[3:])) and s8_packed(w, lib8)
         if packed is not None:  # quantize, GEMM and epilogue in one call of this ISA's C
-            out = (pooled_empty((m, n), x.dtype) if m * n * x.element_size() >= 1 << 20
-                   else torch.empty((m, n), dtype=x.dtype))
+            out = pooled_empty((m, n), x.dtype)  # (from the pool when large)
             dynamic = scale is None
             s = torch.empty((m, 1) if per_token else ()) if dynamic else scale
             _s8_call(lib8, x, int(bf16), s, dynamic and per_token, dynamic, zero_point, qmin,
