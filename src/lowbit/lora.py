@@ -189,10 +189,12 @@ def add_lora(qmodel: nn.Module, r: int = 8, alpha: float = 16.0,
 
     Args:
         qmodel: a model quantized by lowbit (a quantized linear layer on its own works too).
-        r, alpha, dropout: adapter rank, scaling numerator and input dropout.
+        r: adapter rank.
+        alpha: scaling numerator (the adapter output is scaled by ``alpha / r``).
         target_modules: glob patterns (``fnmatch``) over qualified layer names; a quantized
             linear layer matching any of them gets an adapter (one adapter for a layer shared
             under several names).
+        dropout: dropout probability on the adapter's input.
         inplace: modify ``qmodel`` instead of a deep copy.
 
     Returns:
