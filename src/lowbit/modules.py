@@ -175,13 +175,16 @@ class QuantizedLinear(_Int8Base):
     ``torch._int_mm`` (see ``lowbit.kernels``). Float in, float out (input dtype preserved).
 
     Args:
-        in_features, out_features, has_bias: shapes.
+        in_features: input features.
+        out_features: output features.
+        has_bias: whether the layer has a bias.
         weight_spec: signed per-channel (axis 0) or per-tensor spec of at most 8 bits,
             symmetric or affine (a weight zero-point costs one row sum per call).
         act_spec: activation spec (at most 8 bits, signed or unsigned; per_token or
             per_tensor).
         mode: ``"dynamic"`` or ``"static"``.
-        backend, name, fused_relu, orig_dtype, meta_extra: see :meth:`from_float`.
+        **kw: ``backend``, ``name``, ``fused_relu``, ``orig_dtype``, ``meta_extra``; see
+            :meth:`from_float`.
 
     Example:
         >>> fc = nn.Linear(16, 8)
