@@ -206,7 +206,8 @@ class QuantizedModuleBase(nn.Module):
 
     Subclasses hold plain buffers, implement ``_refresh_cache()`` (non-persistent kernel caches)
     and ``_shape_meta()``; ``meta()`` adds the common fields. Every ``forward`` starts with
-    ``x = self._input(x, ...)``: inputs that require grad are detached (inference modules).
+    ``x = self._input(x, ...)``, after handing inputs that require grad to
+    ``lowbit.qgrad.frozen_forward`` (gradient to the input through the dequantized weight).
     """
 
     def __init__(self, *, backend: str = "auto", name: str = "", fused_relu: bool = False,
@@ -276,9 +277,10 @@ class QuantizedModuleBase(nn.Module):
 
         Quantized modules are inference modules: their buffers are not parameters and rounding
         has no useful gradient, so ``forward`` never records a graph (the in-place kernels
-        could not be differentiated) and its output does not require grad, even when ``x``
-        does. Float layers after it still get gradients; ``lowbit.lora`` wraps its frozen base
-        in its own autograd Function to pass gradients through. A weight changed in place since
+        could not be differentiated). An input that requires grad (under grad mode) never
+        gets here: ``forward`` hands it to ``lowbit.qgrad.frozen_forward``, which runs this
+        same path inside an autograd Function whose backward uses the dequantized weight. A
+        weight changed in place since
         the last call (its version counter moved) rebuilds the kernel caches first.
         """
         if x.dim() == 0 or x.shape[dim] != expected:

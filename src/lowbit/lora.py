@@ -6,10 +6,12 @@
 
     y = base(x) + dropout(x) @ lora_A.T @ lora_B.T * (alpha / r)
 
-The base keeps its integer codes and runs its integer kernel; its backward pass uses the
-dequantized weight (``grad_x = grad_y @ W_hat``, as QLoRA does), so gradients reach adapters of
-earlier layers. ``lora_B`` starts at zero: a fresh adapter does not change the model's output.
-There is no ``merge``: the base is integer, folding a float update into it would re-quantize it.
+The base keeps its integer codes and runs its integer kernel; every quantized layer (with or
+without an adapter) passes the gradient to its input through its dequantized weight
+(:mod:`lowbit.qgrad`, as QLoRA does), so adapters train wherever they sit. ``lora_B`` starts at
+zero: a fresh adapter does not change the model's output. :func:`lowbit.merge_lora` folds
+adapters into their base; :func:`lowbit.save_adapters` / :func:`lowbit.load_adapters` store
+the adapters alone.
 ``lowbit.save`` / ``lowbit.load`` record the adapter configuration and rebuild the wrappers.
 """
 
@@ -31,25 +33,6 @@ __all__ = ["LORA_BASES", "LoRALinear", "add_lora", "lora_parameters", "mark_only
 
 #: Quantized layers :class:`LoRALinear` can wrap.
 LORA_BASES: tuple[type[nn.Module], ...] = (QuantizedLinear, Int4Linear, Int8WeightOnlyLinear)
-
-
-class _FrozenQuantizedLinear(torch.autograd.Function):
-    """``base(x)`` on the integer kernel; backward through the dequantized weight only."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, base: nn.Module) -> torch.Tensor:  # type: ignore[override]
-        return base(x)  # autograd is off inside Function.forward
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        ctx.base = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        weight = ctx.base.dequantize_weight()  # (N, K) float32
-        return (grad.float() @ weight).to(grad.dtype), None
 
 
 class LoRALinear(nn.Module):
@@ -110,7 +93,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + dropout(x) @ A.T @ B.T * scaling`` (then the ReLU / GELU fused into the
         base, if any)."""
-        y = _FrozenQuantizedLinear.apply(x, self.base)
+        y = self.base(x)  # differentiable w.r.t. x when x requires grad (lowbit.qgrad)
         update = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
         y = y + (update * self.scaling).to(y.dtype)
         if self.fused_gelu is not None:

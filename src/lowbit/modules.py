@@ -48,6 +48,7 @@ from lowbit.modules_weight_only import (
     WeightOnlyConv2d,
 )
 from lowbit.ops import choose_qparams, compute_range, dequantize
+from lowbit.qgrad import frozen_forward
 
 __all__ = [
     "QUANTIZABLE_TYPES",
@@ -253,6 +254,8 @@ class QuantizedLinear(_Int8Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
+        if torch.is_grad_enabled() and getattr(x, "requires_grad", False):
+            return frozen_forward(self, x)  # an adapter or float layer before it trains
         x = self._input(x, self.in_features)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         kernel = self._kernel(x2.shape[0], x2.device.type)
@@ -404,6 +407,8 @@ class QuantizedConv2d(_Int8Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
+        if torch.is_grad_enabled() and getattr(x, "requires_grad", False):
+            return frozen_forward(self, x)  # an adapter or float layer before it trains
         x = self._input(x, self.in_channels, dim=1)
         if self._conv_args is not None and x.dim() == 4 and x.dtype == torch.float32:
             y = self._forward_fused(x)

@@ -50,6 +50,7 @@ from lowbit.kernels import (
 )
 from lowbit.native import load_gemm, load_native
 from lowbit.ops import dequantize, pack_int4, unpack_int4
+from lowbit.qgrad import frozen_forward
 
 __all__ = ["Int4Linear", "Int8WeightOnlyLinear", "QuantizedEmbedding", "WeightOnlyConv1d",
            "WeightOnlyConv2d"]
@@ -227,6 +228,8 @@ class _WeightOnlyLinear(_WeightOnly):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float (..., K) -> float (..., N) in x's dtype."""
+        if torch.is_grad_enabled() and getattr(x, "requires_grad", False):
+            return frozen_forward(self, x)  # an adapter or float layer before it trains
         x = self._input(x, self.in_features)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if (x2.shape[0] <= self._small_max_m and x2.dtype == torch.float32
@@ -480,6 +483,8 @@ class WeightOnlyConv2d(_WeightOnly):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float conv with the dequantized weight; output in x's dtype."""
+        if torch.is_grad_enabled() and getattr(x, "requires_grad", False):
+            return frozen_forward(self, x)  # an adapter or float layer before it trains
         x = self._input(x, self.in_channels, dim=1)
         g = self.geometry
         if g["pre_pad"] is not None:
