@@ -1,0 +1,10 @@
+"""ONNX export of lowbit models and an ONNX Runtime module (see :mod:`lowbit.onnx_export`).
+
+``_ops``: export-only torch ops and their ONNX translations; ``_layers``: the quantized layers'
+export stand-ins; ``_export``: :func:`export_onnx`; ``_runtime``: :class:`OnnxRuntimeModule`.
+"""
+
+from lowbit.onnx._export import export_onnx
+from lowbit.onnx._runtime import OnnxRuntimeModule
+
+__all__ = ["OnnxRuntimeModule", "export_onnx"]

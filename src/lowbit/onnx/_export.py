@@ -1,0 +1,270 @@
+"""``export_onnx``: a lowbit model (dynamic, static or weight-only; float layers too) to ONNX.
+
+A copy of the model is made in which every quantized layer is its export stand-in
+(:mod:`lowbit.onnx._layers`); ``torch.onnx.export(dynamo=True)`` traces it with the batch axis
+dynamic and writes each quantized layer as the ONNX subgraph of :mod:`lowbit.onnx._ops`. Two
+passes on the ONNX graph follow: a static conv whose output reaches the next layer's
+``QuantizeLinear`` only through ReLU / max-pool / reshape gets that same Q/DQ pair right after
+it (quantization commutes with those ops, so the numbers do not change), which lets ONNX Runtime
+fuse the conv into ``QLinearConv``; and ``ir_version`` is set to one that ONNX Runtime reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_OPSET", "IR_VERSION", "export_onnx"]
+
+#: The ONNX opset written by default (the exporter's own; 18 to 21 work).
+DEFAULT_OPSET = 18
+
+#: ``ir_version`` written for opsets up to 22 (onnx >= 1.19 writes newer versions that
+#: ONNX Runtime releases before them refuse).
+IR_VERSION = 10
+
+#: Ops between a static conv and the next ``QuantizeLinear`` that quantization commutes with.
+_PASS_THROUGH = {"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze"}
+
+
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxscript") if not _importable(m)]
+    if missing:
+        raise ImportError(f"lowbit.export_onnx needs {missing}: pip install 'lowbit[onnx]' "
+                          "(onnx, onnxscript, onnxruntime)")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` from a tensor, a tuple / list of arguments or a dict of keywords."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword "
+                    f"arguments, got {type(example_inputs).__name__}")
+
+
+def _widen(t: Any, axes: Sequence[int]) -> Any:
+    """``t`` repeated to size 2 on each dynamic axis of size 1 (torch.export specializes
+    a size-1 dimension to the constant 1)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    for axis in axes:
+        if axis < t.dim() and t.shape[axis] == 1:
+            t = torch.cat([t, t], dim=axis)
+    return t
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any],
+                    axes: Sequence[int]) -> dict[str, Any] | tuple:
+    def spec(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return None
+        return {a: torch.export.Dim.AUTO for a in axes if a < t.dim()} or None
+
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    params = list(inspect.signature(model.forward).parameters)
+    if len(args) > len(params):
+        raise ValueError("export_onnx: pass example inputs either all by position or with "
+                         "keyword names that the model's forward declares")
+    return {**{params[i]: spec(a) for i, a in enumerate(args)},
+            **{k: spec(v) for k, v in kwargs.items()}}
+
+
+def _export_copy(qmodel: nn.Module) -> nn.Module:
+    """A copy of ``qmodel`` in eval mode with every quantized layer replaced by its export
+    stand-in (shared layers stay shared); ``qmodel`` itself is not touched."""
+    from lowbit.onnx._layers import export_layer
+
+    memo: dict[int, Any] = {}
+    for module in qmodel.modules():
+        if id(module) not in memo and (stand_in := export_layer(module)) is not None:
+            memo[id(module)] = stand_in
+    if isinstance(qmodel, nn.Module) and id(qmodel) in memo:
+        return memo[id(qmodel)].eval()
+    return copy.deepcopy(qmodel, memo).eval()
+
+
+def _requantize_conv_outputs(graph: Any) -> int:
+    """Insert ``QuantizeLinear -> DequantizeLinear`` after each QDQ ``Conv`` whose output
+    reaches one per-tensor ``QuantizeLinear`` only through :data:`_PASS_THROUGH` ops, with
+    that Q's scale and zero-point. Returns how many convs got one."""
+    import onnx
+
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    outputs = {o.name for o in graph.output}
+    scalar = {i.name for i in graph.initializer if len(i.dims) == 0}
+    scalar |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    done = 0
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or not all(
+                getattr(producers.get(i), "op_type", None) == "DequantizeLinear"
+                for i in conv.input[:2]):
+            continue
+        value, target = conv.output[0], None
+        while value not in outputs and len(consumers[value]) == 1:
+            user = consumers[value][0]
+            if user.op_type == "QuantizeLinear" and all(i in scalar for i in user.input[1:3]):
+                target = user
+                break
+            if user.op_type not in _PASS_THROUGH or user.input[0] != value:
+                break
+            value = user.output[0]
+        if target is None:
+            continue
+        out = conv.output[0]
+        q_out, dq_out = f"{out}_requant_q", f"{out}_requant"
+        for user in consumers[out]:
+            for j, name in enumerate(user.input):
+                if name == out:
+                    user.input[j] = dq_out
+        pos = list(graph.node).index(conv) + 1
+        graph.node.insert(pos, onnx.helper.make_node(
+            "QuantizeLinear", [out, *target.input[1:3]], [q_out], name=f"{conv.name}_requant_q"))
+        graph.node.insert(pos + 1, onnx.helper.make_node(
+            "DequantizeLinear", [q_out, *target.input[1:3]], [dq_out],
+            name=f"{conv.name}_requant_dq"))
+        done += 1
+    return done
+
+
+def _check_dynamic(proto: Any, axes: Sequence[int], names: Sequence[str]) -> None:
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis in axes:
+            if axis < len(dims) and not dims[axis].dim_param:
+                raise ValueError(
+                    f"export_onnx: axis {axis} of input {value.name!r} came out fixed at "
+                    f"{dims[axis].dim_value}: the model ties it to a constant while tracing "
+                    "(e.g. a reshape with a hard-coded batch size); make the model use "
+                    "x.shape[...] there, or export with dynamic_axes=() for fixed shapes")
+    del names
+
+
+def _output_spec(program: Any) -> str | None:
+    """The model's output structure (pytree spec as JSON) when it can be written."""
+    from torch.utils import _pytree
+
+    try:
+        return _pytree.treespec_dumps(program.exported_program.call_spec.out_spec)
+    except Exception:  # a custom output type without a serialized name: plain tuple
+        return None
+
+
+def _save_atomic(proto: Any, path: Path) -> None:
+    """Write ``proto`` to ``path`` through a temporary folder and ``os.replace``; models over
+    2 GB keep their weights in ``<path>.data`` next to it."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        large = proto.ByteSize() > 2**31 - 2**20
+        data = f"{path.name}.data"
+        onnx.save_model(proto, tmp / path.name, save_as_external_data=large, location=data)
+        if large:
+            os.replace(tmp / data, path.parent / data)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike | None,
+                opset: int = DEFAULT_OPSET, *, dynamic_axes: Sequence[int] = (0,)) -> Any:
+    """Export a lowbit model to ONNX that ONNX Runtime runs with integer kernels.
+
+    Quantized layers become standard ONNX: static INT8 as QDQ (``QuantizeLinear`` /
+    ``DequantizeLinear``, calibrated activation scale and zero-point, per-channel weights),
+    dynamic INT8 as lowbit's per-token (or per-tensor) quantization in standard ops followed
+    by ``MatMulInteger`` / ``ConvInteger`` and the float epilogue, INT4 / INT8 weight-only
+    linears as com.microsoft ``MatMulNBits``; float layers export as usual. Run the file with
+    :class:`lowbit.onnx_export.OnnxRuntimeModule` (or any ``onnxruntime.InferenceSession``).
+
+    Args:
+        qmodel: the model (quantized by lowbit, or partly, or not at all); not modified.
+        example_inputs: a tensor, a tuple of positional arguments, or a dict of keyword
+            arguments (e.g. a tokenizer's output); shapes only matter on fixed axes.
+        path: the ``.onnx`` file to write (atomically), or None to only return the model.
+        opset: the ONNX opset (18 to 21).
+        dynamic_axes: axes left symbolic in every tensor input (default: the batch axis;
+            ``(0, 1)`` for batch and sequence length).
+
+    Returns:
+        The ``onnx.ModelProto`` (checked with ``onnx.checker``).
+
+    Raises:
+        ImportError: onnx / onnxscript missing. ValueError: a bad ``opset`` or an axis the
+            model fixes while tracing. TypeError: ``example_inputs`` of another kind.
+
+    Example:
+        >>> import lowbit, onnx
+        >>> qmodel = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(16, 8), nn.ReLU()))
+        >>> proto = export_onnx(qmodel, torch.randn(4, 16), None)
+        >>> sorted({n.op_type for n in proto.graph.node} & {"MatMulInteger", "Relu"})
+        ['MatMulInteger', 'Relu']
+    """
+    _require_onnx()
+    import onnx
+
+    from lowbit.onnx._ops import TRANSLATIONS
+
+    if not isinstance(opset, int) or not 18 <= opset <= 21:
+        raise ValueError(f"export_onnx: opset={opset!r} must be an integer from 18 to 21 "
+                         "(lowbit's subgraphs use opset-18 operators)")
+    axes = sorted({int(a) for a in dynamic_axes})
+    args, kwargs = _split_inputs(example_inputs)
+    model = _export_copy(qmodel)
+    args = tuple(_widen(a, axes) for a in args)
+    kwargs = {k: _widen(v, axes) for k, v in kwargs.items()}
+    shapes = _dynamic_shapes(model, args, kwargs, axes)
+    log = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                dynamic_shapes=shapes, custom_translation_table=TRANSLATIONS, verbose=False,
+                optimize=True, external_data=False)
+        except Exception as exc:
+            raise RuntimeError(f"export_onnx: torch.onnx.export failed: {exc}\n"
+                               f"exporter log:\n{log.getvalue()[-4000:]}") from exc
+    proto = program.model_proto
+    _requantize_conv_outputs(proto.graph)
+    proto.ir_version = IR_VERSION
+    _check_dynamic(proto, axes, [i.name for i in proto.graph.input])
+    meta = {"lowbit.producer": "lowbit.export_onnx",
+            "lowbit.inputs": json.dumps([i.name for i in proto.graph.input])}
+    if (spec := _output_spec(program)) is not None:
+        meta["lowbit.output_spec"] = spec
+    onnx.helper.set_model_props(proto, meta)
+    onnx.checker.check_model(proto)
+    if path is not None:
+        _save_atomic(proto, Path(path))
+    return proto

@@ -1,0 +1,278 @@
+"""Export stand-ins for lowbit's quantized layers: the same maths, laid out for ONNX.
+
+:func:`export_layer` reads a quantized module's buffers (never changing them) and returns a
+small module whose ``forward`` calls one op of :mod:`lowbit.onnx._ops` on tensors already in
+the ONNX layout (uint8 codes ``w + 128`` for the exact u8 x u8 integer kernels, ``[K, N]``
+weights for ``MatMulInteger``, packed nibbles for ``MatMulNBits``, int32 bias for QDQ) and
+runs the parts torch exports as-is (reshapes, padding, fused ReLU / GELU / max-pool) in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.modules import (
+    Int4Linear,
+    Int8WeightOnlyLinear,
+    QuantizedConv1d,
+    QuantizedConv2d,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    WeightOnlyConv1d,
+    WeightOnlyConv2d,
+)
+from lowbit.onnx import _ops  # noqa: F401  (registers torch.ops.lowbit_export)
+from lowbit.ops import unpack_int4
+
+__all__ = ["export_layer"]
+
+_INT32_MAX = 2**31 - 1
+
+
+def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A per-tensor / per-row / per-group qparam as ``[N, groups]``."""
+    t = t.detach()
+    return t.reshape(1, 1).expand(n, 1) if t.dim() == 0 else t.reshape(n, -1)
+
+
+def _u8(codes: torch.Tensor) -> torch.Tensor:
+    """Signed codes shifted into uint8 (``q + 128``); uint8 codes unchanged."""
+    if codes.dtype == torch.uint8:
+        return codes.clone()
+    return (codes.to(torch.int16) + 128).to(torch.uint8)
+
+
+class _Epilogue(nn.Module):
+    """Fused ReLU / GELU / max-pool of a quantized layer, run in torch (exported as is)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.relu = bool(getattr(layer, "fused_relu", False))
+        self.gelu = getattr(layer, "fused_gelu", None)
+        self.pool = int(getattr(layer, "geometry", {}).get("fused_maxpool", 0) or 0)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            y = torch.relu(y)
+        if self.gelu is not None:
+            y = F.gelu(y, approximate=self.gelu)
+        if self.pool:
+            y = F.max_pool2d(y, self.pool)
+        return y
+
+
+class _Int8(nn.Module):
+    """Weights and activation parameters of an INT8 x INT8 layer, in ONNX layout."""
+
+    def __init__(self, layer: QuantizedLinear | QuantizedConv2d) -> None:
+        super().__init__()
+        self.post = _Epilogue(layer)
+        spec, self.mode = layer.act_spec, layer.mode
+        self.qmin, self.qmax, self.off = layer._qmin, layer._qmax, layer._act_off
+        self.spec_qmin, self.spec_qmax = spec.qmin, spec.qmax
+        self.symmetric, self.per_token = spec.symmetric, spec.granularity == "per_token"
+        w = layer.weight.detach()
+        n = w.shape[0]
+        w_scale = layer.weight_scale.detach().float().expand(n).contiguous()  # [N]
+        w_zp = layer.weight_zero_point.detach().to(torch.int32).expand(n).contiguous()
+        self.per_channel_zp = bool((w_zp != w_zp[0]).any())
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        if self.mode == "static":
+            self._static(layer, w, w_scale, w_zp)
+        else:
+            self.register_buffer("w", _u8(w))
+            self.register_buffer("w_zp", _u8(w_zp.to(torch.int8)))  # [N] uint8
+            colsum = w.reshape(n, -1).sum(1, dtype=torch.int32) - w[0].numel() * w_zp
+            self.register_buffer("colsum", colsum)  # sum_k (w - w_zp), for affine activations
+
+    def _static(self, layer: nn.Module, w: torch.Tensor, w_scale: torch.Tensor,
+                w_zp: torch.Tensor) -> None:
+        """Standard QDQ: uint8 activations (zero-point + 128), int8 per-channel weights and an
+        int32 bias at scale ``s_x * s_w`` (a float bias when that would overflow int32)."""
+        s_x = layer.input_scale.detach().float().reshape(())
+        zp = int(layer.input_zero_point) + self.off  # signed-equivalent
+        self.register_buffer("x_scale", s_x.clone())
+        self.register_buffer("x_zp", torch.tensor(zp + 128, dtype=torch.uint8))
+        bits = layer.act_spec.bits
+        self.x_range = [] if bits >= 8 else [float((self.qmin - zp) * s_x),
+                                             float((self.qmax - zp) * s_x)]
+        self.register_buffer("w", w.clone())
+        self.register_buffer("w_zp", w_zp.to(torch.int8))
+        self.register_buffer("bias_q", None)
+        self.register_buffer("bias_scale", None)
+        if self.bias is not None:
+            b_scale = (s_x * w_scale).float()  # [N]
+            b_q = torch.round(self.bias.double() / b_scale.double())
+            if bool(torch.isfinite(b_q).all()) and float(b_q.abs().max()) <= _INT32_MAX:
+                self.bias_q, self.bias_scale = b_q.to(torch.int32), b_scale
+                self.bias = None
+
+
+class ExportLinear(_Int8):
+    """:class:`~lowbit.modules.QuantizedLinear` for export (dynamic or static)."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__(layer)
+        self.k, self.n = layer.in_features, layer.out_features
+        if self.mode != "static":
+            self.w = self.w.t().contiguous()  # [K, N] for MatMulInteger
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.k).float()
+        if self.mode == "static":
+            y = torch.ops.lowbit_export.static_linear(
+                x2, self.x_scale, self.x_zp, self.x_range, self.w, self.w_scale, self.w_zp,
+                self.bias_q, self.bias_scale, self.bias)
+        else:
+            y = torch.ops.lowbit_export.dynamic_linear(
+                x2, self.w, self.w_zp, self.w_scale, self.bias, self.colsum, self.qmin,
+                self.qmax, self.spec_qmin, self.spec_qmax, self.off, self.per_token,
+                self.symmetric)
+        return self.post(y.reshape(*x.shape[:-1], self.n))
+
+
+class ExportConv(_Int8):
+    """:class:`~lowbit.modules.QuantizedConv2d` / ``QuantizedConv1d`` for export."""
+
+    def __init__(self, layer: QuantizedConv2d) -> None:
+        super().__init__(layer)
+        g = layer.geometry
+        self.pre_pad, self.pad_mode = g["pre_pad"], g["pad_mode"]
+        self.geo = (list(g["stride"]), list(g["padding"]), list(g["dilation"]), g["groups"])
+        self.in_channels = layer.in_channels
+        if self.mode != "static":
+            self.integer = not self.per_channel_zp  # ConvInteger takes one weight zero-point
+            if self.integer:
+                self.w_zp = self.w_zp[:1].reshape(()).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        if self.mode == "static":
+            y = torch.ops.lowbit_export.static_conv(
+                x, self.x_scale, self.x_zp, self.x_range, self.w, self.w_scale, self.w_zp,
+                self.bias_q, self.bias_scale, self.bias, *self.geo)
+        else:
+            y = torch.ops.lowbit_export.dynamic_conv(
+                x, self.w, self.w_zp, self.w_scale, self.bias, self.qmin, self.qmax,
+                self.spec_qmin, self.spec_qmax, self.off, self.symmetric, self.integer,
+                *self.geo)
+        return self.post(y)
+
+
+def _nbits_block(layer: Int4Linear | Int8WeightOnlyLinear) -> int | None:
+    """A MatMulNBits block size (a power of two >= 16) that splits every scale group evenly,
+    or None when there is none."""
+    spec = layer.eff_spec
+    if spec.granularity != "per_group" or spec.group_size >= layer.kp:
+        return 32  # one scale per row (or tensor): any block size, the scale repeated
+    group = spec.group_size
+    for block in (256, 128, 64, 32, 16):
+        if group % block == 0:
+            return block
+    return None
+
+
+class ExportNBits(nn.Module):
+    """Weight-only Linear as com.microsoft ``MatMulNBits`` (4 bits: packed nibbles; 8 bits:
+    bytes): unsigned codes ``q + 2^(bits-1)`` and zero-points shifted the same way, so
+    ``(q_u - zp_u) * scale`` equals lowbit's ``(q - zp) * scale``."""
+
+    def __init__(self, layer: Int4Linear | Int8WeightOnlyLinear, block: int) -> None:
+        super().__init__()
+        self.post = _Epilogue(layer)
+        self.k, self.n = layer.in_features, layer.out_features
+        self.bits = 4 if layer.packed else 8
+        self.block = block
+        shift = 2 ** (self.bits - 1) if layer.weight_spec.signed else 0
+        codes = layer.codes().to(torch.int16)[:, : self.k] + shift  # [N, K] unsigned
+        n, k = codes.shape
+        blocks = -(-k // block)
+        codes = F.pad(codes, (0, blocks * block - k)).to(torch.uint8)  # [N, blocks * block]
+        scale = _per_row(layer.weight_scale, n).float()  # [N, groups]
+        zp = _per_row(layer.weight_zero_point, n).to(torch.int16) + shift
+        reps = layer.eff_spec.group_size // block if scale.shape[1] > 1 else blocks
+        scale = scale.repeat_interleave(reps, 1)[:, :blocks]  # [N, blocks]
+        zp = zp.repeat_interleave(reps, 1)[:, :blocks].to(torch.uint8)
+        if self.bits == 4:
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)  # [N, blocks * block / 2]
+            zp = F.pad(zp, (0, blocks % 2))
+            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)  # [N, ceil(blocks / 2)]
+        self.register_buffer("b", codes.reshape(n, blocks, -1).contiguous())
+        self.register_buffer("scales", scale.reshape(-1).contiguous())
+        self.register_buffer("zp", zp.reshape(-1).contiguous())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.lowbit_export.matmul_nbits(x.reshape(-1, self.k).float(), self.b,
+                                                 self.scales, self.zp, self.bias, self.k,
+                                                 self.n, self.bits, self.block)
+        return self.post(y.reshape(*x.shape[:-1], self.n))
+
+
+class ExportDequant(nn.Module):
+    """Any other weight-only layer: integer codes dequantized by standard ONNX ops (which ONNX
+    Runtime folds into a float weight when the session starts), then the float op."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.post = _Epilogue(layer)
+        self.layer_type = type(layer)
+        codes = layer.codes()
+        if layer.packed:  # int8 codes: ONNX has no 4-bit Cast before opset 21
+            codes = codes.to(torch.int8) if layer.weight_spec.signed else codes
+        spec = layer.eff_spec
+        n = codes.shape[0]
+        group = spec.group_size if spec.granularity == "per_group" else codes.shape[1]
+        self.shape = (n, codes.shape[1] // group, group)
+        self.k = layer.k
+        self.register_buffer("codes", codes.reshape(self.shape).clone())
+        for name, t in (("scale", layer.weight_scale), ("zp", layer.weight_zero_point)):
+            t = _per_row(t, n).float().expand(n, self.shape[1]).unsqueeze(-1)  # [N, G, 1]
+            self.register_buffer(name, t.contiguous())
+        self.register_buffer("bias", getattr(layer, "bias", None))
+        self.wshape = getattr(layer, "wshape", None)
+        self.geometry = dict(getattr(layer, "geometry", {}))
+
+    def weight(self) -> torch.Tensor:
+        w = ((self.codes.float() - self.zp) * self.scale).reshape(self.shape[0], -1)
+        w = w[:, : self.k]
+        return w if self.wshape is None else w.reshape(self.wshape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if issubclass(self.layer_type, QuantizedEmbedding):
+            return F.embedding(x, self.weight())
+        if issubclass(self.layer_type, WeightOnlyConv2d):
+            g = self.geometry
+            if g["pre_pad"] is not None:
+                x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
+            conv = F.conv1d if issubclass(self.layer_type, WeightOnlyConv1d) else F.conv2d
+            y = conv(x, self.weight(), self.bias, g["stride"], g["padding"], g["dilation"],
+                     g["groups"])
+            return self.post(y)
+        return self.post(F.linear(x, self.weight(), self.bias))
+
+
+def export_layer(layer: nn.Module) -> nn.Module | None:
+    """The export stand-in of a lowbit quantized layer, or None for any other module.
+
+    Example:
+        >>> from lowbit import QuantizationConfig
+        >>> q = QuantizedLinear.from_float(nn.Linear(8, 4), QuantizationConfig.int8_dynamic())
+        >>> type(export_layer(q)).__name__, export_layer(nn.Linear(8, 4))
+        ('ExportLinear', None)
+    """
+    if isinstance(layer, QuantizedLinear):
+        return ExportLinear(layer)
+    if isinstance(layer, (QuantizedConv2d, QuantizedConv1d)):
+        return ExportConv(layer)
+    if isinstance(layer, (Int4Linear, Int8WeightOnlyLinear)):
+        block = _nbits_block(layer)
+        return ExportDequant(layer) if block is None else ExportNBits(layer, block)
+    if isinstance(layer, (QuantizedEmbedding, WeightOnlyConv2d)):
+        return ExportDequant(layer)
+    return None

@@ -1,0 +1,250 @@
+"""Export-only PyTorch ops (``torch.ops.lowbit_export.*``) and their ONNX translations.
+
+:mod:`lowbit.onnx._layers` swaps each quantized layer for a module that calls one of these ops on
+tensors already laid out for ONNX (e.g. uint8 codes ``w + 128``). ``torch.export`` sees only the
+op's fake implementation (shapes); ``torch.onnx.export`` then calls the translation below, which
+writes the standard ONNX subgraph:
+
+* ``dynamic_linear``: per-token (or per-tensor) activation quantization with standard ops, then
+  ``MatMulInteger`` (uint8 x uint8: exact int32 sums on every CPU, where ONNX Runtime's u8 x s8
+  kernels saturate int16 pairs on AVX2 without VNNI) and the float epilogue
+  ``acc * s_w * s_x + bias``, the formula of lowbit's own kernels.
+* ``static_linear`` / ``static_conv``: QDQ (``QuantizeLinear`` / ``DequantizeLinear`` with the
+  calibrated scale and zero-point, per-channel weights, int32 bias) that ONNX Runtime fuses into
+  ``QGemm`` / ``QLinearConv``.
+* ``dynamic_conv``: the activation quantized per tensor, ``ConvInteger`` and the float epilogue.
+* ``matmul_nbits``: com.microsoft ``MatMulNBits`` (INT4 / INT8 weight-only).
+
+The eager implementations exist only so the ops are complete; they raise (they never run:
+``torch.export`` traces with fake tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+__all__ = ["TRANSLATIONS"]
+
+_MS = Opset("com.microsoft", 1)
+_EPS = float(torch.finfo(torch.float32).eps)
+_FLOAT, _UINT8, _INT32 = 1, 2, 6  # onnx.TensorProto data types
+
+
+def _export_only(name: str) -> RuntimeError:
+    return RuntimeError(f"torch.ops.lowbit_export.{name} only exists to be exported to ONNX "
+                        "(lowbit.export_onnx); run the quantized model itself instead")
+
+
+# ---------------------------------------------------------------------------------- ops
+@torch.library.custom_op("lowbit_export::dynamic_linear", mutates_args=())
+def dynamic_linear(x: torch.Tensor, w: torch.Tensor, w_zp: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, colsum: torch.Tensor, qmin: int, qmax: int,
+                   spec_qmin: int, spec_qmax: int, off: int, per_token: bool,
+                   symmetric: bool) -> torch.Tensor:
+    """``x [M, K]`` float, ``w [K, N]`` uint8 codes + 128 -> float ``[M, N]``."""
+    raise _export_only("dynamic_linear")
+
+
+@dynamic_linear.register_fake
+def _(x, w, w_zp, w_scale, bias, colsum, qmin, qmax, spec_qmin, spec_qmax, off, per_token,
+      symmetric):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("lowbit_export::static_linear", mutates_args=())
+def static_linear(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor,
+                  x_range: Sequence[float], w: torch.Tensor, w_scale: torch.Tensor,
+                  w_zp: torch.Tensor, bias_q: torch.Tensor | None,
+                  bias_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x [M, K]`` float, ``w [N, K]`` codes -> float ``[M, N]`` (QDQ + Gemm)."""
+    raise _export_only("static_linear")
+
+
+@static_linear.register_fake
+def _(x, x_scale, x_zp, x_range, w, w_scale, w_zp, bias_q, bias_scale, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _conv_out(x: torch.Tensor, w: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+              dilation: Sequence[int]) -> torch.Tensor:
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in zip(
+        x.shape[2:], w.shape[2:], stride, padding, dilation, strict=True)]
+    return x.new_empty(x.shape[0], w.shape[0], *spatial)
+
+
+@torch.library.custom_op("lowbit_export::static_conv", mutates_args=())
+def static_conv(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor,
+                x_range: Sequence[float], w: torch.Tensor, w_scale: torch.Tensor,
+                w_zp: torch.Tensor, bias_q: torch.Tensor | None, bias_scale: torch.Tensor | None,
+                bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``x [B, C, *S]`` float, ``w [O, C/groups, *k]`` codes -> float (QDQ + Conv)."""
+    raise _export_only("static_conv")
+
+
+@static_conv.register_fake
+def _(x, x_scale, x_zp, x_range, w, w_scale, w_zp, bias_q, bias_scale, bias, stride, padding,
+      dilation, groups):
+    return _conv_out(x, w, stride, padding, dilation)
+
+
+@torch.library.custom_op("lowbit_export::dynamic_conv", mutates_args=())
+def dynamic_conv(x: torch.Tensor, w: torch.Tensor, w_zp: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, qmin: int, qmax: int, spec_qmin: int,
+                 spec_qmax: int, off: int, symmetric: bool, integer: bool,
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                 groups: int) -> torch.Tensor:
+    """``x [B, C, *S]`` float, ``w`` uint8 codes + 128 -> float (per-tensor dynamic)."""
+    raise _export_only("dynamic_conv")
+
+
+@dynamic_conv.register_fake
+def _(x, w, w_zp, w_scale, bias, qmin, qmax, spec_qmin, spec_qmax, off, symmetric, integer,
+      stride, padding, dilation, groups):
+    return _conv_out(x, w, stride, padding, dilation)
+
+
+@torch.library.custom_op("lowbit_export::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor,
+                 bias: torch.Tensor | None, k: int, n: int, bits: int,
+                 block_size: int) -> torch.Tensor:
+    """``x [M, K]`` float -> float ``[M, N]`` (com.microsoft MatMulNBits)."""
+    raise _export_only("matmul_nbits")
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zp, bias, k, n, bits, block_size):
+    return x.new_empty(x.shape[0], n)
+
+
+# --------------------------------------------------------------------------- translations
+def _ints(values: Sequence[int]) -> object:
+    return op.Constant(value_ints=list(values))
+
+
+def _quantize_dynamic(x, per_token: bool, symmetric: bool, qmin: int, qmax: int,
+                      spec_qmin: int, spec_qmax: int, off: int):
+    """uint8 codes ``q + 128`` of float ``x`` with lowbit's dynamic qparams.
+
+    Returns ``(codes uint8 like x, scale [M, 1] or [], zero_point)``: the zero-point is None for
+    symmetric activations (the codes then carry 128), else the float signed zero-point.
+    Symmetric: ``scale = max(max|x| / qmax, eps)`` and one ``QuantizeLinear`` (per row:
+    axis 0 with a ``[M]`` scale). Affine: lowbit's ``choose_qparams`` and
+    ``clamp(round(x * (1 / scale)) + zp, qmin, qmax)`` written out in standard ops.
+    """
+    axes = _ints([1]) if per_token else None
+    if symmetric:
+        amax = op.ReduceMax(op.Abs(x), axes, keepdims=0)  # [M] or []
+        scale = op.Max(op.Div(amax, op.Constant(value_float=float(qmax))),
+                       op.Constant(value_float=_EPS))
+        mid = op.Constant(value=_u8_scalar(128))
+        zp = op.Expand(mid, op.Shape(scale)) if per_token else mid
+        codes = op.QuantizeLinear(x, scale, zp, axis=0)
+        return codes, (op.Unsqueeze(scale, _ints([1])) if per_token else scale), None
+    zero = op.Constant(value_float=0.0)
+    lo = op.Min(op.ReduceMin(x, axes, keepdims=1), zero)
+    hi = op.Max(op.ReduceMax(x, axes, keepdims=1), zero)
+    scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=float(spec_qmax - spec_qmin))),
+                   op.Constant(value_float=_EPS))
+    zp = op.Clip(op.Sub(op.Constant(value_float=float(spec_qmin)), op.Round(op.Div(lo, scale))),
+                 op.Constant(value_float=float(spec_qmin)),
+                 op.Constant(value_float=float(spec_qmax)))
+    zp = op.Add(zp, op.Constant(value_float=float(off)))  # signed-equivalent zero-point
+    q = op.Clip(op.Add(op.Round(op.Mul(x, op.Reciprocal(scale))), zp),
+                op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
+    codes = op.Cast(op.Add(q, op.Constant(value_float=128.0)), to=_UINT8)
+    if not per_token:
+        scale, zp = op.Reshape(scale, _ints([])), op.Reshape(zp, _ints([]))
+    return codes, scale, zp
+
+
+def _u8_scalar(value: int):
+    import onnx
+
+    return onnx.helper.make_tensor("value", _UINT8, [], [value])
+
+
+def _dynamic_linear(x, w, w_zp, w_scale, bias, colsum, qmin: int, qmax: int, spec_qmin: int,
+                    spec_qmax: int, off: int, per_token: bool, symmetric: bool):
+    codes, scale, zp = _quantize_dynamic(x, per_token, symmetric, qmin, qmax, spec_qmin,
+                                         spec_qmax, off)
+    acc = op.MatMulInteger(codes, w, op.Constant(value=_u8_scalar(128)), w_zp)  # [M, N] int32
+    if zp is not None:  # sum_k (q - zp)(w - w_zp) = acc - zp * colsum
+        acc = op.Sub(acc, op.Mul(op.Cast(zp, to=_INT32), colsum))
+    y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), w_scale), scale)
+    return y if bias is None else op.Add(y, bias)
+
+
+def _qdq_input(x, x_scale, x_zp, x_range: Sequence[float]):
+    if x_range:  # fewer than 8 bits: clamp to the codes' float range first (lowbit's clamp)
+        x = op.Clip(x, op.Constant(value_float=float(x_range[0])),
+                    op.Constant(value_float=float(x_range[1])))
+    return op.DequantizeLinear(op.QuantizeLinear(x, x_scale, x_zp), x_scale, x_zp)
+
+
+def _bias(bias_q, bias_scale, bias):
+    if bias_q is not None:
+        return op.DequantizeLinear(bias_q, bias_scale, axis=0)
+    return bias
+
+
+def _static_linear(x, x_scale, x_zp, x_range: Sequence[float], w, w_scale, w_zp, bias_q,
+                   bias_scale, bias):
+    xd = _qdq_input(x, x_scale, x_zp, x_range)
+    wd = op.DequantizeLinear(w, w_scale, w_zp, axis=0)
+    b = _bias(bias_q, bias_scale, bias)
+    return op.Gemm(xd, wd, transB=1) if b is None else op.Gemm(xd, wd, b, transB=1)
+
+
+def _conv_attrs(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                groups: int) -> dict:
+    return {"strides": list(stride), "pads": list(padding) * 2, "dilations": list(dilation),
+            "group": groups}
+
+
+def _static_conv(x, x_scale, x_zp, x_range: Sequence[float], w, w_scale, w_zp, bias_q,
+                 bias_scale, bias, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], groups: int):
+    xd = _qdq_input(x, x_scale, x_zp, x_range)
+    wd = op.DequantizeLinear(w, w_scale, w_zp, axis=0)
+    b = _bias(bias_q, bias_scale, bias)
+    attrs = _conv_attrs(stride, padding, dilation, groups)
+    return op.Conv(xd, wd, **attrs) if b is None else op.Conv(xd, wd, b, **attrs)
+
+
+def _dynamic_conv(x, w, w_zp, w_scale, bias, qmin: int, qmax: int, spec_qmin: int,
+                  spec_qmax: int, off: int, symmetric: bool, integer: bool,
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                  groups: int):
+    codes, scale, zp = _quantize_dynamic(x, False, symmetric, qmin, qmax, spec_qmin, spec_qmax,
+                                         off)
+    zp_u8 = (op.Constant(value=_u8_scalar(128)) if zp is None
+             else op.Cast(op.Add(zp, op.Constant(value_float=128.0)), to=_UINT8))
+    attrs = _conv_attrs(stride, padding, dilation, groups)
+    bshape = _ints([-1] + [1] * len(stride))  # [O, 1, (1)]
+    if integer:  # ConvInteger pads with the zero-point: zero padding stays exact
+        acc = op.ConvInteger(codes, w, zp_u8, w_zp, **attrs)
+        y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), op.Reshape(w_scale, bshape)), scale)
+    else:  # per-channel weight zero-points: ConvInteger takes one; dequantize both sides
+        xd = op.DequantizeLinear(codes, scale, zp_u8)
+        y = op.Conv(xd, op.DequantizeLinear(w, w_scale, w_zp, axis=0), **attrs)
+    return y if bias is None else op.Add(y, op.Reshape(bias, bshape))
+
+
+def _matmul_nbits(x, b, scales, zp, bias, k: int, n: int, bits: int, block_size: int):
+    y = _MS.MatMulNBits(x, b, scales, zp, K=k, N=n, bits=bits, block_size=block_size)
+    return y if bias is None else op.Add(y, bias)
+
+
+#: ``custom_translation_table`` for ``torch.onnx.export``.
+TRANSLATIONS = {
+    torch.ops.lowbit_export.dynamic_linear.default: _dynamic_linear,
+    torch.ops.lowbit_export.static_linear.default: _static_linear,
+    torch.ops.lowbit_export.static_conv.default: _static_conv,
+    torch.ops.lowbit_export.dynamic_conv.default: _dynamic_conv,
+    torch.ops.lowbit_export.matmul_nbits.default: _matmul_nbits,
+}

@@ -1,0 +1,113 @@
+"""``OnnxRuntimeModule``: an exported model run by ONNX Runtime, called like the PyTorch one."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["OnnxRuntimeModule"]
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+          "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+          "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An ``onnxruntime.InferenceSession`` wrapped as an ``nn.Module``: tensors in, tensors out.
+
+    Positional arguments fill the graph inputs in order, keyword arguments by name (``None``
+    values are dropped, as PyTorch models ignore them); any batch size the graph's dynamic
+    axes allow. The outputs come back as CPU tensors in the model's own structure when
+    :func:`lowbit.export_onnx` could record it (e.g. a transformers ``ModelOutput``), else as
+    one tensor or a tuple.
+
+    Args:
+        path_or_model_proto: an ``.onnx`` file or an ``onnx.ModelProto``.
+        providers: ONNX Runtime execution providers (default: the CPU provider).
+        session_options: an ``onnxruntime.SessionOptions`` (threads, optimization level).
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+
+    Example:
+        >>> import lowbit
+        >>> qmodel = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(16, 8)))
+        >>> ort_model = OnnxRuntimeModule(lowbit.export_onnx(qmodel, torch.randn(2, 16), None))
+        >>> x = torch.randn(5, 16)
+        >>> ort_model(x).shape, bool((ort_model(x) - qmodel(x)).abs().max() < 1e-4)
+        (torch.Size([5, 8]), True)
+    """
+
+    def __init__(self, path_or_model_proto: str | os.PathLike | Any,
+                 providers: list[str] | None = None, *, session_options: Any = None) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError("OnnxRuntimeModule needs onnxruntime: pip install "
+                              "'lowbit[onnx]'") from exc
+        source = path_or_model_proto
+        if not isinstance(source, (str, os.PathLike)):
+            source = source.SerializeToString()
+        self.session = ort.InferenceSession(source, sess_options=session_options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self._types = {i.name: _NUMPY.get(i.type) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self._out_spec = _load_spec(meta.get("lowbit.output_spec"))
+
+    def _feeds(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+        if len(args) > len(self.input_names):
+            raise TypeError(f"OnnxRuntimeModule: {len(args)} positional inputs, but the graph "
+                            f"takes {len(self.input_names)}: {self.input_names}")
+        named = dict(zip(self.input_names, args, strict=False))
+        for key, value in kwargs.items():
+            if value is None:
+                continue
+            if key not in self.input_names:
+                raise TypeError(f"OnnxRuntimeModule: unknown input {key!r}; the graph takes "
+                                f"{self.input_names} (export with it to use it)")
+            if key in named:
+                raise TypeError(f"OnnxRuntimeModule: input {key!r} given twice")
+            named[key] = value
+        missing = [n for n in self.input_names if n not in named]
+        if missing:
+            raise TypeError(f"OnnxRuntimeModule: missing input(s) {missing}; the graph takes "
+                            f"{self.input_names}")
+        feeds = {}
+        for name, value in named.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            array = np.asarray(value)
+            dtype = self._types.get(name)
+            feeds[name] = np.ascontiguousarray(array if dtype is None else array.astype(
+                dtype, copy=False))
+        return feeds
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the session; see the class docstring for inputs and outputs."""
+        outs = [torch.from_numpy(o) for o in self.session.run(None, self._feeds(args, kwargs))]
+        if self._out_spec is not None:
+            from torch.utils import _pytree
+
+            return _pytree.tree_unflatten(outs, self._out_spec)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def extra_repr(self) -> str:
+        return f"inputs={self.input_names}, providers={self.session.get_providers()}"
+
+
+def _load_spec(text: str | None) -> Any:
+    if not text:
+        return None
+    from torch.utils import _pytree
+
+    try:
+        return _pytree.treespec_loads(text)
+    except Exception:  # the output type is not importable here: plain tuple
+        return None
