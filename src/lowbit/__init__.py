@@ -8,7 +8,7 @@ Example:
     (torch.int8, torch.Size([2, 16]))
 """
 
-from lowbit import ops
+from lowbit import backends, ops
 from lowbit.calibration import CalibrationRecord
 from lowbit.calibrators import (
     Calibrator,
@@ -124,6 +124,7 @@ __all__ = [
     "analyze_sensitivity",
     "auto_fallback",
     "available_calibrators",
+    "backends",
     "check_supported",
     "compare_models",
     "compare_outputs",

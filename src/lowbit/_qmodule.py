@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import _dispatch
 from lowbit.config import QuantSpec
 from lowbit.ops import choose_qparams, compute_range, quantize
 
@@ -208,14 +210,38 @@ class QuantizedModuleBase(nn.Module):
     and ``_shape_meta()``; ``meta()`` adds the common fields. Every ``forward`` starts with
     ``x = self._input(x, ...)``, after handing inputs that require grad to
     ``lowbit.qgrad.frozen_forward`` (gradient to the input through the dequantized weight).
+
+    A subclass's ``forward`` is kept as ``_forward_body`` and called by a thin ``forward`` that
+    first asks ``lowbit._dispatch.routed``: while compiling / exporting (the layer becomes the
+    custom op ``lowbit::quantized_layer``), in a ``lowbit.backends.use`` block, or on the
+    ``"torch"`` backend the call goes to ``lowbit._dispatch.route``; otherwise straight to the
+    body (eager cost: one check, ~0.2 us).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        body = cls.__dict__.get("forward")
+        if body is None:
+            return
+
+        @functools.wraps(body)
+        def forward(self: QuantizedModuleBase, x: torch.Tensor) -> torch.Tensor:
+            if _dispatch.routed(self):
+                return _dispatch.route(self, x)
+            return body(self, x)
+
+        cls._forward_body = body  # type: ignore[attr-defined]
+        cls.forward = forward  # type: ignore[method-assign]
 
     def __init__(self, *, backend: str = "auto", name: str = "", fused_relu: bool = False,
                  fused_gelu: str | None = None, orig_dtype: str = "float32",
                  meta_extra: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
+        if backend not in _dispatch.LAYER_BACKENDS:
+            raise ValueError(f"backend={backend!r} is unknown; use one of "
+                             f"{_dispatch.LAYER_BACKENDS} (lowbit.backends.set_backend takes "
+                             "the backend names)")
+        _dispatch._LIVE.add(self)
         self.backend = backend
         self.name = name
         self.fused_relu = bool(fused_relu)

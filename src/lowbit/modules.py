@@ -110,7 +110,7 @@ class _Int8Base(QuantizedModuleBase):
         static = self.mode == "static"
         scale = self.input_scale.float() if static else None
         zp = self._static_zero_point() if static else None
-        fusable = (self.backend != "reference" and self._w_zp is None
+        fusable = (self.backend == "auto" and self._w_zp is None
                    and (static or self.act_spec.symmetric)
                    and fused_linear_layout(self.weight, self._w_scale, self.bias, self._comp,
                                            scale, zp))
@@ -124,7 +124,7 @@ class _Int8Base(QuantizedModuleBase):
     def _quantize_input(self, x: torch.Tensor, per_token: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """int8 codes, scale and signed zero-point (None when 0) of the activations."""
-        native = self.backend != "reference"
+        native = self.backend == "auto"  # "reference" / "torch": no C
         if self.mode == "static":
             return quantize_activation(x, self._qmin, self._qmax, self.input_scale,
                                        self._static_zero_point(), native=native)

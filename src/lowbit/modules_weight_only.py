@@ -98,7 +98,7 @@ class _WeightOnly(QuantizedModuleBase):
         s = self.eff_spec
         group = wo_group(s.group_size if s.granularity == "per_group" else None,
                          self.weight_scale, self.kp)
-        ok = (self.backend != "reference" and self.weight.is_cpu and self.weight.is_contiguous()
+        ok = (self.backend == "auto" and self.weight.is_cpu and self.weight.is_contiguous()
               and self.weight.dtype in (torch.int8, torch.uint8)
               and c_layout((self.weight_scale, torch.float32),
                             (self.weight_zero_point, torch.int32)))
@@ -509,7 +509,7 @@ class WeightOnlyConv2d(_WeightOnly):
             y = y.relu_() if self.fused_relu else y
         pool = g.get("fused_maxpool")  # a following MaxPool2d fused by lowbit.ptq
         if pool:
-            lib = None if self.backend == "reference" or y.dtype != torch.float32 else (
+            lib = None if self.backend != "auto" or y.dtype != torch.float32 else (
                 native_lib_for(y) if y.is_contiguous() else None)
             y = F.max_pool2d(y, pool) if lib is None else maxpool2d_native(lib, y, pool)
         return y

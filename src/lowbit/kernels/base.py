@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lowbit._dispatch import native_allowed
 from lowbit.native import load_native
 
 #: Activation dtypes the fused C kernels read (and, for the linear epilogue, write).
@@ -19,7 +20,7 @@ _F32_EPS = torch.finfo(torch.float32).eps
 
 def native_lib_for(*tensors: torch.Tensor) -> Any:
     """The fused C kernel library when it can run on these tensors (plain CPU tensors, eager
-    mode), else None (the pure-PyTorch path).
+    mode, not the ``"torch"`` backend), else None (the pure-PyTorch path).
 
     Example:
         >>> lib = native_lib_for(torch.zeros(2))
@@ -27,7 +28,8 @@ def native_lib_for(*tensors: torch.Tensor) -> Any:
         True
     """
     lib = load_native()
-    if lib is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if (lib is None or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or not native_allowed()):  # (off while a "torch"-backend layer runs)
         return None
     for t in tensors:
         if type(t) is not torch.Tensor or not t.is_cpu:

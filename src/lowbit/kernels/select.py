@@ -135,7 +135,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     Args:
         op: ``"int8_linear"``, ``"int8_conv2d"``, ``"int8_weight_only"`` or ``"int4_weight_only"``.
         m: rows of the activation matrix (tokens; batch x output pixels for conv).
-        backend: ``"auto"`` or ``"reference"`` (always the pure-PyTorch path).
+        backend: ``"auto"`` (the selected ISA path), ``"reference"`` (always the pure-PyTorch
+            path) or ``"torch"`` (the ``torch`` ISA path: PyTorch's ops only, no C kernels).
         n: output features; k: input features (padded K for INT4; for conv the reduction
             size ``C/groups * kh * kw``, 0 = unknown: no ``"fp32_codes_conv"``).
         group_size: INT4 group size (``None`` = not a packable INT4 layout).
@@ -169,8 +170,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         >>> select_kernel("int4_weight_only", 2048, n=64, k=256, group_size=32)  # doctest: +SKIP
         'dequant_bf16'
     """
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend={backend!r} is unknown; use 'auto' or 'reference'")
+    if backend not in ("auto", "reference", "torch"):
+        raise ValueError(f"backend={backend!r} is unknown; use 'auto', 'reference' or 'torch'")
     if backend == "reference":
         return "reference"
     if device != "cpu":
@@ -182,13 +183,15 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             raise ValueError(f"select_kernel: unknown op {op!r}")
         return "reference"
     feats = cpu_features()
-    gemm = int8_gemm()
+    torch_ops = backend == "torch"
+    native = not torch_ops and load_native() is not None
+    gemm = int8_gemm("torch" if torch_ops else None)
     if (op == "int8_conv2d" and unit_stride and groups == 1 and 0 < k <= CONV_CODES_EXACT_K
-            and 0 < m * n * k <= CODES_DIRECT_MAX_MACS and load_native() is not None
+            and 0 < m * n * k <= CODES_DIRECT_MAX_MACS and native
             and torch._C._get_mkldnn_enabled()):  # (F.conv2d when the C path steps aside)
         return "fp32_codes_conv"  # the direct C conv over the codes: exact, and no GEMM setup
     # with mkldnn off, F.conv2d may pick NNPACK (Winograd/FFT: not exact on integers)
-    max_k = CONV_CODES_MAX_K if load_native() is None else CONV_CODES_MAX_K_NATIVE
+    max_k = CONV_CODES_MAX_K_NATIVE if native else CONV_CODES_MAX_K
     if (op == "int8_conv2d" and 0 < k <= CONV_CODES_EXACT_K and torch._C._get_mkldnn_enabled()
             and (groups != 1 or k <= max_k or gemm == "fp32_codes")):
         return "fp32_codes_conv"
@@ -204,7 +207,7 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         fast = _HAS_INT8PACK and packable and k % 16 == 0 and m <= WEIGHT_ONLY_PACKED_MAX_M
         return "int8pack_bf16" if fast else dequant
     if op == "int4_weight_only":
-        u4 = ISA_KERNELS[selected_isa()][1]
+        u4 = None if torch_ops else ISA_KERNELS[selected_isa()][1]
         if (u4 is not None and m <= U4_NATIVE_MAX_M and group_size is not None
                 and group_size % 32 == 0 and k % 32 == 0 and k % group_size == 0):
             return u4  # lowbit's INT4 kernel of this ISA (float32 activations)
@@ -215,8 +218,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     raise ValueError(f"select_kernel: unknown op {op!r}")
 
 
-def int8_gemm() -> str:
-    """The exact INT8 x INT8 GEMM of the selected ISA path (:func:`lowbit.native.selected_isa`).
+def int8_gemm(isa: str | None = None) -> str:
+    """The exact INT8 x INT8 GEMM of an ISA path (default: :func:`lowbit.native.selected_isa`).
 
     ``"int_mm_s8s8"`` (oneDNN with VNNI), ``"s8_avx2"`` / ``"s8_portable"`` (lowbit's C
     kernels), or ``"fp32_codes"`` (an fp32 GEMM over the codes: the ``torch`` path without
@@ -226,7 +229,7 @@ def int8_gemm() -> str:
         >>> int8_gemm() in ("int_mm_s8s8", "s8_avx2", "s8_portable", "fp32_codes")
         True
     """
-    gemm = ISA_KERNELS[selected_isa()][0]
+    gemm = ISA_KERNELS[isa or selected_isa()][0]
     if gemm is not None:
         return gemm
     return "int_mm_s8s8" if _HAS_INT_MM and "vnni" in cpu_features() else "fp32_codes"

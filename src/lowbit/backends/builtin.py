@@ -1,0 +1,164 @@
+"""The built-in backends: ``reference``, ``native``, ``torch``, ``cuda``, ``onnxruntime`` and
+``torch.compile``, each with its availability check (package, CPU feature, device, compiler).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.backends.registry import Backend, register_backend
+
+__all__ = ["DeviceModule"]
+
+
+def _native_missing() -> str | None:
+    from lowbit.native import load_native, native_status
+
+    if load_native() is None:
+        return f"lowbit's C kernels are not available: {native_status()['reason']}"
+    return None
+
+
+def _native_detail() -> str:
+    from lowbit.kernels.select import ISA_KERNELS, int8_gemm
+    from lowbit.native import selected_isa
+
+    isa = selected_isa()
+    int4 = ISA_KERNELS[isa][1] or "PyTorch's packed INT4 op"
+    return (f"ISA path {isa}: INT8 GEMM {int8_gemm()}, INT4 {int4} (small M), fused C "
+            "quantize / epilogue")
+
+
+def _torch_detail() -> str:
+    from lowbit.kernels.select import int8_gemm
+
+    gemm = int8_gemm("torch")
+    why = "" if gemm == "int_mm_s8s8" else " (torch._int_mm is not exact without VNNI)"
+    return (f"INT8 GEMM {gemm}{why}; weight-only: _weight_int4pack_mm_for_cpu / "
+            "_weight_int8pack_mm on bf16, else dequantize + GEMM")
+
+
+class DeviceModule(nn.Module):
+    """A module on another device, called with tensors on any device: inputs are moved to
+    ``device``, outputs back to the first input's device.
+
+    Example:
+        >>> m = DeviceModule(nn.Linear(2, 2), "cpu")
+        >>> m(torch.zeros(1, 2)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, module: nn.Module, device: str | torch.device) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Move the inputs, call the module, move the outputs back."""
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        home = first.device if first is not None else torch.device("cpu")
+
+        def move(obj: Any, device: torch.device) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return obj.to(device)
+            if isinstance(obj, (tuple, list)):
+                return type(obj)(move(o, device) for o in obj)
+            if isinstance(obj, dict):
+                return type(obj)({k: move(v, device) for k, v in obj.items()})
+            return obj
+
+        out = self.module(*move(args, self.device), **move(kwargs, self.device))
+        return move(out, home)
+
+
+def _cuda_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _cuda_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
+    return DeviceModule(copy.deepcopy(qmodel), "cuda").eval()
+
+
+def _onnx_missing() -> str | None:
+    for package in ("onnx", "onnxruntime"):
+        if importlib.util.find_spec(package) is None:
+            return f"package {package} is not installed (pip install 'lowbit[onnx]')"
+    try:
+        module = importlib.import_module("lowbit.onnx_export")
+    except ModuleNotFoundError as exc:
+        if exc.name == "lowbit.onnx_export":
+            return "lowbit.onnx_export not present"
+        raise
+    for name in ("export_onnx", "OnnxRuntimeModule"):
+        if not hasattr(module, name):
+            return f"lowbit.onnx_export has no {name}"
+    return None
+
+
+def _onnx_detail() -> str:
+    import onnxruntime
+
+    providers = ", ".join(onnxruntime.get_available_providers())
+    return f"onnxruntime {onnxruntime.__version__}, {providers}"
+
+
+def _onnx_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
+    from lowbit.onnx_export import OnnxRuntimeModule, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(qmodel, example_inputs, path)
+        return OnnxRuntimeModule(str(path))  # the session has read the file (and its data)
+
+
+def _compile_missing() -> str | None:
+    cxx = os.environ.get("CXX", "c++")
+    if not any(shutil.which(c) for c in (cxx, "g++", "clang++")):
+        return f"no C++ compiler for TorchInductor ({cxx!r} not found; set CXX)"
+    return None
+
+
+def _compile_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
+    return torch.compile(qmodel)
+
+
+register_backend(Backend(
+    "reference", "pure PyTorch: integer GEMM as float64 over the codes, weight-only as "
+    "dequantize + float op", "defines the expected numbers", lambda: None,
+    layer_value="reference", detail=lambda: "pure PyTorch ops, any device"))
+register_backend(Backend(
+    "native", "lowbit's kernels for this CPU (the default)",
+    "INT8 x INT8: bit-identical; weight-only: float32 rounding (~1e-6 relative)",
+    _native_missing, layer_value="auto", detail=_native_detail))
+register_backend(Backend(
+    "torch", "PyTorch's own integer ops, no C kernels of lowbit",
+    "INT8 x INT8: bit-identical; weight-only: bf16 packed ops (~1e-2 relative)",
+    lambda: None, layer_value="torch", detail=_torch_detail))
+register_backend(Backend(
+    "cuda", "the model on a CUDA GPU (torch._int_mm where it takes the shape)",
+    "INT8 x INT8: exact accumulators, float32 epilogue on the GPU (~1e-6 relative)",
+    _cuda_missing, prepare=_cuda_prepare,
+    detail=lambda: torch.cuda.get_device_name(0)))
+register_backend(Backend(
+    "onnxruntime", "exported to ONNX (QDQ / MatMulInteger / MatMulNBits), run by an ONNX "
+    "Runtime InferenceSession", "within one output quantization step (ONNX rounds ties "
+    "of x / scale its own way)", _onnx_missing, prepare=_onnx_prepare, detail=_onnx_detail,
+    needs_inputs=True))
+register_backend(Backend(
+    "torch.compile", "torch.compile (Inductor) of the model: the quantized layers are the "
+    "custom op lowbit::quantized_layer, the float ops between them compiled",
+    "quantized layers bit-identical to their layer backend; compiled float ops may round "
+    "differently (~1e-6 relative)", _compile_missing, prepare=_compile_prepare,
+    detail=lambda: f"torch {torch.__version__}, Inductor"))

@@ -1,0 +1,249 @@
+"""Measure one quantized model on every backend that runs here, and pick the fastest that
+agrees with ``reference``.
+
+Layer backends are timed on one copy of the model switched with ``set_backend`` (the user's
+model is never touched), model backends on what their ``prepare`` returns. Each output is
+compared in float64 with the ``reference`` output of the same inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.backends.registry import _status, available, get_backend, set_backend
+from lowbit.evaluation import _call, compare_outputs, measure_latency
+
+__all__ = ["BackendComparison", "BackendResult", "Selection", "compare", "select_best"]
+
+
+@dataclass(frozen=True)
+class BackendResult:
+    """One backend's line in :func:`compare`.
+
+    Attributes:
+        backend: its name. available: it ran (else ``reason`` says why not).
+        p50_ms, p90_ms: latency per call (median, 90th percentile), milliseconds.
+        throughput: samples per second at the median (batch size / p50).
+        max_abs_dev: largest ``|y - y_reference|``; rel_dev: that over ``max |y_reference|``.
+        cosine: cosine similarity with the reference output. exact: the same bits.
+        reason: why it did not run (unavailable, or the error it raised).
+    """
+
+    backend: str
+    available: bool
+    p50_ms: float = math.nan
+    p90_ms: float = math.nan
+    throughput: float = math.nan
+    max_abs_dev: float = math.nan
+    rel_dev: float = math.nan
+    cosine: float = math.nan
+    exact: bool = False
+    reason: str = ""
+
+
+@dataclass
+class BackendComparison:
+    """What :func:`compare` returns: one :class:`BackendResult` per backend, fastest first."""
+
+    results: list[BackendResult]
+    batch_size: int
+    threads: int
+    machine: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Any:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, name: str) -> BackendResult:
+        for r in self.results:
+            if r.backend == name:
+                return r
+        raise KeyError(f"no backend {name!r} in this comparison; have "
+                       f"{[r.backend for r in self.results]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible form."""
+        return {"batch_size": self.batch_size, "threads": self.threads, "machine": self.machine,
+                "results": [asdict(r) for r in self.results], "notes": list(self.notes)}
+
+    def to_markdown(self) -> str:
+        """A markdown table: latency p50 / p90, throughput, deviation and cosine vs reference."""
+        lines = ["| backend | p50 ms | p90 ms | samples/s | max abs dev | rel dev | cosine | "
+                 "same bits |", "|---|---|---|---|---|---|---|---|"]
+        for r in self.results:
+            if not r.available:
+                lines.append(f"| {r.backend} | - | - | - | - | - | - | not run: {r.reason} |")
+                continue
+            lines.append(f"| {r.backend} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | "
+                         f"{r.throughput:,.0f} | {r.max_abs_dev:.3g} | {r.rel_dev:.3g} | "
+                         f"{r.cosine:.6f} | {'yes' if r.exact else 'no'} |")
+        lines.append("")
+        lines.append(f"batch {self.batch_size}, {self.threads} threads"
+                     + (f", {self.machine}" if self.machine else ""))
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What :func:`select_best` returns: the chosen backend and the table it was chosen from."""
+
+    name: str
+    table: BackendComparison
+    tolerance: float
+
+    def to_markdown(self) -> str:
+        """The table and the choice."""
+        return (f"{self.table.to_markdown()}\n\nselected: {self.name} (fastest with rel dev <= "
+                f"{self.tolerance:g})")
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The tensor to compare in an output (first of a tuple / dict / ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and out:
+        return _first_tensor(next(iter(out.values())))
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if hasattr(out, "__array__"):
+        return torch.as_tensor(out)
+    raise TypeError(f"compare: cannot find an output tensor in {type(out).__name__}")
+
+
+def _batch_size(inputs: Any) -> int:
+    first = inputs
+    while not isinstance(first, torch.Tensor):
+        if isinstance(first, Mapping) and first:
+            first = next(iter(first.values()))
+        elif isinstance(first, (tuple, list)) and first:
+            first = first[0]
+        else:
+            return 1
+    return int(first.shape[0]) if first.dim() else 1
+
+
+def _run(model: Any, inputs: Any) -> torch.Tensor:
+    with torch.inference_mode():
+        return _first_tensor(_call(model, inputs)).detach().cpu()
+
+
+def compare(qmodel: nn.Module, example_inputs: Any, backends: Sequence[str] | None = None, *,
+            warmup: int = 3, iters: int = 20, threads: int | None = None) -> BackendComparison:
+    """Latency, throughput and agreement with ``reference`` of ``qmodel`` on each backend.
+
+    Args:
+        qmodel: a model quantized by lowbit (not modified).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        backends: names to measure (default: every registered backend; those that cannot run
+            here are listed with the reason).
+        warmup: untimed calls per backend (a ``torch.compile`` backend compiles in the first).
+        iters: timed calls per backend.
+        threads: intra-op threads while timing (default: the current setting).
+
+    Returns:
+        A :class:`BackendComparison`, available backends fastest first; ``.to_markdown()``.
+
+    Raises:
+        ValueError: an unknown backend name.
+
+    Example:
+        >>> import torch, lowbit
+        >>> qmodel = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(16, 8), nn.ReLU()))
+        >>> table = compare(qmodel, torch.randn(4, 16), ["reference", "native", "torch"],
+        ...                 warmup=1, iters=3)
+        >>> table["native"].exact, table["torch"].exact  # INT8 x INT8: the same bits
+        (True, True)
+        >>> "| native |" in table.to_markdown()
+        True
+    """
+    names = list(backends) if backends is not None else [s.name for s in available()]
+    for name in names:
+        get_backend(name)  # unknown names fail before anything runs
+    work = copy.deepcopy(qmodel).eval()  # switched between the layer backends
+    reference = _run(set_backend(work, "reference"), example_inputs)
+    ref_max = float(reference.double().abs().max()) if reference.numel() else 0.0
+    results = []
+    for name in names:
+        backend = get_backend(name)
+        status = _status(backend)
+        if not status.available:
+            results.append(BackendResult(name, False, reason=status.reason))
+            continue
+        try:
+            if backend.scope == "layer":
+                model = set_backend(work, name)
+            else:
+                base = set_backend(copy.deepcopy(qmodel).eval(), "native") \
+                    if _status(get_backend("native")).available else copy.deepcopy(qmodel)
+                model = set_backend(base, name, example_inputs)
+            out = _run(model, example_inputs)
+            stats = measure_latency(model, example_inputs, warmup=warmup, iters=iters,
+                                    threads=threads)
+        except Exception as exc:  # one backend failing must not hide the others
+            results.append(BackendResult(name, False, reason=f"failed: {type(exc).__name__}: "
+                                                              f"{str(exc)[:300]}"))
+            continue
+        err = compare_outputs(reference, out)
+        results.append(BackendResult(
+            name, True, stats.median_ms, stats.p90_ms,
+            _batch_size(example_inputs) / (stats.median_ms / 1e3), err.max_abs,
+            err.max_abs / ref_max if ref_max else err.max_abs, err.cosine,
+            out.dtype == reference.dtype and torch.equal(out, reference)))
+    results.sort(key=lambda r: (not r.available, r.p50_ms if r.available else 0.0))
+    return BackendComparison(results, _batch_size(example_inputs),
+                             threads or torch.get_num_threads(), _machine())
+
+
+def _machine() -> str:
+    from lowbit.native import selected_isa
+
+    return f"lowbit ISA path {selected_isa()}"
+
+
+def select_best(qmodel: nn.Module, example_inputs: Any, tolerance: float = 1e-2,
+                backends: Sequence[str] | None = None, **kwargs: Any) -> Selection:
+    """The fastest backend whose output stays within ``tolerance`` of ``reference``.
+
+    Args:
+        qmodel, example_inputs, backends, **kwargs: as :func:`compare`.
+        tolerance: largest accepted ``rel_dev`` = ``max|y - y_ref| / max|y_ref|`` (0: only
+            backends with the reference's exact bits).
+
+    Returns:
+        :class:`Selection` (``.name``, ``.table``); switch with
+        ``lowbit.backends.set_backend(qmodel, selection.name, example_inputs)``.
+
+    Raises:
+        ValueError: a negative tolerance, or no backend within it.
+
+    Example:
+        >>> import torch, lowbit
+        >>> qmodel = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(16, 8)))
+        >>> best = select_best(qmodel, torch.randn(4, 16), 0.0, ["reference", "native"],
+        ...                    warmup=1, iters=3)
+        >>> best.name in ("reference", "native")
+        True
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"select_best: tolerance={tolerance} must be >= 0 (a relative max "
+                         "deviation, e.g. 1e-2)")
+    table = compare(qmodel, example_inputs, backends, **kwargs)
+    ok = [r for r in table if r.available and (r.exact or r.rel_dev <= tolerance)]
+    if not ok:
+        raise ValueError(f"select_best: no backend within tolerance={tolerance:g} of reference; "
+                         f"raise it or see the table:\n{table.to_markdown()}")
+    return Selection(min(ok, key=lambda r: r.p50_ms).backend, table, tolerance)
