@@ -37,6 +37,9 @@ from lowbit.evaluation import (
 )
 from lowbit.fake_quantize import FakeQuantize
 from lowbit.lora import LoRALinear, add_lora, lora_parameters, mark_only_lora_trainable
+from lowbit.lora_adapters import load_adapters, save_adapters
+from lowbit.lora_merge import MergeReport, merge_lora
+from lowbit.lora_peft import register_peft
 from lowbit.memory import output_pool_stats, release_output_pool
 from lowbit.modules import (
     QUANTIZED_MODULES,
@@ -99,6 +102,7 @@ __all__ = [
     "LoRALinear",
     "LoadError",
     "MSECalibrator",
+    "MergeReport",
     "MinMaxCalibrator",
     "MovingAverageCalibrator",
     "OutputError",
@@ -136,10 +140,12 @@ __all__ = [
     "freeze_bn_stats",
     "get_qat_statistics",
     "load",
+    "load_adapters",
     "load_checkpoint",
     "lora_parameters",
     "mark_only_lora_trainable",
     "measure_latency",
+    "merge_lora",
     "model_nbytes",
     "module_from_meta",
     "native_status",
@@ -152,9 +158,11 @@ __all__ = [
     "quantized_weight_nbytes",
     "read_manifest",
     "register_calibrator",
+    "register_peft",
     "release_output_pool",
     "report",
     "save",
+    "save_adapters",
     "save_checkpoint",
     "set_fake_quant_enabled",
     "set_observer_enabled",

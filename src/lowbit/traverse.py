@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import QuantizationConfig
+from lowbit.lora_peft import is_peft_adapter, peft_adapter_prefixes
 from lowbit.modules import QUANTIZABLE_TYPES, check_supported
 from lowbit.ops import check_finite
 
@@ -330,6 +331,7 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
     fallback = fallback or set()
     fusions = fusions or Fusions()
     parents = {name: mod for name, mod in model.named_modules()}
+    adapters = peft_adapter_prefixes(model)
     plans: dict[str, LayerPlan] = {}
     first_name: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -340,6 +342,11 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
             continue
         first_name[id(module)] = name
         kind = type(module).__name__
+        if is_peft_adapter(name, adapters):  # peft's lora_A / lora_B / modules_to_save
+            if isinstance(module, QUANTIZABLE_TYPES):
+                plans[name] = LayerPlan(name, kind, None, "skipped",
+                                        "peft adapter: kept in float and trainable")
+            continue
         if not isinstance(module, QUANTIZABLE_TYPES):
             reason = _unsupported_reason(module)
             if reason:
