@@ -99,8 +99,8 @@ class _Int8(nn.Module):
         bits = layer.act_spec.bits
         self.x_range = [] if bits >= 8 else [float((self.qmin - zp) * s_x),
                                              float((self.qmax - zp) * s_x)]
-        self.register_buffer("w", w.clone())
-        self.register_buffer("w_zp", w_zp.to(torch.int8))
+        self.register_buffer("w", _u8(w))  # uint8 + 128: exact u8 x u8 kernels (see _ops)
+        self.register_buffer("w_zp", _u8(w_zp.to(torch.int8)))
         self.register_buffer("bias_q", None)
         self.register_buffer("bias_scale", None)
         if self.bias is not None:

@@ -23,13 +23,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import onnx
 import torch
 from onnxscript import opset18 as op
-from onnxscript.values import Opset
+from onnxscript.values import Op, Opset
 
 __all__ = ["TRANSLATIONS"]
 
-_MS = Opset("com.microsoft", 1)
+
+
+def _matmul_nbits_schema() -> onnx.defs.OpSchema:
+    """The com.microsoft ``MatMulNBits`` signature (onnx itself has no schema for it)."""
+    p = onnx.defs.OpSchema.FormalParameter
+    attr = onnx.defs.OpSchema.Attribute
+    int_attr = onnx.defs.OpSchema.AttrType.INT
+    return onnx.defs.OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[p("A", "T1"), p("B", "T2"), p("scales", "T1"), p("zero_points", "T3")],
+        outputs=[p("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)"], "")],
+        attributes=[attr(name, int_attr, "") for name in ("K", "N", "bits", "block_size")])
+
+
+_MATMUL_NBITS = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
 _EPS = float(torch.finfo(torch.float32).eps)
 _FLOAT, _UINT8, _INT32 = 1, 2, 6  # onnx.TensorProto data types
 
@@ -132,19 +149,22 @@ def _quantize_dynamic(x, per_token: bool, symmetric: bool, qmin: int, qmax: int,
 
     Returns ``(codes uint8 like x, scale [M, 1] or [], zero_point)``: the zero-point is None for
     symmetric activations (the codes then carry 128), else the float signed zero-point.
-    Symmetric: ``scale = max(max|x| / qmax, eps)`` and one ``QuantizeLinear`` (per row:
-    axis 0 with a ``[M]`` scale). Affine: lowbit's ``choose_qparams`` and
+    Symmetric: ``scale = max(max|x| / qmax, eps)``, then ``QuantizeLinear`` of
+    ``x * (1 / scale)`` with unit scale and zero-point 128 (saturation is never reached:
+    ``|x / scale| <= qmax``). Affine: lowbit's ``choose_qparams`` and
     ``clamp(round(x * (1 / scale)) + zp, qmin, qmax)`` written out in standard ops.
     """
     axes = _ints([1]) if per_token else None
     if symmetric:
-        amax = op.ReduceMax(op.Abs(x), axes, keepdims=0)  # [M] or []
+        amax = op.ReduceMax(op.Abs(x), axes, keepdims=1)  # [M, 1] or [1, 1]
         scale = op.Max(op.Div(amax, op.Constant(value_float=float(qmax))),
                        op.Constant(value_float=_EPS))
-        mid = op.Constant(value=_u8_scalar(128))
-        zp = op.Expand(mid, op.Shape(scale)) if per_token else mid
-        codes = op.QuantizeLinear(x, scale, zp, axis=0)
-        return codes, (op.Unsqueeze(scale, _ints([1])) if per_token else scale), None
+        if not per_token:
+            scale = op.Reshape(scale, _ints([]))
+        # x * (1 / scale) as lowbit rounds it (QuantizeLinear divides: a code apart on ties)
+        codes = op.QuantizeLinear(op.Mul(x, op.Reciprocal(scale)),
+                                  op.Constant(value_float=1.0), op.Constant(value=_u8_scalar(128)))
+        return codes, scale, None
     zero = op.Constant(value_float=0.0)
     lo = op.Min(op.ReduceMin(x, axes, keepdims=1), zero)
     hi = op.Max(op.ReduceMax(x, axes, keepdims=1), zero)
@@ -162,9 +182,7 @@ def _quantize_dynamic(x, per_token: bool, symmetric: bool, qmin: int, qmax: int,
     return codes, scale, zp
 
 
-def _u8_scalar(value: int):
-    import onnx
-
+def _u8_scalar(value: int) -> onnx.TensorProto:
     return onnx.helper.make_tensor("value", _UINT8, [], [value])
 
 
@@ -236,7 +254,7 @@ def _dynamic_conv(x, w, w_zp, w_scale, bias, qmin: int, qmax: int, spec_qmin: in
 
 
 def _matmul_nbits(x, b, scales, zp, bias, k: int, n: int, bits: int, block_size: int):
-    y = _MS.MatMulNBits(x, b, scales, zp, K=k, N=n, bits=bits, block_size=block_size)
+    y = _MATMUL_NBITS(x, b, scales, zp, K=k, N=n, bits=bits, block_size=block_size)
     return y if bias is None else op.Add(y, bias)
 
 
