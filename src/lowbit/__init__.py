@@ -56,6 +56,7 @@ from lowbit.modules import (
     module_from_meta,
 )
 from lowbit.native import native_status
+from lowbit.onnx_export import OnnxRuntimeModule, export_onnx
 from lowbit.ptq import (
     PTQQuantizer,
     QuantizationReport,
@@ -105,6 +106,7 @@ __all__ = [
     "MergeReport",
     "MinMaxCalibrator",
     "MovingAverageCalibrator",
+    "OnnxRuntimeModule",
     "OutputError",
     "PTQQuantizer",
     "PercentileCalibrator",
@@ -137,6 +139,7 @@ __all__ = [
     "create_calibrator",
     "describe",
     "evaluate_accuracy",
+    "export_onnx",
     "freeze_bn_stats",
     "get_qat_statistics",
     "load",

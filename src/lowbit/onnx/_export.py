@@ -155,7 +155,8 @@ def _requantize_conv_outputs(graph: Any) -> int:
     return done
 
 
-def _check_dynamic(proto: Any, axes: Sequence[int], names: Sequence[str]) -> None:
+def _check_dynamic(proto: Any, axes: Sequence[int]) -> None:
+    """Refuse a graph whose inputs came out with a fixed size on a dynamic axis."""
     for value in proto.graph.input:
         dims = value.type.tensor_type.shape.dim
         for axis in axes:
@@ -165,7 +166,6 @@ def _check_dynamic(proto: Any, axes: Sequence[int], names: Sequence[str]) -> Non
                     f"{dims[axis].dim_value}: the model ties it to a constant while tracing "
                     "(e.g. a reshape with a hard-coded batch size); make the model use "
                     "x.shape[...] there, or export with dynamic_axes=() for fixed shapes")
-    del names
 
 
 def _output_spec(program: Any) -> str | None:
@@ -258,7 +258,7 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
     proto = program.model_proto
     _requantize_conv_outputs(proto.graph)
     proto.ir_version = IR_VERSION
-    _check_dynamic(proto, axes, [i.name for i in proto.graph.input])
+    _check_dynamic(proto, axes)
     meta = {"lowbit.producer": "lowbit.export_onnx",
             "lowbit.inputs": json.dumps([i.name for i in proto.graph.input])}
     if (spec := _output_spec(program)) is not None:
