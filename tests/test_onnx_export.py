@@ -1,0 +1,221 @@
+"""lowbit.export_onnx / OnnxRuntimeModule: real exports run in real ONNX Runtime sessions.
+
+Each test checks the graph (which integer ops carry the quantized layers), the file
+(``onnx.checker``, an ``ir_version`` ONNX Runtime reads, a symbolic batch axis) and the numbers
+against lowbit's own output: within one output quantization step (``max|y| / 127``), argmax
+agreement >= 99.9% on the MNIST evaluation images.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import lowbit
+from lowbit import QuantizationConfig, QuantSpec
+from lowbit.data import mnist_splits
+from lowbit.models import MLP, MnistCNN, train_classifier
+from lowbit.onnx_export import OnnxRuntimeModule, export_onnx
+
+
+def _ops(proto: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in proto.graph.node)
+
+
+def _export(qmodel: nn.Module, example, path: Path, **kw) -> tuple[onnx.ModelProto,
+                                                                     OnnxRuntimeModule]:
+    """Export, reload the file, check it, and open it in ONNX Runtime."""
+    proto = export_onnx(qmodel, example, path, **kw)
+    on_disk = onnx.load(path)
+    onnx.checker.check_model(on_disk)
+    assert on_disk.ir_version == 10
+    assert on_disk.SerializeToString() == proto.SerializeToString()
+    assert on_disk.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+    return proto, OnnxRuntimeModule(path)
+
+
+def _fused_ops(path: Path, tmp_path: Path) -> Counter:
+    """The op types ONNX Runtime runs after its graph optimizations (fusions)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return _ops(onnx.load(so.optimized_model_filepath))
+
+
+def _assert_close(ref: torch.Tensor, out: torch.Tensor, steps: float = 1.0) -> None:
+    step = float(ref.abs().max()) / 127
+    err = float((ref - out).abs().max())
+    assert err <= steps * step, f"max abs error {err:.3g} > {steps} output step(s) {step:.3g}"
+
+
+def _assert_mostly_exact(ref: torch.Tensor, out: torch.Tensor) -> None:
+    """The same integer codes as lowbit: >= 99.9% of the outputs agree to float rounding (a
+    last-bit difference in a float epilogue can move a later layer's code by one)."""
+    exact = (ref - out).abs() <= 1e-5 * float(ref.abs().max())
+    assert float(exact.float().mean()) >= 0.999, f"{int((~exact).sum())} outputs differ"
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    splits = mnist_splits()
+    torch.manual_seed(0)
+    model = train_classifier(MnistCNN(), Subset(splits.train, range(2048)), epochs=1,
+                             batch_size=64, seed=0, progress=False)
+    return model.eval(), splits
+
+
+def test_mnist_cnn_static_is_qdq_that_ort_fuses(mnist, tmp_path) -> None:
+    model, splits = mnist
+    calib = DataLoader(Subset(splits.train, range(256)), batch_size=64)
+    qmodel = lowbit.quantize_static(model, calib, progress=False)
+    path = tmp_path / "out" / "cnn_static.onnx"
+    proto, ort_model = _export(qmodel, splits.train.tensors[0][:2], path)
+
+    ops = _ops(proto)
+    # 4 activation Q/DQ pairs (conv1, conv2, fc1, fc2) + 2 inserted after the convs so ORT can
+    # fuse them; DQ also for 4 weights and 4 int32 biases
+    assert ops["QuantizeLinear"] == 6 and ops["DequantizeLinear"] == 14, ops
+    assert ops["Conv"] == 2 and ops["Gemm"] == 2 and not ops["MatMulInteger"], ops
+    fused = _fused_ops(path, tmp_path)
+    assert fused["QLinearConv"] == 2 and fused["QGemm"] == 2, fused
+    assert not fused["Conv"] and not fused["Gemm"] and not fused["FusedConv"], fused
+
+    x = splits.eval.tensors[0]  # the 2,000 evaluation images
+    with torch.inference_mode():
+        ref, out = qmodel(x), ort_model(x)
+    _assert_close(ref, out)
+    agree = float((ref.argmax(1) == out.argmax(1)).float().mean())
+    assert agree >= 0.999, f"argmax agreement {agree:.4f}"
+
+
+def test_mlp_dynamic_per_token_matmul_integer(tmp_path) -> None:
+    model = MLP(hidden=(256, 128)).eval()
+    before = copy.deepcopy(model.state_dict())
+    qmodel = lowbit.quantize_dynamic(model)
+    qstate = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    proto, ort_model = _export(qmodel, torch.randn(3, 1, 28, 28), tmp_path / "mlp.onnx")
+    ops = _ops(proto)
+    assert ops["MatMulInteger"] == 3 and ops["QuantizeLinear"] == 3, ops
+    assert not ops["DequantizeLinear"] and not ops["MatMul"] and not ops["Gemm"], ops
+    for batch in (1, 37):  # any batch size
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.inference_mode():
+            ref, out = qmodel(x), ort_model(x)
+        assert out.shape == (batch, 10)
+        _assert_close(ref, out, steps=0.01)
+        _assert_mostly_exact(ref, out)
+    # neither the float nor the quantized model changed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, qstate[k]) for k, v in qmodel.state_dict().items())
+    assert type(qmodel.layers[0]).__name__ == "QuantizedLinear"
+
+
+def test_int4_weight_only_mlp_matmul_nbits(tmp_path) -> None:
+    model = MLP(in_features=96, hidden=(128, 64), num_classes=10).eval()
+    qmodel = lowbit.quantize_weight_only(model, bits=4, group_size=32)
+    proto, ort_model = _export(qmodel, torch.randn(4, 96), tmp_path / "int4.onnx")
+    ops = _ops(proto)
+    assert ops["MatMulNBits"] == 3 and not ops["MatMul"] and not ops["Gemm"], ops
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in nbits[0].attribute if a.name in ("bits", "block_size")} == {
+        "bits": 4, "block_size": 32}
+    weights = {i.name: i for i in proto.graph.initializer}
+    assert weights[nbits[0].input[1]].data_type == onnx.TensorProto.UINT8
+    x = torch.randn(9, 96)
+    with torch.inference_mode():
+        ref, out = qmodel(x), ort_model(x)
+    assert float((ref - out).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+class _Mixed(nn.Module):
+    """Conv2d (reflect padding, groups), Conv1d, Linear + GELU, Embedding, a float head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect", groups=2)
+        self.conv1d = nn.Conv1d(8, 8, 3)
+        self.fc = nn.Linear(8 * 6, 48)
+        self.gelu = nn.GELU()
+        self.emb = nn.Embedding(20, 48)
+        self.head = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)).mean(-1)  # (B, 8, 8)
+        y = self.fc(self.conv1d(y).flatten(1))  # (B, 48)
+        return self.head(self.gelu(y) + self.emb(idx).sum(1))
+
+
+@pytest.mark.parametrize("scheme", ["dynamic_affine", "weight_only_int8_odd_groups"])
+def test_every_layer_kind_with_float_fallback(scheme, tmp_path) -> None:
+    model = _Mixed().eval()
+    if scheme == "dynamic_affine":  # unsigned affine activations, affine per-tensor weights
+        cfg = QuantizationConfig(weights=QuantSpec(symmetric=False),
+                                 activations=QuantSpec(signed=False, symmetric=False),
+                                 mode="dynamic", layer_overrides={"head": None})
+        expect = {"MatMulInteger": 1, "ConvInteger": 2, "Conv": 0}
+    else:  # group 12: no MatMulNBits block size fits, the codes are dequantized in the graph
+        cfg = QuantizationConfig(weights=QuantSpec(granularity="per_group", group_size=12),
+                                 activations=None, mode="weight_only",
+                                 layer_overrides={"head": None})
+        expect = {"MatMulNBits": 0}
+    qmodel = lowbit.PTQQuantizer(cfg).quantize(model)
+    assert isinstance(qmodel.head, nn.Linear)  # the float fallback layer
+    example = (torch.randn(2, 4, 8, 8), torch.randint(0, 20, (2, 3)))
+    proto, ort_model = _export(qmodel, example, tmp_path / f"{scheme}.onnx")
+    ops = _ops(proto)
+    assert all(ops[k] == v for k, v in expect.items()), ops
+    x, idx = torch.randn(6, 4, 8, 8), torch.randint(0, 20, (6, 3))
+    with torch.inference_mode():
+        ref, out = qmodel(x, idx), ort_model(x, idx)
+    _assert_close(ref, out, steps=0.05)
+    _assert_mostly_exact(ref, out)
+
+
+def test_two_layer_bert_dynamic_batch_and_sequence(tmp_path) -> None:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=64)
+    torch.manual_seed(0)
+    qmodel = lowbit.quantize_dynamic(BertModel(config).eval())
+    ids = torch.randint(0, 300, (2, 9))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    proto, ort_model = _export(qmodel, example, tmp_path / "bert.onnx", dynamic_axes=(0, 1))
+    assert _ops(proto)["MatMulInteger"] == 2 * 6 + 1  # q, k, v, out, ffn in/out; pooler
+    assert [d.dim_param != "" for d in proto.graph.input[0].type.tensor_type.shape.dim] == [
+        True, True]
+    ids = torch.randint(0, 300, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[0, 11:] = 0
+    with torch.inference_mode():
+        ref = qmodel(input_ids=ids, attention_mask=mask)
+        out = ort_model(input_ids=ids, attention_mask=mask)
+    assert type(out) is type(ref)  # the model's own output structure
+    _assert_close(ref.last_hidden_state, out.last_hidden_state, steps=0.01)
+    cos = torch.nn.functional.cosine_similarity(ref.pooler_output, out.pooler_output, dim=-1)
+    assert float(cos.min()) >= 0.9999
+
+
+def test_bad_arguments_are_refused_with_the_fix(tmp_path) -> None:
+    qmodel = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="opset=17 must be an integer from 18 to 21"):
+        export_onnx(qmodel, torch.randn(2, 4), tmp_path / "m.onnx", opset=17)
+    with pytest.raises(TypeError, match="example_inputs must be a tensor"):
+        export_onnx(qmodel, 3.0, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+    ort_model = OnnxRuntimeModule(export_onnx(qmodel, torch.randn(2, 4), None))
+    with pytest.raises(TypeError, match=r"unknown input 'y'; the graph takes \['input'\]"):
+        ort_model(y=torch.randn(2, 4))
+    with pytest.raises(TypeError, match="missing input"):
+        ort_model()
