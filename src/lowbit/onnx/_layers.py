@@ -24,7 +24,6 @@ from lowbit.modules import (
     WeightOnlyConv2d,
 )
 from lowbit.onnx import _ops  # noqa: F401  (registers torch.ops.lowbit_export)
-from lowbit.ops import unpack_int4
 
 __all__ = ["export_layer"]
 
