@@ -44,6 +44,8 @@ _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lowbit_b
 _NATIVE_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("lowbit_native_off",
                                                                   default=False)
 _LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every quantized module (owner lookup)
+_COMPILER = torch.compiler
+_HAS_FLAG = isinstance(getattr(_COMPILER, "_is_compiling_flag", None), bool)
 
 
 def native_allowed() -> bool:
@@ -56,8 +58,13 @@ def native_allowed() -> bool:
     return not _NATIVE_OFF.get()
 
 
+@torch.compiler.assume_constant_result  # while tracing: evaluated once, True, no guard
 def routed(module: nn.Module) -> bool:
     """Whether this call of ``module`` leaves its eager kernels (see the module docstring).
+
+    Reads ``torch.compiler``'s compiling flag (set while dynamo or ``torch.export`` trace)
+    directly: ``torch.compiler.is_compiling()`` costs two Python calls, and this check runs
+    on every eager call of every quantized layer.
 
     Example:
         >>> import lowbit
@@ -65,8 +72,8 @@ def routed(module: nn.Module) -> bool:
         >>> routed(q), routed(lowbit.backends.set_backend(q, "torch"))
         (False, True)
     """
-    return (torch.compiler.is_compiling() or module.backend == "torch"
-            or _OVERRIDE.get() is not None)
+    return (module.backend == "torch" or _OVERRIDE.get() is not None
+            or (_COMPILER._is_compiling_flag if _HAS_FLAG else _COMPILER.is_compiling()))
 
 
 def override(backend: str | None) -> contextvars.Token:

@@ -161,6 +161,10 @@ class PTQQuantizer(Quantizer):
         progress: show a progress bar while calibrating.
         max_calibration_batches: stop calibration after this many batches.
         inplace: modify the given model instead of a deep copy.
+        backend: the layer backend of the quantized layers: ``"native"`` (default: lowbit's
+            kernels for this CPU), ``"reference"`` or ``"torch"`` (see :mod:`lowbit.backends`;
+            model backends such as ``"onnxruntime"`` apply to a quantized model, with
+            ``lowbit.backends.set_backend``).
 
     Example:
         >>> import torch
@@ -174,8 +178,9 @@ class PTQQuantizer(Quantizer):
     def __init__(self, config: QuantizationConfig | None = None, *,
                  calibrator: str | type[Calibrator] | Calibrator | None = None,
                  progress: bool = True, max_calibration_batches: int | None = None,
-                 inplace: bool = False) -> None:
+                 inplace: bool = False, backend: str | None = None) -> None:
         super().__init__(config)
+        self.backend = _layer_backend(backend)
         if config is not None and not isinstance(config, QuantizationConfig):
             raise TypeError(f"PTQQuantizer(config=...) must be a QuantizationConfig, got "
                             f"{type(config).__name__}")
@@ -244,7 +249,8 @@ class PTQQuantizer(Quantizer):
         for name, plan in todo.items():
             assert plan.config is not None
             module = qmodel.get_submodule(name)
-            kwargs: dict[str, Any] = {"fused_relu": plan.fused_relu, "name": name}
+            kwargs: dict[str, Any] = {"fused_relu": plan.fused_relu, "name": name,
+                                      "backend": self.backend}
             if name in self.calibrators:
                 cal = self.calibrators[name]
                 scale, zp = cal.compute_qparams(plan.config.activations)
@@ -332,8 +338,10 @@ def _record(cal: Calibrator, default_name: str, scale: Any, zp: Any) -> Calibrat
 
 
 def quantize_dynamic(model: nn.Module, config: QuantizationConfig | None = None, *,
-                     inplace: bool = False) -> nn.Module:
+                     inplace: bool = False, backend: str | None = None) -> nn.Module:
     """INT8 weights (per channel) and INT8 activations quantized at run time (per token).
+
+    ``backend``: the layers' backend (see :class:`PTQQuantizer`).
 
     Example:
         >>> import torch
@@ -345,15 +353,16 @@ def quantize_dynamic(model: nn.Module, config: QuantizationConfig | None = None,
     if cfg.mode != "dynamic":
         raise ValueError(f"quantize_dynamic: config.mode is {cfg.mode!r}; use "
                          "QuantizationConfig.int8_dynamic() or PTQQuantizer for other modes")
-    return PTQQuantizer(cfg, inplace=inplace).quantize(model)
+    return PTQQuantizer(cfg, inplace=inplace, backend=backend).quantize(model)
 
 
 def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
                     config: QuantizationConfig | None = None, *,
                     calibrator: str | type[Calibrator] | Calibrator | None = None,
                     inplace: bool = False, progress: bool = True,
-                    max_calibration_batches: int | None = None) -> nn.Module:
-    """INT8 weights and calibrated INT8 activations.
+                    max_calibration_batches: int | None = None,
+                    backend: str | None = None) -> nn.Module:
+    """INT8 weights and calibrated INT8 activations (``backend``: see :class:`PTQQuantizer`).
 
     Example:
         >>> import torch
@@ -367,14 +376,16 @@ def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
         raise ValueError(f"quantize_static: config.mode is {cfg.mode!r}; use "
                          "QuantizationConfig.int8_static(...)")
     return PTQQuantizer(cfg, calibrator=calibrator, progress=progress, inplace=inplace,
-                        max_calibration_batches=max_calibration_batches
+                        max_calibration_batches=max_calibration_batches, backend=backend
                         ).quantize(model, calibration_data)
 
 
 def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128, *,
                          symmetric: bool = False, config: QuantizationConfig | None = None,
-                         inplace: bool = False) -> nn.Module:
+                         inplace: bool = False, backend: str | None = None) -> nn.Module:
     """Weight-only quantization (INT4 packed two per byte, group-wise scales by default).
+
+    ``backend``: the layers' backend (see :class:`PTQQuantizer`).
 
     Example:
         >>> m = nn.Sequential(nn.Linear(256, 8))
@@ -388,4 +399,18 @@ def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128,
     if config.mode != "weight_only":
         raise ValueError(f"quantize_weight_only: config.mode is {config.mode!r}; use "
                          "QuantizationConfig.int4_weight_only(...)")
-    return PTQQuantizer(config, inplace=inplace).quantize(model)
+    return PTQQuantizer(config, inplace=inplace, backend=backend).quantize(model)
+
+
+def _layer_backend(name: str | None) -> str:
+    """The quantized modules' ``backend`` value for a backend name (checked to run here)."""
+    if name is None or name == "auto":
+        return "auto"
+    from lowbit.backends import require  # (lowbit.backends imports lowbit.modules)
+
+    backend = require(name)
+    if backend.layer_value is None:
+        raise ValueError(f"backend={name!r} runs a whole model, not one layer; quantize with a "
+                         f"layer backend (native, reference, torch), then call "
+                         f"lowbit.backends.set_backend(qmodel, {name!r}, example_inputs)")
+    return backend.layer_value

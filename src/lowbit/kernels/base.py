@@ -27,9 +27,10 @@ def native_lib_for(*tensors: torch.Tensor) -> Any:
         >>> lib is None or hasattr(lib, "lb_epilogue")
         True
     """
+    if not native_allowed():  # a "torch"-backend layer is running
+        return None
     lib = load_native()
-    if (lib is None or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or not native_allowed()):  # (off while a "torch"-backend layer runs)
+    if lib is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     for t in tensors:
         if type(t) is not torch.Tensor or not t.is_cpu:

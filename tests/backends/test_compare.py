@@ -1,0 +1,56 @@
+"""compare() / select_best(): every backend measured, agreement with reference, the choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import backends
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return lowbit.models.MLP(in_features=32, hidden=(48,), num_classes=10).eval()
+
+
+def test_compare_measures_every_backend() -> None:
+    qmodel = lowbit.quantize_dynamic(_mlp())
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    x = torch.randn(8, 32)
+    table = backends.compare(qmodel, x, warmup=1, iters=3)
+    names = [r.backend for r in table]
+    assert sorted(names) == sorted(s.name for s in backends.available())
+    runs = [r for r in table if r.available]
+    assert [r.p50_ms for r in runs] == sorted(r.p50_ms for r in runs)  # fastest first
+    for r in runs:
+        assert r.p50_ms > 0 and r.p90_ms >= r.p50_ms and r.throughput > 0
+        assert r.cosine > 0.9999 and r.rel_dev < 1e-2, r
+    for name in ("reference", "native", "torch", "torch.compile"):
+        assert table[name].available and table[name].exact, table[name]
+    for status in backends.available():
+        if not status.available:
+            assert table[status.name].reason == status.reason and math.isnan(
+                table[status.name].p50_ms)
+    md = table.to_markdown()
+    assert "| backend | p50 ms | p90 ms | samples/s |" in md and "batch 8" in md
+    assert all(torch.equal(v, before[k]) for k, v in qmodel.state_dict().items())
+    assert {m.backend for m in qmodel.modules() if hasattr(m, "kernel_info")} == {"auto"}
+
+
+def test_select_best_respects_the_tolerance() -> None:
+    qmodel = lowbit.quantize_weight_only(_mlp(), 4, 32)
+    x = torch.randn(4, 32)
+    exact = backends.select_best(qmodel, x, 0.0, ["reference", "native", "torch"], warmup=1,
+                                 iters=3)
+    assert exact.table[exact.name].exact or exact.table[exact.name].rel_dev == 0.0
+    loose = backends.select_best(qmodel, x, 0.05, ["reference", "native", "torch"], warmup=1,
+                                 iters=3)
+    fastest = min((r for r in loose.table if r.rel_dev <= 0.05), key=lambda r: r.p50_ms)
+    assert loose.name == fastest.backend and "selected:" in loose.to_markdown()
+    with pytest.raises(ValueError, match="tolerance=-1 must be >= 0"):
+        backends.select_best(qmodel, x, -1)
+    with pytest.raises(ValueError, match="unknown"):
+        backends.compare(qmodel, x, ["reference", "gpu"])

@@ -1,0 +1,74 @@
+"""torch.compile / torch.export of quantized models: no graph break, exported == eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import backends
+
+MODES = ["dynamic", "static", "int4"]
+
+
+def _explain_and_export(qmodel: nn.Module, x: object, run) -> None:
+    args, kwargs = ((), x) if isinstance(x, dict) else ((x,), {})
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(qmodel)(*args, **kwargs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    ops = [n for g in explained.graphs for n in g.graph.nodes
+           if n.op == "call_function" and "quantized_layer" in str(n.target)]
+    layers = {id(m) for m in qmodel.modules() if hasattr(m, "kernel_info")}
+    assert len(ops) >= len(layers) > 0  # every quantized layer is one opaque op
+    program = torch.export.export(qmodel, args, kwargs)
+    assert "lowbit.quantized_layer" in str(program.graph)
+    out = program.module()(*args, **kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+    assert torch.equal(out, run(qmodel, x))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "bert"])
+def test_no_graph_break_and_export_equals_eager(arch: str, make_quantized, run) -> None:
+    for mode in MODES:
+        qmodel, x = make_quantized(f"{arch}-{mode}")
+        _explain_and_export(qmodel, x, run)
+
+
+def test_export_keeps_the_batch_dynamic_and_each_layer_backend(make_quantized, run) -> None:
+    qmodel, x = make_quantized("cnn-static")
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(qmodel, (x,), dynamic_shapes=({0: batch},))
+    for n in (1, 7):
+        xb = torch.randn(n, 1, 28, 28)
+        assert torch.equal(program.module()(xb), run(qmodel, xb))
+    backends.set_backend(qmodel, "torch")  # the layer backend is part of the exported spec
+    program = torch.export.export(qmodel, (x,))
+    assert '"backend": "torch"' in str(program.graph_module.code)
+    assert torch.equal(program.module()(x), run(qmodel, x))
+
+
+def test_exported_program_runs_without_the_original_model(make_quantized, run) -> None:
+    """A layer the op cannot find alive is rebuilt from the spec and the exported buffers."""
+    qmodel, x = make_quantized("mlp-int4")
+    expected = run(qmodel, x)
+    program = torch.export.export(qmodel, (x,))
+    state = {k: v.clone() for k, v in program.state_dict.items()}
+    del qmodel
+    program = program.run_decompositions({})  # (a new program object, same graph)
+    gm = program.module()
+    gm.load_state_dict(state, strict=False)
+    assert torch.equal(gm(x), expected)
+
+
+def test_torch_compile_backend_equals_eager(run) -> None:
+    torch.manual_seed(0)
+    model = lowbit.models.MLP(in_features=32, hidden=(48,), num_classes=10).eval()
+    x = torch.randn(4, 32)
+    qmodel = lowbit.quantize_weight_only(model, 4, 32)
+    torch._dynamo.reset()
+    compiled = backends.set_backend(qmodel, "torch.compile")
+    assert compiled is not qmodel
+    assert torch.equal(run(compiled, x), run(qmodel, x))
+    assert torch.equal(run(compiled, x[:1]), run(qmodel, x[:1]))  # a new shape
