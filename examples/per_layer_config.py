@@ -9,7 +9,10 @@ reports what happened to each layer. Runs in about 20 seconds on 2 CPU cores:
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+from torch.utils.data import Subset
 
 from lowbit.config import QuantizationConfig
 from lowbit.data import mnist_splits
@@ -18,10 +21,22 @@ from lowbit.models import MnistCNN, train_classifier
 from lowbit.ptq import PTQQuantizer
 
 
-def main() -> None:
-    splits = mnist_splits()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fast", action="store_true",
+                        help="small training and evaluation sets (what CI runs, a few seconds)")
+    parser.add_argument("--mnist", metavar="DIR", default=None,
+                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    splits = mnist_splits(args.mnist)
     torch.manual_seed(0)
-    model = train_classifier(MnistCNN(), splits.train, epochs=2, lr=2e-3, progress=False)
+    train = Subset(splits.train, range(3000)) if args.fast else splits.train
+    model = train_classifier(MnistCNN(), train, epochs=1 if args.fast else 2, lr=2e-3,
+                             progress=False)
     calibration = list(splits.train.tensors[0][:512].split(64))
     print(splits.description)
     print(f"FP32: {evaluate_accuracy(model, splits.eval):.2f}%, "

@@ -1,7 +1,18 @@
-"""Every script in examples/ runs end to end (real MNIST, real kernels) and says what it did."""
+"""Every script in examples/ runs end to end in its fast mode (real MNIST, real kernels), answers
+``--help``, states its expected output, and its key claim holds.
+
+The claims checked here are the ones the docs make about each example: PTQ INT8 costs well
+under a point and reloads bit-identically, QAT beats PTQ where PTQ breaks (2-bit weights),
+a registered custom calibrator is used like a built-in, per-layer overrides land where asked,
+the sensitivity fallback really keeps a layer in FP32 within budget, and in the accuracy
+comparison QAT is not worse than PTQ. One intra-op thread per script: pytest runs two at once
+on two cores.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,31 +20,106 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-EXPECTED = {
-    "ptq_quickstart.py": "identical outputs",
-    "qat_quickstart.py": "identical outputs",
-    "custom_calibrator.py": "",
-    "per_layer_config.py": "",
-    "sensitivity_analysis.py": "report written to",
-}
+OWN = ["accuracy_comparison.py", "custom_calibrator.py", "per_layer_config.py",
+       "ptq_quickstart.py", "qat_quickstart.py", "sensitivity_analysis.py"]
+#: Examples whose checks live with their feature's tests (other issues' examples).
+ELSEWHERE = {"backend_selection.py", "distributed_calibration.py"}
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def percent(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in output:\n{text[-2000:]}"
+    return float(match.group(1))
 
 
 def test_every_example_is_listed() -> None:
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+    found = {p.name for p in EXAMPLES.glob("*.py")}
+    assert set(OWN) <= found
+    assert found - set(OWN) <= ELSEWHERE, f"add a check for {sorted(found - set(OWN))}"
 
 
-@pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_example_runs(script: str, tmp_path: Path) -> None:
-    args = [sys.executable, str(EXAMPLES / script)]
-    if script == "sensitivity_analysis.py":
-        args.append(str(tmp_path / "report"))
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert EXPECTED[script] in done.stdout
-    if script == "sensitivity_analysis.py":
-        assert (tmp_path / "report" / "report.html").stat().st_size > 1000
-    if script == "qat_quickstart.py":
-        line = next(s for s in done.stdout.splitlines() if s.startswith("FP32"))
-        ptq = float(line.split("PTQ ")[1].split("%")[0])
-        qat = float(line.split("QAT ")[1].split("%")[0])
-        assert qat >= ptq + 1.0, line
+@pytest.mark.parametrize("script", OWN)
+def test_example_documents_itself(script: str) -> None:
+    """A module docstring with the usage line and the expected output (from a real run)."""
+    text = (EXAMPLES / script).read_text()
+    doc = text.split('"""')[1]
+    assert f"python examples/{script}" in doc
+    assert "--fast" in doc and "Expected output" in doc and "Zen 3" in doc
+
+
+@pytest.mark.parametrize("script", OWN)
+def test_example_help(script: str, tmp_path: Path) -> None:
+    out = run(script, "--help", cwd=tmp_path)
+    assert "--fast" in out and "--mnist" in out
+
+
+def test_ptq_quickstart(tmp_path: Path) -> None:
+    out = run("ptq_quickstart.py", "--fast", cwd=tmp_path)
+    fp32 = percent(r"FP32 ([\d.]+)%", out)
+    int8 = percent(r"-> INT8 ([\d.]+)%", out)
+    assert fp32 - int8 < 1.0, out
+    assert "saved and reloaded: identical outputs" in out
+
+
+def test_qat_quickstart_beats_ptq(tmp_path: Path) -> None:
+    out = run("qat_quickstart.py", "--fast", cwd=tmp_path)
+    ptq = percent(r"W2A8 PTQ ([\d.]+)%", out)
+    qat = percent(r"W2A8 QAT ([\d.]+)%", out)
+    assert qat >= ptq + 1.0, out
+    assert "saved and reloaded: identical outputs" in out
+
+
+def test_custom_calibrator(tmp_path: Path) -> None:
+    out = run("custom_calibrator.py", "--fast", cwd=tmp_path)
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[2].endswith("%"):
+            lo, hi = (float(v) for v in cells[4].strip("[]").split(","))
+            rows[(cells[0], cells[1])] = (float(cells[2].rstrip("%")), hi - lo)
+    minmax_acc, minmax_width = rows[("minmax", "-")]
+    k3_acc, k3_width = rows[("mean_std", "{'k': 3.0}")]
+    assert k3_width < minmax_width  # the custom calibrator really chose the range
+    assert abs(k3_acc - minmax_acc) < 2.0
+
+
+def test_per_layer_config(tmp_path: Path) -> None:
+    out = run("per_layer_config.py", "--fast", cwd=tmp_path)
+    assert re.search(r"\| conv1 \| Conv2d \| fp32 \(requested\)", out), out
+    assert re.search(r"\| fc1 \| Linear \| quantized \| W4 per_group", out), out
+    assert "set_per_layer_fallback('fc2'): kept in FP32 -> ['fc2']" in out
+
+
+def test_sensitivity_fallback_keeps_a_layer_in_fp32(tmp_path: Path) -> None:
+    out = run("sensitivity_analysis.py", "--fast", "--report", str(tmp_path / "report"),
+              cwd=tmp_path)
+    drop_all = percent(r"all layers W3A8: drop (-?[\d.]+) points", out)
+    kept = re.search(r"kept in FP32: (\[.*\]) -> drop (-?[\d.]+) points", out)
+    assert kept, out
+    assert drop_all > 0.25 and kept.group(1) != "[]", out  # the budget forced a fallback
+    assert float(kept.group(2)) <= 0.25, out
+    assert re.search(r"^\w+: fp32 \(requested\)$", out, re.MULTILINE), out
+    assert (tmp_path / "report" / "report.html").stat().st_size > 1000
+
+
+def test_accuracy_comparison_qat_not_worse_than_ptq(tmp_path: Path) -> None:
+    out = run("accuracy_comparison.py", "--fast", "--report", str(tmp_path / "report"),
+              cwd=tmp_path)
+    acc = {m.group(1): float(m.group(2))
+           for m in re.finditer(r"^\| ([A-Z][\w -]+?) \| ([\d.]+)% \|", out, re.MULTILINE)}
+    assert {"FP32", "PTQ INT8 dynamic", "PTQ INT8 static", "PTQ INT4 weight-only g32",
+            "PTQ W2A8", "QAT INT8 static", "QAT W2A8"} <= set(acc), out
+    assert acc["QAT W2A8"] >= acc["PTQ W2A8"] + 3.0, out
+    assert acc["QAT INT8 static"] >= acc["PTQ INT8 static"] - 0.5, out
+    assert acc["FP32"] - acc["PTQ INT8 static"] < 1.0, out
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Per-layer SQNR" in page and page.count("data:image/png;base64") >= 2
+    assert "Per-layer SQNR" in (tmp_path / "report" / "report.md").read_text()
