@@ -1,0 +1,150 @@
+"""merge_lora (float and re-quantized) and adapters saved alone (save_adapters / load_adapters)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.config import QuantizationConfig
+from lowbit.lora import LoRALinear, add_lora, lora_parameters
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(),
+                         nn.Linear(128, 16))
+
+
+X = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _quantize(method: str) -> nn.Module:
+    if method == "int4":
+        return lowbit.quantize_weight_only(_mlp(), bits=4, group_size=32)
+    if method == "int8_weight_only":
+        return lowbit.quantize_weight_only(_mlp(), bits=8)
+    if method == "static":
+        return lowbit.quantize_static(_mlp(), [X], progress=False)
+    return lowbit.quantize_dynamic(_mlp())
+
+
+def _trained(method: str) -> nn.Module:
+    lq = add_lora(_quantize(method), r=8, alpha=16)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_parameters(lq):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return lq.eval()
+
+
+#: Re-quantization rounds the merged weight once more: its relative error is about the base's
+#: own quantization error (INT4 g32: ~6-8%, INT8: ~0.5%).
+WEIGHT_BOUND = {"int4": 0.1, "int8_weight_only": 0.01, "dynamic": 0.01, "static": 0.01}
+
+
+@pytest.mark.parametrize("method", ["int4", "int8_weight_only", "dynamic", "static"])
+def test_merge_float_is_exact_and_requantized_is_bounded(method: str) -> None:
+    lq = _trained(method)
+    with torch.no_grad():
+        want = lq(X)
+    exact = lowbit.merge_lora(lq, requantize=False)
+    assert not any(isinstance(m, LoRALinear) for m in exact.modules())
+    assert isinstance(lq[0], LoRALinear)  # the input model is untouched
+    for i, layer in ((0, exact[0][0]), (2, exact[2][0]), (4, exact[4])):  # + ReLU / GELU
+        a = lq[i]
+        w = a.base.dequantize_weight() + a.scaling * a.lora_B @ a.lora_A
+        torch.testing.assert_close(layer.weight, w.detach(), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        err = (exact(X) - want).norm() / want.norm()
+    # INT4 runs fp32 kernels here; INT8 rounds activations (and weight-only INT8 may run bf16)
+    assert err < (1e-5 if method == "int4" else 0.02), err
+    merged = lowbit.merge_lora(lq, inputs=X)
+    report = merged.lora_merge_report
+    assert [r.name for r in report.rows] == ["0", "2", "4"]
+    base = type(lq[0].base)
+    assert all(type(merged[i]) is base for i in (0, 2, 4))
+    assert merged[0].fused_relu and merged[2].fused_gelu == "none"
+    assert merged[0].weight_spec == lq[0].base.weight_spec
+    if method == "static":
+        assert torch.equal(merged[2].input_scale, lq[2].base.input_scale)
+    assert 0 < report.max_weight_error < WEIGHT_BOUND[method], str(report)
+    assert report.max_output_error < 2 * WEIGHT_BOUND[method], str(report)
+    with torch.no_grad():
+        err = (merged(X) - want).norm() / want.norm()
+    assert err < 2 * WEIGHT_BOUND[method]
+    assert "| 0 |" in str(report)
+
+
+def test_merge_errors() -> None:
+    with pytest.raises(ValueError, match="no LoRA adapter on a lowbit quantized layer"):
+        lowbit.merge_lora(_quantize("int4"))
+
+
+def test_save_and_load_adapters_alone(tmp_path: Path) -> None:
+    lq = _trained("int4")
+    path = lowbit.save_adapters(lq, tmp_path / "a.safetensors")
+    whole = tmp_path / "whole"
+    lowbit.save(lq, whole)
+    whole_bytes = sum(f.stat().st_size for f in whole.iterdir())
+    assert path.stat().st_size < 0.5 * whole_bytes
+    assert not list(tmp_path.glob(".*tmp"))  # atomic: no temporaries left
+    back = lowbit.load_adapters(_quantize("int4"), path)
+    with torch.no_grad():
+        assert torch.equal(back(X), lq(X))
+    assert [n for n, p in back.named_parameters() if p.requires_grad] == [
+        f"{i}.{w}" for i in (0, 2, 4) for w in ("lora_A", "lora_B")]
+    # onto a model that already has adapters: the weights are replaced
+    fresh = add_lora(_quantize("int4"), r=8, alpha=16)
+    again = lowbit.load_adapters(fresh, path, inplace=True)
+    assert again is fresh and torch.equal(fresh[2].lora_B, lq[2].lora_B)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["adapters"])
+    assert meta["0"]["lora"]["fused_relu"] and meta["2"]["lora"]["fused_gelu"] == "none"
+
+
+def test_load_adapters_refuses_another_base(tmp_path: Path) -> None:
+    path = lowbit.save_adapters(_trained("int4"), tmp_path / "a.safetensors")
+    torch.manual_seed(5)
+    other = lowbit.quantize_weight_only(nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 16)),
+        bits=4, group_size=32)
+    with pytest.raises(ValueError, match=r"layer '0' \(Int4Linear 64 -> 128\): its weights "
+                                         "differ"):
+        lowbit.load_adapters(other, path)
+    with pytest.raises(ValueError, match="trained on a 'Int4Linear'"):
+        lowbit.load_adapters(_quantize("dynamic"), path)
+    with pytest.raises(ValueError, match="no quantized linear layer there"):
+        lowbit.load_adapters(lowbit.PTQQuantizer(QuantizationConfig.int4_weight_only(
+            32, layer_overrides={"0": None}), progress=False).quantize(_mlp()), path)
+    bad = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(bad), {"format": "something"})
+    with pytest.raises(ValueError, match="expected 'lowbit-lora-adapters/1'"):
+        lowbit.load_adapters(_quantize("int4"), bad)
+    tensors = safetensors.torch.load_file(str(path))
+    tensors["0.lora_A"] = tensors["0.lora_A"][:, :3].contiguous()
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    safetensors.torch.save_file(tensors, str(bad), meta)
+    with pytest.raises(ValueError, match=r"lora_A must be a float tensor of shape \(8, 64\)"):
+        lowbit.load_adapters(_quantize("int4"), bad)
+    with pytest.raises(FileNotFoundError, match="save_adapters"):
+        lowbit.load_adapters(_quantize("int4"), tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        lowbit.save_adapters(_quantize("int4"), tmp_path / "none.safetensors")
+
+
+def test_merge_a_root_adapter_and_a_static_config_check() -> None:
+    q = lowbit.QuantizedLinear.from_float(nn.Linear(16, 8), QuantizationConfig.int8_dynamic())
+    layer = add_lora(q, r=2)
+    merged = lowbit.merge_lora(layer)
+    assert isinstance(merged, lowbit.QuantizedLinear)
+    with torch.no_grad():
+        x = torch.randn(4, 16)
+        assert torch.equal(merged(x), q(x))  # B = 0: the same codes come back
