@@ -253,7 +253,9 @@ class Calibrator(nn.Module):
         old = (self.min_val.clone(), self.max_val.clone())
         self._merge(other)
         self._record_change(old, None)
-        self.num_batches_tracked += other.num_batches_tracked.to(self.num_batches_tracked.device)
+        # out of place, as in update(): buffers filled under inference_mode stay mergeable
+        self.num_batches_tracked = self.num_batches_tracked + other.num_batches_tracked.to(
+            self.num_batches_tracked.device)
 
     def extra_repr(self) -> str:
         return (f"tensor_name={self.tensor_name!r}, bits={self.spec.bits}, "
@@ -639,8 +641,9 @@ class HistogramCalibrator(Calibrator):
         dev = self.histogram.device
         other_k = other.grid_exponent.to(dev)
         self._regrid(other_k)
-        self.histogram += _coarsen(other.histogram.to(dev), self.grid_exponent - other_k)
-        self.zero_count += other.zero_count.to(dev)
+        self.histogram = self.histogram + _coarsen(other.histogram.to(dev),
+                                                   self.grid_exponent - other_k)
+        self.zero_count = self.zero_count + other.zero_count.to(dev)
         self.min_val = torch.minimum(self.min_val, other.min_val.to(dev))
         self.max_val = torch.maximum(self.max_val, other.max_val.to(dev))
 

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed as _dist
 from lowbit.calibrators import (
     Calibrator,
     MinMaxCalibrator,
@@ -294,6 +295,8 @@ class FakeQuantize(nn.Module):
         self._steps: list[int] = []  # the training step of each row
         self._bwd: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # grad norms in / out
         self._clip: dict[int, Any] = {}  # (kept count, numel) or a loaded fraction
+        self.sync_every = 0  # cross-rank range sync: lowbit.distributed.configure_qat_sync
+        self.sync_group: Any = None
 
     # ------------------------------------------------------------------ modes
     def enable_observer(self, enabled: bool = True) -> None:
@@ -339,8 +342,11 @@ class FakeQuantize(nn.Module):
         return super().__getattr__(name)
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, *, sync: bool = False) -> None:
         """Feed ``x`` to the observer and refresh ``scale``/``zero_point`` from its range.
+
+        ``sync=True`` (training forwards) takes part in the cross-rank range sync set up by
+        :func:`lowbit.distributed.configure_qat_sync` (a no-op outside a distributed run).
 
         A learnable scale is only set by the first observation (LSQ initialization).
         Min-max and moving-average observers (the QAT defaults) take a fast path that leaves
@@ -353,10 +359,17 @@ class FakeQuantize(nn.Module):
         obs = self.observer
         if obs is None:
             return
+        group = _dist.qat_group(self) if sync else None
+        every_step = group is not None and (self.sync_every == 1 or not bool(self.initialized))
         scale = zp = None
         if type(obs) in (MinMaxCalibrator, MovingAverageCalibrator):
-            scale, zp = self._observe_fast(obs, x)
-        if scale is None:  # other observers, or a case the fast path hands over
+            scale, zp = self._observe_fast(obs, x, group if every_step else None)
+        if scale is None and every_step:  # the global batch, through the exact merge
+            _dist.observe_merged(obs, x, self.reset_observer, group)
+            if self.learnable_scale and bool(self.initialized):
+                return
+            scale, zp = obs.compute_qparams(self.spec)
+        elif scale is None:  # other observers, or a case the fast path hands over
             if self.reset_observer:
                 obs.reset()
             obs.update(x)
@@ -367,18 +380,23 @@ class FakeQuantize(nn.Module):
             return
         self._set_qparams(scale, zp)
         self.initialized.fill_(True)
+        if group is not None and not every_step and int(self.num_steps) % self.sync_every == 0:
+            _dist.sync_fake_quantize(self, group)  # every n-th step: combine the ranks' ranges
 
-    def _observe_fast(self, obs: Calibrator, x: torch.Tensor
+    def _observe_fast(self, obs: Calibrator, x: torch.Tensor, group: Any = None
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Min-max / moving-average update straight on the observer's buffers.
 
         Returns the new ``(scale, zero_point)``, or ``(None, None)`` without touching anything
         when the generic :meth:`Calibrator.update` must run (empty, non-finite or re-shaped
-        input: it raises the named error; a range whose width overflows float32).
+        input: it raises the named error; a range whose width overflows float32). With a
+        ``group``, the batch range is first reduced over its ranks (the global batch's range).
         """
         if x.numel() == 0:
             return None, None
         lo, hi = compute_range(x, obs.spec, obs.tensor_name)
+        if group is not None:
+            lo, hi = _dist.all_reduce_range(lo, hi, group, self.name)
         first = self.reset_observer or int(obs.num_batches_tracked) == 0
         if not first and lo.shape != obs.min_val.shape:
             return None, None
@@ -443,7 +461,7 @@ class FakeQuantize(nn.Module):
         # observe before the step counts: freeze_observer_after=n observes n training steps
         observe = not bool(self.initialized) or (training and self._observing(step - 1))
         if observe:
-            self.observe(x)
+            self.observe(x, sync=training)
         assert self.observer is not None
         row = None
         if record:

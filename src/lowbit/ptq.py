@@ -22,6 +22,7 @@ from torch import nn
 from lowbit.calibration import CalibrationRecord, run_calibration
 from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.distributed import calibrate_synced
 from lowbit.modules import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -161,6 +162,10 @@ class PTQQuantizer(Quantizer):
         progress: show a progress bar while calibrating.
         max_calibration_batches: stop calibration after this many batches.
         inplace: modify the given model instead of a deep copy.
+        process_group: under ``torch.distributed``, the group whose ranks' calibration
+            statistics are merged before qparams are chosen (default: the world; see
+            :func:`lowbit.distributed.sync_calibrators`).
+        sync: ``False`` calibrates on this rank's batches only, even in a distributed run.
         backend: the layer backend of the quantized layers: ``"native"`` (default: lowbit's
             kernels for this CPU), ``"reference"`` or ``"torch"`` (see :mod:`lowbit.backends`;
             model backends such as ``"onnxruntime"`` apply to a quantized model, with
@@ -178,7 +183,8 @@ class PTQQuantizer(Quantizer):
     def __init__(self, config: QuantizationConfig | None = None, *,
                  calibrator: str | type[Calibrator] | Calibrator | None = None,
                  progress: bool = True, max_calibration_batches: int | None = None,
-                 inplace: bool = False, backend: str | None = None) -> None:
+                 inplace: bool = False, process_group: Any = None, sync: bool = True,
+                 backend: str | None = None) -> None:
         super().__init__(config)
         self.backend = _layer_backend(backend)
         if config is not None and not isinstance(config, QuantizationConfig):
@@ -188,6 +194,7 @@ class PTQQuantizer(Quantizer):
         self.progress = progress
         self.max_calibration_batches = max_calibration_batches
         self.inplace = inplace
+        self.process_group, self.sync = process_group, sync
         self.last_report: QuantizationReport | None = None
         self.calibrators: dict[str, Calibrator] = {}
 
@@ -235,9 +242,11 @@ class PTQQuantizer(Quantizer):
         static = {n: p for n, p in todo.items() if p.config and p.config.mode == "static"}
         self.calibrators = {n: self._make_calibrator(p.config, n) for n, p in static.items()}
         if static:
-            report.num_calibration_batches = run_calibration(
-                qmodel, self.calibrators, calibration_data, progress=self.progress,
-                max_batches=self.max_calibration_batches)
+            report.num_calibration_batches = calibrate_synced(  # all ranks' batches, merged
+                lambda: run_calibration(qmodel, self.calibrators, calibration_data,
+                                        progress=self.progress,
+                                        max_batches=self.max_calibration_batches),
+                self.calibrators, self.process_group, sync=self.sync)
             for name, cal in self.calibrators.items():
                 if int(cal.num_batches) == 0:
                     plan = todo.pop(name)
@@ -360,9 +369,13 @@ def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
                     config: QuantizationConfig | None = None, *,
                     calibrator: str | type[Calibrator] | Calibrator | None = None,
                     inplace: bool = False, progress: bool = True,
-                    max_calibration_batches: int | None = None,
-                    backend: str | None = None) -> nn.Module:
+                    max_calibration_batches: int | None = None, process_group: Any = None,
+                    sync: bool = True, backend: str | None = None) -> nn.Module:
     """INT8 weights and calibrated INT8 activations (``backend``: see :class:`PTQQuantizer`).
+
+    Under ``torch.distributed`` each rank passes its own shard of the calibration data and every
+    rank gets the same qparams, those of the union of the shards (``process_group``, ``sync``:
+    see :class:`PTQQuantizer`).
 
     Example:
         >>> import torch
@@ -376,7 +389,8 @@ def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
         raise ValueError(f"quantize_static: config.mode is {cfg.mode!r}; use "
                          "QuantizationConfig.int8_static(...)")
     return PTQQuantizer(cfg, calibrator=calibrator, progress=progress, inplace=inplace,
-                        max_calibration_batches=max_calibration_batches, backend=backend
+                        max_calibration_batches=max_calibration_batches,
+                        process_group=process_group, sync=sync, backend=backend
                         ).quantize(model, calibration_data)
 
 

@@ -56,6 +56,7 @@ from torch import nn
 
 from lowbit.calibrators import available_calibrators
 from lowbit.config import QuantizationConfig
+from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
 from lowbit.fake_quantize import FakeQuantize
 from lowbit.modules import convert_module
 from lowbit.modules_weight_only import _layout
@@ -115,6 +116,10 @@ class QATConfig:
         record_statistics: keep per-step statistics (see :func:`get_qat_statistics`).
         statistics_every: record every n-th training step only (1: every step; larger values
             cut the small per-step cost of statistics on big runs).
+        sync_every: under ``torch.distributed`` (DDP, FSDP), keep activation ranges and folded
+            BatchNorm statistics identical across ranks: 1 all-reduces every step, n every
+            n-th step, 0 never (see :func:`lowbit.distributed.configure_qat_sync`). No effect
+            in a single process.
 
     Raises:
         ValueError: on an unknown observer name or a negative step count.
@@ -134,6 +139,7 @@ class QATConfig:
     freeze_observers_after: int | None = None
     record_statistics: bool = True
     statistics_every: int = 1
+    sync_every: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.quantization, QuantizationConfig):
@@ -149,6 +155,9 @@ class QATConfig:
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"QATConfig.{what} must be a non-negative int or None, got "
                                  f"{value!r}")
+        if not isinstance(self.sync_every, int) or self.sync_every < 0:
+            raise ValueError("QATConfig.sync_every must be an int >= 0 (1: every step, 0: never), "
+                             f"got {self.sync_every!r}")
         if not isinstance(self.statistics_every, int) or self.statistics_every < 1:
             raise ValueError("QATConfig.statistics_every must be a positive int, got "
                              f"{self.statistics_every!r}")
@@ -158,7 +167,7 @@ class QATConfig:
     def __hash__(self) -> int:
         return hash((self.quantization, self.activation_observer, self.weight_observer,
                      self.learnable_scale, self.freeze_bn_after, self.freeze_observers_after,
-                     self.record_statistics, self.statistics_every,
+                     self.record_statistics, self.statistics_every, self.sync_every,
                      tuple(sorted(self.activation_observer_kwargs))))
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +179,7 @@ class QATConfig:
                 "freeze_bn_after": self.freeze_bn_after,
                 "freeze_observers_after": self.freeze_observers_after,
                 "record_statistics": self.record_statistics,
-                "statistics_every": self.statistics_every}
+                "statistics_every": self.statistics_every, "sync_every": self.sync_every}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QATConfig:
@@ -225,6 +234,7 @@ class QATLayer(nn.Module):
         self.freeze_bn_after = options.freeze_bn_after
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("bn_frozen", torch.tensor(False))
+        self.sync_every, self.sync_group = 0, None  # lowbit.distributed.configure_qat_sync
         weight = base_layer.weight
         self._k = weight[0].numel()
         self._weight_only = config.mode == "weight_only"
@@ -306,6 +316,9 @@ class QATLayer(nn.Module):
         bn = self.bn
         if bn is not None and self.training and bn.training and not self.bn_is_frozen:
             y = self._forward_bn_training(x, bn)
+            group = qat_group(self)
+            if group is not None and (int(self.num_steps) + 1) % self.sync_every == 0:
+                sync_batchnorm(bn, group)  # running statistics equal on every rank
         else:
             w, b = self._folded()
             y = self._op(x, self._quantize_weight(w), b)
@@ -377,6 +390,8 @@ class QATPreparer:
     Args:
         config: a :class:`QATConfig`, or a :class:`~lowbit.config.QuantizationConfig` used with
             the default QAT options (``None``: INT8 static).
+        process_group: the ``torch.distributed`` group QAT ranges are synchronized over
+            (default: the world; see ``QATConfig.sync_every``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -393,7 +408,8 @@ class QATPreparer:
         ('QuantizedLinear', torch.int8, True)
     """
 
-    def __init__(self, config: QATConfig | QuantizationConfig | None = None) -> None:
+    def __init__(self, config: QATConfig | QuantizationConfig | None = None, *,
+                 process_group: Any = None) -> None:
         if config is None:
             config = QATConfig()
         elif isinstance(config, QuantizationConfig):
@@ -402,6 +418,7 @@ class QATPreparer:
             raise TypeError("QATPreparer(config=...) must be a QATConfig or QuantizationConfig, "
                             f"got {type(config).__name__}")
         self.config = config
+        self.process_group = process_group
 
     def prepare_for_qat(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` with every quantizable layer replaced by a :class:`QATLayer`.
@@ -448,6 +465,7 @@ class QATPreparer:
         if isinstance(qat, nn.Module) and not isinstance(qat, QATLayer):
             for relu in relu_modules_to_remove(fusions, fused):
                 qat.set_submodule(relu, nn.Identity())
+        configure_qat_sync(qat, self.config.sync_every, self.process_group)
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
         qat.lowbit_report = report
         qat.lowbit_qat_config_json = json.dumps(self.config.to_dict(), sort_keys=True)

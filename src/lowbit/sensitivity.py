@@ -171,8 +171,8 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
                         eval_fn: EvalFn | None = None,
                         calibration_data: Iterable[Any] | None = None,
                         layers: Iterable[str] | None = None, progress: bool = True, *,
-                        example_input: Any = None, metric_name: str = "metric"
-                        ) -> SensitivityReport:
+                        example_input: Any = None, metric_name: str = "metric",
+                        process_group: Any = None, sync: bool = True) -> SensitivityReport:
     """Quantize one layer at a time (the others float) and measure the damage.
 
     Args:
@@ -186,6 +186,9 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
         progress: show a progress bar over the layers.
         example_input: a batch (tensor, ``(inputs, labels)`` tuple or dict) for the output error.
         metric_name: name of the metric in tables and plots (e.g. ``"accuracy"``).
+        process_group, sync: under ``torch.distributed``, calibration statistics are merged
+            over the group's ranks (see :class:`~lowbit.ptq.PTQQuantizer`); ``eval_fn`` must
+            then return the same value on every rank (evaluate the same data, or all-reduce).
 
     Returns:
         A :class:`SensitivityReport` sorted most sensitive first.
@@ -212,7 +215,8 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     if eval_fn is None and example is None:
         raise ValueError("analyze_sensitivity: pass eval_fn (higher is better), or an "
                          "example_input / calibration_data batch to rank layers by output error")
-    qfull = PTQQuantizer(config, progress=progress).quantize(model, calibration_data)
+    qfull = PTQQuantizer(config, progress=progress, process_group=process_group, sync=sync
+                         ).quantize(model, calibration_data)
     plans = {r.name: r for r in qfull.lowbit_report.rows}
     todo = [n for n, r in plans.items() if r.status == "quantized"]
     skipped = {n: r.reason for n, r in plans.items() if r.status != "quantized"}
