@@ -219,3 +219,23 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path) -> None:
         ort_model(y=torch.randn(2, 4))
     with pytest.raises(TypeError, match="missing input"):
         ort_model()
+
+
+def test_cli_export_of_a_saved_lowbit_model(tmp_path, capsys) -> None:
+    import json
+
+    from lowbit.cli import main
+
+    torch.manual_seed(0)
+    model = MLP(hidden=(32,)).eval()
+    lowbit.save(lowbit.quantize_dynamic(model), tmp_path / "q")
+    arch = ["--arch", "lowbit.models:MLP", "--arch-kwargs", '{"hidden": [32]}']
+    out = tmp_path / "onnx" / "q.onnx"
+    assert main(["export", str(tmp_path / "q"), *arch, "--data", "mnist", "--out", str(out),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["integer_ops"] == {"QuantizeLinear": 2, "MatMulInteger": 2}
+    assert info["checked_inputs"] == 64 and info["max_abs_diff_vs_pytorch"] < 1e-4
+    onnx.checker.check_model(onnx.load(out))
+    assert main(["export", str(tmp_path / "q"), *arch, "--out", str(out)]) == 2  # no inputs
+    assert "pass --data DATA or --input-shape" in capsys.readouterr().err
