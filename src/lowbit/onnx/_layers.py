@@ -65,9 +65,11 @@ class _Epilogue(nn.Module):
 class _Int8(nn.Module):
     """Weights and activation parameters of an INT8 x INT8 layer, in ONNX layout."""
 
-    def __init__(self, layer: QuantizedLinear | QuantizedConv2d) -> None:
+    def __init__(self, layer: QuantizedLinear | QuantizedConv2d, exact: bool = True) -> None:
         super().__init__()
         self.post = _Epilogue(layer)
+        # uint8 weights + 128 (u8 x u8 kernels, exact) or the int8 codes (u8 x s8, fastest)
+        codes = _u8 if exact else (lambda t: t.to(torch.int8).clone())
         spec, self.mode = layer.act_spec, layer.mode
         self.qmin, self.qmax, self.off = layer._qmin, layer._qmax, layer._act_off
         self.spec_qmin, self.spec_qmax = spec.qmin, spec.qmax
@@ -80,17 +82,17 @@ class _Int8(nn.Module):
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
         if self.mode == "static":
-            self._static(layer, w, w_scale, w_zp)
+            self._static(layer, codes(w), w_scale, codes(w_zp.to(torch.int8)))
         else:
-            self.register_buffer("w", _u8(w))
-            self.register_buffer("w_zp", _u8(w_zp.to(torch.int8)))  # [N] uint8
+            self.register_buffer("w", codes(w))
+            self.register_buffer("w_zp", codes(w_zp.to(torch.int8)))  # [N]
             colsum = w.reshape(n, -1).sum(1, dtype=torch.int32) - w[0].numel() * w_zp
             self.register_buffer("colsum", colsum)  # sum_k (w - w_zp), for affine activations
 
     def _static(self, layer: nn.Module, w: torch.Tensor, w_scale: torch.Tensor,
                 w_zp: torch.Tensor) -> None:
-        """Standard QDQ: uint8 activations (zero-point + 128), int8 per-channel weights and an
-        int32 bias at scale ``s_x * s_w`` (a float bias when that would overflow int32)."""
+        """Standard QDQ: uint8 activations (zero-point + 128), per-channel weights (codes as
+        chosen by ``exact``) and an int32 bias at scale ``s_x * s_w`` (a float bias when that would overflow int32)."""
         s_x = layer.input_scale.detach().float().reshape(())
         zp = int(layer.input_zero_point) + self.off  # signed-equivalent
         self.register_buffer("x_scale", s_x.clone())
@@ -98,8 +100,8 @@ class _Int8(nn.Module):
         bits = layer.act_spec.bits
         self.x_range = [] if bits >= 8 else [float((self.qmin - zp) * s_x),
                                              float((self.qmax - zp) * s_x)]
-        self.register_buffer("w", _u8(w))  # uint8 + 128: exact u8 x u8 kernels (see _ops)
-        self.register_buffer("w_zp", _u8(w_zp.to(torch.int8)))
+        self.register_buffer("w", w)
+        self.register_buffer("w_zp", w_zp)
         self.register_buffer("bias_q", None)
         self.register_buffer("bias_scale", None)
         if self.bias is not None:
@@ -113,8 +115,8 @@ class _Int8(nn.Module):
 class ExportLinear(_Int8):
     """:class:`~lowbit.modules.QuantizedLinear` for export (dynamic or static)."""
 
-    def __init__(self, layer: QuantizedLinear) -> None:
-        super().__init__(layer)
+    def __init__(self, layer: QuantizedLinear, exact: bool = True) -> None:
+        super().__init__(layer, exact)
         self.k, self.n = layer.in_features, layer.out_features
         if self.mode != "static":
             self.w = self.w.t().contiguous()  # [K, N] for MatMulInteger
@@ -136,8 +138,8 @@ class ExportLinear(_Int8):
 class ExportConv(_Int8):
     """:class:`~lowbit.modules.QuantizedConv2d` / ``QuantizedConv1d`` for export."""
 
-    def __init__(self, layer: QuantizedConv2d) -> None:
-        super().__init__(layer)
+    def __init__(self, layer: QuantizedConv2d, exact: bool = True) -> None:
+        super().__init__(layer, exact)
         g = layer.geometry
         self.pre_pad, self.pad_mode = g["pre_pad"], g["pad_mode"]
         self.geo = (list(g["stride"]), list(g["padding"]), list(g["dilation"]), g["groups"])
@@ -256,8 +258,12 @@ class ExportDequant(nn.Module):
         return self.post(F.linear(x, self.weight(), self.bias))
 
 
-def export_layer(layer: nn.Module) -> nn.Module | None:
+def export_layer(layer: nn.Module, exact: bool = True) -> nn.Module | None:
     """The export stand-in of a lowbit quantized layer, or None for any other module.
+
+    ``exact``: INT8 x INT8 layers keep uint8 weights ``w + 128`` (u8 x u8 integer kernels:
+    exact int32 sums on every CPU) rather than the int8 codes (u8 x s8: ONNX Runtime's
+    fastest kernels, whose int16 pair sums saturate on x86 CPUs without VNNI).
 
     Example:
         >>> from lowbit import QuantizationConfig
@@ -266,9 +272,9 @@ def export_layer(layer: nn.Module) -> nn.Module | None:
         ('ExportLinear', None)
     """
     if isinstance(layer, QuantizedLinear):
-        return ExportLinear(layer)
+        return ExportLinear(layer, exact)
     if isinstance(layer, (QuantizedConv2d, QuantizedConv1d)):
-        return ExportConv(layer)
+        return ExportConv(layer, exact)
     if isinstance(layer, (Int4Linear, Int8WeightOnlyLinear)):
         block = _nbits_block(layer)
         return ExportDequant(layer) if block is None else ExportNBits(layer, block)

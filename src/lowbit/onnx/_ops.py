@@ -6,8 +6,8 @@ op's fake implementation (shapes); ``torch.onnx.export`` then calls the translat
 writes the standard ONNX subgraph:
 
 * ``dynamic_linear``: per-token (or per-tensor) activation quantization with standard ops, then
-  ``MatMulInteger`` (uint8 x uint8: exact int32 sums on every CPU, where ONNX Runtime's u8 x s8
-  kernels saturate int16 pairs on AVX2 without VNNI) and the float epilogue
+  ``MatMulInteger`` (uint8 x uint8 by default: exact int32 sums on every CPU, where ONNX
+  Runtime's u8 x s8 kernels saturate int16 pair sums on x86 without VNNI) and the float epilogue
   ``acc * s_w * s_x + bias``, the formula of lowbit's own kernels.
 * ``static_linear`` / ``static_conv``: QDQ (``QuantizeLinear`` / ``DequantizeLinear`` with the
   calibrated scale and zero-point, per-channel weights, int32 bias) that ONNX Runtime fuses into
@@ -62,7 +62,7 @@ def dynamic_linear(x: torch.Tensor, w: torch.Tensor, w_zp: torch.Tensor, w_scale
                    bias: torch.Tensor | None, colsum: torch.Tensor, qmin: int, qmax: int,
                    spec_qmin: int, spec_qmax: int, off: int, per_token: bool,
                    symmetric: bool) -> torch.Tensor:
-    """``x [M, K]`` float, ``w [K, N]`` uint8 codes + 128 -> float ``[M, N]``."""
+    """``x [M, K]`` float, ``w [K, N]`` codes (uint8 + 128, or int8) -> float ``[M, N]``."""
     raise _export_only("dynamic_linear")
 
 
@@ -115,7 +115,7 @@ def dynamic_conv(x: torch.Tensor, w: torch.Tensor, w_zp: torch.Tensor, w_scale: 
                  spec_qmax: int, off: int, symmetric: bool, integer: bool,
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                  groups: int) -> torch.Tensor:
-    """``x [B, C, *S]`` float, ``w`` uint8 codes + 128 -> float (per-tensor dynamic)."""
+    """``x [B, C, *S]`` float, ``w`` codes (uint8 + 128, or int8) -> float (per tensor)."""
     raise _export_only("dynamic_conv")
 
 
