@@ -92,7 +92,8 @@ class _Int8(nn.Module):
     def _static(self, layer: nn.Module, w: torch.Tensor, w_scale: torch.Tensor,
                 w_zp: torch.Tensor) -> None:
         """Standard QDQ: uint8 activations (zero-point + 128), per-channel weights (codes as
-        chosen by ``exact``) and an int32 bias at scale ``s_x * s_w`` (a float bias when that would overflow int32)."""
+        chosen by ``exact``) and an int32 bias at scale ``s_x * s_w`` (a float bias when that
+        would overflow int32)."""
         s_x = layer.input_scale.detach().float().reshape(())
         zp = int(layer.input_zero_point) + self.off  # signed-equivalent
         self.register_buffer("x_scale", s_x.clone())
