@@ -217,6 +217,9 @@ def _executor(spec: str, buffers: Sequence[torch.Tensor]) -> nn.Module:
             return module
     meta = json.loads(spec)
     names = meta["buffers"]
+    if len(names) != len(buffers):
+        raise ValueError(f"lowbit.quantized_layer: {meta.get('name') or meta.get('class')} "
+                         f"expects buffers {names}, got {len(buffers)} tensors")
     for module in list(_LIVE):
         own = module._buffers.get("weight")
         if (own is not None and _same(own, weight) and _buffer_names(module) == names

@@ -1,0 +1,59 @@
+"""lowbit._dispatch: the custom op's fake shapes, its executor, and the eager routing check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lowbit import _dispatch
+from lowbit.config import QuantizationConfig
+from lowbit.modules import convert_module
+
+CASES = [
+    (nn.Conv2d(3, 8, 3, padding="same", padding_mode="reflect"), "dyn", (2, 3, 9, 7)),
+    (nn.Conv2d(4, 6, (3, 1), stride=2, dilation=(1, 2), groups=2), "wo", (1, 4, 11, 8)),
+    (nn.Conv1d(4, 6, 3, padding=2), "dyn", (3, 4, 10)),
+    (nn.Linear(10, 5), "wo", (2, 3, 10)),
+    (nn.Embedding(12, 6), "wo", (2, 5)),
+]
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_fake_output_matches_real(index: int) -> None:
+    float_layer, mode, shape = CASES[index]
+    cfg = (QuantizationConfig.int8_dynamic() if mode == "dyn"
+           else QuantizationConfig.int4_weight_only(group_size=4))
+    q = convert_module(float_layer, cfg, name="layer")
+    x = (torch.randint(0, 12, shape) if isinstance(float_layer, nn.Embedding)
+         else torch.randn(shape))
+    spec, buffers = _dispatch._spec(q), _dispatch.layer_buffers(q)
+    real = torch.ops.lowbit.quantized_layer(x, buffers, spec)
+    assert torch.equal(real, q(x))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode_:
+        fake = torch.ops.lowbit.quantized_layer(mode_.from_tensor(x), buffers, spec)
+    assert fake.shape == real.shape and fake.dtype == real.dtype
+
+
+def test_fused_maxpool_shape_and_executor_rebuilt_from_spec() -> None:
+    q = convert_module(nn.Conv2d(1, 4, 3, padding=1), QuantizationConfig.int8_dynamic())
+    q.geometry["fused_maxpool"] = 2
+    x = torch.randn(2, 1, 9, 9)
+    spec = _dispatch._spec(q)
+    copies = [t.clone() for t in _dispatch.layer_buffers(q)]  # no live layer owns these
+    out = torch.ops.lowbit.quantized_layer(x, copies, spec)
+    assert out.shape == (2, 4, 4, 4) and torch.equal(out, q(x))
+    executor = copies[0].__dict__["_lowbit_executor"][1]
+    assert executor is not q and executor.weight is copies[0]
+    with pytest.raises(ValueError, match="expects buffers"):
+        torch.ops.lowbit.quantized_layer(x, copies[:1], spec.replace("_lowbit", "") + " ")
+
+
+def test_routing_is_off_by_default_and_override_checks_names() -> None:
+    q = convert_module(nn.Linear(4, 4), QuantizationConfig.int8_dynamic())
+    assert not _dispatch.routed(q) and _dispatch.native_allowed()
+    q.backend = "torch"
+    assert _dispatch.routed(q)
+    with pytest.raises(ValueError, match="not a layer backend"):
+        _dispatch.override("native")
