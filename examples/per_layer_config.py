@@ -2,9 +2,23 @@
 
 ``QuantizationConfig.layer_overrides`` maps layer names or glob patterns to another config, or to
 ``None`` to keep a layer in FP32; ``skip_layers`` keeps layers in FP32 too. Every quantize call
-reports what happened to each layer. Runs in about 20 seconds on 2 CPU cores:
+reports what happened to each layer. Runs in about 20 seconds on 2 idle CPU cores (``--fast``,
+what CI runs: a few seconds):
 
-    python examples/per_layer_config.py
+    python examples/per_layer_config.py [--fast] [--mnist DIR]
+
+Expected output (AMD EPYC Zen 3, AVX2, 2 cores; each model is followed by its per-layer table)::
+
+    FP32: 98.35%, 808.5 KiB
+    ## INT8 static, conv1 + fc2 in FP32: 98.30%, 208.2 KiB
+    | conv1 | Conv2d | fp32 (requested) | kept in FP32 by skip_layers |  |
+    ...
+    ## INT8 static + INT4 fc1: 98.35%, 154.1 KiB
+    | fc1 | Linear | quantized | W4 per_group/32, float activations | ReLU |
+    ...
+    ## conv* dynamic INT8, fc* INT4: 98.15%, 153.7 KiB
+    ...
+    set_per_layer_fallback('fc2'): kept in FP32 -> ['fc2']
 """
 
 from __future__ import annotations
