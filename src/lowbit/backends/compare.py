@@ -219,7 +219,10 @@ def select_best(qmodel: nn.Module, example_inputs: Any, tolerance: float = 1e-2,
     """The fastest backend whose output stays within ``tolerance`` of ``reference``.
 
     Args:
-        qmodel, example_inputs, backends, **kwargs: as :func:`compare`.
+        qmodel: as :func:`compare`.
+        example_inputs: as :func:`compare`.
+        backends: as :func:`compare`.
+        **kwargs: as :func:`compare`.
         tolerance: largest accepted ``rel_dev`` = ``max|y - y_ref| / max|y_ref|`` (0: only
             backends with the reference's exact bits).
 
