@@ -7,7 +7,7 @@ activation ranges identical across ranks at every step, and rank 0 alone writes 
 
 Launch it with torchrun (any number of processes, gloo on CPU; see docs/distributed.md), or
 plainly, and it starts 2 local processes itself. About 40 seconds on 2 busy CPU cores
-(``--fast``, what CI runs: 1,000 training images for one epoch, 20 seconds):
+(``--fast``, what CI runs: 600 training images for one epoch, 20 seconds):
 
     torchrun --nproc_per_node=2 examples/distributed_calibration.py [--fast] [--out DIR]
     python examples/distributed_calibration.py [--fast] [--mnist DIR] [--out DIR]
@@ -69,7 +69,7 @@ def main(args: argparse.Namespace, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     splits = mnist_splits(args.mnist)
     torch.manual_seed(0)  # the same float model on every rank
-    n_train, epochs = (1000, 1) if args.fast else (2000, 2)
+    n_train, epochs = (600, 1) if args.fast else (2000, 2)
     model = train_classifier(MnistCNN(), Subset(splits.train, range(n_train)), epochs=epochs,
                              lr=2e-3, progress=False)
     evaluation = Subset(splits.eval, range(500)) if args.fast else splits.eval
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace, out: Path) -> None:
     preparer = lowbit.QATPreparer(lowbit.QATConfig(sync_every=1))
     ddp = DistributedDataParallel(preparer.prepare_for_qat(model).train())
     optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-4)
-    train = Subset(splits.train, range(3024, 4048))
+    train = Subset(splits.train, range(3024, 3536 if args.fast else 4048))
     for images, labels in DataLoader(train, batch_size=32, sampler=DistributedSampler(train)):
         optimizer.zero_grad()
         F.cross_entropy(ddp(images), labels).backward()

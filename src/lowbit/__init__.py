@@ -8,7 +8,7 @@ Example:
     (torch.int8, torch.Size([2, 16]))
 """
 
-from lowbit import backends, ops
+from lowbit import backends, distributed, ops
 from lowbit.calibration import CalibrationRecord
 from lowbit.calibrators import (
     Calibrator,
@@ -23,6 +23,7 @@ from lowbit.calibrators import (
 )
 from lowbit.checkpoint import load_checkpoint, save_checkpoint
 from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.distributed import DistributedSyncError
 from lowbit.evaluation import (
     ComparisonRow,
     ComparisonTable,
@@ -94,6 +95,7 @@ __all__ = [
     "Calibrator",
     "ComparisonRow",
     "ComparisonTable",
+    "DistributedSyncError",
     "EntropyCalibrator",
     "FakeQuantize",
     "Int4Linear",
@@ -138,6 +140,7 @@ __all__ = [
     "convert_qat",
     "create_calibrator",
     "describe",
+    "distributed",
     "evaluate_accuracy",
     "export_onnx",
     "freeze_bn_stats",

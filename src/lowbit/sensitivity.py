@@ -186,9 +186,11 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
         progress: show a progress bar over the layers.
         example_input: a batch (tensor, ``(inputs, labels)`` tuple or dict) for the output error.
         metric_name: name of the metric in tables and plots (e.g. ``"accuracy"``).
-        process_group, sync: under ``torch.distributed``, calibration statistics are merged
-            over the group's ranks (see :class:`~lowbit.ptq.PTQQuantizer`); ``eval_fn`` must
-            then return the same value on every rank (evaluate the same data, or all-reduce).
+        process_group: under ``torch.distributed``, calibration statistics are merged over
+            this group's ranks (default: the world; see :class:`~lowbit.ptq.PTQQuantizer`);
+            ``eval_fn`` must then return the same value on every rank (evaluate the same
+            data, or all-reduce it).
+        sync: ``False`` calibrates on this rank's batches only.
 
     Returns:
         A :class:`SensitivityReport` sorted most sensitive first.
