@@ -33,9 +33,9 @@ LANGUAGES = (*RUNNABLE, "text")
 NOT_RUN = re.compile(r"^(make |pip install |python examples/)")
 
 
-#: Pages of other issues (backends #12, LoRA #11, distributed #16) whose blocks are not yet
+#: Pages of other issues (backends #12, LoRA #11) whose blocks are not yet
 #: self-contained (untagged fences, names defined in prose). Remove a name once its page runs.
-NOT_YET_RUNNABLE = {"backends.md", "lora.md", "distributed.md"}
+NOT_YET_RUNNABLE = {"backends.md", "lora.md"}
 
 
 def pages() -> list[Path]:
