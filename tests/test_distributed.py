@@ -200,6 +200,12 @@ def _worker(scenario: str, rank: int, world: int, port: int, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the test side
+def _clean_env() -> dict[str, str]:
+    """This environment without torchrun's variables (another test may have set them)."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,7 +215,7 @@ def _free_port() -> int:
 def _launch(scenario: str, out: Path, timeout: float = 90.0) -> list[subprocess.CompletedProcess]:
     """Run ``scenario`` on 2 ranks; kill both after ``timeout`` seconds (then fail)."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _clean_env()
     procs = [subprocess.Popen([sys.executable, __file__, scenario, str(r), str(WORLD), str(port),
                                str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for r in range(WORLD)]
@@ -356,7 +362,7 @@ def test_example_runs_on_two_processes(tmp_path: Path) -> None:
     script = Path(__file__).resolve().parents[1] / "examples" / "distributed_calibration.py"
     doc = script.read_text().split('"""')[1]
     assert "torchrun --nproc_per_node=2" in doc and "--fast" in doc and "Expected output" in doc
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _clean_env()
     done = subprocess.run([sys.executable, str(script), "--fast", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
