@@ -239,3 +239,19 @@ def test_cli_export_of_a_saved_lowbit_model(tmp_path, capsys) -> None:
     onnx.checker.check_model(onnx.load(out))
     assert main(["export", str(tmp_path / "q"), *arch, "--out", str(out)]) == 2  # no inputs
     assert "pass --data DATA or --input-shape" in capsys.readouterr().err
+
+
+def test_exact_false_keeps_int8_weights_and_opset_21(tmp_path) -> None:
+    qmodel = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(32, 16), nn.ReLU()))
+    proto, ort_model = _export(qmodel, torch.randn(2, 32), tmp_path / "fast.onnx", opset=21,
+                               exact=False)
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [21]
+    weights = {i.name: i for i in proto.graph.initializer}
+    mm = next(n for n in proto.graph.node if n.op_type == "MatMulInteger")
+    assert weights[mm.input[1]].data_type == onnx.TensorProto.INT8  # ORT's u8 x s8 kernels
+    x = torch.randn(64, 32)
+    with torch.inference_mode():
+        ref, out = qmodel(x), ort_model(x)
+    # u8 x s8 kernels saturate int16 pair sums on x86 without VNNI (cosine ~0.98 on AVX2)
+    assert out.shape == ref.shape
+    assert float(torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), 0)) > 0.9

@@ -16,12 +16,13 @@ import copy
 import inspect
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,24 @@ IR_VERSION = 10
 
 #: Ops between a static conv and the next ``QuantizeLinear`` that quantization commutes with.
 _PASS_THROUGH = {"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze"}
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[io.StringIO]:
+    """Keep the exporter's progress prints and log warnings (e.g. "torchvision is not
+    installed") out of the user's output; yields the captured text for error messages."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    log = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore")
+            yield log
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _require_onnx() -> None:
@@ -250,9 +269,7 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
     args = tuple(_widen(a, axes) for a in args)
     kwargs = {k: _widen(v, axes) for k, v in kwargs.items()}
     shapes = _dynamic_shapes(model, args, kwargs, axes)
-    log = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(log):
-        warnings.simplefilter("ignore")
+    with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(
                 model, args, kwargs=kwargs or None, dynamo=True, opset_version=opset,
