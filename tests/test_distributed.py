@@ -164,18 +164,26 @@ def _fsdp_worker(rank: int, out: Path) -> None:
 
 
 def _fail_worker(rank: int, out: Path) -> None:
-    """Rank 1 first raises mid-calibration (a NaN batch), then dies (os._exit) mid-calibration."""
-    for how in ("raise", "exit"):
+    """Rank 1 raises mid-calibration (a NaN batch), then hangs in it (on a subgroup with a
+    4-second timeout, passed as process_group=), then dies in it (os._exit)."""
+    hang_group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=4))
+    for how in ("raise", "hang", "exit"):
         shard = _batches()[rank::WORLD]
+        group = hang_group if how == "hang" else None
         if rank == 1 and how == "exit":
             def dying(first: torch.Tensor):  # the process ends mid-calibration, no goodbye
                 yield first
                 os._exit(3)
             shard = dying(shard[0])
+        elif rank == 1 and how == "hang":
+            def stuck(first: torch.Tensor):  # alive, but late past the group's timeout
+                yield first
+                time.sleep(8)
+            shard = stuck(shard[0])
         elif rank == 1:
             shard = [shard[0], shard[1].clone().fill_(float("nan"))]
         try:
-            lowbit.quantize_static(_model(), shard, progress=False)
+            lowbit.quantize_static(_model(), shard, progress=False, process_group=group)
         except Exception as exc:  # reported to the test through a file
             (out / f"{how}_rank{rank}.json").write_text(json.dumps(
                 {"type": type(exc).__name__, "message": str(exc)}))
@@ -351,6 +359,10 @@ def test_a_failing_rank_makes_the_other_fail_clearly(tmp_path: Path) -> None:
     # rank 1's own error travels to rank 0, which stops instead of waiting
     assert raised["type"] == "DistributedSyncError", raised
     assert "rank 1: ValueError: conv1 input has" in raised["message"], raised
+    # a rank that hangs: the other stops after the group's timeout, naming it
+    hung = json.loads((tmp_path / "hang_rank0.json").read_text())
+    assert hung["type"] == "DistributedSyncError", hung
+    assert "Ranks 1 failed to pass monitoredBarrier in 4000 ms" in hung["message"], hung
     died = json.loads((tmp_path / "exit_rank0.json").read_text())
     assert died["type"] == "DistributedSyncError", died
     assert "did not answer" in died["message"], died
