@@ -123,7 +123,7 @@ class ExportLinear(_Int8):
             self.w = self.w.t().contiguous()  # [K, N] for MatMulInteger
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.k).float()
+        x2 = (x if x.dim() == 2 else x.reshape(-1, self.k)).float()  # no Reshape node for 2-D
         if self.mode == "static":
             y = torch.ops.lowbit_export.static_linear(
                 x2, self.x_scale, self.x_zp, self.x_range, self.w, self.w_scale, self.w_zp,
@@ -133,7 +133,7 @@ class ExportLinear(_Int8):
                 x2, self.w, self.w_zp, self.w_scale, self.bias, self.colsum, self.qmin,
                 self.qmax, self.spec_qmin, self.spec_qmax, self.off, self.per_token,
                 self.symmetric)
-        return self.post(y.reshape(*x.shape[:-1], self.n))
+        return self.post(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
 
 
 class ExportConv(_Int8):
@@ -210,10 +210,10 @@ class ExportNBits(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.lowbit_export.matmul_nbits(x.reshape(-1, self.k).float(), self.b,
-                                                 self.scales, self.zp, self.bias, self.k,
-                                                 self.n, self.bits, self.block)
-        return self.post(y.reshape(*x.shape[:-1], self.n))
+        x2 = (x if x.dim() == 2 else x.reshape(-1, self.k)).float()
+        y = torch.ops.lowbit_export.matmul_nbits(x2, self.b, self.scales, self.zp, self.bias,
+                                                 self.k, self.n, self.bits, self.block)
+        return self.post(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
 
 
 class ExportDequant(nn.Module):
