@@ -433,9 +433,10 @@ def test_fewer_bits_run_as_int8_codes(wbits: int, abits: int, asigned: bool, asy
 
 @pytest.mark.parametrize("kind", [*KINDS, "conv_dynamic", "conv_static", "conv_int4"])
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_input_requiring_grad_is_detached(kind: str, backend: str) -> None:
-    # quantized modules are inference modules: an input that requires grad (a float layer
-    # before them, sensitivity analysis, LoRA) must not crash the in-place kernels
+def test_input_requiring_grad_gives_same_output_and_a_gradient(kind: str, backend: str) -> None:
+    # an input that requires grad (a float layer or a LoRA adapter before the layer, sensitivity
+    # analysis) gives bit-identical outputs and a gradient w.r.t. the input (lowbit.qgrad);
+    # the integer weights never get one
     torch.manual_seed(9)
     if kind.startswith("conv"):
         float_layer: nn.Module = nn.Conv2d(4, 16, 3, padding=1)
@@ -448,12 +449,15 @@ def test_input_requiring_grad_is_detached(kind: str, backend: str) -> None:
         x = torch.randn(5, 64)
         q = _make(kind, float_layer, x, backend=backend)
     expected = q(x)
+    assert not expected.requires_grad
     xg = x.clone().requires_grad_()
     y = q(xg)
-    assert torch.equal(y, expected) and not y.requires_grad
+    assert torch.equal(y, expected) and y.requires_grad
     head = nn.Linear(y.shape[-1], 2)  # float layers after a quantized one still train
     head(y).sum().backward()
-    assert head.weight.grad is not None and xg.grad is None
+    assert head.weight.grad is not None
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    assert all(not t.requires_grad for t in q.state_dict().values())
 
 
 def test_quantized_model_with_float_first_layer_runs_with_grad() -> None:
@@ -527,3 +531,163 @@ def test_kernel_caches_follow_in_place_weight_changes(kind: str) -> None:
     assert not torch.equal(before, after)
     bias = q.bias.reshape(1, -1, *([1] * (x.dim() - 2)))
     torch.testing.assert_close(after, bias.expand_as(after), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------ refusing what the float layer refuses; NaN / Inf
+
+
+def _conv(kind: str, dims: int = 2, padding: int = 0) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """``(float conv, quantized conv, batch of 3)`` for kind dynamic / static / int4 / int8wo."""
+    torch.manual_seed(3)
+    conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(4, 8, 3, padding=padding)
+    x = torch.randn(3, 4, *([9] * dims))
+    cfg = {"dynamic": DYN, "static": STATIC, "int4": QuantizationConfig.int4_weight_only(
+        group_size=4), "int8wo": INT8_WO}[kind]
+    kw = {"input_qparams": _static_qparams(x)} if kind == "static" else {}
+    return conv, convert_module(conv, cfg, name="conv", **kw), x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.complex64])
+def test_non_float_inputs_are_a_type_error_naming_the_layer(kind: str, dtype) -> None:
+    fc = _linear(16, 8)
+    q = _make(kind, fc, torch.randn(4, 16))
+    x = torch.ones(2, 16, dtype=dtype)
+    with pytest.raises((RuntimeError, TypeError)):
+        fc(x)  # the float layer refuses them as well
+    with pytest.raises(TypeError, match=r"fc \(\w+\): expected a floating-point.*x\.float\(\)"):
+        q(x)
+    with pytest.raises(TypeError, match=r"expected a torch\.Tensor"):
+        q([[1.0] * 16])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float16_float64_bfloat16_inputs_keep_their_dtype(kind: str) -> None:
+    fc = _linear(16, 8)
+    x = torch.randn(3, 16)
+    q = _make(kind, fc, x)
+    y32 = q(x)
+    for dtype in (torch.float16, torch.float64, torch.bfloat16):
+        y = q(x.to(dtype))
+        assert y.dtype == dtype and y.shape == (3, 8)
+        assert _cos(y.float(), y32) > 0.999
+
+
+def test_meta_inputs_and_device_mismatch_say_where_things_live() -> None:
+    q = _make("dynamic", _linear(16, 8), torch.randn(2, 16))
+    with pytest.raises(RuntimeError, match=r"fc \(\w+\): input is on meta.*on cpu.*x\.to"):
+        q(torch.randn(2, 16, device="meta"))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int4", "int8wo"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_input_smaller_than_the_kernel_is_refused_like_float(kind: str, dims: int) -> None:
+    conv, q, _ = _conv(kind, dims)
+    small = torch.randn(1, 4, *([2] * dims))
+    with pytest.raises(RuntimeError):
+        conv(small)
+    with pytest.raises(RuntimeError, match=r"conv \(\w+\): padded input size .* smaller than "
+                                           r"the kernel extent \[3"):
+        q(small)
+    with pytest.raises(RuntimeError, match="expected a"):
+        q(torch.randn(1, 4, 1, *([9] * dims)))  # one dimension too many
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int4", "int8wo"])
+@pytest.mark.parametrize("dims", [1, 2])
+def test_conv_unbatched_input_equals_a_batch_of_one(kind: str, dims: int) -> None:
+    conv, q, x = _conv(kind, dims, padding=1)
+    y = q(x[0])
+    assert y.shape == conv(x[0]).shape
+    torch.testing.assert_close(y, q(x[:1])[0], rtol=0, atol=1e-6)
+
+
+def test_fused_maxpool_window_larger_than_the_conv_output_is_refused() -> None:
+    import lowbit
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(4)).eval()
+    x = torch.randn(2, 1, 10, 10)
+    q = lowbit.quantize_static(net, [x], progress=False)
+    assert q[0].geometry.get("fused_maxpool") == 4  # the pool was fused into the conv
+    with pytest.raises(RuntimeError):
+        net(torch.randn(1, 1, 5, 5))
+    with pytest.raises(RuntimeError, match="max-pool window 4"):
+        q(torch.randn(1, 1, 5, 5))
+
+
+def _bad_sample(x: torch.Tensor, value: float) -> torch.Tensor:
+    x = x.clone()
+    x.view(x.shape[0], -1)[1, 3] = value
+    return x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_nonfinite_sample_gives_a_nonfinite_row_and_leaves_the_others(kind: str,
+                                                                        value: float) -> None:
+    fc = _linear(16, 8)
+    x = torch.randn(3, 16)
+    q = _make(kind, fc, x)
+    clean = q(x[[0, 2]])
+    with pytest.warns(RuntimeWarning, match=r"fc \(\w+\): 1 of 3 input row") if kind in (
+            "static", "dynamic_pt") else _no_warning():
+        y = q(_bad_sample(x, value))
+    assert not torch.isfinite(y[1]).all()  # the float layer gives NaN / +-Inf there too
+    assert not torch.isfinite(fc(_bad_sample(x, value))[1]).all()
+    if kind in ("dynamic", "static", "dynamic_pt"):
+        assert torch.equal(y[[0, 2]], clean)  # per-row scales, or the bad row left out
+    else:
+        torch.testing.assert_close(y[[0, 2]], clean)  # weight-only: rows are independent
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int4", "int8wo"])
+def test_a_nonfinite_sample_of_a_conv_batch_leaves_the_others(kind: str) -> None:
+    _, q, x = _conv(kind, 2, padding=1)
+    clean = q(x[[0, 2]])
+    with pytest.warns(RuntimeWarning, match=r"conv \(\w+\): 1 of 3") if kind in (
+            "dynamic", "static") else _no_warning():
+        y = q(_bad_sample(x, float("inf")))
+    assert torch.isnan(y[1]).any() or torch.isinf(y[1]).any()
+    torch.testing.assert_close(y[[0, 2]], clean, rtol=0, atol=0)
+
+
+def test_the_nonfinite_warning_comes_once_per_layer() -> None:
+    import warnings
+    q = _make("static", _linear(16, 8), torch.randn(4, 16))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            q(_bad_sample(torch.randn(3, 16), float("nan")))
+    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
+
+
+def test_relu_fused_layers_keep_nan_like_torch_relu() -> None:
+    fc = _linear(16, 8)
+    x = torch.randn(4, 16)
+    q = QuantizedLinear.from_float(fc, DYN, name="fc", fused_relu=True)
+    y = q(_bad_sample(x, float("nan")))
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    assert (y[[0, 2, 3]] >= 0).all()
+
+
+def test_embedding_empty_batches_for_int8_and_int4() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 8)
+    for cfg in (INT8_WO, QuantizationConfig.int4_weight_only(group_size=8)):
+        q = convert_module(emb, cfg, name="emb")
+        for shape in ((0,), (0, 3), (2, 0)):
+            idx = torch.zeros(shape, dtype=torch.long)
+            assert q(idx).shape == emb(idx).shape == (*shape, 8)
+
+
+class _no_warning:
+    """Context manager: fails when a RuntimeWarning is raised inside."""
+
+    def __enter__(self) -> None:
+        import warnings
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error", RuntimeWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._cm.__exit__(*exc)
