@@ -121,22 +121,28 @@ static inline float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
+/* max|x| of a row as the max of its sign-cleared bit patterns (non-negative floats order like
+ * their bits): vectorizes, and a NaN wins (as in torch.amax), so a NaN row gets a NaN scale
+ * and a NaN output row, as the float layer gives. */
 static float row_absmax(const void *x, int bf16, int64_t k) {
-    float best = 0.0f;
     if (bf16) {
         const uint16_t *xb = (const uint16_t *)x;
+        uint16_t m = 0;
         for (int64_t j = 0; j < k; ++j) {
-            const float v = fabsf(bf16_to_f32(xb[j]));
-            best = v > best ? v : best;
+            const uint16_t a = xb[j] & 0x7FFFu;
+            m = a > m ? a : m;
         }
-    } else {
-        const float *xf = (const float *)x;
-        for (int64_t j = 0; j < k; ++j) {
-            const float v = fabsf(xf[j]);
-            best = v > best ? v : best;
-        }
+        return bf16_to_f32(m);
     }
-    return best;
+    const uint32_t *xb = (const uint32_t *)x;
+    uint32_t m = 0;
+    for (int64_t j = 0; j < k; ++j) {
+        const uint32_t a = xb[j] & 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    float r;
+    memcpy(&r, &m, sizeof r);
+    return r;
 }
 
 /* Write one row's codes as {|q|, q} per 4-K step into a (k4 * 8 bytes, zero tail). The codes
@@ -239,7 +245,7 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
     }
     if (e->relu)
         for (int64_t c = 0; c < cols; ++c)
-            v[c] = v[c] > 0.0f ? v[c] : 0.0f;
+            v[c] = v[c] < 0.0f ? 0.0f : v[c]; /* torch.relu: NaN and -0 stay */
     if (e->y_kind == 1) {
         uint16_t *y = (uint16_t *)e->y + i * e->n + c0;
         for (int64_t c = 0; c < cols; ++c)
@@ -323,14 +329,18 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
     const char *xb = (const char *)x;
     const int64_t xrow = ldx * esize[kind];
     if (kind != 2 && dynamic && !per_row) { /* one scale for all rows first */
-        float best = 0.0f;
+        uint32_t best = 0; /* bits of non-negative maxima: a NaN wins, as in torch.amax */
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * k >= (1 << 15)) \
     reduction(max : best)
         for (int64_t i = 0; i < m; ++i) {
             const float v = row_absmax(xb + i * xrow, kind, k);
-            best = v > best ? v : best;
+            uint32_t bits;
+            memcpy(&bits, &v, sizeof bits);
+            best = bits > best ? bits : best;
         }
-        scale[0] = dyn_scale(best, hi);
+        float amax;
+        memcpy(&amax, &best, sizeof amax);
+        scale[0] = dyn_scale(amax, hi);
     }
     /* activations of at most 7 bits: the cheaper unsigned form (see the top of this file) */
     const int u7 = kind != 2 && qmin >= -64 && qmax <= 63;
@@ -428,7 +438,7 @@ int lbk_u4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_f
                     if (bias)
                         v += bias[r0 + c];
                     if (relu)
-                        v = v > 0.0f ? v : 0.0f;
+                        v = v < 0.0f ? 0.0f : v;
                     y[(i + t) * n + r0 + c] = v;
                 }
         }

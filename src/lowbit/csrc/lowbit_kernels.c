@@ -56,12 +56,19 @@ static inline uint16_t f32_to_bf16(float f) {
 /* Element j of a row of float32 (bf16 == 0) or bfloat16 (bf16 != 0) values. */
 #define LOAD(x, bf16, j) ((bf16) ? bf16_to_f32(((const uint16_t *)(x))[j]) : ((const float *)(x))[j])
 
-/* max|x[0..k)|: exact in any order, so the reduction may be reordered (vectorized). */
-__attribute__((optimize("fast-math"))) static float row_absmax_f32(const float *x, int64_t k) {
-    float m = 0.0f;
-    for (int64_t j = 0; j < k; ++j)
-        m = fmaxf(m, fabsf(x[j]));
-    return m;
+/* max|x[0..k)| as the max of the sign-cleared bit patterns (magnitudes of non-negative floats
+ * order like their bits): an integer max that vectorizes, and a NaN wins (its bits exceed
+ * +Inf's), as in torch.amax, so a row holding NaN gets a NaN scale and a NaN output row. */
+static float row_absmax_f32(const float *x, int64_t k) {
+    const uint32_t *xb = (const uint32_t *)x;
+    uint32_t m = 0;
+    for (int64_t j = 0; j < k; ++j) {
+        const uint32_t a = xb[j] & 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    float r;
+    memcpy(&r, &m, sizeof r);
+    return r;
 }
 
 /* Magnitudes of non-negative floats order like their bit patterns: max over the sign-cleared
@@ -87,13 +94,17 @@ static inline const void *row(const void *x, int bf16, int64_t i, int64_t ldx) {
 
 /* max|x| of a [m, k] matrix with row stride ldx. */
 float lb_absmax(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, int nthreads) {
-    float best = 0.0f;
+    uint32_t best = 0; /* bits of the non-negative maxima: a NaN row wins, as in torch.amax */
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) reduction(max : best)
     for (int64_t i = 0; i < m; ++i) {
-        float a = row_absmax(row(x, bf16, i, ldx), bf16, k);
-        best = a > best ? a : best;
+        const float a = row_absmax(row(x, bf16, i, ldx), bf16, k);
+        uint32_t bits;
+        memcpy(&bits, &a, sizeof bits);
+        best = bits > best ? bits : best;
     }
-    return best;
+    float r;
+    memcpy(&r, &best, sizeof r);
+    return r;
 }
 
 /* scale = max(absmax / qmax, FLT_EPSILON), as lowbit.kernels.quantize_activation. */
@@ -168,7 +179,7 @@ static inline void epilogue_run(void *acc, int is_int32, int64_t len, const floa
     for (int64_t i = 0; i < len; ++i) {
         float v = (is_int32 ? (float)a[i] : y[i]) * w[i * w_step];
         v = b ? add_mul(b[i * b_step], v, s, fused) : v * s;
-        v = relu ? (v > 0.0f ? v : 0.0f) : v;
+        v = relu && v < 0.0f ? 0.0f : v;
         if (out_bf16)
             out_bf16[i] = f32_to_bf16(v);
         else
@@ -189,7 +200,7 @@ static inline void epilogue_plane(float *y, int64_t len, float w, const float *b
     if (!bias) {
         for (int64_t i = 0; i < len; ++i) {
             const float v = y[i] * w * s;
-            y[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
+            y[i] = relu && v < 0.0f ? 0.0f : v;
         }
         return;
     }
@@ -197,12 +208,12 @@ static inline void epilogue_plane(float *y, int64_t len, float w, const float *b
     if (fused) {
         for (int64_t i = 0; i < len; ++i) {
             const float v = fmaf(y[i] * w, s, b);
-            y[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
+            y[i] = relu && v < 0.0f ? 0.0f : v;
         }
     } else {
         for (int64_t i = 0; i < len; ++i) {
             const float v = b + (y[i] * w) * s;
-            y[i] = relu ? (v > 0.0f ? v : 0.0f) : v;
+            y[i] = relu && v < 0.0f ? 0.0f : v;
         }
     }
 }
@@ -344,7 +355,7 @@ void lb_epilogue_to_nchw(const int32_t *acc, int64_t b, int64_t l, int64_t n, co
             for (int64_t p = l0; p < l1; ++p) {
                 float v = (float)acc[(bi * l + p) * n + c] * w;
                 v = bias ? add_mul(bias[c], v, s, fused) : v * s;
-                out[p] = relu ? (v > 0.0f ? v : 0.0f) : v;
+                out[p] = relu && v < 0.0f ? 0.0f : v;
             }
         }
     }
@@ -380,7 +391,7 @@ void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t l
             const float s = scale[per_row ? i : 0];
             float v = (float)acc * sw[c];
             v = bias ? add_mul(bias[c], v, s, fused) : v * s;
-            v = relu ? (v > 0.0f ? v : 0.0f) : v;
+            v = relu && v < 0.0f ? 0.0f : v;
             if (out_bf16)
                 ((uint16_t *)out)[i * n + c] = f32_to_bf16(v);
             else
