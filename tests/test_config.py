@@ -238,3 +238,45 @@ def test_config_pickles_and_round_trips_equal():
         back.layer_overrides["x"] = None  # type: ignore[index]
     with pytest.raises(TypeError):
         back.calibrator_kwargs["percentile"] = 1.0  # type: ignore[index]
+
+
+# ------------------------------------------------------- hostile dicts / JSON: clear errors
+
+
+def _dyn_dict() -> dict:
+    return json.loads(json.dumps(QuantizationConfig.int8_dynamic().to_dict()))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mode", 3, "mode=3 is unknown"),
+    ("weights", "x", "expects a dict of QuantSpec fields.*got str"),
+    ("activations", [1], "expects a dict of QuantSpec fields.*got list"),
+    ("skip_layers", "abc", "skip_layers must be a list of layer names, got str"),
+    ("layer_overrides", [1, 2], "layer_overrides must be a dict, got list"),
+    ("layer_overrides", {"a": 5}, r"layer_overrides\['a'\] must be a config dict or null"),
+    ("calibrator", 5, "calibrator must be a registry name"),
+    ("unknown", 1, r"unknown field\(s\) \['unknown'\]"),
+])
+def test_from_dict_with_wrong_types_names_the_field(field: str, value: object,
+                                                     message: str) -> None:
+    d = _dyn_dict()
+    d[field] = value
+    with pytest.raises(ValueError, match=message):
+        QuantizationConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("bits", "8", "bits='8' is not supported"),
+    ("bits", 8.0, "bits=8.0 is not supported"),
+    ("symmetric", "yes", "symmetric must be True or False, got 'yes'"),
+])
+def test_from_dict_spec_fields_are_type_checked(key: str, value: object, message: str) -> None:
+    d = _dyn_dict()
+    d["weights"][key] = value
+    with pytest.raises(ValueError, match=message):
+        QuantizationConfig.from_dict(d)
+
+
+def test_from_json_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"expects a dict.*got list"):
+        QuantizationConfig.from_json("[1, 2]")

@@ -456,3 +456,56 @@ def test_fused_gelu_is_validated() -> None:
         q[0].fused_gelu = "none"
     with pytest.raises(ValueError, match="must be None, 'none' or 'tanh'"):
         quantize_dynamic(nn.Linear(4, 4)).fused_gelu = "erf"
+
+
+# ------------------------------------------------------------------ degenerate calibration
+
+
+def test_constant_calibration_input_warns_and_keeps_the_layer_float() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.warns(RuntimeWarning, match=r"0: calibration saw a constant input .*kept in "
+                                            r"float"):
+        q = quantize_static(net, [torch.zeros(3, 4)], progress=False)
+    assert isinstance(q[0], nn.Linear) and type(q[2]).__name__ == "QuantizedLinear"
+    row = next(r for r in q.lowbit_report.rows if r.name == "0")
+    assert row.status == "skipped" and "constant input" in row.reason
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(q[0](x), net[0](x))  # the float layer, not its bias
+
+
+def test_unreached_layers_warn_and_stay_float() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)
+
+    with pytest.warns(RuntimeWarning, match="unused"):
+        q = quantize_static(Branchy().eval(), [torch.randn(3, 4)], progress=False)
+    assert isinstance(q.unused, nn.Linear) and type(q.a).__name__ == "QuantizedLinear"
+
+
+def test_calibration_tuples_for_a_multi_input_model_say_to_use_dicts() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + y
+
+    batch = (torch.randn(2, 4), torch.randn(2, 4))
+    with pytest.raises(TypeError, match=r"tuple of 2 items.*dict"):
+        quantize_static(Two(), [batch], progress=False)
+    q = quantize_static(Two(), [{"x": batch[0], "y": batch[1]}], progress=False)
+    assert type(q.a).__name__ == "QuantizedLinear"
+
+
+def test_meta_device_models_are_refused_with_what_to_do() -> None:
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
+        quantize_dynamic(net)

@@ -506,3 +506,14 @@ def test_qat_models_move_with_to() -> None:
         assert qat.conv1.weight_quantizer.scale.dtype == torch.float64
         qat.to("cpu", torch.float32)
         assert torch.equal(qat(x), before)
+
+
+def test_convert_qat_twice_or_unprepared_is_a_clear_error() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    qat = prepare_qat(net, QuantizationConfig.int8_dynamic())
+    converted = convert_qat(qat)
+    with pytest.raises(ValueError, match="already converted"):
+        convert_qat(converted)
+    with pytest.raises(ValueError, match="prepare_qat"):
+        convert_qat(net)

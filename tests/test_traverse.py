@@ -212,3 +212,54 @@ def test_names_that_match_no_layer_warn_with_the_closest_names() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plan_layers(model, QuantizationConfig(skip_layers=("classifier",)))
+
+
+# --------------------------------------------------- hooks survive; fast paths stay correct
+
+
+def _hooked_net() -> tuple[nn.Module, list[tuple[str, str]]]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    seen: list[tuple[str, str]] = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(("post0", type(m).__name__)))
+    net[1].register_forward_hook(lambda m, i, o: seen.append(("relu", type(m).__name__)))
+    net[2].register_forward_pre_hook(lambda m, i: seen.append(("pre2", type(m).__name__)))
+    return net, seen
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "int4", "qat"])
+def test_hooks_on_float_layers_are_carried_to_their_replacements(mode: str) -> None:
+    import lowbit
+    net, seen = _hooked_net()
+    x = torch.randn(5, 4)
+    if mode == "qat":
+        qat = lowbit.prepare_qat(net, QuantizationConfig.int8_dynamic())
+        qat(x)
+        assert [s[0] for s in seen] == ["post0", "relu", "pre2"]
+        seen.clear()
+        q = lowbit.convert_qat(qat)
+    else:
+        q = {"dynamic": lambda: lowbit.quantize_dynamic(net),
+             "static": lambda: lowbit.quantize_static(net, [x], progress=False),
+             "int4": lambda: lowbit.quantize_weight_only(net, bits=4, group_size=4)}[mode]()
+        seen.clear()  # (calibration ran the float model's hooks)
+    q(x)
+    assert [s[0] for s in seen] == ["post0", "relu", "pre2"]  # a hooked ReLU is not fused away
+    assert seen[0][1] != "Linear" and isinstance(q[1], nn.ReLU)
+
+
+def test_transformer_encoder_layers_work_under_no_grad_and_inference_mode() -> None:
+    import lowbit
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True,
+                                                           dropout=0.0), 2,
+                                enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 32)
+    ref = enc(x).detach()
+    for q in (lowbit.quantize_dynamic(enc),
+              lowbit.quantize_weight_only(enc, bits=4, group_size=32)):
+        assert type(q.layers[0].linear1).__name__ != "Linear"
+        for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+            with ctx():
+                y = q(x)
+            assert F.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.999

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +15,9 @@ from lowbit import _dispatch
 from lowbit.config import QuantSpec
 from lowbit.ops import choose_qparams, compute_range, quantize
 
-__all__ = ["MAX_CONV_EXTENT", "QuantizedModuleBase", "check_conv_geometry", "conv_geometry",
-           "default_conv_geometry", "jsonable", "quantize_weight"]
+__all__ = ["MAX_CONV_EXTENT", "QuantizedModuleBase", "carry_hooks", "check_conv_geometry",
+           "check_conv_input", "conv_geometry", "default_conv_geometry", "has_hooks", "jsonable",
+           "quantize_weight"]
 
 #: Largest kernel extent ``dilation * (kernel_size - 1) + 1``, stride or fused max-pool size
 #: (per spatial dimension) a quantized conv accepts: far above real networks, small enough that
@@ -74,6 +76,46 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec, name: str, kind: str,
     else:
         scale, zp = choose_qparams(*compute_range(w, spec, name or "weight"), spec)
     return quantize(w, scale, zp, spec), scale.contiguous(), zp.contiguous()
+
+
+#: The hook tables of ``nn.Module`` that a replacement layer takes over from the layer it
+#: replaces (forward, forward-pre and backward hooks with their kwargs / always-call flags).
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, forward-pre or backward hooks registered on it.
+
+    Example:
+        >>> m = nn.ReLU()
+        >>> has_hooks(m), has_hooks((m.register_forward_hook(lambda *a: None), m)[1])
+        (False, True)
+    """
+    return any(getattr(module, t, None) for t in ("_forward_hooks", "_forward_pre_hooks",
+                                                   "_backward_hooks", "_backward_pre_hooks"))
+
+
+def carry_hooks(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` (the replacement of ``src``) the hooks registered on ``src``; ``dst``.
+
+    The hook tables are shared, not copied, so the handles the user holds still remove them.
+    A hook then sees the replacement module (its ``weight`` is the integer codes).
+
+    Example:
+        >>> seen = []
+        >>> old, new = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> h = old.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        >>> _ = carry_hooks(old, new)(torch.ones(1, 2)); h.remove(); _ = new(torch.ones(1, 2))
+        >>> seen
+        [torch.Size([1, 2])]
+    """
+    if src is not dst and has_hooks(src):
+        for table in _HOOK_TABLES:
+            if hasattr(src, table):
+                setattr(dst, table, getattr(src, table))
+    return dst
 
 
 def _int(value: Any) -> bool:
@@ -161,6 +203,49 @@ def check_conv_geometry(geometry: Mapping[str, Any], kernel_size: Any, in_channe
     if not _int(pool) or not 0 <= pool <= MAX_CONV_EXTENT or (pool and dims != 2):
         raise bad("fused_maxpool", pool, f"be an integer in 0..{MAX_CONV_EXTENT} (2-d convs "
                   "only)")
+
+
+def check_conv_input(label: str, x: torch.Tensor, dims: int, kernel_size: Any,
+                     geometry: Mapping[str, Any]) -> None:
+    """Refuse a batched conv input the float ``nn.Conv{dims}d`` (and a fused max-pool) refuses.
+
+    The input must have ``dims + 2`` dimensions and, per spatial dimension, a padded size of
+    at least the kernel extent ``dilation * (kernel_size - 1) + 1`` (the float layer raises
+    "Kernel size can't be greater than actual input size"); a fused max-pool needs at least
+    its window of conv output.
+
+    Raises:
+        RuntimeError: naming ``label``, the sizes and the kernel extent.
+
+    Example:
+        >>> geo = default_conv_geometry(1)
+        >>> check_conv_input("c", torch.zeros(1, 4, 5), 1, (3,), geo)  # fine: returns None
+        >>> check_conv_input("c", torch.zeros(1, 4, 1), 1, (3,), geo)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: c: padded input size [1] is smaller than the kernel extent [3] ...
+    """
+    if x.dim() != dims + 2:
+        raise RuntimeError(f"{label}: expected a {dims + 1}-D (unbatched) or {dims + 2}-D "
+                           f"(batched) input, got shape {tuple(x.shape)}")
+    g = geometry
+    pre = g["pre_pad"]  # F.pad order: last dimension first, (before, after) pairs
+    padded, extent, out = [], [], []
+    for i in range(dims):
+        side = (pre[2 * (dims - 1 - i)] + pre[2 * (dims - 1 - i) + 1] if pre is not None
+                else 2 * g["padding"][i])
+        padded.append(x.shape[2 + i] + side)
+        extent.append(g["dilation"][i] * (kernel_size[i] - 1) + 1)
+        out.append((padded[-1] - extent[-1]) // g["stride"][i] + 1)
+    if any(p < e for p, e in zip(padded, extent, strict=True)):
+        raise RuntimeError(f"{label}: padded input size {padded} is smaller than the kernel "
+                           f"extent {extent} (input shape {tuple(x.shape)}); the float "
+                           f"nn.Conv{dims}d refuses it too: give a larger input")
+    pool = g.get("fused_maxpool", 0)
+    if pool and min(out) < pool:
+        raise RuntimeError(f"{label}: conv output size {out} is smaller than the fused "
+                           f"max-pool window {pool} (input shape {tuple(x.shape)}); the float "
+                           "nn.MaxPool2d refuses it too: give a larger input")
 
 
 def conv_geometry(module: nn.Module, name: str = "") -> dict[str, Any]:
@@ -309,16 +394,59 @@ class QuantizedModuleBase(nn.Module):
         weight changed in place since
         the last call (its version counter moved) rebuilds the kernel caches first.
         """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self._label()}: expected a torch.Tensor input, got "
+                            f"{type(x).__name__}")
+        if not x.is_floating_point():  # the float layer refuses these too (or works in float)
+            raise TypeError(f"{self._label()}: expected a floating-point input (float32, "
+                            f"bfloat16, float16 or float64), got {x.dtype}; convert it first, "
+                            "e.g. x.float()")
+        w = self._buffers.get("weight")
+        if w is not None and x.device != w.device:
+            raise RuntimeError(f"{self._label()}: input is on {x.device} but the layer's "
+                               f"quantized buffers are on {w.device}; move one of them "
+                               f"(x.to({str(w.device)!r}) or model.to({str(x.device)!r}))")
         if x.dim() == 0 or x.shape[dim] != expected:
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
-        w = self._buffers.get("weight")
         if w is not None and not w.is_inference():
             key = (w._version, w.data_ptr())
             if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
                 self._refresh_cache()  # the kernel caches derive from it
                 self.__dict__["_weight_key"] = key
         return x.detach()
+
+    def _finite_rows(self, x: torch.Tensor, scheme: str
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` with its rows (dim 0) that hold NaN / Inf zeroed, and the mask of those rows.
+
+        For layers whose activation scale is shared by all rows (static, per-tensor dynamic):
+        one bad row must not change the others' outputs, so its values are left out of the
+        scale and its output row is set to NaN by :meth:`_nan_rows` (the float layer gives NaN
+        or +-Inf there). Warns once per layer. One reduction when every value is finite.
+        """
+        if x.numel() == 0 or x.device.type == "meta":
+            return x, None
+        flat = x.reshape(x.shape[0], -1)
+        if bool(torch.isfinite(flat.sum(dim=1, dtype=torch.float32)).all()):
+            return x, None  # (a sum that overflows is re-checked exactly below)
+        bad = ~torch.isfinite(flat).all(dim=1)  # (rows,)
+        if not bool(bad.any()):
+            return x, None
+        if not self.__dict__.get("_warned_nonfinite"):
+            self.__dict__["_warned_nonfinite"] = True
+            warnings.warn(f"{self._label()}: {int(bad.sum())} of {x.shape[0]} input row(s) "
+                          f"hold NaN/Inf; their outputs are NaN, and the other rows are "
+                          f"quantized as if those rows were absent ({scheme} activation scale). "
+                          "Warned once per layer.", RuntimeWarning, stacklevel=3)
+        return x.masked_fill(bad.view(-1, *[1] * (x.dim() - 1)), 0.0), bad
+
+    @staticmethod
+    def _nan_rows(y: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+        """``y`` with the rows (dim 0) flagged by :meth:`_finite_rows` set to NaN."""
+        if bad is not None:
+            y[bad] = float("nan")
+        return y
 
     def _shape_meta(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -60,7 +60,16 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)) and batch:
-        return model(batch[0])
+        try:
+            return model(batch[0])
+        except TypeError as exc:  # e.g. "forward() missing 1 required positional argument"
+            if len(batch) > 1 and "argument" in str(exc):
+                raise TypeError(
+                    f"calibration batch is a {type(batch).__name__} of {len(batch)} items: "
+                    "lowbit passes only its first item to the model (the (input, target) "
+                    f"convention), and the model refused it ({exc}). For a model with several "
+                    "inputs, yield dicts of keyword inputs, e.g. {'x': x, 'y': y}") from exc
+            raise
     raise TypeError(
         f"calibration_data yielded a {type(batch).__name__}; yield tensors, (input, target) "
         "tuples, or dicts of keyword inputs"

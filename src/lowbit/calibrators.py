@@ -153,6 +153,13 @@ class Calibrator(nn.Module):
         return x
 
     @torch.no_grad()
+    def _layer(self) -> str | None:
+        """The layer name in ``tensor_name`` ("fc1 input" / "fc1.input" -> "fc1"), if any."""
+        for suffix in (" input", ".input"):
+            if self.tensor_name.endswith(suffix):
+                return self.tensor_name[: -len(suffix)]
+        return None
+
     def update(self, x: torch.Tensor) -> None:
         """Fold one batch into the statistics (constant memory, incremental, no host sync).
 
@@ -176,7 +183,7 @@ class Calibrator(nn.Module):
         x = x.float()
         lo, hi = ops.compute_range(x, self.spec, self.tensor_name)
         if x.device.type == "cpu" and not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
-            ops.check_finite(x, self.tensor_name)  # raises, with the count of bad values
+            ops.check_finite(x, self.tensor_name, self._layer())  # raises, counting bad values
         first = self.num_batches_tracked == 0  # a device tensor: no host sync
         old = (self.min_val.clone(), self.max_val.clone())
         self._observe(x, lo, hi, first)
@@ -198,8 +205,8 @@ class Calibrator(nn.Module):
         if not all(t is None or bool(torch.isfinite(t).all()) for t in seen):
             raise ValueError(f"{self.tensor_name}: the calibration batches held NaN/Inf values "
                              "(the observed range is not finite); fix the input, or keep its layer "
-                             "in float with layer_overrides={'<layer name>': None}; reset() to "
-                             "calibrate again")
+                             f"in float with layer_overrides={{{self._layer() or '<layer name>'!r}"
+                             ": None}; reset() to calibrate again")
         lo, hi = self._compute_range()
         return lo.float(), hi.float()
 

@@ -96,6 +96,10 @@ class QuantSpec:
             )
         if not isinstance(self.axis, int) or isinstance(self.axis, bool):
             raise ValueError(f"QuantSpec.axis must be an int, got {self.axis!r}")
+        for flag in ("signed", "symmetric", "narrow_range"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"QuantSpec.{flag} must be True or False, got "
+                                 f"{getattr(self, flag)!r}")
 
     # ------------------------------------------------------------------ derived properties
     @property
@@ -122,6 +126,10 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
         """Inverse of :meth:`to_dict`; unknown keys are refused by name."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"QuantSpec.from_dict expects a dict of QuantSpec fields (as "
+                             f"QuantSpec.to_dict() writes), got {type(data).__name__}: "
+                             f"{data!r:.80}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
@@ -363,7 +371,14 @@ class QuantizationConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantizationConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: naming the field, for a value of the wrong type or an unknown field.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"QuantizationConfig.from_dict expects a dict (as to_dict() "
+                             f"writes), got {type(data).__name__}: {data!r:.80}")
         data = dict(data)
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
@@ -375,12 +390,23 @@ class QuantizationConfig:
         if data.get("activations") is not None:
             data["activations"] = QuantSpec.from_dict(data["activations"])
         if "skip_layers" in data:
+            if not isinstance(data["skip_layers"], (list, tuple)):
+                raise ValueError("QuantizationConfig.skip_layers must be a list of layer names, "
+                                 f"got {type(data['skip_layers']).__name__}: "
+                                 f"{data['skip_layers']!r:.80}")
             data["skip_layers"] = tuple(data["skip_layers"])
+        for key in ("layer_overrides", "calibrator_kwargs"):
+            if key in data and not isinstance(data[key], Mapping):
+                raise ValueError(f"QuantizationConfig.{key} must be a dict, got "
+                                 f"{type(data[key]).__name__}: {data[key]!r:.80}")
         if "layer_overrides" in data:
-            data["layer_overrides"] = {
-                k: (None if v is None else cls.from_dict(v))
-                for k, v in data["layer_overrides"].items()
-            }
+            overrides = {}
+            for k, v in data["layer_overrides"].items():
+                if v is not None and not isinstance(v, Mapping):
+                    raise ValueError(f"QuantizationConfig.layer_overrides[{k!r}] must be a "
+                                     f"config dict or null (float), got {type(v).__name__}")
+                overrides[k] = None if v is None else cls.from_dict(v)
+            data["layer_overrides"] = overrides
         return cls(**data)
 
     def to_json(self) -> str:
@@ -389,5 +415,12 @@ class QuantizationConfig:
 
     @classmethod
     def from_json(cls, text: str) -> QuantizationConfig:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: when ``text`` is not JSON (``json.JSONDecodeError``) or not a config.
+        """
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ValueError(f"QuantizationConfig.from_json expects a JSON string, got "
+                             f"{type(text).__name__}; use from_dict for a dict")
         return cls.from_dict(json.loads(text))

@@ -20,7 +20,9 @@ from torch import nn
 
 from lowbit._qmodule import (
     QuantizedModuleBase,
+    carry_hooks,
     check_conv_geometry,
+    check_conv_input,
     conv_geometry,
     default_conv_geometry,
     quantize_weight,
@@ -260,6 +262,9 @@ class QuantizedLinear(_Int8Base):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         kernel = self._kernel(x2.shape[0], x2.device.type)
         per_token = self.act_spec.granularity == "per_token"
+        bad = None  # per-token symmetric scales keep a NaN / Inf row's effect in that row
+        if self.mode == "static" or not (per_token and self.act_spec.symmetric):
+            x2, bad = self._finite_rows(x2, "static" if self.mode == "static" else "per-tensor")
         fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
         if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1
                 and kernel in FUSED_GEMMS
@@ -267,12 +272,13 @@ class QuantizedLinear(_Int8Base):
             w, w_scale, colsum, bias, scale, zp, comp = fa
             y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
                                  per_token, scale, zp, comp, self.fused_relu, kernel)
-            y = self._gelu(y)
+            y = self._gelu(self._nan_rows(y, bad))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         q, s, zp = self._quantize_input(x2, per_token)
         y = int8_linear(q, s, zp, self.weight, self._w_scale, self._colsum, self.bias,
                         relu=self.fused_relu, kernel=kernel, comp=self._comp,
                         w_zp=self._w_zp)  # (M, N)
+        y = self._nan_rows(y, bad)
         return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -409,11 +415,15 @@ class QuantizedConv2d(_Int8Base):
         """Quantize ``x`` per tensor, INT8 convolution, float output in x's dtype."""
         if torch.is_grad_enabled() and getattr(x, "requires_grad", False):
             return frozen_forward(self, x)  # an adapter or float layer before it trains
+        if isinstance(x, torch.Tensor) and x.dim() == self._dims + 1:  # unbatched, as the
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # float conv takes it
         x = self._input(x, self.in_channels, dim=1)
+        check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
+        x, bad = self._finite_rows(x, "static" if self.mode == "static" else "per-tensor")
         if self._conv_args is not None and x.dim() == 4 and x.dtype == torch.float32:
             y = self._forward_fused(x)
             if y is not None:
-                return y
+                return self._nan_rows(y, bad)
         g = self.geometry
         xf = x.float()
         if g["pre_pad"] is not None:
@@ -448,7 +458,7 @@ class QuantizedConv2d(_Int8Base):
             y = y.squeeze(2)
         if g.get("fused_maxpool"):  # a following MaxPool2d fused by lowbit.ptq
             y = F.max_pool2d(y, g["fused_maxpool"])
-        y = y if y.is_contiguous() else y.contiguous()
+        y = self._nan_rows(y if y.is_contiguous() else y.contiguous(), bad)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -557,7 +567,8 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
             ``fused_relu``, ``name``, ``meta_extra``, ``backend``).
 
     Returns:
-        The quantized module, on the float layer's device.
+        The quantized module, on the float layer's device, with the float layer's forward /
+        forward-pre / backward hooks (shared: the user's handles still remove them).
 
     Raises:
         ValueError: when :func:`check_supported` refuses the layer (the message names it).
@@ -582,6 +593,6 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
         cls = WeightOnlyConv2d if wo else QuantizedConv2d
     if wo:
         kwargs = {k: v for k, v in kwargs.items() if k != "input_qparams"}
-    q = cls.from_float(module, config, **kwargs)
+    q = carry_hooks(module, cls.from_float(module, config, **kwargs))  # the user's hooks stay
     device = module.weight.device  # the replacement lives where the float layer did (CUDA too)
     return q if device.type == "cpu" else q.to(device)

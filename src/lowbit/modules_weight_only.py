@@ -22,6 +22,7 @@ from torch import nn
 from lowbit._qmodule import (
     QuantizedModuleBase,
     check_conv_geometry,
+    check_conv_input,
     conv_geometry,
     default_conv_geometry,
     quantize_weight,
@@ -232,9 +233,10 @@ class _WeightOnlyLinear(_WeightOnly):
             return frozen_forward(self, x)  # an adapter or float layer before it trains
         x = self._input(x, self.in_features)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if (x2.shape[0] <= self._small_max_m and x2.dtype == torch.float32
-                and (x2.stride(-1) == 1 or x2.shape[0] == 1)
+        if (0 < x2.shape[0] <= self._small_max_m and x2.dtype == torch.float32
                 and (lib := native_lib_for(x2)) is not None):  # one C call
+            if x2.stride(-1) != 1 and x2.shape[0] > 1:  # (batch 1: the C call copies the row)
+                x2 = x2.contiguous()  # a few rows: the same exact fp32 path for every layout
             y = run_weight_only_linear_native(lib, x2, self._small_args,  # type: ignore[arg-type]
                                               self.fused_relu)
             return self._gelu(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
@@ -398,6 +400,9 @@ class QuantizedEmbedding(_WeightOnly):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Indices (...) -> float rows (..., D) in the original dtype."""
+        dtype = getattr(torch, self.orig_dtype, torch.float32)
+        if isinstance(idx, torch.Tensor) and idx.numel() == 0 and not idx.is_floating_point():
+            return torch.empty(*idx.shape, self.k, dtype=dtype, device=self.weight.device)
         rows = F.embedding(idx, self.weight)  # (..., Kp) codes or (..., Kp/2) packed
         if self.packed:
             rows = unpack_int4(rows, self.weight_spec.signed)
@@ -410,7 +415,6 @@ class QuantizedEmbedding(_WeightOnly):
         else:
             rows = rows.unsqueeze(-2)  # (..., 1, Kp)
         out = ((rows - z) * s).flatten(-2)[..., : self.k]  # (..., D)
-        dtype = getattr(torch, self.orig_dtype, torch.float32)
         return out.to(dtype)
 
     def extra_repr(self) -> str:
@@ -485,7 +489,10 @@ class WeightOnlyConv2d(_WeightOnly):
         """Float conv with the dequantized weight; output in x's dtype."""
         if torch.is_grad_enabled() and getattr(x, "requires_grad", False):
             return frozen_forward(self, x)  # an adapter or float layer before it trains
+        if isinstance(x, torch.Tensor) and x.dim() == self._dims + 1:  # unbatched, as the
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # float conv takes it
         x = self._input(x, self.in_channels, dim=1)
+        check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
         g = self.geometry
         if g["pre_pad"] is not None:
             x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])

@@ -44,8 +44,9 @@ __all__ = [
 _EPS = torch.finfo(torch.float32).eps
 
 
-def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
-    """Raise ``ValueError`` naming ``name`` when ``x`` holds NaN or Inf.
+def check_finite(x: torch.Tensor, name: str = "tensor", layer: str | None = None) -> None:
+    """Raise ``ValueError`` naming ``name`` (and the ``layer`` to keep float) when ``x`` holds
+    NaN or Inf.
 
     Example:
         >>> check_finite(torch.ones(3), "fc1.weight")
@@ -59,7 +60,7 @@ def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
         if bad:
             raise ValueError(
                 f"{name} has {bad} NaN/Inf value(s) out of {x.numel()}; fix the tensor, or keep "
-                "its layer in float with layer_overrides={'<layer name>': None}"
+                f"its layer in float with layer_overrides={{{layer or '<layer name>'!r}: None}}"
             )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowbit.calibration import CalibrationRecord, run_calibration
@@ -35,6 +36,7 @@ from lowbit.traverse import (
     Fusions,
     LayerPlan,
     check_eager_model,
+    disable_fused_fast_paths,
     find_fusions,
     fold_batchnorm,
     fusable_maxpool,
@@ -248,11 +250,10 @@ class PTQQuantizer(Quantizer):
                                         max_batches=self.max_calibration_batches),
                 self.calibrators, self.process_group, sync=self.sync)
             for name, cal in self.calibrators.items():
-                if int(cal.num_batches) == 0:
+                reason = _calibration_problem(name, cal, todo[name])
+                if reason:
                     plan = todo.pop(name)
-                    plan.config, plan.status = None, "skipped"
-                    plan.reason = ("not reached by any calibration batch, so its input range is "
-                                   "unknown; kept in float")
+                    plan.config, plan.status, plan.reason = None, "skipped", reason
                     plan.fused_relu, plan.fused_gelu = False, None
 
         for name, plan in todo.items():
@@ -287,6 +288,7 @@ class PTQQuantizer(Quantizer):
             qmodel.set_submodule(relu, nn.Identity())
         _fuse_maxpools(qmodel, fusions, todo)
         _fuse_gelus(qmodel, todo)
+        disable_fused_fast_paths(qmodel)  # nn.TransformerEncoderLayer reads linear1.weight
         qmodel.lowbit_report = report
         self.last_report = report
         log.info("lowbit: %d layers quantized, %d FP32 by request, %d skipped",
@@ -331,6 +333,37 @@ def _fuse_gelus(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> None:
         gelu = qmodel.get_submodule(plan.fused_gelu)
         layer.fused_gelu = gelu.approximate
         qmodel.set_submodule(plan.fused_gelu, nn.Identity())
+
+
+def _calibration_problem(name: str, cal: Calibrator, plan: LayerPlan) -> str | None:
+    """Why a calibrated layer cannot get a static scale (then it stays float), or None.
+
+    A layer no batch reached has no range; a constant input (or a clipping range the
+    calibrator collapsed to zero) gives a scale at float32 eps that clips every other input to
+    about zero, so the layer would output its bias whatever it is given: warned, kept float.
+    """
+    if int(cal.num_batches) == 0:
+        reason = ("not reached by any calibration batch, so its input range is unknown; kept "
+                  "in float")
+        warnings.warn(f"{name or '<model>'}: {reason}. Calibrate with batches that run it",
+                      RuntimeWarning, stacklevel=4)
+        return reason
+    assert plan.config is not None and plan.config.activations is not None
+    lo, hi = cal.compute_range()
+    scale, _ = cal.compute_qparams(plan.config.activations)
+    if float(scale.min()) > torch.finfo(torch.float32).eps:
+        return None
+    seen = (float(getattr(cal, "min_val", lo).min()), float(getattr(cal, "max_val", hi).max()))
+    clip = (float(lo.min()), float(hi.max()))
+    what = ("a constant input" if seen[0] == seen[1] else
+            f"a clipping range {list(clip)} of zero width (chosen by the calibrator)")
+    reason = (f"calibration saw {what} (observed range {list(seen)}): a static scale from it "
+              f"({float(scale.min()):.3g}) would clip every other input to about zero; kept in "
+              "float")
+    warnings.warn(f"{name or '<model>'}: {reason}. Calibrate with representative batches, or "
+                  f"quantize it dynamically (layer_overrides={{{name!r}: "
+                  "QuantizationConfig.int8_dynamic()})", RuntimeWarning, stacklevel=4)
+    return reason
 
 
 def _record(cal: Calibrator, default_name: str, scale: Any, zp: Any) -> CalibrationRecord:

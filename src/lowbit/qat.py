@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit._qmodule import QuantizedModuleBase, carry_hooks
 from lowbit.calibrators import available_calibrators
 from lowbit.config import QuantizationConfig
 from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
@@ -65,6 +66,7 @@ from lowbit.qat_stats import QATStatistics, collect_statistics
 from lowbit.traverse import (
     WEIGHTED_LAYERS,
     check_eager_model,
+    disable_fused_fast_paths,
     find_fusions,
     fold_bn_weights,
     plan_layers,
@@ -451,8 +453,8 @@ class QATPreparer:
                 continue
             assert plan.config is not None
             bn = qat.get_submodule(plan.folded_bn) if plan.folded_bn else None
-            layer = QATLayer(module, plan.config, self.config, bn=bn,
-                             fused_relu=plan.fused_relu, name=name)
+            layer = carry_hooks(module, QATLayer(module, plan.config, self.config, bn=bn,
+                                                 fused_relu=plan.fused_relu, name=name))
             layer.train(module.training)
             if not name:
                 qat = layer
@@ -467,6 +469,7 @@ class QATPreparer:
                 qat.set_submodule(relu, nn.Identity())
         configure_qat_sync(qat, self.config.sync_every, self.process_group)
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
+        disable_fused_fast_paths(qat)  # its fused path reads linear1.weight, a QAT layer's
         qat.lowbit_report = report
         qat.lowbit_qat_config_json = json.dumps(self.config.to_dict(), sort_keys=True)
         n = len(report.quantized)
@@ -500,6 +503,22 @@ class QATPreparer:
         return get_qat_statistics(qat_model)
 
 
+def _check_convertible(qat_model: nn.Module) -> None:
+    """Refuse, with what to do, a model :func:`convert_qat` would return unchanged."""
+    if not isinstance(qat_model, nn.Module):
+        raise TypeError(f"convert_qat: expected the nn.Module prepare_qat returned, got "
+                        f"{type(qat_model).__name__}")
+    if any(isinstance(m, QATLayer) for m in qat_model.modules()):
+        return
+    if any(isinstance(m, QuantizedModuleBase) for m in qat_model.modules()):
+        raise ValueError("convert_qat: the model has quantized layers and no QAT layer: it was "
+                         "already converted. Convert the QAT model (the one prepare_qat "
+                         "returned) instead, or use this model as it is")
+    if not hasattr(qat_model, "lowbit_qat_config_json"):
+        raise ValueError("convert_qat: the model has no QAT layer: prepare it first with "
+                         "lowbit.prepare_qat(model, config), train it, then convert it")
+
+
 def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Convert a QAT model to integer modules (see :meth:`QATPreparer.convert_to_quantized`).
 
@@ -508,21 +527,23 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         >>> type(convert_qat(qat)[0]).__name__
         'QuantizedLinear'
     """
+    _check_convertible(qat_model)
     model = _copy_model(qat_model)
     if isinstance(model, QATLayer):
-        out = model.to_quantized(backend)
+        out = carry_hooks(model, model.to_quantized(backend))
         out.lowbit_report = getattr(qat_model, "lowbit_report", None)
         return out.eval()
     converted: dict[int, nn.Module] = {}  # a shared QAT layer converts once, stays shared
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, QATLayer):
             if id(module) not in converted:
-                converted[id(module)] = module.to_quantized(backend)
+                converted[id(module)] = carry_hooks(module, module.to_quantized(backend))
             model.set_submodule(name, converted[id(module)])
     leftovers = [n for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
     if leftovers:
         raise ValueError(f"convert_qat: FakeQuantize modules outside QAT layers remain at "
                          f"{leftovers}; remove them or prepare the model with QATPreparer")
+    disable_fused_fast_paths(model)
     return model.eval()
 
 

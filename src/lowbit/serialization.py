@@ -55,6 +55,7 @@ from lowbit.modules import (
     WeightOnlyConv2d,
     module_from_meta,
 )
+from lowbit.traverse import disable_fused_fast_paths
 
 try:
     import fcntl
@@ -924,6 +925,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
 
 def _finish(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
     """Eval mode, the manifest attached; a LoRA model has only its adapters trainable."""
+    disable_fused_fast_paths(model)  # nn.TransformerEncoderLayer would read linear1.weight
     if any(e.get("kind") == "lora" for e in manifest.get("modules", {}).values()):
         mark_only_lora_trainable(model)
     model.eval()

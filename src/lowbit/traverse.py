@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit._qmodule import has_hooks
 from lowbit.config import QuantizationConfig
 from lowbit.lora_peft import is_peft_adapter, peft_adapter_prefixes
 from lowbit.modules import QUANTIZABLE_TYPES, check_supported
@@ -237,12 +238,30 @@ def find_fusions(model: nn.Module) -> Fusions:
         ('fx', {'0': '1'}, {'0': '2'})
     """
     try:
-        return _fx_fusions(model)
+        fusions = _fx_fusions(model)
     except Exception as exc:  # fx raises many types for untraceable code
         note = f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); " \
                "fusions found from nn.Sequential order only"
         log.info(note)
-        return _order_fusions(model, note.splitlines()[0])
+        fusions = _order_fusions(model, note.splitlines()[0])
+    return _drop_hooked(model, fusions)
+
+
+def _drop_hooked(model: nn.Module, fusions: Fusions) -> Fusions:
+    """No fusion where a user's hook would notice it: a layer with forward (output) hooks
+    would see its BN / ReLU / pool / GELU applied, and a hooked BN / ReLU / pool / GELU module
+    would be replaced by ``Identity``. All of such a layer's fusions go (a ReLU fused after an
+    unfolded BN would be wrong)."""
+    modules = dict(model.named_modules())
+    tables = (fusions.bn_for, fusions.relu_after, fusions.gelu_after, fusions.pool_after)
+    for layer in {n for t in tables for n in t}:
+        fused = [t[layer] for t in tables if layer in t]
+        owner = modules.get(layer)
+        if (owner is not None and owner._forward_hooks) or any(
+                n in modules and has_hooks(modules[n]) for n in fused):
+            for t in tables:
+                t.pop(layer, None)
+    return fusions
 
 
 def fold_bn_weights(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module
@@ -368,9 +387,9 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         if reason:
             plans[name] = LayerPlan(name, kind, None, "skipped", reason)
             continue
-        check_finite(module.weight, f"{name} ({kind}).weight")
+        check_finite(module.weight, f"{name} ({kind}).weight", name)
         if getattr(module, "bias", None) is not None:
-            check_finite(module.bias, f"{name} ({kind}).bias")
+            check_finite(module.bias, f"{name} ({kind}).bias", name)
         # a following ReLU runs inside the quantized layer (in place on its fresh output), for
         # weight-only layers too; an embedding lookup has no fused activation
         fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
@@ -433,6 +452,32 @@ def relu_modules_to_remove(fusions: Fusions, fused_layers: set[str]) -> set[str]
     return out
 
 
+def disable_fused_fast_paths(model: nn.Module) -> list[str]:
+    """Turn off PyTorch's fused inference path of each ``nn.TransformerEncoderLayer`` whose
+    ``linear1`` / ``linear2`` lowbit replaced; the names of those layers.
+
+    Under ``no_grad`` / ``inference_mode`` that path (``torch._transformer_encoder_layer_fwd``)
+    reads ``linear1.weight`` as a float matrix and never calls the module, so it would fail on
+    (or misuse) integer codes. The layer's own ``activation_relu_or_gelu`` flag is what the
+    path checks; clearing it makes the layer run its modules one by one (the same maths, the
+    quantized kernels included). ``nn.TransformerEncoder`` reads the same flag of its first
+    layer before its nested-tensor path.
+
+    Example:
+        >>> enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        >>> enc.linear1 = nn.Identity()  # stands for a quantized replacement
+        >>> disable_fused_fast_paths(enc), enc.activation_relu_or_gelu
+        ([''], 0)
+    """
+    done = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and not (
+                type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear):
+            module.activation_relu_or_gelu = 0
+            done.append(name)
+    return done
+
+
 def check_eager_model(model: object, caller: str) -> None:
     """Refuse what lowbit cannot quantize before touching it: non-modules, and TorchScript
     (scripted or traced) models, whose layers are compiled code that a quantized module cannot
@@ -452,3 +497,10 @@ def check_eager_model(model: object, caller: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}(model=...) expects a torch.nn.Module, got "
                         f"{type(model).__name__}")
+    meta = [n or "<model>" for n, t in (*model.named_parameters(), *model.named_buffers())
+            if t.device.type == "meta"]
+    if meta:
+        raise ValueError(f"{caller}: the model has {len(meta)} tensor(s) on the 'meta' device "
+                         f"(no values to quantize), e.g. {meta[:3]}; load real weights first "
+                         "(e.g. model.to_empty(device='cpu') then load_state_dict, or build it "
+                         "outside torch.device('meta'))")

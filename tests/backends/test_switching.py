@@ -137,3 +137,22 @@ def test_siblings_follow_weight_changes() -> None:
     layer.weight = layer.weight.clone().neg_()  # replaced: the sibling is rebuilt
     with backends.use("reference"):
         assert torch.equal(layer(x), before)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_native_and_torch_stay_within_the_documented_tolerance(bits: int) -> None:
+    # docs/backends.md, "Tolerances": relative max deviation <= 1e-2 from reference
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 512)).eval()
+    refq = lowbit.quantize_weight_only(model, bits=bits, group_size=128, backend="reference")
+    for name in ("native", "torch"):
+        q = lowbit.quantize_weight_only(model, bits=bits, group_size=128)
+        backends.set_backend(q, name)
+        for m in (1, 16, 48, 128):
+            x = torch.randn(m, 1024)
+            with torch.inference_mode():
+                y, y_ref = q(x), refq(x)
+            rel = float((y - y_ref).abs().max() / y_ref.abs().max())
+            assert rel <= 1e-2, (name, m, rel)
+            if m > 64:  # dequantize + float32 GEMM on every backend
+                assert torch.equal(y, y_ref)
