@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -58,7 +59,16 @@ def native_allowed() -> bool:
     return not _NATIVE_OFF.get()
 
 
-@torch.compiler.assume_constant_result  # while tracing: evaluated once, True, no guard
+def _assume_constant_result(fn: Any) -> Any:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (about
+    3 s) when ``import lowbit`` runs: that decorator only sets the attribute dynamo reads."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result  # while tracing: evaluated once, True, no guard
 def routed(module: nn.Module) -> bool:
     """Whether this call of ``module`` leaves its eager kernels (see the module docstring).
 
@@ -146,7 +156,7 @@ def _spec(module: nn.Module) -> str:
     return json.dumps(meta, sort_keys=True)
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def op_spec(module: nn.Module) -> str:
     """The JSON a traced graph keeps for one quantized layer: its ``meta()`` (class, shapes,
     specs, backend, fusions) and the names of the buffers passed beside it. A constant of the
