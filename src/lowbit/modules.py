@@ -42,6 +42,12 @@ from lowbit.kernels import (
     run_fused_linear,
     select_kernel,
 )
+from lowbit.modules_rnn import (
+    RNN_TYPES,
+    QuantizedGRU,
+    QuantizedLSTM,
+    rnn_unsupported_reason,
+)
 from lowbit.modules_weight_only import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -60,6 +66,8 @@ __all__ = [
     "QuantizedConv1d",
     "QuantizedConv2d",
     "QuantizedEmbedding",
+    "QuantizedGRU",
+    "QuantizedLSTM",
     "QuantizedLinear",
     "WeightOnlyConv1d",
     "WeightOnlyConv2d",
@@ -68,7 +76,8 @@ __all__ = [
     "module_from_meta",
 ]
 
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding,
+                                                  *RNN_TYPES)
 
 
 class _Int8Base(QuantizedModuleBase):
@@ -501,7 +510,7 @@ class QuantizedConv1d(QuantizedConv2d):
 QUANTIZED_MODULES: dict[str, type[nn.Module]] = {
     c.__name__: c for c in (QuantizedLinear, QuantizedConv2d, QuantizedConv1d, Int4Linear,
                             Int8WeightOnlyLinear, QuantizedEmbedding, WeightOnlyConv2d,
-                            WeightOnlyConv1d)
+                            WeightOnlyConv1d, QuantizedLSTM, QuantizedGRU)
 }
 
 
@@ -536,6 +545,8 @@ def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None
     if not isinstance(module, QUANTIZABLE_TYPES):
         return f"{type(module).__name__} is not a quantizable type"
     kind, w = type(module).__name__, config.weights
+    if isinstance(module, RNN_TYPES):  # dynamic INT8 only (lowbit.modules_rnn)
+        return rnn_unsupported_reason(module, config)
     if isinstance(module, nn.Embedding):
         if config.mode != "weight_only":
             return f"{kind} has no activations to quantize; use mode='weight_only' for it"
@@ -561,7 +572,8 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
     """Build the quantized replacement of a float layer (dispatch on type and ``config.mode``).
 
     Args:
-        module: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Embedding``.
+        module: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM`` or
+            ``nn.GRU`` (dynamic mode only).
         config: the layer's resolved config.
         **kwargs: passed to ``from_float`` (``input_qparams``, ``weight_qparams``,
             ``fused_relu``, ``name``, ``meta_extra``, ``backend``).
@@ -582,8 +594,10 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
     if reason is not None:
         raise ValueError(f"{kwargs.get('name') or '<unnamed>'}: {reason}")
     wo = config.mode == "weight_only"
-    if isinstance(module, nn.Embedding):
-        cls: Any = QuantizedEmbedding
+    if isinstance(module, RNN_TYPES):
+        cls: Any = QuantizedLSTM if isinstance(module, nn.LSTM) else QuantizedGRU
+    elif isinstance(module, nn.Embedding):
+        cls = QuantizedEmbedding
     elif isinstance(module, nn.Linear):
         cls = (Int4Linear if config.weights.bits <= 4 else Int8WeightOnlyLinear) if wo \
             else QuantizedLinear
@@ -594,5 +608,6 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
     if wo:
         kwargs = {k: v for k, v in kwargs.items() if k != "input_qparams"}
     q = carry_hooks(module, cls.from_float(module, config, **kwargs))  # the user's hooks stay
-    device = module.weight.device  # the replacement lives where the float layer did (CUDA too)
+    ref = module.weight_ih_l0 if isinstance(module, RNN_TYPES) else module.weight
+    device = ref.device  # the replacement lives where the float layer did (CUDA too)
     return q if device.type == "cpu" else q.to(device)

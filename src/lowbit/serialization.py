@@ -55,6 +55,7 @@ from lowbit.modules import (
     WeightOnlyConv2d,
     module_from_meta,
 )
+from lowbit.modules_rnn import MAX_RNN_LAYERS, QuantizedRNNBase, rnn_weight_shapes
 from lowbit.traverse import disable_fused_fast_paths
 
 try:
@@ -550,7 +551,9 @@ def _check_meta(meta: Mapping[str, Any], where: str, lora: bool) -> None:
                             f"{_DAMAGED}")
     else:
         _field(meta, "bias", bool, where)
-    if issubclass(cls, (QuantizedConv2d, WeightOnlyConv2d)):
+    if issubclass(cls, QuantizedRNNBase):
+        _check_rnn_meta(meta, where)
+    elif issubclass(cls, (QuantizedConv2d, WeightOnlyConv2d)):
         geometry = _field(meta, "geometry", dict, where)
         try:
             check_conv_geometry(geometry, meta.get("kernel_size"), meta.get("in_channels"),
@@ -571,6 +574,26 @@ def _check_meta(meta: Mapping[str, Any], where: str, lora: bool) -> None:
         raise LoadError(f"{where}: field 'backend' must be 'auto' or 'reference'; {_DAMAGED}")
     _field(meta, "name", str, where, optional=True)
     _field(meta, "extra", dict, where, optional=True)
+
+
+def _check_rnn_meta(meta: Mapping[str, Any], where: str) -> None:
+    """A quantized LSTM / GRU's meta: sizes, flags, dynamic activation spec."""
+    if _field(meta, "mode", str, where) != "dynamic":
+        raise LoadError(f"{where}: field 'mode'={meta['mode']!r:.40} must be 'dynamic'; "
+                        f"{_DAMAGED}")
+    _spec(meta, "activation_spec", where)
+    _dim(meta, "input_size", where)
+    hidden = _dim(meta, "hidden_size", where)
+    if _dim(meta, "num_layers", where) > MAX_RNN_LAYERS:
+        raise LoadError(f"{where}: field 'num_layers' must be at most {MAX_RNN_LAYERS}; "
+                        f"{_DAMAGED}")
+    for key in ("batch_first", "bidirectional"):
+        _field(meta, key, bool, where)
+    proj = _field(meta, "proj_size", int, where, optional=True) or 0
+    if not 0 <= proj < hidden or (proj and meta["class"] != "QuantizedLSTM"):
+        raise LoadError(f"{where}: field 'proj_size'={proj} must be 0, or below hidden_size "
+                        f"for an LSTM; {_DAMAGED}")
+    _field(meta, "dropout", (int, float), where, optional=True)
 
 
 def _check_lora(config: Mapping[str, Any], where: str) -> None:
@@ -637,16 +660,19 @@ def _check_tensor_refs(manifest: Mapping[str, Any], tensors: Mapping[str, torch.
         if entry["kind"] not in ("quantized", "lora"):
             continue
         prefix = (f"{name}." if name else "") + ("base." if entry["kind"] == "lora" else "")
-        weight = stored.get(f"{prefix}weight")
-        shape = _weight_shape(entry["meta"])
-        need = math.prod(shape)
-        if weight is None or need > 2 * weight.numel() * weight.element_size():
-            have = "no tensor" if weight is None else (
-                f"{weight.numel() * weight.element_size()} bytes ({list(weight.shape)} "
-                f"{str(weight.dtype).removeprefix('torch.')})")
-            raise LoadError(f"{where}: module {name!r} ({entry['meta']['class']}) describes a "
-                            f"weight of shape {shape}, but the file stores {have} for "
-                            f"{prefix}weight; {_DAMAGED}")
+        rnn = issubclass(QUANTIZED_MODULES[entry["meta"]["class"]], QuantizedRNNBase)
+        shapes = (rnn_weight_shapes(entry["meta"]) if rnn
+                  else {"weight": _weight_shape(entry["meta"])})
+        for key, shape in shapes.items():
+            weight = stored.get(f"{prefix}{key}")
+            need = math.prod(shape)
+            if weight is None or need > 2 * weight.numel() * weight.element_size():
+                have = "no tensor" if weight is None else (
+                    f"{weight.numel() * weight.element_size()} bytes ({list(weight.shape)} "
+                    f"{str(weight.dtype).removeprefix('torch.')})")
+                raise LoadError(f"{where}: module {name!r} ({entry['meta']['class']}) describes "
+                                f"a weight of shape {shape}, but the file stores {have} for "
+                                f"{prefix}{key}; {_DAMAGED}")
         if entry["kind"] == "lora":
             a = stored.get(f"{name}.lora_A" if name else "lora_A")
             if a is None or a.dim() != 2 or a.shape[0] != entry["lora"]["r"]:
@@ -777,6 +803,16 @@ def _rebuild_quantized(name: str, meta: dict[str, Any], float_module: nn.Module 
     except (KeyError, TypeError, ValueError) as e:
         raise LoadError(f"{where}: cannot rebuild module {name!r} ({cls}) from its meta: {e}"
                         ) from e
+    if isinstance(module, QuantizedRNNBase) and float_module is not None:
+        keys = ("input_size", "hidden_size", "num_layers", "bidirectional", "proj_size")
+        saved = {k: getattr(module, k) for k in keys}
+        have = {k: getattr(float_module, k, 0) for k in keys}
+        if type(float_module).__name__ != module._kind or saved != have:
+            raise LoadError(
+                f"{where}: the float model does not match the saved model: {name} is "
+                f"{type(float_module).__name__} {have}, the saved {cls} replaces an "
+                f"nn.{module._kind} {saved}. Pass the same architecture (and constructor "
+                "arguments) that was quantized")
     weight = getattr(float_module, "weight", None)
     expected = _weight_shape(meta)
     if isinstance(weight, torch.Tensor) and expected and list(weight.shape) != expected:
@@ -979,6 +1015,8 @@ def _weight_shape(meta: Mapping[str, Any]) -> list[int]:
     if "in_channels" in meta:
         groups = (meta.get("geometry") or {}).get("groups", 1)
         return [meta["out_channels"], meta["in_channels"] // groups, *meta["kernel_size"]]
+    if "hidden_size" in meta:  # LSTM / GRU: the first input projection
+        return rnn_weight_shapes(meta)["weight_ih_l0"]
     for a, b in (("num_embeddings", "embedding_dim"), ("n", "k")):
         if a in meta:
             return [meta[a], meta[b]]
@@ -1001,7 +1039,7 @@ def layer_rows(metas: Mapping[str, Mapping[str, Any]], state: Mapping[str, torch
     for name, meta in metas.items():
         prefix = f"{name}." if name else ""
         own = {k: v for k, v in state.items() if k.startswith(prefix)}
-        scale = own.get(f"{prefix}weight_scale")
+        scale = own.get(f"{prefix}weight_scale", own.get(f"{prefix}weight_ih_l0_scale"))
         rows.append(SavedLayer(
             name=name, cls=str(meta.get("class")), scheme=_scheme_text(meta),
             bits=int((meta.get("weight_spec") or {}).get("bits", 0)),

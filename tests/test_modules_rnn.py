@@ -1,0 +1,247 @@
+"""Dynamic INT8 LSTM / GRU (lowbit.modules_rnn): accuracy vs float and torch.ao, exact float
+semantics (layers, directions, batch_first, states, packed and unbatched inputs), save / load,
+and the refusals (static / weight-only modes, export)."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lowbit
+from lowbit.config import QuantizationConfig
+from lowbit.modules import QUANTIZED_MODULES, check_supported, convert_module, module_from_meta
+from lowbit.modules_rnn import QuantizedGRU, QuantizedLSTM, rnn_weight_shapes
+
+DYN = QuantizationConfig.int8_dynamic()
+# Stated bounds (INT8 weights per channel, per-token INT8 activations, hidden 32, 7 steps):
+# measured cosine >= 0.99997 and max |error| / max |float| <= 0.01 on these shapes.
+MIN_COS, MAX_REL = 0.9995, 0.03
+
+
+def _float(kind: str, layers: int = 1, bidir: bool = False, batch_first: bool = False,
+           **kw: object) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(nn, kind)(16, 32, layers, batch_first=batch_first, bidirectional=bidir,
+                             **kw).eval()
+
+
+def _close(q: torch.Tensor, f: torch.Tensor) -> None:
+    cos = float(F.cosine_similarity(q.flatten().double(), f.flatten().double(), dim=0))
+    rel = float((q - f).abs().max() / f.abs().max())
+    assert cos >= MIN_COS and rel <= MAX_REL, (cos, rel)
+
+
+def _flat(out: object) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for o in out for t in _flat(o)]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("bidir", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_matches_float(kind: str, layers: int, bidir: bool, batch_first: bool) -> None:
+    f = _float(kind, layers, bidir, batch_first)
+    q = convert_module(f, DYN, name="rnn")
+    assert type(q) is (QuantizedLSTM if kind == "LSTM" else QuantizedGRU)
+    x = torch.randn(3, 7, 16) if batch_first else torch.randn(7, 3, 16)
+    dirs = 2 if bidir else 1
+    h0 = torch.randn(layers * dirs, 3, 32) * 0.5
+    hx = (h0, torch.randn_like(h0)) if kind == "LSTM" else h0
+    with torch.no_grad():
+        for state in (None, hx):
+            got, want = _flat(q(x, state)), _flat(f(x, state))
+            assert [t.shape for t in got] == [t.shape for t in want]
+            for a, b in zip(got, want, strict=True):
+                _close(a, b)
+
+
+def test_lstm_proj_size() -> None:
+    f = _float("LSTM", 2, True, proj_size=8)
+    q = convert_module(f, DYN)
+    x = torch.randn(6, 2, 16)
+    with torch.no_grad():
+        for a, b in zip(_flat(q(x)), _flat(f(x)), strict=True):
+            assert a.shape == b.shape
+            _close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("bidir", [False, True])
+def test_packed_sequences(kind: str, bidir: bool) -> None:
+    """Packed sequences of different lengths: the float module's output structure, and each
+    sequence's outputs and final states equal to running it alone."""
+    f = _float(kind, 2, bidir, batch_first=True)
+    q = convert_module(f, DYN)
+    lengths = [4, 7, 2]
+    x = torch.randn(3, 7, 16)
+    dirs = 2 if bidir else 1
+    h0 = torch.randn(2 * dirs, 3, 32) * 0.5
+    hx = (h0, torch.randn_like(h0)) if kind == "LSTM" else h0
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        out, hn = q(packed, hx)
+        fout, fhn = f(packed, hx)
+    assert type(out) is type(fout)
+    assert torch.equal(out.batch_sizes, fout.batch_sizes)
+    assert torch.equal(out.sorted_indices, fout.sorted_indices)
+    _close(out.data, fout.data)
+    for a, b in zip(_flat(hn), _flat(fhn), strict=True):
+        _close(a, b)
+    padded, _ = pad_packed_sequence(out, batch_first=True)
+    for i, n in enumerate(lengths):
+        alone_hx = (h0[:, i:i + 1], hx[1][:, i:i + 1]) if kind == "LSTM" else h0[:, i:i + 1]
+        with torch.no_grad():
+            y, h = q(x[i:i + 1, :n], alone_hx)
+        assert torch.equal(padded[i:i + 1, :n], y)
+        assert all(torch.equal(a[:, i:i + 1], b) for a, b in zip(_flat(hn), _flat(h),
+                                                                 strict=True))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_unbatched(kind: str) -> None:
+    f = _float(kind, 2, True)
+    q = convert_module(f, DYN)
+    x, h0 = torch.randn(5, 16), torch.randn(4, 32)
+    hx = (h0, torch.randn_like(h0)) if kind == "LSTM" else h0
+    batched_hx = tuple(t.unsqueeze(1) for t in hx) if kind == "LSTM" else h0.unsqueeze(1)
+    with torch.no_grad():
+        got, one = _flat(q(x, hx)), _flat(q(x.unsqueeze(1), batched_hx))
+        want = _flat(f(x, hx))
+    for a, b, c in zip(got, one, want, strict=True):
+        assert a.shape == c.shape
+        assert torch.equal(a, b.squeeze(1))
+        _close(a, c)
+
+
+def test_more_accurate_than_torch_ao() -> None:
+    """lowbit's per-token activations vs torch.ao's per-tensor ones, on the same LSTM."""
+    ao = pytest.importorskip("torch.ao.quantization")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.LSTM(64, 128, 2, batch_first=True)).eval()
+    x = torch.randn(8, 24, 64) * torch.rand(8, 1, 1) * 3  # sequences of different scales
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = ao.quantize_dynamic(model, {nn.LSTM}, dtype=torch.qint8)
+        with torch.no_grad():
+            y_ao = theirs[0](x)[0]
+    q = lowbit.quantize_dynamic(model)
+    with torch.no_grad():
+        want, y = model[0](x)[0], q[0](x)[0]
+    err, err_ao = (y - want).abs().mean(), (y_ao - want).abs().mean()
+    assert err <= err_ao, (float(err), float(err_ao))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_reference_backend_and_grad(kind: str) -> None:
+    f = _float(kind, 1, True)
+    q = convert_module(f, DYN)
+    x = torch.randn(5, 2, 16)
+    with torch.no_grad():
+        y = q(x)[0]
+    with lowbit.backends.use("reference"):  # exact INT8 kernels: the same bits
+        assert torch.equal(q(x)[0], y)
+    xg = x.clone().requires_grad_()
+    out = q(xg)[0]  # straight through: quantized values, the float layer's gradient
+    out.sum().backward()
+    assert torch.equal(out.detach(), y) and xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+class LM(nn.Module):
+    """A small LSTM language model: embedding, 2-layer LSTM, next-token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 16)
+        self.lstm = nn.LSTM(16, 32, 2, batch_first=True)
+        self.head = nn.Linear(32, 100)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.lstm.flatten_parameters()  # as model code often does
+        return self.head(self.lstm(self.emb(ids))[0])
+
+
+def test_language_model_report_and_save_load(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = LM().eval()
+    ids = torch.randint(0, 100, (2, 9))
+    q = lowbit.quantize_dynamic(model)
+    assert type(q.lstm) is QuantizedLSTM
+    row = {p.name: p for p in q.lowbit_report.rows}["lstm"]
+    assert row.status == "quantized" and row.module_type == "LSTM"
+    with torch.no_grad():
+        y = q(ids)
+        _close(y, model(ids))
+    lowbit.save(q, tmp_path / "lm.safetensors")
+    loaded = lowbit.load(tmp_path / "lm.safetensors", model=LM())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), y)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buf, weights_only=False)(ids), y)
+    wrong = LM()
+    wrong.lstm = nn.LSTM(16, 32, 1, batch_first=True)
+    with pytest.raises(lowbit.serialization.LoadError, match="lstm is LSTM"):
+        lowbit.load(tmp_path / "lm.safetensors", model=wrong)
+    static = lowbit.quantize_static(model, [ids], progress=False)
+    row = {p.name: p for p in static.lowbit_report.rows}["lstm"]
+    assert row.status == "skipped" and "mode='dynamic'" in row.reason
+    assert isinstance(static.lstm, nn.LSTM)
+
+
+def test_whole_model_gru_is_listed_and_round_trips(tmp_path) -> None:
+    f = _float("GRU", 2)
+    q = lowbit.quantize_dynamic(f)
+    assert type(q) is QuantizedGRU
+    assert [(p.name, p.module_type, p.status) for p in q.lowbit_report.rows] == [
+        ("", "GRU", "quantized")]
+    x = torch.randn(4, 2, 16)
+    lowbit.save(q, tmp_path / "g.safetensors")
+    r = lowbit.load(tmp_path / "g.safetensors", model=_float("GRU", 2))
+    assert torch.equal(r(x)[0], q(x)[0])
+    meta = json.loads(json.dumps(q.meta()))
+    m = module_from_meta(meta)
+    m.load_state_dict(q.state_dict())
+    assert torch.equal(m(x)[1], q(x)[1])
+    assert set(rnn_weight_shapes(meta)) < set(q.state_dict())
+    assert {"QuantizedLSTM", "QuantizedGRU"} <= set(QUANTIZED_MODULES)
+
+
+def test_refusals() -> None:
+    f = _float("LSTM")
+    for cfg in (QuantizationConfig.int8_static(), QuantizationConfig.int4_weight_only(32),
+                QuantizationConfig.int8_dynamic(per_token=False)):
+        assert "LSTM" in (check_supported(f, cfg) or "")
+    with pytest.raises(ValueError, match="rnn: LSTM: mode='static'"):
+        convert_module(f, QuantizationConfig.int8_static(), name="rnn")
+    q = convert_module(f, DYN, name="rnn")
+    with pytest.raises(ValueError, match=r"rnn \(QuantizedLSTM\): expected input with 16"):
+        q(torch.randn(3, 2, 8))
+    with pytest.raises(ValueError, match="h0 of shape"):
+        q(torch.randn(3, 2, 16), (torch.zeros(1, 3, 32), torch.zeros(1, 3, 32)))
+    bad = _float("GRU")
+    with torch.no_grad():
+        bad.weight_hh_l0[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight_hh_l0"):
+        lowbit.quantize_dynamic(nn.Sequential(bad))
+
+
+def test_export_refused_compile_runs() -> None:
+    q = convert_module(_float("GRU"), DYN, name="gru")
+    x = torch.randn(4, 2, 16)
+    from lowbit.onnx._layers import export_layer
+
+    with pytest.raises(NotImplementedError, match=r"gru \(QuantizedGRU\).*layer_overrides"):
+        export_layer(q)
+    with pytest.raises(RuntimeError, match=r"gru \(QuantizedGRU\): torch.export"):
+        torch.export.export(q, (x,))
+    with torch.no_grad():
+        assert torch.equal(torch.compile(q)(x)[0], q(x)[0])  # a graph break: eager run
