@@ -311,6 +311,9 @@ class QuantizedModuleBase(nn.Module):
 
         @functools.wraps(body)
         def forward(self: QuantizedModuleBase, x: torch.Tensor) -> torch.Tensor:
+            smoothing = self._buffers.get("input_smoothing")  # AWQ / SmoothQuant (Linear)
+            if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x * smoothing.to(x.dtype)
             if _dispatch.routed(self):
                 return _dispatch.route(self, x)
             return body(self, x)
@@ -333,6 +336,9 @@ class QuantizedModuleBase(nn.Module):
         self.fused_gelu = fused_gelu  # validated by the property setter
         self.orig_dtype = orig_dtype
         self.meta_extra: dict[str, Any] = jsonable(dict(meta_extra or {}))
+        if self.meta_extra.get("input_smoothing"):  # lowbit.weight_calibration: x * factor
+            self.register_buffer("input_smoothing", torch.ones(int(
+                self.meta_extra["input_smoothing"])))
 
     @staticmethod
     def _common(meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "GRANULARITIES",
     "MODES",
+    "WEIGHT_METHODS",
     "QuantSpec",
     "QuantizationConfig",
 ]
@@ -34,6 +35,9 @@ Mode = Literal["dynamic", "static", "weight_only"]
 
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group", "per_token")
 MODES: tuple[str, ...] = ("dynamic", "static", "weight_only")
+#: weight calibration methods of ``mode="weight_only"`` (see :mod:`lowbit.weight_calibration`)
+WEIGHT_METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
+_METHOD_KWARGS = {"rtn": (), "gptq": ("damp", "act_order", "block_size"), "awq": ("grid",)}
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,15 @@ class QuantizationConfig:
         skip_layers: qualified layer names or glob patterns kept in float.
         layer_overrides: ``{name or glob: QuantizationConfig or None}``; ``None`` keeps the layer
             in FP32. The first matching pattern in insertion order wins; an exact name beats globs.
+        method: how weight-only Linear weights are rounded: ``"rtn"`` (round to nearest, no
+            data), ``"gptq"`` or ``"awq"`` (need ``calibration_data``; see
+            :mod:`lowbit.weight_calibration`).
+        method_kwargs: options of the method (gptq: ``damp``, ``act_order``, ``block_size``;
+            awq: ``grid``).
+        smooth_quant: SmoothQuant migration strength ``alpha`` in ``[0, 1]`` for dynamic / static
+            Linear layers (needs ``calibration_data``), or ``None`` (off).
+        quantize_embeddings: weight-only mode also quantizes ``nn.Embedding`` tables (default
+            ``False``: they stay float, which keeps INT4 accuracy and the fast float lookup).
 
     Raises:
         ValueError: when a field is invalid or the combination makes no sense.
@@ -211,6 +224,10 @@ class QuantizationConfig:
     calibrator_kwargs: Mapping[str, Any] = field(default_factory=dict)
     skip_layers: tuple[str, ...] = ()
     layer_overrides: Mapping[str, QuantizationConfig | None] = field(default_factory=dict)
+    method: str = "rtn"
+    method_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    smooth_quant: float | None = None
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -269,6 +286,38 @@ class QuantizationConfig:
         object.__setattr__(self, "layer_overrides", MappingProxyType(overrides))
         kwargs = MappingProxyType(dict(self.calibrator_kwargs))
         object.__setattr__(self, "calibrator_kwargs", kwargs)
+        if not isinstance(self.quantize_embeddings, bool):
+            raise ValueError("QuantizationConfig.quantize_embeddings must be True or False, got "
+                             f"{self.quantize_embeddings!r}")
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        if self.method not in WEIGHT_METHODS:
+            raise ValueError(f"QuantizationConfig.method={self.method!r} is unknown; use one of "
+                             f"{WEIGHT_METHODS}")
+        if self.method != "rtn" and self.mode != "weight_only":
+            raise ValueError(f"QuantizationConfig.method={self.method!r} calibrates weight-only "
+                             f"weights; mode is {self.mode!r}: use mode='weight_only' (e.g. "
+                             f"QuantizationConfig.int4_weight_only(method={self.method!r})) or "
+                             "smooth_quant=alpha for W8A8")
+        if not isinstance(self.method_kwargs, Mapping):
+            raise ValueError("QuantizationConfig.method_kwargs must be a dict, got "
+                             f"{type(self.method_kwargs).__name__}")
+        unknown = set(self.method_kwargs) - set(_METHOD_KWARGS[self.method])
+        if unknown:
+            raise ValueError(f"QuantizationConfig.method_kwargs: {sorted(unknown)} not options of "
+                             f"method={self.method!r}; known: {list(_METHOD_KWARGS[self.method])}")
+        object.__setattr__(self, "method_kwargs", MappingProxyType(dict(self.method_kwargs)))
+        a = self.smooth_quant
+        if a is not None:
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+                raise ValueError(f"QuantizationConfig.smooth_quant={a!r} must be an alpha in "
+                                 "[0, 1] (0.5 is the usual choice) or None")
+            if self.mode == "weight_only":
+                raise ValueError("QuantizationConfig.smooth_quant applies to INT8 activations "
+                                 "(mode 'dynamic' or 'static'); weight-only keeps activations in "
+                                 "float: use method='awq' instead")
+            object.__setattr__(self, "smooth_quant", float(a))
 
     def __hash__(self) -> int:
         return hash(self.to_json())
@@ -301,7 +350,8 @@ class QuantizationConfig:
         """
         return (type(self), (self.weights, self.activations, self.mode, self.calibrator,
                              dict(self.calibrator_kwargs), self.skip_layers,
-                             dict(self.layer_overrides)))
+                             dict(self.layer_overrides), self.method, dict(self.method_kwargs),
+                             self.smooth_quant, self.quantize_embeddings))
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -333,10 +383,17 @@ class QuantizationConfig:
 
     @classmethod
     def int4_weight_only(cls, group_size: int = 128, symmetric: bool = False,
-                         **kwargs: Any) -> QuantizationConfig:
-        """INT4 group-wise weights (packed two per byte), float activations."""
+                         method: str = "rtn", **kwargs: Any) -> QuantizationConfig:
+        """INT4 group-wise weights (packed two per byte), float activations.
+
+        ``method``: ``"rtn"``, ``"gptq"`` or ``"awq"`` (the last two need calibration data).
+
+        Example:
+            >>> QuantizationConfig.int4_weight_only(group_size=32, method="gptq").method
+            'gptq'
+        """
         return cls(weights=QuantSpec.int4_weight(group_size, symmetric), activations=None,
-                   mode="weight_only", **kwargs)
+                   mode="weight_only", method=method, **kwargs)
 
     # ------------------------------------------------------------------ per-layer resolution
     def is_skipped(self, name: str) -> bool:
@@ -367,6 +424,11 @@ class QuantizationConfig:
             "layer_overrides": {
                 k: (None if v is None else v.to_dict()) for k, v in self.layer_overrides.items()
             },
+            # written only when set: configs (and files) without them read the same as before
+            **({"method": self.method} if self.method != "rtn" else {}),
+            **({"method_kwargs": dict(self.method_kwargs)} if self.method_kwargs else {}),
+            **({"smooth_quant": self.smooth_quant} if self.smooth_quant is not None else {}),
+            **({"quantize_embeddings": True} if self.quantize_embeddings else {}),
         }
 
     @classmethod
@@ -395,7 +457,7 @@ class QuantizationConfig:
                                  f"got {type(data['skip_layers']).__name__}: "
                                  f"{data['skip_layers']!r:.80}")
             data["skip_layers"] = tuple(data["skip_layers"])
-        for key in ("layer_overrides", "calibrator_kwargs"):
+        for key in ("layer_overrides", "calibrator_kwargs", "method_kwargs"):
             if key in data and not isinstance(data[key], Mapping):
                 raise ValueError(f"QuantizationConfig.{key} must be a dict, got "
                                  f"{type(data[key]).__name__}: {data[key]!r:.80}")

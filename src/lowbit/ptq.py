@@ -14,7 +14,7 @@ import logging
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,12 @@ from lowbit.traverse import (
     fusable_maxpool,
     plan_layers,
     relu_modules_to_remove,
+)
+from lowbit.weight_calibration import (
+    CalibratedWeight,
+    calibrate_weights,
+    set_input_smoothing,
+    smooth_quant,
 )
 
 __all__ = [
@@ -207,6 +213,26 @@ class PTQQuantizer(Quantizer):
         cal.tensor_name = f"{name} input"
         return cal
 
+    def _prepare_weights(self, qmodel: nn.Module, todo: dict[str, LayerPlan],
+                         calibration_data: Any) -> tuple[dict[str, CalibratedWeight],
+                                                         dict[str, tuple[torch.Tensor, Any]]]:
+        """GPTQ / AWQ weights and SmoothQuant factors of the planned Linear layers (see
+        :mod:`lowbit.weight_calibration`); other layer types keep round-to-nearest."""
+        methods, alphas = {}, {}
+        for name, plan in todo.items():
+            cfg = plan.config
+            if cfg is None or not isinstance(qmodel.get_submodule(name), nn.Linear):
+                continue
+            if cfg.method != "rtn":
+                methods[name] = (cfg.method, cfg.weights, dict(cfg.method_kwargs))
+            if cfg.smooth_quant is not None:
+                alphas[name] = cfg.smooth_quant
+        opts = {"progress": self.progress, "max_batches": self.max_calibration_batches}
+        calibrated = calibrate_weights(qmodel, methods, calibration_data, **opts) if methods \
+            else {}
+        smoothed = smooth_quant(qmodel, alphas, calibration_data, **opts) if alphas else {}
+        return calibrated, smoothed
+
     def quantize(self, model: nn.Module, calibration_data: Iterable[Any] | None = None,
                  config: QuantizationConfig | None = None, *,
                  inplace: bool | None = None) -> nn.Module:
@@ -214,7 +240,8 @@ class PTQQuantizer(Quantizer):
 
         Args:
             model: a trained float ``nn.Module``.
-            calibration_data: batches for static layers (ignored for dynamic/weight-only).
+            calibration_data: batches for static layers, GPTQ / AWQ weights and SmoothQuant
+                (``config.method``, ``config.smooth_quant``); ignored otherwise.
             config: overrides the quantizer's config for this call.
             inplace: overrides the quantizer's ``inplace`` for this call.
 
@@ -241,6 +268,7 @@ class PTQQuantizer(Quantizer):
                           "returning it unchanged (see model.lowbit_report)", stacklevel=2)
         fold_batchnorm(qmodel, fusions, layers={n for n, p in todo.items() if p.folded_bn})
 
+        calibrated, smoothed = self._prepare_weights(qmodel, todo, calibration_data)
         static = {n: p for n, p in todo.items() if p.config and p.config.mode == "static"}
         self.calibrators = {n: self._make_calibrator(p.config, n) for n, p in static.items()}
         if static:
@@ -270,7 +298,23 @@ class PTQQuantizer(Quantizer):
                 kwargs["meta_extra"] = {"calibrator": record.calibrator,
                                         "observed_range": [record.min, record.max],
                                         "clipping_range": list(record.range)}
+            done = calibrated.get(name)
+            if done is not None:  # GPTQ / AWQ: the weight to convert (and its qparams)
+                with torch.no_grad():
+                    module.weight.copy_(done.weight)
+                if done.qparams is not None:
+                    kwargs["weight_qparams"] = done.qparams
+                kwargs["meta_extra"] = {**kwargs.get("meta_extra", {}),
+                                        "weight_method": plan.config.method}
+            factor = done.input_smoothing if done is not None else None
+            if name in smoothed:  # SmoothQuant: the module divides its input itself
+                factor, handle = smoothed.pop(name)
+                handle.remove()
+                kwargs["meta_extra"] = {**kwargs.get("meta_extra", {}),
+                                        "smooth_quant": plan.config.smooth_quant}
             new = convert_module(module, plan.config, **kwargs)
+            if factor is not None:
+                set_input_smoothing(new, factor)
             if name:
                 qmodel.set_submodule(name, new)
             else:  # the model itself is a single quantizable layer
@@ -283,6 +327,10 @@ class PTQQuantizer(Quantizer):
                 else:  # the first name was skipped after calibration
                     shared = plans[plan.shared_with]
                     plan.config, plan.status, plan.reason = None, shared.status, shared.reason
+        for name, (factor, handle) in smoothed.items():  # smoothed, then kept float: undo
+            handle.remove()
+            with torch.no_grad():
+                qmodel.get_submodule(name).weight.mul_(factor)
         fused = {n for n, p in todo.items() if p.fused_relu}
         for relu in relu_modules_to_remove(fusions, fused):
             qmodel.set_submodule(relu, nn.Identity())
@@ -380,10 +428,14 @@ def _record(cal: Calibrator, default_name: str, scale: Any, zp: Any) -> Calibrat
 
 
 def quantize_dynamic(model: nn.Module, config: QuantizationConfig | None = None, *,
-                     inplace: bool = False, backend: str | None = None) -> nn.Module:
+                     inplace: bool = False, backend: str | None = None,
+                     smooth_quant: float | None = None,
+                     calibration_data: Iterable[Any] | None = None,
+                     progress: bool = True) -> nn.Module:
     """INT8 weights (per channel) and INT8 activations quantized at run time (per token).
 
-    ``backend``: the layers' backend (see :class:`PTQQuantizer`).
+    ``backend``: the layers' backend (see :class:`PTQQuantizer`). ``smooth_quant=alpha``
+    (with ``calibration_data``) first migrates activation outliers into the weights.
 
     Example:
         >>> import torch
@@ -395,7 +447,10 @@ def quantize_dynamic(model: nn.Module, config: QuantizationConfig | None = None,
     if cfg.mode != "dynamic":
         raise ValueError(f"quantize_dynamic: config.mode is {cfg.mode!r}; use "
                          "QuantizationConfig.int8_dynamic() or PTQQuantizer for other modes")
-    return PTQQuantizer(cfg, inplace=inplace, backend=backend).quantize(model)
+    if smooth_quant is not None:
+        cfg = replace(cfg, smooth_quant=smooth_quant)
+    return PTQQuantizer(cfg, inplace=inplace, backend=backend, progress=progress).quantize(
+        model, calibration_data)
 
 
 def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
@@ -403,8 +458,12 @@ def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
                     calibrator: str | type[Calibrator] | Calibrator | None = None,
                     inplace: bool = False, progress: bool = True,
                     max_calibration_batches: int | None = None, process_group: Any = None,
-                    sync: bool = True, backend: str | None = None) -> nn.Module:
+                    sync: bool = True, backend: str | None = None,
+                    smooth_quant: float | None = None) -> nn.Module:
     """INT8 weights and calibrated INT8 activations (``backend``: see :class:`PTQQuantizer`).
+
+    ``smooth_quant=alpha`` (e.g. 0.5) first migrates activation outliers into the weights
+    (SmoothQuant; see :mod:`lowbit.weight_calibration`).
 
     Under ``torch.distributed`` each rank passes its own shard of the calibration data and every
     rank gets the same qparams, those of the union of the shards (``process_group``, ``sync``:
@@ -421,6 +480,8 @@ def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
     if cfg.mode != "static":
         raise ValueError(f"quantize_static: config.mode is {cfg.mode!r}; use "
                          "QuantizationConfig.int8_static(...)")
+    if smooth_quant is not None:
+        cfg = replace(cfg, smooth_quant=smooth_quant)
     return PTQQuantizer(cfg, calibrator=calibrator, progress=progress, inplace=inplace,
                         max_calibration_batches=max_calibration_batches,
                         process_group=process_group, sync=sync, backend=backend
@@ -429,15 +490,24 @@ def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
 
 def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128, *,
                          symmetric: bool = False, config: QuantizationConfig | None = None,
-                         inplace: bool = False, backend: str | None = None) -> nn.Module:
+                         inplace: bool = False, backend: str | None = None,
+                         method: str | None = None,
+                         calibration_data: Iterable[Any] | None = None,
+                         progress: bool = True) -> nn.Module:
     """Weight-only quantization (INT4 packed two per byte, group-wise scales by default).
 
-    ``backend``: the layers' backend (see :class:`PTQQuantizer`).
+    ``backend``: the layers' backend (see :class:`PTQQuantizer`). ``method``: ``"rtn"``
+    (default), ``"gptq"`` or ``"awq"``; the last two need ``calibration_data`` (a list of
+    batches or a DataLoader; see :mod:`lowbit.weight_calibration`).
 
     Example:
         >>> m = nn.Sequential(nn.Linear(256, 8))
         >>> quantize_weight_only(m)[0].weight.dtype
         torch.uint8
+        >>> q = quantize_weight_only(m, group_size=64, method="gptq",
+        ...                          calibration_data=[torch.randn(4, 256)], progress=False)
+        >>> q[0].meta()["extra"]["weight_method"]
+        'gptq'
     """
     if config is None:
         spec = (QuantSpec.int8_weight() if bits == 8
@@ -446,7 +516,10 @@ def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128,
     if config.mode != "weight_only":
         raise ValueError(f"quantize_weight_only: config.mode is {config.mode!r}; use "
                          "QuantizationConfig.int4_weight_only(...)")
-    return PTQQuantizer(config, inplace=inplace, backend=backend).quantize(model)
+    if method is not None:
+        config = replace(config, method=method)
+    return PTQQuantizer(config, inplace=inplace, backend=backend, progress=progress).quantize(
+        model, calibration_data)
 
 
 def _layer_backend(name: str | None) -> str:

