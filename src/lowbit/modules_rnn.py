@@ -361,7 +361,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
                        else t.clone(memory_format=torch.contiguous_format))
         return out[0], out[1] if len(out) > 1 else None
 
-    @torch.compiler.disable  # torch.compile: a graph break, the layer runs eagerly
+    @torch._disable_dynamo  # torch.compile: a graph break, the layer runs eagerly (dynamo is
+    # imported on the first call, not by `import lowbit`)
     def _forward_eager(self, input: torch.Tensor | PackedSequence, hx: Any = None
                        ) -> tuple[Any, Any]:
         if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (
