@@ -16,7 +16,7 @@ CASES = [
     (nn.Conv2d(4, 6, (3, 1), stride=2, dilation=(1, 2), groups=2), "wo", (1, 4, 11, 8)),
     (nn.Conv1d(4, 6, 3, padding=2), "dyn", (3, 4, 10)),
     (nn.Linear(10, 5), "wo", (2, 3, 10)),
-    (nn.Embedding(12, 6), "wo", (2, 5)),
+    (nn.Embedding(12, 6), "emb", (2, 5)),
 ]
 
 
@@ -24,7 +24,8 @@ CASES = [
 def test_fake_output_matches_real(index: int) -> None:
     float_layer, mode, shape = CASES[index]
     cfg = (QuantizationConfig.int8_dynamic() if mode == "dyn"
-           else QuantizationConfig.int4_weight_only(group_size=4))
+           else QuantizationConfig.int4_weight_only(group_size=4,
+                                                    quantize_embeddings=mode == "emb"))
     q = convert_module(float_layer, cfg, name="layer")
     x = (torch.randint(0, 12, shape) if isinstance(float_layer, nn.Embedding)
          else torch.randn(shape))
@@ -45,7 +46,7 @@ def test_fused_maxpool_shape_and_executor_rebuilt_from_spec() -> None:
     out = torch.ops.lowbit.quantized_layer(x, copies, spec)
     assert out.shape == (2, 4, 4, 4) and torch.equal(out, q(x))
     executor = copies[0].__dict__["_lowbit_executor"][1]
-    assert executor is not q and executor.weight is copies[0]
+    assert executor is not q and executor.qweight is copies[0]
     with pytest.raises(ValueError, match="expects buffers"):
         torch.ops.lowbit.quantized_layer(x, copies[:1], spec.replace("_lowbit", "") + " ")
 

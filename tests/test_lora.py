@@ -82,7 +82,7 @@ def test_gradients_flow_only_to_adapters() -> None:
             assert p.grad is None, name
     after = lq.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in buffers.items())
-    assert lq[0].base.weight.dtype == torch.uint8 and lq[2].base.weight.dtype == torch.int8
+    assert lq[0].base.qweight.dtype == torch.uint8 and lq[2].base.qweight.dtype == torch.int8
 
 
 def test_backward_through_the_integer_base_uses_dequantized_weights() -> None:

@@ -131,7 +131,7 @@ def test_peft_on_a_lowbit_model_round_trips(tmp_path: Path) -> None:
         LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])))
     wrapped = [m for m in pm.modules() if isinstance(m, LowbitLoraLinear)]
     assert len(wrapped) == 4
-    assert all(m.base_layer.weight.dtype == torch.int8 for m in wrapped)
+    assert all(m.base_layer.qweight.dtype == torch.int8 for m in wrapped)
     with torch.no_grad():
         assert torch.equal(_out(pm), ref)  # lora_B starts at zero
     codes = {k: v.clone() for k, v in pm.state_dict().items() if "lora" not in k}

@@ -35,6 +35,8 @@ DYN_PT = QuantizationConfig.int8_dynamic(per_token=False)
 STATIC = QuantizationConfig.int8_static()
 INT4 = QuantizationConfig.int4_weight_only(group_size=32)
 INT8_WO = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None, mode="weight_only")
+EMB_WO = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None, mode="weight_only",
+                          quantize_embeddings=True)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,9 +97,9 @@ def test_dynamic_error_bound_from_scales() -> None:
 def test_storage_dtypes_and_bytes() -> None:
     fc = _linear(64, 48)
     q8 = QuantizedLinear.from_float(fc, DYN)
-    assert q8.weight.dtype == torch.int8 and q8.weight.nbytes == 48 * 64
+    assert q8.qweight.dtype == torch.int8 and q8.qweight.nbytes == 48 * 64
     q4 = Int4Linear.from_float(fc, INT4)
-    assert q4.weight.dtype == torch.uint8 and q4.weight.nbytes == 48 * 64 // 2
+    assert q4.qweight.dtype == torch.uint8 and q4.qweight.nbytes == 48 * 64 // 2
     assert q4.weight_scale.shape == (48, 2) and q4.weight_zero_point.dtype == torch.int32
     assert set(q8.state_dict()) == {"weight", "weight_scale", "weight_zero_point", "bias"}
     qs = QuantizedLinear.from_float(fc, STATIC, input_qparams=(0.1, 3))
@@ -113,7 +115,7 @@ def test_static_zero_point_compensation_is_exact() -> None:
     q = QuantizedLinear.from_float(fc, STATIC, input_qparams=(scale, zp))
     from lowbit.ops import quantize
     qx = quantize(x, scale, zp, STATIC.activations).long()
-    acc = (qx - int(zp)) @ q.weight.long().t()  # exact integer accumulator
+    acc = (qx - int(zp)) @ q.qweight.long().t()  # exact integer accumulator
     expected = acc.float() * scale * q.weight_scale + q.bias
     torch.testing.assert_close(q(x), expected, rtol=1e-6, atol=1e-5)
 
@@ -184,7 +186,7 @@ def test_dequantize_weight_matches_ops() -> None:
     assert torch.equal(q8.dequantize_weight(), dequantize(codes, s, z, DYN.weights))
     q4 = Int4Linear.from_float(fc, INT4)
     codes, s, z = quantize_tensor(fc.weight, INT4.weights)
-    assert torch.equal(unpack_int4(q4.weight), codes)
+    assert torch.equal(unpack_int4(q4.qweight), codes)
     assert torch.equal(q4.dequantize_weight(), dequantize(codes, s, z, INT4.weights))
 
 
@@ -278,7 +280,7 @@ def test_conv1d() -> None:
     conv = nn.Conv1d(3, 5, 3, stride=2, padding=1)
     x = torch.randn(2, 3, 11)
     q = convert_module(conv, DYN)
-    assert isinstance(q, QuantizedConv1d) and q.weight.shape == (5, 3, 3)
+    assert isinstance(q, QuantizedConv1d) and q.qweight.shape == (5, 3, 3)
     assert _cos(q(x), conv(x).detach()) > 0.999
     assert q.kernel_info() == "fp32_codes_conv"
     assert torch.equal(q(x), convert_module(conv, DYN, backend="reference")(x))
@@ -327,7 +329,7 @@ def test_check_supported_and_dispatch() -> None:
 
 def test_embedding_int8_per_row_matches_dequantize() -> None:
     emb = nn.Embedding(30, 10, padding_idx=0)
-    q = convert_module(emb, INT8_WO)
+    q = convert_module(emb, EMB_WO)
     idx = torch.randint(0, 30, (4, 7))
     assert torch.equal(q(idx), q.dequantize_weight()[idx])
     assert _cos(q(idx), emb(idx).detach()) > 0.999
@@ -368,7 +370,7 @@ def test_linear_affine_weights(wspec: QuantSpec, mode: str) -> None:
     else:
         s_x = x.abs().amax(1, keepdim=True) / 127
         qx = torch.round(x / s_x).long()
-    qw = q.weight.long() - q.weight_zero_point.long().reshape(-1, 1)
+    qw = q.qweight.long() - q.weight_zero_point.long().reshape(-1, 1)
     expected = (qx @ qw.t()).float() * s_x * q.weight_scale + q.bias
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
     assert _cos(y, fc(x).detach()) > 0.999
@@ -416,15 +418,15 @@ def test_fewer_bits_run_as_int8_codes(wbits: int, abits: int, asigned: bool, asy
     wspec = QuantSpec(bits=wbits, symmetric=wsym, granularity="per_channel")
     aspec = QuantSpec(bits=abits, signed=asigned, symmetric=asym, granularity="per_token")
     q = convert_module(fc, _cfg(wspec, aspec))
-    assert q.weight.dtype == torch.int8
-    assert int(q.weight.min()) >= wspec.qmin and int(q.weight.max()) <= wspec.qmax
+    assert q.qweight.dtype == torch.int8
+    assert int(q.qweight.min()) >= wspec.qmin and int(q.qweight.max()) <= wspec.qmax
     y = q(x)
     assert torch.equal(y, convert_module(fc, _cfg(wspec, aspec), backend="reference")(x))
     # same as fake-quantizing both operands with lowbit.ops in float64
     from lowbit.ops import choose_qparams, compute_range, quantize
     s_x, zp_x = choose_qparams(*compute_range(x, aspec), aspec)
     qx = quantize(x, s_x, zp_x, aspec).double() - zp_x.double()
-    qw = q.weight.double() - q.weight_zero_point.double()[:, None]
+    qw = q.qweight.double() - q.weight_zero_point.double()[:, None]
     expected = (qx @ qw.t()) * s_x.double() * q.weight_scale.double() + q.bias.double()
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
     bits = min(wbits, abits)
@@ -486,7 +488,7 @@ def test_int4_out_features_not_multiple_of_16_use_packed_kernel(n: int, spec: Qu
     q = convert_module(fc, cfg, name="head")
     ref = convert_module(fc, cfg, backend="reference")
     assert "int4pack_bf16" in q.meta()["kernel"].values()
-    assert tuple(q.weight.shape) == (n, 64) and q._packed is not None
+    assert tuple(q.qweight.shape) == (n, 64) and q._packed is not None
     for m in (1, 5, 40):
         x = torch.randn(m, 128)
         y = q(x)
@@ -503,7 +505,7 @@ def test_int4_out_features_not_multiple_of_16_use_packed_kernel(n: int, spec: Qu
 def test_int8_weight_only_k_not_multiple_of_8_uses_packed_kernel() -> None:
     fc = _linear(67, 10)
     q, ref = convert_module(fc, INT8_WO), convert_module(fc, INT8_WO, backend="reference")
-    assert q.meta()["kernel"]["M<=64"] == "int8pack_bf16" and tuple(q.weight.shape) == (10, 67)
+    assert q.meta()["kernel"]["M<=64"] == "int8pack_bf16" and tuple(q.qweight.shape) == (10, 67)
     for m in (1, 3, 40):  # K = 67 -> 80 in the cache (the op crashes on K = 72 from M = 2 on)
         x = torch.randn(m, 67)
         assert _cos(q(x), ref(x)) > 0.9999
@@ -524,7 +526,7 @@ def test_kernel_caches_follow_in_place_weight_changes(kind: str) -> None:
     q = convert_module(float_layer, cfg)
     before = q(x)
     with torch.no_grad():
-        q.weight.zero_()  # int8 codes 0; int4: both nibbles 0, the code 0
+        q.qweight.zero_()  # int8 codes 0; int4: both nibbles 0, the code 0
         if kind == "int4":
             q.weight_zero_point.zero_()  # (read again with the weight's caches)
     after = q(x)
@@ -673,7 +675,8 @@ def test_relu_fused_layers_keep_nan_like_torch_relu() -> None:
 def test_embedding_empty_batches_for_int8_and_int4() -> None:
     torch.manual_seed(0)
     emb = nn.Embedding(10, 8)
-    for cfg in (INT8_WO, QuantizationConfig.int4_weight_only(group_size=8)):
+    int4 = QuantizationConfig.int4_weight_only(group_size=8, quantize_embeddings=True)
+    for cfg in (EMB_WO, int4):
         q = convert_module(emb, cfg, name="emb")
         for shape in ((0,), (0, 3), (2, 0)):
             idx = torch.zeros(shape, dtype=torch.long)

@@ -77,7 +77,7 @@ def test_dynamic_linear_model_int8_weights_float_boundaries() -> None:
     x = torch.randn(32, 64)
     q = quantize_dynamic(model)
     for i in (0, 2):
-        assert q[i].weight.dtype == torch.int8
+        assert q[i].qweight.dtype == torch.int8
         assert q[i].weight.numel() * q[i].weight.element_size() == model[i].weight.numel()
     out = q(x)
     assert out.dtype == torch.float32  # activations stay float at module boundaries
@@ -96,7 +96,7 @@ def test_static_conv_model_calibrated_scales(images: list[torch.Tensor]) -> None
     assert report.num_calibration_batches == len(images)
     for name in report.quantized:
         layer = q.get_submodule(name)
-        assert layer.weight.dtype == torch.int8
+        assert layer.qweight.dtype == torch.int8
         rec = report.calibration[name]
         assert rec.num_batches == len(images)
         # input range of conv1 is the data range [0, 1): scale ~ 1/255, zero-point at qmin
@@ -179,7 +179,7 @@ def test_weight_granularity_and_symmetry(granularity: str, symmetric: bool) -> N
     q = quantize_dynamic(model, cfg)
     expected = 1 if granularity == "per_tensor" else 16
     assert q[0].weight_scale.numel() == expected
-    w_hat = dequantize(q[0].weight, q[0].weight_scale, q[0].weight_zero_point, wspec)
+    w_hat = dequantize(q[0].qweight, q[0].weight_scale, q[0].weight_zero_point, wspec)
     step = q[0].weight_scale.max()
     assert (w_hat - model[0].weight).abs().max() <= step / 2 + 1e-7
     torch.testing.assert_close(q[0].dequantize_weight(), w_hat)
@@ -224,7 +224,7 @@ def test_mixed_overrides_weight_only_and_static() -> None:
         layer_overrides={"0": QuantizationConfig.int4_weight_only(group_size=32), "2": None})
     data = [torch.randn(4, 128) for _ in range(3)]
     q = PTQQuantizer(cfg, progress=False).quantize(model, data)
-    assert q[0].weight.dtype == torch.uint8 and q[0].weight.shape == (64, 64)
+    assert q[0].qweight.dtype == torch.uint8 and q[0].qweight.shape == (64, 64)
     assert type(q[2]) is nn.Linear
     assert cosine(q(data[0]), model(data[0])) > 0.99
 
@@ -248,7 +248,7 @@ def test_inplace_opt_in() -> None:
 def test_int4_weight_only_packs_two_per_byte() -> None:
     model = nn.Sequential(nn.Linear(256, 64)).eval()
     q = quantize_weight_only(model, bits=4, group_size=128)
-    assert q[0].weight.dtype == torch.uint8
+    assert q[0].qweight.dtype == torch.uint8
     assert q[0].weight.numel() == 256 * 64 // 2
     x = torch.randn(3, 256)
     assert cosine(q(x), model(x)) > 0.99

@@ -165,7 +165,7 @@ def assert_converted(model: nn.Module) -> None:
     quantized = [m for m in model.modules() if type(m).__name__ in QUANTIZED_MODULES]
     assert quantized
     for m in quantized:
-        assert m.weight.dtype in (torch.int8, torch.uint8), type(m).__name__
+        assert m.qweight.dtype in (torch.int8, torch.uint8), type(m).__name__
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -4,7 +4,7 @@ Example:
     >>> import torch, lowbit
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
     >>> qmodel = lowbit.quantize_dynamic(model)
-    >>> qmodel[0].weight.dtype, qmodel(torch.randn(2, 16)).shape
+    >>> qmodel[0].qweight.dtype, qmodel(torch.randn(2, 16)).shape
     (torch.int8, torch.Size([2, 16]))
 """
 

@@ -147,7 +147,7 @@ def layer_buffers(module: nn.Module) -> list[torch.Tensor]:
         >>> [t.dtype for t in layer_buffers(q)][:2]
         [torch.int8, torch.float32]
     """
-    return [getattr(module, n) for n in _buffer_names(module)]
+    return [module._buffers[n] for n in _buffer_names(module)]
 
 
 def _spec(module: nn.Module) -> str:

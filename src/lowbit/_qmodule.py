@@ -13,6 +13,7 @@ from torch import nn
 
 from lowbit import _dispatch
 from lowbit.config import QuantSpec
+from lowbit.dropin import DequantizedWeight
 from lowbit.ops import choose_qparams, compute_range, quantize
 
 __all__ = ["MAX_CONV_EXTENT", "QuantizedModuleBase", "carry_hooks", "check_conv_geometry",
@@ -101,7 +102,7 @@ def carry_hooks(src: nn.Module, dst: nn.Module) -> nn.Module:
     """Give ``dst`` (the replacement of ``src``) the hooks registered on ``src``; ``dst``.
 
     The hook tables are shared, not copied, so the handles the user holds still remove them.
-    A hook then sees the replacement module (its ``weight`` is the integer codes).
+    A hook then sees the replacement module (its ``weight`` the float view of the codes).
 
     Example:
         >>> seen = []
@@ -339,6 +340,70 @@ class QuantizedModuleBase(nn.Module):
         if self.meta_extra.get("input_smoothing"):  # lowbit.weight_calibration: x * factor
             self.register_buffer("input_smoothing", torch.ones(int(
                 self.meta_extra["input_smoothing"])))
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The integer weight codes (int8, or uint8 with two 4-bit codes per byte): the buffer
+        saved as ``weight`` in ``state_dict`` and lowbit files."""
+        return self._buffers["weight"]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float view of the weight (:class:`lowbit.dropin.DequantizedWeight`): the dtype,
+        shape and device of the float layer's weight, dequantized only when an op uses it.
+
+        Model code reads ``layer.weight.dtype`` (e.g. ``transformers`` casts inputs to it); the
+        codes are :attr:`qweight`. GPT-2 ``Conv1D`` replacements report its ``[in, out]`` shape.
+
+        Example:
+            >>> from lowbit.modules import QuantizedLinear
+            >>> from lowbit.config import QuantizationConfig
+            >>> q = QuantizedLinear.from_float(nn.Linear(4, 2), QuantizationConfig.int8_dynamic())
+            >>> q.weight.dtype, tuple(q.weight.shape), q.qweight.dtype
+            (torch.float32, (2, 4), torch.int8)
+        """
+        codes = self._buffers.get("weight")
+        if codes is None:
+            raise AttributeError(f"{self._label()} has no weight codes")
+        dtype = getattr(torch, self.orig_dtype, torch.float32)
+        if torch.compiler.is_compiling():  # traced ops (dead code when only metadata is read)
+            return self._float_weight(reference=True).to(dtype)
+        shape = self._weight_shape()
+        if self.meta_extra.get("hf_conv1d"):
+            shape = shape[::-1]
+        return DequantizedWeight(self._float_weight, shape, dtype, codes.device, self._label())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        codes = self.__dict__.get("_buffers", {}).get("weight") if name == "weight" else None
+        if name == "weight" and (isinstance(value, nn.Parameter) or (
+                codes is not None and isinstance(value, torch.Tensor)
+                and value.dtype != codes.dtype)):
+            raise TypeError(f"{self._label()}: cannot assign a Parameter (or a tensor of another "
+                            "dtype than the codes) to `weight` of a quantized layer: its weight "
+                            "is the read-only float view of the integer codes `qweight`; tie or "
+                            "change weights on the float model, then quantize it")
+        super().__setattr__(name, value)
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        """Shape of the float weight this layer replaced (the codes' shape by default)."""
+        return tuple(self._buffers["weight"].shape)
+
+    def _float_weight(self, reference: bool = False) -> torch.Tensor:
+        """The float32 weight a caller of :attr:`weight` sees: dequantized, input smoothing
+        folded back, ``[in, out]`` for GPT-2 ``Conv1D``; ``reference``: pure torch ops."""
+        w = self._dequantize_reference() if reference else self.dequantize_weight()
+        smoothing = self._buffers.get("input_smoothing")  # y = W' (x * s): W = W' * s
+        if smoothing is not None:
+            w = w * smoothing.reshape(-1, *[1] * (w.dim() - 2)).to(w.dtype)
+        return w.t() if self.meta_extra.get("hf_conv1d") else w
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float32 weight ``(q - zp) * scale`` (subclasses implement it)."""
+        raise NotImplementedError
+
+    def _dequantize_reference(self) -> torch.Tensor:
+        """:meth:`dequantize_weight` with pure torch ops (traceable by ``torch.compile``)."""
+        return self.dequantize_weight()
 
     @staticmethod
     def _common(meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -63,8 +63,8 @@ class LoRALinear(nn.Module):
         >>> torch.equal(layer(x), base(x)), layer.scaling  # lora_B starts at zero
         (True, 2.0)
         >>> layer(x).sum().backward()
-        >>> layer.lora_A.grad is not None, base.weight.dtype
-        (True, torch.uint8)
+        >>> layer.lora_A.grad is not None, base.qweight.dtype, layer.weight.dtype
+        (True, torch.uint8, torch.float32)
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0,
@@ -90,6 +90,17 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p else nn.Identity()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's float view of its weight (the LoRA update not included), for model
+        code that reads ``layer.weight.dtype``; see :mod:`lowbit.dropin`."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + dropout(x) @ A.T @ B.T * scaling`` (then the ReLU / GELU fused into the
         base, if any)."""
@@ -98,7 +109,7 @@ class LoRALinear(nn.Module):
         y = y + (update * self.scaling).to(y.dtype)
         if self.fused_gelu is not None:
             return F.gelu(y, approximate=self.fused_gelu)
-        return F.relu(y) if self.fused_relu else y
+        return F.threshold(y, 0.0, 0.0) if self.fused_relu else y  # an in-place op may follow
 
     def lora_config(self) -> dict[str, Any]:
         """JSON-compatible adapter settings (what ``lowbit.save`` records).

@@ -53,7 +53,7 @@ def register_peft(config: Any) -> Any:
         >>> model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
         >>> q = quantize_weight_only(model, bits=4, group_size=32)
         >>> pm = get_peft_model(q, register_peft(LoraConfig(r=4, target_modules=["0"])))
-        >>> type(pm.base_model.model[0]).__name__, pm.base_model.model[0].base_layer.weight.dtype
+        >>> type(pm.base_model.model[0]).__name__, pm.base_model.model[0].base_layer.qweight.dtype
         ('LowbitLoraLinear', torch.uint8)
     """
     if not hasattr(config, "_register_custom_module"):

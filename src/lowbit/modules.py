@@ -28,6 +28,7 @@ from lowbit._qmodule import (
     quantize_weight,
 )
 from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.dropin import forward_override, is_hf_conv1d, linear_from_conv1d
 from lowbit.kernels import (
     CODES_DIRECT_MAX_MACS,
     CUDA_INT_MM_MIN_ROWS,
@@ -106,8 +107,8 @@ class _Int8Base(QuantizedModuleBase):
         self._fused_args: tuple | None = None  # set by _refresh_cache
 
     def _refresh_cache(self) -> None:
-        n = self.weight.shape[0]
-        w2d = self.weight.reshape(n, -1)  # (N, K)
+        n = self.qweight.shape[0]
+        w2d = self.qweight.reshape(n, -1)  # (N, K)
         self._w_scale = self.weight_scale.float().expand(n).contiguous()
         w_zp = self.weight_zero_point.to(torch.int32).expand(n).contiguous()
         self._w_zp = w_zp if bool(w_zp.any()) else None
@@ -123,9 +124,9 @@ class _Int8Base(QuantizedModuleBase):
         zp = self._static_zero_point() if static else None
         fusable = (self.backend == "auto" and self._w_zp is None
                    and (static or self.act_spec.symmetric)
-                   and fused_linear_layout(self.weight, self._w_scale, self.bias, self._comp,
+                   and fused_linear_layout(self.qweight, self._w_scale, self.bias, self._comp,
                                            scale, zp))
-        self._fused_args = (self.weight, self._w_scale, self._colsum, self.bias, scale, zp,
+        self._fused_args = (self.qweight, self._w_scale, self._colsum, self.bias, scale, zp,
                             self._comp) if fusable else None
 
     def _static_zero_point(self) -> torch.Tensor | None:
@@ -149,7 +150,7 @@ class _Int8Base(QuantizedModuleBase):
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight ``(q - zp) * scale`` (same as ``lowbit.ops.dequantize``)."""
-        return dequantize(self.weight, self.weight_scale, self.weight_zero_point, self.weight_spec)
+        return dequantize(self.qweight, self.weight_scale, self.weight_zero_point, self.weight_spec)
 
     def _spec_meta(self) -> dict[str, Any]:
         return {"weight_spec": self.weight_spec.to_dict(),
@@ -166,7 +167,7 @@ class _Int8Base(QuantizedModuleBase):
     def _fill(self, module: nn.Module, input_qparams: Any, weight_qparams: Any) -> None:
         kind = type(module).__name__
         q, s, z = quantize_weight(module.weight, self.weight_spec, self.name, kind, weight_qparams)
-        self.weight.copy_(q)
+        self.qweight.copy_(q)
         self.weight_scale.copy_(s.reshape(self.weight_scale.shape))
         self.weight_zero_point.copy_(z.reshape(self.weight_zero_point.shape))
         if self.bias is not None:
@@ -202,7 +203,7 @@ class QuantizedLinear(_Int8Base):
         >>> fc = nn.Linear(16, 8)
         >>> q = QuantizedLinear.from_float(fc, QuantizationConfig.int8_dynamic(), name="fc")
         >>> x = torch.randn(3, 16)
-        >>> q.weight.dtype, bool(torch.nn.functional.cosine_similarity(
+        >>> q.qweight.dtype, bool(torch.nn.functional.cosine_similarity(
         ...     q(x).flatten(), fc(x).flatten(), dim=0) > 0.99)
         (torch.int8, True)
     """
@@ -259,7 +260,7 @@ class QuantizedLinear(_Int8Base):
     def kernel_info(self) -> str | dict[str, str]:
         """The INT8 GEMM, e.g. ``"int_mm_s8s8"`` (the same at every M on CPU); on CUDA
         ``{"M<=16": "reference", "M>16": "int_mm_s8s8"}`` where ``_int_mm`` takes the shape."""
-        device, t = self.weight.device.type, CUDA_INT_MM_MIN_ROWS
+        device, t = self.qweight.device.type, CUDA_INT_MM_MIN_ROWS
         small, large = self._kernel(1, device), self._kernel(1 << 40, device)
         return small if small == large else {f"M<={t}": small, f"M>{t}": large}
 
@@ -284,7 +285,7 @@ class QuantizedLinear(_Int8Base):
             y = self._gelu(self._nan_rows(y, bad))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         q, s, zp = self._quantize_input(x2, per_token)
-        y = int8_linear(q, s, zp, self.weight, self._w_scale, self._colsum, self.bias,
+        y = int8_linear(q, s, zp, self.qweight, self._w_scale, self._colsum, self.bias,
                         relu=self.fused_relu, kernel=kernel, comp=self._comp,
                         w_zp=self._w_zp)  # (M, N)
         y = self._nan_rows(y, bad)
@@ -365,8 +366,8 @@ class QuantizedConv2d(_Int8Base):
         known before the call)."""
         g = self.geometry
         return select_kernel("int8_conv2d", rows, backend=self.backend, groups=g["groups"],
-                             k=self.weight[0].numel(), n=self.out_channels,
-                             unit_stride=g["stride"][-1] == 1, device=self.weight.device.type)
+                             k=self.qweight[0].numel(), n=self.out_channels,
+                             unit_stride=g["stride"][-1] == 1, device=self.qweight.device.type)
 
     def kernel_info(self) -> str | dict[str, str]:
         """``"fp32_codes_conv"`` for a small K, else the INT8 GEMM after im2col (or reference);
@@ -375,8 +376,8 @@ class QuantizedConv2d(_Int8Base):
         small, large = self._conv_kernel(1), self._conv_kernel(1 << 40)
         if small == large:
             return small
-        limit = (CODES_DIRECT_MAX_MACS // (self.out_channels * self.weight[0].numel())
-                 if self.weight.is_cpu else CUDA_INT_MM_MIN_ROWS)
+        limit = (CODES_DIRECT_MAX_MACS // (self.out_channels * self.qweight[0].numel())
+                 if self.qweight.is_cpu else CUDA_INT_MM_MIN_ROWS)
         return {f"M<={limit}": small, f"M>{limit}": large}
 
     def _refresh_cache(self) -> None:
@@ -390,14 +391,14 @@ class QuantizedConv2d(_Int8Base):
                 and g["groups"] == 1)
         zp = self._fused_args[5] if fast else None  # type: ignore[index]
         self._conv_args = None if not fast else (
-            self.weight[0].numel(), tuple(self.kernel_size), tuple(g["stride"]),
+            self.qweight[0].numel(), tuple(self.kernel_size), tuple(g["stride"]),
             tuple(g["padding"]), tuple(g["dilation"]), 0 if zp is None else int(zp))
 
     def _weight_cache(self, slot: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A kernel's derived weight, kept in the plain attribute ``slot`` (not a buffer: never
         saved), dropped by ``_refresh_cache`` (so after ``load_state_dict``, like the other
         kernel caches) and rebuilt when ``weight`` is replaced by another tensor."""
-        key = self.weight.data_ptr()
+        key = self.qweight.data_ptr()
         cache = getattr(self, slot)
         if cache is None or cache[0] != key:
             cache = (key, build())
@@ -407,7 +408,7 @@ class QuantizedConv2d(_Int8Base):
     def _codes_weight(self) -> torch.Tensor:
         """float32 centered weight codes ``w - w_zp`` for ``"fp32_codes_conv"`` (cached)."""
         def build() -> torch.Tensor:
-            wf = self.weight.float()
+            wf = self.qweight.float()
             if self._w_zp is not None:
                 wf.sub_(self._w_zp.float().reshape(-1, *([1] * (wf.dim() - 1))))
             return wf
@@ -416,7 +417,7 @@ class QuantizedConv2d(_Int8Base):
     def _cols_weight(self) -> torch.Tensor:
         """The int8 weight as the im2col GEMM's ``[O, kh*kw*C]`` matrix (cached)."""
         def build() -> torch.Tensor:
-            w = self.weight if self._dims == 2 else self.weight.unsqueeze(2)
+            w = self.qweight if self._dims == 2 else self.qweight.unsqueeze(2)
             return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
         return self._weight_cache("_cols_cache", build)
 
@@ -437,7 +438,7 @@ class QuantizedConv2d(_Int8Base):
         xf = x.float()
         if g["pre_pad"] is not None:
             xf = F.pad(xf, g["pre_pad"], mode=g["pad_mode"])
-        w = self.weight
+        w = self.qweight
         stride, padding, dilation = g["stride"], g["padding"], g["dilation"]
         if self._dims == 1:  # conv1d as conv2d over a unit height
             xf, w = xf.unsqueeze(2), w.unsqueeze(2)
@@ -541,15 +542,27 @@ def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None
         True
         >>> check_supported(nn.Embedding(10, 4), QuantizationConfig.int8_dynamic())
         "Embedding has no activations to quantize; use mode='weight_only' for it"
+        >>> check_supported(nn.Embedding(10, 4), QuantizationConfig.int4_weight_only(
+        ...     32, quantize_embeddings=True)) is None
+        True
     """
-    if not isinstance(module, QUANTIZABLE_TYPES):
+    if not isinstance(module, QUANTIZABLE_TYPES) and not is_hf_conv1d(module):
         return f"{type(module).__name__} is not a quantizable type"
     kind, w = type(module).__name__, config.weights
+    override = forward_override(module)
+    if override:
+        return (f"{override} differs from the forward of the torch layer it subclasses (e.g. a "
+                "scaled or positional embedding); a quantized replacement would drop it, so it "
+                "stays float")
     if isinstance(module, RNN_TYPES):  # dynamic INT8 only (lowbit.modules_rnn)
         return rnn_unsupported_reason(module, config)
     if isinstance(module, nn.Embedding):
         if config.mode != "weight_only":
             return f"{kind} has no activations to quantize; use mode='weight_only' for it"
+        if not config.quantize_embeddings:
+            return (f"{kind}: weight-only mode keeps embedding tables float by default (INT4 "
+                    "tables cost accuracy and their lookup is slower); set "
+                    "quantize_embeddings=True in the config to quantize them")
         if module.max_norm is not None:
             return f"{kind} with max_norm renormalizes its weight in place; keep it in float"
         if w.granularity == "per_tensor" or (w.granularity == "per_channel" and w.axis != 0):
@@ -573,7 +586,8 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
 
     Args:
         module: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM`` or
-            ``nn.GRU`` (dynamic mode only).
+            ``nn.GRU`` (dynamic mode only), or ``transformers``' ``Conv1D`` (quantized as the
+            Linear it is; the replacement's ``weight`` view keeps its ``[in, out]`` shape).
         config: the layer's resolved config.
         **kwargs: passed to ``from_float`` (``input_qparams``, ``weight_qparams``,
             ``fused_relu``, ``name``, ``meta_extra``, ``backend``).
@@ -587,13 +601,17 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
 
     Example:
         >>> q = convert_module(nn.Linear(64, 32), QuantizationConfig.int4_weight_only(32))
-        >>> type(q).__name__, q.weight.dtype, tuple(q.weight.shape)
-        ('Int4Linear', torch.uint8, (32, 32))
+        >>> type(q).__name__, q.qweight.dtype, tuple(q.qweight.shape), q.weight.dtype
+        ('Int4Linear', torch.uint8, (32, 32), torch.float32)
     """
     reason = check_supported(module, config)
     if reason is not None:
         raise ValueError(f"{kwargs.get('name') or '<unnamed>'}: {reason}")
     wo = config.mode == "weight_only"
+    float_module = module
+    if is_hf_conv1d(module):  # GPT-2: the Linear it is, its [in, out] weight transposed
+        module = linear_from_conv1d(module)
+        kwargs = {**kwargs, "meta_extra": {**(kwargs.get("meta_extra") or {}), "hf_conv1d": True}}
     if isinstance(module, RNN_TYPES):
         cls: Any = QuantizedLSTM if isinstance(module, nn.LSTM) else QuantizedGRU
     elif isinstance(module, nn.Embedding):
@@ -607,7 +625,7 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
         cls = WeightOnlyConv2d if wo else QuantizedConv2d
     if wo:
         kwargs = {k: v for k, v in kwargs.items() if k != "input_qparams"}
-    q = carry_hooks(module, cls.from_float(module, config, **kwargs))  # the user's hooks stay
+    q = carry_hooks(float_module, cls.from_float(module, config, **kwargs))  # the user's hooks
     ref = module.weight_ih_l0 if isinstance(module, RNN_TYPES) else module.weight
     device = ref.device  # the replacement lives where the float layer did (CUDA too)
     return q if device.type == "cpu" else q.to(device)

@@ -99,11 +99,11 @@ class _WeightOnly(QuantizedModuleBase):
         s = self.eff_spec
         group = wo_group(s.group_size if s.granularity == "per_group" else None,
                          self.weight_scale, self.kp)
-        ok = (self.backend == "auto" and self.weight.is_cpu and self.weight.is_contiguous()
-              and self.weight.dtype in (torch.int8, torch.uint8)
+        ok = (self.backend == "auto" and self.qweight.is_cpu and self.qweight.is_contiguous()
+              and self.qweight.dtype in (torch.int8, torch.uint8)
               and c_layout((self.weight_scale, torch.float32),
                             (self.weight_zero_point, torch.int32)))
-        self._c_args = (self.weight, int(self.packed), int(self.weight_spec.signed), self.n,
+        self._c_args = (self.qweight, int(self.packed), int(self.weight_spec.signed), self.n,
                         self.kp, self.k, group, self.weight_scale,
                         self.weight_zero_point) if ok else None
 
@@ -111,7 +111,7 @@ class _WeightOnly(QuantizedModuleBase):
               weight_qparams: Any) -> None:
         w = F.pad(weight2d.detach().float(), (0, self.kp - self.k))  # (N, Kp)
         q, s, z = quantize_weight(w, self.eff_spec, self.name, kind, weight_qparams)
-        self.weight.copy_(pack_int4(q) if self.packed else q)
+        self.qweight.copy_(pack_int4(q) if self.packed else q)
         self.weight_scale.copy_(s.reshape(self.weight_scale.shape))
         self.weight_zero_point.copy_(z.reshape(self.weight_zero_point.shape))
         if self.bias is not None and bias is not None:
@@ -120,10 +120,16 @@ class _WeightOnly(QuantizedModuleBase):
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes ``[N, Kp]`` (int8, or uint8 for unsigned specs)."""
-        return unpack_int4(self.weight, self.weight_spec.signed) if self.packed else self.weight
+        return unpack_int4(self.qweight, self.weight_spec.signed) if self.packed else self.qweight
 
     def _dequant_padded(self) -> torch.Tensor:  # (N, Kp) float32
         return dequantize(self.codes(), self.weight_scale, self.weight_zero_point, self.eff_spec)
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return (self.n, self.k)
+
+    def _dequantize_reference(self) -> torch.Tensor:
+        return self._dequant_padded()[:, : self.k]
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight ``(q - zp) * scale`` without padding, ``[N, K]``.
@@ -131,7 +137,7 @@ class _WeightOnly(QuantizedModuleBase):
         One pass of the fused C kernel (same bits) unless the backend is ``"reference"`` or the
         kernels are unavailable (see :mod:`lowbit.native`).
         """
-        if self._c_args is not None and (lib := native_lib_for(self.weight)) is not None:
+        if self._c_args is not None and (lib := native_lib_for(self.qweight)) is not None:
             return run_dequantize_weight_native(lib, self._c_args)
         return self._dequant_padded()[:, : self.k]
 
@@ -280,8 +286,8 @@ class Int4Linear(_WeightOnlyLinear):
     Example:
         >>> fc = nn.Linear(100, 32)
         >>> q = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(group_size=32))
-        >>> q.weight.dtype, tuple(q.weight.shape), q.meta()["padding"]
-        (torch.uint8, (32, 64), 28)
+        >>> q.qweight.dtype, tuple(q.qweight.shape), q.meta()["padding"], q.weight.dtype
+        (torch.uint8, (32, 64), 28, torch.float32)
         >>> q(torch.randn(3, 100)).shape
         torch.Size([3, 32])
     """
@@ -293,7 +299,7 @@ class Int4Linear(_WeightOnlyLinear):
     def _select_packed(self, m: int) -> str:
         g = self._group() if self.eff_spec.granularity != "per_tensor" else None
         return select_kernel("int4_weight_only", m, backend=self.backend, n=self._n_packed(),
-                             device=self.weight.device.type,
+                             device=self.qweight.device.type,
                              k=self.kp, group_size=g)
 
     def _refresh_cache(self) -> None:
@@ -324,7 +330,7 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     Example:
         >>> q = Int8WeightOnlyLinear.from_float(nn.Linear(16, 8), QuantizationConfig(
         ...     weights=QuantSpec.int8_weight(), activations=None, mode="weight_only"))
-        >>> q.weight.dtype, q(torch.randn(2, 16)).shape
+        >>> q.qweight.dtype, q(torch.randn(2, 16)).shape
         (torch.int8, torch.Size([2, 8]))
     """
 
@@ -339,13 +345,13 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
         ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
         k16 = -(-self.kp // 16) * 16  # the packed cache's K (zero columns added)
         return select_kernel("int8_weight_only", m, backend=self.backend, k=k16, packable=ok,
-                             device=self.weight.device.type)
+                             device=self.qweight.device.type)
 
     def _refresh_cache(self) -> None:
         super()._refresh_cache()
         self._packed = self._scales = None
         if self._select_packed(1) == "int8pack_bf16":
-            self._packed = F.pad(self.weight, (0, -self.kp % 16))  # (N, K16), zero columns
+            self._packed = F.pad(self.qweight, (0, -self.kp % 16))  # (N, K16), zero columns
             self._scales = self.weight_scale.to(torch.bfloat16)
 
 
@@ -402,8 +408,8 @@ class QuantizedEmbedding(_WeightOnly):
         """Indices (...) -> float rows (..., D) in the original dtype."""
         dtype = getattr(torch, self.orig_dtype, torch.float32)
         if isinstance(idx, torch.Tensor) and idx.numel() == 0 and not idx.is_floating_point():
-            return torch.empty(*idx.shape, self.k, dtype=dtype, device=self.weight.device)
-        rows = F.embedding(idx, self.weight)  # (..., Kp) codes or (..., Kp/2) packed
+            return torch.empty(*idx.shape, self.k, dtype=dtype, device=self.qweight.device)
+        rows = F.embedding(idx, self.qweight)  # (..., Kp) codes or (..., Kp/2) packed
         if self.packed:
             rows = unpack_int4(rows, self.weight_spec.signed)
         rows = rows.float()
@@ -484,6 +490,12 @@ class WeightOnlyConv2d(_WeightOnly):
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight in the conv's shape ``[O, C/groups, *kernel_size]``."""
         return super().dequantize_weight().reshape(self.wshape)
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.wshape)
+
+    def _dequantize_reference(self) -> torch.Tensor:
+        return super()._dequantize_reference().reshape(self.wshape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float conv with the dequantized weight; output in x's dtype."""

@@ -184,7 +184,7 @@ class PTQQuantizer(Quantizer):
         >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
         >>> data = [torch.randn(8, 16) for _ in range(4)]
         >>> qmodel = PTQQuantizer(QuantizationConfig.int8_static()).quantize(model, data)
-        >>> type(qmodel[0]).__name__, qmodel[0].weight.dtype, qmodel(data[0]).shape
+        >>> type(qmodel[0]).__name__, qmodel[0].qweight.dtype, qmodel(data[0]).shape
         ('QuantizedLinear', torch.int8, torch.Size([8, 4]))
     """
 
@@ -440,7 +440,7 @@ def quantize_dynamic(model: nn.Module, config: QuantizationConfig | None = None,
     Example:
         >>> import torch
         >>> m = nn.Sequential(nn.Linear(8, 8))
-        >>> quantize_dynamic(m)[0].weight.dtype
+        >>> quantize_dynamic(m)[0].qweight.dtype
         torch.int8
     """
     cfg = config or QuantizationConfig.int8_dynamic()
@@ -502,7 +502,7 @@ def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128,
 
     Example:
         >>> m = nn.Sequential(nn.Linear(256, 8))
-        >>> quantize_weight_only(m)[0].weight.dtype
+        >>> quantize_weight_only(m)[0].qweight.dtype
         torch.uint8
         >>> q = quantize_weight_only(m, group_size=64, method="gptq",
         ...                          calibration_data=[torch.randn(4, 256)], progress=False)

@@ -58,6 +58,7 @@ from lowbit._qmodule import QuantizedModuleBase, carry_hooks
 from lowbit.calibrators import available_calibrators
 from lowbit.config import QuantizationConfig
 from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
+from lowbit.dropin import is_hf_conv1d, linear_from_conv1d
 from lowbit.fake_quantize import FakeQuantize
 from lowbit.modules import convert_module
 from lowbit.modules_weight_only import _layout
@@ -87,6 +88,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+
+#: Attributes of the float layer a :class:`QATLayer` mirrors (model code reads them).
+_LAYER_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size",
+                "stride", "padding", "dilation", "groups")
 
 
 def _default_quantization() -> QuantizationConfig:
@@ -226,11 +232,17 @@ class QATLayer(nn.Module):
                  options: QATConfig | None = None, *, bn: nn.Module | None = None,
                  fused_relu: bool = False, name: str = "") -> None:
         super().__init__()
-        if not isinstance(base_layer, WEIGHTED_LAYERS):
-            raise ValueError(f"{name or '<unnamed>'}: QAT supports Linear, Conv1d and Conv2d, not "
-                             f"{type(base_layer).__name__}")
         options = options or QATConfig(quantization=config)
+        self.hf_conv1d = is_hf_conv1d(base_layer)  # GPT-2 Conv1D: trained as its Linear
+        if self.hf_conv1d:
+            base_layer = linear_from_conv1d(base_layer)
+        elif not isinstance(base_layer, WEIGHTED_LAYERS):
+            raise ValueError(f"{name or '<unnamed>'}: QAT supports Linear, Conv1d, Conv2d and "
+                             f"transformers' Conv1D, not {type(base_layer).__name__}")
         self.base_layer, self.bn, self.name = base_layer, bn, name
+        for attr in _LAYER_ATTRS:  # what model code reads on the float layer (in_features, ...)
+            if hasattr(base_layer, attr):
+                setattr(self, attr, getattr(base_layer, attr))
         self._config = config  # frozen: deepcopy of the model shares it
         self.fused_relu = bool(fused_relu)
         self.freeze_bn_after = options.freeze_bn_after
@@ -271,6 +283,18 @@ class QATLayer(nn.Module):
     def config(self) -> QuantizationConfig:
         """The layer's resolved quantization config."""
         return self._config
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight QAT trains (BatchNorm not folded in; GPT-2 ``Conv1D``: its
+        ``[in, out]`` layout), for model code that reads ``layer.weight.dtype``."""
+        w = self.base_layer.weight
+        return w.t() if self.hf_conv1d else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The float bias of the wrapped layer."""
+        return self.base_layer.bias
 
     # ------------------------------------------------------------------ weights
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -326,7 +350,9 @@ class QATLayer(nn.Module):
             y = self._op(x, self._quantize_weight(w), b)
         if self.training:
             self.num_steps += 1
-        return F.relu(y) if self.fused_relu else y
+        # F.relu saves its output for backward: an in-place op after this layer (torchvision's
+        # shared ReLU(inplace=True)) would break autograd; threshold saves its input instead
+        return F.threshold(y, 0.0, 0.0) if self.fused_relu else y
 
     def _forward_bn_training(self, x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -368,6 +394,8 @@ class QATLayer(nn.Module):
         iq = self.input_quantizer
         extra: dict[str, Any] = {"qat": True,
                                  "learnable_scale": self.weight_quantizer.learnable_scale}
+        if self.hf_conv1d:
+            extra["hf_conv1d"] = True
         if iq is not None and not iq.dynamic:
             if not bool(iq.initialized):
                 raise ValueError(f"{self.name}: its input quantizer never saw data, so the input "
@@ -406,7 +434,7 @@ class QATPreparer:
         ...     loss.backward()
         ...     opt.step()
         >>> q = preparer.convert_to_quantized(qat_model)
-        >>> type(q[0]).__name__, q[0].weight.dtype, q[0].fused_relu
+        >>> type(q[0]).__name__, q[0].qweight.dtype, q[0].fused_relu
         ('QuantizedLinear', torch.int8, True)
     """
 
@@ -446,7 +474,7 @@ class QATPreparer:
                 qat.set_submodule(name, qat.get_submodule(plan.shared_with))
                 continue
             module = qat.get_submodule(name)
-            if not isinstance(module, WEIGHTED_LAYERS):
+            if not isinstance(module, WEIGHTED_LAYERS) and not is_hf_conv1d(module):
                 plan.config, plan.status = None, "skipped"
                 plan.reason = (f"QAT covers Linear/Conv1d/Conv2d; {plan.module_type} kept in "
                                "float (quantize it after conversion with PTQ)")

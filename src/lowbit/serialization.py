@@ -815,6 +815,8 @@ def _rebuild_quantized(name: str, meta: dict[str, Any], float_module: nn.Module 
                 "arguments) that was quantized")
     weight = getattr(float_module, "weight", None)
     expected = _weight_shape(meta)
+    if expected and isinstance(meta.get("extra"), dict) and meta["extra"].get("hf_conv1d"):
+        expected = expected[::-1]  # transformers' Conv1D holds its weight as [in, out]
     if isinstance(weight, torch.Tensor) and expected and list(weight.shape) != expected:
         raise LoadError(
             f"{where}: the float model does not match the saved model: {name} has a weight of "

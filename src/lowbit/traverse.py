@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit._qmodule import has_hooks
-from lowbit.config import QuantizationConfig
+from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.dropin import is_depthwise_conv, is_hf_conv1d
 from lowbit.lora_peft import is_peft_adapter, peft_adapter_prefixes
 from lowbit.modules import QUANTIZABLE_TYPES, check_supported
 from lowbit.ops import check_finite
@@ -324,6 +325,18 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+#: Weight-only INT4 keeps depthwise convs at INT8 (per channel): with a few weights per output
+#: channel, INT4 costs them far more accuracy than other layers (EfficientNet-B0: cosine 0.60).
+_DEPTHWISE_CONFIG = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None,
+                                       mode="weight_only")
+_DEPTHWISE_NOTE = ("; depthwise conv kept INT8 in INT4 weight-only mode (INT4 costs these "
+                   "few-weight channels much accuracy; force INT4 with layer_overrides)")
+
+
+def _int4_depthwise(module: nn.Module, cfg: QuantizationConfig) -> bool:
+    return cfg.mode == "weight_only" and cfg.weights.bits <= 4 and is_depthwise_conv(module)
+
+
 def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str] | None = None,
                 fusions: Fusions | None = None) -> dict[str, LayerPlan]:
     """Decide, for every quantizable layer, whether and how it is quantized.
@@ -354,7 +367,8 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
     plans: dict[str, LayerPlan] = {}
     first_name: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if not name and not isinstance(module, QUANTIZABLE_TYPES):
+        quantizable = isinstance(module, QUANTIZABLE_TYPES) or is_hf_conv1d(module)
+        if not name and not quantizable:
             continue
         if id(module) in first_name:  # the same module object under a second name
             _plan_alias(plans, name, first_name[id(module)])
@@ -362,11 +376,11 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         first_name[id(module)] = name
         kind = type(module).__name__
         if is_peft_adapter(name, adapters):  # peft's lora_A / lora_B / modules_to_save
-            if isinstance(module, QUANTIZABLE_TYPES):
+            if quantizable:
                 plans[name] = LayerPlan(name, kind, None, "skipped",
                                         "peft adapter: kept in float and trainable")
             continue
-        if not isinstance(module, QUANTIZABLE_TYPES):
+        if not quantizable:
             reason = _unsupported_reason(module)
             if reason:
                 plans[name] = LayerPlan(name, kind, None, "skipped", reason)
@@ -383,6 +397,9 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
                    "skip_layers" if config.is_skipped(name) else "layer_overrides")
             plans[name] = LayerPlan(name, kind, None, "fp32 (requested)", f"kept in FP32 by {why}")
             continue
+        note = ""
+        if layer_cfg is config and _int4_depthwise(module, layer_cfg):  # no override names it
+            layer_cfg, note = _DEPTHWISE_CONFIG, _DEPTHWISE_NOTE
         reason = check_supported(module, layer_cfg)
         if reason:
             plans[name] = LayerPlan(name, kind, None, "skipped", reason)
@@ -397,7 +414,7 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         # a following ReLU runs inside the quantized layer (in place on its fresh output), for
         # weight-only layers too; an embedding lookup has no fused activation
         fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
-        plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg),
+        plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg) + note,
                                 fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name),
                                 fused_gelu=fusions.gelu_after.get(name))
     _warn_unmatched(model, config, fallback)

@@ -130,11 +130,11 @@ def test_siblings_follow_weight_changes() -> None:
     _, layer, x = _layers()[0]
     with backends.use("reference"):
         before = layer(x)
-    layer.weight.neg_()  # in place: the sibling shares the tensor, its caches refresh
+    layer.qweight.neg_()  # in place: the sibling shares the tensor, its caches refresh
     with backends.use("reference"):
         after = layer(x)
     assert torch.equal(after, layer(x)) and not torch.equal(after, before)
-    layer.weight = layer.weight.clone().neg_()  # replaced: the sibling is rebuilt
+    layer.weight = layer.qweight.clone().neg_()  # replaced: the sibling is rebuilt
     with backends.use("reference"):
         assert torch.equal(layer(x), before)
 

@@ -74,7 +74,7 @@ class _Int8(nn.Module):
         self.qmin, self.qmax, self.off = layer._qmin, layer._qmax, layer._act_off
         self.spec_qmin, self.spec_qmax = spec.qmin, spec.qmax
         self.symmetric, self.per_token = spec.symmetric, spec.granularity == "per_token"
-        w = layer.weight.detach()
+        w = layer.qweight.detach()
         n = w.shape[0]
         w_scale = layer.weight_scale.detach().float().expand(n).contiguous()  # [N]
         w_zp = layer.weight_zero_point.detach().to(torch.int32).expand(n).contiguous()
