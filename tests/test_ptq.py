@@ -78,7 +78,7 @@ def test_dynamic_linear_model_int8_weights_float_boundaries() -> None:
     q = quantize_dynamic(model)
     for i in (0, 2):
         assert q[i].qweight.dtype == torch.int8
-        assert q[i].weight.numel() * q[i].weight.element_size() == model[i].weight.numel()
+        assert q[i].qweight.numel() * q[i].qweight.element_size() == model[i].weight.numel()
     out = q(x)
     assert out.dtype == torch.float32  # activations stay float at module boundaries
     ref = model(x)
@@ -249,7 +249,7 @@ def test_int4_weight_only_packs_two_per_byte() -> None:
     model = nn.Sequential(nn.Linear(256, 64)).eval()
     q = quantize_weight_only(model, bits=4, group_size=128)
     assert q[0].qweight.dtype == torch.uint8
-    assert q[0].weight.numel() == 256 * 64 // 2
+    assert q[0].qweight.numel() == 256 * 64 // 2
     x = torch.randn(3, 256)
     assert cosine(q(x), model(x)) > 0.99
 

@@ -113,7 +113,7 @@ def test_lowbit_dynamic_int8_keeps_minilm_embeddings(minilm):
     for name in encoder_linears:
         layer = qmodel.encoder.get_submodule(name)
         assert not isinstance(layer, nn.Linear), f"encoder.{name} is still a float nn.Linear"
-        assert layer.weight.dtype == torch.int8, f"encoder.{name}.weight is {layer.weight.dtype}"
+        assert layer.qweight.dtype == torch.int8, f"encoder.{name}.qweight is {layer.qweight.dtype}"
     weights = sum(model.encoder.get_submodule(n).weight.numel() for n in encoder_linears)
     assert quantized_weight_nbytes(qmodel.encoder) == weights  # one byte per weight
     assert all(f"encoder.{n}" in qmodel.lowbit_report.quantized for n in encoder_linears)

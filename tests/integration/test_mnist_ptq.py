@@ -43,7 +43,7 @@ def test_int8_dynamic_drop(trained) -> None:
     assert acc - qacc <= 0.5, f"dynamic INT8: {qacc:.2f}% vs FP32 {acc:.2f}%"
     names = q.lowbit_report.quantized
     assert len(names) == 4
-    int8_bytes = sum(q.get_submodule(n).weight.numel() for n in names)
+    int8_bytes = sum(q.get_submodule(n).qweight.numel() for n in names)
     assert _float_weight_bytes(model, names) / int8_bytes >= 3.9
 
 
@@ -65,4 +65,4 @@ def test_int4_weight_only_drop(trained) -> None:
     q = quantize_weight_only(model, bits=4, group_size=32)
     qacc = evaluate_accuracy(q, splits.eval)
     assert acc - qacc <= 1.5, f"INT4 weight-only: {qacc:.2f}% vs FP32 {acc:.2f}%"
-    assert q.fc1.weight.dtype == torch.uint8
+    assert q.fc1.qweight.dtype == torch.uint8
