@@ -13,10 +13,12 @@ against the float model on the same batch: where the error comes from). The comp
 
 Usage (offline, real data; about 70 seconds on 2 CPU cores, ``--fast`` about 10):
 
-    python examples/accuracy_comparison.py [--fast] [--report REPORT_DIR] [--mnist DIR]
+    python examples/accuracy_comparison.py [--fast] [--report REPORT_DIR]
+                                           [--mnist DIR | --cifar10 DIR]
 
 ``--mnist DIR`` reads the standard MNIST IDX files (the 60k training set) instead of the
-bundled 10k test set.
+bundled 10k test set; ``--cifar10 DIR`` reads the CIFAR-10 binary version and trains a
+``CifarCNN`` (the figures below are MNIST's).
 
 Expected output (full run, AMD EPYC Zen 3, AVX2, 2 shared cores; accuracies are reproducible
 on the same machine, latency columns cut here: they move by 10-30% between runs)::
@@ -66,8 +68,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import lowbit
-from lowbit.data import mnist_splits
-from lowbit.models import MnistCNN, train_classifier
+from lowbit.data import add_dataset_arguments, splits_and_model
+from lowbit.models import train_classifier
 
 # W2A8: 2-bit per-channel weights, 8-bit asymmetric activations calibrated ahead of time.
 W2A8 = lowbit.QuantizationConfig(weights=lowbit.QuantSpec(bits=2, granularity="per_channel"),
@@ -81,8 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="small training and timing budgets (what CI runs, ~10 s)")
     parser.add_argument("--report", metavar="DIR", default=None,
                         help="folder for report.md / report.html (default: a temporary folder)")
-    parser.add_argument("--mnist", metavar="DIR", default=None,
-                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    add_dataset_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -177,14 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
 
-    # 1. Real data: the bundled MNIST test set (first 8,000 train, last 2,000 evaluate).
-    splits = mnist_splits(args.mnist)
+    # 1. Real data: the bundled MNIST test set (first 8,000 train, last 2,000 evaluate), or
+    #    the files given with --mnist / --cifar10.
+    splits, make_model = splits_and_model(args.mnist, args.cifar10)
     print(splits.description)
     train = Subset(splits.train, range(3000)) if args.fast else splits.train
     evaluation = Subset(splits.eval, range(1000)) if args.fast else splits.eval
 
     # 2. The baseline: a small CNN trained in float.
-    model = train_classifier(MnistCNN(), train, epochs=1 if args.fast else 2, lr=2e-3,
+    model = train_classifier(make_model(), train, epochs=1 if args.fast else 2, lr=2e-3,
                              progress=False)
 
     # 3. PTQ: no training, 512 calibration images for the static schemes.
@@ -228,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{acc['PTQ INT8 static']:.2f}%: at 8 bits PTQ is enough")
     out = args.report or tempfile.mkdtemp(prefix="lowbit-comparison-")
     page = lowbit.report(out, comparison=table, quantized_model=models["QAT W2A8"],
-                         title="PTQ vs QAT on MNIST",
-                         notes=f"{splits.description}. MnistCNN; latency on "
+                         title=f"PTQ vs QAT on {'CIFAR-10' if args.cifar10 else 'MNIST'}",
+                         notes=f"{splits.description}. {type(model).__name__}; latency on "
                                f"{torch.get_num_threads()} threads.")
     add_sqnr_section(page, sqnr)
     print(f"report written to {page}")

@@ -5,9 +5,9 @@ PyTorch, the expected numbers), ``native`` (lowbit's kernels for this CPU, the d
 ``torch`` (PyTorch's integer ops), ``cuda``, ``onnxruntime`` and ``torch.compile``. This script
 prints which run here, times them on an MNIST CNN (static INT8) and a transformer encoder block
 (dynamic INT8), selects the fastest that matches the reference, switches, and checks the ONNX
-Runtime session against lowbit on real MNIST images:
+Runtime session against lowbit on real MNIST images (or CIFAR-10's with ``--cifar10 DIR``):
 
-    python examples/backend_selection.py [--fast] [--mnist DIR]
+    python examples/backend_selection.py [--fast] [--mnist DIR | --cifar10 DIR]
 
 ``--fast`` (what CI runs) trains on 2,000 images, times 3 calls per backend and leaves out
 ``torch.compile`` (its first call compiles for a while).
@@ -36,8 +36,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lowbit import backends
-from lowbit.data import mnist_splits
-from lowbit.models import MnistCNN, TransformerEncoderBlock, train_classifier
+from lowbit.data import add_dataset_arguments, splits_and_model
+from lowbit.models import TransformerEncoderBlock, train_classifier
 from lowbit.ptq import quantize_dynamic, quantize_static
 
 
@@ -45,8 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true",
                         help="small training set, few timed calls, no torch.compile (CI)")
-    parser.add_argument("--mnist", metavar="DIR", default=None,
-                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    add_dataset_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -56,11 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     # 1. What runs here, and why not where it does not.
     print(backends.available().to_markdown(), "\n")
 
-    # 2. A real model: the MNIST CNN, trained briefly, quantized to static INT8.
-    splits = mnist_splits(args.mnist)
+    # 2. A real model: the MNIST CNN (CifarCNN with --cifar10), trained briefly, quantized to
+    #    static INT8.
+    splits, make_model = splits_and_model(args.mnist, args.cifar10)
+    dataset = "CIFAR-10" if args.cifar10 else "MNIST"
     torch.manual_seed(0)
     train = Subset(splits.train, range(2000)) if fast else splits.train
-    model = train_classifier(MnistCNN(), train, epochs=1 if fast else 2, lr=2e-3, progress=False)
+    model = train_classifier(make_model(), train, epochs=1 if fast else 2, lr=2e-3, progress=False)
     calibration = DataLoader(Subset(splits.train, range(256)), batch_size=64)
     qmodel = quantize_static(model, calibration, progress=False)
     images = splits.eval.tensors[0]
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     names = None if not fast else ["reference", "native", "torch", "cuda", "onnxruntime"]
     best = backends.select_best(qmodel, images[:32], tolerance=1e-2, backends=names,
                                 warmup=2, iters=iters)
-    print("MNIST CNN, static INT8:\n" + best.to_markdown(), "\n")
+    print(f"{dataset} CNN, static INT8:\n" + best.to_markdown(), "\n")
 
     # 4. Switch to it: a layer backend switches qmodel in place, a model backend (ONNX Runtime,
     #    torch.compile, CUDA) returns a module called like qmodel.
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         ours = torch.cat([qmodel(images[i:i + 500]) for i in range(0, n, 500)])
         theirs = torch.cat([ort(images[i:i + 500]) for i in range(0, n, 500)])
     agree = float((ours.argmax(1) == theirs.argmax(1)).float().mean()) * 100
-    print(f"ONNX Runtime vs lowbit on {n} MNIST images: argmax agreement {agree:.2f}%, "
+    print(f"ONNX Runtime vs lowbit on {n} {dataset} images: argmax agreement {agree:.2f}%, "
           f"max abs diff {float((ours - theirs).abs().max()):.4f}")
 
     # 7. A transformer encoder block (MiniLM-sized), dynamic INT8.

@@ -10,7 +10,7 @@ plainly, and it starts 2 local processes itself. About 40 seconds on 2 busy CPU 
 (``--fast``, what CI runs: 600 training images for one epoch, 20 seconds):
 
     torchrun --nproc_per_node=2 examples/distributed_calibration.py [--fast] [--out DIR]
-    python examples/distributed_calibration.py [--fast] [--mnist DIR] [--out DIR]
+    python examples/distributed_calibration.py [--fast] [--mnist DIR | --cifar10 DIR] [--out DIR]
 
 Expected output (AMD EPYC Zen 3, AVX2, 2 cores)::
 
@@ -36,9 +36,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import lowbit
-from lowbit.data import mnist_splits
+from lowbit.data import add_dataset_arguments, splits_and_model
 from lowbit.distributed import on_rank0, unwrap
-from lowbit.models import MnistCNN, train_classifier
+from lowbit.models import train_classifier
 
 
 def same_on_every_rank(t: torch.Tensor) -> bool:
@@ -57,8 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true",
                         help="small training and evaluation sets (what CI runs)")
-    parser.add_argument("--mnist", metavar="DIR", default=None,
-                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    add_dataset_arguments(parser)
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where rank 0 writes the quantized models (default: a temporary "
                              "folder; under torchrun: ./lowbit_out)")
@@ -67,10 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    splits = mnist_splits(args.mnist)
+    splits, make_model = splits_and_model(args.mnist, args.cifar10)
     torch.manual_seed(0)  # the same float model on every rank
     n_train, epochs = (600, 1) if args.fast else (2000, 2)
-    model = train_classifier(MnistCNN(), Subset(splits.train, range(n_train)), epochs=epochs,
+    model = train_classifier(make_model(), Subset(splits.train, range(n_train)), epochs=epochs,
                              lr=2e-3, progress=False)
     evaluation = Subset(splits.eval, range(500)) if args.fast else splits.eval
 
@@ -102,7 +101,7 @@ def main(args: argparse.Namespace, out: Path) -> None:
     x = splits.eval.tensors[0][:64]
     identical = same_on_every_rank(converted(x))
     on_rank0(lowbit.save, converted, out / "qat_int8")
-    reloaded = lowbit.load(out / "qat_int8", model=MnistCNN())  # what rank 0 wrote
+    reloaded = lowbit.load(out / "qat_int8", model=make_model())  # what rank 0 wrote
     if rank == 0:
         print(f"QAT: converted models identical on every rank: {identical}; reloaded from rank "
               f"0's files: {torch.equal(reloaded(x), converted(x))}; accuracy "

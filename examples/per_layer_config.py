@@ -5,7 +5,7 @@
 reports what happened to each layer. Runs in about 20 seconds on 2 idle CPU cores (``--fast``,
 what CI runs: a few seconds):
 
-    python examples/per_layer_config.py [--fast] [--mnist DIR]
+    python examples/per_layer_config.py [--fast] [--mnist DIR | --cifar10 DIR]
 
 Expected output (AMD EPYC Zen 3, AVX2, 2 cores; each model is followed by its per-layer table)::
 
@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import Subset
 
 from lowbit.config import QuantizationConfig
-from lowbit.data import mnist_splits
+from lowbit.data import add_dataset_arguments, splits_and_model
 from lowbit.evaluation import evaluate_accuracy, format_bytes, model_nbytes
-from lowbit.models import MnistCNN, train_classifier
+from lowbit.models import train_classifier
 from lowbit.ptq import PTQQuantizer
 
 
@@ -39,17 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true",
                         help="small training and evaluation sets (what CI runs, a few seconds)")
-    parser.add_argument("--mnist", metavar="DIR", default=None,
-                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    add_dataset_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    splits = mnist_splits(args.mnist)
+    splits, make_model = splits_and_model(args.mnist, args.cifar10)
     torch.manual_seed(0)
     train = Subset(splits.train, range(3000)) if args.fast else splits.train
-    model = train_classifier(MnistCNN(), train, epochs=1 if args.fast else 2, lr=2e-3,
+    model = train_classifier(make_model(), train, epochs=1 if args.fast else 2, lr=2e-3,
                              progress=False)
     calibration = list(splits.train.tensors[0][:512].split(64))
     print(splits.description)

@@ -4,7 +4,7 @@ Train (or load) a float model, give lowbit a few hundred calibration images, qua
 accuracy and size, save and load it back. Runs in about 20 seconds on 2 idle CPU cores
 (``--fast``, what CI runs: a few seconds, 3,000 training images for one epoch):
 
-    python examples/ptq_quickstart.py [--fast] [--mnist DIR]
+    python examples/ptq_quickstart.py [--fast] [--mnist DIR | --cifar10 DIR]
 
 Expected output (AMD EPYC Zen 3, AVX2, 2 cores)::
 
@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lowbit.config import QuantizationConfig
-from lowbit.data import mnist_splits
+from lowbit.data import add_dataset_arguments, splits_and_model
 from lowbit.evaluation import evaluate_accuracy, format_bytes, model_nbytes
-from lowbit.models import MnistCNN, train_classifier
+from lowbit.models import train_classifier
 from lowbit.ptq import quantize_static
 from lowbit.serialization import load, save
 
@@ -37,22 +37,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true",
                         help="small training and evaluation sets (what CI runs, a few seconds)")
-    parser.add_argument("--mnist", metavar="DIR", default=None,
-                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    add_dataset_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # 1. Data: the bundled real MNIST test set, first 8,000 images to train/calibrate, last 2,000
-    #    to evaluate (point mnist_splits(root=...) at the full 60k set if you have it).
-    splits = mnist_splits(args.mnist)
+    #    to evaluate; --mnist DIR / --cifar10 DIR read the full MNIST / CIFAR-10 files instead.
+    splits, make_model = splits_and_model(args.mnist, args.cifar10)
     print(splits.description)
 
-    # 2. A trained float model. Use your own; here we train MnistCNN for two epochs.
+    # 2. A trained float model. Use your own; here we train MnistCNN (or CifarCNN) for two epochs.
     torch.manual_seed(0)
-    train = Subset(splits.train, range(3000)) if args.fast else splits.train
-    model = train_classifier(MnistCNN(), train, epochs=1 if args.fast else 2, lr=2e-3,
+    train = Subset(splits.train, range(min(3000, len(splits.train)))) if args.fast else splits.train
+    model = train_classifier(make_model(), train, epochs=1 if args.fast else 2, lr=2e-3,
                              progress=False)
 
     # 3. Calibration data: any iterable of batches. A DataLoader of (images, labels) works;
@@ -74,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6. Save (safetensors + JSON manifest, no pickle) and load into a fresh float skeleton.
     with tempfile.TemporaryDirectory() as folder:
-        save(qmodel, f"{folder}/mnist_int8")
-        restored = load(f"{folder}/mnist_int8", model=MnistCNN())
+        save(qmodel, f"{folder}/int8")
+        restored = load(f"{folder}/int8", model=make_model())
     x = splits.eval.tensors[0][:8]
     with torch.inference_mode():
         assert torch.equal(restored(x), qmodel(x))

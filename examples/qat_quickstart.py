@@ -5,7 +5,7 @@ QAT fine-tune with an unchanged PyTorch loop (plain Adam over ``qat_model.parame
 back, and the converted model runs on the same integer modules PTQ produces. Runs in about a
 minute on 2 idle CPU cores (``--fast``, what CI runs: 3,000 training images, QAT on 1,500):
 
-    python examples/qat_quickstart.py [--fast] [--mnist DIR]
+    python examples/qat_quickstart.py [--fast] [--mnist DIR | --cifar10 DIR]
 
 Expected output (AMD EPYC Zen 3, AVX2, 2 cores)::
 
@@ -24,26 +24,25 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import lowbit
-from lowbit.data import mnist_splits
-from lowbit.models import MnistCNN, train_classifier
+from lowbit.data import add_dataset_arguments, splits_and_model
+from lowbit.models import train_classifier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true",
                         help="small training and evaluation sets (what CI runs, a few seconds)")
-    parser.add_argument("--mnist", metavar="DIR", default=None,
-                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    add_dataset_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    splits = mnist_splits(args.mnist)
+    splits, make_model = splits_and_model(args.mnist, args.cifar10)
     print(splits.description)
     torch.manual_seed(0)
     train = Subset(splits.train, range(3000)) if args.fast else splits.train
-    model = train_classifier(MnistCNN(), train, epochs=1 if args.fast else 2, lr=2e-3,
+    model = train_classifier(make_model(), train, epochs=1 if args.fast else 2, lr=2e-3,
                              progress=False)
     fp32 = lowbit.evaluate_accuracy(model, splits.eval)
 
@@ -80,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"recorded {len(stats.nodes)} fake-quant nodes over the fine-tune")
 
     with tempfile.TemporaryDirectory() as folder:
-        lowbit.save(qmodel, f"{folder}/mnist_w2a8")
-        restored = lowbit.load(f"{folder}/mnist_w2a8", model=MnistCNN())
+        lowbit.save(qmodel, f"{folder}/w2a8")
+        restored = lowbit.load(f"{folder}/w2a8", model=make_model())
     x = splits.eval.tensors[0][:8]
     with torch.inference_mode():
         assert torch.equal(restored(x), qmodel(x))

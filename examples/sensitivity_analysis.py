@@ -9,6 +9,7 @@ the fallback has to keep a layer in FP32.
 Usage (offline, real MNIST; about 30 seconds on 2 CPU cores, ``--fast`` about 8):
 
     python examples/sensitivity_analysis.py [--fast] [--budget POINTS] [--report DIR]
+                                            [--mnist DIR | --cifar10 DIR]
 
 Expected output (full run, AMD EPYC Zen 3, AVX2, 2 cores; reproducible on the same machine)::
 
@@ -36,8 +37,8 @@ import torch
 from torch.utils.data import Subset
 
 import lowbit
-from lowbit.data import mnist_splits
-from lowbit.models import MnistCNN, train_classifier
+from lowbit.data import add_dataset_arguments, splits_and_model
+from lowbit.models import train_classifier
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,17 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest acceptable accuracy drop in points (default 0.25)")
     parser.add_argument("--report", metavar="DIR", default=None,
                         help="folder for report.md / report.html (default: a temporary folder)")
-    parser.add_argument("--mnist", metavar="DIR", default=None,
-                        help="folder with the standard MNIST IDX files (default: bundled set)")
+    add_dataset_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    splits = mnist_splits(args.mnist)
+    splits, make_model = splits_and_model(args.mnist, args.cifar10)
     torch.manual_seed(0)
     train = Subset(splits.train, range(3000)) if args.fast else splits.train
-    model = train_classifier(MnistCNN(), train, epochs=1 if args.fast else 2, lr=2e-3,
+    model = train_classifier(make_model(), train, epochs=1 if args.fast else 2, lr=2e-3,
                              progress=False)
     calibration = list(splits.train.tensors[0][:512].split(64))  # a list of input batches
     evaluation = Subset(splits.eval, range(1000)) if args.fast else splits.eval

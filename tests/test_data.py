@@ -1,10 +1,13 @@
-"""Tests for lowbit.data: the bundled MNIST files, the IDX parser and the deterministic split."""
+"""Tests for lowbit.data: the bundled MNIST files, the IDX parser and the deterministic split;
+the CIFAR-10 binary reader on synthetic files in the official format."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +16,18 @@ import torch
 from lowbit.data import (
     BUNDLED_MNIST_DIR,
     BUNDLED_MNIST_MD5,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    add_dataset_arguments,
+    cifar10_splits,
+    load_cifar10,
     load_mnist,
     mnist_splits,
+    read_cifar10_batch,
     read_idx,
+    splits_and_model,
 )
+from lowbit.models import CifarCNN, MnistCNN
 
 
 def _write_idx(path, array: np.ndarray, gz: bool = True, magic: bytes | None = None) -> None:
@@ -120,3 +131,112 @@ def test_count_mismatch(tmp_path):
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(4))
     with pytest.raises(ValueError, match="3 test images but 4 labels"):
         load_mnist(tmp_path)
+
+
+CIFAR_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+
+
+def write_cifar10(folder: Path, per_file: int = 60, seed: int = 0
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A synthetic ``cifar-10-batches-bin`` folder in the official binary format, built byte by
+    byte from the spec (label byte, then the R, G, B planes, rows top to bottom)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in CIFAR_FILES:
+        labels = rng.integers(0, 10, per_file, dtype=np.uint8)
+        images = rng.integers(0, 256, (per_file, 3, 32, 32), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            for label, image in zip(labels, images, strict=True):
+                f.write(bytes([label]))
+                for channel in image:
+                    for row in channel:
+                        f.write(row.tobytes())
+        written[name] = (images, labels)
+    return written
+
+
+def test_cifar10_round_trip(tmp_path):
+    """Every label and pixel comes back where the format puts it, batches in order."""
+    written = write_cifar10(tmp_path / "cifar-10-batches-bin")
+    images, labels = read_cifar10_batch(tmp_path / "cifar-10-batches-bin" / "data_batch_2.bin")
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert np.array_equal(images.numpy(), written["data_batch_2.bin"][0])
+    assert np.array_equal(labels.numpy(), written["data_batch_2.bin"][1])
+    raw = (tmp_path / "cifar-10-batches-bin" / "data_batch_2.bin").read_bytes()
+    assert images[1, 2, 5, 7] == raw[3073 + 1 + 2 * 1024 + 5 * 32 + 7]  # blue, row 5, col 7
+
+    # the unpack folder or cifar-10-batches-bin itself
+    for root in (tmp_path, tmp_path / "cifar-10-batches-bin"):
+        train_x, train_y = load_cifar10(root, "train")
+        expected = np.concatenate([written[n][0] for n in CIFAR_FILES[:5]])
+        assert np.array_equal(train_x.numpy(), expected)
+        assert np.array_equal(train_y.numpy(),
+                              np.concatenate([written[n][1] for n in CIFAR_FILES[:5]]))
+
+    splits = cifar10_splits(tmp_path)
+    assert (len(splits.train), len(splits.eval)) == (300, 60)
+    assert "300 training images" in splits.description and "60 test" in splits.description
+    test_x, test_y = written["test_batch.bin"]
+    assert torch.equal(splits.eval.tensors[1], torch.from_numpy(test_y.astype(np.int64)))
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    back = (splits.eval.tensors[0] * std + mean) * 255
+    assert torch.equal(back.round().to(torch.uint8), torch.from_numpy(test_x))
+    raw = cifar10_splits(tmp_path, normalize=False).eval.tensors[0]
+    assert torch.equal(raw, torch.from_numpy(test_x).float() / 255)
+
+
+def test_cifar10_malformed_files_name_the_file(tmp_path):
+    write_cifar10(tmp_path, per_file=3)
+    path = tmp_path / "data_batch_3.bin"
+    good = path.read_bytes()
+    path.write_bytes(good[:-100])
+    with pytest.raises(ValueError, match=r"data_batch_3\.bin: 9,119 bytes is not a whole number"):
+        load_cifar10(tmp_path, "train")
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"data_batch_3\.bin: 0 bytes"):
+        cifar10_splits(tmp_path)
+    path.write_bytes(good[:3073] + bytes([10]) + good[3074:])  # record 1 labelled 10
+    with pytest.raises(ValueError, match=r"data_batch_3\.bin: record 1 has label 10"):
+        read_cifar10_batch(path)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"data_batch_3\.bin not found.*cifar-10-binary"):
+        cifar10_splits(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        cifar10_splits(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="split='valid'"):
+        load_cifar10(tmp_path, "valid")
+
+
+@pytest.mark.parametrize("where", ["the -py folder", "its parent"])
+def test_cifar10_python_version_is_refused(tmp_path, where):
+    """The pickled version is never opened: a clear error says to get the binary version."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "test_batch", "batches.meta"):
+        (folder / name).write_bytes(b"\x80\x04 not to be unpickled")
+    root = folder if where == "the -py folder" else tmp_path
+    with pytest.raises(ValueError, match=r"python version \(pickled.*binary version.*"
+                                         r"cifar-10-binary\.tar\.gz.*cifar-10-batches-bin"):
+        cifar10_splits(root)
+
+
+def test_splits_and_model(tmp_path):
+    write_cifar10(tmp_path, per_file=2)
+    splits, make_model = splits_and_model(cifar10=tmp_path)
+    assert make_model is CifarCNN and len(splits.train) == 10
+    assert make_model()(splits.eval.tensors[0]).shape == (2, 10)
+    splits, make_model = splits_and_model()
+    assert make_model is MnistCNN and "bundled" in splits.description
+    with pytest.raises(ValueError, match="not both"):
+        splits_and_model(mnist=tmp_path, cifar10=tmp_path)
+
+
+def test_dataset_arguments_are_exclusive(capsys):
+    parser = argparse.ArgumentParser()
+    add_dataset_arguments(parser)
+    assert parser.parse_args([]).cifar10 is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mnist", "a", "--cifar10", "b"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -65,7 +66,8 @@ def test_example_help(script: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         module.parse_args(["--help"])
     out = capsys.readouterr().out
-    assert done.value.code == 0 and "--fast" in out and "--mnist" in out
+    assert done.value.code == 0 and "--fast" in out and "--mnist" in out and "--cifar10" in out
+    assert "cifar-10-binary.tar.gz" in out and "MNIST only" in out
 
 
 def test_ptq_quickstart(tmp_path: Path) -> None:
@@ -73,6 +75,23 @@ def test_ptq_quickstart(tmp_path: Path) -> None:
     fp32 = percent(r"FP32 ([\d.]+)%", out)
     int8 = percent(r"-> INT8 ([\d.]+)%", out)
     assert fp32 - int8 < 1.0, out
+    assert "saved and reloaded: identical outputs" in out
+
+
+def test_ptq_quickstart_on_cifar10(tmp_path: Path) -> None:
+    """``--cifar10 DIR`` end to end on a synthetic folder in the official binary format (random
+    pixels: the run and the reload are checked, not the accuracy)."""
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    for name in names:  # 110 records each: label byte + 3x32x32 pixels
+        records = rng.integers(0, 256, (110, 3073), dtype=np.uint8)
+        records[:, 0] %= 10
+        (folder / name).write_bytes(records.tobytes())
+    out = run("ptq_quickstart.py", "--fast", "--cifar10", str(tmp_path), cwd=tmp_path)
+    assert "CIFAR-10 (binary version): the 550 training images" in out, out
+    assert re.search(r"\| conv3 \| Conv2d \| quantized", out), out  # CifarCNN, not MnistCNN
     assert "saved and reloaded: identical outputs" in out
 
 

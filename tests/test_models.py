@@ -7,7 +7,15 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lowbit.models import MLP, MnistCNN, TinyResNet, TransformerEncoderBlock, train_classifier
+import lowbit
+from lowbit.models import (
+    MLP,
+    CifarCNN,
+    MnistCNN,
+    TinyResNet,
+    TransformerEncoderBlock,
+    train_classifier,
+)
 
 
 def _count(model: nn.Module, kind: type) -> int:
@@ -20,6 +28,49 @@ def test_mnist_cnn_layers():
     assert _count(model, nn.Conv2d) == 2 and _count(model, nn.BatchNorm2d) == 1
     assert _count(model, nn.Linear) == 2
     assert model.fc1.in_features % 32 == 0  # INT4 group size 32 divides it
+
+
+def test_cifar_cnn_layers():
+    model = CifarCNN()
+    assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+    assert _count(model, nn.Conv2d) == 3 and _count(model, nn.BatchNorm2d) == 3
+    assert _count(model, nn.Linear) == 2
+    assert model.fc1.in_features % 32 == 0  # INT4 group size 32 divides it
+
+
+W2A8 = lowbit.QuantizationConfig(weights=lowbit.QuantSpec(bits=2, granularity="per_channel"),
+                                 activations=lowbit.QuantSpec(bits=8, symmetric=False),
+                                 mode="static")
+
+
+def test_cifar_cnn_quantizes_in_every_mode():
+    """Dynamic / static INT8, INT4 weight-only, W2A8 and QAT: every conv and linear quantized
+    (BN folded), outputs close to the float model's at 8 bits."""
+    torch.manual_seed(0)
+    model = CifarCNN().eval()
+    x = torch.randn(16, 3, 32, 32)
+    calibration = list(x.split(8))
+    with torch.no_grad():
+        ref = model(x)
+    qat = lowbit.QATPreparer(lowbit.QuantizationConfig.int8_static())
+    prepared = qat.prepare_for_qat(model).train()
+    prepared(x)
+    models = {
+        "dynamic": lowbit.quantize_dynamic(model),
+        "static": lowbit.quantize_static(model, calibration, progress=False),
+        "int4": lowbit.quantize_weight_only(model, bits=4, group_size=32),
+        "w2a8": lowbit.quantize_static(model, calibration, W2A8, progress=False),
+        "qat": qat.convert_to_quantized(prepared.eval()),
+    }
+    for mode, qmodel in models.items():
+        report = qmodel.lowbit_report
+        assert set(report.quantized) == {"conv1", "conv2", "conv3", "fc1", "fc2"}, mode
+        with torch.inference_mode():
+            out = qmodel(x)
+        assert out.shape == (16, 10) and torch.isfinite(out).all(), mode
+        if mode in ("dynamic", "static"):
+            cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+            assert cos > 0.99, (mode, float(cos))
 
 
 def test_mlp_default_shape():

@@ -1,4 +1,4 @@
-"""MNIST in its original IDX format, parsed with numpy (no pickle, no download).
+"""MNIST (IDX format) and CIFAR-10 (binary version), parsed with numpy (no pickle, no download).
 
 lowbit ships the real 10,000-image MNIST test set (Yann LeCun, Corinna Cortes and Christopher
 J.C. Burges; CC BY-SA 3.0) under ``lowbit/datasets/mnist/`` so that the demo, the examples and
@@ -14,27 +14,48 @@ Each file may be gzipped (``.gz``) or raw.
 
 IDX layout (big-endian): two zero bytes, a type code (``0x08`` = unsigned byte), the number of
 dimensions ``d``, ``d`` int32 sizes, then the data in C order.
+
+CIFAR-10 is not bundled: :func:`cifar10_splits` reads the official *binary version*
+(``cifar-10-batches-bin/`` from :data:`CIFAR10_URL`) when you have it. Each of its files
+(``data_batch_1.bin`` .. ``data_batch_5.bin``, ``test_batch.bin``) holds 10,000 records of
+3,073 bytes: one label byte (0..9), then the 32x32 image as 1,024 red, 1,024 green and 1,024
+blue bytes (rows top to bottom). The python version (``cifar-10-batches-py``) is pickled and
+is refused: unpickling a file can run arbitrary code.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 __all__ = [
     "BUNDLED_MNIST_DIR",
     "BUNDLED_MNIST_MD5",
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR10_URL",
     "MNIST_MEAN",
     "MNIST_STD",
+    "MNIST_URL",
+    "Cifar10Splits",
     "MnistSplits",
+    "add_dataset_arguments",
+    "cifar10_splits",
+    "load_cifar10",
     "load_mnist",
     "mnist_splits",
+    "read_cifar10_batch",
     "read_idx",
+    "splits_and_model",
 ]
 
 BUNDLED_MNIST_DIR: Path = Path(__file__).resolve().parent / "datasets" / "mnist"
@@ -50,6 +71,18 @@ MNIST_MEAN: float = 0.1307
 """Mean pixel value of MNIST in [0, 1] (the usual normalization constant)."""
 MNIST_STD: float = 0.3081
 """Standard deviation of MNIST pixels in [0, 1]."""
+MNIST_URL: str = "http://yann.lecun.com/exdb/mnist/"
+"""Where the four standard MNIST IDX files come from (mirrors: torchvision's, Kaggle's)."""
+
+CIFAR10_URL: str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+"""The CIFAR-10 binary version (unpacks to ``cifar-10-batches-bin/``), the one lowbit reads."""
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+"""Per-channel (R, G, B) mean of the CIFAR-10 training pixels in [0, 1]."""
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+"""Per-channel (R, G, B) standard deviation of the CIFAR-10 training pixels in [0, 1]."""
+CIFAR10_CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                                    "frog", "horse", "ship", "truck")
+"""The class of each CIFAR-10 label, 0..9 (``batches.meta.txt`` in the binary version)."""
 
 _PREFIX = {"train": "train", "test": "t10k"}
 _IDX_UBYTE = 0x08
@@ -231,3 +264,231 @@ def mnist_splits(root: str | Path | None = None, normalize: bool = True) -> Mnis
         description=(f"MNIST ({where}real {n:,}-image test set): the first {cut:,} images for "
                      f"training/calibration, the last {n - cut:,} for evaluation"),
     )
+
+
+_CIFAR_SHAPE = (3, 32, 32)
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte + channel-major RGB
+_CIFAR_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+                "test": ("test_batch.bin",)}
+_CIFAR_PY_FILES = ("data_batch_1", "test_batch", "batches.meta")
+
+
+def read_cifar10_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one file of the CIFAR-10 binary version (e.g. ``test_batch.bin``).
+
+    Args:
+        path: the file: records of 1 label byte + 3,072 image bytes (R, G, B planes of 32x32).
+
+    Returns:
+        ``(images, labels)``: ``uint8`` tensor ``[N, 3, 32, 32]`` and ``int64`` tensor ``[N]``.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file is empty, its length is not a multiple of 3,073 bytes (a
+            truncated download, or not the binary version) or a label is above 9.
+
+    Example:
+        >>> import tempfile
+        >>> record = bytes([3]) + bytes(range(256)) * 12  # label 3 ("cat"), 3,072 pixel bytes
+        >>> path = Path(tempfile.mkdtemp()) / "test_batch.bin"
+        >>> _ = path.write_bytes(record * 2)
+        >>> images, labels = read_cifar10_batch(path)
+        >>> tuple(images.shape), labels.tolist(), images[0, 0, 0, :3].tolist()
+        ((2, 3, 32, 32), [3, 3], [0, 1, 2])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 file {path} does not exist")
+    raw = path.read_bytes()
+    if not raw or len(raw) % _CIFAR_RECORD:
+        raise ValueError(
+            f"{path}: {len(raw):,} bytes is not a whole number of 3,073-byte CIFAR-10 records "
+            f"(1 label byte + 3x32x32 pixels); the file is truncated or not from the binary "
+            f"version, download it again from {CIFAR10_URL}"
+        )
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0]
+    if labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise ValueError(f"{path}: record {bad} has label {labels[bad]}; CIFAR-10 labels are "
+                         f"0..9, the file is corrupted or not CIFAR-10 (CIFAR-100's binary "
+                         f"files have 2 label bytes)")
+    images = records[:, 1:].reshape(-1, *_CIFAR_SHAPE)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def _cifar10_folder(root: str | Path) -> Path:
+    """``root`` itself or its ``cifar-10-batches-bin`` subfolder; refuses the python version."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"CIFAR-10: root={str(folder)!r} is not a folder; point it at "
+                                f"cifar-10-batches-bin/ (unpacked from {CIFAR10_URL})")
+    if (folder / "cifar-10-batches-bin").is_dir():
+        return folder / "cifar-10-batches-bin"
+    has_bin = any((folder / name).is_file() for names in _CIFAR_FILES.values() for name in names)
+    python_version = (folder.name == "cifar-10-batches-py"
+                      or (folder / "cifar-10-batches-py").is_dir()
+                      or any((folder / name).is_file() for name in _CIFAR_PY_FILES))
+    if python_version and not has_bin:
+        raise ValueError(
+            f"CIFAR-10: {folder} holds the python version (pickled files); lowbit does not "
+            f"unpickle data (it can run arbitrary code). Download the binary version, "
+            f"{CIFAR10_URL}, unpack it and point at its cifar-10-batches-bin folder"
+        )
+    return folder
+
+
+def load_cifar10(root: str | Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one CIFAR-10 split from the binary version.
+
+    Args:
+        root: ``cifar-10-batches-bin/`` or the folder it was unpacked into.
+        split: ``"test"`` (``test_batch.bin``) or ``"train"`` (``data_batch_1.bin`` ..
+            ``data_batch_5.bin``, in that order).
+
+    Returns:
+        ``(images, labels)``: ``uint8`` tensor ``[N, 3, 32, 32]`` and ``int64`` tensor ``[N]``.
+
+    Raises:
+        ValueError: on an unknown ``split``, a malformed file (see :func:`read_cifar10_batch`),
+            or a folder holding the python (pickled) version.
+        FileNotFoundError: when ``root`` or one of the split's files is missing.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> _ = (root / "test_batch.bin").write_bytes((bytes([9]) + bytes(3072)) * 5)
+        >>> images, labels = load_cifar10(root, "test")
+        >>> tuple(images.shape), CIFAR10_CLASSES[int(labels[0])]
+        ((5, 3, 32, 32), 'truck')
+    """
+    if split not in _CIFAR_FILES:
+        raise ValueError(f"load_cifar10: split={split!r} is unknown; use 'train' or 'test'")
+    folder = _cifar10_folder(root)
+    missing = [name for name in _CIFAR_FILES[split] if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10: {', '.join(missing)} not found in {folder}; unpack the binary version "
+            f"({CIFAR10_URL}) and point at cifar-10-batches-bin/ (data_batch_1.bin .. "
+            "data_batch_5.bin, test_batch.bin)"
+        )
+    parts = [read_cifar10_batch(folder / name) for name in _CIFAR_FILES[split]]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@dataclass(frozen=True)
+class Cifar10Splits:
+    """A training/calibration split and an evaluation split of CIFAR-10 (as :class:`MnistSplits`).
+
+    Attributes:
+        train: ``TensorDataset(images, labels)`` for training and calibration.
+        eval: ``TensorDataset(images, labels)`` for evaluation (never used for training).
+        description: one sentence saying where each split comes from (print it next to any
+            accuracy figure).
+    """
+
+    train: TensorDataset
+    eval: TensorDataset
+    description: str
+
+
+def _cifar_to_float(images: torch.Tensor, normalize: bool) -> torch.Tensor:
+    x = images.to(torch.float32).div_(255.0)  # (N, 3, 32, 32) in [0, 1]
+    if not normalize:
+        return x
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def cifar10_splits(root: str | Path, normalize: bool = True) -> Cifar10Splits:
+    """Train/eval datasets of float images ``[N, 3, 32, 32]`` and int64 labels from CIFAR-10.
+
+    The five training files (50,000 images) train and calibrate, ``test_batch.bin`` (10,000
+    images) evaluates. Only the binary version is read (see :data:`CIFAR10_URL`).
+
+    Args:
+        root: ``cifar-10-batches-bin/`` or the folder it was unpacked into.
+        normalize: standardize each channel with :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`
+            (``(x/255 - mean) / std``); ``False`` keeps ``x/255`` in ``[0, 1]``.
+
+    Returns:
+        :class:`Cifar10Splits`.
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`load_cifar10`.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> record = bytes([1]) + bytes(3072)  # an all-black "automobile"
+        >>> for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        ...     _ = (root / name).write_bytes(record * 4)
+        >>> splits = cifar10_splits(root)
+        >>> len(splits.train), len(splits.eval), tuple(splits.train[0][0].shape)
+        (20, 4, (3, 32, 32))
+        >>> round(float(splits.eval[0][0][0, 0, 0]), 4)  # (0 - 0.4914) / 0.2470
+        -1.9895
+    """
+    test_x, test_y = load_cifar10(root, "test")
+    train_x, train_y = load_cifar10(root, "train")
+    return Cifar10Splits(
+        train=TensorDataset(_cifar_to_float(train_x, normalize), train_y),
+        eval=TensorDataset(_cifar_to_float(test_x, normalize), test_y),
+        description=(f"CIFAR-10 (binary version): the {len(train_y):,} training images for "
+                     f"training/calibration, the {len(test_y):,} test images for evaluation"),
+    )
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the mutually exclusive ``--mnist DIR`` / ``--cifar10 DIR`` options (what the examples
+    take; read them with :func:`splits_and_model`).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_dataset_arguments(parser)
+        >>> args = parser.parse_args(["--cifar10", "data/cifar-10-batches-bin"])
+        >>> args.mnist, args.cifar10
+        (None, 'data/cifar-10-batches-bin')
+    """
+    group = parser.add_argument_group(
+        "data",
+        "Default: the bundled real MNIST test set (10,000 images). With the standard files, "
+        "use the full MNIST or CIFAR-10 instead; accuracy figures in the docs are MNIST only.")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--mnist", metavar="DIR", default=None,
+                        help="folder with the four standard MNIST IDX files "
+                             "(train-/t10k-images-idx3-ubyte, train-/t10k-labels-idx1-ubyte, "
+                             f"gzipped or not; from {MNIST_URL} or a mirror)")
+    choice.add_argument("--cifar10", metavar="DIR", default=None,
+                        help="folder with the CIFAR-10 binary version (cifar-10-batches-bin/ "
+                             f"from {CIFAR10_URL}; not the python version); trains CifarCNN")
+
+
+def splits_and_model(mnist: str | Path | None = None, cifar10: str | Path | None = None
+                     ) -> tuple[MnistSplits | Cifar10Splits, Callable[[], nn.Module]]:
+    """The data and the model class of an example: MNIST + ``MnistCNN`` or CIFAR-10 + ``CifarCNN``.
+
+    Args:
+        mnist: folder of MNIST IDX files (see :func:`mnist_splits`); ``None`` with ``cifar10``
+            also ``None`` gives the bundled MNIST test set.
+        cifar10: folder of the CIFAR-10 binary version (see :func:`cifar10_splits`).
+
+    Returns:
+        ``(splits, make_model)``: ``make_model()`` builds a fresh float model for the images.
+
+    Raises:
+        ValueError: when both folders are given, and as the readers.
+
+    Example:
+        >>> splits, make_model = splits_and_model()
+        >>> make_model()(splits.eval.tensors[0][:2]).shape
+        torch.Size([2, 10])
+    """
+    from lowbit.models import CifarCNN, MnistCNN  # lowbit.models imports tqdm: load it late
+
+    if mnist is not None and cifar10 is not None:
+        raise ValueError("splits_and_model: give mnist or cifar10, not both")
+    if cifar10 is not None:
+        return cifar10_splits(cifar10), CifarCNN
+    return mnist_splits(mnist), MnistCNN
