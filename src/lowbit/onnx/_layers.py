@@ -23,6 +23,7 @@ from lowbit.modules import (
     WeightOnlyConv1d,
     WeightOnlyConv2d,
 )
+from lowbit.modules_rnn import QuantizedRNNBase
 from lowbit.onnx import _ops  # noqa: F401  (registers torch.ops.lowbit_export)
 
 __all__ = ["export_layer"]
@@ -271,7 +272,16 @@ def export_layer(layer: nn.Module, exact: bool = True) -> nn.Module | None:
         >>> q = QuantizedLinear.from_float(nn.Linear(8, 4), QuantizationConfig.int8_dynamic())
         >>> type(export_layer(q)).__name__, export_layer(nn.Linear(8, 4))
         ('ExportLinear', None)
+
+    Raises:
+        NotImplementedError: a quantized LSTM / GRU (no ONNX subgraph yet), naming the layer.
     """
+    if isinstance(layer, QuantizedRNNBase):
+        raise NotImplementedError(
+            f"export_onnx: {layer._label()} has no ONNX export yet (its per-step INT8 "
+            "recurrence has no standard ONNX form); keep it in float for export: quantize with "
+            f"layer_overrides={{{layer.name or 'name'!r}: None}} (torch exports nn.{layer._kind} "
+            "as the ONNX operator), or run the quantized model in PyTorch")
     stand_in = _export_layer(layer, exact)
     smoothing = getattr(layer, "input_smoothing", None)
     if stand_in is not None and isinstance(smoothing, torch.Tensor):
