@@ -58,3 +58,13 @@ def test_routing_is_off_by_default_and_override_checks_names() -> None:
     assert _dispatch.routed(q)
     with pytest.raises(ValueError, match="not a layer backend"):
         _dispatch.override("native")
+
+
+def test_import_lowbit_leaves_torch_dynamo_unimported() -> None:
+    # torch._dynamo takes seconds to import: only torch.compile / torch.export should pay that
+    import subprocess
+    import sys
+    code = "import sys, lowbit; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "False"
