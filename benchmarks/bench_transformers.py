@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
           f"evaluation: {ref.shape[0]} sentences\n", flush=True)
 
     def int4(group: int, method: str, skip: tuple[str, ...] = SKIP_EMB) -> QuantizationConfig:
-        return QuantizationConfig.int4_weight_only(group, method=method, skip_layers=skip)
+        return QuantizationConfig.int4_weight_only(group, method=method, skip_layers=skip,
+                                                   quantize_embeddings=not skip)
 
     variants: dict[str, QuantizationConfig] = {}
     for g in (128,) if args.quick else (128, 32):

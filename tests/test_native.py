@@ -432,7 +432,7 @@ def test_small_weight_only_linear_equals_dequantized_float(bits, signed, symmetr
     x = torch.randn(m, k)
     s = q.eff_spec
     got = weight_only_linear_native(
-        x, q.weight, packed=q.packed, signed=q.weight_spec.signed, n=n, kp=q.kp,
+        x, q.qweight, packed=q.packed, signed=q.weight_spec.signed, n=n, kp=q.kp,
         group_size=s.group_size if s.granularity == "per_group" else None,
         scale=q.weight_scale, zero_point=q.weight_zero_point, bias=q.bias, relu=relu)
     w = q.dequantize_weight()
@@ -471,11 +471,11 @@ def test_small_weight_only_layers_run_one_c_call_for_float32_inputs() -> None:
     odd = _wo_layer(4, True, True, "per_group", 7, 14, 3)  # packed groups not byte aligned
     assert odd._small_max_m == 0 and "native_fp32" not in odd.kernel_info().values()
     with pytest.raises(ValueError, match=r"x must be float32 \[M, K\] with K <= kp=128"):
-        weight_only_linear_native(torch.randn(2, 129), q.weight, packed=True, signed=True, n=10,
+        weight_only_linear_native(torch.randn(2, 129), q.qweight, packed=True, signed=True, n=10,
                                   kp=128, group_size=32, scale=q.weight_scale,
                                   zero_point=q.weight_zero_point)
     with pytest.raises(ValueError, match=r"bias must be float32 \[10\]"):
-        weight_only_linear_native(x, q.weight, packed=True, signed=True, n=10, kp=128,
+        weight_only_linear_native(x, q.qweight, packed=True, signed=True, n=10, kp=128,
                                   group_size=32, scale=q.weight_scale,
                                   zero_point=q.weight_zero_point, bias=torch.ones(3))
 
@@ -501,7 +501,7 @@ def test_weight_only_conv_uses_the_same_weights() -> None:
         bound = 2 * (5 * 9 + 1) * torch.finfo(torch.float32).eps * (
             F.conv2d(x.abs(), w.abs(), ref.bias.abs(), 1, 1)) + 1e-30
         assert bool(((fast(x) - ref(x)).abs() <= bound).all()) and bool((fast(x) >= 0).all())
-    w = fast.weight
+    w = fast.qweight
     got = dequantize_weight_native(w, True, True, fast.n, fast.kp, fast.k,
                                    fast.eff_spec.group_size, fast.weight_scale,
                                    fast.weight_zero_point)
