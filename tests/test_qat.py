@@ -131,13 +131,17 @@ def assert_layerwise_agreement(qat: nn.Module, converted: nn.Module, x: torch.Te
             step = float(q_out[name].max() - q_out[name].min()) / 255  # an INT8 output step
         layer = converted.get_submodule(name)
         bound = bf16_kernel_bound(layer, q_in[name])
+        pool = getattr(layer, "geometry", {}).get("fused_maxpool", 0)
+        want = F.max_pool2d(q_out[name], pool) if pool else q_out[name]  # (its pool fused)
+        if pool and bound is not None:  # |max(a) - max(b)| <= max |a - b| over the window
+            bound = F.max_pool2d(bound.reshape(q_out[name].shape), pool)
         # a bf16 weight-only kernel adds its own rounding (at most `bound`) to the step
         tol = step if bound is None else step + float(bound.max())
-        e2e = float((q_out[name] - c_out[name]).abs().max())
+        e2e = float((want - c_out[name]).abs().max())
         assert e2e <= tol, f"{name}: converted differs by {e2e:.3g} > {tol:.3g} (step {step:.3g})"
         with torch.no_grad():
             same = layer(q_in[name])
-        err = (same - q_out[name]).abs()
+        err = (same - want).abs()
         if bound is not None:  # weight-only kernel in bf16: its rounding is the whole difference
             assert bool((err.reshape(bound.shape) <= bound).all()), \
                 f"{name}: {float(err.max()):.3g} exceeds the bf16 bound"
@@ -517,3 +521,21 @@ def test_convert_qat_twice_or_unprepared_is_a_clear_error() -> None:
         convert_qat(converted)
     with pytest.raises(ValueError, match="prepare_qat"):
         convert_qat(net)
+
+
+@pytest.mark.parametrize("config", [QuantizationConfig.int8_static(),
+                                    QuantizationConfig.int4_weight_only(group_size=16)])
+def test_converted_convs_run_their_max_pool_like_ptq(config: QuantizationConfig) -> None:
+    torch.manual_seed(0)
+    qat = prepare_qat(MnistCNN().eval(), config)
+    qat.train()
+    qat(torch.randn(8, 1, 28, 28))
+    qat.eval()
+    fused = convert_qat(qat)
+    assert fused.conv1.geometry["fused_maxpool"] == 2 and isinstance(fused.pool1, nn.Identity)
+    qat.lowbit_qat_pools = {}  # the same conversion with the pools left as modules
+    separate = convert_qat(qat)
+    assert isinstance(separate.pool1, nn.MaxPool2d)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), separate(x))

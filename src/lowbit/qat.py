@@ -54,13 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit._qmodule import QuantizedModuleBase, carry_hooks
+from lowbit._qmodule import QuantizedModuleBase, carry_hooks, has_hooks
 from lowbit.calibrators import available_calibrators
 from lowbit.config import QuantizationConfig
 from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
 from lowbit.dropin import is_hf_conv1d, linear_from_conv1d
 from lowbit.fake_quantize import FakeQuantize
-from lowbit.modules import convert_module
+from lowbit.modules import QuantizedConv2d, WeightOnlyConv2d, convert_module
 from lowbit.modules_weight_only import _layout
 from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
@@ -70,6 +70,7 @@ from lowbit.traverse import (
     disable_fused_fast_paths,
     find_fusions,
     fold_bn_weights,
+    fusable_maxpool,
     plan_layers,
     relu_modules_to_remove,
 )
@@ -500,6 +501,9 @@ class QATPreparer:
         disable_fused_fast_paths(qat)  # its fused path reads linear1.weight, a QAT layer's
         qat.lowbit_report = report
         qat.lowbit_qat_config_json = json.dumps(self.config.to_dict(), sort_keys=True)
+        # max-pools that convert_qat runs inside their conv, as PTQ does (training keeps them)
+        qat.lowbit_qat_pools = {n: p for n, p in fusions.pool_after.items() if n in fused
+                                or (n in plans and plans[n].status == "quantized")}
         n = len(report.quantized)
         if n == 0:
             log.warning("prepare_for_qat: no layer to quantize under this config")
@@ -571,8 +575,25 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     if leftovers:
         raise ValueError(f"convert_qat: FakeQuantize modules outside QAT layers remain at "
                          f"{leftovers}; remove them or prepare the model with QATPreparer")
+    _fuse_maxpools(model, getattr(qat_model, "lowbit_qat_pools", {}))
     disable_fused_fast_paths(model)
     return model.eval()
+
+
+def _fuse_maxpools(model: nn.Module, pools: dict[str, str]) -> None:
+    """Run each non-overlapping ``MaxPool2d`` that follows a converted conv inside that conv
+    (as :mod:`lowbit.ptq` does: a max picks one input, so the values are the same; at batch 1
+    the separate module costs about as much as a small conv)."""
+    for name, pool in pools.items():
+        try:
+            layer, pool_module = model.get_submodule(name), model.get_submodule(pool)
+        except AttributeError:  # the model was edited after prepare_qat
+            continue
+        size = fusable_maxpool(pool_module)
+        if (type(layer) in (QuantizedConv2d, WeightOnlyConv2d) and size and not
+                has_hooks(pool_module) and not layer.geometry.get("fused_maxpool")):
+            layer.geometry["fused_maxpool"] = size
+            model.set_submodule(pool, nn.Identity())
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
