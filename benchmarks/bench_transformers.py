@@ -115,6 +115,17 @@ def _embed(model: Callable, batch: dict) -> torch.Tensor:
     return F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
 
 
+class _KeywordCall(nn.Module):
+    """Calls a transformers encoder with keyword inputs (the tracer passes positional ones)."""
+
+    def __init__(self, encoder: nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.encoder, self.names = encoder, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(**dict(zip(self.names, inputs, strict=True)))[0]
+
+
 def _ort_nbits(encoder: nn.Module, batch: dict, group: int, folder: str) -> dict:
     """ONNX Runtime MatMulNBits INT4 (RTN, asymmetric) of the FP32 export."""
     import onnx
@@ -126,8 +137,8 @@ def _ort_nbits(encoder: nn.Module, batch: dict, group: int, folder: str) -> dict
         names = ("input_ids", "attention_mask", "token_type_ids")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(encoder, tuple(batch[n][:2] for n in names), fp32,
-                              input_names=list(names), output_names=["last_hidden_state"],
+            torch.onnx.export(_KeywordCall(encoder, names), tuple(batch[n][:2] for n in names),
+                              fp32, input_names=list(names), output_names=["last_hidden_state"],
                               dynamic_axes={n: {0: "b", 1: "t"} for n in names}, dynamo=False)
     t0 = time.perf_counter()
     quant = MatMulNBitsQuantizer(onnx.load(fp32), bits=4, block_size=group, is_symmetric=False)
