@@ -175,3 +175,24 @@ def test_smooth_quant_keeps_function_and_lowers_w8a8_error():
     dyn = lowbit.quantize_dynamic(model, smooth_quant=0.8, calibration_data=calib,
                                   progress=False)
     assert dyn[0].meta()["extra"]["smooth_quant"] == 0.8
+
+
+def test_clip_search_never_rounds_a_group_worse_than_min_max() -> None:
+    from lowbit.ops import choose_qparams, compute_range, fake_quantize
+    from lowbit.weight_calibration import _group_qparams
+    torch.manual_seed(0)
+    w = torch.randn(16, 32)
+    w[:, 3] *= 8  # an outlier column sets the min-max step of every row
+    col = QuantSpec.int4_weight(group_size=32).with_(granularity="per_channel", axis=0,
+                                                      group_size=None)
+    importance = torch.rand(32) + 0.1
+
+    def err(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return ((fake_quantize(w, s, z, col) - w) ** 2 * importance).sum(1)
+
+    searched = err(*_group_qparams(w, col, importance))
+    plain = err(*choose_qparams(*compute_range(w, col, "weight"), col))
+    assert bool((searched <= plain).all()) and bool((searched < plain).any())
+    cfg = QuantizationConfig.int4_weight_only(32, method="gptq",
+                                              method_kwargs={"clip_search": True})
+    assert QuantizationConfig.from_json(cfg.to_json()) == cfg

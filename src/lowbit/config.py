@@ -37,7 +37,8 @@ GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group", "per
 MODES: tuple[str, ...] = ("dynamic", "static", "weight_only")
 #: weight calibration methods of ``mode="weight_only"`` (see :mod:`lowbit.weight_calibration`)
 WEIGHT_METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
-_METHOD_KWARGS = {"rtn": (), "gptq": ("damp", "act_order", "block_size"), "awq": ("grid",)}
+_METHOD_KWARGS = {"rtn": (), "gptq": ("damp", "act_order", "block_size", "clip_search"),
+                  "awq": ("grid",)}
 
 
 @dataclass(frozen=True)
@@ -197,8 +198,8 @@ class QuantizationConfig:
         method: how weight-only Linear weights are rounded: ``"rtn"`` (round to nearest, no
             data), ``"gptq"`` or ``"awq"`` (need ``calibration_data``; see
             :mod:`lowbit.weight_calibration`).
-        method_kwargs: options of the method (gptq: ``damp``, ``act_order``, ``block_size``;
-            awq: ``grid``).
+        method_kwargs: options of the method (gptq: ``damp``, ``act_order``, ``block_size``,
+            ``clip_search``; awq: ``grid``).
         smooth_quant: SmoothQuant migration strength ``alpha`` in ``[0, 1]`` for dynamic / static
             Linear layers (needs ``calibration_data``), or ``None`` (off).
         quantize_embeddings: weight-only mode also quantizes ``nn.Embedding`` tables (default

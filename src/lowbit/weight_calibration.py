@@ -64,6 +64,35 @@ def _column_spec(spec: QuantSpec) -> QuantSpec:
     return spec.with_(granularity="per_channel", axis=0, group_size=None)
 
 
+#: Fractions of a group's min / max range tried by the clipping search (1.0: plain min-max).
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def _group_qparams(wg: torch.Tensor, col: QuantSpec, weight: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale / zero-point per row of a group's columns ``wg`` ``[N, g]``.
+
+    With ``weight`` (the Hessian diagonal of those columns, ``[g]``) the range is clipped to
+    the fraction in :data:`CLIP_GRID` that minimizes each row's weighted squared rounding error
+    (a few outliers stop setting the step of the whole group); without it, plain min-max.
+    """
+    lo, hi = compute_range(wg, col, "weight")
+    scale, zp = choose_qparams(lo, hi, col)
+    if weight is None:
+        return scale, zp
+    best = None
+    for ratio in CLIP_GRID:
+        s, z = (scale, zp) if ratio == 1.0 else choose_qparams(lo * ratio, hi * ratio, col)
+        err = ((fake_quantize(wg, s, z, col) - wg) ** 2 * weight).sum(1)
+        if best is None:
+            best, scale, zp = err, s.clone(), z.clone()
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zp = torch.where(better, s, scale), torch.where(better, z, zp)
+    return scale, zp
+
+
 def _rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round-to-nearest fake-quantized ``w`` ``[N, Kp]`` (float32, same grid as the modules)."""
     w = w.float()
@@ -72,7 +101,8 @@ def _rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *,
-                  damp: float = 0.01, act_order: bool = False, block_size: int = 128
+                  damp: float = 0.01, act_order: bool = False, block_size: int = 128,
+                  clip_search: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one ``[N, K]`` weight: ``(dequantized weight, scale, zero_point)``.
 
@@ -88,6 +118,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         damp: added to the diagonal, as a fraction of its mean.
         act_order: quantize columns in order of decreasing Hessian diagonal.
         block_size: columns per lazy batch update (rounded to whole groups).
+        clip_search: choose each group's range by the Hessian-weighted clipping search of
+            :func:`_group_qparams` instead of plain min-max.
 
     Example:
         >>> _ = torch.manual_seed(0); x, w = torch.randn(256, 64), torch.randn(8, 64)
@@ -113,11 +145,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if act_order:  # static groups: qparams of the original weight, group by group
         for j in range(groups):
             wg = w[:, j * g:(j + 1) * g].float()
-            scale[:, j], zp[:, j] = choose_qparams(*compute_range(wg, col, "weight"), col)
+            hd = torch.diag(h)[j * g:(j + 1) * g].float() if clip_search else None
+            scale[:, j], zp[:, j] = _group_qparams(wg, col, hd)
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
     else:
         perm = torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
+    hdiag = torch.diag(h).float()  # input energy per column: weights the clipping search
     h.diagonal().add_(damp * float(torch.diag(h).mean()))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
@@ -133,7 +167,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             j = int(perm[c]) // g
             if not act_order and c % g == 0:  # the group's scale from its updated columns
                 wg = w1[:, i:i + g].float()
-                scale[:, j], zp[:, j] = choose_qparams(*compute_range(wg, col, "weight"), col)
+                hd = hdiag[c:c + g] if clip_search else None
+                scale[:, j], zp[:, j] = _group_qparams(wg, col, hd)
                 s64[:, j], z64[:, j] = scale[:, j].double(), zp[:, j].double()
             sc, zc, wc = s64[:, j], z64[:, j], w1[:, i]
             qc = (torch.round(wc / sc) + zc).clamp_(qmin, qmax).sub_(zc).mul_(sc)
