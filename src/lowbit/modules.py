@@ -428,7 +428,10 @@ class QuantizedConv2d(_Int8Base):
         if isinstance(x, torch.Tensor) and x.dim() == self._dims + 1:  # unbatched, as the
             return self.forward(x.unsqueeze(0)).squeeze(0)  # float conv takes it
         x = self._input(x, self.in_channels, dim=1)
-        check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
+        checked = (x.shape, self.geometry.get("fused_maxpool"))  # once per input shape
+        if checked != self.__dict__.get("_checked_input"):
+            check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
+            self.__dict__["_checked_input"] = checked
         x, bad = self._finite_rows(x, "static" if self.mode == "static" else "per-tensor")
         if self._conv_args is not None and x.dim() == 4 and x.dtype == torch.float32:
             y = self._forward_fused(x)

@@ -504,7 +504,10 @@ class WeightOnlyConv2d(_WeightOnly):
         if isinstance(x, torch.Tensor) and x.dim() == self._dims + 1:  # unbatched, as the
             return self.forward(x.unsqueeze(0)).squeeze(0)  # float conv takes it
         x = self._input(x, self.in_channels, dim=1)
-        check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
+        checked = (x.shape, self.geometry.get("fused_maxpool"))  # once per input shape
+        if checked != self.__dict__.get("_checked_input"):
+            check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
+            self.__dict__["_checked_input"] = checked
         g = self.geometry
         if g["pre_pad"] is not None:
             x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
