@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lowbit_float.h"
+
 #define LB_OK 0
 #define LB_EARG (-1)   /* a size, stride or pointer that does not fit */
 #define LB_ECODE (-2)  /* an INT8 weight code of -128: not packable (the caller falls back) */
@@ -56,21 +58,6 @@ static uint8_t *scratch(size_t bytes) {
     tls_buf = (uint8_t *)p;
     tls_cap = cap;
     return tls_buf;
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* c10::BFloat16 round to nearest even */
-    if (f != f)
-        return 0x7FC0;
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
 }
 
 const char *lbk_isa(void) { return LB_ISA; }
@@ -119,30 +106,6 @@ static inline float dyn_scale(float absmax, float qmax) { /* as lb_quantize_s8 *
 static inline float clampf(float v, float lo, float hi) {
     v = v < lo ? lo : v;
     return v > hi ? hi : v;
-}
-
-/* max|x| of a row as the max of its sign-cleared bit patterns (non-negative floats order like
- * their bits): vectorizes, and a NaN wins (as in torch.amax), so a NaN row gets a NaN scale
- * and a NaN output row, as the float layer gives. */
-static float row_absmax(const void *x, int bf16, int64_t k) {
-    if (bf16) {
-        const uint16_t *xb = (const uint16_t *)x;
-        uint16_t m = 0;
-        for (int64_t j = 0; j < k; ++j) {
-            const uint16_t a = xb[j] & 0x7FFFu;
-            m = a > m ? a : m;
-        }
-        return bf16_to_f32(m);
-    }
-    const uint32_t *xb = (const uint32_t *)x;
-    uint32_t m = 0;
-    for (int64_t j = 0; j < k; ++j) {
-        const uint32_t a = xb[j] & 0x7FFFFFFFu;
-        m = a > m ? a : m;
-    }
-    float r;
-    memcpy(&r, &m, sizeof r);
-    return r;
 }
 
 /* Write one row's codes as {|q|, q} per 4-K step into a (k4 * 8 bytes, zero tail). The codes

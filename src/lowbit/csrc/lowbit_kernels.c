@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "lowbit_float.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -37,54 +39,8 @@ static inline float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* c10::BFloat16's round_to_nearest_even (NaN -> 0x7FC0). */
-static inline uint16_t f32_to_bf16(float f) {
-    if (f != f)
-        return 0x7FC0;
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
-}
-
 /* Element j of a row of float32 (bf16 == 0) or bfloat16 (bf16 != 0) values. */
 #define LOAD(x, bf16, j) ((bf16) ? bf16_to_f32(((const uint16_t *)(x))[j]) : ((const float *)(x))[j])
-
-/* max|x[0..k)| as the max of the sign-cleared bit patterns (magnitudes of non-negative floats
- * order like their bits): an integer max that vectorizes, and a NaN wins (its bits exceed
- * +Inf's), as in torch.amax, so a row holding NaN gets a NaN scale and a NaN output row. */
-static float row_absmax_f32(const float *x, int64_t k) {
-    const uint32_t *xb = (const uint32_t *)x;
-    uint32_t m = 0;
-    for (int64_t j = 0; j < k; ++j) {
-        const uint32_t a = xb[j] & 0x7FFFFFFFu;
-        m = a > m ? a : m;
-    }
-    float r;
-    memcpy(&r, &m, sizeof r);
-    return r;
-}
-
-/* Magnitudes of non-negative floats order like their bit patterns: max over the sign-cleared
- * bfloat16 bits is max|x| (and a NaN wins, as it does in torch.amax). */
-static float row_absmax_bf16(const uint16_t *x, int64_t k) {
-    uint16_t m = 0;
-    for (int64_t j = 0; j < k; ++j) {
-        uint16_t a = x[j] & 0x7FFFu;
-        m = a > m ? a : m;
-    }
-    return bf16_to_f32(m);
-}
-
-static inline float row_absmax(const void *x, int bf16, int64_t k) {
-    return bf16 ? row_absmax_bf16((const uint16_t *)x, k) : row_absmax_f32((const float *)x, k);
-}
 
 /* Row i of a [m, k] matrix with row stride ldx (elements). */
 static inline const void *row(const void *x, int bf16, int64_t i, int64_t ldx) {
