@@ -47,6 +47,7 @@ __all__ = [
     "MNIST_STD",
     "MNIST_URL",
     "Cifar10Splits",
+    "DatasetSplits",
     "MnistSplits",
     "add_dataset_arguments",
     "cifar10_splits",
@@ -198,8 +199,8 @@ def load_mnist(root: str | Path | None = None, split: str = "test"
 
 
 @dataclass(frozen=True)
-class MnistSplits:
-    """A training/calibration split and an evaluation split of MNIST.
+class DatasetSplits:
+    """A training/calibration split and an evaluation split of an image data set.
 
     Attributes:
         train: ``TensorDataset(images, labels)`` for training and calibration.
@@ -211,6 +212,11 @@ class MnistSplits:
     train: TensorDataset
     eval: TensorDataset
     description: str
+
+
+@dataclass(frozen=True)
+class MnistSplits(DatasetSplits):
+    """The splits of MNIST (see :class:`DatasetSplits`)."""
 
 
 def _to_float(images: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -377,19 +383,8 @@ def load_cifar10(root: str | Path, split: str = "test") -> tuple[torch.Tensor, t
 
 
 @dataclass(frozen=True)
-class Cifar10Splits:
-    """A training/calibration split and an evaluation split of CIFAR-10 (as :class:`MnistSplits`).
-
-    Attributes:
-        train: ``TensorDataset(images, labels)`` for training and calibration.
-        eval: ``TensorDataset(images, labels)`` for evaluation (never used for training).
-        description: one sentence saying where each split comes from (print it next to any
-            accuracy figure).
-    """
-
-    train: TensorDataset
-    eval: TensorDataset
-    description: str
+class Cifar10Splits(DatasetSplits):
+    """The splits of CIFAR-10 (see :class:`DatasetSplits`)."""
 
 
 def _cifar_to_float(images: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -466,7 +461,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def splits_and_model(mnist: str | Path | None = None, cifar10: str | Path | None = None
-                     ) -> tuple[MnistSplits | Cifar10Splits, Callable[[], nn.Module]]:
+                     ) -> tuple[DatasetSplits, Callable[[], nn.Module]]:
     """The data and the model class of an example: MNIST + ``MnistCNN`` or CIFAR-10 + ``CifarCNN``.
 
     Args:
