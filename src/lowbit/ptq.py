@@ -277,23 +277,24 @@ class PTQQuantizer(Quantizer):
                                         progress=self.progress,
                                         max_batches=self.max_calibration_batches),
                 self.calibrators, self.process_group, sync=self.sync)
-            for name, cal in self.calibrators.items():
-                reason = _calibration_problem(name, cal, todo[name])
-                if reason:
-                    plan = todo.pop(name)
-                    plan.config, plan.status, plan.reason = None, "skipped", reason
-                    plan.fused_relu, plan.fused_gelu = False, None
+        input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, cal in self.calibrators.items():
+            qparams, reason = _static_qparams(name, cal, todo[name])
+            if reason:
+                plan = todo.pop(name)
+                plan.config, plan.status, plan.reason = None, "skipped", reason
+                plan.fused_relu, plan.fused_gelu = False, None
+            else:
+                input_qparams[name] = qparams
 
         for name, plan in todo.items():
             assert plan.config is not None
             module = qmodel.get_submodule(name)
             kwargs: dict[str, Any] = {"fused_relu": plan.fused_relu, "name": name,
                                       "backend": self.backend}
-            if name in self.calibrators:
-                cal = self.calibrators[name]
-                scale, zp = cal.compute_qparams(plan.config.activations)
-                kwargs["input_qparams"] = (scale, zp)
-                record = _record(cal, plan.config.calibrator, scale, zp)
+            if name in input_qparams:
+                scale, zp = kwargs["input_qparams"] = input_qparams[name]
+                record = _record(self.calibrators[name], plan.config.calibrator, scale, zp)
                 report.calibration[name] = record
                 kwargs["meta_extra"] = {"calibrator": record.calibrator,
                                         "observed_range": [record.min, record.max],
@@ -383,8 +384,10 @@ def _fuse_gelus(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> None:
         qmodel.set_submodule(plan.fused_gelu, nn.Identity())
 
 
-def _calibration_problem(name: str, cal: Calibrator, plan: LayerPlan) -> str | None:
-    """Why a calibrated layer cannot get a static scale (then it stays float), or None.
+def _static_qparams(name: str, cal: Calibrator, plan: LayerPlan
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str | None]:
+    """``((scale, zero_point), None)`` for a calibrated layer, or ``(None, why)`` when it
+    cannot get a static scale (then it stays float).
 
     A layer no batch reached has no range; a constant input (or a clipping range the
     calibrator collapsed to zero) gives a scale at float32 eps that clips every other input to
@@ -395,12 +398,12 @@ def _calibration_problem(name: str, cal: Calibrator, plan: LayerPlan) -> str | N
                   "in float")
         warnings.warn(f"{name or '<model>'}: {reason}. Calibrate with batches that run it",
                       RuntimeWarning, stacklevel=4)
-        return reason
+        return None, reason
     assert plan.config is not None and plan.config.activations is not None
-    lo, hi = cal.compute_range()
-    scale, _ = cal.compute_qparams(plan.config.activations)
+    scale, zp = cal.compute_qparams(plan.config.activations)
     if float(scale.min()) > torch.finfo(torch.float32).eps:
-        return None
+        return (scale, zp), None
+    lo, hi = cal.compute_range()
     seen = (float(getattr(cal, "min_val", lo).min()), float(getattr(cal, "max_val", hi).max()))
     clip = (float(lo.min()), float(hi.max()))
     what = ("a constant input" if seen[0] == seen[1] else
@@ -411,7 +414,7 @@ def _calibration_problem(name: str, cal: Calibrator, plan: LayerPlan) -> str | N
     warnings.warn(f"{name or '<model>'}: {reason}. Calibrate with representative batches, or "
                   f"quantize it dynamically (layer_overrides={{{name!r}: "
                   "QuantizationConfig.int8_dynamic()})", RuntimeWarning, stacklevel=4)
-    return reason
+    return None, reason
 
 
 def _record(cal: Calibrator, default_name: str, scale: Any, zp: Any) -> CalibrationRecord:

@@ -404,13 +404,11 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         if reason:
             plans[name] = LayerPlan(name, kind, None, "skipped", reason)
             continue
-        if isinstance(module, nn.RNNBase):  # LSTM / GRU: every gate matrix and bias
-            for pname, p in module.named_parameters(recurse=False):
+        tensors = (module.named_parameters(recurse=False) if isinstance(module, nn.RNNBase)
+                   else [("weight", module.weight), ("bias", getattr(module, "bias", None))])
+        for pname, p in tensors:  # (LSTM / GRU: every gate matrix and bias)
+            if p is not None:
                 check_finite(p, f"{name} ({kind}).{pname}", name)
-        else:
-            check_finite(module.weight, f"{name} ({kind}).weight", name)
-        if not isinstance(module, nn.RNNBase) and getattr(module, "bias", None) is not None:
-            check_finite(module.bias, f"{name} ({kind}).bias", name)
         # a following ReLU runs inside the quantized layer (in place on its fresh output), for
         # weight-only layers too; an embedding lookup has no fused activation
         fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
