@@ -280,3 +280,17 @@ def test_from_dict_spec_fields_are_type_checked(key: str, value: object, message
 def test_from_json_that_is_not_an_object_is_refused() -> None:
     with pytest.raises(ValueError, match=r"expects a dict.*got list"):
         QuantizationConfig.from_json("[1, 2]")
+
+
+@pytest.mark.parametrize("method, key, value", [
+    ("gptq", "clip_search", "yes"), ("gptq", "act_order", 1), ("gptq", "damp", -0.1),
+    ("gptq", "damp", True), ("gptq", "block_size", 0), ("gptq", "block_size", 64.0),
+    ("awq", "grid", "20"),
+])
+def test_method_options_of_the_wrong_type_are_refused(method: str, key: str,
+                                                      value: object) -> None:
+    with pytest.raises(ValueError, match=rf"method_kwargs\['{key}'\].*takes"):
+        QuantizationConfig.int4_weight_only(32, method=method, method_kwargs={key: value})
+    good = {"clip_search": True, "act_order": False, "damp": 0.05, "block_size": 64,
+            "grid": 10}[key]
+    QuantizationConfig.int4_weight_only(32, method=method, method_kwargs={key: good})

@@ -37,8 +37,21 @@ GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group", "per
 MODES: tuple[str, ...] = ("dynamic", "static", "weight_only")
 #: weight calibration methods of ``mode="weight_only"`` (see :mod:`lowbit.weight_calibration`)
 WEIGHT_METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
-_METHOD_KWARGS = {"rtn": (), "gptq": ("damp", "act_order", "block_size", "clip_search"),
-                  "awq": ("grid",)}
+_POSITIVE_NUMBER, _FLAG, _POSITIVE_INT = "a number > 0", "True or False", "a positive integer"
+#: the options of each method, with what each accepts
+_METHOD_KWARGS: dict[str, dict[str, str]] = {
+    "rtn": {},
+    "gptq": {"damp": _POSITIVE_NUMBER, "act_order": _FLAG, "block_size": _POSITIVE_INT,
+             "clip_search": _FLAG},
+    "awq": {"grid": _POSITIVE_INT},
+}
+
+
+def _accepts(kind: str, value: Any) -> bool:
+    if kind == _FLAG:
+        return isinstance(value, bool)
+    number = isinstance(value, int if kind == _POSITIVE_INT else (int, float))
+    return number and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -304,10 +317,15 @@ class QuantizationConfig:
         if not isinstance(self.method_kwargs, Mapping):
             raise ValueError("QuantizationConfig.method_kwargs must be a dict, got "
                              f"{type(self.method_kwargs).__name__}")
-        unknown = set(self.method_kwargs) - set(_METHOD_KWARGS[self.method])
+        options = _METHOD_KWARGS[self.method]
+        unknown = set(self.method_kwargs) - set(options)
         if unknown:
             raise ValueError(f"QuantizationConfig.method_kwargs: {sorted(unknown)} not options of "
-                             f"method={self.method!r}; known: {list(_METHOD_KWARGS[self.method])}")
+                             f"method={self.method!r}; known: {list(options)}")
+        for key, value in self.method_kwargs.items():
+            if not _accepts(options[key], value):
+                raise ValueError(f"QuantizationConfig.method_kwargs[{key!r}]={value!r}: "
+                                 f"method={self.method!r} takes {options[key]} there")
         object.__setattr__(self, "method_kwargs", MappingProxyType(dict(self.method_kwargs)))
         a = self.smooth_quant
         if a is not None:
