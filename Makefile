@@ -18,8 +18,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/python -m pytest -n 2 -q
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site-check
+	$(BIN)/python -m pytest -n 2 -q
 
 # The documentation site into site/ (warnings are errors: broken links, missing references).
 docs: $(STAMP)
