@@ -63,8 +63,9 @@ def test_merge_float_is_exact_and_requantized_is_bounded(method: str) -> None:
         torch.testing.assert_close(layer.weight, w.detach(), rtol=0, atol=1e-6)
     with torch.no_grad():
         err = (exact(X) - want).norm() / want.norm()
-    # INT4 runs fp32 kernels here; INT8 rounds activations (and weight-only INT8 may run bf16)
-    assert err < (1e-5 if method == "int4" else 0.02), err
+    # the quantized model rounds its activations (INT8 codes; INT4 without VNNI: int8 per
+    # group; weight-only on VNNI: bf16), the merged float one does not
+    assert err < 0.02, err
     merged = lowbit.merge_lora(lq, inputs=X)
     report = merged.lora_merge_report
     assert [r.name for r in report.rows] == ["0", "2", "4"]

@@ -120,7 +120,9 @@ def test_mlp_dynamic_per_token_matmul_integer(tmp_path) -> None:
     assert type(qmodel.layers[0]).__name__ == "QuantizedLinear"
 
 
-def test_int4_weight_only_mlp_matmul_nbits(tmp_path) -> None:
+def test_int4_weight_only_mlp_matmul_nbits(tmp_path, monkeypatch) -> None:
+    # MatMulNBits runs float activations (accuracy_level 0): so does lowbit's kernel here
+    monkeypatch.setattr(lowbit.Int4Linear, "int8_activations", False)
     model = MLP(in_features=96, hidden=(128, 64), num_classes=10).eval()
     qmodel = lowbit.quantize_weight_only(model, bits=4, group_size=32)
     proto, ort_model = _export(qmodel, torch.randn(1, 96), tmp_path / "int4.onnx")  # batch 1

@@ -89,6 +89,17 @@ def layer_io(model: nn.Module, names: list[str], x: torch.Tensor
 BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 
 
+def int8_activation_bound(layer: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on |kernel - float32| for lowbit's INT4 kernel with int8 activations
+    (``Int4Linear.int8_activations``): each activation moves by at most half its group's step
+    ``max|x_g| / 127``, so ``|dy| <= (max|x_g| / 254) @ |W|.T``, plus float32 rounding."""
+    g = layer._group()
+    xp = torch.nn.functional.pad(x2, (0, layer.kp - layer.k))  # (M, Kp)
+    half = (xp.reshape(len(xp), -1, g).abs().amax(-1) / 254).repeat_interleave(g, 1)
+    w = torch.nn.functional.pad(layer.dequantize_weight(), (0, layer.kp - layer.k)).abs()
+    return 1.01 * half @ w.t() + 1e-5 * (xp.abs() @ w.t()) + 1e-6
+
+
 def bf16_kernel_bound(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Elementwise bound on |kernel - float32| for a weight-only linear whose kernel runs in
     bf16 on this CPU (``kernels.select_kernel``: ``int4pack_bf16`` / ``int8pack_bf16`` /
@@ -100,7 +111,10 @@ def bf16_kernel_bound(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if not hasattr(layer, "_select"):
         return None
     x2 = x.reshape(-1, layer.in_features)
-    if layer._select(x2.shape[0]) not in ("int4pack_bf16", "int8pack_bf16", "dequant_bf16"):
+    kernel = layer._select(x2.shape[0])
+    if kernel.startswith("u4q8_"):
+        return int8_activation_bound(layer, x2)
+    if kernel not in ("int4pack_bf16", "int8pack_bf16", "dequant_bf16"):
         return None
     x2 = torch.nn.functional.pad(x2, (0, layer.kp - layer.k))
     spec, shift = layer.eff_spec, 8 if layer.weight_spec.signed else 0
@@ -135,16 +149,16 @@ def assert_layerwise_agreement(qat: nn.Module, converted: nn.Module, x: torch.Te
         want = F.max_pool2d(q_out[name], pool) if pool else q_out[name]  # (its pool fused)
         if pool and bound is not None:  # |max(a) - max(b)| <= max |a - b| over the window
             bound = F.max_pool2d(bound.reshape(q_out[name].shape), pool)
-        # a bf16 weight-only kernel adds its own rounding (at most `bound`) to the step
+        # a bf16 / int8-activation weight-only kernel adds its own rounding (`bound`)
         tol = step if bound is None else step + float(bound.max())
         e2e = float((want - c_out[name]).abs().max())
         assert e2e <= tol, f"{name}: converted differs by {e2e:.3g} > {tol:.3g} (step {step:.3g})"
         with torch.no_grad():
             same = layer(q_in[name])
         err = (same - want).abs()
-        if bound is not None:  # weight-only kernel in bf16: its rounding is the whole difference
+        if bound is not None:  # bf16 / int8-activation kernel: its rounding is the difference
             assert bool((err.reshape(bound.shape) <= bound).all()), \
-                f"{name}: {float(err.max()):.3g} exceeds the bf16 bound"
+                f"{name}: {float(err.max()):.3g} exceeds the kernel's rounding bound"
         else:
             # integer activations read the same codes, float32 weight-only kernels the same
             # weights: only float32 rounding of the GEMM and the epilogue differs

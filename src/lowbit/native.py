@@ -84,6 +84,9 @@ _GEMM_SIGNATURES = {
                              _P, _I64, _I64, _P, _P, _P, _INT, _INT, _P, _INT, _I64, _INT]),
     "lbk_u4_linear": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P, _P,
                              _INT, _P, _I64, _INT]),
+    "lbk_u4p_bytes": (_I64, [_I64, _I64]),
+    "lbk_u4p_linear": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P,
+                              _P, _INT, _P, _I64, _INT]),
 }
 #: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
 #: the /proc/cpuinfo flags it needs; VNNI is read by ``lowbit.kernels.cpu_features``).

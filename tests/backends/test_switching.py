@@ -52,9 +52,9 @@ def test_models_agree_on_every_layer_backend(kind: str, make_quantized, run) -> 
         with backends.use(name):
             outs[name] = run(qmodel, x)
     ref = outs["reference"]
-    if kind.endswith("int4"):  # float32 rounding (native), bf16 packed ops (torch)
+    if kind.endswith("int4"):  # int8 activations per group (native), bf16 packed ops (torch)
         scale = float(ref.abs().max())
-        assert float((outs["native"] - ref).abs().max()) <= 1e-5 * scale
+        assert float((outs["native"] - ref).abs().max()) <= 2e-3 * scale
         assert float((outs["torch"] - ref).abs().max()) <= 2e-2 * scale
     else:
         assert torch.equal(outs["native"], ref) and torch.equal(outs["torch"], ref)
@@ -154,5 +154,5 @@ def test_weight_only_native_and_torch_stay_within_the_documented_tolerance(bits:
                 y, y_ref = q(x), refq(x)
             rel = float((y - y_ref).abs().max() / y_ref.abs().max())
             assert rel <= 1e-2, (name, m, rel)
-            if m > 64:  # dequantize + float32 GEMM on every backend
+            if q[0]._select(m) == "dequant_fp32":  # dequantize + float32 GEMM: the same bits
                 assert torch.equal(y, y_ref)

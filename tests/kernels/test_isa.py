@@ -1,8 +1,9 @@
 """lowbit's per-ISA C kernels (``csrc/lowbit_gemm_*.c``), each path this CPU can run forced one
 by one: the INT8 x INT8 GEMM bit-exact against int64 arithmetic (full-range and worst-case
 codes, odd and large shapes, strided inputs, 1 and 2 threads), the fused linear against the
-pure-PyTorch reference bit for bit (8-bit and 7-bit activations), the INT4 kernel against
-dequantize + GEMM, the C bounds checks (hypothesis fuzzes every extent of both entry points with
+pure-PyTorch reference bit for bit (8-bit and 7-bit activations), the INT4 kernels against
+dequantize + GEMM (float activations) and their integer reference (int8 activations), the C
+bounds checks (hypothesis fuzzes every extent of both entry points with
 buffers of exactly the claimed sizes), and ``LOWBIT_ISA``."""
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from lowbit.kernels import (
     int8_linear,
     quantize_activation,
     run_u4_linear,
+    run_u4p_linear,
     s8_packed,
     select_kernel,
     u4_pack,
+    u4p_pack,
 )
 
 #: The C ISA paths this machine can run (by feature detection: AVX2 is skipped on CPUs
@@ -174,6 +177,72 @@ def test_u4_kernel_matches_dequantize_then_gemm(lib, threads, m: int, k: int, n:
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def u4q8_reference(x: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                   g: int, shift: int) -> torch.Tensor:
+    """The INT4 x INT8 kernel's arithmetic in float64 / int64: x [M, K] quantized per row and
+    group as the C code does (float32 ``127 / max|x_g|``, round half to even), then
+    ``sum_g s_g * sx_g * (dot_g(u, q) - z_g * sum_g(q))`` with ``u = code + shift``."""
+    m, kp = x.shape[0], codes.shape[1]
+    xp = torch.nn.functional.pad(x, (0, kp - x.shape[1])).reshape(m, kp // g, g)
+    amax = xp.abs().amax(-1, keepdim=True)  # (M, G, 1) float32
+    full = torch.full_like(amax, 127.0)  # (a python scalar over a tensor is 127 * (1 / amax))
+    inv = torch.where(amax > 0, full / amax, torch.zeros_like(amax))
+    q = torch.round(xp * inv).clamp(-127, 127).long()  # (M, G, g)
+    sx = (amax / full).double().squeeze(-1)  # (M, G), float32 division
+    u = (codes.long() + shift).reshape(codes.shape[0], kp // g, g)  # (N, G, g)
+    dot = torch.einsum("mgj,ngj->mng", q, u).double()  # exact integers
+    corr = z.double().unsqueeze(0) * q.sum(-1).double().unsqueeze(1)  # (M, N, G)
+    return ((dot - corr) * s.double().unsqueeze(0) * sx.unsqueeze(1)).sum(-1)  # (M, N)
+
+
+@pytest.mark.parametrize("m,k,n,g", [(1, 64, 3, 32), (3, 100, 17, 32), (4, 256, 64, 128),
+                                     (7, 1024, 33, 64), (16, 512, 8, 256), (5, 1024, 9, 512),
+                                     (70, 384, 50, 128), (2, 16384, 5, 128)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_u4q8_kernel_matches_its_integer_reference(lib, threads, m: int, k: int, n: int, g: int,
+                                                   signed: bool) -> None:
+    """INT4 weights x int8 activations (per row and group): equal to its float64 / int64
+    reference up to float32 rounding, on full-range codes (all 15 x -127 pair sums included);
+    within the activation rounding of the float-activation kernel."""
+    gen = torch.Generator().manual_seed(k + n + g)
+    kp = -(-k // g) * g
+    lo, hi = (-8, 8) if signed else (0, 16)
+    codes = torch.randint(lo, hi, (n, kp), dtype=torch.int8 if signed else torch.uint8,
+                          generator=gen)
+    codes[0] = hi - 1  # the largest pair sums: 15 * 127 twice
+    s = torch.rand(n, kp // g, generator=gen) / 10
+    z = torch.randint(lo, hi, (n, kp // g), dtype=torch.int32, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen)
+    x[0, :] = -torch.linspace(0.5, 1, k)  # codes -127 against the largest u
+    got = run_u4p_linear(lib, x, (*u4p_pack(codes, signed, s, z, g), n, kp, g), bias, False)
+    ref = u4q8_reference(x, codes, s, z + (8 if signed else 0), g, 8 if signed else 0)
+    ref = (ref + bias.double()).float()  # float32 sums of up to 512 group terms: rounding only
+    torch.testing.assert_close(got, ref, rtol=5e-5, atol=1e-6 * float(ref.abs().max()))
+    fp = run_u4_linear(lib, x, (*u4_pack(codes, signed, s, z, g), kp, g), bias, False)
+    assert float((got - fp).norm() / fp.norm()) < 2e-2  # the activation rounding only
+
+
+def test_u4q8_kernel_rows_with_nan_inf_or_tiny_values_are_computed_in_float(lib) -> None:
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(-8, 8, (6, 128), dtype=torch.int8, generator=gen)
+    codes[:, 40] = torch.tensor([0, 1, -1, 7, -8, 0])  # +Inf times zero, positive, negative
+    s, z = torch.rand(6, 4, generator=gen), torch.zeros(6, 4, dtype=torch.int32)
+    x = torch.randn(5, 128, generator=gen)
+    x[1, 3], x[2, 40] = float("nan"), float("inf")
+    x[3, 96:] = 1e-35  # a group whose scale would underflow
+    x[4, 64:96] = 0.0  # an all-zero group: codes 0, no division by zero
+    got = run_u4p_linear(lib, x, (*u4p_pack(codes, True, s, z, 32), 6, 128, 32), None, False)
+    w = (codes.float() + 8 - (z.float() + 8).repeat_interleave(32, 1)) * s.repeat_interleave(32, 1)
+    fp = x.double() @ w.double().t()  # the float product: NaN / Inf where it has them
+    assert bool(got[1].isnan().all())
+    assert torch.equal(got[2].isnan(), fp[2].isnan()) and torch.equal(got[2].isinf(), fp[2].isinf())
+    assert torch.equal(torch.sign(got[2][fp[2].isinf()]), torch.sign(fp[2][fp[2].isinf()]).float())
+    torch.testing.assert_close(got[3], fp[3].float(), rtol=1e-5, atol=1e-5)  # in float
+    ref = u4q8_reference(x[[0, 4]], codes, s, z + 8, 32, 8)
+    torch.testing.assert_close(got[[0, 4]], ref.float(), rtol=1e-5, atol=1e-5)
+
+
 @needs_c
 @pytest.mark.parametrize("isa", C_PATHS)
 def test_models_under_each_forced_isa_match_the_reference(forced_isa, isa: str) -> None:
@@ -191,8 +260,16 @@ def test_models_under_each_forced_isa_match_the_reference(forced_isa, isa: str) 
         assert torch.equal(got, qmodel(x))
     q4 = lowbit.quantize_weight_only(model, bits=4, group_size=32)
     assert select_kernel("int4_weight_only", 1, n=128, k=320, group_size=32) == f"u4_{isa}"
-    ref = torch.relu(x[:3] @ q4[0].dequantize_weight().t() + q4[0].bias)  # the ReLU is fused
-    torch.testing.assert_close(q4[0](x[:3]), ref, rtol=1e-5, atol=1e-5)
+    layer = q4[0]
+    assert layer.kernel_info() == {"M>0": f"u4q8_{isa}"}  # int8 activations: every M
+    codes = layer.codes()  # (128, 320) signed codes, zero-points (128, 10)
+    for rows in (x[:3], x):
+        ref = u4q8_reference(rows, codes, layer.weight_scale, layer.weight_zero_point + 8, 32, 8)
+        want = torch.relu(ref + layer.bias.double()).float()  # the ReLU is fused
+        torch.testing.assert_close(layer(rows), want, rtol=1e-5, atol=1e-5)
+    layer.int8_activations = False  # float32 activations: dequantize + GEMM up to rounding
+    ref = torch.relu(x[:3] @ layer.dequantize_weight().t() + layer.bias)
+    torch.testing.assert_close(layer(x[:3]), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_lowbit_isa_refuses_unknown_and_unavailable_paths(forced_isa) -> None:
@@ -271,28 +348,35 @@ def test_fuzz_s8_entry_point_checks_every_extent(m: int, k: int, n: int, pad: in
 @given(m=st.integers(0, 6), groups=st.integers(1, 3), n=st.integers(1, 9),
        k_short=st.integers(0, 40), short_x=st.integers(0, 2), short_y=st.integers(0, 2),
        wrong_w=st.booleans())
-def test_fuzz_u4_entry_point_checks_every_extent(m: int, groups: int, n: int, k_short: int,
-                                                 short_x: int, short_y: int,
+@pytest.mark.parametrize("entry", ["lbk_u4_linear", "lbk_u4p_linear"])
+def test_fuzz_u4_entry_point_checks_every_extent(entry: str, m: int, groups: int, n: int,
+                                                 k_short: int, short_x: int, short_y: int,
                                                  wrong_w: bool) -> None:
-    """The INT4 entry point with buffers of exactly the claimed sizes: exact-to-rounding or
-    refused, never a read past an extent."""
+    """Both INT4 entry points (float / int8 activations) with buffers of exactly the claimed
+    sizes: equal to their references up to rounding, or refused; never a read past an
+    extent."""
     lib = native.load_gemm(C_PATHS[0])
     g, kp = 32, 32 * groups
     k = max(1, kp - k_short)
     gen = torch.Generator().manual_seed(m * 131 + kp + n)
     codes = torch.randint(-8, 8, (n, kp), dtype=torch.int8, generator=gen)
     s, z = torch.rand(n, groups, generator=gen), torch.randint(-8, 8, (n, groups), generator=gen)
-    wq, sc, zp = u4_pack(codes, True, s, z.int(), g)
+    pack = u4p_pack if entry == "lbk_u4p_linear" else u4_pack
+    wq, sc, zp = pack(codes, True, s, z.int(), g)
     wq = wq.reshape(-1)[:-1] if wrong_w else wq
     x = torch.randn(max(m * k - short_x, 0), generator=gen)
     y = torch.empty(max(m * n - short_y, 0))
-    rc = lib.lbk_u4_linear(x.data_ptr(), m, k, k, x.numel(), wq.data_ptr(), wq.numel(), n, kp, g,
-                           sc.data_ptr(), zp.data_ptr(), None, 0, y.data_ptr(), y.numel(), 1)
+    rc = getattr(lib, entry)(x.data_ptr(), m, k, k, x.numel(), wq.data_ptr(), wq.numel(), n,
+                             kp, g, sc.data_ptr(), zp.data_ptr(), None, 0, y.data_ptr(),
+                             y.numel(), 1)
     bad = wrong_w or (m > 0 and (short_x > 0 or short_y > 0))
     assert rc == (-1 if bad else 0)
     if rc == 0 and m:
-        w = (codes.float() - z.float().repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
-        ref = x.reshape(m, k).double() @ w[:, :k].double().t()
+        if entry == "lbk_u4p_linear":
+            ref = u4q8_reference(x.reshape(m, k), codes, s, z + 8, g, 8)
+        else:
+            w = (codes.float() - z.float().repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
+            ref = x.reshape(m, k).double() @ w[:, :k].double().t()
         torch.testing.assert_close(y.reshape(m, n), ref.float(), rtol=1e-5, atol=1e-5)
 
 

@@ -6,6 +6,7 @@
  *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
  *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
+ *   u4p_tile(q, ldq, rows, panels, ..., out)  rows (1..4) of int8 codes x 1..2 INT4 panels
  * and the name LB_ISA, then includes this file, which bounds-checks every argument, lays out
  * the operands, splits the work over OpenMP threads and applies the float epilogue.
  * Compiled once per ISA with that ISA's flags (lowbit/native.py) and picked at run time.
@@ -406,5 +407,141 @@ int lbk_u4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_f
                 }
         }
     }
+    return LB_OK;
+}
+
+/* ---------------------------------------------------------------- INT4 panels, INT8 x */
+
+/* A group's max|x| at or above this is quantized; a smaller non-zero one (its reciprocal would
+ * overflow) or a NaN / Inf makes the row's outputs come from its float values. */
+#define U4Q8_TINY 1e-30f
+
+/* Row x [k] (zero up to kp) as int8 codes per weight group: q = round(x * 127 / max|x_g|),
+ * sx_g = max|x_g| / 127 and tq_g = sx_g * sum_g(q); 1 when it cannot be (see U4Q8_TINY). */
+static int quant_row_groups(const float *x, int64_t k, int64_t kp, int64_t g, int8_t *q,
+                            float *sx, float *tq) {
+    for (int64_t gi = 0, j0 = 0; j0 < kp; ++gi, j0 += g) {
+        const int64_t j1 = j0 + g < k ? j0 + g : k;
+        const float amax = j1 > j0 ? row_absmax(x + j0, 0, j1 - j0) : 0.0f;
+        if (!(amax <= FLT_MAX) || (amax > 0.0f && amax < U4Q8_TINY))
+            return 1;
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        int64_t j = j0;
+        for (; j < j1; ++j) {
+            const int32_t v = (int32_t)clampf(nearbyintf(x[j] * inv), -127.0f, 127.0f);
+            q[j] = (int8_t)v;
+            sum += v;
+        }
+        for (; j < j0 + g; ++j)
+            q[j] = 0;
+        sx[gi] = amax / 127.0f;
+        tq[gi] = sx[gi] * (float)sum;
+    }
+    return 0;
+}
+
+/* INT4 weights in 8-column panels for lbk_u4p_linear: per panel p and 8-K pair t, 32 bytes
+ * b = c * 4 + j holding u[8p + c][8t + j] (low nibble) and u[8p + c][8t + 4 + j] (high
+ * nibble): the low nibbles of a pair are one 4-K step of 8 columns in the order of the INT8
+ * panels, the high nibbles the next. */
+int64_t lbk_u4p_bytes(int64_t n, int64_t kp) {
+    if (n <= 0 || kp <= 0 || kp % 32 || n > (1LL << 31) || kp > (1LL << 31))
+        return LB_EARG;
+    return ceil_div(n, 8) * (kp / 8) * 32;
+}
+
+/* Row i's outputs from the float values (a row with NaN / Inf / tiny groups): the dequantized
+ * weight times x in float32, as the reference computes it, read from the panel layout. */
+static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t n, int64_t kp,
+                          int64_t g, const float *sT, const float *zT, const float *bias,
+                          int relu, float *y) {
+    const int64_t ldT = ceil_div(n, 8) * 8, pstride = (kp / 8) * 32;
+    for (int64_t c = 0; c < n; ++c) {
+        const uint8_t *pan = wp + (c / 8) * pstride + (c % 8) * 4;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+            const uint8_t b = pan[(j / 8) * 32 + (j % 4)];
+            const int32_t u = (j % 8) < 4 ? (b & 0xF) : (b >> 4);
+            const int64_t gi = j / g;
+            acc += x[j] * (((float)u - zT[gi * ldT + c]) * sT[gi * ldT + c]);
+        }
+        if (bias)
+            acc += bias[c];
+        y[c] = relu && acc < 0.0f ? 0.0f : acc;
+    }
+}
+
+/* y [m, n] (+ bias, ReLU) = x [m, k] (row stride ldx, x_floats readable) . W^T, W the INT4
+ * weight in panels (wp, lbk_u4p_bytes(n, kp) bytes) with per-group scales sT and unsigned
+ * zero-points zT, both [kp / g, ceil(n / 8) * 8] float32 (transposed: 8 columns per load).
+ * The activations are quantized to int8 per row and weight group (scale max|x_g| / 127, as
+ * llama.cpp's Q8 blocks) and each group's dot product is taken in integers: u4 (unsigned) x
+ * q8 (signed) pair sums (vpmaddubsw, at most 2 * 15 * 127: exact) summed in int16 over 32 K,
+ *   y = sum_g s_g * sx_g * (dot_g(u, q) - z_g * sum_g(q)),
+ * with the columns in vector lanes (no horizontal sums). Differs from dequantize + GEMM by the
+ * activation rounding (about 5e-3 relative on Gaussian inputs); a row with a NaN / Inf (or a
+ * group max below 1e-30) is computed from its float values instead. */
+int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
+                   const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
+                   const float *sT, const float *zT, const float *bias, int relu, float *y,
+                   int64_t y_floats, int nthreads) {
+    if (m < 0 || n <= 0 || k <= 0 || kp < k || g <= 0 || g % 32 || kp % g || ldx < k ||
+        nthreads < 1 || !wp || !sT || !zT || wp_bytes != lbk_u4p_bytes(n, kp))
+        return LB_EARG;
+    if (m == 0)
+        return LB_OK;
+    if (!x || !y || (m - 1) * ldx + k > x_floats || m * n > y_floats)
+        return LB_EARG;
+    const int64_t groups = kp / g, np = ceil_div(n, 8), ldT = np * 8, pstride = (kp / 8) * 32;
+    const size_t qbytes = (size_t)(m * kp + 63) & ~(size_t)63;
+    uint8_t *buf = scratch(qbytes + (size_t)(2 * m * groups) * sizeof(float) + m);
+    if (!buf)
+        return LB_ENOMEM;
+    int8_t *q = (int8_t *)buf;
+    float *sx = (float *)(buf + qbytes), *tq = sx + m * groups;
+    uint8_t *bad = (uint8_t *)(tq + m * groups);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * kp >= (1 << 16))
+    for (int64_t i = 0; i < m; ++i)
+        bad[i] = (uint8_t)quant_row_groups(x + i * ldx, k, kp, g, q + i * kp, sx + i * groups,
+                                           tq + i * groups);
+    /* work items: blocks of rows (codes ~128 KB, in L2 while each panel is read once into L1
+     * for all of them) x chunks of panels, >= 4 per thread where the shape allows */
+    int64_t rb = m <= 4 ? m : (131072 / kp) & ~(int64_t)3;
+    rb = rb < 4 ? 4 : rb > m ? m : rb;
+    const int64_t nrb = ceil_div(m, rb);
+    int64_t cb = ceil_div(np * nrb, 4 * (int64_t)nthreads);
+    cb = cb < 2 ? 2 : cb > 64 ? 64 : cb;
+    cb += cb & 1; /* whole pairs of panels */
+    const int64_t ncb = ceil_div(np, cb);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * n * kp >= (1 << 18)) \
+    schedule(dynamic, 1)
+    for (int64_t item = 0; item < nrb * ncb; ++item) {
+        const int64_t i0 = (item / ncb) * rb, i1 = i0 + rb < m ? i0 + rb : m;
+        const int64_t p0 = (item % ncb) * cb, p1 = p0 + cb < np ? p0 + cb : np;
+        const int pmax = i1 - i0 <= 2 ? 2 : 1;
+        for (int64_t p = p0; p < p1; p += pmax) {
+            const int npan = (int)(p1 - p < pmax ? p1 - p : pmax);
+            for (int64_t i = i0; i < i1; i += 4) {
+                const int rows = (int)(i1 - i < 4 ? i1 - i : 4);
+                float out[4 * 16];
+                u4p_tile(q + i * kp, kp, rows, wp + p * pstride, pstride, npan, kp, g,
+                         sT + p * 8, zT + p * 8, ldT, sx + i * groups, tq + i * groups, groups,
+                         out);
+                const int64_t c0 = p * 8, cols = n - c0 < npan * 8 ? n - c0 : npan * 8;
+                for (int t = 0; t < rows; ++t) {
+                    float *yr = y + (i + t) * n + c0;
+                    const float *o = out + t * 16;
+                    for (int64_t c = 0; c < cols; ++c) {
+                        float v = o[c] + (bias ? bias[c0 + c] : 0.0f);
+                        yr[c] = relu && v < 0.0f ? 0.0f : v;
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < m; ++i) /* NaN / Inf / tiny rows: from the float values */
+        if (bad[i])
+            u4p_row_float(x + i * ldx, k, wp, n, kp, g, sT, zT, bias, relu, y + i * n);
     return LB_OK;
 }

@@ -231,4 +231,85 @@ static void u4_rows(const float *x, int64_t ldx, int rows, const uint8_t *wq, in
 #undef U4_CASE
 }
 
+/* R rows (1..4) of int8 codes q (row stride ldq, kp each) x P (1..2) panels of 8 INT4 columns
+ * (lbk_u4p_linear's layout, pstride bytes apart): out[r * 16 + p * 8 + c], before the bias.
+ * Per 8-K pair a panel is one 32-byte load; its low / high nibbles are two 4-K steps of 8
+ * columns, multiplied with 4 broadcast activation codes each (vpmaddubsw: u unsigned, q
+ * signed), summed in int16 over 32 K, then scaled per group: s_g (columns) * sx_g (row). */
+static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_t ldq,
+                                                          const int R, const uint8_t *wp,
+                                                          int64_t pstride, const int P,
+                                                          int64_t kp, int64_t g,
+                                                          const float *sT, const float *zT,
+                                                          int64_t ldT, const float *sx,
+                                                          const float *tq, int64_t groups,
+                                                          float *out) {
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+    __m256 acc[4][2];
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p)
+            acc[r][p] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        __m256 sv[2];
+        for (int p = 0; p < P; ++p)
+            sv[p] = _mm256_loadu_ps(sT + gi * ldT + p * 8);
+        for (int64_t t0 = gi * g / 8; t0 < (gi + 1) * g / 8; t0 += 4) {
+            __m256i d[4][2];
+            for (int r = 0; r < R; ++r)
+                for (int p = 0; p < P; ++p)
+                    d[r][p] = _mm256_setzero_si256();
+            for (int64_t t = t0; t < t0 + 4; ++t) {
+                __m256i a0[4], a1[4];
+                for (int r = 0; r < R; ++r) {
+                    int32_t v0, v1;
+                    __builtin_memcpy(&v0, q + r * ldq + 8 * t, 4);
+                    __builtin_memcpy(&v1, q + r * ldq + 8 * t + 4, 4);
+                    a0[r] = _mm256_set1_epi32(v0);
+                    a1[r] = _mm256_set1_epi32(v1);
+                }
+                for (int p = 0; p < P; ++p) {
+                    const uint8_t *b = wp + p * pstride + t * 32;
+                    _mm_prefetch((const char *)(b + 512), _MM_HINT_T0);
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)b);
+                    const __m256i lo = _mm256_and_si256(v, low);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    for (int r = 0; r < R; ++r)
+                        d[r][p] = _mm256_add_epi16(
+                            d[r][p], _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0[r]),
+                                                      _mm256_maddubs_epi16(hi, a1[r])));
+                }
+            }
+            for (int r = 0; r < R; ++r) {
+                const __m256 sxr = _mm256_set1_ps(sx[r * groups + gi]);
+                for (int p = 0; p < P; ++p)
+                    acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[r][p], ones)),
+                                                _mm256_mul_ps(sv[p], sxr), acc[r][p]);
+            }
+        }
+        for (int p = 0; p < P; ++p) { /* - s_g z_g * (sx_g sum_g(q)) */
+            const __m256 sz = _mm256_mul_ps(sv[p], _mm256_loadu_ps(zT + gi * ldT + p * 8));
+            for (int r = 0; r < R; ++r)
+                acc[r][p] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(tq[r * groups + gi]), acc[r][p]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p)
+            _mm256_storeu_ps(out + r * 16 + p * 8, acc[r][p]);
+}
+
+static void u4p_tile(const int8_t *q, int64_t ldq, int rows, const uint8_t *wp, int64_t pstride,
+                     int np, int64_t kp, int64_t g, const float *sT, const float *zT,
+                     int64_t ldT, const float *sx, const float *tq, int64_t groups, float *out) {
+#define U4P(R, P) u4p_rp(q, ldq, R, wp, pstride, P, kp, g, sT, zT, ldT, sx, tq, groups, out)
+    switch (rows * 4 + np) {
+    case 4 + 2: U4P(1, 2); break;
+    case 8 + 2: U4P(2, 2); break;
+    case 8 + 1: U4P(2, 1); break;
+    case 12 + 1: U4P(3, 1); break;
+    case 16 + 1: U4P(4, 1); break;
+    default: U4P(1, 1); break;
+    }
+#undef U4P
+}
+
 #include "lowbit_gemm.h"

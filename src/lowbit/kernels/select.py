@@ -61,8 +61,9 @@ CODES_DIRECT_MAX_MACS = 1 << 21
 CONV_CODES_EXACT_K = 258
 
 
-#: Up to this many rows an INT4 layer with float32 activations runs lowbit's INT4 kernel of
-#: the ISA path (``"u4_avx2"``: codes unpacked in registers, FMA with the activations). It
+#: Up to this many rows an INT4 layer with float32 activations (``Int4Linear.int8_activations =
+#: False``) runs lowbit's INT4 kernel of the ISA path (``"u4_avx2"``: codes unpacked in
+#: registers, FMA with the activations; with int8 activations ``"u4q8_avx2"`` runs at every M). It
 #: decodes the weight once per 4 rows, so it beats dequantize + fp32 GEMM up to M ~ 64 (AVX2
 #: machine, 2 threads, g128, u4 vs dequantize + fp32, ms: 1024 -> 1024 M = 32 1.04 vs 2.21,
 #: M = 64 2.16 vs 2.91, M = 128 4.06 vs 3.91; 4096 -> 4096 M = 64 27 vs 71, M = 128 55 vs 102).
@@ -129,7 +130,8 @@ ISA_KERNELS: dict[str, tuple[str | None, str | None]] = {
 
 def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int = 0,
                   group_size: int | None = None, groups: int = 1, packable: bool = True,
-                  unit_stride: bool = False, device: str = "cpu") -> str:
+                  unit_stride: bool = False, device: str = "cpu",
+                  int8_activations: bool = False) -> str:
     """The kernel for one call, a deterministic function of the op and the shape.
 
     Args:
@@ -146,6 +148,9 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         unit_stride: for ``"int8_conv2d"`` with ``n`` (output channels) given: the width stride
             is 1, so with the C kernels a conv of at most :data:`CODES_DIRECT_MAX_MACS`
             multiply-adds (``m*n*k``) runs ``"fp32_codes_conv"`` on the direct C conv.
+        int8_activations: for ``"int4_weight_only"``: the layer may quantize its activations to
+            int8 per row and group (``Int4Linear.int8_activations``): on the C ISA paths
+            ``"u4q8_<isa>"`` then runs at every M (it is faster than FP32 at every M measured).
         device: the tensors' device type. Off the CPU (CUDA): ``"int_mm_s8s8"`` where
             ``torch._int_mm`` takes the shape there (M > 16, K and N multiples of 8), else
             ``"reference"`` (float64 over the codes: exact); weight-only layers dequantize and
@@ -154,7 +159,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
 
     Returns:
         One of ``"int_mm_s8s8"``, ``"s8_avx2"``, ``"s8_portable"``, ``"fp32_codes"``,
-        ``"fp32_codes_conv"``, ``"u4_avx2"``, ``"u4_portable"``, ``"int8pack_bf16"``,
+        ``"fp32_codes_conv"``, ``"u4q8_avx2"``, ``"u4q8_portable"``, ``"u4_avx2"``,
+        ``"u4_portable"``, ``"int8pack_bf16"``,
         ``"int4pack_bf16"``, ``"dequant_bf16"``, ``"dequant_fp32"``, ``"reference"``.
 
     Raises:
@@ -208,9 +214,12 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         return "int8pack_bf16" if fast else dequant
     if op == "int4_weight_only":
         u4 = None if torch_ops else ISA_KERNELS[selected_isa()][1]
-        if (u4 is not None and m <= U4_NATIVE_MAX_M and group_size is not None
-                and group_size % 32 == 0 and k % 32 == 0 and k % group_size == 0):
-            return u4  # lowbit's INT4 kernel of this ISA (float32 activations)
+        fits = (u4 is not None and group_size is not None and group_size % 32 == 0
+                and k % 32 == 0 and k % group_size == 0)
+        if fits and int8_activations:
+            return "u4q8_" + u4[3:]  # type: ignore[index]  # INT4 x INT8 panels, every M
+        if fits and m <= U4_NATIVE_MAX_M:
+            return u4  # type: ignore[return-value]  # lowbit's INT4 kernel, float32 activations
         packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
                     and k % group_size == 0)  # type: ignore[operator]
         max_m = INT4_PACKED_MAX_M if "bf16" in feats else INT4_PACKED_MAX_M_NO_BF16
