@@ -137,6 +137,35 @@ def test_int4_weight_only_mlp_matmul_nbits(tmp_path, monkeypatch) -> None:
     with torch.inference_mode():
         ref, out = qmodel(x), ort_model(x)
     assert float((ref - out).abs().max()) <= 1e-5 * float(ref.abs().max())
+    levels = {a.name: a.i for a in nbits[0].attribute if a.name == "accuracy_level"}
+    assert levels == {"accuracy_level": 0}  # float activations, as the eager kernel
+
+
+def test_int4_int8_activations_export_as_matmul_nbits_accuracy_level_4(tmp_path) -> None:
+    """With int8 activations (the default) the export asks ONNX Runtime for the same arithmetic
+    (``accuracy_level=4``: A quantized to int8 per block): one layer matches lowbit's INT4 x
+    INT8 kernel to float rounding where that kernel runs, and a whole MLP stays within the
+    documented activation-rounding tolerance of the reference."""
+    assert lowbit.Int4Linear.int8_activations
+    layer = lowbit.quantize_weight_only(nn.Sequential(nn.Linear(256, 512)).eval(), bits=4,
+                                        group_size=128)
+    (tmp_path / "layer").mkdir()
+    proto, ort_layer = _export(layer, torch.randn(1, 256), tmp_path / "layer" / "layer.onnx")
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert [{a.name: a.i for a in n.attribute}["accuracy_level"] for n in nbits] == [4]
+    x = torch.randn(17, 256)
+    with torch.inference_mode():
+        mine, out = layer(x), ort_layer(x)
+    if layer[0].kernel_info() == {"M>0": "u4q8_" + lowbit.native.selected_isa()}:
+        assert float((out - mine).abs().max()) <= 1e-5 * float(mine.abs().max())
+    model = MLP(in_features=256, hidden=(512, 128), num_classes=10).eval()
+    qmodel = lowbit.quantize_weight_only(model, bits=4, group_size=128)
+    (tmp_path / "mlp").mkdir()
+    _, ort_model = _export(qmodel, torch.randn(1, 256), tmp_path / "mlp" / "mlp.onnx")
+    with torch.inference_mode():
+        out = ort_model(x)
+        ref = lowbit.backends.set_backend(copy.deepcopy(qmodel), "reference")(x)
+    assert float((out - ref).abs().max()) <= 1e-2 * float(ref.abs().max())  # docs/backends.md
 
 
 class _Mixed(nn.Module):

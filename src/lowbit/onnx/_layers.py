@@ -191,6 +191,8 @@ class ExportNBits(nn.Module):
         self.k, self.n = layer.in_features, layer.out_features
         self.bits = 4 if layer.packed else 8
         self.block = block
+        # int8 activations per block in ONNX Runtime too, where lowbit's kernel takes them
+        self.accuracy_level = 4 if getattr(layer, "int8_activations", False) else 0
         shift = 2 ** (self.bits - 1) if layer.weight_spec.signed else 0
         codes = layer.codes().to(torch.int16)[:, : self.k] + shift  # [N, K] unsigned
         n, k = codes.shape
@@ -213,7 +215,8 @@ class ExportNBits(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = (x if x.dim() == 2 else x.reshape(-1, self.k)).float()
         y = torch.ops.lowbit_export.matmul_nbits(x2, self.b, self.scales, self.zp, self.bias,
-                                                 self.k, self.n, self.bits, self.block)
+                                                 self.k, self.n, self.bits, self.block,
+                                                 self.accuracy_level)
         return self.post(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
 
 

@@ -43,7 +43,8 @@ def _matmul_nbits_schema() -> onnx.defs.OpSchema:
         outputs=[p("Y", "T1")],
         type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
                           ("T3", ["tensor(uint8)"], "")],
-        attributes=[attr(name, int_attr, "") for name in ("K", "N", "bits", "block_size")])
+        attributes=[attr(name, int_attr, "")
+                    for name in ("K", "N", "bits", "block_size", "accuracy_level")])
 
 
 _MATMUL_NBITS = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
@@ -127,14 +128,15 @@ def _(x, w, w_zp, w_scale, bias, qmin, qmax, spec_qmin, spec_qmax, off, symmetri
 
 @torch.library.custom_op("lowbit_export::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor,
-                 bias: torch.Tensor | None, k: int, n: int, bits: int,
-                 block_size: int) -> torch.Tensor:
-    """``x [M, K]`` float -> float ``[M, N]`` (com.microsoft MatMulNBits)."""
+                 bias: torch.Tensor | None, k: int, n: int, bits: int, block_size: int,
+                 accuracy_level: int) -> torch.Tensor:
+    """``x [M, K]`` float -> float ``[M, N]`` (com.microsoft MatMulNBits; ``accuracy_level``
+    4: ONNX Runtime quantizes x to int8 per block, as lowbit's INT4 x INT8 kernel does)."""
     raise _export_only("matmul_nbits")
 
 
 @matmul_nbits.register_fake
-def _(x, b, scales, zp, bias, k, n, bits, block_size):
+def _(x, b, scales, zp, bias, k, n, bits, block_size, accuracy_level):
     return x.new_empty(x.shape[0], n)
 
 
@@ -253,8 +255,10 @@ def _dynamic_conv(x, w, w_zp, w_scale, bias, qmin: int, qmax: int, spec_qmin: in
     return y if bias is None else op.Add(y, op.Reshape(bias, bshape))
 
 
-def _matmul_nbits(x, b, scales, zp, bias, k: int, n: int, bits: int, block_size: int):
-    y = _MATMUL_NBITS(x, b, scales, zp, K=k, N=n, bits=bits, block_size=block_size)
+def _matmul_nbits(x, b, scales, zp, bias, k: int, n: int, bits: int, block_size: int,
+                  accuracy_level: int):
+    y = _MATMUL_NBITS(x, b, scales, zp, K=k, N=n, bits=bits, block_size=block_size,
+                      accuracy_level=accuracy_level)
     return y if bias is None else op.Add(y, bias)
 
 
