@@ -26,6 +26,14 @@ SMALL_LINEAR_MACS = 1 << 18
 SMALL_LINEAR_CODES = 1 << 14
 
 
+#: Where the INT8 GEMM is lowbit's own (``"s8_avx2"`` / ``"s8_portable"``: no VNNI) the one-call
+#: path's plain int8 dot products lose to it sooner (AVX2 machine, us, one call vs the GEMM
+#: path, 1 thread / 2 threads: 1x128 -> 10 8.7 vs 18.4 / 8.9 vs 17.9, 1x256 -> 256 17.1 vs 20.8
+#: / 13.3 vs 18.9, 32x64 -> 64 - / 20.0 vs 21.1, 1x1568 -> 128 33.1 vs 22.1 / 21.6 vs 22.0,
+#: 1x512 -> 512 42.2 vs 25.0 / 25.5 vs 21.3).
+SMALL_LINEAR_MACS_S8 = 1 << 17
+
+
 #: :func:`fused_int8_linear` runs layers of at least twice this many rows block by block.
 BLOCK_ROWS = 512
 
@@ -181,7 +189,8 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
-    if m * n * k <= SMALL_LINEAR_MACS and m * k <= SMALL_LINEAR_CODES:  # one call
+    small = SMALL_LINEAR_MACS_S8 if kernel.startswith("s8_") else SMALL_LINEAR_MACS
+    if m * n * k <= small and m * k <= SMALL_LINEAR_CODES:  # one call
         dynamic = scale is None  # (its codes and dynamic scales live on the C stack)
         out = torch.empty((m, n), dtype=x.dtype)
         lib.lb_linear_s8_small(x.data_ptr(), bf16, m, k, x.stride(0),
