@@ -336,10 +336,13 @@ def test_qat_layer_and_shared_inplace_relu_backward() -> None:
     assert wo.weight.dtype == torch.float32 and wo.in_features == 64
 
 
-def test_mha_out_proj_stays_float_and_reported() -> None:
-    """nn.MultiheadAttention passes out_proj.weight to its fused kernel: kept float."""
+def test_mha_projections_quantized_and_reported() -> None:
+    """nn.MultiheadAttention reads its in_proj_weight in one fused call: lowbit re-expresses it
+    with four Linear projections (lowbit.modules_mha), which are then quantized and reported."""
     model = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
     q = lowbit.quantize_dynamic(model)
     rows = {r.name: r for r in q.lowbit_report.rows}
-    assert rows["self_attn.out_proj"].status == "skipped"
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert rows[f"self_attn.{proj}"].status == "quantized"
+        assert type(getattr(q.self_attn, proj)).__name__ == "QuantizedLinear"
     assert type(q.linear1).__name__ == "QuantizedLinear"

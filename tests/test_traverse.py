@@ -256,10 +256,10 @@ def test_transformer_encoder_layers_work_under_no_grad_and_inference_mode() -> N
                                 enable_nested_tensor=False).eval()
     x = torch.randn(2, 5, 32)
     ref = enc(x).detach()
-    for q in (lowbit.quantize_dynamic(enc),
-              lowbit.quantize_weight_only(enc, bits=4, group_size=32)):
+    for q, bound in ((lowbit.quantize_dynamic(enc), 0.999),  # (INT4: attention projections
+                     (lowbit.quantize_weight_only(enc, bits=4, group_size=32), 0.995)):  # too)
         assert type(q.layers[0].linear1).__name__ != "Linear"
         for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode):
             with ctx():
                 y = q(x)
-            assert F.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.999
+            assert F.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > bound

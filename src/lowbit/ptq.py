@@ -32,6 +32,7 @@ from lowbit.modules import (
     WeightOnlyConv2d,
     convert_module,
 )
+from lowbit.modules_mha import expand_attention
 from lowbit.traverse import (
     Fusions,
     LayerPlan,
@@ -260,6 +261,7 @@ class PTQQuantizer(Quantizer):
         qmodel.eval()
 
         fusions = find_fusions(qmodel)
+        expand_attention(qmodel)  # nn.MultiheadAttention: its projections as Linear children
         plans = plan_layers(qmodel, cfg, self.fallback_layers, fusions)
         todo = {n: p for n, p in plans.items() if p.status == "quantized" and not p.shared_with}
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)

@@ -61,6 +61,7 @@ from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
 from lowbit.dropin import is_hf_conv1d, linear_from_conv1d
 from lowbit.fake_quantize import FakeQuantize
 from lowbit.modules import QuantizedConv2d, WeightOnlyConv2d, convert_module
+from lowbit.modules_mha import expand_attention
 from lowbit.modules_weight_only import _layout
 from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
@@ -466,6 +467,7 @@ class QATPreparer:
         check_eager_model(model, "prepare_for_qat")
         qat = _copy_model(model)
         fusions = find_fusions(qat)
+        expand_attention(qat)  # nn.MultiheadAttention: its projections as Linear children
         plans = plan_layers(qat, self.config.quantization, None, fusions)
         fused: set[str] = set()
         for name, plan in plans.items():

@@ -55,6 +55,7 @@ from lowbit.modules import (
     WeightOnlyConv2d,
     module_from_meta,
 )
+from lowbit.modules_mha import MultiheadAttentionLinears
 from lowbit.modules_rnn import MAX_RNN_LAYERS, QuantizedRNNBase, rnn_weight_shapes
 from lowbit.traverse import disable_fused_fast_paths
 
@@ -78,8 +79,13 @@ FORMAT_VERSION = 1
 MANIFEST_KEY = "lowbit"
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "lowbit.json"
-#: Structural replacements :func:`load` may apply (float module -> this module, no arguments).
-REPLACEMENTS: dict[str, type[nn.Module]] = {"Identity": nn.Identity}
+#: Structural replacements :func:`load` may apply (float module -> this module, built from the
+#: entry's checked ``config``: none for ``Identity``).
+REPLACEMENTS: dict[str, type[nn.Module]] = {
+    "Identity": nn.Identity, "MultiheadAttentionLinears": MultiheadAttentionLinears}
+#: The fields of a ``MultiheadAttentionLinears`` entry's ``config``.
+_MHA_FIELDS = {"embed_dim": int, "num_heads": int, "kdim": int, "vdim": int, "dropout": float,
+               "bias": bool, "batch_first": bool}
 #: Modules that exist only before conversion (QAT layers, fake-quantizers, calibrators).
 _UNSAVEABLE = ("lowbit.qat", "lowbit.fake_quantize", "lowbit.calibrators")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -142,6 +148,9 @@ def _module_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
             entries[name] = {"kind": "quantized", "meta": module.meta()}  # type: ignore[operator]
         elif type(module) is nn.Identity:
             entries[name] = {"kind": "replace", "class": "Identity"}
+        elif type(module) is MultiheadAttentionLinears:  # its (quantized) projections follow
+            entries[name] = {"kind": "replace", "class": "MultiheadAttentionLinears",
+                             "config": module.config()}
         elif type(module).__module__ in _UNSAVEABLE:
             raise ValueError(
                 f"lowbit.save: {name} ({type(module).__name__}) is not a saveable quantized "
@@ -607,6 +616,26 @@ def _check_lora(config: Mapping[str, Any], where: str) -> None:
     _field(config, "fused_gelu", (str, type(None)), where, optional=True)
 
 
+def _check_mha_config(config: Mapping[str, Any], where: str) -> None:
+    """A ``MultiheadAttentionLinears`` entry's constructor arguments: exactly the known fields,
+    sizes in range, the heads dividing the width."""
+    if set(config) != set(_MHA_FIELDS):
+        raise LoadError(f"{where}: config fields {sorted(config)!r:.200} must be "
+                        f"{sorted(_MHA_FIELDS)}; {_DAMAGED}")
+    for key, typ in _MHA_FIELDS.items():
+        value = config[key]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not typ:
+            raise LoadError(f"{where}: config field {key!r}={config[key]!r:.40} must be a "
+                            f"{typ.__name__}; {_DAMAGED}")
+        if typ is int and not 0 < value <= (1 << 20):
+            raise LoadError(f"{where}: config field {key!r}={value} is out of range; {_DAMAGED}")
+    if not 0.0 <= float(config["dropout"]) <= 1.0 or config["embed_dim"] % config["num_heads"]:
+        raise LoadError(f"{where}: config needs 0 <= dropout <= 1 and num_heads dividing "
+                        f"embed_dim; {_DAMAGED}")
+
+
 def _check_structure(manifest: Mapping[str, Any], where: Path) -> None:
     """Every field :func:`load` and :func:`describe` read, by type and range (no tensors)."""
     top = f"{where}: manifest"
@@ -634,6 +663,8 @@ def _check_structure(manifest: Mapping[str, Any], where: Path) -> None:
             if _field(entry, "class", str, here) not in REPLACEMENTS:
                 raise LoadError(f"{here}: replacement class {entry['class']!r:.40} is not one of "
                                 f"{sorted(REPLACEMENTS)}; {_DAMAGED}")
+            if entry["class"] == "MultiheadAttentionLinears":
+                _check_mha_config(_field(entry, "config", dict, here), here)
         elif kind == "shared":
             _field(entry, "of", str, here)
         else:
@@ -847,12 +878,21 @@ def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Pa
                                     f"from {entry.get('lora')!r}: {e}") from e
             built[name] = module
         elif kind == "replace" and entry.get("class") in REPLACEMENTS:
-            built[name] = REPLACEMENTS[entry["class"]]()
+            built[name] = REPLACEMENTS[entry["class"]](**entry.get("config", {}))
         elif kind == "shared" and entry.get("of") in built:
             built[name] = built[entry["of"]]
         else:
             raise LoadError(f"{where}: unknown module entry for {name!r}: {entry!r}")
+        owner = next((a for a in _ancestors(name) if a in built), None)
+        if owner is not None:  # inside another replacement (attention projections): goes in it
+            built[owner].set_submodule(name[len(owner) + 1:], built[name])
     return built
+
+
+def _ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b", "a"]`` (nearest first)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _expected_state(skeleton: nn.Module, built: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

@@ -473,14 +473,15 @@ def relu_modules_to_remove(fusions: Fusions, fused_layers: set[str]) -> set[str]
 
 def disable_fused_fast_paths(model: nn.Module) -> list[str]:
     """Turn off PyTorch's fused inference path of each ``nn.TransformerEncoderLayer`` whose
-    ``linear1`` / ``linear2`` lowbit replaced; the names of those layers.
+    ``linear1`` / ``linear2`` / ``self_attn`` lowbit replaced; the names of those layers.
 
     Under ``no_grad`` / ``inference_mode`` that path (``torch._transformer_encoder_layer_fwd``)
     reads ``linear1.weight`` as a float matrix and never calls the module, so it would fail on
     (or misuse) integer codes. The layer's own ``activation_relu_or_gelu`` flag is what the
     path checks; clearing it makes the layer run its modules one by one (the same maths, the
-    quantized kernels included). ``nn.TransformerEncoder`` reads the same flag of its first
-    layer before its nested-tensor path.
+    quantized kernels included). An ``nn.TransformerEncoder`` over such layers also stops
+    converting padded batches to nested tensors (``use_nested_tensor``), which the quantized
+    layers do not take.
 
     Example:
         >>> enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
@@ -491,9 +492,14 @@ def disable_fused_fast_paths(model: nn.Module) -> list[str]:
     done = []
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoderLayer) and not (
-                type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear):
+                type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear
+                and type(module.self_attn) is nn.MultiheadAttention):
             module.activation_relu_or_gelu = 0
             done.append(name)
+    for module in model.modules():  # its nested-tensor path hands nested tensors to the layers
+        if (isinstance(module, nn.TransformerEncoder) and len(module.layers)
+                and getattr(module.layers[0], "activation_relu_or_gelu", 1) == 0):
+            module.use_nested_tensor = False
     return done
 
 

@@ -191,8 +191,11 @@ class ExportNBits(nn.Module):
         self.k, self.n = layer.in_features, layer.out_features
         self.bits = 4 if layer.packed else 8
         self.block = block
-        # int8 activations per block in ONNX Runtime too, where lowbit's kernel takes them
-        self.accuracy_level = 4 if getattr(layer, "int8_activations", False) else 0
+        # int8 activations per block in ONNX Runtime too, where lowbit's INT4 x INT8 kernel
+        # takes them (Int4Linear.int8_activations; its layout needs groups of 32k)
+        group = layer.eff_spec.group_size if layer.eff_spec.granularity == "per_group" else 32
+        self.accuracy_level = 4 if (self.bits == 4 and getattr(layer, "int8_activations", False)
+                                    and group and group % 32 == 0) else 0
         shift = 2 ** (self.bits - 1) if layer.weight_spec.signed else 0
         codes = layer.codes().to(torch.int16)[:, : self.k] + shift  # [N, K] unsigned
         n, k = codes.shape
