@@ -155,6 +155,14 @@ def test_the_c_kernels_refuse_what_does_not_fit(lib) -> None:
                        torch.rand(5, 2), torch.zeros(5, 2, dtype=torch.int32), 32)
     with pytest.raises(RuntimeError, match="refused"):  # x has 64 columns, Kp is 32
         run_u4_linear(lib, x, (wq, s, z, 32, 32), None, False)
+    codes = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    wp, sp, zpp = u4p_pack(codes, True, torch.rand(5, 2), torch.zeros(5, 2, dtype=torch.int32), 32)
+    with pytest.raises(RuntimeError, match="refused"):  # x has 64 columns, Kp is 32
+        run_u4p_linear(lib, x, (wp, sp[:1], zpp[:1], 5, 32, 32), None, False)
+    with pytest.raises(ValueError, match="scales"):  # scales of another layer: never read past
+        run_u4p_linear(lib, x, (wp, sp[:1], zpp, 5, 64, 32), None, False)
+    with pytest.raises(ValueError, match="zero_points"):
+        run_u4p_linear(lib, x, (wp, sp, zpp.double(), 5, 64, 32), None, False)
 
 
 @pytest.mark.parametrize("m,k,n,g", [(1, 64, 3, 32), (3, 100, 17, 32), (4, 256, 64, 128),

@@ -200,6 +200,15 @@ def run_u4p_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | 
     if x.dtype != torch.float32 or x.dim() != 2:
         raise ValueError(f"run_u4p_linear: x must be float32 [M, K]; got {x.dtype} "
                          f"{tuple(x.shape)}")
+    cols = -(-n // 8) * 8  # the C kernel reads [Kp / group, cols] scales and zero-points
+    for name, t in (("scales", sc), ("zero_points", zp)):
+        if (t.dtype != torch.float32 or not t.is_contiguous() or group <= 0 or kp % group
+                or t.numel() != kp // group * cols):
+            raise ValueError(f"run_u4p_linear: {name} must be contiguous float32 "
+                             f"[Kp / group, ceil(N / 8) * 8] from u4p_pack; got {t.dtype} "
+                             f"{tuple(t.shape)} for N={n}, Kp={kp}, group={group}")
+    if wp.dtype != torch.uint8 or not wp.is_contiguous():
+        raise ValueError("run_u4p_linear: the packed weight must come from u4p_pack")
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
