@@ -464,3 +464,19 @@ def test_saved_files_honour_the_umask(tmp_path: Path, umask: int) -> None:
     for p in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "lowbit.json",
               tmp_path / "single.safetensors"):
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def test_int4_int8_activations_setting_is_saved_with_the_module(tmp_path) -> None:
+    """Int4Linear.int8_activations changes the numbers (int8 vs float activations on the
+    INT4 kernel): a module's own setting travels with the file."""
+    kwargs = {"in_features": 64, "hidden": [128], "num_classes": 4}
+    torch.manual_seed(0)
+    q = quantize_weight_only(MLP(**kwargs).eval(), bits=4, group_size=32)
+    q.layers[0].int8_activations = False
+    save(q, tmp_path / "m")
+    r = load(tmp_path / "m", model=MLP(**kwargs))
+    assert r.layers[0].int8_activations is False and r.layers[2].int8_activations is True
+    assert "int8_activations" not in r.layers[2].meta()
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        assert torch.equal(r(x), q(x))

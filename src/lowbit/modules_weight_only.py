@@ -309,8 +309,23 @@ class Int4Linear(_WeightOnlyLinear):
     """
 
     #: Whether lowbit's INT4 kernels (without VNNI) quantize the activations to int8 per row and
-    #: weight group (faster, every M) or keep them in float32 (closer to the reference).
+    #: weight group (faster, every M) or keep them in float32 (closer to the reference). Set on
+    #: one module, it is saved with it (``meta()``).
     int8_activations: bool = True
+
+    def _shape_meta(self) -> dict[str, Any]:
+        meta = super()._shape_meta()
+        if "int8_activations" in self.__dict__:  # set on this module: saved with it
+            meta["int8_activations"] = bool(self.__dict__["int8_activations"])
+        return meta
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> Int4Linear:
+        """An empty module of the shapes in ``meta`` (fill it with ``load_state_dict``)."""
+        layer = super().from_meta(meta)
+        if "int8_activations" in meta:
+            layer.int8_activations = bool(meta["int8_activations"])
+        return layer  # type: ignore[return-value]
 
     def _n_packed(self) -> int:
         """Rows of the packed cache: N rounded up to the packed op's multiple of 16."""

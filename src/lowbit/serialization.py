@@ -573,6 +573,7 @@ def _check_meta(meta: Mapping[str, Any], where: str, lora: bool) -> None:
         _dim(meta, "in_features", where)
         _dim(meta, "out_features", where)
     _field(meta, "fused_relu", bool, where, optional=True)
+    _field(meta, "int8_activations", bool, where, optional=True)
     if _field(meta, "fused_gelu", (str, type(None)), where, optional=True) not in (
             None, "none", "tanh"):
         raise LoadError(f"{where}: field 'fused_gelu' must be null, 'none' or 'tanh'; {_DAMAGED}")
