@@ -1,4 +1,6 @@
-"""Weight-only quantized modules: float activations, low-bit weights dequantized by the kernel.
+"""Weight-only quantized modules: float activations in and out, low-bit weights dequantized by the
+kernel (lowbit's INT4 kernel on CPUs without VNNI rounds the activations to int8 per weight group
+inside the call unless ``Int4Linear.int8_activations`` is False; see :class:`Int4Linear`).
 
 :class:`Int4Linear` (2..4 bits, packed two per byte), :class:`Int8WeightOnlyLinear` (5..8
 bits), :class:`QuantizedEmbedding` and :class:`WeightOnlyConv2d` / :class:`WeightOnlyConv1d`.
