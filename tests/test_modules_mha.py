@@ -206,3 +206,14 @@ def test_qat_trains_and_converts_the_projections() -> None:
     assert type(converted.att.q_proj).__name__ == "QuantizedLinear"
     with torch.inference_mode():
         assert _cos(converted(x), qat(x)) > 0.999
+
+
+def test_quantized_encoder_layer_traces_without_graph_breaks_and_exports() -> None:
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0).eval()
+    q = lowbit.quantize_dynamic(enc)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        assert torch._dynamo.explain(q)(x).graph_break_count == 0
+        exported = torch.export.export(q, (x,)).module()
+        torch.testing.assert_close(exported(x), q(x), rtol=1e-5, atol=1e-5)
