@@ -198,7 +198,9 @@ class _WeightOnlyLinear(_WeightOnly):
         return {"in_features": self.in_features, "out_features": self.out_features,
                 **self._w_meta()}
 
-    def _select_packed(self, m: int) -> str:
+    def _select_packed(self, m: int, int8_activations: bool | None = None) -> str:
+        """The kernel for ``m`` rows; ``int8_activations`` (INT4: ``Int4Linear``'s setting when
+        None) chooses between lowbit's INT4 kernels."""
         raise NotImplementedError
 
     def _select(self, m: int) -> str:
@@ -252,17 +254,18 @@ class _WeightOnlyLinear(_WeightOnly):
                                               self.fused_relu)
             return self._gelu(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
         kernel = self._select_packed(x2.shape[0])
-        if (kernel.startswith("u4q8_") and x2.device.type == "cpu"
-                and (lib := load_gemm(kernel[5:])) is not None):
-            y = run_u4p_linear(lib, x2.float(), self._u4_panels(), self.bias, self.fused_relu)
-            return self._gelu(y.reshape(*x.shape[:-1], self.out_features).to(x.dtype))
-        if (kernel.startswith("u4_") and (lib := load_gemm(kernel[3:])) is not None
-                and x2.device.type == "cpu"):
+        lowbit_int4 = kernel.startswith(("u4_", "u4q8_"))  # lowbit's INT4 kernels: "u4*_<isa>"
+        lib = (load_gemm(kernel.partition("_")[2]) if lowbit_int4 and x2.device.type == "cpu"
+               else None)
+        if lib is not None and kernel.startswith("u4q8_"):  # int8 activations (fused ReLU)
+            y = run_u4p_linear(lib, x2.float(), self._u4_panels(),  # type: ignore[attr-defined]
+                               self.bias, self.fused_relu)  # (M, N)
+        elif lib is not None:  # float32 activations (fused ReLU)
             y = run_u4_linear(lib, x2.float(), self._u4_rows(), self.bias,  # type: ignore[attr-defined]
                               self.fused_relu)  # (M, N)
         else:
-            if kernel.startswith("u4_"):
-                kernel = self._select_packed(U4_NATIVE_MAX_M + 1)
+            if lowbit_int4:  # no C library for it: what runs past its row limit
+                kernel = self._select_packed(U4_NATIVE_MAX_M + 1, int8_activations=False)
             if kernel == "dequant_fp32":  # the weight dequantized in one C pass (if available)
                 y = F.linear(x2.float(), self.dequantize_weight(), self.bias)
             else:
@@ -333,11 +336,12 @@ class Int4Linear(_WeightOnlyLinear):
         """Rows of the packed cache: N rounded up to the packed op's multiple of 16."""
         return -(-self.n // 16) * 16
 
-    def _select_packed(self, m: int) -> str:
+    def _select_packed(self, m: int, int8_activations: bool | None = None) -> str:
         g = self._group() if self.eff_spec.granularity != "per_tensor" else None
+        a8 = self.int8_activations if int8_activations is None else int8_activations
         return select_kernel("int4_weight_only", m, backend=self.backend, n=self._n_packed(),
                              device=self.qweight.device.type, k=self.kp, group_size=g,
-                             int8_activations=self.int8_activations)
+                             int8_activations=a8)
 
     def _u4_panels(self) -> tuple:
         """The weight in the INT4 x INT8 kernel's panel layout (built on first use, cached)."""
@@ -358,11 +362,8 @@ class Int4Linear(_WeightOnlyLinear):
     def _refresh_cache(self) -> None:
         super()._refresh_cache()
         self._packed = self._scales = self._u4 = self._u4p = None
-        g = self._group() if self.eff_spec.granularity != "per_tensor" else None
-        kernels = {select_kernel("int4_weight_only", m, backend=self.backend, n=self._n_packed(),
-                                 device=self.qweight.device.type, k=self.kp, group_size=g,
-                                 int8_activations=a)
-                   for m in (1, U4_NATIVE_MAX_M + 1) for a in (False, True)}
+        kernels = {self._select_packed(m, a) for m in (1, U4_NATIVE_MAX_M + 1)
+                   for a in (False, True)}
         if "int4pack_bf16" in kernels:  # (either setting of int8_activations)
             pad = self._n_packed() - self.n  # zero rows: their outputs are sliced off
             codes = F.pad(self.codes(), (0, 0, 0, pad))  # (Np, Kp)
@@ -394,7 +395,7 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     def _default_spec() -> QuantSpec:
         return QuantSpec.int8_weight()
 
-    def _select_packed(self, m: int) -> str:
+    def _select_packed(self, m: int, int8_activations: bool | None = None) -> str:
         s = self.weight_spec
         ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
         k16 = -(-self.kp // 16) * 16  # the packed cache's K (zero columns added)

@@ -126,21 +126,31 @@ def u4_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point: 
         >>> tuple(wq.shape), int(wq[0, 0] & 15) == int(codes[0, 0]) + 8
         ((2, 32), True)
     """
+    u, s, z = _u4_unsigned(codes, signed, scale, zero_point, group, "u4_pack")
+    n, kp = u.shape
+    u = u.reshape(n, kp // 32, 2, 16)
+    wq = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()  # (N, Kp/2)
+    return wq, s, z
+
+
+def _u4_unsigned(codes: torch.Tensor, signed: bool, scale: torch.Tensor,
+                 zero_point: torch.Tensor, group: int, caller: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The INT4 kernels' common operands: unsigned codes ``u`` uint8 ``[N, Kp]`` in [0, 15],
+    float32 scales and unsigned zero-points ``[N, Kp / group]`` (per-tensor ones repeated)."""
     n, kp = codes.shape
     if kp % 32 or group % 32 or kp % group:
-        raise ValueError(f"u4_pack: Kp={kp} and group={group} must be multiples of 32 "
+        raise ValueError(f"{caller}: Kp={kp} and group={group} must be multiples of 32 "
                          "(and group must divide Kp)")
     u = codes.to(torch.int32) + (8 if signed else 0)  # (N, Kp) in [0, 15]
     if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
-        raise ValueError("u4_pack: codes out of the 4-bit range")
-    u = u.to(torch.uint8).reshape(n, kp // 32, 2, 16)
-    wq = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()  # (N, Kp/2)
+        raise ValueError(f"{caller}: codes out of the 4-bit range")
     groups = kp // group
     s = scale.float().reshape(-1).expand(n * groups).reshape(n, groups).contiguous() \
         if scale.numel() == 1 else scale.float().reshape(n, groups).contiguous()
     z = (zero_point.to(torch.int32) + (8 if signed else 0)).float()
     z = (z.reshape(-1).expand(n * groups) if z.numel() == 1 else z).reshape(n, groups)
-    return wq, s, z.contiguous()
+    return u.to(torch.uint8), s, z.contiguous()
 
 
 def u4p_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -158,21 +168,13 @@ def u4p_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point:
         >>> wp.numel(), tuple(s.shape), int(wp[0] & 15) == int(codes[0, 0]) + 8
         (256, (2, 8), True)
     """
-    n, kp = codes.shape
-    if kp % 32 or group % 32 or kp % group:
-        raise ValueError(f"u4p_pack: Kp={kp} and group={group} must be multiples of 32 "
-                         "(and group must divide Kp)")
-    u = codes.to(torch.int32) + (8 if signed else 0)  # (N, Kp) in [0, 15]
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
-        raise ValueError("u4p_pack: codes out of the 4-bit range")
-    np8, groups = -(-n // 8), kp // group
-    u = F.pad(u.to(torch.uint8), (0, 0, 0, np8 * 8 - n))  # (Np, Kp), zero columns
-    u = u.reshape(np8, 8, kp // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [panel, pair, c, j, half]
+    u, s, z = _u4_unsigned(codes, signed, scale, zero_point, group, "u4p_pack")
+    n, kp = u.shape
+    pad = -n % 8  # zero columns up to whole panels
+    u = F.pad(u, (0, 0, 0, pad)).reshape(-1, 8, kp // 8, 2, 4)  # [panel, c, pair, half, j]
+    u = u.permute(0, 2, 1, 4, 3)  # [panel, pair, c, j, half]
     wp = (u[..., 0] | (u[..., 1] << 4)).contiguous().reshape(-1)
-    s = scale.float().reshape(-1).expand(n * groups) if scale.numel() == 1 else scale.float()
-    z = (zero_point.to(torch.int32) + (8 if signed else 0)).float()
-    z = z.reshape(-1).expand(n * groups) if z.numel() == 1 else z
-    s, z = (F.pad(t.reshape(n, groups), (0, 0, 0, np8 * 8 - n)).t().contiguous() for t in (s, z))
+    s, z = (F.pad(t, (0, 0, 0, pad)).t().contiguous() for t in (s, z))
     return wp, s, z
 
 
@@ -197,9 +199,6 @@ def run_u4p_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | 
         True
     """
     wp, sc, zp, n, kp, group = args
-    if x.dtype != torch.float32 or x.dim() != 2:
-        raise ValueError(f"run_u4p_linear: x must be float32 [M, K]; got {x.dtype} "
-                         f"{tuple(x.shape)}")
     cols = -(-n // 8) * 8  # the C kernel reads [Kp / group, cols] scales and zero-points
     for name, t in (("scales", sc), ("zero_points", zp)):
         if (t.dtype != torch.float32 or not t.is_contiguous() or group <= 0 or kp % group
@@ -209,18 +208,28 @@ def run_u4p_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | 
                              f"{tuple(t.shape)} for N={n}, Kp={kp}, group={group}")
     if wp.dtype != torch.uint8 or not wp.is_contiguous():
         raise ValueError("run_u4p_linear: the packed weight must come from u4p_pack")
+    return _u4_call(lib.lbk_u4p_linear, "run_u4p_linear", "lowbit INT4 x INT8 kernel", lib, x,
+                    wp, n, kp, group, sc, zp, bias, relu)
+
+
+def _u4_call(fn: Any, caller: str, what: str, lib: Any, x: torch.Tensor, packed: torch.Tensor,
+             n: int, kp: int, group: int, scales: torch.Tensor, zero_points: torch.Tensor,
+             bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """One call of an INT4 C entry point (``lbk_u4_linear`` / ``lbk_u4p_linear``: the same
+    arguments); the C side bounds-checks ``x`` and ``y`` against their extents."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"{caller}: x must be float32 [M, K]; got {x.dtype} {tuple(x.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
     y = torch.empty((m, n))
-    rc = lib.lbk_u4p_linear(x.data_ptr(), m, k, x.stride(0), _extent(x) // 4, wp.data_ptr(),
-                            wp.numel(), n, kp, group, sc.data_ptr(), zp.data_ptr(),
-                            None if bias is None else bias.data_ptr(), int(relu), y.data_ptr(),
-                            y.numel(), torch.get_num_threads())
+    rc = fn(x.data_ptr(), m, k, x.stride(0), _extent(x) // 4, packed.data_ptr(),
+            packed.numel(), n, kp, group, scales.data_ptr(), zero_points.data_ptr(),
+            None if bias is None else bias.data_ptr(), int(relu), y.data_ptr(), y.numel(),
+            torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"lowbit INT4 x INT8 kernel ({lib.lbk_isa().decode()}) refused its "
-                           f"arguments (code {rc}): x {tuple(x.shape)}, N={n}, Kp={kp}, "
-                           f"group={group}")
+        raise RuntimeError(f"{what} ({lib.lbk_isa().decode()}) refused its arguments (code "
+                           f"{rc}): x {tuple(x.shape)}, N={n}, Kp={kp}, group={group}")
     return y
 
 
@@ -240,20 +249,5 @@ def run_u4_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | N
         True
     """
     wq, sc, zp, kp, group = args
-    if x.dtype != torch.float32 or x.dim() != 2:
-        raise ValueError(f"run_u4_linear: x must be float32 [M, K]; got {x.dtype} "
-                         f"{tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = wq.shape[0]
-    y = torch.empty((m, n))
-    rc = lib.lbk_u4_linear(x.data_ptr(), m, k, x.stride(0), _extent(x) // 4, wq.data_ptr(),
-                           wq.numel(), n, kp, group, sc.data_ptr(), zp.data_ptr(),
-                           None if bias is None else bias.data_ptr(), int(relu), y.data_ptr(),
-                           y.numel(), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"lowbit INT4 kernel ({lib.lbk_isa().decode()}) refused its "
-                           f"arguments (code {rc}): x {tuple(x.shape)}, N={n}, Kp={kp}, "
-                           f"group={group}")
-    return y
+    return _u4_call(lib.lbk_u4_linear, "run_u4_linear", "lowbit INT4 kernel", lib, x, wq,
+                    wq.shape[0], kp, group, sc, zp, bias, relu)
