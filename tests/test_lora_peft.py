@@ -75,7 +75,8 @@ def _conv1d_as_linear(model: nn.Module) -> nn.Module:
 
 
 def _dequantized_twin(model: nn.Module) -> nn.Module:
-    """Float copy with every quantized linear (adapter bases too) as nn.Linear(W_hat)."""
+    """Float copy with every quantized linear (adapter bases too) as nn.Linear(W_hat), and
+    the GELU fused into it (if any) after it."""
     twin = copy.deepcopy(model)
     for name, m in list(twin.named_modules()):
         if isinstance(m, LORA_BASES):
@@ -85,7 +86,9 @@ def _dequantized_twin(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     fl.bias.copy_(m.bias)
             fl.requires_grad_(False)
-            twin.set_submodule(name, fl)
+            gelu = getattr(m, "fused_gelu", None)  # a GELU the quantized layer runs itself
+            twin.set_submodule(name, fl if gelu is None else nn.Sequential(
+                fl, nn.GELU(approximate=gelu)))
     return twin
 
 

@@ -286,3 +286,47 @@ def test_exact_false_keeps_int8_weights_and_opset_21(tmp_path) -> None:
     # u8 x s8 kernels saturate int16 pair sums on x86 without VNNI (cosine ~0.98 on AVX2)
     assert out.shape == ref.shape
     assert float(torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), 0)) > 0.9
+
+
+def _worst_case_linear() -> tuple[nn.Module, torch.Tensor]:
+    """A Linear whose INT8 codes are all +-127 and inputs whose codes hit the ends of their
+    range with the weights' signs: the largest int16 pair sums u8 x s8 kernels can meet."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    signs = torch.randint(0, 2, (32, 64)).float() * 2 - 1
+    with torch.no_grad():
+        layer.weight.copy_(signs * 0.05)
+    x = signs[:8].clone() * 3.0  # rows aligned with the first 8 output channels' signs
+    x[:, 0] = -6.0  # one large entry per row: most codes land near +-half the range
+    return nn.Sequential(layer, nn.ReLU()).eval(), torch.cat([x, -x, torch.randn(48, 64)])
+
+
+_SEVEN_BIT = {
+    "dynamic_per_token": QuantizationConfig.int8_dynamic(activation_bits=7),
+    "dynamic_affine_per_tensor": QuantizationConfig(
+        weights=QuantSpec.int8_weight(), mode="dynamic",
+        activations=QuantSpec(bits=7, symmetric=False, granularity="per_tensor")),
+    "static": QuantizationConfig(
+        weights=QuantSpec.int8_weight(), mode="static",
+        activations=QuantSpec(bits=7, symmetric=False, granularity="per_tensor")),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(_SEVEN_BIT))
+def test_seven_bit_activations_export_int8_weights_exactly(scheme, tmp_path) -> None:
+    """7-bit activation codes become uint8 ``q - qmin`` in [0, 127], so int8 weights (ONNX
+    Runtime's fast u8 x s8 kernels) give exact sums even at the largest pair sums, with the
+    default ``exact=True``."""
+    model, x = _worst_case_linear()
+    q = lowbit.PTQQuantizer(_SEVEN_BIT[scheme]).quantize(model, [x])
+    assert int(q[0].qweight.abs().max()) == 127
+    proto, ort_model = _export(q, x[:2], tmp_path / f"{scheme}.onnx")
+    weights = [i for i in proto.graph.initializer if len(i.dims) == 2]
+    assert [w.data_type for w in weights] == [onnx.TensorProto.INT8]  # u8 x s8 kernels
+    with torch.inference_mode():
+        ref, out = q(x), ort_model(x)
+    if scheme == "static":  # QDQ divides where lowbit multiplies by 1 / scale: a step at most
+        _assert_close(ref, out)
+        assert "QGemm" in _fused_ops(tmp_path / f"{scheme}.onnx", tmp_path)
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

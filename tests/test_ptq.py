@@ -450,6 +450,49 @@ def test_gelu_fusion_keeps_the_tanh_approximation_and_leaves_other_gelus() -> No
     assert seq[0].fused_gelu == "none" and isinstance(seq[1], nn.Identity)
 
 
+def _hf_model(kind: str) -> tuple[nn.Module, str, str]:
+    """A transformers model built offline from a config (torch.fx cannot trace either whole),
+    with the names of its first FFN input layer and the GELU module after it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64)
+        ffn = "encoder.layer.0.intermediate"
+        return transformers.BertModel(cfg).eval(), f"{ffn}.dense", f"{ffn}.intermediate_act_fn"
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2,
+                                  activation_function="gelu_pytorch_tanh")
+    return transformers.GPT2Model(cfg).eval(), "h.0.mlp.c_fc", "h.0.mlp.act"
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+@pytest.mark.parametrize("method", ["dynamic", "int4"])
+def test_transformers_gelu_activation_fuses_without_fx(kind: str, method: str,
+                                                       tmp_path) -> None:
+    """transformers' GELUActivation / GELUTanh after a Linear (GPT-2: its Conv1D) runs inside
+    the quantized layer although fx cannot trace the whole model: same values as the module
+    run on its own, saved and loaded with the layer; the float model keeps its GELUs."""
+    model, layer, act = _hf_model(kind)
+    q = (quantize_dynamic(model) if method == "dynamic"
+         else quantize_weight_only(model, bits=4, group_size=32))
+    approximate = "none" if kind == "bert" else "tanh"
+    fused = [n for n, m in q.named_modules() if getattr(m, "fused_gelu", None) == approximate]
+    assert len(fused) == 2 and layer in fused and isinstance(q.get_submodule(act), nn.Identity)
+    assert type(model.get_submodule(act)).__name__ != "Identity"
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.inference_mode():
+        y = q(ids).last_hidden_state
+        unfused = copy.deepcopy(q)
+        for name in fused:
+            unfused = _unfused_gelu(unfused, name, act.replace(layer.rsplit(".", 2)[0],
+                                                               name.rsplit(".", 2)[0]))
+        assert torch.equal(unfused(ids).last_hidden_state, y)
+        save(q, tmp_path / "q")
+        back = load(tmp_path / "q", model=_hf_model(kind)[0])
+        assert back.get_submodule(layer).fused_gelu == approximate
+        assert torch.equal(back.eval()(ids).last_hidden_state, y)
+
+
 def test_fused_gelu_is_validated() -> None:
     q = quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     with pytest.raises(ValueError, match="fuses one activation; it already has fused_relu"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import QuantizationConfig
+from lowbit.ptq import quantize_dynamic
 from lowbit.traverse import FUNCTIONAL_RELU, find_fusions, fold_batchnorm, plan_layers
 
 
@@ -263,3 +264,95 @@ def test_transformer_encoder_layers_work_under_no_grad_and_inference_mode() -> N
             with ctx():
                 y = q(x)
             assert F.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > bound
+
+
+class _Block(nn.Module):
+    """A straight-line submodule: fc -> GELU, and fc_shared whose output has two users."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+        self.fc_shared, self.act2 = nn.Linear(4, 4), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc(x))
+        y = self.fc_shared(h)
+        return self.act2(y) + y  # y is used twice: its GELU cannot run in place
+
+
+class _Branchy(nn.Module):
+    """fc -> GELU, but fc's raw output is also kept where fx leaves no node: in the branch
+    ``keep is None`` (fx traces ``keep`` as a proxy, so it follows the other side silently)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.fc(x)
+        if keep is None:
+            self.last = y
+        return self.act(y)
+
+
+class _Stores(nn.Module):
+    """Straight-line, but ``self.last = y`` keeps fc's raw output (no fx node either)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(4, 4), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        self.last = y
+        return self.act(y)
+
+
+class _UntraceableWithBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.branchy, self.stores = _Block(), _Branchy(), _Stores()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stores(self.branchy(self.block(x)))
+        if x.sum() > 0:  # data-dependent control flow defeats torch.fx for the whole model
+            x = x * 2
+        return self.head(x)
+
+
+def test_untraceable_model_fuses_inside_straight_line_submodules() -> None:
+    f = find_fusions(_UntraceableWithBlocks())
+    assert f.method == "module_order"
+    assert "submodules whose own forward traces" in f.note
+    # not fc_shared (two users), not branchy / stores (a use fx cannot see)
+    assert f.gelu_after == {"block.fc": "block.act"}
+    model = _UntraceableWithBlocks().eval()
+    q = quantize_dynamic(model)
+    x = torch.randn(3, 4)
+    assert q.block.fc.fused_gelu == "none" and q.branchy.fc.fused_gelu is None
+    q.branchy(x)
+    assert torch.equal(q.branchy.last, q.branchy.fc(x))  # the raw output, not GELU'd
+    assert torch.allclose(q(x), model(x), atol=0.05)
+
+
+def test_a_submodule_layer_registered_twice_does_not_fuse() -> None:
+    model = _UntraceableWithBlocks()
+    model.other = model.block.fc  # another forward could call it
+    assert find_fusions(model).gelu_after == {}
+
+
+def test_transformers_gelus_fuse_only_in_their_exact_forms() -> None:
+    transformers = pytest.importorskip("transformers")
+    from lowbit.traverse import gelu_approximate
+
+    act = transformers.activations
+    assert gelu_approximate(act.GELUActivation()) == "none"
+    assert gelu_approximate(act.ACT2FN["gelu_pytorch_tanh"]) == "tanh"
+    # written-out formulas round differently from F.gelu: never fused
+    assert gelu_approximate(act.GELUActivation(use_gelu_python=True)) is None
+    assert gelu_approximate(act.ACT2FN["gelu_new"]) is None
+    assert gelu_approximate(act.ACT2FN["gelu_fast"]) is None
+    patched = act.GELUActivation()
+    patched.forward = lambda x: x  # an instance-level forward (e.g. a user's patch)
+    assert gelu_approximate(patched) is None

@@ -41,6 +41,7 @@ from lowbit.traverse import (
     find_fusions,
     fold_batchnorm,
     fusable_maxpool,
+    gelu_approximate,
     plan_layers,
     relu_modules_to_remove,
 )
@@ -367,8 +368,9 @@ def _fuse_maxpools(qmodel: nn.Module, fusions: Fusions, todo: dict[str, LayerPla
 
 
 def _fuse_gelus(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> None:
-    """Run each ``nn.GELU`` that directly and only consumes a quantized Linear's output inside
-    that layer (in place on its fresh output), and make the GELU module ``Identity``.
+    """Run each GELU module (``nn.GELU``, transformers' ``GELUActivation``) that directly and
+    only consumes a quantized Linear's output inside that layer (in place on its fresh
+    output), and make the GELU module ``Identity``.
 
     Same op on the same values, so the result does not change; what goes is one
     activation-sized tensor per call (25 MB for a 4,096-token FFN at width 1,536), which under
@@ -381,8 +383,7 @@ def _fuse_gelus(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> None:
         if not isinstance(layer, linear) or layer.fused_relu:
             plan.fused_gelu = None
             continue
-        gelu = qmodel.get_submodule(plan.fused_gelu)
-        layer.fused_gelu = gelu.approximate
+        layer.fused_gelu = gelu_approximate(qmodel.get_submodule(plan.fused_gelu))
         qmodel.set_submodule(plan.fused_gelu, nn.Identity())
 
 

@@ -1,8 +1,9 @@
 """Model traversal: which layers to quantize, how, and which neighbours fuse into them.
 
-* :func:`find_fusions` finds Conv/Linear -> BatchNorm -> ReLU chains with ``torch.fx`` when the
-  model traces, and falls back to the order of children inside ``nn.Sequential`` containers
-  (where registration order is execution order) when it does not, saying so in ``note``.
+* :func:`find_fusions` finds Conv/Linear -> BatchNorm -> ReLU / GELU chains with ``torch.fx``
+  when the model traces; when it does not, it falls back to the order of children inside
+  ``nn.Sequential`` containers (where registration order is execution order) and to tracing
+  each branch-free submodule on its own (most transformers blocks), saying so in ``note``.
 * :func:`fold_bn_weights` / :func:`fold_batchnorm` fold an eval-mode BatchNorm into the layer
   before it (exact up to float rounding).
 * :func:`plan_layers` resolves the per-layer config (skip lists, overrides, FP32 fallback) and
@@ -11,9 +12,13 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import fnmatch
+import functools
+import inspect
 import logging
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 
@@ -38,6 +43,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_bn_weights",
     "fusable_maxpool",
+    "gelu_approximate",
     "plan_layers",
 ]
 
@@ -117,9 +123,56 @@ def _is_relu_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | N
     return None
 
 
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx`` tracer that keeps GELU modules and transformers' ``Conv1D`` whole (they are
+    not ``torch.nn`` classes, so the default tracer would trace into them); ``shallow`` keeps
+    every child whole, so only the root's own forward is traced."""
+
+    def __init__(self, shallow: bool = False) -> None:
+        super().__init__()
+        self.shallow = shallow
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (self.shallow or gelu_approximate(m) is not None or is_hf_conv1d(m)
+                or super().is_leaf_module(m, module_qualified_name))
+
+
+#: transformers' activation classes that compute exactly ``F.gelu`` (``self.act(input)``).
+_HF_GELUS = ("GELUActivation", "GELUTanh", "PytorchGELUTanh")
+
+
+def gelu_approximate(module: nn.Module | None) -> str | None:
+    """The ``approximate`` mode (``"none"`` / ``"tanh"``) when ``module`` computes exactly
+    ``F.gelu(x, approximate=...)``: an ``nn.GELU``, or transformers' ``GELUActivation`` /
+    ``GELUTanh`` in their default (C) form; else None. Python-formula GELUs (``gelu_new``,
+    ``gelu_python``) round differently, so they never fuse.
+
+    Example:
+        >>> gelu_approximate(nn.GELU("tanh")), gelu_approximate(nn.ReLU())
+        ('tanh', None)
+    """
+    if isinstance(module, nn.GELU):
+        return module.approximate
+    cls = type(module)
+    if (module is None or cls.__name__ not in _HF_GELUS
+            or not cls.__module__.startswith("transformers.")
+            or "forward" in vars(module) or cls.forward.__qualname__ != f"{cls.__name__}.forward"):
+        return None
+    act = vars(module).get("act")
+    if act is F.gelu:
+        return "none"
+    if (isinstance(act, functools.partial) and act.func is F.gelu and not act.args
+            and act.keywords == {"approximate": "tanh"}):
+        return "tanh"
+    return None
+
+
 def _fx_fusions(model: nn.Module) -> Fusions:
-    graph = torch.fx.symbolic_trace(model).graph
-    modules = dict(model.named_modules())
+    return _graph_fusions(_Tracer().trace(model), dict(model.named_modules()))
+
+
+def _graph_fusions(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> Fusions:
+    """Fusions in one traced graph; ``modules`` maps its ``call_module`` targets."""
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -128,9 +181,14 @@ def _fx_fusions(model: nn.Module) -> Fusions:
     fusions.relu_uses = {k: v for k, v in calls.items() if isinstance(modules.get(k), nn.ReLU)}
     for node in graph.nodes:
         name = str(node.target)
-        if node.op != "call_module" or not isinstance(modules.get(name), WEIGHTED_LAYERS):
+        if node.op != "call_module" or calls[name] != 1:  # called twice: cannot absorb one
             continue
-        if calls[name] != 1:  # a layer called twice cannot absorb one BN/ReLU
+        if is_hf_conv1d(modules.get(name)):  # GPT-2's Linear: a GELU after it fuses
+            users = list(node.users)
+            if len(users) == 1 and _fusable_gelu(modules[name], users[0], modules, calls):
+                fusions.gelu_after[name] = str(users[0].target)
+            continue
+        if not isinstance(modules.get(name), WEIGHTED_LAYERS):
             continue
         tail = node
         users = list(tail.users)
@@ -159,10 +217,10 @@ def _fx_fusions(model: nn.Module) -> Fusions:
 
 def _fusable_gelu(layer: nn.Module, node: torch.fx.Node, modules: dict[str, nn.Module],
                   calls: dict[str, int]) -> bool:
-    """``node`` calls an ``nn.GELU`` module once, on a Linear's output (a GELU is not
+    """``node`` calls a GELU module once, on a Linear's output (a GELU is not
     idempotent, so unlike ReLU only a module the fusion can replace by ``Identity`` fuses)."""
-    return (isinstance(layer, nn.Linear) and node.op == "call_module"
-            and isinstance(modules.get(str(node.target)), nn.GELU)
+    return ((isinstance(layer, nn.Linear) or is_hf_conv1d(layer)) and node.op == "call_module"
+            and gelu_approximate(modules.get(str(node.target))) is not None
             and calls.get(str(node.target)) == 1 and len(node.args) == 1 and not node.kwargs)
 
 
@@ -206,8 +264,8 @@ def _order_fusions(model: nn.Module, note: str) -> Fusions:
                 fusions.relu_uses[relu_name] = 1
                 j += 1
             elif (j < len(children) and isinstance(child, nn.Linear)
-                  and isinstance(children[j][1], nn.GELU) and _registered_once(model,
-                                                                               children[j][1])):
+                  and gelu_approximate(children[j][1]) is not None
+                  and _registered_once(model, children[j][1])):
                 fusions.gelu_after[prefix + child_name] = prefix + children[j][0]
                 continue
             if j < len(children) and fusable_maxpool(children[j][1]) and _registered_once(
@@ -242,10 +300,71 @@ def find_fusions(model: nn.Module) -> Fusions:
         fusions = _fx_fusions(model)
     except Exception as exc:  # fx raises many types for untraceable code
         note = f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); " \
-               "fusions found from nn.Sequential order only"
+               "fusions found from nn.Sequential order and in submodules whose own forward " \
+               "traces"
         log.info(note)
         fusions = _order_fusions(model, note.splitlines()[0])
+        _add_submodule_fusions(model, fusions)
     return _drop_hooked(model, fusions)
+
+
+def _straight_line(module: nn.Module) -> bool:
+    """``module``'s forward has no branch or loop and stores only into local names, so its
+    traced graph is all of its dataflow (fx follows one side of an ``if x is None`` test
+    silently, and ``self.cache = y`` leaves no node: either could hide another use of an
+    output the fusion changes)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    flow = (ast.If, ast.IfExp, ast.For, ast.AsyncFor, ast.While, ast.Try, ast.With,
+            ast.AsyncWith, ast.Match, ast.comprehension, ast.BoolOp, ast.Lambda, ast.Global,
+            ast.Nonlocal, ast.Yield, ast.YieldFrom, ast.NamedExpr, ast.Delete)
+    for node in ast.walk(tree):
+        if isinstance(node, flow):
+            return False
+        targets = (node.targets if isinstance(node, ast.Assign) else [node.target]
+                   if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        stores = [n for t in targets for n in ast.walk(t)
+                  if isinstance(getattr(n, "ctx", None), ast.Store)]
+        if not all(isinstance(n, (ast.Name, ast.Tuple, ast.List, ast.Starred)) for n in stores):
+            return False  # self.x = ..., d[k] = ...
+    return True
+
+
+def _add_submodule_fusions(model: nn.Module, fusions: Fusions) -> None:
+    """Fusions inside submodules whose own forward traces (most transformers blocks do even
+    when the whole model does not, e.g. ``BertIntermediate``: ``dense`` then
+    ``intermediate_act_fn``): each submodule with a weighted child and a branch-free forward
+    is traced with its children kept whole. A fusion counts only when the layer and what fuses
+    into it are registered once in the whole model, so no other forward can call them."""
+    tables = ("bn_for", "relu_after", "gelu_after", "pool_after")
+    taken = {n for t in tables for n in getattr(fusions, t)}
+    for parent_name, parent in model.named_modules():
+        if (parent is model or isinstance(parent, nn.Sequential)
+                or not any(isinstance(c, WEIGHTED_LAYERS) or is_hf_conv1d(c)
+                           for c in parent.children())
+                or not _straight_line(parent)):
+            continue
+        try:
+            graph = _Tracer(shallow=True).trace(parent)
+        except Exception:  # fx raises many types; this submodule keeps its ops
+            continue
+        local = _graph_fusions(graph, dict(parent.named_modules()))
+        prefix = f"{parent_name}." if parent_name else ""
+        for layer in {n for t in tables for n in getattr(local, t)} - taken:
+            fused = [getattr(local, t)[layer] for t in tables if layer in getattr(local, t)]
+            if not all(_registered_once(model, parent.get_submodule(n))
+                       for n in (layer, *fused) if n != FUNCTIONAL_RELU):
+                continue
+            for t in tables:
+                if layer in getattr(local, t):
+                    value = getattr(local, t)[layer]
+                    getattr(fusions, t)[prefix + layer] = (
+                        value if value == FUNCTIONAL_RELU else prefix + value)
+            relu = local.relu_after.get(layer)
+            if relu is not None and relu != FUNCTIONAL_RELU:
+                fusions.relu_uses[prefix + relu] = local.relu_uses.get(relu, 0)
 
 
 def _drop_hooked(model: nn.Module, fusions: Fusions) -> Fusions:

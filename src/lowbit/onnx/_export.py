@@ -239,7 +239,10 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
             Runtime runs u8 x u8 integer kernels whose int32 sums are exact on every CPU. False
             keeps int8 weights as ONNX Runtime's own quantizer does: its u8 x s8 kernels are
             ~1.5x faster, exact on CPUs with VNNI, but on x86 CPUs without VNNI (AVX2 only)
-            they saturate int16 pair sums, which moves some outputs.
+            they saturate int16 pair sums, which moves some outputs. Layers with 7-bit
+            activations (``QuantizationConfig.int8_dynamic(activation_bits=7)``) get int8
+            weights either way: their activation codes fit in [0, 127], where the u8 x s8
+            kernels are exact on every CPU, so they are exact and fastest.
 
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker``).

@@ -2,7 +2,8 @@
 
 :func:`export_layer` reads a quantized module's buffers (never changing them) and returns a
 small module whose ``forward`` calls one op of :mod:`lowbit.onnx._ops` on tensors already in
-the ONNX layout (uint8 codes ``w + 128`` for the exact u8 x u8 integer kernels, ``[K, N]``
+the ONNX layout (uint8 codes ``w + 128`` for the exact u8 x u8 integer kernels, or int8 ones
+where the activations fit in 7 bits, ``[K, N]``
 weights for ``MatMulInteger``, packed nibbles for ``MatMulNBits``, int32 bias for QDQ) and
 runs the parts torch exports as-is (reshapes, padding, fused ReLU / GELU / max-pool) in torch.
 """
@@ -44,6 +45,20 @@ def _u8(codes: torch.Tensor) -> torch.Tensor:
     return (codes.to(torch.int16) + 128).to(torch.uint8)
 
 
+def _s8_weights(layer: QuantizedLinear | QuantizedConv2d, exact: bool) -> bool:
+    """Whether an INT8 x INT8 layer exports int8 weights (ONNX Runtime's u8 x s8 kernels)
+    rather than uint8 ``w + 128`` (u8 x u8 kernels: exact on every CPU, slower).
+
+    Activations become uint8 ``q - qmin``. The u8 x s8 kernels add int16 pair sums, which
+    saturate on x86 CPUs without VNNI unless the activation codes fit in [0, 127] (7-bit
+    activations: ``2 * 127 * 128 < 2**15``): linears with such activations take int8 weights
+    even when ``exact``.
+    """
+    if layer.qweight.dtype != torch.int8:
+        return False
+    return not exact or (layer._qmax - layer._qmin <= 127 and isinstance(layer, QuantizedLinear))
+
+
 class _Epilogue(nn.Module):
     """Fused ReLU / GELU / max-pool of a quantized layer, run in torch (exported as is)."""
 
@@ -69,10 +84,10 @@ class _Int8(nn.Module):
     def __init__(self, layer: QuantizedLinear | QuantizedConv2d, exact: bool = True) -> None:
         super().__init__()
         self.post = _Epilogue(layer)
-        # uint8 weights + 128 (u8 x u8 kernels, exact) or the int8 codes (u8 x s8, fastest)
-        codes = _u8 if exact else (lambda t: t.to(torch.int8).clone())
         spec, self.mode = layer.act_spec, layer.mode
         self.qmin, self.qmax, self.off = layer._qmin, layer._qmax, layer._act_off
+        self.s8_weights = _s8_weights(layer, exact)
+        codes = (lambda t: t.to(torch.int8).clone()) if self.s8_weights else _u8
         self.spec_qmin, self.spec_qmax = spec.qmin, spec.qmax
         self.symmetric, self.per_token = spec.symmetric, spec.granularity == "per_token"
         w = layer.qweight.detach()
@@ -92,13 +107,13 @@ class _Int8(nn.Module):
 
     def _static(self, layer: nn.Module, w: torch.Tensor, w_scale: torch.Tensor,
                 w_zp: torch.Tensor) -> None:
-        """Standard QDQ: uint8 activations (zero-point + 128), per-channel weights (codes as
-        chosen by ``exact``) and an int32 bias at scale ``s_x * s_w`` (a float bias when that
-        would overflow int32)."""
+        """Standard QDQ: uint8 activations (zero-point ``- qmin``), per-channel weights (codes
+        as chosen by ``exact`` and the activation bits) and an int32 bias at scale
+        ``s_x * s_w`` (a float bias when that would overflow int32)."""
         s_x = layer.input_scale.detach().float().reshape(())
         zp = int(layer.input_zero_point) + self.off  # signed-equivalent
         self.register_buffer("x_scale", s_x.clone())
-        self.register_buffer("x_zp", torch.tensor(zp + 128, dtype=torch.uint8))
+        self.register_buffer("x_zp", torch.tensor(zp - self.qmin, dtype=torch.uint8))
         bits = layer.act_spec.bits
         self.x_range = [] if bits >= 8 else [float((self.qmin - zp) * s_x),
                                              float((self.qmax - zp) * s_x)]
@@ -269,9 +284,11 @@ class ExportDequant(nn.Module):
 def export_layer(layer: nn.Module, exact: bool = True) -> nn.Module | None:
     """The export stand-in of a lowbit quantized layer, or None for any other module.
 
-    ``exact``: INT8 x INT8 layers keep uint8 weights ``w + 128`` (u8 x u8 integer kernels:
-    exact int32 sums on every CPU) rather than the int8 codes (u8 x s8: ONNX Runtime's
-    fastest kernels, whose int16 pair sums saturate on x86 CPUs without VNNI).
+    ``exact``: INT8 x INT8 layers with 8-bit activations keep uint8 weights ``w + 128`` (u8 x
+    u8 integer kernels: exact int32 sums on every CPU) rather than the int8 codes (u8 x s8:
+    ONNX Runtime's fastest kernels, whose int16 pair sums saturate on x86 CPUs without VNNI).
+    Layers with activations of 7 bits or fewer always get int8 weights: their uint8 codes
+    ``q - qmin`` stay in ``[0, 127]``, where the u8 x s8 kernels are exact too.
 
     Example:
         >>> from lowbit import QuantizationConfig

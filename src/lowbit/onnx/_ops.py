@@ -63,7 +63,8 @@ def dynamic_linear(x: torch.Tensor, w: torch.Tensor, w_zp: torch.Tensor, w_scale
                    bias: torch.Tensor | None, colsum: torch.Tensor, qmin: int, qmax: int,
                    spec_qmin: int, spec_qmax: int, off: int, per_token: bool,
                    symmetric: bool) -> torch.Tensor:
-    """``x [M, K]`` float, ``w [K, N]`` codes (uint8 + 128, or int8) -> float ``[M, N]``."""
+    """``x [M, K]`` float, ``w [K, N]`` codes (uint8 + 128, or int8) -> float ``[M, N]``;
+    the activations become uint8 codes ``q - qmin``."""
     raise _export_only("dynamic_linear")
 
 
@@ -147,12 +148,13 @@ def _ints(values: Sequence[int]) -> object:
 
 def _quantize_dynamic(x, per_token: bool, symmetric: bool, qmin: int, qmax: int,
                       spec_qmin: int, spec_qmax: int, off: int):
-    """uint8 codes ``q + 128`` of float ``x`` with lowbit's dynamic qparams.
+    """uint8 codes ``q - qmin`` of float ``x`` with lowbit's dynamic qparams (``q + 128`` for
+    8-bit codes, ``q + 64`` in ``[0, 127]`` for 7-bit ones).
 
     Returns ``(codes uint8 like x, scale [M, 1] or [], zero_point)``: the zero-point is None for
-    symmetric activations (the codes then carry 128), else the float signed zero-point.
+    symmetric activations (the codes then carry ``-qmin``), else the float signed zero-point.
     Symmetric: ``scale = max(max|x| / qmax, eps)``, then ``QuantizeLinear`` of
-    ``x * (1 / scale)`` with unit scale and zero-point 128 (saturation is never reached:
+    ``x * (1 / scale)`` with unit scale and zero-point ``-qmin`` (saturation is never reached:
     ``|x / scale| <= qmax``). Affine: lowbit's ``choose_qparams`` and
     ``clamp(round(x * (1 / scale)) + zp, qmin, qmax)`` written out in standard ops.
     """
@@ -164,8 +166,8 @@ def _quantize_dynamic(x, per_token: bool, symmetric: bool, qmin: int, qmax: int,
         if not per_token:
             scale = op.Reshape(scale, _ints([]))
         # x * (1 / scale) as lowbit rounds it (QuantizeLinear divides: a code apart on ties)
-        codes = op.QuantizeLinear(op.Mul(x, op.Reciprocal(scale)),
-                                  op.Constant(value_float=1.0), op.Constant(value=_u8_scalar(128)))
+        codes = op.QuantizeLinear(op.Mul(x, op.Reciprocal(scale)), op.Constant(value_float=1.0),
+                                  op.Constant(value=_u8_scalar(-qmin)))
         return codes, scale, None
     zero = op.Constant(value_float=0.0)
     lo = op.Min(op.ReduceMin(x, axes, keepdims=1), zero)
@@ -178,7 +180,7 @@ def _quantize_dynamic(x, per_token: bool, symmetric: bool, qmin: int, qmax: int,
     zp = op.Add(zp, op.Constant(value_float=float(off)))  # signed-equivalent zero-point
     q = op.Clip(op.Add(op.Round(op.Mul(x, op.Reciprocal(scale))), zp),
                 op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
-    codes = op.Cast(op.Add(q, op.Constant(value_float=128.0)), to=_UINT8)
+    codes = op.Cast(op.Add(q, op.Constant(value_float=float(-qmin))), to=_UINT8)
     if not per_token:
         scale, zp = op.Reshape(scale, _ints([])), op.Reshape(zp, _ints([]))
     return codes, scale, zp
@@ -192,7 +194,7 @@ def _dynamic_linear(x, w, w_zp, w_scale, bias, colsum, qmin: int, qmax: int, spe
                     spec_qmax: int, off: int, per_token: bool, symmetric: bool):
     codes, scale, zp = _quantize_dynamic(x, per_token, symmetric, qmin, qmax, spec_qmin,
                                          spec_qmax, off)
-    acc = op.MatMulInteger(codes, w, op.Constant(value=_u8_scalar(128)), w_zp)  # [M, N] int32
+    acc = op.MatMulInteger(codes, w, op.Constant(value=_u8_scalar(-qmin)), w_zp)  # [M, N] int32
     if zp is not None:  # sum_k (q - zp)(w - w_zp) = acc - zp * colsum
         acc = op.Sub(acc, op.Mul(op.Cast(zp, to=_INT32), colsum))
     y = op.Mul(op.Mul(op.Cast(acc, to=_FLOAT), w_scale), scale)
@@ -242,8 +244,8 @@ def _dynamic_conv(x, w, w_zp, w_scale, bias, qmin: int, qmax: int, spec_qmin: in
                   groups: int):
     codes, scale, zp = _quantize_dynamic(x, False, symmetric, qmin, qmax, spec_qmin, spec_qmax,
                                          off)
-    zp_u8 = (op.Constant(value=_u8_scalar(128)) if zp is None
-             else op.Cast(op.Add(zp, op.Constant(value_float=128.0)), to=_UINT8))
+    zp_u8 = (op.Constant(value=_u8_scalar(-qmin)) if zp is None
+             else op.Cast(op.Add(zp, op.Constant(value_float=float(-qmin))), to=_UINT8))
     attrs = _conv_attrs(stride, padding, dilation, groups)
     bshape = _ints([-1] + [1] * len(stride))  # [O, 1, (1)]
     if integer:  # ConvInteger pads with the zero-point: zero padding stays exact
