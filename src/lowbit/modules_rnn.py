@@ -7,7 +7,11 @@ row of the stacked gate matrices), activations (``x_t`` and ``h_{t-1}``) quantiz
 with one symmetric scale per token, i.e. per time step and sequence (torch.ao uses one scale
 per tensor). The input projection of all time steps is one GEMM; then the recurrence runs step
 by step in float32, with the float module's exact semantics (layers, directions,
-``batch_first``, ``proj_size``, initial states, packed and unbatched inputs).
+``batch_first``, ``proj_size``, initial states, packed and unbatched inputs). On lowbit's C ISA
+paths the whole recurrence of a layer direction is one C call (``lbk_rnn_scan``: the same exact
+INT8 GEMM per step, the gates with a vectorized exp), which saves ~25 us of op dispatch per
+step; the PyTorch loop (``backend="reference"``, other paths, ``proj_size``) agrees with it to
+float rounding.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from lowbit.kernels import (
     native_lib_for,
     quantize_activation,
     run_fused_linear,
+    run_rnn_scan,
+    s8_packed,
     select_kernel,
 )
+from lowbit.native import load_gemm
 from lowbit.ops import dequantize
 
 __all__ = ["MAX_RNN_LAYERS", "RNN_TYPES", "QuantizedGRU", "QuantizedLSTM", "QuantizedRNNBase",
@@ -449,6 +456,26 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def _scan_native(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]],
+                     h: torch.Tensor, c: torch.Tensor | None, backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """The recurrence in one C call (:func:`~lowbit.kernels.run_rnn_scan`) where the
+        hidden GEMM runs on a C ISA path, else None (the PyTorch loop runs)."""
+        w, scale, _, bias, _, fusable = self._mats[f"weight_hh{sfx}"]
+        if (not fusable or backend != "auto" or self.proj_size or not spans
+                or native_lib_for(gx, h) is None):
+            return None
+        kernel = select_kernel("int8_linear", h.shape[0], backend=backend, k=w.shape[1],
+                               n=w.shape[0], device=h.device.type)
+        lib = load_gemm(kernel[3:]) if kernel.startswith("s8_") else None
+        packed = s8_packed(w, lib) if lib is not None else None
+        if packed is None or not (gx.is_contiguous() and h.is_contiguous()
+                                  and (c is None or c.is_contiguous())):
+            return None
+        out = run_rnn_scan(lib, self._kind, gx, spans, h, c, packed, scale, bias, self._qmin,
+                           self._qmax)
+        return out, h, c
+
     def extra_repr(self) -> str:
         proj = f", proj_size={self.proj_size}" if self.proj_size else ""
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
@@ -477,6 +504,8 @@ class QuantizedLSTM(QuantizedRNNBase):
               c: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         assert c is not None
+        if (native := self._scan_native(gx, sfx, spans, h, c, backend)) is not None:
+            return native
         hid = self.hidden_size
         out = gx.new_empty((gx.shape[0], h.shape[1]))
         hh, hr = f"weight_hh{sfx}", f"weight_hr{sfx}" if self.proj_size else None
@@ -516,6 +545,8 @@ class QuantizedGRU(QuantizedRNNBase):
     def _scan(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]], h: torch.Tensor,
               c: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        if (native := self._scan_native(gx, sfx, spans, h, c, backend)) is not None:
+            return native
         hid = self.hidden_size
         out = gx.new_empty((gx.shape[0], hid))
         hh = f"weight_hh{sfx}"

@@ -87,6 +87,8 @@ _GEMM_SIGNATURES = {
     "lbk_u4p_bytes": (_I64, [_I64, _I64]),
     "lbk_u4p_linear": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P,
                               _P, _INT, _P, _I64, _INT]),
+    "lbk_rnn_scan": (_INT, [_INT, _P, _I64, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _INT,
+                            _I32, _I32, _P, _INT]),
 }
 #: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
 #: the /proc/cpuinfo flags it needs; VNNI is read by ``lowbit.kernels.cpu_features``).
@@ -234,9 +236,10 @@ def _cpu_key() -> str:
 
 
 #: Flags of the per-ISA GEMM libraries, before each ISA's own (no -march=native: an ISA
-#: library runs on every CPU that has its ISA).
+#: library runs on every CPU that has its ISA). -fno-trapping-math lets the compiler vectorize
+#: float compares (the RNN gates' clamps); no value changes (lowbit never reads FP exceptions).
 _ISA_BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing", "-fno-math-errno",
-                   "-fPIC", "-shared"]
+                   "-fno-trapping-math", "-fPIC", "-shared"]
 
 
 def _build(cc: str, source: Path = _SOURCE, flags: list[str] | None = None,

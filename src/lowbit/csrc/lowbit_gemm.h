@@ -545,3 +545,126 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
             u4p_row_float(x + i * ldx, k, wp, n, kp, g, sT, zT, bias, relu, y + i * n);
     return LB_OK;
 }
+
+/* ---------------------------------------------------------------- LSTM / GRU recurrence */
+
+/* exp(x) for the gates, written so the compiler vectorizes it (Cephes' expf: Cody-Waite
+ * reduction by ln 2 and a degree-6 polynomial, about 1 ulp; PyTorch's Sleef exp is also about
+ * 1 ulp, so the two differ in the last bit now and then). */
+static inline float gate_exp(float x) {
+    x = x < -87.0f ? -87.0f : x; /* NaN stays NaN */
+    x = x > 88.0f ? 88.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest (|t| < 2^22) */
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float gate_sigmoid(float x) { return 1.0f / (1.0f + gate_exp(-x)); }
+
+/* tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7; the gates only ever use it absolutely) */
+static inline float gate_tanh(float x) { return 2.0f / (1.0f + gate_exp(-2.0f * x)) - 1.0f; }
+
+/* LSTM gates of one row: g [4 hid] (the hidden GEMM) + x (the input projection), c updated
+ * in place, h written to y. FUSED (constant): a + b * c in one rounding, as torch.addcmul. */
+static inline __attribute__((always_inline)) void lstm_gates(const float *restrict g,
+                                                             const float *restrict x,
+                                                             int64_t hid, float *restrict c,
+                                                             float *restrict y,
+                                                             const int FUSED) {
+#pragma omp simd
+    for (int64_t j = 0; j < hid; ++j) {
+        const float si = gate_sigmoid(g[j] + x[j]);
+        const float sf = gate_sigmoid(g[hid + j] + x[hid + j]);
+        const float tg = gate_tanh(g[2 * hid + j] + x[2 * hid + j]);
+        const float so = gate_sigmoid(g[3 * hid + j] + x[3 * hid + j]);
+        const float fc = sf * c[j];
+        const float cn = FUSED ? fmaf(si, tg, fc) : fc + si * tg;
+        c[j] = cn;
+        y[j] = so * gate_tanh(cn);
+    }
+}
+
+/* GRU gates of one row: g [3 hid] (the hidden GEMM, with its bias) and x (the input
+ * projection), h the previous state; the new state written to y. */
+static inline __attribute__((always_inline)) void gru_gates(const float *restrict g,
+                                                            const float *restrict x,
+                                                            int64_t hid,
+                                                            const float *restrict h,
+                                                            float *restrict y,
+                                                            const int FUSED) {
+#pragma omp simd
+    for (int64_t j = 0; j < hid; ++j) {
+        const float r = gate_sigmoid(g[j] + x[j]);
+        const float z = gate_sigmoid(g[hid + j] + x[hid + j]);
+        const float nn = gate_tanh(FUSED ? fmaf(r, g[2 * hid + j], x[2 * hid + j])
+                                         : x[2 * hid + j] + r * g[2 * hid + j]);
+        const float d = h[j] - nn;
+        y[j] = FUSED ? fmaf(z, d, nn) : nn + z * d;
+    }
+}
+
+/* One direction of one LSTM (kind 0) or GRU (kind 1) layer over packed time-major steps, the
+ * whole recurrence in one call (the Python loop costs ~25 us of op dispatch per step).
+ *
+ * spans [nsteps][2]: step t reads rows o .. o + b of gx [rows, G * hid] (the input projection
+ * with its bias, G = 4 for LSTM / 3 for GRU) and writes them in out [rows, hid]; it updates
+ * the first b of the batch rows of h [batch, hid] (and c, LSTM). Each step's hidden GEMM is
+ * lbk_s8_linear on h (dynamic per-row codes in [qmin, qmax], the packed weight [G * hid, hid],
+ * w_scale sw, bias: exact, the layer's own GEMM); the gates then follow nn.LSTM / nn.GRU:
+ *   LSTM: g = hh + gx; c = s(f) c + s(i) tanh(g); h = s(o) tanh(c)
+ *   GRU:  r, z = s(hh_rz + gx_rz); n = tanh(gx_n + r hh_n); h = n + z (h - n)
+ * Returns LB_OK, LB_EARG (nothing written) or LB_ENOMEM. */
+int lbk_rnn_scan(int kind, const float *gx, int64_t rows, int64_t hid, const int64_t *spans,
+                 int64_t nsteps, float *h, float *c, int64_t batch, const int8_t *wpack,
+                 int64_t wpack_bytes, const float *sw, const float *bias, int fused,
+                 int32_t qmin, int32_t qmax, float *out, int nthreads) {
+    if ((kind != 0 && kind != 1) || rows < 0 || hid <= 0 || hid > (1LL << 24) || nsteps < 0 ||
+        batch <= 0 || batch > (1LL << 24) || nthreads < 1 || !gx || !h || !wpack || !sw ||
+        !out || !spans || (kind == 0 && !c))
+        return LB_EARG;
+    const int64_t G = kind == 0 ? 4 : 3, n = G * hid;
+    if (wpack_bytes != lbk_s8_packed_bytes(n, hid))
+        return LB_EARG;
+    for (int64_t t = 0; t < nsteps; ++t) {
+        const int64_t o = spans[2 * t], b = spans[2 * t + 1];
+        if (o < 0 || b < 1 || b > batch || o > rows - b)
+            return LB_EARG;
+    }
+    float *gates = (float *)malloc((size_t)(batch * n + batch) * sizeof(float));
+    if (!gates)
+        return LB_ENOMEM;
+    float *scale = gates + batch * n;
+    int status = LB_OK;
+    for (int64_t t = 0; t < nsteps && status == LB_OK; ++t) {
+        const int64_t o = spans[2 * t], b = spans[2 * t + 1];
+        status = lbk_s8_linear(h, 0, b, hid, hid, b * hid * 4, scale, 1, 1, NULL, qmin, qmax,
+                               wpack, wpack_bytes, n, NULL, sw, bias, 0, fused, gates, 0,
+                               b * n * 4, nthreads);
+        for (int64_t r = 0; r < b && status == LB_OK; ++r) {
+            const float *x = gx + (o + r) * n;
+            float *yr = out + (o + r) * hid;
+            if (kind == 0 && fused)
+                lstm_gates(gates + r * n, x, hid, c + r * hid, yr, 1);
+            else if (kind == 0)
+                lstm_gates(gates + r * n, x, hid, c + r * hid, yr, 0);
+            else if (fused)
+                gru_gates(gates + r * n, x, hid, h + r * hid, yr, 1);
+            else
+                gru_gates(gates + r * n, x, hid, h + r * hid, yr, 0);
+            memcpy(h + r * hid, yr, (size_t)hid * sizeof(float));
+        }
+    }
+    free(gates);
+    return status;
+}

@@ -45,6 +45,7 @@ from lowbit.kernels.gemm import (  # noqa: F401
 from lowbit.kernels.isa import (  # noqa: F401
     _s8_acc,
     _s8_call,
+    run_rnn_scan,
     run_u4_linear,
     run_u4p_linear,
     s8_acc,

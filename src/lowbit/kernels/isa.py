@@ -251,3 +251,53 @@ def run_u4_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | N
     wq, sc, zp, kp, group = args
     return _u4_call(lib.lbk_u4_linear, "run_u4_linear", "lowbit INT4 kernel", lib, x, wq,
                     wq.shape[0], kp, group, sc, zp, bias, relu)
+
+
+def run_rnn_scan(lib: Any, kind: str, gx: torch.Tensor, spans: list[tuple[int, int]],
+                 h: torch.Tensor, c: torch.Tensor | None, packed: torch.Tensor,
+                 w_scale: torch.Tensor, bias: torch.Tensor | None, qmin: int,
+                 qmax: int) -> torch.Tensor:
+    """One LSTM / GRU layer direction's whole recurrence in one ``lbk_rnn_scan`` call.
+
+    ``gx [rows, G * hid]``: the input projection of every step (its bias included); ``spans``:
+    ``(first row, batch rows)`` per step in order; ``h`` / ``c [batch, hid]`` are updated in
+    place (the first ``b`` rows at a step of ``b``). Returns ``out [rows, hid]``. Each step's
+    hidden GEMM is the exact INT8 kernel (the layer's dynamic per-row codes); the gates use C's
+    vectorized exp, so outputs agree with the PyTorch loop to float rounding (documented in
+    ``docs/backends.md``), not bit for bit.
+
+    Example:
+        >>> lib = load_gemm("portable")
+        >>> w = torch.randint(-127, 128, (12, 3), dtype=torch.int8)  # GRU: 3 gates x hid 3
+        >>> h = torch.zeros(1, 3)
+        >>> out = lib and run_rnn_scan(lib, "GRU", torch.randn(2, 9), [(0, 1), (1, 1)], h,
+        ...                            None, s8_packed(w[:9], lib), torch.ones(9), None, -128, 127)
+        >>> out is None or (tuple(out.shape), torch.equal(out[1], h[0]))
+        True
+    """
+    gates = {"LSTM": 4, "GRU": 3}[kind]
+    hid = h.shape[1]
+    rows = gx.shape[0] if gx.dim() == 2 else -1
+    for name, t, shape in (("gx", gx, (rows, gates * hid)), ("h", h, (h.shape[0], hid)),
+                           ("c", c, (h.shape[0], hid)), ("w_scale", w_scale, (gates * hid,)),
+                           ("bias", bias, (gates * hid,))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape
+                              or not t.is_contiguous()):
+            raise ValueError(f"lowbit RNN scan: {name} must be a contiguous float32 tensor of "
+                             f"shape {shape}; got {t.dtype} {tuple(t.shape)}")
+    if kind == "LSTM" and c is None:
+        raise ValueError("lowbit RNN scan: an LSTM needs its cell state c")
+    if packed.dtype != torch.int8 or not packed.is_contiguous():
+        raise ValueError("lowbit RNN scan: the packed weight must come from s8_packed")
+    out = torch.empty((rows, hid))
+    span_t = torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)
+    rc = lib.lbk_rnn_scan(0 if kind == "LSTM" else 1, gx.data_ptr(), rows, hid,
+                          span_t.data_ptr(), span_t.shape[0], h.data_ptr(),
+                          None if c is None else c.data_ptr(), h.shape[0], packed.data_ptr(),
+                          packed.numel(), w_scale.data_ptr(),
+                          None if bias is None else bias.data_ptr(), int(addcmul_fma()), qmin,
+                          qmax, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"lowbit RNN scan ({lib.lbk_isa().decode()}) refused its arguments "
+                           f"(code {rc}): gx {tuple(gx.shape)}, h {tuple(h.shape)}")
+    return out
