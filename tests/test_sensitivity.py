@@ -155,3 +155,19 @@ def test_fused_gelu_is_applied_once() -> None:
                               progress=False)
     ffn_in = next(r for r in rep.rows if r.name == "ffn_in")
     assert ffn_in.cosine > 0.9999 and isinstance(model.act, nn.GELU)  # twice: 0.9986
+
+
+def test_auto_fallback_to_another_config_gives_mixed_precision(trap) -> None:
+    """``fallback_config``: the most sensitive layer gets that config (here dynamic per-token
+    INT8) instead of FP32; the others keep the main config."""
+    model, calib, agreement = trap
+    dynamic = QuantizationConfig.int8_dynamic()
+    with pytest.warns(UserWarning, match=r"still above budget .* in dynamic fallback \(\['2'\]"):
+        qmodel, fallback = auto_fallback(model, PER_TENSOR_STATIC, agreement, calib,
+                                         budget=0.0, progress=False, max_fallback=1,
+                                         fallback_config=dynamic)
+    assert fallback == ["2"] and qmodel.lowbit_report.fp32 == []
+    assert [qmodel[i].mode for i in (0, 2, 4, 6)] == ["static", "dynamic", "static", "static"]
+    assert qmodel.lowbit_fallback["config"] == dynamic.to_dict()
+    with pytest.raises(TypeError, match="fallback_config must be a QuantizationConfig"):
+        auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, fallback_config="int8")

@@ -87,8 +87,8 @@ _GEMM_SIGNATURES = {
     "lbk_u4p_bytes": (_I64, [_I64, _I64]),
     "lbk_u4p_linear": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P,
                               _P, _INT, _P, _I64, _INT]),
-    "lbk_rnn_scan": (_INT, [_INT, _P, _I64, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _INT,
-                            _I32, _I32, _P, _INT]),
+    "lbk_rnn_scan": (_INT, [_INT, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _I64, _P, _I64,
+                            _P, _P, _INT, _I32, _I32, _P, _I64, _INT]),
 }
 #: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
 #: the /proc/cpuinfo flags it needs; VNNI is read by ``lowbit.kernels.cpu_features``).

@@ -262,8 +262,10 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     return SensitivityReport(rows, baseline, quantized_metric, metric_name, skipped)
 
 
-def _with_fp32(config: QuantizationConfig, names: Iterable[str]) -> QuantizationConfig:
-    overrides: dict[str, QuantizationConfig | None] = {n: None for n in names}
+def _with_fp32(config: QuantizationConfig, names: Iterable[str],
+               fallback: QuantizationConfig | None = None) -> QuantizationConfig:
+    """``config`` with ``names`` overridden to ``fallback`` (None: FP32)."""
+    overrides: dict[str, QuantizationConfig | None] = {n: fallback for n in names}
     overrides.update({k: v for k, v in config.layer_overrides.items() if k not in overrides})
     return replace(config, layer_overrides=overrides)
 
@@ -271,12 +273,16 @@ def _with_fp32(config: QuantizationConfig, names: Iterable[str]) -> Quantization
 def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: EvalFn,
                   calibration_data: Iterable[Any] | None = None, budget: float = 1.0, *,
                   sensitivity: SensitivityReport | None = None, progress: bool = True,
-                  max_fallback: int | None = None) -> tuple[nn.Module, list[str]]:
+                  max_fallback: int | None = None,
+                  fallback_config: QuantizationConfig | None = None
+                  ) -> tuple[nn.Module, list[str]]:
     """Quantize ``model``, keeping its most sensitive layers in FP32 until the drop fits a budget.
 
     Layers are added to FP32 greedily, most sensitive first (from ``sensitivity`` or a fresh
     :func:`analyze_sensitivity`), each step re-quantizing with
     ``layer_overrides={name: None, ...}``, until ``eval_fn(float) - eval_fn(quantized) <= budget``.
+    With ``fallback_config`` the fallback layers get that config instead of FP32: mixed
+    precision, e.g. INT4 weights with the most sensitive layers in INT8.
 
     Args:
         model: the float model (not modified).
@@ -287,15 +293,20 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         sensitivity: a report to reuse; computed when ``None``.
         progress: progress bars.
         max_fallback: keep at most this many layers in FP32 (default: no limit).
+        fallback_config: the config of the fallback layers (default None: FP32), e.g.
+            ``QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None,
+            mode="weight_only")`` for an INT4 model; the sensitivity order still comes from
+            ``config``.
 
     Returns:
         ``(quantized_model, fallback_layers)``; the model's ``lowbit_report`` shows the fallback
-        layers as ``"fp32 (requested)"``, and ``model.lowbit_fallback`` records the budget,
-        baseline and final drop. If the budget cannot be met, a warning says so and the
-        model with the most fallback layers tried is returned.
+        layers as ``"fp32 (requested)"`` (or quantized with ``fallback_config``), and
+        ``model.lowbit_fallback`` records the budget, baseline, final drop and fallback
+        config. If the budget cannot be met, a warning says so and the model with the most
+        fallback layers tried is returned.
 
     Raises:
-        ValueError: ``budget < 0``.
+        ValueError: ``budget < 0``. TypeError: a ``fallback_config`` that is not a config.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -314,10 +325,14 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         raise ValueError(f"auto_fallback: budget={budget} must be >= 0 (the largest acceptable "
                          "drop of eval_fn, e.g. 1.0 accuracy point)")
     config = config or QuantizationConfig.int8_dynamic()
+    if fallback_config is not None and not isinstance(fallback_config, QuantizationConfig):
+        raise TypeError(f"auto_fallback: fallback_config must be a QuantizationConfig or None "
+                        f"(FP32), got {type(fallback_config).__name__}")
+    where = "FP32" if fallback_config is None else f"{fallback_config.mode} fallback"
     calibration_data = _replayable(calibration_data)
 
     def quantize(fallback: list[str]) -> nn.Module:
-        cfg = _with_fp32(config, fallback) if fallback else config
+        cfg = _with_fp32(config, fallback, fallback_config) if fallback else config
         return PTQQuantizer(cfg, progress=False).quantize(model, calibration_data)
 
     baseline = float(eval_fn(model))
@@ -335,14 +350,16 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
             fallback.append(name)
             qmodel = quantize(fallback)
             drop = baseline - float(eval_fn(qmodel))
-            log.info("auto_fallback: %s in FP32 -> drop %.4f (budget %.4f)", fallback, drop,
-                     budget)
+            log.info("auto_fallback: %s in %s -> drop %.4f (budget %.4f)", fallback, where,
+                     drop, budget)
             if drop <= budget:
                 break
         if drop > budget:
             warnings.warn(f"auto_fallback: drop {drop:.4f} is still above budget {budget} with "
-                          f"{len(fallback)} layer(s) in FP32 ({fallback}); returning that model",
-                          stacklevel=2)
+                          f"{len(fallback)} layer(s) in {where} ({fallback}); returning that "
+                          "model", stacklevel=2)
     qmodel.lowbit_fallback = {"layers": list(fallback), "budget": budget,
-                              "baseline": baseline, "drop": drop}
+                              "baseline": baseline, "drop": drop,
+                              "config": None if fallback_config is None
+                              else fallback_config.to_dict()}
     return qmodel, fallback

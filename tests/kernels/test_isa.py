@@ -401,3 +401,45 @@ def test_weight_only_batch_one_reads_strided_inputs_as_they_are(bits: int, layou
     x = {"expanded": base[:1, :1].expand(1, k), "strided": base[:1, ::2],
          "sliced_rows": base[1:2, k:]}[layout]
     assert torch.equal(q(x), q(x.contiguous()))
+
+
+@needs_c
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from([0, 1]), hid=st.integers(1, 12), batch=st.integers(1, 3),
+       steps=st.integers(0, 4), extra_rows=st.integers(0, 2), bad_span=st.booleans(),
+       short=st.sampled_from(["", "gx", "state", "out"]))
+def test_fuzz_rnn_scan_checks_every_span_and_extent(kind: int, hid: int, batch: int, steps: int,
+                                                    extra_rows: int, bad_span: bool,
+                                                    short: str) -> None:
+    """Raw lbk_rnn_scan calls with buffers of exactly the claimed sizes: it runs the recurrence
+    or refuses (LB_EARG, nothing written) when a span leaves gx / out or the batch, or a buffer
+    is one float short; never reading past them."""
+    lib = native.load_gemm(C_PATHS[0])
+    g = torch.Generator().manual_seed(kind * 1000 + hid * 37 + batch * 5 + steps)
+    gates = 4 if kind == 0 else 3
+    spans = [(t * batch, batch) for t in range(steps)]
+    rows = steps * batch + extra_rows
+    if bad_span and spans:
+        spans[-1] = (rows - batch + 1, batch)  # one row past the end of gx / out
+    cut = {name: int(short == name) for name in ("gx", "state", "out")}
+    gx = torch.randn(max(rows * gates * hid - cut["gx"], 0), generator=g)
+    h = torch.randn(max(batch * hid - cut["state"], 0), generator=g)
+    c = torch.randn(max(batch * hid - cut["state"], 0), generator=g)
+    out = torch.full((max(rows * hid - cut["out"], 0),), 7.0)
+    w = torch.randint(-127, 128, (gates * hid, hid), dtype=torch.int8, generator=g)
+    packed = s8_packed(w, lib)
+    span_t = torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)
+    rc = lib.lbk_rnn_scan(kind, gx.data_ptr(), gx.numel(), rows, hid, span_t.data_ptr(),
+                          span_t.shape[0], h.data_ptr(), c.data_ptr(), h.numel(), batch,
+                          packed.data_ptr(), packed.numel(), torch.full((gates * hid,), 0.01)
+                          .data_ptr(), None, 0, -128, 127, out.data_ptr(), out.numel(), 1)
+    # a cut shortens a buffer only where the shapes need one (no rows: gx and out are empty)
+    bad = short == "state" or (short and rows > 0) or (bad_span and steps > 0)
+    assert rc == (-1 if bad else 0)
+    if bad:
+        assert bool((out == 7.0).all())  # nothing written
+    elif steps:
+        y = out[:steps * batch * hid].reshape(steps, batch, hid)
+        assert bool(torch.isfinite(y).all())
+        assert kind == 1 or bool((y.abs() <= 1).all())  # LSTM: h = o * tanh(c)
+        assert torch.equal(h.reshape(batch, hid), y[-1])

@@ -619,22 +619,29 @@ static inline __attribute__((always_inline)) void gru_gates(const float *restric
  *
  * spans [nsteps][2]: step t reads rows o .. o + b of gx [rows, G * hid] (the input projection
  * with its bias, G = 4 for LSTM / 3 for GRU) and writes them in out [rows, hid]; it updates
- * the first b of the batch rows of h [batch, hid] (and c, LSTM). Each step's hidden GEMM is
+ * the first b of the batch rows of h [batch, hid] (and c, LSTM); gx_floats, state_floats (h
+ * and c each) and out_floats are the sizes of those buffers. Each step's hidden GEMM is
  * lbk_s8_linear on h (dynamic per-row codes in [qmin, qmax], the packed weight [G * hid, hid],
  * w_scale sw, bias: exact, the layer's own GEMM); the gates then follow nn.LSTM / nn.GRU:
  *   LSTM: g = hh + gx; c = s(f) c + s(i) tanh(g); h = s(o) tanh(c)
  *   GRU:  r, z = s(hh_rz + gx_rz); n = tanh(gx_n + r hh_n); h = n + z (h - n)
  * Returns LB_OK, LB_EARG (nothing written) or LB_ENOMEM. */
-int lbk_rnn_scan(int kind, const float *gx, int64_t rows, int64_t hid, const int64_t *spans,
-                 int64_t nsteps, float *h, float *c, int64_t batch, const int8_t *wpack,
-                 int64_t wpack_bytes, const float *sw, const float *bias, int fused,
-                 int32_t qmin, int32_t qmax, float *out, int nthreads) {
+int lbk_rnn_scan(int kind, const float *gx, int64_t gx_floats, int64_t rows, int64_t hid,
+                 const int64_t *spans, int64_t nsteps, float *h, float *c, int64_t state_floats,
+                 int64_t batch, const int8_t *wpack, int64_t wpack_bytes, const float *sw,
+                 const float *bias, int fused, int32_t qmin, int32_t qmax, float *out,
+                 int64_t out_floats, int nthreads) {
     if ((kind != 0 && kind != 1) || rows < 0 || hid <= 0 || hid > (1LL << 24) || nsteps < 0 ||
-        batch <= 0 || batch > (1LL << 24) || nthreads < 1 || !gx || !h || !wpack || !sw ||
-        !out || !spans || (kind == 0 && !c))
+        batch <= 0 || batch > (1LL << 24) || rows > (1LL << 40) || nthreads < 1 || !wpack ||
+        !sw || qmin < -128 || qmax > 127 || qmin > qmax)
         return LB_EARG;
+    if (nsteps > 0 && (!gx || !h || !out || !spans || (kind == 0 && !c)))
+        return LB_EARG; /* (no step: empty buffers may come as NULL) */
     const int64_t G = kind == 0 ? 4 : 3, n = G * hid;
-    if (wpack_bytes != lbk_s8_packed_bytes(n, hid))
+    /* every buffer at least as large as the shapes claim (gx [rows, n], h / c [batch, hid],
+     * out [rows, hid]): nothing is read or written past what the caller gave */
+    if (wpack_bytes != lbk_s8_packed_bytes(n, hid) || gx_floats < rows * n ||
+        state_floats < batch * hid || out_floats < rows * hid)
         return LB_EARG;
     for (int64_t t = 0; t < nsteps; ++t) {
         const int64_t o = spans[2 * t], b = spans[2 * t + 1];

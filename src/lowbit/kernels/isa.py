@@ -291,12 +291,12 @@ def run_rnn_scan(lib: Any, kind: str, gx: torch.Tensor, spans: list[tuple[int, i
         raise ValueError("lowbit RNN scan: the packed weight must come from s8_packed")
     out = torch.empty((rows, hid))
     span_t = torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)
-    rc = lib.lbk_rnn_scan(0 if kind == "LSTM" else 1, gx.data_ptr(), rows, hid,
+    rc = lib.lbk_rnn_scan(0 if kind == "LSTM" else 1, gx.data_ptr(), gx.numel(), rows, hid,
                           span_t.data_ptr(), span_t.shape[0], h.data_ptr(),
-                          None if c is None else c.data_ptr(), h.shape[0], packed.data_ptr(),
-                          packed.numel(), w_scale.data_ptr(),
+                          None if c is None else c.data_ptr(), h.numel(), h.shape[0],
+                          packed.data_ptr(), packed.numel(), w_scale.data_ptr(),
                           None if bias is None else bias.data_ptr(), int(addcmul_fma()), qmin,
-                          qmax, out.data_ptr(), torch.get_num_threads())
+                          qmax, out.data_ptr(), out.numel(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"lowbit RNN scan ({lib.lbk_isa().decode()}) refused its arguments "
                            f"(code {rc}): gx {tuple(gx.shape)}, h {tuple(h.shape)}")
