@@ -171,3 +171,29 @@ def test_auto_fallback_to_another_config_gives_mixed_precision(trap) -> None:
     assert qmodel.lowbit_fallback["config"] == dynamic.to_dict()
     with pytest.raises(TypeError, match="fallback_config must be a QuantizationConfig"):
         auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, fallback_config="int8")
+
+
+def test_output_error_ranking_reads_a_transformers_model_output() -> None:
+    """Without eval_fn the ranking compares the first output tensor; a transformers
+    ``ModelOutput`` (a dict) gives its ``last_hidden_state`` (it used to count as no tensor:
+    every layer ranked 0)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64)).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (2, 8))} for _ in range(2)]
+    rep = analyze_sensitivity(bert, QuantizationConfig.int4_weight_only(32), None, batches,
+                              progress=False)
+    cosine = {r.name: r.cosine for r in rep.rows}
+    assert len(cosine) == 7 and cosine["pooler.dense"] > 1 - 1e-12  # not in last_hidden_state
+    assert sum(c < 1 - 1e-9 for c in cosine.values()) >= 4  # FFN, value, attention output
+    assert rep.rows[0].sensitivity > 0
+
+    class Text(nn.Module):
+        def forward(self, x: torch.Tensor) -> str:
+            return "no tensor"
+
+    with pytest.raises(ValueError, match="holds no tensor to compare; pass eval_fn"):
+        analyze_sensitivity(nn.Sequential(nn.Linear(4, 4), Text()), None, None,
+                            [torch.randn(2, 4)], progress=False)

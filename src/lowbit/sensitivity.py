@@ -160,10 +160,12 @@ def _first(data: Iterable[Any] | None) -> Any:
 
 
 def _output(model: nn.Module, batch: Any) -> torch.Tensor | None:
+    """The model's first output tensor: of a tuple / list, or of a dict such as a transformers
+    ``ModelOutput`` (``last_hidden_state``, ``logits``)."""
     with torch.inference_mode():
         out = run_batch(model, batch)
-    while isinstance(out, (tuple, list)) and out:
-        out = out[0]
+    while (isinstance(out, (tuple, list, Mapping))) and out:
+        out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]
     return out if isinstance(out, torch.Tensor) else None
 
 
@@ -234,6 +236,9 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     baseline = None if eval_fn is None else float(eval_fn(work))
     quantized_metric = None if eval_fn is None else float(eval_fn(qfull))
     reference = None if example is None else _output(work, example)
+    if eval_fn is None and reference is None:
+        raise ValueError("analyze_sensitivity: the model's output on example_input holds no "
+                         "tensor to compare; pass eval_fn (higher is better) instead")
     rows = []
     for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
         plan = plans[name]

@@ -313,8 +313,14 @@ def _straight_line(module: nn.Module) -> bool:
     traced graph is all of its dataflow (fx follows one side of an ``if x is None`` test
     silently, and ``self.cache = y`` leaves no node: either could hide another use of an
     output the fusion changes)."""
+    return "forward" not in vars(module) and _straight_line_forward(type(module).forward)
+
+
+@functools.lru_cache(maxsize=256)
+def _straight_line_forward(forward: object) -> bool:
+    """:func:`_straight_line` for one class's forward (read once per class)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
         return False
     flow = (ast.If, ast.IfExp, ast.For, ast.AsyncFor, ast.While, ast.Try, ast.With,
