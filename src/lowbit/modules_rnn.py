@@ -441,8 +441,9 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
                 outs = []
             gx = self._gemm(f"weight_ih{sfx}", x, backend)  # all time steps: one GEMM
             i = len(h_n)
-            y, h, c = self._scan(gx, sfx, spans[::-1] if d else spans, h0[i],
-                                 None if c0 is None else c0[i], backend)
+            args = (gx, sfx, spans[::-1] if d else spans, h0[i], None if c0 is None else c0[i],
+                    backend)
+            y, h, c = self._scan_native(*args) or self._scan(*args)
             outs.append(y)
             h_n.append(h)
             if c is not None:
@@ -504,8 +505,6 @@ class QuantizedLSTM(QuantizedRNNBase):
               c: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         assert c is not None
-        if (native := self._scan_native(gx, sfx, spans, h, c, backend)) is not None:
-            return native
         hid = self.hidden_size
         out = gx.new_empty((gx.shape[0], h.shape[1]))
         hh, hr = f"weight_hh{sfx}", f"weight_hr{sfx}" if self.proj_size else None
@@ -545,8 +544,6 @@ class QuantizedGRU(QuantizedRNNBase):
     def _scan(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]], h: torch.Tensor,
               c: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        if (native := self._scan_native(gx, sfx, spans, h, c, backend)) is not None:
-            return native
         hid = self.hidden_size
         out = gx.new_empty((gx.shape[0], hid))
         hh = f"weight_hh{sfx}"

@@ -164,7 +164,7 @@ def _output(model: nn.Module, batch: Any) -> torch.Tensor | None:
     ``ModelOutput`` (``last_hidden_state``, ``logits``)."""
     with torch.inference_mode():
         out = run_batch(model, batch)
-    while (isinstance(out, (tuple, list, Mapping))) and out:
+    while isinstance(out, (tuple, list, Mapping)) and out:
         out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]
     return out if isinstance(out, torch.Tensor) else None
 
@@ -267,7 +267,7 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     return SensitivityReport(rows, baseline, quantized_metric, metric_name, skipped)
 
 
-def _with_fp32(config: QuantizationConfig, names: Iterable[str],
+def _with_fallback(config: QuantizationConfig, names: Iterable[str],
                fallback: QuantizationConfig | None = None) -> QuantizationConfig:
     """``config`` with ``names`` overridden to ``fallback`` (None: FP32)."""
     overrides: dict[str, QuantizationConfig | None] = {n: fallback for n in names}
@@ -337,7 +337,7 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
     calibration_data = _replayable(calibration_data)
 
     def quantize(fallback: list[str]) -> nn.Module:
-        cfg = _with_fp32(config, fallback, fallback_config) if fallback else config
+        cfg = _with_fallback(config, fallback, fallback_config) if fallback else config
         return PTQQuantizer(cfg, progress=False).quantize(model, calibration_data)
 
     baseline = float(eval_fn(model))

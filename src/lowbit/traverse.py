@@ -66,8 +66,8 @@ class Fusions:
             the layer (or after its BatchNorm).
         relu_uses: ReLU module name -> how many times the forward calls it (a shared ReLU module
             must not be removed).
-        gelu_after: Linear layer name -> an ``nn.GELU`` module called once, right after the
-            layer (its output's only user); the module becomes ``Identity`` once fused.
+        gelu_after: Linear layer name -> a GELU module (:func:`gelu_approximate`) called once,
+            right after the layer (its output's only user); it becomes ``Identity`` once fused.
         pool_after: layer name -> a non-overlapping ``nn.MaxPool2d`` module (kernel = stride,
             no padding) called once, right after the layer (or its BatchNorm / ReLU).
         method: ``"fx"`` or ``"module_order"``.
@@ -81,6 +81,11 @@ class Fusions:
     pool_after: dict[str, str] = field(default_factory=dict)
     method: str = "fx"
     note: str = ""
+
+    def tables(self) -> tuple[dict[str, str], ...]:
+        """The layer name -> fused module tables: ``bn_for``, ``relu_after``, ``gelu_after``,
+        ``pool_after`` (the dicts themselves, so callers may edit them)."""
+        return (self.bn_for, self.relu_after, self.gelu_after, self.pool_after)
 
 
 @dataclass
@@ -154,8 +159,7 @@ def gelu_approximate(module: nn.Module | None) -> str | None:
     if isinstance(module, nn.GELU):
         return module.approximate
     cls = type(module)
-    if (module is None or cls.__name__ not in _HF_GELUS
-            or not cls.__module__.startswith("transformers.")
+    if (cls.__name__ not in _HF_GELUS or not cls.__module__.startswith("transformers.")
             or "forward" in vars(module) or cls.forward.__qualname__ != f"{cls.__name__}.forward"):
         return None
     act = vars(module).get("act")
@@ -344,8 +348,7 @@ def _add_submodule_fusions(model: nn.Module, fusions: Fusions) -> None:
     ``intermediate_act_fn``): each submodule with a weighted child and a branch-free forward
     is traced with its children kept whole. A fusion counts only when the layer and what fuses
     into it are registered once in the whole model, so no other forward can call them."""
-    tables = ("bn_for", "relu_after", "gelu_after", "pool_after")
-    taken = {n for t in tables for n in getattr(fusions, t)}
+    taken = {n for t in fusions.tables() for n in t}
     for parent_name, parent in model.named_modules():
         if (parent is model or isinstance(parent, nn.Sequential)
                 or not any(isinstance(c, WEIGHTED_LAYERS) or is_hf_conv1d(c)
@@ -358,16 +361,16 @@ def _add_submodule_fusions(model: nn.Module, fusions: Fusions) -> None:
             continue
         local = _graph_fusions(graph, dict(parent.named_modules()))
         prefix = f"{parent_name}." if parent_name else ""
-        for layer in {n for t in tables for n in getattr(local, t)} - taken:
-            fused = [getattr(local, t)[layer] for t in tables if layer in getattr(local, t)]
+        pairs = list(zip(local.tables(), fusions.tables(), strict=True))
+        for layer in {n for t in local.tables() for n in t} - taken:
+            fused = [t[layer] for t in local.tables() if layer in t]
             if not all(_registered_once(model, parent.get_submodule(n))
                        for n in (layer, *fused) if n != FUNCTIONAL_RELU):
                 continue
-            for t in tables:
-                if layer in getattr(local, t):
-                    value = getattr(local, t)[layer]
-                    getattr(fusions, t)[prefix + layer] = (
-                        value if value == FUNCTIONAL_RELU else prefix + value)
+            for found, into in pairs:
+                if layer in found:
+                    value = found[layer]
+                    into[prefix + layer] = value if value == FUNCTIONAL_RELU else prefix + value
             relu = local.relu_after.get(layer)
             if relu is not None and relu != FUNCTIONAL_RELU:
                 fusions.relu_uses[prefix + relu] = local.relu_uses.get(relu, 0)
@@ -379,7 +382,7 @@ def _drop_hooked(model: nn.Module, fusions: Fusions) -> Fusions:
     would be replaced by ``Identity``. All of such a layer's fusions go (a ReLU fused after an
     unfolded BN would be wrong)."""
     modules = dict(model.named_modules())
-    tables = (fusions.bn_for, fusions.relu_after, fusions.gelu_after, fusions.pool_after)
+    tables = fusions.tables()
     for layer in {n for t in tables for n in t}:
         fused = [t[layer] for t in tables if layer in t]
         owner = modules.get(layer)

@@ -86,8 +86,7 @@ class _Int8(nn.Module):
         self.post = _Epilogue(layer)
         spec, self.mode = layer.act_spec, layer.mode
         self.qmin, self.qmax, self.off = layer._qmin, layer._qmax, layer._act_off
-        self.s8_weights = _s8_weights(layer, exact)
-        codes = (lambda t: t.to(torch.int8).clone()) if self.s8_weights else _u8
+        codes = (lambda t: t.to(torch.int8).clone()) if _s8_weights(layer, exact) else _u8
         self.spec_qmin, self.spec_qmax = spec.qmin, spec.qmax
         self.symmetric, self.per_token = spec.symmetric, spec.granularity == "per_token"
         w = layer.qweight.detach()
