@@ -153,3 +153,36 @@ def test_options_are_checked():
         QuantizationConfig.int4_weight_only(method="signround", method_kwargs={"iters": 0})
     with pytest.raises(ValueError, match="calibration_data"):
         lowbit.quantize_weight_only(_Net(), group_size=16, method="signround")
+
+
+def _hf(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    return transformers.BartModel(transformers.BartConfig(
+        vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_decoder_blocks_with_key_value_caches(arch):
+    """Decoder layers get a key / value cache from the model: SignRound runs each block many
+    times, so the cache is left out (else every iteration would append to it)."""
+    model = _hf(arch)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 100, (4, 16), generator=g)} for _ in range(3)]
+    test = {"input_ids": torch.randint(0, 100, (4, 16), generator=g)}
+    cfg = QuantizationConfig.int4_weight_only(32, method="signround",
+                                              method_kwargs={"iters": 30})
+    q = lowbit.PTQQuantizer(cfg, progress=False).quantize(model, batches)
+    rtn = lowbit.PTQQuantizer(QuantizationConfig.int4_weight_only(32),
+                              progress=False).quantize(model)
+    with torch.no_grad():
+        ref = model(**test)[0]
+        err_sr = float(((q(**test)[0] - ref) ** 2).mean())
+        err_rtn = float(((rtn(**test)[0] - ref) ** 2).mean())
+    assert err_sr < err_rtn, (err_sr, err_rtn)

@@ -132,6 +132,31 @@ def test_gptq_layers_run_sequentially_on_quantized_inputs():
     assert not torch.equal(seen[-1], w0)  # layer 2's pass: layer 0 already quantized
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq", "signround"])
+def test_gpt2_conv1d_layers_are_calibrated(method):
+    """transformers' GPT-2 Conv1D (weight [in, out]) is calibrated as the Linear it is."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 100, (8, 16), generator=g)} for _ in range(4)]
+    test = {"input_ids": torch.randint(0, 100, (8, 16), generator=g)}
+    cfg = QuantizationConfig.int4_weight_only(32, method=method, method_kwargs=(
+        {"iters": 20} if method == "signround" else {}))
+    q = PTQQuantizer(cfg, progress=False).quantize(model, batches)
+    conv1d = [q.transformer.h[i].get_submodule(n) for i in range(2)
+              for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert {m.meta()["extra"]["weight_method"] for m in conv1d} == {method}
+    assert tuple(conv1d[0].weight.shape) == (64, 192)  # still reports Conv1D's [in, out]
+    with torch.no_grad():
+        ref = model(**test).logits
+        err = float(((q(**test).logits - ref) ** 2).mean())
+        rtn = PTQQuantizer(QuantizationConfig.int4_weight_only(32), progress=False).quantize(model)
+        err_rtn = float(((rtn(**test).logits - ref) ** 2).mean())
+    assert err < (0.9 if method == "gptq" else 1.2) * err_rtn, (err, err_rtn)
+
+
 def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="unknown; use one of"):
         QuantizationConfig.int4_weight_only(method="hqq2")

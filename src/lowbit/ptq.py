@@ -24,6 +24,7 @@ from lowbit.calibration import CalibrationRecord, run_calibration
 from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.distributed import calibrate_synced
+from lowbit.dropin import is_hf_conv1d
 from lowbit.modules import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -48,6 +49,7 @@ from lowbit.traverse import (
 from lowbit.weight_calibration import (
     CalibratedWeight,
     calibrate_weights,
+    linear_weight,
     set_input_smoothing,
     smooth_quant,
 )
@@ -218,16 +220,18 @@ class PTQQuantizer(Quantizer):
     def _prepare_weights(self, qmodel: nn.Module, todo: dict[str, LayerPlan],
                          calibration_data: Any) -> tuple[dict[str, CalibratedWeight],
                                                          dict[str, tuple[torch.Tensor, Any]]]:
-        """GPTQ / AWQ weights and SmoothQuant factors of the planned Linear layers (see
-        :mod:`lowbit.weight_calibration`); other layer types keep round-to-nearest."""
+        """GPTQ / AWQ / SignRound weights of the planned Linear layers (and GPT-2 ``Conv1D``)
+        and SmoothQuant factors of the Linear ones (see :mod:`lowbit.weight_calibration`);
+        other layer types keep round-to-nearest."""
         methods, alphas = {}, {}
         for name, plan in todo.items():
             cfg = plan.config
-            if cfg is None or not isinstance(qmodel.get_submodule(name), nn.Linear):
+            layer = qmodel.get_submodule(name)
+            if cfg is None or not (isinstance(layer, nn.Linear) or is_hf_conv1d(layer)):
                 continue
             if cfg.method != "rtn":
                 methods[name] = (cfg.method, cfg.weights, dict(cfg.method_kwargs))
-            if cfg.smooth_quant is not None:
+            if cfg.smooth_quant is not None and isinstance(layer, nn.Linear):
                 alphas[name] = cfg.smooth_quant
         opts = {"progress": self.progress, "max_batches": self.max_calibration_batches}
         calibrated = calibrate_weights(qmodel, methods, calibration_data, **opts) if methods \
@@ -305,7 +309,7 @@ class PTQQuantizer(Quantizer):
             done = calibrated.get(name)
             if done is not None:  # GPTQ / AWQ: the weight to convert (and its qparams)
                 with torch.no_grad():
-                    module.weight.copy_(done.weight)
+                    linear_weight(module).copy_(done.weight)
                 if done.qparams is not None:
                     kwargs["weight_qparams"] = done.qparams
                 kwargs["meta_extra"] = {**kwargs.get("meta_extra", {}),

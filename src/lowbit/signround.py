@@ -116,14 +116,16 @@ def signround_block(block: nn.Module, layers: Mapping[str, QuantSpec],
 
     Args:
         block: the float module whose output is reconstructed (a transformer layer, a Linear).
-        layers: ``{name relative to block ("" for the block itself): weight spec}``.
+        layers: ``{name relative to block ("" for the block itself): weight spec}``: Linear
+            layers (or ``transformers``' GPT-2 ``Conv1D``, weight ``[in, out]``).
         samples: the block's ``(args, kwargs)`` on the calibration batches.
         iters: optimization steps (AutoRound's default: 200).
         lr: step size; ``1 / iters`` by default, decaying linearly to 0.
         progress: a tqdm bar over the iterations.
 
     Returns:
-        ``{name: (dequantized weight float32, scale, zero_point)}``, the weight on the grid.
+        ``{name: (dequantized weight float32 [out, in], scale, zero_point)}``, the weight on
+        the grid.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -141,13 +143,18 @@ def signround_block(block: nn.Module, layers: Mapping[str, QuantSpec],
     if iters < 1:
         raise ValueError(f"signround: iters={iters} must be a positive integer")
     lr = 1.0 / iters if lr is None else lr
-    rounding = {name: _Rounding(block.get_submodule(name).weight, spec)
+    from lowbit.dropin import is_hf_conv1d
+
+    transposed = {name for name in layers if is_hf_conv1d(block.get_submodule(name))}
+    rounding = {name: _Rounding(block.get_submodule(name).weight.t() if name in transposed
+                                else block.get_submodule(name).weight, spec)
                 for name, spec in layers.items()}
     with torch.no_grad():
         targets = [_tensor_out(block(*a, **k)).detach() for a, k in samples]
 
     def loss(i: int) -> torch.Tensor:
-        weights = {(f"{n}.weight" if n else "weight"): r.weight() for n, r in rounding.items()}
+        weights = {(f"{n}.weight" if n else "weight"): r.weight().t() if n in transposed
+                   else r.weight() for n, r in rounding.items()}
         args, kwargs = samples[i]
         out = _tensor_out(functional_call(block, weights, args, kwargs))
         return nn.functional.mse_loss(out.float(), targets[i].float())

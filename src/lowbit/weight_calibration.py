@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import run_batch
 from lowbit.config import WEIGHT_METHODS, QuantSpec
+from lowbit.dropin import is_hf_conv1d
 from lowbit.ops import choose_qparams, compute_range, fake_quantize
 from lowbit.signround import block_of, signround_block
 
@@ -50,6 +51,19 @@ class CalibratedWeight:
     weight: torch.Tensor
     qparams: tuple[torch.Tensor, torch.Tensor] | None = None
     input_smoothing: torch.Tensor | None = None
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an ``nn.Linear``, or of ``transformers``' GPT-2 ``Conv1D``
+    (stored ``[in, out]``: a transposed view)."""
+    return layer.weight.t() if is_hf_conv1d(layer) else layer.weight
+
+
+def _set_weight(layer: nn.Module, w: torch.Tensor) -> None:
+    """Overwrite a Linear / ``Conv1D`` weight with ``w`` ``[out, in]`` (later layers then see
+    this layer's quantized function)."""
+    with torch.no_grad():
+        linear_weight(layer).copy_(w.to(layer.weight.dtype))
 
 
 class _Stop(Exception):
@@ -341,7 +355,7 @@ def _group_stats(model: nn.Module, group: list[str], multi: bool, data: Iterable
                  max_batches: int | None) -> dict[str, _Stats]:
     """Input statistics of the layers of one group; each batch stops once they are captured
     (unless a layer runs more than once per forward: ``multi``)."""
-    stats = {n: _Stats(model.get_submodule(n).in_features) for n in group}
+    stats = {n: _Stats(linear_weight(model.get_submodule(n)).shape[1]) for n in group}
     pending: set[str] = set()
 
     def hook(name: str) -> Callable[..., None]:
@@ -395,8 +409,9 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
     """
     data = _reiterable(calibration_data, f"weight calibration ({layers[next(iter(layers))][0]})")
     for name in layers:
-        if not isinstance(model.get_submodule(name), nn.Linear):
-            raise ValueError(f"{name}: weight calibration methods apply to nn.Linear layers; "
+        if not _is_linear(model.get_submodule(name)):
+            raise ValueError(f"{name}: weight calibration methods apply to nn.Linear layers "
+                             "(and transformers' Conv1D); "
                              f"this is a {type(model.get_submodule(name)).__name__}. Use "
                              f"layer_overrides={{{name!r}: QuantizationConfig.int4_weight_only()}}"
                              " (method='rtn') for it")
@@ -437,6 +452,26 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
     return results
 
 
+def _is_cache(value: Any) -> bool:
+    """A ``transformers`` key / value cache (``DynamicCache``, ``EncoderDecoderCache``...)."""
+    return type(value).__name__.endswith("Cache") and hasattr(value, "get_seq_length")
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block's keyword inputs with any key / value cache (``transformers``' ``Cache``
+    objects, legacy ``past_key_value`` tuples) removed and ``use_cache`` off: the block runs
+    once per iteration and must not append to a cache each time (positional caches, as
+    GPT-2 passes them, are dropped by the caller)."""
+    out = {}
+    for key, value in kwargs.items():
+        if key == "use_cache":
+            value = False
+        elif "past_key_value" in key or key == "layer_past" or _is_cache(value):
+            value = None
+        out[key] = value
+    return out
+
+
 def _signround(model: nn.Module, block_name: str, names: list[str],
                layers: Mapping[str, tuple[str, QuantSpec, Mapping[str, Any]]], multi: bool,
                data: Iterable[Any], max_batches: int | None) -> dict[str, CalibratedWeight]:
@@ -446,7 +481,8 @@ def _signround(model: nn.Module, block_name: str, names: list[str],
     samples: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def capture(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        samples.append((args, kwargs))
+        samples.append((tuple(None if _is_cache(a) else a for a in args),
+                        _without_cache(kwargs)))
         if not multi:
             raise _Stop
 
@@ -460,18 +496,21 @@ def _signround(model: nn.Module, block_name: str, names: list[str],
     results = {}
     for r, name in rel.items():
         w, scale, zp = out[r]
-        layer = model.get_submodule(name)
-        with torch.no_grad():  # later blocks see this block's quantized function
-            layer.weight.copy_(w.to(layer.weight.dtype))
+        _set_weight(model.get_submodule(name), w)  # later blocks see it quantized
         results[name] = CalibratedWeight(w, (scale, zp))
     return results
 
 
-def _calibrate_layer(layer: nn.Linear, stats: _Stats, method: str, spec: QuantSpec,
+def _is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_hf_conv1d(layer)
+
+
+def _calibrate_layer(layer: nn.Module, stats: _Stats, method: str, spec: QuantSpec,
                      kwargs: Mapping[str, Any]) -> CalibratedWeight:
-    k = layer.weight.shape[1]
+    weight = linear_weight(layer).detach().float()  # [out, in]
+    k = weight.shape[1]
     eff, kp = _layout(k, spec)
-    w = torch.nn.functional.pad(layer.weight.detach().float(), (0, kp - k))
+    w = torch.nn.functional.pad(weight, (0, kp - k))
     h = torch.nn.functional.pad(stats.h, (0, kp - k, 0, kp - k))
     if method == "gptq":
         q, scale, zp = gptq_quantize(w, h, eff, **kwargs)
@@ -484,13 +523,12 @@ def _calibrate_layer(layer: nn.Linear, stats: _Stats, method: str, spec: QuantSp
         s, _ = awq_search(w, h, torch.nn.functional.pad(mean, (0, kp - k), value=1.0), eff,
                           **kwargs)
         s = s[:k]
-        result = CalibratedWeight(layer.weight.detach().float() * s, None, 1.0 / s)
+        result = CalibratedWeight(weight * s, None, 1.0 / s)
         effective = _rtn(w * torch.nn.functional.pad(s, (0, kp - k), value=1.0), eff)[:, :k] / s
     else:
         raise ValueError(f"unknown weight calibration method {method!r}; use one of "
                          f"{WEIGHT_METHODS}")
-    with torch.no_grad():  # later layers see this layer's quantized function
-        layer.weight.copy_(effective.to(layer.weight.dtype))
+    _set_weight(layer, effective)  # later layers see this layer's quantized function
     return result
 
 
