@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -79,19 +81,22 @@ def test_blocks_are_module_list_elements():
     assert block_of(net, "inp") == "inp" and block_of(net, "head") == "head"
 
 
-def test_model_end_to_end_lower_error_and_round_trip(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_model_end_to_end_lower_error_and_round_trip(bits, tmp_path):
     net = _Net().eval()
     g = torch.Generator().manual_seed(2)
     calib = [torch.randn(64, 32, generator=g) for _ in range(4)]
     x = torch.randn(256, 32, generator=g)
     skip = ("inp", "head")  # the blocks: learned rounding pays off where layers interact
-    cfg = QuantizationConfig.int4_weight_only(16, method="signround", skip_layers=skip,
-                                              method_kwargs={"iters": 100})
+    spec = QuantSpec.int4_weight(group_size=16) if bits == 4 else QuantSpec.int8_weight()
+    base = QuantizationConfig(weights=spec, activations=None, mode="weight_only",
+                              skip_layers=skip)
+    cfg = dataclasses.replace(base, method="signround", method_kwargs={"iters": 100})
     q = lowbit.PTQQuantizer(cfg, progress=False).quantize(net, calib)
-    rtn = lowbit.PTQQuantizer(QuantizationConfig.int4_weight_only(16, skip_layers=skip),
-                              progress=False).quantize(net)
+    rtn = lowbit.PTQQuantizer(base, progress=False).quantize(net)
     ref = net(x)
-    assert type(q.layers[0].up).__name__ == "Int4Linear" and type(q.head) is nn.Linear
+    kind = "Int4Linear" if bits == 4 else "Int8WeightOnlyLinear"
+    assert type(q.layers[0].up).__name__ == kind and type(q.head) is nn.Linear
     assert q.layers[0].up.meta()["extra"]["weight_method"] == "signround"
     assert ((q(x) - ref) ** 2).mean() < 0.8 * ((rtn(x) - ref) ** 2).mean()
     path = tmp_path / "q.safetensors"

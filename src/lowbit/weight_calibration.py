@@ -447,7 +447,7 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
         for block, names in blocks.items():
             bar.set_postfix_str(block)
             results.update(_signround(model, block, names, layers, bool(multi & set(names)),
-                                      data, max_batches))
+                                      data, max_batches, progress))
             bar.update(len(names))
     return results
 
@@ -474,7 +474,8 @@ def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _signround(model: nn.Module, block_name: str, names: list[str],
                layers: Mapping[str, tuple[str, QuantSpec, Mapping[str, Any]]], multi: bool,
-               data: Iterable[Any], max_batches: int | None) -> dict[str, CalibratedWeight]:
+               data: Iterable[Any], max_batches: int | None, progress: bool
+               ) -> dict[str, CalibratedWeight]:
     """SignRound of the layers ``names`` of one block (see :mod:`lowbit.signround`); their
     weights are then overwritten with the quantized ones."""
     block = model.get_submodule(block_name)
@@ -492,7 +493,8 @@ def _signround(model: nn.Module, block_name: str, names: list[str],
     prefix = len(block_name) + 1
     rel = {n[prefix:] if n != block_name else "": n for n in names}
     kwargs = dict(layers[names[0]][2])
-    out = signround_block(block, {r: layers[n][1] for r, n in rel.items()}, samples, **kwargs)
+    out = signround_block(block, {r: layers[n][1] for r, n in rel.items()}, samples,
+                          progress=progress, **kwargs)
     results = {}
     for r, name in rel.items():
         w, scale, zp = out[r]
