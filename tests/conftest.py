@@ -101,6 +101,12 @@ def _bert_and_inputs() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return model, {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long)}
 
 
+@pytest.fixture
+def tiny_bert() -> torch.nn.Module:
+    """The 2-layer BERT (hidden 64) of the backend tests, built fresh from its config."""
+    return _bert_and_inputs()[0]
+
+
 def _quantized(kind: str) -> tuple[torch.nn.Module, object]:
     """``(quantized model, example inputs)`` for ``kind`` in cnn-static, cnn-dynamic,
     cnn-int4, mlp-dynamic, mlp-static, mlp-int4, bert-dynamic, bert-static, bert-int4."""

@@ -121,13 +121,8 @@ def test_blocks_run_sequentially_on_quantized_inputs():
     assert not torch.equal(seen[-1], w0)
 
 
-def test_bert_blocks_reconstruct(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=128,
-                                  max_position_embeddings=32)
-    torch.manual_seed(0)
-    bert = transformers.BertModel(cfg).eval()
+def test_bert_blocks_reconstruct(tiny_bert):
+    bert = tiny_bert
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 100, (4, 12), generator=g),
                 "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(3)]

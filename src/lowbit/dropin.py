@@ -100,6 +100,27 @@ def is_hf_conv1d(module: nn.Module) -> bool:
             and module.weight.dim() == 2 and hasattr(module, "nf"))
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or ``transformers``' GPT-2 ``Conv1D`` (the Linear it is).
+
+    Example:
+        >>> is_linear_like(nn.Linear(2, 2)), is_linear_like(nn.Conv1d(2, 2, 1))
+        (True, False)
+    """
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an ``nn.Linear``, or of ``transformers``' GPT-2 ``Conv1D``
+    (stored ``[in, out]``: a transposed view, so writing into it writes the parameter).
+
+    Example:
+        >>> linear_weight(nn.Linear(4, 3)).shape
+        torch.Size([3, 4])
+    """
+    return module.weight.t() if is_hf_conv1d(module) else module.weight
+
+
 def linear_from_conv1d(module: nn.Module) -> nn.Linear:
     """An ``nn.Linear`` computing what ``transformers``' ``Conv1D`` computes (weight
     transposed once; a new parameter with the same ``requires_grad``).

@@ -24,7 +24,7 @@ from lowbit.calibration import CalibrationRecord, run_calibration
 from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.distributed import calibrate_synced
-from lowbit.dropin import is_hf_conv1d
+from lowbit.dropin import is_linear_like
 from lowbit.modules import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -49,8 +49,8 @@ from lowbit.traverse import (
 from lowbit.weight_calibration import (
     CalibratedWeight,
     calibrate_weights,
-    linear_weight,
     set_input_smoothing,
+    set_linear_weight,
     smooth_quant,
 )
 
@@ -227,7 +227,7 @@ class PTQQuantizer(Quantizer):
         for name, plan in todo.items():
             cfg = plan.config
             layer = qmodel.get_submodule(name)
-            if cfg is None or not (isinstance(layer, nn.Linear) or is_hf_conv1d(layer)):
+            if cfg is None or not is_linear_like(layer):
                 continue
             if cfg.method != "rtn":
                 methods[name] = (cfg.method, cfg.weights, dict(cfg.method_kwargs))
@@ -308,8 +308,7 @@ class PTQQuantizer(Quantizer):
                                         "clipping_range": list(record.range)}
             done = calibrated.get(name)
             if done is not None:  # GPTQ / AWQ: the weight to convert (and its qparams)
-                with torch.no_grad():
-                    linear_weight(module).copy_(done.weight)
+                set_linear_weight(module, done.weight)
                 if done.qparams is not None:
                     kwargs["weight_qparams"] = done.qparams
                 kwargs["meta_extra"] = {**kwargs.get("meta_extra", {}),

@@ -25,6 +25,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from lowbit.config import QuantSpec
+from lowbit.dropin import is_hf_conv1d, linear_weight
+from lowbit.modules_weight_only import _layout
 from lowbit.ops import compute_range, qparams_from_range
 
 __all__ = ["block_of", "signround_block"]
@@ -44,8 +46,6 @@ class _Rounding:
     """The learned rounding of one ``[N, K]`` weight: offsets ``v`` and range factors."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
-        from lowbit.modules_weight_only import _layout
-
         self.k = weight.shape[1]
         self.spec, kp = _layout(self.k, spec)
         self.dtype = weight.dtype
@@ -53,9 +53,8 @@ class _Rounding:
         self.g = self.spec.group_size if self.spec.granularity == "per_group" else kp
         self.n, self.groups = w.shape[0], kp // self.g
         self.wg = w.reshape(-1, self.g)  # one row per (output channel, group)
-        col = self.spec.with_(granularity="per_channel", axis=0, group_size=None)
-        self.col = col
-        self.lo, self.hi = compute_range(self.wg, col, "weight")
+        self.col = self.spec.with_(granularity="per_channel", axis=0, group_size=None)
+        self.lo, self.hi = compute_range(self.wg, self.col, "weight")
         self.v = torch.zeros_like(self.wg, requires_grad=True)
         self.a = torch.ones_like(self.lo, requires_grad=True)  # min factor, in [0.5, 1]
         self.b = torch.ones_like(self.hi, requires_grad=True)  # max factor, in [0.5, 1]
@@ -143,11 +142,8 @@ def signround_block(block: nn.Module, layers: Mapping[str, QuantSpec],
     if iters < 1:
         raise ValueError(f"signround: iters={iters} must be a positive integer")
     lr = 1.0 / iters if lr is None else lr
-    from lowbit.dropin import is_hf_conv1d
-
     transposed = {name for name in layers if is_hf_conv1d(block.get_submodule(name))}
-    rounding = {name: _Rounding(block.get_submodule(name).weight.t() if name in transposed
-                                else block.get_submodule(name).weight, spec)
+    rounding = {name: _Rounding(linear_weight(block.get_submodule(name)), spec)
                 for name, spec in layers.items()}
     with torch.no_grad():
         targets = [_tensor_out(block(*a, **k)).detach() for a, k in samples]

@@ -28,7 +28,7 @@ from torch import nn
 
 from lowbit._qmodule import has_hooks
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.dropin import is_depthwise_conv, is_hf_conv1d
+from lowbit.dropin import is_depthwise_conv, is_hf_conv1d, is_linear_like
 from lowbit.lora_peft import is_peft_adapter, peft_adapter_prefixes
 from lowbit.modules import QUANTIZABLE_TYPES, check_supported
 from lowbit.ops import check_finite
@@ -223,7 +223,7 @@ def _fusable_gelu(layer: nn.Module, node: torch.fx.Node, modules: dict[str, nn.M
                   calls: dict[str, int]) -> bool:
     """``node`` calls a GELU module once, on a Linear's output (a GELU is not
     idempotent, so unlike ReLU only a module the fusion can replace by ``Identity`` fuses)."""
-    return ((isinstance(layer, nn.Linear) or is_hf_conv1d(layer)) and node.op == "call_module"
+    return (is_linear_like(layer) and node.op == "call_module"
             and gelu_approximate(modules.get(str(node.target))) is not None
             and calls.get(str(node.target)) == 1 and len(node.args) == 1 and not node.kwargs)
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import run_batch
 from lowbit.config import WEIGHT_METHODS, QuantSpec
-from lowbit.dropin import is_hf_conv1d
+from lowbit.dropin import is_linear_like, linear_weight
+from lowbit.modules_weight_only import _layout
 from lowbit.ops import choose_qparams, compute_range, fake_quantize
 from lowbit.signround import block_of, signround_block
 
@@ -53,27 +54,20 @@ class CalibratedWeight:
     input_smoothing: torch.Tensor | None = None
 
 
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` weight of an ``nn.Linear``, or of ``transformers``' GPT-2 ``Conv1D``
-    (stored ``[in, out]``: a transposed view)."""
-    return layer.weight.t() if is_hf_conv1d(layer) else layer.weight
-
-
-def _set_weight(layer: nn.Module, w: torch.Tensor) -> None:
+def set_linear_weight(layer: nn.Module, w: torch.Tensor) -> None:
     """Overwrite a Linear / ``Conv1D`` weight with ``w`` ``[out, in]`` (later layers then see
-    this layer's quantized function)."""
+    this layer's quantized function).
+
+    Example:
+        >>> fc = nn.Linear(3, 2); set_linear_weight(fc, torch.ones(2, 3)); float(fc.weight.sum())
+        6.0
+    """
     with torch.no_grad():
         linear_weight(layer).copy_(w.to(layer.weight.dtype))
 
 
 class _Stop(Exception):
     """Raised by a hook once the inputs a pass needs are captured (the rest is not run)."""
-
-
-def _layout(k: int, spec: QuantSpec) -> tuple[QuantSpec, int]:
-    from lowbit.modules_weight_only import _layout as layout
-
-    return layout(k, spec)
 
 
 def _column_spec(spec: QuantSpec) -> QuantSpec:
@@ -409,7 +403,7 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
     """
     data = _reiterable(calibration_data, f"weight calibration ({layers[next(iter(layers))][0]})")
     for name in layers:
-        if not _is_linear(model.get_submodule(name)):
+        if not is_linear_like(model.get_submodule(name)):
             raise ValueError(f"{name}: weight calibration methods apply to nn.Linear layers "
                              "(and transformers' Conv1D); "
                              f"this is a {type(model.get_submodule(name)).__name__}. Use "
@@ -498,13 +492,9 @@ def _signround(model: nn.Module, block_name: str, names: list[str],
     results = {}
     for r, name in rel.items():
         w, scale, zp = out[r]
-        _set_weight(model.get_submodule(name), w)  # later blocks see it quantized
+        set_linear_weight(model.get_submodule(name), w)  # later blocks see it quantized
         results[name] = CalibratedWeight(w, (scale, zp))
     return results
-
-
-def _is_linear(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or is_hf_conv1d(layer)
 
 
 def _calibrate_layer(layer: nn.Module, stats: _Stats, method: str, spec: QuantSpec,
@@ -530,7 +520,7 @@ def _calibrate_layer(layer: nn.Module, stats: _Stats, method: str, spec: QuantSp
     else:
         raise ValueError(f"unknown weight calibration method {method!r}; use one of "
                          f"{WEIGHT_METHODS}")
-    _set_weight(layer, effective)  # later layers see this layer's quantized function
+    set_linear_weight(layer, effective)  # later layers see this layer's quantized function
     return result
 
 
