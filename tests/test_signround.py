@@ -147,6 +147,16 @@ def test_bert_blocks_reconstruct(tiny_bert):
 
 
 def test_options_are_checked():
+    block = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
+    samples = [((torch.randn(4, 32),), {})]
+    with pytest.raises(ValueError, match="no layer 'zz'"):
+        signround_block(block, {"zz": SPEC}, samples, iters=2)
+    with pytest.raises(ValueError, match="is a ReLU"):
+        signround_block(block, {"1": SPEC}, samples, iters=2)
+    with pytest.raises(ValueError, match="no calibration batch"):
+        signround_block(block, {"0": SPEC}, [], iters=2)
+    with pytest.raises(ValueError, match=r"no layer 'nope\.x'"):
+        block_of(block, "nope.x")
     with pytest.raises(ValueError, match="not options of method='signround'"):
         QuantizationConfig.int4_weight_only(method="signround", method_kwargs={"damp": 0.1})
     with pytest.raises(ValueError, match="iters"):

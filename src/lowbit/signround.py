@@ -25,7 +25,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from lowbit.config import QuantSpec
-from lowbit.dropin import is_hf_conv1d, linear_weight
+from lowbit.dropin import is_hf_conv1d, is_linear_like, linear_weight
 from lowbit.modules_weight_only import _layout
 from lowbit.ops import compute_range, qparams_from_range
 
@@ -142,6 +142,8 @@ def signround_block(block: nn.Module, layers: Mapping[str, QuantSpec],
     if iters < 1:
         raise ValueError(f"signround: iters={iters} must be a positive integer")
     lr = 1.0 / iters if lr is None else lr
+    for name in layers:
+        _linear(block, name, "block")
     transposed = {name for name in layers if is_hf_conv1d(block.get_submodule(name))}
     rounding = {name: _Rounding(linear_weight(block.get_submodule(name)), spec)
                 for name, spec in layers.items()}
@@ -174,9 +176,22 @@ def signround_block(block: nn.Module, layers: Mapping[str, QuantSpec],
     return {name: r.result() for name, r in rounding.items()}
 
 
+def _linear(model: nn.Module, name: str, what: str) -> nn.Module:
+    """The Linear (or GPT-2 ``Conv1D``) ``name`` of ``model``, or a ValueError saying why not."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"signround: the {what} has no layer {name!r}; pass names as "
+                         f"model.named_modules() gives them (relative to the {what})") from None
+    if not is_linear_like(layer):
+        raise ValueError(f"signround: {name!r} is a {type(layer).__name__}; it rounds nn.Linear "
+                         "(and transformers' Conv1D) weights only: keep others round-to-nearest")
+    return layer
+
+
 def block_of(model: nn.Module, name: str) -> str:
-    """The block a layer belongs to: its nearest ancestor held in an ``nn.ModuleList`` (a
-    transformer layer), else the layer itself.
+    """The block a Linear layer belongs to: its nearest ancestor held in an ``nn.ModuleList``
+    (a transformer layer), else the layer itself.
 
     Example:
         >>> m = nn.Module(); m.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4))])
@@ -184,6 +199,7 @@ def block_of(model: nn.Module, name: str) -> str:
         >>> block_of(m, "layers.0.0"), block_of(m, "head")
         ('layers.0', 'head')
     """
+    _linear(model, name, "model")
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         if isinstance(model.get_submodule(".".join(parts[:i - 1])), nn.ModuleList):
