@@ -16,6 +16,8 @@ from lowbit import _dispatch
 from lowbit.config import QuantSpec
 from lowbit.dropin import DequantizedWeight
 from lowbit.kernels.base import native_lib_for
+from lowbit.kernels.plans import PlanCache
+from lowbit.native import load_native, selected_isa
 from lowbit.ops import choose_qparams, compute_range, quantize
 
 __all__ = ["MAX_CONV_EXTENT", "QuantizedModuleBase", "carry_hooks", "check_conv_geometry",
@@ -304,7 +306,24 @@ class QuantizedModuleBase(nn.Module):
     custom op ``lowbit::quantized_layer``), in a ``lowbit.backends.use`` block, or on the
     ``"torch"`` backend the call goes to ``lowbit._dispatch.route``; otherwise straight to the
     body (eager cost: one check, ~0.2 us).
+
+    Layers that support it (``_make_plan``) then try a prepared C call for the input's shape
+    (:mod:`lowbit.kernels.plans`): float32 contiguous CPU inputs that do not require grad,
+    the same bits as the body with one C call. Plans live in ``_plans`` (shape -> plan or
+    False), emptied by ``_refresh_cache`` and whenever a fusion or the backend is set.
     """
+
+    #: Attributes whose change makes the prepared calls stale.
+    _PLAN_ATTRS = frozenset({"fused_relu", "_fused_gelu", "backend", "geometry",
+                             "int8_activations", "use_plans"})
+    #: False (per module): never use prepared calls, always the step-by-step path (the same
+    #: bits, slower at batch 1; for comparisons).
+    use_plans: bool = True
+    #: Part of every plan's key: a setting a subclass reads that may change class-wide.
+    _plan_tag: Any = None
+    #: Whether the body computes a bfloat16 input exactly as its float32 copy, then rounds the
+    #: output to bfloat16 (so plans may serve bfloat16 inputs through two casts).
+    _plans_cast_bf16 = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -319,6 +338,11 @@ class QuantizedModuleBase(nn.Module):
                 x = x * smoothing.to(x.dtype)
             if _dispatch.routed(self):
                 return _dispatch.route(self, x)
+            plans = self.__dict__.get("_plans")
+            if plans is not None and type(x) is torch.Tensor:
+                y = self._planned(plans, x)
+                if y is not None:
+                    return y
             return body(self, x)
 
         cls._forward_body = body  # type: ignore[attr-defined]
@@ -385,6 +409,46 @@ class QuantizedModuleBase(nn.Module):
                             "is the read-only float view of the integer codes `qweight`; tie or "
                             "change weights on the float model, then quantize it")
         super().__setattr__(name, value)
+        if name in self._PLAN_ATTRS and "_plans_enabled" in self.__dict__:
+            self._reset_plans(self.__dict__["_plans_enabled"])
+
+    def _make_plan(self, x: torch.Tensor) -> Any:
+        """A :class:`lowbit.kernels.plans.Plan` for inputs shaped like ``x`` (float32,
+        contiguous, CPU), or None when this layer takes its step-by-step path for them."""
+        return None
+
+    def _reset_plans(self, enabled: bool) -> None:
+        """Forget the prepared calls; ``enabled``: the layer may build new ones (unless
+        ``use_plans`` is False)."""
+        self.__dict__["_plans_enabled"] = enabled
+        self.__dict__["_plans"] = PlanCache() if enabled and self.use_plans else None
+
+    def _planned(self, plans: dict, x: torch.Tensor) -> torch.Tensor | None:
+        """This call on the layer's prepared C call for ``x.shape``, or None (the body runs)."""
+        w = self._buffers["weight"]
+        if (x.requires_grad or not x.is_cpu or not x.is_contiguous() or w.is_inference()):
+            return None
+        if x.dtype != torch.float32:  # bfloat16 models: the body computes in float32 too
+            if x.dtype != torch.bfloat16 or not self._plans_cast_bf16:
+                return None
+            y = self._planned(plans, x.float())
+            return None if y is None else y.to(torch.bfloat16)
+        key = (x.shape, torch.get_num_threads(), selected_isa(), load_native(), self._plan_tag)
+        entry = plans.get(key)
+        weight_key = (w._version, w.data_ptr())
+        if entry is None:
+            # per shape, thread count and kernel library; built only from fresh kernel caches
+            # (the body's _input refreshes them after an in-place change of the weight); at
+            # most 64 per layer
+            if weight_key != self.__dict__.get("_weight_key") or len(plans) >= 64:
+                return None
+            entry = plans[key] = (self._make_plan(x) or False, weight_key)
+        plan, built_for = entry
+        if (not plan or built_for != weight_key or not _dispatch.native_allowed()
+                or torch.jit.is_tracing()):
+            return None
+        y = plan.alloc(plan.out_shape)
+        return self._gelu(y) if plan.run(x.data_ptr(), y.data_ptr()) == 0 else None
 
     def _weight_shape(self) -> tuple[int, ...]:
         """Shape of the float weight this layer replaced (the codes' shape by default)."""

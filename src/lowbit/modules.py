@@ -43,6 +43,7 @@ from lowbit.kernels import (
     run_fused_linear,
     select_kernel,
 )
+from lowbit.kernels.plans import Plan, conv_codes_plan, linear_plan
 from lowbit.modules_rnn import (
     RNN_TYPES,
     QuantizedGRU,
@@ -83,6 +84,8 @@ QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2
 
 class _Int8Base(QuantizedModuleBase):
     """Buffers and activation handling shared by the INT8 x INT8 modules."""
+
+    _plans_cast_bf16 = True  # (bfloat16 in: widened exactly; out: rounded to nearest even)
 
     def _init_int8(self, weight_shape: tuple[int, ...], has_bias: bool, weight_spec: QuantSpec,
                    act_spec: QuantSpec, mode: str) -> None:
@@ -128,6 +131,7 @@ class _Int8Base(QuantizedModuleBase):
                                            scale, zp))
         self._fused_args = (self.qweight, self._w_scale, self._colsum, self.bias, scale, zp,
                             self._comp) if fusable else None
+        self._reset_plans(fusable and self.qweight.is_cpu)
 
     def _static_zero_point(self) -> torch.Tensor | None:
         """Signed static activation zero-point, None when it is 0 (no compensation needed)."""
@@ -256,6 +260,16 @@ class QuantizedLinear(_Int8Base):
     def _kernel(self, m: int, device: str) -> str:
         return select_kernel("int8_linear", m, backend=self.backend, k=self.in_features,
                              n=self.out_features, device=device)
+
+    def _make_plan(self, x: torch.Tensor) -> Plan | None:
+        lib = native_lib_for(x)
+        if lib is None or x.dim() == 0 or x.shape[-1] != self.in_features:
+            return None  # (the body raises for a wrong shape)
+        m = x.numel() // self.in_features
+        w, w_scale, _colsum, bias, scale, zp, comp = self._fused_args  # type: ignore[misc]
+        return linear_plan(lib, tuple(x.shape), self._kernel(m, "cpu"), w, w_scale, bias,
+                           self.act_spec.granularity == "per_token", scale, zp, comp,
+                           self.fused_relu, self._qmin, self._qmax)
 
     def kernel_info(self) -> str | dict[str, str]:
         """The INT8 GEMM, e.g. ``"int_mm_s8s8"`` (the same at every M on CPU); on CUDA
@@ -393,6 +407,21 @@ class QuantizedConv2d(_Int8Base):
         self._conv_args = None if not fast else (
             self.qweight[0].numel(), tuple(self.kernel_size), tuple(g["stride"]),
             tuple(g["padding"]), tuple(g["dilation"]), 0 if zp is None else int(zp))
+        self._reset_plans(fast and self.qweight.is_cpu)
+
+    def _make_plan(self, x: torch.Tensor) -> Plan | None:
+        lib = native_lib_for(x)
+        if lib is None or x.dim() != 4 or x.shape[1] != self.in_channels:
+            return None  # (the body handles unbatched inputs and raises for wrong shapes)
+        check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
+        b, _, h, w = x.shape
+        if self._conv_kernel(b * h * w) != "fp32_codes_conv":
+            return None
+        _k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
+        _, w_scale, _colsum, bias, scale, _zp, _ = self._fused_args  # type: ignore[misc]
+        return conv_codes_plan(lib, tuple(x.shape), self._codes_weight(), w_scale, bias, scale,
+                               zp_int, self._qmin, self._qmax, ksize, stride, padding, dilation,
+                               self.fused_relu, self.geometry.get("fused_maxpool") or 0)
 
     def _weight_cache(self, slot: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A kernel's derived weight, kept in the plain attribute ``slot`` (not a buffer: never
@@ -433,10 +462,11 @@ class QuantizedConv2d(_Int8Base):
             check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
             self.__dict__["_checked_input"] = checked
         x, bad = self._finite_rows(x, "static" if self.mode == "static" else "per-tensor")
-        if self._conv_args is not None and x.dim() == 4 and x.dtype == torch.float32:
-            y = self._forward_fused(x)
+        if self._conv_args is not None and x.dim() == 4 and x.dtype in NATIVE_DTYPES:
+            y = self._forward_fused(x if x.dtype == torch.float32 else x.float())
             if y is not None:
-                return self._nan_rows(y, bad)
+                y = self._nan_rows(y, bad)
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
         g = self.geometry
         xf = x.float()
         if g["pre_pad"] is not None:

@@ -53,6 +53,7 @@ from lowbit.kernels import (
     wo_small_fits,
     wo_small_max_rows,
 )
+from lowbit.kernels.plans import Plan, wo_conv_plan, wo_linear_plan
 from lowbit.native import load_gemm, load_native
 from lowbit.ops import dequantize, pack_int4, unpack_int4
 from lowbit.qgrad import frozen_forward
@@ -213,12 +214,30 @@ class _WeightOnlyLinear(_WeightOnly):
         """Also the one-call C path for small shapes (:func:`weight_only_linear_native`)."""
         super()._refresh_cache()
         self._small_max_m, self._small_args = 0, None
-        if self._c_args is None or not c_layout((self.bias, torch.float32)):
+        fast = self._c_args is not None and c_layout((self.bias, torch.float32))
+        self._reset_plans(fast)
+        if not fast:
             return
         w, packed, signed, n, kp, _k, group, scale, zp = self._c_args
         if wo_small_fits(self.packed, group):
             self._small_max_m = wo_small_max_rows(n, kp)
             self._small_args = (w, packed, signed, n, kp, group, scale, zp, self.bias)
+
+    def _make_plan(self, x: torch.Tensor) -> Plan | None:
+        lib = native_lib_for(x)
+        if lib is None or x.dim() == 0 or x.shape[-1] != self.in_features:
+            return None  # (the body raises for a wrong shape)
+        m = x.numel() // self.in_features
+        if 0 < m <= self._small_max_m:
+            return wo_linear_plan(lib, tuple(x.shape), self._small_args, None, self.bias,
+                                  self.fused_relu)
+        kernel = self._select_packed(m)
+        lib4 = load_gemm(kernel.partition("_")[2]) if kernel.startswith("u4q8_") else None
+        if lib4 is None:
+            return None
+        return wo_linear_plan(lib, tuple(x.shape), None,
+                              (lib4, self._u4_panels()),  # type: ignore[attr-defined]
+                              self.bias, self.fused_relu)
 
     _max_packed_m = INT4_PACKED_MAX_M
 
@@ -317,6 +336,10 @@ class Int4Linear(_WeightOnlyLinear):
     #: weight group (faster, every M) or keep them in float32 (closer to the reference). Set on
     #: one module, it is saved with it (``meta()``).
     int8_activations: bool = True
+
+    @property
+    def _plan_tag(self) -> bool:
+        return self.int8_activations  # (set class-wide, it changes the kernel: new plans)
 
     def _shape_meta(self) -> dict[str, Any]:
         meta = super()._shape_meta()
@@ -541,6 +564,24 @@ class WeightOnlyConv2d(_WeightOnly):
     def kernel_info(self) -> str:
         """Dequantize the weight, then the float convolution."""
         return "dequant_fp32"
+
+    def _refresh_cache(self) -> None:
+        super()._refresh_cache()
+        g = self.geometry
+        self._reset_plans(self._c_args is not None and self._dims == 2
+                          and g["pre_pad"] is None and g["groups"] == 1
+                          and c_layout((self.bias, torch.float32)))
+
+    def _make_plan(self, x: torch.Tensor) -> Plan | None:
+        lib = native_lib_for(x)
+        if lib is None or x.dim() != 4 or x.shape[1] != self.in_channels:
+            return None  # (the body handles unbatched inputs and raises for wrong shapes)
+        check_conv_input(self._label(), x, self._dims, self.kernel_size, self.geometry)
+        g = self.geometry
+        return wo_conv_plan(lib, tuple(x.shape), self._c_args,  # type: ignore[arg-type]
+                            self.out_channels, tuple(self.kernel_size), self.bias,  # type: ignore[arg-type]
+                            tuple(g["stride"]), tuple(g["padding"]), tuple(g["dilation"]),
+                            self.fused_relu, g.get("fused_maxpool") or 0)
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight in the conv's shape ``[O, C/groups, *kernel_size]``."""

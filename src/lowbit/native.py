@@ -73,6 +73,10 @@ _SIGNATURES = {
                                   *[_I64] * 9, _P, _INT, _P, _INT]),
     "lb_linear_s8_small": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32,
                                   _P, _I64, _P, _P, _P, _INT, _P, _INT, _INT]),
+    "lb_qconv_nparams": (_I64, []),
+    "lb_qconv_direct": (_INT, [_P] * 7),
+    "lb_wo_conv_nparams": (_I64, []),
+    "lb_wo_conv_direct": (_INT, [_P] * 7),
 }
 
 

@@ -366,6 +366,7 @@ def _fuse_maxpools(qmodel: nn.Module, fusions: Fusions, todo: dict[str, LayerPla
         if type(layer) not in (QuantizedConv2d, WeightOnlyConv2d):
             continue
         layer.geometry["fused_maxpool"] = fusable_maxpool(qmodel.get_submodule(pool))
+        layer._refresh_cache()  # (its prepared calls ran without the pool)
         qmodel.set_submodule(pool, nn.Identity())
         plan.fused_pool = pool
 

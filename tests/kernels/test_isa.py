@@ -429,10 +429,11 @@ def test_fuzz_rnn_scan_checks_every_span_and_extent(kind: int, hid: int, batch: 
     w = torch.randint(-127, 128, (gates * hid, hid), dtype=torch.int8, generator=g)
     packed = s8_packed(w, lib)
     span_t = torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)
+    w_scale = torch.full((gates * hid,), 0.01)  # (held: a temporary's memory is freed at once)
     rc = lib.lbk_rnn_scan(kind, gx.data_ptr(), gx.numel(), rows, hid, span_t.data_ptr(),
                           span_t.shape[0], h.data_ptr(), c.data_ptr(), h.numel(), batch,
-                          packed.data_ptr(), packed.numel(), torch.full((gates * hid,), 0.01)
-                          .data_ptr(), None, 0, -128, 127, out.data_ptr(), out.numel(), 1)
+                          packed.data_ptr(), packed.numel(), w_scale.data_ptr(), None, 0, -128,
+                          127, out.data_ptr(), out.numel(), 1)
     # a cut shortens a buffer only where the shapes need one (no rows: gx and out are empty)
     bad = short == "state" or (short and rows > 0) or (bad_span and steps > 0)
     assert rc == (-1 if bad else 0)

@@ -724,3 +724,85 @@ int lb_wo_conv2d_small(const float *x, int64_t b, int64_t c, int64_t h, int64_t 
     return err;
 }
 #pragma GCC pop_options
+
+/* A small INT8 conv over centered codes in one call (a batch-1 conv's time is mostly the
+ * per-call cost of its steps): quantize (lb_quantize_centered_f32), the direct conv over the
+ * codes (lb_conv2d_f32_small), the epilogue in place (lb_epilogue) and an optional fused
+ * max-pool (lb_maxpool2d): the same functions in the same order as the step-by-step path, so
+ * the same bits. p: the LBQ_* parameters. static_scale: the static activation scale, NULL for
+ * dynamic (max|x| / qmax, computed here). weight: [o, c, kh, kw] float32 centered codes;
+ * sw, bias: [o] (bias may be NULL). x: [b, c, h, w]; y: [b, o, ho, wo], or pooled
+ * [b, o, ho / pool, wo / pool]. Returns 0; 1 when x holds NaN / Inf (nothing written: the
+ * caller's path zeroes those samples); -1 out of memory; -2 a width stride other than 1. */
+enum { LBQ_B, LBQ_C, LBQ_H, LBQ_W, LBQ_O, LBQ_KH, LBQ_KW, LBQ_SH, LBQ_SW, LBQ_PH, LBQ_PW, LBQ_DH,
+       LBQ_DW, LBQ_ZP, LBQ_QMIN, LBQ_QMAX, LBQ_RELU, LBQ_POOL, LBQ_T_QUANT, LBQ_T_CONV,
+       LBQ_T_EPI, LBQ_NPARAMS };
+
+int64_t lb_qconv_nparams(void) { return LBQ_NPARAMS; }
+
+int lb_qconv_direct(const int64_t *p, const float *static_scale, const float *weight,
+                    const float *sw, const float *bias, const float *x, float *y) {
+    const int64_t b = p[LBQ_B], c = p[LBQ_C], h = p[LBQ_H], w = p[LBQ_W], o = p[LBQ_O];
+    const int64_t kh = p[LBQ_KH], kw = p[LBQ_KW], pool = p[LBQ_POOL], n = b * c * h * w;
+    const int64_t ho = (h + 2 * p[LBQ_PH] - p[LBQ_DH] * (kh - 1) - 1) / p[LBQ_SH] + 1;
+    const int64_t wo = (w + 2 * p[LBQ_PW] - p[LBQ_DW] * (kw - 1) - 1) / p[LBQ_SW] + 1;
+    const int tq = (int)p[LBQ_T_QUANT], te = (int)p[LBQ_T_EPI];
+    if (n <= 0 || o <= 0 || ho <= 0 || wo <= 0)
+        return -2;
+    const float amax = lb_absmax(x, 0, 1, n, n, tq);
+    if (!(amax <= FLT_MAX))
+        return 1;
+    const float scale = static_scale ? static_scale[0] : dynamic_scale(amax, (float)p[LBQ_QMAX]);
+    float *t = (float *)malloc((size_t)n * sizeof(float));
+    float *out = pool ? (float *)malloc((size_t)(b * o * ho * wo) * sizeof(float)) : y;
+    int err = (!t || !out) ? -1 : 0;
+    if (!err) {
+        float s = scale; /* read only: dynamic = 0 */
+        lb_quantize_centered_f32(x, n, &s, 0, (int32_t)p[LBQ_ZP], (int32_t)p[LBQ_QMIN],
+                                 (int32_t)p[LBQ_QMAX], t, tq);
+        err = lb_conv2d_f32_small(t, b, c, h, w, weight, o, kh, kw, p[LBQ_SH], p[LBQ_SW],
+                                  p[LBQ_PH], p[LBQ_PW], p[LBQ_DH], p[LBQ_DW], NULL, 0, out,
+                                  (int)p[LBQ_T_CONV]);
+    }
+    if (!err) {
+        lb_epilogue(out, 0, b, o, ho * wo, &scale, 0, sw, bias, (int)p[LBQ_RELU], NULL, te);
+        if (pool)
+            lb_maxpool2d(out, b * o, ho, wo, pool, y, te);
+    }
+    free(t);
+    if (pool)
+        free(out);
+    return err;
+}
+
+/* The weight-only conv (lb_wo_conv2d_small: the weight dequantized from its codes, direct
+ * conv, bias, ReLU) and an optional fused max-pool in one call; the same functions in the
+ * same order as the step-by-step path. p: the LBW_* parameters; codes, scale, zp as
+ * lb_wo_conv2d_small takes them. Returns 0, -1 out of memory, -2 a width stride other than 1
+ * or an empty output. */
+enum { LBW_B, LBW_C, LBW_H, LBW_W, LBW_O, LBW_KH, LBW_KW, LBW_SH, LBW_SW, LBW_PH, LBW_PW,
+       LBW_DH, LBW_DW, LBW_PACKED, LBW_SIGNED, LBW_KP, LBW_GROUP, LBW_RELU, LBW_POOL,
+       LBW_T_CONV, LBW_T_POOL, LBW_NPARAMS };
+
+int64_t lb_wo_conv_nparams(void) { return LBW_NPARAMS; }
+
+int lb_wo_conv_direct(const int64_t *p, const uint8_t *codes, const float *scale,
+                      const int32_t *zp, const float *bias, const float *x, float *y) {
+    const int64_t b = p[LBW_B], o = p[LBW_O], kh = p[LBW_KH], kw = p[LBW_KW], pool = p[LBW_POOL];
+    const int64_t ho = (p[LBW_H] + 2 * p[LBW_PH] - p[LBW_DH] * (kh - 1) - 1) / p[LBW_SH] + 1;
+    const int64_t wo = (p[LBW_W] + 2 * p[LBW_PW] - p[LBW_DW] * (kw - 1) - 1) / p[LBW_SW] + 1;
+    if (b <= 0 || o <= 0 || ho <= 0 || wo <= 0)
+        return -2;
+    float *out = pool ? (float *)malloc((size_t)(b * o * ho * wo) * sizeof(float)) : y;
+    if (!out)
+        return -1;
+    int err = lb_wo_conv2d_small(x, b, p[LBW_C], p[LBW_H], p[LBW_W], codes, (int)p[LBW_PACKED],
+                                 (int)p[LBW_SIGNED], p[LBW_KP], p[LBW_GROUP], scale, zp, o, kh,
+                                 kw, p[LBW_SH], p[LBW_SW], p[LBW_PH], p[LBW_PW], p[LBW_DH],
+                                 p[LBW_DW], bias, (int)p[LBW_RELU], out, (int)p[LBW_T_CONV]);
+    if (!err && pool)
+        lb_maxpool2d(out, b * o, ho, wo, pool, y, (int)p[LBW_T_POOL]);
+    if (pool)
+        free(out);
+    return err;
+}

@@ -1,0 +1,310 @@
+"""Prepared C calls ("plans") for one quantized layer at one input shape.
+
+At batch 1 a small layer's arithmetic takes a few microseconds and its Python preparation
+(checks, kernel choice, allocations, argument conversion, several C calls) 15-30 us: more
+than the float layer's whole call. A plan does that preparation once per input shape and
+binds every argument except the input and output pointers, so an eager call is a handful of
+checks and one C call. Plans run the same C functions in the same order as the step-by-step
+paths, so they give the same bits. Modules keep them per shape and drop them whenever their
+buffers or fusions change (``QuantizedModuleBase._planned``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from lowbit.kernels.conv import DIRECT_CONV_MAX_MACS, _direct_conv_threads
+from lowbit.kernels.isa import s8_packed
+from lowbit.kernels.linear import SMALL_LINEAR_CODES, SMALL_LINEAR_MACS, SMALL_LINEAR_MACS_S8
+from lowbit.memory import POOL_MIN_BYTES
+from lowbit.memory import empty as pooled_empty
+from lowbit.native import addcmul_fma, load_gemm, threads_for
+
+__all__ = ["Plan", "PlanCache", "conv_codes_plan", "linear_plan", "wo_conv_plan",
+           "wo_linear_plan"]
+
+
+class Plan(NamedTuple):
+    """One layer's prepared call at one input shape.
+
+    Attributes:
+        run: ``run(x_ptr, y_ptr) -> status``: 0 when ``y`` was written; anything else (NaN /
+            Inf in the input, a refused argument) means nothing is returned and the caller
+            takes its step-by-step path, which handles the case.
+        out_shape: the float32 output's shape.
+        alloc: ``torch.empty`` or, for large outputs, ``lowbit.memory.empty`` (the reuse pool).
+        keep: the tensors and ctypes objects ``run``'s bound pointers point into (kept alive
+            with the plan).
+    """
+
+    run: Callable[[int, int], int]
+    out_shape: tuple[int, ...]
+    alloc: Callable[..., torch.Tensor]
+    keep: tuple[Any, ...]
+
+
+class PlanCache(dict):
+    """A layer's plans (key -> ``(Plan or False, weight key)``): copied and pickled empty, since
+    plans hold raw pointers into the tensors of the layer they were built for."""
+
+    def __deepcopy__(self, memo: dict) -> PlanCache:
+        return PlanCache()
+
+    def __reduce__(self) -> tuple:
+        return (PlanCache, ())
+
+
+def _alloc_for(shape: tuple[int, ...]) -> Callable[..., torch.Tensor]:
+    return pooled_empty if math.prod(shape) * 4 >= POOL_MIN_BYTES else torch.empty
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
+                    w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    static_scale: torch.Tensor | None, zp: int, qmin: int, qmax: int,
+                    ksize: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                    dilation: tuple[int, int], relu: bool, pool: int) -> Plan | None:
+    """The ``"fp32_codes_conv"`` INT8 conv on the direct C conv, with its epilogue and an
+    optional fused max-pool, as one call of ``lb_qconv_direct`` for float32 contiguous
+    NCHW inputs of ``shape``; None when the direct conv does not take the shape (width stride
+    other than 1, more than :data:`~lowbit.kernels.conv.DIRECT_CONV_MAX_MACS` multiply-adds).
+
+    Args:
+        lib: the library from :func:`~lowbit.kernels.base.native_lib_for`.
+        shape: the input's ``(B, C, H, W)``.
+        weight: float32 contiguous ``[O, C, kh, kw]`` centered weight codes.
+        w_scale, bias: float32 contiguous ``[O]`` (bias may be None).
+        static_scale: the static activation scale (0-dim float32), None for dynamic symmetric.
+        zp: the static activation zero-point (signed codes; 0 when dynamic).
+        qmin, qmax: the signed activation code range.
+        ksize, stride, padding, dilation: the conv's geometry (zero padding, groups 1).
+        relu: fused ReLU. pool: fused ``MaxPool2d(pool)`` (kernel = stride), 0 for none.
+
+    Example:
+        >>> from lowbit.kernels import native_lib_for
+        >>> w = torch.randint(-127, 128, (4, 2, 3, 3)).float()
+        >>> lib = native_lib_for(w)
+        >>> plan = lib and conv_codes_plan(lib, (1, 2, 5, 5), w, torch.ones(4), None, None, 0,
+        ...                                -127, 127, (3, 3), (1, 1), (1, 1), (1, 1), False, 0)
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> y = plan and plan.alloc(plan.out_shape)
+        >>> plan is None or (plan.run(x.data_ptr(), y.data_ptr()), tuple(y.shape))
+        (0, (1, 4, 5, 5))
+    """
+    b, c, h, w = shape
+    o = weight.shape[0]
+    ho, wo = (-(-(h + 2 * padding[0] - dilation[0] * (ksize[0] - 1)) // stride[0]),
+              w + 2 * padding[1] - dilation[1] * (ksize[1] - 1))  # (width stride 1)
+    macs = b * ho * wo * weight.numel()
+    if stride[1] != 1 or ho <= 0 or wo <= 0 or b * h * w * weight.numel() > DIRECT_CONV_MAX_MACS:
+        return None
+    if (weight.dtype != torch.float32 or not weight.is_contiguous()
+            or tuple(weight.shape) != (o, c, *ksize) or w_scale.numel() != o
+            or (bias is not None and bias.numel() != o)):
+        raise ValueError(f"conv_codes_plan: weight {tuple(weight.shape)} {weight.dtype}, "
+                         f"w_scale {tuple(w_scale.shape)} or bias do not match the conv "
+                         f"{c} -> {o} channels, kernel {ksize}")
+    threads = torch.get_num_threads()
+    params = (ctypes.c_int64 * lib.lb_qconv_nparams())(
+        b, c, h, w, o, *ksize, *stride, *padding, *dilation, zp, qmin, qmax, int(relu), pool,
+        threads_for(b * c * h * w), _direct_conv_threads(macs),
+        threads_for(b * o * ho * wo) if threads > 1 else 1)
+    out = (b, o, ho // pool, wo // pool) if pool else (b, o, ho, wo)
+    bound = (ctypes.addressof(params), _ptr(static_scale), weight.data_ptr(),
+             w_scale.data_ptr(), _ptr(bias))
+    call = lib.lb_qconv_direct
+
+    def run(x_ptr: int, y_ptr: int) -> int:
+        return call(*bound, x_ptr, y_ptr)
+
+    return Plan(run, out, _alloc_for(out), (params, weight, w_scale, bias, static_scale))
+
+
+def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
+                w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
+                scale: torch.Tensor | None, zero_point: torch.Tensor | None,
+                comp: torch.Tensor | None, relu: bool, qmin: int, qmax: int) -> Plan | None:
+    """The INT8 linear (quantize, GEMM, epilogue) on float32 contiguous inputs of ``shape``
+    (``[..., K]``) as one bound C call: the one-call small kernel (``lb_linear_s8_small``)
+    or this ISA's packed GEMM (``lbk_s8_linear``), as
+    :func:`~lowbit.kernels.linear.run_fused_linear` picks for ``kernel``; None for the other
+    kernels. Layers whose activation scale is shared by all rows (static, per-tensor) first
+    check the input is finite (one C absmax), as the step-by-step path does.
+
+    Args:
+        lib: the library from :func:`~lowbit.kernels.base.native_lib_for`.
+        shape: the input's shape. kernel: the layer's kernel at ``M = prod(shape[:-1])``.
+        w: int8 ``[N, K]``; w_scale, bias: float32 ``[N]``; per_token: dynamic per-row scales;
+        scale, zero_point: static qparams (float32 / int32, 0-dim) or None for dynamic;
+        comp: the static zero-point compensation or None; relu: fused ReLU;
+        qmin, qmax: the activation code range. All as checked by
+        :func:`~lowbit.kernels.linear.fused_linear_layout`.
+
+    Example:
+        >>> from lowbit.kernels import native_lib_for, select_kernel
+        >>> w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+        >>> lib = native_lib_for(w)
+        >>> plan = lib and linear_plan(lib, (3, 16), select_kernel("int8_linear", 3), w,
+        ...                            torch.ones(8), None, True, None, None, None, False,
+        ...                            -127, 127)
+        >>> x = torch.randn(3, 16)
+        >>> y = plan and plan.alloc(plan.out_shape)
+        >>> plan is None or (plan.run(x.data_ptr(), y.data_ptr()), tuple(y.shape))
+        (0, (3, 8))
+    """
+    k, n = shape[-1], w.shape[0]
+    m = math.prod(shape[:-1])
+    out = (*shape[:-1], n)
+    if m == 0:
+        return None
+    dynamic = scale is None
+    finite_check = not (dynamic and per_token)  # one shared scale: a NaN row must not spread
+    absmax = lib.lb_absmax
+    small = SMALL_LINEAR_MACS_S8 if kernel.startswith("s8_") else SMALL_LINEAR_MACS
+    keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp)
+    if m * n * k <= small and m * k <= SMALL_LINEAR_CODES and kernel in (
+            "int_mm_s8s8", "fp32_codes", "s8_avx2", "s8_portable"):
+        call = lib.lb_linear_s8_small
+        head = (0, m, k, k, _ptr(scale), int(dynamic and per_token), int(dynamic),
+                _ptr(zero_point), qmin, qmax, w.data_ptr(), n, _ptr(comp), w_scale.data_ptr(),
+                _ptr(bias), int(relu))
+        tail = (0, threads_for(m * n * k))
+
+        def run_small(x_ptr: int, y_ptr: int) -> int:
+            if finite_check and not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
+                return 1
+            call(x_ptr, *head, y_ptr, *tail)
+            return 0
+
+        return Plan(run_small, out, torch.empty, keep)
+    lib8 = load_gemm(kernel[3:]) if kernel.startswith("s8_") else None
+    packed = lib8 and s8_packed(w, lib8)
+    if packed is None:
+        return None
+    call8 = lib8.lbk_s8_linear
+    x_bytes, y_bytes = m * k * 4, m * n * 4
+    head8 = (0, m, k, k, x_bytes)
+    mid8 = (int(dynamic and per_token), int(dynamic), _ptr(zero_point), qmin, qmax,
+            packed.data_ptr(), packed.numel(), n, _ptr(comp), w_scale.data_ptr(), _ptr(bias),
+            int(relu), int(addcmul_fma()))
+    tail8 = (0, y_bytes, torch.get_num_threads())
+    scale_shape = (m, 1) if per_token else ()
+    static_ptr = _ptr(scale)
+
+    def run_s8(x_ptr: int, y_ptr: int) -> int:
+        if finite_check and not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
+            return 1
+        if dynamic:  # the row scales, written by C (a fresh buffer: calls may overlap)
+            s = torch.empty(scale_shape)
+            return call8(x_ptr, *head8, s.data_ptr(), *mid8, y_ptr, *tail8)
+        return call8(x_ptr, *head8, static_ptr, *mid8, y_ptr, *tail8)
+
+    return Plan(run_s8, out, _alloc_for(out), (*keep, packed))
+
+
+def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: int,
+                 ksize: tuple[int, int], bias: torch.Tensor | None, stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], relu: bool,
+                 pool: int) -> Plan | None:
+    """The weight-only conv on the direct C conv (weight dequantized from its codes in the same
+    call, :func:`~lowbit.kernels.conv.run_wo_conv2d_native`) with an optional fused max-pool,
+    as one ``lb_wo_conv_direct`` call for float32 contiguous NCHW inputs of ``shape``; None
+    when the direct conv does not take the shape.
+
+    Args:
+        lib: the library. shape: the input's ``(B, C, H, W)``.
+        c_args: the module's C dequantization arguments ``(codes, packed, signed, n, kp, k,
+            group, scale, zero_point)``.
+        out_channels, ksize, bias, stride, padding, dilation: the conv (zero padding, groups 1).
+        relu: fused ReLU. pool: fused ``MaxPool2d(pool)``, 0 for none.
+
+    Example:
+        >>> from lowbit.kernels import native_lib_for
+        >>> codes = torch.ones(2, 4, dtype=torch.int8)  # 2 output channels, 1 x 2 x 2 kernel
+        >>> args = (codes, 0, 1, 2, 4, 4, 4, torch.tensor([0.5, 1.0]),
+        ...         torch.zeros(2, dtype=torch.int32))
+        >>> lib = native_lib_for(codes)
+        >>> plan = lib and wo_conv_plan(lib, (1, 1, 3, 3), args, 2, (2, 2), None, (1, 1),
+        ...                             (0, 0), (1, 1), False, 0)
+        >>> x, y = torch.ones(1, 1, 3, 3), torch.empty(1, 2, 2, 2)
+        >>> plan is None or (plan.run(x.data_ptr(), y.data_ptr()), y[0, :, 0, 0].tolist())
+        (0, [2.0, 4.0])
+    """
+    codes, packed, signed, n, kp, k, group, scale, zp = c_args
+    b, c, h, w = shape
+    ho = -(-(h + 2 * padding[0] - dilation[0] * (ksize[0] - 1)) // stride[0])
+    wo = w + 2 * padding[1] - dilation[1] * (ksize[1] - 1)
+    if (stride[1] != 1 or ho <= 0 or wo <= 0 or b * h * w * n * k > DIRECT_CONV_MAX_MACS
+            or n != out_channels or k != c * ksize[0] * ksize[1]):
+        return None
+    params = (ctypes.c_int64 * lib.lb_wo_conv_nparams())(
+        b, c, h, w, n, *ksize, *stride, *padding, *dilation, packed, signed, kp, group,
+        int(relu), pool, _direct_conv_threads(b * ho * wo * n * k), threads_for(b * n * ho * wo))
+    out = (b, n, ho // pool, wo // pool) if pool else (b, n, ho, wo)
+    bound = (ctypes.addressof(params), codes.data_ptr(), scale.data_ptr(), zp.data_ptr(),
+             _ptr(bias))
+    call = lib.lb_wo_conv_direct
+
+    def run(x_ptr: int, y_ptr: int) -> int:
+        return call(*bound, x_ptr, y_ptr)
+
+    return Plan(run, out, _alloc_for(out), (params, codes, scale, zp, bias))
+
+
+def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
+                   u4p: tuple[Any, tuple] | None, bias: torch.Tensor | None,
+                   relu: bool) -> Plan | None:
+    """A weight-only linear on float32 contiguous inputs of ``shape`` as one bound C call:
+    the one-call small kernel (``lb_wo_linear_small``, ``small_args`` as
+    :func:`~lowbit.kernels.weight_only.run_weight_only_linear_native` takes them) or, when
+    ``small_args`` is None, the INT4 x INT8 kernel (``u4p = (ISA library, args of``
+    :func:`~lowbit.kernels.isa.run_u4p_linear`\\ ``)``); None for neither.
+
+    Example:
+        >>> from lowbit.kernels import native_lib_for
+        >>> codes = torch.tensor([[3, -2]], dtype=torch.int8)
+        >>> args = (codes, 0, 1, 1, 2, 2, torch.tensor([0.5]), torch.zeros(1, dtype=torch.int32),
+        ...         None)
+        >>> lib = native_lib_for(codes)
+        >>> plan = lib and wo_linear_plan(lib, (1, 2), args, None, None, False)
+        >>> x, y = torch.ones(1, 2), torch.empty(1, 1)
+        >>> plan is None or (plan.run(x.data_ptr(), y.data_ptr()), y.tolist())
+        (0, [[0.5]])
+    """
+    k = shape[-1]
+    m = math.prod(shape[:-1])
+    if m == 0:
+        return None
+    if small_args is not None:
+        w, packed, signed, n, kp, group, scale, zp, _bias = small_args
+        call = lib.lb_wo_linear_small
+        head = (m, k, k, w.data_ptr(), packed, signed, n, kp, group, scale.data_ptr(),
+                zp.data_ptr(), _ptr(bias), int(relu))
+        tail = (threads_for(m * n * kp),)
+
+        def run_small(x_ptr: int, y_ptr: int) -> int:
+            return call(x_ptr, *head, y_ptr, *tail)
+
+        out = (*shape[:-1], n)
+        return Plan(run_small, out, torch.empty, (w, scale, zp, bias))
+    if u4p is None:
+        return None
+    lib4, (wp, sc, zp4, n, kp, group) = u4p
+    call4 = lib4.lbk_u4p_linear
+    head4 = (m, k, k, m * k, wp.data_ptr(), wp.numel(), n, kp, group, sc.data_ptr(),
+             zp4.data_ptr(), _ptr(bias), int(relu))
+    tail4 = (m * n, torch.get_num_threads())
+
+    def run_u4p(x_ptr: int, y_ptr: int) -> int:
+        return call4(x_ptr, *head4, y_ptr, *tail4)
+
+    out = (*shape[:-1], n)
+    return Plan(run_u4p, out, _alloc_for(out), (wp, sc, zp4, bias))

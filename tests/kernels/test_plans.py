@@ -1,0 +1,245 @@
+"""Prepared C calls (lowbit.kernels.plans): the same bits as the step-by-step path, used when
+they apply, and dropped whenever what they were built from changes."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit._qmodule import QuantizedModuleBase
+from lowbit.config import QuantizationConfig
+from lowbit.kernels import native_lib_for
+from lowbit.kernels.plans import Plan
+from lowbit.modules import Int4Linear
+from lowbit.ptq import quantize_dynamic, quantize_static, quantize_weight_only
+
+pytestmark = pytest.mark.skipif(native_lib_for(torch.zeros(1)) is None,
+                                reason="lowbit's C kernels are not available here")
+
+
+def _stepwise(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose quantized layers never use prepared calls."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, QuantizedModuleBase):
+            m.use_plans = False
+    return model
+
+
+def _plans(layer: nn.Module) -> list[Plan]:
+    return [p for p, _ in (layer.__dict__.get("_plans") or {}).values() if p]
+
+
+def _run_twice(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The second call is the one that runs on a plan (the first refreshes the caches)."""
+    with torch.no_grad():
+        model(x)
+        return model(x)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, c: int, o: int, k: int, stride: tuple[int, int], dilation: int,
+                 padding: int, bias: bool, relu: bool, pool: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, o, k, stride=stride, dilation=dilation, padding=padding,
+                              bias=bias)
+        self.act = nn.ReLU() if relu else nn.Identity()
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.conv(x)))
+
+
+CONV_CASES = [  # c, o, k, stride, dilation, padding, bias, relu, pool, input shape
+    (1, 16, 3, (1, 1), 1, 1, False, True, True, (1, 1, 28, 28)),
+    (16, 32, 3, (1, 1), 1, 1, True, True, True, (1, 16, 14, 14)),
+    (3, 9, 3, (2, 1), 2, 2, True, False, False, (2, 3, 11, 13)),
+    (5, 4, 1, (1, 1), 1, 0, True, True, False, (1, 5, 7, 9)),
+    (4, 12, 5, (1, 1), 1, 0, False, False, True, (3, 4, 17, 19)),
+]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2]}")
+def test_conv_plan_gives_the_stepwise_bits(mode: str, case: tuple) -> None:
+    *geometry, shape = case
+    model = _ConvNet(*geometry).eval()
+    if mode == "dynamic":
+        q = quantize_dynamic(model, progress=False)
+    else:
+        q = quantize_static(model, [torch.randn(4, *shape[1:]) for _ in range(3)],
+                            progress=False)
+    x = torch.randn(shape)
+    y = _run_twice(q, x)
+    assert _plans(q.conv), "the conv did not run on a prepared call"
+    stepwise = _stepwise(q)
+    ref = _run_twice(stepwise, x)
+    assert not _plans(stepwise.conv)
+    assert torch.equal(y, ref)
+    assert y.shape == model(x).shape
+
+
+def _mlp(k: int, hidden: int, relu: bool) -> nn.Module:
+    return nn.Sequential(nn.Linear(k, hidden), nn.ReLU() if relu else nn.GELU(),
+                         nn.Linear(hidden, 10)).eval()
+
+
+LINEAR_SHAPES = [(1, 128), (3, 128), (2, 5, 128), (1, 1568), (32, 1568), (128,)]
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
+@pytest.mark.parametrize("scheme", ["per_token", "per_tensor", "static"])
+def test_linear_plan_gives_the_stepwise_bits(shape: tuple[int, ...], scheme: str) -> None:
+    k = shape[-1]
+    model = _mlp(k, 96, relu=scheme != "per_token")  # ReLU fused, or GELU fused
+    if scheme == "static":
+        q = quantize_static(model, [torch.randn(8, k) for _ in range(3)], progress=False)
+    else:
+        cfg = QuantizationConfig.int8_dynamic(per_token=scheme == "per_token")
+        q = quantize_dynamic(model, config=cfg, progress=False)
+    x = torch.randn(shape)
+    y = _run_twice(q, x)
+    assert _plans(q[0]) and _plans(q[2]), "the linears did not run on prepared calls"
+    assert torch.equal(y, _run_twice(_stepwise(q), x))
+
+
+def test_in_place_weight_change_is_seen() -> None:
+    q = quantize_dynamic(_mlp(64, 32, relu=True), progress=False)
+    x = torch.randn(2, 64)
+    _run_twice(q, x)
+    with torch.no_grad():
+        q[0].qweight.neg_()  # the step-by-step path rebuilds its caches, plans are dropped
+    y = q(x)
+    assert torch.equal(y, _run_twice(_stepwise(q), x))
+    assert torch.equal(_run_twice(q, x), y)
+
+
+def test_fusion_and_backend_changes_drop_the_plans() -> None:
+    q = quantize_dynamic(_mlp(64, 32, relu=True), progress=False)
+    x = torch.randn(2, 64)
+    before = _run_twice(q, x)
+    q[0].fused_relu = False  # (the ReLU module was replaced by Identity: outputs change)
+    after = _run_twice(q, x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, _run_twice(_stepwise(q), x))
+    q[0].backend = "reference"
+    assert not _plans(q[0])
+    assert torch.allclose(q(x), after, atol=1e-5)
+
+
+def test_thread_count_changes_give_new_plans_with_the_same_bits() -> None:
+    q = quantize_dynamic(_ConvNet(16, 32, 3, (1, 1), 1, 1, True, True, True).eval(),
+                         progress=False)
+    x = torch.randn(1, 16, 14, 14)
+    threads = torch.get_num_threads()
+    try:
+        y2 = _run_twice(q, x)
+        torch.set_num_threads(1)
+        y1 = _run_twice(q, x)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(_plans(q.conv)) == (2 if threads > 1 else 1)
+    assert torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_non_finite_inputs_take_the_stepwise_path(mode: str) -> None:
+    model = _ConvNet(3, 8, 3, (1, 1), 1, 1, True, True, False).eval()
+    if mode == "dynamic":
+        q = quantize_dynamic(model, progress=False)
+    else:
+        q = quantize_static(model, [torch.randn(4, 3, 9, 9)], progress=False)
+    x = torch.randn(3, 3, 9, 9)
+    _run_twice(q, x)
+    bad = x.clone()
+    bad[1, 0, 2, 2] = float("nan")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        y = q(bad)
+        ref = _stepwise(q)(bad)
+    assert torch.isnan(y[1]).all() and torch.equal(y[[0, 2]], ref[[0, 2]])
+    assert torch.equal(y[[0, 2]], q(x)[[0, 2]])  # the other samples as without the NaN
+
+
+def test_wrong_shapes_raise_as_without_plans() -> None:
+    q = quantize_dynamic(_ConvNet(3, 8, 3, (1, 1), 1, 0, True, True, False).eval(),
+                         progress=False)
+    _run_twice(q, torch.randn(1, 3, 9, 9))
+    with pytest.raises(RuntimeError, match="smaller than"):
+        q(torch.randn(1, 3, 2, 9))
+    with pytest.raises(ValueError, match="expected input with 3 features"):
+        q(torch.randn(1, 4, 9, 9))
+
+
+def test_inputs_that_need_grad_or_other_dtypes_skip_the_plans() -> None:
+    q = quantize_dynamic(_mlp(64, 32, relu=True), progress=False)
+    x = torch.randn(2, 64)
+    y = _run_twice(q, x)
+    assert torch.equal(q(x.double()).float(), _stepwise(q)(x.double()).float())
+    xg = x.clone().requires_grad_(True)
+    out = q(xg)
+    out.sum().backward()
+    assert xg.grad is not None and torch.allclose(out.detach(), y)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2]}")
+def test_weight_only_conv_plan_gives_the_stepwise_bits(bits: int, case: tuple) -> None:
+    *geometry, shape = case
+    model = _ConvNet(*geometry).eval()
+    q = quantize_weight_only(model, bits=bits, group_size=geometry[0] * geometry[2] ** 2,
+                             progress=False)  # one group per output channel
+    x = torch.randn(shape)
+    y = _run_twice(q, x)
+    assert _plans(q.conv), "the conv did not run on a prepared call"
+    assert torch.equal(y, _run_twice(_stepwise(q), x))
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (3, 128), (2, 5, 128), (1, 1568), (40, 1568)],
+                         ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_linear_plan_gives_the_stepwise_bits(shape: tuple[int, ...],
+                                                         bits: int) -> None:
+    q = quantize_weight_only(_mlp(shape[-1], 96, relu=True), bits=bits,
+                             group_size=32 if bits == 4 else None, progress=False)
+    x = torch.randn(shape)
+    y = _run_twice(q, x)
+    rows = x.numel() // shape[-1]
+    if bits == 4 or rows <= q[2]._small_max_m:  # (else PyTorch's packed INT8 op runs)
+        assert _plans(q[2]), "the head did not run on a prepared call"
+    assert torch.equal(y, _run_twice(_stepwise(q), x))
+
+
+def test_int4_activation_setting_changes_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = quantize_weight_only(_mlp(1568, 96, relu=True), bits=4, group_size=32,
+                             progress=False)
+    x = torch.randn(40, 1568)
+    y8 = _run_twice(q, x)
+    monkeypatch.setattr(Int4Linear, "int8_activations", False)  # class-wide
+    yf = _run_twice(q, x)
+    assert torch.equal(yf, _run_twice(_stepwise(q), x))
+    assert not torch.equal(yf, y8)
+    q[0].int8_activations = True  # on one module
+    assert torch.equal(_run_twice(q, x), _run_twice(_stepwise(q), x))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_bfloat16_models_use_the_plans_with_the_stepwise_bits(mode: str) -> None:
+    from lowbit.models import MnistCNN
+
+    model = MnistCNN().eval().to(torch.bfloat16)
+    if mode == "dynamic":
+        q = quantize_dynamic(model, progress=False)
+    else:
+        q = quantize_static(model, [torch.randn(8, 1, 28, 28, dtype=torch.bfloat16)],
+                            progress=False)
+    for batch in (1, 32):
+        x = torch.randn(batch, 1, 28, 28, dtype=torch.bfloat16)
+        y = _run_twice(q, x)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, _run_twice(_stepwise(q), x))
+    assert _plans(q.conv1) and _plans(q.fc2)
