@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lowbit._qmodule import QuantizedModuleBase
@@ -243,3 +245,39 @@ def test_bfloat16_models_use_the_plans_with_the_stepwise_bits(mode: str) -> None
         assert y.dtype == torch.bfloat16
         assert torch.equal(y, _run_twice(_stepwise(q), x))
     assert _plans(q.conv1) and _plans(q.fc2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(c=st.integers(1, 6), o=st.integers(1, 12), kh=st.integers(1, 4), kw=st.integers(1, 4),
+       sh=st.integers(1, 3), dil=st.integers(1, 2), pad=st.integers(0, 2),
+       h=st.integers(1, 12), w=st.integers(1, 17), batch=st.integers(1, 3),
+       bias=st.booleans(), relu=st.booleans(), pool=st.booleans(), static=st.booleans(),
+       bits=st.sampled_from([0, 4, 8]))
+def test_fuzz_conv_plans_read_and_write_only_their_tensors(
+        c: int, o: int, kh: int, kw: int, sh: int, dil: int, pad: int, h: int, w: int,
+        batch: int, bias: bool, relu: bool, pool: bool, static: bool, bits: int) -> None:
+    """Random geometries, down to inputs exactly the kernel's extent: a plan's output equals
+    the step-by-step path's (bits = 0: INT8 x INT8, else weight-only), and a shape the conv
+    refuses raises the same error with and without plans. Inputs and outputs sit between
+    guard values that must come back unchanged."""
+    pad = min(pad, dil * (min(kh, kw) - 1))  # (lowbit refuses padding beyond the kernel's reach)
+    model = _ConvNet(c, o, (kh, kw), (sh, 1), dil, pad, bias, relu, pool).eval()
+    if bits:
+        q = quantize_weight_only(model, bits=bits, group_size=c * kh * kw, progress=False)
+    elif static:
+        q = quantize_static(model, [torch.randn(2, c, 16, 20)], progress=False)
+    else:
+        q = quantize_dynamic(model, progress=False)
+    guard = torch.full((3 * batch * c * h * w,), 1e30)
+    x = guard[batch * c * h * w:2 * batch * c * h * w].view(batch, c, h, w)
+    x.copy_(torch.randn(batch, c, h, w))
+    try:
+        ref = _run_twice(_stepwise(q), x)
+    except (RuntimeError, ValueError) as exc:
+        with pytest.raises(type(exc)):
+            _run_twice(q, x)
+        return
+    y = _run_twice(q, x)
+    assert torch.equal(y, ref)
+    assert bool((guard[:batch * c * h * w] == 1e30).all())
+    assert bool((guard[2 * batch * c * h * w:] == 1e30).all())
