@@ -281,3 +281,23 @@ def test_fuzz_conv_plans_read_and_write_only_their_tensors(
     assert torch.equal(y, ref)
     assert bool((guard[:batch * c * h * w] == 1e30).all())
     assert bool((guard[2 * batch * c * h * w:] == 1e30).all())
+
+
+def test_threads_sharing_a_model_get_their_own_results() -> None:
+    """Plans hold no per-call state: threads calling one model at once (as a server's request
+    threads do) each get exactly the single-threaded result for their input."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lowbit.models import MnistCNN
+
+    q = quantize_dynamic(MnistCNN().eval(), progress=False)
+    xs = [torch.randn(1 + i % 3, 1, 28, 28) for i in range(12)]
+    with torch.no_grad():
+        expected = [_run_twice(q, x) for x in xs]
+
+    def work(i: int) -> bool:
+        with torch.no_grad():
+            return all(torch.equal(q(xs[i]), expected[i]) for _ in range(20))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(len(xs))))
