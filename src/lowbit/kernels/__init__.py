@@ -9,7 +9,8 @@ exact fp32 GEMM over the codes. The INT8 x INT8 paths are bit-identical to the r
 
 Modules: ``select`` (which kernel), ``base`` (shared checks), ``isa`` (the C GEMMs per
 instruction set), ``quantize`` (activation codes), ``gemm`` (the INT32 accumulator by every path,
-and the float epilogue), ``linear``, ``conv``, ``weight_only``. Measurements and the decisions
+and the float epilogue), ``linear``, ``conv``, ``weight_only``, ``plans`` (a layer's call prepared
+once per input shape, for batch 1). Measurements and the decisions
 drawn from them: ``docs/kernels.md``.
 """
 
