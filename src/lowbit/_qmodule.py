@@ -308,9 +308,11 @@ class QuantizedModuleBase(nn.Module):
     body (eager cost: one check, ~0.2 us).
 
     Layers that support it (``_make_plan``) then try a prepared C call for the input's shape
-    (:mod:`lowbit.kernels.plans`): float32 contiguous CPU inputs that do not require grad,
-    the same bits as the body with one C call. Plans live in ``_plans`` (shape -> plan or
-    False), emptied by ``_refresh_cache`` and whenever a fusion or the backend is set.
+    (:mod:`lowbit.kernels.plans`): float32 (INT8 layers: also bfloat16) contiguous CPU inputs
+    that do not require grad, the same bits as the body with one C call. Plans live in
+    ``_plans`` ((shape, threads, ISA path, library, ``_plan_tag``) -> (plan or False, the
+    weight's version and pointer)), emptied by ``_refresh_cache`` and whenever a fusion, the
+    backend or ``use_plans`` is set.
     """
 
     #: Attributes whose change makes the prepared calls stale.
