@@ -75,6 +75,10 @@ _SIGNATURES = {
                                   _P, _I64, _P, _P, _P, _INT, _P, _INT, _INT]),
     "lb_qconv_nparams": (_I64, []),
     "lb_qconv_direct": (_INT, [_P] * 7),
+    "lb_linear_small_nparams": (_I64, []),
+    "lb_linear_small_prepared": (_INT, [_P] * 3),
+    "lb_wo_linear_small_nparams": (_I64, []),
+    "lb_wo_linear_small_prepared": (_INT, [_P] * 3),
     "lb_wo_conv_nparams": (_I64, []),
     "lb_wo_conv_direct": (_INT, [_P] * 7),
 }

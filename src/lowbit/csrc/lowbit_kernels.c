@@ -806,3 +806,41 @@ int lb_wo_conv_direct(const int64_t *p, const uint8_t *codes, const float *scale
         free(out);
     return err;
 }
+
+/* lb_linear_s8_small on float32 rows with its arguments in one array (a prepared call: one
+ * ctypes argument instead of twenty), after an optional finiteness check of x (layers whose
+ * activation scale is shared by all rows). Pointers are stored as integers. Returns 0; 1 when
+ * the check finds NaN / Inf (nothing written). */
+enum { LBL_M, LBL_K, LBL_SCALE, LBL_PER_ROW, LBL_DYNAMIC, LBL_ZP, LBL_QMIN, LBL_QMAX, LBL_W,
+       LBL_N, LBL_COMP, LBL_SW, LBL_BIAS, LBL_RELU, LBL_THREADS, LBL_CHECK, LBL_NPARAMS };
+
+int64_t lb_linear_small_nparams(void) { return LBL_NPARAMS; }
+
+int lb_linear_small_prepared(const int64_t *p, const float *x, float *y) {
+    const int64_t m = p[LBL_M], k = p[LBL_K];
+    if (p[LBL_CHECK] && !(lb_absmax(x, 0, 1, m * k, m * k, 1) <= FLT_MAX))
+        return 1;
+    lb_linear_s8_small(x, 0, m, k, k, (const float *)(intptr_t)p[LBL_SCALE], (int)p[LBL_PER_ROW],
+                       (int)p[LBL_DYNAMIC], (const int32_t *)(intptr_t)p[LBL_ZP],
+                       (int32_t)p[LBL_QMIN], (int32_t)p[LBL_QMAX],
+                       (const int8_t *)(intptr_t)p[LBL_W], p[LBL_N],
+                       (const int32_t *)(intptr_t)p[LBL_COMP], (const float *)(intptr_t)p[LBL_SW],
+                       (const float *)(intptr_t)p[LBL_BIAS], (int)p[LBL_RELU], y, 0,
+                       (int)p[LBL_THREADS]);
+    return 0;
+}
+
+/* lb_wo_linear_small with its arguments in one array (a prepared call), x rows contiguous. */
+enum { LBO_M, LBO_K, LBO_W, LBO_PACKED, LBO_SIGNED, LBO_N, LBO_KP, LBO_GROUP, LBO_SCALE, LBO_ZP,
+       LBO_BIAS, LBO_RELU, LBO_THREADS, LBO_NPARAMS };
+
+int64_t lb_wo_linear_small_nparams(void) { return LBO_NPARAMS; }
+
+int lb_wo_linear_small_prepared(const int64_t *p, const float *x, float *y) {
+    return lb_wo_linear_small(x, p[LBO_M], p[LBO_K], p[LBO_K], (const uint8_t *)(intptr_t)p[LBO_W],
+                              (int)p[LBO_PACKED], (int)p[LBO_SIGNED], p[LBO_N], p[LBO_KP],
+                              p[LBO_GROUP], (const float *)(intptr_t)p[LBO_SCALE],
+                              (const int32_t *)(intptr_t)p[LBO_ZP],
+                              (const float *)(intptr_t)p[LBO_BIAS], (int)p[LBO_RELU], y,
+                              (int)p[LBO_THREADS]);
+}

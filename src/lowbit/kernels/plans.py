@@ -133,8 +133,8 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
                 scale: torch.Tensor | None, zero_point: torch.Tensor | None,
                 comp: torch.Tensor | None, relu: bool, qmin: int, qmax: int) -> Plan | None:
     """The INT8 linear (quantize, GEMM, epilogue) on float32 contiguous inputs of ``shape``
-    (``[..., K]``) as one bound C call: the one-call small kernel (``lb_linear_s8_small``)
-    or this ISA's packed GEMM (``lbk_s8_linear``), as
+    (``[..., K]``) as one bound C call: the one-call small kernel (``lb_linear_s8_small``,
+    its arguments in one array) or this ISA's packed GEMM (``lbk_s8_linear``), as
     :func:`~lowbit.kernels.linear.run_fused_linear` picks for ``kernel``; None for the other
     kernels. Layers whose activation scale is shared by all rows (static, per-tensor) first
     check the input is finite (one C absmax), as the step-by-step path does.
@@ -172,19 +172,17 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
     keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp)
     if m * n * k <= small and m * k <= SMALL_LINEAR_CODES and kernel in (
             "int_mm_s8s8", "fp32_codes", "s8_avx2", "s8_portable"):
-        call = lib.lb_linear_s8_small
-        head = (0, m, k, k, _ptr(scale), int(dynamic and per_token), int(dynamic),
-                _ptr(zero_point), qmin, qmax, w.data_ptr(), n, _ptr(comp), w_scale.data_ptr(),
-                _ptr(bias), int(relu))
-        tail = (0, threads_for(m * n * k))
+        params = (ctypes.c_int64 * lib.lb_linear_small_nparams())(
+            m, k, _ptr(scale) or 0, int(dynamic and per_token), int(dynamic),
+            _ptr(zero_point) or 0, qmin, qmax, w.data_ptr(), n, _ptr(comp) or 0,
+            w_scale.data_ptr(), _ptr(bias) or 0, int(relu), threads_for(m * n * k),
+            int(finite_check))
+        call, p_addr = lib.lb_linear_small_prepared, ctypes.addressof(params)
 
         def run_small(x_ptr: int, y_ptr: int) -> int:
-            if finite_check and not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
-                return 1
-            call(x_ptr, *head, y_ptr, *tail)
-            return 0
+            return call(p_addr, x_ptr, y_ptr)
 
-        return Plan(run_small, out, torch.empty, keep)
+        return Plan(run_small, out, torch.empty, (*keep, params))
     lib8 = load_gemm(kernel[3:]) if kernel.startswith("s8_") else None
     packed = lib8 and s8_packed(w, lib8)
     if packed is None:
@@ -285,16 +283,16 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
         return None
     if small_args is not None:
         w, packed, signed, n, kp, group, scale, zp, _bias = small_args
-        call = lib.lb_wo_linear_small
-        head = (m, k, k, w.data_ptr(), packed, signed, n, kp, group, scale.data_ptr(),
-                zp.data_ptr(), _ptr(bias), int(relu))
-        tail = (threads_for(m * n * kp),)
+        params = (ctypes.c_int64 * lib.lb_wo_linear_small_nparams())(
+            m, k, w.data_ptr(), packed, signed, n, kp, group, scale.data_ptr(), zp.data_ptr(),
+            _ptr(bias) or 0, int(relu), threads_for(m * n * kp))
+        call, p_addr = lib.lb_wo_linear_small_prepared, ctypes.addressof(params)
 
         def run_small(x_ptr: int, y_ptr: int) -> int:
-            return call(x_ptr, *head, y_ptr, *tail)
+            return call(p_addr, x_ptr, y_ptr)
 
         out = (*shape[:-1], n)
-        return Plan(run_small, out, torch.empty, (w, scale, zp, bias))
+        return Plan(run_small, out, torch.empty, (w, scale, zp, bias, params))
     if u4p is None:
         return None
     lib4, (wp, sc, zp4, n, kp, group) = u4p
