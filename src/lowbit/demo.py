@@ -169,11 +169,11 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0, quiet: bool = False,
     total_s = time.perf_counter() - start
     say()
     say("Note: this CNN's layers are tiny (16/32-channel convs, 10-30 us each in FP32), so "
-        "per-call overhead, not arithmetic, sets its speed at batch 1 (lowbit runs them on "
-        "fused C kernels: about 1.1x FP32 on CPUs with AVX-512 VNNI, slower than oneDNN's FP32 "
-        "convolutions on AVX2-only CPUs); on larger Linear layers (MLPs, transformers) INT8 "
-        "runs 1.4-4.5x faster than FP32 (lowbit's ISA path here: "
-        f"{native_status()['isa']}): see `python benchmarks/bench_ptq.py`.")
+        "per-call overhead, not arithmetic, sets its speed at batch 1: lowbit prepares one C "
+        "call per layer and input shape (about 1.9x FP32 at batch 1 on an AVX2-only CPU); on "
+        "larger Linear layers (MLPs, transformers) INT8 runs 1.4-4.5x faster than FP32 "
+        f"(lowbit's ISA path here: {native_status()['isa']}): see "
+        "`python benchmarks/bench_ptq.py`.")
     say(f"Done in {total_s:.1f} s (training {train_s:.1f} s).")
     return {
         "description": splits.description,
