@@ -734,6 +734,12 @@ int lb_wo_conv2d_small(const float *x, int64_t b, int64_t c, int64_t h, int64_t 
  * sw, bias: [o] (bias may be NULL). x: [b, c, h, w]; y: [b, o, ho, wo], or pooled
  * [b, o, ho / pool, wo / pool]. Returns 0; 1 when x holds NaN / Inf (nothing written: the
  * caller's path zeroes those samples); -1 out of memory; -2 a width stride other than 1. */
+/* Output length of a conv along one dimension (zero padding), as PyTorch computes it. */
+static inline int64_t conv_out_len(int64_t size, int64_t pad, int64_t dil, int64_t k,
+                                   int64_t stride) {
+    return (size + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+}
+
 enum { LBQ_B, LBQ_C, LBQ_H, LBQ_W, LBQ_O, LBQ_KH, LBQ_KW, LBQ_SH, LBQ_SW, LBQ_PH, LBQ_PW, LBQ_DH,
        LBQ_DW, LBQ_ZP, LBQ_QMIN, LBQ_QMAX, LBQ_RELU, LBQ_POOL, LBQ_T_QUANT, LBQ_T_CONV,
        LBQ_T_EPI, LBQ_NPARAMS };
@@ -744,8 +750,8 @@ int lb_qconv_direct(const int64_t *p, const float *static_scale, const float *we
                     const float *sw, const float *bias, const float *x, float *y) {
     const int64_t b = p[LBQ_B], c = p[LBQ_C], h = p[LBQ_H], w = p[LBQ_W], o = p[LBQ_O];
     const int64_t kh = p[LBQ_KH], kw = p[LBQ_KW], pool = p[LBQ_POOL], n = b * c * h * w;
-    const int64_t ho = (h + 2 * p[LBQ_PH] - p[LBQ_DH] * (kh - 1) - 1) / p[LBQ_SH] + 1;
-    const int64_t wo = (w + 2 * p[LBQ_PW] - p[LBQ_DW] * (kw - 1) - 1) / p[LBQ_SW] + 1;
+    const int64_t ho = conv_out_len(h, p[LBQ_PH], p[LBQ_DH], kh, p[LBQ_SH]);
+    const int64_t wo = conv_out_len(w, p[LBQ_PW], p[LBQ_DW], kw, p[LBQ_SW]);
     const int tq = (int)p[LBQ_T_QUANT], te = (int)p[LBQ_T_EPI];
     if (n <= 0 || o <= 0 || ho <= 0 || wo <= 0)
         return -2;
@@ -789,8 +795,8 @@ int64_t lb_wo_conv_nparams(void) { return LBW_NPARAMS; }
 int lb_wo_conv_direct(const int64_t *p, const uint8_t *codes, const float *scale,
                       const int32_t *zp, const float *bias, const float *x, float *y) {
     const int64_t b = p[LBW_B], o = p[LBW_O], kh = p[LBW_KH], kw = p[LBW_KW], pool = p[LBW_POOL];
-    const int64_t ho = (p[LBW_H] + 2 * p[LBW_PH] - p[LBW_DH] * (kh - 1) - 1) / p[LBW_SH] + 1;
-    const int64_t wo = (p[LBW_W] + 2 * p[LBW_PW] - p[LBW_DW] * (kw - 1) - 1) / p[LBW_SW] + 1;
+    const int64_t ho = conv_out_len(p[LBW_H], p[LBW_PH], p[LBW_DH], kh, p[LBW_SH]);
+    const int64_t wo = conv_out_len(p[LBW_W], p[LBW_PW], p[LBW_DW], kw, p[LBW_SW]);
     if (b <= 0 || o <= 0 || ho <= 0 || wo <= 0)
         return -2;
     float *out = pool ? (float *)malloc((size_t)(b * o * ho * wo) * sizeof(float)) : y;

@@ -19,10 +19,10 @@ from lowbit.memory import empty as pooled_empty
 from lowbit.native import threads_for
 
 
-def _conv_out_hw(x: torch.Tensor, ksize: Sequence[int], stride: Sequence[int],
+def _conv_out_hw(shape: Sequence[int], ksize: Sequence[int], stride: Sequence[int],
                  padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int]:
-    """Output height and width of a conv of ``x`` ``[B, C, H, W]`` (zero padding)."""
-    h, w = x.shape[2], x.shape[3]
+    """Output height and width of a conv of an input shaped ``[B, C, H, W]`` (zero padding)."""
+    h, w = shape[2], shape[3]
     return ((h + 2 * padding[0] - dilation[0] * (ksize[0] - 1) - 1) // stride[0] + 1,
             (w + 2 * padding[1] - dilation[1] * (ksize[1] - 1) - 1) // stride[1] + 1)
 
@@ -71,7 +71,7 @@ def int8_conv2d(x: torch.Tensor, x_scale: torch.Tensor, x_zp: torch.Tensor | Non
     """
     bsz = x.shape[0]
     o, _, kh, kw = w.shape
-    ho, wo = _conv_out_hw(x, (kh, kw), stride, padding, dilation)
+    ho, wo = _conv_out_hw(x.shape, (kh, kw), stride, padding, dilation)
     if kernel is None:
         kernel = select_kernel("int8_conv2d", bsz * ho * wo, groups=groups, k=w[0].numel(),
                                n=o, device=x.device.type)
@@ -143,7 +143,7 @@ def conv2d_fused(lib: Any, x: torch.Tensor, kernel: str, x_scale: torch.Tensor |
     else:
         y = _conv_gemm_native(lib, x, x_scale, x_zp, qmin, qmax, weight, ksize, w_scale,
                               colsum, bias, stride, padding, dilation,
-                              _conv_out_hw(x, ksize, stride, padding, dilation), relu, kernel,
+                              _conv_out_hw(x.shape, ksize, stride, padding, dilation), relu, kernel,
                               zp_int=zp_int)
     return y if not pool else maxpool2d_native(lib, y, pool)
 
@@ -268,11 +268,15 @@ def direct_conv_fits(x: torch.Tensor, weight_numel: int, stride: Sequence[int],
         >>> direct_conv_fits(torch.zeros(1, 16, 14, 14), 32 * 16 * 9, (1, 1), 1)
         True
     """
-    if (groups != 1 or stride[1] != 1 or x.dim() != 4 or x.dtype != torch.float32
-            or not x.is_contiguous()):
-        return False
-    b, _, h, w = x.shape
-    return b * h * w * weight_numel <= DIRECT_CONV_MAX_MACS
+    return (x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous()
+            and _direct_conv_takes(x.shape, weight_numel, stride, groups))
+
+
+def _direct_conv_takes(shape: Sequence[int], weight_numel: int, stride: Sequence[int],
+                       groups: int) -> bool:
+    """The shape part of :func:`direct_conv_fits`, for an input shaped ``[B, C, H, W]``."""
+    b, _, h, w = shape
+    return groups == 1 and stride[1] == 1 and b * h * w * weight_numel <= DIRECT_CONV_MAX_MACS
 
 
 def _direct_conv_result(err: int, caller: str) -> None:
@@ -304,7 +308,7 @@ def run_wo_conv2d_native(lib: Any, x: torch.Tensor, c_args: tuple, out_channels:
     """
     w, packed, signed, _n, kp, _k, group, scale, zp = c_args
     b, c, h, wd = x.shape
-    ho, wo = _conv_out_hw(x, ksize, stride, padding, dilation)
+    ho, wo = _conv_out_hw(x.shape, ksize, stride, padding, dilation)
     y = pooled_empty((b, out_channels, max(ho, 0), max(wo, 0)))
     macs = b * max(ho, 0) * max(wo, 0) * out_channels * c * ksize[0] * ksize[1]
     _direct_conv_result(lib.lb_wo_conv2d_small(
@@ -359,7 +363,7 @@ def _conv2d_direct(lib: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     """:func:`conv2d_direct_native` once its operands are known to fit."""
     b, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    ho, wo = _conv_out_hw(x, (kh, kw), stride, padding, dilation)
+    ho, wo = _conv_out_hw(x.shape, (kh, kw), stride, padding, dilation)
     y = pooled_empty((b, o, max(ho, 0), max(wo, 0)))
     _direct_conv_result(lib.lb_conv2d_f32_small(
         x.data_ptr(), b, c, h, w, weight.data_ptr(), o, kh, kw, stride[0], stride[1],

@@ -169,6 +169,19 @@ def fused_linear_layout(w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tens
                      (comp, torch.int32), (scale, torch.float32), (zero_point, torch.int32))
 
 
+def one_call_linear(m: int, k: int, n: int, kernel: str) -> bool:
+    """Whether :func:`run_fused_linear` runs an ``[m, k] x [n, k]^T`` layer whose GEMM is
+    ``kernel`` as the one-call small C kernel (quantize, int8 dot products and epilogue
+    together, codes on the C stack).
+
+    Example:
+        >>> one_call_linear(1, 128, 10, "s8_avx2"), one_call_linear(32, 4096, 4096, "s8_avx2")
+        (True, False)
+    """
+    small = SMALL_LINEAR_MACS_S8 if kernel.startswith("s8_") else SMALL_LINEAR_MACS
+    return m * n * k <= small and m * k <= SMALL_LINEAR_CODES
+
+
 def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
                   w_scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None,
                   per_token: bool, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
@@ -189,8 +202,7 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
-    small = SMALL_LINEAR_MACS_S8 if kernel.startswith("s8_") else SMALL_LINEAR_MACS
-    if m * n * k <= small and m * k <= SMALL_LINEAR_CODES:  # one call
+    if one_call_linear(m, k, n, kernel):
         dynamic = scale is None  # (its codes and dynamic scales live on the C stack)
         out = torch.empty((m, n), dtype=x.dtype)
         lib.lb_linear_s8_small(x.data_ptr(), bf16, m, k, x.stride(0),

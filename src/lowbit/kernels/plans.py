@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lowbit.kernels.conv import DIRECT_CONV_MAX_MACS, _direct_conv_threads
+from lowbit.kernels.conv import _conv_out_hw, _direct_conv_takes, _direct_conv_threads
 from lowbit.kernels.isa import s8_packed
-from lowbit.kernels.linear import SMALL_LINEAR_CODES, SMALL_LINEAR_MACS, SMALL_LINEAR_MACS_S8
+from lowbit.kernels.linear import FUSED_GEMMS, one_call_linear
 from lowbit.memory import POOL_MIN_BYTES
 from lowbit.memory import empty as pooled_empty
 from lowbit.native import addcmul_fma, load_gemm, threads_for
@@ -101,10 +101,8 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
     """
     b, c, h, w = shape
     o = weight.shape[0]
-    ho, wo = (-(-(h + 2 * padding[0] - dilation[0] * (ksize[0] - 1)) // stride[0]),
-              w + 2 * padding[1] - dilation[1] * (ksize[1] - 1))  # (width stride 1)
-    macs = b * ho * wo * weight.numel()
-    if stride[1] != 1 or ho <= 0 or wo <= 0 or b * h * w * weight.numel() > DIRECT_CONV_MAX_MACS:
+    ho, wo = _conv_out_hw(shape, ksize, stride, padding, dilation)
+    if ho <= 0 or wo <= 0 or not _direct_conv_takes(shape, weight.numel(), stride, 1):
         return None
     if (weight.dtype != torch.float32 or not weight.is_contiguous()
             or tuple(weight.shape) != (o, c, *ksize) or w_scale.numel() != o
@@ -115,7 +113,7 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
     threads = torch.get_num_threads()
     params = (ctypes.c_int64 * lib.lb_qconv_nparams())(
         b, c, h, w, o, *ksize, *stride, *padding, *dilation, zp, qmin, qmax, int(relu), pool,
-        threads_for(b * c * h * w), _direct_conv_threads(macs),
+        threads_for(b * c * h * w), _direct_conv_threads(b * ho * wo * weight.numel()),
         threads_for(b * o * ho * wo) if threads > 1 else 1)
     out = (b, o, ho // pool, wo // pool) if pool else (b, o, ho, wo)
     bound = (ctypes.addressof(params), _ptr(static_scale), weight.data_ptr(),
@@ -168,10 +166,8 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
     dynamic = scale is None
     finite_check = not (dynamic and per_token)  # one shared scale: a NaN row must not spread
     absmax = lib.lb_absmax
-    small = SMALL_LINEAR_MACS_S8 if kernel.startswith("s8_") else SMALL_LINEAR_MACS
     keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp)
-    if m * n * k <= small and m * k <= SMALL_LINEAR_CODES and kernel in (
-            "int_mm_s8s8", "fp32_codes", "s8_avx2", "s8_portable"):
+    if kernel in FUSED_GEMMS and one_call_linear(m, k, n, kernel):
         params = (ctypes.c_int64 * lib.lb_linear_small_nparams())(
             m, k, _ptr(scale) or 0, int(dynamic and per_token), int(dynamic),
             _ptr(zero_point) or 0, qmin, qmax, w.data_ptr(), n, _ptr(comp) or 0,
@@ -238,9 +234,8 @@ def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: 
     """
     codes, packed, signed, n, kp, k, group, scale, zp = c_args
     b, c, h, w = shape
-    ho = -(-(h + 2 * padding[0] - dilation[0] * (ksize[0] - 1)) // stride[0])
-    wo = w + 2 * padding[1] - dilation[1] * (ksize[1] - 1)
-    if (stride[1] != 1 or ho <= 0 or wo <= 0 or b * h * w * n * k > DIRECT_CONV_MAX_MACS
+    ho, wo = _conv_out_hw(shape, ksize, stride, padding, dilation)
+    if (ho <= 0 or wo <= 0 or not _direct_conv_takes(shape, n * k, stride, 1)
             or n != out_channels or k != c * ksize[0] * ksize[1]):
         return None
     params = (ctypes.c_int64 * lib.lb_wo_conv_nparams())(
