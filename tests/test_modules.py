@@ -575,6 +575,22 @@ def test_float16_float64_bfloat16_inputs_keep_their_dtype(kind: str) -> None:
         assert _cos(y.float(), y32) > 0.999
 
 
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_int4_layer_cast_to_bfloat16_keeps_its_outputs(int8_activations: bool) -> None:
+    """``.to(torch.bfloat16)`` casts the bias too; the INT4 C kernels read a float32 bias, so
+    the layer passes a float32 copy (a bf16 buffer read as float32 gave NaN outputs)."""
+    fc = _linear(256, 64)
+    q = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(32))
+    q.int8_activations = int8_activations
+    x = torch.randn(40, 256)  # past the one-call small kernel: the INT4 GEMM kernels
+    y32 = q(x)
+    qb = q.to(torch.bfloat16)
+    assert qb.bias.dtype == torch.bfloat16
+    y = qb(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y).all())
+    assert _cos(y.float(), y32) > 0.999
+
+
 def test_meta_inputs_and_device_mismatch_say_where_things_live() -> None:
     q = _make("dynamic", _linear(16, 8), torch.randn(2, 16))
     with pytest.raises(RuntimeError, match=r"fc \(\w+\): input is on meta.*on cpu.*x\.to"):

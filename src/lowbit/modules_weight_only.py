@@ -276,11 +276,12 @@ class _WeightOnlyLinear(_WeightOnly):
         lowbit_int4 = kernel.startswith(("u4_", "u4q8_"))  # lowbit's INT4 kernels: "u4*_<isa>"
         lib = (load_gemm(kernel.partition("_")[2]) if lowbit_int4 and x2.device.type == "cpu"
                else None)
+        bias = self.bias if self.bias is None else self.bias.float()  # (a bf16-cast layer's)
         if lib is not None and kernel.startswith("u4q8_"):  # int8 activations (fused ReLU)
             y = run_u4p_linear(lib, x2.float(), self._u4_panels(),  # type: ignore[attr-defined]
-                               self.bias, self.fused_relu)  # (M, N)
+                               bias, self.fused_relu)  # (M, N)
         elif lib is not None:  # float32 activations (fused ReLU)
-            y = run_u4_linear(lib, x2.float(), self._u4_rows(), self.bias,  # type: ignore[attr-defined]
+            y = run_u4_linear(lib, x2.float(), self._u4_rows(), bias,  # type: ignore[attr-defined]
                               self.fused_relu)  # (M, N)
         else:
             if lowbit_int4:  # no C library for it: what runs past its row limit

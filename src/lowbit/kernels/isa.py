@@ -198,18 +198,50 @@ def run_u4p_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | 
         >>> y is None or bool((y - x @ w.T).norm() < 0.02 * (x @ w.T).norm())
         True
     """
+    check_u4p_args(args, "run_u4p_linear")
+    wp, sc, zp, n, kp, group = args
+    return _u4_call(lib.lbk_u4p_linear, "run_u4p_linear", "lowbit INT4 x INT8 kernel", lib, x,
+                    wp, n, kp, group, sc, zp, bias, relu)
+
+
+def check_u4p_args(args: tuple, caller: str) -> None:
+    """Raise ValueError unless ``args`` = ``(wp, scales, zero_points, n, kp, group)`` are laid
+    out as :func:`u4p_pack` makes them (what the C kernel reads beside the sizes it checks
+    itself).
+
+    Example:
+        >>> check_u4p_args((torch.zeros(0, dtype=torch.uint8), torch.zeros(3), torch.zeros(8),
+        ...                 8, 32, 32), "demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: demo: scales must be contiguous float32 [Kp / group, ceil(N / 8) * 8] ...
+    """
     wp, sc, zp, n, kp, group = args
     cols = -(-n // 8) * 8  # the C kernel reads [Kp / group, cols] scales and zero-points
     for name, t in (("scales", sc), ("zero_points", zp)):
         if (t.dtype != torch.float32 or not t.is_contiguous() or group <= 0 or kp % group
                 or t.numel() != kp // group * cols):
-            raise ValueError(f"run_u4p_linear: {name} must be contiguous float32 "
+            raise ValueError(f"{caller}: {name} must be contiguous float32 "
                              f"[Kp / group, ceil(N / 8) * 8] from u4p_pack; got {t.dtype} "
                              f"{tuple(t.shape)} for N={n}, Kp={kp}, group={group}")
     if wp.dtype != torch.uint8 or not wp.is_contiguous():
-        raise ValueError("run_u4p_linear: the packed weight must come from u4p_pack")
-    return _u4_call(lib.lbk_u4p_linear, "run_u4p_linear", "lowbit INT4 x INT8 kernel", lib, x,
-                    wp, n, kp, group, sc, zp, bias, relu)
+        raise ValueError(f"{caller}: the packed weight must come from u4p_pack")
+
+
+def check_bias(bias: torch.Tensor | None, n: int, caller: str) -> None:
+    """Raise ValueError unless ``bias`` is None or what the C kernels read: ``n`` contiguous
+    float32 values.
+
+    Example:
+        >>> check_bias(torch.zeros(3, dtype=torch.bfloat16), 3, "demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: demo: bias must be a contiguous float32 tensor of N=3 values; got ...
+    """
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                             or bias.numel() != n):
+        raise ValueError(f"{caller}: bias must be a contiguous float32 tensor of N={n} values; "
+                         f"got {bias.dtype} {tuple(bias.shape)}; pass bias.float()")
 
 
 def _u4_call(fn: Any, caller: str, what: str, lib: Any, x: torch.Tensor, packed: torch.Tensor,
@@ -219,6 +251,7 @@ def _u4_call(fn: Any, caller: str, what: str, lib: Any, x: torch.Tensor, packed:
     arguments); the C side bounds-checks ``x`` and ``y`` against their extents."""
     if x.dtype != torch.float32 or x.dim() != 2:
         raise ValueError(f"{caller}: x must be float32 [M, K]; got {x.dtype} {tuple(x.shape)}")
+    check_bias(bias, n, caller)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
