@@ -301,3 +301,30 @@ def test_threads_sharing_a_model_get_their_own_results() -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, range(len(xs))))
+
+
+def test_plan_builders_refuse_arguments_the_c_calls_would_read_past() -> None:
+    """Called directly, each builder checks what its C call will read, and says what to pass."""
+    from lowbit.kernels.plans import conv_codes_plan, linear_plan, wo_conv_plan, wo_linear_plan
+
+    lib = native_lib_for(torch.zeros(1))
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    args = (torch.ones(8), None, True, None, None, None, False, -127, 127)
+    with pytest.raises(ValueError, match="K = the input's last dim"):
+        linear_plan(lib, (3, 20), "s8_avx2", w, *args)
+    with pytest.raises(ValueError, match="int8 weight"):
+        linear_plan(lib, (3, 16), "s8_avx2", w.float(), *args)
+    with pytest.raises(ValueError, match="N values"):
+        linear_plan(lib, (3, 16), "s8_avx2", w, torch.ones(7), *args[1:])
+    with pytest.raises(ValueError, match="do not match the conv"):
+        conv_codes_plan(lib, (1, 3, 5, 5), torch.zeros(4, 2, 3, 3), torch.ones(4), None, None,
+                        0, -127, 127, (3, 3), (1, 1), (1, 1), (1, 1), False, 0)
+    c_args = (torch.ones(2, 4, dtype=torch.int8), 0, 1, 2, 4, 4, 4, torch.ones(2),
+              torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="pass the layer's own _c_args"):
+        wo_conv_plan(lib, (1, 3, 5, 5), c_args, 2, (2, 2), None, (1, 1), (0, 0), (1, 1), False,
+                     0)
+    small = (torch.ones(1, 2, dtype=torch.int8), 0, 1, 1, 2, 2, torch.ones(1),
+             torch.zeros(1, dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="at most Kp=2"):
+        wo_linear_plan(lib, (1, 7), small, None, None, False)

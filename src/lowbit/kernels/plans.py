@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import torch
 
 from lowbit.kernels.conv import _conv_out_hw, _direct_conv_takes, _direct_conv_threads
-from lowbit.kernels.isa import s8_packed
-from lowbit.kernels.linear import FUSED_GEMMS, one_call_linear
+from lowbit.kernels.isa import check_bias, check_u4p_args, s8_packed
+from lowbit.kernels.linear import FUSED_GEMMS, fused_linear_layout, one_call_linear
 from lowbit.memory import POOL_MIN_BYTES
 from lowbit.memory import empty as pooled_empty
 from lowbit.native import addcmul_fma, load_gemm, threads_for
@@ -159,6 +159,16 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
         (0, (3, 8))
     """
     k, n = shape[-1], w.shape[0]
+    one = (scale, zero_point)  # static qparams: one value each
+    if (len(shape) == 0 or w.dim() != 2 or w.shape[1] != k
+            or not fused_linear_layout(w, w_scale, bias, comp, scale, zero_point)
+            or any(t is not None and t.numel() != n for t in (w_scale, bias, comp))
+            or any(t is not None and t.numel() != 1 for t in one)):
+        raise ValueError(f"linear_plan: needs a contiguous int8 weight [N, K] with K = the "
+                         f"input's last dim ({shape[-1] if shape else '-'}), float32 w_scale / "
+                         f"bias and int32 comp of N values, one-value scale / zero_point "
+                         f"(lowbit.kernels.fused_linear_layout); got weight "
+                         f"{tuple(w.shape)} {w.dtype}")
     m = math.prod(shape[:-1])
     out = (*shape[:-1], n)
     if m == 0:
@@ -234,9 +244,13 @@ def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: 
     """
     codes, packed, signed, n, kp, k, group, scale, zp = c_args
     b, c, h, w = shape
+    if n != out_channels or k != c * ksize[0] * ksize[1] or (bias is not None
+                                                             and bias.numel() != n):
+        raise ValueError(f"wo_conv_plan: the weight codes (N={n}, K={k}) or bias do not match "
+                         f"the conv ({c} -> {out_channels} channels, kernel {tuple(ksize)}: "
+                         f"K = {c * ksize[0] * ksize[1]}); pass the layer's own _c_args")
     ho, wo = _conv_out_hw(shape, ksize, stride, padding, dilation)
-    if (ho <= 0 or wo <= 0 or not _direct_conv_takes(shape, n * k, stride, 1)
-            or n != out_channels or k != c * ksize[0] * ksize[1]):
+    if ho <= 0 or wo <= 0 or not _direct_conv_takes(shape, n * k, stride, 1):
         return None
     params = (ctypes.c_int64 * lib.lb_wo_conv_nparams())(
         b, c, h, w, n, *ksize, *stride, *padding, *dilation, packed, signed, kp, group,
@@ -278,6 +292,14 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
         return None
     if small_args is not None:
         w, packed, signed, n, kp, group, scale, zp, _bias = small_args
+        scales = n * (kp // group) if group else 1
+        if (k > kp or w.shape != (n, kp // 2 if packed else kp) or not w.is_contiguous()
+                or (group and kp % group) or scale.numel() != scales
+                or zp.numel() != scales or (bias is not None and bias.numel() != n)):
+            raise ValueError(f"wo_linear_plan: the input's last dim {k} must be at most "
+                             f"Kp={kp}, and the codes {tuple(w.shape)}, scales "
+                             f"{tuple(scale.shape)} and bias must be a layer's own "
+                             f"(its _small_args) for N={n}, group={group}")
         params = (ctypes.c_int64 * lib.lb_wo_linear_small_nparams())(
             m, k, w.data_ptr(), packed, signed, n, kp, group, scale.data_ptr(), zp.data_ptr(),
             _ptr(bias) or 0, int(relu), threads_for(m * n * kp))
@@ -291,6 +313,11 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
     if u4p is None:
         return None
     lib4, (wp, sc, zp4, n, kp, group) = u4p
+    check_u4p_args(u4p[1], "wo_linear_plan")
+    check_bias(bias, n, "wo_linear_plan")
+    if k > kp:
+        raise ValueError(f"wo_linear_plan: the input's last dim {k} exceeds the layer's "
+                         f"Kp={kp}")
     call4 = lib4.lbk_u4p_linear
     head4 = (m, k, k, m * k, wp.data_ptr(), wp.numel(), n, kp, group, sc.data_ptr(),
              zp4.data_ptr(), _ptr(bias), int(relu))
