@@ -1,6 +1,7 @@
 """lowbit's per-ISA C kernels (``csrc/lowbit_gemm_*.c``), each path this CPU can run forced one
 by one: the INT8 x INT8 GEMM bit-exact against int64 arithmetic (full-range and worst-case
-codes, odd and large shapes, strided inputs, 1 and 2 threads), the fused linear against the
+codes, odd and large shapes, strided inputs, 1 and 2 threads, 8-bit activations in the sign
+and the split form and the automatic choice between them), the fused linear against the
 pure-PyTorch reference bit for bit (8-bit and 7-bit activations), the INT4 kernels against
 dequantize + GEMM (float activations) and their integer reference (int8 activations), the C
 bounds checks (hypothesis fuzzes every extent of both entry points with
@@ -45,6 +46,16 @@ def lib(request):
     return native.load_gemm(request.param)
 
 
+@pytest.fixture(params=[-1, 0, 1], ids=["auto", "sign", "split"])
+def form(request, lib) -> Iterator[int]:
+    """How 8-bit activation codes are laid out, forced process-wide: chosen per block of rows
+    (-1), always the sign form (0), always the split form (1: a 7-bit part for every step, the
+    remainder of codes outside [-64, 63] for the listed steps only)."""
+    before = lib.lbk_s8_split_mode(request.param)
+    yield request.param
+    lib.lbk_s8_split_mode(before)
+
+
 @pytest.fixture(params=[1, 2])
 def threads(request) -> Iterator[int]:
     before = torch.get_num_threads()
@@ -59,7 +70,8 @@ def _exact(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 7, 3), (3, 33, 17), (4, 64, 16), (5, 130, 31),
                                    (37, 300, 100), (130, 1000, 40), (2, 16384 + 3, 21)])
-def test_s8_gemm_is_exact_on_full_range_codes(lib, threads, m: int, k: int, n: int) -> None:
+def test_s8_gemm_is_exact_on_full_range_codes(lib, form, threads, m: int, k: int,
+                                               n: int) -> None:
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
@@ -70,7 +82,7 @@ def test_s8_gemm_is_exact_on_full_range_codes(lib, threads, m: int, k: int, n: i
 
 @pytest.mark.parametrize("a,b", [(-127, -127), (127, -127), (-128, 127), (-128, -127),
                                  (127, 127)])
-def test_s8_gemm_worst_case_sums_do_not_saturate(lib, threads, a: int, b: int) -> None:
+def test_s8_gemm_worst_case_sums_do_not_saturate(lib, form, threads, a: int, b: int) -> None:
     k = 16384 + 5  # every pair sum at its extreme, K not a multiple of any tile
     q = torch.full((6, k), a, dtype=torch.int8)
     w = torch.full((19, k), b, dtype=torch.int8)
@@ -79,7 +91,7 @@ def test_s8_gemm_worst_case_sums_do_not_saturate(lib, threads, a: int, b: int) -
     assert int(got[0, 0]) == a * b * k
 
 
-def test_s8_gemm_reads_strided_rows(lib) -> None:
+def test_s8_gemm_reads_strided_rows(lib, form) -> None:
     base = torch.randint(-128, 128, (9, 80), dtype=torch.int8)
     q = base[:, 5:69]  # row stride 80, 64 columns
     w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
@@ -90,7 +102,7 @@ def test_s8_gemm_reads_strided_rows(lib) -> None:
                        _exact(qt, w))
 
 
-def test_s8_pack_refuses_minus_128_and_the_gemm_stays_exact(lib) -> None:
+def test_s8_pack_refuses_minus_128_and_the_gemm_stays_exact(lib, form) -> None:
     w = torch.randint(-127, 128, (8, 40), dtype=torch.int8)
     w[3, 7] = -128
     assert s8_packed(w, lib) is None
@@ -98,6 +110,36 @@ def test_s8_pack_refuses_minus_128_and_the_gemm_stays_exact(lib) -> None:
     args = (q, torch.ones(5, 1), None, w, torch.ones(8), w.sum(1, dtype=torch.int32))
     kernel = "s8_" + lib.lbk_isa().decode()
     assert torch.equal(int8_linear(*args, kernel=kernel), int8_linear(*args, kernel="reference"))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1000, 40), (3, 257, 33), (4, 64, 16), (67, 1031, 45),
+                                   (130, 2048 + 7, 19)])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.3, 1.0])
+def test_s8_gemm_split_form_is_exact_at_its_boundaries(lib, form, threads, m: int, k: int,
+                                                       n: int, density: float) -> None:
+    """Codes mostly inside the 7-bit part with a fraction on and past its edges (-128, -65,
+    -64, 63, 64, 127): every form, including the automatic choice on either side of its
+    threshold, gives int64 arithmetic's sums."""
+    g = torch.Generator().manual_seed(int(density * 100) + m * 7 + k)
+    q = torch.randint(-64, 64, (m, k), dtype=torch.int8, generator=g)
+    edge = torch.tensor([-128, -127, -65, -64, 63, 64, 65, 127], dtype=torch.int8)
+    hit = torch.rand(m, k, generator=g) < density
+    q[hit] = edge[torch.randint(0, len(edge), (int(hit.sum()),), generator=g)]
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w[:, :5] = 127
+    w[:, 5:10] = -127
+    assert torch.equal(_s8_acc(lib, q, s8_packed(w, lib), n, pooled=False),  # type: ignore[arg-type]
+                       _exact(q, w))
+
+
+def test_s8_split_mode_setter_returns_the_previous_choice_and_ignores_bad_values(lib) -> None:
+    before = lib.lbk_s8_split_mode(1)
+    try:
+        assert lib.lbk_s8_split_mode(5) == 1  # out of range: only read
+        assert lib.lbk_s8_split_mode(0) == 1
+        assert lib.lbk_s8_split_mode(-1) == 0
+    finally:
+        lib.lbk_s8_split_mode(before)
 
 
 def test_s8_pack_follows_in_place_weight_changes(lib) -> None:
@@ -112,7 +154,7 @@ def test_s8_pack_follows_in_place_weight_changes(lib) -> None:
 @pytest.mark.parametrize("mode", ["per_token", "per_tensor", "static", "static_zp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 7])  # 7: the unsigned "u7" form, no sign op
-def test_fused_linear_matches_the_reference_bit_for_bit(lib, threads, mode: str,
+def test_fused_linear_matches_the_reference_bit_for_bit(lib, form, threads, mode: str,
                                                         dtype: torch.dtype, bits: int) -> None:
     g = torch.Generator().manual_seed(7)
     m, k, n = 67, 259, 45
@@ -318,10 +360,10 @@ def test_seven_bit_activations_run_exact_and_stay_accurate() -> None:
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(0, 9), k=st.integers(1, 70), n=st.integers(1, 40), pad=st.integers(0, 5),
        short_x=st.integers(0, 3), short_y=st.integers(0, 3), wrong_pack=st.booleans(),
-       kind=st.sampled_from([0, 1, 2]))
+       kind=st.sampled_from([0, 1, 2]), split=st.sampled_from([-1, 0, 1]))
 def test_fuzz_s8_entry_point_checks_every_extent(m: int, k: int, n: int, pad: int, short_x: int,
-                                                 short_y: int, wrong_pack: bool,
-                                                 kind: int) -> None:
+                                                 short_y: int, wrong_pack: bool, kind: int,
+                                                 split: int) -> None:
     """Raw calls with buffers of exactly the claimed sizes: the C entry point either computes the
     exact result or refuses (LB_EARG) when any extent is short, never reading past it."""
     lib = native.load_gemm(C_PATHS[0])
@@ -340,10 +382,15 @@ def test_fuzz_s8_entry_point_checks_every_extent(m: int, k: int, n: int, pad: in
     y = torch.empty(max(m * n - short_y, 0), dtype=torch.int32 if y_kind == 2 else torch.float32)
     scale = torch.empty(max(m, 1))
     sw = torch.ones(n)
-    rc = lib.lbk_s8_linear(flat.data_ptr(), kind, m, k, ldx, flat.numel() * flat.element_size(),
-                           scale.data_ptr(), 1, 1, None, -128, 127, packed.data_ptr(),
-                           packed.numel(), n, None, sw.data_ptr(), None, 0, 1, y.data_ptr(),
-                           y_kind, y.numel() * y.element_size(), 1)
+    before = lib.lbk_s8_split_mode(split)
+    try:
+        rc = lib.lbk_s8_linear(flat.data_ptr(), kind, m, k, ldx,
+                               flat.numel() * flat.element_size(), scale.data_ptr(), 1, 1, None,
+                               -128, 127, packed.data_ptr(), packed.numel(), n, None,
+                               sw.data_ptr(), None, 0, 1, y.data_ptr(), y_kind,
+                               y.numel() * y.element_size(), 1)
+    finally:
+        lib.lbk_s8_split_mode(before)
     bad = wrong_pack or (m > 0 and (short_x > 0 or short_y > 0))
     assert rc == (-1 if bad else 0)
     if rc == 0 and m and kind == 2:

@@ -1,13 +1,14 @@
 /* lowbit INT8 x INT8 and INT4-weight kernels: the ISA-independent driver.
  *
  * Each ISA source (lowbit_gemm_avx2.c, lowbit_gemm_portable.c) defines the micro-kernels
- *   s8_tile(a, lda, rows, panel, k4, u7, out)   rows (1..4) x 16 columns, exact int32
- *   s8_gemv(a, panels, pstride, np, k4, u7, out) 1 row x np (1..4) panels, exact int32
+ *   s8_tile(a, lda, rows, panel, k4, form, lst, ldl, out)  rows (1..4) x 16 columns, exact
+ *   s8_gemv(a, panels, pstride, np, k4, form, lst, out)    1 row x np (1..4) panels, exact
  *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
  *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
+ *   layout_codes_split(q, k, a, idx)         one row of 8-bit codes in the split form (below)
  *   u4p_tile(q, ldq, rows, panels, ..., out)  rows (1..4) of int8 codes x 1..2 INT4 panels
- * and the name LB_ISA, then includes this file, which bounds-checks every argument, lays out
+ * and the names LB_ISA and LB_SPLIT_PAYS, then includes this file, which bounds-checks every argument, lays out
  * the operands, splits the work over OpenMP threads and applies the float epilogue.
  * Compiled once per ISA with that ISA's flags (lowbit/native.py) and picked at run time.
  *
@@ -20,6 +21,12 @@
  * Activations of at most 7 bits (q in [-64, 63], an activation spec with bits=7) take the
  * cheaper "u7" form: u = q + 64 in [0, 127] is the unsigned operand as it is (no sign op;
  * pair sums <= 2 * 127 * 127), and 64 * colsum(w), stored after the panels, is subtracted.
+ * 8-bit activations take the "split" form where the ISA gains from it (LB_SPLIT_PAYS: AVX2,
+ * whose sign op costs about a fifth of the GEMM) and few codes lie outside [-64, 63]: q = c + r
+ * with c = clamp(q, -64, 63) run as the 7-bit form over every step, and the remainder
+ * r = q - c in [-64, 64] (zero for most codes of per-token activations) added with the sign
+ * trick for the listed steps of each row only. Still exact; chosen per block of rows when at
+ * most LB_SPLIT_PERMILLE of its steps have a remainder, else the sign form.
  *
  * INT4 weights: codes u in [0, 15] (signed codes + 8), per 32 codes 16 bytes with byte j =
  * u[j] | u[j + 16] << 4; y = sum_groups s_g * (sum_j u_j x_j - z_g * sum_j x_j), z_g the
@@ -40,6 +47,22 @@
 
 /* Rows per OpenMP work item when the rows are split between threads. */
 #define LB_ROW_BLOCK 32
+
+/* The split form when at most this many steps per 1000 of a block of rows have a remainder:
+ * a listed step costs about 1.5 dense steps of the 7-bit form, and the sign form about 1.3. */
+#define LB_SPLIT_PERMILLE 150
+
+/* -1: choose the form of 8-bit activations as above; 0: never split; 1: always split (tests) */
+static int lb_split_mode = -1;
+
+/* Set the split-form choice (-1 auto, 0 never, 1 always; anything else only reads it) and
+ * return the previous one. Process-wide: for tests and measurements. */
+int lbk_s8_split_mode(int mode) {
+    const int old = lb_split_mode;
+    if (mode >= -1 && mode <= 1)
+        lb_split_mode = mode;
+    return old;
+}
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -109,11 +132,12 @@ static inline float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-/* Write one row's codes as {|q|, q} per 4-K step into a (k4 * 8 bytes, zero tail). The codes
- * are clamp(round(x * (1 / s)) + zp, qmin, qmax), the bits of lb_quantize_s8; kind 2 takes
- * int8 codes as they are. */
-static void layout_row(const void *x, int kind, int64_t k, float inv, float zp, float lo,
-                       float hi, int u7, int8_t *tmp, uint8_t *a) {
+/* Write one row's codes in the given form (0 {|q|, q}, 1 {q + 64, 0}, 2 split, listing the
+ * steps with a remainder in idx) per 4-K step into a (k4 * 8 bytes, zero tail); returns how
+ * many steps are listed. The codes are clamp(round(x * (1 / s)) + zp, qmin, qmax), the bits
+ * of lb_quantize_s8; kind 2 takes int8 codes as they are. */
+static int64_t layout_row(const void *x, int kind, int64_t k, float inv, float zp, float lo,
+                          float hi, int form, int8_t *tmp, uint8_t *a, int32_t *idx) {
     const int8_t *q = tmp;
     if (kind == 2) {
         q = (const int8_t *)x;
@@ -126,10 +150,13 @@ static void layout_row(const void *x, int kind, int64_t k, float inv, float zp, 
         for (int64_t j = 0; j < k; ++j)
             tmp[j] = (int8_t)(int32_t)clampf(nearbyintf(xf[j] * inv) + zp, lo, hi);
     }
-    if (u7)
+    if (form == 2)
+        return layout_codes_split(q, k, a, idx);
+    if (form == 1)
         layout_codes_u7(q, k, a);
     else
         layout_codes(q, k, a);
+    return 0;
 }
 
 /* How the rows of x become codes (lbk_s8_linear's arguments). */
@@ -145,11 +172,21 @@ typedef struct {
     int u7;
 } quant_t;
 
+/* Bytes of scratch lay_out_rows needs for rows of k (k4 steps): the laid-out rows, their step
+ * lists (count + k4 steps each) and one row of codes. */
+static size_t layout_bytes(int64_t rows, int64_t k, int64_t k4) {
+    return (size_t)(rows * k4 * 8 + rows * (k4 + 1) * 4 + k + 64);
+}
+
 /* Rows [i0, i0 + rows) of x quantized (dynamic scales written) and laid out in buf (row
- * stride lda), with k bytes of scratch after them. */
-static void lay_out_rows(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *buf,
-                         int64_t lda) {
-    int8_t *tmp = (int8_t *)(buf + rows * lda);
+ * stride lda = k4 * 8) in the given form, then the rows' step lists (stride k4 + 1: count,
+ * steps) and k bytes of scratch (layout_bytes in all). Returns the listed steps of all rows. */
+static int64_t lay_out_rows(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *buf,
+                            int64_t lda, int form) {
+    const int64_t ldl = lda / 8 + 1;
+    int32_t *lst = (int32_t *)(buf + rows * lda);
+    int8_t *tmp = (int8_t *)(lst + rows * ldl);
+    int64_t listed = 0;
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r, ri = qp->per_row ? i : 0;
         const char *xr = qp->x + i * qp->xrow;
@@ -160,8 +197,34 @@ static void lay_out_rows(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *b
             inv = 1.0f / qp->scale[ri];
             z = qp->zp ? (float)qp->zp[ri] : 0.0f;
         }
-        layout_row(xr, qp->kind, qp->k, inv, z, qp->lo, qp->hi, qp->u7, tmp, buf + r * lda);
+        const int64_t cnt = layout_row(xr, qp->kind, qp->k, inv, z, qp->lo, qp->hi, form, tmp,
+                                       buf + r * lda, lst + r * ldl + 1);
+        lst[r * ldl] = (int32_t)cnt;
+        listed += cnt;
     }
+    return listed;
+}
+
+/* Quantize and lay out rows [i0, i0 + rows) in the form of their activations: the 7-bit one
+ * (1), else the split one (2) when chosen (see LB_SPLIT_PERMILLE), else the sign one (0).
+ * Dynamic scales are rewritten with the same values when a block is laid out twice. */
+static int lay_out_block(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *buf,
+                         int64_t lda) {
+    if (qp->u7) {
+        lay_out_rows(qp, i0, rows, buf, lda, 1);
+        return 1;
+    }
+    const int mode = lb_split_mode;
+    if (mode == 0 || (mode < 0 && !LB_SPLIT_PAYS)) {
+        lay_out_rows(qp, i0, rows, buf, lda, 0);
+        return 0;
+    }
+    const int64_t listed = lay_out_rows(qp, i0, rows, buf, lda, 2);
+    if (mode < 0 && listed * 1000 > rows * (lda / 8) * LB_SPLIT_PERMILLE) {
+        lay_out_rows(qp, i0, rows, buf, lda, 0);
+        return 0;
+    }
+    return 2;
 }
 
 /* ---------------------------------------------------------------- epilogue */
@@ -219,20 +282,23 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
     }
 }
 
-/* Rows [i0, i0 + rows) of A (laid out, row stride k4 * 8) times panels [p0, p1); U7 constant
- * (see s8_block), so that each form gets its own register allocation. */
+/* Rows [i0, i0 + rows) of A (laid out by lay_out_rows in form F, row stride k4 * 8, step
+ * lists after the rows) times panels [p0, p1); F constant (see s8_block), so that each form
+ * gets its own register allocation. */
 static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, int64_t i0,
                                                               int64_t rows,
                                                               const int8_t *wpack, int64_t k4,
                                                               int64_t p0, int64_t p1,
-                                                              const epi_t *e, const int U7) {
+                                                              const epi_t *e, const int F) {
     int32_t out[4 * 64];
-    const int64_t lda = k4 * 8, pstride = k4 * 64;
+    const int64_t lda = k4 * 8, pstride = k4 * 64, ldl = k4 + 1;
+    const int32_t *lst = (const int32_t *)(a + rows * lda);
     if (rows < 4) { /* GEMV-like: each row streams up to 4 panels at once */
         for (int64_t p = p0; p < p1; p += 4) {
             const int np = (int)(p1 - p < 4 ? p1 - p : 4);
             for (int64_t r = 0; r < rows; ++r) {
-                s8_gemv(a + r * lda, wpack + p * pstride, pstride, np, k4, U7, out);
+                s8_gemv(a + r * lda, wpack + p * pstride, pstride, np, k4, F, lst + r * ldl,
+                        out);
                 const int64_t c0 = p * 16, cols = (e->n - c0 < np * 16) ? e->n - c0 : np * 16;
                 epilogue(e, i0 + r, c0, cols, out);
             }
@@ -243,7 +309,8 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
         const int64_t c0 = p * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
         for (int64_t r = 0; r < rows; r += 4) {
             const int rr = (int)(rows - r < 4 ? rows - r : 4);
-            s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, U7, out);
+            s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, F, lst + r * ldl, ldl,
+                    out);
             for (int t = 0; t < rr; ++t)
                 epilogue(e, i0 + r + t, c0, cols, out + t * 16);
         }
@@ -251,13 +318,19 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
 }
 
 /* s8_block_t with the activation form fixed at compile time: a run-time flag inside the
- * micro-kernel loops made the 8-bit path 2.4x slower (4096 x 384 x 1536). */
+ * micro-kernel loops made the 8-bit path 2.4x slower (4096 x 384 x 1536). The 7-bit and split
+ * forms subtract 64 * colsum (colsum: stored after the panels). */
 static void s8_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *wpack,
-                     int64_t k4, int64_t p0, int64_t p1, const epi_t *e) {
-    if (e->u7)
-        s8_block_t(a, i0, rows, wpack, k4, p0, p1, e, 1);
+                     int64_t k4, int64_t p0, int64_t p1, const epi_t *e, int form,
+                     const int32_t *colsum) {
+    epi_t ef = *e;
+    ef.u7 = form ? colsum : NULL;
+    if (form == 2)
+        s8_block_t(a, i0, rows, wpack, k4, p0, p1, &ef, 2);
+    else if (form == 1)
+        s8_block_t(a, i0, rows, wpack, k4, p0, p1, &ef, 1);
     else
-        s8_block_t(a, i0, rows, wpack, k4, p0, p1, e, 0);
+        s8_block_t(a, i0, rows, wpack, k4, p0, p1, &ef, 0);
 }
 
 /* The INT8 linear layer y = epilogue(q(x) . w^T), or the raw int32 accumulator.
@@ -309,8 +382,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
     /* activations of at most 7 bits: the cheaper unsigned form (see the top of this file) */
     const int u7 = kind != 2 && qmin >= -64 && qmax <= 63;
     const int32_t *colsum = (const int32_t *)(wpack + np * k4 * 64);
-    const epi_t e = {comp, u7 ? colsum : NULL, scale, per_row, sw, bias, relu, fused, y, y_kind,
-                     n};
+    const epi_t e = {comp, NULL, scale, per_row, sw, bias, relu, fused, y, y_kind, n};
     const quant_t qp = {xb, xrow, kind, k, scale, per_row, dynamic, zp, lo, hi, u7};
     int status = LB_OK;
     const int split_rows = m >= 2 * LB_ROW_BLOCK * nthreads || np < 2 * nthreads;
@@ -321,22 +393,22 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t i0 = b * LB_ROW_BLOCK;
             const int64_t rows = m - i0 < LB_ROW_BLOCK ? m - i0 : LB_ROW_BLOCK;
-            uint8_t *buf = scratch((size_t)(rows * lda + k + 64));
+            uint8_t *buf = scratch(layout_bytes(rows, k, k4));
             if (!buf) {
 #pragma omp atomic write
                 status = LB_ENOMEM;
                 continue;
             }
-            lay_out_rows(&qp, i0, rows, buf, lda);
-            s8_block(buf, i0, rows, wpack, k4, 0, np, &e);
+            const int form = lay_out_block(&qp, i0, rows, buf, lda);
+            s8_block(buf, i0, rows, wpack, k4, 0, np, &e, form, colsum);
         }
         return status;
     }
     /* few rows: lay them all out once, then split the panels between threads */
-    uint8_t *buf = scratch((size_t)(m * lda + k + 64));
+    uint8_t *buf = scratch(layout_bytes(m, k, k4));
     if (!buf)
         return LB_ENOMEM;
-    lay_out_rows(&qp, 0, m, buf, lda);
+    const int form = lay_out_block(&qp, 0, m, buf, lda);
     /* about 4 work items per thread, whole groups of 4 panels (the GEMV's streams) */
     const int64_t chunk = 4 * ceil_div(np, 16 * (int64_t)nthreads);
     const int64_t items = ceil_div(np, chunk);
@@ -344,7 +416,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
     schedule(dynamic, 1)
     for (int64_t t = 0; t < items; ++t) {
         const int64_t p0 = t * chunk, p1 = p0 + chunk < np ? p0 + chunk : np;
-        s8_block(buf, 0, m, wpack, k4, p0, p1, &e);
+        s8_block(buf, 0, m, wpack, k4, p0, p1, &e, form, colsum);
     }
     return LB_OK;
 }

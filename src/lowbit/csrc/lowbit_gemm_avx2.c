@@ -5,6 +5,8 @@
 #include <stdint.h>
 
 #define LB_ISA "avx2"
+/* the split form of 8-bit activations pays off here (see lowbit_gemm.h) */
+#define LB_SPLIT_PAYS 1
 
 /* 32 MACs of one activation row (4 codes, broadcast) against 8 columns of a panel step:
  * |a| (u8) x (w with a's sign) (s8) -> int16 pair sums (<= 32512: exact) -> int32. */
@@ -47,14 +49,71 @@ static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
         }
 }
 
+/* one row of 8-bit codes q [k] in the split form {c + 64, r} per step s, c = clamp(q, -64, 63)
+ * (the dense 7-bit part) and r = q - c in [-64, 64] (zero for most codes); the steps whose r
+ * is not all zero are listed in idx. Returns how many (zero tail: u = 0, r = 0). */
+static int64_t layout_codes_split(const int8_t *q, int64_t k, uint8_t *a, int32_t *idx) {
+    const __m256i off = _mm256_set1_epi8(64), lo7 = _mm256_set1_epi8(-64);
+    const __m256i hi7 = _mm256_set1_epi8(63), zero = _mm256_setzero_si256();
+    int64_t j = 0, n = 0;
+    for (; j + 32 <= k; j += 32, a += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + j));
+        const __m256i c = _mm256_min_epi8(_mm256_max_epi8(v, lo7), hi7);
+        const __m256i r = _mm256_sub_epi8(v, c), u = _mm256_add_epi8(c, off);
+        const __m256i lo = _mm256_unpacklo_epi32(u, r), hi = _mm256_unpackhi_epi32(u, r);
+        _mm256_storeu_si256((__m256i *)a, _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(a + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+        /* bit t: step j / 4 + t has a remainder */
+        unsigned mask = ~(unsigned)_mm256_movemask_ps(
+                            _mm256_castsi256_ps(_mm256_cmpeq_epi32(r, zero))) & 0xFFu;
+        while (mask) {
+            idx[n++] = (int32_t)(j / 4 + __builtin_ctz(mask));
+            mask &= mask - 1;
+        }
+    }
+    for (; j < k; j += 4, a += 8) {
+        int any = 0;
+        for (int t = 0; t < 4; ++t) {
+            const int8_t v = j + t < k ? q[j + t] : 0;
+            const int8_t c = v < -64 ? -64 : (v > 63 ? 63 : v);
+            a[t] = (uint8_t)(j + t < k ? c + 64 : 0);
+            a[4 + t] = (uint8_t)(int8_t)(v - c);
+            any |= v != c;
+        }
+        if (any)
+            idx[n++] = (int32_t)(j / 4);
+    }
+    return n;
+}
+
 /* 32 MACs of 7-bit codes u = q + 64 (unsigned, broadcast) against 8 columns: no sign op */
 static inline __m256i dot4_u7(__m256i u, __m256i w, __m256i ones) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), ones);
 }
 
+/* The remainders of the split form: for each listed step s of a row, |r| x (w with r's sign)
+ * into that row's accumulators, as dot4 (pair sums <= 2 * 64 * 127: exact). */
+#define SPLIT_FIXUP(acc0, acc1, arow, w, lst)                                                   \
+    do {                                                                                       \
+        const int32_t cnt_ = (lst)[0];                                                         \
+        for (int32_t t_ = 0; t_ < cnt_; ++t_) {                                                \
+            const int64_t s_ = (lst)[1 + t_];                                                  \
+            int32_t rs_;                                                                       \
+            __builtin_memcpy(&rs_, (arow) + s_ * 8 + 4, 4);                                    \
+            const __m256i vs_ = _mm256_set1_epi32(rs_), va_ = _mm256_abs_epi8(vs_);            \
+            const __m256i w0_ = _mm256_loadu_si256((const __m256i *)((w) + s_ * 64));          \
+            const __m256i w1_ = _mm256_loadu_si256((const __m256i *)((w) + s_ * 64 + 32));     \
+            acc0 = _mm256_add_epi32(acc0, dot4(va_, vs_, w0_, ones));                          \
+            acc1 = _mm256_add_epi32(acc1, dot4(va_, vs_, w1_, ones));                          \
+        }                                                                                      \
+    } while (0)
+
+/* F: 0 the sign form {|q|, q}, 1 the 7-bit form {q + 64, 0}, 2 the split form {c + 64, r}
+ * with per-row step lists lst + r * ldl = {count, steps...} */
 static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64_t lda,
                                                           const int R, const int8_t *w,
-                                                          int64_t k4, const int U7,
+                                                          int64_t k4, const int F,
+                                                          const int32_t *lst, int64_t ldl,
                                                           int32_t *out) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
@@ -68,7 +127,7 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
             int32_t ab, as;
             __builtin_memcpy(&ab, a + r * lda + s * 8, 4);
             const __m256i va = _mm256_set1_epi32(ab);
-            if (U7) {
+            if (F) {
                 acc[r][0] = _mm256_add_epi32(acc[r][0], dot4_u7(va, w0, ones));
                 acc[r][1] = _mm256_add_epi32(acc[r][1], dot4_u7(va, w1, ones));
                 continue;
@@ -79,6 +138,9 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
             acc[r][1] = _mm256_add_epi32(acc[r][1], dot4(va, vs, w1, ones));
         }
     }
+    if (F == 2)
+        for (int r = 0; r < R; ++r)
+            SPLIT_FIXUP(acc[r][0], acc[r][1], a + r * lda, w, lst + r * ldl);
     for (int r = 0; r < R; ++r) {
         _mm256_storeu_si256((__m256i *)(out + r * 16), acc[r][0]);
         _mm256_storeu_si256((__m256i *)(out + r * 16 + 8), acc[r][1]);
@@ -88,8 +150,13 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
 /* rows (1..4) x 16 columns of one panel: out[r * 16 + c] */
 static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int64_t lda,
                                                           int rows, const int8_t *w,
-                                                          int64_t k4, int u7, int32_t *out) {
-#define TILE(R) u7 ? tile_r(a, lda, R, w, k4, 1, out) : tile_r(a, lda, R, w, k4, 0, out)
+                                                          int64_t k4, int form,
+                                                          const int32_t *lst, int64_t ldl,
+                                                          int32_t *out) {
+#define TILE(R)                                                                                \
+    (form == 2   ? tile_r(a, lda, R, w, k4, 2, lst, ldl, out)                                  \
+     : form == 1 ? tile_r(a, lda, R, w, k4, 1, lst, ldl, out)                                  \
+                 : tile_r(a, lda, R, w, k4, 0, lst, ldl, out))
     switch (rows) {
     case 4: TILE(4); break;
     case 3: TILE(3); break;
@@ -101,8 +168,8 @@ static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int6
 
 static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const int8_t *w,
                                                           int64_t pstride, const int P,
-                                                          int64_t k4, const int U7,
-                                                          int32_t *out) {
+                                                          int64_t k4, const int F,
+                                                          const int32_t *lst, int32_t *out) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
     for (int p = 0; p < P; ++p)
@@ -117,7 +184,7 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
             _mm_prefetch((const char *)(wp + 768), _MM_HINT_T0);
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)wp);
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 32));
-            if (U7) {
+            if (F) {
                 acc[p][0] = _mm256_add_epi32(acc[p][0], dot4_u7(va, w0, ones));
                 acc[p][1] = _mm256_add_epi32(acc[p][1], dot4_u7(va, w1, ones));
             } else {
@@ -126,6 +193,9 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
             }
         }
     }
+    if (F == 2)
+        for (int p = 0; p < P; ++p)
+            SPLIT_FIXUP(acc[p][0], acc[p][1], a, w + p * pstride, lst);
     for (int p = 0; p < P; ++p) {
         _mm256_storeu_si256((__m256i *)(out + p * 16), acc[p][0]);
         _mm256_storeu_si256((__m256i *)(out + p * 16 + 8), acc[p][1]);
@@ -135,8 +205,12 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
 /* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
 static inline __attribute__((always_inline)) void s8_gemv(const uint8_t *a, const int8_t *w,
                                                           int64_t pstride, int np, int64_t k4,
-                                                          int u7, int32_t *out) {
-#define GEMV(P) u7 ? gemv_p(a, w, pstride, P, k4, 1, out) : gemv_p(a, w, pstride, P, k4, 0, out)
+                                                          int form, const int32_t *lst,
+                                                          int32_t *out) {
+#define GEMV(P)                                                                                \
+    (form == 2   ? gemv_p(a, w, pstride, P, k4, 2, lst, out)                                   \
+     : form == 1 ? gemv_p(a, w, pstride, P, k4, 1, lst, out)                                   \
+                 : gemv_p(a, w, pstride, P, k4, 0, lst, out))
     switch (np) {
     case 4: GEMV(4); break;
     case 3: GEMV(3); break;

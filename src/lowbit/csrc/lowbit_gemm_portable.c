@@ -4,6 +4,8 @@
 #include <stdint.h>
 
 #define LB_ISA "portable"
+/* plain int32 loops: the split form of 8-bit activations saves nothing here (see lowbit_gemm.h) */
+#define LB_SPLIT_PAYS 0
 
 /* one row of codes q [k] as {|q[4s..4s+3]|, q[4s..4s+3]} per step s (zero tail) */
 static void layout_codes(const int8_t *q, int64_t k, uint8_t *a) {
@@ -28,11 +30,37 @@ static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
         }
 }
 
-/* rows (1..4) x 16 columns of one panel: out[r * 16 + c], exact int32 (u7: the unsigned
- * 7-bit form, q + 64 in the first 4 bytes of a step; the driver subtracts 64 * colsum) */
+/* one row of 8-bit codes q [k] in the split form {c + 64, r} per step s, c = clamp(q, -64, 63)
+ * and r = q - c; the steps whose r is not all zero listed in idx; returns how many */
+static int64_t layout_codes_split(const int8_t *q, int64_t k, uint8_t *a, int32_t *idx) {
+    const int64_t k4 = (k + 3) / 4;
+    int64_t n = 0;
+    for (int64_t s = 0; s < k4; ++s) {
+        int any = 0;
+        for (int j = 0; j < 4; ++j) {
+            const int64_t i = s * 4 + j;
+            const int8_t v = i < k ? q[i] : 0;
+            const int8_t c = v < -64 ? -64 : (v > 63 ? 63 : v);
+            a[s * 8 + j] = (uint8_t)(i < k ? c + 64 : 0);
+            a[s * 8 + 4 + j] = (uint8_t)(int8_t)(v - c);
+            any |= v != c;
+        }
+        if (any)
+            idx[n++] = (int32_t)s;
+    }
+    return n;
+}
+
+/* rows (1..4) x 16 columns of one panel: out[r * 16 + c], exact int32. form 0: {|q|, q};
+ * 1: the unsigned 7-bit form, q + 64 in the first 4 bytes of a step; 2: the split form
+ * {c + 64, r} (the driver subtracts 64 * colsum for both; the step lists are not needed) */
 static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int64_t lda,
                                                           int rows, const int8_t *w,
-                                                          int64_t k4, int u7, int32_t *out) {
+                                                          int64_t k4, int form,
+                                                          const int32_t *lst, int64_t ldl,
+                                                          int32_t *out) {
+    (void)lst;
+    (void)ldl;
     for (int r = 0; r < rows; ++r) {
         int32_t acc[16] = {0};
         const uint8_t *ar = a + r * lda;
@@ -40,7 +68,9 @@ static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int6
             const int8_t *ws = w + s * 64;
             int32_t q[4];
             for (int j = 0; j < 4; ++j) /* the codes of this step */
-                q[j] = u7 ? (int32_t)ar[s * 8 + j] : (int32_t)(int8_t)ar[s * 8 + 4 + j];
+                q[j] = form == 0 ? (int32_t)(int8_t)ar[s * 8 + 4 + j]
+                                 : (int32_t)ar[s * 8 + j] +
+                                       (form == 2 ? (int32_t)(int8_t)ar[s * 8 + 4 + j] : 0);
             for (int c = 0; c < 16; ++c)
                 for (int j = 0; j < 4; ++j)
                     acc[c] += q[j] * (int32_t)ws[c * 4 + j];
@@ -53,9 +83,10 @@ static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int6
 /* one activation row x np (1..4) panels (pstride bytes apart): out[p * 16 + c] */
 static inline __attribute__((always_inline)) void s8_gemv(const uint8_t *a, const int8_t *w,
                                                           int64_t pstride, int np, int64_t k4,
-                                                          int u7, int32_t *out) {
+                                                          int form, const int32_t *lst,
+                                                          int32_t *out) {
     for (int p = 0; p < np; ++p)
-        s8_tile(a, 0, 1, w + p * pstride, k4, u7, out + p * 16);
+        s8_tile(a, 0, 1, w + p * pstride, k4, form, lst, 0, out + p * 16);
 }
 
 /* rows (1..4) of x . nr (1..2) INT4 weight rows: out[r][c] = sum_g s_g * sum_j u_j x_j */
