@@ -132,6 +132,19 @@ def test_s8_gemm_split_form_is_exact_at_its_boundaries(lib, form, threads, m: in
                        _exact(q, w))
 
 
+@pytest.mark.parametrize("n", [40, 2100])
+def test_s8_gemm_many_rows_in_either_tile_order(lib, form, threads, n: int) -> None:
+    """Many rows run tiles rows-outer on packed weights up to 4 MiB and panels-outer beyond
+    (2100 x 2051: 4.3 MiB); both give the exact sums."""
+    g = torch.Generator().manual_seed(n)
+    m, k = 140, 2048 + 3
+    q = torch.randint(-64, 64, (m, k), dtype=torch.int8, generator=g)
+    q[torch.rand(m, k, generator=g) < 0.02] = 127
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    exact = (q.double() @ w.double().t()).to(torch.int32)  # sums < 2**53: exact in float64
+    assert torch.equal(_s8_acc(lib, q, s8_packed(w, lib), n, pooled=False), exact)  # type: ignore[arg-type]
+
+
 def test_s8_split_mode_setter_returns_the_previous_choice_and_ignores_bad_values(lib) -> None:
     before = lib.lbk_s8_split_mode(1)
     try:
