@@ -35,7 +35,9 @@ def _native_detail() -> str:
 
     isa = selected_isa()
     int4 = ISA_KERNELS[isa][1] or "PyTorch's packed INT4 op"
-    return (f"ISA path {isa}: INT8 GEMM {int8_gemm()}, INT4 {int4} (small M), fused C "
+    forms = (" (8-bit activations: sign trick, or a 7-bit part plus the outlying codes when "
+             "most fit in 7 bits)" if isa == "avx2" else "")
+    return (f"ISA path {isa}: INT8 GEMM {int8_gemm()}{forms}, INT4 {int4} (small M), fused C "
             "quantize / epilogue")
 
 

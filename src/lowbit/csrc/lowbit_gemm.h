@@ -8,8 +8,9 @@
  *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
  *   layout_codes_split(q, k, a, idx)         one row of 8-bit codes in the split form (below)
  *   u4p_tile(q, ldq, rows, panels, ..., out)  rows (1..4) of int8 codes x 1..2 INT4 panels
- * and the names LB_ISA and LB_SPLIT_PAYS, then includes this file, which bounds-checks every argument, lays out
- * the operands, splits the work over OpenMP threads and applies the float epilogue.
+ * and the names LB_ISA and LB_SPLIT_PAYS, then includes this file, which bounds-checks every
+ * argument, lays out the operands, splits the work over OpenMP threads and applies the float
+ * epilogue.
  * Compiled once per ISA with that ISA's flags (lowbit/native.py) and picked at run time.
  *
  * INT8 weight panels: w [n, k] int8 codes in [-127, 127], packed once per layer as
@@ -56,7 +57,8 @@
 #define LB_ROWS_OUTER_BYTES (4LL << 20)
 
 /* The split form when at most this many steps per 1000 of a block of rows have a remainder:
- * a listed step costs about 1.5 dense steps of the 7-bit form, and the sign form about 1.3. */
+ * a listed step costs 1-3 dense steps of the 7-bit form and the sign form about 1.2-1.3, so
+ * the two break even near 15-20% listed (measured on Zen 3, docs/kernels.md). */
 #define LB_SPLIT_PERMILLE 150
 
 /* -1: choose the form of 8-bit activations as above; 0: never split; 1: always split (tests) */
