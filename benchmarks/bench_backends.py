@@ -6,6 +6,9 @@ Each cell is FP32 PyTorch time / variant time (higher is better), all measured i
 candidates interleaved. Peers: FP32 under ``torch.compile`` and ONNX Runtime's own
 ``quantize_dynamic`` of the float model (per-tensor QInt8 weights). The last columns give each
 ONNX variant's output cosine vs FP32 (lowbit's export vs ORT's own quantization), batch 32.
+Both ONNX Runtime sessions get the same options: 2 intra-op threads, thread spinning off (a
+spinning pool would take the cores from whichever candidate runs next in the interleaved
+rounds).
 
     python benchmarks/bench_backends.py [--quick] [--no-compile]
 """
@@ -19,6 +22,7 @@ import os
 import sys
 import tempfile
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,10 +33,21 @@ from _timing import machine_line, median_times
 from lowbit import backends
 from lowbit.evaluation import compare_outputs
 from lowbit.models import MLP, MnistCNN, TransformerEncoderBlock
+from lowbit.onnx_export import OnnxRuntimeModule, export_onnx
 from lowbit.ptq import quantize_dynamic, quantize_static
 
 THREADS = 2
 BATCHES = (1, 32)
+
+
+def _ort_options() -> Any:
+    """The session options of both ONNX Runtime candidates (an ``onnxruntime.SessionOptions``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _ort_own(model: nn.Module, example: torch.Tensor, folder: str, stem: str) -> nn.Module:
@@ -53,9 +68,7 @@ def _ort_own(model: nn.Module, example: torch.Tensor, folder: str, stem: str) ->
     onnx.save(proto, fp32)
     logging.getLogger().setLevel(logging.ERROR)
     ort_quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
-    session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(int8, _ort_options(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +112,9 @@ def main() -> None:
             for name in usable:
                 base = copy.deepcopy(qmodel)
                 runners[name] = backends.set_backend(base, name, inputs[32])
+            if "onnxruntime" in runners:  # the backend's export, in a session like the peer's
+                runners["onnxruntime"] = OnnxRuntimeModule(
+                    export_onnx(qmodel, inputs[32], None), session_options=_ort_options())
             peers = {"ORT quantize_dynamic": _ort_own(fp32, inputs[32], folder,
                                                       label.replace(" ", "_"))}
             if not args.no_compile:

@@ -32,6 +32,15 @@ _PAD_MODES = ("constant", "reflect", "replicate", "circular")
 _GEOMETRY_KEYS = {"stride", "padding", "dilation", "groups", "pre_pad", "pad_mode"}
 
 
+def _weight_key(w: torch.Tensor) -> tuple[int, int]:
+    """What identifies a weight's values for the derived kernel caches and prepared calls: its
+    version counter (moved by in-place changes) and storage. Inference tensors (made under
+    ``torch.inference_mode``) have no version counter: their storage alone, as for the packed
+    weights (:func:`lowbit.kernels.s8_packed`); such a weight changed in place inside
+    inference mode needs ``layer._refresh_cache()``."""
+    return (-1 if w.is_inference() else w._version, w.data_ptr())
+
+
 def jsonable(value: Any) -> Any:
     """``value`` with tensors / tuples turned into plain JSON types (lists, floats, ints).
 
@@ -428,7 +437,7 @@ class QuantizedModuleBase(nn.Module):
     def _planned(self, plans: dict, x: torch.Tensor) -> torch.Tensor | None:
         """This call on the layer's prepared C call for ``x.shape``, or None (the body runs)."""
         w = self._buffers["weight"]
-        if (x.requires_grad or not x.is_cpu or not x.is_contiguous() or w.is_inference()):
+        if x.requires_grad or not x.is_cpu or not x.is_contiguous():
             return None
         if x.dtype != torch.float32:  # bfloat16 models: the body computes in float32 too
             if x.dtype != torch.bfloat16 or not self._plans_cast_bf16:
@@ -437,7 +446,7 @@ class QuantizedModuleBase(nn.Module):
             return None if y is None else y.to(torch.bfloat16)
         key = (x.shape, torch.get_num_threads(), selected_isa(), load_native(), self._plan_tag)
         entry = plans.get(key)
-        weight_key = (w._version, w.data_ptr())
+        weight_key = _weight_key(w)
         if entry is None:
             # per shape, thread count and kernel library; built only from fresh kernel caches
             # (the body's _input refreshes them after an in-place change of the weight); at
@@ -548,8 +557,8 @@ class QuantizedModuleBase(nn.Module):
         if x.dim() == 0 or x.shape[dim] != expected:
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
-        if w is not None and not w.is_inference():
-            key = (w._version, w.data_ptr())
+        if w is not None:
+            key = _weight_key(w)
             if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
                 self._refresh_cache()  # the kernel caches derive from it
                 self.__dict__["_weight_key"] = key

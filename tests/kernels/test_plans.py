@@ -120,6 +120,29 @@ def test_in_place_weight_change_is_seen() -> None:
     assert torch.equal(_run_twice(q, x), y)
 
 
+@pytest.mark.parametrize("where", ["quantized", "copied"])
+def test_models_made_under_inference_mode_run_on_prepared_calls(where: str) -> None:
+    """Weights that are inference tensors (no version counter) still get their kernel caches
+    and prepared calls, with the bits of a model made outside inference mode; loading new
+    weights into it is seen."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10))
+    normal = quantize_dynamic(model, progress=False)
+    with torch.inference_mode():
+        q = (quantize_dynamic(model, progress=False) if where == "quantized"
+             else copy.deepcopy(normal))
+        assert q[0].qweight.is_inference()
+        x = torch.randn(1, 1, 6, 6)
+        y = _run_twice(q, x)
+        assert _plans(q[0]) and _plans(q[3])
+        assert torch.equal(y, _run_twice(_stepwise(normal), x))
+        state = {k: v.clone() for k, v in normal.state_dict().items()}
+        state["3.weight"] = -state["3.weight"]  # the codes; copied in place: caches rebuilt
+        q.load_state_dict(state)
+        normal.load_state_dict(state)
+        assert torch.equal(_run_twice(q, x), _run_twice(_stepwise(normal), x))
+
+
 def test_fusion_and_backend_changes_drop_the_plans() -> None:
     q = quantize_dynamic(_mlp(64, 32, relu=True), progress=False)
     x = torch.randn(2, 64)
