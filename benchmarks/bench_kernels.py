@@ -4,6 +4,11 @@ Prints a markdown table per layer type. Candidates are timed round-robin in one 
 host is shared and noisy) and the median per candidate is reported. These numbers set the
 thresholds in ``lowbit.kernels`` (see its module docstring).
 
+The last table times the two exact layouts of 8-bit activations in the C GEMM (the sign form
+and the split form: a 7-bit part plus the outlying codes, ``docs/kernels.md``), forced one by one
+and as chosen automatically, on Gaussian, outlier (1% of the channels x 20) and heavy-tailed
+(Student-t, 3 degrees of freedom) inputs.
+
 Usage: ``python benchmarks/bench_kernels.py [--threads 2] [--rounds 15] [--quick]``
 """
 
@@ -31,6 +36,8 @@ from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedConv2d, Qu
 LINEAR_SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 384, 1536), (256, 1024, 4096),
                  (1024, 1024, 1024)]
 CONV_BATCHES = [1, 64]
+FORM_SHAPES = [(1, 4096, 4096), (32, 4096, 4096), (544, 384, 1536), (544, 1536, 384),
+               (4096, 384, 1536)]
 #: (C_in, C_out, H = W) of 3x3 pad-1 convs: K = 9 * C_in spans the ``"fp32_codes_conv"``
 #: threshold (the MNIST CNN's two convs are the first two).
 CONV_SHAPES = [(1, 16, 28), (16, 32, 14), (4, 32, 28), (8, 32, 28), (32, 32, 16)]
@@ -122,6 +129,53 @@ def _conv_candidates(batch: int, cin: int = 32, cout: int = 32, hw: int = 16
     }
 
 
+def _inputs(m: int, k: int, kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(m + k)
+    if kind == "heavy":
+        return torch.distributions.StudentT(3.0).sample((m, k))
+    x = torch.randn(m, k, generator=g)
+    if kind == "outlier":
+        x[:, torch.randperm(k, generator=g)[:max(1, k // 100)]] *= 20
+    return x
+
+
+def _activation_forms(rounds: int, quick: bool) -> str:
+    """Sign vs split form of 8-bit per-token activations, forced through the C library's
+    process-wide switch (``lbk_s8_split_mode``), on one dynamic INT8 layer per shape."""
+    from lowbit.native import ISA_PATHS, load_gemm, selected_isa
+
+    isa = selected_isa()
+    if ISA_PATHS[isa][0] is None:
+        return f"(8-bit activation forms: the {isa} path runs no C GEMM; nothing to time)"
+    lib = load_gemm(isa)
+    lines = [f"### 8-bit activation forms, {isa} C GEMM (ms; sign / split > 1: split faster)",
+             "", "| M x K -> N | inputs | steps with a remainder | sign | split | automatic "
+             "| sign / split |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m, k, n in [(33, 256, 256)] if quick else FORM_SHAPES:
+        layer = QuantizedLinear.from_float(nn.Linear(k, n), QuantizationConfig.int8_dynamic())
+        for kind in ("gaussian", "outlier", "heavy"):
+            x = _inputs(m, k, kind)
+            codes, _, _ = quantize_activation(x, -127, 127)
+            c4 = ((codes < -64) | (codes > 63))[:, : k // 4 * 4].reshape(m, -1, 4).any(-1)
+
+            def forced(mode: int, x: torch.Tensor = x,
+                       layer: nn.Module = layer) -> Callable[[], object]:
+                def run() -> object:
+                    before = lib.lbk_s8_split_mode(mode)
+                    try:
+                        return layer(x)
+                    finally:
+                        lib.lbk_s8_split_mode(before)
+                return run
+
+            t = median_times({"sign": forced(0), "split": forced(1), "auto": forced(-1)},
+                             rounds)
+            lines.append(f"| {m} x {k} -> {n} | {kind} | {float(c4.float().mean()):.1%} | "
+                         f"{t['sign'] * 1e3:.2f} | {t['split'] * 1e3:.2f} | "
+                         f"{t['auto'] * 1e3:.2f} | {t['sign'] / t['split']:.2f} |")
+    return "\n".join(lines)
+
+
 def _table(title: str, cols: list[str], rows: dict[str, dict[str, float]],
            base: str) -> str:
     lines = [f"### {title} (time / {base}; lower is faster)", "",
@@ -168,6 +222,9 @@ def main() -> None:
         print()
         print(_table(f"Conv2d {cin}->{cout} 3x3 pad 1 on {hw}x{hw} (K = {9 * cin})", list(rows),
                      rows, "fp32 F.conv2d"))
+    print()
+    with torch.inference_mode():
+        print(_activation_forms(args.rounds, args.quick))
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@
 #define LB_ROWS_OUTER_BYTES (4LL << 20)
 
 /* The split form when at most this many steps per 1000 of a block of rows have a remainder:
- * a listed step costs 1-3 dense steps of the 7-bit form and the sign form about 1.2-1.3, so
- * the two break even near 15-20% listed (measured on Zen 3, docs/kernels.md). */
-#define LB_SPLIT_PERMILLE 150
+ * a listed step costs 1-3 dense steps of the 7-bit form, and the two forms broke even at
+ * 7-14% listed (Zen 3, bench_kernels.py; docs/kernels.md). */
+#define LB_SPLIT_PERMILLE 100
 
 /* -1: choose the form of 8-bit activations as above; 0: never split; 1: always split (tests) */
 static int lb_split_mode = -1;
