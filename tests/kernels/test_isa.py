@@ -145,6 +145,35 @@ def test_s8_gemm_many_rows_in_either_tile_order(lib, form, threads, n: int) -> N
     assert torch.equal(_s8_acc(lib, q, s8_packed(w, lib), n, pooled=False), exact)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("threads_", [1, 2])
+def test_s8_automatic_form_follows_the_share_of_outlying_codes(lib, threads_: int) -> None:
+    """Automatic choice: the split form for codes that mostly fit in 7 bits (on the ISA whose
+    sign op it saves), the sign form for Gaussian-like codes, the 7-bit form for 7-bit
+    activations; the same sums in every case."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_)
+    g = torch.Generator().manual_seed(threads_)
+    w = torch.randint(-127, 128, (48, 512), dtype=torch.int8, generator=g)
+    packed = s8_packed(w, lib)
+    sparse = torch.randint(-64, 64, (200, 512), dtype=torch.int8, generator=g)
+    sparse[:, 7] = 127  # one outlying code per row: 1 of 128 steps listed
+    dense = torch.randint(-127, 128, (200, 512), dtype=torch.int8, generator=g)
+    split = 4 if lib.lbk_isa() == b"avx2" else 1  # bit 2: split, bit 0: sign
+    try:
+        for q, want in ((sparse, split), (dense, 1), (sparse[:3], split), (dense[:3], 1)):
+            lib.lbk_s8_forms_seen(1)
+            assert torch.equal(_s8_acc(lib, q, packed, 48, pooled=False), _exact(q, w))  # type: ignore[arg-type]
+            assert lib.lbk_s8_forms_seen(0) == want, (q.shape, want)
+        x = torch.randn(5, 512, generator=g)  # 7-bit activations: the 7-bit form (bit 1)
+        y = torch.empty(5, 48)
+        lib.lbk_s8_forms_seen(1)
+        _s8_call(lib, x, 0, torch.empty(5, 1), True, True, None, -64, 63, packed, 48,  # type: ignore[arg-type]
+                 None, torch.ones(48), None, False, y, 0)
+        assert lib.lbk_s8_forms_seen(0) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_s8_split_mode_setter_returns_the_previous_choice_and_ignores_bad_values(lib) -> None:
     before = lib.lbk_s8_split_mode(1)
     try:

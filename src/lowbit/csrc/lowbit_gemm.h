@@ -7,6 +7,7 @@
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
  *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
  *   layout_codes_split(q, k, a, idx)         one row of 8-bit codes in the split form (below)
+ *   count_split_steps(q, k)                  how many steps of a row the split form lists
  *   u4p_tile(q, ldq, rows, panels, ..., out)  rows (1..4) of int8 codes x 1..2 INT4 panels
  * and the names LB_ISA and LB_SPLIT_PAYS, then includes this file, which bounds-checks every
  * argument, lays out the operands, splits the work over OpenMP threads and applies the float
@@ -71,6 +72,15 @@ int lbk_s8_split_mode(int mode) {
     if (mode >= -1 && mode <= 1)
         lb_split_mode = mode;
     return old;
+}
+
+/* Bit f set: some block of rows was laid out in form f (0 sign, 1 7-bit, 2 split) */
+static int lb_forms_seen;
+
+/* The forms used since the last reset (bit mask as above); reset != 0 clears it. For tests. */
+int lbk_s8_forms_seen(int reset) {
+    return reset ? __atomic_exchange_n(&lb_forms_seen, 0, __ATOMIC_RELAXED)
+                 : __atomic_load_n(&lb_forms_seen, __ATOMIC_RELAXED);
 }
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -141,31 +151,19 @@ static inline float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-/* Write one row's codes in the given form (0 {|q|, q}, 1 {q + 64, 0}, 2 split, listing the
- * steps with a remainder in idx) per 4-K step into a (k4 * 8 bytes, zero tail); returns how
- * many steps are listed. The codes are clamp(round(x * (1 / s)) + zp, qmin, qmax), the bits
- * of lb_quantize_s8; kind 2 takes int8 codes as they are. */
-static int64_t layout_row(const void *x, int kind, int64_t k, float inv, float zp, float lo,
-                          float hi, int form, int8_t *tmp, uint8_t *a, int32_t *idx) {
-    const int8_t *q = tmp;
-    if (kind == 2) {
-        q = (const int8_t *)x;
-    } else if (kind == 1) {
+/* One row of x quantized to codes q [k]: clamp(round(x * (1 / s)) + zp, qmin, qmax), the bits
+ * of lb_quantize_s8. */
+static void quantize_row(const void *x, int kind, int64_t k, float inv, float zp, float lo,
+                         float hi, int8_t *q) {
+    if (kind == 1) {
         const uint16_t *xb = (const uint16_t *)x;
         for (int64_t j = 0; j < k; ++j)
-            tmp[j] = (int8_t)(int32_t)clampf(nearbyintf(bf16_to_f32(xb[j]) * inv) + zp, lo, hi);
+            q[j] = (int8_t)(int32_t)clampf(nearbyintf(bf16_to_f32(xb[j]) * inv) + zp, lo, hi);
     } else {
         const float *xf = (const float *)x;
         for (int64_t j = 0; j < k; ++j)
-            tmp[j] = (int8_t)(int32_t)clampf(nearbyintf(xf[j] * inv) + zp, lo, hi);
+            q[j] = (int8_t)(int32_t)clampf(nearbyintf(xf[j] * inv) + zp, lo, hi);
     }
-    if (form == 2)
-        return layout_codes_split(q, k, a, idx);
-    if (form == 1)
-        layout_codes_u7(q, k, a);
-    else
-        layout_codes(q, k, a);
-    return 0;
 }
 
 /* How the rows of x become codes (lbk_s8_linear's arguments). */
@@ -181,59 +179,55 @@ typedef struct {
     int u7;
 } quant_t;
 
-/* Bytes of scratch lay_out_rows needs for rows of k (k4 steps): the laid-out rows, their step
- * lists (count + k4 steps each) and one row of codes. */
+/* Bytes of scratch lay_out_block needs for rows of k (k4 steps): the laid-out rows, their step
+ * lists (count + k4 steps each) and the rows' codes. */
 static size_t layout_bytes(int64_t rows, int64_t k, int64_t k4) {
-    return (size_t)(rows * k4 * 8 + rows * (k4 + 1) * 4 + k + 64);
+    return (size_t)(rows * k4 * 8 + rows * (k4 + 1) * 4 + rows * k + 64);
 }
 
-/* Rows [i0, i0 + rows) of x quantized (dynamic scales written) and laid out in buf (row
- * stride lda = k4 * 8) in the given form, then the rows' step lists (stride k4 + 1: count,
- * steps) and k bytes of scratch (layout_bytes in all). Returns the listed steps of all rows. */
-static int64_t lay_out_rows(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *buf,
-                            int64_t lda, int form) {
-    const int64_t ldl = lda / 8 + 1;
-    int32_t *lst = (int32_t *)(buf + rows * lda);
-    int8_t *tmp = (int8_t *)(lst + rows * ldl);
-    int64_t listed = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r, ri = qp->per_row ? i : 0;
-        const char *xr = qp->x + i * qp->xrow;
-        float inv = 1.0f, z = 0.0f;
-        if (qp->kind != 2) {
-            if (qp->dynamic && qp->per_row)
-                qp->scale[i] = dyn_scale(row_absmax(xr, qp->kind, qp->k), qp->hi);
-            inv = 1.0f / qp->scale[ri];
-            z = qp->zp ? (float)qp->zp[ri] : 0.0f;
-        }
-        const int64_t cnt = layout_row(xr, qp->kind, qp->k, inv, z, qp->lo, qp->hi, form, tmp,
-                                       buf + r * lda, lst + r * ldl + 1);
-        lst[r * ldl] = (int32_t)cnt;
-        listed += cnt;
-    }
-    return listed;
-}
-
-/* Quantize and lay out rows [i0, i0 + rows) in the form of their activations: the 7-bit one
- * (1), else the split one (2) when chosen (see LB_SPLIT_PERMILLE), else the sign one (0).
- * Dynamic scales are rewritten with the same values when a block is laid out twice. */
+/* Quantize rows [i0, i0 + rows) of x (dynamic scales written) and lay them out in buf (row
+ * stride lda = k4 * 8) in the form of their activations: the 7-bit one (1), else the split one
+ * (2) when chosen (see LB_SPLIT_PERMILLE; the rows' step lists follow them, stride k4 + 1:
+ * count, steps), else the sign one (0). The codes go to scratch after the lists (kind 2: x's
+ * rows are the codes), so each row is quantized once whichever form is chosen. Returns it. */
 static int lay_out_block(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *buf,
                          int64_t lda) {
-    if (qp->u7) {
-        lay_out_rows(qp, i0, rows, buf, lda, 1);
-        return 1;
+    const int64_t k = qp->k, k4 = lda / 8, ldl = k4 + 1;
+    int32_t *lst = (int32_t *)(buf + rows * lda);
+    int8_t *codes = (int8_t *)(lst + rows * ldl);
+    const int64_t ldq = qp->kind == 2 ? qp->xrow : k;
+    const int8_t *q = qp->kind == 2 ? (const int8_t *)(qp->x + i0 * qp->xrow) : codes;
+    for (int64_t r = 0; qp->kind != 2 && r < rows; ++r) {
+        const int64_t i = i0 + r, ri = qp->per_row ? i : 0;
+        const char *xr = qp->x + i * qp->xrow;
+        if (qp->dynamic && qp->per_row)
+            qp->scale[i] = dyn_scale(row_absmax(xr, qp->kind, k), qp->hi);
+        quantize_row(xr, qp->kind, k, 1.0f / qp->scale[ri], qp->zp ? (float)qp->zp[ri] : 0.0f,
+                     qp->lo, qp->hi, codes + r * k);
     }
     const int mode = lb_split_mode;
-    if (mode == 0 || (mode < 0 && !LB_SPLIT_PAYS)) {
-        lay_out_rows(qp, i0, rows, buf, lda, 0);
-        return 0;
+    int form = qp->u7 ? 1 : 0;
+    if (!qp->u7 && (mode == 1 || (mode < 0 && LB_SPLIT_PAYS))) {
+        form = 2;
+        if (mode < 0) {
+            const int64_t limit = rows * k4 * LB_SPLIT_PERMILLE / 1000;
+            int64_t listed = 0;
+            for (int64_t r = 0; r < rows && listed <= limit; ++r)
+                listed += count_split_steps(q + r * ldq, k);
+            form = listed <= limit ? 2 : 0;
+        }
     }
-    const int64_t listed = lay_out_rows(qp, i0, rows, buf, lda, 2);
-    if (mode < 0 && listed * 1000 > rows * (lda / 8) * LB_SPLIT_PERMILLE) {
-        lay_out_rows(qp, i0, rows, buf, lda, 0);
-        return 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        uint8_t *a = buf + r * lda;
+        if (form == 2)
+            lst[r * ldl] = (int32_t)layout_codes_split(q + r * ldq, k, a, lst + r * ldl + 1);
+        else if (form == 1)
+            layout_codes_u7(q + r * ldq, k, a);
+        else
+            layout_codes(q + r * ldq, k, a);
     }
-    return 2;
+    __atomic_fetch_or(&lb_forms_seen, 1 << form, __ATOMIC_RELAXED);
+    return form;
 }
 
 /* ---------------------------------------------------------------- epilogue */
@@ -291,7 +285,7 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
     }
 }
 
-/* Rows [i0, i0 + rows) of A (laid out by lay_out_rows in form F, row stride k4 * 8, step
+/* Rows [i0, i0 + rows) of A (laid out by lay_out_block in form F, row stride k4 * 8, step
  * lists after the rows) times panels [p0, p1), tiles in rows-outer order when rows_outer (see
  * LB_ROWS_OUTER_BYTES); F constant (see s8_block), so that each form gets its own register
  * allocation. */

@@ -86,6 +86,28 @@ static int64_t layout_codes_split(const int8_t *q, int64_t k, uint8_t *a, int32_
     return n;
 }
 
+/* how many 4-K steps of a row of codes q [k] hold a code outside [-64, 63] (the steps
+ * layout_codes_split lists) */
+static int64_t count_split_steps(const int8_t *q, int64_t k) {
+    const __m256i lo7 = _mm256_set1_epi8(-64), hi7 = _mm256_set1_epi8(63);
+    const __m256i zero = _mm256_setzero_si256();
+    int64_t j = 0, n = 0;
+    for (; j + 32 <= k; j += 32) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + j));
+        const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi8(v, hi7),
+                                            _mm256_cmpgt_epi8(lo7, v));
+        const int clean = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(out, zero)));
+        n += 8 - __builtin_popcount((unsigned)clean);
+    }
+    for (; j < k; j += 4) {
+        int any = 0;
+        for (int t = 0; t < 4 && j + t < k; ++t)
+            any |= q[j + t] < -64 || q[j + t] > 63;
+        n += any;
+    }
+    return n;
+}
+
 /* 32 MACs of 7-bit codes u = q + 64 (unsigned, broadcast) against 8 columns: no sign op */
 static inline __m256i dot4_u7(__m256i u, __m256i w, __m256i ones) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), ones);

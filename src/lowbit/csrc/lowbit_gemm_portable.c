@@ -51,6 +51,18 @@ static int64_t layout_codes_split(const int8_t *q, int64_t k, uint8_t *a, int32_
     return n;
 }
 
+/* how many 4-K steps of a row of codes q [k] hold a code outside [-64, 63] */
+static int64_t count_split_steps(const int8_t *q, int64_t k) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < k; j += 4) {
+        int any = 0;
+        for (int t = 0; t < 4 && j + t < k; ++t)
+            any |= q[j + t] < -64 || q[j + t] > 63;
+        n += any;
+    }
+    return n;
+}
+
 /* rows (1..4) x 16 columns of one panel: out[r * 16 + c], exact int32. form 0: {|q|, q};
  * 1: the unsigned 7-bit form, q + 64 in the first 4 bytes of a step; 2: the split form
  * {c + 64, r} (the driver subtracts 64 * colsum for both; the step lists are not needed) */
