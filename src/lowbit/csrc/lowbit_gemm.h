@@ -310,28 +310,16 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
         }
         return;
     }
-    if (rows_outer) {
-        for (int64_t r = 0; r < rows; r += 4) {
-            const int rr = (int)(rows - r < 4 ? rows - r : 4);
-            for (int64_t p = p0; p < p1; ++p) {
-                const int64_t c0 = p * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
-                s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, F, lst + r * ldl, ldl,
-                        out);
-                for (int t = 0; t < rr; ++t)
-                    epilogue(e, i0 + r + t, c0, cols, out + t * 16);
-            }
-        }
-        return;
-    }
-    for (int64_t p = p0; p < p1; ++p) {
+    /* tile t of the row tiles x panels grid, rows-outer or panels-outer (LB_ROWS_OUTER_BYTES) */
+    const int64_t nrt = ceil_div(rows, 4), npn = p1 - p0;
+    for (int64_t t = 0; t < nrt * npn; ++t) {
+        const int64_t r = 4 * (rows_outer ? t / npn : t % nrt);
+        const int64_t p = p0 + (rows_outer ? t % npn : t / nrt);
+        const int rr = (int)(rows - r < 4 ? rows - r : 4);
         const int64_t c0 = p * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
-        for (int64_t r = 0; r < rows; r += 4) {
-            const int rr = (int)(rows - r < 4 ? rows - r : 4);
-            s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, F, lst + r * ldl, ldl,
-                    out);
-            for (int t = 0; t < rr; ++t)
-                epilogue(e, i0 + r + t, c0, cols, out + t * 16);
-        }
+        s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, F, lst + r * ldl, ldl, out);
+        for (int i = 0; i < rr; ++i)
+            epilogue(e, i0 + r + i, c0, cols, out + i * 16);
     }
 }
 
