@@ -1,10 +1,13 @@
-"""Timing helper shared by the benchmark scripts (run them from the repository root)."""
+"""Helpers shared by the benchmark scripts (run them from the repository root): interleaved
+timing, the machine line every benchmark prints, synthetic activations."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
 
 
 def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -19,6 +22,19 @@ def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
             fn()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def activations(rows: int, k: int, kind: str = "gaussian",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``rows x k`` inputs: standard Gaussian; ``"outlier"``: Gaussian with 1% of the channels
+    x 20; ``"heavy"``: Student-t with 3 degrees of freedom (from the global generator), heavy
+    tailed like transformer activations."""
+    if kind == "heavy":
+        return torch.distributions.StudentT(3.0).sample((rows, k))
+    x = torch.randn(rows, k, generator=generator)
+    if kind == "outlier":
+        x[:, torch.randperm(k, generator=generator)[:max(1, k // 100)]] *= 20
+    return x
 
 
 def machine_line() -> str:

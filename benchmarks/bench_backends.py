@@ -110,11 +110,11 @@ def main() -> None:
         for label, fp32, qmodel, inputs in _cases():
             runners = {}
             for name in usable:
-                base = copy.deepcopy(qmodel)
-                runners[name] = backends.set_backend(base, name, inputs[32])
-            if "onnxruntime" in runners:  # the backend's export, in a session like the peer's
-                runners["onnxruntime"] = OnnxRuntimeModule(
-                    export_onnx(qmodel, inputs[32], None), session_options=_ort_options())
+                if name == "onnxruntime":  # the backend's export, in a session like the peer's
+                    runners[name] = OnnxRuntimeModule(export_onnx(qmodel, inputs[32], None),
+                                                      session_options=_ort_options())
+                    continue
+                runners[name] = backends.set_backend(copy.deepcopy(qmodel), name, inputs[32])
             peers = {"ORT quantize_dynamic": _ort_own(fp32, inputs[32], folder,
                                                       label.replace(" ", "_"))}
             if not args.no_compile:

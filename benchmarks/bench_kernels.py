@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import machine_line, median_times
+from _timing import activations, machine_line, median_times
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
@@ -55,7 +55,7 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
     amax = float(x.abs().max())
     static = QuantizedLinear.from_float(fc, QuantizationConfig.int8_static(),
                                         input_qparams=(amax / 127, 0))
-    w8 = dyn.weight
+    w8 = dyn.qweight  # the int8 codes (.weight is their float view)
     s8, _, _ = quantize_activation(x, -128, 127)
     u = s8.view(torch.uint8) ^ 0x80  # the same codes shifted to uint8
     i4 = Int4Linear.from_float(fc, QuantizationConfig.int4_weight_only(128))
@@ -110,7 +110,7 @@ def _conv_candidates(batch: int, cin: int = 32, cout: int = 32, hw: int = 16
     dyn = QuantizedConv2d.from_float(conv, QuantizationConfig.int8_dynamic())
     st = QuantizedConv2d.from_float(conv, QuantizationConfig.int8_static(),
                                     input_qparams=(float(x.abs().max()) / 127, 0))
-    w, s, zp, cs = dyn.weight, torch.tensor(0.02), None, dyn._colsum
+    w, s, zp, cs = dyn.qweight, torch.tensor(0.02), None, dyn._colsum
 
     def forced(kernel: str) -> Callable[[], object]:
         return lambda: int8_conv2d(x, s, zp, -128, 127, w, dyn._w_scale, cs, dyn.bias, (1, 1),
@@ -129,16 +129,6 @@ def _conv_candidates(batch: int, cin: int = 32, cout: int = 32, hw: int = 16
     }
 
 
-def _inputs(m: int, k: int, kind: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(m + k)
-    if kind == "heavy":
-        return torch.distributions.StudentT(3.0).sample((m, k))
-    x = torch.randn(m, k, generator=g)
-    if kind == "outlier":
-        x[:, torch.randperm(k, generator=g)[:max(1, k // 100)]] *= 20
-    return x
-
-
 def _activation_forms(rounds: int, quick: bool) -> str:
     """Sign vs split form of 8-bit per-token activations, forced through the C library's
     process-wide switch (``lbk_s8_split_mode``), on one dynamic INT8 layer per shape."""
@@ -154,7 +144,7 @@ def _activation_forms(rounds: int, quick: bool) -> str:
     for m, k, n in [(33, 256, 256)] if quick else FORM_SHAPES:
         layer = QuantizedLinear.from_float(nn.Linear(k, n), QuantizationConfig.int8_dynamic())
         for kind in ("gaussian", "outlier", "heavy"):
-            x = _inputs(m, k, kind)
+            x = activations(m, k, kind, torch.Generator().manual_seed(m + k))
             codes, _, _ = quantize_activation(x, -127, 127)
             c4 = ((codes < -64) | (codes > 63))[:, : k // 4 * 4].reshape(m, -1, 4).any(-1)
 

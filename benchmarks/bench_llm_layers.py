@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _timing import machine_line, median_times
+from _timing import activations, machine_line, median_times
 from bench_ptq import OrtModel, _onnx, _torch_ao_dynamic
 from torch import nn
 
@@ -50,19 +50,12 @@ LOWBIT = ("lowbit INT8 dynamic", "lowbit INT8 dyn 7-bit act", "lowbit INT8 stati
           "lowbit INT4 g128")
 
 
-def _inputs(rows: int, k: int, kind: str) -> torch.Tensor:
-    """``rows x k`` activations: standard Gaussian, or Student-t with 3 degrees of freedom."""
-    if kind == "heavy":
-        return torch.distributions.StudentT(3.0).sample((rows, k))
-    return torch.randn(rows, k)
-
-
 def _variants(m: int, k: int, n: int, folder: str,
               kind: str = "gaussian") -> tuple[dict, dict, torch.Tensor]:
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(k, n)).eval()
-    x = _inputs(m, k, kind)
-    calib = [_inputs(min(m, 64), k, kind) for _ in range(2)]
+    x = activations(m, k, kind)
+    calib = [activations(min(m, 64), k, kind) for _ in range(2)]
     seven = QuantizationConfig.int8_dynamic(activation_bits=7)
     lowbit = {"lowbit INT8 dynamic": quantize_dynamic(layer),
               "lowbit INT8 dyn 7-bit act": PTQQuantizer(seven).quantize(layer),
