@@ -117,8 +117,8 @@ def test_bench_json_progress_and_report(work: Path) -> None:
     out = json.loads(run.stdout)
     rows = out["rows"]
     assert [r["name"] for r in rows] == ["mlp.pt", "q_dyn"] and rows[0]["speedup"]["b4"] == 1.0
-    assert set(out["native"]) == {"available", "reason", "path", "isa",
-                                  "isa_paths"}  # which kernels were timed
+    assert set(out["native"]) == {"available", "reason", "path", "isa", "isa_paths",
+                                  "libraries"}  # which kernels were timed
     assert "benchmarking" in run.stderr  # the progress bar; --quiet removes it
     assert (work / "bench_report" / "latency.png").is_file()
     assert "| q_dyn |" in (work / "bench_report" / "report.md").read_text()

@@ -13,7 +13,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.kernels import CODES_DIRECT_MAX_MACS, INT4_PACKED_MAX_M, int8_gemm, select_kernel
+from lowbit.kernels import (
+    CODES_DIRECT_MAX_MACS,
+    INT4_PACKED_MAX_M,
+    VNNI_S8_MAX_MACS,
+    int8_gemm,
+    select_kernel,
+)
 from lowbit.kernels import select as kernel_select
 from lowbit.modules import (
     QUANTIZED_MODULES,
@@ -174,7 +180,10 @@ def test_meta_contents() -> None:
     assert m["extra"] == {"note": "x"} and m["dtype"] == "float32"
     s = QuantizedLinear.from_float(fc, STATIC, input_qparams=(0.1, 2), fused_relu=True).meta()
     assert s["mode"] == "static" and s["fused_relu"]
-    assert s["kernel"] == int8_gemm()
+    small, large = (select_kernel("int8_linear", m, k=67, n=48) for m in (1, 1 << 20))
+    t = VNNI_S8_MAX_MACS // (67 * 48)  # avx512_vnni: _int_mm from many rows on
+    assert small == int8_gemm()
+    assert s["kernel"] == (small if small == large else {f"M<={t}": small, f"M>{t}": large})
     assert s["activation_spec"] == STATIC.activations.to_dict()
     assert m["kernel"] == Int4Linear.from_float(fc, INT4).kernel_info()  # the per-M plan
 
@@ -250,12 +259,15 @@ def test_conv2d_kernels_by_k_equal_reference(cin: int, groups: int) -> None:
         for xx in (x, big):
             assert torch.equal(q(xx), ref(xx)) and q(xx).is_contiguous()
         k = cin // groups * 9
-        expect = select_kernel("int8_conv2d", 1, k=k, groups=groups)
+        expect = select_kernel("int8_conv2d", 1 << 40, k=k, n=8, groups=groups)
         assert (expect == "fp32_codes_conv") == (k <= 258) or k == 144  # 144: VNNI -> GEMM
         if expect != "fp32_codes_conv" and q._conv_kernel(1) == "fp32_codes_conv":  # C kernels
             limit = CODES_DIRECT_MAX_MACS // (8 * k)  # small calls: the direct codes conv
             expect = {f"M<={limit}": "fp32_codes_conv", f"M>{limit}": expect}
             assert q._conv_kernel(limit) == "fp32_codes_conv" != q._conv_kernel(limit + 1)
+        elif expect != (small := select_kernel("int8_conv2d", 1, k=k, n=8, groups=groups)):
+            limit = VNNI_S8_MAX_MACS // (8 * k)  # avx512_vnni: its C GEMM, then _int_mm
+            expect = {f"M<={limit}": small, f"M>{limit}": expect}
         assert q.kernel_info() == q.meta()["kernel"] == expect
 
 
@@ -488,12 +500,13 @@ def test_int4_out_features_not_multiple_of_16_use_packed_kernel(n: int, spec: Qu
     q = convert_module(fc, cfg, name="head")
     ref = convert_module(fc, cfg, backend="reference")
     assert "int4pack_bf16" in q.meta()["kernel"].values()
-    assert tuple(q.qweight.shape) == (n, 64) and q._packed is not None
+    assert tuple(q.qweight.shape) == (n, 64) and q._packed is None  # built on first use
     for m in (1, 5, 40):
         x = torch.randn(m, 128)
         y = q(x)
         assert y.shape == (m, n) and y.is_contiguous()
         assert _cos(y, ref(x)) > 0.9999 and _cos(y, fc(x).detach()) > 0.99
+    assert q._packed is not None  # (40 rows: the packed op; fewer: the small C kernel)
     # the padded cache is not persistent: state dict and a round trip are unchanged
     r = module_from_meta(q.meta())
     r.load_state_dict(q.state_dict())

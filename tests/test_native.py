@@ -28,6 +28,7 @@ from lowbit.kernels import (
     direct_conv_fits,
     fused_int8_linear,
     int8_conv2d,
+    int8_gemm,
     int8_linear,
     maxpool2d_native,
     quantize_activation,
@@ -76,6 +77,9 @@ def test_disabled_by_environment(no_native) -> None:
         "available": False, "reason": "disabled by LOWBIT_NATIVE=0", "path": None}
     assert status["isa_paths"]["portable"] == "disabled by LOWBIT_NATIVE=0"
     assert status["isa"] in ("avx512_vnni", "torch")  # no C path without the C kernels
+    assert all(why == "disabled by LOWBIT_NATIVE=0" for why in status["libraries"].values()
+               if not why.startswith("the CPU"))  # (a CPU without the ISA says so first)
+    assert int8_gemm() in ("int_mm_s8s8", "fp32_codes")  # VNNI: oneDNN's, exact; else fp32
 
 
 def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog) -> None:

@@ -98,7 +98,9 @@ def test_model_end_to_end_lower_error_and_round_trip(bits, tmp_path):
     kind = "Int4Linear" if bits == 4 else "Int8WeightOnlyLinear"
     assert type(q.layers[0].up).__name__ == kind and type(q.head) is nn.Linear
     assert q.layers[0].up.meta()["extra"]["weight_method"] == "signround"
-    assert ((q(x) - ref) ** 2).mean() < 0.8 * ((rtn(x) - ref) ** 2).mean()
+    with lowbit.backends.use("reference"):  # the rounding's error alone (CPUs with BF16 run
+        err, err_rtn = (((m(x) - ref) ** 2).mean() for m in (q, rtn))  # INT8 layers in bf16)
+    assert err < 0.8 * err_rtn
     path = tmp_path / "q.safetensors"
     lowbit.save(q, path)
     assert torch.equal(lowbit.load(path, model=_Net())(x), q(x))

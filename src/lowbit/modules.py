@@ -44,6 +44,7 @@ from lowbit.kernels import (
     select_kernel,
 )
 from lowbit.kernels.plans import Plan, conv_codes_plan, linear_plan
+from lowbit.kernels.select import VNNI_S8_MAX_M, VNNI_S8_MAX_MACS
 from lowbit.modules_rnn import (
     RNN_TYPES,
     QuantizedGRU,
@@ -272,11 +273,17 @@ class QuantizedLinear(_Int8Base):
                            self.fused_relu, self._qmin, self._qmax)
 
     def kernel_info(self) -> str | dict[str, str]:
-        """The INT8 GEMM, e.g. ``"int_mm_s8s8"`` (the same at every M on CPU); on CUDA
-        ``{"M<=16": "reference", "M>16": "int_mm_s8s8"}`` where ``_int_mm`` takes the shape."""
-        device, t = self.qweight.device.type, CUDA_INT_MM_MIN_ROWS
+        """The INT8 GEMM, e.g. ``"s8_avx2"`` (the same at every M on most CPUs); where it
+        changes with the rows M, ``{"M<=T": small, "M>T": large}``: on CUDA ``{"M<=16":
+        "reference", "M>16": "int_mm_s8s8"}`` where ``_int_mm`` takes the shape, on the
+        ``avx512_vnni`` path lowbit's C GEMM up to T rows, then ``"int_mm_s8s8"``."""
+        device = self.qweight.device.type
         small, large = self._kernel(1, device), self._kernel(1 << 40, device)
-        return small if small == large else {f"M<={t}": small, f"M>{t}": large}
+        if small == large:
+            return small
+        t = (CUDA_INT_MM_MIN_ROWS if device != "cpu" else
+             max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (self.in_features * self.out_features)))
+        return {f"M<={t}": small, f"M>{t}": large}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
@@ -386,12 +393,15 @@ class QuantizedConv2d(_Int8Base):
     def kernel_info(self) -> str | dict[str, str]:
         """``"fp32_codes_conv"`` for a small K, else the INT8 GEMM after im2col (or reference);
         ``{"M<=X": "fp32_codes_conv", "M>X": ...}`` when small calls (M = batch x input
-        pixels) run the direct C conv over the codes."""
+        pixels) run the direct C conv over the codes (or, on the ``avx512_vnni`` path,
+        lowbit's C GEMM: ``{"M<=X": "s8_avx512_vnni", "M>X": "int_mm_s8s8"}``)."""
         small, large = self._conv_kernel(1), self._conv_kernel(1 << 40)
         if small == large:
             return small
-        limit = (CODES_DIRECT_MAX_MACS // (self.out_channels * self.qweight[0].numel())
-                 if self.qweight.is_cpu else CUDA_INT_MM_MIN_ROWS)
+        macs = self.out_channels * self.qweight[0].numel()  # per row
+        limit = (CUDA_INT_MM_MIN_ROWS if not self.qweight.is_cpu
+                 else CODES_DIRECT_MAX_MACS // macs if small == "fp32_codes_conv"
+                 else max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // macs))  # avx512_vnni's C GEMM
         return {f"M<={limit}": small, f"M>{limit}": large}
 
     def _refresh_cache(self) -> None:

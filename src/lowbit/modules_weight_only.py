@@ -291,6 +291,8 @@ class _WeightOnlyLinear(_WeightOnly):
             else:
                 if self.kp > self.k:
                     x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)
+                if kernel == "int4pack_bf16":
+                    self._int4pack()
                 y = weight_only_linear(x2, kernel, self._dequant_padded, self.bias,
                                        packed=self._packed, scales=self._scales,
                                        group_size=self._group(), out_features=self.n)
@@ -386,9 +388,11 @@ class Int4Linear(_WeightOnlyLinear):
     def _refresh_cache(self) -> None:
         super()._refresh_cache()
         self._packed = self._scales = self._u4 = self._u4p = None
-        kernels = {self._select_packed(m, a) for m in (1, U4_NATIVE_MAX_M + 1)
-                   for a in (False, True)}
-        if "int4pack_bf16" in kernels:  # (either setting of int8_activations)
+
+    def _int4pack(self) -> None:
+        """Build the packed cache of ``aten._weight_int4pack_mm_for_cpu`` on first use (a layer
+        whose calls never pick that op keeps no second copy of its weight)."""
+        if self._packed is None:
             pad = self._n_packed() - self.n  # zero rows: their outputs are sliced off
             codes = F.pad(self.codes(), (0, 0, 0, pad))  # (Np, Kp)
             scale = F.pad(self.weight_scale.reshape(self.n, -1), (0, 0, 0, pad))  # (Np, G)

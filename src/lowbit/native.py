@@ -14,11 +14,13 @@ compiler, or with ``LOWBIT_NATIVE=0``, lowbit runs its pure-PyTorch path: same r
 on small shapes. :func:`native_status` says which is in use and why.
 
 The INT8 x INT8 GEMM and the INT4 weight kernels (``csrc/lowbit_gemm_*.c``) are built once per
-instruction set, each with its own flags (``avx2``: ``-mavx2 -mfma``; ``portable``: none), and
-:func:`selected_isa` picks one at run time from the CPU's features: ``avx512_vnni`` (PyTorch's
-``_int_mm``, whose oneDNN kernels are exact with VNNI), else ``avx2``, else ``portable``, else
-``torch`` (PyTorch ops only, no C). ``LOWBIT_ISA=avx2|avx512_vnni|portable|torch`` forces a
-path (an unavailable one is an error naming the reason), so one machine can test them all.
+instruction set, each with its own flags (``avx512_vnni``: the AVX2 source with VNNI enabled;
+``avx2``: ``-mavx2 -mfma``; ``portable``: none), and :func:`selected_isa` picks one at run time
+from the CPU's features: ``avx512_vnni`` (its C kernels where they win, PyTorch's ``_int_mm``,
+whose oneDNN kernels are exact with VNNI, at many rows or without its library), else ``avx2``,
+else ``portable``, else ``torch`` (PyTorch ops only, no C). ``LOWBIT_ISA=avx2|avx512_vnni|
+portable|torch`` forces a path (an unavailable one is an error naming the reason), so one
+machine can test them all.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ _GEMM_SIGNATURES = {
 #: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
 #: the /proc/cpuinfo flags it needs; VNNI is read by ``lowbit.kernels.cpu_features``).
 ISA_PATHS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
-    "avx512_vnni": (None, (), ()),
+    "avx512_vnni": ("lowbit_gemm_avx2.c", ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                                           "-mavx512vl", "-mavx512vnni"),
+                    ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
     "avx2": ("lowbit_gemm_avx2.c", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
     "portable": ("lowbit_gemm_portable.c", (), ()),
     "torch": (None, (), ()),
@@ -127,15 +131,24 @@ def _open(path: Path, signatures: dict[str, tuple[Any, list[Any]]]) -> ctypes.CD
     return lib
 
 
-def _isa_missing(isa: str) -> str | None:
-    """Why an ISA path cannot run here, or None when it can (the library is not built)."""
+#: ISA paths that run on PyTorch's ops where their C library cannot be built or loaded
+#: (``avx512_vnni``: oneDNN's ``_int_mm`` is exact with VNNI; its C kernels are optional).
+_TORCH_BACKED = ("avx512_vnni",)
+
+
+def _isa_missing(isa: str, library: bool = False) -> str | None:
+    """Why an ISA path (``library``: its C library) cannot run here, or None when it can (the
+    library is not built)."""
     source, _, needs = ISA_PATHS[isa]
     if isa == "avx512_vnni":
         from lowbit.kernels.select import cpu_features  # (it imports this module)
 
         if "vnni" not in cpu_features():
             return "the CPU has no VNNI (or ONEDNN_MAX_CPU_ISA excludes it)"
-        return None if hasattr(torch, "_int_mm") else "this torch has no _int_mm"
+        if not hasattr(torch, "_int_mm"):
+            return "this torch has no _int_mm"
+        if not library:
+            return None
     flags = set(_cpu_key().split())
     missing = [f for f in needs if f not in flags]
     if missing:
@@ -144,8 +157,10 @@ def _isa_missing(isa: str) -> str | None:
 
 
 def load_gemm(isa: str) -> ctypes.CDLL | None:
-    """The compiled kernels of one ISA path (``"avx2"`` / ``"portable"``), or None when that
-    path cannot run here or failed to build (:func:`isa_paths` says why).
+    """The compiled kernels of one ISA path (``"avx512_vnni"`` / ``"avx2"`` / ``"portable"``),
+    or None when that path cannot run here or failed to build (:func:`isa_paths` says why; the
+    ``avx512_vnni`` path then runs on PyTorch's ``_int_mm``; :func:`native_status`'s
+    ``"libraries"`` says why).
 
     Example:
         >>> lib = load_gemm("portable")
@@ -161,7 +176,7 @@ def load_gemm(isa: str) -> ctypes.CDLL | None:
         if isa in _gemm:
             return _gemm[isa][0]
         source, flags, _ = ISA_PATHS[isa]
-        lib, reason = None, _isa_missing(isa)
+        lib, reason = None, _isa_missing(isa, library=True)
         if reason is None:
             try:
                 cc = _compiler()
@@ -185,7 +200,7 @@ def isa_paths() -> dict[str, str]:
     """
     out = {}
     for isa, (source, _, _) in ISA_PATHS.items():
-        if source is None:
+        if source is None or isa in _TORCH_BACKED:
             out[isa] = _isa_missing(isa) or "available"
         else:
             out[isa] = "available" if load_gemm(isa) is not None else _gemm[isa][1]
@@ -343,20 +358,27 @@ def load_native() -> ctypes.CDLL | None:
 
 def native_status() -> dict[str, Any]:
     """Whether the fused C kernels are in use and which ISA path runs the INT8 / INT4 GEMMs:
-    ``{"available", "reason", "path", "isa", "isa_paths"}`` (``isa_paths``: every path with
-    ``"available"`` or why not; ``isa``: :func:`selected_isa`, or the error it raises).
+    ``{"available", "reason", "path", "isa", "isa_paths", "libraries"}`` (``isa_paths``: every
+    path with ``"available"`` or why not; ``isa``: :func:`selected_isa`, or the error it
+    raises; ``libraries``: each ISA path's C library, ``"loaded"`` or why not).
 
     Example:
         >>> sorted(native_status())
-        ['available', 'isa', 'isa_paths', 'path', 'reason']
+        ['available', 'isa', 'isa_paths', 'libraries', 'path', 'reason']
     """
     load_native()
     try:
         isa = selected_isa()
     except ValueError as exc:
         isa = f"error: {exc}"
+    paths = isa_paths()
+    libraries = {}
+    for name, (source, _, _) in ISA_PATHS.items():
+        if source is not None:
+            load_gemm(name)
+            libraries[name] = _gemm[name][1]
     return {"available": _state["lib"] is not None, "reason": _state["reason"],
-            "path": _state["path"], "isa": isa, "isa_paths": isa_paths()}
+            "path": _state["path"], "isa": isa, "isa_paths": paths, "libraries": libraries}
 
 
 def threads_for(numel: int) -> int:

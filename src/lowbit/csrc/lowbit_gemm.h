@@ -6,12 +6,13 @@
  *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
  *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
+ *   layout_codes_u8(q, k, a)                 (LB_U8_CODES only) 8-bit codes as {q + 128, 0}
  *   layout_codes_split(q, k, a, idx)         one row of 8-bit codes in the split form (below)
  *   count_split_steps(q, k)                  how many steps of a row the split form lists
  *   u4p_tile(q, ldq, rows, panels, ..., out)  rows (1..4) of int8 codes x 1..2 INT4 panels
- * and the names LB_ISA and LB_SPLIT_PAYS, then includes this file, which bounds-checks every
- * argument, lays out the operands, splits the work over OpenMP threads and applies the float
- * epilogue.
+ * and the names LB_ISA, LB_SPLIT_PAYS and LB_U8_CODES, then includes this file, which
+ * bounds-checks every argument, lays out the operands, splits the work over OpenMP threads and
+ * applies the float epilogue.
  * Compiled once per ISA with that ISA's flags (lowbit/native.py) and picked at run time.
  *
  * INT8 weight panels: w [n, k] int8 codes in [-127, 127], packed once per layer as
@@ -23,6 +24,9 @@
  * Activations of at most 7 bits (q in [-64, 63], an activation spec with bits=7) take the
  * cheaper "u7" form: u = q + 64 in [0, 127] is the unsigned operand as it is (no sign op;
  * pair sums <= 2 * 127 * 127), and 64 * colsum(w), stored after the panels, is subtracted.
+ * Where the ISA multiplies unsigned by signed bytes without int16 pair sums (VNNI's vpdpbusd:
+ * LB_U8_CODES), 8-bit activations take the unsigned form u = q + 128 in [0, 255] instead of the
+ * sign form, and 128 * colsum(w) is subtracted: one instruction per 32 MACs, exact.
  * 8-bit activations take the "split" form where the ISA gains from it (LB_SPLIT_PAYS: AVX2,
  * whose sign op costs about a fifth of the GEMM) and few codes lie outside [-64, 63]: q = c + r
  * with c = clamp(q, -64, 63) run as the 7-bit form over every step, and the remainder
@@ -46,6 +50,10 @@
 #define LB_EARG (-1)   /* a size, stride or pointer that does not fit */
 #define LB_ECODE (-2)  /* an INT8 weight code of -128: not packable (the caller falls back) */
 #define LB_ENOMEM (-3)
+
+#ifndef LB_U8_CODES
+#define LB_U8_CODES 0
+#endif
 
 /* Rows per OpenMP work item when the rows are split between threads. */
 #define LB_ROW_BLOCK 32
@@ -224,7 +232,11 @@ static int lay_out_block(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *b
         else if (form == 1)
             layout_codes_u7(q + r * ldq, k, a);
         else
+#if LB_U8_CODES
+            layout_codes_u8(q + r * ldq, k, a);
+#else
             layout_codes(q + r * ldq, k, a);
+#endif
     }
     __atomic_fetch_or(&lb_forms_seen, 1 << form, __ATOMIC_RELAXED);
     return form;
@@ -234,7 +246,7 @@ static int lay_out_block(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *b
 
 typedef struct {
     const int32_t *comp; /* [n] subtracted from the accumulator, or NULL */
-    const int32_t *u7;   /* [n] colsum(w): 64 * colsum is subtracted (7-bit codes), or NULL */
+    const int32_t *u7;   /* [n] colsum(w): off * colsum is subtracted (unsigned codes), or NULL */
     const float *sx;     /* [m] (per_row) or [1] */
     int per_row;
     const float *sw;     /* [n] */
@@ -243,6 +255,7 @@ typedef struct {
     void *y;
     int y_kind;          /* 0 float32, 1 bfloat16, 2 int32 accumulator (comp applied) */
     int64_t n;           /* row length of y */
+    uint32_t off;        /* the unsigned codes' offset: 64 (7-bit, split) or 128 (8-bit) */
 } epi_t;
 
 /* acc [cols] of row i starting at column c0 -> y, the float ops of lb_epilogue in its order. */
@@ -250,8 +263,9 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
                             const int32_t *acc) {
     const int32_t *comp = e->comp ? e->comp + c0 : NULL, *u7 = e->u7 ? e->u7 + c0 : NULL;
     int32_t a[64];
-    for (int64_t c = 0; c < cols; ++c)
-        a[c] = acc[c] - (comp ? comp[c] : 0) - (u7 ? 64 * u7[c] : 0);
+    for (int64_t c = 0; c < cols; ++c) /* mod 2^32: the sum of u * w may wrap, q * w does not */
+        a[c] = (int32_t)((uint32_t)acc[c] - (uint32_t)(comp ? comp[c] : 0) -
+                         (u7 ? e->off * (uint32_t)u7[c] : 0u));
     if (e->y_kind == 2) {
         memcpy((int32_t *)e->y + i * e->n + c0, a, (size_t)cols * sizeof(int32_t));
         return;
@@ -325,12 +339,14 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
 
 /* s8_block_t with the activation form fixed at compile time: a run-time flag inside the
  * micro-kernel loops made the 8-bit path 2.4x slower (4096 x 384 x 1536). The 7-bit and split
- * forms subtract 64 * colsum (colsum: stored after the panels). */
+ * forms subtract 64 * colsum (colsum: stored after the panels), LB_U8_CODES's 8-bit form
+ * 128 * colsum. */
 static void s8_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *wpack,
                      int64_t k4, int64_t p0, int64_t p1, const epi_t *e, int form,
                      const int32_t *colsum, int rows_outer) {
     epi_t ef = *e;
-    ef.u7 = form ? colsum : NULL;
+    ef.u7 = form || LB_U8_CODES ? colsum : NULL;
+    ef.off = form ? 64u : 128u;
     if (form == 2)
         s8_block_t(a, i0, rows, wpack, k4, p0, p1, &ef, 2, rows_outer);
     else if (form == 1)

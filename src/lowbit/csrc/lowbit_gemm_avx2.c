@@ -1,17 +1,54 @@
 /* lowbit kernels for AVX2 + FMA CPUs (Haswell / Zen 1 and later): exact INT8 x INT8 with the
  * sign trick, and INT4 weights unpacked in registers. Compiled with -mavx2 -mfma -mf16c.
+ * Compiled again with AVX-512 VNNI (+ VL) enabled, the same kernels become the avx512_vnni ISA
+ * path: every 4-code dot product is one vpdpbusd (u8 x s8 summed into int32, no int16 pair
+ * sums: exact for every code), and 8-bit activations take the unsigned form q + 128 (no sign
+ * op; 128 * colsum(w) is subtracted), as cheap as 7-bit ones.
  * The driver (bounds checks, layouts, threads, epilogue) is lowbit_gemm.h. */
 #include <immintrin.h>
 #include <stdint.h>
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LB_ISA "avx512_vnni"
+/* 8-bit activation codes are laid out as u = q + 128 (see lowbit_gemm.h) */
+#define LB_U8_CODES 1
+/* the split form saves nothing here: the unsigned form has no sign op to save */
+#define LB_SPLIT_PAYS 0
+/* acc + the 4-code dot products of u (unsigned) and w (signed) per int32 lane: exact */
+#define DOT_U(acc, u, w) _mm256_dpbusd_epi32((acc), (u), (w))
+#else
 #define LB_ISA "avx2"
+#define LB_U8_CODES 0
 /* the split form of 8-bit activations pays off here (see lowbit_gemm.h) */
 #define LB_SPLIT_PAYS 1
+/* the same with vpmaddubsw (int16 pair sums: exact while they stay <= 32767) + vpmaddwd */
+#define DOT_U(acc, u, w)                                                                       \
+    _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (w)),                   \
+                                              _mm256_set1_epi16(1)))
+#endif
 
-/* 32 MACs of one activation row (4 codes, broadcast) against 8 columns of a panel step:
- * |a| (u8) x (w with a's sign) (s8) -> int16 pair sums (<= 32512: exact) -> int32. */
-static inline __m256i dot4(__m256i abs_a, __m256i sgn_a, __m256i w, __m256i ones) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_a, _mm256_sign_epi8(w, sgn_a)), ones);
+/* acc + 32 MACs of one activation row (4 codes, broadcast) against 8 columns of a panel step:
+ * |a| (u8) x (w with a's sign) (s8): every pair sum <= 2 * 128 * 127 = 32512, exact. */
+static inline __m256i dot4(__m256i acc, __m256i abs_a, __m256i sgn_a, __m256i w) {
+    return DOT_U(acc, abs_a, _mm256_sign_epi8(w, sgn_a));
+}
+
+/* one row of 8-bit codes q [k] as {q + 128, 0} per step s (the avx512_vnni form of 8-bit
+ * codes: q ^ 0x80 is q + 128 read unsigned; zero tail: u = 0) */
+static void layout_codes_u8(const int8_t *q, int64_t k, uint8_t *a) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32, a += 64) {
+        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + j)), flip);
+        const __m256i lo = _mm256_unpacklo_epi32(u, zero), hi = _mm256_unpackhi_epi32(u, zero);
+        _mm256_storeu_si256((__m256i *)a, _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(a + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    for (; j < k; j += 4, a += 8)
+        for (int t = 0; t < 4; ++t) {
+            a[t] = j + t < k ? (uint8_t)(q[j + t] + 128) : 0;
+            a[4 + t] = 0;
+        }
 }
 
 /* one row of codes q [k] as {|q[4s..4s+3]|, q[4s..4s+3]} per step s (zero tail); |-128| is
@@ -108,10 +145,9 @@ static int64_t count_split_steps(const int8_t *q, int64_t k) {
     return n;
 }
 
-/* 32 MACs of 7-bit codes u = q + 64 (unsigned, broadcast) against 8 columns: no sign op */
-static inline __m256i dot4_u7(__m256i u, __m256i w, __m256i ones) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, w), ones);
-}
+/* acc + 32 MACs of unsigned codes (7-bit u = q + 64, or on VNNI 8-bit q + 128; broadcast)
+ * against 8 columns: no sign op */
+static inline __m256i dot4_u(__m256i acc, __m256i u, __m256i w) { return DOT_U(acc, u, w); }
 
 /* The remainders of the split form: for each listed step s of a row, |r| x (w with r's sign)
  * into that row's accumulators, as dot4 (pair sums <= 2 * 64 * 127: exact). */
@@ -125,19 +161,19 @@ static inline __m256i dot4_u7(__m256i u, __m256i w, __m256i ones) {
             const __m256i vs_ = _mm256_set1_epi32(rs_), va_ = _mm256_abs_epi8(vs_);            \
             const __m256i w0_ = _mm256_loadu_si256((const __m256i *)((w) + s_ * 64));          \
             const __m256i w1_ = _mm256_loadu_si256((const __m256i *)((w) + s_ * 64 + 32));     \
-            acc0 = _mm256_add_epi32(acc0, dot4(va_, vs_, w0_, ones));                          \
-            acc1 = _mm256_add_epi32(acc1, dot4(va_, vs_, w1_, ones));                          \
+            acc0 = dot4(acc0, va_, vs_, w0_);                                                  \
+            acc1 = dot4(acc1, va_, vs_, w1_);                                                  \
         }                                                                                      \
     } while (0)
 
-/* F: 0 the sign form {|q|, q}, 1 the 7-bit form {q + 64, 0}, 2 the split form {c + 64, r}
- * with per-row step lists lst + r * ldl = {count, steps...} */
+/* F: 0 the sign form {|q|, q} (on VNNI the 8-bit form {q + 128, 0}), 1 the 7-bit form
+ * {q + 64, 0}, 2 the split form {c + 64, r} with per-row step lists lst + r * ldl =
+ * {count, steps...} */
 static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64_t lda,
                                                           const int R, const int8_t *w,
                                                           int64_t k4, const int F,
                                                           const int32_t *lst, int64_t ldl,
                                                           int32_t *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
     for (int r = 0; r < R; ++r)
         acc[r][0] = acc[r][1] = _mm256_setzero_si256();
@@ -149,15 +185,15 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
             int32_t ab, as;
             __builtin_memcpy(&ab, a + r * lda + s * 8, 4);
             const __m256i va = _mm256_set1_epi32(ab);
-            if (F) {
-                acc[r][0] = _mm256_add_epi32(acc[r][0], dot4_u7(va, w0, ones));
-                acc[r][1] = _mm256_add_epi32(acc[r][1], dot4_u7(va, w1, ones));
+            if (F || LB_U8_CODES) { /* unsigned codes: no sign operand */
+                acc[r][0] = dot4_u(acc[r][0], va, w0);
+                acc[r][1] = dot4_u(acc[r][1], va, w1);
                 continue;
             }
             __builtin_memcpy(&as, a + r * lda + s * 8 + 4, 4);
             const __m256i vs = _mm256_set1_epi32(as);
-            acc[r][0] = _mm256_add_epi32(acc[r][0], dot4(va, vs, w0, ones));
-            acc[r][1] = _mm256_add_epi32(acc[r][1], dot4(va, vs, w1, ones));
+            acc[r][0] = dot4(acc[r][0], va, vs, w0);
+            acc[r][1] = dot4(acc[r][1], va, vs, w1);
         }
     }
     if (F == 2)
@@ -192,7 +228,6 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
                                                           int64_t pstride, const int P,
                                                           int64_t k4, const int F,
                                                           const int32_t *lst, int32_t *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
     for (int p = 0; p < P; ++p)
         acc[p][0] = acc[p][1] = _mm256_setzero_si256();
@@ -206,12 +241,12 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
             _mm_prefetch((const char *)(wp + 768), _MM_HINT_T0);
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)wp);
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 32));
-            if (F) {
-                acc[p][0] = _mm256_add_epi32(acc[p][0], dot4_u7(va, w0, ones));
-                acc[p][1] = _mm256_add_epi32(acc[p][1], dot4_u7(va, w1, ones));
+            if (F || LB_U8_CODES) { /* unsigned codes: no sign operand */
+                acc[p][0] = dot4_u(acc[p][0], va, w0);
+                acc[p][1] = dot4_u(acc[p][1], va, w1);
             } else {
-                acc[p][0] = _mm256_add_epi32(acc[p][0], dot4(va, vs, w0, ones));
-                acc[p][1] = _mm256_add_epi32(acc[p][1], dot4(va, vs, w1, ones));
+                acc[p][0] = dot4(acc[p][0], va, vs, w0);
+                acc[p][1] = dot4(acc[p][1], va, vs, w1);
             }
         }
     }
@@ -327,6 +362,21 @@ static void u4_rows(const float *x, int64_t ldx, int rows, const uint8_t *wq, in
 #undef U4_CASE
 }
 
+#if LB_U8_CODES
+/* d + the dot products of u4 codes (low / high nibbles, unsigned) with two 4-code activation
+ * broadcasts, per int32 lane (vpdpbusd: exact), and d's int32 sums */
+#define U4_DOT(d, lo, a0, hi, a1)                                                              \
+    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32((d), (lo), (a0)), (hi), (a1))
+#define U4_SUM32(d) (d)
+#else
+/* the same in int16 lanes (16 products over 32 K: <= 16 * 15 * 128 = 30720, exact), widened
+ * to int32 by U4_SUM32 */
+#define U4_DOT(d, lo, a0, hi, a1)                                                              \
+    _mm256_add_epi16((d), _mm256_add_epi16(_mm256_maddubs_epi16((lo), (a0)),                   \
+                                           _mm256_maddubs_epi16((hi), (a1))))
+#define U4_SUM32(d) _mm256_madd_epi16((d), _mm256_set1_epi16(1))
+#endif
+
 /* R rows (1..4) of int8 codes q (row stride ldq, kp each) x P (1..2) panels of 8 INT4 columns
  * (lbk_u4p_linear's layout, pstride bytes apart): out[r * 16 + p * 8 + c], before the bias.
  * Per 8-K pair a panel is one 32-byte load; its low / high nibbles are two 4-K steps of 8
@@ -340,7 +390,7 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
                                                           int64_t ldT, const float *sx,
                                                           const float *tq, int64_t groups,
                                                           float *out) {
-    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+    const __m256i low = _mm256_set1_epi8(0x0F);
     __m256 acc[4][2];
     for (int r = 0; r < R; ++r)
         for (int p = 0; p < P; ++p)
@@ -370,15 +420,13 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
                     const __m256i lo = _mm256_and_si256(v, low);
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                     for (int r = 0; r < R; ++r)
-                        d[r][p] = _mm256_add_epi16(
-                            d[r][p], _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0[r]),
-                                                      _mm256_maddubs_epi16(hi, a1[r])));
+                        d[r][p] = U4_DOT(d[r][p], lo, a0[r], hi, a1[r]);
                 }
             }
             for (int r = 0; r < R; ++r) {
                 const __m256 sxr = _mm256_set1_ps(sx[r * groups + gi]);
                 for (int p = 0; p < P; ++p)
-                    acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[r][p], ones)),
+                    acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(U4_SUM32(d[r][p])),
                                                 _mm256_mul_ps(sv[p], sxr), acc[r][p]);
             }
         }

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from lowbit.native import load_native, selected_isa
+from lowbit.native import load_gemm, load_native, selected_isa
 
 #: Largest number of rows M for which ``_weight_int8pack_mm`` beats dequantize + bf16 GEMM.
 WEIGHT_ONLY_PACKED_MAX_M = 64
@@ -42,6 +42,20 @@ CONV_CODES_MAX_K = 128
 #: 41 / 89 / - us; K = 27 56 / 127 / 457 vs 79 / 136 / 348; K = 72 47 / 118 / 363 vs
 #: 86 / 142 / 373; K = 144 33 / 79 / 180 vs 57 / 126 / 270).
 CONV_CODES_MAX_K_NATIVE = 16
+
+
+#: On the ``avx512_vnni`` path the INT8 GEMM is lowbit's C kernel (``"s8_avx512_vnni"``:
+#: quantize, vpdpbusd GEMM and epilogue in one call) up to this many rows or
+#: :data:`VNNI_S8_MAX_MACS` multiply-adds, oneDNN's ``_int_mm`` above (blocked for caches, AMX
+#: where the CPU has it; ~90 us of fixed cost per call). Whole dynamic layer, 2 threads, C vs
+#: ``_int_mm`` ms (Xeon with AMX): 1 x 4096 -> 4096 0.44 vs 0.87, 8x 0.71 vs 0.96, 16x 1.28 vs
+#: 1.01, 32x 2.24 vs 1.23; 16 x 1024 -> 1024 0.107 vs 0.126, 32x 0.19 vs 0.14; 32 x 384 -> 1536
+#: 0.116 vs 0.119, 64x 0.23 vs 0.15 (``docs/kernels.md``).
+VNNI_S8_MAX_M = 8
+
+
+#: See :data:`VNNI_S8_MAX_M`.
+VNNI_S8_MAX_MACS = 1 << 24
 
 
 #: ``torch._int_mm`` on CUDA takes more than this many rows (and K, N multiples of 8).
@@ -121,7 +135,8 @@ def cpu_features() -> frozenset[str]:
 #: ``torch`` path's GEMM is ``_int_mm`` where VNNI makes it exact, else an fp32 GEMM over the
 #: codes).
 ISA_KERNELS: dict[str, tuple[str | None, str | None]] = {
-    "avx512_vnni": ("int_mm_s8s8", None),  # oneDNN's vpdpbusd kernels
+    # csrc/lowbit_gemm_avx2.c built with VNNI (vpdpbusd); oneDNN's _int_mm at many rows
+    "avx512_vnni": ("s8_avx512_vnni", "u4_avx512_vnni"),
     "avx2": ("s8_avx2", "u4_avx2"),  # csrc/lowbit_gemm_avx2.c
     "portable": ("s8_portable", "u4_portable"),  # csrc/lowbit_gemm_portable.c
     "torch": (None, None),
@@ -158,7 +173,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             picked there.
 
     Returns:
-        One of ``"int_mm_s8s8"``, ``"s8_avx2"``, ``"s8_portable"``, ``"fp32_codes"``,
+        One of ``"int_mm_s8s8"``, ``"s8_<isa>"`` (``"s8_avx512_vnni"``, ``"s8_avx2"``,
+        ``"s8_portable"``), ``"fp32_codes"``,
         ``"fp32_codes_conv"``, ``"u4q8_avx2"``, ``"u4q8_portable"``, ``"u4_avx2"``,
         ``"u4_portable"``, ``"int8pack_bf16"``,
         ``"int4pack_bf16"``, ``"dequant_bf16"``, ``"dequant_fp32"``, ``"reference"``.
@@ -204,6 +220,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if op in ("int8_linear", "int8_conv2d"):
         if op == "int8_conv2d" and groups != 1:
             return "reference"
+        if gemm == "s8_avx512_vnni" and m > VNNI_S8_MAX_M and m * n * k > VNNI_S8_MAX_MACS:
+            return "int_mm_s8s8"  # oneDNN's blocked kernels (AMX where the CPU has it)
         return gemm
     # dequantize once per call, then a float GEMM: bf16 where the CPU has it, else float32
     dequant = "dequant_bf16" if "bf16" in feats else "dequant_fp32"
@@ -214,6 +232,7 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         return "int8pack_bf16" if fast else dequant
     if op == "int4_weight_only":
         u4 = None if torch_ops else ISA_KERNELS[selected_isa()][1]
+        u4 = u4 if u4 is not None and load_gemm(u4[3:]) is not None else None
         fits = (u4 is not None and group_size is not None and group_size % 32 == 0
                 and k % 32 == 0 and k % group_size == 0)
         if fits and int8_activations:
@@ -228,17 +247,21 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
 
 
 def int8_gemm(isa: str | None = None) -> str:
-    """The exact INT8 x INT8 GEMM of an ISA path (default: :func:`lowbit.native.selected_isa`).
+    """The exact INT8 x INT8 GEMM of an ISA path (default: :func:`lowbit.native.selected_isa`)
+    at few rows.
 
-    ``"int_mm_s8s8"`` (oneDNN with VNNI), ``"s8_avx2"`` / ``"s8_portable"`` (lowbit's C
-    kernels), or ``"fp32_codes"`` (an fp32 GEMM over the codes: the ``torch`` path without
-    VNNI, where oneDNN's int8 GEMM saturates int16 pair sums and is not exact).
+    ``"s8_avx512_vnni"`` / ``"s8_avx2"`` / ``"s8_portable"`` (lowbit's C kernels),
+    ``"int_mm_s8s8"`` (oneDNN with VNNI: the ``torch`` path there, and the ``avx512_vnni`` one
+    without its C library or above :data:`VNNI_S8_MAX_M` rows), or ``"fp32_codes"`` (an fp32
+    GEMM over the codes: the ``torch`` path without VNNI, where oneDNN's int8 GEMM saturates
+    int16 pair sums and is not exact).
 
     Example:
-        >>> int8_gemm() in ("int_mm_s8s8", "s8_avx2", "s8_portable", "fp32_codes")
+        >>> int8_gemm() in ("s8_avx512_vnni", "s8_avx2", "s8_portable", "int_mm_s8s8",
+        ...                 "fp32_codes")
         True
     """
     gemm = ISA_KERNELS[isa or selected_isa()][0]
-    if gemm is not None:
+    if gemm is not None and load_gemm(gemm[3:]) is not None:
         return gemm
     return "int_mm_s8s8" if _HAS_INT_MM and "vnni" in cpu_features() else "fp32_codes"
