@@ -34,6 +34,7 @@ from lowbit.kernels import (
     INT4_PACKED_MAX_M,
     INT4_PACKED_MAX_M_NO_BF16,
     U4_NATIVE_MAX_M,
+    U4Q8_MAX_M_BF16,
     WEIGHT_ONLY_PACKED_MAX_M,
     c_layout,
     direct_conv_fits,
@@ -246,7 +247,8 @@ class _WeightOnlyLinear(_WeightOnly):
         "M<=512": "int4pack_bf16", "M>512": "dequant_bf16"}`` (``"native_fp32"``: small
         float32 inputs, with the C kernels; ``"u4q8_avx2"`` / ``"u4_avx2"``: lowbit's INT4
         kernels with int8 / float32 activations)."""
-        bounds = sorted({U4_NATIVE_MAX_M, INT4_PACKED_MAX_M_NO_BF16, self._max_packed_m}
+        bounds = sorted({U4_NATIVE_MAX_M, INT4_PACKED_MAX_M_NO_BF16, self._max_packed_m,
+                         U4Q8_MAX_M_BF16}
                         | ({self._small_max_m} if self._select(1) == "native_fp32" else set()))
         runs: list[list] = []  # [upper bound or None, kernel], neighbours with one kernel merged
         for b in [*bounds, None]:

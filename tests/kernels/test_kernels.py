@@ -195,6 +195,9 @@ def test_select_kernel_is_deterministic_and_documented() -> None:
     assert select_kernel("int8_weight_only", 1, k=68) == dequant  # op needs K % 16 == 0
     assert select_kernel("int8_weight_only", 2, k=72) == dequant  # K = 72 segfaults at M >= 2
     assert select_kernel("int8_linear", 1) == select_kernel("int8_linear", 4096) == fast
+    big = "int_mm_s8s8" if fast == "s8_avx512_vnni" else fast  # (VNNI: oneDNN's at many rows)
+    assert select_kernel("int8_linear", 4096, n=1024, k=1024) == big
+    assert select_kernel("int8_linear", 8, n=1024, k=1024) == fast
     assert select_kernel("int8_weight_only", 1, k=64) == "int8pack_bf16"
     assert select_kernel("int8_weight_only", 65, k=64) == dequant
     with pytest.raises(ValueError, match="backend"):

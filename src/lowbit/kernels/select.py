@@ -58,6 +58,14 @@ VNNI_S8_MAX_M = 8
 VNNI_S8_MAX_MACS = 1 << 24
 
 
+#: With int8 activations, ``"u4q8_<isa>"`` runs up to this many rows on CPUs with BF16, and
+#: dequantize + bf16 GEMM above (its cost per weight is spread over enough rows). Xeon with AMX,
+#: 2 threads, g128, ratio to fp32, u4q8 / dequantize + bf16: 384 -> 1536 M = 1024 1.08 / 0.97,
+#: M = 2048 1.24 / 1.69, M = 4096 1.12 / 2.25; 1024 -> 1024 M = 1024 1.25 / 1.00, M = 2048
+#: 1.27 / 1.77; 4096 -> 4096 M = 1024 1.38 / 0.68; 1536 -> 384 M = 2048 1.18 / 1.49.
+U4Q8_MAX_M_BF16 = 1024
+
+
 #: ``torch._int_mm`` on CUDA takes more than this many rows (and K, N multiples of 8).
 CUDA_INT_MM_MIN_ROWS = 16
 
@@ -165,7 +173,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             multiply-adds (``m*n*k``) runs ``"fp32_codes_conv"`` on the direct C conv.
         int8_activations: for ``"int4_weight_only"``: the layer may quantize its activations to
             int8 per row and group (``Int4Linear.int8_activations``): on the C ISA paths
-            ``"u4q8_<isa>"`` then runs at every M (it is faster than FP32 at every M measured).
+            ``"u4q8_<isa>"`` then runs at every M (it is faster than FP32 at every M measured),
+            up to :data:`U4Q8_MAX_M_BF16` rows on CPUs with BF16.
         device: the tensors' device type. Off the CPU (CUDA): ``"int_mm_s8s8"`` where
             ``torch._int_mm`` takes the shape there (M > 16, K and N multiples of 8), else
             ``"reference"`` (float64 over the codes: exact); weight-only layers dequantize and
@@ -235,8 +244,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         u4 = u4 if u4 is not None and load_gemm(u4[3:]) is not None else None
         fits = (u4 is not None and group_size is not None and group_size % 32 == 0
                 and k % 32 == 0 and k % group_size == 0)
-        if fits and int8_activations:
-            return "u4q8_" + u4[3:]  # type: ignore[index]  # INT4 x INT8 panels, every M
+        if fits and int8_activations and (m <= U4Q8_MAX_M_BF16 or "bf16" not in feats):
+            return "u4q8_" + u4[3:]  # type: ignore[index]  # INT4 x INT8 panels
         if fits and m <= U4_NATIVE_MAX_M:
             return u4  # type: ignore[return-value]  # lowbit's INT4 kernel, float32 activations
         packable = (_HAS_INT4 and group_size in INT4_GROUP_SIZES and n % 16 == 0
