@@ -166,6 +166,63 @@ static inline __m256i dot4_u(__m256i acc, __m256i u, __m256i w) { return DOT_U(a
         }                                                                                      \
     } while (0)
 
+#if LB_U8_CODES
+/* The unsigned forms with 512-bit registers: one 4-K step of a 16-column panel (64 bytes) is
+ * one zmm, so each row takes one vpdpbusd per step (two with 256-bit ones). Even and odd steps
+ * go to separate accumulators: 2 R independent chains hide vpdpbusd's latency. */
+static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, int64_t lda,
+                                                             const int R, const int8_t *w,
+                                                             int64_t k4, int32_t *out) {
+    __m512i acc[4][2];
+    for (int r = 0; r < R; ++r)
+        acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    int64_t s = 0;
+    for (; s + 2 <= k4; s += 2) {
+        _mm_prefetch((const char *)(w + s * 64 + 1024), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + s * 64 + 1088), _MM_HINT_T0);
+        const __m512i w0 = _mm512_loadu_si512((const void *)(w + s * 64));
+        const __m512i w1 = _mm512_loadu_si512((const void *)(w + s * 64 + 64));
+        for (int r = 0; r < R; ++r) {
+            int32_t a0, a1;
+            __builtin_memcpy(&a0, a + r * lda + s * 8, 4);
+            __builtin_memcpy(&a1, a + r * lda + s * 8 + 8, 4);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_set1_epi32(a0), w0);
+            acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_set1_epi32(a1), w1);
+        }
+    }
+    if (s < k4) {
+        const __m512i w0 = _mm512_loadu_si512((const void *)(w + s * 64));
+        for (int r = 0; r < R; ++r) {
+            int32_t a0;
+            __builtin_memcpy(&a0, a + r * lda + s * 8, 4);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_set1_epi32(a0), w0);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        _mm512_storeu_si512((void *)(out + r * 16), _mm512_add_epi32(acc[r][0], acc[r][1]));
+}
+
+static inline __attribute__((always_inline)) void gemv_p512(const uint8_t *a, const int8_t *w,
+                                                             int64_t pstride, const int P,
+                                                             int64_t k4, int32_t *out) {
+    __m512i acc[4];
+    for (int p = 0; p < P; ++p)
+        acc[p] = _mm512_setzero_si512();
+    for (int64_t s = 0; s < k4; ++s) {
+        int32_t ab;
+        __builtin_memcpy(&ab, a + s * 8, 4);
+        const __m512i va = _mm512_set1_epi32(ab);
+        for (int p = 0; p < P; ++p) { /* P independent weight streams */
+            const int8_t *wp = w + p * pstride + s * 64;
+            _mm_prefetch((const char *)(wp + 768), _MM_HINT_T0);
+            acc[p] = _mm512_dpbusd_epi32(acc[p], va, _mm512_loadu_si512((const void *)wp));
+        }
+    }
+    for (int p = 0; p < P; ++p)
+        _mm512_storeu_si512((void *)(out + p * 16), acc[p]);
+}
+#endif
+
 /* F: 0 the sign form {|q|, q} (on VNNI the 8-bit form {q + 128, 0}), 1 the 7-bit form
  * {q + 64, 0}, 2 the split form {c + 64, r} with per-row step lists lst + r * ldl =
  * {count, steps...} */
@@ -174,6 +231,12 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
                                                           int64_t k4, const int F,
                                                           const int32_t *lst, int64_t ldl,
                                                           int32_t *out) {
+#if LB_U8_CODES
+    if (F != 2) { /* (the split form's remainders need the 256-bit sign op) */
+        tile_r512(a, lda, R, w, k4, out);
+        return;
+    }
+#endif
     __m256i acc[4][2];
     for (int r = 0; r < R; ++r)
         acc[r][0] = acc[r][1] = _mm256_setzero_si256();
@@ -228,6 +291,12 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
                                                           int64_t pstride, const int P,
                                                           int64_t k4, const int F,
                                                           const int32_t *lst, int32_t *out) {
+#if LB_U8_CODES
+    if (F != 2) {
+        gemv_p512(a, w, pstride, P, k4, out);
+        return;
+    }
+#endif
     __m256i acc[4][2];
     for (int p = 0; p < P; ++p)
         acc[p][0] = acc[p][1] = _mm256_setzero_si256();

@@ -48,10 +48,11 @@ CONV_CODES_MAX_K_NATIVE = 16
 #: quantize, vpdpbusd GEMM and epilogue in one call) up to this many rows or
 #: :data:`VNNI_S8_MAX_MACS` multiply-adds, oneDNN's ``_int_mm`` above (blocked for caches, AMX
 #: where the CPU has it; ~90 us of fixed cost per call). Whole dynamic layer, 2 threads, C vs
-#: ``_int_mm`` ms (Xeon with AMX): 1 x 4096 -> 4096 0.44 vs 0.87, 8x 0.71 vs 0.96, 16x 1.28 vs
-#: 1.01, 32x 2.24 vs 1.23; 16 x 1024 -> 1024 0.107 vs 0.126, 32x 0.19 vs 0.14; 32 x 384 -> 1536
-#: 0.116 vs 0.119, 64x 0.23 vs 0.15 (``docs/kernels.md``).
-VNNI_S8_MAX_M = 8
+#: ``_int_mm`` ms (Xeon with AMX): 1 x 4096 -> 4096 0.36-0.44 vs 0.87, 8x 0.67 vs 1.03, 16x
+#: 0.98 vs 1.07, 32x 1.60 vs 1.16; 16 x 4096 -> 11008 2.49 vs 2.52, 32x 4.48 vs 3.03; 16 x
+#: 1024 -> 1024 0.107 vs 0.126, 32x 0.19 vs 0.14; 32 x 384 -> 1536 0.116 vs 0.119, 64x 0.23 vs
+#: 0.15 (``docs/kernels.md``).
+VNNI_S8_MAX_M = 16
 
 
 #: See :data:`VNNI_S8_MAX_M`.
