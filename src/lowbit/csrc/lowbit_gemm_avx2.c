@@ -510,10 +510,82 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
             _mm256_storeu_ps(out + r * 16 + p * 8, acc[r][p]);
 }
 
+#if LB_U8_CODES
+/* u4p_rp with 512-bit registers: two 8-K steps of a panel (64 bytes) per load, their
+ * activations side by side (lanes 0-7 step t, 8-15 step t + 1), int32 sums over a whole group
+ * (vpdpbusd: at most g * 15 * 128, exact), halves added before the group's scaling. */
+static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int64_t ldq,
+                                                             const int R, const uint8_t *wp,
+                                                             int64_t pstride, const int P,
+                                                             int64_t g, const float *sT,
+                                                             const float *zT, int64_t ldT,
+                                                             const float *sx, const float *tq,
+                                                             int64_t groups, float *out) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i i0 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i i1 = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m256 acc[4][2];
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p)
+            acc[r][p] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        __m512i d[4][2], e[4][2]; /* low / high nibbles: independent chains */
+        for (int r = 0; r < R; ++r)
+            for (int p = 0; p < P; ++p)
+                d[r][p] = e[r][p] = _mm512_setzero_si512();
+        for (int64_t t = gi * g / 8; t < (gi + 1) * g / 8; t += 2) { /* (g / 8: even) */
+            __m512i a0[4], a1[4];
+            for (int r = 0; r < R; ++r) { /* codes 8t .. 8t + 15 of row r as 4 dwords */
+                const __m512i v = _mm512_broadcast_i32x4(
+                    _mm_loadu_si128((const __m128i *)(q + r * ldq + 8 * t)));
+                a0[r] = _mm512_permutexvar_epi32(i0, v);
+                a1[r] = _mm512_permutexvar_epi32(i1, v);
+            }
+            for (int p = 0; p < P; ++p) {
+                const uint8_t *b = wp + p * pstride + t * 32;
+                _mm_prefetch((const char *)(b + 512), _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512((const void *)b);
+                const __m512i lo = _mm512_and_si512(v, low);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                for (int r = 0; r < R; ++r) {
+                    d[r][p] = _mm512_dpbusd_epi32(d[r][p], lo, a0[r]);
+                    e[r][p] = _mm512_dpbusd_epi32(e[r][p], hi, a1[r]);
+                }
+            }
+        }
+        /* the next panels' scales of this group: rows of sT / zT lie ldT floats apart, too far
+         * for the hardware prefetcher (a prefetch never faults) */
+        _mm_prefetch((const char *)(sT + gi * ldT + P * 8), _MM_HINT_T0);
+        _mm_prefetch((const char *)(zT + gi * ldT + P * 8), _MM_HINT_T0);
+        for (int p = 0; p < P; ++p) {
+            const __m256 sv = _mm256_loadu_ps(sT + gi * ldT + p * 8);
+            const __m256 sz = _mm256_mul_ps(sv, _mm256_loadu_ps(zT + gi * ldT + p * 8));
+            for (int r = 0; r < R; ++r) {
+                const __m512i de = _mm512_add_epi32(d[r][p], e[r][p]);
+                const __m256i ds = _mm256_add_epi32(_mm512_castsi512_si256(de),
+                                                    _mm512_extracti64x4_epi64(de, 1));
+                const __m256 sxr = _mm256_set1_ps(sx[r * groups + gi]);
+                acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ds), _mm256_mul_ps(sv, sxr),
+                                            acc[r][p]);
+                /* - s_g z_g * (sx_g sum_g(q)) */
+                acc[r][p] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(tq[r * groups + gi]), acc[r][p]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p)
+            _mm256_storeu_ps(out + r * 16 + p * 8, acc[r][p]);
+}
+#define U4P_RP(q, ldq, R, wp, pstride, P, kp, g, sT, zT, ldT, sx, tq, groups, out)              \
+    u4p_rp512(q, ldq, R, wp, pstride, P, g, sT, zT, ldT, sx, tq, groups, out)
+#else
+#define U4P_RP u4p_rp
+#endif
+
 static void u4p_tile(const int8_t *q, int64_t ldq, int rows, const uint8_t *wp, int64_t pstride,
                      int np, int64_t kp, int64_t g, const float *sT, const float *zT,
                      int64_t ldT, const float *sx, const float *tq, int64_t groups, float *out) {
-#define U4P(R, P) u4p_rp(q, ldq, R, wp, pstride, P, kp, g, sT, zT, ldT, sx, tq, groups, out)
+#define U4P(R, P) U4P_RP(q, ldq, R, wp, pstride, P, kp, g, sT, zT, ldT, sx, tq, groups, out)
     switch (rows * 4 + np) {
     case 4 + 2: U4P(1, 2); break;
     case 8 + 2: U4P(2, 2); break;
