@@ -3,6 +3,7 @@ timing, the machine line every benchmark prints, synthetic activations."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -11,13 +12,20 @@ import torch
 
 
 def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median wall time per candidate, candidates interleaved round-robin (noisy shared host)."""
+    """Median wall time per candidate, candidates interleaved round-robin (noisy shared host).
+
+    Each round runs them in a new (seeded) random order, so no candidate always runs right after
+    the same one: on a Xeon with AMX, whatever ran right after a bf16 ``F.linear`` took ~4 ms
+    longer at 4096 x 384 -> 1536 (5 ms otherwise), a cost a fixed order pinned on one candidate.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (allocator, first-call dispatch)
         fn()
         fn()
+    items, order = list(fns.items()), random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        order.shuffle(items)
+        for name, fn in items:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
