@@ -1,8 +1,8 @@
 """QLoRA benchmark: training-step time and peak memory of LoRA on FP32 vs INT8 vs INT4 bases.
 
 Run: ``.venv/bin/python benchmarks/bench_lora.py`` (a few minutes on 2 shared cores;
-``--hidden 256 --blocks 2`` for a smoke run). A transformer-sized stack (hidden 1024, 8
-pre-norm blocks: q/k/v/o projections, SDPA attention, a 4x GELU MLP; about 100M parameters)
+``--quick`` for a smoke run: hidden 256, 2 blocks, 1 step). A transformer-sized stack (hidden
+1024, 8 pre-norm blocks: q/k/v/o projections, SDPA attention, a 4x GELU MLP; about 100M parameters)
 gets rank-16 adapters on q and v of every block, three ways, each in its own process:
 
 - **FP32 + peft LoRA**: ``peft.get_peft_model`` on the float model (the peer);
@@ -127,8 +127,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: hidden 256, 2 blocks, 1 step")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.blocks, args.steps = 256, 2, 1
     if args.variant:  # child process: one variant, JSON on the last stdout line
         print(json.dumps(_child(args)))
         return
@@ -143,7 +147,7 @@ def main() -> None:
     rows = {}
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "variant"]
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "quick")]
         # big tensors from mmap: freed memory (the float model of a quantized base) goes back
         # to the OS instead of staying in glibc's heap and counting as peak RSS
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
