@@ -1,7 +1,7 @@
 /* lowbit INT8 x INT8 and INT4-weight kernels: the ISA-independent driver.
  *
  * Each ISA source (lowbit_gemm_avx2.c, lowbit_gemm_portable.c) defines the micro-kernels
- *   s8_tile(a, lda, rows, panel, k4, form, lst, ldl, out)  rows (1..4) x 16 columns, exact
+ *   s8_tile(a, lda, rows, panel, k4, form, lst, ldl, out)  rows (1..LB_TILE_ROWS) x 16 columns
  *   s8_gemv(a, panels, pstride, np, k4, form, lst, out)    1 row x np (1..4) panels, exact
  *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
@@ -53,6 +53,9 @@
 
 #ifndef LB_U8_CODES
 #define LB_U8_CODES 0
+#endif
+#ifndef LB_TILE_ROWS /* rows per s8_tile call (at most 8) */
+#define LB_TILE_ROWS 4
 #endif
 
 /* Rows per OpenMP work item when the rows are split between threads. */
@@ -325,11 +328,11 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
         return;
     }
     /* tile t of the row tiles x panels grid, rows-outer or panels-outer (LB_ROWS_OUTER_BYTES) */
-    const int64_t nrt = ceil_div(rows, 4), npn = p1 - p0;
+    const int64_t nrt = ceil_div(rows, LB_TILE_ROWS), npn = p1 - p0;
     for (int64_t t = 0; t < nrt * npn; ++t) {
-        const int64_t r = 4 * (rows_outer ? t / npn : t % nrt);
+        const int64_t r = LB_TILE_ROWS * (rows_outer ? t / npn : t % nrt);
         const int64_t p = p0 + (rows_outer ? t % npn : t / nrt);
-        const int rr = (int)(rows - r < 4 ? rows - r : 4);
+        const int rr = (int)(rows - r < LB_TILE_ROWS ? rows - r : LB_TILE_ROWS);
         const int64_t c0 = p * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
         s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, F, lst + r * ldl, ldl, out);
         for (int i = 0; i < rr; ++i)

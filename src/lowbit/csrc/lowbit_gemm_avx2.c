@@ -173,7 +173,7 @@ static inline __m256i dot4_u(__m256i acc, __m256i u, __m256i w) { return DOT_U(a
 static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, int64_t lda,
                                                              const int R, const int8_t *w,
                                                              int64_t k4, int32_t *out) {
-    __m512i acc[4][2];
+    __m512i acc[8][2];
     for (int r = 0; r < R; ++r)
         acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     int64_t s = 0;
@@ -269,11 +269,11 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
 }
 
 /* rows (1..4) x 16 columns of one panel: out[r * 16 + c] */
-static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int64_t lda,
-                                                          int rows, const int8_t *w,
-                                                          int64_t k4, int form,
-                                                          const int32_t *lst, int64_t ldl,
-                                                          int32_t *out) {
+static inline __attribute__((always_inline)) void s8_tile4(const uint8_t *a, int64_t lda,
+                                                           int rows, const int8_t *w,
+                                                           int64_t k4, int form,
+                                                           const int32_t *lst, int64_t ldl,
+                                                           int32_t *out) {
 #define TILE(R)                                                                                \
     (form == 2   ? tile_r(a, lda, R, w, k4, 2, lst, ldl, out)                                  \
      : form == 1 ? tile_r(a, lda, R, w, k4, 1, lst, ldl, out)                                  \
@@ -285,6 +285,34 @@ static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int6
     default: TILE(1); break;
     }
 #undef TILE
+}
+
+#if LB_U8_CODES
+/* 8-row tiles: each weight step loaded once for 8 rows (16 zmm accumulators) */
+#define LB_TILE_ROWS 8
+#endif
+
+/* rows (1..LB_TILE_ROWS) x 16 columns of one panel: out[r * 16 + c] */
+static inline __attribute__((always_inline)) void s8_tile(const uint8_t *a, int64_t lda,
+                                                          int rows, const int8_t *w,
+                                                          int64_t k4, int form,
+                                                          const int32_t *lst, int64_t ldl,
+                                                          int32_t *out) {
+#if LB_U8_CODES
+    if (rows > 4 && form == 2) { /* the split form's 256-bit tiles: 4 rows, then the rest */
+        s8_tile4(a, lda, 4, w, k4, form, lst, ldl, out);
+        s8_tile4(a + 4 * lda, lda, rows - 4, w, k4, form, lst + 4 * ldl, ldl, out + 64);
+        return;
+    }
+    switch (rows) {
+    case 8: tile_r512(a, lda, 8, w, k4, out); return;
+    case 7: tile_r512(a, lda, 7, w, k4, out); return;
+    case 6: tile_r512(a, lda, 6, w, k4, out); return;
+    case 5: tile_r512(a, lda, 5, w, k4, out); return;
+    default: break;
+    }
+#endif
+    s8_tile4(a, lda, rows, w, k4, form, lst, ldl, out);
 }
 
 static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const int8_t *w,
