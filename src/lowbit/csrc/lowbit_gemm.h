@@ -26,7 +26,8 @@
  * pair sums <= 2 * 127 * 127), and 64 * colsum(w), stored after the panels, is subtracted.
  * Where the ISA multiplies unsigned by signed bytes without int16 pair sums (VNNI's vpdpbusd:
  * LB_U8_CODES), 8-bit activations take the unsigned form u = q + 128 in [0, 255] instead of the
- * sign form, and 128 * colsum(w) is subtracted: one instruction per 32 MACs, exact.
+ * sign form, and 128 * colsum(w) is subtracted: one instruction per 32 MACs, exact. There the
+ * unsigned forms (8-bit and 7-bit) are laid out compact: u only, 4 bytes per step.
  * 8-bit activations take the "split" form where the ISA gains from it (LB_SPLIT_PAYS: AVX2,
  * whose sign op costs about a fifth of the GEMM) and few codes lie outside [-64, 63]: q = c + r
  * with c = clamp(q, -64, 63) run as the 7-bit form over every step, and the remainder

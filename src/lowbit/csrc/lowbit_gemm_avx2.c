@@ -33,22 +33,24 @@ static inline __m256i dot4(__m256i acc, __m256i abs_a, __m256i sgn_a, __m256i w)
     return DOT_U(acc, abs_a, _mm256_sign_epi8(w, sgn_a));
 }
 
-/* one row of 8-bit codes q [k] as {q + 128, 0} per step s (the avx512_vnni form of 8-bit
- * codes: q ^ 0x80 is q + 128 read unsigned; zero tail: u = 0) */
-static void layout_codes_u8(const int8_t *q, int64_t k, uint8_t *a) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+/* one row of codes q [k] as unsigned u = q + off (mod 256), 4 bytes per step, no zero half
+ * (the avx512_vnni unsigned forms: their 512-bit kernels read 4 bytes per row and step; zero
+ * tail: u = 0) */
+static void layout_compact(const int8_t *q, int64_t k, uint8_t *a, int off) {
+    const __m256i o = _mm256_set1_epi8((char)off);
     int64_t j = 0;
-    for (; j + 32 <= k; j += 32, a += 64) {
-        const __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + j)), flip);
-        const __m256i lo = _mm256_unpacklo_epi32(u, zero), hi = _mm256_unpackhi_epi32(u, zero);
-        _mm256_storeu_si256((__m256i *)a, _mm256_permute2x128_si256(lo, hi, 0x20));
-        _mm256_storeu_si256((__m256i *)(a + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
-    }
-    for (; j < k; j += 4, a += 8)
-        for (int t = 0; t < 4; ++t) {
-            a[t] = j + t < k ? (uint8_t)(q[j + t] + 128) : 0;
-            a[4 + t] = 0;
-        }
+    for (; j + 32 <= k; j += 32)
+        _mm256_storeu_si256((__m256i *)(a + j),
+                            _mm256_add_epi8(_mm256_loadu_si256((const __m256i *)(q + j)), o));
+    for (; j < k; ++j)
+        a[j] = (uint8_t)(q[j] + off);
+    for (; j % 4; ++j)
+        a[j] = 0;
+}
+
+/* one row of 8-bit codes q [k] as u = q + 128 (the avx512_vnni form of 8-bit codes) */
+static void layout_codes_u8(const int8_t *q, int64_t k, uint8_t *a) {
+    layout_compact(q, k, a, 128);
 }
 
 /* one row of codes q [k] as {|q[4s..4s+3]|, q[4s..4s+3]} per step s (zero tail); |-128| is
@@ -71,6 +73,10 @@ static void layout_codes(const int8_t *q, int64_t k, uint8_t *a) {
 
 /* one row of 7-bit codes q [k] (in [-64, 63]) as {q + 64, 0} per step s (zero tail: u = 0) */
 static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
+#if LB_U8_CODES
+    layout_compact(q, k, a, 64);
+    return;
+#endif
     const __m256i off = _mm256_set1_epi8(64), zero = _mm256_setzero_si256();
     int64_t j = 0;
     for (; j + 32 <= k; j += 32, a += 64) {
@@ -167,8 +173,9 @@ static inline __m256i dot4_u(__m256i acc, __m256i u, __m256i w) { return DOT_U(a
     } while (0)
 
 #if LB_U8_CODES
-/* The unsigned forms with 512-bit registers: one 4-K step of a 16-column panel (64 bytes) is
- * one zmm, so each row takes one vpdpbusd per step (two with 256-bit ones). Even and odd steps
+/* The unsigned forms with 512-bit registers (rows laid out compact, 4 bytes per step): one 4-K
+ * step of a 16-column panel (64 bytes) is one zmm, so each row takes one vpdpbusd per step (two
+ * with 256-bit ones). Even and odd steps
  * go to separate accumulators: 2 R independent chains hide vpdpbusd's latency. */
 static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, int64_t lda,
                                                              const int R, const int8_t *w,
@@ -184,8 +191,8 @@ static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, in
         const __m512i w1 = _mm512_loadu_si512((const void *)(w + s * 64 + 64));
         for (int r = 0; r < R; ++r) {
             int32_t a0, a1;
-            __builtin_memcpy(&a0, a + r * lda + s * 8, 4);
-            __builtin_memcpy(&a1, a + r * lda + s * 8 + 8, 4);
+            __builtin_memcpy(&a0, a + r * lda + s * 4, 4);
+            __builtin_memcpy(&a1, a + r * lda + s * 4 + 4, 4);
             acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_set1_epi32(a0), w0);
             acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_set1_epi32(a1), w1);
         }
@@ -194,7 +201,7 @@ static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, in
         const __m512i w0 = _mm512_loadu_si512((const void *)(w + s * 64));
         for (int r = 0; r < R; ++r) {
             int32_t a0;
-            __builtin_memcpy(&a0, a + r * lda + s * 8, 4);
+            __builtin_memcpy(&a0, a + r * lda + s * 4, 4);
             acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_set1_epi32(a0), w0);
         }
     }
@@ -210,7 +217,7 @@ static inline __attribute__((always_inline)) void gemv_p512(const uint8_t *a, co
         acc[p] = _mm512_setzero_si512();
     for (int64_t s = 0; s < k4; ++s) {
         int32_t ab;
-        __builtin_memcpy(&ab, a + s * 8, 4);
+        __builtin_memcpy(&ab, a + s * 4, 4);
         const __m512i va = _mm512_set1_epi32(ab);
         for (int p = 0; p < P; ++p) { /* P independent weight streams */
             const int8_t *wp = w + p * pstride + s * 64;
