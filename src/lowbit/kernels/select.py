@@ -183,11 +183,10 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
             picked there.
 
     Returns:
-        One of ``"int_mm_s8s8"``, ``"s8_<isa>"`` (``"s8_avx512_vnni"``, ``"s8_avx2"``,
-        ``"s8_portable"``), ``"fp32_codes"``,
-        ``"fp32_codes_conv"``, ``"u4q8_avx2"``, ``"u4q8_portable"``, ``"u4_avx2"``,
-        ``"u4_portable"``, ``"int8pack_bf16"``,
-        ``"int4pack_bf16"``, ``"dequant_bf16"``, ``"dequant_fp32"``, ``"reference"``.
+        One of ``"int_mm_s8s8"``, ``"s8_<isa>"``, ``"u4q8_<isa>"``, ``"u4_<isa>"`` (``<isa>``:
+        ``avx512_vnni``, ``avx2`` or ``portable``), ``"fp32_codes"``, ``"fp32_codes_conv"``,
+        ``"int8pack_bf16"``, ``"int4pack_bf16"``, ``"dequant_bf16"``, ``"dequant_fp32"``,
+        ``"reference"``.
 
     Raises:
         ValueError: on an unknown op or backend.
