@@ -6,7 +6,8 @@
  *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
  *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
- *   layout_codes_u8(q, k, a)                 (LB_U8_CODES only) 8-bit codes as {q + 128, 0}
+ *                                            (LB_U8_CODES: q + 64 only, 4 bytes per step)
+ *   layout_codes_u8(q, k, a)                 (LB_U8_CODES only) 8-bit codes as q + 128
  *   layout_codes_split(q, k, a, idx)         one row of 8-bit codes in the split form (below)
  *   count_split_steps(q, k)                  how many steps of a row the split form lists
  *   u4p_tile(q, ldq, rows, panels, ..., out)  rows (1..4) of int8 codes x 1..2 INT4 panels
