@@ -74,9 +74,8 @@ static void layout_codes(const int8_t *q, int64_t k, uint8_t *a) {
 /* one row of 7-bit codes q [k] (in [-64, 63]) as {q + 64, 0} per step s (zero tail: u = 0) */
 static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
 #if LB_U8_CODES
-    layout_compact(q, k, a, 64);
-    return;
-#endif
+    layout_compact(q, k, a, 64); /* (the avx512_vnni layout: q + 64 only) */
+#else
     const __m256i off = _mm256_set1_epi8(64), zero = _mm256_setzero_si256();
     int64_t j = 0;
     for (; j + 32 <= k; j += 32, a += 64) {
@@ -90,6 +89,7 @@ static void layout_codes_u7(const int8_t *q, int64_t k, uint8_t *a) {
             a[t] = j + t < k ? (uint8_t)(q[j + t] + 64) : 0;
             a[4 + t] = 0;
         }
+#endif
 }
 
 /* one row of 8-bit codes q [k] in the split form {c + 64, r} per step s, c = clamp(q, -64, 63)
@@ -175,8 +175,8 @@ static inline __m256i dot4_u(__m256i acc, __m256i u, __m256i w) { return DOT_U(a
 #if LB_U8_CODES
 /* The unsigned forms with 512-bit registers (rows laid out compact, 4 bytes per step): one 4-K
  * step of a 16-column panel (64 bytes) is one zmm, so each row takes one vpdpbusd per step (two
- * with 256-bit ones). Even and odd steps
- * go to separate accumulators: 2 R independent chains hide vpdpbusd's latency. */
+ * with 256-bit ones). Even and odd steps go to separate accumulators: 2 R independent chains
+ * hide vpdpbusd's latency. */
 static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, int64_t lda,
                                                              const int R, const int8_t *w,
                                                              int64_t k4, int32_t *out) {
@@ -230,9 +230,9 @@ static inline __attribute__((always_inline)) void gemv_p512(const uint8_t *a, co
 }
 #endif
 
-/* F: 0 the sign form {|q|, q} (on VNNI the 8-bit form {q + 128, 0}), 1 the 7-bit form
- * {q + 64, 0}, 2 the split form {c + 64, r} with per-row step lists lst + r * ldl =
- * {count, steps...} */
+/* F: 0 the sign form {|q|, q}, 1 the 7-bit form {q + 64, 0}, 2 the split form {c + 64, r}
+ * with per-row step lists lst + r * ldl = {count, steps...} (with LB_U8_CODES, forms 0 and 1
+ * run tile_r512 instead) */
 static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64_t lda,
                                                           const int R, const int8_t *w,
                                                           int64_t k4, const int F,
@@ -255,7 +255,7 @@ static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64
             int32_t ab, as;
             __builtin_memcpy(&ab, a + r * lda + s * 8, 4);
             const __m256i va = _mm256_set1_epi32(ab);
-            if (F || LB_U8_CODES) { /* unsigned codes: no sign operand */
+            if (F) {
                 acc[r][0] = dot4_u(acc[r][0], va, w0);
                 acc[r][1] = dot4_u(acc[r][1], va, w1);
                 continue;
@@ -345,7 +345,7 @@ static inline __attribute__((always_inline)) void gemv_p(const uint8_t *a, const
             _mm_prefetch((const char *)(wp + 768), _MM_HINT_T0);
             const __m256i w0 = _mm256_loadu_si256((const __m256i *)wp);
             const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 32));
-            if (F || LB_U8_CODES) { /* unsigned codes: no sign operand */
+            if (F) {
                 acc[p][0] = dot4_u(acc[p][0], va, w0);
                 acc[p][1] = dot4_u(acc[p][1], va, w1);
             } else {
@@ -466,21 +466,6 @@ static void u4_rows(const float *x, int64_t ldx, int rows, const uint8_t *wq, in
 #undef U4_CASE
 }
 
-#if LB_U8_CODES
-/* d + the dot products of u4 codes (low / high nibbles, unsigned) with two 4-code activation
- * broadcasts, per int32 lane (vpdpbusd: exact), and d's int32 sums */
-#define U4_DOT(d, lo, a0, hi, a1)                                                              \
-    _mm256_dpbusd_epi32(_mm256_dpbusd_epi32((d), (lo), (a0)), (hi), (a1))
-#define U4_SUM32(d) (d)
-#else
-/* the same in int16 lanes (16 products over 32 K: <= 16 * 15 * 128 = 30720, exact), widened
- * to int32 by U4_SUM32 */
-#define U4_DOT(d, lo, a0, hi, a1)                                                              \
-    _mm256_add_epi16((d), _mm256_add_epi16(_mm256_maddubs_epi16((lo), (a0)),                   \
-                                           _mm256_maddubs_epi16((hi), (a1))))
-#define U4_SUM32(d) _mm256_madd_epi16((d), _mm256_set1_epi16(1))
-#endif
-
 /* R rows (1..4) of int8 codes q (row stride ldq, kp each) x P (1..2) panels of 8 INT4 columns
  * (lbk_u4p_linear's layout, pstride bytes apart): out[r * 16 + p * 8 + c], before the bias.
  * Per 8-K pair a panel is one 32-byte load; its low / high nibbles are two 4-K steps of 8
@@ -494,7 +479,7 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
                                                           int64_t ldT, const float *sx,
                                                           const float *tq, int64_t groups,
                                                           float *out) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
     __m256 acc[4][2];
     for (int r = 0; r < R; ++r)
         for (int p = 0; p < P; ++p)
@@ -524,13 +509,15 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
                     const __m256i lo = _mm256_and_si256(v, low);
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                     for (int r = 0; r < R; ++r)
-                        d[r][p] = U4_DOT(d[r][p], lo, a0[r], hi, a1[r]);
+                        d[r][p] = _mm256_add_epi16(
+                            d[r][p], _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0[r]),
+                                                      _mm256_maddubs_epi16(hi, a1[r])));
                 }
             }
             for (int r = 0; r < R; ++r) {
                 const __m256 sxr = _mm256_set1_ps(sx[r * groups + gi]);
                 for (int p = 0; p < P; ++p)
-                    acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(U4_SUM32(d[r][p])),
+                    acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d[r][p], ones)),
                                                 _mm256_mul_ps(sv[p], sxr), acc[r][p]);
             }
         }
