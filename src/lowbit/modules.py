@@ -42,9 +42,9 @@ from lowbit.kernels import (
     quantize_activation,
     run_fused_linear,
     select_kernel,
+    vnni_c_gemm_rows,
 )
 from lowbit.kernels.plans import Plan, conv_codes_plan, linear_plan
-from lowbit.kernels.select import VNNI_S8_MAX_M, VNNI_S8_MAX_MACS
 from lowbit.modules_rnn import (
     RNN_TYPES,
     QuantizedGRU,
@@ -282,7 +282,7 @@ class QuantizedLinear(_Int8Base):
         if small == large:
             return small
         t = (CUDA_INT_MM_MIN_ROWS if device != "cpu" else
-             max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (self.in_features * self.out_features)))
+             vnni_c_gemm_rows(self.out_features, self.in_features))
         return {f"M<={t}": small, f"M>{t}": large}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -398,10 +398,10 @@ class QuantizedConv2d(_Int8Base):
         small, large = self._conv_kernel(1), self._conv_kernel(1 << 40)
         if small == large:
             return small
-        macs = self.out_channels * self.qweight[0].numel()  # per row
+        n, k = self.out_channels, self.qweight[0].numel()
         limit = (CUDA_INT_MM_MIN_ROWS if not self.qweight.is_cpu
-                 else CODES_DIRECT_MAX_MACS // macs if small == "fp32_codes_conv"
-                 else max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // macs))  # avx512_vnni's C GEMM
+                 else CODES_DIRECT_MAX_MACS // (n * k) if small == "fp32_codes_conv"
+                 else vnni_c_gemm_rows(n, k))  # avx512_vnni's C GEMM
         return {f"M<={limit}": small, f"M>{limit}": large}
 
     def _refresh_cache(self) -> None:

@@ -88,6 +88,7 @@ from lowbit.kernels.select import (
     cpu_features,
     int8_gemm,
     select_kernel,
+    vnni_c_gemm_rows,
 )
 from lowbit.kernels.weight_only import (
     WO_SMALL_MACS,
@@ -155,6 +156,7 @@ __all__ = [
     "select_kernel",
     "u4_pack",
     "u4p_pack",
+    "vnni_c_gemm_rows",
     "weight_only_linear",
     "weight_only_linear_native",
     "wo_group",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -57,6 +58,18 @@ VNNI_S8_MAX_M = 16
 
 #: See :data:`VNNI_S8_MAX_M`.
 VNNI_S8_MAX_MACS = 1 << 24
+
+
+def vnni_c_gemm_rows(n: int, k: int) -> int:
+    """The most rows for which the ``avx512_vnni`` path runs its C GEMM (``"s8_avx512_vnni"``)
+    on an ``[n, k]`` weight (:data:`VNNI_S8_MAX_M` rows or :data:`VNNI_S8_MAX_MACS`
+    multiply-adds, whichever allows more); ``_int_mm`` runs above. Unknown sizes (0): no limit.
+
+    Example:
+        >>> vnni_c_gemm_rows(4096, 4096), vnni_c_gemm_rows(48, 67)
+        (16, 5216)
+    """
+    return max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (n * k)) if n * k > 0 else sys.maxsize
 
 
 #: With int8 activations, ``"u4q8_<isa>"`` runs up to this many rows on CPUs with BF16, and
@@ -229,7 +242,7 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if op in ("int8_linear", "int8_conv2d"):
         if op == "int8_conv2d" and groups != 1:
             return "reference"
-        if gemm == "s8_avx512_vnni" and m > VNNI_S8_MAX_M and m * n * k > VNNI_S8_MAX_MACS:
+        if gemm == "s8_avx512_vnni" and m > vnni_c_gemm_rows(n, k):
             return "int_mm_s8s8"  # oneDNN's blocked kernels (AMX where the CPU has it)
         return gemm
     # dequantize once per call, then a float GEMM: bf16 where the CPU has it, else float32
