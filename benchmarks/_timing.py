@@ -12,7 +12,7 @@ import torch
 
 
 def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median wall time per candidate, candidates interleaved round-robin (noisy shared host).
+    """Median wall time per candidate, candidates interleaved in rounds (noisy shared host).
 
     Each round runs them in a new (seeded) random order, so no candidate always runs right after
     the same one: on a Xeon with AMX, whatever ran right after a bf16 ``F.linear`` took ~4 ms

@@ -23,6 +23,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 import lowbit
+from lowbit.kernels import cpu_features
 from lowbit.lora import LORA_BASES, LoRALinear, lora_parameters
 from lowbit.lora_peft_layer import LowbitLoraLinear
 
@@ -121,10 +122,11 @@ def test_adapters_on_a_few_projections_train_through_the_rest(build, targets) ->
     got = [p.grad.clone() for p in params]
     twin = _dequantized_twin(lq)
     (_out(twin) * v).sum().backward()
-    # 3e-3: on CPUs with AVX512-BF16 the frozen layers whose group size PyTorch's packed op
-    # lacks (16 here) dequantize into a bf16 GEMM (1.3e-3 measured; fp32 kernels: < 1e-4)
+    # on CPUs with AVX512-BF16 the frozen layers whose group size PyTorch's packed op lacks (16
+    # here) dequantize into a bf16 GEMM: 1.3e-3 measured there, < 1e-4 with fp32 kernels
+    tol = 3e-3 if "bf16" in cpu_features() else 1e-3
     for a, b in zip(got, lora_parameters(twin), strict=True):
-        assert (a - b.grad).norm() <= 3e-3 * b.grad.norm()
+        assert (a - b.grad).norm() <= tol * b.grad.norm()
 
 
 def test_peft_on_a_lowbit_model_round_trips(tmp_path: Path) -> None:
