@@ -383,3 +383,14 @@ def test_kernel_choice_off_the_cpu() -> None:
     assert select_kernel("int8_weight_only", 1, k=64, **cuda) == "reference"
     with pytest.raises(ValueError, match="unknown op"):
         select_kernel("int2_linear", 1, **cuda)
+
+
+def test_vnni_c_gemm_rows_is_the_select_rule() -> None:
+    """The avx512_vnni row limit: VNNI_S8_MAX_M rows or VNNI_S8_MAX_MACS multiply-adds."""
+    from lowbit.kernels import VNNI_S8_MAX_M, VNNI_S8_MAX_MACS, vnni_c_gemm_rows
+
+    assert vnni_c_gemm_rows(4096, 4096) == VNNI_S8_MAX_M
+    assert vnni_c_gemm_rows(48, 67) == VNNI_S8_MAX_MACS // (48 * 67) > VNNI_S8_MAX_M
+    assert vnni_c_gemm_rows(0, 67) > 1 << 40  # unknown size: no limit
+    with pytest.raises(ValueError, match="non-negative ints"):
+        vnni_c_gemm_rows(-1, 67)

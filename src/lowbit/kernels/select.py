@@ -65,10 +65,16 @@ def vnni_c_gemm_rows(n: int, k: int) -> int:
     on an ``[n, k]`` weight (:data:`VNNI_S8_MAX_M` rows or :data:`VNNI_S8_MAX_MACS`
     multiply-adds, whichever allows more); ``_int_mm`` runs above. Unknown sizes (0): no limit.
 
+    Raises:
+        ValueError: ``n`` or ``k`` is not a non-negative int.
+
     Example:
         >>> vnni_c_gemm_rows(4096, 4096), vnni_c_gemm_rows(48, 67)
         (16, 5216)
     """
+    if not (isinstance(n, int) and isinstance(k, int) and n >= 0 and k >= 0):
+        raise ValueError(f"vnni_c_gemm_rows: n and k are a weight's output and input features "
+                         f"(non-negative ints); got n={n!r}, k={k!r}")
     return max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (n * k)) if n * k > 0 else sys.maxsize
 
 
