@@ -11,12 +11,17 @@ from collections.abc import Callable
 import torch
 
 
-def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def median_times(fns: dict[str, Callable[[], object]], rounds: int,
+                 settle: int = 1) -> dict[str, float]:
     """Median wall time per candidate, candidates interleaved in rounds (noisy shared host).
 
     Each round runs them in a new (seeded) random order, so no candidate always runs right after
-    the same one: on a Xeon with AMX, whatever ran right after a bf16 ``F.linear`` took ~4 ms
-    longer at 4096 x 384 -> 1536 (5 ms otherwise), a cost a fixed order pinned on one candidate.
+    the same one, and each candidate first runs ``settle`` untimed calls: the timed call sees the
+    caches and memory in the state its own previous call left, not the one another candidate
+    left. On a Xeon with AMX a large op pays for the memory traffic of whatever ran before it:
+    at 4096 x 384 -> 1536, an int8 layer right after the FP32 ``F.linear`` (which leaves a
+    25 MB output to write back) took 10.8 ms against 5.4 ms right after itself, and a plain
+    elementwise op over the same output 6.6 ms against 3.9 ms.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (allocator, first-call dispatch)
@@ -26,6 +31,8 @@ def median_times(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     for _ in range(rounds):
         order.shuffle(items)
         for name, fn in items:
+            for _ in range(settle):
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

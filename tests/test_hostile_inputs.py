@@ -3,7 +3,8 @@
 Each (kernel path, module family) runs in its own Python process, so an out-of-bounds read
 that kills the process fails one test and names the case it was running, instead of killing
 the test run. Kernel paths: each ISA path ``lowbit.native.isa_paths()`` says is available here
-(forced with ``LOWBIT_ISA``; ``avx512_vnni`` only on VNNI CPUs) plus the ``reference`` backend.
+(forced with ``LOWBIT_ISA``; ``avx512_vnni`` only on VNNI CPUs, ``amx`` only on CPUs with
+AMX-INT8) plus the ``reference`` backend.
 
 Every case compares the quantized layer with what it must do:
 - layouts (expanded from one element, expanded rows, strided, transposed, column-sliced, a
@@ -18,7 +19,7 @@ Every case compares the quantized layer with what it must do:
 
 Case count (kept current by ``test_case_count_matches_the_docstring``): 295 linear and 452
 conv cases per kernel path, and 32 embedding cases: 3,020 cases on an AVX2 machine (avx2,
-portable, torch, reference), 3,767 with avx512_vnni.
+portable, torch, reference), 3,767 with avx512_vnni, 4,514 with amx too.
 """
 
 from __future__ import annotations
@@ -344,7 +345,8 @@ def test_case_count_matches_the_docstring() -> None:
     assert {LINEAR_CASES, CONV_CASES, EMBEDDING_CASES} <= numbers
     assert 4 * per_path + EMBEDDING_CASES in numbers  # avx2, portable, torch, reference
     assert 5 * per_path + EMBEDDING_CASES in numbers  # ... and avx512_vnni
-    assert len(PATHS) in (4, 5)
+    assert 6 * per_path + EMBEDDING_CASES in numbers  # ... and amx
+    assert len(PATHS) in (4, 5, 6)
 
 
 if __name__ == "__main__":  # the worker: python test_hostile_inputs.py FAMILY PATH

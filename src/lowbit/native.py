@@ -14,13 +14,14 @@ compiler, or with ``LOWBIT_NATIVE=0``, lowbit runs its pure-PyTorch path: same r
 on small shapes. :func:`native_status` says which is in use and why.
 
 The INT8 x INT8 GEMM and the INT4 weight kernels (``csrc/lowbit_gemm_*.c``) are built once per
-instruction set, each with its own flags (``avx512_vnni``: the AVX2 source with VNNI enabled;
-``avx2``: ``-mavx2 -mfma``; ``portable``: none), and :func:`selected_isa` picks one at run time
-from the CPU's features: ``avx512_vnni`` (its C kernels where they win, PyTorch's ``_int_mm``,
-whose oneDNN kernels are exact with VNNI, at many rows or without its library), else ``avx2``,
-else ``portable``, else ``torch`` (PyTorch ops only, no C). ``LOWBIT_ISA=avx2|avx512_vnni|
-portable|torch`` forces a path (an unavailable one is an error naming the reason), so one
-machine can test them all.
+instruction set, each with its own flags (``amx``: the AVX2 source with VNNI and AMX enabled;
+``avx512_vnni``: with VNNI; ``avx2``: ``-mavx2 -mfma``; ``portable``: none), and
+:func:`selected_isa` picks one at run time from the CPU's features: ``amx`` (AMX tiles; Linux
+must grant the tile state), else ``avx512_vnni`` (its C kernels where they win, PyTorch's
+``_int_mm``, whose oneDNN kernels are exact with VNNI, at many rows or without its library),
+else ``avx2``, else ``portable``, else ``torch`` (PyTorch ops only, no C).
+``LOWBIT_ISA=amx|avx512_vnni|avx2|portable|torch`` forces a path (an unavailable one is an error
+naming the reason), so one machine can test them all.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ _GEMM_SIGNATURES = {
     "lbk_isa": (ctypes.c_char_p, []),
     "lbk_s8_packed_bytes": (_I64, [_I64, _I64]),
     "lbk_s8_split_mode": (_INT, [_INT]),
+    "lbk_amx_ok": (_INT, []),
+    "lbk_amx_min_rows": (_INT, [_INT]),
     "lbk_s8_forms_seen": (_INT, [_INT]),
     "lbk_s8_pack": (_INT, [_P, _I64, _I64, _I64, _P, _I64]),
     "lbk_s8_linear": (_INT, [_P, _INT, _I64, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32,
@@ -104,10 +107,13 @@ _GEMM_SIGNATURES = {
 }
 #: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
 #: the /proc/cpuinfo flags it needs; VNNI is read by ``lowbit.kernels.cpu_features``).
+_VNNI_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512vnni")
+_VNNI_NEEDS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 ISA_PATHS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
-    "avx512_vnni": ("lowbit_gemm_avx2.c", ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
-                                           "-mavx512vl", "-mavx512vnni"),
-                    ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+    "amx": ("lowbit_gemm_avx2.c", (*_VNNI_FLAGS, "-mamx-tile", "-mamx-int8"),
+            (*_VNNI_NEEDS, "amx_tile", "amx_int8")),
+    "avx512_vnni": ("lowbit_gemm_avx2.c", _VNNI_FLAGS, _VNNI_NEEDS),
     "avx2": ("lowbit_gemm_avx2.c", ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
     "portable": ("lowbit_gemm_portable.c", (), ()),
     "torch": (None, (), ()),
@@ -140,11 +146,13 @@ def _isa_missing(isa: str, library: bool = False) -> str | None:
     """Why an ISA path (``library``: its C library) cannot run here, or None when it can (the
     library is not built)."""
     source, _, needs = ISA_PATHS[isa]
-    if isa == "avx512_vnni":
+    if isa in ("amx", "avx512_vnni"):
         from lowbit.kernels.select import cpu_features  # (it imports this module)
 
         if "vnni" not in cpu_features():
             return "the CPU has no VNNI (or ONEDNN_MAX_CPU_ISA excludes it)"
+        if isa == "amx" and "amx" not in cpu_features():
+            return "the CPU has no AMX-INT8 (or ONEDNN_MAX_CPU_ISA excludes it)"
         if not hasattr(torch, "_int_mm"):
             return "this torch has no _int_mm"
         if not library:
@@ -157,10 +165,10 @@ def _isa_missing(isa: str, library: bool = False) -> str | None:
 
 
 def load_gemm(isa: str) -> ctypes.CDLL | None:
-    """The compiled kernels of one ISA path (``"avx512_vnni"`` / ``"avx2"`` / ``"portable"``),
-    or None when that path cannot run here or failed to build (:func:`isa_paths` says why; the
-    ``avx512_vnni`` path then runs on PyTorch's ``_int_mm``; :func:`native_status`'s
-    ``"libraries"`` says why).
+    """The compiled kernels of one ISA path (``"amx"`` / ``"avx512_vnni"`` / ``"avx2"`` /
+    ``"portable"``), or None when that path cannot run here or failed to build
+    (:func:`isa_paths` says why; the ``avx512_vnni`` path then runs on PyTorch's ``_int_mm``;
+    :func:`native_status`'s ``"libraries"`` says why).
 
     Example:
         >>> lib = load_gemm("portable")
@@ -184,6 +192,9 @@ def load_gemm(isa: str) -> ctypes.CDLL | None:
                 lib = _open(_build(cc, _SOURCE.with_name(source), [*_ISA_BASE_FLAGS, *flags],
                                    cpu_specific=False), _GEMM_SIGNATURES)
                 reason = "loaded"
+                if isa == "amx" and not lib.lbk_amx_ok():
+                    lib, reason = None, ("the OS did not grant the AMX tile state "
+                                         "(arch_prctl ARCH_REQ_XCOMP_PERM)")
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 lib, reason = None, f"build or load failed: {exc}"
                 _LOG.warning("lowbit: %s kernels unavailable: %s", isa, exc)
@@ -209,8 +220,8 @@ def isa_paths() -> dict[str, str]:
 
 def selected_isa() -> str:
     """The ISA path lowbit's INT8 GEMM and INT4 kernels run on: ``LOWBIT_ISA`` when set, else
-    the first available of ``avx512_vnni``, ``avx2``, ``portable``, ``torch``. Read once per
-    process (the kernels call it on every forward).
+    the first available of ``amx``, ``avx512_vnni``, ``avx2``, ``portable``, ``torch``. Read
+    once per process (the kernels call it on every forward).
 
     Raises:
         ValueError: ``LOWBIT_ISA`` names an unknown path, or one that cannot run here (the

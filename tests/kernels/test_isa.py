@@ -33,9 +33,9 @@ from lowbit.kernels import (
     u4p_pack,
 )
 
-#: The C ISA paths this machine can run (by feature detection: AVX2 and VNNI are skipped on
+#: The C ISA paths this machine can run (by feature detection: AMX, VNNI and AVX2 are skipped on
 #: CPUs without them, never assumed).
-C_PATHS = [isa for isa in ("avx512_vnni", "avx2", "portable") if native.load_gemm(isa)]
+C_PATHS = [isa for isa in ("amx", "avx512_vnni", "avx2", "portable") if native.load_gemm(isa)]
 needs_c = pytest.mark.skipif(not C_PATHS, reason="no C compiler: no C ISA path to test")
 
 
@@ -146,6 +146,55 @@ def test_s8_gemm_many_rows_in_either_tile_order(lib, form, threads, n: int) -> N
     assert torch.equal(_s8_acc(lib, q, s8_packed(w, lib), n, pooled=False), exact)  # type: ignore[arg-type]
 
 
+AMX_LIB = native.load_gemm("amx") if "amx" in C_PATHS else None
+
+
+@pytest.fixture(params=[1, 6, 1 << 20], ids=["amx-from-1-row", "amx-default", "amx-off"])
+def amx_rows(request) -> Iterator[int]:
+    """The amx library's row threshold for AMX tiles, forced process-wide: from one row on,
+    the default, and never (its vpdpbusd tiles)."""
+    before = AMX_LIB.lbk_amx_min_rows(request.param)  # type: ignore[union-attr]
+    yield request.param
+    AMX_LIB.lbk_amx_min_rows(before)  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(AMX_LIB is None, reason="no AMX-INT8 on this CPU (or no C compiler)")
+@pytest.mark.parametrize("m", [1, 5, 6, 15, 16, 17, 31, 32, 33, 64, 130, 300, 1100])
+@pytest.mark.parametrize("k,n", [(64, 17), (256, 16), (4093, 33), (1024, 100)])
+def test_amx_tiles_are_exact_at_every_row_count_and_panel_count(amx_rows, threads, m: int,
+                                                                k: int, n: int) -> None:
+    """Row counts around the 16-row tiles, the 32-row pairs and the larger AMX row blocks, odd
+    panel counts, K whose last step is padded (4093): int64 arithmetic's sums, 8-bit and
+    7-bit codes."""
+    g = torch.Generator().manual_seed(m * 31 + k + n)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    packed = s8_packed(w, AMX_LIB)
+    assert packed is not None
+    for lo, hi in ((-128, 128), (-64, 64)):
+        q = torch.randint(lo, hi, (m, k), dtype=torch.int8, generator=g)
+        assert torch.equal(_s8_acc(AMX_LIB, q, packed, n, pooled=False), _exact(q, w))
+
+
+@pytest.mark.skipif(AMX_LIB is None, reason="no AMX-INT8 on this CPU (or no C compiler)")
+@pytest.mark.parametrize("a,b", [(-128, 127), (-128, -127), (127, 127), (127, -127)])
+def test_amx_tiles_worst_case_sums_do_not_saturate(amx_rows, a: int, b: int) -> None:
+    k = 16384  # whole tiles: every product at its extreme on AMX
+    q = torch.full((40, k), a, dtype=torch.int8)
+    w = torch.full((35, k), b, dtype=torch.int8)
+    got = _s8_acc(AMX_LIB, q, s8_packed(w, AMX_LIB), 35, pooled=False)  # type: ignore[arg-type]
+    assert torch.equal(got, _exact(q, w))
+    assert int(got[39, 34]) == a * b * k
+
+
+@pytest.mark.skipif(AMX_LIB is None, reason="no AMX-INT8 on this CPU (or no C compiler)")
+def test_amx_row_threshold_setter_returns_the_previous_one_and_ignores_bad_values() -> None:
+    before = AMX_LIB.lbk_amx_min_rows(3)  # type: ignore[union-attr]
+    assert AMX_LIB.lbk_amx_min_rows(0) == 3 and AMX_LIB.lbk_amx_min_rows(-5) == 3  # type: ignore[union-attr]
+    AMX_LIB.lbk_amx_min_rows(before)  # type: ignore[union-attr]
+    assert AMX_LIB.lbk_amx_ok() == 1  # type: ignore[union-attr]
+    assert native.load_gemm("avx512_vnni").lbk_amx_ok() == 0  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("threads_", [1, 2])
 def test_s8_automatic_form_follows_the_share_of_outlying_codes(lib, threads_: int) -> None:
     """Automatic choice: the split form for codes that mostly fit in 7 bits (on the ISA whose
@@ -197,10 +246,12 @@ def test_s8_pack_follows_in_place_weight_changes(lib) -> None:
 @pytest.mark.parametrize("mode", ["per_token", "per_tensor", "static", "static_zp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 7])  # 7: the unsigned "u7" form, no sign op
+@pytest.mark.parametrize("k", [259, 320])  # 320: whole AMX tiles (ceil(k / 4) % 16 == 0)
 def test_fused_linear_matches_the_reference_bit_for_bit(lib, form, threads, mode: str,
-                                                        dtype: torch.dtype, bits: int) -> None:
+                                                        dtype: torch.dtype, bits: int,
+                                                        k: int) -> None:
     g = torch.Generator().manual_seed(7)
-    m, k, n = 67, 259, 45
+    m, n = 67, 45
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     w_scale, bias = torch.rand(n, generator=g) / 50, torch.randn(n, generator=g)

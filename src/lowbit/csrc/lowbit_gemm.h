@@ -56,12 +56,21 @@
 #ifndef LB_U8_CODES
 #define LB_U8_CODES 0
 #endif
+#ifndef LB_AMX /* AMX tiles (amx_configure / amx_tile / amx_done, lb_amx_granted) */
+#define LB_AMX 0
+#endif
 #ifndef LB_TILE_ROWS /* rows per s8_tile call (at most 8) */
 #define LB_TILE_ROWS 4
 #endif
 
+#ifndef LB_AMX_MIN_ROWS
+#define LB_AMX_MIN_ROWS 6
+#endif
+
 /* Rows per OpenMP work item when the rows are split between threads. */
 #define LB_ROW_BLOCK 32
+/* ... at most this many on AMX tiles (see lbk_s8_linear) */
+#define LB_AMX_ROW_BLOCK 256
 
 /* Many rows against packed weights of at most this many bytes: each 4-row tile runs over
  * every panel (its activation rows stay in L1, the weights come from L2 / L3) instead of each
@@ -117,6 +126,28 @@ static uint8_t *scratch(size_t bytes) {
 }
 
 const char *lbk_isa(void) { return LB_ISA; }
+
+/* 1 when this library runs AMX tiles (built with AMX and the OS granted the tile state) */
+int lbk_amx_ok(void) {
+#if LB_AMX
+    return lb_amx_granted;
+#else
+    return 0;
+#endif
+}
+
+/* Blocks of at least this many rows run on AMX tiles (when lbk_amx_ok and K % 64 == 0): below,
+ * the vpdpbusd tiles, which stream the weights as fast (see docs/kernels.md). */
+static int lb_amx_min_rows = LB_AMX_MIN_ROWS;
+
+/* Set that row threshold (rows >= 1; anything else only reads it) and return the previous
+ * one. Process-wide: for tests and measurements. */
+int lbk_amx_min_rows(int rows) {
+    const int old = lb_amx_min_rows;
+    if (rows >= 1)
+        lb_amx_min_rows = rows;
+    return old;
+}
 
 /* ---------------------------------------------------------------- INT8 weight packing */
 
@@ -308,6 +339,32 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
  * lists after the rows) times panels [p0, p1), tiles in rows-outer order when rows_outer (see
  * LB_ROWS_OUTER_BYTES); F constant (see s8_block), so that each form gets its own register
  * allocation. */
+#if LB_AMX
+/* s8_block_t on AMX tiles (unsigned forms, k4 % 16 == 0): 32 rows x 2 panels a tile, in
+ * rows-outer or panels-outer order as s8_block_t. */
+static void amx_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *wpack,
+                      int64_t k4, int64_t p0, int64_t p1, const epi_t *e, int rows_outer) {
+    int32_t out[32 * 32];
+    const int64_t lda = k4 * 8, pstride = k4 * 64;
+    const int64_t nrt = ceil_div(rows, 32), npp = ceil_div(p1 - p0, 2);
+    int cfg = -1; /* rows of the loaded configuration */
+    for (int64_t t = 0; t < nrt * npp; ++t) {
+        const int64_t r = 32 * (rows_outer ? t / npp : t % nrt);
+        const int64_t p = p0 + 2 * (rows_outer ? t % npp : t / nrt);
+        const int rr = (int)(rows - r < 32 ? rows - r : 32), P = p1 - p < 2 ? 1 : 2;
+        if (rr != cfg) {
+            amx_configure(rr < 16 ? rr : 16, rr < 16 ? 0 : rr - 16);
+            cfg = rr;
+        }
+        amx_tile(a + r * lda, lda, rr > 16, wpack + p * pstride, pstride, P, k4, out);
+        const int64_t c0 = p * 16, cols = e->n - c0 < 16 * P ? e->n - c0 : 16 * P;
+        for (int i = 0; i < rr; ++i)
+            epilogue(e, i0 + r + i, c0, cols, out + i * 32);
+    }
+    amx_done();
+}
+#endif
+
 static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, int64_t i0,
                                                               int64_t rows,
                                                               const int8_t *wpack, int64_t k4,
@@ -317,6 +374,12 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
     int32_t out[4 * 64];
     const int64_t lda = k4 * 8, pstride = k4 * 64, ldl = k4 + 1;
     const int32_t *lst = (const int32_t *)(a + rows * lda);
+#if LB_AMX
+    if (F != 2 && lb_amx_granted && k4 % 16 == 0 && rows >= lb_amx_min_rows) {
+        amx_block(a, i0, rows, wpack, k4, p0, p1, e, rows_outer);
+        return;
+    }
+#endif
     if (rows < 4) { /* GEMV-like: each row streams up to 4 panels at once */
         for (int64_t p = p0; p < p1; p += 4) {
             const int np = (int)(p1 - p < 4 ? p1 - p : 4);
@@ -414,13 +477,22 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
     int status = LB_OK;
     const int split_rows = m >= 2 * LB_ROW_BLOCK * nthreads || np < 2 * nthreads;
     if (split_rows) { /* each work item: quantize its rows, then every panel */
-        const int64_t blocks = ceil_div(m, LB_ROW_BLOCK);
+        int64_t rb = LB_ROW_BLOCK;
+#if LB_AMX
+        /* AMX tiles run a block of rows faster than its weights stream in: larger blocks (the
+         * panels-outer order then reads the weights once per block), while each thread still
+         * gets at least two */
+        if (lb_amx_granted && k4 % 16 == 0)
+            while (rb < LB_AMX_ROW_BLOCK && m >= 4 * rb * nthreads)
+                rb *= 2;
+#endif
+        const int64_t blocks = ceil_div(m, rb);
         const int rows_outer = np * k4 * 64 <= LB_ROWS_OUTER_BYTES;
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * n * k >= (1 << 18)) \
     schedule(dynamic, 1)
         for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t i0 = b * LB_ROW_BLOCK;
-            const int64_t rows = m - i0 < LB_ROW_BLOCK ? m - i0 : LB_ROW_BLOCK;
+            const int64_t i0 = b * rb;
+            const int64_t rows = m - i0 < rb ? m - i0 : rb;
             uint8_t *buf = scratch(layout_bytes(rows, k, k4));
             if (!buf) {
 #pragma omp atomic write

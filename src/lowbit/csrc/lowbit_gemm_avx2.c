@@ -4,12 +4,22 @@
  * path: every 4-code dot product is one vpdpbusd (u8 x s8 summed into int32, no int16 pair
  * sums: exact for every code), and 8-bit activations take the unsigned form q + 128 (no sign
  * op; 128 * colsum(w) is subtracted), as cheap as 7-bit ones.
+ * Compiled a third time with AMX (-mamx-tile -mamx-int8), the unsigned forms run on AMX tiles
+ * where K is a multiple of 64 (tdpbusd: 16 x 16 x 64 u8 x s8 products into int32, exact): the
+ * amx ISA path.
  * The driver (bounds checks, layouts, threads, epilogue) is lowbit_gemm.h. */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+/* compiled a third time with AMX enabled: the same kernels plus AMX tiles (amx_tile32) */
+#define LB_ISA "amx"
+#define LB_AMX 1
+#else
 #define LB_ISA "avx512_vnni"
+#endif
 /* 8-bit activation codes are laid out as u = q + 128 (see lowbit_gemm.h) */
 #define LB_U8_CODES 1
 /* the split form saves nothing here: the unsigned form has no sign op to save */
@@ -228,6 +238,99 @@ static inline __attribute__((always_inline)) void gemv_p512(const uint8_t *a, co
     for (int p = 0; p < P; ++p)
         _mm512_storeu_si512((void *)(out + p * 16), acc[p]);
 }
+#endif
+
+#if LB_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* The AMX tile state must be requested from Linux once per process (arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XTILEDATA) before the first tile instruction; without it, or on
+ * another OS, the library keeps its vpdpbusd kernels. 1 granted, 0 not. */
+static int lb_amx_granted;
+
+__attribute__((constructor)) static void lb_amx_request(void) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    lb_amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                             18 /* XFEATURE_XTILEDATA */) == 0;
+#endif
+}
+
+/* ldtilecfg's 64-byte operand */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg_t;
+
+/* Tiles of amx_tile32 for r0 (1..16) + r1 (0..16) rows: 0, 1 the int32 results of rows 0-15
+ * (panels 0, 1), 2, 3 of rows 16-31, 4, 5 the activation rows (16 steps = 64 bytes each), 6, 7
+ * 16 steps of the two panels (64 bytes a step: the packed layout as it is). A tile of 0 rows
+ * stays unconfigured (and unused). ldtilecfg zeroes every tile. */
+static void amx_configure(int r0, int r1) {
+    amx_cfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    const int rows[8] = {r0, r0, r1, r1, r0, r1, 16, 16};
+    for (int t = 0; t < 8; ++t)
+        if (rows[t]) {
+            c.rows[t] = (uint8_t)rows[t];
+            c.colsb[t] = 64;
+        }
+    _tile_loadconfig(&c);
+}
+
+/* Rows (16 or, with R2, 32: as configured) of unsigned codes a (row stride lda, 4 bytes a
+ * step) x P (1..2) panels at w (panel stride pstride), k4 steps (a multiple of 16):
+ * out[r * 32 + 16 p + c] (int32). */
+static inline __attribute__((always_inline)) void amx_tile32(const uint8_t *a, int64_t lda,
+                                                              const int R2, const int8_t *w,
+                                                              int64_t pstride, const int P,
+                                                              int64_t k4, int32_t *out) {
+    _tile_zero(0);
+    if (P == 2)
+        _tile_zero(1);
+    if (R2) {
+        _tile_zero(2);
+        if (P == 2)
+            _tile_zero(3);
+    }
+    for (int64_t s = 0; s < k4; s += 16) {
+        _tile_loadd(4, a + s * 4, lda);
+        _tile_loadd(6, w + s * 64, 64);
+        if (R2)
+            _tile_loadd(5, a + 16 * lda + s * 4, lda);
+        _tile_dpbusd(0, 4, 6);
+        if (R2)
+            _tile_dpbusd(2, 5, 6);
+        if (P == 2) {
+            _tile_loadd(7, w + pstride + s * 64, 64);
+            _tile_dpbusd(1, 4, 7);
+            if (R2)
+                _tile_dpbusd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, out, 128);
+    if (P == 2)
+        _tile_stored(1, out + 16, 128);
+    if (R2) {
+        _tile_stored(2, out + 16 * 32, 128);
+        if (P == 2)
+            _tile_stored(3, out + 16 * 32 + 16, 128);
+    }
+}
+
+static void amx_tile(const uint8_t *a, int64_t lda, int r1, const int8_t *w, int64_t pstride,
+                     int P, int64_t k4, int32_t *out) {
+    if (r1)
+        P == 2 ? amx_tile32(a, lda, 1, w, pstride, 2, k4, out)
+               : amx_tile32(a, lda, 1, w, pstride, 1, k4, out);
+    else
+        P == 2 ? amx_tile32(a, lda, 0, w, pstride, 2, k4, out)
+               : amx_tile32(a, lda, 0, w, pstride, 1, k4, out);
+}
+
+static void amx_done(void) { _tile_release(); }
 #endif
 
 /* F: 0 the sign form {|q|, q}, 1 the 7-bit form {q + 64, 0}, 2 the split form {c + 64, r}

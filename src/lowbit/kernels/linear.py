@@ -43,7 +43,8 @@ BLOCK_ROWS = 2048
 
 
 #: The GEMMs :func:`fused_int8_linear` runs.
-FUSED_GEMMS = ("int_mm_s8s8", "fp32_codes", "s8_avx512_vnni", "s8_avx2", "s8_portable")
+FUSED_GEMMS = ("int_mm_s8s8", "fp32_codes", "s8_amx", "s8_avx512_vnni", "s8_avx2",
+               "s8_portable")
 
 
 def int8_linear(q: torch.Tensor, x_scale: torch.Tensor, zp: torch.Tensor | None,

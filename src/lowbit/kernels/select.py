@@ -45,6 +45,13 @@ CONV_CODES_MAX_K = 128
 CONV_CODES_MAX_K_NATIVE = 16
 
 
+#: On the ``amx`` path (the same C library built with AMX) the INT8 GEMM is lowbit's C kernel at
+#: every M where :func:`amx_tiles` holds: AMX tiles from 6 rows on, vpdpbusd below. Whole dynamic
+#: layer, Xeon with AMX, 2 threads, AMX tiles / vpdpbusd tiles / ``_int_mm``, ms: 32 x 4096 ->
+#: 11008 1.65-1.89 / 4.6-4.8 / 3.0-3.1; 4096 x 384 -> 1536 2.8-3.0 / 8.6-9.1 / 5.0-5.3; 1024 x
+#: 4096 -> 4096 11.5-12.2 / 55 / 15-16; 8 x 4096 -> 4096 0.48 / 0.51 / 0.92; 1 x 1024 -> 1024
+#: 0.047-0.051 / 0.038-0.040 / 0.11.
+#:
 #: On the ``avx512_vnni`` path the INT8 GEMM is lowbit's C kernel (``"s8_avx512_vnni"``:
 #: quantize, vpdpbusd GEMM and epilogue in one call) up to this many rows or
 #: :data:`VNNI_S8_MAX_MACS` multiply-adds, oneDNN's ``_int_mm`` above (blocked for caches, AMX
@@ -76,6 +83,19 @@ def vnni_c_gemm_rows(n: int, k: int) -> int:
         raise ValueError(f"vnni_c_gemm_rows: n and k are a weight's output and input features "
                          f"(non-negative ints); got n={n!r}, k={k!r}")
     return max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (n * k)) if n * k > 0 else sys.maxsize
+
+
+def amx_tiles(k: int) -> bool:
+    """Whether the ``amx`` path's C GEMM (``"s8_amx"``) runs an input size ``k`` on AMX tiles
+    (its 4-code steps fill whole 64-byte tile rows: ``ceil(k / 4) % 16 == 0``), so it beats
+    ``_int_mm`` at every M; other sizes run its vpdpbusd tiles, with the ``avx512_vnni`` path's
+    row limit (:func:`vnni_c_gemm_rows`).
+
+    Example:
+        >>> amx_tiles(4096), amx_tiles(784)
+        (True, False)
+    """
+    return k > 0 and -(-k // 4) % 16 == 0
 
 
 #: With int8 activations, ``"u4q8_<isa>"`` runs up to this many rows on CPUs with BF16, and
@@ -119,6 +139,9 @@ _VNNI_ISAS = ("VNNI", "BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
 _BF16_ISAS = ("BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
 
 
+_AMX_ISAS = ("AMX", "ALL", "DEFAULT")
+
+
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 
 
@@ -130,16 +153,17 @@ _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 @functools.lru_cache(maxsize=1)
 def cpu_features() -> frozenset[str]:
-    """CPU features that decide the kernels: ``{"vnni", "bf16"}`` subsets (cached).
+    """CPU features that decide the kernels: ``{"vnni", "bf16", "amx"}`` subsets (cached).
 
     Read from ``/proc/cpuinfo`` flags (``avx512_vnni`` / ``avx_vnni`` / ``amx_int8`` -> vnni;
-    ``avx512_bf16`` / ``amx_bf16`` -> bf16); elsewhere torch's CPU capability ``AVX512`` is
-    taken to mean both. An ISA cap in ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) that
-    excludes them removes them too: oneDNN then runs without them (e.g. ``AVX2`` emulates an
-    AVX2-only CPU, where ``_int_mm`` is not exact).
+    ``avx512_bf16`` / ``amx_bf16`` -> bf16; ``amx_tile`` + ``amx_int8`` -> amx); elsewhere
+    torch's CPU capability ``AVX512`` is taken to mean vnni and bf16. An ISA cap in
+    ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) that excludes them removes them too: oneDNN
+    then runs without them (e.g. ``AVX2`` emulates an AVX2-only CPU, where ``_int_mm`` is not
+    exact; ``AVX512_CORE_BF16`` a Zen 4, without AMX).
 
     Example:
-        >>> cpu_features() <= {"vnni", "bf16"}
+        >>> cpu_features() <= {"vnni", "bf16", "amx"}
         True
     """
     try:
@@ -155,6 +179,8 @@ def cpu_features() -> frozenset[str]:
         feats.add("vnni")
     if flags & {"avx512_bf16", "amx_bf16"} and any(t in isa for t in _BF16_ISAS):
         feats.add("bf16")
+    if {"amx_tile", "amx_int8"} <= flags and any(t in isa for t in _AMX_ISAS):
+        feats.add("amx")
     return frozenset(feats)
 
 
@@ -163,6 +189,8 @@ def cpu_features() -> frozenset[str]:
 #: ``torch`` path's GEMM is ``_int_mm`` where VNNI makes it exact, else an fp32 GEMM over the
 #: codes).
 ISA_KERNELS: dict[str, tuple[str | None, str | None]] = {
+    # the same built with AMX: tdpbusd tiles where K % 64 == 0, at every M
+    "amx": ("s8_amx", "u4_amx"),
     # csrc/lowbit_gemm_avx2.c built with VNNI (vpdpbusd); oneDNN's _int_mm at many rows
     "avx512_vnni": ("s8_avx512_vnni", "u4_avx512_vnni"),
     "avx2": ("s8_avx2", "u4_avx2"),  # csrc/lowbit_gemm_avx2.c
@@ -248,7 +276,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
     if op in ("int8_linear", "int8_conv2d"):
         if op == "int8_conv2d" and groups != 1:
             return "reference"
-        if gemm == "s8_avx512_vnni" and m > vnni_c_gemm_rows(n, k):
+        if (gemm in ("s8_avx512_vnni", "s8_amx") and m > vnni_c_gemm_rows(n, k)
+                and not (gemm == "s8_amx" and amx_tiles(k))):
             return "int_mm_s8s8"  # oneDNN's blocked kernels (AMX where the CPU has it)
         return gemm
     # dequantize once per call, then a float GEMM: bf16 where the CPU has it, else float32
@@ -278,14 +307,14 @@ def int8_gemm(isa: str | None = None) -> str:
     """The exact INT8 x INT8 GEMM of an ISA path (default: :func:`lowbit.native.selected_isa`)
     at few rows.
 
-    ``"s8_avx512_vnni"`` / ``"s8_avx2"`` / ``"s8_portable"`` (lowbit's C kernels),
+    ``"s8_amx"`` / ``"s8_avx512_vnni"`` / ``"s8_avx2"`` / ``"s8_portable"`` (lowbit's C kernels),
     ``"int_mm_s8s8"`` (oneDNN with VNNI: the ``torch`` path there, and the ``avx512_vnni`` one
     without its C library or above :data:`VNNI_S8_MAX_M` rows), or ``"fp32_codes"`` (an fp32
     GEMM over the codes: the ``torch`` path without VNNI, where oneDNN's int8 GEMM saturates
     int16 pair sums and is not exact).
 
     Example:
-        >>> int8_gemm() in ("s8_avx512_vnni", "s8_avx2", "s8_portable", "int_mm_s8s8",
+        >>> int8_gemm() in ("s8_amx", "s8_avx512_vnni", "s8_avx2", "s8_portable", "int_mm_s8s8",
         ...                 "fp32_codes")
         True
     """
