@@ -160,12 +160,14 @@ def amx_rows(request) -> Iterator[int]:
 
 @pytest.mark.skipif(AMX_LIB is None, reason="no AMX-INT8 on this CPU (or no C compiler)")
 @pytest.mark.parametrize("m", [1, 5, 6, 15, 16, 17, 31, 32, 33, 64, 130, 300, 1100])
-@pytest.mark.parametrize("k,n", [(64, 17), (256, 16), (4093, 33), (1024, 100)])
+@pytest.mark.parametrize("k,n", [(61, 18), (64, 17), (100, 33), (256, 16), (784, 40),
+                                 (4093, 33), (1024, 100)])
 def test_amx_tiles_are_exact_at_every_row_count_and_panel_count(amx_rows, threads, m: int,
                                                                 k: int, n: int) -> None:
     """Row counts around the 16-row tiles, the 32-row pairs and the larger AMX row blocks, odd
-    panel counts, K whose last step is padded (4093): int64 arithmetic's sums, 8-bit and
-    7-bit codes."""
+    panel counts, K whose last step is padded (61, 4093) and K with steps after the last whole
+    tile (100, 784: run with vpdpbusd and added): int64 arithmetic's sums, 8-bit and 7-bit
+    codes."""
     g = torch.Generator().manual_seed(m * 31 + k + n)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     packed = s8_packed(w, AMX_LIB)
@@ -178,7 +180,7 @@ def test_amx_tiles_are_exact_at_every_row_count_and_panel_count(amx_rows, thread
 @pytest.mark.skipif(AMX_LIB is None, reason="no AMX-INT8 on this CPU (or no C compiler)")
 @pytest.mark.parametrize("a,b", [(-128, 127), (-128, -127), (127, 127), (127, -127)])
 def test_amx_tiles_worst_case_sums_do_not_saturate(amx_rows, a: int, b: int) -> None:
-    k = 16384  # whole tiles: every product at its extreme on AMX
+    k = 16384 + 40  # every product at its extreme, on AMX tiles and the vpdpbusd tail
     q = torch.full((40, k), a, dtype=torch.int8)
     w = torch.full((35, k), b, dtype=torch.int8)
     got = _s8_acc(AMX_LIB, q, s8_packed(w, AMX_LIB), 35, pooled=False)  # type: ignore[arg-type]
@@ -246,7 +248,7 @@ def test_s8_pack_follows_in_place_weight_changes(lib) -> None:
 @pytest.mark.parametrize("mode", ["per_token", "per_tensor", "static", "static_zp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 7])  # 7: the unsigned "u7" form, no sign op
-@pytest.mark.parametrize("k", [259, 320])  # 320: whole AMX tiles (ceil(k / 4) % 16 == 0)
+@pytest.mark.parametrize("k", [259, 320])  # 259: AMX tiles + vpdpbusd tail; 320: tiles only
 def test_fused_linear_matches_the_reference_bit_for_bit(lib, form, threads, mode: str,
                                                         dtype: torch.dtype, bits: int,
                                                         k: int) -> None:

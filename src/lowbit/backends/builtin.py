@@ -142,9 +142,9 @@ register_backend(Backend(
     layer_value="reference", detail=lambda: "pure PyTorch ops, any device"))
 register_backend(Backend(
     "native", "lowbit's kernels for this CPU (the default)",
-    "INT8 x INT8: bit-identical; weight-only: float32 rounding (~1e-6 relative) for INT4 on "
-    "the avx2 / portable paths, bf16 activations (relative max deviation <= 1e-2) for INT8 up "
-    "to 64 rows and for INT4 on avx512_vnni",
+    "INT8 x INT8: bit-identical; weight-only: int8 activations per group for INT4 (relative "
+    "max deviation <= 1e-2; float32 rounding with int8_activations=False), bf16 activations "
+    "(<= 1e-2) for INT8 up to 64 rows and for INT4 above 1024 rows on CPUs with BF16",
     _native_missing, layer_value="auto", detail=_native_detail))
 register_backend(Backend(
     "torch", "PyTorch's own integer ops, no C kernels of lowbit",

@@ -136,7 +136,7 @@ int lbk_amx_ok(void) {
 #endif
 }
 
-/* Blocks of at least this many rows run on AMX tiles (when lbk_amx_ok and K % 64 == 0): below,
+/* Blocks of at least this many rows run on AMX tiles (when lbk_amx_ok and K >= 61): below,
  * the vpdpbusd tiles, which stream the weights as fast (see docs/kernels.md). */
 static int lb_amx_min_rows = LB_AMX_MIN_ROWS;
 
@@ -340,7 +340,7 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
  * LB_ROWS_OUTER_BYTES); F constant (see s8_block), so that each form gets its own register
  * allocation. */
 #if LB_AMX
-/* s8_block_t on AMX tiles (unsigned forms, k4 % 16 == 0): 32 rows x 2 panels a tile, in
+/* s8_block_t on AMX tiles (unsigned forms, k4 >= 16): 32 rows x 2 panels a tile, in
  * rows-outer or panels-outer order as s8_block_t. */
 static void amx_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *wpack,
                       int64_t k4, int64_t p0, int64_t p1, const epi_t *e, int rows_outer) {
@@ -356,7 +356,7 @@ static void amx_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *
             amx_configure(rr < 16 ? rr : 16, rr < 16 ? 0 : rr - 16);
             cfg = rr;
         }
-        amx_tile(a + r * lda, lda, rr > 16, wpack + p * pstride, pstride, P, k4, out);
+        amx_tile(a + r * lda, lda, rr, wpack + p * pstride, pstride, P, k4, out);
         const int64_t c0 = p * 16, cols = e->n - c0 < 16 * P ? e->n - c0 : 16 * P;
         for (int i = 0; i < rr; ++i)
             epilogue(e, i0 + r + i, c0, cols, out + i * 32);
@@ -375,7 +375,7 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
     const int64_t lda = k4 * 8, pstride = k4 * 64, ldl = k4 + 1;
     const int32_t *lst = (const int32_t *)(a + rows * lda);
 #if LB_AMX
-    if (F != 2 && lb_amx_granted && k4 % 16 == 0 && rows >= lb_amx_min_rows) {
+    if (F != 2 && lb_amx_granted && k4 >= 16 && rows >= lb_amx_min_rows) {
         amx_block(a, i0, rows, wpack, k4, p0, p1, e, rows_outer);
         return;
     }
@@ -482,7 +482,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
         /* AMX tiles run a block of rows faster than its weights stream in: larger blocks (the
          * panels-outer order then reads the weights once per block), while each thread still
          * gets at least two */
-        if (lb_amx_granted && k4 % 16 == 0)
+        if (lb_amx_granted && k4 >= 16)
             while (rb < LB_AMX_ROW_BLOCK && m >= 4 * rb * nthreads)
                 rb *= 2;
 #endif

@@ -11,6 +11,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AMX_TILE__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -240,10 +244,8 @@ static inline __attribute__((always_inline)) void gemv_p512(const uint8_t *a, co
 }
 #endif
 
-#if LB_AMX
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#if LB_AMX
 /* The AMX tile state must be requested from Linux once per process (arch_prctl
  * ARCH_REQ_XCOMP_PERM for XTILEDATA) before the first tile instruction; without it, or on
  * another OS, the library keeps its vpdpbusd kernels. 1 granted, 0 not. */
@@ -281,7 +283,7 @@ static void amx_configure(int r0, int r1) {
 }
 
 /* Rows (16 or, with R2, 32: as configured) of unsigned codes a (row stride lda, 4 bytes a
- * step) x P (1..2) panels at w (panel stride pstride), k4 steps (a multiple of 16):
+ * step) x P (1..2) panels at w (panel stride pstride), the first k4 steps (a multiple of 16):
  * out[r * 32 + 16 p + c] (int32). */
 static inline __attribute__((always_inline)) void amx_tile32(const uint8_t *a, int64_t lda,
                                                               const int R2, const int8_t *w,
@@ -320,14 +322,35 @@ static inline __attribute__((always_inline)) void amx_tile32(const uint8_t *a, i
     }
 }
 
-static void amx_tile(const uint8_t *a, int64_t lda, int r1, const int8_t *w, int64_t pstride,
+/* rows (1..32, as configured: r1 = rows > 16) x P panels over k4 steps (at least 16): whole
+ * tiles on AMX, the last k4 % 16 steps with tile_r512, added: out[r * 32 + 16 p + c] */
+static void amx_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, int64_t pstride,
                      int P, int64_t k4, int32_t *out) {
-    if (r1)
-        P == 2 ? amx_tile32(a, lda, 1, w, pstride, 2, k4, out)
-               : amx_tile32(a, lda, 1, w, pstride, 1, k4, out);
+    const int64_t kt = k4 & ~(int64_t)15, tail = k4 - kt;
+    if (rows > 16)
+        P == 2 ? amx_tile32(a, lda, 1, w, pstride, 2, kt, out)
+               : amx_tile32(a, lda, 1, w, pstride, 1, kt, out);
     else
-        P == 2 ? amx_tile32(a, lda, 0, w, pstride, 2, k4, out)
-               : amx_tile32(a, lda, 0, w, pstride, 1, k4, out);
+        P == 2 ? amx_tile32(a, lda, 0, w, pstride, 2, kt, out)
+               : amx_tile32(a, lda, 0, w, pstride, 1, kt, out);
+    if (!tail)
+        return;
+    int32_t t[8 * 16];
+    for (int p = 0; p < P; ++p)
+        for (int r = 0; r < rows; r += 8) {
+            const int rr = rows - r < 8 ? rows - r : 8;
+            switch (rr) {
+#define TAIL(R)                                                                                \
+    case R: tile_r512(a + r * lda + kt * 4, lda, R, w + p * pstride + kt * 64, tail, t); break
+                TAIL(8); TAIL(7); TAIL(6); TAIL(5); TAIL(4); TAIL(3); TAIL(2); TAIL(1);
+#undef TAIL
+            }
+            for (int i = 0; i < rr; ++i) { /* (mod 2^32, as the epilogue) */
+                int32_t *o = out + (r + i) * 32 + 16 * p;
+                for (int c = 0; c < 16; ++c)
+                    o[c] = (int32_t)((uint32_t)o[c] + (uint32_t)t[i * 16 + c]);
+            }
+        }
 }
 
 static void amx_done(void) { _tile_release(); }

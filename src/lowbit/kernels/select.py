@@ -46,11 +46,11 @@ CONV_CODES_MAX_K_NATIVE = 16
 
 
 #: On the ``amx`` path (the same C library built with AMX) the INT8 GEMM is lowbit's C kernel at
-#: every M where :func:`amx_tiles` holds: AMX tiles from 6 rows on, vpdpbusd below. Whole dynamic
-#: layer, Xeon with AMX, 2 threads, AMX tiles / vpdpbusd tiles / ``_int_mm``, ms: 32 x 4096 ->
-#: 11008 1.65-1.89 / 4.6-4.8 / 3.0-3.1; 4096 x 384 -> 1536 2.8-3.0 / 8.6-9.1 / 5.0-5.3; 1024 x
-#: 4096 -> 4096 11.5-12.2 / 55 / 15-16; 8 x 4096 -> 4096 0.48 / 0.51 / 0.92; 1 x 1024 -> 1024
-#: 0.047-0.051 / 0.038-0.040 / 0.11.
+#: every M where :func:`amx_tiles` holds (K >= 61): AMX tiles from 6 rows on, vpdpbusd below.
+#: Whole dynamic layer, Xeon with AMX, 2 threads, AMX tiles / vpdpbusd tiles / ``_int_mm``, ms:
+#: 32 x 4096 -> 11008 1.65-1.89 / 4.6-4.8 / 3.0-3.1; 4096 x 384 -> 1536 2.8-3.0 / 8.6-9.1 /
+#: 5.0-5.3; 1024 x 4096 -> 4096 11.5-12.2 / 55 / 15-16; 8 x 4096 -> 4096 0.48 / 0.51 / 0.92;
+#: 1 x 1024 -> 1024 0.047-0.051 / 0.038-0.040 / 0.11 (``docs/kernels.md``).
 #:
 #: On the ``avx512_vnni`` path the INT8 GEMM is lowbit's C kernel (``"s8_avx512_vnni"``:
 #: quantize, vpdpbusd GEMM and epilogue in one call) up to this many rows or
@@ -86,16 +86,16 @@ def vnni_c_gemm_rows(n: int, k: int) -> int:
 
 
 def amx_tiles(k: int) -> bool:
-    """Whether the ``amx`` path's C GEMM (``"s8_amx"``) runs an input size ``k`` on AMX tiles
-    (its 4-code steps fill whole 64-byte tile rows: ``ceil(k / 4) % 16 == 0``), so it beats
-    ``_int_mm`` at every M; other sizes run its vpdpbusd tiles, with the ``avx512_vnni`` path's
-    row limit (:func:`vnni_c_gemm_rows`).
+    """Whether the ``amx`` path's C GEMM (``"s8_amx"``) runs an input size ``k`` on AMX tiles,
+    so it beats ``_int_mm`` at every M: at least one whole tile of 16 four-code steps
+    (``ceil(k / 4) >= 16``; the last ``ceil(k / 4) % 16`` steps run vpdpbusd). Smaller K run
+    its vpdpbusd tiles, with the ``avx512_vnni`` path's row limit (:func:`vnni_c_gemm_rows`).
 
     Example:
-        >>> amx_tiles(4096), amx_tiles(784)
-        (True, False)
+        >>> amx_tiles(4096), amx_tiles(784), amx_tiles(27)
+        (True, True, False)
     """
-    return k > 0 and -(-k // 4) % 16 == 0
+    return -(-k // 4) >= 16
 
 
 #: With int8 activations, ``"u4q8_<isa>"`` runs up to this many rows on CPUs with BF16, and
