@@ -93,6 +93,7 @@ _GEMM_SIGNATURES = {
     "lbk_s8_split_mode": (_INT, [_INT]),
     "lbk_amx_ok": (_INT, []),
     "lbk_amx_min_rows": (_INT, [_INT]),
+    "lbk_amx_u4_min_rows": (_INT, [_INT]),
     "lbk_s8_forms_seen": (_INT, [_INT]),
     "lbk_s8_pack": (_INT, [_P, _I64, _I64, _I64, _P, _I64]),
     "lbk_s8_linear": (_INT, [_P, _INT, _I64, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32,

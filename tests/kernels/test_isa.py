@@ -190,9 +190,10 @@ def test_amx_tiles_worst_case_sums_do_not_saturate(amx_rows, a: int, b: int) -> 
 
 @pytest.mark.skipif(AMX_LIB is None, reason="no AMX-INT8 on this CPU (or no C compiler)")
 def test_amx_row_threshold_setter_returns_the_previous_one_and_ignores_bad_values() -> None:
-    before = AMX_LIB.lbk_amx_min_rows(3)  # type: ignore[union-attr]
-    assert AMX_LIB.lbk_amx_min_rows(0) == 3 and AMX_LIB.lbk_amx_min_rows(-5) == 3  # type: ignore[union-attr]
-    AMX_LIB.lbk_amx_min_rows(before)  # type: ignore[union-attr]
+    for setter in (AMX_LIB.lbk_amx_min_rows, AMX_LIB.lbk_amx_u4_min_rows):  # type: ignore[union-attr]
+        before = setter(3)
+        assert setter(0) == 3 and setter(-5) == 3
+        setter(before)
     assert AMX_LIB.lbk_amx_ok() == 1  # type: ignore[union-attr]
     assert native.load_gemm("avx512_vnni").lbk_amx_ok() == 0  # type: ignore[union-attr]
 
@@ -367,6 +368,41 @@ def test_u4q8_kernel_matches_its_integer_reference(lib, threads, m: int, k: int,
     torch.testing.assert_close(got, ref, rtol=5e-5, atol=1e-6 * float(ref.abs().max()))
     fp = run_u4_linear(lib, x, (*u4_pack(codes, signed, s, z, g), kp, g), bias, False)
     assert float((got - fp).norm() / fp.norm()) < 2e-2  # the activation rounding only
+
+
+@pytest.mark.skipif(AMX_LIB is None, reason="no AMX-INT8 on this CPU (or no C compiler)")
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 32, 33, 100, 129, 300])
+@pytest.mark.parametrize("k,n,g", [(64, 8, 64), (256, 17, 128), (1024, 33, 256), (768, 100, 128),
+                                   (384, 40, 192), (128, 24, 32)])
+def test_amx_int4_tiles_give_the_vpdpbusd_panels_bits(threads, m: int, k: int, n: int,
+                                                      g: int) -> None:
+    """INT4 x INT8 on AMX tiles (group sizes 64-256, from 16 rows by default; forced from one
+    row here) adds each group's integer sums in the same float ops as the vpdpbusd panels: the
+    same bits, for partial panel quads (n = 8, 17, 33, 100), row counts around the 32-row tiles
+    and the 128-row work items, and rows holding NaN (computed in float afterwards). g = 32 is
+    not tiled and must be unchanged too."""
+    gen = torch.Generator().manual_seed(m + k + n + g)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
+    s = torch.rand(n, k // g, generator=gen) / 10
+    z = torch.randint(-8, 8, (n, k // g), dtype=torch.int32, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, :] = -torch.linspace(0.5, 1, k)
+    if m > 3:
+        x[3, 5] = float("nan")
+    args = (*u4p_pack(codes, True, s, z, g), n, k, g)
+    before = AMX_LIB.lbk_amx_u4_min_rows(1)  # type: ignore[union-attr]
+    try:
+        tiles = run_u4p_linear(AMX_LIB, x, args, bias, True)
+        AMX_LIB.lbk_amx_u4_min_rows(1 << 20)  # type: ignore[union-attr]
+        panels = run_u4p_linear(AMX_LIB, x, args, bias, True)
+    finally:
+        AMX_LIB.lbk_amx_u4_min_rows(before)  # type: ignore[union-attr]
+    assert torch.equal(tiles.isnan(), panels.isnan())
+    assert torch.equal(tiles.nan_to_num(), panels.nan_to_num())
+    ref = u4q8_reference(x[:3], codes, s, z + 8, g, 8)
+    torch.testing.assert_close(tiles[:3], torch.relu(ref + bias.double()).float(), rtol=5e-5,
+                               atol=1e-5)
 
 
 def test_u4q8_kernel_rows_with_nan_inf_or_tiny_values_are_computed_in_float(lib) -> None:

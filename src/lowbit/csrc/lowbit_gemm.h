@@ -66,6 +66,9 @@
 #ifndef LB_AMX_MIN_ROWS
 #define LB_AMX_MIN_ROWS 6
 #endif
+#ifndef LB_AMX_U4_MIN_ROWS
+#define LB_AMX_U4_MIN_ROWS 16
+#endif
 
 /* Rows per OpenMP work item when the rows are split between threads. */
 #define LB_ROW_BLOCK 32
@@ -146,6 +149,17 @@ int lbk_amx_min_rows(int rows) {
     const int old = lb_amx_min_rows;
     if (rows >= 1)
         lb_amx_min_rows = rows;
+    return old;
+}
+
+/* The same for INT4 x INT8 (lbk_u4p_linear, group sizes 64 to 256 in steps of 64): from this
+ * many rows on AMX tiles, below the vpdpbusd panels. */
+static int lb_amx_u4_min_rows = LB_AMX_U4_MIN_ROWS;
+
+int lbk_amx_u4_min_rows(int rows) {
+    const int old = lb_amx_u4_min_rows;
+    if (rows >= 1)
+        lb_amx_u4_min_rows = rows;
     return old;
 }
 
@@ -654,6 +668,70 @@ static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t 
  * with the columns in vector lanes (no horizontal sums). Differs from dequantize + GEMM by the
  * activation rounding (about 5e-3 relative on Gaussian inputs); a row with a NaN / Inf (or a
  * group max below 1e-30) is computed from its float values instead. */
+#if LB_AMX
+/* Rows of at most this many per AMX work item of lbk_u4p_linear (float sums on the stack). */
+#define LB_AMX_U4_ROWS 128
+
+/* lbk_u4p_linear's GEMM on AMX tiles (g in 64, 128, 192, 256; q holds whole 32-row tiles, zero
+ * beyond m):
+ * work items of up to LB_AMX_U4_ROWS rows x quads of panels (32 columns); per quad and group
+ * the group's B tiles are unpacked once, every 32-row tile of the item runs them, and its sums
+ * are added in float as u4p_rp512 adds them, so the outputs are its bits. */
+static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, int64_t pstride,
+                    int64_t np, int64_t n, int64_t kp, int64_t g, const float *sT,
+                    const float *zT, int64_t ldT, const float *sx, const float *tq,
+                    int64_t groups, const float *bias, int relu, float *y, int nthreads) {
+    const int64_t nrb = ceil_div(m, LB_AMX_U4_ROWS), nq = ceil_div(np, 4);
+    const int64_t want = 4 * (int64_t)nthreads; /* work items wanted */
+    int64_t cq = nrb >= want ? nq : ceil_div(nq, ceil_div(want, nrb));
+    cq = cq < 1 ? 1 : cq;
+    const int64_t ncq = ceil_div(nq, cq);
+    const int nch = (int)(g / 64);
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * n * kp >= (1 << 18)) \
+    schedule(dynamic, 1)
+    for (int64_t item = 0; item < nrb * ncq; ++item) {
+        float acc[LB_AMX_U4_ROWS][32];
+        int32_t d[32 * 32];
+        uint8_t b[4 * 2048] __attribute__((aligned(64))); /* (not scratch(): it holds q) */
+        const int64_t i0 = (item / ncq) * LB_AMX_U4_ROWS;
+        const int64_t i1 = i0 + LB_AMX_U4_ROWS < m ? i0 + LB_AMX_U4_ROWS : m;
+        const int64_t q0 = (item % ncq) * cq, q1 = q0 + cq < nq ? q0 + cq : nq;
+        amx_configure(16, 16);
+        for (int64_t pq = q0 * 4; pq < q1 * 4; pq += 4) {
+            const int npan = (int)(np - pq < 4 ? np - pq : 4);
+            memset(acc, 0, sizeof acc);
+            for (int64_t gi = 0; gi < groups; ++gi) {
+                for (int ch = 0; ch < nch; ++ch)
+                    for (int h = 0; h < 2; ++h)
+                        amx_u4_unpack(2 * h < npan ? wp + (pq + 2 * h) * pstride : NULL,
+                                      2 * h + 1 < npan ? wp + (pq + 2 * h + 1) * pstride : NULL,
+                                      (gi * g + 64 * ch) / 8, b + 2048 * ch + 1024 * h);
+                for (int64_t r0 = i0; r0 < i1; r0 += 32) {
+                    amx_u4_tile(q + r0 * ldq, ldq, gi * g, b, nch, d);
+                    const int64_t rr = i1 - r0 < 32 ? i1 - r0 : 32;
+                    for (int64_t r = 0; r < rr; ++r)
+                        for (int j = 0; j < npan; ++j)
+                            amx_u4_accumulate(acc[r0 - i0 + r] + 8 * j, d + r * 32 + 8 * j,
+                                              sT + gi * ldT + (pq + j) * 8,
+                                              zT + gi * ldT + (pq + j) * 8,
+                                              sx[(r0 + r) * groups + gi],
+                                              tq[(r0 + r) * groups + gi]);
+                }
+            }
+            const int64_t c0 = pq * 8, cols = n - c0 < 32 ? n - c0 : 32;
+            for (int64_t i = i0; i < i1; ++i) {
+                float *yr = y + i * n + c0;
+                for (int64_t c = 0; c < cols; ++c) {
+                    float v = acc[i - i0][c] + (bias ? bias[c0 + c] : 0.0f);
+                    yr[c] = relu && v < 0.0f ? 0.0f : v;
+                }
+            }
+        }
+        amx_done();
+    }
+}
+#endif
+
 int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
                    const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
                    const float *sT, const float *zT, const float *bias, int relu, float *y,
@@ -666,7 +744,13 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
     if (!x || !y || (m - 1) * ldx + k > x_floats || m * n > y_floats)
         return LB_EARG;
     const int64_t groups = kp / g, np = ceil_div(n, 8), ldT = np * 8, pstride = (kp / 8) * 32;
-    const size_t qbytes = (size_t)(m * kp + 63) & ~(size_t)63;
+#if LB_AMX
+    const int amx = lb_amx_granted && g % 64 == 0 && g <= 256 && m >= lb_amx_u4_min_rows;
+#else
+    const int amx = 0;
+#endif
+    const int64_t mq = amx ? ceil_div(m, 32) * 32 : m; /* AMX reads whole 16-row tiles */
+    const size_t qbytes = (size_t)(mq * kp + 63) & ~(size_t)63;
     uint8_t *buf = scratch(qbytes + (size_t)(2 * m * groups) * sizeof(float) + m);
     if (!buf)
         return LB_ENOMEM;
@@ -677,6 +761,14 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
     for (int64_t i = 0; i < m; ++i)
         bad[i] = (uint8_t)quant_row_groups(x + i * ldx, k, kp, g, q + i * kp, sx + i * groups,
                                            tq + i * groups);
+#if LB_AMX
+    if (amx) {
+        memset(q + m * kp, 0, (size_t)((mq - m) * kp));
+        u4p_amx(q, kp, m, wp, pstride, np, n, kp, g, sT, zT, ldT, sx, tq, groups, bias, relu, y,
+                nthreads);
+        goto float_rows;
+    }
+#endif
     /* work items: blocks of rows (codes ~128 KB, in L2 while each panel is read once into L1
      * for all of them) x chunks of panels, >= 4 per thread where the shape allows */
     int64_t rb = m <= 4 ? m : (131072 / kp) & ~(int64_t)3;
@@ -712,6 +804,9 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
             }
         }
     }
+#if LB_AMX
+float_rows:
+#endif
     for (int64_t i = 0; i < m; ++i) /* NaN / Inf / tiny rows: from the float values */
         if (bad[i])
             u4p_row_float(x + i * ldx, k, wp, n, kp, g, sT, zT, bias, relu, y + i * n);

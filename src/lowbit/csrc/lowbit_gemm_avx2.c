@@ -354,6 +354,60 @@ static void amx_tile(const uint8_t *a, int64_t lda, int rows, const int8_t *w, i
 }
 
 static void amx_done(void) { _tile_release(); }
+
+/* INT4 panels on AMX: one B tile (16 four-K steps x 16 columns, unsigned codes as bytes) from
+ * 8 eight-K pairs of two INT4 panels (p, p + 1; NULL: zero columns) starting at pair t0: row 2j
+ * the low nibbles of pair t0 + j, row 2j + 1 the high ones (see lbk_u4p layout). */
+static void amx_u4_unpack(const uint8_t *p0, const uint8_t *p1, int64_t t0, uint8_t *b) {
+    const __m256i zero = _mm256_setzero_si256();
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 8; ++j) {
+        const __m256i v0 = p0 ? _mm256_loadu_si256((const __m256i *)(p0 + (t0 + j) * 32)) : zero;
+        const __m256i v1 = p1 ? _mm256_loadu_si256((const __m256i *)(p1 + (t0 + j) * 32)) : zero;
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+        _mm512_store_si512((void *)(b + 128 * j), _mm512_and_si512(v, low));
+        _mm512_store_si512((void *)(b + 128 * j + 64),
+                           _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    }
+}
+
+/* 32 rows of signed int8 codes q (row stride ldq) x two unpacked B tiles (b: chunks of 2 KB,
+ * tile 0 then tile 1) over nch 64-K chunks starting at column kc: int32 sums into
+ * out[r * 32 + c] (the configuration amx_configure(16, 16) loaded). tdpbsud: s8 x u8. */
+static void amx_u4_tile(const int8_t *q, int64_t ldq, int64_t kc, const uint8_t *b, int nch,
+                        int32_t *out) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int ch = 0; ch < nch; ++ch) {
+        _tile_loadd(4, q + kc + 64 * ch, ldq);
+        _tile_loadd(5, q + 16 * ldq + kc + 64 * ch, ldq);
+        _tile_loadd(6, b + 2048 * ch, 64);
+        _tile_loadd(7, b + 2048 * ch + 1024, 64);
+        _tile_dpbsud(0, 4, 6);
+        _tile_dpbsud(1, 4, 7);
+        _tile_dpbsud(2, 5, 6);
+        _tile_dpbsud(3, 5, 7);
+    }
+    _tile_stored(0, out, 128);
+    _tile_stored(1, out + 16, 128);
+    _tile_stored(2, out + 16 * 32, 128);
+    _tile_stored(3, out + 16 * 32 + 16, 128);
+}
+
+/* acc[8] of one row and panel += the group's sums d as u4p_rp512 adds them (same float ops in
+ * the same order, so the same bits) */
+static inline void amx_u4_accumulate(float *acc, const int32_t *d, const float *s,
+                                     const float *z, float sx, float tq) {
+    const __m256 sv = _mm256_loadu_ps(s);
+    const __m256 sz = _mm256_mul_ps(sv, _mm256_loadu_ps(z));
+    __m256 a = _mm256_loadu_ps(acc);
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)d)),
+                        _mm256_mul_ps(sv, _mm256_set1_ps(sx)), a);
+    a = _mm256_fnmadd_ps(sz, _mm256_set1_ps(tq), a);
+    _mm256_storeu_ps(acc, a);
+}
 #endif
 
 /* F: 0 the sign form {|q|, q}, 1 the 7-bit form {q + 64, 0}, 2 the split form {c + 64, r}

@@ -71,6 +71,7 @@ from lowbit.kernels.quantize import (  # noqa: F401
     quantize_activation_u8,
 )
 from lowbit.kernels.select import (
+    AMX_U4_GROUP_SIZES,
     CODES_DIRECT_MAX_MACS,
     CONV_CODES_EXACT_K,
     CONV_CODES_MAX_K,
@@ -85,6 +86,7 @@ from lowbit.kernels.select import (
     VNNI_S8_MAX_M,
     VNNI_S8_MAX_MACS,
     WEIGHT_ONLY_PACKED_MAX_M,
+    amx_tiles,
     cpu_features,
     int8_gemm,
     select_kernel,
@@ -104,6 +106,7 @@ from lowbit.kernels.weight_only import (
 )
 
 __all__ = [
+    "AMX_U4_GROUP_SIZES",
     "BLOCK_ROWS",
     "CODES_DIRECT_MAX_MACS",
     "CONV_CODES_EXACT_K",
@@ -129,6 +132,7 @@ __all__ = [
     "acc_fp32_codes",
     "acc_int_mm",
     "acc_reference",
+    "amx_tiles",
     "c_layout",
     "conv2d_direct_native",
     "conv2d_fused",

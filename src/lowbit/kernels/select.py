@@ -106,6 +106,17 @@ def amx_tiles(k: int) -> bool:
 U4Q8_MAX_M_BF16 = 1024
 
 
+#: Group sizes whose INT4 x INT8 layers the ``amx`` path runs on AMX tiles (from 16 rows; the
+#: vpdpbusd panels below): faster than dequantize + bf16 GEMM at every M measured, so those
+#: layers keep ``"u4q8_amx"`` above :data:`U4Q8_MAX_M_BF16` too. Xeon with AMX, 2 threads, g128,
+#: AMX / vpdpbusd panels / FP32, ms: 32 x 4096 -> 4096 1.0 / 2.6 / 8.1-8.4; 32 x 4096 -> 11008
+#: 2.3-2.6 / 7.0-7.4 / 27; 1024 x 1024 -> 1024 2.1-2.4 / 5.4 / 7.8-8.2; 2048 x 1024 -> 1024
+#: 4.5-4.7 / 11.2-11.5 / 15.5-15.8 (dequantize + bf16: 1.77x FP32); 4096 x 384 -> 1536 7.7-8.0
+#: / 15-16 / 18.1-18.2 (dequantize + bf16: 2.25x FP32); 4096 x 1536 -> 384 6.2-6.6 / 14.5-14.7 /
+#: 17.6-17.7; 1024 x 4096 -> 4096 30 / 82-86 / 131-137.
+AMX_U4_GROUP_SIZES = (64, 128, 192, 256)
+
+
 #: ``torch._int_mm`` on CUDA takes more than this many rows (and K, N multiples of 8).
 CUDA_INT_MM_MIN_ROWS = 16
 
@@ -222,7 +233,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         int8_activations: for ``"int4_weight_only"``: the layer may quantize its activations to
             int8 per row and group (``Int4Linear.int8_activations``): on the C ISA paths
             ``"u4q8_<isa>"`` then runs at every M (it is faster than FP32 at every M measured),
-            up to :data:`U4Q8_MAX_M_BF16` rows on CPUs with BF16.
+            up to :data:`U4Q8_MAX_M_BF16` rows on CPUs with BF16 (at every M on the ``amx``
+            path for :data:`AMX_U4_GROUP_SIZES`).
         device: the tensors' device type. Off the CPU (CUDA): ``"int_mm_s8s8"`` where
             ``torch._int_mm`` takes the shape there (M > 16, K and N multiples of 8), else
             ``"reference"`` (float64 over the codes: exact); weight-only layers dequantize and
@@ -292,7 +304,8 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         u4 = u4 if u4 is not None and load_gemm(u4[3:]) is not None else None
         fits = (u4 is not None and group_size is not None and group_size % 32 == 0
                 and k % 32 == 0 and k % group_size == 0)
-        if fits and int8_activations and (m <= U4Q8_MAX_M_BF16 or "bf16" not in feats):
+        amx4 = u4 == "u4_amx" and group_size in AMX_U4_GROUP_SIZES  # (AMX tiles from 16 rows)
+        if fits and int8_activations and (m <= U4Q8_MAX_M_BF16 or "bf16" not in feats or amx4):
             return "u4q8_" + u4[3:]  # type: ignore[index]  # INT4 x INT8 panels
         if fits and m <= U4_NATIVE_MAX_M:
             return u4  # type: ignore[return-value]  # lowbit's INT4 kernel, float32 activations
