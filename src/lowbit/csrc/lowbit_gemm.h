@@ -349,10 +349,6 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
     }
 }
 
-/* Rows [i0, i0 + rows) of A (laid out by lay_out_block in form F, row stride k4 * 8, step
- * lists after the rows) times panels [p0, p1), tiles in rows-outer order when rows_outer (see
- * LB_ROWS_OUTER_BYTES); F constant (see s8_block), so that each form gets its own register
- * allocation. */
 #if LB_AMX
 /* s8_block_t on AMX tiles (unsigned forms, k4 >= 16): 32 rows x 2 panels a tile, in
  * rows-outer or panels-outer order as s8_block_t. */
@@ -378,6 +374,11 @@ static void amx_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *
     amx_done();
 }
 #endif
+
+/* Rows [i0, i0 + rows) of A (laid out by lay_out_block in form F, row stride k4 * 8, step
+ * lists after the rows) times panels [p0, p1), tiles in rows-outer order when rows_outer (see
+ * LB_ROWS_OUTER_BYTES); F constant (see s8_block), so that each form gets its own register
+ * allocation. */
 
 static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, int64_t i0,
                                                               int64_t rows,
@@ -658,16 +659,6 @@ static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t 
     }
 }
 
-/* y [m, n] (+ bias, ReLU) = x [m, k] (row stride ldx, x_floats readable) . W^T, W the INT4
- * weight in panels (wp, lbk_u4p_bytes(n, kp) bytes) with per-group scales sT and unsigned
- * zero-points zT, both [kp / g, ceil(n / 8) * 8] float32 (transposed: 8 columns per load).
- * The activations are quantized to int8 per row and weight group (scale max|x_g| / 127, as
- * llama.cpp's Q8 blocks) and each group's dot product is taken in integers: u4 (unsigned) x
- * q8 (signed) pair sums (vpmaddubsw, at most 2 * 15 * 127: exact) summed in int16 over 32 K,
- *   y = sum_g s_g * sx_g * (dot_g(u, q) - z_g * sum_g(q)),
- * with the columns in vector lanes (no horizontal sums). Differs from dequantize + GEMM by the
- * activation rounding (about 5e-3 relative on Gaussian inputs); a row with a NaN / Inf (or a
- * group max below 1e-30) is computed from its float values instead. */
 #if LB_AMX
 /* Rows of at most this many per AMX work item of lbk_u4p_linear (float sums on the stack). */
 #define LB_AMX_U4_ROWS 128
@@ -732,6 +723,17 @@ static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, 
 }
 #endif
 
+/* y [m, n] (+ bias, ReLU) = x [m, k] (row stride ldx, x_floats readable) . W^T, W the INT4
+ * weight in panels (wp, lbk_u4p_bytes(n, kp) bytes) with per-group scales sT and unsigned
+ * zero-points zT, both [kp / g, ceil(n / 8) * 8] float32 (transposed: 8 columns per load).
+ * The activations are quantized to int8 per row and weight group (scale max|x_g| / 127, as
+ * llama.cpp's Q8 blocks) and each group's dot product is taken in integers: u4 (unsigned) x
+ * q8 (signed) pair sums (vpmaddubsw, at most 2 * 15 * 127: exact) summed in int16 over 32 K,
+ *   y = sum_g s_g * sx_g * (dot_g(u, q) - z_g * sum_g(q)),
+ * with the columns in vector lanes (no horizontal sums). Differs from dequantize + GEMM by the
+ * activation rounding (about 5e-3 relative on Gaussian inputs); a row with a NaN / Inf (or a
+ * group max below 1e-30) is computed from its float values instead. With AMX (groups of 64 to
+ * 256, from lb_amx_u4_min_rows rows) u4p_amx runs the same sums on tiles: the same bits. */
 int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
                    const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
                    const float *sT, const float *zT, const float *bias, int relu, float *y,
