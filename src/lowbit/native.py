@@ -106,11 +106,12 @@ _GEMM_SIGNATURES = {
     "lbk_rnn_scan": (_INT, [_INT, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _I64, _P, _I64,
                             _P, _P, _INT, _I32, _I32, _P, _I64, _INT]),
 }
-#: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
-#: the /proc/cpuinfo flags it needs; VNNI is read by ``lowbit.kernels.cpu_features``).
 _VNNI_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
                "-mavx512vnni")
 _VNNI_NEEDS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+#: The ISA paths in order of preference: name -> (C source or None for PyTorch ops, its flags,
+#: the /proc/cpuinfo flags it needs; VNNI and AMX are read by ``lowbit.kernels.cpu_features``,
+#: and the ``amx`` library must be granted the tile state by the OS).
 ISA_PATHS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
     "amx": ("lowbit_gemm_avx2.c", (*_VNNI_FLAGS, "-mamx-tile", "-mamx-int8"),
             (*_VNNI_NEEDS, "amx_tile", "amx_int8")),

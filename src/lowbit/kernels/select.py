@@ -200,7 +200,7 @@ def cpu_features() -> frozenset[str]:
 #: ``torch`` path's GEMM is ``_int_mm`` where VNNI makes it exact, else an fp32 GEMM over the
 #: codes).
 ISA_KERNELS: dict[str, tuple[str | None, str | None]] = {
-    # the same built with AMX: tdpbusd tiles where K % 64 == 0, at every M
+    # the same built with AMX: tdpbusd tiles where K >= 61 (amx_tiles), at every M
     "amx": ("s8_amx", "u4_amx"),
     # csrc/lowbit_gemm_avx2.c built with VNNI (vpdpbusd); oneDNN's _int_mm at many rows
     "avx512_vnni": ("s8_avx512_vnni", "u4_avx512_vnni"),
