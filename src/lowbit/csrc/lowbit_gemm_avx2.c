@@ -5,8 +5,8 @@
  * sums: exact for every code), and 8-bit activations take the unsigned form q + 128 (no sign
  * op; 128 * colsum(w) is subtracted), as cheap as 7-bit ones.
  * Compiled a third time with AMX (-mamx-tile -mamx-int8), the unsigned forms run on AMX tiles
- * where K is a multiple of 64 (tdpbusd: 16 x 16 x 64 u8 x s8 products into int32, exact): the
- * amx ISA path.
+ * (tdpbusd: 16 x 16 x 64 u8 x s8 products into int32, exact; K after the last whole tile with
+ * vpdpbusd), and INT4 x INT8 panels too (tdpbsud): the amx ISA path.
  * The driver (bounds checks, layouts, threads, epilogue) is lowbit_gemm.h. */
 #include <immintrin.h>
 #include <stdint.h>
@@ -223,6 +223,17 @@ static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, in
         _mm512_storeu_si512((void *)(out + r * 16), _mm512_add_epi32(acc[r][0], acc[r][1]));
 }
 
+/* acc + one INT4 weight group's int32 sums ds over 8 columns (scales sv, sv * zero-points sz)
+ * for an activation row with group scale sx and tq = sx * sum_g(q):
+ *   acc + float(ds) * (sv * sx) - sz * tq
+ * the float ops of both INT4 x INT8 kernels of this path (u4p_rp512, the AMX tiles) in one
+ * order, so they give the same bits. */
+static inline __m256 u4_group_add(__m256 acc, __m256i ds, __m256 sv, __m256 sz, float sx,
+                                  float tq) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ds), _mm256_mul_ps(sv, _mm256_set1_ps(sx)), acc);
+    return _mm256_fnmadd_ps(sz, _mm256_set1_ps(tq), acc); /* - s_g z_g * (sx_g sum_g(q)) */
+}
+
 static inline __attribute__((always_inline)) void gemv_p512(const uint8_t *a, const int8_t *w,
                                                              int64_t pstride, const int P,
                                                              int64_t k4, int32_t *out) {
@@ -396,17 +407,13 @@ static void amx_u4_tile(const int8_t *q, int64_t ldq, int64_t kc, const uint8_t 
     _tile_stored(3, out + 16 * 32 + 16, 128);
 }
 
-/* acc[8] of one row and panel += the group's sums d as u4p_rp512 adds them (same float ops in
- * the same order, so the same bits) */
+/* acc[8] of one row and panel += the group's sums d (u4_group_add, as u4p_rp512) */
 static inline void amx_u4_accumulate(float *acc, const int32_t *d, const float *s,
                                      const float *z, float sx, float tq) {
     const __m256 sv = _mm256_loadu_ps(s);
     const __m256 sz = _mm256_mul_ps(sv, _mm256_loadu_ps(z));
-    __m256 a = _mm256_loadu_ps(acc);
-    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)d)),
-                        _mm256_mul_ps(sv, _mm256_set1_ps(sx)), a);
-    a = _mm256_fnmadd_ps(sz, _mm256_set1_ps(tq), a);
-    _mm256_storeu_ps(acc, a);
+    _mm256_storeu_ps(acc, u4_group_add(_mm256_loadu_ps(acc),
+                                       _mm256_loadu_si256((const __m256i *)d), sv, sz, sx, tq));
 }
 #endif
 
@@ -766,11 +773,8 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
                 const __m512i de = _mm512_add_epi32(d[r][p], e[r][p]);
                 const __m256i ds = _mm256_add_epi32(_mm512_castsi512_si256(de),
                                                     _mm512_extracti64x4_epi64(de, 1));
-                const __m256 sxr = _mm256_set1_ps(sx[r * groups + gi]);
-                acc[r][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ds), _mm256_mul_ps(sv, sxr),
-                                            acc[r][p]);
-                /* - s_g z_g * (sx_g sum_g(q)) */
-                acc[r][p] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(tq[r * groups + gi]), acc[r][p]);
+                acc[r][p] = u4_group_add(acc[r][p], ds, sv, sz, sx[r * groups + gi],
+                                         tq[r * groups + gi]);
             }
         }
     }
