@@ -394,3 +394,15 @@ def test_vnni_c_gemm_rows_is_the_select_rule() -> None:
     assert vnni_c_gemm_rows(0, 67) > 1 << 40  # unknown size: no limit
     with pytest.raises(ValueError, match="non-negative ints"):
         vnni_c_gemm_rows(-1, 67)
+
+
+def test_amx_tiles_is_the_select_rule_and_refuses_bad_sizes() -> None:
+    """The amx path tiles K >= 61 (ceil(K / 4) >= 16 four-code steps); a size that is not a
+    non-negative int is refused with its name and value, not answered."""
+    from lowbit.kernels import amx_tiles
+
+    assert [amx_tiles(k) for k in (0, 60, 61, 64, 784, 4096)] == [False, False, True, True,
+                                                                 True, True]
+    for bad in (-5, 2.5, "64", None):
+        with pytest.raises(ValueError, match=r"amx_tiles: .*non-negative ints; got k="):
+            amx_tiles(bad)  # type: ignore[arg-type]

@@ -67,6 +67,15 @@ VNNI_S8_MAX_M = 16
 VNNI_S8_MAX_MACS = 1 << 24
 
 
+def _check_features(fn: str, **sizes: int) -> None:
+    """Refuse weight sizes (``n``: output features, ``k``: input features) that are not
+    non-negative ints, naming ``fn`` and the values."""
+    if not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+        got = ", ".join(f"{name}={v!r}" for name, v in sizes.items())
+        raise ValueError(f"{fn}: weight sizes (n: output features, k: input features) must be "
+                         f"non-negative ints; got {got}")
+
+
 def vnni_c_gemm_rows(n: int, k: int) -> int:
     """The most rows for which the ``avx512_vnni`` path runs its C GEMM (``"s8_avx512_vnni"``)
     on an ``[n, k]`` weight (:data:`VNNI_S8_MAX_M` rows or :data:`VNNI_S8_MAX_MACS`
@@ -79,9 +88,7 @@ def vnni_c_gemm_rows(n: int, k: int) -> int:
         >>> vnni_c_gemm_rows(4096, 4096), vnni_c_gemm_rows(48, 67)
         (16, 5216)
     """
-    if not (isinstance(n, int) and isinstance(k, int) and n >= 0 and k >= 0):
-        raise ValueError(f"vnni_c_gemm_rows: n and k are a weight's output and input features "
-                         f"(non-negative ints); got n={n!r}, k={k!r}")
+    _check_features("vnni_c_gemm_rows", n=n, k=k)
     return max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (n * k)) if n * k > 0 else sys.maxsize
 
 
@@ -91,10 +98,14 @@ def amx_tiles(k: int) -> bool:
     (``ceil(k / 4) >= 16``; the last ``ceil(k / 4) % 16`` steps run vpdpbusd). Smaller K run
     its vpdpbusd tiles, with the ``avx512_vnni`` path's row limit (:func:`vnni_c_gemm_rows`).
 
+    Raises:
+        ValueError: ``k`` is not a non-negative int.
+
     Example:
         >>> amx_tiles(4096), amx_tiles(784), amx_tiles(27)
         (True, True, False)
     """
+    _check_features("amx_tiles", k=k)
     return -(-k // 4) >= 16
 
 
