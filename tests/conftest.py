@@ -6,7 +6,9 @@ particular features go below the marked line.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -28,9 +30,12 @@ settings.register_profile("dev", max_examples=50, deadline=None)
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("LOWBIT_HYPOTHESIS_PROFILE", "ci"))
 # Hypothesis caches constants under ./.hypothesis even without a database: tests write only to
-# temporary folders.
-set_hypothesis_home_dir(os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY")
-                        or tempfile.mkdtemp(prefix="lowbit-hypothesis-"))
+# temporary folders, and remove the one they made when the process ends.
+_HYPOTHESIS_HOME = os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY")
+if not _HYPOTHESIS_HOME:
+    _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="lowbit-hypothesis-")
+    atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
 # Under pytest-xdist every worker would otherwise start torch's default thread pool on the
 # same cores; oversubscribed intra-op threads make small tensor ops up to 100x slower.

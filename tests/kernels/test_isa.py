@@ -297,9 +297,10 @@ def test_the_c_kernels_refuse_what_does_not_fit(lib) -> None:
     codes = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
     wp, sp, zpp = u4p_pack(codes, True, torch.rand(5, 2), torch.zeros(5, 2, dtype=torch.int32), 32)
     with pytest.raises(RuntimeError, match="refused"):  # x has 64 columns, Kp is 32
-        run_u4p_linear(lib, x, (wp, sp[:1], zpp[:1], 5, 32, 32), None, False)
+        run_u4p_linear(lib, x, (wp, sp[:, :1].contiguous(), zpp[:, :1].contiguous(), 5, 32, 32),
+                       None, False)
     with pytest.raises(ValueError, match="scales"):  # scales of another layer: never read past
-        run_u4p_linear(lib, x, (wp, sp[:1], zpp, 5, 64, 32), None, False)
+        run_u4p_linear(lib, x, (wp, sp[:, :1].contiguous(), zpp, 5, 64, 32), None, False)
     with pytest.raises(ValueError, match="zero_points"):
         run_u4p_linear(lib, x, (wp, sp, zpp.double(), 5, 64, 32), None, False)
 

@@ -638,20 +638,27 @@ int64_t lbk_u4p_bytes(int64_t n, int64_t kp) {
     return ceil_div(n, 8) * (kp / 8) * 32;
 }
 
+/* The INT4 scales and zero-points of lbk_u4p_linear, pair-major: [ceil(n / 16)][kp / g][16]
+ * float32, so a pair of 8-column panels reads its groups' values as one sequential stream
+ * (64 bytes a group) beside its weights. The offset of panel p's 8 values for group gi: */
+static inline int64_t u4_qp_at(int64_t p, int64_t gi, int64_t groups) {
+    return ((p >> 1) * groups + gi) * 16 + (p & 1) * 8;
+}
+
 /* Row i's outputs from the float values (a row with NaN / Inf / tiny groups): the dequantized
  * weight times x in float32, as the reference computes it, read from the panel layout. */
 static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t n, int64_t kp,
                           int64_t g, const float *sT, const float *zT, const float *bias,
                           int relu, float *y) {
-    const int64_t ldT = ceil_div(n, 8) * 8, pstride = (kp / 8) * 32;
+    const int64_t groups = kp / g, pstride = (kp / 8) * 32;
     for (int64_t c = 0; c < n; ++c) {
         const uint8_t *pan = wp + (c / 8) * pstride + (c % 8) * 4;
         float acc = 0.0f;
         for (int64_t j = 0; j < k; ++j) {
             const uint8_t b = pan[(j / 8) * 32 + (j % 4)];
             const int32_t u = (j % 8) < 4 ? (b & 0xF) : (b >> 4);
-            const int64_t gi = j / g;
-            acc += x[j] * (((float)u - zT[gi * ldT + c]) * sT[gi * ldT + c]);
+            const int64_t at = u4_qp_at(c / 8, j / g, groups) + c % 8;
+            acc += x[j] * (((float)u - zT[at]) * sT[at]);
         }
         if (bias)
             acc += bias[c];
@@ -670,7 +677,7 @@ static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t 
  * are added in float as u4p_rp512 adds them, so the outputs are its bits. */
 static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, int64_t pstride,
                     int64_t np, int64_t n, int64_t kp, int64_t g, const float *sT,
-                    const float *zT, int64_t ldT, const float *sx, const float *tq,
+                    const float *zT, const float *sx, const float *tq,
                     int64_t groups, const float *bias, int relu, float *y, int nthreads) {
     const int64_t nrb = ceil_div(m, LB_AMX_U4_ROWS), nq = ceil_div(np, 4);
     const int64_t want = 4 * (int64_t)nthreads; /* work items wanted */
@@ -703,8 +710,8 @@ static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, 
                     for (int64_t r = 0; r < rr; ++r)
                         for (int j = 0; j < npan; ++j)
                             amx_u4_accumulate(acc[r0 - i0 + r] + 8 * j, d + r * 32 + 8 * j,
-                                              sT + gi * ldT + (pq + j) * 8,
-                                              zT + gi * ldT + (pq + j) * 8,
+                                              sT + u4_qp_at(pq + j, gi, groups),
+                                              zT + u4_qp_at(pq + j, gi, groups),
                                               sx[(r0 + r) * groups + gi],
                                               tq[(r0 + r) * groups + gi]);
                 }
@@ -725,7 +732,7 @@ static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, 
 
 /* y [m, n] (+ bias, ReLU) = x [m, k] (row stride ldx, x_floats readable) . W^T, W the INT4
  * weight in panels (wp, lbk_u4p_bytes(n, kp) bytes) with per-group scales sT and unsigned
- * zero-points zT, both [kp / g, ceil(n / 8) * 8] float32 (transposed: 8 columns per load).
+ * zero-points zT, both pair-major ([ceil(n / 16)][kp / g][16] float32, u4_qp_at).
  * The activations are quantized to int8 per row and weight group (scale max|x_g| / 127, as
  * llama.cpp's Q8 blocks) and each group's dot product is taken in integers: u4 (unsigned) x
  * q8 (signed) pair sums (vpmaddubsw, at most 2 * 15 * 127: exact) summed in int16 over 32 K,
@@ -745,7 +752,7 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
         return LB_OK;
     if (!x || !y || (m - 1) * ldx + k > x_floats || m * n > y_floats)
         return LB_EARG;
-    const int64_t groups = kp / g, np = ceil_div(n, 8), ldT = np * 8, pstride = (kp / 8) * 32;
+    const int64_t groups = kp / g, np = ceil_div(n, 8), pstride = (kp / 8) * 32;
 #if LB_AMX
     const int amx = lb_amx_granted && g % 64 == 0 && g <= 256 && m >= lb_amx_u4_min_rows;
 #else
@@ -766,7 +773,7 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
 #if LB_AMX
     if (amx) {
         memset(q + m * kp, 0, (size_t)((mq - m) * kp));
-        u4p_amx(q, kp, m, wp, pstride, np, n, kp, g, sT, zT, ldT, sx, tq, groups, bias, relu, y,
+        u4p_amx(q, kp, m, wp, pstride, np, n, kp, g, sT, zT, sx, tq, groups, bias, relu, y,
                 nthreads);
         goto float_rows;
     }
@@ -792,7 +799,8 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
                 const int rows = (int)(i1 - i < 4 ? i1 - i : 4);
                 float out[4 * 16];
                 u4p_tile(q + i * kp, kp, rows, wp + p * pstride, pstride, npan, kp, g,
-                         sT + p * 8, zT + p * 8, ldT, sx + i * groups, tq + i * groups, groups,
+                         sT + u4_qp_at(p, 0, groups), zT + u4_qp_at(p, 0, groups), 16,
+                         sx + i * groups, tq + i * groups, groups,
                          out);
                 const int64_t c0 = p * 8, cols = n - c0 < npan * 8 ? n - c0 : npan * 8;
                 for (int t = 0; t < rows; ++t) {

@@ -762,10 +762,10 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
                 }
             }
         }
-        /* the next panels' scales of this group: rows of sT / zT lie ldT floats apart, too far
-         * for the hardware prefetcher (a prefetch never faults) */
-        _mm_prefetch((const char *)(sT + gi * ldT + P * 8), _MM_HINT_T0);
-        _mm_prefetch((const char *)(zT + gi * ldT + P * 8), _MM_HINT_T0);
+        /* a later group's scales and zero-points (ldT apart: one sequential stream each; a
+         * prefetch never faults) */
+        _mm_prefetch((const char *)(sT + (gi + 4) * ldT), _MM_HINT_T0);
+        _mm_prefetch((const char *)(zT + (gi + 4) * ldT), _MM_HINT_T0);
         for (int p = 0; p < P; ++p) {
             const __m256 sv = _mm256_loadu_ps(sT + gi * ldT + p * 8);
             const __m256 sz = _mm256_mul_ps(sv, _mm256_loadu_ps(zT + gi * ldT + p * 8));

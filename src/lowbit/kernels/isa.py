@@ -158,15 +158,16 @@ def u4p_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point:
     """INT4 codes ``[N, Kp]`` and their per-group qparams in the panel layout of lowbit's
     INT4 x INT8 kernels (``"u4q8_<isa>"``): unsigned codes ``u`` in panels of 8 columns, per
     8-K pair 32 bytes, byte ``4c + j`` = ``u[c][8t + j] | u[c][8t + 4 + j] << 4``; scales and
-    unsigned zero-points transposed to ``[Kp / group, ceil(N / 8) * 8]`` float32 (zero for the
-    padding columns). ``Kp`` and ``group`` must be multiples of 32.
+    unsigned zero-points as ``[ceil(N / 16), Kp / group, 16]`` float32 (per 16 columns, i.e. a
+    pair of panels, its groups one after the other: the kernel streams them beside the codes;
+    zero for the padding columns). ``Kp`` and ``group`` must be multiples of 32.
 
     Example:
         >>> codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
         >>> wp, s, z = u4p_pack(codes, True, torch.ones(3, 2),
         ...                     torch.zeros(3, 2, dtype=torch.int32), 32)
         >>> wp.numel(), tuple(s.shape), int(wp[0] & 15) == int(codes[0, 0]) + 8
-        (256, (2, 8), True)
+        (256, (1, 2, 16), True)
     """
     u, s, z = _u4_unsigned(codes, signed, scale, zero_point, group, "u4p_pack")
     n, kp = u.shape
@@ -174,7 +175,8 @@ def u4p_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point:
     u = F.pad(u, (0, 0, 0, pad)).reshape(-1, 8, kp // 8, 2, 4)  # [panel, c, pair, half, j]
     u = u.permute(0, 2, 1, 4, 3)  # [panel, pair, c, j, half]
     wp = (u[..., 0] | (u[..., 1] << 4)).contiguous().reshape(-1)
-    s, z = (F.pad(t, (0, 0, 0, pad)).t().contiguous() for t in (s, z))
+    s, z = (F.pad(t, (0, 0, 0, -n % 16)).reshape(-1, 16, kp // group).transpose(1, 2)
+            .contiguous() for t in (s, z))  # [pair of panels, group, 16 columns]
     return wp, s, z
 
 
@@ -214,15 +216,15 @@ def check_u4p_args(args: tuple, caller: str) -> None:
         ...                 8, 32, 32), "demo")
         Traceback (most recent call last):
         ...
-        ValueError: demo: scales must be contiguous float32 [Kp / group, ceil(N / 8) * 8] ...
+        ValueError: demo: scales must be contiguous float32 [ceil(N / 16), Kp / group, 16] ...
     """
     wp, sc, zp, n, kp, group = args
-    cols = -(-n // 8) * 8  # the C kernel reads [Kp / group, cols] scales and zero-points
+    cols = -(-n // 16) * 16  # the C kernel reads [cols / 16, Kp / group, 16] of each
     for name, t in (("scales", sc), ("zero_points", zp)):
         if (t.dtype != torch.float32 or not t.is_contiguous() or group <= 0 or kp % group
                 or t.numel() != kp // group * cols):
             raise ValueError(f"{caller}: {name} must be contiguous float32 "
-                             f"[Kp / group, ceil(N / 8) * 8] from u4p_pack; got {t.dtype} "
+                             f"[ceil(N / 16), Kp / group, 16] from u4p_pack; got {t.dtype} "
                              f"{tuple(t.shape)} for N={n}, Kp={kp}, group={group}")
     if wp.dtype != torch.uint8 or not wp.is_contiguous():
         raise ValueError(f"{caller}: the packed weight must come from u4p_pack")
