@@ -47,6 +47,16 @@ def lib(request):
     return native.load_gemm(request.param)
 
 
+def test_every_path_this_cpu_runs_builds() -> None:
+    """The kernels of every ISA path are tested where the CPU runs them (C_PATHS); a path whose
+    C source fails to compile would drop out of C_PATHS and its tests with it, so a failed
+    build is a failure here, never a smaller suite (a CPU without the ISA, no compiler or
+    LOWBIT_NATIVE=0 are reasons of another kind)."""
+    failed = {isa: why for isa, why in native.isa_paths().items()
+              if why.startswith("build or load failed")}
+    assert not failed, failed
+
+
 @pytest.fixture(params=[-1, 0, 1], ids=["auto", "sign", "split"])
 def form(request, lib) -> Iterator[int]:
     """How 8-bit activation codes are laid out, forced process-wide: chosen per block of rows
@@ -377,7 +387,7 @@ def test_u4q8_kernel_matches_its_integer_reference(lib, threads, m: int, k: int,
                                    (384, 40, 192), (128, 24, 32)])
 def test_amx_int4_tiles_give_the_vpdpbusd_panels_bits(threads, m: int, k: int, n: int,
                                                       g: int) -> None:
-    """INT4 x INT8 on AMX tiles (group sizes 64-256, from 16 rows by default; forced from one
+    """INT4 x INT8 on AMX tiles (group sizes 64-256, from 6 rows by default; forced from one
     row here) adds each group's integer sums in the same float ops as the vpdpbusd panels: the
     same bits, for partial panel quads (n = 8, 17, 33, 100), row counts around the 32-row tiles
     and the 128-row work items, and rows holding NaN (computed in float afterwards). g = 32 is

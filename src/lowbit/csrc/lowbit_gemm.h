@@ -67,7 +67,7 @@
 #define LB_AMX_MIN_ROWS 6
 #endif
 #ifndef LB_AMX_U4_MIN_ROWS
-#define LB_AMX_U4_MIN_ROWS 16
+#define LB_AMX_U4_MIN_ROWS 6
 #endif
 
 /* Rows per OpenMP work item when the rows are split between threads. */
@@ -638,9 +638,10 @@ int64_t lbk_u4p_bytes(int64_t n, int64_t kp) {
     return ceil_div(n, 8) * (kp / 8) * 32;
 }
 
-/* The INT4 scales and zero-points of lbk_u4p_linear, pair-major: [ceil(n / 16)][kp / g][16]
- * float32, so a pair of 8-column panels reads its groups' values as one sequential stream
- * (64 bytes a group) beside its weights. The offset of panel p's 8 values for group gi: */
+/* The INT4 scales (float32) and unsigned zero-points (bytes) of lbk_u4p_linear, pair-major:
+ * [ceil(n / 16)][kp / g][16], so a pair of 8-column panels reads its groups' values as two
+ * sequential streams (64 + 16 bytes a group) beside its weights. The offset of panel p's 8
+ * values for group gi: */
 static inline int64_t u4_qp_at(int64_t p, int64_t gi, int64_t groups) {
     return ((p >> 1) * groups + gi) * 16 + (p & 1) * 8;
 }
@@ -648,7 +649,7 @@ static inline int64_t u4_qp_at(int64_t p, int64_t gi, int64_t groups) {
 /* Row i's outputs from the float values (a row with NaN / Inf / tiny groups): the dequantized
  * weight times x in float32, as the reference computes it, read from the panel layout. */
 static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t n, int64_t kp,
-                          int64_t g, const float *sT, const float *zT, const float *bias,
+                          int64_t g, const float *sT, const uint8_t *zT, const float *bias,
                           int relu, float *y) {
     const int64_t groups = kp / g, pstride = (kp / 8) * 32;
     for (int64_t c = 0; c < n; ++c) {
@@ -658,7 +659,7 @@ static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t 
             const uint8_t b = pan[(j / 8) * 32 + (j % 4)];
             const int32_t u = (j % 8) < 4 ? (b & 0xF) : (b >> 4);
             const int64_t at = u4_qp_at(c / 8, j / g, groups) + c % 8;
-            acc += x[j] * (((float)u - zT[at]) * sT[at]);
+            acc += x[j] * (((float)u - (float)zT[at]) * sT[at]);
         }
         if (bias)
             acc += bias[c];
@@ -677,7 +678,7 @@ static void u4p_row_float(const float *x, int64_t k, const uint8_t *wp, int64_t 
  * are added in float as u4p_rp512 adds them, so the outputs are its bits. */
 static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, int64_t pstride,
                     int64_t np, int64_t n, int64_t kp, int64_t g, const float *sT,
-                    const float *zT, const float *sx, const float *tq,
+                    const uint8_t *zT, const float *sx, const float *tq,
                     int64_t groups, const float *bias, int relu, float *y, int nthreads) {
     const int64_t nrb = ceil_div(m, LB_AMX_U4_ROWS), nq = ceil_div(np, 4);
     const int64_t want = 4 * (int64_t)nthreads; /* work items wanted */
@@ -704,15 +705,19 @@ static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, 
                         amx_u4_unpack(2 * h < npan ? wp + (pq + 2 * h) * pstride : NULL,
                                       2 * h + 1 < npan ? wp + (pq + 2 * h + 1) * pstride : NULL,
                                       (gi * g + 64 * ch) / 8, b + 2048 * ch + 1024 * h);
+                const float *sj[4]; /* the 4 panels' values of this group */
+                const uint8_t *zj[4];
+                for (int j = 0; j < npan; ++j) {
+                    sj[j] = sT + u4_qp_at(pq + j, gi, groups);
+                    zj[j] = zT + u4_qp_at(pq + j, gi, groups);
+                }
                 for (int64_t r0 = i0; r0 < i1; r0 += 32) {
                     amx_u4_tile(q + r0 * ldq, ldq, gi * g, b, nch, d);
                     const int64_t rr = i1 - r0 < 32 ? i1 - r0 : 32;
                     for (int64_t r = 0; r < rr; ++r)
                         for (int j = 0; j < npan; ++j)
                             amx_u4_accumulate(acc[r0 - i0 + r] + 8 * j, d + r * 32 + 8 * j,
-                                              sT + u4_qp_at(pq + j, gi, groups),
-                                              zT + u4_qp_at(pq + j, gi, groups),
-                                              sx[(r0 + r) * groups + gi],
+                                              sj[j], zj[j], sx[(r0 + r) * groups + gi],
                                               tq[(r0 + r) * groups + gi]);
                 }
             }
@@ -732,7 +737,7 @@ static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, 
 
 /* y [m, n] (+ bias, ReLU) = x [m, k] (row stride ldx, x_floats readable) . W^T, W the INT4
  * weight in panels (wp, lbk_u4p_bytes(n, kp) bytes) with per-group scales sT and unsigned
- * zero-points zT, both pair-major ([ceil(n / 16)][kp / g][16] float32, u4_qp_at).
+ * zero-points zT (bytes), both pair-major ([ceil(n / 16)][kp / g][16], u4_qp_at).
  * The activations are quantized to int8 per row and weight group (scale max|x_g| / 127, as
  * llama.cpp's Q8 blocks) and each group's dot product is taken in integers: u4 (unsigned) x
  * q8 (signed) pair sums (vpmaddubsw, at most 2 * 15 * 127: exact) summed in int16 over 32 K,
@@ -743,7 +748,7 @@ static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, 
  * 256, from lb_amx_u4_min_rows rows) u4p_amx runs the same sums on tiles: the same bits. */
 int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
                    const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
-                   const float *sT, const float *zT, const float *bias, int relu, float *y,
+                   const float *sT, const uint8_t *zT, const float *bias, int relu, float *y,
                    int64_t y_floats, int nthreads) {
     if (m < 0 || n <= 0 || k <= 0 || kp < k || g <= 0 || g % 32 || kp % g || ldx < k ||
         nthreads < 1 || !wp || !sT || !zT || wp_bytes != lbk_u4p_bytes(n, kp))

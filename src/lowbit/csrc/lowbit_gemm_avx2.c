@@ -41,6 +41,11 @@
                                               _mm256_set1_epi16(1)))
 #endif
 
+/* 8 unsigned zero-points (bytes) as floats: exact */
+static inline __m256 u4_zero_points(const uint8_t *z) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)z)));
+}
+
 /* acc + 32 MACs of one activation row (4 codes, broadcast) against 8 columns of a panel step:
  * |a| (u8) x (w with a's sign) (s8): every pair sum <= 2 * 128 * 127 = 32512, exact. */
 static inline __m256i dot4(__m256i acc, __m256i abs_a, __m256i sgn_a, __m256i w) {
@@ -409,9 +414,9 @@ static void amx_u4_tile(const int8_t *q, int64_t ldq, int64_t kc, const uint8_t 
 
 /* acc[8] of one row and panel += the group's sums d (u4_group_add, as u4p_rp512) */
 static inline void amx_u4_accumulate(float *acc, const int32_t *d, const float *s,
-                                     const float *z, float sx, float tq) {
+                                     const uint8_t *z, float sx, float tq) {
     const __m256 sv = _mm256_loadu_ps(s);
-    const __m256 sz = _mm256_mul_ps(sv, _mm256_loadu_ps(z));
+    const __m256 sz = _mm256_mul_ps(sv, u4_zero_points(z));
     _mm256_storeu_ps(acc, u4_group_add(_mm256_loadu_ps(acc),
                                        _mm256_loadu_si256((const __m256i *)d), sv, sz, sx, tq));
 }
@@ -662,7 +667,7 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
                                                           const int R, const uint8_t *wp,
                                                           int64_t pstride, const int P,
                                                           int64_t kp, int64_t g,
-                                                          const float *sT, const float *zT,
+                                                          const float *sT, const uint8_t *zT,
                                                           int64_t ldT, const float *sx,
                                                           const float *tq, int64_t groups,
                                                           float *out) {
@@ -709,7 +714,7 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
             }
         }
         for (int p = 0; p < P; ++p) { /* - s_g z_g * (sx_g sum_g(q)) */
-            const __m256 sz = _mm256_mul_ps(sv[p], _mm256_loadu_ps(zT + gi * ldT + p * 8));
+            const __m256 sz = _mm256_mul_ps(sv[p], u4_zero_points(zT + gi * ldT + p * 8));
             for (int r = 0; r < R; ++r)
                 acc[r][p] = _mm256_fnmadd_ps(sz, _mm256_set1_ps(tq[r * groups + gi]), acc[r][p]);
         }
@@ -727,7 +732,7 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
                                                              const int R, const uint8_t *wp,
                                                              int64_t pstride, const int P,
                                                              int64_t g, const float *sT,
-                                                             const float *zT, int64_t ldT,
+                                                             const uint8_t *zT, int64_t ldT,
                                                              const float *sx, const float *tq,
                                                              int64_t groups, float *out) {
     const __m512i low = _mm512_set1_epi8(0x0F);
@@ -765,10 +770,10 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
         /* a later group's scales and zero-points (ldT apart: one sequential stream each; a
          * prefetch never faults) */
         _mm_prefetch((const char *)(sT + (gi + 4) * ldT), _MM_HINT_T0);
-        _mm_prefetch((const char *)(zT + (gi + 4) * ldT), _MM_HINT_T0);
+        _mm_prefetch((const char *)(zT + (gi + 16) * ldT), _MM_HINT_T0);
         for (int p = 0; p < P; ++p) {
             const __m256 sv = _mm256_loadu_ps(sT + gi * ldT + p * 8);
-            const __m256 sz = _mm256_mul_ps(sv, _mm256_loadu_ps(zT + gi * ldT + p * 8));
+            const __m256 sz = _mm256_mul_ps(sv, u4_zero_points(zT + gi * ldT + p * 8));
             for (int r = 0; r < R; ++r) {
                 const __m512i de = _mm512_add_epi32(d[r][p], e[r][p]);
                 const __m256i ds = _mm256_add_epi32(_mm512_castsi512_si256(de),
@@ -789,7 +794,7 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
 #endif
 
 static void u4p_tile(const int8_t *q, int64_t ldq, int rows, const uint8_t *wp, int64_t pstride,
-                     int np, int64_t kp, int64_t g, const float *sT, const float *zT,
+                     int np, int64_t kp, int64_t g, const float *sT, const uint8_t *zT,
                      int64_t ldT, const float *sx, const float *tq, int64_t groups, float *out) {
 #define U4P(R, P) U4P_RP(q, ldq, R, wp, pstride, P, kp, g, sT, zT, ldT, sx, tq, groups, out)
     switch (rows * 4 + np) {

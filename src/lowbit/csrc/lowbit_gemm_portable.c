@@ -126,7 +126,7 @@ static void u4_rows(const float *x, int64_t ldx, int rows, const uint8_t *wq, in
 /* rows (1..4) of int8 codes q x np (1..2) panels of 8 INT4 columns (lbk_u4p_linear's layout):
  * out[r * 16 + p * 8 + c] = sum_g s_g sx_g (dot_g(u, q) - z_g sum_g(q)), each dot exact */
 static void u4p_tile(const int8_t *q, int64_t ldq, int rows, const uint8_t *wp, int64_t pstride,
-                     int np, int64_t kp, int64_t g, const float *sT, const float *zT,
+                     int np, int64_t kp, int64_t g, const float *sT, const uint8_t *zT,
                      int64_t ldT, const float *sx, const float *tq, int64_t groups, float *out) {
     for (int r = 0; r < rows; ++r)
         for (int p = 0; p < np; ++p)
@@ -142,7 +142,7 @@ static void u4p_tile(const int8_t *q, int64_t ldq, int rows, const uint8_t *wp, 
                             d += (int32_t)(b & 0xF) * qr[8 * t + j] +
                                  (int32_t)(b >> 4) * qr[8 * t + 4 + j];
                         }
-                    const float s = sT[gi * ldT + p * 8 + c], z = zT[gi * ldT + p * 8 + c];
+                    const float s = sT[gi * ldT + p * 8 + c], z = (float)zT[gi * ldT + p * 8 + c];
                     acc += s * sx[r * groups + gi] * (float)d - s * z * tq[r * groups + gi];
                 }
                 out[r * 16 + p * 8 + c] = acc;

@@ -157,10 +157,11 @@ def u4p_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point:
              group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """INT4 codes ``[N, Kp]`` and their per-group qparams in the panel layout of lowbit's
     INT4 x INT8 kernels (``"u4q8_<isa>"``): unsigned codes ``u`` in panels of 8 columns, per
-    8-K pair 32 bytes, byte ``4c + j`` = ``u[c][8t + j] | u[c][8t + 4 + j] << 4``; scales and
-    unsigned zero-points as ``[ceil(N / 16), Kp / group, 16]`` float32 (per 16 columns, i.e. a
-    pair of panels, its groups one after the other: the kernel streams them beside the codes;
-    zero for the padding columns). ``Kp`` and ``group`` must be multiples of 32.
+    8-K pair 32 bytes, byte ``4c + j`` = ``u[c][8t + j] | u[c][8t + 4 + j] << 4``; scales
+    (float32) and unsigned zero-points (uint8) as ``[ceil(N / 16), Kp / group, 16]`` (per 16
+    columns, i.e. a pair of panels, its groups one after the other: the kernel streams them
+    beside the codes; zero for the padding columns). ``Kp`` and ``group`` must be multiples of
+    32, and the zero-points within the codes' range (as lowbit's quantizers make them).
 
     Example:
         >>> codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
@@ -171,13 +172,17 @@ def u4p_pack(codes: torch.Tensor, signed: bool, scale: torch.Tensor, zero_point:
     """
     u, s, z = _u4_unsigned(codes, signed, scale, zero_point, group, "u4p_pack")
     n, kp = u.shape
+    if z.numel() and (float(z.min()) < 0 or float(z.max()) > 15):
+        raise ValueError("u4p_pack: zero-points outside the 4-bit codes' range (the layer's "
+                         "weight_zero_point was not made by a lowbit quantizer, or its file is "
+                         "corrupt): quantize the layer again")
     pad = -n % 8  # zero columns up to whole panels
     u = F.pad(u, (0, 0, 0, pad)).reshape(-1, 8, kp // 8, 2, 4)  # [panel, c, pair, half, j]
     u = u.permute(0, 2, 1, 4, 3)  # [panel, pair, c, j, half]
     wp = (u[..., 0] | (u[..., 1] << 4)).contiguous().reshape(-1)
     s, z = (F.pad(t, (0, 0, 0, -n % 16)).reshape(-1, 16, kp // group).transpose(1, 2)
             .contiguous() for t in (s, z))  # [pair of panels, group, 16 columns]
-    return wp, s, z
+    return wp, s, z.to(torch.uint8)
 
 
 def run_u4p_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | None,
@@ -220,10 +225,10 @@ def check_u4p_args(args: tuple, caller: str) -> None:
     """
     wp, sc, zp, n, kp, group = args
     cols = -(-n // 16) * 16  # the C kernel reads [cols / 16, Kp / group, 16] of each
-    for name, t in (("scales", sc), ("zero_points", zp)):
-        if (t.dtype != torch.float32 or not t.is_contiguous() or group <= 0 or kp % group
+    for name, t, dtype in (("scales", sc, torch.float32), ("zero_points", zp, torch.uint8)):
+        if (t.dtype != dtype or not t.is_contiguous() or group <= 0 or kp % group
                 or t.numel() != kp // group * cols):
-            raise ValueError(f"{caller}: {name} must be contiguous float32 "
+            raise ValueError(f"{caller}: {name} must be contiguous {str(dtype)[6:]} "
                              f"[ceil(N / 16), Kp / group, 16] from u4p_pack; got {t.dtype} "
                              f"{tuple(t.shape)} for N={n}, Kp={kp}, group={group}")
     if wp.dtype != torch.uint8 or not wp.is_contiguous():

@@ -117,7 +117,7 @@ def amx_tiles(k: int) -> bool:
 U4Q8_MAX_M_BF16 = 1024
 
 
-#: Group sizes whose INT4 x INT8 layers the ``amx`` path runs on AMX tiles (from 16 rows; the
+#: Group sizes whose INT4 x INT8 layers the ``amx`` path runs on AMX tiles (from 6 rows; the
 #: vpdpbusd panels below): faster than dequantize + bf16 GEMM at every M measured, so those
 #: layers keep ``"u4q8_amx"`` above :data:`U4Q8_MAX_M_BF16` too. Xeon with AMX, 2 threads, g128,
 #: AMX / vpdpbusd panels / FP32, ms: 32 x 4096 -> 4096 1.0 / 2.6 / 8.1-8.4; 32 x 4096 -> 11008
@@ -315,7 +315,7 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         u4 = u4 if u4 is not None and load_gemm(u4[3:]) is not None else None
         fits = (u4 is not None and group_size is not None and group_size % 32 == 0
                 and k % 32 == 0 and k % group_size == 0)
-        amx4 = u4 == "u4_amx" and group_size in AMX_U4_GROUP_SIZES  # (AMX tiles from 16 rows)
+        amx4 = u4 == "u4_amx" and group_size in AMX_U4_GROUP_SIZES  # (AMX tiles from 6 rows)
         if fits and int8_activations and (m <= U4Q8_MAX_M_BF16 or "bf16" not in feats or amx4):
             return "u4q8_" + u4[3:]  # type: ignore[index]  # INT4 x INT8 panels
         if fits and m <= U4_NATIVE_MAX_M:
