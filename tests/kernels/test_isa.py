@@ -312,7 +312,9 @@ def test_the_c_kernels_refuse_what_does_not_fit(lib) -> None:
     with pytest.raises(ValueError, match="scales"):  # scales of another layer: never read past
         run_u4p_linear(lib, x, (wp, sp[:, :1].contiguous(), zpp, 5, 64, 32), None, False)
     with pytest.raises(ValueError, match="zero_points"):
-        run_u4p_linear(lib, x, (wp, sp, zpp.double(), 5, 64, 32), None, False)
+        run_u4p_linear(lib, x, (wp, sp, zpp.float(), 5, 64, 32), None, False)
+    with pytest.raises(ValueError, match="zero-points outside"):  # stored as bytes: never wrap
+        u4p_pack(codes, True, torch.rand(5, 2), torch.full((5, 2), 300, dtype=torch.int32), 32)
 
 
 @pytest.mark.parametrize("m,k,n,g", [(1, 64, 3, 32), (3, 100, 17, 32), (4, 256, 64, 128),
