@@ -63,6 +63,9 @@
 #define LB_TILE_ROWS 4
 #endif
 
+#ifndef LB_U4_WIDE_TILES /* u4p_tile takes 2 panels at 3-4 rows too (else 1) */
+#define LB_U4_WIDE_TILES 0
+#endif
 #ifndef LB_AMX_MIN_ROWS
 #define LB_AMX_MIN_ROWS 6
 #endif
@@ -797,7 +800,7 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
     for (int64_t item = 0; item < nrb * ncb; ++item) {
         const int64_t i0 = (item / ncb) * rb, i1 = i0 + rb < m ? i0 + rb : m;
         const int64_t p0 = (item % ncb) * cb, p1 = p0 + cb < np ? p0 + cb : np;
-        const int pmax = i1 - i0 <= 2 ? 2 : 1;
+        const int pmax = LB_U4_WIDE_TILES || i1 - i0 <= 2 ? 2 : 1;
         for (int64_t p = p0; p < p1; p += pmax) {
             const int npan = (int)(p1 - p < pmax ? p1 - p : pmax);
             for (int64_t i = i0; i < i1; i += 4) {

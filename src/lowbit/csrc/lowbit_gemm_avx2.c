@@ -28,6 +28,8 @@
 #define LB_U8_CODES 1
 /* the split form saves nothing here: the unsigned form has no sign op to save */
 #define LB_SPLIT_PAYS 0
+/* INT4 tiles of 3-4 rows read two panels too (32 zmm registers hold them) */
+#define LB_U4_WIDE_TILES 1
 /* acc + the 4-code dot products of u (unsigned) and w (signed) per int32 lane: exact */
 #define DOT_U(acc, u, w) _mm256_dpbusd_epi32((acc), (u), (w))
 #else
@@ -803,6 +805,10 @@ static void u4p_tile(const int8_t *q, int64_t ldq, int rows, const uint8_t *wp, 
     case 8 + 1: U4P(2, 1); break;
     case 12 + 1: U4P(3, 1); break;
     case 16 + 1: U4P(4, 1); break;
+#if LB_U4_WIDE_TILES
+    case 12 + 2: U4P(3, 2); break;
+    case 16 + 2: U4P(4, 2); break;
+#endif
     default: U4P(1, 1); break;
     }
 #undef U4P
