@@ -145,26 +145,21 @@ int lbk_amx_ok(void) {
 /* Blocks of at least this many rows run on AMX tiles (when lbk_amx_ok and K >= 61): below,
  * the vpdpbusd tiles, which stream the weights as fast (see docs/kernels.md). */
 static int lb_amx_min_rows = LB_AMX_MIN_ROWS;
-
-/* Set that row threshold (rows >= 1; anything else only reads it) and return the previous
- * one. Process-wide: for tests and measurements. */
-int lbk_amx_min_rows(int rows) {
-    const int old = lb_amx_min_rows;
-    if (rows >= 1)
-        lb_amx_min_rows = rows;
-    return old;
-}
-
 /* The same for INT4 x INT8 (lbk_u4p_linear, group sizes 64 to 256 in steps of 64): from this
  * many rows on AMX tiles, below the vpdpbusd panels. */
 static int lb_amx_u4_min_rows = LB_AMX_U4_MIN_ROWS;
 
-int lbk_amx_u4_min_rows(int rows) {
-    const int old = lb_amx_u4_min_rows;
+/* Set a row threshold (rows >= 1; anything else only reads it) and return the previous one. */
+static int set_min_rows(int *threshold, int rows) {
+    const int old = *threshold;
     if (rows >= 1)
-        lb_amx_u4_min_rows = rows;
+        *threshold = rows;
     return old;
 }
+
+/* The setters of those thresholds. Process-wide: for tests and measurements. */
+int lbk_amx_min_rows(int rows) { return set_min_rows(&lb_amx_min_rows, rows); }
+int lbk_amx_u4_min_rows(int rows) { return set_min_rows(&lb_amx_u4_min_rows, rows); }
 
 /* ---------------------------------------------------------------- INT8 weight packing */
 
@@ -382,7 +377,6 @@ static void amx_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *
  * lists after the rows) times panels [p0, p1), tiles in rows-outer order when rows_outer (see
  * LB_ROWS_OUTER_BYTES); F constant (see s8_block), so that each form gets its own register
  * allocation. */
-
 static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, int64_t i0,
                                                               int64_t rows,
                                                               const int8_t *wpack, int64_t k4,
