@@ -52,15 +52,17 @@ CONV_CODES_MAX_K_NATIVE = 16
 #: 5.0-5.3; 1024 x 4096 -> 4096 11.5-12.2 / 55 / 15-16; 8 x 4096 -> 4096 0.48 / 0.51 / 0.92;
 #: 1 x 1024 -> 1024 0.047-0.051 / 0.038-0.040 / 0.11 (``docs/kernels.md``).
 #:
-#: On the ``avx512_vnni`` path the INT8 GEMM is lowbit's C kernel (``"s8_avx512_vnni"``:
-#: quantize, vpdpbusd GEMM and epilogue in one call) up to this many rows or
-#: :data:`VNNI_S8_MAX_MACS` multiply-adds, oneDNN's ``_int_mm`` above (blocked for caches, AMX
-#: where the CPU has it; ~90 us of fixed cost per call). Whole dynamic layer, 2 threads, C vs
-#: ``_int_mm`` ms (Xeon with AMX): 1 x 4096 -> 4096 0.36-0.44 vs 0.87, 8x 0.67 vs 1.03, 16x
-#: 0.98 vs 1.07, 32x 1.60 vs 1.16; 16 x 4096 -> 11008 2.49 vs 2.52, 32x 4.48 vs 3.03; 16 x
-#: 1024 -> 1024 0.107 vs 0.126, 32x 0.19 vs 0.14; 32 x 384 -> 1536 0.116 vs 0.119, 64x 0.23 vs
-#: 0.15 (``docs/kernels.md``).
-VNNI_S8_MAX_M = 16
+#: On the ``avx512_vnni`` path (VNNI without AMX: AMD Zen 4, Intel Ice Lake / Cascade Lake) the
+#: INT8 GEMM is lowbit's C kernel (``"s8_avx512_vnni"``: quantize, vpdpbusd GEMM and epilogue in
+#: one call) up to this many rows or :data:`VNNI_S8_MAX_MACS` multiply-adds, oneDNN's
+#: ``_int_mm`` above (blocked for caches; ~90 us of fixed cost per call). Whole dynamic layer, 2
+#: threads, C vs ``_int_mm`` ms, Xeon with oneDNN capped to ``AVX512_CORE_BF16`` (what
+#: ``_int_mm`` runs on such CPUs), two runs: 8 x 4096 -> 4096 0.38-0.42 vs 0.38-0.39, 32x
+#: 1.11-1.17 vs 1.64-2.22, 64x 1.88-2.08 vs 2.47-2.61; 32 x 4096 -> 11008 2.64 vs 4.21-4.45;
+#: 32 x 1024 -> 1024 0.077-0.079 vs 0.101-0.104, 64x 0.140-0.142 vs 0.152-0.157; 64 x 384 ->
+#: 1536 0.090-0.092 vs 0.102-0.106; 96 x 4096 -> 4096 3.37 vs 2.99; 4096 x 384 -> 1536 4.96-5.16
+#: vs 3.90-4.17 (``docs/kernels.md``).
+VNNI_S8_MAX_M = 64
 
 
 #: See :data:`VNNI_S8_MAX_M`.
@@ -86,7 +88,7 @@ def vnni_c_gemm_rows(n: int, k: int) -> int:
 
     Example:
         >>> vnni_c_gemm_rows(4096, 4096), vnni_c_gemm_rows(48, 67)
-        (16, 5216)
+        (64, 5216)
     """
     _check_features("vnni_c_gemm_rows", n=n, k=k)
     return max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (n * k)) if n * k > 0 else sys.maxsize
