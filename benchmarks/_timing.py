@@ -3,6 +3,7 @@ timing, the machine line every benchmark prints, synthetic activations."""
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -52,6 +53,11 @@ def activations(rows: int, k: int, kind: str = "gaussian",
     return x
 
 
+#: Environment variables that limit the libraries' instruction sets (``benchmarks/emulate.py``).
+EMULATION_VARS = ("LOWBIT_ISA", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS",
+                  "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_line() -> str:
     """The CPU model, its ISA class and the ISA path lowbit runs, e.g. ``"AMD EPYC (AVX2, no
     AVX-512 VNNI), lowbit ISA path: avx2"`` (benchmarks print it: results depend on it)."""
@@ -74,4 +80,6 @@ def machine_line() -> str:
            if "avx512_vnni" in flags else
            "AVX2, no AVX-512 VNNI" if "avx2" in flags else "no AVX2")
     model = model or platform.processor() or platform.machine()
-    return f"{model} ({isa}), lowbit ISA path: {selected_isa()}"
+    caps = [f"{k}={os.environ[k]}" for k in EMULATION_VARS if os.environ.get(k)]
+    emulated = f", limited by {' '.join(caps)} (ONNX Runtime not)" if caps else ""
+    return f"{model} ({isa}){emulated}, lowbit ISA path: {selected_isa()}"
