@@ -17,6 +17,7 @@ from lowbit.kernels import (
     CODES_DIRECT_MAX_MACS,
     INT4_PACKED_MAX_M,
     VNNI_S8_MAX_MACS,
+    WEIGHT_ONLY_PACKED_MAX_M,
     int8_gemm,
     select_kernel,
 )
@@ -516,10 +517,12 @@ def test_int4_out_features_not_multiple_of_16_use_packed_kernel(n: int, spec: Qu
 
 
 def test_int8_weight_only_k_not_multiple_of_8_uses_packed_kernel() -> None:
-    fc = _linear(67, 10)
+    fc = _linear(67, 100)  # (N = 100: few rows run the one-call C path, more the packed op)
     q, ref = convert_module(fc, INT8_WO), convert_module(fc, INT8_WO, backend="reference")
-    assert q.meta()["kernel"]["M<=64"] == "int8pack_bf16" and tuple(q.qweight.shape) == (10, 67)
-    for m in (1, 3, 40):  # K = 67 -> 80 in the cache (the op crashes on K = 72 from M = 2 on)
+    assert (q.meta()["kernel"][f"M<={WEIGHT_ONLY_PACKED_MAX_M}"] == "int8pack_bf16"
+            and tuple(q.qweight.shape) == (100, 67))
+    for m in (1, 5, WEIGHT_ONLY_PACKED_MAX_M):  # K = 67 -> 80 in the cache (the op crashes on
+        # K = 72 from M = 2 on)
         x = torch.randn(m, 67)
         assert _cos(q(x), ref(x)) > 0.9999
     assert set(q.state_dict()) == {"weight", "weight_scale", "weight_zero_point", "bias"}

@@ -290,6 +290,9 @@ class _WeightOnlyLinear(_WeightOnly):
                 kernel = self._select_packed(U4_NATIVE_MAX_M + 1, int8_activations=False)
             if kernel == "dequant_fp32":  # the weight dequantized in one C pass (if available)
                 y = F.linear(x2.float(), self.dequantize_weight(), self.bias)
+            elif kernel == "dequant_bf16":  # the same, cast to bf16 (no K padding either)
+                w = self.dequantize_weight()
+                y = weight_only_linear(x2, kernel, lambda: w, self.bias)
             else:
                 if self.kp > self.k:
                     x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)

@@ -13,8 +13,14 @@ import torch
 
 from lowbit.native import load_gemm, load_native, selected_isa
 
-#: Largest number of rows M for which ``_weight_int8pack_mm`` beats dequantize + bf16 GEMM.
-WEIGHT_ONLY_PACKED_MAX_M = 64
+#: Largest number of rows M for which ``_weight_int8pack_mm`` (bf16 activations) runs INT8
+#: weight-only layers; above, the weight is dequantized in one C pass for a float GEMM. Xeon, 2
+#: threads, ms, packed op / dequantize + GEMM (FP32 alone), the same within 10% with oneDNN
+#: limited to AVX2 or to AVX512_CORE_BF16: 16 x 4096 -> 4096 3.0-3.2 / 7.4-8.4 (5.2-5.6), 32x
+#: 6.0-6.7 / 8.8-9.0 (6.2-6.4), 64x 12.0-12.3 / 9.6-11.8 (8.3-8.6); 32 x 1024 -> 1024 0.43-0.44
+#: / 0.59-0.69 (0.34-0.39), 64x 0.81-0.85 / 0.62-0.83 (0.51-0.59); 64 x 384 -> 1536 0.53-0.54 /
+#: 0.38 (0.24-0.25). Between about 20 and a few hundred rows neither beats FP32.
+WEIGHT_ONLY_PACKED_MAX_M = 32
 
 
 #: The same for ``_weight_int4pack_mm_for_cpu``: dequantizing INT4 costs more, so the packed op
@@ -166,6 +172,15 @@ _BF16_ISAS = ("BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
 _AMX_ISAS = ("AMX", "ALL", "DEFAULT")
 
 
+#: ``vendor_id`` s whose AVX512-BF16 runs bf16 GEMMs faster than float32 without AMX (AMD Zen 4
+#: and later: ``vdpbf16ps`` does 32 multiply-adds where an FMA does 16). Intel's runs them no
+#: faster: a Xeon with oneDNN capped to ``AVX512_CORE_BF16`` (no AMX), 2 threads, ms, FP32 /
+#: bf16 ``F.linear`` 4096 x 384 -> 1536 16.4 / 20.9; INT4 g128 layers, FP32 / dequantize + bf16
+#: GEMM / INT4 x INT8 panels: 2048 x 384 -> 1536 5.9 / 13.3 / 4.0, 4096 x 384 -> 1536 12.0 /
+#: 25.1 / 8.8, 4096 x 1536 -> 384 11.8 / 24.5 / 8.1, 2048 x 1024 -> 1024 10.3 / 22.7 / 6.6.
+FAST_BF16_VENDORS = frozenset({"AuthenticAMD"})
+
+
 _HAS_INT_MM = hasattr(torch, "_int_mm")
 
 
@@ -180,11 +195,16 @@ def cpu_features() -> frozenset[str]:
     """CPU features that decide the kernels: ``{"vnni", "bf16", "amx"}`` subsets (cached).
 
     Read from ``/proc/cpuinfo`` flags (``avx512_vnni`` / ``avx_vnni`` / ``amx_int8`` -> vnni;
-    ``avx512_bf16`` / ``amx_bf16`` -> bf16; ``amx_tile`` + ``amx_int8`` -> amx); elsewhere
-    torch's CPU capability ``AVX512`` is taken to mean vnni and bf16. An ISA cap in
+    ``amx_tile`` + ``amx_int8`` -> amx); elsewhere torch's CPU capability ``AVX512`` is taken
+    to mean vnni and bf16. bf16 means bf16 GEMMs faster than float32 ones, which the kernels
+    choose by (dequantize + bf16 GEMM, PyTorch's packed bf16 ops): ``amx_bf16``, or
+    ``avx512_bf16`` on AMD (Zen 4 and later run it twice as fast as float32). An Intel CPU with
+    ``avx512_bf16`` and no AMX (Cooper Lake; a Sapphire Rapids whose AMX the hypervisor does not
+    expose) runs bf16 GEMMs no faster than float32 (:data:`FAST_BF16_VENDORS`). An ISA cap in
     ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) that excludes them removes them too: oneDNN
     then runs without them (e.g. ``AVX2`` emulates an AVX2-only CPU, where ``_int_mm`` is not
-    exact; ``AVX512_CORE_BF16`` a Zen 4, without AMX).
+    exact; ``AVX512_CORE_BF16`` a VNNI CPU without AMX: a Zen 4 on an AMD CPU, and without fast
+    bf16 on an Intel one, as above).
 
     Example:
         >>> cpu_features() <= {"vnni", "bf16", "amx"}
@@ -201,7 +221,9 @@ def cpu_features() -> frozenset[str]:
            or "ALL").upper()
     if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} and any(t in isa for t in _VNNI_ISAS):
         feats.add("vnni")
-    if flags & {"avx512_bf16", "amx_bf16"} and any(t in isa for t in _BF16_ISAS):
+    if ("amx_bf16" in flags and any(t in isa for t in _AMX_ISAS)) or (
+            "avx512_bf16" in flags and flags & FAST_BF16_VENDORS
+            and any(t in isa for t in _BF16_ISAS)):
         feats.add("bf16")
     if {"amx_tile", "amx_int8"} <= flags and any(t in isa for t in _AMX_ISAS):
         feats.add("amx")

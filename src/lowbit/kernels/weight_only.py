@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.base import c_layout, native_lib_for
+from lowbit.memory import empty as pooled_empty
 from lowbit.native import threads_for
 
 #: Up to this many multiply-adds (M*N*Kp) a float32 weight-only linear runs in one C call
@@ -92,7 +93,7 @@ def run_dequantize_weight_native(lib: Any, args: tuple) -> torch.Tensor:
         True
     """
     w, packed, signed, n, kp, k, group, scale, zp = args
-    out = torch.empty((n, k))
+    out = pooled_empty((n, k))  # a large weight: no page faults per call (lowbit.memory)
     lib.lb_dequantize_weight(w.data_ptr(), packed, signed, n, kp, k, group, scale.data_ptr(),
                              zp.data_ptr(), out.data_ptr(), threads_for(n * k))
     return out
@@ -265,8 +266,10 @@ def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # ty
     elif kernel == "int4pack_bf16":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), packed, group_size, scales)[:, :out_features].float()
-    elif kernel == "dequant_bf16":
-        y = F.linear(x.to(torch.bfloat16), dequantize().to(torch.bfloat16)).float()
+    elif kernel == "dequant_bf16":  # (a large bf16 copy from the pool: no page faults)
+        w = dequantize()
+        y = F.linear(x.to(torch.bfloat16),
+                     pooled_empty(tuple(w.shape), torch.bfloat16).copy_(w)).float()
     else:  # "reference" / "dequant_fp32"
         return F.linear(x.float(), dequantize(), bias)
     return y if bias is None else y.add_(bias)
