@@ -230,8 +230,10 @@ static inline __attribute__((always_inline)) void tile_r512(const uint8_t *a, in
     LB_ROWS8(T512_ZERO)
     int64_t s = 0;
     for (; s + 2 <= k4; s += 2) {
-        _mm_prefetch((const char *)(w + s * 64 + 1024), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + s * 64 + 1088), _MM_HINT_T0);
+        /* 2 KB ahead (1 KB before: 8 x 4096 -> 11008 with the weights in DRAM 2.76 -> 2.46 ms;
+         * 4-8 KB measured the same as 2) */
+        _mm_prefetch((const char *)(w + s * 64 + 2048), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + s * 64 + 2112), _MM_HINT_T0);
         const __m512i w0 = _mm512_loadu_si512((const void *)(w + s * 64));
         const __m512i w1 = _mm512_loadu_si512((const void *)(w + s * 64 + 64));
         LB_ROWS8(T512_STEP2)
