@@ -196,7 +196,7 @@ static inline __m256i dot4_u(__m256i acc, __m256i u, __m256i w) { return DOT_U(a
 #if LB_U8_CODES
 /* Pins a loop-carried accumulator to one register: without it gcc -O3 copies every vpdpbusd
  * accumulator in and out of a second register each step (R = 8 rows: 25 moves per 16
- * vpdpbusd, 1.2-1.5x slower). Emits nothing. */
+ * vpdpbusd; 32-64 rows ran 1.05-1.3x slower, docs/kernels.md). Emits nothing. */
 #define LB_KEEP(v) __asm__("" : "+v"(v))
 
 /* The unsigned forms with 512-bit registers (rows laid out compact, 4 bytes per step): one 4-K
