@@ -288,11 +288,9 @@ class _WeightOnlyLinear(_WeightOnly):
         else:
             if lowbit_int4:  # no C library for it: what runs past its row limit
                 kernel = self._select_packed(U4_NATIVE_MAX_M + 1, int8_activations=False)
-            if kernel == "dequant_fp32":  # the weight dequantized in one C pass (if available)
-                y = F.linear(x2.float(), self.dequantize_weight(), self.bias)
-            elif kernel == "dequant_bf16":  # the same, cast to bf16 (no K padding either)
-                w = self.dequantize_weight()
-                y = weight_only_linear(x2, kernel, lambda: w, self.bias)
+            if kernel in ("dequant_fp32", "dequant_bf16"):  # the weight dequantized in one C
+                # pass where available (no K padding), then a float32 / bf16 GEMM
+                y = weight_only_linear(x2, kernel, self.dequantize_weight, self.bias)
             else:
                 if self.kp > self.k:
                     x2 = F.pad(x2, (0, self.kp - self.k))  # (M, Kp)

@@ -12,7 +12,6 @@ The Python-level fuzzing of the entry points' argument checks is in ``test_isa.p
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -27,14 +26,10 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
 C_PATHS = [isa for isa, (source, _, _) in native.ISA_PATHS.items() if source]
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
 @pytest.fixture(scope="module")
 def sanitizers(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The C compiler, once it has built and run a sanitized program here."""
-    cc = _compiler()
+    cc = native._compiler()  # the compiler lowbit builds its libraries with
     if cc is None:
         pytest.skip("no C compiler: lowbit runs its PyTorch path, there is no C to check")
     folder = tmp_path_factory.mktemp("sanitizers")
