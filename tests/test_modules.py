@@ -35,7 +35,7 @@ from lowbit.modules import (
     convert_module,
     module_from_meta,
 )
-from lowbit.ops import dequantize, quantize_tensor, unpack_int4
+from lowbit.ops import dequantize, quantize_bias, quantize_tensor, unpack_int4
 
 DYN = QuantizationConfig.int8_dynamic()
 DYN_PT = QuantizationConfig.int8_dynamic(per_token=False)
@@ -123,8 +123,28 @@ def test_static_zero_point_compensation_is_exact() -> None:
     from lowbit.ops import quantize
     qx = quantize(x, scale, zp, STATIC.activations).long()
     acc = (qx - int(zp)) @ q.qweight.long().t()  # exact integer accumulator
-    expected = acc.float() * scale * q.weight_scale + q.bias
+    # the bias as int32 codes at scale s_x * s_w (as ONNX Runtime's QGemm adds it)
+    bias_q, bias_scale = quantize_bias(q.bias, scale, q.weight_scale)
+    expected = acc.float() * scale * q.weight_scale + bias_q.float() * bias_scale
     torch.testing.assert_close(q(x), expected, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(bias_q.float() * bias_scale, q.bias)  # (so the test can tell)
+
+
+def test_static_bias_is_int32_at_input_times_weight_scale_unless_it_overflows() -> None:
+    fc = _linear(16, 8)
+    x = torch.randn(5, 16)
+    scale, zp = _static_qparams(x)
+    q = QuantizedLinear.from_float(fc, STATIC, input_qparams=(scale, zp))
+    step = scale * q.weight_scale  # [N]
+    assert float(((q._bias - q.bias).abs() - step / 2).max()) <= 1e-7
+    assert torch.equal(torch.round(q._bias.double() / step.double()),
+                       torch.round(q.bias.double() / step.double()))
+    assert torch.equal(q.state_dict()["bias"], fc.bias.detach())  # the saved bias stays float
+    with torch.no_grad():
+        fc.bias[0] = 1e30  # 1e30 / step does not fit in int32: the bias stays float
+    q = QuantizedLinear.from_float(fc, STATIC, input_qparams=(scale, zp))
+    assert quantize_bias(q.bias, scale, q.weight_scale) is None and q._bias is q.bias
+    assert q(x).shape == (5, 8)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -726,3 +746,41 @@ class _no_warning:
 
     def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(*exc)
+
+
+@pytest.mark.parametrize("isa", ["auto", "avx2", "avx512_vnni", "amx", "portable", "torch"])
+def test_dynamic_per_tensor_affine_runs_the_fused_gemm_bit_exactly(isa: str, forced_isa) -> None:
+    """``int8_dynamic(per_token=False, symmetric=False)`` (ONNX's DynamicQuantizeLinear
+    scheme): the fused C path computes the qparams per call, with the reference's bits."""
+    from lowbit import native
+
+    if isa != "auto":
+        if isa in native.isa_paths() and native.isa_paths()[isa] != "available":
+            pytest.skip(f"this CPU cannot run the {isa} path ({native.isa_paths()[isa]})")
+        forced_isa(isa)
+    cfg = QuantizationConfig.int8_dynamic(per_token=False, symmetric=False)
+    torch.manual_seed(3)
+    for k, n in [(37, 5), (384, 96), (1100, 64)]:
+        fc = nn.Linear(k, n)
+        q = convert_module(fc, cfg, fused_relu=True)
+        ref = convert_module(fc, cfg, fused_relu=True, backend="reference")
+        assert q._fused_args is not None or isa == "torch" or native.load_native() is None
+        for rows in (0, 1, 2, 3, 7, 40, 130):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = ((torch.randn(rows, k) + 0.7) * 3).to(dtype)
+                assert torch.equal(q(x), ref(x)), (k, n, rows, dtype)
+        x = torch.randn(4, 3, k)  # 3-D: one scale for the whole tensor
+        assert torch.equal(q(x), ref(x))
+        x[1, 2, 0] = float("nan")  # a NaN row gives NaN there, the others as if it were absent
+        with pytest.warns(RuntimeWarning, match="NaN/Inf"):
+            y = q(x)
+        assert torch.isnan(y[1, 2]).all() and not torch.isnan(y[0]).any()
+        x[1, 2] = 0.0  # (the bad row is left out of the range: as if it were zeros)
+        assert torch.equal(y[0], q(x)[0])
+    conv = nn.Conv2d(3, 8, 3, padding=1)  # convs: the same scheme, per tensor
+    qc = convert_module(conv, cfg, fused_relu=True)
+    rc = convert_module(conv, cfg, fused_relu=True, backend="reference")
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 9, 9) + 0.5
+        assert torch.equal(qc(x), rc(x))
+        assert _cos(qc(x), conv(x).relu().detach()) > 0.999

@@ -121,6 +121,35 @@ def test_dynamic_quantize_is_bit_identical(m, k, scale, per_token, bf16, strided
 
 
 @needs_native
+@given(n=st.integers(0, 70), bits=st.sampled_from([8, 7]), log_mag=st.floats(-6, 6),
+       shift=st.floats(-2, 2), seed=st.integers(0, 2**16))
+def test_affine_qparams_in_c_are_bit_identical(n, bits, log_mag, shift, seed) -> None:
+    """``lb_affine_qparams`` (dynamic uint8 affine per tensor): lowbit.ops' scale and zero-point
+    and ``zp * colsum``, on lengths that are no multiple of its 16 lanes; exact-size buffers."""
+    from lowbit.ops import affine_qparams
+
+    lib = native.load_native()
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, generator=g) + shift) * 10.0 ** log_mag
+    cols = int(torch.randint(1, 40, (), generator=g))
+    colsum = torch.randint(-5000, 5000, (cols,), dtype=torch.int32, generator=g)
+    spec = QuantSpec(bits=bits, signed=False, symmetric=False)
+    off = -(2 ** (bits - 1))
+    scale, zp, comp = torch.empty(1), torch.empty(1, dtype=torch.int32), torch.empty_like(colsum)
+    rc = lib.lb_affine_qparams(x.data_ptr(), n, spec.qmin, spec.qmax, off, colsum.data_ptr(),
+                               cols, scale.data_ptr(), zp.data_ptr(), comp.data_ptr())
+    lo, hi = (float(x.min()), float(x.max())) if n else (0.0, 0.0)
+    s_ref, z_ref = affine_qparams(lo, hi, spec)
+    assert rc == 0 and (float(scale), int(zp)) == (s_ref, z_ref + off)
+    assert torch.equal(comp, colsum * (z_ref + off))
+    if n:
+        x[n // 2] = float("inf")
+        assert lib.lb_affine_qparams(x.data_ptr(), n, spec.qmin, spec.qmax, off,
+                                     colsum.data_ptr(), cols, scale.data_ptr(), zp.data_ptr(),
+                                     comp.data_ptr()) == 1
+
+
+@needs_native
 @given(m=st.integers(1, 40), k=st.integers(2, 200), scale=st.floats(1e-4, 10.0),
        zp=st.integers(-128, 127), qrange=st.sampled_from([(-128, 127), (-127, 127), (-8, 7)]),
        bf16=st.booleans(), seed=st.integers(0, 2**16))

@@ -120,6 +120,41 @@ def test_mlp_dynamic_per_token_matmul_integer(tmp_path) -> None:
     assert type(qmodel.layers[0]).__name__ == "QuantizedLinear"
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_mlp_dynamic_per_tensor_affine_is_ort_own_dynamic_pattern(exact, tmp_path) -> None:
+    """uint8 affine per-tensor activations export as ORT's quantize_dynamic graph
+    (DynamicQuantizeLinear -> MatMulInteger -> scale), which ORT fuses into
+    DynamicQuantizeMatMul; per-channel weights (uint8 ``w + 128`` when ``exact``)."""
+    model = MLP(hidden=(256, 128)).eval()
+    qmodel = lowbit.quantize_dynamic(
+        model, QuantizationConfig.int8_dynamic(per_token=False, symmetric=False))
+    path = tmp_path / "mlp.onnx"
+    proto, ort_model = _export(qmodel, torch.randn(3, 1, 28, 28), path, exact=exact)
+    ops = _ops(proto)
+    assert ops["DynamicQuantizeLinear"] == 3 and ops["MatMulInteger"] == 3, ops
+    assert not ops["QuantizeLinear"] and not ops["ReduceMax"] and not ops["MatMul"], ops
+    weights = {i.name: i.data_type for i in proto.graph.initializer if i.name.endswith(".w")}
+    assert set(weights.values()) == {onnx.TensorProto.UINT8 if exact else onnx.TensorProto.INT8}
+    fused = _fused_ops(path, tmp_path)
+    assert fused["DynamicQuantizeMatMul"] == 3 and not fused["MatMulInteger"], fused
+    for batch in (1, 37):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.inference_mode():
+            ref, out = qmodel(x), ort_model(x)
+        _assert_close(ref, out, steps=0.01)
+        _assert_mostly_exact(ref, out)
+    # [batch, tokens, features]: no Reshape around the layers (one scale for the whole tensor)
+    seq = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    qseq = lowbit.quantize_dynamic(
+        seq, QuantizationConfig.int8_dynamic(per_token=False, symmetric=False))
+    proto, ort_seq = _export(qseq, torch.randn(2, 5, 16), tmp_path / "seq" / "seq.onnx",
+                             exact=exact, dynamic_axes=(0, 1))
+    assert not _ops(proto)["Reshape"] and _ops(proto)["DynamicQuantizeLinear"] == 2
+    x = torch.randn(3, 11, 16)
+    with torch.inference_mode():
+        _assert_mostly_exact(qseq(x), ort_seq(x))
+
+
 def test_int4_weight_only_mlp_matmul_nbits(tmp_path, monkeypatch) -> None:
     # MatMulNBits runs float activations (accuracy_level 0): so does lowbit's kernel here
     monkeypatch.setattr(lowbit.Int4Linear, "int8_activations", False)

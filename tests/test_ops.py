@@ -511,3 +511,48 @@ def test_ort_quantize_linear_arbitrary_scale_within_one_code(signed, rng):
         diff = (_ort(x, s, z, spec).int() - ops.quantize(x, s, z, spec).int()).abs()
         assert int(diff.max()) <= 1
         assert float((diff != 0).float().mean()) < 1e-4
+
+
+@given(spec=specs().map(lambda s: s.with_(symmetric=False)), lohi=ranges)
+def test_affine_qparams_is_qparams_from_range_in_scalars(spec, lohi):
+    s, z = ops.qparams_from_range(torch.tensor(lohi[0]), torch.tensor(lohi[1]), spec)
+    assert ops.affine_qparams(lohi[0], lohi[1], spec) == (float(s), int(z))
+
+
+def _ort_dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Run a one-node DynamicQuantizeLinear model (opset 18) on the CPU provider."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    helper, tp = onnx.helper, onnx.TensorProto
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "scale", "zp"])
+    graph = helper.make_graph(
+        [node], "dynamic_quantize_linear", [helper.make_tensor_value_info("x", tp.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", tp.UINT8, ["n"]),
+         helper.make_tensor_value_info("scale", tp.FLOAT, []),
+         helper.make_tensor_value_info("zp", tp.UINT8, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, scale, zp = session.run(None, {"x": x})
+    return y, float(scale), int(zp)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "positive", "negative", "offset"])
+def test_ort_dynamic_quantize_linear_qparams_are_bit_exact(kind, rng):
+    """uint8 affine per tensor (``int8_dynamic(per_token=False, symmetric=False)``) is ONNX's
+    DynamicQuantizeLinear: the same scale and zero-point bit for bit; codes a step apart only
+    next to a .5 tie (ORT divides by the scale)."""
+    spec = QuantSpec(signed=False, symmetric=False)
+    diffs = total = 0
+    for log_mag in range(-4, 5):
+        x = torch.randn(20_000, generator=rng) * 10.0 ** log_mag
+        x = {"mixed": x, "positive": x.abs(), "negative": -x.abs(),
+             "offset": x + 3 * 10.0 ** log_mag}[kind]
+        y, scale, zp = _ort_dynamic_quantize_linear(x.numpy())
+        s, z = ops.choose_qparams(x.min(), x.max(), spec)
+        assert (float(s), int(z)) == (scale, zp) == ops.affine_qparams(
+            float(x.min()), float(x.max()), spec)
+        diff = (torch.from_numpy(y).int() - ops.quantize(x, s, z, spec).int()).abs()
+        assert int(diff.max()) <= 1
+        diffs, total = diffs + int((diff != 0).sum()), total + x.numel()
+    assert diffs < 1e-4 * total

@@ -376,8 +376,14 @@ class QuantizationConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def int8_dynamic(cls, per_token: bool = True, activation_bits: int = 8,
-                     **kwargs: Any) -> QuantizationConfig:
+                     symmetric: bool = True, **kwargs: Any) -> QuantizationConfig:
         """INT8 per-channel weights, activations quantized at run time (per token by default).
+
+        ``symmetric=False`` gives unsigned affine activation codes (a zero-point beside each
+        scale). With ``per_token=False`` that is ONNX's ``DynamicQuantizeLinear`` scheme, which
+        :func:`lowbit.export_onnx` writes as ONNX Runtime's own dynamic-quantization pattern
+        (fused into ``DynamicQuantizeMatMul``: as fast as ORT's ``quantize_dynamic``, per-channel
+        weights); per-token symmetric activations are the more accurate default.
 
         ``activation_bits=7`` trades one bit of activation precision (about twice the
         activation rounding error) for speed on CPUs without VNNI: lowbit's AVX2 GEMM then
@@ -387,11 +393,16 @@ class QuantizationConfig:
         Example:
             >>> QuantizationConfig.int8_dynamic(activation_bits=7).activations.qmax
             63
+            >>> a = QuantizationConfig.int8_dynamic(per_token=False, symmetric=False).activations
+            >>> a.qmin, a.qmax, a.granularity
+            (0, 255, 'per_tensor')
         """
         if activation_bits not in (7, 8) or isinstance(activation_bits, bool):
             raise ValueError(f"int8_dynamic: activation_bits must be 8 (default) or 7; got "
                              f"{activation_bits!r}")
         act = QuantSpec.int8_dynamic_activation("per_token" if per_token else "per_tensor")
+        if not symmetric:
+            act = act.with_(signed=False, symmetric=False)
         act = act if activation_bits == 8 else act.with_(bits=activation_bits)
         return cls(weights=QuantSpec.int8_weight(), activations=act, mode="dynamic", **kwargs)
 

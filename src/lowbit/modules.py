@@ -11,6 +11,7 @@ Kernel caches are non-persistent and rebuilt by ``_refresh_cache()`` after ``loa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,7 +59,13 @@ from lowbit.modules_weight_only import (
     WeightOnlyConv1d,
     WeightOnlyConv2d,
 )
-from lowbit.ops import choose_qparams, compute_range, dequantize
+from lowbit.ops import (
+    affine_qparams,
+    choose_qparams,
+    compute_range,
+    dequantize,
+    quantize_bias,
+)
 from lowbit.qgrad import frozen_forward
 
 __all__ = [
@@ -109,6 +116,8 @@ class _Int8Base(QuantizedModuleBase):
         self.register_buffer("_comp", None, persistent=False)  # (N,) zp * colsum, static zp != 0
         self.register_buffer("_w_zp", None, persistent=False)  # (N,) int32, None when all 0
         self._fused_args: tuple | None = None  # set by _refresh_cache
+        self._dynamic_affine = False  # set by _refresh_cache
+        self.register_buffer("_bias", None, persistent=False)  # the bias the kernels add
 
     def _refresh_cache(self) -> None:
         n = self.qweight.shape[0]
@@ -118,19 +127,29 @@ class _Int8Base(QuantizedModuleBase):
         self._w_zp = w_zp if bool(w_zp.any()) else None
         self._colsum = w2d.sum(1, dtype=torch.int32) - w2d.shape[1] * w_zp  # sum_k (w - w_zp)
         self._comp = None
+        self._bias = self.bias  # the bias the kernels add
         if self.mode == "static":
             zp = self.input_zero_point.to(torch.int32) + self._act_off
             self._comp = zp * self._colsum if bool(zp != 0) else None
+            # int32 at scale s_x * s_w, as ONNX Runtime's QLinearConv / QGemm add it
+            qb = None if self.bias is None else quantize_bias(self.bias, self.input_scale,
+                                                                self._w_scale)
+            if qb is not None:
+                self._bias = qb[0].float() * qb[1]
         # the fused C path (lowbit.native): symmetric weights, symmetric or static activations;
         # its tensors gathered once (module attribute lookups cost ~0.5 us each at batch 1)
         static = self.mode == "static"
         scale = self.input_scale.float() if static else None
         zp = self._static_zero_point() if static else None
+        # dynamic affine per-tensor activations (ONNX's DynamicQuantizeLinear scheme): the
+        # qparams come from one min/max pass per call, then the static form of the C call
+        self._dynamic_affine = (not static and not self.act_spec.symmetric
+                                and self.act_spec.granularity == "per_tensor")
         fusable = (self.backend == "auto" and self._w_zp is None
-                   and (static or self.act_spec.symmetric)
-                   and fused_linear_layout(self.qweight, self._w_scale, self.bias, self._comp,
+                   and (static or self.act_spec.symmetric or self._dynamic_affine)
+                   and fused_linear_layout(self.qweight, self._w_scale, self._bias, self._comp,
                                            scale, zp))
-        self._fused_args = (self.qweight, self._w_scale, self._colsum, self.bias, scale, zp,
+        self._fused_args = (self.qweight, self._w_scale, self._colsum, self._bias, scale, zp,
                             self._comp) if fusable else None
         self._reset_plans(fusable and self.qweight.is_cpu)
 
@@ -149,7 +168,10 @@ class _Int8Base(QuantizedModuleBase):
             return quantize_activation(x, self._qmin, self._qmax, per_token=per_token,
                                        native=native)
         spec = self.act_spec if per_token else self.act_spec.with_(granularity="per_tensor")
-        scale, zp = choose_qparams(*compute_range(x, spec, self.name), spec)
+        if x.numel() == 0:  # an empty batch: no value reads the qparams
+            scale, zp = torch.ones(()), torch.zeros((), dtype=torch.int32)
+        else:
+            scale, zp = choose_qparams(*compute_range(x, spec, self.name), spec)
         return quantize_activation(x, self._qmin, self._qmax, scale, zp + self._act_off,
                                    native=native)
 
@@ -191,6 +213,10 @@ class QuantizedLinear(_Int8Base):
 
     ``y = s_x * s_w[n] * ((q_x - zp_x) @ q_w.T)[m, n] + bias[n]`` with INT32 accumulation on
     ``torch._int_mm`` (see ``lowbit.kernels``). Float in, float out (input dtype preserved).
+    Static layers add their bias as int32 codes at scale ``s_x * s_w[n]``
+    (:func:`lowbit.ops.quantize_bias`, as ONNX Runtime, fbgemm and TensorRT do; the saved
+    ``bias`` stays float). Dynamic activation qparams are computed per call: symmetric per token
+    or per tensor, or affine per tensor (ONNX's ``DynamicQuantizeLinear``, bit for bit).
 
     Args:
         in_features: input features.
@@ -268,9 +294,11 @@ class QuantizedLinear(_Int8Base):
             return None  # (the body raises for a wrong shape)
         m = x.numel() // self.in_features
         w, w_scale, _colsum, bias, scale, zp, comp = self._fused_args  # type: ignore[misc]
+        spec = self.act_spec
+        affine = (_colsum, spec.qmin, spec.qmax, self._act_off) if self._dynamic_affine else None
         return linear_plan(lib, tuple(x.shape), self._kernel(m, "cpu"), w, w_scale, bias,
-                           self.act_spec.granularity == "per_token", scale, zp, comp,
-                           self.fused_relu, self._qmin, self._qmax)
+                           spec.granularity == "per_token", scale, zp, comp, self.fused_relu,
+                           self._qmin, self._qmax, affine)
 
     def kernel_info(self) -> str | dict[str, str]:
         """The INT8 GEMM, e.g. ``"s8_avx2"`` (the same at every M on most CPUs); where it
@@ -294,19 +322,31 @@ class QuantizedLinear(_Int8Base):
         kernel = self._kernel(x2.shape[0], x2.device.type)
         per_token = self.act_spec.granularity == "per_token"
         bad = None  # per-token symmetric scales keep a NaN / Inf row's effect in that row
-        if self.mode == "static" or not (per_token and self.act_spec.symmetric):
-            x2, bad = self._finite_rows(x2, "static" if self.mode == "static" else "per-tensor")
         fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
-        if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1
+        lo_hi = None  # dynamic affine: the range, whose finiteness stands for the whole input's
+        if fa is not None and self._dynamic_affine and x2.numel():
+            lo_hi = [float(v) for v in torch.aminmax(x2)]
+            if not all(map(math.isfinite, lo_hi)):
+                lo_hi = None
+        if lo_hi is None and (self.mode == "static" or not (per_token
+                                                             and self.act_spec.symmetric)):
+            x2, bad = self._finite_rows(x2, "static" if self.mode == "static" else "per-tensor")
+        if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1 and x2.numel()
                 and kernel in FUSED_GEMMS
                 and (lib := native_lib_for(x2)) is not None):
             w, w_scale, colsum, bias, scale, zp, comp = fa
+            if self._dynamic_affine:  # (the same qparams as _quantize_input's)
+                lo, hi = lo_hi or [float(v) for v in torch.aminmax(x2)]
+                s, z = affine_qparams(lo, hi, self.act_spec)
+                scale = torch.tensor(s)
+                zp = torch.tensor(z + self._act_off, dtype=torch.int32)
+                comp = colsum * (z + self._act_off)
             y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
                                  per_token, scale, zp, comp, self.fused_relu, kernel)
             y = self._gelu(self._nan_rows(y, bad))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         q, s, zp = self._quantize_input(x2, per_token)
-        y = int8_linear(q, s, zp, self.qweight, self._w_scale, self._colsum, self.bias,
+        y = int8_linear(q, s, zp, self.qweight, self._w_scale, self._colsum, self._bias,
                         relu=self.fused_relu, kernel=kernel, comp=self._comp,
                         w_zp=self._w_zp)  # (M, N)
         y = self._nan_rows(y, bad)
@@ -412,7 +452,7 @@ class QuantizedConv2d(_Int8Base):
         # the fused C path (lowbit.native): 2-d, zero padding, symmetric weights, float32 bias;
         # everything it needs gathered once (batch-1 convs are dominated by per-call overhead)
         fast = (self._fused_args is not None and self._dims == 2 and g["pre_pad"] is None
-                and g["groups"] == 1)
+                and g["groups"] == 1 and not self._dynamic_affine)
         zp = self._fused_args[5] if fast else None  # type: ignore[index]
         self._conv_args = None if not fast else (
             self.qweight[0].numel(), tuple(self.kernel_size), tuple(g["stride"]),
@@ -504,7 +544,7 @@ class QuantizedConv2d(_Int8Base):
         elif kernel != "reference" and g["groups"] == 1:
             w_cols = self._cols_weight()
         y = int8_conv2d(xf, s, zp, self._qmin, self._qmax, w, self._w_scale, self._colsum,
-                        self.bias, tuple(stride), tuple(padding), tuple(dilation), g["groups"],
+                        self._bias, tuple(stride), tuple(padding), tuple(dilation), g["groups"],
                         relu=self.fused_relu, kernel=kernel, w_zp=self._w_zp,
                         w_float=w_float, w_cols=w_cols)  # (B, O, Ho, Wo)
         if self._dims == 1:

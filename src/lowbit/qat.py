@@ -63,6 +63,7 @@ from lowbit.fake_quantize import FakeQuantize
 from lowbit.modules import QuantizedConv2d, WeightOnlyConv2d, convert_module
 from lowbit.modules_mha import expand_attention
 from lowbit.modules_weight_only import _layout
+from lowbit.ops import quantize_bias
 from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
 from lowbit.traverse import (
@@ -349,12 +350,27 @@ class QATLayer(nn.Module):
                 sync_batchnorm(bn, group)  # running statistics equal on every rank
         else:
             w, b = self._folded()
-            y = self._op(x, self._quantize_weight(w), b)
+            wq = self._quantize_weight(w)
+            y = self._op(x, wq, self._static_bias(b))
         if self.training:
             self.num_steps += 1
         # F.relu saves its output for backward: an in-place op after this layer (torchvision's
         # shared ReLU(inplace=True)) would break autograd; threshold saves its input instead
         return F.threshold(y, 0.0, 0.0) if self.fused_relu else y
+
+    def _static_bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias as the converted static layer adds it: int32 codes at scale ``s_x * s_w``
+        (:func:`lowbit.ops.quantize_bias`), with a straight-through gradient; ``b`` otherwise."""
+        iq = self.input_quantizer
+        if (b is None or iq is None or iq.dynamic or self._weight_only
+                or not bool(iq.initialized) or not bool(iq.fake_quant_enabled)
+                or not bool(self.weight_quantizer.fake_quant_enabled)):
+            return b
+        s_w = self.weight_quantizer.scale.detach().float().reshape(-1)
+        qb = quantize_bias(b.detach().float(), iq.scale.detach().float().reshape(()), s_w)
+        if qb is None:
+            return b
+        return (qb[0].float() * qb[1]).to(b.dtype) + (b - b.detach())  # value: the codes'
 
     def _forward_bn_training(self, x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
         weight = self.base_layer.weight

@@ -63,6 +63,46 @@ float lb_absmax(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, int 
     return r;
 }
 
+/* Dynamic affine per-tensor qparams of float32 x[n] (ONNX DynamicQuantizeLinear's, and
+ * lowbit.ops.qparams_from_range's in the same float32 steps): the range widened to hold 0,
+ * scale = max((hi - lo) / (qmax - qmin), FLT_EPSILON), zp = clamp(qmin - round(lo / scale)).
+ * Writes scale[0], the signed-equivalent zero-point zp_s[0] = zp + off and, for the epilogue,
+ * comp[j] = zp_s * colsum[j] (j < ncols). Returns 1 (writing nothing) when x holds NaN / Inf. */
+int lb_affine_qparams(const float *x, int64_t n, int32_t qmin, int32_t qmax, int32_t off,
+                      const int32_t *colsum, int64_t ncols, float *scale, int32_t *zp_s,
+                      int32_t *comp) {
+    enum { L = 16 }; /* independent lanes: `a < b ? a : b` vectorizes as minps / maxps */
+    float lo[L], hi[L];
+    for (int j = 0; j < L; ++j) lo[j] = hi[j] = 0.0f; /* (0 is always in the range) */
+    int64_t i = 0;
+    for (; i + L <= n; i += L)
+        for (int j = 0; j < L; ++j) {
+            const float v = x[i + j];
+            lo[j] = v < lo[j] ? v : lo[j];
+            hi[j] = v > hi[j] ? v : hi[j];
+        }
+    for (; i < n; ++i) {
+        lo[0] = x[i] < lo[0] ? x[i] : lo[0];
+        hi[0] = x[i] > hi[0] ? x[i] : hi[0];
+    }
+    float l = 0.0f, h = 0.0f;
+    for (int j = 0; j < L; ++j) {
+        l = lo[j] < l ? lo[j] : l;
+        h = hi[j] > h ? hi[j] : h;
+    }
+    if (!(l >= -FLT_MAX && h <= FLT_MAX)) /* NaN comparisons fail: a NaN could hide, so */
+        return 1;                         /* callers check finiteness first (lb_absmax) */
+    float s = (h - l) / (float)(qmax - qmin);
+    s = s < FLT_EPSILON ? FLT_EPSILON : s;
+    float z = (float)qmin - nearbyintf(l / s);
+    z = z < (float)qmin ? (float)qmin : (z > (float)qmax ? (float)qmax : z);
+    const int32_t zs = (int32_t)z + off;
+    scale[0] = s;
+    zp_s[0] = zs;
+    for (int64_t j = 0; j < ncols; ++j) comp[j] = zs * colsum[j];
+    return 0;
+}
+
 /* scale = max(absmax / qmax, FLT_EPSILON), as lowbit.kernels.quantize_activation. */
 static inline float dynamic_scale(float absmax, float qmax) {
     float s = absmax / qmax;

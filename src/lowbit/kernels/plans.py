@@ -129,7 +129,8 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
 def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
                 w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
                 scale: torch.Tensor | None, zero_point: torch.Tensor | None,
-                comp: torch.Tensor | None, relu: bool, qmin: int, qmax: int) -> Plan | None:
+                comp: torch.Tensor | None, relu: bool, qmin: int, qmax: int,
+                affine: tuple[torch.Tensor, int, int, int] | None = None) -> Plan | None:
     """The INT8 linear (quantize, GEMM, epilogue) on float32 contiguous inputs of ``shape``
     (``[..., K]``) as one bound C call: the one-call small kernel (``lb_linear_s8_small``,
     its arguments in one array) or this ISA's packed GEMM (``lbk_s8_linear``), as
@@ -145,6 +146,10 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
         comp: the static zero-point compensation or None; relu: fused ReLU;
         qmin, qmax: the activation code range. All as checked by
         :func:`~lowbit.kernels.linear.fused_linear_layout`.
+        affine: dynamic affine per-tensor activations ``(colsum int32 [N], spec qmin, spec
+            qmax, code offset)``: each call first computes the scale, zero-point and
+            compensation (``lb_affine_qparams``), then runs the static form with them
+            (``scale``, ``zero_point`` and ``comp`` are then None).
 
     Example:
         >>> from lowbit.kernels import native_lib_for, select_kernel
@@ -173,10 +178,11 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
     out = (*shape[:-1], n)
     if m == 0:
         return None
-    dynamic = scale is None
+    dynamic = scale is None and affine is None
     finite_check = not (dynamic and per_token)  # one shared scale: a NaN row must not spread
     absmax = lib.lb_absmax
-    keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp)
+    keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp, affine)
+    qparams = _affine_qparams(lib, m * k, n, affine) if affine is not None else None
     if kernel in FUSED_GEMMS and one_call_linear(m, k, n, kernel):
         params = (ctypes.c_int64 * lib.lb_linear_small_nparams())(
             m, k, _ptr(scale) or 0, int(dynamic and per_token), int(dynamic),
@@ -184,6 +190,19 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
             w_scale.data_ptr(), _ptr(bias) or 0, int(relu), threads_for(m * n * k),
             int(finite_check))
         call, p_addr = lib.lb_linear_small_prepared, ctypes.addressof(params)
+        if qparams is not None:
+            size = ctypes.sizeof(params)
+
+            def run_small_affine(x_ptr: int, y_ptr: int) -> int:
+                if not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
+                    return 1
+                _buf, s_ptr, z_ptr, c_ptr = qparams(x_ptr)  # fresh (calls may overlap), alive
+                p = (ctypes.c_int64 * len(params))()
+                ctypes.memmove(p, p_addr, size)
+                p[2], p[5], p[10], p[15] = s_ptr, z_ptr, c_ptr, 0  # (checked above)
+                return call(ctypes.addressof(p), x_ptr, y_ptr)
+
+            return Plan(run_small_affine, out, torch.empty, (*keep, params))
 
         def run_small(x_ptr: int, y_ptr: int) -> int:
             return call(p_addr, x_ptr, y_ptr)
@@ -203,6 +222,20 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
     scale_shape = (m, 1) if per_token else ()
     static_ptr = _ptr(scale)
 
+    if qparams is not None:
+        head_mid = mid8[:2]  # (per-row, dynamic): 0, 0
+        tail_mid = mid8[3:8]  # qmin .. n
+        last_mid = mid8[9:]  # w_scale, bias, relu, fma
+
+        def run_s8_affine(x_ptr: int, y_ptr: int) -> int:
+            if not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
+                return 1
+            _buf, s_ptr, z_ptr, c_ptr = qparams(x_ptr)  # fresh (calls may overlap), alive
+            return call8(x_ptr, *head8, s_ptr, *head_mid, z_ptr, *tail_mid, c_ptr, *last_mid,
+                         y_ptr, *tail8)
+
+        return Plan(run_s8_affine, out, _alloc_for(out), (*keep, packed))
+
     def run_s8(x_ptr: int, y_ptr: int) -> int:
         if finite_check and not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
             return 1
@@ -212,6 +245,23 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
         return call8(x_ptr, *head8, static_ptr, *mid8, y_ptr, *tail8)
 
     return Plan(run_s8, out, _alloc_for(out), (*keep, packed))
+
+
+def _affine_qparams(lib: Any, numel: int, n: int, affine: tuple[torch.Tensor, int, int, int]
+                    ) -> Callable[[int], tuple[torch.Tensor, int, int, int]]:
+    """``qparams(x_ptr) -> (buffer, scale_ptr, zero_point_ptr, comp_ptr)``: one fresh int32
+    buffer per call holding the scale (float32 bits), the signed zero-point and ``zp * colsum``
+    of a float32 input of ``numel`` values, written by ``lb_affine_qparams``."""
+    colsum, spec_qmin, spec_qmax, off = affine
+    call, colsum_ptr = lib.lb_affine_qparams, colsum.data_ptr()
+
+    def qparams(x_ptr: int) -> tuple[torch.Tensor, int, int, int]:
+        buf = torch.empty(n + 2, dtype=torch.int32)
+        base = buf.data_ptr()
+        call(x_ptr, numel, spec_qmin, spec_qmax, off, colsum_ptr, n, base, base + 4, base + 8)
+        return buf, base, base + 4, base + 8
+
+    return qparams
 
 
 def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: int,

@@ -26,11 +26,9 @@ from lowbit.modules import (
 )
 from lowbit.modules_rnn import QuantizedRNNBase
 from lowbit.onnx import _ops  # noqa: F401  (registers torch.ops.lowbit_export)
+from lowbit.ops import quantize_bias
 
 __all__ = ["export_layer"]
-
-_INT32_MAX = 2**31 - 1
-
 
 def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
     """A per-tensor / per-row / per-group qparam as ``[N, groups]``."""
@@ -120,12 +118,10 @@ class _Int8(nn.Module):
         self.register_buffer("w_zp", w_zp)
         self.register_buffer("bias_q", None)
         self.register_buffer("bias_scale", None)
-        if self.bias is not None:
-            b_scale = (s_x * w_scale).float()  # [N]
-            b_q = torch.round(self.bias.double() / b_scale.double())
-            if bool(torch.isfinite(b_q).all()) and float(b_q.abs().max()) <= _INT32_MAX:
-                self.bias_q, self.bias_scale = b_q.to(torch.int32), b_scale
-                self.bias = None
+        qb = None if self.bias is None else quantize_bias(self.bias, s_x, w_scale)
+        if qb is not None:  # the int32 codes lowbit's static kernels add (float otherwise)
+            self.bias_q, self.bias_scale = qb
+            self.bias = None
 
 
 class ExportLinear(_Int8):
@@ -136,9 +132,17 @@ class ExportLinear(_Int8):
         self.k, self.n = layer.in_features, layer.out_features
         if self.mode != "static":
             self.w = self.w.t().contiguous()  # [K, N] for MatMulInteger
+            # one weight scale / zero-point for all columns as a scalar: ORT's per-tensor
+            # kernels (per-column ones cost ~5% at batch 1)
+            if not self.per_channel_zp:
+                self.w_zp = self.w_zp[:1].reshape(()).clone()
+            if bool((self.w_scale == self.w_scale[0]).all()):
+                self.w_scale = self.w_scale[:1].reshape(()).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = (x if x.dim() == 2 else x.reshape(-1, self.k)).float()  # no Reshape node for 2-D
+        # per-tensor activations take any rank (MatMulInteger broadcasts): no Reshape nodes
+        keep = x.dim() == 2 or not (self.mode == "static" or self.per_token)
+        x2 = (x if keep else x.reshape(-1, self.k)).float()
         if self.mode == "static":
             y = torch.ops.lowbit_export.static_linear(
                 x2, self.x_scale, self.x_zp, self.x_range, self.w, self.w_scale, self.w_zp,
@@ -148,7 +152,7 @@ class ExportLinear(_Int8):
                 x2, self.w, self.w_zp, self.w_scale, self.bias, self.colsum, self.qmin,
                 self.qmax, self.spec_qmin, self.spec_qmax, self.off, self.per_token,
                 self.symmetric)
-        return self.post(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
+        return self.post(y if keep else y.reshape(*x.shape[:-1], self.n))
 
 
 class ExportConv(_Int8):

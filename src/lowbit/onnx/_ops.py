@@ -63,15 +63,15 @@ def dynamic_linear(x: torch.Tensor, w: torch.Tensor, w_zp: torch.Tensor, w_scale
                    bias: torch.Tensor | None, colsum: torch.Tensor, qmin: int, qmax: int,
                    spec_qmin: int, spec_qmax: int, off: int, per_token: bool,
                    symmetric: bool) -> torch.Tensor:
-    """``x [M, K]`` float, ``w [K, N]`` codes (uint8 + 128, or int8) -> float ``[M, N]``;
-    the activations become uint8 codes ``q - qmin``."""
+    """``x [M, K]`` float (any rank for per-tensor activations), ``w [K, N]`` codes (uint8 + 128,
+    or int8) -> float ``[..., N]``; the activations become uint8 codes ``q - qmin``."""
     raise _export_only("dynamic_linear")
 
 
 @dynamic_linear.register_fake
 def _(x, w, w_zp, w_scale, bias, colsum, qmin, qmax, spec_qmin, spec_qmax, off, per_token,
       symmetric):
-    return x.new_empty(x.shape[0], w.shape[1])
+    return x.new_empty(*x.shape[:-1], w.shape[1])
 
 
 @torch.library.custom_op("lowbit_export::static_linear", mutates_args=())
@@ -190,8 +190,20 @@ def _u8_scalar(value: int) -> onnx.TensorProto:
     return onnx.helper.make_tensor("value", _UINT8, [], [value])
 
 
+def _is_dynamic_quantize_linear(per_token: bool, symmetric: bool, spec_qmin: int,
+                                spec_qmax: int) -> bool:
+    """Whether the activation spec is ``DynamicQuantizeLinear``'s: uint8, affine, per tensor."""
+    return not per_token and not symmetric and (spec_qmin, spec_qmax) == (0, 255)
+
+
 def _dynamic_linear(x, w, w_zp, w_scale, bias, colsum, qmin: int, qmax: int, spec_qmin: int,
                     spec_qmax: int, off: int, per_token: bool, symmetric: bool):
+    if _is_dynamic_quantize_linear(per_token, symmetric, spec_qmin, spec_qmax):
+        # ORT's own dynamic-quantization pattern, which it fuses into DynamicQuantizeMatMul
+        codes, scale, zp = op.DynamicQuantizeLinear(x)
+        acc = op.MatMulInteger(codes, w, zp, w_zp)
+        y = op.Mul(op.Cast(acc, to=_FLOAT), op.Mul(scale, w_scale))
+        return y if bias is None else op.Add(y, bias)
     codes, scale, zp = _quantize_dynamic(x, per_token, symmetric, qmin, qmax, spec_qmin,
                                          spec_qmax, off)
     acc = op.MatMulInteger(codes, w, op.Constant(value=_u8_scalar(-qmin)), w_zp)  # [M, N] int32
@@ -242,10 +254,13 @@ def _dynamic_conv(x, w, w_zp, w_scale, bias, qmin: int, qmax: int, spec_qmin: in
                   spec_qmax: int, off: int, symmetric: bool, integer: bool,
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                   groups: int):
-    codes, scale, zp = _quantize_dynamic(x, False, symmetric, qmin, qmax, spec_qmin, spec_qmax,
-                                         off)
-    zp_u8 = (op.Constant(value=_u8_scalar(-qmin)) if zp is None
-             else op.Cast(op.Add(zp, op.Constant(value_float=float(-qmin))), to=_UINT8))
+    if _is_dynamic_quantize_linear(False, symmetric, spec_qmin, spec_qmax):
+        codes, scale, zp_u8 = op.DynamicQuantizeLinear(x)
+    else:
+        codes, scale, zp = _quantize_dynamic(x, False, symmetric, qmin, qmax, spec_qmin,
+                                             spec_qmax, off)
+        zp_u8 = (op.Constant(value=_u8_scalar(-qmin)) if zp is None
+                 else op.Cast(op.Add(zp, op.Constant(value_float=float(-qmin))), to=_UINT8))
     attrs = _conv_attrs(stride, padding, dilation, groups)
     bshape = _ints([-1] + [1] * len(stride))  # [O, 1, (1)]
     if integer:  # ConvInteger pads with the zero-point: zero padding stays exact
