@@ -777,10 +777,10 @@ def test_dynamic_per_tensor_affine_runs_the_fused_gemm_bit_exactly(isa: str, for
         assert torch.isnan(y[1, 2]).all() and not torch.isnan(y[0]).any()
         x[1, 2] = 0.0  # (the bad row is left out of the range: as if it were zeros)
         assert torch.equal(y[0], q(x)[0])
-    conv = nn.Conv2d(3, 8, 3, padding=1)  # convs: the same scheme, per tensor
-    qc = convert_module(conv, cfg, fused_relu=True)
-    rc = convert_module(conv, cfg, fused_relu=True, backend="reference")
-    for batch in (1, 5):
-        x = torch.randn(batch, 3, 9, 9) + 0.5
-        assert torch.equal(qc(x), rc(x))
-        assert _cos(qc(x), conv(x).relu().detach()) > 0.999
+    for conv in (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(40, 24, 3)):  # convs: the same
+        qc = convert_module(conv, cfg, fused_relu=True)  # scheme, per tensor (direct conv
+        rc = convert_module(conv, cfg, fused_relu=True, backend="reference")  # and GEMM)
+        for batch in (1, 5):
+            x = torch.randn(batch, conv.in_channels, 9, 9) + 0.5
+            assert torch.equal(qc(x), rc(x))
+            assert _cos(qc(x), conv(x).relu().detach()) > 0.999

@@ -578,13 +578,19 @@ def test_empty_batches_pass_through(use_native: bool, request) -> None:
         assert conv(torch.zeros(0, 3, 6, 6)).shape == (0, 4, 4, 4)
 
 
-def test_modules_can_be_called_from_several_threads() -> None:
-    """The fused path keeps no per-module scratch: concurrent calls give the same results."""
+@pytest.mark.parametrize("per_token", [True, False])
+def test_modules_can_be_called_from_several_threads(per_token: bool) -> None:
+    """The fused path keeps no per-module scratch: concurrent calls give the same results
+    (dynamic affine per-tensor layers too: their qparams live in a buffer per call)."""
     import threading
 
+    from lowbit import QuantizationConfig
+
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
-    q = quantize_dynamic(model)
-    xs = [torch.randn(1100 if i % 2 else 3, 64) for i in range(6)]  # row blocks and one call
+    q = quantize_dynamic(model, None if per_token else QuantizationConfig.int8_dynamic(
+        per_token=False, symmetric=False))
+    xs = [torch.randn(1100 if i % 2 else 3, 64) * (i + 1) for i in range(6)]  # row blocks and
+    # one call; different ranges, so that a shared per-tensor scale would be caught
     with torch.inference_mode():
         refs = [q(x) for x in xs]
     wrong: list[int] = []

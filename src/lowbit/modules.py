@@ -452,11 +452,12 @@ class QuantizedConv2d(_Int8Base):
         # the fused C path (lowbit.native): 2-d, zero padding, symmetric weights, float32 bias;
         # everything it needs gathered once (batch-1 convs are dominated by per-call overhead)
         fast = (self._fused_args is not None and self._dims == 2 and g["pre_pad"] is None
-                and g["groups"] == 1 and not self._dynamic_affine)
+                and g["groups"] == 1)
         zp = self._fused_args[5] if fast else None  # type: ignore[index]
         self._conv_args = None if not fast else (
             self.qweight[0].numel(), tuple(self.kernel_size), tuple(g["stride"]),
             tuple(g["padding"]), tuple(g["dilation"]), 0 if zp is None else int(zp))
+        # (dynamic affine: each call's qparams go to the same C calls as static ones)
         self._reset_plans(fast and self.qweight.is_cpu)
 
     def _make_plan(self, x: torch.Tensor) -> Plan | None:
@@ -469,9 +470,11 @@ class QuantizedConv2d(_Int8Base):
             return None
         _k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
         _, w_scale, _colsum, bias, scale, _zp, _ = self._fused_args  # type: ignore[misc]
+        spec = self.act_spec
+        affine = (spec.qmin, spec.qmax, self._act_off) if self._dynamic_affine else None
         return conv_codes_plan(lib, tuple(x.shape), self._codes_weight(), w_scale, bias, scale,
                                zp_int, self._qmin, self._qmax, ksize, stride, padding, dilation,
-                               self.fused_relu, self.geometry.get("fused_maxpool") or 0)
+                               self.fused_relu, self.geometry.get("fused_maxpool") or 0, affine)
 
     def _weight_cache(self, slot: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A kernel's derived weight, kept in the plain attribute ``slot`` (not a buffer: never
@@ -562,6 +565,13 @@ class QuantizedConv2d(_Int8Base):
             return None
         _k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
         _, w_scale, colsum, bias, scale, zp, _ = self._fused_args  # type: ignore[misc]
+        if self._dynamic_affine:  # (the same qparams as the step-by-step path's)
+            if x.numel() == 0:
+                return None
+            lo, hi = torch.aminmax(x)
+            s, z = affine_qparams(float(lo), float(hi), self.act_spec)
+            zp_int = z + self._act_off
+            scale, zp = torch.tensor(s), torch.tensor(zp_int, dtype=torch.int32)
         kernel = self._conv_kernel(x.shape[0] * x.shape[2] * x.shape[3])
         if kernel == "fp32_codes_conv":
             weight = self._codes_weight()

@@ -71,7 +71,8 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
                     w_scale: torch.Tensor, bias: torch.Tensor | None,
                     static_scale: torch.Tensor | None, zp: int, qmin: int, qmax: int,
                     ksize: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-                    dilation: tuple[int, int], relu: bool, pool: int) -> Plan | None:
+                    dilation: tuple[int, int], relu: bool, pool: int,
+                    affine: tuple[int, int, int] | None = None) -> Plan | None:
     """The ``"fp32_codes_conv"`` INT8 conv on the direct C conv, with its epilogue and an
     optional fused max-pool, as one call of ``lb_qconv_direct`` for float32 contiguous
     NCHW inputs of ``shape``; None when the direct conv does not take the shape (width stride
@@ -87,6 +88,9 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
         qmin, qmax: the signed activation code range.
         ksize, stride, padding, dilation: the conv's geometry (zero padding, groups 1).
         relu: fused ReLU. pool: fused ``MaxPool2d(pool)`` (kernel = stride), 0 for none.
+        affine: dynamic affine per-tensor activations ``(spec qmin, spec qmax, code offset)``:
+            each call computes the scale and zero-point first (``lb_affine_qparams``) and runs
+            the static form with them (``static_scale`` None, ``zp`` unused).
 
     Example:
         >>> from lowbit.kernels import native_lib_for
@@ -119,11 +123,28 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
     bound = (ctypes.addressof(params), _ptr(static_scale), weight.data_ptr(),
              w_scale.data_ptr(), _ptr(bias))
     call = lib.lb_qconv_direct
+    keep = (params, weight, w_scale, bias, static_scale)
+    if affine is not None:
+        absmax, qparams, numel = lib.lb_absmax, lib.lb_affine_qparams, b * c * h * w
+        size, zp_index = ctypes.sizeof(params), 13  # (after b, c, h, w, o and the geometry)
+
+        def run_affine(x_ptr: int, y_ptr: int) -> int:
+            if not math.isfinite(absmax(x_ptr, 0, 1, numel, numel, 1)):
+                return 1
+            buf = torch.empty(2, dtype=torch.int32)  # scale bits, zero-point (fresh per call)
+            base = buf.data_ptr()
+            qparams(x_ptr, numel, *affine, None, 0, base, base + 4, None)
+            p = (ctypes.c_int64 * len(params))()
+            ctypes.memmove(p, bound[0], size)
+            p[zp_index] = ctypes.c_int32.from_address(base + 4).value
+            return call(ctypes.addressof(p), base, *bound[2:], x_ptr, y_ptr)
+
+        return Plan(run_affine, out, _alloc_for(out), keep)
 
     def run(x_ptr: int, y_ptr: int) -> int:
         return call(*bound, x_ptr, y_ptr)
 
-    return Plan(run, out, _alloc_for(out), (params, weight, w_scale, bias, static_scale))
+    return Plan(run, out, _alloc_for(out), keep)
 
 
 def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
