@@ -784,3 +784,17 @@ def test_dynamic_per_tensor_affine_runs_the_fused_gemm_bit_exactly(isa: str, for
             x = torch.randn(batch, conv.in_channels, 9, 9) + 0.5
             assert torch.equal(qc(x), rc(x))
             assert _cos(qc(x), conv(x).relu().detach()) > 0.999
+
+
+def test_static_bias_changed_in_place_is_used() -> None:
+    """The int32 bias a static layer adds is derived from ``bias``: an in-place change of the
+    bias (e.g. a bias correction) reaches the kernels, prepared calls included."""
+    fc = _linear(16, 8)
+    x = torch.randn(1, 16)
+    scale, zp = _static_qparams(torch.randn(64, 16))
+    q = QuantizedLinear.from_float(fc, STATIC, input_qparams=(scale, zp))
+    y = q(x)
+    q(x)  # (a prepared call now)
+    with torch.no_grad():
+        q.bias.add_(1.0)
+    assert torch.allclose(q(x), y + 1.0, atol=float(scale * q.weight_scale.max()))

@@ -32,13 +32,15 @@ _PAD_MODES = ("constant", "reflect", "replicate", "circular")
 _GEOMETRY_KEYS = {"stride", "padding", "dilation", "groups", "pre_pad", "pad_mode"}
 
 
-def _weight_key(w: torch.Tensor) -> tuple[int, int]:
+def _weight_key(w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, int, int]:
     """What identifies a weight's values for the derived kernel caches and prepared calls: its
-    version counter (moved by in-place changes) and storage. Inference tensors (made under
+    version counter (moved by in-place changes) and storage, and the bias's version (static
+    layers derive their int32 bias from it). Inference tensors (made under
     ``torch.inference_mode``) have no version counter: their storage alone, as for the packed
     weights (:func:`lowbit.kernels.s8_packed`); such a weight changed in place inside
     inference mode needs ``layer._refresh_cache()``."""
-    return (-1 if w.is_inference() else w._version, w.data_ptr())
+    return (-1 if w.is_inference() else w._version, w.data_ptr(),
+            -1 if bias is None or bias.is_inference() else bias._version)
 
 
 def jsonable(value: Any) -> Any:
@@ -446,7 +448,7 @@ class QuantizedModuleBase(nn.Module):
             return None if y is None else y.to(torch.bfloat16)
         key = (x.shape, torch.get_num_threads(), selected_isa(), load_native(), self._plan_tag)
         entry = plans.get(key)
-        weight_key = _weight_key(w)
+        weight_key = _weight_key(w, self._buffers.get("bias"))
         if entry is None:
             # per shape, thread count and kernel library; built only from fresh kernel caches
             # (the body's _input refreshes them after an in-place change of the weight); at
@@ -558,7 +560,7 @@ class QuantizedModuleBase(nn.Module):
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
         if w is not None:
-            key = _weight_key(w)
+            key = _weight_key(w, self._buffers.get("bias"))
             if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
                 self._refresh_cache()  # the kernel caches derive from it
                 self.__dict__["_weight_key"] = key
