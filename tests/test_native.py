@@ -121,9 +121,10 @@ def test_dynamic_quantize_is_bit_identical(m, k, scale, per_token, bf16, strided
 
 
 @needs_native
-@given(n=st.integers(0, 70), bits=st.sampled_from([8, 7]), log_mag=st.floats(-6, 6),
-       shift=st.floats(-2, 2), seed=st.integers(0, 2**16))
-def test_affine_qparams_in_c_are_bit_identical(n, bits, log_mag, shift, seed) -> None:
+@given(n=st.integers(0, 70) | st.just(100_003), bits=st.sampled_from([8, 7]),
+       log_mag=st.floats(-6, 6), shift=st.floats(-2, 2), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_affine_qparams_in_c_are_bit_identical(n, bits, log_mag, shift, threads, seed) -> None:
     """``lb_affine_qparams`` (dynamic uint8 affine per tensor): lowbit.ops' scale and zero-point
     and ``zp * colsum``, on lengths that are no multiple of its 16 lanes; exact-size buffers."""
     from lowbit.ops import affine_qparams
@@ -137,16 +138,17 @@ def test_affine_qparams_in_c_are_bit_identical(n, bits, log_mag, shift, seed) ->
     off = -(2 ** (bits - 1))
     scale, zp, comp = torch.empty(1), torch.empty(1, dtype=torch.int32), torch.empty_like(colsum)
     rc = lib.lb_affine_qparams(x.data_ptr(), n, spec.qmin, spec.qmax, off, colsum.data_ptr(),
-                               cols, scale.data_ptr(), zp.data_ptr(), comp.data_ptr())
+                               cols, scale.data_ptr(), zp.data_ptr(), comp.data_ptr(), threads)
     lo, hi = (float(x.min()), float(x.max())) if n else (0.0, 0.0)
     s_ref, z_ref = affine_qparams(lo, hi, spec)
     assert rc == 0 and (float(scale), int(zp)) == (s_ref, z_ref + off)
     assert torch.equal(comp, colsum * (z_ref + off))
-    if n:
-        x[n // 2] = float("inf")
-        assert lib.lb_affine_qparams(x.data_ptr(), n, spec.qmin, spec.qmax, off,
+    for bad in (float("inf"), float("-inf"), float("nan")) if n else ():
+        y = x.clone()
+        y[n // 2] = bad  # (a NaN does not move a min or max: the kernel checks for it)
+        assert lib.lb_affine_qparams(y.data_ptr(), n, spec.qmin, spec.qmax, off,
                                      colsum.data_ptr(), cols, scale.data_ptr(), zp.data_ptr(),
-                                     comp.data_ptr()) == 1
+                                     comp.data_ptr(), threads) == 1
 
 
 @needs_native

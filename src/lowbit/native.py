@@ -58,7 +58,7 @@ _P, _I64, _I32, _INT, _F = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, cty
 _SIGNATURES = {
     "lb_set_addcmul_fma": (None, [_INT]),
     "lb_absmax": (_F, [_P, _INT, _I64, _I64, _I64, _INT]),
-    "lb_affine_qparams": (_INT, [_P, _I64, _I32, _I32, _I32, _P, _I64, _P, _P, _P]),
+    "lb_affine_qparams": (_INT, [_P, _I64, _I32, _I32, _I32, _P, _I64, _P, _P, _P, _INT]),
     "lb_quantize_s8": (None, [_P, _INT, _I64, _I64, _I64, _P, _INT, _INT, _P, _I32, _I32, _P,
                               _INT]),
     "lb_quantize_centered_f32": (None, [_P, _I64, _P, _INT, _I32, _I32, _I32, _P, _INT]),

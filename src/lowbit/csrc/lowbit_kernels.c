@@ -67,31 +67,33 @@ float lb_absmax(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, int 
  * lowbit.ops.qparams_from_range's in the same float32 steps): the range widened to hold 0,
  * scale = max((hi - lo) / (qmax - qmin), FLT_EPSILON), zp = clamp(qmin - round(lo / scale)).
  * Writes scale[0], the signed-equivalent zero-point zp_s[0] = zp + off and, for the epilogue,
- * comp[j] = zp_s * colsum[j] (j < ncols). Returns 1 (writing nothing) when x holds NaN / Inf. */
+ * comp[j] = zp_s * colsum[j] (j < ncols), on nthreads OpenMP threads. Returns 1 (writing
+ * nothing) when x holds NaN / Inf. */
 int lb_affine_qparams(const float *x, int64_t n, int32_t qmin, int32_t qmax, int32_t off,
                       const int32_t *colsum, int64_t ncols, float *scale, int32_t *zp_s,
-                      int32_t *comp) {
-    enum { L = 16 }; /* independent lanes: `a < b ? a : b` vectorizes as minps / maxps */
-    float lo[L], hi[L];
-    for (int j = 0; j < L; ++j) lo[j] = hi[j] = 0.0f; /* (0 is always in the range) */
-    int64_t i = 0;
-    for (; i + L <= n; i += L)
-        for (int j = 0; j < L; ++j) {
-            const float v = x[i + j];
-            lo[j] = v < lo[j] ? v : lo[j];
-            hi[j] = v > hi[j] ? v : hi[j];
-        }
-    for (; i < n; ++i) {
-        lo[0] = x[i] < lo[0] ? x[i] : lo[0];
-        hi[0] = x[i] > hi[0] ? x[i] : hi[0];
+                      int32_t *comp, int nthreads) {
+    /* On order-preserving integer keys of the float bits (negative floats: the magnitude bits
+     * flipped), so that the loop vectorizes as integer min / max; NaN / Inf: |bits| >= Inf's */
+    int32_t kmin = 0, kmax = 0; /* the key of +0.0: 0 is always in the range */
+    uint32_t amax = 0;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1) \
+    reduction(min : kmin) reduction(max : kmax, amax)
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        const int32_t sb = (int32_t)bits;
+        const int32_t key = sb ^ ((sb >> 31) & 0x7FFFFFFF);
+        const uint32_t a = bits & 0x7FFFFFFFu;
+        kmin = key < kmin ? key : kmin;
+        kmax = key > kmax ? key : kmax;
+        amax = a > amax ? a : amax;
     }
-    float l = 0.0f, h = 0.0f;
-    for (int j = 0; j < L; ++j) {
-        l = lo[j] < l ? lo[j] : l;
-        h = hi[j] > h ? hi[j] : h;
-    }
-    if (!(l >= -FLT_MAX && h <= FLT_MAX)) /* NaN comparisons fail: a NaN could hide, so */
-        return 1;                         /* callers check finiteness first (lb_absmax) */
+    if (amax >= 0x7F800000u) /* NaN or Inf */
+        return 1;
+    const int32_t lb = kmin ^ ((kmin >> 31) & 0x7FFFFFFF), hb = kmax ^ ((kmax >> 31) & 0x7FFFFFFF);
+    float l, h;
+    memcpy(&l, &lb, sizeof l);
+    memcpy(&h, &hb, sizeof h);
     float s = (h - l) / (float)(qmax - qmin);
     s = s < FLT_EPSILON ? FLT_EPSILON : s;
     float z = (float)qmin - nearbyintf(l / s);

@@ -125,15 +125,15 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
     call = lib.lb_qconv_direct
     keep = (params, weight, w_scale, bias, static_scale)
     if affine is not None:
-        absmax, qparams, numel = lib.lb_absmax, lib.lb_affine_qparams, b * c * h * w
+        qparams, numel = lib.lb_affine_qparams, b * c * h * w
+        quant_threads = threads_for(numel)
         size, zp_index = ctypes.sizeof(params), 13  # (after b, c, h, w, o and the geometry)
 
         def run_affine(x_ptr: int, y_ptr: int) -> int:
-            if not math.isfinite(absmax(x_ptr, 0, 1, numel, numel, 1)):
-                return 1
             buf = torch.empty(2, dtype=torch.int32)  # scale bits, zero-point (fresh per call)
             base = buf.data_ptr()
-            qparams(x_ptr, numel, *affine, None, 0, base, base + 4, None)
+            if qparams(x_ptr, numel, *affine, None, 0, base, base + 4, None, quant_threads):
+                return 1  # NaN / Inf in x
             p = (ctypes.c_int64 * len(params))()
             ctypes.memmove(p, bound[0], size)
             p[zp_index] = ctypes.c_int32.from_address(base + 4).value
@@ -169,8 +169,8 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
         :func:`~lowbit.kernels.linear.fused_linear_layout`.
         affine: dynamic affine per-tensor activations ``(colsum int32 [N], spec qmin, spec
             qmax, code offset)``: each call first computes the scale, zero-point and
-            compensation (``lb_affine_qparams``), then runs the static form with them
-            (``scale``, ``zero_point`` and ``comp`` are then None).
+            compensation (``lb_affine_qparams``, whose pass also finds NaN / Inf), then runs
+            the static form with them (``scale``, ``zero_point`` and ``comp`` are then None).
 
     Example:
         >>> from lowbit.kernels import native_lib_for, select_kernel
@@ -215,9 +215,9 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
             size = ctypes.sizeof(params)
 
             def run_small_affine(x_ptr: int, y_ptr: int) -> int:
-                if not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
-                    return 1
                 _buf, s_ptr, z_ptr, c_ptr = qparams(x_ptr)  # fresh (calls may overlap), alive
+                if _buf is None:  # NaN / Inf in x
+                    return 1
                 p = (ctypes.c_int64 * len(params))()
                 ctypes.memmove(p, p_addr, size)
                 p[2], p[5], p[10], p[15] = s_ptr, z_ptr, c_ptr, 0  # (checked above)
@@ -249,9 +249,9 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
         last_mid = mid8[9:]  # w_scale, bias, relu, fma
 
         def run_s8_affine(x_ptr: int, y_ptr: int) -> int:
-            if not math.isfinite(absmax(x_ptr, 0, 1, m * k, m * k, 1)):
-                return 1
             _buf, s_ptr, z_ptr, c_ptr = qparams(x_ptr)  # fresh (calls may overlap), alive
+            if _buf is None:  # NaN / Inf in x
+                return 1
             return call8(x_ptr, *head8, s_ptr, *head_mid, z_ptr, *tail_mid, c_ptr, *last_mid,
                          y_ptr, *tail8)
 
@@ -272,14 +272,17 @@ def _affine_qparams(lib: Any, numel: int, n: int, affine: tuple[torch.Tensor, in
                     ) -> Callable[[int], tuple[torch.Tensor, int, int, int]]:
     """``qparams(x_ptr) -> (buffer, scale_ptr, zero_point_ptr, comp_ptr)``: one fresh int32
     buffer per call holding the scale (float32 bits), the signed zero-point and ``zp * colsum``
-    of a float32 input of ``numel`` values, written by ``lb_affine_qparams``."""
+    of a float32 input of ``numel`` values, written by ``lb_affine_qparams``; the buffer is
+    None when the input holds NaN / Inf (the caller's step-by-step path handles it)."""
     colsum, spec_qmin, spec_qmax, off = affine
-    call, colsum_ptr = lib.lb_affine_qparams, colsum.data_ptr()
+    call, colsum_ptr, threads = lib.lb_affine_qparams, colsum.data_ptr(), threads_for(numel)
 
-    def qparams(x_ptr: int) -> tuple[torch.Tensor, int, int, int]:
+    def qparams(x_ptr: int) -> tuple[torch.Tensor | None, int, int, int]:
         buf = torch.empty(n + 2, dtype=torch.int32)
         base = buf.data_ptr()
-        call(x_ptr, numel, spec_qmin, spec_qmax, off, colsum_ptr, n, base, base + 4, base + 8)
+        if call(x_ptr, numel, spec_qmin, spec_qmax, off, colsum_ptr, n, base, base + 4,
+                base + 8, threads):
+            return None, 0, 0, 0
         return buf, base, base + 4, base + 8
 
     return qparams
