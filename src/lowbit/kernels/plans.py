@@ -127,7 +127,7 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
     if affine is not None:
         qparams, numel = lib.lb_affine_qparams, b * c * h * w
         quant_threads = threads_for(numel)
-        size, zp_index = ctypes.sizeof(params), 13  # (after b, c, h, w, o and the geometry)
+        size, zp_index = ctypes.sizeof(params), 13  # LBQ_ZP in lowbit_kernels.c
 
         def run_affine(x_ptr: int, y_ptr: int) -> int:
             buf = torch.empty(2, dtype=torch.int32)  # scale bits, zero-point (fresh per call)
@@ -220,7 +220,9 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
                     return 1
                 p = (ctypes.c_int64 * len(params))()
                 ctypes.memmove(p, p_addr, size)
-                p[2], p[5], p[10], p[15] = s_ptr, z_ptr, c_ptr, 0  # (checked above)
+                # LBL_SCALE, LBL_ZP, LBL_COMP and LBL_CHECK (lowbit_kernels.c): this call's
+                # qparams; the finiteness check is done (lb_affine_qparams)
+                p[2], p[5], p[10], p[15] = s_ptr, z_ptr, c_ptr, 0
                 return call(ctypes.addressof(p), x_ptr, y_ptr)
 
             return Plan(run_small_affine, out, torch.empty, (*keep, params))
@@ -269,7 +271,7 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
 
 
 def _affine_qparams(lib: Any, numel: int, n: int, affine: tuple[torch.Tensor, int, int, int]
-                    ) -> Callable[[int], tuple[torch.Tensor, int, int, int]]:
+                    ) -> Callable[[int], tuple[torch.Tensor | None, int, int, int]]:
     """``qparams(x_ptr) -> (buffer, scale_ptr, zero_point_ptr, comp_ptr)``: one fresh int32
     buffer per call holding the scale (float32 bits), the signed zero-point and ``zp * colsum``
     of a float32 input of ``numel`` values, written by ``lb_affine_qparams``; the buffer is
