@@ -11,7 +11,6 @@ Kernel caches are non-persistent and rebuilt by ``_refresh_cache()`` after ``loa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,13 +58,7 @@ from lowbit.modules_weight_only import (
     WeightOnlyConv1d,
     WeightOnlyConv2d,
 )
-from lowbit.ops import (
-    affine_qparams,
-    choose_qparams,
-    compute_range,
-    dequantize,
-    quantize_bias,
-)
+from lowbit.ops import choose_qparams, compute_range, dequantize, quantize_bias
 from lowbit.qgrad import frozen_forward
 
 __all__ = [
@@ -167,13 +160,19 @@ class _Int8Base(QuantizedModuleBase):
         if self.act_spec.symmetric:
             return quantize_activation(x, self._qmin, self._qmax, per_token=per_token,
                                        native=native)
+        scale, zp = self._affine_qparams(x, per_token)
+        return quantize_activation(x, self._qmin, self._qmax, scale, zp, native=native)
+
+    def _affine_qparams(self, x: torch.Tensor, per_token: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and signed-equivalent zero-point of dynamic affine activations ``x`` (per
+        tensor, or per row), as ``lowbit.ops.choose_qparams`` computes them."""
         spec = self.act_spec if per_token else self.act_spec.with_(granularity="per_tensor")
         if x.numel() == 0:  # an empty batch: no value reads the qparams
             scale, zp = torch.ones(()), torch.zeros((), dtype=torch.int32)
         else:
             scale, zp = choose_qparams(*compute_range(x, spec, self.name), spec)
-        return quantize_activation(x, self._qmin, self._qmax, scale, zp + self._act_off,
-                                   native=native)
+        return scale, zp + self._act_off
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight ``(q - zp) * scale`` (same as ``lowbit.ops.dequantize``)."""
@@ -322,25 +321,16 @@ class QuantizedLinear(_Int8Base):
         kernel = self._kernel(x2.shape[0], x2.device.type)
         per_token = self.act_spec.granularity == "per_token"
         bad = None  # per-token symmetric scales keep a NaN / Inf row's effect in that row
-        fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
-        lo_hi = None  # dynamic affine: the range, whose finiteness stands for the whole input's
-        if fa is not None and self._dynamic_affine and x2.numel():
-            lo_hi = [float(v) for v in torch.aminmax(x2)]
-            if not all(map(math.isfinite, lo_hi)):
-                lo_hi = None
-        if lo_hi is None and (self.mode == "static" or not (per_token
-                                                             and self.act_spec.symmetric)):
+        if self.mode == "static" or not (per_token and self.act_spec.symmetric):
             x2, bad = self._finite_rows(x2, "static" if self.mode == "static" else "per-tensor")
-        if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1 and x2.numel()
+        fa = self._fused_args  # quantize, GEMM, epilogue: 1-3 C / GEMM calls, not ~12 ops
+        if (fa is not None and x2.dtype in NATIVE_DTYPES and x2.stride(-1) == 1
                 and kernel in FUSED_GEMMS
                 and (lib := native_lib_for(x2)) is not None):
             w, w_scale, colsum, bias, scale, zp, comp = fa
-            if self._dynamic_affine:  # (the same qparams as _quantize_input's)
-                lo, hi = lo_hi or [float(v) for v in torch.aminmax(x2)]
-                s, z = affine_qparams(lo, hi, self.act_spec)
-                scale = torch.tensor(s)
-                zp = torch.tensor(z + self._act_off, dtype=torch.int32)
-                comp = colsum * (z + self._act_off)
+            if self._dynamic_affine:  # this call's qparams, then the static form of the call
+                scale, zp = self._affine_qparams(x2)
+                comp = zp * colsum
             y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias,
                                  per_token, scale, zp, comp, self.fused_relu, kernel)
             y = self._gelu(self._nan_rows(y, bad))
@@ -534,9 +524,7 @@ class QuantizedConv2d(_Int8Base):
         elif self.act_spec.symmetric:  # max|x| / qmax, zero-point 0: computed by the kernel
             s, zp = None, None
         else:
-            spec = self.act_spec.with_(granularity="per_tensor")
-            s, zp = choose_qparams(*compute_range(xf, spec, self.name), spec)
-            zp = zp + self._act_off
+            s, zp = self._affine_qparams(xf)
         rows = xf.shape[0] * xf.shape[2] * xf.shape[3]  # upper bound of B*Ho*Wo
         kernel = self._conv_kernel(rows)
         w_float = w_cols = None
@@ -565,13 +553,9 @@ class QuantizedConv2d(_Int8Base):
             return None
         _k, ksize, stride, padding, dilation, zp_int = self._conv_args  # type: ignore[misc]
         _, w_scale, colsum, bias, scale, zp, _ = self._fused_args  # type: ignore[misc]
-        if self._dynamic_affine:  # (the same qparams as the step-by-step path's)
-            if x.numel() == 0:
-                return None
-            lo, hi = torch.aminmax(x)
-            s, z = affine_qparams(float(lo), float(hi), self.act_spec)
-            zp_int = z + self._act_off
-            scale, zp = torch.tensor(s), torch.tensor(zp_int, dtype=torch.int32)
+        if self._dynamic_affine:  # this call's qparams, then the static form of the call
+            scale, zp = self._affine_qparams(x)
+            zp_int = int(zp)
         kernel = self._conv_kernel(x.shape[0] * x.shape[2] * x.shape[3])
         if kernel == "fp32_codes_conv":
             weight = self._codes_weight()

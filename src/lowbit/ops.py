@@ -23,13 +23,11 @@ per_token      ``x.shape[:-1] + (1,)``
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from lowbit.config import QuantSpec
 
 __all__ = [
-    "affine_qparams",
     "check_finite",
     "choose_qparams",
     "compute_range",
@@ -172,22 +170,6 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, spec: Quant
     scale = torch.clamp((hi - lo) / float(qmax - qmin), min=_EPS)
     zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
     return scale, zero_point
-
-
-def affine_qparams(lo: float, hi: float, spec: QuantSpec) -> tuple[float, int]:
-    """:func:`qparams_from_range` of one affine range, in Python scalars: the same float32
-    arithmetic (numpy float32 scalars) in a few microseconds, where the tensor form costs about
-    ten small ops. ``lo`` and ``hi`` are finite float32 values (e.g. from ``torch.aminmax``).
-
-    Example:
-        >>> affine_qparams(-1.0, 2.0, QuantSpec(signed=False, symmetric=False))
-        (0.0117647061124444, 85)
-    """
-    f32 = np.float32
-    lo32, hi32 = f32(min(lo, 0.0)), f32(max(hi, 0.0))
-    scale = max(f32(hi32 - lo32) / f32(spec.qmax - spec.qmin), f32(_EPS))
-    zp = min(max(spec.qmin - int(np.round(lo32 / scale)), spec.qmin), spec.qmax)
-    return float(scale), zp
 
 
 def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor
