@@ -158,6 +158,11 @@ def test_preset_int8_dynamic():
     assert cfg.weights == QuantSpec(bits=8, symmetric=True, granularity="per_channel", axis=0)
     assert cfg.activations.granularity == "per_token" and cfg.activations.symmetric
     assert QuantizationConfig.int8_dynamic(per_token=False).activations.granularity == "per_tensor"
+    affine = QuantizationConfig.int8_dynamic(per_token=False, symmetric=False).activations
+    assert affine == QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_tensor")
+    for bad in ({"symmetric": "no"}, {"per_token": 0}):
+        with pytest.raises(TypeError, match=f"{next(iter(bad))} must be True or False"):
+            QuantizationConfig.int8_dynamic(**bad)
 
 
 @pytest.mark.parametrize("calibrator", ["minmax", "moving_average", "percentile", "entropy", "mse"])

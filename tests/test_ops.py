@@ -549,3 +549,13 @@ def test_ort_dynamic_quantize_linear_qparams_are_bit_exact(kind, rng):
         assert int(diff.max()) <= 1
         diffs, total = diffs + int((diff != 0).sum()), total + x.numel()
     assert diffs < 1e-4 * total
+
+
+def test_quantize_bias_rounds_to_int32_and_refuses_mismatched_scales():
+    q, s = ops.quantize_bias(torch.tensor([0.1, -0.33]), torch.tensor(0.02),
+                             torch.tensor([1.0, 2.0]))
+    assert q.dtype == torch.int32 and q.tolist() == [5, -8]
+    assert s.tolist() == pytest.approx([0.02, 0.04])
+    assert ops.quantize_bias(torch.tensor([1e30]), torch.tensor(1e-6), torch.ones(1)) is None
+    with pytest.raises(ValueError, match="one weight scale per bias value"):
+        ops.quantize_bias(torch.ones(3), torch.tensor(0.1), torch.ones(4))

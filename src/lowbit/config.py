@@ -400,6 +400,9 @@ class QuantizationConfig:
         if activation_bits not in (7, 8) or isinstance(activation_bits, bool):
             raise ValueError(f"int8_dynamic: activation_bits must be 8 (default) or 7; got "
                              f"{activation_bits!r}")
+        for name, flag in (("per_token", per_token), ("symmetric", symmetric)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"int8_dynamic: {name} must be True or False; got {flag!r}")
         act = QuantSpec.int8_dynamic_activation("per_token" if per_token else "per_tensor")
         if not symmetric:
             act = act.with_(signed=False, symmetric=False)

@@ -188,7 +188,12 @@ def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: t
         >>> q.tolist(), (q.float() * s).tolist()
         ([5, -13], [0.09999999403953552, -0.25999999046325684])
     """
-    scale = (input_scale.float() * weight_scale.float()).expand(bias.shape).contiguous()
+    if input_scale.numel() != 1 or weight_scale.numel() not in (1, bias.numel()):
+        raise ValueError(f"quantize_bias: needs one input scale and one weight scale per bias "
+                         f"value (or one for all); got bias {tuple(bias.shape)}, input_scale "
+                         f"{tuple(input_scale.shape)}, weight_scale {tuple(weight_scale.shape)}")
+    scale = (input_scale.float().reshape(()) * weight_scale.float().reshape(-1)
+             ).expand(bias.numel()).reshape(bias.shape).contiguous()
     codes = torch.round(bias.double() / scale.double())
     if not bool(torch.isfinite(codes).all()) or float(codes.abs().max()) > 2**31 - 1:
         return None
