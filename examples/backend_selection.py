@@ -2,7 +2,8 @@
 
 A quantized lowbit model runs on several backends (``lowbit.backends``): ``reference`` (pure
 PyTorch, the expected numbers), ``native`` (lowbit's kernels for this CPU, the default),
-``torch`` (PyTorch's integer ops), ``cuda``, ``onnxruntime`` and ``torch.compile``. This script
+``torch`` (PyTorch's integer ops), ``cuda``, ``onnxruntime``, ``torch.compile`` and
+``aotinductor`` (``torch.export`` compiled ahead of time). This script
 prints which run here, times them on an MNIST CNN (static INT8) and a transformer encoder block
 (dynamic INT8), selects the fastest that matches the reference, switches, and checks the ONNX
 Runtime session against lowbit on real MNIST images (or CIFAR-10's with ``--cifar10 DIR``):
@@ -10,7 +11,7 @@ Runtime session against lowbit on real MNIST images (or CIFAR-10's with ``--cifa
     python examples/backend_selection.py [--fast] [--mnist DIR | --cifar10 DIR]
 
 ``--fast`` (what CI runs) trains on 2,000 images, times 3 calls per backend and leaves out
-``torch.compile`` (its first call compiles for a while).
+``torch.compile`` and ``aotinductor`` (they compile for a while).
 
 Expected output (AMD EPYC Zen 3, AVX2, 2 shared cores, ``--fast``; timings vary run to run)::
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{dataset} CNN, static INT8:\n" + best.to_markdown(), "\n")
 
     # 4. Switch to it: a layer backend switches qmodel in place, a model backend (ONNX Runtime,
-    #    torch.compile, CUDA) returns a module called like qmodel.
+    #    torch.compile, AOTInductor, CUDA) returns a module called like qmodel.
     runner = backends.set_backend(qmodel, best.name, images[:32])
     if runner is qmodel:
         backends.set_backend(qmodel, "native")  # back to the default for what follows

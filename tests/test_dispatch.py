@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -49,6 +51,22 @@ def test_fused_maxpool_shape_and_executor_rebuilt_from_spec() -> None:
     assert executor is not q and executor.qweight is copies[0]
     with pytest.raises(ValueError, match="expects buffers"):
         torch.ops.lowbit.quantized_layer(x, copies[:1], spec.replace("_lowbit", "") + " ")
+
+
+@pytest.mark.parametrize("name", ["layers.0", 'odd "name" \\ with %27 \' and %'])
+def test_spec_is_a_c_literal_that_reads_back(name: str) -> None:
+    """Inductor's C++ wrapper writes the spec between double quotes, unescaped: it holds no
+    double quote and no backslash, whatever the layer's name, and reads back exactly."""
+    q = convert_module(nn.Linear(4, 3), QuantizationConfig.int8_dynamic(), name=name)
+    spec = _dispatch.op_spec(q)
+    assert '"' not in spec and "\\" not in spec
+    meta = _dispatch.load_spec(spec)
+    assert meta["name"] == name and meta["out_features"] == 3
+    plain = json.dumps(meta, sort_keys=True)  # the plain JSON older versions wrote
+    assert _dispatch.load_spec(plain) == meta
+    x = torch.randn(2, 4)
+    assert torch.equal(torch.ops.lowbit.quantized_layer(x, _dispatch.layer_buffers(q), plain),
+                       q(x))
 
 
 def test_routing_is_off_by_default_and_override_checks_names() -> None:

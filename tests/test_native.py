@@ -102,6 +102,23 @@ def test_failed_build_falls_back_with_a_warning(tmp_path, monkeypatch, caplog) -
         native._reset_for_tests()
 
 
+@needs_native
+def test_export_as_first_use_keeps_the_c_kernels(make_quantized) -> None:
+    """torch.export computes a layer's kernel choice under its fake-tensor modes: when that is
+    the first use of lowbit's kernels in the process, loading them (and the rounding probe)
+    must still succeed, not leave the process on the pure-PyTorch path."""
+    qmodel, x = make_quantized("mlp-dynamic")
+    native._reset_for_tests()
+    try:
+        torch.export.export(qmodel, (x,))
+        assert native._state["tried"]  # the export was the first use
+        status = native.native_status()
+        assert status["available"], status["reason"]
+        assert native.addcmul_fma() == native._addcmul_fuses()
+    finally:
+        native._reset_for_tests()
+
+
 # ------------------------------------------------------------------ bit identity, kernel level
 
 @needs_native

@@ -6,7 +6,8 @@ its kernels directly. Otherwise :func:`route` sends the call to:
 
 - the custom op ``torch.ops.lowbit.quantized_layer`` while ``torch.compile`` / ``torch.export``
   trace the model: an opaque node with a fake (meta) implementation, so the trace has no graph
-  break and the exported graph is self-contained (the layer's buffers and a JSON spec);
+  break and the exported graph is self-contained (the layer's buffers and a spec, its meta
+  as JSON with ``'`` for ``"``, which Inductor's C++ wrapper and AOTInductor can embed);
 - a sibling module sharing the layer's buffers with another backend, inside a
   ``lowbit.backends.use(name)`` block;
 - the layer's own kernels with lowbit's C kernels switched off, for the ``"torch"`` backend
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import re
 import sys
 import weakref
 from collections.abc import Sequence
@@ -32,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LAYER_BACKENDS", "layer_buffers", "native_allowed", "op_spec", "override", "route",
-           "routed"]
+__all__ = ["LAYER_BACKENDS", "layer_buffers", "load_spec", "native_allowed", "op_spec", "override",
+           "route", "routed"]
 
 #: The values of a quantized module's ``backend`` attribute: ``"auto"`` (lowbit's kernels for
 #: this CPU, the ``native`` backend; PyTorch ops where a kernel is missing), ``"reference"``
@@ -150,10 +152,34 @@ def layer_buffers(module: nn.Module) -> list[torch.Tensor]:
     return [module._buffers[n] for n in _buffer_names(module)]
 
 
+_SPEC_ESCAPES = {"%": "%25", "'": "%27", "\\": "%5C"}
+_SPEC_UNESCAPES = {v: k for k, v in _SPEC_ESCAPES.items()}
+
+
 def _spec(module: nn.Module) -> str:
+    """The layer's spec: its JSON with ``'`` for ``"`` (and ``%``, ``'``, ``\\`` escaped as
+    ``%25``, ``%27``, ``%5C``), a string Inductor's C++ wrapper (``cpp_wrapper``,
+    AOTInductor) can write as a literal: it emits string arguments unescaped."""
     meta = {k: v for k, v in module.meta().items() if k not in ("kernel", "extra")}
     meta["buffers"] = _buffer_names(module)
-    return json.dumps(meta, sort_keys=True)
+    text = json.dumps(meta, sort_keys=True)
+    return re.sub(r"[%'\\]", lambda m: _SPEC_ESCAPES[m.group()], text).replace('"', "'")
+
+
+def load_spec(spec: str) -> dict[str, Any]:
+    """The layer meta an :func:`op_spec` string holds (plain JSON, as older lowbit wrote it,
+    is read too).
+
+    Example:
+        >>> import lowbit
+        >>> q = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(4, 3)))[0]
+        >>> load_spec(op_spec(q))["out_features"]
+        3
+    """
+    if not spec.startswith('{"'):
+        spec = re.sub(r"%(25|27|5C)", lambda m: _SPEC_UNESCAPES[m.group()],
+                      spec.replace("'", '"'))
+    return json.loads(spec)
 
 
 @_assume_constant_result
@@ -165,8 +191,8 @@ def op_spec(module: nn.Module) -> str:
     Example:
         >>> import lowbit
         >>> q = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(4, 3)))[0]
-        >>> json.loads(op_spec(q))["out_features"]
-        3
+        >>> '"' in op_spec(q), load_spec(op_spec(q))["out_features"]
+        (False, 3)
     """
     return _spec(module)
 
@@ -186,7 +212,7 @@ def _sibling(module: nn.Module, backend: str) -> nn.Module:
     if hit is not None and hit[0] == _config_key(module) and all(
             hit[1]._buffers.get(n) is module._buffers[n] for n in names):
         return hit[1]
-    sib = _build(json.loads(_spec(module)), [module._buffers[n] for n in names], backend)
+    sib = _build(load_spec(_spec(module)), [module._buffers[n] for n in names], backend)
     cache[backend] = (_config_key(module), sib)
     return sib
 
@@ -225,7 +251,7 @@ def _executor(spec: str, buffers: Sequence[torch.Tensor]) -> nn.Module:
         if module is not None and all(_same(module._buffers[n], t) for n, t in zip(
                 hit[2], buffers, strict=True)):
             return module
-    meta = json.loads(spec)
+    meta = load_spec(spec)
     names = meta["buffers"]
     if len(names) != len(buffers):
         raise ValueError(f"lowbit.quantized_layer: {meta.get('name') or meta.get('class')} "
@@ -257,7 +283,7 @@ for _key in ("CPU", "CUDA"):
 
 @functools.lru_cache(maxsize=1024)
 def _meta(spec: str) -> dict[str, Any]:
-    return json.loads(spec)
+    return load_spec(spec)
 
 
 @torch.library.register_fake("lowbit::quantized_layer")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = ["ISA_PATHS", "isa_paths", "load_gemm", "load_native", "native_status", "selected_isa"]
 
@@ -328,13 +329,20 @@ def _addcmul_fuses() -> bool:
     or ``ATEN_CPU_CAPABILITY=default``) is not. The epilogue kernels follow whichever rounding
     torch uses here, so that both paths stay bit-identical. Raises when torch's vectorized and
     scalar code disagree (then lowbit keeps to the pure-PyTorch path).
+
+    Runs on real tensors even when the first use of lowbit's kernels is inside a trace
+    (``torch.export`` computes a layer's kernel choice under its fake-tensor and
+    ``__torch_function__`` modes, where reading a value back raises): the probe steps out of
+    those modes instead of failing the load.
     """
-    # v * v needs 26 significant bits: FMA is visible (on the CPU whatever the default device)
-    v = torch.full((67,), 1 + 2.0**-12, device="cpu")
-    got = torch.addcmul(torch.full((67,), -1.0, device="cpu"), v, v)
-    fused = float(got[0]) == 2.0**-11 + 2.0**-24
-    if bool((got != got[0]).any()):
-        raise RuntimeError("torch.addcmul rounds its vector and scalar lanes differently")
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        # v * v needs 26 significant bits: FMA is visible (on the CPU whatever the default
+        # device)
+        v = torch.full((67,), 1 + 2.0**-12, device="cpu")
+        got = torch.addcmul(torch.full((67,), -1.0, device="cpu"), v, v)
+        fused = float(got[0]) == 2.0**-11 + 2.0**-24
+        if bool((got != got[0]).any()):
+            raise RuntimeError("torch.addcmul rounds its vector and scalar lanes differently")
     return fused
 
 
@@ -405,3 +413,4 @@ def _reset_for_tests() -> None:
     with _lock:
         _state.update(lib=None, tried=False, reason="not loaded yet", path=None)
         _gemm.clear()
+        addcmul_fma.cache_clear()

@@ -45,8 +45,43 @@ def test_export_keeps_the_batch_dynamic_and_each_layer_backend(make_quantized, r
         assert torch.equal(program.module()(xb), run(qmodel, xb))
     backends.set_backend(qmodel, "torch")  # the layer backend is part of the exported spec
     program = torch.export.export(qmodel, (x,))
-    assert '"backend": "torch"' in str(program.graph_module.code)
+    assert "'backend': 'torch'" in str(program.graph_module.code)
     assert torch.equal(program.module()(x), run(qmodel, x))
+
+
+def test_cpp_wrapper_compile_equals_eager(make_quantized, run) -> None:
+    """Inductor's C++ wrapper writes each layer's spec as a C++ string literal, unescaped (a
+    spec with double quotes did not compile)."""
+    qmodel, x = make_quantized("mlp-dynamic")
+    torch._dynamo.reset()
+    compiled = torch.compile(qmodel, options={"cpp_wrapper": True})
+    assert torch.equal(run(compiled, x), run(qmodel, x))
+
+
+def test_aotinductor_backend_equals_eager(make_quantized, run) -> None:
+    """torch.export -> AOTInductor (the ``aotinductor`` backend): the compiled library calls
+    lowbit's op and gives eager's bits at any batch size, from a batch-1 example."""
+    qmodel, x = make_quantized("cnn-static")
+    compiled = backends.set_backend(qmodel, "aotinductor", x[:1])
+    assert isinstance(compiled, backends.AOTInductorModule)
+    for n in (1, 5):
+        xb = torch.randn(n, 1, 28, 28)
+        assert torch.equal(run(compiled, xb), run(qmodel, xb))
+
+
+def test_aotinductor_backend_checks_what_the_library_would_not(make_quantized, run) -> None:
+    """Keyword inputs (a BERT's token ids): the batch is dynamic, the sequence length is the
+    example's; another length or dtype is refused before the compiled code could read past
+    its buffers (it does not check sizes itself)."""
+    qmodel, x = make_quantized("bert-dynamic")
+    compiled = backends.set_backend(qmodel, "aotinductor", x)
+    three = {k: v[:1].repeat(3, 1) for k, v in x.items()}
+    assert torch.allclose(run(compiled, three), run(qmodel, three), atol=1e-5)
+    longer = {k: torch.cat([v, v], dim=1) for k, v in x.items()}
+    with pytest.raises(ValueError, match=r"input input_ids has shape \(2, 16\).*\(\*, 8\)"):
+        compiled(**longer)
+    with pytest.raises(ValueError, match=r"torch\.int32"):
+        compiled(**{**x, "input_ids": x["input_ids"].int()})
 
 
 def test_exported_program_runs_without_the_original_model(make_quantized, run) -> None:

@@ -21,7 +21,7 @@ def _qmodel() -> nn.Module:
 def test_available_lists_every_builtin_backend() -> None:
     table = backends.available()
     assert [s.name for s in table] == ["reference", "native", "torch", "cuda", "onnxruntime",
-                                       "torch.compile"]
+                                       "torch.compile", "aotinductor"]
     assert table["reference"].available and table["torch"].available
     assert {s.scope for s in table} == {"layer", "model"}
     for status in table:

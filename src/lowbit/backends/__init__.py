@@ -9,6 +9,7 @@ backend            kind   what runs the quantized layers
 ``cuda``           model  the model on a CUDA GPU
 ``onnxruntime``    model  the model exported to ONNX, in an ONNX Runtime session
 ``torch.compile``  model  Inductor; quantized layers are the op ``lowbit::quantized_layer``
+``aotinductor``    model  ``torch.export`` + AOTInductor: the same graph compiled ahead of time
 =================  =====  =============================================================
 
 Example:
@@ -25,7 +26,7 @@ Example:
 """
 
 from lowbit.backends import builtin  # noqa: F401  (registers the built-in backends)
-from lowbit.backends.builtin import DeviceModule
+from lowbit.backends.builtin import AOTInductorModule, DeviceModule
 from lowbit.backends.compare import (
     BackendComparison,
     BackendResult,
@@ -47,6 +48,7 @@ from lowbit.backends.registry import (
 )
 
 __all__ = [
+    "AOTInductorModule",
     "Backend",
     "BackendComparison",
     "BackendResult",

@@ -1,5 +1,6 @@
-"""The built-in backends: ``reference``, ``native``, ``torch``, ``cuda``, ``onnxruntime`` and
-``torch.compile``, each with its availability check (package, CPU feature, device, compiler).
+"""The built-in backends: ``reference``, ``native``, ``torch``, ``cuda``, ``onnxruntime``,
+``torch.compile`` and ``aotinductor``, each with its availability check (package, CPU feature,
+device, compiler).
 """
 
 from __future__ import annotations
@@ -7,9 +8,11 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from torch import nn
 
 from lowbit.backends.registry import Backend, register_backend
 
-__all__ = ["DeviceModule"]
+__all__ = ["AOTInductorModule", "DeviceModule"]
 
 
 def _native_missing() -> str | None:
@@ -136,6 +139,87 @@ def _compile_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
     return torch.compile(qmodel)
 
 
+class AOTInductorModule(nn.Module):
+    """A model compiled ahead of time by AOTInductor (``torch.export`` then
+    ``torch._inductor.aoti_compile_and_package``), called like the model it came from.
+
+    The compiled code calls each quantized layer as the op ``lowbit::quantized_layer``, which
+    runs lowbit's kernels: it needs ``lowbit`` imported in the process that runs it. Only the
+    batch axis is dynamic: every call is checked against the traced shapes and dtypes first,
+    since the compiled library does not check them (a longer sequence would read past its
+    buffers).
+
+    Example:
+        >>> import lowbit
+        >>> q = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(8, 4)))
+        >>> m = lowbit.backends.set_backend(q, "aotinductor", torch.randn(2, 8))  # compiles C++
+        >>> x = torch.randn(3, 8)
+        >>> torch.equal(m(x), q(x))
+        True
+        >>> m(torch.randn(3, 9))
+        Traceback (most recent call last):
+        ...
+        ValueError: aotinductor: input 0 has shape (3, 9) and dtype torch.float32; the compiled ...
+    """
+
+    def __init__(self, runner: Any, inputs: dict[int | str, tuple[tuple, torch.dtype]]) -> None:
+        super().__init__()
+        self.runner = runner
+        self.inputs = inputs  # position or keyword -> (shape with None where dynamic, dtype)
+
+    def _check(self, key: int | str, t: Any) -> None:
+        shape, dtype = self.inputs.get(key, (None, None))
+        if shape is None or not isinstance(t, torch.Tensor):
+            return
+        if t.dtype != dtype or t.dim() != len(shape) or any(
+                d is not None and d != n for d, n in zip(shape, t.shape, strict=True)):
+            want = ", ".join("*" if d is None else str(d) for d in shape)
+            raise ValueError(f"aotinductor: input {key} has shape {tuple(t.shape)} and dtype "
+                             f"{t.dtype}; the compiled model takes ({want}) {dtype} (* is "
+                             "dynamic; other sizes are those of the example inputs: compile "
+                             "again with an example of this shape)")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Check the inputs' shapes, run the compiled model (float tensors in and out)."""
+        for i, a in enumerate(args):
+            self._check(i, a)
+        for k, v in kwargs.items():
+            self._check(k, v)
+        return self.runner(*args, **kwargs)
+
+
+def _traced_inputs(program: Any, model: nn.Module, args: tuple, kwargs: dict[str, Any]
+                   ) -> dict[int | str, tuple[tuple, torch.dtype]]:
+    """Each top-level tensor input's traced shape (None on a symbolic axis) and dtype, found by
+    name: ``torch.export`` names an input's placeholder after its keyword or its parameter in
+    ``forward``. An input whose placeholder is not found (nested or renamed) is not checked."""
+    user = set(program.graph_signature.user_inputs)
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes
+            if n.op == "placeholder" and n.name in user}
+    params = list(inspect.signature(model.forward).parameters)
+    keyed = [(i, params[i] if i < len(params) else None, a) for i, a in enumerate(args)]
+    keyed += [(k, k, v) for k, v in kwargs.items()]
+    return {key: (tuple(d if isinstance(d, int) else None for d in val.shape), val.dtype)
+            for key, name, t in keyed if isinstance(t, torch.Tensor)
+            and isinstance(val := vals.get(name), torch.Tensor) and val.dim() == t.dim()}
+
+
+def _aoti_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
+    from lowbit._export_inputs import export_arguments
+
+    args, kwargs, shapes = export_arguments(qmodel, example_inputs, (0,), "backend aotinductor")
+    program = torch.export.export(qmodel.eval(), args, kwargs or None, dynamic_shapes=shapes)
+    inputs = _traced_inputs(program, qmodel, args, kwargs)
+    with tempfile.TemporaryDirectory(prefix="lowbit-aoti-") as folder, \
+            warnings.catch_warnings():
+        # torch's own unpickling of the program's tree spec (not the user's concern)
+        warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)
+        path = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(Path(folder) / "model.pt2"))
+        runner = torch._inductor.aoti_load_package(path)  # (loaded: the file can go)
+    return AOTInductorModule(runner, inputs)
+
+
 register_backend(Backend(
     "reference", "pure PyTorch: integer GEMM as float64 over the codes, weight-only as "
     "dequantize + float op", "defines the expected numbers", lambda: None,
@@ -166,3 +250,10 @@ register_backend(Backend(
     "quantized layers bit-identical to their layer backend; compiled float ops may round "
     "differently (~1e-6 relative)", _compile_missing, prepare=_compile_prepare,
     detail=lambda: f"torch {torch.__version__}, Inductor"))
+register_backend(Backend(
+    "aotinductor", "torch.export, then AOTInductor compiles the program to a shared library "
+    "ahead of time: the quantized layers are the op lowbit::quantized_layer, the float ops "
+    "between them C++; no Python wrapper per call", "quantized layers bit-identical to their "
+    "layer backend; compiled float ops may round differently (~1e-6 relative)",
+    _compile_missing, prepare=_aoti_prepare, needs_inputs=True,
+    detail=lambda: f"torch {torch.__version__}, AOTInductor"))

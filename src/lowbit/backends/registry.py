@@ -3,9 +3,9 @@
 Two kinds of backend. *Layer* backends (``reference``, ``native``, ``torch``) are a setting of
 every quantized layer: :func:`set_backend` switches a model in place, :func:`use` switches every
 layer called in a ``with`` block, and the model stays an ordinary ``nn.Module``. *Model*
-backends (``cuda``, ``onnxruntime``, ``torch.compile``) run the whole model somewhere else:
-:func:`set_backend` returns a new module that is called like the quantized one (float tensors
-in and out) and leaves the quantized model as it was.
+backends (``cuda``, ``onnxruntime``, ``torch.compile``, ``aotinductor``) run the whole model
+somewhere else: :func:`set_backend` returns a new module that is called like the quantized one
+(float tensors in and out) and leaves the quantized model as it was.
 """
 
 from __future__ import annotations
@@ -224,14 +224,15 @@ def set_backend(qmodel: nn.Module, name: str, example_inputs: Any = None) -> nn.
 
     A layer backend (``reference``, ``native``, ``torch``) switches every quantized layer of
     ``qmodel`` in place and returns ``qmodel``; a model backend (``cuda``, ``onnxruntime``,
-    ``torch.compile``) returns a new module called like ``qmodel`` and leaves ``qmodel`` as it
-    was.
+    ``torch.compile``, ``aotinductor``) returns a new module called like ``qmodel`` and leaves
+    ``qmodel`` as it was.
 
     Args:
         qmodel: a model quantized by lowbit (or one quantized layer).
         name: a backend name (see :func:`available`).
-        example_inputs: a tensor, tuple or dict of inputs; needed by ``onnxruntime`` (the
-            export traces the model with them; the batch dimension stays dynamic).
+        example_inputs: a tensor, tuple or dict of inputs; needed by ``onnxruntime`` and
+            ``aotinductor`` (the export traces the model with them; the batch dimension stays
+            dynamic).
 
     Returns:
         The module to call.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import io
 import json
 import logging
@@ -22,12 +21,14 @@ import shutil
 import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from lowbit._export_inputs import export_arguments
 
 __all__ = ["DEFAULT_OPSET", "IR_VERSION", "export_onnx"]
 
@@ -71,46 +72,6 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
-    """``(args, kwargs)`` from a tensor, a tuple / list of arguments or a dict of keywords."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise TypeError(f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword "
-                    f"arguments, got {type(example_inputs).__name__}")
-
-
-def _widen(t: Any, axes: Sequence[int]) -> Any:
-    """``t`` repeated to size 2 on each dynamic axis of size 1 (torch.export specializes
-    a size-1 dimension to the constant 1)."""
-    if not isinstance(t, torch.Tensor):
-        return t
-    for axis in axes:
-        if axis < t.dim() and t.shape[axis] == 1:
-            t = torch.cat([t, t], dim=axis)
-    return t
-
-
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any],
-                    axes: Sequence[int]) -> dict[str, Any] | tuple:
-    def spec(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return None
-        return {a: torch.export.Dim.AUTO for a in axes if a < t.dim()} or None
-
-    if not kwargs:
-        return tuple(spec(a) for a in args)
-    params = list(inspect.signature(model.forward).parameters)
-    if len(args) > len(params):
-        raise ValueError("export_onnx: pass example inputs either all by position or with "
-                         "keyword names that the model's forward declares")
-    return {**{params[i]: spec(a) for i, a in enumerate(args)},
-            **{k: spec(v) for k, v in kwargs.items()}}
 
 
 def _export_copy(qmodel: nn.Module, exact: bool) -> nn.Module:
@@ -267,11 +228,8 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
         raise ValueError(f"export_onnx: opset={opset!r} must be an integer from 18 to 21 "
                          "(lowbit's subgraphs use opset-18 operators)")
     axes = sorted({int(a) for a in dynamic_axes})
-    args, kwargs = _split_inputs(example_inputs)
     model = _export_copy(qmodel, exact)
-    args = tuple(_widen(a, axes) for a in args)
-    kwargs = {k: _widen(v, axes) for k, v in kwargs.items()}
-    shapes = _dynamic_shapes(model, args, kwargs, axes)
+    args, kwargs, shapes = export_arguments(model, example_inputs, axes, "export_onnx")
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(
