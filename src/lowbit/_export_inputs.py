@@ -7,17 +7,15 @@ give a program that only takes batch 1: such axes are widened to 2 before tracin
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 __all__ = ["export_arguments"]
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+def _split_inputs(example_inputs: Any, who: str) -> tuple[tuple, dict[str, Any]]:
     """``(args, kwargs)`` from a tensor, a tuple / list of arguments or a dict of keywords."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
@@ -25,8 +23,8 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
-    raise TypeError(f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword "
-                    f"arguments, got {type(example_inputs).__name__}")
+    raise TypeError(f"{who}: example_inputs must be a tensor, a tuple of arguments or a dict of "
+                    f"keyword arguments, got {type(example_inputs).__name__}")
 
 
 def _widen(t: Any, axes: Sequence[int]) -> Any:
@@ -39,35 +37,31 @@ def _widen(t: Any, axes: Sequence[int]) -> Any:
     return t
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict[str, Any],
-                    axes: Sequence[int], who: str) -> dict[str, Any] | tuple:
+def _dynamic_shapes(args: tuple, kwargs: dict[str, Any],
+                    axes: Sequence[int]) -> dict[str, Any] | tuple:
     def spec(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return None
         return {a: torch.export.Dim.AUTO for a in axes if a < t.dim()} or None
 
-    if not kwargs:
-        return tuple(spec(a) for a in args)
-    params = list(inspect.signature(model.forward).parameters)
-    if len(args) > len(params):
-        raise ValueError(f"{who}: pass example inputs either all by position or with keyword "
-                         "names that the model's forward declares")
-    return {**{params[i]: spec(a) for i, a in enumerate(args)},
-            **{k: spec(v) for k, v in kwargs.items()}}
+    if kwargs:  # (inputs come either all by position or all by keyword)
+        return {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args)
 
 
-def export_arguments(model: nn.Module, example_inputs: Any, axes: Sequence[int],
+def export_arguments(example_inputs: Any, axes: Sequence[int],
                      who: str) -> tuple[tuple, dict[str, Any], dict[str, Any] | tuple]:
     """``(args, kwargs, dynamic_shapes)`` for ``torch.export.export(model, args, kwargs,
-    dynamic_shapes=...)``: ``axes`` of every tensor input left symbolic (size-1 ones widened
-    to 2). ``who`` names the caller in errors.
+    dynamic_shapes=...)`` from a tensor, a tuple of positional arguments or a dict of keyword
+    arguments: ``axes`` of every tensor input left symbolic (size-1 ones widened to 2). ``who``
+    names the caller in errors.
 
     Example:
-        >>> args, kwargs, shapes = export_arguments(nn.Linear(4, 2), torch.randn(1, 4), [0], "me")
+        >>> args, kwargs, shapes = export_arguments(torch.randn(1, 4), [0], "me")
         >>> args[0].shape, list(shapes[0])
         (torch.Size([2, 4]), [0])
     """
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = _split_inputs(example_inputs, who)
     args = tuple(_widen(a, axes) for a in args)
     kwargs = {k: _widen(v, axes) for k, v in kwargs.items()}
-    return args, kwargs, _dynamic_shapes(model, args, kwargs, axes, who)
+    return args, kwargs, _dynamic_shapes(args, kwargs, axes)

@@ -207,7 +207,7 @@ def _traced_inputs(program: Any, model: nn.Module, args: tuple, kwargs: dict[str
 def _aoti_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
     from lowbit._export_inputs import export_arguments
 
-    args, kwargs, shapes = export_arguments(qmodel, example_inputs, (0,), "backend aotinductor")
+    args, kwargs, shapes = export_arguments(example_inputs, (0,), "backend aotinductor")
     program = torch.export.export(qmodel.eval(), args, kwargs or None, dynamic_shapes=shapes)
     inputs = _traced_inputs(program, qmodel, args, kwargs)
     with tempfile.TemporaryDirectory(prefix="lowbit-aoti-") as folder, \

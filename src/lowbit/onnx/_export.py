@@ -229,7 +229,7 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
                          "(lowbit's subgraphs use opset-18 operators)")
     axes = sorted({int(a) for a in dynamic_axes})
     model = _export_copy(qmodel, exact)
-    args, kwargs, shapes = export_arguments(model, example_inputs, axes, "export_onnx")
+    args, kwargs, shapes = export_arguments(example_inputs, axes, "export_onnx")
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(
