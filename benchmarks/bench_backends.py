@@ -111,8 +111,9 @@ def main() -> None:
             runners = {}
             for name in usable:
                 if name == "onnxruntime":  # the backend's export, in a session like the peer's
-                    runners[name] = OnnxRuntimeModule(export_onnx(qmodel, inputs[32], None),
-                                                      session_options=_ort_options())
+                    runners[name] = OnnxRuntimeModule(
+                        export_onnx(qmodel, inputs[32], None, exact="auto"),
+                        session_options=_ort_options())
                     continue
                 runners[name] = backends.set_backend(copy.deepcopy(qmodel), name, inputs[32])
             peers = {"ORT quantize_dynamic": _ort_own(fp32, inputs[32], folder,

@@ -124,7 +124,7 @@ def _onnx_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
 
     with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(qmodel, example_inputs, path)
+        export_onnx(qmodel, example_inputs, path, exact="auto")  # exact on this CPU
         return OnnxRuntimeModule(str(path))  # the session has read the file (and its data)
 
 

@@ -74,7 +74,7 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _export_copy(qmodel: nn.Module, exact: bool) -> nn.Module:
+def _export_copy(qmodel: nn.Module, exact: bool | str) -> nn.Module:
     """A copy of ``qmodel`` in eval mode with every quantized layer replaced by its export
     stand-in (shared layers stay shared); ``qmodel`` itself is not touched."""
     from lowbit.onnx._layers import export_layer
@@ -178,7 +178,7 @@ def _save_atomic(proto: Any, path: Path) -> None:
 
 def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike | None,
                 opset: int = DEFAULT_OPSET, *, dynamic_axes: Sequence[int] = (0,),
-                exact: bool = True) -> Any:
+                exact: bool | str = True) -> Any:
     """Export a lowbit model to ONNX that ONNX Runtime runs with integer kernels.
 
     Quantized layers become standard ONNX: static INT8 as QDQ (``QuantizeLinear`` /
@@ -203,7 +203,11 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
             they saturate int16 pair sums, which moves some outputs. Layers with 7-bit
             activations (``QuantizationConfig.int8_dynamic(activation_bits=7)``) get int8
             weights either way: their activation codes fit in [0, 127], where the u8 x s8
-            kernels are exact on every CPU, so they are exact and fastest.
+            kernels are exact on every CPU, so they are exact and fastest. ``"auto"`` (what
+            the ``onnxruntime`` backend uses): int8 weights where ONNX Runtime's u8 x s8 kernels
+            are exact on this CPU (x86 with AVX512-VNNI, AVX-VNNI or AMX) and faster (linears,
+            static convs; the dynamic ``ConvInteger`` keeps uint8), else uint8: exact here, and
+            on any CPU with VNNI, but not a file to run on an AVX2-only one.
 
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker``).
@@ -224,6 +228,8 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
 
     from lowbit.onnx._ops import TRANSLATIONS
 
+    if exact not in (True, False, "auto"):
+        raise ValueError(f"export_onnx: exact={exact!r} must be True, False or 'auto'")
     if not isinstance(opset, int) or not 18 <= opset <= 21:
         raise ValueError(f"export_onnx: opset={opset!r} must be an integer from 18 to 21 "
                          "(lowbit's subgraphs use opset-18 operators)")

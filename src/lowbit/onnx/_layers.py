@@ -10,6 +10,8 @@ runs the parts torch exports as-is (reshapes, padding, fused ReLU / GELU / max-p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +30,7 @@ from lowbit.modules_rnn import QuantizedRNNBase
 from lowbit.onnx import _ops  # noqa: F401  (registers torch.ops.lowbit_export)
 from lowbit.ops import quantize_bias
 
-__all__ = ["export_layer"]
+__all__ = ["export_layer", "u8s8_exact_here"]
 
 def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
     """A per-tensor / per-row / per-group qparam as ``[N, groups]``."""
@@ -43,18 +45,43 @@ def _u8(codes: torch.Tensor) -> torch.Tensor:
     return (codes.to(torch.int16) + 128).to(torch.uint8)
 
 
-def _s8_weights(layer: QuantizedLinear | QuantizedConv2d, exact: bool) -> bool:
+@functools.lru_cache(maxsize=1)
+def u8s8_exact_here() -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer kernels are exact on this CPU: x86 with VNNI
+    (``avx512_vnni``, ``avx_vnni`` or AMX), which multiplies and adds into int32 directly.
+    Without it they add int16 pair sums, which saturate (and on other CPUs: not assumed).
+
+    Example:
+        >>> isinstance(u8s8_exact_here(), bool)
+        True
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = set(fh.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _s8_weights(layer: QuantizedLinear | QuantizedConv2d, exact: bool | str) -> bool:
     """Whether an INT8 x INT8 layer exports int8 weights (ONNX Runtime's u8 x s8 kernels)
     rather than uint8 ``w + 128`` (u8 x u8 kernels: exact on every CPU, slower).
 
     Activations become uint8 ``q - qmin``. The u8 x s8 kernels add int16 pair sums, which
     saturate on x86 CPUs without VNNI unless the activation codes fit in [0, 127] (7-bit
     activations: ``2 * 127 * 128 < 2**15``): linears with such activations take int8 weights
-    even when ``exact``.
+    even when ``exact``. ``"auto"``: int8 weights where :func:`u8s8_exact_here` and ONNX
+    Runtime's u8 x s8 kernel is the faster one (``MatMulInteger``, static ``QLinearConv``;
+    not the dynamic ``ConvInteger``, whose u8 x s8 kernel measured 1.8-2.2x slower).
     """
     if layer.qweight.dtype != torch.int8:
         return False
-    return not exact or (layer._qmax - layer._qmin <= 127 and isinstance(layer, QuantizedLinear))
+    if layer._qmax - layer._qmin <= 127 and isinstance(layer, QuantizedLinear):
+        return True
+    if exact == "auto":
+        return u8s8_exact_here() and (isinstance(layer, QuantizedLinear)
+                                      or layer.mode == "static")
+    return not exact
 
 
 class _Epilogue(nn.Module):
@@ -79,7 +106,8 @@ class _Epilogue(nn.Module):
 class _Int8(nn.Module):
     """Weights and activation parameters of an INT8 x INT8 layer, in ONNX layout."""
 
-    def __init__(self, layer: QuantizedLinear | QuantizedConv2d, exact: bool = True) -> None:
+    def __init__(self, layer: QuantizedLinear | QuantizedConv2d,
+                 exact: bool | str = True) -> None:
         super().__init__()
         self.post = _Epilogue(layer)
         spec, self.mode = layer.act_spec, layer.mode
@@ -127,7 +155,7 @@ class _Int8(nn.Module):
 class ExportLinear(_Int8):
     """:class:`~lowbit.modules.QuantizedLinear` for export (dynamic or static)."""
 
-    def __init__(self, layer: QuantizedLinear, exact: bool = True) -> None:
+    def __init__(self, layer: QuantizedLinear, exact: bool | str = True) -> None:
         super().__init__(layer, exact)
         self.k, self.n = layer.in_features, layer.out_features
         if self.mode != "static":
@@ -158,7 +186,7 @@ class ExportLinear(_Int8):
 class ExportConv(_Int8):
     """:class:`~lowbit.modules.QuantizedConv2d` / ``QuantizedConv1d`` for export."""
 
-    def __init__(self, layer: QuantizedConv2d, exact: bool = True) -> None:
+    def __init__(self, layer: QuantizedConv2d, exact: bool | str = True) -> None:
         super().__init__(layer, exact)
         g = layer.geometry
         self.pre_pad, self.pad_mode = g["pre_pad"], g["pad_mode"]
@@ -284,14 +312,15 @@ class ExportDequant(nn.Module):
         return self.post(F.linear(x, self.weight(), self.bias))
 
 
-def export_layer(layer: nn.Module, exact: bool = True) -> nn.Module | None:
+def export_layer(layer: nn.Module, exact: bool | str = True) -> nn.Module | None:
     """The export stand-in of a lowbit quantized layer, or None for any other module.
 
     ``exact``: INT8 x INT8 layers with 8-bit activations keep uint8 weights ``w + 128`` (u8 x
     u8 integer kernels: exact int32 sums on every CPU) rather than the int8 codes (u8 x s8:
     ONNX Runtime's fastest kernels, whose int16 pair sums saturate on x86 CPUs without VNNI).
     Layers with activations of 7 bits or fewer always get int8 weights: their uint8 codes
-    ``q - qmin`` stay in ``[0, 127]``, where the u8 x s8 kernels are exact too.
+    ``q - qmin`` stay in ``[0, 127]``, where the u8 x s8 kernels are exact too. ``"auto"``:
+    int8 weights where they are exact on this CPU and faster (see ``_s8_weights``).
 
     Example:
         >>> from lowbit import QuantizationConfig
@@ -327,7 +356,7 @@ class _SmoothedInput(nn.Module):
         return self.inner(x * self.factor.to(x.dtype))
 
 
-def _export_layer(layer: nn.Module, exact: bool) -> nn.Module | None:
+def _export_layer(layer: nn.Module, exact: bool | str) -> nn.Module | None:
     if isinstance(layer, QuantizedLinear):
         return ExportLinear(layer, exact)
     if isinstance(layer, (QuantizedConv2d, QuantizedConv1d)):
