@@ -159,25 +159,26 @@ class AOTInductorModule(nn.Module):
         >>> m(torch.randn(3, 9))
         Traceback (most recent call last):
         ...
-        ValueError: aotinductor: input 0 has shape (3, 9) and dtype torch.float32; the compiled ...
+        ValueError: aotinductor: input 0 has shape (3, 9) and dtype torch.float32 on cpu; the ...
     """
 
-    def __init__(self, runner: Any, inputs: dict[int | str, tuple[tuple, torch.dtype]]) -> None:
+    def __init__(self, runner: Any,
+                 inputs: dict[int | str, tuple[tuple, torch.dtype, torch.device]]) -> None:
         super().__init__()
         self.runner = runner
-        self.inputs = inputs  # position or keyword -> (shape with None where dynamic, dtype)
+        self.inputs = inputs  # position / keyword -> (shape, None where dynamic; dtype; device)
 
     def _check(self, key: int | str, t: Any) -> None:
-        shape, dtype = self.inputs.get(key, (None, None))
+        shape, dtype, device = self.inputs.get(key, (None, None, None))
         if shape is None or not isinstance(t, torch.Tensor):
             return
-        if t.dtype != dtype or t.dim() != len(shape) or any(
+        if t.dtype != dtype or t.device.type != device.type or t.dim() != len(shape) or any(
                 d is not None and d != n for d, n in zip(shape, t.shape, strict=True)):
             want = ", ".join("*" if d is None else str(d) for d in shape)
             raise ValueError(f"aotinductor: input {key} has shape {tuple(t.shape)} and dtype "
-                             f"{t.dtype}; the compiled model takes ({want}) {dtype} (* is "
-                             "dynamic; other sizes are those of the example inputs: compile "
-                             "again with an example of this shape)")
+                             f"{t.dtype} on {t.device.type}; the compiled model takes ({want}) "
+                             f"{dtype} on {device.type} (* is dynamic; other sizes are those of "
+                             "the example inputs: compile again with an example like this)")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Check the inputs' shapes, run the compiled model (float tensors in and out)."""
@@ -189,17 +190,19 @@ class AOTInductorModule(nn.Module):
 
 
 def _traced_inputs(program: Any, model: nn.Module, args: tuple, kwargs: dict[str, Any]
-                   ) -> dict[int | str, tuple[tuple, torch.dtype]]:
-    """Each top-level tensor input's traced shape (None on a symbolic axis) and dtype, found by
-    name: ``torch.export`` names an input's placeholder after its keyword or its parameter in
-    ``forward``. An input whose placeholder is not found (nested or renamed) is not checked."""
+                   ) -> dict[int | str, tuple[tuple, torch.dtype, torch.device]]:
+    """Each top-level tensor input's traced shape (None on a symbolic axis), dtype and device,
+    found by name: ``torch.export`` names an input's placeholder after its keyword or its
+    parameter in ``forward``. An input whose placeholder is not found (nested or renamed) is
+    not checked."""
     user = set(program.graph_signature.user_inputs)
     vals = {n.name: n.meta.get("val") for n in program.graph.nodes
             if n.op == "placeholder" and n.name in user}
     params = list(inspect.signature(model.forward).parameters)
     keyed = [(i, params[i] if i < len(params) else None, a) for i, a in enumerate(args)]
     keyed += [(k, k, v) for k, v in kwargs.items()]
-    return {key: (tuple(d if isinstance(d, int) else None for d in val.shape), val.dtype)
+    return {key: (tuple(d if isinstance(d, int) else None for d in val.shape), val.dtype,
+                  val.device)
             for key, name, t in keyed if isinstance(t, torch.Tensor)
             and isinstance(val := vals.get(name), torch.Tensor) and val.dim() == t.dim()}
 
