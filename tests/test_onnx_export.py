@@ -368,10 +368,10 @@ def test_seven_bit_activations_export_int8_weights_exactly(scheme, tmp_path) -> 
 
 
 def test_exact_auto_takes_int8_weights_only_where_this_cpu_keeps_them_exact(tmp_path) -> None:
-    """``exact="auto"`` (the onnxruntime backend's choice): int8 ``MatMulInteger`` weights where
-    ONNX Runtime's u8 x s8 kernels are exact on this CPU (VNNI), uint8 elsewhere and always for
-    the dynamic ``ConvInteger``; the outputs equal the exact export's at the largest pair
-    sums (8-bit activation codes)."""
+    """``exact="auto"`` (the onnxruntime backend's choice): int8 weights where ONNX Runtime's
+    u8 x s8 kernels are exact on this CPU (VNNI), uint8 elsewhere and always for the dynamic
+    ``ConvInteger``, and the linear as ORT's ``MatMulIntegerToFloat``; the outputs equal the
+    exact standard-ops export's at the largest pair sums (8-bit activation codes)."""
     from lowbit.onnx._layers import u8s8_exact_here
 
     linear, x = _worst_case_linear()
@@ -379,11 +379,15 @@ def test_exact_auto_takes_int8_weights_only_where_this_cpu_keeps_them_exact(tmp_
     assert int(q[0].qweight.abs().max()) == 127
     proto, auto = _export(q, x[:2], tmp_path / "auto.onnx", exact="auto")
     weights = {i.name: i.data_type for i in proto.graph.initializer}
-    mm = next(n for n in proto.graph.node if n.op_type == "MatMulInteger")
+    assert "MatMulInteger" not in _ops(proto)  # ORT's fused op, the weight scale inside
+    mm = next(n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat")
+    assert mm.domain == "com.microsoft"
     want = onnx.TensorProto.INT8 if u8s8_exact_here() else onnx.TensorProto.UINT8
     assert weights[mm.input[1]] == want
     exact = OnnxRuntimeModule(export_onnx(q, x[:2], None))
     assert torch.equal(auto(x), exact(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(auto(x), q(x), rtol=0, atol=1e-6 * float(q(x).abs().max()))
     torch.manual_seed(0)
     conv = lowbit.quantize_dynamic(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU()).eval())
     proto = export_onnx(conv, torch.randn(2, 2, 6, 6), None, exact="auto")

@@ -207,7 +207,9 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
             the ``onnxruntime`` backend uses): int8 weights where ONNX Runtime's u8 x s8 kernels
             are exact on this CPU (x86 with AVX512-VNNI, AVX-VNNI or AMX) and faster (linears,
             static convs; the dynamic ``ConvInteger`` keeps uint8), else uint8: exact here, and
-            on any CPU with VNNI, but not a file to run on an AVX2-only one.
+            on any CPU with VNNI, but not a file to run on an AVX2-only one; and linears with
+            symmetric activations run their integer matmul and weight scale as com.microsoft
+            ``MatMulIntegerToFloat`` (ONNX Runtime only; the same bits, faster at many rows).
 
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker``).

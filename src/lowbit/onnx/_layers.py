@@ -158,6 +158,7 @@ class ExportLinear(_Int8):
     def __init__(self, layer: QuantizedLinear, exact: bool | str = True) -> None:
         super().__init__(layer, exact)
         self.k, self.n = layer.in_features, layer.out_features
+        self.fused = exact == "auto"  # ONNX Runtime's MatMulIntegerToFloat (see _ops)
         if self.mode != "static":
             self.w = self.w.t().contiguous()  # [K, N] for MatMulInteger
             # one weight scale / zero-point for all columns as a scalar: ORT's per-tensor
@@ -179,7 +180,7 @@ class ExportLinear(_Int8):
             y = torch.ops.lowbit_export.dynamic_linear(
                 x2, self.w, self.w_zp, self.w_scale, self.bias, self.colsum, self.qmin,
                 self.qmax, self.spec_qmin, self.spec_qmax, self.off, self.per_token,
-                self.symmetric)
+                self.symmetric, self.fused)
         return self.post(y if keep else y.reshape(*x.shape[:-1], self.n))
 
 
