@@ -84,6 +84,28 @@ def test_aotinductor_backend_checks_what_the_library_would_not(make_quantized, r
         compiled(**{**x, "input_ids": x["input_ids"].int()})
 
 
+def test_aotinductor_package_runs_in_another_process(make_quantized, run, tmp_path) -> None:
+    """The deployment path: a package written here runs in a fresh process that imports lowbit
+    (the op rebuilds each layer from its spec and the packaged buffers) and gives these bits."""
+    import subprocess
+    import sys
+
+    qmodel, x = make_quantized("mlp-int4")
+    program = torch.export.export(qmodel, (x,))
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "mlp.pt2"))
+    torch.save({"x": x, "y": run(qmodel, x)}, tmp_path / "io.pt")
+    code = ("import sys, torch, lowbit\n"
+            "io = torch.load(sys.argv[2], weights_only=True)\n"
+            "runner = torch._inductor.aoti_load_package(sys.argv[1])\n"
+            "with torch.inference_mode():\n"
+            "    print(torch.equal(runner(io['x']), io['y']))\n")
+    out = subprocess.run([sys.executable, "-c", code, package, str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"
+
+
 def test_exported_program_runs_without_the_original_model(make_quantized, run) -> None:
     """A layer the op cannot find alive is rebuilt from the spec and the exported buffers."""
     qmodel, x = make_quantized("mlp-int4")
