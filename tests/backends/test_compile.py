@@ -62,8 +62,10 @@ def test_aotinductor_backend_equals_eager(make_quantized, run) -> None:
     """torch.export -> AOTInductor (the ``aotinductor`` backend): the compiled library calls
     lowbit's op and gives eager's bits at any batch size, from a batch-1 example."""
     qmodel, x = make_quantized("cnn-static")
+    qmodel.train()  # exported in eval mode, from a copy: the user's model keeps its mode
     compiled = backends.set_backend(qmodel, "aotinductor", x[:1])
-    assert isinstance(compiled, backends.AOTInductorModule)
+    assert isinstance(compiled, backends.AOTInductorModule) and qmodel.training
+    qmodel.eval()
     for n in (1, 5):
         xb = torch.randn(n, 1, 28, 28)
         assert torch.equal(run(compiled, xb), run(qmodel, xb))

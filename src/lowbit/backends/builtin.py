@@ -211,7 +211,8 @@ def _aoti_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
     from lowbit._export_inputs import export_arguments
 
     args, kwargs, shapes = export_arguments(example_inputs, (0,), "backend aotinductor")
-    program = torch.export.export(qmodel.eval(), args, kwargs or None, dynamic_shapes=shapes)
+    model = copy.deepcopy(qmodel).eval() if qmodel.training else qmodel  # (leave it as it is)
+    program = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
     inputs = _traced_inputs(program, qmodel, args, kwargs)
     with tempfile.TemporaryDirectory(prefix="lowbit-aoti-") as folder, \
             warnings.catch_warnings():
