@@ -69,6 +69,24 @@ def test_spec_is_a_c_literal_that_reads_back(name: str) -> None:
                        q(x))
 
 
+def test_buffers_that_do_not_match_the_spec_are_refused() -> None:
+    """A program whose buffers were swapped or cut (a tampered export) must not reach the
+    kernels, which read as many rows as the spec says: before this check a 3-row INT4 weight
+    under a 32-row spec ran and returned 32 columns."""
+    q = convert_module(nn.Linear(64, 32), QuantizationConfig.int4_weight_only(group_size=32),
+                       name="fc")
+    spec, buffers = _dispatch._spec(q), [t.clone() for t in _dispatch.layer_buffers(q)]
+    x = torch.randn(2, 64)
+    assert torch.equal(torch.ops.lowbit.quantized_layer(x, buffers, spec), q(x))
+    cut = [buffers[0][:3].clone(), *[t.clone() for t in buffers[1:]]]
+    with pytest.raises(ValueError, match=r"fc buffer 'weight' is torch.uint8 \(3, 32\), but "
+                                         r"its spec needs torch.uint8 \(32, 32\)"):
+        torch.ops.lowbit.quantized_layer(x, cut, spec)
+    wide = [buffers[0].clone(), buffers[1].double(), *[t.clone() for t in buffers[2:]]]
+    with pytest.raises(ValueError, match=r"buffer 'weight_scale' is torch\.float64"):
+        torch.ops.lowbit.quantized_layer(x, wide, spec)
+
+
 def test_routing_is_off_by_default_and_override_checks_names() -> None:
     q = convert_module(nn.Linear(4, 4), QuantizationConfig.int8_dynamic())
     assert not _dispatch.routed(q) and _dispatch.native_allowed()

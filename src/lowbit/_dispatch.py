@@ -230,6 +230,15 @@ def _build(meta: dict[str, Any], buffers: Sequence[torch.Tensor],
                          f"expects buffers {names}, got {len(buffers)} tensors")
     module = module_from_meta(meta)
     for n, t in zip(names, buffers, strict=True):
+        want = module._buffers.get(n)  # the empty layer's buffer: the shape its kernels read
+        if want is not None and (not isinstance(t, torch.Tensor) or t.dtype != want.dtype
+                                 or t.shape != want.shape):
+            got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(f"lowbit.quantized_layer: {meta.get('name') or meta.get('class')} "
+                             f"buffer {n!r} is {got}, but its spec needs {want.dtype} "
+                             f"{tuple(want.shape)}: the program's buffers do not match its "
+                             "layers (a tampered or mixed-up export); export the model again")
         module._buffers[n] = t
     module._refresh_cache()
     return module.eval()
