@@ -101,14 +101,11 @@ def _variants(model: nn.Module, qmodels: dict[str, nn.Module], example, folder: 
         lowbit.export_onnx(q, example, path, **export_kw)
         out[f"lowbit {name} PyTorch"] = q
         out[f"lowbit {name} -> ORT"] = _session(path)
-        if name in FAST_TOO:  # int8 weights: ORT's u8 x s8 kernels (saturate on AVX2)
-            fast = path.replace(".onnx", "-u8s8.onnx")
-            lowbit.export_onnx(q, example, fast, exact=False, **export_kw)
-            out[f"lowbit {name} exact=False -> ORT"] = _session(fast)
-        if name in AUTO_TOO:
-            auto = path.replace(".onnx", "-auto.onnx")
-            lowbit.export_onnx(q, example, auto, exact="auto", **export_kw)
-            out[f"lowbit {name} exact=auto -> ORT"] = _session(auto)
+        for exact, names in ((False, FAST_TOO), ("auto", AUTO_TOO)):
+            if name in names:  # False: ORT's u8 x s8 kernels (saturate on AVX2); "auto": above
+                other = path.replace(".onnx", f"-exact-{exact}.onnx")
+                lowbit.export_onnx(q, example, other, exact=exact, **export_kw)
+                out[f"lowbit {name} exact={exact} -> ORT"] = _session(other)
     fp32 = os.path.join(folder, f"{stem}-fp32.onnx")
     lowbit.export_onnx(model, example, fp32, **export_kw)  # float layers export as usual
     out["ORT FP32"] = _session(fp32)

@@ -231,14 +231,12 @@ def _build(meta: dict[str, Any], buffers: Sequence[torch.Tensor],
     module = module_from_meta(meta)
     for n, t in zip(names, buffers, strict=True):
         want = module._buffers.get(n)  # the empty layer's buffer: the shape its kernels read
-        if want is not None and (not isinstance(t, torch.Tensor) or t.dtype != want.dtype
-                                 or t.shape != want.shape):
-            got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
-                   else type(t).__name__)
+        if want is not None and (t.dtype != want.dtype or t.shape != want.shape):
             raise ValueError(f"lowbit.quantized_layer: {meta.get('name') or meta.get('class')} "
-                             f"buffer {n!r} is {got}, but its spec needs {want.dtype} "
-                             f"{tuple(want.shape)}: the program's buffers do not match its "
-                             "layers (a tampered or mixed-up export); export the model again")
+                             f"buffer {n!r} is {t.dtype} {tuple(t.shape)}, but its spec needs "
+                             f"{want.dtype} {tuple(want.shape)}: the program's buffers do not "
+                             "match its layers (a tampered or mixed-up export); export the "
+                             "model again")
         module._buffers[n] = t
     module._refresh_cache()
     return module.eval()

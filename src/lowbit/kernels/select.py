@@ -162,6 +162,8 @@ CONV_CODES_EXACT_K = 258
 U4_NATIVE_MAX_M = 64
 
 
+#: /proc/cpuinfo flags of an x86 CPU that multiplies u8 x s8 into int32 without int16 pair sums
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 #: oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) that still include VNNI / AVX512-BF16.
 _VNNI_ISAS = ("VNNI", "BF16", "FP16", "AVX10", "AMX", "ALL", "DEFAULT")
 
@@ -219,7 +221,7 @@ def cpu_features() -> frozenset[str]:
     feats = set()
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
            or "ALL").upper()
-    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} and any(t in isa for t in _VNNI_ISAS):
+    if flags & VNNI_FLAGS and any(t in isa for t in _VNNI_ISAS):
         feats.add("vnni")
     if ("amx_bf16" in flags and any(t in isa for t in _AMX_ISAS)) or (
             "avx512_bf16" in flags and flags & FAST_BF16_VENDORS

@@ -236,8 +236,8 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
         raise ValueError(f"export_onnx: opset={opset!r} must be an integer from 18 to 21 "
                          "(lowbit's subgraphs use opset-18 operators)")
     axes = sorted({int(a) for a in dynamic_axes})
-    model = _export_copy(qmodel, exact)
     args, kwargs, shapes = export_arguments(example_inputs, axes, "export_onnx")
+    model = _export_copy(qmodel, exact)
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(

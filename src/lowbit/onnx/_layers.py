@@ -55,12 +55,10 @@ def u8s8_exact_here() -> bool:
         >>> isinstance(u8s8_exact_here(), bool)
         True
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = set(fh.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    from lowbit.kernels.select import VNNI_FLAGS
+    from lowbit.native import _cpu_key  # the CPU's flags, not capped by ONEDNN_MAX_CPU_ISA
+
+    return bool(VNNI_FLAGS & set(_cpu_key().split()))
 
 
 def _s8_weights(layer: QuantizedLinear | QuantizedConv2d, exact: bool | str) -> bool:
