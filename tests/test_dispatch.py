@@ -64,6 +64,9 @@ def test_spec_is_a_c_literal_that_reads_back(name: str) -> None:
     assert meta["name"] == name and meta["out_features"] == 3
     plain = json.dumps(meta, sort_keys=True)  # the plain JSON older versions wrote
     assert _dispatch.load_spec(plain) == meta
+    for bad in ("nonsense", "[1, 2]"):
+        with pytest.raises(ValueError, match="is not a lowbit layer spec"):
+            _dispatch.load_spec(bad)
     x = torch.randn(2, 4)
     assert torch.equal(torch.ops.lowbit.quantized_layer(x, _dispatch.layer_buffers(q), plain),
                        q(x))

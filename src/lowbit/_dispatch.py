@@ -176,10 +176,18 @@ def load_spec(spec: str) -> dict[str, Any]:
         >>> load_spec(op_spec(q))["out_features"]
         3
     """
-    if not spec.startswith('{"'):
-        spec = re.sub(r"%(25|27|5C)", lambda m: _SPEC_UNESCAPES[m.group()],
-                      spec.replace("'", '"'))
-    return json.loads(spec)
+    text = spec
+    if not text.startswith('{"'):
+        text = re.sub(r"%(25|27|5C)", lambda m: _SPEC_UNESCAPES[m.group()],
+                      text.replace("'", '"'))
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        meta = exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"load_spec: {spec[:60]!r} is not a lowbit layer spec (the string "
+                         "op_spec writes into a traced graph); export the model again")
+    return meta
 
 
 @_assume_constant_result
