@@ -27,6 +27,7 @@ from lowbit.kernels import (
     int4_pack_for_cpu,
     int8_conv2d,
     int8_gemm,
+    int_mm_takes_uint8,
     quantize_activation,
     quantize_activation_u8,
     s8_acc,
@@ -71,7 +72,8 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
     cands: dict[str, Callable[[], object]] = {
         "fp32 F.linear": lambda: F.linear(x, fc.weight, fc.bias),
         "bf16 F.linear": lambda: F.linear(xb, wb),
-        "_int_mm u8s8 (int32 out)": lambda: torch._int_mm(u, w8.t()),
+        **({"_int_mm u8s8 (int32 out)": lambda: torch._int_mm(u, w8.t())}
+           if int_mm_takes_uint8() else {}),  # (torch >= 2.13)
         "_int_mm s8s8 (int32 out)": lambda: torch._int_mm(s8, w8.t()),
         "per-token quantize only (int8)": lambda: quantize_activation(x, -128, 127),
         "per-token quantize only (uint8)": lambda: quantize_activation_u8(x, -128, 127),

@@ -46,9 +46,13 @@ _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lowbit_b
                                                                      default=None)
 _NATIVE_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("lowbit_native_off",
                                                                   default=False)
-_LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # every quantized module (owner lookup)
+#: Every quantized module, copies included (QuantizedModuleBase.__new__ adds it): owner lookup.
+_LIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _COMPILER = torch.compiler
 _HAS_FLAG = isinstance(getattr(_COMPILER, "_is_compiling_flag", None), bool)
+#: Whether dynamo holds that flag while it traces (torch >= 2.13). Before, only torch.export
+#: sets it, and dynamo answers ``torch.compiler.is_compiling()`` itself (a constant True).
+_FLAG_WHILE_DYNAMO = _HAS_FLAG and hasattr(_COMPILER, "_compile_session_context")
 
 
 def native_allowed() -> bool:
@@ -70,13 +74,8 @@ def _assume_constant_result(fn: Any) -> Any:
     return fn
 
 
-@_assume_constant_result  # while tracing: evaluated once, True, no guard
 def routed(module: nn.Module) -> bool:
     """Whether this call of ``module`` leaves its eager kernels (see the module docstring).
-
-    Reads ``torch.compiler``'s compiling flag (set while dynamo or ``torch.export`` trace)
-    directly: ``torch.compiler.is_compiling()`` costs two Python calls, and this check runs
-    on every eager call of every quantized layer.
 
     Example:
         >>> import lowbit
@@ -84,7 +83,17 @@ def routed(module: nn.Module) -> bool:
         >>> routed(q), routed(lowbit.backends.set_backend(q, "torch"))
         (False, True)
     """
-    return (module.backend == "torch" or _OVERRIDE.get() is not None
+    return (module.backend == "torch" or _elsewhere()
+            or (not _FLAG_WHILE_DYNAMO and _COMPILER.is_compiling()))
+
+
+@_assume_constant_result  # while tracing: evaluated once, True, no guard
+def _elsewhere() -> bool:
+    """A ``use(...)`` override is set, or dynamo / ``torch.export`` trace. Takes no argument:
+    dynamo before torch 2.13 cannot pass a module to a constant function. Reads the compiling
+    flag directly: ``torch.compiler.is_compiling()`` costs two Python calls, and this check
+    runs on every eager call of every quantized layer."""
+    return (_OVERRIDE.get() is not None
             or (_COMPILER._is_compiling_flag if _HAS_FLAG else _COMPILER.is_compiling()))
 
 
@@ -190,11 +199,11 @@ def load_spec(spec: str) -> dict[str, Any]:
     return meta
 
 
-@_assume_constant_result
 def op_spec(module: nn.Module) -> str:
     """The JSON a traced graph keeps for one quantized layer: its ``meta()`` (class, shapes,
     specs, backend, fusions) and the names of the buffers passed beside it. A constant of the
-    trace (computed once, while tracing).
+    trace (computed once, while tracing, from ``id(module)``: dynamo before torch 2.13 cannot
+    pass a module itself to a constant function).
 
     Example:
         >>> import lowbit
@@ -202,7 +211,15 @@ def op_spec(module: nn.Module) -> str:
         >>> '"' in op_spec(q), load_spec(op_spec(q))["out_features"]
         (False, 3)
     """
-    return _spec(module)
+    return _spec_of(id(module))
+
+
+@_assume_constant_result
+def _spec_of(key: int) -> str:
+    for module in list(_LIVE):  # every quantized module (registered by __new__), trace time only
+        if id(module) == key:
+            return _spec(module)
+    raise RuntimeError(f"lowbit: no live quantized module with id {key}")
 
 
 def _config_key(module: nn.Module) -> tuple:

@@ -361,6 +361,12 @@ class QuantizedModuleBase(nn.Module):
         cls._forward_body = body  # type: ignore[attr-defined]
         cls.forward = forward  # type: ignore[method-assign]
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> QuantizedModuleBase:
+        # here rather than in __init__: copy.deepcopy and pickle create modules without it
+        self = super().__new__(cls)
+        _dispatch._LIVE.add(self)
+        return self
+
     def __init__(self, *, backend: str = "auto", name: str = "", fused_relu: bool = False,
                  fused_gelu: str | None = None, orig_dtype: str = "float32",
                  meta_extra: Mapping[str, Any] | None = None) -> None:
@@ -369,7 +375,6 @@ class QuantizedModuleBase(nn.Module):
             raise ValueError(f"backend={backend!r} is unknown; use one of "
                              f"{_dispatch.LAYER_BACKENDS} (lowbit.backends.set_backend takes "
                              "the backend names)")
-        _dispatch._LIVE.add(self)
         self.backend = backend
         self.name = name
         self.fused_relu = bool(fused_relu)

@@ -151,8 +151,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     groups = k // g
-    scale = torch.ones(n, groups)
-    zp = torch.zeros(n, groups, dtype=torch.int32)
+    scale = torch.ones(n, groups, device=w.device)  # (a CUDA model's layer: all on its GPU)
+    zp = torch.zeros(n, groups, dtype=torch.int32, device=w.device)
     if act_order:  # static groups: qparams of the original weight, group by group
         for j in range(groups):
             wg = w[:, j * g:(j + 1) * g].float()
@@ -160,7 +160,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             scale[:, j], zp[:, j] = _group_qparams(wg, col, hd)
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
     else:
-        perm = torch.arange(k)
+        perm = torch.arange(k, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     hdiag = torch.diag(h).float()  # input energy per column: weights the clipping search
     h.diagonal().add_(damp * float(torch.diag(h).mean()))
@@ -171,7 +171,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     block = max(g, block_size // g * g) if g <= block_size else g
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64,
+                                                     device=w.device)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
@@ -251,12 +252,13 @@ def set_input_smoothing(module: nn.Module, factor: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------- streaming stats
 class _Stats:
-    """Streaming ``X^T X``, mean |x| and max |x| of one layer's input (``K x K`` memory)."""
+    """Streaming ``X^T X``, mean |x| and max |x| of one layer's input (``K x K`` memory, on the
+    layer's device: a CUDA model's calibration batches stay on the GPU)."""
 
-    def __init__(self, k: int) -> None:
-        self.h = torch.zeros(k, k, dtype=torch.float64)
-        self.abs_sum = torch.zeros(k, dtype=torch.float64)
-        self.abs_max = torch.zeros(k)
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        self.h = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.abs_max = torch.zeros(k, device=device)
         self.rows = 0
 
     def update(self, x: torch.Tensor) -> None:
@@ -349,7 +351,8 @@ def _group_stats(model: nn.Module, group: list[str], multi: bool, data: Iterable
                  max_batches: int | None) -> dict[str, _Stats]:
     """Input statistics of the layers of one group; each batch stops once they are captured
     (unless a layer runs more than once per forward: ``multi``)."""
-    stats = {n: _Stats(linear_weight(model.get_submodule(n)).shape[1]) for n in group}
+    weights = {n: linear_weight(model.get_submodule(n)) for n in group}
+    stats = {n: _Stats(w.shape[1], w.device) for n, w in weights.items()}
     pending: set[str] = set()
 
     def hook(name: str) -> Callable[..., None]:
@@ -544,7 +547,8 @@ def smooth_quant(model: nn.Module, alphas: Mapping[str, float], calibration_data
         (True, torch.Size([8]))
     """
     data = _reiterable(calibration_data, "smooth_quant")
-    stats = {n: _Stats(model.get_submodule(n).in_features) for n in alphas}
+    stats = {n: _Stats(model.get_submodule(n).in_features, model.get_submodule(n).weight.device)
+             for n in alphas}
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ from lowbit.kernels.gemm import (  # noqa: F401
     acc_fp32_codes,
     acc_int_mm,
     acc_reference,
+    int_mm_takes_uint8,
 )
 from lowbit.kernels.isa import (  # noqa: F401
     _s8_acc,
@@ -145,6 +146,7 @@ __all__ = [
     "int8_conv2d",
     "int8_gemm",
     "int8_linear",
+    "int_mm_takes_uint8",
     "maxpool2d_native",
     "native_lib_for",
     "quantize_activation",

@@ -5,6 +5,8 @@ lowbit's per-ISA C GEMM; and the float epilogue ``acc * s_x * s_w + bias`` they 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lowbit.kernels.base import native_lib_for
@@ -68,6 +70,22 @@ def acc_fp32_codes(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor,
     return acc
 
 
+@functools.cache
+def int_mm_takes_uint8(device: str = "cpu") -> bool:
+    """Whether ``torch._int_mm`` multiplies uint8 by int8 on ``device`` (the CPU: torch >= 2.13).
+
+    Example:
+        >>> isinstance(int_mm_takes_uint8("cpu"), bool)
+        True
+    """
+    try:
+        torch._int_mm(torch.zeros(32, 8, dtype=torch.uint8, device=device),
+                      torch.zeros(8, 8, dtype=torch.int8, device=device))
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
 def acc_int_mm(q: torch.Tensor, w2d: torch.Tensor, pooled: bool) -> torch.Tensor:
     """A torch-ops path: raw int32 ``q @ w2d.T`` by ``torch._int_mm`` (oneDNN: exact with VNNI,
     and on CUDA). B is the transpose of the contiguous ``[N, K]`` weight, its fast layout;
@@ -91,7 +109,8 @@ def _int8_acc(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor, colsu
     if kernel == "reference":
         return acc_reference(q, zp, w2d, w_zp)
     acc = s8_acc(q, w2d, kernel, pooled) if kernel.startswith("s8_") else None
-    if kernel == "fp32_codes" or (acc is None and kernel.startswith("s8_")):
+    if kernel == "fp32_codes" or (acc is None and (kernel.startswith("s8_") or (
+            q.dtype == torch.uint8 and not int_mm_takes_uint8(q.device.type)))):
         return acc_fp32_codes(q, zp, w2d, w_zp, pooled)  # (also for a -128 weight code, uint8)
     if acc is None:
         acc = acc_int_mm(q, w2d, pooled)

@@ -13,6 +13,11 @@ from lowbit.kernels.base import c_layout, native_lib_for
 from lowbit.memory import empty as pooled_empty
 from lowbit.native import threads_for
 
+#: torch before 2.13 (seen on 2.11): its CPU bf16 GEMM can spread a NaN / Inf of one input row
+#: into the output of a neighbouring row (M=70, K=36, one thread). There, rows with non-finite
+#: values are multiplied on their own, so one bad sample never changes another's output.
+_BF16_MM_MIXES_ROWS = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
 #: Up to this many multiply-adds (M*N*Kp) a float32 weight-only linear runs in one C call
 #: (:func:`weight_only_linear_native`, straight from the codes, in float32) instead of the
 #: packed bf16 ops: INT4 g32 1 x 128 -> 10 7.1 vs 12.6 us, 1 x 512 -> 64 11 vs 13 us; from
@@ -268,8 +273,14 @@ def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # ty
             x.to(torch.bfloat16), packed, group_size, scales)[:, :out_features].float()
     elif kernel == "dequant_bf16":  # (a large bf16 copy from the pool: no page faults)
         w = dequantize()
-        y = F.linear(x.to(torch.bfloat16),
-                     pooled_empty(tuple(w.shape), torch.bfloat16).copy_(w)).float()
+        wb = pooled_empty(tuple(w.shape), torch.bfloat16).copy_(w)
+        xb = x.to(torch.bfloat16)
+        bad = ~xb.isfinite().all(1) if _BF16_MM_MIXES_ROWS else None
+        if bad is not None and bool(bad.any()):  # finite rows as always, the others alone
+            y = F.linear(xb.masked_fill(bad[:, None], 0), wb).float()
+            y[bad] = F.linear(xb[bad], wb).float()
+        else:
+            y = F.linear(xb, wb).float()
     else:  # "reference" / "dequant_fp32"
         return F.linear(x.float(), dequantize(), bias)
     return y if bias is None else y.add_(bias)
