@@ -14,7 +14,7 @@ from torch import nn
 from lowbit.config import QuantizationConfig
 from lowbit.lora import add_lora, lora_parameters
 from lowbit.models import MLP, MnistCNN, TransformerEncoderBlock
-from lowbit.ptq import quantize_dynamic, quantize_static, quantize_weight_only
+from lowbit.ptq import PTQQuantizer, quantize_dynamic, quantize_static, quantize_weight_only
 from lowbit.qat import convert_qat, prepare_qat
 from lowbit.serialization import load, save
 
@@ -29,6 +29,20 @@ def _quantize(model: nn.Module, method: str, example: torch.Tensor) -> nn.Module
     if method == "int4":
         return quantize_weight_only(model, bits=4, group_size=32)
     return quantize_weight_only(model, bits=8)
+
+
+def _fit(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor) -> list[float]:
+    """20 Adam steps fitting ``model(x)`` to a random 10-wide target; the losses."""
+    opt = torch.optim.Adam(params, lr=1e-2)
+    target = torch.randn(x.shape[0], 10, device=x.device)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 @needs_cuda
@@ -87,16 +101,7 @@ def test_lora_on_a_quantized_base_trains_on_cuda() -> None:
     torch.manual_seed(0)
     q = quantize_weight_only(MLP().eval(), bits=4, group_size=32)
     lq = add_lora(q, r=4).cuda()
-    opt = torch.optim.Adam(lora_parameters(lq), lr=1e-2)
-    x = torch.randn(32, 1, 28, 28, device="cuda")
-    target = torch.randn(32, 10, device="cuda")
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(lq(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(lq, lora_parameters(lq), torch.randn(32, 1, 28, 28, device="cuda"))
     assert losses[-1] < losses[0]
 
 
@@ -210,8 +215,6 @@ def test_weight_calibration_of_a_cuda_model(method: str) -> None:
     x = torch.randn(256, 64) * torch.linspace(0.2, 3, 64)
     kwargs = {"iters": 20} if method == "signround" else {}
     cfg = QuantizationConfig.int4_weight_only(16, method=method, method_kwargs=kwargs)
-    from lowbit.ptq import PTQQuantizer
-
     calib = list(x.split(64))
     q_gpu = PTQQuantizer(cfg, progress=False).quantize(copy.deepcopy(model).cuda(),
                                                        [b.cuda() for b in calib])
@@ -259,14 +262,6 @@ def test_peft_lora_on_a_quantized_model_trains_on_cuda() -> None:
     q = quantize_weight_only(model, bits=4, group_size=32).cuda()
     pm = get_peft_model(q, lowbit.register_peft(LoraConfig(r=4, target_modules=["0", "2"])))
     assert pm.base_model.model[0].base_layer.qweight.is_cuda
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    x = torch.randn(32, 64, device="cuda")
-    target = torch.randn(32, 10, device="cuda")
-    losses = []
-    for _ in range(20):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(pm(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(pm, [p for p in pm.parameters() if p.requires_grad],
+                  torch.randn(32, 64, device="cuda"))
     assert losses[-1] < losses[0]

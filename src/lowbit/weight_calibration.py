@@ -547,8 +547,8 @@ def smooth_quant(model: nn.Module, alphas: Mapping[str, float], calibration_data
         (True, torch.Size([8]))
     """
     data = _reiterable(calibration_data, "smooth_quant")
-    stats = {n: _Stats(model.get_submodule(n).in_features, model.get_submodule(n).weight.device)
-             for n in alphas}
+    weights = {n: model.get_submodule(n).weight for n in alphas}
+    stats = {n: _Stats(w.shape[1], w.device) for n, w in weights.items()}
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
