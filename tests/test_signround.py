@@ -91,7 +91,10 @@ def test_model_end_to_end_lower_error_and_round_trip(bits, tmp_path):
     spec = QuantSpec.int4_weight(group_size=16) if bits == 4 else QuantSpec.int8_weight()
     base = QuantizationConfig(weights=spec, activations=None, mode="weight_only",
                               skip_layers=skip)
-    cfg = dataclasses.replace(base, method="signround", method_kwargs={"iters": 100})
+    # INT8's round-to-nearest error is already small: more steps to beat it clearly (its
+    # ratio to RTN's: 0.64-0.69 at 200 steps, torch 2.13-2.14; INT4 0.48-0.51 at 100)
+    iters, bound = (100, 0.8) if bits == 4 else (200, 0.85)
+    cfg = dataclasses.replace(base, method="signround", method_kwargs={"iters": iters})
     q = lowbit.PTQQuantizer(cfg, progress=False).quantize(net, calib)
     rtn = lowbit.PTQQuantizer(base, progress=False).quantize(net)
     ref = net(x)
@@ -100,7 +103,7 @@ def test_model_end_to_end_lower_error_and_round_trip(bits, tmp_path):
     assert q.layers[0].up.meta()["extra"]["weight_method"] == "signround"
     with lowbit.backends.use("reference"):  # the rounding's error alone (CPUs with BF16 run
         err, err_rtn = (((m(x) - ref) ** 2).mean() for m in (q, rtn))  # INT8 layers in bf16)
-    assert err < 0.8 * err_rtn
+    assert err < bound * err_rtn
     path = tmp_path / "q.safetensors"
     lowbit.save(q, path)
     assert torch.equal(lowbit.load(path, model=_Net())(x), q(x))

@@ -10,6 +10,8 @@ import lowbit
 from lowbit import backends
 
 MODES = ["dynamic", "static", "int4"]
+needs_aoti = pytest.mark.skipif(not backends.available()["aotinductor"].available,
+                                reason=f"aotinductor: {backends.available()['aotinductor'].reason}")
 
 
 def _explain_and_export(qmodel: nn.Module, x: object, run) -> None:
@@ -58,6 +60,7 @@ def test_cpp_wrapper_compile_equals_eager(make_quantized, run) -> None:
     assert torch.equal(run(compiled, x), run(qmodel, x))
 
 
+@needs_aoti
 def test_aotinductor_backend_equals_eager(make_quantized, run) -> None:
     """torch.export -> AOTInductor (the ``aotinductor`` backend): the compiled library calls
     lowbit's op and gives eager's bits at any batch size, from a batch-1 example."""
@@ -71,6 +74,7 @@ def test_aotinductor_backend_equals_eager(make_quantized, run) -> None:
         assert torch.equal(run(compiled, xb), run(qmodel, xb))
 
 
+@needs_aoti
 def test_aotinductor_backend_checks_what_the_library_would_not(make_quantized, run) -> None:
     """Keyword inputs (a BERT's token ids): the batch is dynamic, the sequence length is the
     example's; another length or dtype is refused before the compiled code could read past
@@ -86,6 +90,7 @@ def test_aotinductor_backend_checks_what_the_library_would_not(make_quantized, r
         compiled(**{**x, "input_ids": x["input_ids"].int()})
 
 
+@needs_aoti
 def test_aotinductor_package_runs_in_another_process(make_quantized, run, tmp_path) -> None:
     """The deployment path: a package written here runs in a fresh process that imports lowbit
     (the op rebuilds each layer from its spec and the packaged buffers) and gives these bits."""

@@ -42,6 +42,19 @@ def test_cuda_unavailable_without_gpu() -> None:
         lowbit.PTQQuantizer(backend="cuda")
 
 
+def test_old_torch_makes_aotinductor_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.9's AOTInductor cannot lower a static conv layer's op: the backend names the
+    version it needs instead of failing inside the compile."""
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.9.1+cpu"))
+    status = backends.available()["aotinductor"]
+    assert not status.available
+    assert status.reason.startswith("torch 2.9.1+cpu is older than 2.11") and "pip" in status.reason
+    with pytest.raises(BackendUnavailableError, match="'aotinductor' is not available here"):
+        backends.set_backend(_qmodel(), "aotinductor", torch.randn(2, 16))
+    assert backends.available()["torch.compile"].available == (
+        backends.available()["torch.compile"].reason == "")
+
+
 def test_hidden_package_makes_onnxruntime_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
 

@@ -456,7 +456,7 @@ def test_models_under_each_forced_isa_match_the_reference(forced_isa, isa: str) 
     q4 = lowbit.quantize_weight_only(model, bits=4, group_size=32)
     assert select_kernel("int4_weight_only", 1, n=128, k=320, group_size=32) == f"u4_{isa}"
     layer = q4[0]
-    many = ({"M>0": f"u4q8_{isa}"} if "bf16" not in cpu_features() else  # int8 activations
+    many = ({"M>0": f"u4q8_{isa}"} if "amx" not in cpu_features() else  # int8 activations
             {"M<=1024": f"u4q8_{isa}", "M>1024": "dequant_bf16"})  # (AMX: bf16 GEMM at many)
     assert layer.kernel_info() == many
     codes = layer.codes()  # (128, 320) signed codes, zero-points (128, 10)

@@ -385,15 +385,28 @@ def test_kernel_choice_off_the_cpu() -> None:
         select_kernel("int2_linear", 1, **cuda)
 
 
-def test_vnni_c_gemm_rows_is_the_select_rule() -> None:
-    """The avx512_vnni row limit: VNNI_S8_MAX_M rows or VNNI_S8_MAX_MACS multiply-adds."""
-    from lowbit.kernels import VNNI_S8_MAX_M, VNNI_S8_MAX_MACS, vnni_c_gemm_rows
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", ""])
+def test_vnni_c_gemm_rows_is_the_select_rule(vendor, monkeypatch) -> None:
+    """The avx512_vnni row limit: VNNI_S8_MAX_M rows (on AMD VNNI_S8_MAX_M_AMD) or
+    VNNI_S8_MAX_MACS multiply-adds, and select_kernel follows it."""
+    from lowbit.kernels import (
+        VNNI_S8_MAX_M,
+        VNNI_S8_MAX_M_AMD,
+        VNNI_S8_MAX_MACS,
+        select,
+        vnni_c_gemm_rows,
+    )
 
-    assert vnni_c_gemm_rows(4096, 4096) == VNNI_S8_MAX_M
-    assert vnni_c_gemm_rows(48, 67) == VNNI_S8_MAX_MACS // (48 * 67) > VNNI_S8_MAX_M
+    monkeypatch.setattr(select, "cpu_vendor", lambda: vendor)
+    rows = VNNI_S8_MAX_M_AMD if vendor == "AuthenticAMD" else VNNI_S8_MAX_M
+    assert vnni_c_gemm_rows(4096, 4096) == vnni_c_gemm_rows(1536, 384) == rows
+    assert vnni_c_gemm_rows(48, 67) == VNNI_S8_MAX_MACS // (48 * 67) > rows
     assert vnni_c_gemm_rows(0, 67) > 1 << 40  # unknown size: no limit
     with pytest.raises(ValueError, match="non-negative ints"):
         vnni_c_gemm_rows(-1, 67)
+    if select.int8_gemm() == "s8_avx512_vnni":  # this CPU's path: the rule picks the kernel
+        assert select.select_kernel("int8_linear", rows, n=4096, k=4096) == "s8_avx512_vnni"
+        assert select.select_kernel("int8_linear", rows + 1, n=4096, k=4096) == "int_mm_s8s8"
 
 
 def test_amx_tiles_is_the_select_rule_and_refuses_bad_sizes() -> None:
@@ -406,3 +419,20 @@ def test_amx_tiles_is_the_select_rule_and_refuses_bad_sizes() -> None:
     for bad in (-5, 2.5, "64", None):
         with pytest.raises(ValueError, match=r"amx_tiles: .*non-negative ints; got k="):
             amx_tiles(bad)  # type: ignore[arg-type]
+
+
+def test_int_mm_takes_uint8_answers_for_device_types_and_refuses_others() -> None:
+    """The probe answers a bool for a device type (the CPU's answer agrees with a real uint8
+    call of ``torch._int_mm``); a string that names no device is refused with the argument."""
+    from lowbit.kernels import int_mm_takes_uint8
+
+    try:
+        torch._int_mm(torch.ones(32, 8, dtype=torch.uint8), torch.ones(8, 8, dtype=torch.int8))
+        works = True
+    except RuntimeError:
+        works = False
+    assert int_mm_takes_uint8("cpu") is works
+    assert isinstance(int_mm_takes_uint8("cuda"), bool)  # False without a GPU, no error
+    for bad in ("nonsense", 3.5):
+        with pytest.raises(ValueError, match=r"int_mm_takes_uint8: device=.* is not a torch"):
+            int_mm_takes_uint8(bad)  # type: ignore[arg-type]

@@ -135,6 +135,19 @@ def _compile_missing() -> str | None:
     return None
 
 
+#: The oldest torch whose AOTInductor compiles every lowbit layer: 2.9 fails to lower a static
+#: convolution's op ("Cannot access data pointer of Tensor (e.g. FakeTensor ...)"); 2.11, 2.13
+#: and 2.14 pass the backend's tests.
+AOTI_MIN_TORCH = "2.11"
+
+
+def _aoti_missing() -> str | None:
+    if torch.torch_version.TorchVersion(torch.__version__) < AOTI_MIN_TORCH:
+        return (f"torch {torch.__version__} is older than {AOTI_MIN_TORCH}, whose AOTInductor "
+                "compiles every lowbit layer (pip install 'torch>=2.11')")
+    return _compile_missing()
+
+
 def _compile_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
     return torch.compile(qmodel)
 
@@ -232,7 +245,8 @@ register_backend(Backend(
     "native", "lowbit's kernels for this CPU (the default)",
     "INT8 x INT8: bit-identical; weight-only: int8 activations per group for INT4 (relative "
     "max deviation <= 1e-2; float32 rounding with int8_activations=False), bf16 activations "
-    "(<= 1e-2) for INT8 up to 64 rows and for INT4 above 1024 rows on CPUs with BF16",
+    "(<= 1e-2) for weight-only INT8 up to 64 rows and, on CPUs with AMX, for INT4 above 1024 "
+    "rows",
     _native_missing, layer_value="auto", detail=_native_detail))
 register_backend(Backend(
     "torch", "PyTorch's own integer ops, no C kernels of lowbit",
@@ -259,5 +273,5 @@ register_backend(Backend(
     "ahead of time: the quantized layers are the op lowbit::quantized_layer, the float ops "
     "between them C++; no Python wrapper per call", "quantized layers bit-identical to their "
     "layer backend; compiled float ops may round differently (~1e-6 relative)",
-    _compile_missing, prepare=_aoti_prepare, needs_inputs=True,
+    _aoti_missing, prepare=_aoti_prepare, needs_inputs=True,
     detail=lambda: f"torch {torch.__version__}, AOTInductor"))

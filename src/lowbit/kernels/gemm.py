@@ -74,14 +74,22 @@ def acc_fp32_codes(q: torch.Tensor, zp: torch.Tensor | None, w2d: torch.Tensor,
 def int_mm_takes_uint8(device: str = "cpu") -> bool:
     """Whether ``torch._int_mm`` multiplies uint8 by int8 on ``device`` (the CPU: torch >= 2.13).
 
+    ``device`` is a device type such as ``"cpu"`` or ``"cuda"``; anything else is a
+    ``ValueError``.
+
     Example:
         >>> isinstance(int_mm_takes_uint8("cpu"), bool)
         True
     """
     try:
+        device = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"int_mm_takes_uint8: device={device!r} is not a torch device type; "
+                         "pass e.g. 'cpu' or 'cuda' (a tensor's .device.type)") from exc
+    try:
         torch._int_mm(torch.zeros(32, 8, dtype=torch.uint8, device=device),
                       torch.zeros(8, 8, dtype=torch.int8, device=device))
-    except (RuntimeError, AttributeError):
+    except (RuntimeError, AttributeError, AssertionError):  # (no such op / kernel / device)
         return False
     return True
 

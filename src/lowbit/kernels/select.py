@@ -75,6 +75,16 @@ VNNI_S8_MAX_M = 64
 VNNI_S8_MAX_MACS = 1 << 24
 
 
+#: On AMD CPUs (Zen 4) the ``avx512_vnni`` path's C GEMM runs up to this many rows: oneDNN's
+#: ``_int_mm`` trails it much further there than on Intel cores. AMD EPYC Zen 4, 2 threads,
+#: whole dynamic layer, C GEMM (two-panel tiles) vs ``_int_mm``, ms: 128 x 384 -> 1536 0.23 vs
+#: 0.28, 256x 0.58 vs 0.70, 512x 0.87 vs 0.86, 4096x 7.2 vs 6.6; 256 x 1536 -> 384 0.44 vs
+#: 0.48, 1024x 1.76 vs 1.70; 256 x 1024 -> 1024 0.70 vs 1.04 (before those tiles), 512x 1.54
+#: vs 1.74, 1024x 3.02 vs 3.03; 256 x 4096 -> 4096 10.8 vs 14.4, 512x 21.4 vs 23.5, 1024x 41.5
+#: vs 43.8; 256 x 4096 -> 11008 29.8 vs 35.2, 512x 60.4 vs 61.3 (``docs/kernels.md``).
+VNNI_S8_MAX_M_AMD = 512
+
+
 def _check_features(fn: str, **sizes: int) -> None:
     """Refuse weight sizes (``n``: output features, ``k``: input features) that are not
     non-negative ints, naming ``fn`` and the values."""
@@ -86,18 +96,41 @@ def _check_features(fn: str, **sizes: int) -> None:
 
 def vnni_c_gemm_rows(n: int, k: int) -> int:
     """The most rows for which the ``avx512_vnni`` path runs its C GEMM (``"s8_avx512_vnni"``)
-    on an ``[n, k]`` weight (:data:`VNNI_S8_MAX_M` rows or :data:`VNNI_S8_MAX_MACS`
-    multiply-adds, whichever allows more); ``_int_mm`` runs above. Unknown sizes (0): no limit.
+    on an ``[n, k]`` weight (:data:`VNNI_S8_MAX_M` rows, :data:`VNNI_S8_MAX_M_AMD` on AMD
+    CPUs, or :data:`VNNI_S8_MAX_MACS` multiply-adds, whichever allows more); ``_int_mm`` runs
+    above. Unknown sizes (0): no limit.
 
     Raises:
         ValueError: ``n`` or ``k`` is not a non-negative int.
 
     Example:
-        >>> vnni_c_gemm_rows(4096, 4096), vnni_c_gemm_rows(48, 67)
-        (64, 5216)
+        >>> vnni_c_gemm_rows(48, 67)  # 67 -> 48: VNNI_S8_MAX_MACS // (48 * 67) rows
+        5216
     """
     _check_features("vnni_c_gemm_rows", n=n, k=k)
-    return max(VNNI_S8_MAX_M, VNNI_S8_MAX_MACS // (n * k)) if n * k > 0 else sys.maxsize
+    if n * k == 0:
+        return sys.maxsize
+    rows = VNNI_S8_MAX_M_AMD if cpu_vendor() == "AuthenticAMD" else VNNI_S8_MAX_M
+    return max(rows, VNNI_S8_MAX_MACS // (n * k))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` from ``/proc/cpuinfo`` (``"AuthenticAMD"``, ``"GenuineIntel"``;
+    ``""`` where there is none, e.g. off Linux or on ARM). Cached.
+
+    Example:
+        >>> isinstance(cpu_vendor(), str)
+        True
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def amx_tiles(k: int) -> bool:
@@ -117,11 +150,15 @@ def amx_tiles(k: int) -> bool:
     return -(-k // 4) >= 16
 
 
-#: With int8 activations, ``"u4q8_<isa>"`` runs up to this many rows on CPUs with BF16, and
-#: dequantize + bf16 GEMM above (its cost per weight is spread over enough rows). Xeon with AMX,
-#: 2 threads, g128, ratio to fp32, u4q8 / dequantize + bf16: 384 -> 1536 M = 1024 1.08 / 0.97,
-#: M = 2048 1.24 / 1.69, M = 4096 1.12 / 2.25; 1024 -> 1024 M = 1024 1.25 / 1.00, M = 2048
-#: 1.27 / 1.77; 4096 -> 4096 M = 1024 1.38 / 0.68; 1536 -> 384 M = 2048 1.18 / 1.49.
+#: With int8 activations, ``"u4q8_<isa>"`` runs up to this many rows on CPUs with AMX (bf16
+#: tiles), and dequantize + bf16 GEMM above (its cost per weight is spread over enough rows). Xeon
+#: with AMX, 2 threads, g128, ratio to fp32, u4q8 / dequantize + bf16: 384 -> 1536 M = 1024 1.08 /
+#: 0.97, M = 2048 1.24 / 1.69, M = 4096 1.12 / 2.25; 1024 -> 1024 M = 1024 1.25 / 1.00, M = 2048
+#: 1.27 / 1.77; 4096 -> 4096 M = 1024 1.38 / 0.68; 1536 -> 384 M = 2048 1.18 / 1.49. Without AMX
+#: the panels win at every M, AVX512-BF16 or not: AMD EPYC Zen 4, u4q8_avx512_vnni / dequantize
+#: + bf16 / bf16 ``F.linear`` alone: 384 -> 1536 M = 2048 2.24 / 1.73 / 2.07, M = 4096 2.30 /
+#: 1.78 / 2.10; 1024 -> 1024 M = 1024 2.39 / 1.73 / 2.18, M = 2048 2.28 / 1.45 / 2.11; 1536 ->
+#: 384 M = 2048 2.20 / 1.73 / 2.18; 4096 -> 4096 M = 1024 2.86 / 2.05 / 2.29.
 U4Q8_MAX_M_BF16 = 1024
 
 
@@ -270,7 +307,7 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         int8_activations: for ``"int4_weight_only"``: the layer may quantize its activations to
             int8 per row and group (``Int4Linear.int8_activations``): on the C ISA paths
             ``"u4q8_<isa>"`` then runs at every M (it is faster than FP32 at every M measured),
-            up to :data:`U4Q8_MAX_M_BF16` rows on CPUs with BF16 (at every M on the ``amx``
+            up to :data:`U4Q8_MAX_M_BF16` rows on CPUs with AMX (at every M on the ``amx``
             path for :data:`AMX_U4_GROUP_SIZES`).
         device: the tensors' device type. Off the CPU (CUDA): ``"int_mm_s8s8"`` where
             ``torch._int_mm`` takes the shape there (M > 16, K and N multiples of 8), else
@@ -342,7 +379,7 @@ def select_kernel(op: str, m: int, *, backend: str = "auto", n: int = 0, k: int 
         fits = (u4 is not None and group_size is not None and group_size % 32 == 0
                 and k % 32 == 0 and k % group_size == 0)
         amx4 = u4 == "u4_amx" and group_size in AMX_U4_GROUP_SIZES  # (AMX tiles from 6 rows)
-        if fits and int8_activations and (m <= U4Q8_MAX_M_BF16 or "bf16" not in feats or amx4):
+        if fits and int8_activations and (m <= U4Q8_MAX_M_BF16 or "amx" not in feats or amx4):
             return "u4q8_" + u4[3:]  # type: ignore[index]  # INT4 x INT8 panels
         if fits and m <= U4_NATIVE_MAX_M:
             return u4  # type: ignore[return-value]  # lowbit's INT4 kernel, float32 activations
