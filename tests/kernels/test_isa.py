@@ -80,7 +80,9 @@ def _exact(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 7, 3), (3, 33, 17), (4, 64, 16), (5, 130, 31),
-                                   (37, 300, 100), (130, 1000, 40), (2, 16384 + 3, 21)])
+                                   (37, 300, 100), (130, 1000, 40), (2, 16384 + 3, 21),
+                                   # panel pairs with a single panel left (2 / 8 rows), 6 rows
+                                   (2, 100, 40), (8, 70, 50), (6, 64, 33)])
 def test_s8_gemm_is_exact_on_full_range_codes(lib, form, threads, m: int, k: int,
                                                n: int) -> None:
     g = torch.Generator().manual_seed(m * 1000 + k + n)

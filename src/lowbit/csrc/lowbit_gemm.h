@@ -3,6 +3,7 @@
  * Each ISA source (lowbit_gemm_avx2.c, lowbit_gemm_portable.c) defines the micro-kernels
  *   s8_tile(a, lda, rows, panel, k4, form, lst, ldl, out)  rows (1..LB_TILE_ROWS) x 16 columns
  *   s8_gemv(a, panels, pstride, np, k4, form, lst, out)    1 row x np (1..4) panels, exact
+ *   s8_tile2(a, lda, rows, panel, pstride, k4, form, out)  (LB_PAIR_TILES) rows x 2 panels
  *   u4_rows(x, ldxp, rows, wq, kp, g, s, out) rows (1..4) of x . 2 weight rows, float32
  *   layout_codes(q, k, a)                    one row of codes as {|q|, q} per 4-K step
  *   layout_codes_u7(q, k, a)                 one row of 7-bit codes as {q + 64, 0} per step
@@ -63,8 +64,11 @@
 #define LB_TILE_ROWS 4
 #endif
 
-#ifndef LB_PAIR_TILES /* s8_tile2: LB_PAIR_MIN_ROWS..LB_TILE_ROWS rows x 2 panels, unsigned forms */
+#ifndef LB_PAIR_TILES /* s8_tile2: LB_PAIR_MIN_ROWS..LB_TILE_ROWS rows x 2 panels, not split */
 #define LB_PAIR_TILES 0
+#endif
+#ifndef LB_PAIR_MAX_ROWS /* blocks of more rows take the one-panel tiles */
+#define LB_PAIR_MAX_ROWS (1 << 30)
 #endif
 
 #ifndef LB_U4_WIDE_TILES /* u4p_tile takes 2 panels at 3-4 rows too (else 1) */
@@ -409,7 +413,7 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
         return;
     }
 #if LB_PAIR_TILES
-    if (F != 2 && rows >= LB_PAIR_MIN_ROWS) { /* the same grid with panel pairs */
+    if (F != 2 && rows >= LB_PAIR_MIN_ROWS && rows <= LB_PAIR_MAX_ROWS) { /* panel pairs */
         const int64_t nrt = ceil_div(rows, LB_TILE_ROWS), npp = ceil_div(p1 - p0, 2);
         for (int64_t t = 0; t < nrt * npp; ++t) {
             const int64_t r = LB_TILE_ROWS * (rows_outer ? t / npp : t % nrt);
@@ -417,7 +421,7 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
             const int rr = (int)(rows - r < LB_TILE_ROWS ? rows - r : LB_TILE_ROWS);
             if (p + 1 < p1 && rr >= LB_PAIR_MIN_ROWS) {
                 const int64_t c0 = p * 16, cols = e->n - c0 < 32 ? e->n - c0 : 32;
-                s8_tile2(a + r * lda, lda, rr, wpack + p * pstride, pstride, k4, out);
+                s8_tile2(a + r * lda, lda, rr, wpack + p * pstride, pstride, k4, F, out);
                 for (int i = 0; i < rr; ++i)
                     epilogue(e, i0 + r + i, c0, cols, out + i * 32);
                 continue;
