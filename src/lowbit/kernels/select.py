@@ -79,7 +79,7 @@ VNNI_S8_MAX_MACS = 1 << 24
 #: ``_int_mm`` trails it much further there than on Intel cores. AMD EPYC Zen 4, 2 threads,
 #: whole dynamic layer, C GEMM (two-panel tiles) vs ``_int_mm``, ms: 128 x 384 -> 1536 0.23 vs
 #: 0.28, 256x 0.58 vs 0.70, 512x 0.87 vs 0.86, 4096x 7.2 vs 6.6; 256 x 1536 -> 384 0.44 vs
-#: 0.48, 1024x 1.76 vs 1.70; 256 x 1024 -> 1024 0.70 vs 1.04 (before those tiles), 512x 1.54
+#: 0.48, 1024x 1.76 vs 1.70; 256 x 1024 -> 1024 0.82 vs 1.04 (before those tiles), 512x 1.54
 #: vs 1.74, 1024x 3.02 vs 3.03; 256 x 4096 -> 4096 10.8 vs 14.4, 512x 21.4 vs 23.5, 1024x 41.5
 #: vs 43.8; 256 x 4096 -> 11008 29.8 vs 35.2, 512x 60.4 vs 61.3 (``docs/kernels.md``).
 VNNI_S8_MAX_M_AMD = 512
