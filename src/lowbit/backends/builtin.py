@@ -144,7 +144,7 @@ AOTI_MIN_TORCH = "2.11"
 def _aoti_missing() -> str | None:
     if torch.torch_version.TorchVersion(torch.__version__) < AOTI_MIN_TORCH:
         return (f"torch {torch.__version__} is older than {AOTI_MIN_TORCH}, whose AOTInductor "
-                "compiles every lowbit layer (pip install 'torch>=2.11')")
+                f"compiles every lowbit layer (pip install 'torch>={AOTI_MIN_TORCH}')")
     return _compile_missing()
 
 

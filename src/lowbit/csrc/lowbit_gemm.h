@@ -412,41 +412,33 @@ static inline __attribute__((always_inline)) void s8_block_t(const uint8_t *a, i
         }
         return;
     }
+    /* tile t of the row tiles x panel groups grid, rows-outer or panels-outer
+     * (LB_ROWS_OUTER_BYTES); a group is one panel, or two where s8_tile2 takes the rows */
 #if LB_PAIR_TILES
-    if (F != 2 && rows >= LB_PAIR_MIN_ROWS && rows <= LB_PAIR_MAX_ROWS) { /* panel pairs */
-        const int64_t nrt = ceil_div(rows, LB_TILE_ROWS), npp = ceil_div(p1 - p0, 2);
-        for (int64_t t = 0; t < nrt * npp; ++t) {
-            const int64_t r = LB_TILE_ROWS * (rows_outer ? t / npp : t % nrt);
-            const int64_t p = p0 + 2 * (rows_outer ? t % npp : t / nrt);
-            const int rr = (int)(rows - r < LB_TILE_ROWS ? rows - r : LB_TILE_ROWS);
-            if (p + 1 < p1 && rr >= LB_PAIR_MIN_ROWS) {
-                const int64_t c0 = p * 16, cols = e->n - c0 < 32 ? e->n - c0 : 32;
-                s8_tile2(a + r * lda, lda, rr, wpack + p * pstride, pstride, k4, F, out);
-                for (int i = 0; i < rr; ++i)
-                    epilogue(e, i0 + r + i, c0, cols, out + i * 32);
-                continue;
-            }
-            for (int64_t q = p; q < p1 && q < p + 2; ++q) { /* a last single panel, few rows */
-                const int64_t c0 = q * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
-                s8_tile(a + r * lda, lda, rr, wpack + q * pstride, k4, F, lst + r * ldl, ldl,
-                        out);
-                for (int i = 0; i < rr; ++i)
-                    epilogue(e, i0 + r + i, c0, cols, out + i * 16);
-            }
-        }
-        return;
-    }
+    const int pw = F != 2 && rows >= LB_PAIR_MIN_ROWS && rows <= LB_PAIR_MAX_ROWS ? 2 : 1;
+#else
+    const int pw = 1;
 #endif
-    /* tile t of the row tiles x panels grid, rows-outer or panels-outer (LB_ROWS_OUTER_BYTES) */
-    const int64_t nrt = ceil_div(rows, LB_TILE_ROWS), npn = p1 - p0;
+    const int64_t nrt = ceil_div(rows, LB_TILE_ROWS), npn = ceil_div(p1 - p0, pw);
     for (int64_t t = 0; t < nrt * npn; ++t) {
         const int64_t r = LB_TILE_ROWS * (rows_outer ? t / npn : t % nrt);
-        const int64_t p = p0 + (rows_outer ? t % npn : t / nrt);
+        const int64_t p = p0 + pw * (rows_outer ? t % npn : t / nrt);
         const int rr = (int)(rows - r < LB_TILE_ROWS ? rows - r : LB_TILE_ROWS);
-        const int64_t c0 = p * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
-        s8_tile(a + r * lda, lda, rr, wpack + p * pstride, k4, F, lst + r * ldl, ldl, out);
-        for (int i = 0; i < rr; ++i)
-            epilogue(e, i0 + r + i, c0, cols, out + i * 16);
+#if LB_PAIR_TILES
+        if (pw == 2 && p + 1 < p1 && rr >= LB_PAIR_MIN_ROWS) {
+            const int64_t c0 = p * 16, cols = e->n - c0 < 32 ? e->n - c0 : 32;
+            s8_tile2(a + r * lda, lda, rr, wpack + p * pstride, pstride, k4, F, out);
+            for (int i = 0; i < rr; ++i)
+                epilogue(e, i0 + r + i, c0, cols, out + i * 32);
+            continue;
+        }
+#endif
+        for (int64_t q = p; q < p1 && q < p + pw; ++q) { /* (a last single panel, few rows) */
+            const int64_t c0 = q * 16, cols = e->n - c0 < 16 ? e->n - c0 : 16;
+            s8_tile(a + r * lda, lda, rr, wpack + q * pstride, k4, F, lst + r * ldl, ldl, out);
+            for (int i = 0; i < rr; ++i)
+                epilogue(e, i0 + r + i, c0, cols, out + i * 16);
+        }
     }
 }
 

@@ -483,49 +483,58 @@ static inline void amx_u4_accumulate(float *acc, const int32_t *d, const float *
 }
 #endif
 
-/* F: 0 the sign form {|q|, q}, 1 the 7-bit form {q + 64, 0}, 2 the split form {c + 64, r}
- * with per-row step lists lst + r * ldl = {count, steps...} (with LB_U8_CODES, forms 0 and 1
- * run tile_r512 instead) */
+/* R rows x P (1..2) panels (pstride apart), out[r * 16 P + c]. F: 0 the sign form {|q|, q},
+ * 1 the 7-bit form {q + 64, 0}, 2 the split form {c + 64, r} with per-row step lists
+ * lst + r * ldl = {count, steps...} (one panel only; with LB_U8_CODES, forms 0 and 1 run
+ * tile_r512 instead). Two panels stream the weights from two places: blocks of 2
+ * rows take them (2 x 4096 -> 11008 with 8-bit codes, Zen 4 cores limited to AVX2: 1.48-1.55 ->
+ * 1.31-1.33 ms; at 4 rows two passes over each pair were slower than one 4-row pass from DRAM). */
 static inline __attribute__((always_inline)) void tile_r(const uint8_t *a, int64_t lda,
                                                           const int R, const int8_t *w,
+                                                          int64_t pstride, const int P,
                                                           int64_t k4, const int F,
                                                           const int32_t *lst, int64_t ldl,
                                                           int32_t *out) {
 #if LB_U8_CODES
-    if (F != 2) { /* (the split form's remainders need the 256-bit sign op) */
+    if (F != 2) { /* (the split form's remainders need the 256-bit sign op; P = 1 here: the
+                   * unsigned forms' panel pairs are s8_tile2's tile_r512x2) */
         tile_r512(a, lda, R, w, k4, out);
         return;
     }
 #endif
-    __m256i acc[4][2];
+    __m256i acc[4][4];
     for (int r = 0; r < R; ++r)
-        acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (int h = 0; h < 2 * P; ++h)
+            acc[r][h] = _mm256_setzero_si256();
     for (int64_t s = 0; s < k4; ++s) {
-        _mm_prefetch((const char *)(w + s * 64 + 1024), _MM_HINT_T0); /* ahead in the panel */
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + s * 64));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + s * 64 + 32));
+        __m256i wv[4];
+        for (int p = 0; p < P; ++p) {
+            const int8_t *wp = w + p * pstride + s * 64;
+            _mm_prefetch((const char *)(wp + 1024), _MM_HINT_T0); /* ahead in the panel */
+            wv[2 * p] = _mm256_loadu_si256((const __m256i *)wp);
+            wv[2 * p + 1] = _mm256_loadu_si256((const __m256i *)(wp + 32));
+        }
         for (int r = 0; r < R; ++r) {
             int32_t ab, as;
             __builtin_memcpy(&ab, a + r * lda + s * 8, 4);
             const __m256i va = _mm256_set1_epi32(ab);
             if (F) {
-                acc[r][0] = dot4_u(acc[r][0], va, w0);
-                acc[r][1] = dot4_u(acc[r][1], va, w1);
+                for (int h = 0; h < 2 * P; ++h)
+                    acc[r][h] = dot4_u(acc[r][h], va, wv[h]);
                 continue;
             }
             __builtin_memcpy(&as, a + r * lda + s * 8 + 4, 4);
             const __m256i vs = _mm256_set1_epi32(as);
-            acc[r][0] = dot4(acc[r][0], va, vs, w0);
-            acc[r][1] = dot4(acc[r][1], va, vs, w1);
+            for (int h = 0; h < 2 * P; ++h)
+                acc[r][h] = dot4(acc[r][h], va, vs, wv[h]);
         }
     }
     if (F == 2)
         for (int r = 0; r < R; ++r)
             SPLIT_FIXUP(acc[r][0], acc[r][1], a + r * lda, w, lst + r * ldl);
-    for (int r = 0; r < R; ++r) {
-        _mm256_storeu_si256((__m256i *)(out + r * 16), acc[r][0]);
-        _mm256_storeu_si256((__m256i *)(out + r * 16 + 8), acc[r][1]);
-    }
+    for (int r = 0; r < R; ++r)
+        for (int h = 0; h < 2 * P; ++h)
+            _mm256_storeu_si256((__m256i *)(out + r * 16 * P + h * 8), acc[r][h]);
 }
 
 /* rows (1..4) x 16 columns of one panel: out[r * 16 + c] */
@@ -535,9 +544,9 @@ static inline __attribute__((always_inline)) void s8_tile4(const uint8_t *a, int
                                                            const int32_t *lst, int64_t ldl,
                                                            int32_t *out) {
 #define TILE(R)                                                                                \
-    (form == 2   ? tile_r(a, lda, R, w, k4, 2, lst, ldl, out)                                  \
-     : form == 1 ? tile_r(a, lda, R, w, k4, 1, lst, ldl, out)                                  \
-                 : tile_r(a, lda, R, w, k4, 0, lst, ldl, out))
+    (form == 2   ? tile_r(a, lda, R, w, 0, 1, k4, 2, lst, ldl, out)                            \
+     : form == 1 ? tile_r(a, lda, R, w, 0, 1, k4, 1, lst, ldl, out)                            \
+                 : tile_r(a, lda, R, w, 0, 1, k4, 0, lst, ldl, out))
     switch (rows) {
     case 4: TILE(4); break;
     case 3: TILE(3); break;
@@ -573,49 +582,6 @@ static inline __attribute__((always_inline)) void s8_tile2(const uint8_t *a, int
     }
 }
 #else
-/* 1-2 rows x 2 panels (pstride apart), form F (0 sign, 1 7-bit): out[r * 32 + c]. Blocks of
- * 2 rows take it instead of the 4-row one-panel tile: the weights stream from two places
- * (2 x 4096 -> 11008 with 8-bit codes, Zen 4 cores limited to AVX2: 1.48-1.55 -> 1.31-1.33
- * ms; at 4 rows two passes over each pair were slower than one 4-row pass from DRAM). */
-static inline __attribute__((always_inline)) void tile_2p(const uint8_t *a, int64_t lda,
-                                                           const int R, const int8_t *w,
-                                                           int64_t pstride, int64_t k4,
-                                                           const int F, int32_t *out) {
-    __m256i acc[2][4];
-    for (int r = 0; r < R; ++r)
-        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_si256();
-    const int8_t *v = w + pstride;
-    for (int64_t s = 0; s < k4; ++s) {
-        _mm_prefetch((const char *)(w + s * 64 + 1024), _MM_HINT_T0);
-        _mm_prefetch((const char *)(v + s * 64 + 1024), _MM_HINT_T0);
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + s * 64));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + s * 64 + 32));
-        const __m256i w2 = _mm256_loadu_si256((const __m256i *)(v + s * 64));
-        const __m256i w3 = _mm256_loadu_si256((const __m256i *)(v + s * 64 + 32));
-        for (int r = 0; r < R; ++r) {
-            int32_t ab, as;
-            __builtin_memcpy(&ab, a + r * lda + s * 8, 4);
-            const __m256i va = _mm256_set1_epi32(ab);
-            if (F) {
-                acc[r][0] = dot4_u(acc[r][0], va, w0);
-                acc[r][1] = dot4_u(acc[r][1], va, w1);
-                acc[r][2] = dot4_u(acc[r][2], va, w2);
-                acc[r][3] = dot4_u(acc[r][3], va, w3);
-                continue;
-            }
-            __builtin_memcpy(&as, a + r * lda + s * 8 + 4, 4);
-            const __m256i vs = _mm256_set1_epi32(as);
-            acc[r][0] = dot4(acc[r][0], va, vs, w0);
-            acc[r][1] = dot4(acc[r][1], va, vs, w1);
-            acc[r][2] = dot4(acc[r][2], va, vs, w2);
-            acc[r][3] = dot4(acc[r][3], va, vs, w3);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int h = 0; h < 4; ++h)
-            _mm256_storeu_si256((__m256i *)(out + r * 32 + h * 8), acc[r][h]);
-}
-
 #define LB_PAIR_TILES 1
 #define LB_PAIR_MIN_ROWS 2
 #define LB_PAIR_MAX_ROWS 2
@@ -623,17 +589,11 @@ static inline __attribute__((always_inline)) void s8_tile2(const uint8_t *a, int
                                                            int rows, const int8_t *w,
                                                            int64_t pstride, int64_t k4,
                                                            int F, int32_t *out) {
-    for (int r = 0; r < rows; r += 2) {
-        const int rr = rows - r < 2 ? rows - r : 2;
-        if (F && rr == 2)
-            tile_2p(a + r * lda, lda, 2, w, pstride, k4, 1, out + r * 32);
-        else if (F)
-            tile_2p(a + r * lda, lda, 1, w, pstride, k4, 1, out + r * 32);
-        else if (rr == 2)
-            tile_2p(a + r * lda, lda, 2, w, pstride, k4, 0, out + r * 32);
-        else
-            tile_2p(a + r * lda, lda, 1, w, pstride, k4, 0, out + r * 32);
-    }
+    (void)rows; /* LB_PAIR_MIN_ROWS = LB_PAIR_MAX_ROWS = 2 */
+    if (F)
+        tile_r(a, lda, 2, w, pstride, 2, k4, 1, NULL, 0, out);
+    else
+        tile_r(a, lda, 2, w, pstride, 2, k4, 0, NULL, 0, out);
 }
 #endif
 

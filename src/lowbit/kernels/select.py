@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 import torch
@@ -115,6 +116,16 @@ def vnni_c_gemm_rows(n: int, k: int) -> int:
 
 
 @functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str | None:
+    """``/proc/cpuinfo`` (read once; None where there is none, e.g. off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The CPU's ``vendor_id`` from ``/proc/cpuinfo`` (``"AuthenticAMD"``, ``"GenuineIntel"``;
     ``""`` where there is none, e.g. off Linux or on ARM). Cached.
@@ -123,14 +134,8 @@ def cpu_vendor() -> str:
         >>> isinstance(cpu_vendor(), str)
         True
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    found = re.search(r"^vendor_id\s*:\s*(\S+)", _cpuinfo() or "", re.MULTILINE)
+    return found.group(1) if found else ""
 
 
 def amx_tiles(k: int) -> bool:
@@ -249,19 +254,18 @@ def cpu_features() -> frozenset[str]:
         >>> cpu_features() <= {"vnni", "bf16", "amx"}
         True
     """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = set(fh.read().split())
-    except OSError:
+    info = _cpuinfo()
+    if info is None:
         cap = torch.backends.cpu.get_cpu_capability()
         return frozenset({"vnni", "bf16"} if "AVX512" in cap else set())
+    flags = set(info.split())
     feats = set()
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
            or "ALL").upper()
     if flags & VNNI_FLAGS and any(t in isa for t in _VNNI_ISAS):
         feats.add("vnni")
     if ("amx_bf16" in flags and any(t in isa for t in _AMX_ISAS)) or (
-            "avx512_bf16" in flags and flags & FAST_BF16_VENDORS
+            "avx512_bf16" in flags and cpu_vendor() in FAST_BF16_VENDORS
             and any(t in isa for t in _BF16_ISAS)):
         feats.add("bf16")
     if {"amx_tile", "amx_int8"} <= flags and any(t in isa for t in _AMX_ISAS):
