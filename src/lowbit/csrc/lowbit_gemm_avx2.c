@@ -809,6 +809,7 @@ static inline __attribute__((always_inline)) void u4p_rp(const int8_t *q, int64_
                 for (int p = 0; p < P; ++p) {
                     const uint8_t *b = wp + p * pstride + t * 32;
                     _mm_prefetch((const char *)(b + 512), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(b + 4096), _MM_HINT_T1); /* L2, as tile_r */
                     const __m256i v = _mm256_loadu_si256((const __m256i *)b);
                     const __m256i lo = _mm256_and_si256(v, low);
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
@@ -870,6 +871,7 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
             for (int p = 0; p < P; ++p) {
                 const uint8_t *b = wp + p * pstride + t * 32;
                 _mm_prefetch((const char *)(b + 512), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + 4096), _MM_HINT_T1); /* L2, as tile_r512x2 */
                 const __m512i v = _mm512_loadu_si512((const void *)b);
                 const __m512i lo = _mm512_and_si512(v, low);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
