@@ -6,9 +6,10 @@ Each cell is FP32 PyTorch time / variant time (higher is better), all measured i
 candidates interleaved. Peers: FP32 under ``torch.compile`` and ONNX Runtime's own
 ``quantize_dynamic`` of the float model (per-tensor QInt8 weights). The last columns give each
 ONNX variant's output cosine vs FP32 (lowbit's export vs ORT's own quantization), batch 32.
-Both ONNX Runtime sessions get the same options: 2 intra-op threads, thread spinning off (a
-spinning pool would take the cores from whichever candidate runs next in the interleaved
-rounds).
+Both ONNX Runtime sessions are ``OnnxRuntimeModule`` with the same options: 2 intra-op
+threads, thread spinning off (a spinning pool would take the cores from whichever candidate
+runs next in the interleaved rounds), and the module's default of leaving out ORT's slower
+``SkipLayerNormalization`` fusion on the CPU (``lowbit.onnx.CPU_DISABLED_OPTIMIZERS``).
 
     python benchmarks/bench_backends.py [--quick] [--no-compile]
 """
@@ -53,7 +54,6 @@ def _ort_options() -> Any:
 def _ort_own(model: nn.Module, example: torch.Tensor, folder: str, stem: str) -> nn.Module:
     """ONNX Runtime's quantize_dynamic of the float model, wrapped like a module."""
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
@@ -68,13 +68,7 @@ def _ort_own(model: nn.Module, example: torch.Tensor, folder: str, stem: str) ->
     onnx.save(proto, fp32)
     logging.getLogger().setLevel(logging.ERROR)
     ort_quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
-    session = ort.InferenceSession(int8, _ort_options(), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-
-    return run  # type: ignore[return-value]
+    return OnnxRuntimeModule(int8, session_options=_ort_options())
 
 
 def _cases() -> list[tuple[str, nn.Module, nn.Module, dict[int, torch.Tensor]]]:

@@ -402,3 +402,61 @@ def test_exact_auto_takes_int8_weights_only_where_this_cpu_keeps_them_exact(
     assert weights[ci.input[1]] == onnx.TensorProto.UINT8  # its u8 x s8 kernel is slower
     with pytest.raises(ValueError, match="exact='yes' must be True, False or 'auto'"):
         export_onnx(q, x[:2], None, exact="yes")
+
+
+class _ResidualNorm(nn.Module):
+    """Linear -> GELU -> Linear with a residual Add and a LayerNorm: a transformer FFN."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.up, self.act = nn.Linear(32, 64), nn.GELU(approximate=approximate)
+        self.down, self.norm = nn.Linear(64, 32), nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.down(self.act(self.up(x))))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_float_gelu_exports_as_the_pattern_ort_fuses(approximate, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _ResidualNorm(approximate).eval()
+    path = tmp_path / "ffn.onnx"
+    _, ort_model = _export(model, torch.randn(2, 5, 32), path, dynamic_axes=(0, 1))
+    x = 3 * torch.randn(4, 7, 32)
+    with torch.inference_mode():
+        ref, out = model(x), ort_model(x)
+    assert float((ref - out).abs().max()) < 1e-5  # the same function (float rounding)
+    if approximate == "none":  # one Gelu kernel instead of five elementwise passes
+        fused = _fused_ops(path, tmp_path)
+        assert fused["Gelu"] + fused["BiasGelu"] == 1 and not fused["Erf"], fused
+    # and inside a quantized model, between two INT8 layers
+    qmodel = lowbit.quantize_dynamic(model)
+    (qpath := tmp_path / "int8" / "ffn.onnx").parent.mkdir()
+    _, ort_q = _export(qmodel, torch.randn(2, 5, 32), qpath, dynamic_axes=(0, 1))
+    with torch.inference_mode():
+        _assert_close(qmodel(x), ort_q(x), steps=0.05)
+
+
+def test_cpu_sessions_leave_out_the_slow_skip_layer_norm_fusion(tmp_path) -> None:
+    from lowbit.onnx import CPU_DISABLED_OPTIMIZERS
+
+    torch.manual_seed(0)
+    model = _ResidualNorm().eval()
+    path = tmp_path / "ffn.onnx"
+    export_onnx(lowbit.quantize_dynamic(model), torch.randn(2, 5, 32), path, dynamic_axes=(0, 1))
+    x = torch.randn(3, 6, 32)
+    outs = {}
+    for disabled in (None, ()):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"optimized_{disabled is None}.onnx")
+        so.log_severity_level = 3
+        module = OnnxRuntimeModule(path, session_options=so, disabled_optimizers=disabled)
+        outs[disabled] = module(x)
+        fused = _ops(onnx.load(so.optimized_model_filepath))
+        if disabled is None:  # the default on the CPU provider
+            assert module.disabled_optimizers == CPU_DISABLED_OPTIMIZERS
+            assert not fused["SkipLayerNormalization"] and fused["LayerNormalization"], fused
+        else:  # ONNX Runtime's own choice: Add + LayerNormalization fused
+            assert module.disabled_optimizers == ()
+            assert fused["SkipLayerNormalization"] == 1, fused
+    assert float((outs[None] - outs[()]).abs().max()) < 1e-5

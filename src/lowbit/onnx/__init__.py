@@ -5,6 +5,6 @@ export stand-ins; ``_export``: :func:`export_onnx`; ``_runtime``: :class:`OnnxRu
 """
 
 from lowbit.onnx._export import export_onnx
-from lowbit.onnx._runtime import OnnxRuntimeModule
+from lowbit.onnx._runtime import CPU_DISABLED_OPTIMIZERS, OnnxRuntimeModule
 
-__all__ = ["OnnxRuntimeModule", "export_onnx"]
+__all__ = ["CPU_DISABLED_OPTIMIZERS", "OnnxRuntimeModule", "export_onnx"]
