@@ -309,7 +309,7 @@ def _matmul_nbits(x, b, scales, zp, bias, k: int, n: int, bits: int, block_size:
     return y if bias is None else op.Add(y, bias)
 
 
-def _gelu(x, approximate: str = "none"):
+def _gelu(self, approximate: str = "none"):  # aten's argument names: the exporter matches them
     """``aten.gelu`` (float layers between lowbit's) in the operand order ONNX Runtime fuses.
 
     The exporter's own translation writes ``x * (0.5 * (1 + erf(x / sqrt 2)))``, which ONNX
@@ -317,6 +317,8 @@ def _gelu(x, approximate: str = "none"):
     its ``Gelu`` pattern: one pass, 2.0-2.3x faster on 1,024 x 1,536 (``docs/backends.md``).
     Standard opset-18 operators either way, the same function to an ulp.
     """
+    x = self
+
     def const(value: float):
         return op.CastLike(op.Constant(value_float=value), x)
 
