@@ -8,6 +8,7 @@ agreement >= 99.9% on the MNIST evaluation images.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from pathlib import Path
@@ -460,3 +461,12 @@ def test_cpu_sessions_leave_out_the_slow_skip_layer_norm_fusion(tmp_path) -> Non
             assert module.disabled_optimizers == ()
             assert fused["SkipLayerNormalization"] == 1, fused
     assert float((outs[None] - outs[()]).abs().max()) < 1e-5
+    # the default follows the providers the session gets: a GPU one keeps every fusion (one
+    # that is not installed falls back to the CPU, and so to the CPU's choice)
+    with pytest.warns(UserWarning) if "CUDAExecutionProvider" not in (
+            ort.get_available_providers()) else contextlib.nullcontext():
+        gpu = OnnxRuntimeModule(path, providers=["CUDAExecutionProvider",
+                                                 "CPUExecutionProvider"])
+    expected = (() if "CUDAExecutionProvider" in ort.get_available_providers()
+                else CPU_DISABLED_OPTIMIZERS)
+    assert gpu.disabled_optimizers == expected

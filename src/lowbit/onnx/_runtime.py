@@ -39,7 +39,8 @@ class OnnxRuntimeModule(nn.Module):
         session_options: an ``onnxruntime.SessionOptions`` (threads, optimization level).
         disabled_optimizers: ONNX Runtime graph optimizers to skip (their names, as
             ``InferenceSession`` takes them); default :data:`CPU_DISABLED_OPTIMIZERS` when
-            every provider is the CPU one, else none. ``()`` keeps every fusion.
+            the CPU provider is the only one installed of those asked for, else none. ``()``
+            keeps every fusion.
 
     Raises:
         ImportError: onnxruntime is not installed.
@@ -66,9 +67,10 @@ class OnnxRuntimeModule(nn.Module):
         if not isinstance(source, (str, os.PathLike)):
             source = source.SerializeToString()
         providers = providers or ["CPUExecutionProvider"]
-        if disabled_optimizers is None:
-            cpu_only = all((p[0] if isinstance(p, tuple) else p) == "CPUExecutionProvider"
-                           for p in providers)
+        if disabled_optimizers is None:  # by the providers the session will have
+            names = [p[0] if isinstance(p, tuple) else p for p in providers]
+            usable = [n for n in names if n in ort.get_available_providers()]
+            cpu_only = all(n == "CPUExecutionProvider" for n in usable)
             disabled_optimizers = CPU_DISABLED_OPTIMIZERS if cpu_only else ()
         self.disabled_optimizers = tuple(disabled_optimizers)
         self.session = ort.InferenceSession(source, sess_options=session_options,
