@@ -849,8 +849,6 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
                                                              const float *sx, const float *tq,
                                                              int64_t groups, float *out) {
     const __m512i low = _mm512_set1_epi8(0x0F);
-    const __m512i i0 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i i1 = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
     __m256 acc[4][2];
     for (int r = 0; r < R; ++r)
         for (int p = 0; p < P; ++p)
@@ -863,10 +861,15 @@ static inline __attribute__((always_inline)) void u4p_rp512(const int8_t *q, int
         for (int64_t t = gi * g / 8; t < (gi + 1) * g / 8; t += 2) { /* (g / 8: even) */
             __m512i a0[4], a1[4];
             for (int r = 0; r < R; ++r) { /* codes 8t .. 8t + 15 of row r as 4 dwords */
-                const __m512i v = _mm512_broadcast_i32x4(
-                    _mm_loadu_si128((const __m128i *)(q + r * ldq + 8 * t)));
-                a0[r] = _mm512_permutexvar_epi32(i0, v);
-                a1[r] = _mm512_permutexvar_epi32(i1, v);
+                /* d0 d1 in lanes 0-7, d2 d3 in lanes 8-15, then one in-lane shuffle per
+                 * operand (two vpermd before: 4-32 rows 6-13% slower, docs/kernels.md) */
+                int64_t c01, c23;
+                __builtin_memcpy(&c01, q + r * ldq + 8 * t, 8);
+                __builtin_memcpy(&c23, q + r * ldq + 8 * t + 8, 8);
+                const __m512i v = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_set1_epi64x(c01)), _mm256_set1_epi64x(c23), 1);
+                a0[r] = _mm512_shuffle_epi32(v, _MM_PERM_AAAA);
+                a1[r] = _mm512_shuffle_epi32(v, _MM_PERM_BBBB);
             }
             for (int p = 0; p < P; ++p) {
                 const uint8_t *b = wp + p * pstride + t * 32;
