@@ -562,16 +562,16 @@ static inline __attribute__((always_inline)) void s8_tile4(const uint8_t *a, int
 #undef TILE
 }
 
+/* s8_tile2: blocks of 2 rows (and, with 512-bit tiles, up to 8) read two panels at once */
+#define LB_PAIR_TILES 1
+#define LB_PAIR_MIN_ROWS 2
+
 #if LB_U8_CODES
 /* 8-row tiles: each weight step loaded once for 8 rows (16 zmm accumulators) */
 #define LB_TILE_ROWS 8
-#endif
 
-#if LB_U8_CODES
 /* rows (LB_PAIR_MIN_ROWS..8) x 2 panels (pstride apart) of the unsigned forms:
  * out[r * 32 + c] */
-#define LB_PAIR_TILES 1
-#define LB_PAIR_MIN_ROWS 2
 static inline __attribute__((always_inline)) void s8_tile2(const uint8_t *a, int64_t lda,
                                                            int rows, const int8_t *w,
                                                            int64_t pstride, int64_t k4,
@@ -588,8 +588,6 @@ static inline __attribute__((always_inline)) void s8_tile2(const uint8_t *a, int
     }
 }
 #else
-#define LB_PAIR_TILES 1
-#define LB_PAIR_MIN_ROWS 2
 #define LB_PAIR_MAX_ROWS 2
 static inline __attribute__((always_inline)) void s8_tile2(const uint8_t *a, int64_t lda,
                                                            int rows, const int8_t *w,
