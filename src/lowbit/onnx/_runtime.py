@@ -69,7 +69,8 @@ class OnnxRuntimeModule(nn.Module):
         providers = providers or ["CPUExecutionProvider"]
         if disabled_optimizers is None:  # by the providers the session will have
             names = [p[0] if isinstance(p, tuple) else p for p in providers]
-            usable = [n for n in names if n in ort.get_available_providers()]
+            installed = set(ort.get_available_providers())
+            usable = [n for n in names if n in installed]
             cpu_only = all(n == "CPUExecutionProvider" for n in usable)
             disabled_optimizers = CPU_DISABLED_OPTIMIZERS if cpu_only else ()
         self.disabled_optimizers = tuple(disabled_optimizers)
