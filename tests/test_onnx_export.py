@@ -470,3 +470,5 @@ def test_cpu_sessions_leave_out_the_slow_skip_layer_norm_fusion(tmp_path) -> Non
     expected = (() if "CUDAExecutionProvider" in ort.get_available_providers()
                 else CPU_DISABLED_OPTIMIZERS)
     assert gpu.disabled_optimizers == expected
+    with pytest.raises(TypeError, match=r"list of optimizer names, e.g. \['SkipLayerNormFusion'\]"):
+        OnnxRuntimeModule(path, disabled_optimizers="SkipLayerNormFusion")  # one string

@@ -44,6 +44,7 @@ class OnnxRuntimeModule(nn.Module):
 
     Raises:
         ImportError: onnxruntime is not installed.
+        TypeError: ``disabled_optimizers`` is not a sequence of names (a single string, say).
 
     Example:
         >>> import lowbit
@@ -66,6 +67,12 @@ class OnnxRuntimeModule(nn.Module):
         source = path_or_model_proto
         if not isinstance(source, (str, os.PathLike)):
             source = source.SerializeToString()
+        if isinstance(disabled_optimizers, str) or not (
+                disabled_optimizers is None
+                or all(isinstance(n, str) for n in disabled_optimizers)):
+            raise TypeError(f"OnnxRuntimeModule: disabled_optimizers={disabled_optimizers!r} "
+                            "must be a list of optimizer names, e.g. "
+                            "['SkipLayerNormFusion'], or () to keep every fusion")
         providers = providers or ["CPUExecutionProvider"]
         if disabled_optimizers is None:  # by the providers the session will have
             names = [p[0] if isinstance(p, tuple) else p for p in providers]
