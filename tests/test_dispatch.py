@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -107,3 +108,45 @@ def test_import_lowbit_leaves_torch_dynamo_unimported() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("method", ["smooth_quant", "awq"])
+def test_input_smoothing_is_applied_once_on_every_path(method: str) -> None:
+    """AWQ / SmoothQuant layers multiply their input by a per-channel factor: once, whether the
+    call runs eagerly, on another backend, through the custom op (torch.export / compile) or
+    with an input that requires grad (each of these once re-applied it)."""
+    import lowbit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(6, 16) * torch.linspace(0.1, 10.0, 16)  # outlier channels
+    if method == "awq":
+        q = lowbit.quantize_weight_only(model, bits=4, group_size=16, method="awq",
+                                        calibration_data=[x], progress=False)
+    else:
+        q = lowbit.quantize_dynamic(model, smooth_quant=0.5, calibration_data=[x],
+                                    progress=False)
+    assert q[0]._buffers.get("input_smoothing") is not None
+    with torch.no_grad():
+        want, eager = model(x), q(x)
+        assert F.cosine_similarity(eager.flatten(), want.flatten(), 0) > 0.99
+        with lowbit.backends.use("reference"):
+            reference = q(x)
+        exported = torch.export.export(q, (x,)).module()(x)
+        for layer in (m for m in q.modules() if hasattr(m, "backend")):
+            layer.backend = "torch"
+        torch_ops = q(x)
+        for layer in (m for m in q.modules() if hasattr(m, "backend")):
+            layer.backend = "auto"
+    tol = dict(rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+    for name, y in (("reference", reference), ("torch.export", exported)):
+        assert torch.allclose(y, eager, **tol), f"{name}: {float((y - eager).abs().max())}"
+    # PyTorch's ops take INT4 layers' activations in float (lowbit's kernels: int8 per group)
+    assert float((torch_ops - eager).abs().max()) < 0.01 * float(eager.abs().max())
+    xg = x.clone().requires_grad_()
+    yg = q(xg)
+    assert torch.equal(yg.detach(), eager)
+    yg.sum().backward()
+    xf = x.clone().requires_grad_()
+    model(xf).sum().backward()
+    assert F.cosine_similarity(xg.grad.flatten(), xf.grad.flatten(), 0) > 0.95

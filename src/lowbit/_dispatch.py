@@ -130,7 +130,7 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if name is not None and name != module.backend:
         token = _OVERRIDE.set(None)
         try:
-            return _sibling(module, name).forward(x)
+            return _sibling(module, name)._forward_smoothed(x)  # x is smoothed already
         finally:
             _OVERRIDE.reset(token)
     if module.backend == "torch" and not _NATIVE_OFF.get():
@@ -305,7 +305,7 @@ _LIB.define("quantized_layer(Tensor x, Tensor[] buffers, str spec) -> Tensor")
 
 
 def _quantized_layer(x: torch.Tensor, buffers: list[torch.Tensor], spec: str) -> torch.Tensor:
-    y = _executor(spec, buffers).forward(x)
+    y = _executor(spec, buffers)._forward_smoothed(x)  # the traced graph smoothed x
     return y if y.is_contiguous() else y.contiguous()
 
 

@@ -349,17 +349,23 @@ class QuantizedModuleBase(nn.Module):
             smoothing = self._buffers.get("input_smoothing")  # AWQ / SmoothQuant (Linear)
             if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
                 x = x * smoothing.to(x.dtype)
-            if _dispatch.routed(self):
-                return _dispatch.route(self, x)
-            plans = self.__dict__.get("_plans")
-            if plans is not None and type(x) is torch.Tensor:
-                y = self._planned(plans, x)
-                if y is not None:
-                    return y
-            return body(self, x)
+            return self._forward_smoothed(x)
 
         cls._forward_body = body  # type: ignore[attr-defined]
         cls.forward = forward  # type: ignore[method-assign]
+
+    def _forward_smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` after the input smoothing (AWQ / SmoothQuant): the entry of every call
+        that has already applied it (``lowbit.qgrad.frozen_forward``, another backend's
+        sibling, the ``lowbit::quantized_layer`` op), so the factor is applied exactly once."""
+        if _dispatch.routed(self):
+            return _dispatch.route(self, x)
+        plans = self.__dict__.get("_plans")
+        if plans is not None and type(x) is torch.Tensor:
+            y = self._planned(plans, x)
+            if y is not None:
+                return y
+        return self._forward_body(x)  # type: ignore[attr-defined]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> QuantizedModuleBase:
         # here rather than in __init__: copy.deepcopy and pickle create modules without it

@@ -76,7 +76,8 @@ class _FrozenQuantized(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, module: nn.Module) -> torch.Tensor:  # type: ignore[override]
-        return module.forward(x)  # grad mode is off here: the layer takes its inference path
+        # grad mode is off here: the layer takes its inference path (x is smoothed already)
+        return module._forward_smoothed(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
