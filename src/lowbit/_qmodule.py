@@ -337,6 +337,9 @@ class QuantizedModuleBase(nn.Module):
     #: Whether the body computes a bfloat16 input exactly as its float32 copy, then rounds the
     #: output to bfloat16 (so plans may serve bfloat16 inputs through two casts).
     _plans_cast_bf16 = False
+    #: Whether ``_make_plan(x, smooth)`` can build a call that applies the input smoothing
+    #: itself (float32 inputs; the wrapper then skips its ``x * smoothing`` pass).
+    _plans_fuse_smoothing = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -348,6 +351,12 @@ class QuantizedModuleBase(nn.Module):
         def forward(self: QuantizedModuleBase, x: torch.Tensor) -> torch.Tensor:
             smoothing = self._buffers.get("input_smoothing")  # AWQ / SmoothQuant (Linear)
             if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+                plans = self.__dict__.get("_plans")
+                if (plans is not None and self._plans_fuse_smoothing and type(x) is torch.Tensor
+                        and x.dtype == torch.float32 and not _dispatch.routed(self)):
+                    y = self._planned(plans, x, smoothing)  # the C call multiplies as it goes
+                    if y is not None:
+                        return y
                 x = x * smoothing.to(x.dtype)
             return self._forward_smoothed(x)
 
@@ -447,17 +456,20 @@ class QuantizedModuleBase(nn.Module):
         self.__dict__["_plans_enabled"] = enabled
         self.__dict__["_plans"] = PlanCache() if enabled and self.use_plans else None
 
-    def _planned(self, plans: dict, x: torch.Tensor) -> torch.Tensor | None:
-        """This call on the layer's prepared C call for ``x.shape``, or None (the body runs)."""
+    def _planned(self, plans: dict, x: torch.Tensor,
+                 smooth: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This call on the layer's prepared C call for ``x.shape``, or None (the body runs).
+        ``smooth``: the input smoothing, for a plan that applies it (float32 ``x`` only)."""
         w = self._buffers["weight"]
         if x.requires_grad or not x.is_cpu or not x.is_contiguous():
             return None
         if x.dtype != torch.float32:  # bfloat16 models: the body computes in float32 too
-            if x.dtype != torch.bfloat16 or not self._plans_cast_bf16:
+            if x.dtype != torch.bfloat16 or not self._plans_cast_bf16 or smooth is not None:
                 return None
             y = self._planned(plans, x.float())
             return None if y is None else y.to(torch.bfloat16)
-        key = (x.shape, torch.get_num_threads(), selected_isa(), load_native(), self._plan_tag)
+        key = (x.shape, torch.get_num_threads(), selected_isa(), load_native(), self._plan_tag,
+               None if smooth is None else _weight_key(smooth))
         entry = plans.get(key)
         weight_key = _weight_key(w, self._buffers.get("bias"))
         if entry is None:
@@ -466,7 +478,8 @@ class QuantizedModuleBase(nn.Module):
             # most 64 per layer
             if weight_key != self.__dict__.get("_weight_key") or len(plans) >= 64:
                 return None
-            entry = plans[key] = (self._make_plan(x) or False, weight_key)
+            plan = self._make_plan(x) if smooth is None else self._make_plan(x, smooth)
+            entry = plans[key] = (plan or False, weight_key)
         plan, built_for = entry
         if (not plan or built_for != weight_key or not _dispatch.native_allowed()
                 or torch.jit.is_tracing()):

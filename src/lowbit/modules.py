@@ -287,7 +287,9 @@ class QuantizedLinear(_Int8Base):
         return select_kernel("int8_linear", m, backend=self.backend, k=self.in_features,
                              n=self.out_features, device=device)
 
-    def _make_plan(self, x: torch.Tensor) -> Plan | None:
+    _plans_fuse_smoothing = True
+
+    def _make_plan(self, x: torch.Tensor, smooth: torch.Tensor | None = None) -> Plan | None:
         lib = native_lib_for(x)
         if lib is None or x.dim() == 0 or x.shape[-1] != self.in_features:
             return None  # (the body raises for a wrong shape)
@@ -297,7 +299,7 @@ class QuantizedLinear(_Int8Base):
         affine = (_colsum, spec.qmin, spec.qmax, self._act_off) if self._dynamic_affine else None
         return linear_plan(lib, tuple(x.shape), self._kernel(m, "cpu"), w, w_scale, bias,
                            spec.granularity == "per_token", scale, zp, comp, self.fused_relu,
-                           self._qmin, self._qmax, affine)
+                           self._qmin, self._qmax, affine, smooth)
 
     def kernel_info(self) -> str | dict[str, str]:
         """The INT8 GEMM, e.g. ``"s8_avx2"`` (the same at every M on most CPUs); where it

@@ -36,7 +36,7 @@ static int s8_cases(int *runs) {
                         int32_t *y = malloc((size_t)m * n * 4);
                         if (lbk_s8_linear(q, 2, m, k, k, (int64_t)m * k, NULL, 0, 0, NULL, -128,
                                           127, wp, pb, n, NULL, NULL, NULL, 0, 0, y, 2,
-                                          (int64_t)m * n * 4, th) != LB_OK)
+                                          (int64_t)m * n * 4, th, NULL) != LB_OK)
                             return -1;
                         for (int i = 0; i < m; ++i)
                             for (int j = 0; j < n; ++j) {
@@ -55,11 +55,30 @@ static int s8_cases(int *runs) {
                         if (lbk_s8_linear(x, 0, m, k, k, (int64_t)m * k * 4, sx, 1, 1, NULL,
                                           seven ? -64 : -127, seven ? 63 : 127, wp, pb, n, NULL,
                                           sw, bias, th == 2, 0, yf, 0, (int64_t)m * n * 4,
-                                          th) != LB_OK)
+                                          th, NULL) != LB_OK)
                             return -1;
+                        /* input smoothing: x with k factors equals x * factors without */
+                        float *sm = malloc((size_t)k * 4), *ys = malloc((size_t)m * n * 4);
+                        for (int l = 0; l < k; ++l)
+                            sm[l] = 0.5f + 0.25f * (float)(l % 7);
+                        for (size_t i = 0; i < (size_t)m * k; ++i)
+                            x[i] *= sm[i % (size_t)k];
+                        if (lbk_s8_linear(x, 0, m, k, k, (int64_t)m * k * 4, sx, 1, 1, NULL,
+                                          seven ? -64 : -127, seven ? 63 : 127, wp, pb, n, NULL,
+                                          sw, bias, 0, 0, yf, 0, (int64_t)m * n * 4, th,
+                                          NULL) != LB_OK)
+                            return -1;
+                        for (size_t i = 0; i < (size_t)m * k; ++i)
+                            x[i] = (float)q[i] * 0.01f;
+                        if (lbk_s8_linear(x, 0, m, k, k, (int64_t)m * k * 4, sx, 1, 1, NULL,
+                                          seven ? -64 : -127, seven ? 63 : 127, wp, pb, n, NULL,
+                                          sw, bias, 0, 0, ys, 0, (int64_t)m * n * 4, th,
+                                          sm) != LB_OK)
+                            return -1;
+                        fails += memcmp(yf, ys, (size_t)m * n * 4) != 0;
                         ++*runs;
                         free(q), free(w), free(wp), free(y), free(x), free(sx), free(sw);
-                        free(bias), free(yf);
+                        free(bias), free(yf), free(sm), free(ys);
                     }
     }
     lbk_s8_split_mode(-1);

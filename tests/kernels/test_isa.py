@@ -537,7 +537,7 @@ def test_fuzz_s8_entry_point_checks_every_extent(m: int, k: int, n: int, pad: in
                                flat.numel() * flat.element_size(), scale.data_ptr(), 1, 1, None,
                                -128, 127, packed.data_ptr(), packed.numel(), n, None,
                                sw.data_ptr(), None, 0, 1, y.data_ptr(), y_kind,
-                               y.numel() * y.element_size(), 1)
+                               y.numel() * y.element_size(), 1, None)
     finally:
         lib.lbk_s8_split_mode(before)
     bad = wrong_pack or (m > 0 and (short_x > 0 or short_y > 0))

@@ -351,3 +351,33 @@ def test_plan_builders_refuse_arguments_the_c_calls_would_read_past() -> None:
              torch.zeros(1, dtype=torch.int32), None)
     with pytest.raises(ValueError, match="at most Kp=2"):
         wo_linear_plan(lib, (1, 7), small, None, None, False)
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (3, 128), (2, 5, 128), (32, 1568), (300, 384)],
+                         ids=str)
+@pytest.mark.parametrize("config", ["int8", "7-bit", "static"])
+def test_input_smoothing_fused_into_the_plan_gives_the_stepwise_bits(
+        shape: tuple[int, ...], config: str) -> None:
+    """SmoothQuant layers: dynamic per-token plans multiply each row by the factors as the C
+    call quantizes it (no ``x * smoothing`` pass), with the bits of the step-by-step path;
+    other schemes keep the multiply in front of their plans."""
+    k = shape[-1]
+    torch.manual_seed(0)
+    model = _mlp(k, 96, relu=True)
+    calib = [torch.randn(16, k) * torch.linspace(0.05, 20.0, k) for _ in range(2)]
+    cfg = {"int8": QuantizationConfig.int8_dynamic(smooth_quant=0.5),
+           "7-bit": QuantizationConfig.int8_dynamic(activation_bits=7, smooth_quant=0.5),
+           "static": QuantizationConfig.int8_static(smooth_quant=0.5)}[config]
+    from lowbit.ptq import PTQQuantizer
+
+    q = PTQQuantizer(cfg, progress=False).quantize(model, calib)
+    assert q[0]._buffers.get("input_smoothing") is not None
+    x = torch.randn(shape) * torch.linspace(0.05, 20.0, k)
+    y = _run_twice(q, x)
+    fused = [p for key, (p, _) in q[0]._plans.items() if key[-1] is not None and p]
+    assert bool(fused) == (config != "static")
+    assert _plans(q[0]) and _plans(q[2])
+    assert torch.equal(y, _run_twice(_stepwise(q), x))
+    with torch.no_grad():  # a changed factor is seen (a new plan), still the stepwise bits
+        q[0].input_smoothing.mul_(1.5)
+    assert torch.equal(_run_twice(q, x), _run_twice(_stepwise(q), x))

@@ -242,12 +242,19 @@ typedef struct {
     const int32_t *zp;
     float lo, hi;
     int u7;
+    const float *smooth; /* float32 rows only: x * smooth (per column) is quantized, or NULL */
 } quant_t;
 
 /* Bytes of scratch lay_out_block needs for rows of k (k4 steps): the laid-out rows, their step
- * lists (count + k4 steps each) and the rows' codes. */
+ * lists (count + k4 steps each), the rows' codes and one smoothed float32 row. */
 static size_t layout_bytes(int64_t rows, int64_t k, int64_t k4) {
-    return (size_t)(rows * k4 * 8 + rows * (k4 + 1) * 4 + rows * k + 64);
+    return (size_t)(rows * k4 * 8 + rows * (k4 + 1) * 4 + rows * k + k * 4 + 128);
+}
+
+/* x * smooth of one float32 row (the float32 products torch's x * smooth gives) into out. */
+static void smooth_row(const float *x, const float *smooth, int64_t k, float *out) {
+    for (int64_t j = 0; j < k; ++j)
+        out[j] = x[j] * smooth[j];
 }
 
 /* Quantize rows [i0, i0 + rows) of x (dynamic scales written) and lay them out in buf (row
@@ -260,11 +267,17 @@ static int lay_out_block(const quant_t *qp, int64_t i0, int64_t rows, uint8_t *b
     const int64_t k = qp->k, k4 = lda / 8, ldl = k4 + 1;
     int32_t *lst = (int32_t *)(buf + rows * lda);
     int8_t *codes = (int8_t *)(lst + rows * ldl);
+    /* the smoothed row after the codes, 64-byte aligned */
+    float *srow = (float *)(((uintptr_t)(codes + rows * k) + 63) & ~(uintptr_t)63);
     const int64_t ldq = qp->kind == 2 ? qp->xrow : k;
     const int8_t *q = qp->kind == 2 ? (const int8_t *)(qp->x + i0 * qp->xrow) : codes;
     for (int64_t r = 0; qp->kind != 2 && r < rows; ++r) {
         const int64_t i = i0 + r, ri = qp->per_row ? i : 0;
         const char *xr = qp->x + i * qp->xrow;
+        if (qp->smooth) {
+            smooth_row((const float *)xr, qp->smooth, k, srow);
+            xr = (const char *)srow;
+        }
         if (qp->dynamic && qp->per_row)
             qp->scale[i] = dyn_scale(row_absmax(xr, qp->kind, k), qp->hi);
         quantize_row(xr, qp->kind, k, 1.0f / qp->scale[ri], qp->zp ? (float)qp->zp[ri] : 0.0f,
@@ -466,15 +479,18 @@ static void s8_block(const uint8_t *a, int64_t i0, int64_t rows, const int8_t *w
  *    does (scale: [m] per_row or [1]; dynamic: written from max|x|; zp: [m] / [1] or NULL);
  *    kind 2: int8 codes, used as they are (y_kind must then be 2).
  * x_bytes / y_bytes: how many bytes may be read at x / written at y (bounds check).
+ * smooth: NULL, or k float32 per-column factors (kind 0 only: AWQ / SmoothQuant input
+ *    smoothing): the rows quantized are x * smooth, the products torch's x * smooth gives.
  * wpack: lbk_s8_pack of the [n, k] weight (wpack_bytes of it). Returns LB_OK or LB_EARG /
  * LB_ENOMEM (nothing written). */
 int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, int64_t x_bytes,
                   float *scale, int per_row, int dynamic, const int32_t *zp, int32_t qmin,
                   int32_t qmax, const int8_t *wpack, int64_t wpack_bytes, int64_t n,
                   const int32_t *comp, const float *sw, const float *bias, int relu, int fused,
-                  void *y, int y_kind, int64_t y_bytes, int nthreads) {
+                  void *y, int y_kind, int64_t y_bytes, int nthreads, const float *smooth) {
     static const int64_t esize[3] = {4, 2, 1}, ysize[3] = {4, 2, 4};
-    if (kind < 0 || kind > 2 || y_kind < 0 || y_kind > 2 || (kind == 2 && y_kind != 2))
+    if (kind < 0 || kind > 2 || y_kind < 0 || y_kind > 2 || (kind == 2 && y_kind != 2) ||
+        (smooth && kind != 0))
         return LB_EARG;
     if (m < 0 || k <= 0 || n <= 0 || ldx < k || nthreads < 1 || !wpack)
         return LB_EARG;
@@ -497,7 +513,21 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * k >= (1 << 15)) \
     reduction(max : best)
         for (int64_t i = 0; i < m; ++i) {
-            const float v = row_absmax(xb + i * xrow, kind, k);
+            float v;
+            if (smooth) { /* max |x * smooth| of the row, as the bits of the products */
+                const float *xr = (const float *)(xb + i * xrow);
+                uint32_t mb = 0;
+                for (int64_t j = 0; j < k; ++j) {
+                    const float p = xr[j] * smooth[j];
+                    uint32_t a;
+                    memcpy(&a, &p, sizeof a);
+                    a &= 0x7FFFFFFFu;
+                    mb = a > mb ? a : mb;
+                }
+                memcpy(&v, &mb, sizeof v);
+            } else {
+                v = row_absmax(xb + i * xrow, kind, k);
+            }
             uint32_t bits;
             memcpy(&bits, &v, sizeof bits);
             best = bits > best ? bits : best;
@@ -510,7 +540,7 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
     const int u7 = kind != 2 && qmin >= -64 && qmax <= 63;
     const int32_t *colsum = (const int32_t *)(wpack + np * k4 * 64);
     const epi_t e = {comp, NULL, scale, per_row, sw, bias, relu, fused, y, y_kind, n};
-    const quant_t qp = {xb, xrow, kind, k, scale, per_row, dynamic, zp, lo, hi, u7};
+    const quant_t qp = {xb, xrow, kind, k, scale, per_row, dynamic, zp, lo, hi, u7, smooth};
     int status = LB_OK;
     const int split_rows = m >= 2 * LB_ROW_BLOCK * nthreads || np < 2 * nthreads;
     if (split_rows) { /* each work item: quantize its rows, then every panel */
@@ -961,7 +991,7 @@ int lbk_rnn_scan(int kind, const float *gx, int64_t gx_floats, int64_t rows, int
         const int64_t o = spans[2 * t], b = spans[2 * t + 1];
         status = lbk_s8_linear(h, 0, b, hid, hid, b * hid * 4, scale, 1, 1, NULL, qmin, qmax,
                                wpack, wpack_bytes, n, NULL, sw, bias, 0, fused, gates, 0,
-                               b * n * 4, nthreads);
+                               b * n * 4, nthreads, NULL);
         for (int64_t r = 0; r < b && status == LB_OK; ++r) {
             const float *x = gx + (o + r) * n;
             float *yr = out + (o + r) * hid;

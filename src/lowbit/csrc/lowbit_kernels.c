@@ -857,17 +857,33 @@ int lb_wo_conv_direct(const int64_t *p, const uint8_t *codes, const float *scale
 
 /* lb_linear_s8_small on float32 rows with its arguments in one array (a prepared call: one
  * ctypes argument instead of twenty), after an optional finiteness check of x (layers whose
- * activation scale is shared by all rows). Pointers are stored as integers. Returns 0; 1 when
- * the check finds NaN / Inf (nothing written). */
+ * activation scale is shared by all rows). Pointers are stored as integers. LBL_SMOOTH: 0, or
+ * k float32 per-column factors (AWQ / SmoothQuant input smoothing): x * smooth is quantized,
+ * the products torch's x * smooth gives. Returns 0; 1 when the check finds NaN / Inf
+ * (nothing written); -1 out of memory. */
 enum { LBL_M, LBL_K, LBL_SCALE, LBL_PER_ROW, LBL_DYNAMIC, LBL_ZP, LBL_QMIN, LBL_QMAX, LBL_W,
-       LBL_N, LBL_COMP, LBL_SW, LBL_BIAS, LBL_RELU, LBL_THREADS, LBL_CHECK, LBL_NPARAMS };
+       LBL_N, LBL_COMP, LBL_SW, LBL_BIAS, LBL_RELU, LBL_THREADS, LBL_CHECK, LBL_SMOOTH,
+       LBL_NPARAMS };
 
 int64_t lb_linear_small_nparams(void) { return LBL_NPARAMS; }
 
 int lb_linear_small_prepared(const int64_t *p, const float *x, float *y) {
     const int64_t m = p[LBL_M], k = p[LBL_K];
-    if (p[LBL_CHECK] && !(lb_absmax(x, 0, 1, m * k, m * k, 1) <= FLT_MAX))
+    const float *smooth = (const float *)(intptr_t)p[LBL_SMOOTH];
+    float *xs = NULL;
+    if (smooth) {
+        xs = (float *)malloc((size_t)(m * k) * sizeof(float));
+        if (!xs)
+            return -1;
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < k; ++j)
+                xs[i * k + j] = x[i * k + j] * smooth[j];
+        x = xs;
+    }
+    if (p[LBL_CHECK] && !(lb_absmax(x, 0, 1, m * k, m * k, 1) <= FLT_MAX)) {
+        free(xs);
         return 1;
+    }
     lb_linear_s8_small(x, 0, m, k, k, (const float *)(intptr_t)p[LBL_SCALE], (int)p[LBL_PER_ROW],
                        (int)p[LBL_DYNAMIC], (const int32_t *)(intptr_t)p[LBL_ZP],
                        (int32_t)p[LBL_QMIN], (int32_t)p[LBL_QMAX],
@@ -875,6 +891,7 @@ int lb_linear_small_prepared(const int64_t *p, const float *x, float *y) {
                        (const int32_t *)(intptr_t)p[LBL_COMP], (const float *)(intptr_t)p[LBL_SW],
                        (const float *)(intptr_t)p[LBL_BIAS], (int)p[LBL_RELU], y, 0,
                        (int)p[LBL_THREADS]);
+    free(xs);
     return 0;
 }
 

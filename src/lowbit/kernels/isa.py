@@ -54,7 +54,8 @@ def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, p
              w_scale: torch.Tensor | None, bias: torch.Tensor | None, relu: bool,
              y: torch.Tensor, y_kind: int) -> None:
     """One ``lbk_s8_linear`` call: the C side bounds-checks ``x`` and ``y`` against their
-    extents; the per-row / per-column operands are checked here (dtype, size, layout)."""
+    extents; the per-row / per-column operands are checked here (dtype, size, layout). (No
+    input smoothing on this path: the caller has multiplied ``x`` already.)"""
     m, k = x.shape
     for name, t, dt, size in (("scale", scale, torch.float32, m if per_row else 1),
                               ("zero_point", zp, torch.int32, m if per_row else 1),
@@ -73,7 +74,7 @@ def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, p
         None if comp is None else comp.data_ptr(),
         None if w_scale is None else w_scale.data_ptr(),
         None if bias is None else bias.data_ptr(), int(relu), int(addcmul_fma()),
-        y.data_ptr(), y_kind, _extent(y), torch.get_num_threads())
+        y.data_ptr(), y_kind, _extent(y), torch.get_num_threads(), None)
     if rc != 0:
         raise RuntimeError(f"lowbit INT8 GEMM ({lib.lbk_isa().decode()}) refused its arguments "
                            f"(code {rc}): x {tuple(x.shape)} stride {x.stride()}, N={n}")

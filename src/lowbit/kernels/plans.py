@@ -151,7 +151,8 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
                 w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
                 scale: torch.Tensor | None, zero_point: torch.Tensor | None,
                 comp: torch.Tensor | None, relu: bool, qmin: int, qmax: int,
-                affine: tuple[torch.Tensor, int, int, int] | None = None) -> Plan | None:
+                affine: tuple[torch.Tensor, int, int, int] | None = None,
+                smooth: torch.Tensor | None = None) -> Plan | None:
     """The INT8 linear (quantize, GEMM, epilogue) on float32 contiguous inputs of ``shape``
     (``[..., K]``) as one bound C call: the one-call small kernel (``lb_linear_s8_small``,
     its arguments in one array) or this ISA's packed GEMM (``lbk_s8_linear``), as
@@ -171,6 +172,9 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
             qmax, code offset)``: each call first computes the scale, zero-point and
             compensation (``lb_affine_qparams``, whose pass also finds NaN / Inf), then runs
             the static form with them (``scale``, ``zero_point`` and ``comp`` are then None).
+        smooth: float32 ``[K]`` input smoothing (AWQ / SmoothQuant) that the C call applies
+            to each row as it quantizes it (the products ``x * smooth`` gives, without that
+            pass over memory); dynamic per-token layers only (None for the others).
 
     Example:
         >>> from lowbit.kernels import native_lib_for, select_kernel
@@ -197,19 +201,23 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
                          f"{tuple(w.shape)} {w.dtype}")
     m = math.prod(shape[:-1])
     out = (*shape[:-1], n)
-    if m == 0:
-        return None
     dynamic = scale is None and affine is None
+    if m == 0 or (smooth is not None and not (dynamic and per_token)):
+        return None
+    if smooth is not None and (smooth.dtype != torch.float32 or smooth.numel() != k
+                               or not smooth.is_contiguous()):
+        raise ValueError(f"linear_plan: smooth must be a contiguous float32 tensor of K={k} "
+                         f"values; got {smooth.dtype} {tuple(smooth.shape)}")
     finite_check = not (dynamic and per_token)  # one shared scale: a NaN row must not spread
     absmax = lib.lb_absmax
-    keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp, affine)
+    keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp, affine, smooth)
     qparams = _affine_qparams(lib, m * k, n, affine) if affine is not None else None
     if kernel in FUSED_GEMMS and one_call_linear(m, k, n, kernel):
         params = (ctypes.c_int64 * lib.lb_linear_small_nparams())(
             m, k, _ptr(scale) or 0, int(dynamic and per_token), int(dynamic),
             _ptr(zero_point) or 0, qmin, qmax, w.data_ptr(), n, _ptr(comp) or 0,
             w_scale.data_ptr(), _ptr(bias) or 0, int(relu), threads_for(m * n * k),
-            int(finite_check))
+            int(finite_check), _ptr(smooth) or 0)
         call, p_addr = lib.lb_linear_small_prepared, ctypes.addressof(params)
         if qparams is not None:
             size = ctypes.sizeof(params)
@@ -241,7 +249,7 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
     mid8 = (int(dynamic and per_token), int(dynamic), _ptr(zero_point), qmin, qmax,
             packed.data_ptr(), packed.numel(), n, _ptr(comp), w_scale.data_ptr(), _ptr(bias),
             int(relu), int(addcmul_fma()))
-    tail8 = (0, y_bytes, torch.get_num_threads())
+    tail8 = (0, y_bytes, torch.get_num_threads(), _ptr(smooth))
     scale_shape = (m, 1) if per_token else ()
     static_ptr = _ptr(scale)
 
