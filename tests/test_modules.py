@@ -798,3 +798,19 @@ def test_static_bias_changed_in_place_is_used() -> None:
     with torch.no_grad():
         q.bias.add_(1.0)
     assert torch.allclose(q(x), y + 1.0, atol=float(scale * q.weight_scale.max()))
+
+
+def test_input_smoothing_product_from_the_pool_is_x_times_factor() -> None:
+    """Large smoothed inputs are written into the output pool: the same values, and inputs that
+    autograd tracks keep their graph."""
+    from lowbit._qmodule import _smoothed
+
+    torch.manual_seed(0)
+    factor = torch.rand(384) + 0.5
+    for rows in (4, 1024):  # 6 KB on the heap, 1.5 MB from the pool
+        x = torch.randn(rows, 384)
+        assert torch.equal(_smoothed(x, factor), x * factor)
+    x = torch.randn(1024, 384, requires_grad=True)
+    y = _smoothed(x, factor)
+    y.sum().backward()
+    assert torch.equal(x.grad, factor.expand(1024, 384))
