@@ -368,6 +368,8 @@ class QuantizedModuleBase(nn.Module):
                 if (plans is not None and self._plans_fuse_smoothing and type(x) is torch.Tensor
                         and x.dtype == torch.float32 and not _dispatch.routed(self)):
                     y = self._planned(plans, x, smoothing)  # the C call multiplies as it goes
+                    if y is None:  # no plan: a step-by-step path that multiplies as it goes
+                        y = self._fused_smoothing(x, smoothing)
                     if y is not None:
                         return y
                 x = _smoothed(x, smoothing)
@@ -457,6 +459,12 @@ class QuantizedModuleBase(nn.Module):
         super().__setattr__(name, value)
         if name in self._PLAN_ATTRS and "_plans_enabled" in self.__dict__:
             self._reset_plans(self.__dict__["_plans_enabled"])
+
+    def _fused_smoothing(self, x: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor | None:
+        """This call with the input smoothing applied by the quantizer rather than by a pass of
+        its own (float32 ``x``, not routed, no plan for it), or None where the layer has no
+        such path (the wrapper then multiplies first)."""
+        return None
 
     def _make_plan(self, x: torch.Tensor) -> Any:
         """A :class:`lowbit.kernels.plans.Plan` for inputs shaped like ``x`` (float32,

@@ -314,6 +314,24 @@ class QuantizedLinear(_Int8Base):
              vnni_c_gemm_rows(self.out_features, self.in_features))
         return {f"M<={t}": small, f"M>{t}": large}
 
+    def _fused_smoothing(self, x: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor | None:
+        spec = self.act_spec
+        if (self.mode == "static" or self._dynamic_affine or spec.granularity != "per_token"
+                or not spec.symmetric or (torch.is_grad_enabled() and x.requires_grad)
+                or smoothing.dtype != torch.float32):
+            return None
+        x = self._input(x, self.in_features)  # (refreshes the kernel caches if need be)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        kernel = self._kernel(x2.shape[0], x2.device.type)
+        if (self._fused_args is None or x2.stride(-1) != 1 or kernel not in FUSED_GEMMS
+                or (lib := native_lib_for(x2)) is None):
+            return None
+        w, w_scale, colsum, bias, _scale, _zp, _comp = self._fused_args
+        y = run_fused_linear(lib, x2, self._qmin, self._qmax, w, w_scale, colsum, bias, True,
+                             None, None, None, self.fused_relu, kernel, smoothing)
+        y = self._gelu(y)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` (..., K), run the INT8 GEMM, return float (..., N) in x's dtype."""
         if torch.is_grad_enabled() and getattr(x, "requires_grad", False):

@@ -381,3 +381,34 @@ def test_input_smoothing_fused_into_the_plan_gives_the_stepwise_bits(
     with torch.no_grad():  # a changed factor is seen (a new plan), still the stepwise bits
         q[0].input_smoothing.mul_(1.5)
     assert torch.equal(_run_twice(q, x), _run_twice(_stepwise(q), x))
+
+
+@pytest.mark.parametrize("kernel", ["int_mm_s8s8", "fp32_codes"])
+@pytest.mark.parametrize("rows", [40, 4500])  # 4500: block by block
+def test_input_smoothing_on_the_step_path_gives_the_multiplied_bits(
+        monkeypatch: pytest.MonkeyPatch, kernel: str, rows: int) -> None:
+    """GEMMs without a plan (oneDNN's ``_int_mm`` above the C GEMM's rows, the fp32 GEMM over
+    the codes) take the input smoothing in the quantizer too: the bits of ``x * factor``."""
+    from lowbit.modules import QuantizedLinear
+    from lowbit.ptq import PTQQuantizer
+
+    monkeypatch.setattr(QuantizedLinear, "_kernel", lambda self, m, device: kernel)
+    torch.manual_seed(0)
+    k = 384
+    model = _mlp(k, 96, relu=False)  # GELU fused
+    calib = [torch.randn(16, k) * torch.linspace(0.05, 20.0, k)]
+    q = PTQQuantizer(QuantizationConfig.int8_dynamic(smooth_quant=0.5),
+                     progress=False).quantize(model, calib)
+    x = torch.randn(rows, k) * torch.linspace(0.05, 20.0, k)
+    calls = []
+    fused = QuantizedLinear._fused_smoothing
+
+    def spy(self, x, smoothing):
+        y = fused(self, x, smoothing)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(QuantizedLinear, "_fused_smoothing", spy)
+    y = _run_twice(q, x)
+    assert calls and all(calls)
+    assert torch.equal(y, _run_twice(_stepwise(q), x))

@@ -111,9 +111,30 @@ static inline float dynamic_scale(float absmax, float qmax) {
     return s < FLT_EPSILON ? FLT_EPSILON : s;
 }
 
+/* max|x[j] * smooth[j]| of one float32 row, as the bits of the products (see row_absmax). */
+static inline float row_absmax_smooth(const float *x, const float *smooth, int64_t k) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < k; ++j) {
+        const float p = x[j] * smooth[j];
+        uint32_t a;
+        memcpy(&a, &p, sizeof a);
+        a &= 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    float r;
+    memcpy(&r, &m, sizeof r);
+    return r;
+}
+
+/* Codes of one row: clamp(round(x * inv) + zp, lo, hi); x * smooth in place of x when smooth
+ * (float32 rows only). */
 static inline void quantize_row_s8(const void *x, int bf16, int64_t k, float inv, float zp,
-                                   float lo, float hi, int8_t *q) {
-    if (bf16) {
+                                   float lo, float hi, const float *smooth, int8_t *q) {
+    if (smooth) {
+        const float *xf = (const float *)x;
+        for (int64_t j = 0; j < k; ++j)
+            q[j] = (int8_t)clampf(nearbyintf((xf[j] * smooth[j]) * inv) + zp, lo, hi);
+    } else if (bf16) {
         const uint16_t *xb = (const uint16_t *)x;
         for (int64_t j = 0; j < k; ++j)
             q[j] = (int8_t)clampf(nearbyintf(bf16_to_f32(xb[j]) * inv) + zp, lo, hi);
@@ -128,11 +149,16 @@ static inline void quantize_row_s8(const void *x, int bf16, int64_t k, float inv
  * or bfloat16 when bf16), row stride ldx; q is contiguous [m, k].
  *
  * per_row: scale / zp hold m values (else one). dynamic: scale is written (per row or per
- * tensor) from max|x| as dynamic_scale(); zp must then be NULL. zp NULL means 0. */
-void lb_quantize_s8(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, float *scale,
-                    int per_row, int dynamic, const int32_t *zp, int32_t qmin, int32_t qmax,
-                    int8_t *q, int nthreads) {
+ * tensor) from max|x| as dynamic_scale(); zp must then be NULL. zp NULL means 0.
+ * smooth: NULL, or k float32 per-column factors (AWQ / SmoothQuant input smoothing, float32
+ * x and dynamic per-row scales only; anything else is refused, nothing written): the rows
+ * quantized are x * smooth, the products torch's x * smooth gives. Returns 0, or -2 refused. */
+int lb_quantize_s8(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, float *scale,
+                   int per_row, int dynamic, const int32_t *zp, int32_t qmin, int32_t qmax,
+                   int8_t *q, int nthreads, const float *smooth) {
     const float lo = (float)qmin, hi = (float)qmax;
+    if (smooth && (bf16 || !dynamic || !per_row))
+        return -2;
     if (dynamic && !per_row)
         scale[0] = dynamic_scale(lb_absmax(x, bf16, m, k, ldx, nthreads), hi);
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1)
@@ -140,11 +166,13 @@ void lb_quantize_s8(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx, 
         const void *xr = row(x, bf16, i, ldx);
         const int64_t r = per_row ? i : 0;
         if (dynamic && per_row)
-            scale[i] = dynamic_scale(row_absmax(xr, bf16, k), hi);
+            scale[i] = dynamic_scale(smooth ? row_absmax_smooth((const float *)xr, smooth, k)
+                                            : row_absmax(xr, bf16, k), hi);
         const float inv = 1.0f / scale[r];
         const float z = zp ? (float)zp[r] : 0.0f;
-        quantize_row_s8(xr, bf16, k, inv, z, lo, hi, q + i * k);
+        quantize_row_s8(xr, bf16, k, inv, z, lo, hi, smooth, q + i * k);
     }
+    return 0;
 }
 
 /* Centered codes as float32, c = clamp(round(x * (1 / s)), qmin - zp, qmax - zp), of a
@@ -371,16 +399,20 @@ static inline int32_t dot_s8(const int8_t *a, const int8_t *b, int64_t k) {
  * SMALL_LINEAR_CODES), int32 dot products with the int8 weight w [n, k] (minus comp[c], the
  * static zero-point term, when given), and the lb_epilogue, written as float32 (or bfloat16
  * when out_bf16) to out [m, n]. For batch-1-like shapes, where three calls and their
- * temporaries cost more than the arithmetic. scale: the static scale (NULL when dynamic). */
-void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx,
+ * temporaries cost more than the arithmetic. scale: the static scale (NULL when dynamic).
+ * smooth: as lb_quantize_s8 takes it. Returns 0, or -2 (refused by lb_quantize_s8: nothing
+ * written). */
+int lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t ldx,
                         const float *static_scale, int per_row, int dynamic, const int32_t *zp,
                         int32_t qmin, int32_t qmax, const int8_t *w, int64_t n,
                         const int32_t *comp, const float *sw, const float *bias, int relu,
-                        void *out, int out_bf16, int nthreads) {
+                        void *out, int out_bf16, int nthreads, const float *smooth) {
     int8_t q[m * k > 0 ? m * k : 1];
     float dyn_scale[m > 0 ? m : 1];
     float *scale = dynamic ? dyn_scale : (float *)static_scale;
-    lb_quantize_s8(x, bf16, m, k, ldx, scale, per_row, dynamic, zp, qmin, qmax, q, 1);
+    if (lb_quantize_s8(x, bf16, m, k, ldx, scale, per_row, dynamic, zp, qmin, qmax, q, 1,
+                       smooth) != 0)
+        return -2;
     const int fused = addcmul_fma;
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1) collapse(2)
     for (int64_t i = 0; i < m; ++i) {
@@ -396,6 +428,7 @@ void lb_linear_s8_small(const void *x, int bf16, int64_t m, int64_t k, int64_t l
                 ((float *)out)[i * n + c] = v;
         }
     }
+    return 0;
 }
 
 /* Dequantized weight out [n, k] = (code - zp) * scale of stored codes [n, kp] (kp >= k, the
@@ -859,8 +892,8 @@ int lb_wo_conv_direct(const int64_t *p, const uint8_t *codes, const float *scale
  * ctypes argument instead of twenty), after an optional finiteness check of x (layers whose
  * activation scale is shared by all rows). Pointers are stored as integers. LBL_SMOOTH: 0, or
  * k float32 per-column factors (AWQ / SmoothQuant input smoothing): x * smooth is quantized,
- * the products torch's x * smooth gives. Returns 0; 1 when the check finds NaN / Inf
- * (nothing written); -1 out of memory. */
+ * the products torch's x * smooth gives (dynamic per-row scales only). Returns 0; 1 when the
+ * check finds NaN / Inf, -2 refused (lb_linear_s8_small): nothing written. */
 enum { LBL_M, LBL_K, LBL_SCALE, LBL_PER_ROW, LBL_DYNAMIC, LBL_ZP, LBL_QMIN, LBL_QMAX, LBL_W,
        LBL_N, LBL_COMP, LBL_SW, LBL_BIAS, LBL_RELU, LBL_THREADS, LBL_CHECK, LBL_SMOOTH,
        LBL_NPARAMS };
@@ -869,30 +902,15 @@ int64_t lb_linear_small_nparams(void) { return LBL_NPARAMS; }
 
 int lb_linear_small_prepared(const int64_t *p, const float *x, float *y) {
     const int64_t m = p[LBL_M], k = p[LBL_K];
-    const float *smooth = (const float *)(intptr_t)p[LBL_SMOOTH];
-    float *xs = NULL;
-    if (smooth) {
-        xs = (float *)malloc((size_t)(m * k) * sizeof(float));
-        if (!xs)
-            return -1;
-        for (int64_t i = 0; i < m; ++i)
-            for (int64_t j = 0; j < k; ++j)
-                xs[i * k + j] = x[i * k + j] * smooth[j];
-        x = xs;
-    }
-    if (p[LBL_CHECK] && !(lb_absmax(x, 0, 1, m * k, m * k, 1) <= FLT_MAX)) {
-        free(xs);
+    if (p[LBL_CHECK] && !(lb_absmax(x, 0, 1, m * k, m * k, 1) <= FLT_MAX))
         return 1;
-    }
-    lb_linear_s8_small(x, 0, m, k, k, (const float *)(intptr_t)p[LBL_SCALE], (int)p[LBL_PER_ROW],
-                       (int)p[LBL_DYNAMIC], (const int32_t *)(intptr_t)p[LBL_ZP],
-                       (int32_t)p[LBL_QMIN], (int32_t)p[LBL_QMAX],
-                       (const int8_t *)(intptr_t)p[LBL_W], p[LBL_N],
-                       (const int32_t *)(intptr_t)p[LBL_COMP], (const float *)(intptr_t)p[LBL_SW],
-                       (const float *)(intptr_t)p[LBL_BIAS], (int)p[LBL_RELU], y, 0,
-                       (int)p[LBL_THREADS]);
-    free(xs);
-    return 0;
+    return lb_linear_s8_small(
+        x, 0, m, k, k, (const float *)(intptr_t)p[LBL_SCALE], (int)p[LBL_PER_ROW],
+        (int)p[LBL_DYNAMIC], (const int32_t *)(intptr_t)p[LBL_ZP], (int32_t)p[LBL_QMIN],
+        (int32_t)p[LBL_QMAX], (const int8_t *)(intptr_t)p[LBL_W], p[LBL_N],
+        (const int32_t *)(intptr_t)p[LBL_COMP], (const float *)(intptr_t)p[LBL_SW],
+        (const float *)(intptr_t)p[LBL_BIAS], (int)p[LBL_RELU], y, 0, (int)p[LBL_THREADS],
+        (const float *)(intptr_t)p[LBL_SMOOTH]);
 }
 
 /* lb_wo_linear_small with its arguments in one array (a prepared call), x rows contiguous. */

@@ -52,16 +52,17 @@ def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, p
              dynamic: bool, zp: torch.Tensor | None, qmin: int, qmax: int,
              packed: torch.Tensor, n: int, comp: torch.Tensor | None,
              w_scale: torch.Tensor | None, bias: torch.Tensor | None, relu: bool,
-             y: torch.Tensor, y_kind: int) -> None:
+             y: torch.Tensor, y_kind: int, smooth: torch.Tensor | None = None) -> None:
     """One ``lbk_s8_linear`` call: the C side bounds-checks ``x`` and ``y`` against their
-    extents; the per-row / per-column operands are checked here (dtype, size, layout). (No
-    input smoothing on this path: the caller has multiplied ``x`` already.)"""
+    extents; the per-row / per-column operands are checked here (dtype, size, layout).
+    ``smooth``: float32 ``[K]`` input smoothing applied as the rows are quantized."""
     m, k = x.shape
     for name, t, dt, size in (("scale", scale, torch.float32, m if per_row else 1),
                               ("zero_point", zp, torch.int32, m if per_row else 1),
                               ("comp", comp, torch.int32, n),
                               ("w_scale", w_scale, torch.float32, n),
-                              ("bias", bias, torch.float32, n)):
+                              ("bias", bias, torch.float32, n),
+                              ("smooth", smooth, torch.float32, k)):
         if t is not None and (t.dtype != dt or t.numel() != size or not t.is_contiguous()):
             raise ValueError(f"lowbit INT8 GEMM: {name} must be a contiguous {dt} tensor of "
                              f"{size} values; got {t.dtype} {tuple(t.shape)}")
@@ -74,7 +75,8 @@ def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, p
         None if comp is None else comp.data_ptr(),
         None if w_scale is None else w_scale.data_ptr(),
         None if bias is None else bias.data_ptr(), int(relu), int(addcmul_fma()),
-        y.data_ptr(), y_kind, _extent(y), torch.get_num_threads(), None)
+        y.data_ptr(), y_kind, _extent(y), torch.get_num_threads(),
+        None if smooth is None else smooth.data_ptr())
     if rc != 0:
         raise RuntimeError(f"lowbit INT8 GEMM ({lib.lbk_isa().decode()}) refused its arguments "
                            f"(code {rc}): x {tuple(x.shape)} stride {x.stride()}, N={n}")

@@ -190,9 +190,14 @@ def one_call_linear(m: int, k: int, n: int, kernel: str) -> bool:
 def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
                   w_scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None,
                   per_token: bool, scale: torch.Tensor | None, zero_point: torch.Tensor | None,
-                  comp: torch.Tensor | None, relu: bool, kernel: str) -> torch.Tensor:
+                  comp: torch.Tensor | None, relu: bool, kernel: str,
+                  smooth: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fused_int8_linear` once everything is checked (a module checks its own tensors
     once with :func:`fused_linear_layout`, then only ``x`` and ``lib`` per call).
+
+    ``smooth``: float32 ``[K]`` input smoothing (AWQ / SmoothQuant) that the quantizer applies
+    to each row (the products ``x * smooth`` gives, without a pass of its own); float32 ``x``
+    with dynamic per-token scales only, else it is multiplied in first.
 
     Example:
         >>> w = torch.tensor([[1, -2], [3, 4]], dtype=torch.int8)
@@ -207,6 +212,9 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
+    if smooth is not None and (bf16 or scale is not None or not per_token):
+        x, smooth = x * smooth.to(x.dtype), None
+    sp = None if smooth is None else smooth.data_ptr()
     if one_call_linear(m, k, n, kernel):
         dynamic = scale is None  # (its codes and dynamic scales live on the C stack)
         out = torch.empty((m, n), dtype=x.dtype)
@@ -216,7 +224,7 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
                                None if zero_point is None else zero_point.data_ptr(), qmin, qmax,
                                w.data_ptr(), n, None if comp is None else comp.data_ptr(),
                                w_scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                               int(relu), out.data_ptr(), bf16, threads_for(m * n * k))
+                               int(relu), out.data_ptr(), bf16, threads_for(m * n * k), sp)
         return out
     if kernel.startswith("s8_"):
         packed = (lib8 := load_gemm(kernel[3:])) and s8_packed(w, lib8)
@@ -225,23 +233,23 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
             dynamic = scale is None
             s = torch.empty((m, 1) if per_token else ()) if dynamic else scale
             _s8_call(lib8, x, int(bf16), s, dynamic and per_token, dynamic, zero_point, qmin,
-                     qmax, packed, n, comp, w_scale, bias, relu, out, int(bf16))
+                     qmax, packed, n, comp, w_scale, bias, relu, out, int(bf16), smooth)
             return out
         kernel = "fp32_codes"  # a -128 weight code: the exact fp32 GEMM over the codes
     if kernel == "int_mm_s8s8" and m >= 2 * BLOCK_ROWS:
         return _fused_linear_blocks(lib, x, qmin, qmax, w, w_scale, bias, per_token, scale,
-                                    zero_point, comp, relu)
+                                    zero_point, comp, relu, smooth)
     zp = None
     q = torch.empty((m, k), dtype=torch.int8)
     if scale is None:
         s = torch.empty((m, 1) if per_token else ())
         lib.lb_quantize_s8(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(), int(per_token), 1,
-                           None, qmin, qmax, q.data_ptr(), threads_for(m * k))
+                           None, qmin, qmax, q.data_ptr(), threads_for(m * k), sp)
     else:
         s, zp = scale, zero_point
         lib.lb_quantize_s8(x.data_ptr(), bf16, m, k, x.stride(0), s.data_ptr(), 0, 0,
                            None if zp is None else zp.data_ptr(), qmin, qmax, q.data_ptr(),
-                           threads_for(m * k))
+                           threads_for(m * k), None)
     acc = _int8_acc(q, zp, w, colsum, comp, kernel, pooled=True)  # (M, N) int32
     out = pooled_empty((m, n), torch.bfloat16) if bf16 else None
     lib.lb_epilogue(acc.data_ptr(), 1, m, n, 1, s.data_ptr(), int(s.numel() != 1),
@@ -253,7 +261,8 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
 def _fused_linear_blocks(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
                          w_scale: torch.Tensor, bias: torch.Tensor | None, per_token: bool,
                          scale: torch.Tensor | None, zero_point: torch.Tensor | None,
-                         comp: torch.Tensor | None, relu: bool) -> torch.Tensor:
+                         comp: torch.Tensor | None, relu: bool,
+                         smooth: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`fused_int8_linear` for many rows, :data:`BLOCK_ROWS` at a time: the int8 codes
     (and, for a bfloat16 output, the int32 accumulator) live in small buffers reused across
     blocks and stay in cache between the quantizer, ``_int_mm`` and the epilogue; a float32
@@ -281,7 +290,8 @@ def _fused_linear_blocks(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: tor
         b = min(rows, m - r0)
         s_blk = s_ptr + 4 * r0 if per_row else s_ptr
         lib.lb_quantize_s8(x_ptr + r0 * x_row, bf16, b, k, x.stride(0), s_blk, int(per_row),
-                           int(per_row), zp_ptr, qmin, qmax, qb.data_ptr(), n_threads)
+                           int(per_row), zp_ptr, qmin, qmax, qb.data_ptr(), n_threads,
+                           None if smooth is None else smooth.data_ptr())
         acc = accb[:b] if accb is not None else out[r0:r0 + b].view(torch.int32)
         torch._int_mm(qb[:b], wt, out=acc)
         if comp is not None:

@@ -43,7 +43,7 @@ def _quantize_native(lib: Any, x: torch.Tensor, qmin: int, qmax: int, scale: tor
     lib.lb_quantize_s8(x2.data_ptr(), int(x.dtype == torch.bfloat16), m, k, x2.stride(0),
                        scale.data_ptr(), int(per_row),
                        dynamic, None if zpc is None else zpc.data_ptr(), qmin, qmax,
-                       q.data_ptr(), threads_for(m * k))
+                       q.data_ptr(), threads_for(m * k), None)
     return q, scale, zp
 
 
