@@ -366,7 +366,10 @@ class QuantizedModuleBase(nn.Module):
             if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
                 plans = self.__dict__.get("_plans")
                 if (plans is not None and self._plans_fuse_smoothing and type(x) is torch.Tensor
-                        and x.dtype == torch.float32 and not _dispatch.routed(self)):
+                        and x.dtype == torch.float32 and smoothing.dtype == torch.float32
+                        and x.dim() > 0 and smoothing.numel() == x.shape[-1]
+                        and smoothing.is_contiguous() and not _dispatch.routed(self)):
+                    # (a factor of another size, from a tampered file, fails in x * smoothing)
                     y = self._planned(plans, x, smoothing)  # the C call multiplies as it goes
                     if y is None:  # no plan: a step-by-step path that multiplies as it goes
                         y = self._fused_smoothing(x, smoothing)

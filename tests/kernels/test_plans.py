@@ -328,6 +328,7 @@ def test_threads_sharing_a_model_get_their_own_results() -> None:
 
 def test_plan_builders_refuse_arguments_the_c_calls_would_read_past() -> None:
     """Called directly, each builder checks what its C call will read, and says what to pass."""
+    from lowbit.kernels.linear import run_fused_linear
     from lowbit.kernels.plans import conv_codes_plan, linear_plan, wo_conv_plan, wo_linear_plan
 
     lib = native_lib_for(torch.zeros(1))
@@ -339,6 +340,13 @@ def test_plan_builders_refuse_arguments_the_c_calls_would_read_past() -> None:
         linear_plan(lib, (3, 16), "s8_avx2", w.float(), *args)
     with pytest.raises(ValueError, match="N values"):
         linear_plan(lib, (3, 16), "s8_avx2", w, torch.ones(7), *args[1:])
+    for smooth in (torch.ones(15), torch.ones(16, dtype=torch.float64), torch.ones(32)[::2]):
+        with pytest.raises(ValueError, match="smooth must be a contiguous float32 tensor"):
+            linear_plan(lib, (3, 16), "s8_avx2", w, *args, None, smooth)
+        with pytest.raises(ValueError, match="smooth must be a contiguous float32 tensor"):
+            run_fused_linear(lib, torch.randn(3, 16), -127, 127, w, torch.ones(8),
+                             w.sum(1, dtype=torch.int32), None, True, None, None, None, False,
+                             "int_mm_s8s8", smooth)
     with pytest.raises(ValueError, match="do not match the conv"):
         conv_codes_plan(lib, (1, 3, 5, 5), torch.zeros(4, 2, 3, 3), torch.ones(4), None, None,
                         0, -127, 127, (3, 3), (1, 1), (1, 1), (1, 1), False, 0)

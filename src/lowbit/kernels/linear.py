@@ -212,6 +212,10 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
+    if smooth is not None and (smooth.dtype != torch.float32 or smooth.numel() != k
+                               or not smooth.is_contiguous()):
+        raise ValueError(f"run_fused_linear: smooth must be a contiguous float32 tensor of "
+                         f"K={k} values; got {smooth.dtype} {tuple(smooth.shape)}")
     if smooth is not None and (bf16 or scale is not None or not per_token):
         x, smooth = x * smooth.to(x.dtype), None
     sp = None if smooth is None else smooth.data_ptr()
