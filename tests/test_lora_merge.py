@@ -23,6 +23,7 @@ def _mlp() -> nn.Sequential:
 
 
 X = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+SCALE = torch.linspace(0.1, 10.0, 64)  # outlier channels for the smoothing methods
 
 
 def _quantize(method: str) -> nn.Module:
@@ -32,6 +33,12 @@ def _quantize(method: str) -> nn.Module:
         return lowbit.quantize_weight_only(_mlp(), bits=8)
     if method == "static":
         return lowbit.quantize_static(_mlp(), [X], progress=False)
+    if method == "smooth_quant":  # input smoothing: W_hat computes on x * f
+        return lowbit.quantize_dynamic(_mlp(), smooth_quant=0.5, calibration_data=[X * SCALE],
+                                       progress=False)
+    if method == "awq":
+        return lowbit.quantize_weight_only(_mlp(), bits=4, group_size=32, method="awq",
+                                           calibration_data=[X * SCALE], progress=False)
     return lowbit.quantize_dynamic(_mlp())
 
 
@@ -46,27 +53,33 @@ def _trained(method: str) -> nn.Module:
 
 #: Re-quantization rounds the merged weight once more: its relative error is about the base's
 #: own quantization error (INT4 g32: ~6-8%, INT8: ~0.5%).
-WEIGHT_BOUND = {"int4": 0.1, "int8_weight_only": 0.01, "dynamic": 0.01, "static": 0.01}
+WEIGHT_BOUND = {"int4": 0.1, "int8_weight_only": 0.01, "dynamic": 0.01, "static": 0.01,
+                "smooth_quant": 0.01, "awq": 0.1}
 
 
-@pytest.mark.parametrize("method", ["int4", "int8_weight_only", "dynamic", "static"])
+@pytest.mark.parametrize("method", ["int4", "int8_weight_only", "dynamic", "static",
+                                    "smooth_quant", "awq"])
 def test_merge_float_is_exact_and_requantized_is_bounded(method: str) -> None:
     lq = _trained(method)
+    x = X * SCALE if method in ("smooth_quant", "awq") else X
     with torch.no_grad():
-        want = lq(X)
+        want = lq(x)
     exact = lowbit.merge_lora(lq, requantize=False)
     assert not any(isinstance(m, LoRALinear) for m in exact.modules())
     assert isinstance(lq[0], LoRALinear)  # the input model is untouched
     for i, layer in ((0, exact[0][0]), (2, exact[2][0]), (4, exact[4])):  # + ReLU / GELU
         a = lq[i]
-        w = a.base.dequantize_weight() + a.scaling * a.lora_B @ a.lora_A
-        torch.testing.assert_close(layer.weight, w.detach(), rtol=0, atol=1e-6)
+        w = a.base.dequantize_weight()
+        if getattr(a.base, "input_smoothing", None) is not None:  # W_hat (x * f): W_hat * f
+            w = w * a.base.input_smoothing
+        w = w + a.scaling * a.lora_B @ a.lora_A
+        torch.testing.assert_close(layer.weight, w.detach(), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        err = (exact(X) - want).norm() / want.norm()
+        err = (exact(x) - want).norm() / want.norm()
     # the quantized model rounds its activations (INT8 codes; INT4 without VNNI: int8 per
     # group; weight-only on VNNI: bf16), the merged float one does not
     assert err < 0.02, err
-    merged = lowbit.merge_lora(lq, inputs=X)
+    merged = lowbit.merge_lora(lq, inputs=x)
     report = merged.lora_merge_report
     assert [r.name for r in report.rows] == ["0", "2", "4"]
     base = type(lq[0].base)
@@ -78,8 +91,10 @@ def test_merge_float_is_exact_and_requantized_is_bounded(method: str) -> None:
     assert 0 < report.max_weight_error < WEIGHT_BOUND[method], str(report)
     assert report.max_output_error < 2 * WEIGHT_BOUND[method], str(report)
     with torch.no_grad():
-        err = (merged(X) - want).norm() / want.norm()
+        err = (merged(x) - want).norm() / want.norm()
     assert err < 2 * WEIGHT_BOUND[method]
+    if method in ("smooth_quant", "awq"):  # the factor went with the layer, not ones
+        assert torch.equal(merged[0].input_smoothing, lq[0].base.input_smoothing)
     assert "| 0 |" in str(report)
 
 

@@ -202,3 +202,30 @@ def test_lowbit_on_a_peft_model_keeps_the_adapters_float(tmp_path: Path) -> None
     assert len(merged.lora_merge_report.rows) == 4
     assert type(merged.model.layers[0].self_attn.q_proj) is lowbit.Int4Linear
     assert merged.lora_merge_report.max_output_error < 0.2
+
+
+@pytest.mark.parametrize("method", ["smooth_quant", "awq"])
+def test_peft_merge_into_a_smoothed_base_keeps_the_output(method: str) -> None:
+    """An AWQ / SmoothQuant base computes W_hat (x * f): peft's merge adds the update divided
+    by f and keeps f (it used to add it undivided and drop f)."""
+    calib = [{"input_ids": torch.randint(0, 64, (4, 8), generator=torch.Generator()
+                                         .manual_seed(i))} for i in range(2)]
+    if method == "awq":
+        q = lowbit.quantize_weight_only(_bert(), bits=8, method="awq", calibration_data=calib,
+                                        progress=False)
+    else:
+        q = lowbit.quantize_dynamic(_bert(), smooth_quant=0.5, calibration_data=calib,
+                                    progress=False)
+    query = q.encoder.layer[0].attention.self.query
+    assert query.input_smoothing is not None
+    pm = get_peft_model(q, lowbit.register_peft(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                   init_lora_weights=False)))  # random B: a real update
+    with torch.no_grad():
+        want = _out(pm)
+        merged = pm.merge_and_unload()
+        got = _out(merged)
+    layer = merged.encoder.layer[0].attention.self.query
+    assert torch.equal(layer.input_smoothing, query.input_smoothing)
+    err = (got - want).norm() / want.norm()
+    assert err < 0.02, err

@@ -22,8 +22,9 @@ from torch import nn
 
 from lowbit.config import QuantizationConfig
 from lowbit.lora import LORA_BASES, LoRALinear
+from lowbit.weight_calibration import set_input_smoothing
 
-__all__ = ["MergeReport", "MergeRow", "merge_lora", "requantize_linear"]
+__all__ = ["MergeReport", "MergeRow", "merge_lora", "merged_weight", "requantize_linear"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ def requantize_linear(base: nn.Module, weight: torch.Tensor,
     """A new layer of ``base``'s class and scheme holding the float ``weight`` ``[N, K]``.
 
     The weight qparams are calibrated on ``weight`` again; static input qparams, name, backend,
-    fused activation and extras are copied from ``base``.
+    fused activation, extras and the input smoothing (AWQ / SmoothQuant) are copied from
+    ``base``. ``weight`` acts on the layer's smoothed input as ``base.dequantize_weight()``
+    does (see :func:`merged_weight`).
 
     Args:
         base: a lowbit quantized linear layer (one of :data:`lowbit.lora.LORA_BASES`).
@@ -123,7 +126,30 @@ def requantize_linear(base: nn.Module, weight: torch.Tensor,
     new = type(base).from_float(fl, cfg, **kwargs)
     new.fused_gelu = base.fused_gelu
     new.orig_dtype = base.orig_dtype
+    factor = base._buffers.get("input_smoothing")
+    if factor is not None:  # (from_float made the buffer from the meta: ones)
+        set_input_smoothing(new, factor)
     return new.to(base.weight.device)
+
+
+def merged_weight(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """``base``'s float weight with a LoRA update ``delta`` ``[N, K]`` added, in the space the
+    quantized layer computes in: ``W_hat + delta / f`` for a layer with input smoothing ``f``
+    (AWQ / SmoothQuant: it computes ``W_hat (x * f)``, and the update acts on ``x``), else
+    ``W_hat + delta``. Give the result to :func:`requantize_linear`.
+
+    Example:
+        >>> from lowbit.modules import QuantizedLinear
+        >>> from lowbit.weight_calibration import set_input_smoothing
+        >>> base = QuantizedLinear.from_float(nn.Linear(4, 2), QuantizationConfig.int8_dynamic())
+        >>> set_input_smoothing(base, torch.tensor([1.0, 2.0, 4.0, 0.5]))
+        >>> merged_weight(base, torch.ones(2, 4))[0] - base.dequantize_weight()[0]
+        tensor([1.0000, 0.5000, 0.2500, 2.0000])
+    """
+    w = base.dequantize_weight()
+    delta = delta.to(w.device).float()
+    factor = base._buffers.get("input_smoothing")
+    return w + (delta if factor is None else delta / factor.to(w.device).float())
 
 
 def _is_peft_lora(module: nn.Module) -> bool:
@@ -247,7 +273,7 @@ def merge_lora(model: nn.Module, requantize: bool = True, *, inputs: Any = None,
     for name, module in targets.items():
         base, delta, bias_delta, gelu, relu = _adapter_parts(name, module)
         with torch.no_grad():
-            exact = base.dequantize_weight() + delta.to(base.weight.device).float()
+            exact = merged_weight(base, delta)  # (in the smoothed input's space, if any)
             bias = base.bias
             if bias_delta is not None:
                 bias = bias_delta if bias is None else bias + bias_delta
@@ -256,7 +282,9 @@ def merge_lora(model: nn.Module, requantize: bool = True, *, inputs: Any = None,
                 new.fused_relu, new.fused_gelu = relu, gelu
                 kind, err = type(new).__name__, _rel(new.dequantize_weight(), exact)
             else:
-                new, kind, err = _float_layer(base, exact, bias, gelu, relu), "Linear", 0.0
+                factor = base._buffers.get("input_smoothing")  # a float layer takes raw x
+                raw = exact if factor is None else exact * factor.to(exact.device).float()
+                new, kind, err = _float_layer(base, raw, bias, gelu, relu), "Linear", 0.0
             out_err = None
             if name in seen:
                 x = seen[name]

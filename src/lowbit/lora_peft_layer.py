@@ -19,7 +19,7 @@ from peft.tuners.lora import Linear as PeftLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from lowbit.lora_merge import requantize_linear
+from lowbit.lora_merge import merged_weight, requantize_linear
 
 __all__ = ["LowbitLoraLinear"]
 
@@ -66,7 +66,8 @@ class LowbitLoraLinear(PeftLinear):
         return y if self.merged else self._activate(y)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Re-quantize ``W_hat + sum(B @ A * scaling)`` (and a LoRA bias) into a new base.
+        """Re-quantize ``W_hat + sum(B @ A * scaling)`` (and a LoRA bias) into a new base (the
+        update divided by the base's input smoothing, if any: ``lora_merge.merged_weight``).
 
         Raises:
             ValueError: the merged weight has NaN/Inf values (``safe_merge`` or not: a broken
@@ -77,18 +78,20 @@ class LowbitLoraLinear(PeftLinear):
         if not adapter_names:
             return
         base = self.get_base_layer()
-        weight = base.dequantize_weight()
         bias = None if base.bias is None else base.bias.clone()
         with torch.no_grad():
+            delta = torch.zeros(base.out_features, base.in_features, device=base.weight.device)
             for adapter in adapter_names:
                 if adapter in self.lora_variant:
                     raise ValueError(f"{base.name or 'LowbitLoraLinear'}: adapter {adapter!r} "
                                      "is a LoRA variant; only plain LoRA merges into a "
                                      "quantized base")
-                weight += self.get_delta_weight(adapter).float()
+                delta = delta + self.get_delta_weight(adapter).float().to(delta.device)
                 if self.lora_bias[adapter]:
                     b = self.lora_B[adapter].bias.float() * self.scaling[adapter]
                     bias = b if bias is None else bias + b
+            # (an AWQ / SmoothQuant base computes in its smoothed input's space)
+            weight = merged_weight(base, delta)
         if not torch.isfinite(weight).all():
             raise ValueError(f"{base.name or 'LowbitLoraLinear'}: NaN/Inf in the merged weight; "
                              f"the adapter(s) {adapter_names} are broken")
