@@ -38,6 +38,23 @@ def test_no_graph_break_and_export_equals_eager(arch: str, make_quantized, run) 
         _explain_and_export(qmodel, x, run)
 
 
+@pytest.mark.parametrize("method", ["smooth_quant", "awq"])
+def test_smoothed_layers_trace_without_graph_break(method: str, run) -> None:
+    """AWQ / SmoothQuant layers multiply their input first; large inputs take that product
+    from lowbit's output pool in eager mode, never inside a traced graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(384, 512), nn.ReLU(), nn.Linear(512, 8)).eval()
+    x = torch.randn(1024, 384) * torch.linspace(0.1, 10.0, 384)  # 1.5 MB: a pooled product
+    if method == "awq":
+        qmodel = lowbit.quantize_weight_only(model, bits=4, group_size=128, method="awq",
+                                             calibration_data=[x[:64]], progress=False)
+    else:
+        qmodel = lowbit.quantize_dynamic(model, smooth_quant=0.5, calibration_data=[x[:64]],
+                                         progress=False)
+    assert qmodel[0].input_smoothing is not None
+    _explain_and_export(qmodel, x, run)
+
+
 def test_export_keeps_the_batch_dynamic_and_each_layer_backend(make_quantized, run) -> None:
     qmodel, x = make_quantized("cnn-static")
     batch = torch.export.Dim("batch", min=1, max=1024)
