@@ -82,6 +82,22 @@ def _qat_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
                     strict=True))[:QAT_STEPS]
 
 
+def _weight_calibrated(batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SmoothQuant factors and GPTQ / SignRound weights of the Linear layers, from ``batches``."""
+    model, out = _model(), {}
+    q = lowbit.quantize_dynamic(model, smooth_quant=0.5, calibration_data=batches,
+                                progress=False)
+    for name in ("fc1", "fc2"):
+        out[f"wc/sq/{name}"] = q.get_submodule(name).input_smoothing.clone()
+    for method, kwargs in (("gptq", {}), ("signround", {"iters": 20})):
+        cfg = lowbit.QuantizationConfig.int4_weight_only(32, method=method,
+                                                         method_kwargs=kwargs)
+        q = lowbit.PTQQuantizer(cfg, progress=False).quantize(model, batches)
+        for name in ("fc1", "fc2"):
+            out[f"wc/{method}/{name}"] = q.get_submodule(name).dequantize_weight().clone()
+    return out
+
+
 # ---------------------------------------------------------------------- the worker side
 def _ptq_worker(rank: int, out: Path) -> None:
     shard = _batches()[rank::WORLD]
@@ -100,6 +116,7 @@ def _ptq_worker(rank: int, out: Path) -> None:
                                         progress=False)
     result["sensitivity/cosine"] = torch.tensor([r.cosine for r in sorted(
         report.rows, key=lambda r: r.name)], dtype=torch.float64)
+    result.update(_weight_calibrated(shard))
     save_file(result, str(out / f"ptq_rank{rank}.safetensors"))
     # rank 0 writes the quantized model once; every rank reads it back after the barrier
     q = lowbit.quantize_static(model, shard, _static_config("minmax"), progress=False)
@@ -281,6 +298,28 @@ def test_sharded_calibration_equals_union(run: Path, calibrator: str) -> None:
                                                          progress=False))
     for key, value in expected.items():
         assert torch.equal(ranks[0][f"{calibrator}/{key}"], value), (calibrator, key)
+
+
+def test_weight_calibration_is_the_same_on_every_rank(run: Path) -> None:
+    """SmoothQuant factors (maxima over the ranks: those of the union of the shards), GPTQ
+    weights (summed statistics: the union's up to the order of the sums) and SignRound
+    weights (rank 0's) are the same on every rank."""
+    ranks = [load_file(str(run / f"ptq_rank{r}.safetensors")) for r in range(WORLD)]
+    keys = [k for k in ranks[0] if k.startswith("wc/")]
+    assert len(keys) == 6
+    for key in keys:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    union = _weight_calibrated(_batches())
+    for name in ("fc1", "fc2"):
+        assert torch.equal(ranks[0][f"wc/sq/{name}"], union[f"wc/sq/{name}"]), name
+        got, want = ranks[0][f"wc/gptq/{name}"], union[f"wc/gptq/{name}"]
+        assert (got != want).float().mean() < 0.01, name  # a few codes at rounding edges
+    local = _weight_calibrated(_batches()[::WORLD])  # rank 0's shard alone
+    assert not torch.equal(local["wc/sq/fc1"], union["wc/sq/fc1"])
+    other = _weight_calibrated(_batches()[1::WORLD])
+    for name in ("fc1", "fc2"):  # SignRound: rank 0's, which rank 1's own shard does not give
+        assert torch.equal(ranks[0][f"wc/signround/{name}"], local[f"wc/signround/{name}"])
+        assert not torch.equal(ranks[1][f"wc/signround/{name}"], other[f"wc/signround/{name}"])
 
 
 def test_sync_false_keeps_each_shard_local(run: Path) -> None:

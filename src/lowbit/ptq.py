@@ -176,7 +176,8 @@ class PTQQuantizer(Quantizer):
         inplace: modify the given model instead of a deep copy.
         process_group: under ``torch.distributed``, the group whose ranks' calibration
             statistics are merged before qparams are chosen (default: the world; see
-            :func:`lowbit.distributed.sync_calibrators`).
+            :func:`lowbit.distributed.sync_calibrators`), and GPTQ / AWQ / SmoothQuant
+            statistics before weights are (SignRound: rank 0's result).
         sync: ``False`` calibrates on this rank's batches only, even in a distributed run.
         backend: the layer backend of the quantized layers: ``"native"`` (default: lowbit's
             kernels for this CPU), ``"reference"`` or ``"torch"`` (see :mod:`lowbit.backends`;
@@ -233,7 +234,8 @@ class PTQQuantizer(Quantizer):
                 methods[name] = (cfg.method, cfg.weights, dict(cfg.method_kwargs))
             if cfg.smooth_quant is not None and isinstance(layer, nn.Linear):
                 alphas[name] = cfg.smooth_quant
-        opts = {"progress": self.progress, "max_batches": self.max_calibration_batches}
+        opts = {"progress": self.progress, "max_batches": self.max_calibration_batches,
+                "process_group": self.process_group, "sync": self.sync}
         calibrated = calibrate_weights(qmodel, methods, calibration_data, **opts) if methods \
             else {}
         smoothed = smooth_quant(qmodel, alphas, calibration_data, **opts) if alphas else {}

@@ -269,6 +269,65 @@ class _Stats:
         self.rows += x.shape[0]
 
 
+def _sync_group(process_group: Any, sync: bool) -> Any | None:
+    """The ``torch.distributed`` group whose ranks' batches are combined, or None."""
+    if not sync:
+        return None
+    from lowbit.distributed import active_group  # (lowbit.distributed imports calibrators)
+
+    return active_group(process_group)
+
+
+def _sync_stats(stats: Mapping[str, _Stats], group: Any, what: str, full: bool = True) -> None:
+    """Every rank's statistics become those of all ranks' batches: sums (``X^T X``, ``|x|``,
+    rows) added, maxima taken, so every rank calibrates the same weights. ``full``: the sums
+    too (SmoothQuant needs only the maxima and the rows)."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    from lowbit.distributed import _collective, _device
+
+    dev = _device(group)
+    for s in stats.values():
+        parts = [s.h.reshape(-1), s.abs_sum] if full else []
+        sums = torch.cat([*parts, torch.tensor([float(s.rows)], dtype=torch.float64,
+                                                device=s.abs_sum.device)]).to(dev)
+        peak = s.abs_max.to(dev)
+        _collective(group, what, lambda sums=sums: dist.all_reduce(sums, group=group))
+        _collective(group, what, lambda peak=peak: dist.all_reduce(
+            peak, op=dist.ReduceOp.MAX, group=group))
+        k, home = s.abs_sum.numel(), s.abs_sum.device  # (new tensors: the old ones may be
+        if full:                                      # inference tensors)
+            s.h = sums[:k * k].reshape(k, k).to(home)
+            s.abs_sum = sums[k * k:k * k + k].to(home)
+        s.rows = int(sums[-1].item())
+        s.abs_max = peak.to(home)
+
+
+def _broadcast_weights(results: Mapping[str, CalibratedWeight], group: Any
+                       ) -> dict[str, CalibratedWeight]:
+    """Rank 0's calibrated weights (and qparams, factors), on every rank."""
+    import torch.distributed as dist
+
+    from lowbit.distributed import _collective, _device
+
+    src, dev = dist.get_global_rank(group, 0), _device(group)
+
+    def bcast(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        buf = t.detach().to(dev).contiguous().clone()
+        _collective(group, "SignRound weights", lambda: dist.broadcast(buf, src=src,
+                                                                         group=group))
+        return buf.to(t.device)
+
+    return {name: CalibratedWeight(bcast(cw.weight),
+                                   None if cw.qparams is None else tuple(map(bcast, cw.qparams)),
+                                   bcast(cw.input_smoothing))
+            for name, cw in results.items()}
+
+
 def _reiterable(data: Any, what: str) -> Iterable[Any]:
     if data is None:
         raise ValueError(f"{what} needs calibration_data (a list of batches or a DataLoader); "
@@ -375,7 +434,8 @@ def _group_stats(model: nn.Module, group: list[str], multi: bool, data: Iterable
 def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpec,
                                                                      Mapping[str, Any]]],
                       calibration_data: Any, *, progress: bool = True,
-                      max_batches: int | None = None) -> dict[str, CalibratedWeight]:
+                      max_batches: int | None = None, process_group: Any = None,
+                      sync: bool = True) -> dict[str, CalibratedWeight]:
     """Calibrate the weights of the named ``nn.Linear`` layers of ``model`` (changed in place).
 
     Layers run in execution order, each group (layers sharing one input) on the outputs of the
@@ -390,6 +450,10 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
         calibration_data: a re-iterable of batches (list, DataLoader), as for static PTQ.
         progress: a tqdm bar over the layers.
         max_batches: use at most this many batches.
+        process_group: under ``torch.distributed``, the group whose ranks' batches are
+            combined (default: the world), so every rank gets the same weights: GPTQ / AWQ
+            statistics are summed over the ranks, SignRound (trained on each rank's batches)
+            takes rank 0's result. ``sync=False``: this rank's batches only.
 
     Returns:
         ``{name: CalibratedWeight}`` for the layers the calibration data reached (the others
@@ -423,6 +487,7 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
                           "round-to-nearest. Calibrate with batches that run it",
                           RuntimeWarning, stacklevel=3)
     results: dict[str, CalibratedWeight] = {}
+    group_ = _sync_group(process_group, sync)
     rounded = [n for g in groups for n in g if layers[n][0] == "signround"]
     bar = tqdm(total=len(reached), desc="weight calibration", unit="layer",
                disable=not progress, leave=False)
@@ -433,6 +498,7 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
                 continue
             stats = _group_stats(model, group, bool(multi.intersection(group)), data,
                                  max_batches)
+            _sync_stats(stats, group_, "weight calibration")
             for name in group:
                 bar.set_postfix_str(name)
                 results[name] = _calibrate_layer(model.get_submodule(name), stats[name],
@@ -443,8 +509,13 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
             blocks.setdefault(block_of(model, name), []).append(name)
         for block, names in blocks.items():
             bar.set_postfix_str(block)
-            results.update(_signround(model, block, names, layers, bool(multi & set(names)),
-                                      data, max_batches, progress))
+            done = _signround(model, block, names, layers, bool(multi & set(names)), data,
+                              max_batches, progress)
+            if group_ is not None:  # rank 0's rounding everywhere (later blocks see it)
+                done = _broadcast_weights(done, group_)
+                for name, cw in done.items():
+                    set_linear_weight(model.get_submodule(name), cw.weight)
+            results.update(done)
             bar.update(len(names))
     return results
 
@@ -528,13 +599,17 @@ def _calibrate_layer(layer: nn.Module, stats: _Stats, method: str, spec: QuantSp
 
 
 def smooth_quant(model: nn.Module, alphas: Mapping[str, float], calibration_data: Any, *,
-                 progress: bool = True, max_batches: int | None = None
+                 progress: bool = True, max_batches: int | None = None,
+                 process_group: Any = None, sync: bool = True
                  ) -> dict[str, tuple[torch.Tensor, Any]]:
     """SmoothQuant: per input channel ``s = max|X|^a / max|W|^(1-a)``; ``W <- W diag(s)``.
 
     Changes the named float ``nn.Linear`` layers in place and registers a forward-pre hook on
     each dividing its input by ``s``, so the model computes the same function (static
     calibration run afterwards sees the smoothed inputs). One pass over the data.
+
+    Under ``torch.distributed`` the maxima are taken over the ranks' batches (``process_group``,
+    default the world; ``sync=False``: this rank's only), so every rank gets the same factors.
 
     Returns:
         ``{name: (1/s, hook handle)}``: remove the hook and give the quantized module the
@@ -560,6 +635,7 @@ def smooth_quant(model: nn.Module, alphas: Mapping[str, float], calibration_data
 
     _run(model, tqdm(data, desc="smooth_quant", unit="batch", disable=not progress,
                      leave=False), {n: hook(n) for n in alphas}, max_batches)
+    _sync_stats(stats, _sync_group(process_group, sync), "SmoothQuant", full=False)
     out: dict[str, tuple[torch.Tensor, Any]] = {}
     for name, alpha in alphas.items():
         layer = model.get_submodule(name)
