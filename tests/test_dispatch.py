@@ -150,3 +150,23 @@ def test_input_smoothing_is_applied_once_on_every_path(method: str) -> None:
     xf = x.clone().requires_grad_()
     model(xf).sum().backward()
     assert F.cosine_similarity(xg.grad.flatten(), xf.grad.flatten(), 0) > 0.95
+
+
+def test_another_backend_follows_a_setting_changed_after_its_first_call() -> None:
+    """A ``use(...)`` sibling is rebuilt when a setting it copies changes
+    (``Int4Linear.int8_activations`` picks another kernel: it used to keep the old one)."""
+    import lowbit
+
+    torch.manual_seed(0)
+    q = lowbit.quantize_weight_only(nn.Sequential(nn.Linear(256, 64)).eval(), bits=4,
+                                    group_size=32, progress=False)
+    q[0].backend = "reference"
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        with lowbit.backends.use("native"):
+            q(x)
+        q[0].int8_activations = False
+        with lowbit.backends.use("native"):
+            got = q(x)
+        q[0].backend = "auto"
+        assert torch.equal(got, q(x))

@@ -223,9 +223,11 @@ def _spec_of(key: int) -> str:
 
 
 def _config_key(module: nn.Module) -> tuple:
-    """What a sibling copies besides the buffers and may change after construction."""
+    """What a sibling copies besides the buffers and may change after construction (settings
+    of the meta that ``_build`` reads, e.g. ``Int4Linear.int8_activations``)."""
     return (module.fused_relu, module.fused_gelu, repr(getattr(module, "geometry", None)),
-            module.name)
+            module.name, getattr(module, "int8_activations", None),
+            getattr(module, "orig_dtype", None))
 
 
 def _sibling(module: nn.Module, backend: str) -> nn.Module:
