@@ -71,6 +71,41 @@ def test_quantize_variants_in_process(work: Path, extra: list[str], capsys) -> N
             "Linear"
 
 
+def test_quantize_with_the_avx2_recipe_and_weight_methods(work: Path, capsys) -> None:
+    """--activation-bits 7 --smooth-quant (the recipe for CPUs without VNNI) and
+    --weight-method for INT4, calibrated on --calib; the flags they need are checked."""
+    out = work / "q_recipe.safetensors"
+    assert main(["quantize", str(work / "mlp.pt"), *ARCH, "--method", "dynamic",
+                 "--activation-bits", "7", "--smooth-quant", "0.5", "--calib", "mnist",
+                 "--calib-samples", "64", "--out", str(out), "--quiet"]) == 0
+    layer = load(out, model=MLP(hidden=(32,))).layers[0]
+    assert layer.act_spec.qmax == 63 and layer.input_smoothing is not None
+    assert not torch.equal(layer.input_smoothing, torch.ones(784))
+    out = work / "q_gptq.safetensors"
+    assert main(["quantize", str(work / "mlp.pt"), *ARCH, "--method", "int4",
+                 "--group-size", "32", "--weight-method", "gptq", "--calib", "mnist",
+                 "--calib-samples", "64", "--out", str(out), "--quiet"]) == 0
+    model = load(out, model=MLP(hidden=(32,)))
+    assert type(model.layers[0]).__name__ == "Int4Linear"
+    assert model.layers[0].meta()["extra"]["weight_method"] == "gptq"
+    capsys.readouterr()
+    for extra, says in ((["--method", "dynamic", "--smooth-quant", "0.5"],
+                         "--smooth-quant needs --calib"),
+                        (["--method", "int4", "--weight-method", "awq"],
+                         "--weight-method awq needs --calib"),
+                        (["--method", "static", "--activation-bits", "7"],
+                         "--activation-bits 7 applies to --method dynamic"),
+                        (["--method", "int4", "--smooth-quant", "0.5"],
+                         "--smooth-quant applies to INT8 activations"),
+                        (["--method", "dynamic", "--weight-method", "gptq"],
+                         "use it with --method int4"),
+                        (["--method", "dynamic", "--smooth-quant", "2", "--calib", "mnist"],
+                         "--smooth-quant:")):
+        assert main(["quantize", str(work / "mlp.pt"), *ARCH, *extra, "--out",
+                     str(work / "never"), "--quiet"]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+
+
 def test_compare_with_report(work: Path) -> None:
     run = lowbit("compare", "mlp.pt", "q_dyn", *ARCH, "--data", "data.pt", "--iters", "3",
                  "--batch-sizes", "1,8", "--json", "--report", "cmp_report", cwd=work)

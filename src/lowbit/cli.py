@@ -336,26 +336,51 @@ def _config(args: argparse.Namespace) -> Any:
 
     skip = tuple(args.skip or ())
     gran = args.granularity
+    method = getattr(args, "weight_method", "rtn")
+    bits = getattr(args, "activation_bits", 8)
+    alpha = getattr(args, "smooth_quant", None)
+    if method != "rtn" and args.method != "int4":
+        raise UsageError(f"--weight-method {method} calibrates INT4 weights: use it with "
+                         "--method int4")
+    if bits != 8 and args.method != "dynamic":
+        raise UsageError("--activation-bits 7 applies to --method dynamic")
+    if alpha is not None and args.method == "int4":
+        raise UsageError("--smooth-quant applies to INT8 activations (--method dynamic or "
+                         "static); for INT4 weights use --weight-method awq")
     if args.method == "int4":
         if gran is None:
-            return QuantizationConfig.int4_weight_only(args.group_size, skip_layers=skip)
+            return QuantizationConfig.int4_weight_only(args.group_size, method=method,
+                                                       skip_layers=skip)
         spec = QuantSpec(bits=4, symmetric=False, granularity=gran)
         return QuantizationConfig(weights=spec, activations=None, mode="weight_only",
-                                  skip_layers=skip)
+                                  skip_layers=skip, method=method)
     weights = QuantSpec.int8_weight() if gran in (None, "per_channel") else QuantSpec()
-    if args.method == "static":
-        return QuantizationConfig(weights=weights, activations=QuantSpec.int8_static_activation(),
-                                  mode="static", calibrator=args.calibrator or "minmax",
-                                  skip_layers=skip)
-    return QuantizationConfig(weights=weights, activations=QuantSpec.int8_dynamic_activation(),
-                              mode="dynamic", skip_layers=skip)
+    try:
+        if args.method == "static":
+            return QuantizationConfig(weights=weights,
+                                      activations=QuantSpec.int8_static_activation(),
+                                      mode="static", calibrator=args.calibrator or "minmax",
+                                      skip_layers=skip, smooth_quant=alpha)
+        act = QuantSpec.int8_dynamic_activation()
+        return QuantizationConfig(weights=weights,
+                                  activations=act if bits == 8 else act.with_(bits=bits),
+                                  mode="dynamic", skip_layers=skip, smooth_quant=alpha)
+    except ValueError as exc:  # e.g. an alpha outside [0, 1]
+        raise UsageError(f"--smooth-quant: {exc}") from exc
 
 
 def _calibration(args: argparse.Namespace) -> list[torch.Tensor] | None:
-    if args.method != "static":
+    """Calibration batches where the options need them (static activations, SmoothQuant,
+    GPTQ / AWQ / SignRound weights), else None."""
+    needs = [flag for flag, on in (
+        ("--method static", args.method == "static"),
+        ("--smooth-quant", getattr(args, "smooth_quant", None) is not None),
+        (f"--weight-method {getattr(args, 'weight_method', 'rtn')}",
+         getattr(args, "weight_method", "rtn") != "rtn")) if on]
+    if not needs:
         return None
     if not args.calib:
-        raise UsageError("--method static needs --calib DATA (e.g. --calib mnist)")
+        raise UsageError(f"{' and '.join(needs)} needs --calib DATA (e.g. --calib mnist)")
     return load_data(args.calib, "calib").batches(args.batch_size, args.calib_samples)
 
 
@@ -461,7 +486,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     model = load_float(args.model, args.arch, args.arch_kwargs,
                        trust_pickle=args.trust_pickle)
     data = load_data(args.data, "eval", args.samples)
-    calib = _calibration(args) if args.method == "static" else None
+    calib = _calibration(args)
     eval_fn = None
     if data.labels is not None:
         ds = data.dataset()
@@ -671,7 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", choices=("dynamic", "static", "int4"),
                        required=method_required, default="dynamic",
                        help="INT8 dynamic, INT8 static (calibrated) or INT4 weight-only")
-        p.add_argument("--calib", metavar="DATA", help="calibration data for --method static")
+        p.add_argument("--calib", metavar="DATA",
+                       help="calibration data (--method static, --smooth-quant, "
+                            "--weight-method other than rtn)")
+        p.add_argument("--activation-bits", type=int, choices=(8, 7), default=8,
+                       help="--method dynamic: 7 is the cheaper exact form on CPUs without "
+                            "VNNI (AVX2; pair it with --smooth-quant on transformers)")
+        p.add_argument("--smooth-quant", type=float, metavar="ALPHA",
+                       help="SmoothQuant before INT8 (dynamic / static), e.g. 0.5")
+        p.add_argument("--weight-method", choices=("rtn", "gptq", "awq", "signround"),
+                       default="rtn", help="--method int4: how the weights are rounded "
+                                           "(default rtn; the others need --calib)")
         p.add_argument("--calibrator", choices=available_calibrators(),
                        help="static activation calibrator (default minmax)")
         p.add_argument("--skip", nargs="+", metavar="LAYER", help="layer names/globs kept FP32")
