@@ -224,12 +224,16 @@ class _WeightOnlyLinear(_WeightOnly):
             self._small_max_m = wo_small_max_rows(n, kp)
             self._small_args = (w, packed, signed, n, kp, group, scale, zp, self.bias)
 
-    def _make_plan(self, x: torch.Tensor) -> Plan | None:
+    _plans_fuse_smoothing = True  # (AWQ: the INT4 x INT8 kernel's plans take the factor)
+
+    def _make_plan(self, x: torch.Tensor, smooth: torch.Tensor | None = None) -> Plan | None:
         lib = native_lib_for(x)
         if lib is None or x.dim() == 0 or x.shape[-1] != self.in_features:
             return None  # (the body raises for a wrong shape)
         m = x.numel() // self.in_features
         if 0 < m <= self._small_max_m:
+            if smooth is not None:
+                return None
             return wo_linear_plan(lib, tuple(x.shape), self._small_args, None, self.bias,
                                   self.fused_relu)
         kernel = self._select_packed(m)
@@ -238,7 +242,7 @@ class _WeightOnlyLinear(_WeightOnly):
             return None
         return wo_linear_plan(lib, tuple(x.shape), None,
                               (lib4, self._u4_panels()),  # type: ignore[attr-defined]
-                              self.bias, self.fused_relu)
+                              self.bias, self.fused_relu, smooth)
 
     _max_packed_m = INT4_PACKED_MAX_M
 

@@ -106,6 +106,8 @@ _GEMM_SIGNATURES = {
     "lbk_u4p_bytes": (_I64, [_I64, _I64]),
     "lbk_u4p_linear": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P,
                               _P, _INT, _P, _I64, _INT]),
+    "lbk_u4p_linear_s": (_INT, [_P, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P,
+                                _P, _INT, _P, _I64, _INT, _P]),
     "lbk_rnn_scan": (_INT, [_INT, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _I64, _P, _I64,
                             _P, _P, _INT, _I32, _I32, _P, _I64, _INT]),
 }

@@ -118,6 +118,22 @@ static int u4_cases(int *runs) {
                 }
                 fails += memcmp(y[0], y[1], (size_t)m * n * 4) != 0;
                 fails += memcmp(y[1], y[2], (size_t)m * n * 4) != 0;
+                /* AWQ input smoothing: x with k factors (one row from its float values: an
+                 * Inf) equals x * factors without */
+                float *sm = malloc((size_t)k * 4);
+                for (int l = 0; l < k; ++l)
+                    sm[l] = 0.5f + 0.25f * (float)(l % 5);
+                x[k / 2] = INFINITY;
+                if (lbk_u4p_linear_s(x, m, k, k, (int64_t)m * k, wp, wb, n, kp, g, s, z, NULL,
+                                     0, y[1], (int64_t)m * n, 2, sm) != LB_OK)
+                    return -1;
+                for (size_t i = 0; i < (size_t)m * k; ++i)
+                    x[i] *= sm[i % (size_t)k];
+                if (lbk_u4p_linear(x, m, k, k, (int64_t)m * k, wp, wb, n, kp, g, s, z, NULL, 0,
+                                   y[0], (int64_t)m * n, 2) != LB_OK)
+                    return -1;
+                fails += memcmp(y[0], y[1], (size_t)m * n * 4) != 0;
+                free(sm);
                 ++*runs;
                 free(x), free(wp), free(z), free(s), free(y[0]), free(y[1]), free(y[2]);
             }

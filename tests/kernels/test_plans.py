@@ -420,3 +420,26 @@ def test_input_smoothing_on_the_step_path_gives_the_multiplied_bits(
     y = _run_twice(q, x)
     assert calls and all(calls)
     assert torch.equal(y, _run_twice(_stepwise(q), x))
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (3, 256), (40, 256), (2, 300, 256)], ids=str)
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_awq_smoothing_fused_into_the_int4_plan_gives_the_stepwise_bits(
+        shape: tuple[int, ...], nonfinite: bool) -> None:
+    """AWQ INT4 layers: the INT4 x INT8 kernel's plans multiply each row by the factors as
+    they quantize it (rows it computes from float values too), with the step path's bits."""
+    torch.manual_seed(0)
+    k = shape[-1]
+    model = _mlp(k, 96, relu=True)
+    calib = [torch.randn(32, k) * torch.linspace(0.05, 20.0, k) for _ in range(2)]
+    q = quantize_weight_only(model, bits=4, group_size=32, method="awq", calibration_data=calib,
+                             progress=False)
+    assert q[0]._buffers.get("input_smoothing") is not None
+    x = torch.randn(shape) * torch.linspace(0.05, 20.0, k)
+    if nonfinite:
+        x.view(-1, k)[0, 5] = float("inf")  # a row from its float values
+    y = _run_twice(q, x)
+    fused = [p for key, (p, _) in q[0]._plans.items() if key[-1] is not None and p]
+    m = x.numel() // k
+    assert bool(fused) == (m > q[0]._small_max_m and q[0]._select_packed(m).startswith("u4q8_"))
+    torch.testing.assert_close(y, _run_twice(_stepwise(q), x), rtol=0, atol=0, equal_nan=True)

@@ -655,18 +655,44 @@ int lbk_u4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_f
  * overflow) or a NaN / Inf makes the row's outputs come from its float values. */
 #define U4Q8_TINY 1e-30f
 
+/* max|x[j] * smooth[j]| over [j0, j1), as the bits of the products (see row_absmax). */
+static inline float smooth_absmax(const float *x, const float *smooth, int64_t j0, int64_t j1) {
+    uint32_t m = 0;
+    for (int64_t j = j0; j < j1; ++j) {
+        const float p = x[j] * smooth[j];
+        uint32_t a;
+        memcpy(&a, &p, sizeof a);
+        a &= 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    float r;
+    memcpy(&r, &m, sizeof r);
+    return r;
+}
+
 /* Row x [k] (zero up to kp) as int8 codes per weight group: q = round(x * 127 / max|x_g|),
- * sx_g = max|x_g| / 127 and tq_g = sx_g * sum_g(q); 1 when it cannot be (see U4Q8_TINY). */
-static int quant_row_groups(const float *x, int64_t k, int64_t kp, int64_t g, int8_t *q,
-                            float *sx, float *tq) {
+ * sx_g = max|x_g| / 127 and tq_g = sx_g * sum_g(q); 1 when it cannot be (see U4Q8_TINY).
+ * smooth: NULL, or k factors: the row quantized is x * smooth (the float32 products). */
+static int quant_row_groups(const float *x, const float *smooth, int64_t k, int64_t kp,
+                            int64_t g, int8_t *q, float *sx, float *tq) {
     for (int64_t gi = 0, j0 = 0; j0 < kp; ++gi, j0 += g) {
         const int64_t j1 = j0 + g < k ? j0 + g : k;
-        const float amax = j1 > j0 ? row_absmax(x + j0, 0, j1 - j0) : 0.0f;
+        const float amax = j1 <= j0 ? 0.0f
+                           : smooth ? smooth_absmax(x, smooth, j0, j1)
+                                    : row_absmax(x + j0, 0, j1 - j0);
         if (!(amax <= FLT_MAX) || (amax > 0.0f && amax < U4Q8_TINY))
             return 1;
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int32_t sum = 0;
         int64_t j = j0;
+        if (smooth) {
+            for (; j < j1; ++j) {
+                const int32_t v =
+                    (int32_t)clampf(nearbyintf((x[j] * smooth[j]) * inv), -127.0f, 127.0f);
+                q[j] = (int8_t)v;
+                sum += v;
+            }
+        }
         for (; j < j1; ++j) {
             const int32_t v = (int32_t)clampf(nearbyintf(x[j] * inv), -127.0f, 127.0f);
             q[j] = (int8_t)v;
@@ -797,11 +823,36 @@ static void u4p_amx(const int8_t *q, int64_t ldq, int64_t m, const uint8_t *wp, 
  * with the columns in vector lanes (no horizontal sums). Differs from dequantize + GEMM by the
  * activation rounding (about 5e-3 relative on Gaussian inputs); a row with a NaN / Inf (or a
  * group max below 1e-30) is computed from its float values instead. With AMX (groups of 64 to
- * 256, from lb_amx_u4_min_rows rows) u4p_amx runs the same sums on tiles: the same bits. */
+ * 256, from lb_amx_u4_min_rows rows) u4p_amx runs the same sums on tiles: the same bits.
+ * lbk_u4p_linear_s: the same with k float32 factors smooth (AWQ input smoothing): the rows
+ * computed are x * smooth, the float32 products torch's x * smooth gives. */
+static int u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
+                      const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
+                      const float *sT, const uint8_t *zT, const float *bias, int relu, float *y,
+                      int64_t y_floats, int nthreads, const float *smooth);
+
 int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
                    const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
                    const float *sT, const uint8_t *zT, const float *bias, int relu, float *y,
                    int64_t y_floats, int nthreads) {
+    return u4p_linear(x, m, k, ldx, x_floats, wp, wp_bytes, n, kp, g, sT, zT, bias, relu, y,
+                      y_floats, nthreads, NULL);
+}
+
+int lbk_u4p_linear_s(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
+                     const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
+                     const float *sT, const uint8_t *zT, const float *bias, int relu, float *y,
+                     int64_t y_floats, int nthreads, const float *smooth) {
+    if (!smooth)
+        return LB_EARG;
+    return u4p_linear(x, m, k, ldx, x_floats, wp, wp_bytes, n, kp, g, sT, zT, bias, relu, y,
+                      y_floats, nthreads, smooth);
+}
+
+static int u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_floats,
+                      const uint8_t *wp, int64_t wp_bytes, int64_t n, int64_t kp, int64_t g,
+                      const float *sT, const uint8_t *zT, const float *bias, int relu, float *y,
+                      int64_t y_floats, int nthreads, const float *smooth) {
     if (m < 0 || n <= 0 || k <= 0 || kp < k || g <= 0 || g % 32 || kp % g || ldx < k ||
         nthreads < 1 || !wp || !sT || !zT || wp_bytes != lbk_u4p_bytes(n, kp))
         return LB_EARG;
@@ -823,10 +874,11 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
     int8_t *q = (int8_t *)buf;
     float *sx = (float *)(buf + qbytes), *tq = sx + m * groups;
     uint8_t *bad = (uint8_t *)(tq + m * groups);
+    float *xs = NULL; /* a smoothed row, for the float rows of a smoothed call */
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * kp >= (1 << 16))
     for (int64_t i = 0; i < m; ++i)
-        bad[i] = (uint8_t)quant_row_groups(x + i * ldx, k, kp, g, q + i * kp, sx + i * groups,
-                                           tq + i * groups);
+        bad[i] = (uint8_t)quant_row_groups(x + i * ldx, smooth, k, kp, g, q + i * kp,
+                                           sx + i * groups, tq + i * groups);
 #if LB_AMX
     if (amx) {
         memset(q + m * kp, 0, (size_t)((mq - m) * kp));
@@ -874,9 +926,20 @@ int lbk_u4p_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_
 #if LB_AMX
 float_rows:
 #endif
-    for (int64_t i = 0; i < m; ++i) /* NaN / Inf / tiny rows: from the float values */
-        if (bad[i])
-            u4p_row_float(x + i * ldx, k, wp, n, kp, g, sT, zT, bias, relu, y + i * n);
+    for (int64_t i = 0; i < m; ++i) { /* NaN / Inf / tiny rows: from the float values */
+        if (!bad[i])
+            continue;
+        const float *xr = x + i * ldx;
+        if (smooth) {
+            if (!xs && !(xs = (float *)malloc((size_t)k * sizeof(float))))
+                return LB_ENOMEM;
+            for (int64_t j = 0; j < k; ++j)
+                xs[j] = xr[j] * smooth[j];
+            xr = xs;
+        }
+        u4p_row_float(xr, k, wp, n, kp, g, sT, zT, bias, relu, y + i * n);
+    }
+    free(xs);
     return LB_OK;
 }
 

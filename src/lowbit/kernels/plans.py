@@ -352,12 +352,14 @@ def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: 
 
 def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
                    u4p: tuple[Any, tuple] | None, bias: torch.Tensor | None,
-                   relu: bool) -> Plan | None:
+                   relu: bool, smooth: torch.Tensor | None = None) -> Plan | None:
     """A weight-only linear on float32 contiguous inputs of ``shape`` as one bound C call:
     the one-call small kernel (``lb_wo_linear_small``, ``small_args`` as
     :func:`~lowbit.kernels.weight_only.run_weight_only_linear_native` takes them) or, when
     ``small_args`` is None, the INT4 x INT8 kernel (``u4p = (ISA library, args of``
-    :func:`~lowbit.kernels.isa.run_u4p_linear`\\ ``)``); None for neither.
+    :func:`~lowbit.kernels.isa.run_u4p_linear`\\ ``)``); None for neither. ``smooth``:
+    float32 ``[K]`` input smoothing (AWQ) that the INT4 x INT8 kernel applies to each row as it
+    quantizes it (``lbk_u4p_linear_s``; the small kernel takes none: None then).
 
     Example:
         >>> from lowbit.kernels import native_lib_for
@@ -372,8 +374,12 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
     """
     k = shape[-1]
     m = math.prod(shape[:-1])
-    if m == 0:
+    if m == 0 or (smooth is not None and (small_args is not None or u4p is None)):
         return None
+    if smooth is not None and (smooth.dtype != torch.float32 or smooth.numel() != k
+                               or not smooth.is_contiguous()):
+        raise ValueError(f"wo_linear_plan: smooth must be a contiguous float32 tensor of K={k} "
+                         f"values; got {smooth.dtype} {tuple(smooth.shape)}")
     if small_args is not None:
         w, packed, signed, n, kp, group, scale, zp, _bias = small_args
         scales = n * (kp // group) if group else 1
@@ -402,13 +408,13 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
     if k > kp:
         raise ValueError(f"wo_linear_plan: the input's last dim {k} exceeds the layer's "
                          f"Kp={kp}")
-    call4 = lib4.lbk_u4p_linear
+    call4 = lib4.lbk_u4p_linear if smooth is None else lib4.lbk_u4p_linear_s
     head4 = (m, k, k, m * k, wp.data_ptr(), wp.numel(), n, kp, group, sc.data_ptr(),
              zp4.data_ptr(), _ptr(bias), int(relu))
-    tail4 = (m * n, torch.get_num_threads())
+    tail4 = (m * n, torch.get_num_threads(), *(() if smooth is None else (smooth.data_ptr(),)))
 
     def run_u4p(x_ptr: int, y_ptr: int) -> int:
         return call4(x_ptr, *head4, y_ptr, *tail4)
 
     out = (*shape[:-1], n)
-    return Plan(run_u4p, out, _alloc_for(out), (wp, sc, zp4, bias))
+    return Plan(run_u4p, out, _alloc_for(out), (wp, sc, zp4, bias, smooth))
