@@ -376,8 +376,16 @@ class QuantizedModuleBase(nn.Module):
                         y = self._fused_smoothing(x, smoothing)
                     if y is not None:
                         return y
-                x = _smoothed(x, smoothing)
-            return self._forward_smoothed(x)
+                return self._forward_smoothed(_smoothed(x, smoothing))
+            # _forward_smoothed inlined: the eager path of every call (~0.5 us a call less)
+            if _dispatch.routed(self):
+                return _dispatch.route(self, x)
+            plans = self.__dict__.get("_plans")
+            if plans is not None and type(x) is torch.Tensor:
+                y = self._planned(plans, x)
+                if y is not None:
+                    return y
+            return body(self, x)
 
         cls._forward_body = body  # type: ignore[attr-defined]
         cls.forward = forward  # type: ignore[method-assign]
