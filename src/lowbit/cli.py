@@ -336,9 +336,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     skip = tuple(args.skip or ())
     gran = args.granularity
-    method = getattr(args, "weight_method", "rtn")
-    bits = getattr(args, "activation_bits", 8)
-    alpha = getattr(args, "smooth_quant", None)
+    method, bits, alpha = args.weight_method, args.activation_bits, args.smooth_quant
     if method != "rtn" and args.method != "int4":
         raise UsageError(f"--weight-method {method} calibrates INT4 weights: use it with "
                          "--method int4")
@@ -374,9 +372,8 @@ def _calibration(args: argparse.Namespace) -> list[torch.Tensor] | None:
     GPTQ / AWQ / SignRound weights), else None."""
     needs = [flag for flag, on in (
         ("--method static", args.method == "static"),
-        ("--smooth-quant", getattr(args, "smooth_quant", None) is not None),
-        (f"--weight-method {getattr(args, 'weight_method', 'rtn')}",
-         getattr(args, "weight_method", "rtn") != "rtn")) if on]
+        ("--smooth-quant", args.smooth_quant is not None),
+        (f"--weight-method {args.weight_method}", args.weight_method != "rtn")) if on]
     if not needs:
         return None
     if not args.calib:

@@ -47,4 +47,20 @@ static inline float row_absmax(const void *x, int bf16, int64_t k) {
     return r;
 }
 
+/* max|x[j] * smooth[j]| of k float32 values (AWQ / SmoothQuant input smoothing), as the bits of
+ * the float32 products (see row_absmax). */
+static inline float row_absmax_smooth(const float *x, const float *smooth, int64_t k) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < k; ++j) {
+        const float p = x[j] * smooth[j];
+        uint32_t a;
+        memcpy(&a, &p, sizeof a);
+        a &= 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    float r;
+    memcpy(&r, &m, sizeof r);
+    return r;
+}
+
 #endif

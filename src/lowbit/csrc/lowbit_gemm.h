@@ -513,21 +513,8 @@ int lbk_s8_linear(const void *x, int kind, int64_t m, int64_t k, int64_t ldx, in
 #pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && m * k >= (1 << 15)) \
     reduction(max : best)
         for (int64_t i = 0; i < m; ++i) {
-            float v;
-            if (smooth) { /* max |x * smooth| of the row, as the bits of the products */
-                const float *xr = (const float *)(xb + i * xrow);
-                uint32_t mb = 0;
-                for (int64_t j = 0; j < k; ++j) {
-                    const float p = xr[j] * smooth[j];
-                    uint32_t a;
-                    memcpy(&a, &p, sizeof a);
-                    a &= 0x7FFFFFFFu;
-                    mb = a > mb ? a : mb;
-                }
-                memcpy(&v, &mb, sizeof v);
-            } else {
-                v = row_absmax(xb + i * xrow, kind, k);
-            }
+            const float v = smooth ? row_absmax_smooth((const float *)(xb + i * xrow), smooth, k)
+                                   : row_absmax(xb + i * xrow, kind, k);
             uint32_t bits;
             memcpy(&bits, &v, sizeof bits);
             best = bits > best ? bits : best;
@@ -655,21 +642,6 @@ int lbk_u4_linear(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t x_f
  * overflow) or a NaN / Inf makes the row's outputs come from its float values. */
 #define U4Q8_TINY 1e-30f
 
-/* max|x[j] * smooth[j]| over [j0, j1), as the bits of the products (see row_absmax). */
-static inline float smooth_absmax(const float *x, const float *smooth, int64_t j0, int64_t j1) {
-    uint32_t m = 0;
-    for (int64_t j = j0; j < j1; ++j) {
-        const float p = x[j] * smooth[j];
-        uint32_t a;
-        memcpy(&a, &p, sizeof a);
-        a &= 0x7FFFFFFFu;
-        m = a > m ? a : m;
-    }
-    float r;
-    memcpy(&r, &m, sizeof r);
-    return r;
-}
-
 /* Row x [k] (zero up to kp) as int8 codes per weight group: q = round(x * 127 / max|x_g|),
  * sx_g = max|x_g| / 127 and tq_g = sx_g * sum_g(q); 1 when it cannot be (see U4Q8_TINY).
  * smooth: NULL, or k factors: the row quantized is x * smooth (the float32 products). */
@@ -678,7 +650,7 @@ static int quant_row_groups(const float *x, const float *smooth, int64_t k, int6
     for (int64_t gi = 0, j0 = 0; j0 < kp; ++gi, j0 += g) {
         const int64_t j1 = j0 + g < k ? j0 + g : k;
         const float amax = j1 <= j0 ? 0.0f
-                           : smooth ? smooth_absmax(x, smooth, j0, j1)
+                           : smooth ? row_absmax_smooth(x + j0, smooth + j0, j1 - j0)
                                     : row_absmax(x + j0, 0, j1 - j0);
         if (!(amax <= FLT_MAX) || (amax > 0.0f && amax < U4Q8_TINY))
             return 1;

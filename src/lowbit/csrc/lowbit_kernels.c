@@ -111,21 +111,6 @@ static inline float dynamic_scale(float absmax, float qmax) {
     return s < FLT_EPSILON ? FLT_EPSILON : s;
 }
 
-/* max|x[j] * smooth[j]| of one float32 row, as the bits of the products (see row_absmax). */
-static inline float row_absmax_smooth(const float *x, const float *smooth, int64_t k) {
-    uint32_t m = 0;
-    for (int64_t j = 0; j < k; ++j) {
-        const float p = x[j] * smooth[j];
-        uint32_t a;
-        memcpy(&a, &p, sizeof a);
-        a &= 0x7FFFFFFFu;
-        m = a > m ? a : m;
-    }
-    float r;
-    memcpy(&r, &m, sizeof r);
-    return r;
-}
-
 /* Codes of one row: clamp(round(x * inv) + zp, lo, hi); x * smooth in place of x when smooth
  * (float32 rows only). */
 static inline void quantize_row_s8(const void *x, int bf16, int64_t k, float inv, float zp,
