@@ -164,3 +164,11 @@ def test_merge_a_root_adapter_and_a_static_config_check() -> None:
     with torch.no_grad():
         x = torch.randn(4, 16)
         assert torch.equal(merged(x), q(x))  # B = 0: the same codes come back
+
+
+def test_merged_weight_names_a_wrong_update_shape() -> None:
+    from lowbit.lora_merge import merged_weight
+
+    base = _quantize("smooth_quant")[0]
+    with pytest.raises(ValueError, match=r"must be the layer's \[out_features, in_features\]"):
+        merged_weight(base, torch.zeros(64, 128))

@@ -138,6 +138,9 @@ def merged_weight(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     (AWQ / SmoothQuant: it computes ``W_hat (x * f)``, and the update acts on ``x``), else
     ``W_hat + delta``. Give the result to :func:`requantize_linear`.
 
+    Raises:
+        ValueError: ``delta`` is not ``[out_features, in_features]``.
+
     Example:
         >>> from lowbit.modules import QuantizedLinear
         >>> from lowbit.weight_calibration import set_input_smoothing
@@ -147,6 +150,10 @@ def merged_weight(base: nn.Module, delta: torch.Tensor) -> torch.Tensor:
         tensor([1.0000, 0.5000, 0.2500, 2.0000])
     """
     w = base.dequantize_weight()
+    if tuple(delta.shape) != tuple(w.shape):
+        raise ValueError(f"merged_weight: {base.name or type(base).__name__}: the update has "
+                         f"shape {tuple(delta.shape)}; it must be the layer's [out_features, "
+                         f"in_features] = {tuple(w.shape)} (B @ A * scaling)")
     delta = delta.to(w.device).float()
     factor = base._buffers.get("input_smoothing")
     return w + (delta if factor is None else delta / factor.to(w.device).float())
