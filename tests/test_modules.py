@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -307,6 +308,58 @@ def test_conv2d_weight_caches_follow_load_state_dict(cin: int) -> None:
     for x, y in zip(xs, ys, strict=True):
         assert torch.equal(qa(x), qb(x)) and not torch.equal(qa(x), y)
     assert not {"_codes_cache", "_cols_cache"} & set(qa.state_dict())
+
+
+def test_first_calls_from_two_threads_never_see_half_rebuilt_caches(monkeypatch) -> None:
+    """A served model's first calls can come from several threads at once, and each layer
+    rebuilds its kernel caches on its first call. A thread paused in that rebuild (made slow
+    here) must not leave another thread's calls running on half-made caches (before the lock:
+    the float bias instead of the int32 one of a static layer, a silently different output)."""
+    import threading
+    import time
+
+    import lowbit.modules as modules
+
+    torch.manual_seed(13)
+    fc = nn.Linear(32, 16)
+    x = torch.randn(4, 32) * 3 + 1
+    cfg = dataclasses.replace(QuantizationConfig.int8_static(),  # asymmetric weights: the
+                              weights=QuantSpec.int8_weight().with_(symmetric=False))  # body
+    qparams = (torch.tensor(0.05), torch.tensor(-20))
+    expected = convert_module(fc, cfg, input_qparams=qparams)(x)
+    q = convert_module(fc, cfg, input_qparams=qparams)
+    first = threading.Event()
+    refresh, quantize_bias = type(q)._refresh_cache, modules.quantize_bias
+
+    def slow(fn, seconds):
+        def wrapped(*args, **kwargs):
+            if threading.current_thread().name == "first":
+                time.sleep(seconds)  # preempted right after its cache check, then mid-rebuild
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(type(q), "_refresh_cache", slow(refresh, 0.1))
+    monkeypatch.setattr(modules, "quantize_bias", slow(quantize_bias, 0.2))
+    outs: list[torch.Tensor] = []
+
+    def first_call() -> None:
+        first.set()
+        outs.append(q(x))
+
+    def other_calls() -> None:
+        first.wait()
+        time.sleep(0.02)
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            outs.append(q(x))
+
+    threads = [threading.Thread(target=first_call, name="first"),
+               threading.Thread(target=other_calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outs) > 1 and all(torch.equal(y, expected) for y in outs)
 
 
 def test_conv1d() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,9 @@ __all__ = ["MAX_CONV_EXTENT", "QuantizedModuleBase", "carry_hooks", "check_conv_
 MAX_CONV_EXTENT = 4096
 _PAD_MODES = ("constant", "reflect", "replicate", "circular")
 _GEOMETRY_KEYS = {"stride", "padding", "dilation", "groups", "pre_pad", "pad_mode"}
+#: Serializes kernel-cache rebuilds: a layer's first call from several threads at once (a
+#: model served by a thread pool) rebuilds its caches once, and no thread reads them half made.
+_REFRESH_LOCK = threading.RLock()
 
 
 def _weight_key(w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, int, int]:
@@ -591,8 +595,9 @@ class QuantizedModuleBase(nn.Module):
         could not be differentiated). An input that requires grad (under grad mode) never
         gets here: ``forward`` hands it to ``lowbit.qgrad.frozen_forward``, which runs this
         same path inside an autograd Function whose backward uses the dequantized weight. A
-        weight changed in place since
-        the last call (its version counter moved) rebuilds the kernel caches first.
+        weight changed in place since the last call (its version counter moved), or a first
+        call, rebuilds the kernel caches first: once, under a lock, with the key published
+        last, so calls from several threads never run on half-rebuilt caches.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self._label()}: expected a torch.Tensor input, got "
@@ -612,8 +617,10 @@ class QuantizedModuleBase(nn.Module):
         if w is not None:
             key = _weight_key(w, self._buffers.get("bias"))
             if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
-                self._refresh_cache()  # the kernel caches derive from it
-                self.__dict__["_weight_key"] = key
+                with _REFRESH_LOCK:  # the kernel caches derive from it; one thread rebuilds
+                    if key != self.__dict__.get("_weight_key"):  # (the others wait for it)
+                        self._refresh_cache()
+                        self.__dict__["_weight_key"] = key
         return x.detach()
 
     def _finite_rows(self, x: torch.Tensor, scheme: str

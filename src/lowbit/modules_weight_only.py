@@ -405,8 +405,9 @@ class Int4Linear(_WeightOnlyLinear):
             scale = F.pad(self.weight_scale.reshape(self.n, -1), (0, 0, 0, pad))  # (Np, G)
             zp = F.pad(self.weight_zero_point.reshape(self.n, -1), (0, 0, 0, pad))
             shift = 8 if self.weight_spec.signed else 0
-            self._packed, sz = int4_pack_for_cpu(codes, scale, zp, shift)
+            packed, sz = int4_pack_for_cpu(codes, scale, zp, shift)
             self._scales = sz.to(torch.bfloat16)  # (Kp/g, Np, 2)
+            self._packed = packed  # last: another thread's call checks it (then reads both)
 
 
 class Int8WeightOnlyLinear(_WeightOnlyLinear):
