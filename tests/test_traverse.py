@@ -184,7 +184,7 @@ def test_torchscript_models_are_refused_with_a_message() -> None:
 
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     for compiled in (torch.jit.script(model), torch.jit.trace(model, torch.randn(2, 4))):
-        with pytest.raises(TypeError, match=r"TorchScript.*quantize the eager nn\.Module first"):
+        with pytest.raises(TypeError, match=r"TorchScript.*quantize the eager nn\.Module instead"):
             lowbit.quantize_dynamic(compiled)
         with pytest.raises(TypeError, match="TorchScript"):
             lowbit.QATPreparer(lowbit.QATConfig()).prepare_for_qat(compiled)

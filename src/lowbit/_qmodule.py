@@ -322,6 +322,29 @@ def _smoothed(x: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
     return x * smoothing.to(x.dtype)
 
 
+def refuse_jit_trace(module: nn.Module) -> None:
+    """Raise a clear error under ``torch.jit.trace`` (and the TorchScript-based ONNX exporter,
+    ``torch.onnx.export(..., dynamo=False)``): the tracer records only tensor ops, so lowbit's
+    C kernels and cached-kernel choices would come out as a wrong or non-reproducible graph,
+    and PyTorch deprecates that API for ``torch.export`` / ``torch.compile``, which lowbit
+    supports.
+
+    Example:
+        >>> refuse_jit_trace(nn.Linear(2, 2))  # eager: nothing to refuse
+    """
+    if torch.jit.is_tracing():
+        raise _torchscript_refused(module, "torch.jit.trace cannot record")
+
+
+def _torchscript_refused(module: nn.Module, what: str) -> RuntimeError:
+    label = getattr(module, "_label", lambda: type(module).__name__)()
+    return RuntimeError(
+        f"{label}: {what} lowbit's quantized layers (PyTorch deprecates TorchScript in favour "
+        "of torch.export / torch.compile). Deploy without Python with torch.export.export + "
+        "AOTInductor (lowbit.backends 'aotinductor') or ONNX (lowbit.export_onnx); in Python, "
+        "torch.compile(qmodel) or the eager model")
+
+
 class QuantizedModuleBase(nn.Module):
     """Common plumbing: backend, layer name, fused ReLU / GELU, meta, cache refresh after loading.
 
@@ -368,6 +391,7 @@ class QuantizedModuleBase(nn.Module):
         @functools.wraps(body)
         def forward(self: QuantizedModuleBase, x: torch.Tensor, *,
                     _smoothed_input: bool = False) -> torch.Tensor:
+            refuse_jit_trace(self)
             smoothing = None if _smoothed_input else self._buffers.get("input_smoothing")
             if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
                 plans = self.__dict__.get("_plans")  # AWQ / SmoothQuant (Linear): x * factor
@@ -424,11 +448,21 @@ class QuantizedModuleBase(nn.Module):
             self.register_buffer("input_smoothing", torch.ones(int(
                 self.meta_extra["input_smoothing"])))
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` first: refuse with what to use instead (TorchScript
+        cannot compile the layer's Python and C paths)."""
+        raise _torchscript_refused(self, "torch.jit.script cannot compile")
+
     @property
     def qweight(self) -> torch.Tensor:
         """The integer weight codes (int8, or uint8 with two 4-bit codes per byte): the buffer
-        saved as ``weight`` in ``state_dict`` and lowbit files."""
-        return self._buffers["weight"]
+        saved as ``weight`` in ``state_dict`` and lowbit files (AttributeError for a layer with
+        several weights: the quantized RNNs' ``weight_ih_l0``...)."""
+        codes = self._buffers.get("weight")
+        if codes is None:
+            raise AttributeError(f"{self._label()} has no single weight; its codes are the "
+                                 "buffers named weight_*")
+        return codes
 
     @property
     def weight(self) -> torch.Tensor:

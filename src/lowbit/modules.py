@@ -110,7 +110,10 @@ class _Int8Base(QuantizedModuleBase):
         self.register_buffer("_w_zp", None, persistent=False)  # (N,) int32, None when all 0
         self._fused_args: tuple | None = None  # set by _refresh_cache
         self._dynamic_affine = False  # set by _refresh_cache
-        self.register_buffer("_bias", None, persistent=False)  # the bias the kernels add
+        # the bias the kernels add: derived, rebuilt by _refresh_cache (also after .to()); a
+        # plain attribute, since it may be `bias` itself (torch.jit.trace checks for a tensor
+        # held by two buffers before it runs anything)
+        self._bias: torch.Tensor | None = None
 
     def _refresh_cache(self) -> None:
         n = self.qweight.shape[0]
@@ -120,7 +123,7 @@ class _Int8Base(QuantizedModuleBase):
         self._w_zp = w_zp if bool(w_zp.any()) else None
         self._colsum = w2d.sum(1, dtype=torch.int32) - w2d.shape[1] * w_zp  # sum_k (w - w_zp)
         self._comp = None
-        self._bias = self.bias  # the bias the kernels add
+        bias = self.bias  # the bias the kernels add
         if self.mode == "static":
             zp = self.input_zero_point.to(torch.int32) + self._act_off
             self._comp = zp * self._colsum if bool(zp != 0) else None
@@ -128,7 +131,8 @@ class _Int8Base(QuantizedModuleBase):
             qb = None if self.bias is None else quantize_bias(self.bias, self.input_scale,
                                                                 self._w_scale)
             if qb is not None:
-                self._bias = qb[0].float() * qb[1]
+                bias = qb[0].float() * qb[1]
+        self._bias = bias
         # the fused C path (lowbit.native): symmetric weights, symmetric or static activations;
         # its tensors gathered once (module attribute lookups cost ~0.5 us each at batch 1)
         static = self.mode == "static"

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lowbit import _dispatch
-from lowbit._qmodule import QuantizedModuleBase, quantize_weight
+from lowbit._qmodule import QuantizedModuleBase, quantize_weight, refuse_jit_trace
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     FUSED_GEMMS,
@@ -118,6 +118,7 @@ class _RecurrentForward:
 
     def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
         """Run the layer like the float module (see the class docstring)."""
+        refuse_jit_trace(self)  # type: ignore[arg-type]
         if torch.compiler.is_exporting():
             raise RuntimeError(
                 f"{self._label()}: torch.export / ONNX export of a quantized "  # type: ignore

@@ -40,6 +40,7 @@ from lowbit.kernels import (
     direct_conv_fits,
     int4_pack_for_cpu,
     maxpool2d_native,
+    native_eager,
     native_lib_for,
     run_dequantize_weight_native,
     run_u4_linear,
@@ -280,7 +281,7 @@ class _WeightOnlyLinear(_WeightOnly):
             return self._gelu(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
         kernel = self._select_packed(x2.shape[0])
         lowbit_int4 = kernel.startswith(("u4_", "u4q8_"))  # lowbit's INT4 kernels: "u4*_<isa>"
-        lib = (load_gemm(kernel.partition("_")[2]) if lowbit_int4 and x2.device.type == "cpu"
+        lib = (load_gemm(kernel.partition("_")[2]) if lowbit_int4 and native_eager(x2)
                else None)
         bias = self.bias if self.bias is None else self.bias.float()  # (a bf16-cast layer's)
         if lib is not None and kernel.startswith("u4q8_"):  # int8 activations (fused ReLU)

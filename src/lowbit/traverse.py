@@ -645,8 +645,8 @@ def check_eager_model(model: object, caller: str) -> None:
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"{caller}: the model is a TorchScript module ({type(model).__name__}); "
-                        "quantize the eager nn.Module first, then script or trace the quantized "
-                        "model")
+                        "quantize the eager nn.Module instead (quantized models deploy with "
+                        "torch.export / AOTInductor or lowbit.export_onnx)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}(model=...) expects a torch.nn.Module, got "
                         f"{type(model).__name__}")

@@ -20,6 +20,7 @@ from lowbit.kernels.base import (  # noqa: F401
     NATIVE_DTYPES,
     _extent,
     c_layout,
+    native_eager,
     native_lib_for,
 )
 from lowbit.kernels.conv import (  # noqa: F401
@@ -152,6 +153,7 @@ __all__ = [
     "int8_linear",
     "int_mm_takes_uint8",
     "maxpool2d_native",
+    "native_eager",
     "native_lib_for",
     "quantize_activation",
     "quantize_activation_u8",

@@ -18,24 +18,30 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _F32_EPS = torch.finfo(torch.float32).eps
 
 
+def native_eager(*tensors: torch.Tensor) -> bool:
+    """Whether lowbit's C kernels may run on these tensors: plain CPU tensors, in eager mode
+    (a C call is invisible to ``torch.jit.trace`` and ``torch.compile``: they would record an
+    empty output), not under the ``"torch"`` backend.
+
+    Example:
+        >>> native_eager(torch.zeros(2)), native_eager(torch.zeros(2, device="meta"))
+        (True, False)
+    """
+    if not native_allowed() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return all(type(t) is torch.Tensor and t.is_cpu for t in tensors)
+
+
 def native_lib_for(*tensors: torch.Tensor) -> Any:
-    """The fused C kernel library when it can run on these tensors (plain CPU tensors, eager
-    mode, not the ``"torch"`` backend), else None (the pure-PyTorch path).
+    """The fused C kernel library when it can run on these tensors (:func:`native_eager`),
+    else None (the pure-PyTorch path).
 
     Example:
         >>> lib = native_lib_for(torch.zeros(2))
         >>> lib is None or hasattr(lib, "lb_epilogue")
         True
     """
-    if not native_allowed():  # a "torch"-backend layer is running
-        return None
-    lib = load_native()
-    if lib is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return None
-    for t in tensors:
-        if type(t) is not torch.Tensor or not t.is_cpu:
-            return None
-    return lib
+    return load_native() if native_eager(*tensors) else None
 
 
 def c_layout(*pairs: tuple[torch.Tensor | None, torch.dtype]) -> bool:

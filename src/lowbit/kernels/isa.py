@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.base import _extent
+from lowbit.kernels.base import _extent, native_eager
 from lowbit.memory import empty as pooled_empty
 from lowbit.native import addcmul_fma, load_gemm
 
@@ -109,7 +109,7 @@ def s8_acc(q: torch.Tensor, w2d: torch.Tensor, kernel: str, pooled: bool
         True
     """
     lib = load_gemm(kernel[3:])
-    if lib is None or q.dtype != torch.int8:
+    if lib is None or q.dtype != torch.int8 or not native_eager(q, w2d):
         return None
     packed = s8_packed(w2d, lib)
     return None if packed is None else _s8_acc(lib, q, packed, w2d.shape[0], pooled)
