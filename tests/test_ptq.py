@@ -138,6 +138,50 @@ def test_residual_model_with_bn_folding_works(images) -> None:
     assert cosine(q(x), model(x)) > 0.99
 
 
+class _ConvBNLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.l, self.o = nn.Linear(8 * 36, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.o(F.relu(self.l(F.relu(self.bn(self.c(x))).flatten(1))))
+
+
+@pytest.mark.parametrize("reparam", ["weight_norm", "parametrizations.weight_norm",
+                                     "parametrizations.spectral_norm", "spectral_norm"])
+def test_weight_norm_and_spectral_norm_layers_quantize_like_plain_ones(reparam: str) -> None:
+    """A reparametrized weight is recomputed on each access (or by a hook): the BatchNorm fold
+    was lost (outputs off by as much as the whole BN; parametrizations), or the quantized
+    layer inherited a hook reading parameters it has not (the hook-based forms). Folded into
+    a plain weight on lowbit's copy, the model quantizes exactly as its plain twin, and the
+    user's model keeps its reparametrization and outputs."""
+    torch.manual_seed(21)
+    plain = _ConvBNLinear()
+    with torch.no_grad():
+        plain.bn.running_mean.uniform_(-1, 1)
+        plain.bn.running_var.uniform_(0.5, 2)
+        plain.bn.weight.uniform_(0.5, 2)
+    model = copy.deepcopy(plain)
+    wrap = eval(f"nn.utils.{reparam}")
+    model.c, model.l = wrap(model.c), wrap(model.l)
+    model.eval()
+    x, data = torch.randn(5, 3, 6, 6), [torch.randn(4, 3, 6, 6) for _ in range(2)]
+    with torch.no_grad():
+        before = model(x)
+        plain.c.weight.copy_(model.c.weight)  # the twin: the same effective weights
+        plain.l.weight.copy_(model.l.weight)
+    plain.eval()
+    for cfg in (QuantizationConfig.int8_dynamic(), QuantizationConfig.int8_static(),
+                QuantizationConfig.int4_weight_only(group_size=9)):
+        q = PTQQuantizer(cfg, progress=False).quantize(model, data)
+        twin = PTQQuantizer(cfg, progress=False).quantize(plain, data)
+        assert torch.equal(q(x), twin(x)), cfg.mode
+        assert isinstance(q.bn, nn.Identity) and cosine(q(x), before) > 0.99
+    assert torch.equal(model(x), before)  # the user's model: untouched, still reparametrized
+    assert "weight" not in model.l._parameters
+
+
 def test_per_layer_fallback_toggle_and_mixed_boundaries() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:

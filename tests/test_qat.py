@@ -246,6 +246,31 @@ def test_prepare_wraps_every_layer_and_keeps_the_original() -> None:
     assert qat.lowbit_report.quantized == ["conv", "conv1d", "fc"]
 
 
+@pytest.mark.parametrize("reparam", ["weight_norm", "parametrizations.weight_norm"])
+def test_weight_norm_layers_train_as_plain_weights(reparam: str) -> None:
+    """prepare_qat folds weight_norm into each layer's weight (before: AttributeError
+    'weight_g' from the hook-based form, KeyError 'weight' from the parametrized one): the
+    layers train and convert, and the float model keeps its weight norm."""
+    torch.manual_seed(22)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    wrap = eval(f"nn.utils.{reparam}")
+    model[0], model[2] = wrap(model[0]), wrap(model[2])
+    qat = prepare_qat(model, QuantizationConfig.int8_dynamic()).train()
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    before = qat[0].weight.detach().clone()
+    for _ in range(3):
+        loss = qat(torch.randn(16, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(qat[0].weight, before)
+    q = convert_qat(qat.eval())
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.allclose(q(x), qat(x), atol=1e-5)
+    assert "weight" not in model[0]._parameters  # still reparametrized
+
+
 @pytest.mark.parametrize("lsq", [False, True])
 def test_frozen_layer_stays_frozen_through_training(lsq: bool) -> None:
     model = Small()

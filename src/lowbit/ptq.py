@@ -9,7 +9,6 @@ boundaries quantize and dequantize themselves.
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from abc import ABC, abstractmethod
@@ -37,7 +36,9 @@ from lowbit.modules_mha import expand_attention
 from lowbit.traverse import (
     Fusions,
     LayerPlan,
+    bake_reparametrizations,
     check_eager_model,
+    copy_model,
     disable_fused_fast_paths,
     find_fusions,
     fold_batchnorm,
@@ -264,8 +265,9 @@ class PTQQuantizer(Quantizer):
         check_eager_model(model, "quantize")
         cfg = config or self.config or QuantizationConfig.int8_dynamic()
         do_inplace = self.inplace if inplace is None else inplace
-        qmodel = model if do_inplace else copy.deepcopy(model)
+        qmodel = model if do_inplace else copy_model(model)
         qmodel.eval()
+        bake_reparametrizations(qmodel)  # weight_norm / spectral_norm: plain weights
 
         fusions = find_fusions(qmodel)
         expand_attention(qmodel)  # nn.MultiheadAttention: its projections as Linear children

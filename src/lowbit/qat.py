@@ -68,7 +68,9 @@ from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
 from lowbit.traverse import (
     WEIGHTED_LAYERS,
+    bake_reparametrizations,
     check_eager_model,
+    copy_model,
     disable_fused_fast_paths,
     find_fusions,
     fold_bn_weights,
@@ -482,6 +484,10 @@ class QATPreparer:
         """
         check_eager_model(model, "prepare_for_qat")
         qat = _copy_model(model)
+        baked = bake_reparametrizations(qat)  # weight_norm / spectral_norm: plain weights
+        if baked:
+            log.info("prepare_for_qat: %s trained as plain weights (weight_norm / "
+                     "spectral_norm folded in: %s)", len(baked), ", ".join(baked))
         fusions = find_fusions(qat)
         expand_attention(qat)  # nn.MultiheadAttention: its projections as Linear children
         plans = plan_layers(qat, self.config.quantization, None, fusions)
@@ -618,7 +624,7 @@ def _copy_model(model: nn.Module) -> nn.Module:
     """Deep copy that shares an attached ``lowbit_report`` (immutable configs inside it)."""
     report = getattr(model, "lowbit_report", None)
     memo = {} if report is None else {id(report): report}
-    return copy.deepcopy(model, memo)
+    return copy_model(model, memo)
 
 
 def prepare_qat(model: nn.Module, config: QATConfig | QuantizationConfig | None = None

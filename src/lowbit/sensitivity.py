@@ -15,7 +15,6 @@ it is measured. :func:`auto_fallback` then keeps the most sensitive layers in FP
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +29,7 @@ from lowbit.calibration import run_batch
 from lowbit.config import QuantizationConfig
 from lowbit.evaluation import compare_outputs
 from lowbit.ptq import PTQQuantizer
+from lowbit.traverse import copy_model
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "analyze_sensitivity", "auto_fallback"]
 
@@ -232,7 +232,7 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
                              f"config; choose from {todo}")
         todo = [n for n in todo if n in wanted]
 
-    work = copy.deepcopy(model).eval()
+    work = copy_model(model).eval()
     baseline = None if eval_fn is None else float(eval_fn(work))
     quantized_metric = None if eval_fn is None else float(eval_fn(qfull))
     reference = None if example is None else _output(work, example)
