@@ -154,6 +154,17 @@ def test_describe_lists_layers(tmp_path: Path) -> None:
     assert info["float_bytes"] == (128 * 10 + 10) * 4
 
 
+def test_schemes_say_per_tensor_for_dynamic_convs(tmp_path: Path) -> None:
+    """A dynamic conv quantizes its whole input with one scale: the report and the saved
+    schemes said "per_token" (the config's Linear setting) for it."""
+    q = _quantize("dynamic", _cnn())
+    rows = {r.name: r.reason for r in q.lowbit_report.rows}
+    assert "A8 per_tensor run-time" in rows["conv1"] and "A8 per_token run-time" in rows["fc1"]
+    save(q, tmp_path / "m")
+    layers = {r["name"]: r["scheme"] for r in describe(tmp_path / "m")["layers"]}
+    assert "A8 per_tensor" in layers["conv2"] and "A8 per_token" in layers["fc2"]
+
+
 def test_factory_needs_trust(tmp_path: Path) -> None:
     torch.manual_seed(0)
     q = quantize_dynamic(MLP(**SMALL_MLP))

@@ -1049,7 +1049,10 @@ def _scheme_text(meta: Mapping[str, Any]) -> str:
     extra = meta.get("extra") or {}
     if meta.get("mode") == "static" and extra.get("calibrator"):
         how += f" ({extra['calibrator']})"
-    return text + f", A{a.get('bits', '?')} {a.get('granularity', '?')} {how}"
+    granularity = a.get("granularity", "?")
+    if meta.get("mode") == "dynamic" and "in_channels" in meta:  # a dynamic conv: one scale
+        granularity = "per_tensor"  # for its whole input (as the layer computes it)
+    return text + f", A{a.get('bits', '?')} {granularity} {how}"
 
 
 def _weight_shape(meta: Mapping[str, Any]) -> list[int]:

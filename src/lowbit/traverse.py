@@ -615,8 +615,9 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         # a following ReLU runs inside the quantized layer (in place on its fresh output), for
         # weight-only layers too; an embedding lookup has no fused activation
         fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
-        plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", _scheme(layer_cfg) + note,
-                                fused_relu=fused_relu, folded_bn=fusions.bn_for.get(name),
+        scheme = _scheme(layer_cfg, module) + note
+        plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", scheme, fused_relu=fused_relu,
+                                folded_bn=fusions.bn_for.get(name),
                                 fused_gelu=fusions.gelu_after.get(name))
     _warn_unmatched(model, config, fallback)
     return plans
@@ -655,14 +656,17 @@ def _plan_alias(plans: dict[str, LayerPlan], alias: str, first: str) -> None:
                              shared_with=first)
 
 
-def _scheme(cfg: QuantizationConfig) -> str:
+def _scheme(cfg: QuantizationConfig, module: nn.Module | None = None) -> str:
     w = cfg.weights
     wdesc = f"W{w.bits} {w.granularity}" + (f"/{w.group_size}" if w.group_size else "")
     if cfg.activations is None:
         return f"{wdesc}, float activations"
     a = cfg.activations
     how = "run-time" if cfg.mode == "dynamic" else f"calibrated ({cfg.calibrator})"
-    return f"{wdesc}, A{a.bits} {a.granularity} {how}"
+    granularity = a.granularity
+    if cfg.mode == "dynamic" and isinstance(module, nn.Conv1d | nn.Conv2d):
+        granularity = "per_tensor"  # a dynamic conv quantizes its whole input with one scale
+    return f"{wdesc}, A{a.bits} {granularity} {how}"
 
 
 def relu_modules_to_remove(fusions: Fusions, fused_layers: set[str]) -> set[str]:
