@@ -150,7 +150,8 @@ class _ConvBNLinear(nn.Module):
 
 @pytest.mark.parametrize("reparam", ["weight_norm", "parametrizations.weight_norm",
                                      "parametrizations.spectral_norm", "spectral_norm"])
-def test_weight_norm_and_spectral_norm_layers_quantize_like_plain_ones(reparam: str) -> None:
+def test_weight_norm_and_spectral_norm_layers_quantize_like_plain_ones(reparam: str,
+                                                                       tmp_path) -> None:
     """A reparametrized weight is recomputed on each access (or by a hook): the BatchNorm fold
     was lost (outputs off by as much as the whole BN; parametrizations), or the quantized
     layer inherited a hook reading parameters it has not (the hook-based forms). Folded into
@@ -180,6 +181,15 @@ def test_weight_norm_and_spectral_norm_layers_quantize_like_plain_ones(reparam: 
         assert isinstance(q.bn, nn.Identity) and cosine(q(x), before) > 0.99
     assert torch.equal(model(x), before)  # the user's model: untouched, still reparametrized
     assert "weight" not in model.l._parameters
+    # a layer kept in float keeps its reparametrization: the file loads into the float model
+    model.o = wrap(model.o)
+    q = PTQQuantizer(QuantizationConfig.int8_dynamic(skip_layers=("o",)),
+                     progress=False).quantize(model.eval())
+    assert "weight" not in q.o._parameters and "weight" in q.l._buffers
+    save(q, tmp_path / "q")
+    skeleton = _ConvBNLinear()  # the float architecture, fresh
+    skeleton.c, skeleton.l, skeleton.o = (wrap(m) for m in (skeleton.c, skeleton.l, skeleton.o))
+    assert torch.equal(load(tmp_path / "q", model=skeleton.eval())(x), q(x))
 
 
 def test_per_layer_fallback_toggle_and_mixed_boundaries() -> None:

@@ -267,12 +267,12 @@ class PTQQuantizer(Quantizer):
         do_inplace = self.inplace if inplace is None else inplace
         qmodel = model if do_inplace else copy_model(model)
         qmodel.eval()
-        bake_reparametrizations(qmodel)  # weight_norm / spectral_norm: plain weights
 
         fusions = find_fusions(qmodel)
         expand_attention(qmodel)  # nn.MultiheadAttention: its projections as Linear children
         plans = plan_layers(qmodel, cfg, self.fallback_layers, fusions)
         todo = {n: p for n, p in plans.items() if p.status == "quantized" and not p.shared_with}
+        bake_reparametrizations(qmodel, todo)  # weight_norm / spectral_norm: plain weights
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
         if not todo:
             warnings.warn("quantize: the model has no quantizable layer under this config; "

@@ -484,13 +484,14 @@ class QATPreparer:
         """
         check_eager_model(model, "prepare_for_qat")
         qat = _copy_model(model)
-        baked = bake_reparametrizations(qat)  # weight_norm / spectral_norm: plain weights
-        if baked:
-            log.info("prepare_for_qat: %s trained as plain weights (weight_norm / "
-                     "spectral_norm folded in: %s)", len(baked), ", ".join(baked))
         fusions = find_fusions(qat)
         expand_attention(qat)  # nn.MultiheadAttention: its projections as Linear children
         plans = plan_layers(qat, self.config.quantization, None, fusions)
+        baked = bake_reparametrizations(  # weight_norm / spectral_norm: plain weights
+            qat, [n for n, p in plans.items() if p.status == "quantized"])
+        if baked:
+            log.info("prepare_for_qat: %d layers train plain weights (weight_norm / "
+                     "spectral_norm folded in): %s", len(baked), ", ".join(baked))
         fused: set[str] = set()
         for name, plan in plans.items():
             if plan.status != "quantized":

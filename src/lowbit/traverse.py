@@ -21,6 +21,7 @@ import inspect
 import logging
 import textwrap
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -424,7 +425,7 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
     return copy.deepcopy(model, memo)
 
 
-def bake_reparametrizations(model: nn.Module) -> list[str]:
+def bake_reparametrizations(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
     """Fold weight reparametrizations into plain weights, in place (on lowbit's copy): the
     ``torch.nn.utils.parametrize`` ones (``parametrizations.weight_norm`` / ``spectral_norm``
     / ``orthogonal``...) and the hook-based ``weight_norm`` / ``spectral_norm``.
@@ -433,6 +434,11 @@ def bake_reparametrizations(model: nn.Module) -> list[str]:
     quantized layer does not have) and folds BatchNorm into ``weight`` (a reparametrized
     weight is recomputed on each access: the fold would be lost, silently). The baked weight
     is the one the float model computes now (in eval mode: its inference weight).
+
+    Args:
+        model: the model to change.
+        names: bake only these modules (the layers being quantized: the others keep their
+            reparametrization, and their state-dict keys match the user's float model).
 
     Returns:
         The names of the modules changed.
@@ -447,7 +453,10 @@ def bake_reparametrizations(model: nn.Module) -> list[str]:
     from torch.nn.utils.weight_norm import WeightNorm
 
     changed = []
+    wanted = None if names is None else set(names)
     for name, module in list(model.named_modules()):
+        if wanted is not None and name not in wanted:
+            continue
         hooks = _hooked_reparametrizations(module)
         for hook in hooks:
             if isinstance(hook, WeightNorm):
