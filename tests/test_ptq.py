@@ -192,6 +192,27 @@ def test_weight_norm_and_spectral_norm_layers_quantize_like_plain_ones(reparam: 
     assert torch.equal(load(tmp_path / "q", model=skeleton.eval())(x), q(x))
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_layers_whose_int32_sum_could_overflow_keep_float_activations(mode: str) -> None:
+    """K = 140,000 with weights of one sign: the INT8 x INT8 int32 sum wrapped around
+    (-126,288 for 140,000). Such a layer now gets INT8 weights and float activations, and the
+    report says why; the next layer keeps INT8 x INT8."""
+    k = 140_000
+    model = nn.Sequential(nn.Linear(k, 2, bias=False), nn.Linear(2, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    x = torch.ones(1, k)
+    cfg = QuantizationConfig.int8_dynamic() if mode == "dynamic" else \
+        QuantizationConfig.int8_static()
+    q = PTQQuantizer(cfg, progress=False).quantize(model, [x])
+    rows = {r.name: r for r in q.lowbit_report.rows}
+    assert "K=140000" in rows["0"].reason and "float" in rows["0"].reason
+    assert rows["1"].config.mode == mode
+    assert type(q[1]).__name__ == "QuantizedLinear"
+    y = q[0](x)
+    assert torch.allclose(y, model[0](x), rtol=0.01)  # was -126,288
+
+
 def test_per_layer_fallback_toggle_and_mixed_boundaries() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -31,10 +31,10 @@ from torch import nn
 
 from lowbit._qmodule import has_hooks
 from lowbit.config import QuantizationConfig, QuantSpec
-from lowbit.dropin import is_depthwise_conv, is_hf_conv1d, is_linear_like
+from lowbit.dropin import is_depthwise_conv, is_hf_conv1d, is_linear_like, linear_weight
 from lowbit.lora_peft import is_peft_adapter, peft_adapter_prefixes
 from lowbit.modules import QUANTIZABLE_TYPES, check_supported
-from lowbit.ops import check_finite
+from lowbit.ops import check_finite, quantize_tensor
 
 __all__ = [
     "QUANTIZABLE_TYPES",
@@ -545,6 +545,44 @@ _DEPTHWISE_NOTE = ("; depthwise conv kept INT8 in INT4 weight-only mode (INT4 co
                    "few-weight channels much accuracy; force INT4 with layer_overrides)")
 
 
+_INT32_MAX = 2**31 - 1
+_WEIGHT_ONLY_INT8 = _DEPTHWISE_CONFIG
+
+
+def int32_sum_may_overflow(module: nn.Module, cfg: QuantizationConfig) -> bool:
+    """Whether an INT8 x INT8 layer's int32 accumulator could overflow for some input.
+
+    Each output is ``sum_k (q_k - zp) (w_nk - w_zp_n)``, summed in int32 by every kernel (and
+    by ONNX Runtime's and fbgemm's). Its size is at most ``A * max_n sum_k |w_nk - w_zp_n|``,
+    ``A`` the widest activation code distance (``|q - zp|``: 128 symmetric 8-bit, 255 affine):
+    under 2^31 for every layer of common models (K up to 65,793 without looking at the
+    weights); a Linear over a large flattened feature map (K = 140,000 with weights of one
+    sign) can pass it and would wrap around silently.
+
+    Example:
+        >>> cfg = QuantizationConfig.int8_dynamic()
+        >>> big = nn.Linear(140_000, 1)
+        >>> _ = nn.init.constant_(big.weight, 1.0)
+        >>> int32_sum_may_overflow(nn.Linear(4096, 4096), cfg), int32_sum_may_overflow(big, cfg)
+        (False, True)
+    """
+    a = cfg.activations
+    if a is None or cfg.mode == "weight_only" or (not isinstance(
+            module, nn.Linear | nn.Conv1d | nn.Conv2d) and not is_hf_conv1d(module)):
+        return False
+    span = max(-a.qmin, a.qmax) if a.symmetric else a.qmax - a.qmin  # max |q - zp|
+    w = linear_weight(module) if is_linear_like(module) else module.weight
+    w2d = w.detach().reshape(w.shape[0], -1).float()
+    if span * 256 * w2d.shape[1] <= _INT32_MAX:  # any weight codes (|w - w_zp| <= 255)
+        return False
+    try:
+        codes, _, zp = quantize_tensor(w2d, cfg.weights, "weight")
+    except ValueError:  # (a spec that does not fit this shape: refused later anyway)
+        return True
+    zp = zp.reshape(-1, 1) if zp.dim() else zp
+    return span * int((codes.long() - zp.long()).abs().sum(1).max()) > _INT32_MAX
+
+
 def _int4_depthwise(module: nn.Module, cfg: QuantizationConfig) -> bool:
     return cfg.mode == "weight_only" and cfg.weights.bits <= 4 and is_depthwise_conv(module)
 
@@ -624,6 +662,11 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         # a following ReLU runs inside the quantized layer (in place on its fresh output), for
         # weight-only layers too; an embedding lookup has no fused activation
         fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
+        if int32_sum_may_overflow(module, layer_cfg):
+            k = (linear_weight(module) if is_linear_like(module) else module.weight)[0].numel()
+            layer_cfg, note = _WEIGHT_ONLY_INT8, (
+                f"; activations kept float: with K={k} and these weights an INT8 x INT8 "
+                "int32 sum could overflow")
         scheme = _scheme(layer_cfg, module) + note
         plans[name] = LayerPlan(name, kind, layer_cfg, "quantized", scheme, fused_relu=fused_relu,
                                 folded_bn=fusions.bn_for.get(name),
