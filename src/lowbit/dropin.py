@@ -147,7 +147,9 @@ _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 def forward_override(module: nn.Module) -> str | None:
     """``"Class.forward"`` when a subclass of a layer lowbit replaces defines its own forward
-    (a scaled or positional embedding, a custom Linear): the replacement would drop it.
+    (a scaled or positional embedding, a custom Linear), or ``"Class._conv_forward"`` when a
+    conv subclass changes the convolution itself (custom padding, weight standardization):
+    the replacement would drop it.
 
     Example:
         >>> class Scaled(nn.Embedding):
@@ -158,8 +160,11 @@ def forward_override(module: nn.Module) -> str | None:
     """
     for base in _BASES:
         if isinstance(module, base):
-            own = type(module).forward
-            return None if own is base.forward else f"{type(module).__name__}.forward"
+            for method in ("forward", "_conv_forward"):
+                own = getattr(type(module), method, None)
+                if own is not getattr(base, method, None):
+                    return f"{type(module).__name__}.{method}"
+            return None
     return None
 
 

@@ -652,9 +652,9 @@ def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None
     kind, w = type(module).__name__, config.weights
     override = forward_override(module)
     if override:
-        return (f"{override} differs from the forward of the torch layer it subclasses (e.g. a "
-                "scaled or positional embedding); a quantized replacement would drop it, so it "
-                "stays float")
+        return (f"{override} differs from the torch layer it subclasses (e.g. a scaled or "
+                "positional embedding, a conv's own padding); a quantized replacement would "
+                "drop it, so it stays float")
     if isinstance(module, RNN_TYPES):  # dynamic INT8 only (lowbit.modules_rnn)
         return rnn_unsupported_reason(module, config)
     if isinstance(module, nn.Embedding):
