@@ -157,6 +157,32 @@ def test_fused_gelu_is_applied_once() -> None:
     assert ffn_in.cosine > 0.9999 and isinstance(model.act, nn.GELU)  # twice: 0.9986
 
 
+def test_models_with_multihead_attention_and_training_mode() -> None:
+    """nn.MultiheadAttention is quantized as its projections (q_proj...): analysing one of
+    them failed ("MultiheadAttention has no attribute q_proj"). auto_fallback took its
+    baseline on the user's model as given: in training mode that ran dropout and moved the
+    BatchNorm statistics of the caller's model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.5, batch_first=True),
+                          nn.Linear(16, 4)).train()
+    x = torch.randn(3, 5, 16)
+    rep = analyze_sensitivity(model, QuantizationConfig.int8_dynamic(), example_input=x,
+                              progress=False)
+    names = {r.name for r in rep.rows}
+    assert {"0.self_attn.q_proj", "0.linear1", "1"} <= names
+    assert all(r.cosine > 0.99 for r in rep.rows)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eval_model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+                               nn.Linear(16, 4))
+    eval_model.load_state_dict(state)
+    eval_model.eval()
+    score = lambda m: -float((m(x) - eval_model(x)).detach().abs().mean())  # noqa: E731
+    q, _ = auto_fallback(model, QuantizationConfig.int8_dynamic(), score, budget=1.0,
+                         progress=False)
+    assert q.lowbit_fallback["baseline"] == 0.0 and model.training  # no dropout in it
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_auto_fallback_to_another_config_gives_mixed_precision(trap) -> None:
     """``fallback_config``: the most sensitive layer gets that config (here dynamic per-token
     INT8) instead of FP32; the others keep the main config."""

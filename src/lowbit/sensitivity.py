@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from lowbit.calibration import run_batch
 from lowbit.config import QuantizationConfig
 from lowbit.evaluation import compare_outputs
+from lowbit.modules_mha import expand_attention
 from lowbit.ptq import PTQQuantizer
-from lowbit.traverse import copy_model
+from lowbit.traverse import copy_model, disable_fused_fast_paths
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "analyze_sensitivity", "auto_fallback"]
 
@@ -233,6 +234,8 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
         todo = [n for n in todo if n in wanted]
 
     work = copy_model(model).eval()
+    expand_attention(work)  # the layers qfull quantized, under the same names
+    disable_fused_fast_paths(work)
     baseline = None if eval_fn is None else float(eval_fn(work))
     quantized_metric = None if eval_fn is None else float(eval_fn(qfull))
     reference = None if example is None else _output(work, example)
@@ -340,7 +343,7 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         cfg = _with_fallback(config, fallback, fallback_config) if fallback else config
         return PTQQuantizer(cfg, progress=False).quantize(model, calibration_data)
 
-    baseline = float(eval_fn(model))
+    baseline = float(eval_fn(copy_model(model).eval()))  # (the user's model may be training)
     fallback: list[str] = []
     qmodel = quantize(fallback)
     drop = baseline - float(eval_fn(qmodel))
