@@ -386,6 +386,22 @@ def test_wrong_config_mode_for_shortcut() -> None:
         quantize_dynamic("not a model")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("method", ["static", "gptq"])
+def test_a_batch_the_model_refuses_names_the_batch(method: str) -> None:
+    """The model's own error stays (its type and text), with a note saying which calibration
+    batch it came from and what lowbit passed to the model."""
+    model = nn.Sequential(nn.Linear(32, 8)).eval()
+    data = [torch.randn(4, 32), (torch.randn(4, 7), torch.zeros(4))]
+    cfg = (QuantizationConfig.int8_static() if method == "static"
+           else QuantizationConfig.int4_weight_only(group_size=16, method="gptq"))
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2|must match the size") as info:
+        PTQQuantizer(cfg, progress=False).quantize(model, data)
+    assert info.value.__notes__ == [
+        "lowbit: the model raised this on calibration batch 1, a tuple of 2 (the model gets its "
+        "first item: a float32 tensor of shape (4, 7)); calibration batches must be inputs the "
+        "float model accepts (a tensor, an (input, target) tuple, or a dict of keyword inputs)"]
+
+
 def test_layer_not_reached_by_calibration_is_kept_float_and_reported() -> None:
     class Unused(nn.Module):
         def __init__(self) -> None:

@@ -45,6 +45,40 @@ class CalibrationRecord:
     last_change: float
 
 
+def describe_batch(batch: Any) -> str:
+    """A short description of a calibration batch, for error messages.
+
+    Example:
+        >>> describe_batch((torch.zeros(4, 7), torch.zeros(4)))
+        'a tuple of 2 (the model gets its first item: a float32 tensor of shape (4, 7))'
+    """
+    if isinstance(batch, torch.Tensor):
+        return f"a {str(batch.dtype)[6:]} tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a dict of keyword inputs {sorted(map(str, batch))}"
+    if isinstance(batch, (tuple, list)) and batch:
+        return (f"a {type(batch).__name__} of {len(batch)} (the model gets its first item: "
+                f"{describe_batch(batch[0])})")
+    return f"a {type(batch).__name__}"
+
+
+def note_failed_batch(exc: BaseException, index: int, batch: Any) -> None:
+    """Add to ``exc`` (shown under its traceback, Python 3.11+) which calibration batch the
+    model failed on and what lowbit passed it: the error itself comes from the user's model.
+
+    Example:
+        >>> e = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        >>> note_failed_batch(e, 0, torch.zeros(4, 7))
+        >>> [note[:52] for note in e.__notes__]  # (Python 3.11+)
+        ['lowbit: the model raised this on calibration batch 0']
+    """
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"lowbit: the model raised this on calibration batch {index}, "
+                     f"{describe_batch(batch)}; calibration batches must be inputs the float "
+                     "model accepts (a tensor, an (input, target) tuple, or a dict of keyword "
+                     "inputs)")
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one calibration batch.
 
@@ -138,7 +172,11 @@ def run_calibration(model: nn.Module, calibrators: dict[str, Calibrator],
                    leave=False)
         with bar, torch.inference_mode():
             for batch in calibration_data:
-                run_batch(model, batch)
+                try:
+                    run_batch(model, batch)
+                except Exception as exc:
+                    note_failed_batch(exc, count, batch)
+                    raise
                 count += 1
                 bar.update()
                 if max_batches is not None and count >= max_batches:

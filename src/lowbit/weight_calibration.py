@@ -17,7 +17,6 @@ already-quantized layers before it.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from lowbit.calibration import run_batch
+from lowbit.calibration import note_failed_batch, run_batch
 from lowbit.config import WEIGHT_METHODS, QuantSpec
 from lowbit.dropin import is_linear_like, linear_weight
 from lowbit.modules_weight_only import _layout
@@ -350,8 +349,13 @@ def _run(model: nn.Module, data: Iterable[Any], hooks: Mapping[str, Callable[...
     try:
         with torch.inference_mode():
             for batch in data:
-                with contextlib.suppress(_Stop):
+                try:
                     run_batch(model, batch)
+                except _Stop:
+                    pass
+                except Exception as exc:
+                    note_failed_batch(exc, count, batch)
+                    raise
                 count += 1
                 if max_batches is not None and count >= max_batches:
                     break
