@@ -572,9 +572,9 @@ def int32_sum_may_overflow(module: nn.Module, cfg: QuantizationConfig) -> bool:
         return False
     span = max(-a.qmin, a.qmax) if a.symmetric else a.qmax - a.qmin  # max |q - zp|
     w = linear_weight(module) if is_linear_like(module) else module.weight
-    w2d = w.detach().reshape(w.shape[0], -1).float()
-    if span * 256 * w2d.shape[1] <= _INT32_MAX:  # any weight codes (|w - w_zp| <= 255)
+    if span * 256 * w[0].numel() <= _INT32_MAX:  # any weight codes (|w - w_zp| <= 255)
         return False
+    w2d = w.detach().reshape(w.shape[0], -1).float()
     try:
         codes, _, zp = quantize_tensor(w2d, cfg.weights, "weight")
     except ValueError:  # (a spec that does not fit this shape: refused later anyway)
