@@ -33,12 +33,11 @@ from lowbit.modules import (
     convert_module,
 )
 from lowbit.modules_mha import expand_attention
+from lowbit.reparam import bake_reparametrizations, copy_model
 from lowbit.traverse import (
     Fusions,
     LayerPlan,
-    bake_reparametrizations,
     check_eager_model,
-    copy_model,
     disable_fused_fast_paths,
     find_fusions,
     fold_batchnorm,

@@ -66,11 +66,10 @@ from lowbit.modules_weight_only import _layout
 from lowbit.ops import quantize_bias
 from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
+from lowbit.reparam import bake_reparametrizations, copy_model
 from lowbit.traverse import (
     WEIGHTED_LAYERS,
-    bake_reparametrizations,
     check_eager_model,
-    copy_model,
     disable_fused_fast_paths,
     find_fusions,
     fold_bn_weights,

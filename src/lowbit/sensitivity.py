@@ -30,7 +30,8 @@ from lowbit.config import QuantizationConfig
 from lowbit.evaluation import compare_outputs
 from lowbit.modules_mha import expand_attention
 from lowbit.ptq import PTQQuantizer
-from lowbit.traverse import copy_model, disable_fused_fast_paths
+from lowbit.reparam import copy_model
+from lowbit.traverse import disable_fused_fast_paths
 
 __all__ = ["LayerSensitivity", "SensitivityReport", "analyze_sensitivity", "auto_fallback"]
 

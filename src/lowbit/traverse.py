@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ast
-import copy
 import difflib
 import fnmatch
 import functools
@@ -21,9 +20,7 @@ import inspect
 import logging
 import textwrap
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +44,7 @@ __all__ = [
     "fold_bn_weights",
     "fusable_maxpool",
     "gelu_approximate",
+    "int32_sum_may_overflow",
     "plan_layers",
 ]
 
@@ -394,87 +392,6 @@ def _drop_hooked(model: nn.Module, fusions: Fusions) -> Fusions:
             for t in tables:
                 t.pop(layer, None)
     return fusions
-
-
-def _hooked_reparametrizations(module: nn.Module) -> list[Any]:
-    """The hook-based ``weight_norm`` / ``spectral_norm`` of ``module`` (their hook objects)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return [h for h in module._forward_pre_hooks.values()
-            if isinstance(h, WeightNorm | SpectralNorm)]
-
-
-def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
-    """``copy.deepcopy(model, memo)`` that also copies models with hook-based
-    ``torch.nn.utils.weight_norm`` / ``spectral_norm`` layers: their ``weight`` is a tensor
-    computed with autograd history, which deepcopy refuses (the hook recomputes it on the next
-    call); the copy gets it detached.
-
-    Example:
-        >>> m = nn.utils.weight_norm(nn.Linear(2, 2))
-        >>> type(copy_model(m)).__name__
-        'Linear'
-    """
-    memo = {} if memo is None else memo
-    for module in model.modules():
-        for hook in _hooked_reparametrizations(module):
-            t = getattr(module, hook.name, None)
-            if isinstance(t, torch.Tensor) and not t.is_leaf:
-                memo[id(t)] = t.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
-def bake_reparametrizations(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
-    """Fold weight reparametrizations into plain weights, in place (on lowbit's copy): the
-    ``torch.nn.utils.parametrize`` ones (``parametrizations.weight_norm`` / ``spectral_norm``
-    / ``orthogonal``...) and the hook-based ``weight_norm`` / ``spectral_norm``.
-
-    lowbit replaces the layers (their hooks would recompute ``weight`` from parameters the
-    quantized layer does not have) and folds BatchNorm into ``weight`` (a reparametrized
-    weight is recomputed on each access: the fold would be lost, silently). The baked weight
-    is the one the float model computes now (in eval mode: its inference weight).
-
-    Args:
-        model: the model to change.
-        names: bake only these modules (the layers being quantized: the others keep their
-            reparametrization, and their state-dict keys match the user's float model).
-
-    Returns:
-        The names of the modules changed.
-
-    Example:
-        >>> m = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))).eval()
-        >>> w = m[0].weight.detach().clone()
-        >>> bake_reparametrizations(m), type(m[0]).__name__, torch.equal(m[0].weight, w)
-        (['0'], 'Linear', True)
-    """
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    changed = []
-    wanted = None if names is None else set(names)
-    for name, module in list(model.named_modules()):
-        if wanted is not None and name not in wanted:
-            continue
-        hooks = _hooked_reparametrizations(module)
-        for hook in hooks:
-            if isinstance(hook, WeightNorm):
-                nn.utils.remove_weight_norm(module, hook.name)
-            else:
-                nn.utils.remove_spectral_norm(module, hook.name)
-        parametrized = parametrize.is_parametrized(module)
-        if parametrized:  # (not parametrize.remove_parametrizations: it edits the generated
-            # class, which a deepcopy shares with the user's model)
-            values = {t: getattr(module, t).detach().clone()
-                      for t in module.parametrizations}  # type: ignore[union-attr]
-            module.__class__ = type(module).__bases__[0]  # the layer's own class
-            del module._modules["parametrizations"]
-            for tensor, value in values.items():
-                module.register_parameter(tensor, nn.Parameter(value))
-        if hooks or parametrized:
-            changed.append(name)
-    return changed
 
 
 def fold_bn_weights(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module

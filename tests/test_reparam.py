@@ -1,0 +1,38 @@
+"""Tests for lowbit.reparam: copies and weight reparametrizations of the user's model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from lowbit.reparam import bake_reparametrizations, copy_model
+
+
+def test_copy_model_takes_a_training_mode_weight_norm_model() -> None:
+    """A hook-based weight_norm layer's weight carries autograd history until its next call:
+    copy.deepcopy refuses it, copy_model copies it detached (and equal)."""
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 3))).train()
+    copied = copy_model(model)
+    x = torch.randn(2, 4)
+    assert torch.equal(copied(x), model(x)) and copied[0].weight_g is not model[0].weight_g
+
+
+def test_bake_changes_only_the_named_layers_and_never_the_original_class() -> None:
+    """parametrize's own removal edits the class it generated, which a deepcopy shares with
+    the user's model (whose ``weight`` then vanished); lowbit's leaves that class alone."""
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 3)),
+                          nn.utils.spectral_norm(nn.Linear(3, 3)),
+                          parametrizations.spectral_norm(nn.Linear(3, 2))).eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        before = model(x)
+    copied = copy_model(model)
+    assert bake_reparametrizations(copied, ["0", "1"]) == ["0", "1"]
+    assert [type(m).__name__ for m in copied] == ["Linear", "Linear", "ParametrizedLinear"]
+    assert set(dict(copied[0].named_parameters())) == {"weight", "bias"}
+    assert not copied[1]._forward_pre_hooks and "weight_orig" not in copied[1]._parameters
+    with torch.no_grad():
+        assert torch.allclose(copied(x), before, atol=1e-6)
+        assert torch.equal(model(x), before)  # the original: still parametrized, same outputs
+    assert type(model[0]).__name__ == "ParametrizedLinear" and model[1]._forward_pre_hooks
