@@ -356,3 +356,28 @@ def test_transformers_gelus_fuse_only_in_their_exact_forms() -> None:
     patched = act.GELUActivation()
     patched.forward = lambda x: x  # an instance-level forward (e.g. a user's patch)
     assert gelu_approximate(patched) is None
+
+
+class _LazyCache(nn.Module):
+    """Builds a cache on its first call, as rotary-embedding modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out, self.cache = nn.Linear(8, 8), nn.Linear(8, 2), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is None or self.cache.shape[0] < x.shape[1]:
+            self.cache = torch.linspace(0.5, 1.5, x.shape[1]).unsqueeze(-1)
+        return self.out(self.fc(x) * self.cache[: x.shape[1]])
+
+
+def test_tracing_leaves_no_fx_proxy_in_the_model() -> None:
+    """fx runs forward with Proxy inputs: an attribute assigned there kept a Proxy, and every
+    later call of the quantized model failed ("symbolically traced variables cannot be used
+    as inputs to control flow"). The tracer now puts the modules back as they were."""
+    model = _LazyCache().eval()
+    find_fusions(model)
+    assert model.cache is None
+    x = torch.randn(2, 6, 8)
+    q = quantize_dynamic(model)
+    assert q.cache is None and torch.allclose(q(x), model(x), atol=0.05)

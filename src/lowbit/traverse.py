@@ -21,6 +21,7 @@ import logging
 import textwrap
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,23 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (self.shallow or gelu_approximate(m) is not None or is_hf_conv1d(m)
                 or super().is_leaf_module(m, module_qualified_name))
+
+    def trace(self, root: nn.Module, *args: Any, **kwargs: Any) -> torch.fx.Graph:
+        """Trace ``root``, then undo whatever its forward stored on its modules while tracing:
+        an attribute assigned in forward (a cache built on first call) would otherwise hold
+        an fx ``Proxy`` and break every later call of the model."""
+        saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers),
+                  dict(m._modules)) for m in root.modules()]
+        try:
+            return super().trace(root, *args, **kwargs)
+        finally:
+            for m, attrs, params, buffers, children in saved:
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+                for table, content in ((m._parameters, params), (m._buffers, buffers),
+                                       (m._modules, children)):
+                    table.clear()
+                    table.update(content)
 
 
 #: transformers' activation classes that compute exactly ``F.gelu`` (``self.act(input)``).
