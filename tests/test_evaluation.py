@@ -132,3 +132,31 @@ def test_compare_models_table():
 
 def test_format_bytes():
     assert format_bytes(1023) == "1023 B" and format_bytes(2048) == "2.0 KiB"
+
+
+def test_evaluating_mid_training_leaves_the_model_trainable() -> None:
+    """A module that builds a cache in forward (as rotary embeddings do) kept it as an
+    inference tensor when lowbit evaluated (or calibrated) under torch.inference_mode, and
+    the next training step failed ("Inference tensors cannot be saved for backward")."""
+    import lowbit
+    from lowbit.qat import prepare_qat
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out, self.cache = nn.Linear(8, 8), nn.Linear(8, 2), None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.cache is None:
+                self.cache = torch.linspace(0.5, 1.5, x.shape[1]).unsqueeze(-1)
+            return self.out(self.fc(x) * self.cache).mean(1)
+
+    data = TensorDataset(torch.randn(16, 6, 8), torch.randint(0, 2, (16,)))
+    qat = prepare_qat(Cached(), lowbit.QuantizationConfig.int8_static()).train()
+    evaluate_accuracy(qat, data)
+    qat(torch.randn(4, 6, 8)).pow(2).mean().backward()  # raised before
+    assert qat.fc.base_layer.weight.grad is not None
+    calibrated = lowbit.quantize_static(Cached().eval(), [torch.randn(2, 6, 8)], progress=False)
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    calibrated(x).sum().backward()  # an input gradient through the calibrated cache
+    assert x.grad is not None

@@ -116,7 +116,7 @@ def run_calibration(model: nn.Module, calibrators: dict[str, Calibrator],
     """Feed every batch through ``model``; each named layer's input goes to its calibrator.
 
     Args:
-        model: the (float) model; run in eval mode under ``torch.inference_mode``.
+        model: the (float) model; run in eval mode under ``torch.no_grad``.
         calibrators: ``{layer name: Calibrator}``.
         calibration_data: any iterable of batches (see :func:`run_batch`); a one-pass generator
             is read once, one batch at a time, and never closed (it can be resumed after
@@ -170,7 +170,8 @@ def run_calibration(model: nn.Module, calibrators: dict[str, Calibrator],
         # The bar is updated by hand: iterating through tqdm would close a generator it wraps.
         bar = tqdm(total=total, desc="calibrating", unit="batch", disable=not progress,
                    leave=False)
-        with bar, torch.inference_mode():
+        with bar, torch.no_grad():  # (not inference_mode: a cache the model builds in
+            # forward must stay usable by autograd later)
             for batch in calibration_data:
                 try:
                     run_batch(model, batch)

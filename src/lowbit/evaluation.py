@@ -90,7 +90,8 @@ def evaluate_accuracy(model: nn.Module, dataset_or_loader: Dataset | Iterable[An
         75.0
     """
     correct = total = 0
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), torch.no_grad():  # (not inference_mode: evaluated mid-training,
+        # a cache the model builds in forward must stay usable by autograd)
         for inputs, labels in _batches(dataset_or_loader, batch_size):
             preds = _call(model, inputs).argmax(dim=-1)
             correct += int((preds == labels).sum())
@@ -449,7 +450,7 @@ def compare_models(models: Mapping[str, nn.Module], dataset: Dataset | Iterable[
                     samples[(name, label)].extend(stats.samples_ms)
         if example_inputs:
             first = next(iter(example_inputs.values()))
-            with torch.inference_mode():
+            with torch.no_grad():
                 for name in names:
                     with _eval_mode(models[name]):
                         outputs[name] = _as_output_tensor(_call(models[name], first))

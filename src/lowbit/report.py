@@ -142,7 +142,7 @@ def collect_histograms(float_model: nn.Module, quantized_model: nn.Module, examp
     was_training = float_model.training
     try:
         float_model.eval()
-        with torch.inference_mode():
+        with torch.no_grad():
             run_batch(float_model, example_input)
     finally:
         for h in handles:

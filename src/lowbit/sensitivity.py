@@ -164,7 +164,7 @@ def _first(data: Iterable[Any] | None) -> Any:
 def _output(model: nn.Module, batch: Any) -> torch.Tensor | None:
     """The model's first output tensor: of a tuple / list, or of a dict such as a transformers
     ``ModelOutput`` (``last_hidden_state``, ``logits``)."""
-    with torch.inference_mode():
+    with torch.no_grad():
         out = run_batch(model, batch)
     while isinstance(out, (tuple, list, Mapping)) and out:
         out = next(iter(out.values())) if isinstance(out, Mapping) else out[0]

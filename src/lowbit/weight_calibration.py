@@ -347,7 +347,7 @@ def _run(model: nn.Module, data: Iterable[Any], hooks: Mapping[str, Callable[...
                for n, fn in hooks.items()]
     count = 0
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # (a cache the model builds in forward stays autograd-usable)
             for batch in data:
                 try:
                     run_batch(model, batch)

@@ -137,7 +137,7 @@ def _batch_size(inputs: Any) -> int:
 
 
 def _run(model: Any, inputs: Any) -> torch.Tensor:
-    with torch.inference_mode():
+    with torch.no_grad():
         return _first_tensor(_call(model, inputs)).detach().cpu()
 
 
