@@ -149,7 +149,7 @@ class _ConvBNLinear(nn.Module):
 
 
 @pytest.mark.parametrize("reparam", ["weight_norm", "parametrizations.weight_norm",
-                                     "parametrizations.spectral_norm", "spectral_norm"])
+                                     "parametrizations.spectral_norm", "spectral_norm", "prune"])
 def test_weight_norm_and_spectral_norm_layers_quantize_like_plain_ones(reparam: str,
                                                                        tmp_path) -> None:
     """A reparametrized weight is recomputed on each access (or by a hook): the BatchNorm fold
@@ -164,7 +164,13 @@ def test_weight_norm_and_spectral_norm_layers_quantize_like_plain_ones(reparam: 
         plain.bn.running_var.uniform_(0.5, 2)
         plain.bn.weight.uniform_(0.5, 2)
     model = copy.deepcopy(plain)
-    wrap = eval(f"nn.utils.{reparam}")
+    if reparam == "prune":  # (torch.nn.utils.prune: a mask, deepcopy refused the model)
+        from torch.nn.utils import prune
+
+        def wrap(m: nn.Module) -> nn.Module:
+            return prune.l1_unstructured(m, "weight", amount=0.5)
+    else:
+        wrap = eval(f"nn.utils.{reparam}")
     model.c, model.l = wrap(model.c), wrap(model.l)
     model.eval()
     x, data = torch.randn(5, 3, 6, 6), [torch.randn(4, 3, 6, 6) for _ in range(2)]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 from torch.utils.data import DataLoader, Subset
 
 from lowbit.config import QuantizationConfig, QuantSpec
@@ -269,6 +270,30 @@ def test_weight_norm_layers_train_as_plain_weights(reparam: str) -> None:
     with torch.no_grad():
         assert torch.allclose(q(x), qat(x), atol=1e-5)
     assert "weight" not in model[0]._parameters  # still reparametrized
+
+
+def test_pruned_layers_stay_pruned_through_training() -> None:
+    """torch.nn.utils.prune: the model could not even be copied (its weight carries autograd
+    history). QAT now trains the baked weight with the mask applied, so pruned weights stay
+    zero, in the QAT model and in the converted one."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    pruned = model[0].weight_mask == 0
+    qat = prepare_qat(model, QuantizationConfig.int8_dynamic()).train()
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        loss = qat(torch.randn(16, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert qat[0]._folded()[0][pruned].abs().max() == 0
+    q = convert_qat(qat.eval())
+    assert q[0].dequantize_weight()[pruned].abs().max() == 0
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.allclose(q(x), qat(x), atol=1e-5)
+    assert hasattr(model[0], "weight_orig")  # the user's model: still pruned
 
 
 @pytest.mark.parametrize("lsq", [False, True])

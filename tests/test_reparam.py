@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, prune
 
 from lowbit.reparam import bake_reparametrizations, copy_model
 
@@ -36,3 +36,15 @@ def test_bake_changes_only_the_named_layers_and_never_the_original_class() -> No
         assert torch.allclose(copied(x), before, atol=1e-6)
         assert torch.equal(model(x), before)  # the original: still parametrized, same outputs
     assert type(model[0]).__name__ == "ParametrizedLinear" and model[1]._forward_pre_hooks
+
+
+def test_pruned_layers_copy_and_bake_with_their_zeros() -> None:
+    """torch.nn.utils.prune: deepcopy refused the model; baked, the mask's zeros stay."""
+    model = nn.Sequential(nn.Linear(6, 4))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    prune.random_unstructured(model[0], "weight", amount=0.5)  # a PruningContainer
+    zeros = model[0].weight_mask == 0
+    copied = copy_model(model)
+    assert bake_reparametrizations(copied) == ["0"]
+    assert "weight" in copied[0]._parameters and not copied[0]._forward_pre_hooks
+    assert torch.equal(copied[0].weight, model[0].weight) and (copied[0].weight[zeros] == 0).all()

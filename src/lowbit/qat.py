@@ -66,7 +66,7 @@ from lowbit.modules_weight_only import _layout
 from lowbit.ops import quantize_bias
 from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
-from lowbit.reparam import bake_reparametrizations, copy_model
+from lowbit.reparam import bake_reparametrizations, copy_model, weight_mask
 from lowbit.traverse import (
     WEIGHTED_LAYERS,
     check_eager_model,
@@ -251,6 +251,8 @@ class QATLayer(nn.Module):
         self.fused_relu = bool(fused_relu)
         self.freeze_bn_after = options.freeze_bn_after
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
+        # a torch.nn.utils.prune mask of the weight (set by prepare_for_qat): pruned stays zero
+        self.register_buffer("weight_mask", None)
         self.register_buffer("bn_frozen", torch.tensor(False))
         self.sync_every, self.sync_group = 0, None  # lowbit.distributed.configure_qat_sync
         weight = base_layer.weight
@@ -301,9 +303,15 @@ class QATLayer(nn.Module):
         return self.base_layer.bias
 
     # ------------------------------------------------------------------ weights
+    def _masked_weight(self) -> torch.Tensor:
+        """The layer's weight, times its pruning mask when it has one."""
+        w, mask = self.base_layer.weight, self.weight_mask
+        return w if mask is None else w * mask.to(w.dtype)
+
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias with the BatchNorm (running statistics) folded in."""
-        w, b = self.base_layer.weight, self.base_layer.bias
+        """Weight (pruning mask applied) and bias with the BatchNorm (running statistics)
+        folded in."""
+        w, b = self._masked_weight(), self.base_layer.bias
         if self.bn is None:
             return w, b
         return fold_bn_weights(w, b, self.bn)
@@ -374,7 +382,7 @@ class QATLayer(nn.Module):
         return (qb[0].float() * qb[1]).to(b.dtype) + (b - b.detach())  # value: the codes'
 
     def _forward_bn_training(self, x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self._masked_weight()
         with torch.no_grad():  # gamma / sqrt(running_var + eps): a constant rescaling here;
             # gamma gets its gradient from the BatchNorm's affine, as in the float model
             gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
@@ -486,8 +494,10 @@ class QATPreparer:
         fusions = find_fusions(qat)
         expand_attention(qat)  # nn.MultiheadAttention: its projections as Linear children
         plans = plan_layers(qat, self.config.quantization, None, fusions)
-        baked = bake_reparametrizations(  # weight_norm / spectral_norm: plain weights
-            qat, [n for n, p in plans.items() if p.status == "quantized"])
+        planned = [n for n, p in plans.items() if p.status == "quantized"]
+        masks = {n: m for n in planned if (m := weight_mask(qat.get_submodule(n))) is not None}
+        baked = bake_reparametrizations(qat, planned)  # weight_norm / spectral_norm / prune
+        # (QAT applies a pruning mask itself: pruned weights stay zero while training)
         if baked:
             log.info("prepare_for_qat: %d layers train plain weights (weight_norm / "
                      "spectral_norm folded in): %s", len(baked), ", ".join(baked))
@@ -508,6 +518,8 @@ class QATPreparer:
             bn = qat.get_submodule(plan.folded_bn) if plan.folded_bn else None
             layer = carry_hooks(module, QATLayer(module, plan.config, self.config, bn=bn,
                                                  fused_relu=plan.fused_relu, name=name))
+            if name in masks:
+                layer.weight_mask = masks[name].to(layer.weight.device)
             layer.train(module.training)
             if not name:
                 qat = layer

@@ -1,7 +1,7 @@
 """What lowbit does to its copy of a model before planning: copy it (also with hook-based
-``weight_norm`` / ``spectral_norm``, whose computed weight deepcopy refuses) and fold weight
-reparametrizations into plain weights (a recomputed weight would undo a BatchNorm fold, and a
-reparametrization's hook reads parameters the quantized layer does not have)."""
+``weight_norm`` / ``spectral_norm`` / pruning, whose computed weight deepcopy refuses) and fold
+weight reparametrizations into plain weights (a recomputed weight would undo a BatchNorm fold,
+and a reparametrization's hook reads parameters the quantized layer does not have)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,60 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["bake_reparametrizations", "copy_model"]
+__all__ = ["bake_reparametrizations", "copy_model", "weight_mask"]
 
 
-def _hooked_reparametrizations(module: nn.Module) -> list[Any]:
-    """The hook-based ``weight_norm`` / ``spectral_norm`` of ``module`` (their hook objects)."""
+def _hooked_reparametrizations(module: nn.Module) -> list[tuple[Any, str]]:
+    """The hook-based reparametrizations of ``module``: ``weight_norm``, ``spectral_norm`` and
+    ``torch.nn.utils.prune`` (a mask), as ``(hook object, name of the tensor it computes)``."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    return [h for h in module._forward_pre_hooks.values()
-            if isinstance(h, WeightNorm | SpectralNorm)]
+    found = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm | SpectralNorm):
+            found.append((hook, hook.name))
+        elif isinstance(hook, BasePruningMethod):
+            found.append((hook, hook._tensor_name))
+    return found
+
+
+def _remove_hooked(module: nn.Module, hook: Any, name: str) -> None:
+    """Make the hook's tensor a plain parameter again (its current value, mask applied)."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if isinstance(hook, WeightNorm):
+        nn.utils.remove_weight_norm(module, name)
+    elif isinstance(hook, prune.BasePruningMethod):
+        prune.remove(module, name)
+    else:
+        nn.utils.remove_spectral_norm(module, name)
+
+
+def weight_mask(module: nn.Module) -> torch.Tensor | None:
+    """The ``torch.nn.utils.prune`` mask of ``module.weight`` (a copy), or None: QAT keeps
+    applying it after the weight is baked, so pruned weights stay zero while training.
+
+    Example:
+        >>> from torch.nn.utils import prune
+        >>> m = prune.l1_unstructured(nn.Linear(4, 2), "weight", amount=0.5)
+        >>> int(weight_mask(m).sum()), weight_mask(nn.Linear(4, 2))
+        (4, None)
+    """
+    for _hook, name in _hooked_reparametrizations(module):
+        mask = getattr(module, f"{name}_mask", None)
+        if name == "weight" and isinstance(mask, torch.Tensor):
+            return mask.detach().clone()
+    return None
 
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """``copy.deepcopy(model, memo)`` that also copies models with hook-based
-    ``torch.nn.utils.weight_norm`` / ``spectral_norm`` layers: their ``weight`` is a tensor
-    computed with autograd history, which deepcopy refuses (the hook recomputes it on the next
-    call); the copy gets it detached.
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm`` / ``prune`` layers: their ``weight`` is a
+    tensor computed with autograd history, which deepcopy refuses (the hook recomputes it on the
+    next call); the copy gets it detached.
 
     Example:
         >>> m = nn.utils.weight_norm(nn.Linear(2, 2))
@@ -37,8 +74,8 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
     """
     memo = {} if memo is None else memo
     for module in model.modules():
-        for hook in _hooked_reparametrizations(module):
-            t = getattr(module, hook.name, None)
+        for _hook, name in _hooked_reparametrizations(module):
+            t = getattr(module, name, None)
             if isinstance(t, torch.Tensor) and not t.is_leaf:
                 memo[id(t)] = t.detach().clone()
     return copy.deepcopy(model, memo)
@@ -47,7 +84,8 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
 def bake_reparametrizations(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
     """Fold weight reparametrizations into plain weights, in place (on lowbit's copy): the
     ``torch.nn.utils.parametrize`` ones (``parametrizations.weight_norm`` / ``spectral_norm``
-    / ``orthogonal``...) and the hook-based ``weight_norm`` / ``spectral_norm``.
+    / ``orthogonal``...), the hook-based ``weight_norm`` / ``spectral_norm``, and
+    ``torch.nn.utils.prune`` masks (the pruned zeros stay zeros).
 
     lowbit replaces the layers (their hooks would recompute ``weight`` from parameters the
     quantized layer does not have) and folds BatchNorm into ``weight`` (a reparametrized
@@ -69,7 +107,6 @@ def bake_reparametrizations(model: nn.Module, names: Iterable[str] | None = None
         (['0'], 'Linear', True)
     """
     from torch.nn.utils import parametrize
-    from torch.nn.utils.weight_norm import WeightNorm
 
     changed = []
     wanted = None if names is None else set(names)
@@ -77,11 +114,8 @@ def bake_reparametrizations(model: nn.Module, names: Iterable[str] | None = None
         if wanted is not None and name not in wanted:
             continue
         hooks = _hooked_reparametrizations(module)
-        for hook in hooks:
-            if isinstance(hook, WeightNorm):
-                nn.utils.remove_weight_norm(module, hook.name)
-            else:
-                nn.utils.remove_spectral_norm(module, hook.name)
+        for hook, tensor_name in hooks:
+            _remove_hooked(module, hook, tensor_name)
         parametrized = parametrize.is_parametrized(module)
         if parametrized:  # (not parametrize.remove_parametrizations: it edits the generated
             # class, which a deepcopy shares with the user's model)
