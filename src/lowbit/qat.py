@@ -500,7 +500,8 @@ class QATPreparer:
         # (QAT applies a pruning mask itself: pruned weights stay zero while training)
         if baked:
             log.info("prepare_for_qat: %d layers train plain weights (weight_norm / "
-                     "spectral_norm folded in): %s", len(baked), ", ".join(baked))
+                     "spectral_norm / pruning folded in; a pruning mask still applies): %s",
+                     len(baked), ", ".join(baked))
         fused: set[str] = set()
         for name, plan in plans.items():
             if plan.status != "quantized":
