@@ -472,3 +472,20 @@ def test_cpu_sessions_leave_out_the_slow_skip_layer_norm_fusion(tmp_path) -> Non
     assert gpu.disabled_optimizers == expected
     with pytest.raises(TypeError, match=r"list of optimizer names, e.g. \['SkipLayerNormFusion'\]"):
         OnnxRuntimeModule(path, disabled_optimizers="SkipLayerNormFusion")  # one string
+
+
+def test_a_size_the_graph_fixes_is_a_clear_error() -> None:
+    """ONNX Runtime named only the index of a wrong size ("Got invalid dimensions for input:
+    input for the following indices index: 1 Got: 7 Expected: 5"); the wrapper now names the
+    shape the graph takes and how to export a variable sequence length."""
+    torch.manual_seed(0)
+    q = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(16, 4)))
+    x = torch.randn(2, 5, 16)
+    fixed = OnnxRuntimeModule(export_onnx(q, x, None))
+    assert fixed(torch.randn(3, 5, 16)).shape == (3, 5, 4)  # the batch axis is dynamic
+    with pytest.raises(ValueError, match=r"shape \(3, 7, 16\); the ONNX graph takes "
+                                         r"\(\*, 5, 16\).*dynamic_axes=\(0, 1\)"):
+        fixed(torch.randn(3, 7, 16))
+    both = OnnxRuntimeModule(export_onnx(q, x, None, dynamic_axes=(0, 1)))
+    y = torch.randn(3, 7, 16)
+    assert torch.allclose(both(y), q(y), atol=1e-5)

@@ -45,6 +45,8 @@ class OnnxRuntimeModule(nn.Module):
     Raises:
         ImportError: onnxruntime is not installed.
         TypeError: ``disabled_optimizers`` is not a sequence of names (a single string, say).
+        ValueError: (when called) an input with a size the graph fixes, named with the shape
+            the graph takes.
 
     Example:
         >>> import lowbit
@@ -86,6 +88,9 @@ class OnnxRuntimeModule(nn.Module):
                                             disabled_optimizers=list(self.disabled_optimizers))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._types = {i.name: _NUMPY.get(i.type) for i in self.session.get_inputs()}
+        # each input's sizes: an int where the graph fixes it, None where it is symbolic
+        self._shapes = {i.name: [d if isinstance(d, int) else None for d in i.shape]
+                        for i in self.session.get_inputs() if isinstance(i.shape, list)}
         self.output_names = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         self._out_spec = _load_spec(meta.get("lowbit.output_spec"))
@@ -113,10 +118,23 @@ class OnnxRuntimeModule(nn.Module):
             if isinstance(value, torch.Tensor):
                 value = value.detach().cpu().numpy()
             array = np.asarray(value)
+            self._check_shape(name, array.shape)
             dtype = self._types.get(name)
             feeds[name] = np.ascontiguousarray(array if dtype is None else array.astype(
                 dtype, copy=False))
         return feeds
+
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """A clear error for a size the graph fixes (ONNX Runtime's names only the index)."""
+        want = self._shapes.get(name)
+        if want is None or (len(want) == len(shape) and all(
+                d is None or d == n for d, n in zip(want, shape, strict=True))):
+            return
+        text = ", ".join("*" if d is None else str(d) for d in want)
+        raise ValueError(f"OnnxRuntimeModule: input {name!r} has shape {tuple(shape)}; the ONNX "
+                         f"graph takes ({text}) (* is dynamic; other sizes are the example "
+                         "inputs' at export: export again with e.g. lowbit.export_onnx(..., "
+                         "dynamic_axes=(0, 1)) for a variable sequence length)")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the session; see the class docstring for inputs and outputs."""
