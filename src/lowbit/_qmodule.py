@@ -545,9 +545,8 @@ class QuantizedModuleBase(nn.Module):
             plan = self._make_plan(x) if smooth is None else self._make_plan(x, smooth)
             entry = plans[key] = (plan or False, weight_key)
         plan, built_for = entry
-        if (not plan or built_for != weight_key or not _dispatch.native_allowed()
-                or torch.jit.is_tracing()):
-            return None
+        if not plan or built_for != weight_key or not _dispatch.native_allowed():
+            return None  # (torch.jit tracing never gets here: the forward wrapper refuses it)
         y = plan.alloc(plan.out_shape)
         return self._gelu(y) if plan.run(x.data_ptr(), y.data_ptr()) == 0 else None
 

@@ -474,14 +474,15 @@ def _unsupported_reason(module: nn.Module) -> str | None:
 
 #: Weight-only INT4 keeps depthwise convs at INT8 (per channel): with a few weights per output
 #: channel, INT4 costs them far more accuracy than other layers (EfficientNet-B0: cosine 0.60).
-_DEPTHWISE_CONFIG = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None,
+#: INT8 weight-only: for depthwise convs in INT4 mode, and layers whose INT8 x INT8 sum could
+#: overflow int32.
+_INT8_WEIGHT_ONLY = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None,
                                        mode="weight_only")
 _DEPTHWISE_NOTE = ("; depthwise conv kept INT8 in INT4 weight-only mode (INT4 costs these "
                    "few-weight channels much accuracy; force INT4 with layer_overrides)")
 
 
 _INT32_MAX = 2**31 - 1
-_WEIGHT_ONLY_INT8 = _DEPTHWISE_CONFIG
 
 
 def int32_sum_may_overflow(module: nn.Module, cfg: QuantizationConfig) -> bool:
@@ -502,8 +503,8 @@ def int32_sum_may_overflow(module: nn.Module, cfg: QuantizationConfig) -> bool:
         (False, True)
     """
     a = cfg.activations
-    if a is None or cfg.mode == "weight_only" or (not isinstance(
-            module, nn.Linear | nn.Conv1d | nn.Conv2d) and not is_hf_conv1d(module)):
+    if a is None or cfg.mode == "weight_only" or not (
+            is_linear_like(module) or isinstance(module, nn.Conv1d | nn.Conv2d)):
         return False
     span = max(-a.qmin, a.qmax) if a.symmetric else a.qmax - a.qmin  # max |q - zp|
     w = linear_weight(module) if is_linear_like(module) else module.weight
@@ -584,7 +585,7 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
             continue
         note = ""
         if layer_cfg is config and _int4_depthwise(module, layer_cfg):  # no override names it
-            layer_cfg, note = _DEPTHWISE_CONFIG, _DEPTHWISE_NOTE
+            layer_cfg, note = _INT8_WEIGHT_ONLY, _DEPTHWISE_NOTE
         reason = check_supported(module, layer_cfg)
         if reason:
             plans[name] = LayerPlan(name, kind, None, "skipped", reason)
@@ -599,7 +600,7 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         fused_relu = name in fusions.relu_after and not isinstance(module, nn.Embedding)
         if int32_sum_may_overflow(module, layer_cfg):
             k = (linear_weight(module) if is_linear_like(module) else module.weight)[0].numel()
-            layer_cfg, note = _WEIGHT_ONLY_INT8, (
+            layer_cfg, note = _INT8_WEIGHT_ONLY, (
                 f"; activations kept float: with K={k} and these weights an INT8 x INT8 "
                 "int32 sum could overflow")
         scheme = _scheme(layer_cfg, module) + note

@@ -296,8 +296,8 @@ def _sync_stats(stats: Mapping[str, _Stats], group: Any, what: str, full: bool =
         _collective(group, what, lambda sums=sums: dist.all_reduce(sums, group=group))
         _collective(group, what, lambda peak=peak: dist.all_reduce(
             peak, op=dist.ReduceOp.MAX, group=group))
-        k, home = s.abs_sum.numel(), s.abs_sum.device  # (new tensors: the old ones may be
-        if full:                                      # inference tensors)
+        k, home = s.abs_sum.numel(), s.abs_sum.device
+        if full:
             s.h = sums[:k * k].reshape(k, k).to(home)
             s.abs_sum = sums[k * k:k * k + k].to(home)
         s.rows = int(sums[-1].item())
