@@ -905,8 +905,7 @@ float_rows:
         if (smooth) {
             if (!xs && !(xs = (float *)malloc((size_t)k * sizeof(float))))
                 return LB_ENOMEM;
-            for (int64_t j = 0; j < k; ++j)
-                xs[j] = xr[j] * smooth[j];
+            smooth_row(xr, smooth, k, xs);
             xr = xs;
         }
         u4p_row_float(xr, k, wp, n, kp, g, sT, zT, bias, relu, y + i * n);

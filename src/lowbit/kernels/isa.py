@@ -248,10 +248,28 @@ def check_bias(bias: torch.Tensor | None, n: int, caller: str) -> None:
         ...
         ValueError: demo: bias must be a contiguous float32 tensor of N=3 values; got ...
     """
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
-                             or bias.numel() != n):
-        raise ValueError(f"{caller}: bias must be a contiguous float32 tensor of N={n} values; "
-                         f"got {bias.dtype} {tuple(bias.shape)}; pass bias.float()")
+    _check_f32_vector(bias, n, caller, "bias", "N", "; pass bias.float()")
+
+
+def check_smooth(smooth: torch.Tensor | None, k: int, caller: str) -> None:
+    """Raise ValueError unless ``smooth`` (an input smoothing, AWQ / SmoothQuant) is None or
+    what the C quantizers read: ``k`` contiguous float32 values.
+
+    Example:
+        >>> check_smooth(torch.ones(4), 3, "demo")
+        Traceback (most recent call last):
+        ...
+        ValueError: demo: smooth must be a contiguous float32 tensor of K=3 values; got ...
+    """
+    _check_f32_vector(smooth, k, caller, "smooth", "K")
+
+
+def _check_f32_vector(t: torch.Tensor | None, size: int, caller: str, what: str, dim: str,
+                      hint: str = "") -> None:
+    if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()
+                          or t.numel() != size):
+        raise ValueError(f"{caller}: {what} must be a contiguous float32 tensor of {dim}={size} "
+                         f"values; got {t.dtype} {tuple(t.shape)}{hint}")
 
 
 def _u4_call(fn: Any, caller: str, what: str, lib: Any, x: torch.Tensor, packed: torch.Tensor,

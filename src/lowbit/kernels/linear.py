@@ -10,7 +10,7 @@ import torch
 
 from lowbit.kernels.base import _F32_EPS, NATIVE_DTYPES, c_layout, native_lib_for
 from lowbit.kernels.gemm import _int8_acc, _int8_epilogue
-from lowbit.kernels.isa import _s8_call, s8_packed
+from lowbit.kernels.isa import _s8_call, check_smooth, s8_packed
 from lowbit.kernels.select import select_kernel
 from lowbit.memory import empty as pooled_empty
 from lowbit.native import load_gemm, threads_for
@@ -212,10 +212,7 @@ def run_fused_linear(lib: Any, x: torch.Tensor, qmin: int, qmax: int, w: torch.T
     m, k = x.shape
     n = w.shape[0]
     bf16 = x.dtype == torch.bfloat16
-    if smooth is not None and (smooth.dtype != torch.float32 or smooth.numel() != k
-                               or not smooth.is_contiguous()):
-        raise ValueError(f"run_fused_linear: smooth must be a contiguous float32 tensor of "
-                         f"K={k} values; got {smooth.dtype} {tuple(smooth.shape)}")
+    check_smooth(smooth, k, "run_fused_linear")
     if smooth is not None and (bf16 or scale is not None or not per_token):
         x, smooth = x * smooth.to(x.dtype), None
     sp = None if smooth is None else smooth.data_ptr()

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lowbit.kernels.conv import _conv_out_hw, _direct_conv_takes, _direct_conv_threads
-from lowbit.kernels.isa import check_bias, check_u4p_args, s8_packed
+from lowbit.kernels.isa import check_bias, check_smooth, check_u4p_args, s8_packed
 from lowbit.kernels.linear import FUSED_GEMMS, fused_linear_layout, one_call_linear
 from lowbit.memory import POOL_MIN_BYTES
 from lowbit.memory import empty as pooled_empty
@@ -204,10 +204,7 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
     dynamic = scale is None and affine is None
     if m == 0 or (smooth is not None and not (dynamic and per_token)):
         return None
-    if smooth is not None and (smooth.dtype != torch.float32 or smooth.numel() != k
-                               or not smooth.is_contiguous()):
-        raise ValueError(f"linear_plan: smooth must be a contiguous float32 tensor of K={k} "
-                         f"values; got {smooth.dtype} {tuple(smooth.shape)}")
+    check_smooth(smooth, k, "linear_plan")
     finite_check = not (dynamic and per_token)  # one shared scale: a NaN row must not spread
     absmax = lib.lb_absmax
     keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp, affine, smooth)
@@ -376,10 +373,7 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
     m = math.prod(shape[:-1])
     if m == 0 or (smooth is not None and (small_args is not None or u4p is None)):
         return None
-    if smooth is not None and (smooth.dtype != torch.float32 or smooth.numel() != k
-                               or not smooth.is_contiguous()):
-        raise ValueError(f"wo_linear_plan: smooth must be a contiguous float32 tensor of K={k} "
-                         f"values; got {smooth.dtype} {tuple(smooth.shape)}")
+    check_smooth(smooth, k, "wo_linear_plan")
     if small_args is not None:
         w, packed, signed, n, kp, group, scale, zp, _bias = small_args
         scales = n * (kp // group) if group else 1
