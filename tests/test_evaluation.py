@@ -160,3 +160,13 @@ def test_evaluating_mid_training_leaves_the_model_trainable() -> None:
     x = torch.randn(2, 6, 8, requires_grad=True)
     calibrated(x).sum().backward()  # an input gradient through the calibrated cache
     assert x.grad is not None
+
+
+def test_evaluation_gives_every_submodule_its_own_mode_back() -> None:
+    """A model training with a frozen (eval-mode) BatchNorm: evaluation used to end with
+    ``model.train()``, which switched that BatchNorm back to training."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    model[1].eval()
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    evaluate_accuracy(model, data)
+    assert model.training and model[0].training and not model[1].training

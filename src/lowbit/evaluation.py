@@ -56,14 +56,17 @@ def _call(model: Callable[..., Any], inputs: Any) -> Any:
 
 @contextmanager
 def _eval_mode(model: Any):
-    was_training = getattr(model, "training", False)
+    """``model`` in eval mode inside the block; afterwards every submodule gets its own
+    training flag back (``model.train()`` would also switch on those the caller keeps in eval
+    mode, such as frozen BatchNorms)."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
     if isinstance(model, nn.Module):
         model.eval()
     try:
         yield
     finally:
-        if isinstance(model, nn.Module) and was_training:
-            model.train()
+        for module, training in modes:
+            module.training = training
 
 
 def evaluate_accuracy(model: nn.Module, dataset_or_loader: Dataset | Iterable[Any],

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import run_batch
 from lowbit.config import QuantizationConfig
-from lowbit.evaluation import compare_outputs
+from lowbit.evaluation import _eval_mode, compare_outputs
 from lowbit.modules_mha import expand_attention
 from lowbit.ptq import PTQQuantizer
 from lowbit.reparam import copy_model
@@ -344,7 +344,8 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         cfg = _with_fallback(config, fallback, fallback_config) if fallback else config
         return PTQQuantizer(cfg, progress=False).quantize(model, calibration_data)
 
-    baseline = float(eval_fn(copy_model(model).eval()))  # (the user's model may be training)
+    with _eval_mode(model):  # (the user's model may be training: no dropout, BN statistics)
+        baseline = float(eval_fn(model))
     fallback: list[str] = []
     qmodel = quantize(fallback)
     drop = baseline - float(eval_fn(qmodel))
