@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 
-from lowbit.reparam import bake_reparametrizations, copy_model
+from lowbit.reparam import bake_reparametrizations, copy_model, weight_mask
 
 
 def test_copy_model_takes_a_training_mode_weight_norm_model() -> None:
@@ -48,3 +49,15 @@ def test_pruned_layers_copy_and_bake_with_their_zeros() -> None:
     assert bake_reparametrizations(copied) == ["0"]
     assert "weight" in copied[0]._parameters and not copied[0]._forward_pre_hooks
     assert torch.equal(copied[0].weight, model[0].weight) and (copied[0].weight[zeros] == 0).all()
+
+
+def test_wrong_arguments_say_what_is_expected() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    for fn in (copy_model, bake_reparametrizations, weight_mask):
+        with pytest.raises(TypeError, match=r"expects a torch\.nn\.Module, got str"):
+            fn("model")
+    with pytest.raises(ValueError, match=r"no module named \['1'\].*named_modules"):
+        bake_reparametrizations(model, ["0", "1"])
+    shared = nn.Linear(2, 2)
+    twice = nn.ModuleDict({"a": shared, "b": shared})  # a second name is a name too
+    assert bake_reparametrizations(twice, ["a", "b"]) == []

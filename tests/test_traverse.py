@@ -381,3 +381,10 @@ def test_tracing_leaves_no_fx_proxy_in_the_model() -> None:
     x = torch.randn(2, 6, 8)
     q = quantize_dynamic(model)
     assert q.cache is None and torch.allclose(q(x), model(x), atol=0.05)
+
+
+def test_int32_sum_may_overflow_wants_a_config() -> None:
+    from lowbit.traverse import int32_sum_may_overflow
+
+    with pytest.raises(TypeError, match="expects a QuantizationConfig, got str"):
+        int32_sum_may_overflow(nn.Linear(2, 2), "int8_dynamic")  # type: ignore[arg-type]

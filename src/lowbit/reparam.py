@@ -15,6 +15,12 @@ from torch import nn
 __all__ = ["bake_reparametrizations", "copy_model", "weight_mask"]
 
 
+def _module(model: Any, caller: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} expects a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def _hooked_reparametrizations(module: nn.Module) -> list[tuple[Any, str]]:
     """The hook-based reparametrizations of ``module``: ``weight_norm``, ``spectral_norm`` and
     ``torch.nn.utils.prune`` (a mask), as ``(hook object, name of the tensor it computes)``."""
@@ -54,7 +60,7 @@ def weight_mask(module: nn.Module) -> torch.Tensor | None:
         >>> int(weight_mask(m).sum()), weight_mask(nn.Linear(4, 2))
         (4, None)
     """
-    for _hook, name in _hooked_reparametrizations(module):
+    for _hook, name in _hooked_reparametrizations(_module(module, "weight_mask")):
         mask = getattr(module, f"{name}_mask", None)
         if name == "weight" and isinstance(mask, torch.Tensor):
             return mask.detach().clone()
@@ -73,7 +79,7 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
         'Linear'
     """
     memo = {} if memo is None else memo
-    for module in model.modules():
+    for module in _module(model, "copy_model").modules():
         for _hook, name in _hooked_reparametrizations(module):
             t = getattr(module, name, None)
             if isinstance(t, torch.Tensor) and not t.is_leaf:
@@ -108,9 +114,14 @@ def bake_reparametrizations(model: nn.Module, names: Iterable[str] | None = None
     """
     from torch.nn.utils import parametrize
 
-    changed = []
+    modules = dict(_module(model, "bake_reparametrizations").named_modules(remove_duplicate=False))
     wanted = None if names is None else set(names)
-    for name, module in list(model.named_modules()):
+    unknown = sorted(wanted - set(modules)) if wanted is not None else []
+    if unknown:
+        raise ValueError(f"bake_reparametrizations: no module named {unknown} in the model; "
+                         "pass names from model.named_modules()")
+    changed = []
+    for name, module in modules.items():
         if wanted is not None and name not in wanted:
             continue
         hooks = _hooked_reparametrizations(module)

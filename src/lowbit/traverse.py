@@ -502,6 +502,9 @@ def int32_sum_may_overflow(module: nn.Module, cfg: QuantizationConfig) -> bool:
         >>> int32_sum_may_overflow(nn.Linear(4096, 4096), cfg), int32_sum_may_overflow(big, cfg)
         (False, True)
     """
+    if not isinstance(cfg, QuantizationConfig):
+        raise TypeError(f"int32_sum_may_overflow(cfg=...) expects a QuantizationConfig, got "
+                        f"{type(cfg).__name__}")
     a = cfg.activations
     if a is None or cfg.mode == "weight_only" or not (
             is_linear_like(module) or isinstance(module, nn.Conv1d | nn.Conv2d)):
