@@ -269,6 +269,43 @@ def test_weight_view_is_float_lazy_and_read_only() -> None:
         q.weight = nn.Parameter(torch.zeros(16, 64))
 
 
+class CastsToWeightDtype(nn.Module):
+    """As HF ViT's patch embedding: ``pixel_values.to(self.proj.weight.dtype)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 4, 4)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        return self.head(self.norm(h)).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "int4", "int8wo"])
+def test_model_cast_to_bfloat16_after_quantizing_runs_in_bfloat16(mode: str) -> None:
+    """``qmodel.to(torch.bfloat16)``: each quantized layer presents bf16 (its scales stay
+    float32), so model code that casts to ``layer.weight.dtype`` feeds the float layers after
+    it the dtype they hold (a float32 ``weight.dtype`` made the bf16 LayerNorm fail)."""
+    torch.manual_seed(0)
+    model = CastsToWeightDtype().eval()
+    x = torch.randn(2, 3, 16, 16)
+    q = {"dynamic": lambda: lowbit.quantize_dynamic(model),
+         "static": lambda: lowbit.quantize_static(model, [torch.randn(4, 3, 16, 16)],
+                                                  progress=False),
+         "int4": lambda: lowbit.quantize_weight_only(model, bits=4, group_size=16,
+                                                     progress=False),
+         "int8wo": lambda: lowbit.quantize_weight_only(model, bits=8, group_size=None,
+                                                       progress=False)}[mode]()
+    with torch.no_grad():
+        want = q(x)
+        q.to(torch.bfloat16)
+        assert q.proj.weight.dtype == torch.bfloat16 and q.proj.weight_scale.dtype == torch.float32
+        y = q(x)
+    assert y.dtype == torch.bfloat16 and _cos(y.float(), want) > 0.999
+
+
 def test_gpt2_conv1d_layers_are_linears_with_their_shape() -> None:
     model = _float("gpt2")
     q = lowbit.quantize_dynamic(model)

@@ -206,6 +206,23 @@ def test_reference_backend_and_grad(kind: str) -> None:
     assert torch.equal(out.detach(), y) and xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_bfloat16_inputs_with_grad_after_a_model_cast(kind: str) -> None:
+    """``q.to(torch.bfloat16)`` then a bf16 input that requires grad: the straight-through
+    float layer runs in the input's dtype (it was float32: "RNN input dtype does not match
+    weight dtype"), and the values are the quantized layer's own."""
+    q = convert_module(_float(kind, 2, True), DYN).to(torch.bfloat16)
+    x = torch.randn(5, 2, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)[0]
+    xg = x.clone().requires_grad_()
+    out = q(xg)[0]
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.equal(out.detach(), y)
+    assert xg.grad is not None and xg.grad.dtype == torch.bfloat16 and xg.grad.abs().sum() > 0
+    assert q.to_float().weight_ih_l0.dtype == torch.bfloat16
+
+
 class LM(nn.Module):
     """A small LSTM language model: embedding, 2-layer LSTM, next-token head."""
 

@@ -266,7 +266,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
                           self._buffers[f"{name}_zero_point"], self.weight_spec)
 
     def to_float(self) -> nn.Module:
-        """The float ``nn.LSTM`` / ``nn.GRU`` with the dequantized weights.
+        """The float ``nn.LSTM`` / ``nn.GRU`` with the dequantized weights, in the dtype the
+        layer presents (``orig_dtype``).
 
         Example:
             >>> f = nn.LSTM(4, 8)
@@ -280,7 +281,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         m = getattr(nn, self._kind)(self.input_size, self.hidden_size, self.num_layers,
                                     bias=self.bias, batch_first=self.batch_first,
                                     dropout=self.dropout, bidirectional=self.bidirectional,
-                                    device=ref.device, **kw)
+                                    device=ref.device,
+                                    dtype=getattr(torch, self.orig_dtype, torch.float32), **kw)
         with torch.no_grad():
             for name in rnn_weight_shapes(self._shape_meta()):
                 getattr(m, name).copy_(self.dequantize_weight(name))
@@ -417,7 +419,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         """Quantized values, gradient of the float layer with the dequantized weights."""
         with torch.no_grad():
             q_out = self._forward_eager(input, hx)
-        f_out = self.to_float()(input, hx)
+        data = input.data if isinstance(input, PackedSequence) else input
+        f_out = self.to_float().to(data.dtype)(input, hx)  # the quantized layer takes any float
 
         def mix(q: Any, f: Any) -> Any:
             if isinstance(q, PackedSequence):
