@@ -244,6 +244,65 @@ def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
     assert loaded[0].weight is loaded[1].weight
 
 
+@pytest.mark.parametrize("method", ["dynamic", "static", "int4", "mixed"])
+def test_meta_skeleton_loads_without_float_weights(tmp_path: Path, method: str) -> None:
+    """A skeleton built on the meta device (no memory: how large models are loaded) gets the
+    file's tensors, bit-identical; it failed ("Tensor.item() cannot be called on meta
+    tensors") or, for INT4, kept its buffers on meta until the first call."""
+    q = _quantize(method, _cnn())
+    save(q, tmp_path / "m")
+    with torch.device("meta"):
+        skeleton = MnistCNN()
+    loaded = load(tmp_path / "m", model=skeleton)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = _images(5, seed=7)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), q(x))
+
+
+def test_meta_skeleton_keeps_tied_weights_tied(tmp_path: Path) -> None:
+    def build() -> nn.Module:
+        m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False),
+                          nn.Linear(8, 4))
+        m[1].weight = m[0].weight
+        return m
+
+    torch.manual_seed(0)
+    cfg = QuantizationConfig.int8_dynamic(layer_overrides={"0": None, "1": None})
+    q = PTQQuantizer(cfg, progress=False).quantize(build().eval())
+    save(q, tmp_path / "t")
+    with torch.device("meta"):
+        skeleton = build()
+    loaded = load(tmp_path / "t", model=skeleton)
+    assert loaded[0].weight is loaded[1].weight and not loaded[0].weight.is_meta
+    x = torch.randn(3, 8)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_meta_buffers_the_file_lacks_are_refused_before_any_change(tmp_path: Path) -> None:
+    """A buffer the model computes in its constructor (rotary ``inv_freq``, non-persistent) is
+    not in the file: on meta it would stay empty, so load refuses and names it."""
+
+    class WithTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.register_buffer("table", torch.arange(8.0), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x + self.table)
+
+    save(quantize_dynamic(WithTable().eval()), tmp_path / "w")
+    with torch.device("meta"):
+        skeleton = WithTable()
+    with pytest.raises(LoadError, match=r"meta device.*\['table'\].*buffers on the CPU"):
+        load(tmp_path / "w", model=skeleton)
+    assert type(skeleton.fc) is nn.Linear and skeleton.fc.weight.is_meta
+    skeleton.table = torch.arange(8.0)  # the buffer on the CPU (what init_empty_weights does)
+    loaded = load(tmp_path / "w", model=skeleton)
+    assert type(loaded.fc).__name__ == "QuantizedLinear" and loaded(torch.randn(2, 8)).shape == (2, 8)
+
+
 def test_residual_model_round_trip(tmp_path: Path) -> None:
     from lowbit.models import TinyResNet
 

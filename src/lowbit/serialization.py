@@ -911,6 +911,41 @@ def _expected_state(skeleton: nn.Module, built: dict[str, nn.Module]) -> dict[st
     return state
 
 
+def _meta_tensors(skeleton: nn.Module, built: dict[str, nn.Module],
+                  tensors: Mapping[str, torch.Tensor], where: Path) -> bool:
+    """Whether the skeleton holds tensors on the ``meta`` device (built without memory, e.g.
+    under ``torch.device("meta")``), which loading then replaces by the file's tensors; a
+    LoadError, before anything changes, for meta tensors the file does not hold (buffers the
+    model computes in its constructor)."""
+    if "" in built:
+        return False
+    state = dict(skeleton.state_dict(keep_vars=True))
+    kept = {k: v for k, v in dict(skeleton.named_buffers(remove_duplicate=False)).items()
+            if k not in state}  # non-persistent buffers: never in a state dict
+    kept.update(state)
+    replaced = [name + "." for name in built]
+    meta = [k for k, v in kept.items() if v.is_meta and not any(k.startswith(r) for r in replaced)]
+    missing = [k for k in meta if k not in tensors]
+    if missing:
+        raise LoadError(
+            f"{where}: the float model holds tensors on the meta device that the file does not "
+            f"have: {missing[:5]}{' ...' if len(missing) > 5 else ''} (buffers the model "
+            "computes in its constructor). Build the model with its buffers on the CPU (e.g. "
+            "under accelerate's init_empty_weights(), which leaves buffers alone), or the whole "
+            "model on the CPU")
+    return bool(meta)
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Groups of (module, attribute) holding the same Parameter (tied weights), 2 or more."""
+    groups: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                groups.setdefault(id(param), []).append((module, attr))
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def _check_compatible(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
                       where: Path) -> None:
     missing = sorted(set(expected) - set(tensors))
@@ -948,7 +983,10 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
     Args:
         path: the folder or ``.safetensors`` file written by :func:`save`.
         model: the float skeleton (``MyNet()``, same constructor arguments as the model that was
-            quantized). It is changed in place and returned.
+            quantized). It is changed in place and returned. It may be built on the meta device
+            (``with torch.device("meta"):``), so that no float weights are allocated: it then
+            takes every tensor from the file (its tied weights stay tied); buffers it computes
+            in its constructor, which the file lacks, must be on a real device.
         trust_factory: when ``model`` is None, import and call the factory recorded at save time
             (``save(..., factory="package.module:function")``). Off by default: importing runs
             code named by the file.
@@ -979,6 +1017,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
     skeleton = _skeleton(manifest, model, trust_factory, p)
     built = _build_replacements(manifest, skeleton, p)
     _check_compatible(_expected_state(skeleton, built), tensors, p)
+    on_meta = _meta_tensors(skeleton, built, tensors, p)
     if "" in built:  # the root module itself was quantized: the skeleton is not reused
         root = built[""]
         root.load_state_dict(tensors, strict=True)
@@ -993,8 +1032,14 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None, *,
             ref = next(iter(old.parameters()), None)
             if ref is None:
                 ref = next(iter(old.buffers()), None)
-            skeleton.set_submodule(name, module if ref is None else module.to(ref.device))
-        skeleton.load_state_dict(tensors, strict=True)
+            keep = ref is None or ref.is_meta  # a meta skeleton: the file's tensors are used
+            skeleton.set_submodule(name, module if keep else module.to(ref.device))
+        ties = _tied_parameters(skeleton) if on_meta else []
+        skeleton.load_state_dict(tensors, strict=True, assign=on_meta)
+        for group in ties:  # assign=True gives each name its own Parameter: tie them again
+            first = getattr(*group[0])
+            for module, attr in group[1:]:
+                setattr(module, attr, first)
     except Exception:
         for name, old in originals.items():  # leave the caller's skeleton as it was
             skeleton.set_submodule(name, old)
