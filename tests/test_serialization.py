@@ -300,7 +300,8 @@ def test_meta_buffers_the_file_lacks_are_refused_before_any_change(tmp_path: Pat
     assert type(skeleton.fc) is nn.Linear and skeleton.fc.weight.is_meta
     skeleton.table = torch.arange(8.0)  # the buffer on the CPU (what init_empty_weights does)
     loaded = load(tmp_path / "w", model=skeleton)
-    assert type(loaded.fc).__name__ == "QuantizedLinear" and loaded(torch.randn(2, 8)).shape == (2, 8)
+    assert type(loaded.fc).__name__ == "QuantizedLinear"
+    assert loaded(torch.randn(2, 8)).shape == (2, 8)
 
 
 def test_residual_model_round_trip(tmp_path: Path) -> None:

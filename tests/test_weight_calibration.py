@@ -171,6 +171,17 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="not a one-pass iterator"):
         quantize_weight_only(_mlp(), group_size=16, method="awq",
                              calibration_data=(b for b in [torch.randn(2, 64)]))
+
+    class OnePass:  # an iterable (not its own iterator) that yields its batches once
+        def __init__(self) -> None:
+            self.batches = [torch.randn(4, 64)]
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            batches, self.batches = self.batches, []
+            return iter(batches)
+
+    with pytest.raises(ValueError, match="empty from the second pass on"):
+        quantize_weight_only(_mlp(), group_size=16, method="gptq", calibration_data=OnePass())
     cfg = QuantizationConfig.int4_weight_only(32, method="awq", method_kwargs={"grid": 10})
     assert QuantizationConfig.from_json(cfg.to_json()) == cfg
     assert "method" not in QuantizationConfig.int4_weight_only().to_dict()  # old files unchanged

@@ -316,7 +316,7 @@ def _float_target(fn: Any, current: torch.dtype, like: torch.Tensor | None) -> t
     device = like.device if like is not None else torch.device("cpu")
     try:
         out = fn(torch.zeros(1, dtype=current, device=device))
-    except Exception:  # noqa: BLE001 - the real call then reports it on the real buffers
+    except Exception:  # the real call then reports it on the real buffers
         return None
     ok = isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != current
     return out.dtype if ok else None

@@ -327,6 +327,11 @@ def _broadcast_weights(results: Mapping[str, CalibratedWeight], group: Any
             for name, cw in results.items()}
 
 
+_EMPTY = ("calibration_data is empty: it yielded no batch (GPTQ, AWQ, SignRound and "
+          "SmoothQuant read it once per group of layers: an iterable that yields its batches "
+          "only once is empty from the second pass on; pass a list of batches or a DataLoader)")
+
+
 def _reiterable(data: Any, what: str) -> Iterable[Any]:
     if data is None:
         raise ValueError(f"{what} needs calibration_data (a list of batches or a DataLoader); "
@@ -363,7 +368,7 @@ def _run(model: nn.Module, data: Iterable[Any], hooks: Mapping[str, Callable[...
         for handle in handles:
             handle.remove()
     if count == 0:
-        raise ValueError("calibration_data is empty: it yielded no batch")
+        raise ValueError(_EMPTY)
     return count
 
 
@@ -482,7 +487,7 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
                              " (method='rtn') for it")
     first = next(iter(data), None)
     if first is None:
-        raise ValueError("calibration_data is empty: it yielded no batch")
+        raise ValueError(_EMPTY)
     groups, multi = _call_order(model, list(layers), first)
     reached = {n for g in groups for n in g}
     for name in layers:
