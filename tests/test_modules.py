@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -266,6 +267,36 @@ def test_conv2d(cfg_name, groups, stride, padding, dilation, mode) -> None:
     assert _cos(y, conv(x).detach()) > 0.999
     if groups > 1:
         assert q.meta()["kernel"] == "fp32_codes_conv"  # K = 18: exact fp32 conv on codes
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int4", "int8wo"])
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(4, 6, 1, padding=1),  # a 1x1 conv with padding: a border of bias only
+    lambda: nn.Conv2d(4, 6, 2, padding=2, padding_mode="circular"),
+    lambda: nn.Conv1d(4, 6, 3, padding=3, padding_mode="replicate", stride=2),
+    lambda: nn.Conv2d(4, 6, 3, padding=(0, 5), dilation=(1, 2))], ids=[
+        "1x1_pad1", "circular_past_reach", "conv1d_replicate", "zeros_past_dilated_reach"])
+def test_conv_padding_past_the_kernel_reach(conv: Callable[[], nn.Module], kind: str) -> None:
+    """Padding wider than the kernel reaches (valid in PyTorch) goes through an explicit pad
+    before the kernels; quantizing such a layer failed ("padding ... must be <= dilation *
+    (kernel_size - 1)")."""
+    torch.manual_seed(3)
+    f = conv()
+    x = torch.randn(2, 4, *([9] if isinstance(f, nn.Conv1d) else [9, 8]))
+    if kind == "static":
+        kw = {"input_qparams": _static_qparams(x)}
+        cfg = STATIC
+    else:
+        kw, cfg = {}, {"dynamic": DYN, "int4": QuantizationConfig.int4_weight_only(
+            group_size=4), "int8wo": INT8_WO}[kind]
+    q = convert_module(f, cfg, name="c", **kw)
+    ref = convert_module(f, cfg, name="c", backend="reference", **kw)
+    want = f(x).detach()
+    y = q(x)
+    assert q.geometry["pre_pad"] is not None and y.shape == want.shape
+    if kind in ("dynamic", "static"):
+        assert torch.equal(y, ref(x))
+    assert _cos(y, want) > (0.99 if kind == "int4" else 0.999)
 
 
 @pytest.mark.parametrize("cin,groups", [(1, 1), (16, 1), (32, 1), (8, 8)])

@@ -23,7 +23,7 @@ from lowbit.serialization import LoadError, describe, load, read_manifest, save
 
 # ------------------------------------------------------------------ conv geometry at quantization
 @pytest.mark.parametrize("kwargs, field", [
-    ({"padding": -1}, "padding"), ({"padding": 4000}, "padding"), ({"stride": 0}, "stride"),
+    ({"padding": -1}, "padding"), ({"padding": 5000}, "pre_pad"), ({"stride": 0}, "stride"),
     ({"dilation": 0}, "dilation"), ({"padding": (1, -2)}, "padding")])
 @pytest.mark.parametrize("quantize", [quantize_dynamic,
                                       lambda m: quantize_weight_only(m, bits=4, group_size=9)],
@@ -121,6 +121,7 @@ def _refused(path: Path, match: str) -> None:
     (_set(*GEO, "groups", value=3), r"'conv2'.*groups=3 must"),
     (_set(*GEO, "groups", value="1"), r"'conv2'.*groups='1' must"),
     (_set(*GEO, "pre_pad", value=[1, 1]), r"'conv2'.*pre_pad=\[1, 1\] must be None or hold 4"),
+    (_set(*GEO, "pre_pad", value=[1, 1, 1, 2**40]), r"'conv2'.*pre_pad=.* each in 0\.\.4096"),
     (_set(*GEO, "pad_mode", value="evil"), r"'conv2'.*pad_mode='evil' must be one of"),
     (_set(*GEO, "fused_maxpool", value=-2), r"'conv2'.*fused_maxpool=-2 must"),
     (_set(*GEO, "shell", value="rm -rf"), r"'conv2'.*unknown \['shell'\]"),

@@ -155,9 +155,10 @@ def check_conv_geometry(geometry: Mapping[str, Any], kernel_size: Any, in_channe
 
     Rules, per spatial dimension: ``1 <= kernel_size``; ``1 <= stride``, ``1 <= dilation`` and
     the kernel extent ``dilation * (kernel_size - 1) + 1`` at most :data:`MAX_CONV_EXTENT`;
-    ``0 <= padding <= dilation * (kernel_size - 1)`` (more padding only adds output pixels
-    computed from zeros alone); the same bound for each side of ``pre_pad`` (then ``padding``
-    is 0); ``groups >= 1`` dividing both channel counts.
+    ``0 <= padding <= dilation * (kernel_size - 1)`` (the C kernels pad by reading; more
+    padding goes through ``pre_pad``); each side of ``pre_pad`` (applied by ``F.pad`` before
+    the kernels, then ``padding`` is 0) in ``0..MAX_CONV_EXTENT``; ``groups >= 1`` dividing both
+    channel counts.
 
     Args:
         geometry: ``{"stride", "padding", "dilation", "groups", "pre_pad", "pad_mode"}`` and
@@ -208,11 +209,10 @@ def check_conv_geometry(geometry: Mapping[str, Any], kernel_size: Any, in_channe
         raise bad("padding", g["padding"], f"hold {dims} integers, each >= 0 and <= dilation * "
                   f"(kernel_size - 1) = {reach} (the kernel's reach)")
     if g["pre_pad"] is not None:  # F.pad order: last dimension first, (before, after) pairs
-        sides = [r for r in reversed(reach) for _ in range(2)]
         if not _ints(g["pre_pad"], 2 * dims) or not all(
-                0 <= p <= r for p, r in zip(g["pre_pad"], sides, strict=True)):
-            raise bad("pre_pad", g["pre_pad"], f"be None or hold {2 * dims} integers, each >= 0 "
-                      f"and <= dilation * (kernel_size - 1) of its dimension, {reach}")
+                0 <= p <= MAX_CONV_EXTENT for p in g["pre_pad"]):
+            raise bad("pre_pad", g["pre_pad"], f"be None or hold {2 * dims} integers, each in "
+                      f"0..{MAX_CONV_EXTENT}")
         if any(g["padding"]):
             raise bad("padding", g["padding"], "be 0 when pre_pad is given")
     if g["pad_mode"] not in _PAD_MODES:
@@ -273,8 +273,10 @@ def check_conv_input(label: str, x: torch.Tensor, dims: int, kernel_size: Any,
 def conv_geometry(module: nn.Module, name: str = "") -> dict[str, Any]:
     """Stride/padding/dilation/groups of a float conv, with pre-padding for non-zero modes.
 
-    ``padding="same"`` and ``padding_mode != "zeros"`` become an explicit ``F.pad`` before the
-    convolution (``pre_pad``, ``pad_mode``) and ``padding=0``.
+    ``padding="same"``, ``padding_mode != "zeros"`` and zero padding past the kernel's reach
+    (``padding > dilation * (kernel_size - 1)``, e.g. a 1x1 conv with ``padding=1``: border
+    pixels that see only zeros) become an explicit ``F.pad`` before the convolution
+    (``pre_pad``, ``pad_mode``) and ``padding=0``.
 
     Raises:
         ValueError: a geometry :func:`check_conv_geometry` refuses (e.g. negative padding),
@@ -287,7 +289,9 @@ def conv_geometry(module: nn.Module, name: str = "") -> dict[str, Any]:
     dims = 1 if isinstance(module, nn.Conv1d) else 2
     geo: dict[str, Any] = {"stride": list(module.stride), "dilation": list(module.dilation),
                            "groups": module.groups, "pre_pad": None, "pad_mode": "constant"}
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+    reach = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+    if (isinstance(module.padding, str) or module.padding_mode != "zeros"
+            or any(p > r for p, r in zip(module.padding, reach, strict=True))):
         geo["pre_pad"] = [int(p) for p in module._reversed_padding_repeated_twice]
         geo["pad_mode"] = "constant" if module.padding_mode == "zeros" else module.padding_mode
         geo["padding"] = [0] * dims
