@@ -219,6 +219,26 @@ def test_layers_whose_int32_sum_could_overflow_keep_float_activations(mode: str)
     assert torch.allclose(y, model[0](x), rtol=0.01)  # was -126,288
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static", "int4"])
+@pytest.mark.parametrize("k, n", [(0, 4), (4, 0)])
+def test_layers_with_an_empty_weight_stay_float(mode: str, k: int, n: int) -> None:
+    """nn.Linear(0, 4) / nn.Linear(4, 0) (valid, degenerate): kept float with the reason; the
+    model quantized the rest. Quantizing failed ("index 0 is out of bounds", "group_size
+    ... got 0", "0 is empty; cannot compute a quantization range")."""
+    model = nn.Sequential(nn.Linear(k, n), nn.Linear(n, 3), nn.Linear(3, 3)).eval()
+    x = torch.randn(5, k)
+    q = {"dynamic": lambda: quantize_dynamic(model),
+         "static": lambda: quantize_static(model, [torch.randn(8, k)], progress=False),
+         "int4": lambda: quantize_weight_only(model, bits=4, group_size=32)}[mode]()
+    rows = {r.name: r for r in q.lowbit_report.rows}
+    assert type(q[0]) is nn.Linear and "empty weight" in rows["0"].reason
+    if n == 0:
+        assert type(q[1]) is nn.Linear and "empty weight" in rows["1"].reason
+    if not (mode == "static" and n == 0):  # (there layer 2 sees a constant: float, reported)
+        assert type(q[2]) is not nn.Linear
+    torch.testing.assert_close(q(x), model(x), atol=0.05, rtol=0.05)
+
+
 def test_per_layer_fallback_toggle_and_mixed_boundaries() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:

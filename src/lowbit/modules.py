@@ -650,6 +650,10 @@ def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None
     if not isinstance(module, QUANTIZABLE_TYPES) and not is_hf_conv1d(module):
         return f"{type(module).__name__} is not a quantizable type"
     kind, w = type(module).__name__, config.weights
+    weight = getattr(module, "weight", getattr(module, "weight_ih_l0", None))
+    if isinstance(weight, torch.Tensor) and weight.numel() == 0:
+        return (f"{kind} has an empty weight (shape {tuple(weight.shape)}): nothing to "
+                "quantize, so it stays float")
     override = forward_override(module)
     if override:
         return (f"{override} differs from the torch layer it subclasses (e.g. a scaled or "
