@@ -489,3 +489,28 @@ def test_a_size_the_graph_fixes_is_a_clear_error() -> None:
     both = OnnxRuntimeModule(export_onnx(q, x, None, dynamic_axes=(0, 1)))
     y = torch.randn(3, 7, 16)
     assert torch.allclose(both(y), q(y), atol=1e-5)
+
+
+def test_gpt2_cache_output_says_use_cache_false_and_the_flag_is_kept() -> None:
+    """GPT-2 returns a ``DynamicCache`` by default, which export cannot hold: the error says
+    to pass ``use_cache=False``. With it the graph has ``use_cache`` as a constant, and the
+    ONNX Runtime module accepts the same inputs (it refused ``use_cache``: "unknown input")
+    and refuses another value, which the graph cannot honour."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                       n_positions=16)).eval()
+    qmodel = lowbit.quantize_dynamic(model)
+    ids = torch.randint(0, 64, (2, 6))
+    with pytest.raises(RuntimeError, match=r"cache object .*use_cache=False"):
+        export_onnx(qmodel, {"input_ids": ids}, None)
+    example = {"input_ids": ids, "use_cache": False}
+    ort_model = OnnxRuntimeModule(export_onnx(qmodel, example, None))
+    assert ort_model.constants == {"use_cache": False}
+    with torch.inference_mode():
+        ref = qmodel(**example).logits
+    _assert_close(ref, ort_model(**example).logits, steps=0.01)
+    with pytest.raises(ValueError, match=r"use_cache=True, but the graph was exported with "
+                                         r"use_cache=False"):
+        ort_model(input_ids=ids, use_cache=True)

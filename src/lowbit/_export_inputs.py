@@ -65,3 +65,21 @@ def export_arguments(example_inputs: Any, axes: Sequence[int],
     args = tuple(_widen(a, axes) for a in args)
     kwargs = {k: _widen(v, axes) for k, v in kwargs.items()}
     return args, kwargs, _dynamic_shapes(args, kwargs, axes)
+
+
+def export_failure_hint(exc: BaseException) -> str:
+    """What to change, for a ``torch.export`` failure lowbit recognizes (else ``""``): a
+    sentence ending in ``"; "`` to put before the error.
+
+    Example:
+        >>> export_failure_hint(RuntimeError("Found <class 'DynamicCache'> in output, which "
+        ...                                  "is not a known type."))[:38]
+        'the model returns a cache object (tra'
+    """
+    text = str(exc)
+    if "Cache" in text and ("not a known type" in text or "pytree" in text):
+        return ("the model returns a cache object (transformers' DynamicCache), which export "
+                "cannot hold: pass use_cache=False with the example inputs, e.g. "
+                "{'input_ids': ids, 'use_cache': False}; ")
+    return ""
+

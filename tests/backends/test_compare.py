@@ -55,3 +55,14 @@ def test_select_best_respects_the_tolerance() -> None:
         backends.select_best(qmodel, x, -1)
     with pytest.raises(ValueError, match="unknown"):
         backends.compare(qmodel, x, ["reference", "gpu"])
+
+
+def test_a_long_multi_line_failure_stays_one_table_row() -> None:
+    """An exporter's error (several lines, terminal colour codes, a ``|``) broke the markdown
+    table; each reason is now one cell of at most 300 characters."""
+    reason = "failed: RuntimeError: step \x1b[96m1/3\x1b[0m of export\n- fix | this\n" + "x" * 500
+    table = backends.BackendComparison(
+        [backends.BackendResult("onnxruntime", False, reason=reason)], batch_size=2, threads=1)
+    rows = [line for line in table.to_markdown().splitlines() if line.startswith("| onnx")]
+    assert len(rows) == 1 and "\x1b" not in rows[0] and "step 1/3 of export - fix \\| this" in \
+        rows[0] and len(rows[0]) < 400

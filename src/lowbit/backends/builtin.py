@@ -221,11 +221,17 @@ def _traced_inputs(program: Any, model: nn.Module, args: tuple, kwargs: dict[str
 
 
 def _aoti_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
-    from lowbit._export_inputs import export_arguments
+    from lowbit._export_inputs import export_arguments, export_failure_hint
 
     args, kwargs, shapes = export_arguments(example_inputs, (0,), "backend aotinductor")
     model = copy.deepcopy(qmodel).eval() if qmodel.training else qmodel  # (leave it as it is)
-    program = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
+    try:
+        program = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
+    except Exception as exc:
+        hint = export_failure_hint(exc)
+        if not hint:
+            raise
+        raise RuntimeError(f"backend aotinductor: {hint}torch.export failed: {exc}") from exc
     inputs = _traced_inputs(program, qmodel, args, kwargs)
     with tempfile.TemporaryDirectory(prefix="lowbit-aoti-") as folder, \
             warnings.catch_warnings():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +22,13 @@ from lowbit.backends.registry import _status, available, get_backend, set_backen
 from lowbit.evaluation import _call, compare_outputs, measure_latency
 
 __all__ = ["BackendComparison", "BackendResult", "Selection", "compare", "select_best"]
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` as one line for a table cell: terminal colour codes out, whitespace runs as one
+    space, at most ``limit`` characters."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ class BackendComparison:
                  "same bits |", "|---|---|---|---|---|---|---|---|"]
         for r in self.results:
             if not r.available:
-                lines.append(f"| {r.backend} | - | - | - | - | - | - | not run: {r.reason} |")
+                reason = _one_line(r.reason, 300).replace("|", "\\|")
+                lines.append(f"| {r.backend} | - | - | - | - | - | - | not run: {reason} |")
                 continue
             lines.append(f"| {r.backend} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | "
                          f"{r.throughput:,.0f} | {r.max_abs_dev:.3g} | {r.rel_dev:.3g} | "
@@ -195,7 +204,7 @@ def compare(qmodel: nn.Module, example_inputs: Any, backends: Sequence[str] | No
                                     threads=threads)
         except Exception as exc:  # one backend failing must not hide the others
             results.append(BackendResult(name, False, reason=f"failed: {type(exc).__name__}: "
-                                                              f"{str(exc)[:300]}"))
+                                                              f"{_one_line(str(exc), 300)}"))
             continue
         err = compare_outputs(reference, out)
         results.append(BackendResult(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit._export_inputs import export_arguments
+from lowbit._export_inputs import export_arguments, export_failure_hint
 
 __all__ = ["DEFAULT_OPSET", "IR_VERSION", "export_onnx"]
 
@@ -245,7 +245,8 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
                 dynamic_shapes=shapes, custom_translation_table=TRANSLATIONS, verbose=False,
                 optimize=True, external_data=False)
         except Exception as exc:
-            raise RuntimeError(f"export_onnx: torch.onnx.export failed: {exc}\n"
+            raise RuntimeError(f"export_onnx: {export_failure_hint(exc)}torch.onnx.export "
+                               f"failed: {exc}\n"
                                f"exporter log:\n{log.getvalue()[-4000:]}") from exc
     proto = program.model_proto
     _requantize_conv_outputs(proto.graph)
@@ -253,6 +254,9 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
     _check_dynamic(proto, axes)
     meta = {"lowbit.producer": "lowbit.export_onnx",
             "lowbit.inputs": json.dumps([i.name for i in proto.graph.input])}
+    constants = {k: v for k, v in kwargs.items() if isinstance(v, bool | int | float | str)}
+    if constants:  # keyword flags traced as constants (use_cache=False): the runtime checks them
+        meta["lowbit.constants"] = json.dumps(constants)
     if (spec := _output_spec(program)) is not None:
         meta["lowbit.output_spec"] = spec
     onnx.helper.set_model_props(proto, meta)

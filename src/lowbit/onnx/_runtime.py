@@ -28,10 +28,11 @@ class OnnxRuntimeModule(nn.Module):
     """An ``onnxruntime.InferenceSession`` wrapped as an ``nn.Module``: tensors in, tensors out.
 
     Positional arguments fill the graph inputs in order, keyword arguments by name (``None``
-    values are dropped, as PyTorch models ignore them); any batch size the graph's dynamic
-    axes allow. The outputs come back as CPU tensors in the model's own structure when
-    :func:`lowbit.export_onnx` could record it (e.g. a transformers ``ModelOutput``), else as
-    one tensor or a tuple.
+    values are dropped, as PyTorch models ignore them; flags that were constants at export,
+    such as ``use_cache=False``, are accepted with the exported value); any batch size the
+    graph's dynamic axes allow. The outputs come back as CPU tensors in the model's own
+    structure when :func:`lowbit.export_onnx` could record it (e.g. a transformers
+    ``ModelOutput``), else as one tensor or a tuple.
 
     Args:
         path_or_model_proto: an ``.onnx`` file or an ``onnx.ModelProto``.
@@ -94,6 +95,9 @@ class OnnxRuntimeModule(nn.Module):
         self.output_names = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         self._out_spec = _load_spec(meta.get("lowbit.output_spec"))
+        #: keyword flags that were constants at export (``use_cache=False``): accepted with
+        #: the same value, refused with another
+        self.constants: dict[str, Any] = _load_constants(meta.get("lowbit.constants"))
 
     def _feeds(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
         if len(args) > len(self.input_names):
@@ -102,6 +106,12 @@ class OnnxRuntimeModule(nn.Module):
         named = dict(zip(self.input_names, args, strict=False))
         for key, value in kwargs.items():
             if value is None:
+                continue
+            if key not in self.input_names and key in self.constants:
+                if value != self.constants[key] or type(value) is not type(self.constants[key]):
+                    raise ValueError(f"OnnxRuntimeModule: {key}={value!r}, but the graph was "
+                                     f"exported with {key}={self.constants[key]!r}, a constant "
+                                     "in it; export again with the value you need")
                 continue
             if key not in self.input_names:
                 raise TypeError(f"OnnxRuntimeModule: unknown input {key!r}; the graph takes "
@@ -147,6 +157,18 @@ class OnnxRuntimeModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"inputs={self.input_names}, providers={self.session.get_providers()}"
+
+
+def _load_constants(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _load_spec(text: str | None) -> Any:
