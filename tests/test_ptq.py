@@ -340,6 +340,79 @@ def test_deterministic_and_original_untouched() -> None:
         assert torch.equal(v, before[k])
 
 
+class _EveryPath(nn.Module):
+    """Layers the copy must give their own weights (a BatchNorm fold, weight_norm, a float
+    fallback, a tied float embedding, a layer kept float after calibration) beside plain ones
+    that are only read and converted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm1d(16)
+        self.norm = nn.utils.parametrizations.weight_norm(nn.Linear(16, 16))
+        self.plain = nn.Linear(16, 16)
+        self.const = nn.Linear(16, 16)  # sees a constant input: static keeps it float
+        self.keep = nn.Linear(16, 16)  # layer_overrides: float
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(self.emb(ids).transpose(1, 2))).transpose(1, 2)
+        h = self.plain(self.norm(h)) + self.const(torch.zeros_like(h))
+        return self.head(self.keep(h))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "int4", "gptq"])
+def test_the_copy_shares_no_tensor_with_the_users_model(mode: str) -> None:
+    """Quantizing a copy no longer copies every float weight first (2x the model's memory at
+    the peak): the layers only read and converted use the user's tensors while they are
+    converted. Everything written to or kept float gets its own copy; the user's model is
+    unchanged and the result shares no storage with it."""
+    torch.manual_seed(0)
+    model = _EveryPath().train()  # (BatchNorm in training mode: the copy is put in eval)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [torch.randint(0, 20, (4, 6)) for _ in range(2)]
+    overrides = {"keep": None}
+    cfg = {"dynamic": QuantizationConfig.int8_dynamic(layer_overrides=overrides),
+           "static": QuantizationConfig.int8_static(layer_overrides=overrides),
+           "int4": QuantizationConfig.int4_weight_only(group_size=16, layer_overrides=overrides),
+           "gptq": QuantizationConfig.int4_weight_only(group_size=16, method="gptq",
+                                                       layer_overrides=overrides)}[mode]
+    q = PTQQuantizer(cfg, progress=False).quantize(model, ids)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    mine = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    theirs = [n for n, t in [*q.named_parameters(), *q.named_buffers()]
+              if t.untyped_storage().data_ptr() in mine]
+    assert theirs == []
+    assert type(q.plain).__name__ != "Linear" and type(q.keep) is nn.Linear
+    if mode == "static":
+        assert type(q.const) is nn.Linear
+    with torch.no_grad():
+        want = model.eval()(ids[0])
+        assert cosine(q(ids[0]), want) > 0.98
+
+
+def test_converted_layers_float_weights_are_never_copied(monkeypatch) -> None:
+    """Only what stays float (or is written to) is copied: here the LayerNorm."""
+    import lowbit.ptq as ptq
+    from lowbit.reparam import SharedCopy
+
+    made: list[SharedCopy] = []
+
+    class Spy(SharedCopy):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__(model)
+            made.append(self)
+
+    monkeypatch.setattr(ptq, "SharedCopy", Spy)
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
+    quantize_dynamic(model)
+    assert len(made) == 1 and sorted(made[0]._fresh) == sorted(id(p) for p in model[1].parameters())
+
+
 def test_inplace_opt_in() -> None:
     model = nn.Sequential(nn.Linear(8, 8))
     out = quantize_dynamic(model, inplace=True)

@@ -61,3 +61,22 @@ def test_wrong_arguments_say_what_is_expected() -> None:
     shared = nn.Linear(2, 2)
     twice = nn.ModuleDict({"a": shared, "b": shared})  # a second name is a name too
     assert bake_reparametrizations(twice, ["a", "b"]) == []
+
+
+def test_shared_copy_unshares_tied_parameters_once() -> None:
+    """A tie inside the copy survives unsharing, even over several calls."""
+    from lowbit.reparam import SharedCopy
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False))
+    model[2].weight = model[0].weight
+    shared = SharedCopy(model)
+    copy = shared.model
+    assert copy[0].weight is model[0].weight and copy[2].weight is copy[0].weight
+    shared.unshare([copy[2]])
+    shared.unshare([copy[0], copy[1]])
+    assert copy[0].weight is copy[2].weight and copy[0].weight is not model[0].weight
+    assert shared.shared_parameters(copy) == []
+    with torch.no_grad():
+        copy[0].weight.add_(1.0)
+    assert not torch.equal(copy[0].weight, model[0].weight)
+

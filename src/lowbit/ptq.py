@@ -33,7 +33,7 @@ from lowbit.modules import (
     convert_module,
 )
 from lowbit.modules_mha import expand_attention
-from lowbit.reparam import bake_reparametrizations, copy_model
+from lowbit.reparam import SharedCopy, bake_reparametrizations, is_reparametrized
 from lowbit.traverse import (
     Fusions,
     LayerPlan,
@@ -264,13 +264,16 @@ class PTQQuantizer(Quantizer):
         check_eager_model(model, "quantize")
         cfg = config or self.config or QuantizationConfig.int8_dynamic()
         do_inplace = self.inplace if inplace is None else inplace
-        qmodel = model if do_inplace else copy_model(model)
+        sharing = None if do_inplace else SharedCopy(model)  # float weights not held twice
+        qmodel = model if sharing is None else sharing.model
         qmodel.eval()
 
         fusions = find_fusions(qmodel)
         expand_attention(qmodel)  # nn.MultiheadAttention: its projections as Linear children
         plans = plan_layers(qmodel, cfg, self.fallback_layers, fusions)
         todo = {n: p for n, p in plans.items() if p.status == "quantized" and not p.shared_with}
+        if sharing is not None:  # own copies for what may be written or stays float
+            sharing.unshare(_may_change(qmodel, todo))
         bake_reparametrizations(qmodel, todo)  # weight_norm / spectral_norm: plain weights
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
         if not todo:
@@ -347,11 +350,26 @@ class PTQQuantizer(Quantizer):
         _fuse_maxpools(qmodel, fusions, todo)
         _fuse_gelus(qmodel, todo)
         disable_fused_fast_paths(qmodel)  # nn.TransformerEncoderLayer reads linear1.weight
+        if sharing is not None:  # (layers kept float after calibration, for one)
+            sharing.unshare(qmodel.modules())
         qmodel.lowbit_report = report
         self.last_report = report
         log.info("lowbit: %d layers quantized, %d FP32 by request, %d skipped",
                  len(report.quantized), len(report.fp32), len(report.skipped))
         return qmodel
+
+
+def _may_change(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> list[nn.Module]:
+    """The modules of lowbit's copy that may be written to, or stay float in the result: all
+    of them but the planned layers that are only read and converted (no BatchNorm fold, no
+    reparametrization to bake, round-to-nearest weights; any GPTQ / AWQ / SignRound /
+    SmoothQuant layer may write to others: then all)."""
+    if any(p.config is not None and (p.config.method != "rtn" or p.config.smooth_quant
+                                     is not None) for p in todo.values()):
+        return list(qmodel.modules())
+    read_only = {id(qmodel.get_submodule(n)) for n, p in todo.items()
+                 if not p.folded_bn and not is_reparametrized(qmodel.get_submodule(n))}
+    return [m for m in qmodel.modules() if id(m) not in read_only]
 
 
 def _fuse_maxpools(qmodel: nn.Module, fusions: Fusions, todo: dict[str, LayerPlan]) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["bake_reparametrizations", "copy_model", "weight_mask"]
+__all__ = ["SharedCopy", "bake_reparametrizations", "copy_model", "is_reparametrized",
+           "weight_mask"]
 
 
 def _module(model: Any, caller: str) -> nn.Module:
@@ -85,6 +86,65 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
             if isinstance(t, torch.Tensor) and not t.is_leaf:
                 memo[id(t)] = t.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def is_reparametrized(module: nn.Module) -> bool:
+    """Whether ``module`` has a weight reparametrization (``torch.nn.utils.parametrize``, or a
+    hook-based ``weight_norm`` / ``spectral_norm`` / ``prune``) of its own.
+
+    Example:
+        >>> is_reparametrized(nn.utils.weight_norm(nn.Linear(2, 2))), is_reparametrized(
+        ...     nn.Linear(2, 2))
+        (True, False)
+    """
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(module) or bool(_hooked_reparametrizations(module))
+
+
+class SharedCopy:
+    """A copy of a model whose parameters are, at first, the original's own tensors.
+
+    Quantizing a copy used to hold the float weights twice (the user's model and the copy)
+    until each layer was converted: 2x the model's memory at the peak. Here the copy's
+    modules are new objects but its parameters are shared; :meth:`unshare` gives modules their
+    own copies before anything may write to them (a BatchNorm fold, GPTQ, a layer that stays
+    float in the result), so the user's model is never changed and the float weights of
+    layers that are only read and converted are never copied. Tied parameters stay tied.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> c = SharedCopy(m)
+        >>> c.model[0].weight is m[0].weight, c.model[0] is m[0]
+        (True, False)
+        >>> c.unshare([c.model[1]]); c.model[1].weight is m[1].weight
+        False
+        >>> c.shared_parameters(c.model)
+        ['0.weight', '0.bias']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        params = {id(p): p for p in _module(model, "SharedCopy").parameters()}
+        self._original = set(params)
+        self.model = copy_model(model, dict(params))
+        self._fresh: dict[int, nn.Parameter] = {}
+
+    def unshare(self, modules: Iterable[nn.Module]) -> None:
+        """Give ``modules`` their own copies of the original's parameters they hold."""
+        for module in modules:
+            for key, p in list(module._parameters.items()):
+                if p is None or id(p) not in self._original:
+                    continue
+                new = self._fresh.get(id(p))
+                if new is None:
+                    new = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    self._fresh[id(p)] = new
+                module._parameters[key] = new
+
+    def shared_parameters(self, root: nn.Module) -> list[str]:
+        """Names of ``root``'s parameters that are still the original's tensors."""
+        return [name for name, p in root.named_parameters(remove_duplicate=False)
+                if id(p) in self._original]
 
 
 def bake_reparametrizations(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
