@@ -73,8 +73,8 @@ def export_failure_hint(exc: BaseException) -> str:
 
     Example:
         >>> export_failure_hint(RuntimeError("Found <class 'DynamicCache'> in output, which "
-        ...                                  "is not a known type."))[:38]
-        'the model returns a cache object (tra'
+        ...                                  "is not a known type."))[:33]
+        'the model returns a cache object '
     """
     text = str(exc)
     if "Cache" in text and ("not a known type" in text or "pytree" in text):
