@@ -136,9 +136,8 @@ class SharedCopy:
                 if p is None or id(p) not in self._original:
                     continue
                 new = self._fresh.get(id(p))
-                if new is None:
-                    new = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-                    self._fresh[id(p)] = new
+                if new is None:  # (as the deepcopy would have: attributes, grad kept)
+                    new = self._fresh[id(p)] = copy.deepcopy(p)
                 module._parameters[key] = new
 
     def shared_parameters(self, root: nn.Module) -> list[str]:
