@@ -345,6 +345,20 @@ def test_errors_are_one_line(work: Path, monkeypatch, capsys, argv: list[str], c
         assert "Traceback" not in err
 
 
+def test_a_pickled_model_or_another_file_names_the_cause(tmp_path: Path, capsys) -> None:
+    """torch's own message advised re-running with weights_only=False (unpickling the file);
+    the error now names what was refused and what MODEL must be."""
+    torch.save(MLP(hidden=(32,)), tmp_path / "whole.pt")  # the pickled model, not its weights
+    (tmp_path / "noise.pt").write_bytes(b"\x00" * 100)
+    for name, cause in (("whole.pt", "Unsupported global: GLOBAL lowbit.models.MLP"),
+                        ("noise.pt", "Unsupported operand 0")):
+        assert main(["quantize", str(tmp_path / name), "--method", "dynamic", *ARCH, "--out",
+                     str(tmp_path / "q")]) == 1
+        err = capsys.readouterr().err
+        assert cause in err and "torch.save(model.state_dict(), path)" in err, err
+        assert "weights_only` set to `False` will likely succeed" not in err
+
+
 def test_tampered_file_and_debug_via_subprocess(work: Path) -> None:
     bad = work / "bad.safetensors"
     data = bytearray((work / "q_dyn" / "model.safetensors").read_bytes())

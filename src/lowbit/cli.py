@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 import zipfile
@@ -292,10 +293,13 @@ def load_float(spec: str, arch: str | None, arch_kwargs: dict[str, Any], *,
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"MODEL {spec!r}: torch.load(weights_only=True) refused it ("
-                             f"{str(e).splitlines()[0]}); save model.state_dict(), not the "
-                             "pickled model") from e
+        except Exception as e:  # torch's own text advises weights_only=False: name the cause
+            found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
+            cause = found.group(1).strip() if found else (str(e).splitlines() or [""])[0]
+            raise ValueError(f"MODEL {spec!r}: torch.load(weights_only=True) refused it "
+                             f"({cause}): it must be a state dict saved with "
+                             "torch.save(model.state_dict(), path), not a pickled model nor "
+                             "another file") from e
     if not isinstance(state, dict):
         raise ValueError(f"MODEL {spec!r} holds a {type(state).__name__}, not a state dict")
     model = _factory(arch, arch_kwargs)()
