@@ -176,6 +176,20 @@ def _save_atomic(proto: Any, path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _refuse_bfloat16(qmodel: nn.Module, inputs: list[Any]) -> None:
+    """bfloat16 graphs do not run on ONNX Runtime's CPU kernels (no bfloat16 ``Div``, ...)."""
+    where = next((n for n, t in [*qmodel.named_parameters(), *qmodel.named_buffers()]
+                  if t.dtype == torch.bfloat16), None)
+    if where is None and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+                             for t in inputs):
+        where = "the example inputs"
+    if where is not None:
+        raise ValueError(f"export_onnx: {where} is bfloat16, which ONNX Runtime's CPU kernels do "
+                         "not run; export a float32 copy with float32 inputs: export_onnx("
+                         "copy.deepcopy(qmodel).float(), ...) (its quantized layers keep "
+                         "their integer weights and scales) or a float16 one (.half())")
+
+
 def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike | None,
                 opset: int = DEFAULT_OPSET, *, dynamic_axes: Sequence[int] = (0,),
                 exact: bool | str = True) -> Any:
@@ -237,6 +251,7 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
                          "(lowbit's subgraphs use opset-18 operators)")
     axes = sorted({int(a) for a in dynamic_axes})
     args, kwargs, shapes = export_arguments(example_inputs, axes, "export_onnx")
+    _refuse_bfloat16(qmodel, [*args, *kwargs.values()])
     model = _export_copy(qmodel, exact)
     with _quiet_exporter() as log:
         try:

@@ -179,7 +179,7 @@ class ExportLinear(_Int8):
                 x2, self.w, self.w_zp, self.w_scale, self.bias, self.colsum, self.qmin,
                 self.qmax, self.spec_qmin, self.spec_qmax, self.off, self.per_token,
                 self.symmetric, self.fused)
-        return self.post(y if keep else y.reshape(*x.shape[:-1], self.n))
+        return _like(self.post(y if keep else y.reshape(*x.shape[:-1], self.n)), x)
 
 
 class ExportConv(_Int8):
@@ -196,8 +196,8 @@ class ExportConv(_Int8):
             if self.integer:
                 self.w_zp = self.w_zp[:1].reshape(()).clone()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        x = x_in.float()
         if self.pre_pad is not None:
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
         if self.mode == "static":
@@ -209,7 +209,13 @@ class ExportConv(_Int8):
                 x, self.w, self.w_zp, self.w_scale, self.bias, self.qmin, self.qmax,
                 self.spec_qmin, self.spec_qmax, self.off, self.symmetric, self.integer,
                 *self.geo)
-        return self.post(y)
+        return _like(self.post(y), x_in)
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` (float32) in the dtype of the layer's float input ``x``, as the eager layers
+    return it (a float16 model's next float layers take float16)."""
+    return y if not x.is_floating_point() or x.dtype == y.dtype else y.to(x.dtype)
 
 
 def _nbits_block(layer: Int4Linear | Int8WeightOnlyLinear) -> int | None:
@@ -265,7 +271,7 @@ class ExportNBits(nn.Module):
         y = torch.ops.lowbit_export.matmul_nbits(x2, self.b, self.scales, self.zp, self.bias,
                                                  self.k, self.n, self.bits, self.block,
                                                  self.accuracy_level)
-        return self.post(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n))
+        return _like(self.post(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n)), x)
 
 
 class ExportDequant(nn.Module):
@@ -288,7 +294,9 @@ class ExportDequant(nn.Module):
         for name, t in (("scale", layer.weight_scale), ("zp", layer.weight_zero_point)):
             t = _per_row(t, n).float().expand(n, self.shape[1]).unsqueeze(-1)  # [N, G, 1]
             self.register_buffer(name, t.contiguous())
-        self.register_buffer("bias", getattr(layer, "bias", None))
+        bias = getattr(layer, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.dtype = getattr(torch, layer.orig_dtype, torch.float32)  # an embedding's rows
         self.wshape = getattr(layer, "wshape", None)
         self.geometry = dict(getattr(layer, "geometry", {}))
 
@@ -297,9 +305,10 @@ class ExportDequant(nn.Module):
         w = w[:, : self.k]
         return w if self.wshape is None else w.reshape(self.wshape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         if issubclass(self.layer_type, QuantizedEmbedding):
-            return F.embedding(x, self.weight())
+            return F.embedding(x_in, self.weight()).to(self.dtype)
+        x = x_in.float()
         if issubclass(self.layer_type, WeightOnlyConv2d):
             g = self.geometry
             if g["pre_pad"] is not None:
@@ -307,8 +316,8 @@ class ExportDequant(nn.Module):
             conv = F.conv1d if issubclass(self.layer_type, WeightOnlyConv1d) else F.conv2d
             y = conv(x, self.weight(), self.bias, g["stride"], g["padding"], g["dilation"],
                      g["groups"])
-            return self.post(y)
-        return self.post(F.linear(x, self.weight(), self.bias))
+            return _like(self.post(y), x_in)
+        return _like(self.post(F.linear(x, self.weight(), self.bias)), x_in)
 
 
 def export_layer(layer: nn.Module, exact: bool | str = True) -> nn.Module | None:

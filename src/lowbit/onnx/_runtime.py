@@ -125,8 +125,9 @@ class OnnxRuntimeModule(nn.Module):
                             f"{self.input_names}")
         feeds = {}
         for name, value in named.items():
-            if isinstance(value, torch.Tensor):
-                value = value.detach().cpu().numpy()
+            if isinstance(value, torch.Tensor):  # (numpy has no bfloat16: widened first)
+                value = value.detach().cpu()
+                value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
             array = np.asarray(value)
             self._check_shape(name, array.shape)
             dtype = self._types.get(name)
