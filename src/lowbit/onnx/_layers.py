@@ -296,7 +296,7 @@ class ExportDequant(nn.Module):
             self.register_buffer(name, t.contiguous())
         bias = getattr(layer, "bias", None)
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.dtype = getattr(torch, layer.orig_dtype, torch.float32)  # an embedding's rows
+        self.out_dtype = getattr(torch, layer.orig_dtype, torch.float32)  # embedding rows
         self.wshape = getattr(layer, "wshape", None)
         self.geometry = dict(getattr(layer, "geometry", {}))
 
@@ -307,7 +307,7 @@ class ExportDequant(nn.Module):
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         if issubclass(self.layer_type, QuantizedEmbedding):
-            return F.embedding(x_in, self.weight()).to(self.dtype)
+            return F.embedding(x_in, self.weight()).to(self.out_dtype)
         x = x_in.float()
         if issubclass(self.layer_type, WeightOnlyConv2d):
             g = self.geometry
