@@ -471,6 +471,34 @@ def test_converted_agrees_with_fake_quant_in_every_mode(name: str, cfg: QATConfi
         assert float(converted[0].input_scale) == float(qat[0].input_quantizer.scale.detach())
 
 
+@pytest.mark.parametrize("cfg", [QATConfig(), QATConfig(learnable_scale=True),
+                                 QATConfig(quantization=QuantizationConfig.int4_weight_only(8))],
+                         ids=["static", "lsq", "int4"])
+def test_convert_reads_the_qat_model_and_shares_nothing_with_it(cfg: QATConfig) -> None:
+    """convert_qat no longer copies the whole QAT model first (its float weights twice in
+    memory): the QAT layers are read and replaced; the float layers left get their own
+    weights. The QAT model trains on, unchanged by the conversion."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.LayerNorm(512), nn.Linear(512, 10))
+    qat = prepare_qat(model, cfg)
+    opt = torch.optim.SGD(qat.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        qat(torch.randn(8, 3, 8, 8)).pow(2).mean().backward()
+        opt.step()
+    before = {k: v.clone() for k, v in qat.state_dict().items()}
+    converted = convert_qat(qat)
+    assert all(torch.equal(v, before[k]) for k, v in qat.state_dict().items())
+    mine = {t.untyped_storage().data_ptr() for t in [*qat.parameters(), *qat.buffers()]}
+    assert [n for n, t in [*converted.named_parameters(), *converted.named_buffers()]
+            if t.untyped_storage().data_ptr() in mine] == []
+    assert converted[4].weight is not qat[4].weight  # the float LayerNorm: its own copy
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), qat.eval()(x), rtol=0.05, atol=0.05)
+
+
 # ---------------------------------------------------------------------- Conv + BatchNorm
 def _conv_bn() -> nn.Sequential:
     torch.manual_seed(2)

@@ -66,7 +66,7 @@ from lowbit.modules_weight_only import _layout
 from lowbit.ops import quantize_bias
 from lowbit.ptq import QuantizationReport
 from lowbit.qat_stats import QATStatistics, collect_statistics
-from lowbit.reparam import bake_reparametrizations, copy_model, weight_mask
+from lowbit.reparam import SharedCopy, bake_reparametrizations, copy_model, weight_mask
 from lowbit.traverse import (
     WEIGHTED_LAYERS,
     check_eager_model,
@@ -597,7 +597,9 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         'QuantizedLinear'
     """
     _check_convertible(qat_model)
-    model = _copy_model(qat_model)
+    report = getattr(qat_model, "lowbit_report", None)  # (immutable configs inside: shared)
+    sharing = SharedCopy(qat_model, {} if report is None else {id(report): report})
+    model = sharing.model  # the QAT layers' weights are read, never copied: they are replaced
     if isinstance(model, QATLayer):
         out = carry_hooks(model, model.to_quantized(backend))
         out.lowbit_report = getattr(qat_model, "lowbit_report", None)
@@ -614,6 +616,7 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
                          f"{leftovers}; remove them or prepare the model with QATPreparer")
     _fuse_maxpools(model, getattr(qat_model, "lowbit_qat_pools", {}))
     disable_fused_fast_paths(model)
+    sharing.unshare(model.modules())  # float layers: their own weights, not the QAT model's
     return model.eval()
 
 

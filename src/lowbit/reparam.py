@@ -105,8 +105,9 @@ def is_reparametrized(module: nn.Module) -> bool:
 class SharedCopy:
     """A copy of a model whose parameters are, at first, the original's own tensors.
 
-    Quantizing a copy used to hold the float weights twice (the user's model and the copy)
-    until each layer was converted: 2x the model's memory at the peak. Here the copy's
+    Quantizing (or converting a QAT model) into a copy used to hold the float weights twice
+    (the user's model and the copy) until each layer was converted: 2x the model's memory at
+    the peak. ``memo``: more ``copy.deepcopy`` memo entries (objects to share). Here the copy's
     modules are new objects but its parameters are shared; :meth:`unshare` gives modules their
     own copies before anything may write to them (a BatchNorm fold, GPTQ, a layer that stays
     float in the result), so the user's model is never changed and the float weights of
@@ -123,10 +124,10 @@ class SharedCopy:
         ['0.weight', '0.bias']
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, memo: dict[int, Any] | None = None) -> None:
         params = {id(p): p for p in _module(model, "SharedCopy").parameters()}
         self._original = set(params)
-        self.model = copy_model(model, dict(params))
+        self.model = copy_model(model, {**(memo or {}), **params})
         self._fresh: dict[int, nn.Parameter] = {}
 
     def unshare(self, modules: Iterable[nn.Module]) -> None:
