@@ -24,6 +24,7 @@ from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.distributed import calibrate_synced
 from lowbit.dropin import is_linear_like
+from lowbit.memory import trim_heap
 from lowbit.modules import (
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -352,6 +353,7 @@ class PTQQuantizer(Quantizer):
         disable_fused_fast_paths(qmodel)  # nn.TransformerEncoderLayer reads linear1.weight
         if sharing is not None:  # (layers kept float after calibration, for one)
             sharing.unshare(qmodel.modules())
+        trim_heap()  # the conversion temporaries' freed heap back to the OS
         qmodel.lowbit_report = report
         self.last_report = report
         log.info("lowbit: %d layers quantized, %d FP32 by request, %d skipped",

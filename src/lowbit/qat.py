@@ -60,6 +60,7 @@ from lowbit.config import QuantizationConfig
 from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
 from lowbit.dropin import is_hf_conv1d, linear_from_conv1d
 from lowbit.fake_quantize import FakeQuantize
+from lowbit.memory import trim_heap
 from lowbit.modules import QuantizedConv2d, WeightOnlyConv2d, convert_module
 from lowbit.modules_mha import expand_attention
 from lowbit.modules_weight_only import _layout
@@ -617,6 +618,7 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     _fuse_maxpools(model, getattr(qat_model, "lowbit_qat_pools", {}))
     disable_fused_fast_paths(model)
     sharing.unshare(model.modules())  # float layers: their own weights, not the QAT model's
+    trim_heap()
     return model.eval()
 
 
