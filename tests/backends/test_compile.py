@@ -92,6 +92,14 @@ def test_aotinductor_backend_equals_eager(make_quantized, run) -> None:
 
 
 @needs_aoti
+def test_aotinductor_dynamic_axes_keep_the_sequence_length_free(make_quantized, run) -> None:
+    qmodel, x = make_quantized("bert-dynamic")
+    compiled = backends.set_backend(qmodel, "aotinductor", x, dynamic_axes=(0, 1))
+    longer = {k: torch.cat([v, v], dim=1) for k, v in x.items()}
+    assert torch.allclose(run(compiled, longer), run(qmodel, longer), atol=1e-5)
+
+
+@needs_aoti
 def test_aotinductor_backend_checks_what_the_library_would_not(make_quantized, run) -> None:
     """Keyword inputs (a BERT's token ids): the batch is dynamic, the sequence length is the
     example's; another length or dtype is refused before the compiled code could read past

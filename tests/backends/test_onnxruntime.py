@@ -27,3 +27,17 @@ def test_onnxruntime_backend_agrees_with_reference(kind: str, make_quantized, ru
     with backends.use("reference"):
         ref1 = run(qmodel, x1)
     assert float((run(ort, x1) - ref1).abs().max()) <= 2e-2 * float(ref1.abs().max())
+
+
+def test_dynamic_axes_keep_the_sequence_length_free(make_quantized, run) -> None:
+    """set_backend(..., dynamic_axes=(0, 1)): a BERT exported from 8 tokens runs 16 (with the
+    default, batch-only axes the graph fixes the length: a clear error). A layer backend has
+    no export to shape: refused."""
+    qmodel, x = make_quantized("bert-dynamic")
+    ort = backends.set_backend(qmodel, "onnxruntime", x, dynamic_axes=(0, 1))
+    longer = {k: torch.cat([v, v], dim=1)[:1] for k, v in x.items()}
+    ref, out = run(qmodel, longer), run(ort, longer)
+    assert out.shape == ref.shape and float((out - ref).abs().max()) <= 2e-2 * float(
+        ref.abs().max())
+    with pytest.raises(ValueError, match="dynamic_axes applies to the backends that export"):
+        backends.set_backend(qmodel, "native", dynamic_axes=(0, 1))

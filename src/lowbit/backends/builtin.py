@@ -119,12 +119,14 @@ def _onnx_detail() -> str:
     return f"onnxruntime {onnxruntime.__version__}, {providers}"
 
 
-def _onnx_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
+def _onnx_prepare(qmodel: nn.Module, example_inputs: Any,
+                  dynamic_axes: tuple[int, ...] = (0,)) -> nn.Module:
     from lowbit.onnx_export import OnnxRuntimeModule, export_onnx
 
     with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(qmodel, example_inputs, path, exact="auto")  # exact on this CPU
+        export_onnx(qmodel, example_inputs, path, exact="auto",  # exact on this CPU
+                    dynamic_axes=dynamic_axes)
         return OnnxRuntimeModule(str(path))  # the session has read the file (and its data)
 
 
@@ -220,10 +222,12 @@ def _traced_inputs(program: Any, model: nn.Module, args: tuple, kwargs: dict[str
             and isinstance(val := vals.get(name), torch.Tensor) and val.dim() == t.dim()}
 
 
-def _aoti_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
+def _aoti_prepare(qmodel: nn.Module, example_inputs: Any,
+                  dynamic_axes: tuple[int, ...] = (0,)) -> nn.Module:
     from lowbit._export_inputs import export_arguments, export_failure_hint
 
-    args, kwargs, shapes = export_arguments(example_inputs, (0,), "backend aotinductor")
+    args, kwargs, shapes = export_arguments(example_inputs, sorted(set(dynamic_axes)),
+                                            "backend aotinductor")
     model = copy.deepcopy(qmodel).eval() if qmodel.training else qmodel  # (leave it as it is)
     try:
         program = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)

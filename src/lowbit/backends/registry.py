@@ -11,7 +11,7 @@ somewhere else: :func:`set_backend` returns a new module that is called like the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,8 @@ class Backend:
         check: returns None when the backend runs here, else the reason it does not.
         layer_value: for a layer backend, the quantized modules' ``backend`` attribute it sets;
             None for a model backend.
-        prepare: for a model backend, ``prepare(qmodel, example_inputs) -> nn.Module``.
+        prepare: for a model backend, ``prepare(qmodel, example_inputs) -> nn.Module``
+            (called with ``dynamic_axes=`` too when :func:`set_backend` is given them).
         detail: optional, returns what it runs on here (e.g. the ISA path).
         needs_inputs: ``prepare`` needs ``example_inputs`` (an export traces the model).
 
@@ -65,7 +66,7 @@ class Backend:
     exactness: str
     check: Callable[[], str | None]
     layer_value: str | None = None
-    prepare: Callable[[nn.Module, Any], nn.Module] | None = None
+    prepare: Callable[..., nn.Module] | None = None
     detail: Callable[[], str] | None = None
     needs_inputs: bool = False
 
@@ -219,7 +220,8 @@ def _quantized_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, QuantizedModuleBase)]
 
 
-def set_backend(qmodel: nn.Module, name: str, example_inputs: Any = None) -> nn.Module:
+def set_backend(qmodel: nn.Module, name: str, example_inputs: Any = None, *,
+                dynamic_axes: Sequence[int] | None = None) -> nn.Module:
     """Run ``qmodel`` on backend ``name``.
 
     A layer backend (``reference``, ``native``, ``torch``) switches every quantized layer of
@@ -233,6 +235,9 @@ def set_backend(qmodel: nn.Module, name: str, example_inputs: Any = None) -> nn.
         example_inputs: a tensor, tuple or dict of inputs; needed by ``onnxruntime`` and
             ``aotinductor`` (the export traces the model with them; the batch dimension stays
             dynamic).
+        dynamic_axes: for ``onnxruntime`` and ``aotinductor``, the axes of every input that
+            stay dynamic (default ``(0,)``, the batch); ``(0, 1)`` also keeps a transformer's
+            sequence length free.
 
     Returns:
         The module to call.
@@ -253,6 +258,10 @@ def set_backend(qmodel: nn.Module, name: str, example_inputs: Any = None) -> nn.
         >>> _ = set_backend(qmodel, "native")
     """
     backend = require(name)
+    if dynamic_axes is not None and not backend.needs_inputs:
+        raise ValueError(f"set_backend(..., {name!r}, dynamic_axes=...): dynamic_axes applies "
+                         "to the backends that export the model (onnxruntime, aotinductor); "
+                         f"{name} takes any input shape")
     layers = _quantized_layers(qmodel)
     if not layers:
         raise ValueError(f"set_backend: {type(qmodel).__name__} has no lowbit quantized layer; "
@@ -268,7 +277,9 @@ def set_backend(qmodel: nn.Module, name: str, example_inputs: Any = None) -> nn.
         raise ValueError(f"set_backend(..., {name!r}) needs example_inputs (a tensor, tuple or "
                          "dict of inputs): the model is traced with them")
     assert backend.prepare is not None
-    return backend.prepare(qmodel, example_inputs)
+    if dynamic_axes is None:
+        return backend.prepare(qmodel, example_inputs)
+    return backend.prepare(qmodel, example_inputs, dynamic_axes=tuple(dynamic_axes))
 
 
 @contextlib.contextmanager
