@@ -631,3 +631,33 @@ def test_converted_convs_run_their_max_pool_like_ptq(config: QuantizationConfig)
     x = torch.randn(3, 1, 28, 28)
     with torch.inference_mode():
         assert torch.equal(fused(x), separate(x))
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_qat_model_trains_under_torch_compile(record: bool) -> None:
+    """torch.compile on a QAT model failed at the first step: dynamo raised an internal error
+    on the fake quantizer's statistics ("An intermediate tensor 'mask' ... aliases an input")
+    and Inductor "Cannot convert expression to float" without them. The QAT layers now run
+    eagerly inside the compiled model (their observers, statistics and BatchNorm folding are
+    Python state); the losses follow eager training."""
+    from lowbit.models import MnistCNN
+
+    def train(compiled: bool) -> list[float]:
+        torch.manual_seed(0)
+        qat = prepare_qat(MnistCNN(), QATConfig(record_statistics=record))
+        model = torch.compile(qat) if compiled else qat
+        opt = torch.optim.SGD(qat.parameters(), lr=0.05)
+        losses = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        return losses
+
+    torch._dynamo.reset()
+    eager, compiled = train(False), train(True)
+    assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)

@@ -348,6 +348,7 @@ class QATLayer(nn.Module):
         self.bn_frozen.fill_(bool(frozen))
 
     # ------------------------------------------------------------------ forward
+    @torch.compiler.disable  # (observers, statistics, BN folding: eager inside torch.compile)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize the input and the (folded) weight, run the float op, fused ReLU."""
         if self.input_quantizer is not None:
