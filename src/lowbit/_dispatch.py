@@ -124,6 +124,8 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         True
     """
     if torch.compiler.is_compiling():
+        if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
+            return _frozen_eager(module, x)  # (a graph break: training through the layer)
         return torch.ops.lowbit.quantized_layer(x.detach(), layer_buffers(module),
                                                 op_spec(module))
     name = _OVERRIDE.get()
@@ -140,6 +142,17 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         finally:
             _NATIVE_OFF.reset(token)
     return module._forward_body(x)
+
+
+@torch.compiler.disable
+def _frozen_eager(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An input that requires grad inside ``torch.compile`` (QLoRA adapters or float layers
+    that train before this layer): the eager call with the input gradient through the
+    dequantized weight (:func:`lowbit.qgrad.frozen_forward`). The custom op has no backward,
+    so it took ``x.detach()`` and earlier layers silently got no gradient through this one."""
+    from lowbit.qgrad import frozen_forward
+
+    return frozen_forward(module, x)
 
 
 def _buffer_names(module: nn.Module) -> list[str]:

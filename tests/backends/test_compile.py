@@ -17,7 +17,8 @@ needs_aoti = pytest.mark.skipif(not backends.available()["aotinductor"].availabl
 def _explain_and_export(qmodel: nn.Module, x: object, run) -> None:
     args, kwargs = ((), x) if isinstance(x, dict) else ((x,), {})
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(qmodel)(*args, **kwargs)
+    with torch.no_grad():  # (in grad mode, inputs that require grad take the eager call)
+        explained = torch._dynamo.explain(qmodel)(*args, **kwargs)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
     ops = [n for g in explained.graphs for n in g.graph.nodes
@@ -36,6 +37,18 @@ def test_no_graph_break_and_export_equals_eager(arch: str, make_quantized, run) 
     for mode in MODES:
         qmodel, x = make_quantized(f"{arch}-{mode}")
         _explain_and_export(qmodel, x, run)
+
+
+def test_grad_mode_inputs_that_require_grad_take_the_eager_call(make_quantized) -> None:
+    """In grad mode, a quantized layer whose input requires grad (a float embedding before it)
+    leaves the graph for its differentiable eager call: one break per such layer, the same
+    values; under no_grad the same model is one graph."""
+    qmodel, x = make_quantized("bert-dynamic")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(qmodel)(**x)
+    assert explained.graph_break_count > 0
+    out = torch.compile(qmodel)(**x).last_hidden_state
+    assert out.requires_grad and torch.allclose(out, qmodel(**x).last_hidden_state, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["smooth_quant", "awq"])
