@@ -123,11 +123,8 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         >>> torch.equal(route(q, x), q(x))
         True
     """
-    if torch.compiler.is_compiling():
-        if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_exporting():
-            return _frozen_eager(module, x)  # (a graph break: training through the layer)
-        return torch.ops.lowbit.quantized_layer(x.detach(), layer_buffers(module),
-                                                op_spec(module))
+    if torch.compiler.is_compiling():  # (an input that requires grad: the op's backward)
+        return torch.ops.lowbit.quantized_layer(x, layer_buffers(module), op_spec(module))
     name = _OVERRIDE.get()
     if name is not None and name != module.backend:
         token = _OVERRIDE.set(None)
@@ -142,17 +139,6 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         finally:
             _NATIVE_OFF.reset(token)
     return module._forward_body(x)
-
-
-@torch.compiler.disable
-def _frozen_eager(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An input that requires grad inside ``torch.compile`` (QLoRA adapters or float layers
-    that train before this layer): the eager call with the input gradient through the
-    dequantized weight (:func:`lowbit.qgrad.frozen_forward`). The custom op has no backward,
-    so it took ``x.detach()`` and earlier layers silently got no gradient through this one."""
-    from lowbit.qgrad import frozen_forward
-
-    return frozen_forward(module, x)
 
 
 def _buffer_names(module: nn.Module) -> list[str]:
@@ -319,18 +305,59 @@ _LIB = torch.library.Library("lowbit", "DEF")
 _LIB.define("quantized_layer(Tensor x, Tensor[] buffers, str spec) -> Tensor")
 
 
+_LIB.define("quantized_layer_grad(Tensor grad, Tensor x, Tensor y, Tensor[] buffers, str spec)"
+            " -> Tensor")
+
+
 def _quantized_layer(x: torch.Tensor, buffers: list[torch.Tensor], spec: str) -> torch.Tensor:
-    y = _executor(spec, buffers)._forward_smoothed(x)  # the traced graph smoothed x
+    y = _executor(spec, buffers)._forward_smoothed(x.detach())  # the traced graph smoothed x
     return y if y.is_contiguous() else y.contiguous()
+
+
+def _quantized_layer_grad(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                          buffers: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """The input gradient of one ``quantized_layer`` call (``lowbit.qgrad.input_grad``: the
+    float layer with the dequantized weight, as in eager mode)."""
+    from lowbit.qgrad import input_grad
+
+    return input_grad(_executor(spec, buffers), x, y, grad).contiguous()
 
 
 for _key in ("CPU", "CUDA"):
     _LIB.impl("quantized_layer", _quantized_layer, _key)
+    _LIB.impl("quantized_layer_grad", _quantized_layer_grad, _key)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, buffers, spec = inputs
+    ctx.spec = spec
+    ctx.save_for_backward(x, output, *buffers)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, list[None], None]:
+    """Inside ``torch.compile``, an input that requires grad (QLoRA adapters, float layers
+    training before this one) gets the eager gradient; the op took ``x.detach()`` before, so
+    those layers silently got no gradient through it. Buffers never get one."""
+    x, y, *buffers = ctx.saved_tensors
+    none: list[None] = [None] * len(buffers)
+    if not ctx.needs_input_grad[0]:
+        return None, none, None
+    return torch.ops.lowbit.quantized_layer_grad(grad, x, y, buffers, ctx.spec), none, None
+
+
+torch.library.register_autograd("lowbit::quantized_layer", _backward,
+                                setup_context=_setup_context)
 
 
 @functools.lru_cache(maxsize=1024)
 def _meta(spec: str) -> dict[str, Any]:
     return load_spec(spec)
+
+
+@torch.library.register_fake("lowbit::quantized_layer_grad")
+def _quantized_layer_grad_fake(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                               buffers: list[torch.Tensor], spec: str) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lowbit::quantized_layer")

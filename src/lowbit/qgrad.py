@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["frozen_forward"]
+__all__ = ["frozen_forward", "input_grad"]
 
 
 def frozen_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -98,23 +98,49 @@ class _FrozenQuantized(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        module = ctx.module
         x, relu_mask, ste_mask = ctx.saved_tensors
-        if _is_conv(module):
-            return _conv_input_grad(module, x, grad).to(ctx.x_dtype), None
-        g = grad.float()
-        if relu_mask is not None:
-            g = g * relu_mask
-        weight = module.dequantize_weight()  # (N, K) float32, freed when this returns
-        if module.fused_gelu is not None:  # derivative at the float pre-activation
-            with torch.enable_grad():
-                z = F.linear(x.float(), weight, module.bias).requires_grad_()
-                (g,) = torch.autograd.grad(F.gelu(z, approximate=module.fused_gelu), z, g)
-        grad_x = g.reshape(-1, g.shape[-1]) @ weight  # (M, K)
-        grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1])
-        if ste_mask is not None:
-            grad_x = grad_x * ste_mask
-        return grad_x.to(ctx.x_dtype), None
+        return _input_grad(ctx.module, x, relu_mask, ste_mask, grad).to(ctx.x_dtype), None
+
+
+def input_grad(module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               grad: torch.Tensor) -> torch.Tensor:
+    """The input gradient of one call ``y = module(x)`` of a quantized linear or conv layer
+    (what :func:`frozen_forward`'s backward computes; the backward of the custom op
+    ``lowbit::quantized_layer`` inside ``torch.compile``), in ``x``'s dtype.
+
+    Example:
+        >>> from lowbit.config import QuantizationConfig
+        >>> from lowbit.modules import QuantizedLinear
+        >>> q = QuantizedLinear.from_float(nn.Linear(8, 4), QuantizationConfig.int8_dynamic())
+        >>> x = torch.randn(3, 8)
+        >>> g = input_grad(q, x, q(x), torch.ones(3, 4))
+        >>> torch.allclose(g, q.dequantize_weight().sum(0).expand(3, 8))
+        True
+    """
+    relu = None
+    if not _is_conv(module) and module.fused_gelu is None and module.fused_relu:
+        relu = y > 0
+    ste = None if _is_conv(module) else _static_mask(module, x)
+    return _input_grad(module, x, relu, ste, grad).to(x.dtype)
+
+
+def _input_grad(module: nn.Module, x: torch.Tensor | None, relu_mask: torch.Tensor | None,
+                ste_mask: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    if _is_conv(module):
+        assert x is not None
+        return _conv_input_grad(module, x, grad)
+    g = grad.float()
+    if relu_mask is not None:
+        g = g * relu_mask
+    weight = module.dequantize_weight()  # (N, K) float32, freed when this returns
+    if module.fused_gelu is not None:  # derivative at the float pre-activation
+        assert x is not None
+        with torch.enable_grad():
+            z = F.linear(x.float(), weight, module.bias).requires_grad_()
+            (g,) = torch.autograd.grad(F.gelu(z, approximate=module.fused_gelu), z, g)
+    grad_x = g.reshape(-1, g.shape[-1]) @ weight  # (M, K)
+    grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1])
+    return grad_x if ste_mask is None else grad_x * ste_mask
 
 
 def _conv_input_grad(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
