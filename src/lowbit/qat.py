@@ -348,9 +348,17 @@ class QATLayer(nn.Module):
         self.bn_frozen.fill_(bool(frozen))
 
     # ------------------------------------------------------------------ forward
-    @torch.compiler.disable  # (observers, statistics, BN folding: eager inside torch.compile)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize the input and the (folded) weight, run the float op, fused ReLU."""
+        """Fake-quantize the input and the (folded) weight, run the float op, fused ReLU.
+
+        Inside ``torch.compile`` the layer runs eagerly (its observers, statistics and
+        BatchNorm folding are Python state dynamo cannot trace): the rest of the model
+        compiles around it."""
+        if _compiling():
+            return _eager_forward()(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         bn = self.bn
@@ -441,6 +449,25 @@ class QATLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, mode={self.config.mode}, fused_relu={self.fused_relu}, "
                 f"folded_bn={self.bn is not None}")
+
+
+def _compiling() -> bool:
+    """Whether dynamo traces now, without importing it (as ``lowbit._dispatch`` checks)."""
+    flag = getattr(torch.compiler, "_is_compiling_flag", None)
+    return flag if isinstance(flag, bool) else torch.compiler.is_compiling()
+
+
+_EAGER_FORWARD: Any = None
+
+
+def _eager_forward() -> Any:
+    """``QATLayer._forward`` marked for dynamo to run eagerly; made on first use (when dynamo
+    is loaded anyway): ``torch.compiler.disable`` imports dynamo, which ``import lowbit``
+    must not pay for (2 s)."""
+    global _EAGER_FORWARD
+    if _EAGER_FORWARD is None:
+        _EAGER_FORWARD = torch.compiler.disable(QATLayer._forward)
+    return _EAGER_FORWARD
 
 
 class QATPreparer:
