@@ -267,7 +267,7 @@ class _Tied(nn.Module):
 
 def test_shared_layer_gets_one_adapter_and_round_trips(tmp_path: Path) -> None:
     q = quantize_dynamic(_Tied())
-    q.b = q.a  # PTQ swaps a shared layer under its first name only (reported to the lead)
+    assert q.a is q.b  # PTQ swaps a shared layer under all its names
     lq = add_lora(q, r=2, target_modules=["b"])
     assert isinstance(lq.a, LoRALinear) and lq.a is lq.b
     assert len(lora_parameters(lq)) == 2  # one A and one B: the shared wrapper counts once

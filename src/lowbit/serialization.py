@@ -859,8 +859,9 @@ def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Pa
                         ) -> dict[str, nn.Module]:
     names = dict(skeleton.named_modules(remove_duplicate=False))
     built: dict[str, nn.Module] = {}
-    for name, entry in sorted(manifest.get("modules", {}).items(),
-                              key=lambda kv: kv[0].count(".")):
+    for name, entry in sorted(manifest.get("modules", {}).items(),  # a module's other names
+                              key=lambda kv: (kv[1].get("kind") == "shared",  # after it
+                                              kv[0].count("."))):
         parent = name.rpartition(".")[0]
         if name not in names and parent not in built:
             raise LoadError(
