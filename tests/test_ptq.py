@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -545,6 +546,37 @@ def test_shared_layer_is_reported_under_every_name_and_stays_shared(
     ref = model(x)
     out = q(x)
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize(("rule", "expected"), [
+    ({"skip_layers": ("b",)}, nn.Linear),
+    ({"layer_overrides": {"b": None}}, nn.Linear),
+    ({"layer_overrides": {"b": QuantizationConfig.int4_weight_only(group_size=8)}}, "Int4Linear"),
+    ({"layer_overrides": {"a": None, "b": None}}, nn.Linear),
+])
+def test_a_rule_naming_a_shared_layers_second_name_applies(
+        rule: dict, expected: type | str, shared_layer_model: nn.Module) -> None:
+    """A skip / override naming ``b`` (the second name of layer ``a``) was ignored with a
+    warning that ``'b'`` matches no layer; it now applies to the one module under both names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "matches no layer" warning)
+        q = PTQQuantizer(QuantizationConfig.int8_dynamic(**rule), progress=False).quantize(
+            shared_layer_model)
+    assert q.a is q.b
+    assert (type(q.a) is expected if isinstance(expected, type)
+            else type(q.a).__name__ == expected)
+
+
+def test_disagreeing_rules_for_one_shared_layer_are_refused(shared_layer_model) -> None:
+    cfg = QuantizationConfig.int8_dynamic(layer_overrides={
+        "a": QuantizationConfig.int4_weight_only(group_size=8), "b": None})
+    with pytest.raises(ValueError, match=r"'a' is one module under the names \['a', 'b'\].*"
+                                         r"'a': W4 per_group/8.*'b': FP32"):
+        PTQQuantizer(cfg, progress=False).quantize(shared_layer_model)
+    q = PTQQuantizer(QuantizationConfig.int8_dynamic(layer_overrides={"b": None}),
+                     progress=False)
+    q.set_per_layer_fallback("a", True)  # the same decision under both names: accepted
+    assert type(q.quantize(shared_layer_model).b) is nn.Linear
 
 
 @pytest.mark.parametrize("method", ["dynamic", "static", "int4"])

@@ -555,6 +555,9 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
     adapters = peft_adapter_prefixes(model)
     plans: dict[str, LayerPlan] = {}
     first_name: dict[int, str] = {}
+    names_of: dict[int, list[str]] = {}  # a module reused under several names: all of them
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
     for name, module in model.named_modules(remove_duplicate=False):
         quantizable = isinstance(module, QUANTIZABLE_TYPES) or is_hf_conv1d(module)
         if not name and not quantizable:
@@ -580,10 +583,8 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
                                     "inside nn.MultiheadAttention, whose fused kernel reads the "
                                     "float weight directly; kept in float")
             continue
-        layer_cfg = None if name in fallback else config.config_for(name)
+        layer_cfg, why = _rule_for(names_of[id(module)], config, fallback)
         if layer_cfg is None:
-            why = ("set_per_layer_fallback" if name in fallback else
-                   "skip_layers" if config.is_skipped(name) else "layer_overrides")
             plans[name] = LayerPlan(name, kind, None, "fp32 (requested)", f"kept in FP32 by {why}")
             continue
         note = ""
@@ -614,10 +615,34 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
     return plans
 
 
+def _rule_for(names: list[str], config: QuantizationConfig, fallback: set[str]
+              ) -> tuple[QuantizationConfig | None, str]:
+    """The config of one module known by ``names`` (several when the model reuses it) and what
+    set it: a fallback, skip or override naming any of its names applies to the module; rules
+    that disagree are an error naming them (the module can take only one)."""
+    rules: dict[str, tuple[QuantizationConfig | None, str]] = {}
+    for n in names:
+        if n in fallback:
+            rules[n] = (None, "set_per_layer_fallback")
+        elif config.is_skipped(n):
+            rules[n] = (None, "skip_layers")
+        elif (cfg := config.config_for(n)) is not config:
+            rules[n] = (cfg, "layer_overrides")
+    if not rules:
+        return config, ""
+    chosen = next(iter(rules.values()))
+    if any(cfg != chosen[0] for cfg, _ in rules.values()):
+        said = "; ".join(f"{n!r}: {'FP32' if c is None else _scheme(c)} ({why})"
+                         for n, (c, why) in rules.items())
+        raise ValueError(f"{names[0]!r} is one module under the names {names}, and the rules "
+                         f"for them differ ({said}); give every name the same rule, or one")
+    return chosen
+
+
 def _warn_unmatched(model: nn.Module, config: QuantizationConfig, fallback: set[str]) -> None:
     """Warn about skip / override / fallback names that match no module: a typo would otherwise
     quantize the layer the user meant to keep, without a word. Names the closest real ones."""
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
     for source, patterns in (("skip_layers", tuple(config.skip_layers)),
                              ("layer_overrides", tuple(config.layer_overrides)),
                              ("set_per_layer_fallback", tuple(sorted(fallback)))):
