@@ -341,6 +341,32 @@ def test_conv2d_weight_caches_follow_load_state_dict(cin: int) -> None:
     assert not {"_codes_cache", "_cols_cache"} & set(qa.state_dict())
 
 
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("mode", ["dynamic", "int4", "int8_weight_only", "lstm"])
+def test_a_float_state_dict_is_refused_not_cast_into_codes(mode: str, strict: bool) -> None:
+    """``load_state_dict(float_model.state_dict(), strict=False)`` cast the float weights into
+    the int8 codes (truncated: outputs off by the whole signal) and returned without a word;
+    now every integer buffer refuses another dtype, names the layer, and keeps its codes."""
+    from lowbit.ptq import quantize_dynamic, quantize_weight_only
+
+    torch.manual_seed(0)
+    float_model = nn.LSTM(8, 8) if mode == "lstm" else nn.Sequential(nn.Linear(64, 32)).eval()
+    q = (quantize_dynamic(float_model) if mode in ("dynamic", "lstm") else
+         quantize_weight_only(float_model, bits=4 if mode == "int4" else 8, group_size=32))
+    x = torch.randn(3, 8) if mode == "lstm" else torch.randn(3, 64)
+    def run() -> torch.Tensor:
+        return q(x)[0] if mode == "lstm" else q(x)  # (an LSTM returns output, (h, c))
+
+    y = run()
+    codes = {n: t.clone() for n, t in q.state_dict().items() if not t.is_floating_point()}
+    with pytest.raises(RuntimeError, match=r"weight\S*: .* holds torch\.u?int8 codes here, the "
+                                           r"state dict a torch\.float32 tensor.*lowbit\.load"):
+        q.load_state_dict(float_model.state_dict(), strict=strict)
+    assert all(torch.equal(q.state_dict()[n], t) for n, t in codes.items())
+    assert torch.equal(run(), y)
+    q.load_state_dict(q.state_dict())  # the same dtypes: loads as before
+
+
 def test_first_calls_from_several_threads_rebuild_the_caches_once(monkeypatch) -> None:
     """A served model's first calls can come from several threads at once, and each layer
     rebuilds its kernel caches on its first call: one thread does it (made slow here) while

@@ -623,8 +623,28 @@ class QuantizedModuleBase(nn.Module):
     def _refresh_cache(self) -> None:
         """Rebuild derived (non-persistent) kernel caches from the persistent buffers."""
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        """Load as ``nn.Module`` does, then rebuild the caches; an integer buffer (codes, zero
+        points) refuses a tensor of another dtype: ``copy_`` would cast it, so a float model's
+        weights loaded with ``strict=False`` silently became truncated codes."""
+        error_msgs = args[-1] if args else kwargs["error_msgs"]
+        kept = {}
+        for name, buf in self._buffers.items():
+            incoming = state_dict.get(prefix + name)
+            if (buf is None or name in self._non_persistent_buffers_set or buf.is_floating_point()
+                    or not isinstance(incoming, torch.Tensor) or incoming.dtype == buf.dtype):
+                continue
+            kept[name] = (buf, buf.clone())
+            error_msgs.append(
+                f"{prefix}{name}: {self._label()} holds {buf.dtype} "
+                f"{'integers' if 'zero_point' in name else 'codes'} here, the state dict a "
+                f"{incoming.dtype} tensor (a float model's weights?): not loaded. Load float "
+                "weights into the float model and quantize it again; load a saved quantized "
+                "model with lowbit.load")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name, (buf, before) in kept.items():  # nn.Module copied (cast) or assigned it
+            self._buffers[name] = buf.copy_(before)
         self._refresh_cache()
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedModuleBase:
