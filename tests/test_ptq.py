@@ -529,6 +529,13 @@ def test_report_markdown_lists_every_layer(images) -> None:
     assert d["layers"][0]["calibration"]["num_batches"] == len(images)
 
 
+def test_report_markdown_escapes_a_pipe_in_a_layer_name() -> None:
+    model = nn.Sequential()
+    model.add_module("a|b", nn.Linear(4, 4))  # (nn.ModuleDict keys may hold any character)
+    row = quantize_dynamic(model).lowbit_report.to_markdown().splitlines()[2]
+    assert row.startswith("| a\\|b | Linear | quantized |") and row.count(" | ") == 4
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_shared_layer_is_reported_under_every_name_and_stays_shared(
         mode: str, shared_layer_model: nn.Module) -> None:

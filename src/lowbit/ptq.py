@@ -124,7 +124,8 @@ class QuantizationReport:
                                           "ReLU" if r.fused_relu else "",
                                           f"GELU {r.fused_gelu}" if r.fused_gelu else "",
                                           f"MaxPool {r.fused_pool}" if r.fused_pool else "") if x)
-            lines.append(f"| {r.name} | {r.module_type} | {r.status} | {r.reason} | {fused} |")
+            cells = (r.name, r.module_type, r.status, r.reason, fused)  # ("|" in a layer name)
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
         lines.append(f"{len(self.quantized)} quantized, {len(self.fp32)} kept in FP32 on request, "
                      f"{len(self.skipped)} skipped; fusions found by {self.fusion_method}"
