@@ -8,11 +8,13 @@ wheel matching torch 2.13 installs here, so these follow torchvision's code.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -251,6 +253,37 @@ def test_add_lora_and_save_load(name: str, tmp_path: Path) -> None:
     loaded = lowbit.load(tmp_path / "q", MODELS[name]().eval())
     with torch.no_grad():
         assert torch.equal(_run(loaded, batch), ref)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int4_weight_only", "qat", "load"])
+def test_save_pretrained_of_a_quantized_model_warns_and_still_resumes(
+        mode: str, tmp_path: Path) -> None:
+    """``save_pretrained`` writes the codes under the float weights' names and
+    ``from_pretrained`` loads them as float weights, with no error (outputs uncorrelated): the
+    quantized model's ``save_pretrained`` now says so and names lowbit.save / lowbit.load; the
+    file still reloads right with ``load_state_dict`` (how ``Trainer`` resumes)."""
+    name = "llama"
+    if mode == "load":
+        lowbit.save(_quantize(name, "dynamic"), tmp_path / "q")
+        q = lowbit.load(tmp_path / "q", MODELS[name]().eval())
+    else:
+        q = _quantize(name, mode)
+    assert "save_pretrained" not in vars(_float(name))  # the user's model is left alone
+    with pytest.warns(UserWarning, match=r"LlamaForCausalLM\.save_pretrained writes this "
+                                         r"quantized model's integer codes.*lowbit\.save"):
+        q.save_pretrained(tmp_path / "hf")
+    state = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
+    fresh = lowbit.load(tmp_path / "q", MODELS[name]().eval()) if mode == "load" else (
+        copy.deepcopy(q))
+    with torch.no_grad():
+        for t in fresh.state_dict().values():
+            if t.dtype == torch.int8:
+                t.zero_()
+    fresh.load_state_dict(state)
+    batch = _inputs(name, 1)
+    with torch.no_grad():
+        assert torch.equal(_run(fresh, batch), _run(q, batch))
+    assert fresh.save_pretrained.model is fresh  # (a copy's warning saves the copy)
 
 
 def test_weight_view_is_float_lazy_and_read_only() -> None:

@@ -23,7 +23,7 @@ from lowbit.calibration import CalibrationRecord, run_calibration
 from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.distributed import calibrate_synced
-from lowbit.dropin import is_linear_like
+from lowbit.dropin import guard_save_pretrained, is_linear_like
 from lowbit.memory import trim_heap
 from lowbit.modules import (
     Int4Linear,
@@ -356,6 +356,7 @@ class PTQQuantizer(Quantizer):
             sharing.unshare(qmodel.modules())
         trim_heap()  # the conversion temporaries' freed heap back to the OS
         qmodel.lowbit_report = report
+        guard_save_pretrained(qmodel)  # (transformers: from_pretrained would misread its file)
         self.last_report = report
         log.info("lowbit: %d layers quantized, %d FP32 by request, %d skipped",
                  len(report.quantized), len(report.fp32), len(report.skipped))

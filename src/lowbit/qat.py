@@ -58,7 +58,7 @@ from lowbit._qmodule import QuantizedModuleBase, carry_hooks, has_hooks
 from lowbit.calibrators import available_calibrators
 from lowbit.config import QuantizationConfig
 from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
-from lowbit.dropin import is_hf_conv1d, linear_from_conv1d
+from lowbit.dropin import guard_save_pretrained, is_hf_conv1d, linear_from_conv1d
 from lowbit.fake_quantize import FakeQuantize
 from lowbit.memory import trim_heap
 from lowbit.modules import QuantizedConv2d, WeightOnlyConv2d, convert_module
@@ -647,7 +647,7 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     disable_fused_fast_paths(model)
     sharing.unshare(model.modules())  # float layers: their own weights, not the QAT model's
     trim_heap()
-    return model.eval()
+    return guard_save_pretrained(model).eval()
 
 
 def _fuse_maxpools(model: nn.Module, pools: dict[str, str]) -> None:

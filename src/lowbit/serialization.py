@@ -46,6 +46,7 @@ from torch import nn
 
 from lowbit._qmodule import check_conv_geometry
 from lowbit.config import QuantSpec
+from lowbit.dropin import guard_save_pretrained
 from lowbit.lora import LORA_BASES, LoRALinear, mark_only_lora_trainable
 from lowbit.modules import (
     QUANTIZED_MODULES,
@@ -1053,7 +1054,7 @@ def _finish(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
         mark_only_lora_trainable(model)
     model.eval()
     model.lowbit_manifest = manifest
-    return model
+    return guard_save_pretrained(model)  # (transformers: from_pretrained would misread it)
 
 
 # ---------------------------------------------------------------------------------- inspect
