@@ -36,6 +36,17 @@ def test_accuracy_dataset_and_loader_and_mode_restored():
         evaluate_accuracy(model, [])
 
 
+def test_accuracy_reads_column_labels_and_refuses_other_shapes() -> None:
+    """(B, 1) labels broadcast against (B,) predictions counted B x B hits (100% here, 3 of 4
+    right); one-hot labels scored 18.75%. Now a column is read as indices, others refused."""
+    x, y = torch.eye(4), torch.tensor([0, 1, 3, 3])
+    assert evaluate_accuracy(nn.Identity(), [(x, y[:, None])]) == 75.0
+    assert evaluate_accuracy(nn.Identity(), [(x, y.float())]) == 75.0
+    with pytest.raises(ValueError, match=r"labels of shape \(4, 4\) do not match the "
+                                         r"predictions \(4,\).*labels\.argmax\(-1\)"):
+        evaluate_accuracy(nn.Identity(), [(x, nn.functional.one_hot(y, 4))])
+
+
 def test_nbytes_known_modules():
     assert model_nbytes(nn.Linear(10, 4)) == (40 + 4) * 4
     assert model_nbytes(nn.Linear(10, 4, bias=False).half()) == 40 * 2

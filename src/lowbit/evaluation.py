@@ -84,7 +84,8 @@ def evaluate_accuracy(model: nn.Module, dataset_or_loader: Dataset | Iterable[An
         Accuracy in percent, in ``[0, 100]``.
 
     Raises:
-        ValueError: when the data holds no sample.
+        ValueError: when the data holds no sample, or labels that are not one class index per
+            prediction (a trailing size-1 dimension is accepted).
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -96,7 +97,17 @@ def evaluate_accuracy(model: nn.Module, dataset_or_loader: Dataset | Iterable[An
     with _eval_mode(model), torch.no_grad():  # (not inference_mode: evaluated mid-training,
         # a cache the model builds in forward must stay usable by autograd)
         for inputs, labels in _batches(dataset_or_loader, batch_size):
-            preds = _call(model, inputs).argmax(dim=-1)
+            logits = _call(model, inputs)
+            preds = logits.argmax(dim=-1)
+            labels = torch.as_tensor(labels, device=preds.device)
+            if labels.shape == (*preds.shape, 1):  # a (B, 1) column of class indices: it
+                labels = labels.squeeze(-1)  # broadcast against (B,) to B x B "hits"
+            if labels.shape != preds.shape:
+                raise ValueError(
+                    f"evaluate_accuracy: labels of shape {tuple(labels.shape)} do not match "
+                    f"the predictions {tuple(preds.shape)} (the argmax over the last dimension "
+                    f"of the model's output {tuple(logits.shape)}); give class indices, e.g. "
+                    "labels.argmax(-1) for one-hot labels")
             correct += int((preds == labels).sum())
             total += labels.numel()
     if total == 0:
