@@ -91,9 +91,12 @@ def test_compare_outputs_known_values():
     assert compare_outputs(torch.zeros(2), torch.ones(2)).rel_l2 == math.inf
     import numpy as np
 
-    assert compare_outputs(np.ones((2, 2)), torch.ones(4)).cosine == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="same input"):
+    assert compare_outputs(np.ones((2, 2)), torch.ones(2, 2)).cosine == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"shape \(3,\), candidate \(4,\); compare outputs of "
+                                         "the same input"):
         compare_outputs(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match="same input and layout"):  # (same count: a transpose
+        compare_outputs(torch.ones(2, 3), torch.ones(3, 2))  # would compare wrong elements)
 
 
 def test_latency_positive_and_threads_restored():

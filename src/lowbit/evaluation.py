@@ -317,11 +317,12 @@ def compare_outputs(reference: Any, candidate: Any) -> OutputError:
         >>> round(err.cosine, 4), err.max_abs, err.rel_l2
         (0.8944, 0.5, 0.5)
     """
-    ref = torch.as_tensor(reference).detach().to(torch.float64).flatten()
-    cand = torch.as_tensor(candidate).detach().to(torch.float64).flatten()
-    if ref.shape != cand.shape:
-        raise ValueError(f"compare_outputs: reference has {ref.numel()} elements, candidate "
-                         f"{cand.numel()}; compare outputs of the same input")
+    ref = torch.as_tensor(reference).detach().to(torch.float64)
+    cand = torch.as_tensor(candidate).detach().to(torch.float64)
+    if ref.shape != cand.shape:  # (same count, other layout: element-wise errors would lie)
+        raise ValueError(f"compare_outputs: reference has shape {tuple(ref.shape)}, candidate "
+                         f"{tuple(cand.shape)}; compare outputs of the same input and layout")
+    ref, cand = ref.flatten(), cand.flatten()
     diff = cand - ref
     ref_norm, cand_norm = float(ref.norm()), float(cand.norm())
     if ref_norm == 0.0 and cand_norm == 0.0:
