@@ -210,6 +210,8 @@ def op_spec(module: nn.Module) -> str:
         >>> '"' in op_spec(q), load_spec(op_spec(q))["out_features"]
         (False, 3)
     """
+    if not _COMPILER.is_dynamo_compiling():  # (non-strict torch.export: plain Python, and the
+        return _spec(module)  # module may be its tracer's proxy of a reused layer, not live)
     return _spec_of(id(module))
 
 
