@@ -122,6 +122,31 @@ def test_unbatched(kind: str) -> None:
         _close(a, c)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_weights_read_as_the_float_modules(kind: str) -> None:
+    """``weight_ih_l0`` ... were the int8 codes: model code casting its input to
+    ``rnn.weight_ih_l0.dtype`` cast it to int8. They now read as a quantized Linear's
+    ``weight``: float views (the float module's dtype, shape, values within the step); the
+    codes stay the buffers (``state_dict``); ``all_weights`` lists them per layer."""
+    kw = {"proj_size": 8} if kind == "LSTM" else {}
+    f = _float(kind, 2, bidir=True, **kw)
+    q = convert_module(f, DYN)
+    for name, param in f.named_parameters():
+        view = getattr(q, name)
+        assert view.dtype == param.dtype and view.shape == param.shape
+        if name.startswith("weight"):
+            step = q._buffers[f"{name}_scale"].max()
+            assert (view - param).abs().max() <= step / 2 + 1e-6
+            assert q.state_dict()[name].dtype == torch.int8
+            with pytest.raises(RuntimeError, match="read-only"):
+                view.add_(1)
+    assert [[tuple(w.shape) for w in ws] for ws in q.all_weights] == [
+        [tuple(w.shape) for w in ws] for ws in f.all_weights]
+    x = torch.randn(7, 3, 16)
+    assert torch.equal(q(x.to(q.weight_ih_l0.dtype))[0], q(x)[0])
+    assert q.to(torch.bfloat16).weight_hh_l0.dtype == torch.bfloat16
+
+
 def test_more_accurate_than_torch_ao() -> None:
     """lowbit's per-token activations vs torch.ao's per-tensor ones, on the same LSTM."""
     ao = pytest.importorskip("torch.ao.quantization")

@@ -17,6 +17,7 @@ float rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 from lowbit import _dispatch
 from lowbit._qmodule import QuantizedModuleBase, quantize_weight, refuse_jit_trace
 from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.dropin import DequantizedWeight
 from lowbit.kernels import (
     FUSED_GEMMS,
     fused_linear_layout,
@@ -133,7 +135,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
     Buffers follow the float module's parameter names: ``weight_ih_l{k}[_reverse]`` int8
     ``[gates * hidden, in]`` with ``..._scale`` float32 and ``..._zero_point`` int32 (one per
     row, or one per tensor), the same for ``weight_hh`` (and ``weight_hr`` with ``proj_size``),
-    and float32 ``bias_ih`` / ``bias_hh``. Inference only: dropout between layers is not
+    and float32 ``bias_ih`` / ``bias_hh``; read as attributes, the weights are float views of
+    the codes (as a quantized Linear's ``weight``). Inference only: dropout between layers is not
     applied (as the float module in eval mode); an input that requires grad gets the gradient
     of the float layer with the dequantized weights (straight through).
     """
@@ -205,7 +208,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
             for wname in rnn_weight_shapes(q._shape_meta()):
                 codes, scale, zp = quantize_weight(getattr(m, wname), q.weight_spec,
                                                    f"{name}.{wname}" if name else wname, kind)
-                getattr(q, wname).copy_(codes)
+                q._buffers[wname].copy_(codes)
                 for key, value in (("scale", scale), ("zero_point", zp)):
                     buf = getattr(q, f"{wname}_{key}")
                     buf.copy_(value.reshape(buf.shape))
@@ -293,6 +296,38 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
 
     def flatten_parameters(self) -> None:
         """No-op, as on CPU for the float module (model code often calls it in forward)."""
+
+    def __getattr__(self, name: str) -> Any:
+        """``weight_ih_l0`` ... read as the float module's would: a float view of the codes
+        (:class:`lowbit.dropin.DequantizedWeight`, the dtype the layer presents), as a quantized
+        Linear's ``weight`` is; model code casting its input to that dtype got int8. The codes
+        stay the buffers of those names (``state_dict``, files, ``_buffers``)."""
+        buffers = self.__dict__.get("_buffers", {})
+        if name.startswith("weight_") and f"{name}_scale" in buffers:
+            codes = buffers[name]
+            return DequantizedWeight(functools.partial(self.dequantize_weight, name),
+                                     codes.shape, getattr(torch, self.orig_dtype, torch.float32),
+                                     codes.device, f"{self._label()}.{name}")
+        return super().__getattr__(name)
+
+    @property
+    def all_weights(self) -> list[list[torch.Tensor]]:
+        """Per layer and direction, as ``nn.LSTM`` / ``nn.GRU`` list them: ``weight_ih``,
+        ``weight_hh`` (float views), ``bias_ih``, ``bias_hh``, ``weight_hr`` where present.
+
+        Example:
+            >>> q = QuantizedGRU.from_float(nn.GRU(4, 8), QuantizationConfig.int8_dynamic())
+            >>> [(tuple(w.shape), w.dtype) for w in q.all_weights[0]][:2]
+            [((24, 4), torch.float32), ((24, 8), torch.float32)]
+        """
+        out = []
+        for k in range(self.num_layers):
+            for sfx in ("", "_reverse") if self.bidirectional else ("",):
+                names = [f"{kind}_{part}_l{k}{sfx}" for kind, part in (
+                    ("weight", "ih"), ("weight", "hh"), ("bias", "ih"), ("bias", "hh"),
+                    ("weight", "hr"))]
+                out.append([getattr(self, n) for n in names if n in self._buffers])
+        return out
 
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
@@ -497,8 +532,8 @@ class QuantizedLSTM(QuantizedRNNBase):
         >>> q = QuantizedLSTM.from_float(f, QuantizationConfig.int8_dynamic(), name="lstm")
         >>> x = torch.randn(3, 7, 16)
         >>> (y, (h, c)), (yf, _) = q(x), f(x)
-        >>> y.shape, h.shape, q.weight_hh_l1_reverse.dtype
-        (torch.Size([3, 7, 64]), torch.Size([4, 3, 32]), torch.int8)
+        >>> y.shape, h.shape, q.weight_hh_l1_reverse.dtype, q._buffers["weight_hh_l1"].dtype
+        (torch.Size([3, 7, 64]), torch.Size([4, 3, 32]), torch.float32, torch.int8)
         >>> bool(torch.nn.functional.cosine_similarity(y.flatten(), yf.flatten(), 0) > 0.999)
         True
     """
