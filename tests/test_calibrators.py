@@ -165,6 +165,37 @@ def test_custom_calibrator_by_name_works_like_a_builtin(registry):
         register_calibrator("not_a_calibrator")(dict)
 
 
+@pytest.mark.parametrize(("answer", "error", "match"), [
+    (None, TypeError, r"must return \(min, max\), got None"),
+    ((float("nan"), 1.0), ValueError, "returned a range that is not finite"),
+    ((2.0, -2.0), ValueError, r"returned min > max .*in that order"),
+    ((torch.zeros(5), torch.ones(5)), ValueError,
+     r"returned min of shape \(5,\) .*statistics' shape \(\) \(per_tensor\)"),
+])
+def test_a_custom_calibrators_wrong_range_is_refused_naming_it(answer, error, match) -> None:
+    """Its mistakes surfaced as "shape '[]' is invalid for input of size 5", "'NoneType' is
+    not iterable" or "the calibrated tensor had non-finite values" (the data was fine)."""
+    class Bad(MinMaxCalibrator):
+        def _compute_range(self):
+            return answer
+
+    cal = Bad(tensor_name="fc1.input")
+    cal(torch.randn(4, 8))
+    with pytest.raises(error, match=r"fc1\.input: Bad\._compute_range\(\) " + match):
+        cal.compute_range()
+
+
+def test_a_custom_calibrator_may_return_numbers() -> None:
+    class Fixed(MinMaxCalibrator):
+        def _compute_range(self):
+            return -3, 3.0
+
+    cal = Fixed()
+    cal(torch.randn(4, 8))
+    lo, hi = cal.compute_range()
+    assert lo.dtype == hi.dtype == torch.float32 and (lo.item(), hi.item()) == (-3.0, 3.0)
+
+
 # ------------------------------------------------------------------------- the contract
 @pytest.mark.parametrize("name", BUILTINS)
 def test_forward_records_and_returns_input_unchanged(name):

@@ -207,8 +207,34 @@ class Calibrator(nn.Module):
                              "(the observed range is not finite); fix the input, or keep its layer "
                              f"in float with layer_overrides={{{self._layer() or '<layer name>'!r}"
                              ": None}; reset() to calibrate again")
-        lo, hi = self._compute_range()
-        return lo.float(), hi.float()
+        return self._checked_range(self._compute_range(), seen[0])
+
+    def _checked_range(self, result: Any, like: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_compute_range``'s answer as float32 tensors, refused with the calibrator's name
+        when it is not a finite ``(min, max)`` pair of the statistics' shape (a custom
+        calibrator's mistake otherwise surfaced as an unrelated reshape or attribute error,
+        or as "the calibrated tensor had non-finite values")."""
+        who = f"{self.tensor_name}: {type(self).__name__}._compute_range()"
+        if not (isinstance(result, tuple | list) and len(result) == 2):
+            raise TypeError(f"{who} must return (min, max), got {result!r:.80}")
+        try:
+            lo, hi = (torch.as_tensor(v).detach().float() for v in result)  # (numbers too)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{who} must return (min, max) tensors or numbers, got "
+                            f"{result!r:.80}") from exc
+        want = lo.shape if like is None else like.shape
+        if lo.shape != want or hi.shape != want:
+            raise ValueError(f"{who} returned min of shape {tuple(lo.shape)} and max of shape "
+                             f"{tuple(hi.shape)}; both must have the statistics' shape "
+                             f"{tuple(want)} ({self.spec.granularity})")
+        if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+            raise ValueError(f"{who} returned a range that is not finite "
+                             f"({lo.flatten()[:4].tolist()} .. {hi.flatten()[:4].tolist()})")
+        if bool((lo > hi).any()):
+            raise ValueError(f"{who} returned min > max ({lo.flatten()[:4].tolist()} .. "
+                             f"{hi.flatten()[:4].tolist()}); return (min, max) in that order")
+        return lo, hi
 
     def compute_qparams(self, spec: QuantSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``lowbit.ops.choose_qparams(*compute_range(), spec)``: ``(scale, zero_point)``.
