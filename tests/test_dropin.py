@@ -9,7 +9,9 @@ wheel matching torch 2.13 installs here, so these follow torchvision's code.
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -284,6 +286,20 @@ def test_save_pretrained_of_a_quantized_model_warns_and_still_resumes(
     with torch.no_grad():
         assert torch.equal(_run(fresh, batch), _run(q, batch))
     assert fresh.save_pretrained.model is fresh  # (a copy's warning saves the copy)
+
+
+def test_a_deleted_quantized_model_is_freed_without_the_cycle_collector() -> None:
+    """``save_pretrained``'s warning refers to its model weakly: a strong reference made every
+    quantized transformers model a reference cycle, kept (weights included) until gc ran."""
+    q = _quantize("llama", "dynamic")
+    ref = weakref.ref(q)
+    gc.collect()
+    gc.disable()
+    try:
+        del q
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_weight_view_is_float_lazy_and_read_only() -> None:

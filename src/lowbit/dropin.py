@@ -21,6 +21,7 @@ forward lowbit must not drop, and the warning a quantized ``transformers`` model
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -195,10 +196,26 @@ class _QuantizedSavePretrained:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self._model = weakref.ref(model)  # (a strong one would keep a deleted model alive
+        # until the cycle collector ran: its tensors too)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model whose ``save_pretrained`` this is."""
+        return self._model()
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its model (torch.save(model))
+        return (_QuantizedSavePretrained, (self._model(),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _QuantizedSavePretrained:
+        model = self._model()  # a copy of the model gets its copy's (made first, in memo)
+        return _QuantizedSavePretrained(memo.get(id(model), model))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        cls = type(self.model)
+        model = self._model()
+        if model is None:
+            raise ReferenceError("lowbit: save_pretrained of a model that no longer exists")
+        cls = type(model)
         warnings.warn(
             f"lowbit: {cls.__name__}.save_pretrained writes this quantized model's integer codes "
             "under the float weights' names; from_pretrained loads that file into the float "
@@ -207,7 +224,7 @@ class _QuantizedSavePretrained:
             "model=<the architecture, e.g. AutoModel.from_config(config)>); the files written "
             "now are right only for load_state_dict into this quantized model (Trainer resume)",
             UserWarning, stacklevel=2)
-        return cls.save_pretrained(self.model, *args, **kwargs)
+        return cls.save_pretrained(model, *args, **kwargs)
 
 
 def guard_save_pretrained(model: nn.Module) -> nn.Module:
