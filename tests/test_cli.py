@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from lowbit.cli import main
 from lowbit.models import MLP, MnistCNN
+from lowbit.ptq import quantize_dynamic
 from lowbit.serialization import load, save
 
 ARCH = ["--arch", "lowbit.models:MLP", "--arch-kwargs", '{"hidden": [32]}']
@@ -172,6 +174,14 @@ def test_inspect_lists_lora_adapters(work: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "LoRA adapter on layers.0: r=4, alpha=8, dropout=0" in out
     assert "| layers.0.base | QuantizedLinear |" in out
+
+
+def test_inspect_escapes_a_pipe_in_a_layer_name(tmp_path: Path, capsys) -> None:
+    model = nn.Sequential()
+    model.add_module("a|b", nn.Linear(4, 4))
+    save(quantize_dynamic(model), tmp_path / "pipe")
+    assert main(["inspect", str(tmp_path / "pipe")]) == 0
+    assert "| a\\|b | QuantizedLinear |" in capsys.readouterr().out
 
 
 def test_exported_program_model(work: Path, capsys) -> None:

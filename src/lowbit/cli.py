@@ -425,7 +425,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
          + (f", factory {arch['factory']}" if arch.get("factory") else ""))
     _say("| layer | class | scheme | bits | shape | scale range | bytes |\n" + "|---" * 7 + "|")
     for r in info["layers"]:
-        _say(f"| {r['name']} | {r['cls']} | {r['scheme']} | {r['bits']} | "
+        name = r["name"].replace("|", "\\|")  # (a "|" in a layer name: one cell)
+        _say(f"| {name} | {r['cls']} | {r['scheme']} | {r['bits']} | "
              f"{'x'.join(map(str, r['shape']))} | {r['scale_min']:.3g} .. {r['scale_max']:.3g} | "
              f"{format_bytes(r['nbytes'])} |")
     _say(f"\nfloat tensors: {format_bytes(info['float_bytes'])}; replaced by Identity: "
