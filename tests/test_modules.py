@@ -367,6 +367,17 @@ def test_a_float_state_dict_is_refused_not_cast_into_codes(mode: str, strict: bo
     q.load_state_dict(q.state_dict())  # the same dtypes: loads as before
 
 
+def test_another_schemes_state_dict_is_named_as_such() -> None:
+    from lowbit.ptq import quantize_dynamic, quantize_weight_only
+
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    q = quantize_dynamic(model)
+    with pytest.raises(RuntimeError, match=r"holds torch\.int8 codes here, the state dict a "
+                                           r"torch\.uint8 tensor \(a model quantized with "
+                                           r"another scheme\?\)"):
+        q.load_state_dict(quantize_weight_only(model, bits=4, group_size=32).state_dict())
+
+
 def test_first_calls_from_several_threads_rebuild_the_caches_once(monkeypatch) -> None:
     """A served model's first calls can come from several threads at once, and each layer
     rebuilds its kernel caches on its first call: one thread does it (made slow here) while

@@ -639,9 +639,11 @@ class QuantizedModuleBase(nn.Module):
             error_msgs.append(
                 f"{prefix}{name}: {self._label()} holds {buf.dtype} "
                 f"{'integers' if 'zero_point' in name else 'codes'} here, the state dict a "
-                f"{incoming.dtype} tensor (a float model's weights?): not loaded. Load float "
-                "weights into the float model and quantize it again; load a saved quantized "
-                "model with lowbit.load")
+                f"{incoming.dtype} tensor ("
+                + ("a float model's weights?" if incoming.is_floating_point() else
+                   "a model quantized with another scheme?")
+                + "): not loaded. Load float weights into the float model and quantize it "
+                "again; load a saved quantized model with lowbit.load")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for name, (buf, before) in kept.items():  # nn.Module copied (cast) or assigned it
             self._buffers[name] = buf.copy_(before)
