@@ -181,6 +181,19 @@ def test_preset_int4_weight_only():
     assert QuantizationConfig.int4_weight_only(symmetric=True).weights.group_size == 128
 
 
+def test_preset_int8_weight_only_is_what_quantize_weight_only_uses_for_8_bits():
+    from torch import nn
+
+    from lowbit.ptq import quantize_weight_only
+
+    cfg = QuantizationConfig.int8_weight_only(skip_layers=("head",))
+    assert cfg.mode == "weight_only" and cfg.activations is None and cfg.is_skipped("head")
+    assert cfg.weights == QuantSpec.int8_weight() and cfg.method == "rtn"
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert quantize_weight_only(model, bits=8)[0].meta() == quantize_weight_only(
+        model, config=QuantizationConfig.int8_weight_only())[0].meta()
+
+
 def test_presets_pass_extra_fields_through():
     cfg = QuantizationConfig.int8_static(skip_layers=("fc3",), calibrator_kwargs={"bins": 512})
     assert cfg.is_skipped("fc3") and cfg.calibrator_kwargs["bins"] == 512

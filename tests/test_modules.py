@@ -43,7 +43,7 @@ DYN = QuantizationConfig.int8_dynamic()
 DYN_PT = QuantizationConfig.int8_dynamic(per_token=False)
 STATIC = QuantizationConfig.int8_static()
 INT4 = QuantizationConfig.int4_weight_only(group_size=32)
-INT8_WO = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None, mode="weight_only")
+INT8_WO = QuantizationConfig.int8_weight_only()
 EMB_WO = QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None, mode="weight_only",
                           quantize_embeddings=True)
 

@@ -430,6 +430,20 @@ class QuantizationConfig:
         return cls(weights=QuantSpec.int4_weight(group_size, symmetric), activations=None,
                    mode="weight_only", method=method, **kwargs)
 
+    @classmethod
+    def int8_weight_only(cls, method: str = "rtn", **kwargs: Any) -> QuantizationConfig:
+        """INT8 per-channel symmetric weights, float activations (what
+        ``quantize_weight_only(model, bits=8)`` uses; e.g. the ``fallback_config`` of
+        :func:`lowbit.auto_fallback` or a ``layer_overrides`` value beside INT4 layers).
+
+        Example:
+            >>> cfg = QuantizationConfig.int8_weight_only()
+            >>> cfg.weights.bits, cfg.weights.granularity, cfg.activations, cfg.mode
+            (8, 'per_channel', None, 'weight_only')
+        """
+        return cls(weights=QuantSpec.int8_weight(), activations=None, mode="weight_only",
+                   method=method, **kwargs)
+
     # ------------------------------------------------------------------ per-layer resolution
     def is_skipped(self, name: str) -> bool:
         """True when ``name`` matches one of ``skip_layers`` (exact name or glob)."""

@@ -303,9 +303,8 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         progress: progress bars.
         max_fallback: keep at most this many layers in FP32 (default: no limit).
         fallback_config: the config of the fallback layers (default None: FP32), e.g.
-            ``QuantizationConfig(weights=QuantSpec.int8_weight(), activations=None,
-            mode="weight_only")`` for an INT4 model; the sensitivity order still comes from
-            ``config``.
+            ``QuantizationConfig.int8_weight_only()`` for an INT4 model; the sensitivity
+            order still comes from ``config``.
 
     Returns:
         ``(quantized_model, fallback_layers)``; the model's ``lowbit_report`` shows the fallback
