@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LAYER_BACKENDS", "layer_buffers", "load_spec", "native_allowed", "op_spec", "override",
-           "route", "routed"]
+           "route", "routed", "tracing"]
 
 #: The values of a quantized module's ``backend`` attribute: ``"auto"`` (lowbit's kernels for
 #: this CPU, the ``native`` backend; PyTorch ops where a kernel is missing), ``"reference"``
@@ -95,6 +95,17 @@ def _elsewhere() -> bool:
     runs on every eager call of every quantized layer."""
     return (_OVERRIDE.get() is not None
             or (_COMPILER._is_compiling_flag if _HAS_FLAG else _COMPILER.is_compiling()))
+
+
+def tracing() -> bool:
+    """Whether dynamo or ``torch.export`` traces now, without importing dynamo (torch >= 2.13
+    holds a flag for both; before, dynamo answers ``torch.compiler.is_compiling()`` itself).
+
+    Example:
+        >>> tracing()
+        False
+    """
+    return _COMPILER._is_compiling_flag if _FLAG_WHILE_DYNAMO else _COMPILER.is_compiling()
 
 
 def override(backend: str | None) -> contextvars.Token:

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import _dispatch
 from lowbit._qmodule import QuantizedModuleBase, carry_hooks, has_hooks
 from lowbit.calibrators import available_calibrators
 from lowbit.config import QuantizationConfig
@@ -354,7 +355,7 @@ class QATLayer(nn.Module):
         Inside ``torch.compile`` the layer runs eagerly (its observers, statistics and
         BatchNorm folding are Python state dynamo cannot trace): the rest of the model
         compiles around it."""
-        if _compiling():
+        if _dispatch.tracing():
             return _eager_forward()(self, x)
         return self._forward(x)
 
@@ -449,12 +450,6 @@ class QATLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, mode={self.config.mode}, fused_relu={self.fused_relu}, "
                 f"folded_bn={self.bn is not None}")
-
-
-def _compiling() -> bool:
-    """Whether dynamo traces now, without importing it (as ``lowbit._dispatch`` checks)."""
-    flag = getattr(torch.compiler, "_is_compiling_flag", None)
-    return flag if isinstance(flag, bool) else torch.compiler.is_compiling()
 
 
 _EAGER_FORWARD: Any = None
