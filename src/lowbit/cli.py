@@ -411,7 +411,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``lowbit inspect``: the per-layer table of a saved model."""
-    from lowbit.evaluation import format_bytes
+    from lowbit.evaluation import format_bytes, markdown_table
     from lowbit.serialization import describe
 
     info = describe(args.path)
@@ -423,12 +423,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
          f"{info['lowbit_version']}, torch {info['torch_version']}), "
          f"{format_bytes(info['file_bytes'])}, model {arch.get('class')}"
          + (f", factory {arch['factory']}" if arch.get("factory") else ""))
-    _say("| layer | class | scheme | bits | shape | scale range | bytes |\n" + "|---" * 7 + "|")
-    for r in info["layers"]:
-        name = r["name"].replace("|", "\\|")  # (a "|" in a layer name: one cell)
-        _say(f"| {name} | {r['cls']} | {r['scheme']} | {r['bits']} | "
-             f"{'x'.join(map(str, r['shape']))} | {r['scale_min']:.3g} .. {r['scale_max']:.3g} | "
-             f"{format_bytes(r['nbytes'])} |")
+    _say(markdown_table(
+        ["layer", "class", "scheme", "bits", "shape", "scale range", "bytes"],
+        [[r["name"], r["cls"], r["scheme"], str(r["bits"]), "x".join(map(str, r["shape"])),
+          f"{r['scale_min']:.3g} .. {r['scale_max']:.3g}", format_bytes(r["nbytes"])]
+         for r in info["layers"]]))
     _say(f"\nfloat tensors: {format_bytes(info['float_bytes'])}; replaced by Identity: "
          f"{', '.join(info['replacements']) or 'none'}")
     for name, cfg in info["adapters"].items():

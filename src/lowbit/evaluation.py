@@ -180,6 +180,21 @@ def quantized_weight_nbytes(model: nn.Module) -> int:
                if t.dtype in _INTEGER_DTYPES)
 
 
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    """A markdown table; a ``|`` inside a cell (a layer name may hold one) is escaped.
+
+    Example:
+        >>> print(markdown_table(["layer", "bits"], [["a|b", "8"]]))
+        | layer | bits |
+        |---|---|
+        | a\\|b | 8 |
+    """
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
+    return "\n".join(lines)
+
+
 def format_bytes(n: float) -> str:
     """Human-readable size in binary units.
 

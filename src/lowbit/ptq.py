@@ -24,6 +24,7 @@ from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.distributed import calibrate_synced
 from lowbit.dropin import guard_save_pretrained, is_linear_like
+from lowbit.evaluation import markdown_table
 from lowbit.memory import trim_heap
 from lowbit.modules import (
     Int4Linear,
@@ -118,15 +119,14 @@ class QuantizationReport:
 
     def to_markdown(self) -> str:
         """A markdown table: layer, type, status, scheme or reason, fusions."""
-        lines = ["| layer | type | status | scheme / reason | fused |", "|---|---|---|---|---|"]
+        body = []
         for r in self.rows:
             fused = ", ".join(x for x in (f"BN {r.folded_bn}" if r.folded_bn else "",
                                           "ReLU" if r.fused_relu else "",
                                           f"GELU {r.fused_gelu}" if r.fused_gelu else "",
                                           f"MaxPool {r.fused_pool}" if r.fused_pool else "") if x)
-            cells = (r.name, r.module_type, r.status, r.reason, fused)  # ("|" in a layer name)
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        lines.append("")
+            body.append([r.name, r.module_type, r.status, r.reason, fused])
+        lines = [markdown_table(["layer", "type", "status", "scheme / reason", "fused"], body), ""]
         lines.append(f"{len(self.quantized)} quantized, {len(self.fp32)} kept in FP32 on request, "
                      f"{len(self.skipped)} skipped; fusions found by {self.fusion_method}"
                      + (f" ({self.fusion_note})" if self.fusion_note else ""))

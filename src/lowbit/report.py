@@ -32,7 +32,7 @@ from torch import nn
 
 from lowbit.calibration import run_batch
 from lowbit.config import QuantSpec
-from lowbit.evaluation import format_bytes
+from lowbit.evaluation import format_bytes, markdown_table
 from lowbit.modules import QUANTIZED_MODULES
 from lowbit.sensitivity import SensitivityReport
 from lowbit.serialization import layer_rows
@@ -301,13 +301,6 @@ def _sensitivity_rows(rep: SensitivityReport) -> tuple[list[str], list[list[str]
     return head, body
 
 
-def _md_table(head: list[str], body: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
-    return "\n".join(lines)
-
-
 _NUMERIC = re.compile(r"^[+-]?[\d.]+(e[+-]?\d+)?( ?(%|pp|x|ms|B|KiB|MiB|GiB))?$")
 
 
@@ -382,7 +375,7 @@ def report(out_dir: str | Path, *, comparison: Sequence[Any] | None = None,
             page.append(f"<p>{html.escape(text)}</p>")
 
     def table(head: list[str], body: list[list[str]]) -> None:
-        md.extend([_md_table(head, body), ""])
+        md.extend([markdown_table(head, body), ""])
         page.append(_html_table(head, body))
 
     def image(filename: str, png: bytes, alt: str) -> None:
