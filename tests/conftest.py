@@ -59,22 +59,32 @@ def rng() -> torch.Generator:
 
 
 class _SharedLayer(nn.Module):
-    """One Linear registered under two names and called twice, with a ReLU after one call."""
+    """One Linear registered under two names (``first``, then ``second``) and called under
+    both, with a ReLU after the first call; a ``head`` Linear after it."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: str = "a", second: str = "b") -> None:
         super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = self.a
+        self.names = (first, second)
+        self.add_module(first, nn.Linear(8, 8))
+        self.add_module(second, self.get_submodule(first))
         self.head = nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.b(torch.relu(self.a(x))))
+        first, second = (self.get_submodule(n) for n in self.names)
+        return self.head(second(torch.relu(first(x))))
 
 
 @pytest.fixture
 def shared_layer_model() -> nn.Module:
     """A float model (eval mode) whose Linear ``a`` is also registered as ``b``."""
     return _SharedLayer().eval()
+
+
+@pytest.fixture
+def make_shared_layer_model():
+    """``make(first, second)``: a fresh float model (eval mode) whose Linear ``first`` is also
+    registered as ``second`` (e.g. a second name that sorts first)."""
+    return lambda first="a", second="b": _SharedLayer(first, second).eval()
 
 
 @pytest.fixture

@@ -260,35 +260,23 @@ def test_meta_skeleton_loads_without_float_weights(tmp_path: Path, method: str) 
         assert torch.equal(loaded(x), q(x))
 
 
-class _Aliased(nn.Module):
-    """One Linear registered under two names; the second name sorts first."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(32, 32)
-        self.alias = self.fc
-        self.out = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.alias(torch.relu(self.fc(x))))
-
-
 @pytest.mark.parametrize("method", ["dynamic", "static", "int4"])
-def test_module_under_two_names_round_trips(tmp_path: Path, method: str) -> None:
+def test_module_under_two_names_round_trips(tmp_path: Path, method: str,
+                                            make_shared_layer_model) -> None:
     """The manifest lists ``alias`` (``{"kind": "shared", "of": "fc"}``) before ``fc``: load
     failed ("unknown module entry for 'alias'") because it rebuilt modules in file order."""
     torch.manual_seed(0)
-    calib = [torch.randn(8, 32) for _ in range(2)]
+    calib = [torch.randn(8, 8) for _ in range(2)]
     q = {"dynamic": lambda m: quantize_dynamic(m),
          "static": lambda m: quantize_static(m, calib, progress=False),
-         "int4": lambda m: quantize_weight_only(m, bits=4, group_size=16)}[method](
-             _Aliased().eval())
+         "int4": lambda m: quantize_weight_only(m, bits=4, group_size=8)}[method](
+             make_shared_layer_model("fc", "alias"))
     assert q.alias is q.fc
     save(q, tmp_path / "a")
     assert next(iter(read_manifest(tmp_path / "a")["modules"])) == "alias"
-    loaded = load(tmp_path / "a", model=_Aliased())
+    loaded = load(tmp_path / "a", model=make_shared_layer_model("fc", "alias"))
     assert loaded.alias is loaded.fc and type(loaded.fc) is type(q.fc)
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 8)
     assert torch.equal(loaded(x), q(x))
 
 

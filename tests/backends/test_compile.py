@@ -104,31 +104,19 @@ def test_cpp_wrapper_compile_equals_eager(make_quantized, run) -> None:
     assert torch.equal(run(compiled, x), run(qmodel, x))
 
 
-class _Reused(nn.Module):
-    """One Linear registered under two names and called under both."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 16)
-        self.alias = self.fc
-        self.out = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.alias(torch.relu(self.fc(x))))
-
-
 @pytest.mark.parametrize("mode", MODES)
-def test_a_layer_reused_under_two_names_exports_and_compiles(mode: str) -> None:
+def test_a_layer_reused_under_two_names_exports_and_compiles(mode: str,
+                                                             shared_layer_model) -> None:
     """torch.export (non-strict) calls a reused layer through its tracer's proxy of it, not the
     live module: the op's spec lookup by id failed ("no live quantized module"), and so did
     every export-based backend (aotinductor, ONNX)."""
     torch.manual_seed(0)
-    model = _Reused().eval()
+    model = shared_layer_model
     q = (lowbit.quantize_dynamic(model) if mode == "dynamic" else
-         lowbit.quantize_static(model, [torch.randn(8, 16)], progress=False)
-         if mode == "static" else lowbit.quantize_weight_only(model, bits=4, group_size=16))
-    assert q.fc is q.alias
-    x = torch.randn(3, 16)
+         lowbit.quantize_static(model, [torch.randn(8, 8)], progress=False)
+         if mode == "static" else lowbit.quantize_weight_only(model, bits=4, group_size=8))
+    assert q.a is q.b
+    x = torch.randn(3, 8)
     _explain_and_export(q, x, lambda m, x: m(x))
     assert torch.equal(torch.export.export(q, (x,), strict=True).module()(x), q(x))
 
