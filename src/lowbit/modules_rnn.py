@@ -237,7 +237,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
 
     def kernel_info(self) -> str:
         """The INT8 GEMM of a one-row call (the recurrence at batch 1), e.g. ``"s8_avx2"``."""
-        w = self.weight_hh_l0
+        w = self._buffers["weight_hh_l0"]  # (the codes: the attribute is a float view)
         return select_kernel("int8_linear", 1, backend=self.backend, k=w.shape[1],
                              n=w.shape[0], device=w.device.type)
 
