@@ -4,10 +4,11 @@ Every quantized module's ``forward`` (see ``QuantizedModuleBase.__init_subclass_
 :func:`routed`; in the common case (eager, default backend) the answer is no and the module runs
 its kernels directly. Otherwise :func:`route` sends the call to:
 
-- the custom op ``torch.ops.lowbit.quantized_layer`` while ``torch.compile`` / ``torch.export``
-  trace the model: an opaque node with a fake (meta) implementation, so the trace has no graph
-  break and the exported graph is self-contained (the layer's buffers and a spec, its meta
-  as JSON with ``'`` for ``"``, which Inductor's C++ wrapper and AOTInductor can embed);
+- the custom op ``torch.ops.lowbit.quantized_layer`` (``quantized_layer_nograd`` where the input
+  needs no gradient) while ``torch.compile`` / ``torch.export`` trace the model: an opaque node
+  with a fake (meta) implementation, so the trace has no graph break and the exported graph is
+  self-contained (the layer's buffers and a spec, its meta as JSON with ``'`` for ``"``, which
+  Inductor's C++ wrapper and AOTInductor can embed);
 - a sibling module sharing the layer's buffers with another backend, inside a
   ``lowbit.backends.use(name)`` block;
 - the layer's own kernels with lowbit's C kernels switched off, for the ``"torch"`` backend
@@ -135,7 +136,9 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         True
     """
     if torch.compiler.is_compiling():  # (an input that requires grad: the op's backward)
-        return torch.ops.lowbit.quantized_layer(x, layer_buffers(module), op_spec(module))
+        op = (torch.ops.lowbit.quantized_layer if torch.is_grad_enabled() and x.requires_grad
+              else torch.ops.lowbit.quantized_layer_nograd)
+        return op(x, layer_buffers(module), op_spec(module))
     name = _OVERRIDE.get()
     if name is not None and name != module.backend:
         token = _OVERRIDE.set(None)
@@ -320,6 +323,10 @@ _LIB.define("quantized_layer(Tensor x, Tensor[] buffers, str spec) -> Tensor")
 
 _LIB.define("quantized_layer_grad(Tensor grad, Tensor x, Tensor y, Tensor[] buffers, str spec)"
             " -> Tensor")
+#: The same layer call for a trace where its input needs no gradient (inference, or no float
+#: parameter before it): no Python autograd kernel, which costs ~5 us per call even under
+#: ``torch.no_grad()`` (the dispatcher calls it for every op that has one).
+_LIB.define("quantized_layer_nograd(Tensor x, Tensor[] buffers, str spec) -> Tensor")
 
 
 def _quantized_layer(x: torch.Tensor, buffers: list[torch.Tensor], spec: str) -> torch.Tensor:
@@ -338,6 +345,7 @@ def _quantized_layer_grad(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 
 for _key in ("CPU", "CUDA"):
     _LIB.impl("quantized_layer", _quantized_layer, _key)
+    _LIB.impl("quantized_layer_nograd", _quantized_layer, _key)
     _LIB.impl("quantized_layer_grad", _quantized_layer_grad, _key)
 
 
@@ -373,6 +381,7 @@ def _quantized_layer_grad_fake(grad: torch.Tensor, x: torch.Tensor, y: torch.Ten
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("lowbit::quantized_layer_nograd")
 @torch.library.register_fake("lowbit::quantized_layer")
 def _quantized_layer_fake(x: torch.Tensor, buffers: list[torch.Tensor],
                           spec: str) -> torch.Tensor:

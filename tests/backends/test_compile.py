@@ -65,6 +65,30 @@ def test_gradients_through_compiled_layers_equal_eager(kind: str, make_quantized
         torch.testing.assert_close(compiled[name], g, rtol=1e-3, atol=1e-6, msg=name)
 
 
+def test_a_trace_without_gradients_calls_the_op_without_autograd(make_quantized) -> None:
+    """Under ``torch.no_grad()`` (and for inputs that need no gradient) every layer is the op
+    with no Python autograd kernel, which cost ~5 us per layer call at batch 1; a layer whose
+    input needs a gradient keeps the op with the eager backward."""
+    qmodel, x = make_quantized("mlp-dynamic")
+
+    def layer_ops(inputs: torch.Tensor) -> list[str]:
+        torch._dynamo.reset()
+        graphs = torch._dynamo.explain(qmodel)(inputs).graphs
+        return [str(n.target) for g in graphs for n in g.graph.nodes
+                if n.op == "call_function" and "quantized_layer" in str(n.target)]
+
+    layers = sum(hasattr(m, "kernel_info") for m in qmodel.modules())
+    with torch.no_grad():
+        assert layer_ops(x) == ["lowbit.quantized_layer_nograd"] * layers
+    assert layer_ops(x) == ["lowbit.quantized_layer_nograd"] * layers  # x needs none
+    first, *rest = layer_ops(x.clone().requires_grad_())
+    assert first == "lowbit.quantized_layer" and len(rest) == layers - 1
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(qmodel)(x)
+    assert torch.equal(compiled, qmodel(x))
+
+
 @pytest.mark.parametrize("method", ["smooth_quant", "awq"])
 def test_smoothed_layers_trace_without_graph_break(method: str, run) -> None:
     """AWQ / SmoothQuant layers multiply their input first; large inputs take that product
