@@ -639,7 +639,16 @@ def test_qat_model_trains_under_torch_compile(record: bool) -> None:
     on the fake quantizer's statistics ("An intermediate tensor 'mask' ... aliases an input")
     and Inductor "Cannot convert expression to float" without them. The QAT layers now run
     eagerly inside the compiled model (their observers, statistics and BatchNorm folding are
-    Python state); the losses follow eager training."""
+    Python state); the losses follow eager training.
+
+    The compile pins Inductor's vector width to the CPU's (``cpp.simdlen``): with the default,
+    torch 2.13's Inductor on AVX-512 CPUs steps the pooling backward's fill loop by 8 floats
+    and stores 16, 32 bytes past the gradient buffer (heap corruption: "double free or
+    corruption", a crash in a later test, or wrong losses here). docs/guides/troubleshooting.md
+    gives users the same setting."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
     from lowbit.models import MnistCNN
 
     def train(compiled: bool) -> list[float]:
@@ -659,5 +668,7 @@ def test_qat_model_trains_under_torch_compile(record: bool) -> None:
         return losses
 
     torch._dynamo.reset()
-    eager, compiled = train(False), train(True)
+    eager = train(False)
+    with inductor_config.patch({"cpp.simdlen": pick_vec_isa().bit_width() or None}):
+        compiled = train(True)
     assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)
