@@ -633,6 +633,30 @@ def test_converted_convs_run_their_max_pool_like_ptq(config: QuantizationConfig)
         assert torch.equal(fused(x), separate(x))
 
 
+def test_compiled_qat_layers_compile_once() -> None:
+    """Each QAT layer's ``forward`` asked whether dynamo traces by reading the flag behind
+    ``torch.compiler.is_compiling()``: dynamo guarded on it, the guard failed on every run, and
+    the frame recompiled on every call (a 1.2 s first step took 0.24 s more on the second, and
+    dynamo warned that it hit its recompile limit). After the first step nothing recompiles."""
+    torch.manual_seed(0)
+    qat = prepare_qat(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)),
+                      QATConfig())
+    model = torch.compile(qat)
+    opt = torch.optim.SGD(qat.parameters(), lr=0.01)
+
+    def step() -> None:
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    torch._dynamo.reset()
+    step()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            step()
+
+
 @pytest.mark.parametrize("record", [True, False])
 def test_qat_model_trains_under_torch_compile(record: bool) -> None:
     """torch.compile on a QAT model failed at the first step: dynamo raised an internal error
@@ -641,14 +665,10 @@ def test_qat_model_trains_under_torch_compile(record: bool) -> None:
     eagerly inside the compiled model (their observers, statistics and BatchNorm folding are
     Python state); the losses follow eager training.
 
-    The compile pins Inductor's vector width to the CPU's (``cpp.simdlen``): with the default,
-    torch 2.13's Inductor on AVX-512 CPUs steps the pooling backward's fill loop by 8 floats
-    and stores 16, 32 bytes past the gradient buffer (heap corruption: "double free or
-    corruption", a crash in a later test, or wrong losses here). docs/guides/troubleshooting.md
-    gives users the same setting."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
+    It needs conftest's pinned Inductor vector width on AVX-512 CPUs: with torch 2.13's
+    default, the pooling backward's fill loop steps by 8 floats and stores 16, 32 bytes past
+    the gradient buffer (it aborted alone with "double free or corruption" and gave wrong
+    losses inside the suite)."""
     from lowbit.models import MnistCNN
 
     def train(compiled: bool) -> list[float]:
@@ -668,7 +688,5 @@ def test_qat_model_trains_under_torch_compile(record: bool) -> None:
         return losses
 
     torch._dynamo.reset()
-    eager = train(False)
-    with inductor_config.patch({"cpp.simdlen": pick_vec_isa().bit_width() or None}):
-        compiled = train(True)
+    eager, compiled = train(False), train(True)
     assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)

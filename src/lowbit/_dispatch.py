@@ -99,14 +99,19 @@ def _elsewhere() -> bool:
 
 
 def tracing() -> bool:
-    """Whether dynamo or ``torch.export`` traces now, without importing dynamo (torch >= 2.13
-    holds a flag for both; before, dynamo answers ``torch.compiler.is_compiling()`` itself).
+    """Whether dynamo or ``torch.export`` traces now, without importing dynamo.
+
+    Dynamo answers ``torch.compiler.is_compiling()`` itself, a constant True with no guard.
+    Reading the flag behind it instead (``torch.compiler._is_compiling_flag``) left a guard on
+    the flag in every frame that asked, which failed on every run (the flag is False then): a
+    compiled QAT model recompiled each QAT layer's ``forward`` on every call until dynamo's
+    recompile limit, with its warning.
 
     Example:
         >>> tracing()
         False
     """
-    return _COMPILER._is_compiling_flag if _FLAG_WHILE_DYNAMO else _COMPILER.is_compiling()
+    return _COMPILER.is_compiling()
 
 
 def override(backend: str | None) -> contextvars.Token:
