@@ -37,6 +37,17 @@ if not _HYPOTHESIS_HOME:
     atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
+# torch 2.13's Inductor, on CPUs with AVX-512, tiles some float kernels by 8 and stores
+# 16-float vectors: kernels that also write a bool / int8 tensor (a training graph's ReLU mask
+# under one thread, as in the xdist workers; the max-pool backward at any thread count) write
+# past their buffers: heap corruption ("double free or corruption") and wrong gradients in
+# whichever compile test runs it. Pinning the vector width keeps loops and stores the same
+# width. Not lowbit's code; docs/guides/troubleshooting.md gives users the same two lines.
+if torch.backends.cpu.get_cpu_capability() == "AVX512":
+    import torch._inductor.config
+
+    torch._inductor.config.cpp.simdlen = 512
+
 # Under pytest-xdist every worker would otherwise start torch's default thread pool on the
 # same cores; oversubscribed intra-op threads make small tensor ops up to 100x slower.
 if os.environ.get("PYTEST_XDIST_WORKER"):
