@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LAYER_BACKENDS", "layer_buffers", "load_spec", "native_allowed", "op_spec", "override",
-           "route", "routed", "tracing"]
+           "route", "routed"]
 
 #: The values of a quantized module's ``backend`` attribute: ``"auto"`` (lowbit's kernels for
 #: this CPU, the ``native`` backend; PyTorch ops where a kernel is missing), ``"reference"``
@@ -96,22 +96,6 @@ def _elsewhere() -> bool:
     runs on every eager call of every quantized layer."""
     return (_OVERRIDE.get() is not None
             or (_COMPILER._is_compiling_flag if _HAS_FLAG else _COMPILER.is_compiling()))
-
-
-def tracing() -> bool:
-    """Whether dynamo or ``torch.export`` traces now, without importing dynamo.
-
-    Dynamo answers ``torch.compiler.is_compiling()`` itself, a constant True with no guard.
-    Reading the flag behind it instead (``torch.compiler._is_compiling_flag``) left a guard on
-    the flag in every frame that asked, which failed on every run (the flag is False then): a
-    compiled QAT model recompiled each QAT layer's ``forward`` on every call until dynamo's
-    recompile limit, with its warning.
-
-    Example:
-        >>> tracing()
-        False
-    """
-    return _COMPILER.is_compiling()
 
 
 def override(backend: str | None) -> contextvars.Token:

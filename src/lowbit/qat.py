@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import _dispatch
 from lowbit._qmodule import QuantizedModuleBase, carry_hooks, has_hooks
 from lowbit.calibrators import available_calibrators
 from lowbit.config import QuantizationConfig
@@ -355,7 +354,10 @@ class QATLayer(nn.Module):
         Inside ``torch.compile`` the layer runs eagerly (its observers, statistics and
         BatchNorm folding are Python state dynamo cannot trace): the rest of the model
         compiles around it."""
-        if _dispatch.tracing():
+        # torch.compiler.is_compiling(), not the flag behind it: dynamo answers the call as a
+        # constant, but guarded a read of the flag, and that guard failed on every run (the
+        # frame recompiled on each call until dynamo's recompile limit)
+        if torch.compiler.is_compiling():
             return _eager_forward()(self, x)
         return self._forward(x)
 
