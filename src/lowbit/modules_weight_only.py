@@ -37,7 +37,7 @@ from lowbit.kernels import (
     U4Q8_MAX_M_BF16,
     WEIGHT_ONLY_PACKED_MAX_M,
     c_layout,
-    direct_conv_fits,
+    direct_conv_input,
     int4_pack_for_cpu,
     maxpool2d_native,
     native_eager,
@@ -622,13 +622,13 @@ class WeightOnlyConv2d(_WeightOnly):
         if g["pre_pad"] is not None:
             x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
         conv = F.conv1d if self._dims == 1 else F.conv2d
-        lib = None
-        if (self._dims == 2 and self._c_args is not None and direct_conv_fits(
-                x, self.n * self.k, g["stride"], g["groups"])
+        xd = lib = None
+        if (self._dims == 2 and self._c_args is not None
                 and c_layout((self.bias, torch.float32))):
-            lib = native_lib_for(x)
+            xd = direct_conv_input(x, self.n * self.k, g["stride"], g["groups"])
+            lib = None if xd is None else native_lib_for(xd)
         if lib is not None:  # small: dequantize + direct conv + bias + ReLU in one C call
-            y = run_wo_conv2d_native(lib, x, self._c_args, self.out_channels, self.kernel_size,
+            y = run_wo_conv2d_native(lib, xd, self._c_args, self.out_channels, self.kernel_size,
                                      self.bias, g["stride"], g["padding"], g["dilation"],
                                      self.fused_relu)
         else:

@@ -442,6 +442,35 @@ def test_u4q8_kernel_rows_with_nan_inf_or_tiny_values_are_computed_in_float(lib)
 
 @needs_c
 @pytest.mark.parametrize("isa", C_PATHS)
+def test_expanded_and_channels_last_inputs_give_the_contiguous_bits(forced_isa, isa: str) -> None:
+    """A batch expanded from one sample (row stride 0, as ``query.expand(B, -1, -1)`` gives)
+    once made the INT8 and INT4 C GEMMs refuse their arguments, and a weight-only conv took
+    another kernel for a channels-last or expanded input (1 ulp off): every layout of the same
+    values now gets the same bits, in every mode."""
+    forced_isa(isa)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    cal = [torch.randn(16, 64)]
+    per_tensor = lowbit.QuantizationConfig.int8_dynamic(per_token=False, symmetric=False)
+    for model, sample in ((mlp, torch.randn(64)), (conv, torch.randn(3, 8, 8))):
+        for qmodel in (lowbit.quantize_dynamic(model),
+                       lowbit.quantize_dynamic(model, config=per_tensor),
+                       lowbit.quantize_weight_only(model, bits=4, group_size=32),
+                       lowbit.quantize_weight_only(model, bits=8)) + (
+                           (lowbit.quantize_static(model, cal, progress=False),)
+                           if model is mlp else ()):
+            for shape in ((1,), (5,), (300,)) + (((2, 40),) if model is mlp else ()):
+                x = sample.expand(*shape, *sample.shape)
+                want = qmodel(x.contiguous())
+                assert torch.equal(qmodel(x), want), (type(qmodel[0]).__name__, shape)
+                if model is conv and len(shape) == 1:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    assert torch.equal(qmodel(x), want), (type(qmodel[0]).__name__, shape)
+
+
+@needs_c
+@pytest.mark.parametrize("isa", C_PATHS)
 def test_models_under_each_forced_isa_match_the_reference(forced_isa, isa: str) -> None:
     forced_isa(isa)
     assert native.selected_isa() == isa

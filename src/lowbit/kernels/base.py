@@ -55,6 +55,22 @@ def c_layout(*pairs: tuple[torch.Tensor | None, torch.dtype]) -> bool:
     return all(t is None or (t.dtype == dt and t.is_contiguous()) for t, dt in pairs)
 
 
+def c_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x [M, K]`` as rows a C kernel reads, with the row stride to pass it: unit stride along
+    K and rows at least K apart. An expanded view (``t.expand(M, K)``: row stride 0) or another
+    overlapping one is copied; one row keeps its data and is passed with stride K.
+
+    Example:
+        >>> x, ld = c_rows(torch.ones(3).expand(4, 3))
+        >>> x.stride(), ld
+        ((3, 1), 3)
+    """
+    m, k = x.shape
+    if x.stride(-1) != 1 or (m > 1 and x.stride(0) < k):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x, (x.stride(0) if m > 1 else k)
+
+
 def _extent(t: torch.Tensor) -> int:
     """Bytes of ``t``'s storage from its first element on: what a C kernel may read there."""
     return t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()

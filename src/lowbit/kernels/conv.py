@@ -272,6 +272,24 @@ def direct_conv_fits(x: torch.Tensor, weight_numel: int, stride: Sequence[int],
             and _direct_conv_takes(x.shape, weight_numel, stride, groups))
 
 
+def direct_conv_input(x: torch.Tensor, weight_numel: int, stride: Sequence[int],
+                      groups: int) -> torch.Tensor | None:
+    """``x`` as the direct C conv reads it when that conv takes the shape
+    (:func:`direct_conv_fits`), else None. An input in another layout (channels-last, or a
+    batch expanded from one image) is copied to contiguous NCHW, so every layout of the same
+    values gets the same kernel and bits (``F.conv2d`` sums in another order).
+
+    Example:
+        >>> x = torch.zeros(1, 16, 14, 14).expand(4, -1, -1, -1)
+        >>> direct_conv_input(x, 32 * 16 * 9, (1, 1), 1).is_contiguous()
+        True
+    """
+    if (x.dim() != 4 or x.dtype != torch.float32
+            or not _direct_conv_takes(x.shape, weight_numel, stride, groups)):
+        return None
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def _direct_conv_takes(shape: Sequence[int], weight_numel: int, stride: Sequence[int],
                        groups: int) -> bool:
     """The shape part of :func:`direct_conv_fits`, for an input shaped ``[B, C, H, W]``."""

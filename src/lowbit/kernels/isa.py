@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.base import _extent, native_eager
+from lowbit.kernels.base import _extent, c_rows, native_eager
 from lowbit.memory import empty as pooled_empty
 from lowbit.native import addcmul_fma, load_gemm
 
@@ -56,6 +56,7 @@ def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, p
     """One ``lbk_s8_linear`` call: the C side bounds-checks ``x`` and ``y`` against their
     extents; the per-row / per-column operands are checked here (dtype, size, layout).
     ``smooth``: float32 ``[K]`` input smoothing applied as the rows are quantized."""
+    x, ldx = c_rows(x)
     m, k = x.shape
     for name, t, dt, size in (("scale", scale, torch.float32, m if per_row else 1),
                               ("zero_point", zp, torch.int32, m if per_row else 1),
@@ -69,7 +70,7 @@ def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, p
     if packed.dtype != torch.int8 or not packed.is_contiguous():
         raise ValueError("lowbit INT8 GEMM: the packed weight must come from s8_packed")
     rc = lib.lbk_s8_linear(
-        x.data_ptr(), kind, m, k, x.stride(0), _extent(x),
+        x.data_ptr(), kind, m, k, ldx, _extent(x),
         None if scale is None else scale.data_ptr(), int(per_row), int(dynamic),
         None if zp is None else zp.data_ptr(), qmin, qmax, packed.data_ptr(), packed.numel(), n,
         None if comp is None else comp.data_ptr(),
@@ -85,8 +86,6 @@ def _s8_call(lib: Any, x: torch.Tensor, kind: int, scale: torch.Tensor | None, p
 def _s8_acc(lib: Any, q: torch.Tensor, packed: torch.Tensor, n: int,
             pooled: bool) -> torch.Tensor:
     """int32 ``q @ w.T`` ``[M, N]`` of int8 codes ``q [M, K]`` on the packed weight."""
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     m = q.shape[0]
     acc = (pooled_empty((m, n), torch.int32) if pooled
            else torch.empty((m, n), dtype=torch.int32))
@@ -280,11 +279,10 @@ def _u4_call(fn: Any, caller: str, what: str, lib: Any, x: torch.Tensor, packed:
     if x.dtype != torch.float32 or x.dim() != 2:
         raise ValueError(f"{caller}: x must be float32 [M, K]; got {x.dtype} {tuple(x.shape)}")
     check_bias(bias, n, caller)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x, ldx = c_rows(x)
     m, k = x.shape
     y = torch.empty((m, n))
-    rc = fn(x.data_ptr(), m, k, x.stride(0), _extent(x) // 4, packed.data_ptr(),
+    rc = fn(x.data_ptr(), m, k, ldx, _extent(x) // 4, packed.data_ptr(),
             packed.numel(), n, kp, group, scales.data_ptr(), zero_points.data_ptr(),
             None if bias is None else bias.data_ptr(), int(relu), y.data_ptr(), y.numel(),
             torch.get_num_threads())
