@@ -472,6 +472,15 @@ def test_no_quantizable_layer_warns_and_returns_unchanged() -> None:
     assert [type(m) for m in q] == [nn.ReLU, nn.MaxPool1d]
 
 
+def test_quantizing_a_quantized_model_says_its_layers_are_quantized_already() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    qmodel = quantize_dynamic(model)
+    with pytest.warns(UserWarning, match="2 of its layers are lowbit quantized layers already"):
+        again = quantize_static(qmodel, [torch.randn(4, 8)], progress=False)
+    x = torch.randn(3, 8)
+    assert torch.equal(again(x), qmodel(x))  # unchanged: still the dynamic model
+
+
 def test_nan_weights_clear_error() -> None:
     model = nn.Sequential(nn.Linear(4, 4))
     model[0].weight.data[1, 2] = float("inf")

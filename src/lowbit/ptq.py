@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit._qmodule import QuantizedModuleBase
 from lowbit.calibration import CalibrationRecord, run_calibration
 from lowbit.calibrators import Calibrator, create_calibrator
 from lowbit.config import QuantizationConfig, QuantSpec
@@ -279,8 +280,12 @@ class PTQQuantizer(Quantizer):
         bake_reparametrizations(qmodel, todo)  # weight_norm / spectral_norm: plain weights
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
         if not todo:
+            done = sum(isinstance(m, QuantizedModuleBase) for m in qmodel.modules())
             warnings.warn("quantize: the model has no quantizable layer under this config; "
-                          "returning it unchanged (see model.lowbit_report)", stacklevel=2)
+                          "returning it unchanged (see model.lowbit_report)" + (
+                              f". {done} of its layers are lowbit quantized layers already: "
+                              "quantize the float model to change their scheme"
+                              if done else ""), stacklevel=2)
         fold_batchnorm(qmodel, fusions, layers={n for n, p in todo.items() if p.folded_bn})
 
         calibrated, smoothed = self._prepare_weights(qmodel, todo, calibration_data)
