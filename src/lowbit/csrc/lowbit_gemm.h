@@ -328,25 +328,55 @@ typedef struct {
     uint32_t off;        /* the unsigned codes' offset: 64 (7-bit, split) or 128 (8-bit) */
 } epi_t;
 
-/* acc [cols] of row i starting at column c0 -> y, the float ops of lb_epilogue in its order. */
-static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
-                            const int32_t *acc) {
+static inline float epi_relu(float v) { return v < 0.0f ? 0.0f : v; } /* NaN, -0 stay */
+
+/* One float32 output loop of epilogue: y[c] = (ReLU of) EXPR, a loop of its own per case so
+ * that each vectorizes (a condition inside the loop kept it scalar: 7x slower). */
+#define LB_EPI_F32(EXPR)                                                                     \
+    do {                                                                                     \
+        if (relu)                                                                            \
+            for (int64_t c = 0; c < cols; ++c)                                               \
+                y[c] = epi_relu(EXPR);                                                       \
+        else                                                                                 \
+            for (int64_t c = 0; c < cols; ++c)                                               \
+                y[c] = (EXPR);                                                               \
+    } while (0)
+
+/* acc [cols] of row i starting at column c0 -> y, the float ops of lb_epilogue in its order.
+ * A float32 output is written in one pass from the int32 values (no float row in between). */
+static inline __attribute__((always_inline)) void epilogue(const epi_t *e, int64_t i,
+                                                             int64_t c0, int64_t cols,
+                                                             const int32_t *acc) {
     const int32_t *comp = e->comp ? e->comp + c0 : NULL, *u7 = e->u7 ? e->u7 + c0 : NULL;
     int32_t a[64];
-    for (int64_t c = 0; c < cols; ++c) /* mod 2^32: the sum of u * w may wrap, q * w does not */
-        a[c] = (int32_t)((uint32_t)acc[c] - (uint32_t)(comp ? comp[c] : 0) -
-                         (u7 ? e->off * (uint32_t)u7[c] : 0u));
+    if (comp || u7) {
+        for (int64_t c = 0; c < cols; ++c) /* mod 2^32: the sum of u * w may wrap, q * w not */
+            a[c] = (int32_t)((uint32_t)acc[c] - (uint32_t)(comp ? comp[c] : 0) -
+                             (u7 ? e->off * (uint32_t)u7[c] : 0u));
+        acc = a;
+    }
     if (e->y_kind == 2) {
-        memcpy((int32_t *)e->y + i * e->n + c0, a, (size_t)cols * sizeof(int32_t));
+        memcpy((int32_t *)e->y + i * e->n + c0, acc, (size_t)cols * sizeof(int32_t));
+        return;
+    }
+    const float s = e->sx[e->per_row ? i : 0];
+    const float *restrict sw = e->sw + c0, *restrict b = e->bias ? e->bias + c0 : NULL;
+    const int relu = e->relu;
+    if (e->y_kind == 0) { /* (y never overlaps the operands: restrict lets the loops vectorize) */
+        const int32_t *restrict q = acc;
+        float *restrict y = (float *)e->y + i * e->n + c0;
+        if (!b)
+            LB_EPI_F32((float)q[c] * sw[c] * s);
+        else if (e->fused)
+            LB_EPI_F32(fmaf((float)q[c] * sw[c], s, b[c]));
+        else
+            LB_EPI_F32(b[c] + (float)q[c] * sw[c] * s);
         return;
     }
     float v[64];
-    const float s = e->sx[e->per_row ? i : 0];
-    const float *sw = e->sw + c0;
     for (int64_t c = 0; c < cols; ++c)
-        v[c] = (float)a[c] * sw[c];
-    if (e->bias) {
-        const float *b = e->bias + c0;
+        v[c] = (float)acc[c] * sw[c];
+    if (b) {
         if (e->fused)
             for (int64_t c = 0; c < cols; ++c)
                 v[c] = fmaf(v[c], s, b[c]);
@@ -357,17 +387,11 @@ static inline void epilogue(const epi_t *e, int64_t i, int64_t c0, int64_t cols,
         for (int64_t c = 0; c < cols; ++c)
             v[c] = v[c] * s;
     }
-    if (e->relu)
-        for (int64_t c = 0; c < cols; ++c)
-            v[c] = v[c] < 0.0f ? 0.0f : v[c]; /* torch.relu: NaN and -0 stay */
-    if (e->y_kind == 1) {
-        uint16_t *y = (uint16_t *)e->y + i * e->n + c0;
-        for (int64_t c = 0; c < cols; ++c)
-            y[c] = f32_to_bf16(v[c]);
-    } else {
-        memcpy((float *)e->y + i * e->n + c0, v, (size_t)cols * sizeof(float));
-    }
+    uint16_t *y = (uint16_t *)e->y + i * e->n + c0;
+    for (int64_t c = 0; c < cols; ++c)
+        y[c] = f32_to_bf16(relu ? epi_relu(v[c]) : v[c]);
 }
+#undef LB_EPI_F32
 
 #if LB_AMX
 /* s8_block_t on AMX tiles (unsigned forms, k4 >= 16): 32 rows x 2 panels a tile, in
