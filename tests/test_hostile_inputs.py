@@ -143,7 +143,12 @@ def _check_layer_inner(q, fl, x, case, torch, min_cos):
                 return "the non-finite sample's output is finite (the float layer's is not)"
             others = [i for i in range(x.shape[0]) if i != row]
             if others:
-                clean = q(x[others])
+                # the same batch with the bad sample replaced by a copy of another one: the
+                # same row count (a float GEMM may round a row differently at another M, as
+                # MKL does on Intel CPUs limited to AVX2) and the same per-tensor range
+                xc = xv.clone()
+                xc[row] = xv[others[0]]
+                clean = q(xc)[others]
                 if not torch.equal(y[others], clean):
                     return (f"other samples changed: max diff "
                             f"{float((y[others] - clean).abs().max()):.3g}")
