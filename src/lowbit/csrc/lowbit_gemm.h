@@ -328,20 +328,6 @@ typedef struct {
     uint32_t off;        /* the unsigned codes' offset: 64 (7-bit, split) or 128 (8-bit) */
 } epi_t;
 
-static inline float epi_relu(float v) { return v < 0.0f ? 0.0f : v; } /* NaN, -0 stay */
-
-/* One float32 output loop of epilogue: y[c] = (ReLU of) EXPR, a loop of its own per case so
- * that each vectorizes (a condition inside the loop kept it scalar: 7x slower). */
-#define LB_EPI_F32(EXPR)                                                                     \
-    do {                                                                                     \
-        if (relu)                                                                            \
-            for (int64_t c = 0; c < cols; ++c)                                               \
-                y[c] = epi_relu(EXPR);                                                       \
-        else                                                                                 \
-            for (int64_t c = 0; c < cols; ++c)                                               \
-                y[c] = (EXPR);                                                               \
-    } while (0)
-
 /* acc [cols] of row i starting at column c0 -> y, the float ops of lb_epilogue in its order.
  * A float32 output is written in one pass from the int32 values (no float row in between). */
 static inline __attribute__((always_inline)) void epilogue(const epi_t *e, int64_t i,
@@ -362,15 +348,26 @@ static inline __attribute__((always_inline)) void epilogue(const epi_t *e, int64
     const float s = e->sx[e->per_row ? i : 0];
     const float *restrict sw = e->sw + c0, *restrict b = e->bias ? e->bias + c0 : NULL;
     const int relu = e->relu;
-    if (e->y_kind == 0) { /* (y never overlaps the operands: restrict lets the loops vectorize) */
+    if (e->y_kind == 0) { /* one loop per case, as lowbit_kernels.c's epilogue_plane; y never
+                           * overlaps the operands, and restrict lets the loops vectorize */
         const int32_t *restrict q = acc;
         float *restrict y = (float *)e->y + i * e->n + c0;
-        if (!b)
-            LB_EPI_F32((float)q[c] * sw[c] * s);
-        else if (e->fused)
-            LB_EPI_F32(fmaf((float)q[c] * sw[c], s, b[c]));
-        else
-            LB_EPI_F32(b[c] + (float)q[c] * sw[c] * s);
+        if (!b) {
+            for (int64_t c = 0; c < cols; ++c) {
+                const float v = (float)q[c] * sw[c] * s;
+                y[c] = relu && v < 0.0f ? 0.0f : v; /* torch.relu: NaN and -0 stay */
+            }
+        } else if (e->fused) {
+            for (int64_t c = 0; c < cols; ++c) {
+                const float v = fmaf((float)q[c] * sw[c], s, b[c]);
+                y[c] = relu && v < 0.0f ? 0.0f : v;
+            }
+        } else {
+            for (int64_t c = 0; c < cols; ++c) {
+                const float v = b[c] + (float)q[c] * sw[c] * s;
+                y[c] = relu && v < 0.0f ? 0.0f : v;
+            }
+        }
         return;
     }
     float v[64];
@@ -389,9 +386,8 @@ static inline __attribute__((always_inline)) void epilogue(const epi_t *e, int64
     }
     uint16_t *y = (uint16_t *)e->y + i * e->n + c0;
     for (int64_t c = 0; c < cols; ++c)
-        y[c] = f32_to_bf16(relu ? epi_relu(v[c]) : v[c]);
+        y[c] = f32_to_bf16(relu && v[c] < 0.0f ? 0.0f : v[c]);
 }
-#undef LB_EPI_F32
 
 #if LB_AMX
 /* s8_block_t on AMX tiles (unsigned forms, k4 >= 16): 32 rows x 2 panels a tile, in
