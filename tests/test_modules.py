@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
+import lowbit
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.kernels import (
     CODES_DIRECT_MAX_MACS,
@@ -193,6 +196,34 @@ def test_state_dict_round_trips_torch_save_and_safetensors(tmp_path) -> None:
         r2.load_state_dict(st_load(st_save(dict(q.state_dict()))), strict=True)
         assert torch.equal(r2(x), y), meta["class"]
         assert r2.meta() == meta
+
+
+def test_meta_device_gives_shapes_and_to_empty_then_load_restores_the_bits() -> None:
+    """``.to("meta")``, a forward for shapes, ``.to_empty()`` and ``load_state_dict``: the
+    steps of big-model loaders (accelerate's empty init). The kernel caches derive from the
+    buffers' values, which meta tensors lack: they wait for the first call on real data
+    (before, ``.to("meta")`` raised 'Tensor.item() cannot be called on meta tensors')."""
+    torch.manual_seed(6)
+    cases = _roundtrip_modules()
+    for rnn in (nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True),
+                nn.GRU(6, 8, batch_first=True)):
+        cases.append((lowbit.quantize_dynamic(nn.Sequential(rnn))[0], torch.randn(2, 5, 6)))
+    for q, x in cases:
+        name = type(q).__name__
+        y = q(x)
+        state = {k: v.clone() for k, v in q.state_dict().items()}
+        on_meta = copy.deepcopy(q).to("meta")
+        y_meta = on_meta(x.to("meta"))
+        for a, b in zip(tree_leaves(y_meta), tree_leaves(y), strict=True):
+            assert a.is_meta and a.shape == b.shape and a.dtype == b.dtype, name
+        restored = on_meta.to_empty(device="cpu")
+        restored.load_state_dict(state)
+        y2 = restored(x)
+        for a, b in zip(tree_leaves(y2), tree_leaves(y), strict=True):
+            assert torch.equal(a, b), name
+    q = cases[0][0]
+    with pytest.raises(ValueError, match="in_features=67"):
+        copy.deepcopy(q).to("meta")(torch.empty(3, 66, device="meta"))
 
 
 def test_meta_contents() -> None:

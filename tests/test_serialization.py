@@ -116,6 +116,14 @@ def test_bfloat16_model_round_trip(tmp_path: Path) -> None:
     assert out.dtype == torch.bfloat16 and torch.equal(out, q(x))
 
 
+def test_a_model_on_the_meta_device_is_refused_by_name_and_nothing_is_written(
+        tmp_path: Path) -> None:
+    q = quantize_dynamic(MLP(**SMALL_MLP).eval()).to("meta")
+    with pytest.raises(ValueError, match=r"'layers\.0\.weight' is on the meta device.*to_empty"):
+        save(q, tmp_path / "m")
+    assert not any(tmp_path.rglob("*.safetensors"))
+
+
 def test_quantized_root_module_round_trip(tmp_path: Path) -> None:
     q = quantize_dynamic(nn.Linear(16, 8))
     assert type(q).__name__ == "QuantizedLinear"

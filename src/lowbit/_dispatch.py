@@ -359,6 +359,18 @@ torch.library.register_autograd("lowbit::quantized_layer", _backward,
                                 setup_context=_setup_context)
 
 
+def meta_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output a quantized layer gives for ``x`` on the meta device: the op's fake.
+
+    Example:
+        >>> import lowbit
+        >>> q = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(4, 3)))[0]
+        >>> meta_output(q, torch.empty(2, 4, device="meta")).shape
+        torch.Size([2, 3])
+    """
+    return _quantized_layer_fake(x, [], _spec(module))
+
+
 @functools.lru_cache(maxsize=1024)
 def _meta(spec: str) -> dict[str, Any]:
     return load_spec(spec)

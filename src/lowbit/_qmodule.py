@@ -408,6 +408,8 @@ class QuantizedModuleBase(nn.Module):
         def forward(self: QuantizedModuleBase, x: torch.Tensor, *,
                     _smoothed_input: bool = False) -> torch.Tensor:
             refuse_jit_trace(self)
+            if isinstance(x, torch.Tensor) and x.is_meta:
+                return self._meta_forward(x)
             smoothing = None if _smoothed_input else self._buffers.get("input_smoothing")
             if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
                 plans = self.__dict__.get("_plans")  # AWQ / SmoothQuant (Linear): x * factor
@@ -433,6 +435,16 @@ class QuantizedModuleBase(nn.Module):
 
         cls._forward_body = body  # type: ignore[attr-defined]
         cls.forward = forward  # type: ignore[method-assign]
+
+    def _meta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A call on the meta device (shape inference, big-model loaders): the output's shape
+        and dtype, as ``torch.compile`` sees them, with no values and no kernel caches."""
+        self._check_device(x)
+        expected = getattr(self, "in_features", None)
+        if expected is not None and (x.dim() == 0 or x.shape[-1] != expected):
+            raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
+                             f"-1 (in_features={expected}), got shape {tuple(x.shape)}")
+        return _dispatch.meta_output(self, x)
 
     def _forward_smoothed(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` after the input smoothing (AWQ / SmoothQuant): the entry of every call
@@ -647,7 +659,7 @@ class QuantizedModuleBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         for name, (buf, before) in kept.items():  # nn.Module copied (cast) or assigned it
             self._buffers[name] = buf.copy_(before)
-        self._refresh_cache()
+        self._refresh_or_defer()
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedModuleBase:
         """``.to()`` / ``.cuda()`` / ``.half()`` ...: buffers move, then the caches are rebuilt.
@@ -671,8 +683,26 @@ class QuantizedModuleBase(nn.Module):
         out = super()._apply(keep_dtype, recurse)
         if target is not None:
             self.orig_dtype = str(target).removeprefix("torch.")
-        self._refresh_cache()
+        self._refresh_or_defer()
         return out
+
+    def _refresh_or_defer(self) -> None:
+        """Rebuild the caches now, or, while the buffers are on the meta device (``.to("meta")``,
+        then ``.to_empty(device=...)`` and ``load_state_dict``, as big-model loaders do), at the
+        first call: there are no values to derive them from yet."""
+        if any(t.device.type == "meta" for t in self._buffers.values() if t is not None):
+            self.__dict__.pop("_weight_key", None)
+            return
+        self._refresh_cache()
+
+    def _check_device(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's codes (``weight``), after checking that ``x`` is on their device."""
+        w = self._buffers.get("weight")
+        if w is not None and x.device != w.device:
+            raise RuntimeError(f"{self._label()}: input is on {x.device} but the layer's "
+                               f"quantized buffers are on {w.device}; move one of them "
+                               f"(x.to({str(w.device)!r}) or model.to({str(x.device)!r}))")
+        return w
 
     def _label(self) -> str:
         return f"{self.name or '<unnamed>'} ({type(self).__name__})"
@@ -696,15 +726,11 @@ class QuantizedModuleBase(nn.Module):
             raise TypeError(f"{self._label()}: expected a floating-point input (float32, "
                             f"bfloat16, float16 or float64), got {x.dtype}; convert it first, "
                             "e.g. x.float()")
-        w = self._buffers.get("weight")
-        if w is not None and x.device != w.device:
-            raise RuntimeError(f"{self._label()}: input is on {x.device} but the layer's "
-                               f"quantized buffers are on {w.device}; move one of them "
-                               f"(x.to({str(w.device)!r}) or model.to({str(x.device)!r}))")
+        w = self._check_device(x)
         if x.dim() == 0 or x.shape[dim] != expected:
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
-        if w is not None:
+        if w is not None and not w.is_meta:  # (meta: no values to derive caches from)
             key = _weight_key(w, self._buffers.get("bias"))
             if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
                 with _REFRESH_LOCK:  # the kernel caches derive from it; one thread rebuilds

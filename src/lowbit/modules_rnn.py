@@ -126,6 +126,10 @@ class _RecurrentForward:
                 f"{self._label()}: torch.export / ONNX export of a quantized "  # type: ignore
                 "LSTM / GRU is not supported (its recurrence runs eagerly); keep the layer in "
                 "float for export: layer_overrides={name: None}")
+        data = input.data if isinstance(input, PackedSequence) else input
+        if (isinstance(data, torch.Tensor) and data.is_meta  # shape inference: no values
+                and self._buffers["weight_ih_l0"].is_meta):  # type: ignore[attr-defined]
+            return self.to_float()(input, hx)  # type: ignore[attr-defined]
         return self._forward_eager(input, hx)  # type: ignore[attr-defined]
 
 

@@ -174,6 +174,10 @@ def _dedupe(state: Mapping[str, torch.Tensor]
             raise ValueError(f"lowbit.save: state_dict entry {name!r} is a {type(t).__name__}, "
                              "not a tensor (get_extra_state?); safetensors stores tensors only")
         t = t.detach()
+        if t.is_meta:
+            raise ValueError(f"lowbit.save: {name!r} is on the meta device and holds no values; "
+                             "load the model's weights first (model.to_empty(device='cpu'), "
+                             "then load_state_dict or lowbit.load)")
         key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if t.numel() and key in seen:
             aliases[name] = seen[key]
