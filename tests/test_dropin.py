@@ -318,6 +318,44 @@ def test_weight_view_is_float_lazy_and_read_only() -> None:
         q.weight = nn.Parameter(torch.zeros(16, 64))
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static", "int4", "int8wo"])
+def test_accelerate_hooks_that_store_the_weight_view_keep_the_codes(mode: str,
+                                                                    tmp_path: Path) -> None:
+    """accelerate's hooks (``cpu_offload``, ``disk_offload``, ``dispatch_model``) set each
+    tensor with ``module._buffers[name] = getattr(module, name).to(device)``, or with the state
+    dict's codes cast to ``layer.weight.dtype``: the float view (or float codes) took the codes'
+    place, and the next call recursed without end (INT4: 'unpack_int4: expected uint8')."""
+    import accelerate
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    x = torch.randn(5, 32)
+    q = _quantize_modes(model, mode, x)
+    ref, ref2 = q(x), q(2 * x)
+    for offload in (lambda m: accelerate.cpu_offload(m, execution_device="cpu"),
+                    lambda m: accelerate.disk_offload(m, tmp_path / "offload",
+                                                      execution_device="cpu")):
+        hooked = offload(copy.deepcopy(q))
+        assert torch.equal(hooked(x), ref) and torch.equal(hooked(2 * x), ref2)
+        assert hooked.state_dict()["0.weight"].dtype == q.state_dict()["0.weight"].dtype
+    layer = copy.deepcopy(q)[0]
+    layer._buffers["weight"] = layer.weight.to("cpu")  # the view itself (same device)
+    assert isinstance(layer._buffers["weight"], DequantizedWeight)
+    assert torch.equal(layer.state_dict()["weight"], q[0].qweight)
+    layer._buffers["weight"] = q[0].qweight.float()  # the codes, cast
+    assert torch.equal(layer(x), q[0](x)) and layer.qweight.dtype == q[0].qweight.dtype
+    layer._buffers["weight"] = q[0].weight.dequantize()  # float weights are not codes
+    with pytest.raises(RuntimeError, match=r"0 \(\w+\): its 'weight' buffer was replaced"):
+        layer(x)
+
+
+def _quantize_modes(model: nn.Module, mode: str, x: torch.Tensor) -> nn.Module:
+    if mode == "static":
+        return lowbit.quantize_static(model, [x], progress=False)
+    if mode == "dynamic":
+        return lowbit.quantize_dynamic(model)
+    return lowbit.quantize_weight_only(model, bits=4 if mode == "int4" else 8, group_size=16)
+
+
 class CastsToWeightDtype(nn.Module):
     """As HF ViT's patch embedding: ``pixel_values.to(self.proj.weight.dtype)``."""
 

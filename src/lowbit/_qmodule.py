@@ -486,7 +486,7 @@ class QuantizedModuleBase(nn.Module):
         """The integer weight codes (int8, or uint8 with two 4-bit codes per byte): the buffer
         saved as ``weight`` in ``state_dict`` and lowbit files (AttributeError for a layer with
         several weights: the quantized RNNs' ``weight_ih_l0``...)."""
-        codes = self._buffers.get("weight")
+        codes = self._codes_buffer()
         if codes is None:
             raise AttributeError(f"{self._label()} has no single weight; its codes are the "
                                  "buffers named weight_*")
@@ -507,7 +507,7 @@ class QuantizedModuleBase(nn.Module):
             >>> q.weight.dtype, tuple(q.weight.shape), q.qweight.dtype
             (torch.float32, (2, 4), torch.int8)
         """
-        codes = self._buffers.get("weight")
+        codes = self._codes_buffer()
         if codes is None:
             raise AttributeError(f"{self._label()} has no weight codes")
         dtype = getattr(torch, self.orig_dtype, torch.float32)
@@ -516,7 +516,8 @@ class QuantizedModuleBase(nn.Module):
         shape = self._weight_shape()
         if self.meta_extra.get("hf_conv1d"):
             shape = shape[::-1]
-        return DequantizedWeight(self._float_weight, shape, dtype, codes.device, self._label())
+        return DequantizedWeight(self._float_weight, shape, dtype, codes.device, self._label(),
+                                 codes)
 
     def __setattr__(self, name: str, value: Any) -> None:
         codes = self.__dict__.get("_buffers", {}).get("weight") if name == "weight" else None
@@ -553,6 +554,8 @@ class QuantizedModuleBase(nn.Module):
         """This call on the layer's prepared C call for ``x.shape``, or None (the body runs).
         ``smooth``: the input smoothing, for a plan that applies it (float32 ``x`` only)."""
         w = self._buffers["weight"]
+        if w.is_floating_point():  # (inline: this runs on every call)
+            w = self._restore_codes(w)
         if x.requires_grad or not x.is_cpu or not x.is_contiguous():
             return None
         if x.dtype != torch.float32:  # bfloat16 models: the body computes in float32 too
@@ -580,7 +583,7 @@ class QuantizedModuleBase(nn.Module):
 
     def _weight_shape(self) -> tuple[int, ...]:
         """Shape of the float weight this layer replaced (the codes' shape by default)."""
-        return tuple(self._buffers["weight"].shape)
+        return tuple(self._codes_buffer().shape)
 
     def _float_weight(self, reference: bool = False) -> torch.Tensor:
         """The float32 weight a caller of :attr:`weight` sees: dequantized, input smoothing
@@ -671,7 +674,7 @@ class QuantizedModuleBase(nn.Module):
         fused kernels. The outputs follow the input's dtype as before.
         """
         target = _float_target(fn, getattr(torch, self.orig_dtype, torch.float32),
-                               self._buffers.get("weight"))
+                               self._codes_buffer())
         own = {id(t) for t in self._buffers.values() if t is not None and t.is_floating_point()}
 
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -698,11 +701,59 @@ class QuantizedModuleBase(nn.Module):
     def _check_device(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's codes (``weight``), after checking that ``x`` is on their device."""
         w = self._buffers.get("weight")
+        if w is not None and w.is_floating_point():  # (inline: this runs on every call)
+            w = self._restore_codes(w)
         if w is not None and x.device != w.device:
             raise RuntimeError(f"{self._label()}: input is on {x.device} but the layer's "
                                f"quantized buffers are on {w.device}; move one of them "
                                f"(x.to({str(w.device)!r}) or model.to({str(x.device)!r}))")
         return w
+
+    def _codes_dtype(self) -> torch.dtype:
+        """The dtype of the ``weight`` buffer (the integer codes)."""
+        return torch.int8
+
+    def _codes_buffer(self) -> torch.Tensor | None:
+        """The ``weight`` buffer (the codes), restored first if a loader replaced it with what
+        ``layer.weight`` presents (see :meth:`_restore_codes`)."""
+        w = self._buffers.get("weight")
+        if w is not None and w.is_floating_point():
+            w = self._restore_codes(w)
+        return w
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self._codes_buffer()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _restore_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The ``weight`` buffer back as the integer codes after a loader replaced it with
+        what ``layer.weight`` presents, as accelerate's hooks (``dispatch_model``,
+        ``cpu_offload``, ``disk_offload``) do: they store ``layer.weight.to(device)`` (the
+        float view itself, whose codes come back), or, when offloading, load the state dict's
+        codes cast to the view's float dtype before every call (an exact cast, undone here).
+        Values that are not codes (float weights put there) are refused."""
+        dtype = self._codes_dtype()
+        codes = getattr(w, "_codes", None)
+        if (isinstance(w, DequantizedWeight) and isinstance(codes, torch.Tensor)
+                and codes.dtype == dtype and w._label == self._label()):
+            self._buffers["weight"] = codes
+            return codes
+        if w.is_meta and not isinstance(w, DequantizedWeight):  # offloaded: no values yet
+            codes = w.to(dtype)
+            self._buffers["weight"] = codes
+            return codes
+        info = torch.iinfo(dtype)
+        if isinstance(w, DequantizedWeight) or not (
+                w.numel() == 0 or bool(torch.all((w == w.round()) & (w >= info.min)
+                                                 & (w <= info.max)))):
+            raise RuntimeError(
+                f"{self._label()}: its 'weight' buffer was replaced by a {w.dtype} tensor whose "
+                f"values are not {dtype} codes (float weights?); load a quantized state dict "
+                "with load_state_dict, a saved model with lowbit.load, or quantize the float "
+                "model again")
+        codes = w.to(dtype)
+        self._buffers["weight"] = codes
+        return codes
 
     def _label(self) -> str:
         return f"{self.name or '<unnamed>'} ({type(self).__name__})"

@@ -40,6 +40,8 @@ class DequantizedWeight(torch.Tensor):
         materialize: returns the dequantized weight (a plain float tensor of ``shape``).
         shape, dtype, device: what ``weight.shape`` / ``.dtype`` / ``.device`` report.
         label: names the layer in error messages.
+        codes: the integer codes it presents (how the layer gets them back when a loader
+            stores the view in their place, as accelerate's hooks do).
 
     Example:
         >>> w = torch.randn(3, 4)
@@ -50,13 +52,15 @@ class DequantizedWeight(torch.Tensor):
 
     _materialize: Callable[[], torch.Tensor]
     _label: str
+    _codes: torch.Tensor | None
 
     @staticmethod
     def __new__(cls, materialize: Callable[[], torch.Tensor], shape: Any, dtype: torch.dtype,
-                device: torch.device, label: str = "") -> DequantizedWeight:
+                device: torch.device, label: str = "",
+                codes: torch.Tensor | None = None) -> DequantizedWeight:
         view = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=device,
                                                    requires_grad=False)
-        view._materialize, view._label = materialize, label
+        view._materialize, view._label, view._codes = materialize, label, codes
         return view
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

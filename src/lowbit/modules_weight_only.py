@@ -83,6 +83,9 @@ def _layout(k: int, spec: QuantSpec) -> tuple[QuantSpec, int]:
 class _WeightOnly(QuantizedModuleBase):
     """Buffers, packing and dequantization shared by the weight-only modules."""
 
+    def _codes_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.packed else self.weight_spec.storage_dtype
+
     def _init_w(self, n: int, k: int, has_bias: bool, spec: QuantSpec) -> None:
         self.weight_spec = spec
         self.eff_spec, self.kp = _layout(k, spec)
