@@ -208,6 +208,11 @@ def test_meta_device_gives_shapes_and_to_empty_then_load_restores_the_bits() -> 
     for rnn in (nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True),
                 nn.GRU(6, 8, batch_first=True)):
         cases.append((lowbit.quantize_dynamic(nn.Sequential(rnn))[0], torch.randn(2, 5, 6)))
+    smoothed = lowbit.quantize_static(  # (input smoothing: the wrapper's own path)
+        nn.Sequential(nn.Linear(16, 8)), [torch.randn(4, 16)], progress=False,
+        config=QuantizationConfig.int8_static(smooth_quant=0.5))[0]
+    assert "input_smoothing" in smoothed.state_dict()
+    cases.append((smoothed, torch.randn(3, 16)))
     for q, x in cases:
         name = type(q).__name__
         y = q(x)

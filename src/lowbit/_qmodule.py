@@ -408,8 +408,6 @@ class QuantizedModuleBase(nn.Module):
         def forward(self: QuantizedModuleBase, x: torch.Tensor, *,
                     _smoothed_input: bool = False) -> torch.Tensor:
             refuse_jit_trace(self)
-            if isinstance(x, torch.Tensor) and x.is_meta:
-                return self._meta_forward(x)
             smoothing = None if _smoothed_input else self._buffers.get("input_smoothing")
             if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
                 plans = self.__dict__.get("_plans")  # AWQ / SmoothQuant (Linear): x * factor
@@ -431,6 +429,8 @@ class QuantizedModuleBase(nn.Module):
                 y = self._planned(plans, x)
                 if y is not None:
                     return y
+            if isinstance(x, torch.Tensor) and x.is_meta:  # (plans take CPU inputs only)
+                return self._meta_forward(x)
             return body(self, x)
 
         cls._forward_body = body  # type: ignore[attr-defined]
@@ -553,9 +553,7 @@ class QuantizedModuleBase(nn.Module):
                  smooth: torch.Tensor | None = None) -> torch.Tensor | None:
         """This call on the layer's prepared C call for ``x.shape``, or None (the body runs).
         ``smooth``: the input smoothing, for a plan that applies it (float32 ``x`` only)."""
-        w = self._buffers["weight"]
-        if w.is_floating_point():  # (inline: this runs on every call)
-            w = self._restore_codes(w)
+        w = self._buffers["weight"]  # (a replaced one fails the weight key: the body restores)
         if x.requires_grad or not x.is_cpu or not x.is_contiguous():
             return None
         if x.dtype != torch.float32:  # bfloat16 models: the body computes in float32 too
@@ -701,8 +699,6 @@ class QuantizedModuleBase(nn.Module):
     def _check_device(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's codes (``weight``), after checking that ``x`` is on their device."""
         w = self._buffers.get("weight")
-        if w is not None and w.is_floating_point():  # (inline: this runs on every call)
-            w = self._restore_codes(w)
         if w is not None and x.device != w.device:
             raise RuntimeError(f"{self._label()}: input is on {x.device} but the layer's "
                                f"quantized buffers are on {w.device}; move one of them "
@@ -786,6 +782,9 @@ class QuantizedModuleBase(nn.Module):
             if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
                 with _REFRESH_LOCK:  # the kernel caches derive from it; one thread rebuilds
                     if key != self.__dict__.get("_weight_key"):  # (the others wait for it)
+                        if w.is_floating_point():  # replaced by what layer.weight presents
+                            w = self._restore_codes(w)
+                            key = _weight_key(w, self._buffers.get("bias"))
                         self._refresh_cache()
                         self.__dict__["_weight_key"] = key
         return x.detach()
