@@ -790,3 +790,47 @@ def test_meta_device_models_are_refused_with_what_to_do() -> None:
         net = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
         quantize_dynamic(net)
+
+
+class _TiedLM(nn.Module):
+    """A language model whose output layer shares the input embedding's table (as
+    ``tie_word_embeddings=True`` models: OPT, BLOOM, Gemma, RoBERTa ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(60, 32)
+        self.body = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 60, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.body(self.embed(ids))))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("how", ["dynamic_smooth_quant", "static_smooth_quant", "gptq", "awq",
+                                 "signround"])
+def test_tied_embedding_keeps_its_float_table_when_the_head_is_written(how: str,
+                                                                       inplace: bool) -> None:
+    """SmoothQuant / GPTQ / AWQ / SignRound write the output layer's weight before converting
+    it; tied to the embedding, the float embedding looked up those rows (cosine 0.63 on OPT)."""
+    import lowbit
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    table = model.embed.weight.detach().clone()
+    data = [torch.randint(0, 60, (4, 10)) for _ in range(3)]
+    kw = {"progress": False, "inplace": inplace}
+    if how == "dynamic_smooth_quant":
+        q = lowbit.quantize_dynamic(model, smooth_quant=0.5, calibration_data=data, **kw)
+    elif how == "static_smooth_quant":
+        q = lowbit.quantize_static(model, data, smooth_quant=0.5, **kw)
+    else:
+        q = lowbit.quantize_weight_only(model, bits=4, group_size=16, method=how,
+                                        calibration_data=data, **kw)
+    assert type(q.head).__name__ in ("QuantizedLinear", "Int4Linear")
+    assert type(q.embed) is nn.Embedding and torch.equal(q.embed.weight, table)
+    assert inplace or torch.equal(model.embed.weight, table)
+    ids = torch.randint(0, 60, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(q.embed(ids), F.embedding(ids, table))

@@ -278,6 +278,7 @@ class PTQQuantizer(Quantizer):
         if sharing is not None:  # own copies for what may be written or stays float
             sharing.unshare(_may_change(qmodel, todo))
         bake_reparametrizations(qmodel, todo)  # weight_norm / spectral_norm: plain weights
+        _untie_written(qmodel, todo)
         report = QuantizationReport(list(plans.values()), fusions.method, fusions.note)
         if not todo:
             done = sum(isinstance(m, QuantizedModuleBase) for m in qmodel.modules())
@@ -366,6 +367,28 @@ class PTQQuantizer(Quantizer):
         log.info("lowbit: %d layers quantized, %d FP32 by request, %d skipped",
                  len(report.quantized), len(report.fp32), len(report.skipped))
         return qmodel
+
+
+def _untie_written(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> None:
+    """Give each planned layer whose weight is written before it is converted (SmoothQuant,
+    GPTQ, AWQ, SignRound, a BatchNorm fold) its own copy of a parameter another module holds
+    too: tied input / output embeddings (``lm_head`` and ``embed_tokens``), where the float
+    embedding looked up the scaled or dequantized rows written into ``lm_head``."""
+    written = [n for n, p in todo.items() if p.folded_bn or (p.config is not None and (
+        p.config.method != "rtn" or p.config.smooth_quant is not None))]
+    if not written:
+        return
+    holders: dict[int, set[int]] = {}
+    for module in qmodel.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(id(module))
+    for name in written:
+        layer = qmodel.get_submodule(name)
+        for key, p in list(layer._parameters.items()):
+            if p is not None and len(holders[id(p)]) > 1:
+                layer._parameters[key] = nn.Parameter(p.detach().clone(),
+                                                      requires_grad=p.requires_grad)
 
 
 def _may_change(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> list[nn.Module]:
