@@ -997,3 +997,25 @@ def test_input_smoothing_product_from_the_pool_is_x_times_factor() -> None:
     y = _smoothed(x, factor)
     y.sum().backward()
     assert torch.equal(x.grad, factor.expand(1024, 384))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int4", "int8wo"])
+def test_conv_attributes_read_as_the_float_convs(kind: str) -> None:
+    """Model code reads a conv's geometry (Whisper: ``conv1.stride[0]``); a quantized conv had
+    no ``stride`` / ``padding`` / ``dilation`` / ``groups`` / ``padding_mode``."""
+    cfg = {"dynamic": DYN, "static": STATIC, "int8wo": INT8_WO,
+           "int4": QuantizationConfig.int4_weight_only(group_size=4)}[kind]
+    convs = [nn.Conv1d(4, 8, 3, stride=2, padding=1), nn.Conv2d(4, 8, 3, dilation=2, groups=2),
+             nn.Conv2d(4, 8, (3, 1), padding=(2, 0), padding_mode="reflect"),
+             nn.Conv2d(4, 8, 1, padding=1), nn.Conv1d(4, 8, 4, padding="same"),
+             nn.Conv2d(4, 8, 3, padding="same", padding_mode="circular")]
+    for conv in convs:
+        x = torch.randn(2, 4, *([9] * (conv.weight.dim() - 2)))
+        kw = {"input_qparams": _static_qparams(x)} if kind == "static" else {}
+        q = convert_module(conv, cfg, name="conv", **kw)
+        padding = conv.padding  # "same" with an odd kernel extent pads both sides equally
+        if padding == "same" and all(k % 2 for k in conv.kernel_size):
+            padding = tuple(k // 2 for k in conv.kernel_size)
+        assert (q.stride, q.padding, q.dilation, q.groups, q.padding_mode) == (
+            conv.stride, padding, conv.dilation, conv.groups, conv.padding_mode), conv
+        assert q.kernel_size == conv.kernel_size and q(x).shape == conv(x).shape

@@ -303,6 +303,42 @@ def conv_geometry(module: nn.Module, name: str = "") -> dict[str, Any]:
     return geo
 
 
+class ConvAttributes:
+    """``stride``, ``padding``, ``dilation``, ``groups`` and ``padding_mode`` of a quantized
+    conv, read as the float conv's (model code reads them: Whisper's encoder computes its
+    output length from ``conv1.stride[0]``), from the layer's ``geometry``. Read-only: the
+    kernels and prepared calls derive from ``geometry``."""
+
+    geometry: dict[str, Any]
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return tuple(self.geometry["stride"])
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return tuple(self.geometry["dilation"])
+
+    @property
+    def groups(self) -> int:
+        return int(self.geometry["groups"])
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        """The float conv's padding: ``"same"`` where it padded one side more (even kernel
+        extents), else per spatial dimension (``pre_pad`` holds it for non-zero modes)."""
+        pre = self.geometry["pre_pad"]
+        if pre is None:
+            return tuple(self.geometry["padding"])
+        pairs = [(pre[i], pre[i + 1]) for i in range(0, len(pre), 2)][::-1]  # (F.pad order)
+        return "same" if any(a != b for a, b in pairs) else tuple(a for a, _ in pairs)
+
+    @property
+    def padding_mode(self) -> str:
+        mode = self.geometry["pad_mode"]
+        return "zeros" if mode == "constant" else mode
+
+
 def default_conv_geometry(dims: int) -> dict[str, Any]:
     """The geometry of a plain conv (stride 1, no padding) with ``dims`` spatial dimensions.
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit._qmodule import (
+    ConvAttributes,
     QuantizedModuleBase,
     carry_hooks,
     check_conv_geometry,
@@ -373,7 +374,7 @@ class QuantizedLinear(_Int8Base):
                 f"fused_relu={self.fused_relu}{gelu}, backend={self.backend}")
 
 
-class QuantizedConv2d(_Int8Base):
+class QuantizedConv2d(ConvAttributes, _Int8Base):
     """INT8 x INT8 Conv2d (static, or dynamic with per-tensor activation qparams).
 
     ``weight`` keeps the conv shape ``[O, C/groups, kh, kw]`` as int8. Per-token activation specs

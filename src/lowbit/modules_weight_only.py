@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit._qmodule import (
+    ConvAttributes,
     QuantizedModuleBase,
     check_conv_geometry,
     check_conv_input,
@@ -523,7 +524,7 @@ class QuantizedEmbedding(_WeightOnly):
                 f"{self.weight_spec.granularity}")
 
 
-class WeightOnlyConv2d(_WeightOnly):
+class WeightOnlyConv2d(ConvAttributes, _WeightOnly):
     """Conv2d with low-bit weights (2..8 bits, packed when <= 4) dequantized on the fly.
 
     The weight is quantized as ``[O, C/groups*kh*kw]`` (per channel or per group along that
