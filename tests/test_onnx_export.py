@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -222,10 +223,17 @@ class _Mixed(nn.Module):
         return self.head(self.gelu(y) + self.emb(idx).sum(1))
 
 
-@pytest.mark.parametrize("scheme", ["dynamic_affine", "weight_only_int8_odd_groups"])
+@pytest.mark.parametrize("scheme", ["dynamic_affine", "weight_only_int8_odd_groups",
+                                    "weight_only_int8"])
 def test_every_layer_kind_with_float_fallback(scheme, tmp_path) -> None:
+    """``weight_only_int8``: the default INT8 weight-only layers, whose CPU kernel keeps
+    bfloat16 scales beside the float32 ones (they made the export refuse a 'bfloat16' model)."""
     model = _Mixed().eval()
-    if scheme == "dynamic_affine":  # unsigned affine activations, affine per-tensor weights
+    if scheme == "weight_only_int8":
+        cfg = dataclasses.replace(QuantizationConfig.int8_weight_only(),
+                                  layer_overrides={"head": None})
+        expect = {"MatMulNBits": 1}  # (8-bit blocks; the convs dequantize their codes)
+    elif scheme == "dynamic_affine":  # unsigned affine activations, affine per-tensor weights
         cfg = QuantizationConfig(weights=QuantSpec(symmetric=False),
                                  activations=QuantSpec(signed=False, symmetric=False),
                                  mode="dynamic", layer_overrides={"head": None})

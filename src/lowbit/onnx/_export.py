@@ -177,9 +177,11 @@ def _save_atomic(proto: Any, path: Path) -> None:
 
 
 def _refuse_bfloat16(qmodel: nn.Module, inputs: list[Any]) -> None:
-    """bfloat16 graphs do not run on ONNX Runtime's CPU kernels (no bfloat16 ``Div``, ...)."""
-    where = next((n for n, t in [*qmodel.named_parameters(), *qmodel.named_buffers()]
-                  if t.dtype == torch.bfloat16), None)
+    """bfloat16 graphs do not run on ONNX Runtime's CPU kernels (no bfloat16 ``Div``, ...).
+    The model's state is checked, not kernel caches (INT8 weight-only layers keep bfloat16
+    scales for their CPU kernel; the exported graph takes the float32 ones)."""
+    where = next((n for n, t in qmodel.state_dict(keep_vars=True).items()
+                  if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16), None)
     if where is None and any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
                              for t in inputs):
         where = "the example inputs"
