@@ -573,6 +573,8 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
                                         "peft adapter: kept in float and trainable")
             continue
         if not quantizable:
+            if "parametrizations" in name.split("."):  # torch.nn.utils.parametrize's own
+                continue  # modules: the layer they belong to is planned (and baked) instead
             reason = _unsupported_reason(module)
             if reason:
                 plans[name] = LayerPlan(name, kind, None, "skipped", reason)
