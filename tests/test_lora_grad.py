@@ -115,6 +115,28 @@ def test_output_bits_and_inference_path_unchanged(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_output_is_writable_in_place_under_autograd(kind: str, unbatched: bool) -> None:
+    """Model code writes into a layer's output while training (Wav2Vec2's SpecAugment:
+    ``hidden_states[mask] = masked_spec_embed`` after its projection), as nn.Linear allows;
+    the output was a view made inside lowbit's autograd Function, which autograd refuses to
+    have written in place."""
+    q, x = _layer(kind)
+    x = (x[0] if unbatched else x).detach().requires_grad_()
+    y = q(x)
+    y[..., 0, :] = 0.0  # (the batch and sequence dims of a Linear; a conv's rows)
+    v = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (y * v).sum().backward()
+    got, x.grad = x.grad.clone(), None
+    want_y = _float_reference(q, x)
+    want_y = want_y.clone()
+    want_y[..., 0, :] = 0.0
+    (want_y * v).sum().backward()
+    assert got.shape == x.shape and x.grad.abs().sum() > 0
+    assert F.cosine_similarity(got.flatten(), x.grad.flatten(), dim=0) > 0.9
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_input_gradient_is_the_dequantized_float_layers(kind: str) -> None:
     q, x = _layer(kind)
     x = x.requires_grad_()

@@ -55,6 +55,13 @@ def frozen_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ...     torch.equal(q(x), q.forward(x.detach()))
         True
     """
+    k = getattr(module, "in_features", None)
+    if k is not None and x.dim() != 2 and x.dim() > 0 and x.shape[-1] == k:
+        # a Linear computes row by row: the Function sees the 2-D rows, and the view back to
+        # x's batch shape is made here, so the output may be written in place as nn.Linear's
+        # (a view made inside a custom Function may not: Wav2Vec2's SpecAugment masking)
+        y = _FrozenQuantized.apply(x.reshape(-1, k), module)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     return _FrozenQuantized.apply(x, module)
 
 
@@ -77,7 +84,8 @@ class _FrozenQuantized(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, module: nn.Module) -> torch.Tensor:  # type: ignore[override]
         # grad mode is off here: the layer takes its inference path (x is smoothed already)
-        return module._forward_smoothed(x)
+        y = module._forward_smoothed(x)
+        return y if y._base is None else y.clone()  # (a view of its own: writable in place)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
