@@ -558,3 +558,43 @@ def test_bfloat16_export_is_refused_with_the_fix_and_bf16_inputs_are_widened() -
     ort_model = OnnxRuntimeModule(export_onnx(q32, x.float(), None))
     with torch.no_grad():
         _assert_close(q32(x.float()), ort_model(x))  # a bf16 tensor in: widened, not refused
+
+
+class _ReadsWeights(nn.Module):
+    """Model code that reads quantized layers' ``weight``: its dtype (CLIP casts its pixels
+    to ``patch_embedding.weight.dtype``) and its values (MobileBERT's head multiplies by
+    ``dense.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        self.dense = nn.Linear(16, 32)
+        self.unused = nn.Linear(16, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2)
+        return h @ self.dense.weight.t() + self.unused(h)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "int4"])
+def test_model_code_that_reads_layer_weights_exports(mode: str, tmp_path) -> None:
+    """The stand-ins had no ``weight`` ('ExportConv' object has no attribute 'weight'; INT4:
+    a method). A layer whose weight the model reads gets it in the graph; others do not."""
+    torch.manual_seed(0)
+    model = _ReadsWeights().eval()
+    x = torch.randn(2, 3, 16, 16)
+    if mode == "static":
+        qmodel = lowbit.quantize_static(model, [x], progress=False)
+    elif mode == "dynamic":
+        qmodel = lowbit.quantize_dynamic(model, progress=False)
+    else:
+        qmodel = lowbit.quantize_weight_only(model, bits=4, group_size=16, progress=False)
+    proto, ort_model = _export(qmodel, x, tmp_path / f"{mode}.onnx")
+    floats = sorted(tuple(t.dims) for t in proto.graph.initializer
+                    if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+    assert (32, 16) in floats or (16, 32) in floats  # dense: its values are read
+    assert floats.count((32, 16)) + floats.count((16, 32)) == 1  # unused: only its codes
+    x2 = torch.randn(5, 3, 16, 16)
+    with torch.inference_mode():
+        ref = qmodel(x2)
+    _assert_close(ref, ort_model(x2), steps=0.5)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +38,30 @@ _GEOMETRY_KEYS = {"stride", "padding", "dilation", "groups", "pre_pad", "pad_mod
 #: Serializes kernel-cache rebuilds: a layer's first call from several threads at once (a
 #: model served by a thread pool) rebuilds its caches once, and no thread reads them half made.
 _REFRESH_LOCK = threading.RLock()
+_WEIGHT_READS: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar(
+    "lowbit_weight_reads", default=None)
+
+
+@contextlib.contextmanager
+def record_weight_reads() -> Iterator[set[int]]:
+    """The ids of the quantized layers whose ``weight`` (the float view) is read inside the
+    block: model code that reads it (CLIP's ``patch_embedding.weight.dtype``, MobileBERT's
+    head multiplying by ``dense.weight``) needs it in an exported graph too.
+
+    Example:
+        >>> import lowbit
+        >>> q = lowbit.quantize_dynamic(nn.Sequential(nn.Linear(4, 4)))
+        >>> with record_weight_reads() as read:
+        ...     _ = q[0].weight.dtype
+        >>> read == {id(q[0])}
+        True
+    """
+    read: set[int] = set()
+    token = _WEIGHT_READS.set(read)
+    try:
+        yield read
+    finally:
+        _WEIGHT_READS.reset(token)
 
 
 def _weight_key(w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, int, int]:
@@ -546,6 +572,9 @@ class QuantizedModuleBase(nn.Module):
         codes = self._codes_buffer()
         if codes is None:
             raise AttributeError(f"{self._label()} has no weight codes")
+        reads = _WEIGHT_READS.get()
+        if reads is not None:
+            reads.add(id(self))
         dtype = getattr(torch, self.orig_dtype, torch.float32)
         if torch.compiler.is_compiling():  # traced ops (dead code when only metadata is read)
             return self._float_weight(reference=True).to(dtype)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lowbit._export_inputs import export_arguments, export_failure_hint
+from lowbit._qmodule import record_weight_reads
 
 __all__ = ["DEFAULT_OPSET", "IR_VERSION", "export_onnx"]
 
@@ -74,15 +75,19 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _export_copy(qmodel: nn.Module, exact: bool | str) -> nn.Module:
+def _export_copy(qmodel: nn.Module, exact: bool | str,
+                 weight_read: set[int] = frozenset()) -> nn.Module:
     """A copy of ``qmodel`` in eval mode with every quantized layer replaced by its export
-    stand-in (shared layers stay shared); ``qmodel`` itself is not touched."""
-    from lowbit.onnx._layers import export_layer
+    stand-in (shared layers stay shared); ``qmodel`` itself is not touched. ``weight_read``:
+    ids of layers whose float ``weight`` the model reads (their stand-ins get it)."""
+    from lowbit.onnx._layers import export_layer, present_weight
 
     memo: dict[int, Any] = {}
     for module in qmodel.modules():
         if id(module) not in memo and (stand_in := export_layer(module, exact)) is not None:
             memo[id(module)] = stand_in
+            if id(module) in weight_read:
+                present_weight(stand_in)
     if isinstance(qmodel, nn.Module) and id(qmodel) in memo:
         return memo[id(qmodel)].eval()
     return copy.deepcopy(qmodel, memo).eval()
@@ -254,7 +259,9 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
     axes = sorted({int(a) for a in dynamic_axes})
     args, kwargs, shapes = export_arguments(example_inputs, axes, "export_onnx")
     _refuse_bfloat16(qmodel, [*args, *kwargs.values()])
-    model = _export_copy(qmodel, exact)
+    with record_weight_reads() as weight_read, torch.no_grad():  # (model code that reads a
+        qmodel(*args, **kwargs)  # quantized layer's float weight: its graph needs it too)
+    model = _export_copy(qmodel, exact, weight_read)
     with _quiet_exporter() as log:
         try:
             program = torch.onnx.export(

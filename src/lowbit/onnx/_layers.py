@@ -30,7 +30,39 @@ from lowbit.modules_rnn import QuantizedRNNBase
 from lowbit.onnx import _ops  # noqa: F401  (registers torch.ops.lowbit_export)
 from lowbit.ops import quantize_bias
 
-__all__ = ["export_layer", "u8s8_exact_here"]
+__all__ = ["export_layer", "present_weight", "u8s8_exact_here"]
+
+class _PresentsWeight:
+    """``weight`` as the eager layer presents it (its float view), for model code that reads
+    it while the graph is traced: its dtype (CLIP casts its pixels to the patch conv's) or
+    its values (MobileBERT's head multiplies by its dense layer's weight). ``export_onnx``
+    finds the layers whose weight the model reads (one eager call) and gives their stand-ins
+    the float weight as a buffer (:func:`present_weight`); the graphs of other models hold no
+    float copy."""
+
+    _buffers: dict[str, torch.Tensor | None]
+    _presented: functools.partial
+
+    def _present(self, layer: nn.Module) -> None:
+        object.__setattr__(self, "_presented", functools.partial(_float_weight_of, layer))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self._buffers.get("presented_weight")
+        return self._presented() if w is None else w
+
+
+def _float_weight_of(layer: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return layer._float_weight(reference=True).to(getattr(torch, layer.orig_dtype))
+
+
+def present_weight(stand_in: nn.Module) -> None:
+    """Give an export stand-in its layer's float weight (what ``layer.weight`` reads) as a
+    buffer, for a model that reads it (see :class:`_PresentsWeight`)."""
+    if isinstance(stand_in, _PresentsWeight):
+        stand_in.register_buffer("presented_weight", stand_in._presented(), persistent=False)
+
 
 def _per_row(t: torch.Tensor, n: int) -> torch.Tensor:
     """A per-tensor / per-row / per-group qparam as ``[N, groups]``."""
@@ -101,12 +133,13 @@ class _Epilogue(nn.Module):
         return y
 
 
-class _Int8(nn.Module):
+class _Int8(_PresentsWeight, nn.Module):
     """Weights and activation parameters of an INT8 x INT8 layer, in ONNX layout."""
 
     def __init__(self, layer: QuantizedLinear | QuantizedConv2d,
                  exact: bool | str = True) -> None:
         super().__init__()
+        self._present(layer)
         self.post = _Epilogue(layer)
         spec, self.mode = layer.act_spec, layer.mode
         self.qmin, self.qmax, self.off = layer._qmin, layer._qmax, layer._act_off
@@ -231,13 +264,14 @@ def _nbits_block(layer: Int4Linear | Int8WeightOnlyLinear) -> int | None:
     return None
 
 
-class ExportNBits(nn.Module):
+class ExportNBits(_PresentsWeight, nn.Module):
     """Weight-only Linear as com.microsoft ``MatMulNBits`` (4 bits: packed nibbles; 8 bits:
     bytes): unsigned codes ``q + 2^(bits-1)`` and zero-points shifted the same way, so
     ``(q_u - zp_u) * scale`` equals lowbit's ``(q - zp) * scale``."""
 
     def __init__(self, layer: Int4Linear | Int8WeightOnlyLinear, block: int) -> None:
         super().__init__()
+        self._present(layer)
         self.post = _Epilogue(layer)
         self.k, self.n = layer.in_features, layer.out_features
         self.bits = 4 if layer.packed else 8
@@ -274,12 +308,13 @@ class ExportNBits(nn.Module):
         return _like(self.post(y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n)), x)
 
 
-class ExportDequant(nn.Module):
+class ExportDequant(_PresentsWeight, nn.Module):
     """Any other weight-only layer: integer codes dequantized by standard ONNX ops (which ONNX
     Runtime folds into a float weight when the session starts), then the float op."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
+        self._present(layer)
         self.post = _Epilogue(layer)
         self.layer_type = type(layer)
         codes = layer.codes()
@@ -300,24 +335,24 @@ class ExportDequant(nn.Module):
         self.wshape = getattr(layer, "wshape", None)
         self.geometry = dict(getattr(layer, "geometry", {}))
 
-    def weight(self) -> torch.Tensor:
+    def _dequantized(self) -> torch.Tensor:
         w = ((self.codes.float() - self.zp) * self.scale).reshape(self.shape[0], -1)
         w = w[:, : self.k]
         return w if self.wshape is None else w.reshape(self.wshape)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         if issubclass(self.layer_type, QuantizedEmbedding):
-            return F.embedding(x_in, self.weight()).to(self.out_dtype)
+            return F.embedding(x_in, self._dequantized()).to(self.out_dtype)
         x = x_in.float()
         if issubclass(self.layer_type, WeightOnlyConv2d):
             g = self.geometry
             if g["pre_pad"] is not None:
                 x = F.pad(x, g["pre_pad"], mode=g["pad_mode"])
             conv = F.conv1d if issubclass(self.layer_type, WeightOnlyConv1d) else F.conv2d
-            y = conv(x, self.weight(), self.bias, g["stride"], g["padding"], g["dilation"],
+            y = conv(x, self._dequantized(), self.bias, g["stride"], g["padding"], g["dilation"],
                      g["groups"])
             return _like(self.post(y), x_in)
-        return _like(self.post(F.linear(x, self.weight(), self.bias)), x_in)
+        return _like(self.post(F.linear(x, self._dequantized(), self.bias)), x_in)
 
 
 def export_layer(layer: nn.Module, exact: bool | str = True) -> nn.Module | None:
