@@ -126,6 +126,13 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "vit": lambda: tf.ViTModel(tf.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         image_size=16, patch_size=4), add_pooling_layer=False),
+    "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(  # FalconLinear, tied head
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=96)),
+    "whisper": lambda: tf.WhisperForConditionalGeneration(tf.WhisperConfig(  # conv front end
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=96,
+        num_mel_bins=8, max_source_positions=16, max_target_positions=32, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
     "resnet": lambda: _init_cnn(ResNetTiny()),
     "mobilenet": lambda: _init_cnn(MobileNetTiny()),
 }
@@ -136,6 +143,9 @@ def _inputs(name: str, seed: int) -> dict[str, torch.Tensor]:
     if name in ("vit", "resnet", "mobilenet"):
         key = "pixel_values" if name == "vit" else "x"
         return {key: torch.randn(2, 3, 16, 16, generator=g)}
+    if name == "whisper":  # (log-mel frames: twice the encoder positions)
+        return {"input_features": torch.randn(2, 8, 32, generator=g),
+                "decoder_input_ids": torch.randint(3, 96, (2, 6), generator=g)}
     batch = {"input_ids": torch.randint(3, 96, (2, 8), generator=g)}
     if name in ("bart", "t5"):
         batch["decoder_input_ids"] = torch.randint(3, 96, (2, 6), generator=g)

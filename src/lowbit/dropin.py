@@ -151,6 +151,11 @@ def linear_from_conv1d(module: nn.Module) -> nn.Linear:
 
 _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
+#: Subclasses whose own forward computes what the base layer's does (read in their source),
+#: quantized as the base: transformers' ``FalconLinear`` (``x @ W.T + b``, every Linear of
+#: Falcon but its head).
+SAME_AS_BASE = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
 
 def forward_override(module: nn.Module) -> str | None:
     """``"Class.forward"`` when a subclass of a layer lowbit replaces defines its own forward
@@ -165,6 +170,8 @@ def forward_override(module: nn.Module) -> str | None:
         >>> forward_override(Scaled(4, 2)), forward_override(nn.Embedding(4, 2))
         ('Scaled.forward', None)
     """
+    if f"{type(module).__module__}.{type(module).__qualname__}" in SAME_AS_BASE:
+        return None
     for base in _BASES:
         if isinstance(module, base):
             for method in ("forward", "_conv_forward"):
