@@ -9,6 +9,7 @@ buffers of exactly the claimed sizes), and ``LOWBIT_ISA``."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -669,3 +670,26 @@ def test_fuzz_rnn_scan_checks_every_span_and_extent(kind: int, hid: int, batch: 
         assert bool(torch.isfinite(y).all())
         assert kind == 1 or bool((y.abs() <= 1).all())  # LSTM: h = o * tanh(c)
         assert torch.equal(h.reshape(batch, hid), y[-1])
+
+
+@pytest.mark.parametrize("isa", [*C_PATHS, "torch"])
+def test_int8_convs_whose_patches_overlap_match_the_reference(forced_isa, isa: str) -> None:
+    """A conv's im2col view can hold rows less than K apart (a (1, k) kernel: each patch
+    starts one pixel after the last); ``torch._int_mm`` misread them, so an INT8 conv whose
+    codes took that path was off by up to 3.4e4 (avx512_vnni) for a transposed Conv1d input,
+    a channels-last Conv2d input or affine weights."""
+    forced_isa(isa)
+    torch.manual_seed(0)
+    affine = lowbit.QuantizationConfig.int8_dynamic(per_token=False, symmetric=False)
+    affine = dataclasses.replace(affine, weights=lowbit.QuantSpec(symmetric=False))
+    cases = [  # (rows enough for each path's _int_mm: avx512_vnni > 819, amx K < 61 > 26214)
+        (nn.Conv1d(64, 64, 5, padding=2), torch.randn(1, 1000, 64).transpose(1, 2)),
+        (nn.Conv1d(8, 16, 5, padding=2), torch.randn(1, 8, 30000)),
+        (nn.Conv2d(8, 16, (1, 9)), torch.randn(2, 8, 30, 30).contiguous(
+            memory_format=torch.channels_last))]
+    for conv, x in cases:
+        for cfg in (lowbit.QuantizationConfig.int8_dynamic(per_token=False), affine):
+            q = lowbit.quantize_dynamic(nn.Sequential(conv), config=cfg)
+            got = q(x)
+            q[0].backend = "reference"
+            assert torch.equal(got, q(x)), (conv, cfg.weights.symmetric)

@@ -97,7 +97,11 @@ def int_mm_takes_uint8(device: str = "cpu") -> bool:
 def acc_int_mm(q: torch.Tensor, w2d: torch.Tensor, pooled: bool) -> torch.Tensor:
     """A torch-ops path: raw int32 ``q @ w2d.T`` by ``torch._int_mm`` (oneDNN: exact with VNNI,
     and on CUDA). B is the transpose of the contiguous ``[N, K]`` weight, its fast layout;
-    ``pooled``: the output in :mod:`lowbit.memory`'s reused blocks."""
+    ``pooled``: the output in :mod:`lowbit.memory`'s reused blocks. Rows less than K apart
+    (an im2col view of a conv's patches, an expanded input) are copied first: ``_int_mm``
+    misreads them (conv outputs off by 10^4 on oneDNN's VNNI kernel)."""
+    if q.dim() == 2 and (q.stride(1) != 1 or (q.shape[0] > 1 and q.stride(0) < q.shape[1])):
+        q = q.contiguous()
     if not pooled:
         return torch._int_mm(q, w2d.t())
     return torch._int_mm(q, w2d.t(), out=pooled_empty((q.shape[0], w2d.shape[0]), torch.int32))
