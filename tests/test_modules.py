@@ -1019,3 +1019,28 @@ def test_conv_attributes_read_as_the_float_convs(kind: str) -> None:
         assert (q.stride, q.padding, q.dilation, q.groups, q.padding_mode) == (
             conv.stride, padding, conv.dilation, conv.groups, conv.padding_mode), conv
         assert q.kernel_size == conv.kernel_size and q(x).shape == conv(x).shape
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "conv"])
+def test_assigned_buffers_are_checked_and_taken_at_the_next_call(kind: str) -> None:
+    """``layer.bias = torch.zeros(3)`` on a 24-output layer was accepted and the C kernels
+    read 21 floats past it (a crash at a page end); a same-shape ``layer.weight_scale = 2 *
+    layer.weight_scale`` was ignored by the kernel caches (outputs of the old scale)."""
+    torch.manual_seed(7)
+    if kind == "conv":
+        conv, x = nn.Conv2d(4, 24, 3), torch.randn(2, 4, 9, 9)
+        q = QuantizedConv2d.from_float(conv, DYN, name="fc")
+    else:
+        x = torch.randn(40, 36)
+        q = _make(kind, _linear(36, 24), x)
+    q(x)  # (caches and prepared calls built)
+    for name in ("bias", "weight_scale", "weight"):
+        old = getattr(q, "qweight" if name == "weight" else name)
+        with pytest.raises(ValueError, match=rf"fc \(\w+\): {name} has shape .* cannot replace"):
+            setattr(q, name, old[:3].clone())
+    scaled = ["weight_scale", "bias"] + (["input_scale"] if kind == "static" else [])
+    for name in scaled:
+        setattr(q, name, getattr(q, name) * 2)
+        fresh = module_from_meta(json.loads(json.dumps(q.meta())))  # built from the new state
+        fresh.load_state_dict(q.state_dict())
+        assert torch.equal(q(x), fresh(x)), f"{kind}: {name}"

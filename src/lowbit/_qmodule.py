@@ -593,7 +593,24 @@ class QuantizedModuleBase(nn.Module):
                             "dtype than the codes) to `weight` of a quantized layer: its weight "
                             "is the read-only float view of the integer codes `qweight`; tie or "
                             "change weights on the float model, then quantize it")
+        buffers = self.__dict__.get("_buffers", {})
+        state = (name in buffers and name not in self._non_persistent_buffers_set
+                 and (value is None or isinstance(value, torch.Tensor)))
+        if state:
+            old = buffers[name]
+            codes = buffers.get("weight")
+            if old is None and name == "bias" and value is not None and codes is not None:
+                old = codes.new_empty(codes.shape[:1], device="meta")  # (N,): one per output
+            if old is not None and value is not None and value.shape != old.shape:
+                raise ValueError(
+                    f"{self._label()}: {name} has shape {tuple(old.shape)}; a tensor of shape "
+                    f"{tuple(value.shape)} cannot replace it (the kernels read that many "
+                    "values); quantize the float model again to change the layer")
         super().__setattr__(name, value)
+        if state:  # the kernel caches and prepared calls derive from it: rebuilt at the next call
+            self.__dict__.pop("_weight_key", None)
+            if "_plans_enabled" in self.__dict__:
+                self._reset_plans(self.__dict__["_plans_enabled"])
         if name in self._PLAN_ATTRS and "_plans_enabled" in self.__dict__:
             self._reset_plans(self.__dict__["_plans_enabled"])
 
