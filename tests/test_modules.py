@@ -1044,3 +1044,22 @@ def test_assigned_buffers_are_checked_and_taken_at_the_next_call(kind: str) -> N
         fresh = module_from_meta(json.loads(json.dumps(q.meta())))  # built from the new state
         fresh.load_state_dict(q.state_dict())
         assert torch.equal(q(x), fresh(x)), f"{kind}: {name}"
+
+
+@pytest.mark.parametrize("isa", ["auto", "torch"])
+def test_weight_only_layers_take_transposed_inputs(isa: str, forced_isa) -> None:
+    """PyTorch's packed weight-only ops (``_weight_int8pack_mm``, ``_weight_int4pack_mm``)
+    refuse rows that are not contiguous, and ``x.to(bfloat16)`` keeps x's strides: an INT8
+    weight-only layer raised for a transposed input from 2 to 32 rows, INT4 with float
+    activations (and every INT4 layer on the torch path) too."""
+    if isa == "torch":
+        forced_isa("torch")
+    torch.manual_seed(0)
+    fc = nn.Linear(64, 512)
+    q8 = convert_module(fc, INT8_WO, name="fc")
+    q4 = convert_module(fc, QuantizationConfig.int4_weight_only(group_size=32), name="fc")
+    q4.int8_activations = False
+    for q, rows, dtype in ((q8, 5, torch.float32), (q8, 5, torch.bfloat16),
+                           (q4, 70, torch.float32)):
+        x = torch.randn(64, rows).to(dtype).t()
+        assert torch.equal(q(x), q(x.contiguous())), (type(q).__name__, rows, dtype)

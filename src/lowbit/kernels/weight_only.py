@@ -263,14 +263,14 @@ def weight_only_linear(x: torch.Tensor, kernel: str, dequantize: callable,  # ty
         >>> torch.allclose(y, torch.ones(2, 4) @ w.t())
         True
     """
-    if kernel == "int8pack_bf16":
-        xb = x.to(torch.bfloat16)
+    if kernel == "int8pack_bf16":  # (both packed ops refuse rows that are not contiguous)
+        xb = x.to(torch.bfloat16).contiguous()
         if packed.shape[1] != x.shape[1]:  # type: ignore[union-attr]  # zero columns, K % 16
             xb = F.pad(xb, (0, packed.shape[1] - x.shape[1]))  # type: ignore[union-attr]
         y = torch.ops.aten._weight_int8pack_mm(xb, packed, scales).float()
     elif kernel == "int4pack_bf16":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), packed, group_size, scales)[:, :out_features].float()
+            x.to(torch.bfloat16).contiguous(), packed, group_size, scales)[:, :out_features].float()
     elif kernel == "dequant_bf16":  # (a large bf16 copy from the pool: no page faults)
         w = dequantize()
         wb = pooled_empty(tuple(w.shape), torch.bfloat16).copy_(w)
