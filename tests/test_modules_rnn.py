@@ -12,7 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import (
+    PackedSequence,
+    pack_padded_sequence,
+    pack_sequence,
+    pad_packed_sequence,
+)
 
 import lowbit
 from lowbit.config import QuantizationConfig
@@ -340,3 +345,19 @@ def test_export_refused_compile_runs() -> None:
         torch.export.export(q, (x,))
     with torch.no_grad():
         assert torch.equal(torch.compile(q)(x)[0], q(x)[0])  # a graph break: eager run
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_malformed_packed_sequences_are_refused_by_name(cls) -> None:
+    """``batch_sizes`` that do not describe the data rows: an empty list and extra rows
+    returned uninitialized memory (different on each call), a growing one made the C scan
+    refuse its arguments naming no layer."""
+    torch.manual_seed(0)
+    q = lowbit.quantize_dynamic(nn.Sequential(cls(4, 8)))[0]
+    for rows, sizes in ((5, [2, 0, 2]), (5, [2, 3]), (4, []), (9, [2, 2]), (3, [2, 2])):
+        bad = PackedSequence(torch.randn(rows, 4), torch.tensor(sizes, dtype=torch.int64))
+        with pytest.raises(ValueError, match=r"0 \(Quantized\w+\): a PackedSequence whose "
+                                             r"batch_sizes .* do not describe its"):
+            q(bad)
+    good = pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
+    assert q(good)[0].data.shape == (5, 8)

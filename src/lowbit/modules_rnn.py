@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -410,10 +411,26 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
                        else t.clone(memory_format=torch.contiguous_format))
         return out[0], out[1] if len(out) > 1 else None
 
+    def _check_packed(self, input: PackedSequence) -> None:
+        """A PackedSequence's ``batch_sizes`` must describe its data rows: the scan reads
+        ``sum(batch_sizes)`` rows and writes as many (more rows were returned uninitialized,
+        an empty list gave uninitialized output, a growing one a C refusal naming no layer)."""
+        steps = input.batch_sizes.tolist()
+        rows = input.data.shape[0] if input.data.dim() else -1
+        if (not steps or any(s <= 0 for s in steps) or sum(steps) != rows
+                or any(b > a for a, b in itertools.pairwise(steps))):
+            shown = steps if len(steps) <= 8 else [*steps[:8], "..."]
+            raise ValueError(
+                f"{self._label()}: a PackedSequence whose batch_sizes {shown} do not describe "
+                f"its {rows} data rows (they must be positive, non-increasing and sum to the "
+                "rows); build it with torch.nn.utils.rnn.pack_padded_sequence or pack_sequence")
+
     @torch._disable_dynamo  # torch.compile: a graph break, the layer runs eagerly (dynamo is
     # imported on the first call, not by `import lowbit`)
     def _forward_eager(self, input: torch.Tensor | PackedSequence, hx: Any = None
                        ) -> tuple[Any, Any]:
+        if isinstance(input, PackedSequence):
+            self._check_packed(input)
         if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (
                 input.data if isinstance(input, PackedSequence) else input,
                 *(hx if isinstance(hx, (tuple, list)) else (hx,)))):
