@@ -1063,3 +1063,18 @@ def test_weight_only_layers_take_transposed_inputs(isa: str, forced_isa) -> None
                            (q4, 70, torch.float32)):
         x = torch.randn(64, rows).to(dtype).t()
         assert torch.equal(q(x), q(x.contiguous())), (type(q).__name__, rows, dtype)
+
+
+def test_int8_layers_whose_int32_sums_could_wrap_are_refused() -> None:
+    """The quantizers keep such a layer off INT8 x INT8 (INT8 weight-only); a QuantizedLinear
+    built directly, or loaded from a file whose class was edited, returned wrapped sums
+    (K = 300,000: 337.1 where the float layer gives 3000.05), on every path."""
+    big = nn.Linear(140_000, 2, bias=False)
+    nn.init.constant_(big.weight, 1.0)
+    with pytest.raises(ValueError, match=r"big \(QuantizedLinear\): its INT8 x INT8 sums could "
+                                         r"pass int32 \(K = 140000"):
+        QuantizedLinear.from_float(big, DYN, name="big")
+    ok = nn.Linear(70_000, 2)  # any codes fit below K = 65,793; random weights far beyond it
+    x = torch.randn(3, 70_000)
+    torch.testing.assert_close(QuantizedLinear.from_float(ok, DYN)(x), ok(x).detach(),
+                               rtol=0, atol=0.05)

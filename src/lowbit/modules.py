@@ -116,11 +116,19 @@ class _Int8Base(QuantizedModuleBase):
         # held by two buffers before it runs anything)
         self._bias: torch.Tensor | None = None
 
+    def _check_int32_sums(self, w2d: torch.Tensor, w_zp: torch.Tensor) -> None:
+        if _int32_sums_may_overflow(w2d, w_zp, self.act_spec):
+            raise ValueError(
+                f"{self._label()}: its INT8 x INT8 sums could pass int32 (K = {w2d.shape[1]} "
+                "with these weights) and wrap around; quantize this layer as INT8 weight-only "
+                "(lowbit's quantizers choose that for it) or keep it float")
+
     def _refresh_cache(self) -> None:
         n = self.qweight.shape[0]
         w2d = self.qweight.reshape(n, -1)  # (N, K)
         self._w_scale = self.weight_scale.float().expand(n).contiguous()
         w_zp = self.weight_zero_point.to(torch.int32).expand(n).contiguous()
+        self._check_int32_sums(w2d, w_zp)
         self._w_zp = w_zp if bool(w_zp.any()) else None
         self._colsum = w2d.sum(1, dtype=torch.int32) - w2d.shape[1] * w_zp  # sum_k (w - w_zp)
         self._comp = None
@@ -210,6 +218,20 @@ class _Int8Base(QuantizedModuleBase):
             self.input_scale.fill_(float(torch.as_tensor(input_qparams[0]).reshape(())))
             self.input_zero_point.fill_(int(torch.as_tensor(input_qparams[1]).reshape(())))
         self._refresh_cache()
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _int32_sums_may_overflow(w2d: torch.Tensor, w_zp: torch.Tensor, act: QuantSpec) -> bool:
+    """Whether ``sum_k (q_k - zp) (w_nk - w_zp_n)`` can pass int32 for some activation codes
+    (the bound ``lowbit.traverse.int32_sum_may_overflow`` applies to the float layer)."""
+    span = max(-act.qmin, act.qmax) if act.symmetric else act.qmax - act.qmin
+    if span * 256 * w2d.shape[1] <= _INT32_MAX:  # any codes: K up to 65,793
+        return False
+    worst = max(int((w2d[i:i + 64].to(torch.int32) - w_zp[i:i + 64, None]).abs().sum(1).max())
+                for i in range(0, w2d.shape[0], 64))
+    return span * worst > _INT32_MAX
 
 
 class QuantizedLinear(_Int8Base):
