@@ -24,6 +24,8 @@ from lowbit.kernels import (
     _s8_acc,
     _s8_call,
     cpu_features,
+    dequantize_weight_native,
+    fused_int8_linear,
     int8_linear,
     quantize_activation,
     run_u4_linear,
@@ -32,6 +34,7 @@ from lowbit.kernels import (
     select_kernel,
     u4_pack,
     u4p_pack,
+    weight_only_linear_native,
 )
 
 #: The C ISA paths this machine can run (by feature detection: AMX, VNNI and AVX2 are skipped on
@@ -305,8 +308,25 @@ def test_the_c_kernels_refuse_what_does_not_fit(lib) -> None:
     x = torch.randn(3, 64)
     wq, s, z = u4_pack(torch.randint(-8, 8, (5, 64), dtype=torch.int8), True,
                        torch.rand(5, 2), torch.zeros(5, 2, dtype=torch.int32), 32)
-    with pytest.raises(RuntimeError, match="refused"):  # x has 64 columns, Kp is 32
+    with pytest.raises(RuntimeError, match="refused"):  # x has 96 columns, Kp is 64
+        run_u4_linear(lib, torch.randn(3, 96), (wq, s, z, 64, 32), None, False)
+    with pytest.raises(ValueError, match="packed weight"):  # a Kp the weight does not have
         run_u4_linear(lib, x, (wq, s, z, 32, 32), None, False)
+    with pytest.raises(ValueError, match="scales"):  # one group's scales: never read past
+        run_u4_linear(lib, x, (wq, s[:, :1].contiguous(), z, 64, 32), None, False)
+    with pytest.raises(ValueError, match="zero_points"):
+        run_u4_linear(lib, x, (wq, s, z[:, :1].contiguous(), 64, 32), None, False)
+    codes8 = torch.randint(-100, 100, (4, 64), dtype=torch.int8)
+    one = torch.ones(4), torch.zeros(4, dtype=torch.int32)  # per channel, for group_size 32
+    with pytest.raises(ValueError, match="need 8 values"):
+        dequantize_weight_native(codes8, False, True, 4, 64, 64, 32, *one)
+    with pytest.raises(ValueError, match="need 8 values"):
+        weight_only_linear_native(x, codes8, packed=False, signed=True, n=4, kp=64,
+                                  group_size=32, scale=one[0], zero_point=one[1])
+    with pytest.raises(ValueError, match="scale must hold one value"):  # read as scale[0]
+        fused_int8_linear(torch.randn(2, 64), -128, 127, codes8, torch.ones(4),
+                          codes8.sum(1, dtype=torch.int32), None, scale=torch.empty(0),
+                          zero_point=torch.zeros((), dtype=torch.int32))
     codes = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
     wp, sp, zpp = u4p_pack(codes, True, torch.rand(5, 2), torch.zeros(5, 2, dtype=torch.int32), 32)
     with pytest.raises(RuntimeError, match="refused"):  # x has 64 columns, Kp is 32

@@ -308,6 +308,17 @@ def run_u4_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | N
         True
     """
     wq, sc, zp, kp, group = args
+    n = wq.shape[0] if wq.dim() == 2 else -1
+    if (wq.dtype != torch.uint8 or not wq.is_contiguous() or n < 0 or group <= 0 or kp % 32
+            or group % 32 or kp % group or wq.shape[1] != kp // 2):
+        raise ValueError(f"run_u4_linear: the packed weight must be u4_pack's contiguous uint8 "
+                         f"[N, Kp / 2] with Kp and group multiples of 32; got {wq.dtype} "
+                         f"{tuple(wq.shape)}, Kp={kp}, group={group}")
+    for name, t in (("scales", sc), ("zero_points", zp)):  # (what the C kernel reads)
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != n * (kp // group):
+            raise ValueError(f"run_u4_linear: {name} must be u4_pack's contiguous float32 "
+                             f"[N, Kp / group] = [{n}, {kp // group}]; got {t.dtype} "
+                             f"{tuple(t.shape)}")
     return _u4_call(lib.lbk_u4_linear, "run_u4_linear", "lowbit INT4 kernel", lib, x, wq,
                     wq.shape[0], kp, group, sc, zp, bias, relu)
 

@@ -135,6 +135,10 @@ def fused_int8_linear(x: torch.Tensor, qmin: int, qmax: int, w: torch.Tensor,
         True
     """
     _check_linear_shapes("fused_int8_linear", x, w, w_scale, colsum, bias, comp)
+    for name, t in (("scale", scale), ("zero_point", zero_point)):  # (C reads one value)
+        if t is not None and t.numel() != 1:
+            raise ValueError(f"fused_int8_linear: {name} must hold one value (static per-tensor "
+                             f"qparams); got shape {tuple(t.shape)}")
     lib = native_lib_for(x)
     if (lib is None or x.dtype not in NATIVE_DTYPES or x.dim() != 2 or x.stride(1) != 1
             or kernel not in FUSED_GEMMS or not fused_linear_layout(

@@ -113,10 +113,14 @@ def _wo_weight_lib(caller: str, weight: torch.Tensor, packed: bool, n: int, kp: 
         raise ValueError(f"{caller}: weight must be {rows} for n={n}, kp={kp}"
                          f"{' (int4, two codes per byte)' if packed else ''}, and k <= kp; got "
                          f"weight {tuple(weight.shape)}, k={k}")
-    groups = kp // group_size if group_size else 1
-    if scale.numel() not in (1, n, n * groups) or zero_point.numel() != scale.numel():
-        raise ValueError(f"{caller}: scale / zero_point need 1, {n} or "
-                         f"{n * groups} values (per tensor, channel or group); got "
+    if group_size and (group_size < 1 or kp % group_size):
+        raise ValueError(f"{caller}: group_size={group_size} must divide kp={kp}")
+    # (the C kernels read one scale per group_size codes when it is given: n * kp / group)
+    counts = (n * (kp // group_size),) if group_size else (1, n)
+    if scale.numel() not in counts or zero_point.numel() != scale.numel():
+        raise ValueError(f"{caller}: scale / zero_point need "
+                         f"{' or '.join(map(str, counts))} values (per "
+                         f"{'group' if group_size else 'tensor or channel'}); got "
                          f"{scale.numel()} / {zero_point.numel()}")
     lib = native_lib_for(weight)
     if lib is None or not c_layout((scale, torch.float32), (zero_point, torch.int32)):
