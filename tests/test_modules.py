@@ -1078,3 +1078,22 @@ def test_int8_layers_whose_int32_sums_could_wrap_are_refused() -> None:
     x = torch.randn(3, 70_000)
     torch.testing.assert_close(QuantizedLinear.from_float(ok, DYN)(x), ok(x).detach(),
                                rtol=0, atol=0.05)
+
+
+def test_zero_points_from_a_modified_state_are_applied_or_refused() -> None:
+    """Values a file can carry that the quantizers never write: a non-zero weight zero-point on
+    an INT8 weight-only layer went through ``_weight_int8pack_mm``, which has none (2 to 32
+    rows, off by 1.08 on outputs of 2.2); a static input zero-point of 2^30 wrapped the int32
+    compensation (off by 1.2e5)."""
+    torch.manual_seed(0)
+    q = convert_module(_linear(64, 32), INT8_WO, name="fc")
+    q.weight_zero_point = torch.full_like(q.weight_zero_point, 50)
+    x = torch.randn(20, 64)
+    with lowbit.backends.use("reference"):
+        want = q(x)
+    torch.testing.assert_close(q(x), want, rtol=0, atol=0.05)  # (bf16 activations)
+    s = _make("static", _linear(16, 8), torch.randn(4, 16))
+    s.input_zero_point = torch.tensor(2**30, dtype=s.input_zero_point.dtype)
+    with pytest.raises(ValueError, match=r"fc \(QuantizedLinear\): input_zero_point 1073741824 "
+                                         r"is outside its activation codes"):
+        s(torch.randn(2, 16))

@@ -134,6 +134,11 @@ class _Int8Base(QuantizedModuleBase):
         self._comp = None
         bias = self.bias  # the bias the kernels add
         if self.mode == "static":
+            spec = self.act_spec
+            if not spec.qmin <= int(self.input_zero_point) <= spec.qmax:  # (a modified file)
+                raise ValueError(f"{self._label()}: input_zero_point {int(self.input_zero_point)} "
+                                 f"is outside its activation codes [{spec.qmin}, {spec.qmax}]; "
+                                 "calibrate the float model again")
             zp = self.input_zero_point.to(torch.int32) + self._act_off
             self._comp = zp * self._colsum if bool(zp != 0) else None
             # int32 at scale s_x * s_w, as ONNX Runtime's QLinearConv / QGemm add it

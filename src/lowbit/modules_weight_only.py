@@ -438,7 +438,8 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
 
     def _select_packed(self, m: int, int8_activations: bool | None = None) -> str:
         s = self.weight_spec
-        ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k)
+        ok = (s.granularity == "per_channel" and s.symmetric and s.signed and self.kp == self.k
+              and self.__dict__.get("_zp_zero", True))  # (the packed op has no zero-points)
         k16 = -(-self.kp // 16) * 16  # the packed cache's K (zero columns added)
         return select_kernel("int8_weight_only", m, backend=self.backend, k=k16, packable=ok,
                              device=self.qweight.device.type)
@@ -446,6 +447,7 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     def _refresh_cache(self) -> None:
         super()._refresh_cache()
         self._packed = self._scales = None
+        self.__dict__["_zp_zero"] = not bool(self.weight_zero_point.any())
         if self._select_packed(1) == "int8pack_bf16":
             self._packed = F.pad(self.qweight, (0, -self.kp % 16))  # (N, K16), zero columns
             self._scales = self.weight_scale.to(torch.bfloat16)
