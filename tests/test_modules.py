@@ -1097,3 +1097,20 @@ def test_zero_points_from_a_modified_state_are_applied_or_refused() -> None:
     with pytest.raises(ValueError, match=r"fc \(QuantizedLinear\): input_zero_point 1073741824 "
                                          r"is outside its activation codes"):
         s(torch.randn(2, 16))
+
+
+def test_to_empty_values_are_checked_at_the_first_call_not_by_to() -> None:
+    """``to_empty`` leaves uninitialized memory until ``load_state_dict``: a zero-point out of
+    range there made ``.to_empty()`` itself raise (a flaky failure of the big-model loaders'
+    steps); the check now waits for a call on those values."""
+    q = _make("static", _linear(16, 8), torch.randn(4, 16))
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(3, 16)
+    y = q(x)
+    empty = copy.deepcopy(q).to("meta").to_empty(device="cpu")
+    empty._buffers["input_zero_point"].fill_(2**30)  # (what the memory may hold)
+    empty.to("cpu")
+    with pytest.raises(ValueError, match="input_zero_point 1073741824 is outside"):
+        empty(x)
+    empty.load_state_dict(state)
+    assert torch.equal(empty(x), y)

@@ -766,17 +766,24 @@ class QuantizedModuleBase(nn.Module):
         out = super()._apply(keep_dtype, recurse)
         if target is not None:
             self.orig_dtype = str(target).removeprefix("torch.")
-        self._refresh_or_defer()
+        self._refresh_or_defer(strict=False)  # (to_empty: values not loaded yet)
         return out
 
-    def _refresh_or_defer(self) -> None:
+    def _refresh_or_defer(self, strict: bool = True) -> None:
         """Rebuild the caches now, or, while the buffers are on the meta device (``.to("meta")``,
         then ``.to_empty(device=...)`` and ``load_state_dict``, as big-model loaders do), at the
-        first call: there are no values to derive them from yet."""
+        first call: there are no values to derive them from yet. ``strict=False``: values the
+        caches refuse (a zero-point out of range: ``to_empty``'s uninitialized memory) are
+        refused at the first call instead, unless ``load_state_dict`` replaces them first."""
         if any(t.device.type == "meta" for t in self._buffers.values() if t is not None):
             self.__dict__.pop("_weight_key", None)
             return
-        self._refresh_cache()
+        try:
+            self._refresh_cache()
+        except ValueError:
+            if strict:
+                raise
+            self.__dict__.pop("_weight_key", None)
 
     def _check_device(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's codes (``weight``), after checking that ``x`` is on their device."""
