@@ -117,7 +117,7 @@ class _Int8Base(QuantizedModuleBase):
         self._bias: torch.Tensor | None = None
 
     def _check_int32_sums(self, w2d: torch.Tensor, w_zp: torch.Tensor) -> None:
-        if _int32_sums_may_overflow(w2d, w_zp, self.act_spec):
+        if int32_sums_may_overflow(w2d, w_zp, self.act_spec):
             raise ValueError(
                 f"{self._label()}: its INT8 x INT8 sums could pass int32 (K = {w2d.shape[1]} "
                 "with these weights) and wrap around; quantize this layer as INT8 weight-only "
@@ -225,18 +225,44 @@ class _Int8Base(QuantizedModuleBase):
         self._refresh_cache()
 
 
-_INT32_MAX = 2**31 - 1
+INT32_MAX = 2**31 - 1
 
 
-def _int32_sums_may_overflow(w2d: torch.Tensor, w_zp: torch.Tensor, act: QuantSpec) -> bool:
-    """Whether ``sum_k (q_k - zp) (w_nk - w_zp_n)`` can pass int32 for some activation codes
-    (the bound ``lowbit.traverse.int32_sum_may_overflow`` applies to the float layer)."""
-    span = max(-act.qmin, act.qmax) if act.symmetric else act.qmax - act.qmin
-    if span * 256 * w2d.shape[1] <= _INT32_MAX:  # any codes: K up to 65,793
+def _int32_span(act: QuantSpec) -> int:
+    """The widest activation code distance ``|q - zp|`` (128 symmetric 8-bit, 255 affine)."""
+    return max(-act.qmin, act.qmax) if act.symmetric else act.qmax - act.qmin
+
+
+def int32_fits_any_codes(k: int, act: QuantSpec) -> bool:
+    """Whether an INT8 x INT8 sum over ``k`` products stays in int32 whatever the weight codes
+    (``|w - w_zp| <= 255``): K up to 65,793 with symmetric 8-bit activations.
+
+    Example:
+        >>> int32_fits_any_codes(4096, QuantSpec()), int32_fits_any_codes(140_000, QuantSpec())
+        (True, False)
+    """
+    return _int32_span(act) * 256 * k <= INT32_MAX
+
+
+def int32_sums_may_overflow(codes: torch.Tensor, zero_point: torch.Tensor,
+                            act: QuantSpec) -> bool:
+    """Whether ``sum_k (q_k - zp) (w_nk - w_zp_n)`` can pass int32 for some activation codes,
+    for weight ``codes [N, K]`` and their zero-points (one, or one per row): what every INT8 x
+    INT8 kernel sums in int32 (ONNX Runtime's and fbgemm's too).
+
+    Example:
+        >>> codes = torch.full((1, 140_000), 127, dtype=torch.int8)
+        >>> zp = torch.zeros(1, dtype=torch.int32)
+        >>> int32_sums_may_overflow(codes, zp, QuantSpec()), int32_sums_may_overflow(
+        ...     codes[:, :4096], zp, QuantSpec())
+        (True, False)
+    """
+    if int32_fits_any_codes(codes.shape[1], act):
         return False
-    worst = max(int((w2d[i:i + 64].to(torch.int32) - w_zp[i:i + 64, None]).abs().sum(1).max())
-                for i in range(0, w2d.shape[0], 64))
-    return span * worst > _INT32_MAX
+    zp = zero_point.to(torch.int32).reshape(-1).expand(codes.shape[0])
+    worst = max(int((codes[i:i + 64].to(torch.int32) - zp[i:i + 64, None]).abs().sum(1).max())
+                for i in range(0, codes.shape[0], 64))
+    return _int32_span(act) * worst > INT32_MAX
 
 
 class QuantizedLinear(_Int8Base):

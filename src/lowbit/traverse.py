@@ -31,7 +31,12 @@ from lowbit._qmodule import has_hooks
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.dropin import is_depthwise_conv, is_hf_conv1d, is_linear_like, linear_weight
 from lowbit.lora_peft import is_peft_adapter, peft_adapter_prefixes
-from lowbit.modules import QUANTIZABLE_TYPES, check_supported
+from lowbit.modules import (
+    QUANTIZABLE_TYPES,
+    check_supported,
+    int32_fits_any_codes,
+    int32_sums_may_overflow,
+)
 from lowbit.ops import check_finite, quantize_tensor
 
 __all__ = [
@@ -482,9 +487,6 @@ _DEPTHWISE_NOTE = ("; depthwise conv kept INT8 in INT4 weight-only mode (INT4 co
                    "few-weight channels much accuracy; force INT4 with layer_overrides)")
 
 
-_INT32_MAX = 2**31 - 1
-
-
 def int32_sum_may_overflow(module: nn.Module, cfg: QuantizationConfig) -> bool:
     """Whether an INT8 x INT8 layer's int32 accumulator could overflow for some input.
 
@@ -509,17 +511,15 @@ def int32_sum_may_overflow(module: nn.Module, cfg: QuantizationConfig) -> bool:
     if a is None or cfg.mode == "weight_only" or not (
             is_linear_like(module) or isinstance(module, nn.Conv1d | nn.Conv2d)):
         return False
-    span = max(-a.qmin, a.qmax) if a.symmetric else a.qmax - a.qmin  # max |q - zp|
     w = linear_weight(module) if is_linear_like(module) else module.weight
-    if span * 256 * w[0].numel() <= _INT32_MAX:  # any weight codes (|w - w_zp| <= 255)
+    if int32_fits_any_codes(w[0].numel(), a):  # (no need to quantize the weight)
         return False
     w2d = w.detach().reshape(w.shape[0], -1).float()
     try:
         codes, _, zp = quantize_tensor(w2d, cfg.weights, "weight")
     except ValueError:  # (a spec that does not fit this shape: refused later anyway)
         return True
-    zp = zp.reshape(-1, 1) if zp.dim() else zp
-    return span * int((codes.long() - zp.long()).abs().sum(1).max()) > _INT32_MAX
+    return int32_sums_may_overflow(codes, zp, a)
 
 
 def _int4_depthwise(module: nn.Module, cfg: QuantizationConfig) -> bool:
