@@ -5,10 +5,15 @@ Every quantized module's ``forward`` (see ``QuantizedModuleBase.__init_subclass_
 its kernels directly. Otherwise :func:`route` sends the call to:
 
 - the custom op ``torch.ops.lowbit.quantized_layer`` (``quantized_layer_nograd`` where the input
-  needs no gradient) while ``torch.compile`` / ``torch.export`` trace the model: an opaque node
-  with a fake (meta) implementation, so the trace has no graph break and the exported graph is
-  self-contained (the layer's buffers and a spec, its meta as JSON with ``'`` for ``"``, which
-  Inductor's C++ wrapper and AOTInductor can embed);
+  needs no gradient) while ``torch.export`` traces the model, or ``torch.compile`` traces a
+  layer whose input needs a gradient: an opaque node with a fake (meta) implementation, so the
+  trace has no graph break and the exported graph is self-contained (the layer's buffers and a
+  spec, its meta as JSON with ``'`` for ``"``, which Inductor's C++ wrapper and AOTInductor can
+  embed);
+- ``torch.ops.lowbit.quantized_layer_live`` where ``torch.compile`` traces a layer whose input
+  needs no gradient: the same opaque node, but it names the live module by a handle instead of
+  passing its buffers, so each call is the module's own prepared call (13-15 us less per
+  layer call at batch 1 than the buffer op, measured on an MLP, a CNN and an encoder block);
 - a sibling module sharing the layer's buffers with another backend, inside a
   ``lowbit.backends.use(name)`` block;
 - the layer's own kernels with lowbit's C kernels switched off, for the ``"torch"`` backend
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import json
 import re
 import sys
@@ -125,9 +131,11 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         True
     """
     if torch.compiler.is_compiling():  # (an input that requires grad: the op's backward)
-        op = (torch.ops.lowbit.quantized_layer if torch.is_grad_enabled() and x.requires_grad
-              else torch.ops.lowbit.quantized_layer_nograd)
-        return op(x, layer_buffers(module), op_spec(module))
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.ops.lowbit.quantized_layer(x, layer_buffers(module), op_spec(module))
+        if not _COMPILER.is_exporting() and _COMPILER.is_dynamo_compiling():
+            return torch.ops.lowbit.quantized_layer_live(x, _handle_of(id(module)))
+        return torch.ops.lowbit.quantized_layer_nograd(x, layer_buffers(module), op_spec(module))
     name = _OVERRIDE.get()
     if name is not None and name != module.backend:
         token = _OVERRIDE.set(None)
@@ -224,6 +232,40 @@ def _spec_of(key: int) -> str:
         if id(module) == key:
             return _spec(module)
     raise RuntimeError(f"lowbit: no live quantized module with id {key}")
+
+
+#: ``torch.compile`` handles: a number per quantized module a compiled graph calls (never
+#: reused, so a graph never reaches another module that got a dead one's address), its module
+#: (weakly) and its spec, for the fake implementation, written while dynamo traces.
+_HANDLE_OF: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_HANDLES: dict[int, tuple[weakref.ref, str]] = {}
+_NEXT_HANDLE = itertools.count(1)
+
+
+@_assume_constant_result
+def _handle_of(key: int) -> int:
+    """The handle of the live quantized module with ``id`` ``key`` (given one on first use);
+    a constant of the trace, as :func:`_spec_of`."""
+    for module in list(_LIVE):
+        if id(module) == key:
+            handle = _HANDLE_OF.get(module)
+            if handle is None:
+                handle = _HANDLE_OF[module] = next(_NEXT_HANDLE)
+            _HANDLES[handle] = (weakref.ref(module, lambda _, h=handle: _HANDLES.pop(h, None)),
+                                _spec(module))
+            return handle
+    raise RuntimeError(f"lowbit: no live quantized module with id {key}")
+
+
+def _live(handle: int) -> nn.Module:
+    """The module behind a compiled graph's handle."""
+    entry = _HANDLES.get(handle)
+    module = None if entry is None else entry[0]()
+    if module is None:
+        raise RuntimeError(f"lowbit.quantized_layer_live: the quantized layer {handle} that this "
+                           "compiled graph calls no longer exists (a graph loaded from another "
+                           "process, or a layer deleted since); compile the model again")
+    return module
 
 
 def _config_key(module: nn.Module) -> tuple:
@@ -332,7 +374,32 @@ def _quantized_layer_grad(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     return input_grad(_executor(spec, buffers), x, y, grad).contiguous()
 
 
+_LIB.define("quantized_layer_live(Tensor x, int handle) -> Tensor")
+
+
+def _quantized_layer_live(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """One layer call of a compiled graph: the module itself, its prepared C call first (what
+    its ``forward`` does after the checks a compiled graph has passed at trace time)."""
+    module = _live(handle)
+    plans = module.__dict__.get("_plans")
+    if plans is not None and not routed(module):
+        y = module._planned(plans, x)
+        if y is not None:
+            return y
+    y = module._forward_smoothed(x)  # the traced graph smoothed x
+    return y if y.is_contiguous() else y.contiguous()
+
+
+@torch.library.register_fake("lowbit::quantized_layer_live")
+def _quantized_layer_live_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
+    entry = _HANDLES.get(handle)
+    if entry is None:
+        _live(handle)  # (raises)
+    return _quantized_layer_fake(x, [], entry[1])
+
+
 for _key in ("CPU", "CUDA"):
+    _LIB.impl("quantized_layer_live", _quantized_layer_live, _key)
     _LIB.impl("quantized_layer", _quantized_layer, _key)
     _LIB.impl("quantized_layer_nograd", _quantized_layer, _key)
     _LIB.impl("quantized_layer_grad", _quantized_layer_grad, _key)

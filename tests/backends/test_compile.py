@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -65,28 +67,67 @@ def test_gradients_through_compiled_layers_equal_eager(kind: str, make_quantized
         torch.testing.assert_close(compiled[name], g, rtol=1e-3, atol=1e-6, msg=name)
 
 
-def test_a_trace_without_gradients_calls_the_op_without_autograd(make_quantized) -> None:
-    """Under ``torch.no_grad()`` (and for inputs that need no gradient) every layer is the op
-    with no Python autograd kernel, which cost ~5 us per layer call at batch 1; a layer whose
-    input needs a gradient keeps the op with the eager backward."""
+def test_a_trace_without_gradients_calls_the_live_layer(make_quantized) -> None:
+    """Under ``torch.no_grad()`` (and for inputs that need no gradient) a compiled graph calls
+    each layer through ``lowbit.quantized_layer_live``: the module itself, by a handle, with no
+    buffers as graph inputs and no Python autograd kernel (the buffer op cost 13-15 us more per
+    layer call at batch 1). A layer whose input needs a gradient keeps the op with the eager
+    backward; ``torch.export`` keeps the self-contained buffer op."""
     qmodel, x = make_quantized("mlp-dynamic")
 
-    def layer_ops(inputs: torch.Tensor) -> list[str]:
+    def graph(inputs: torch.Tensor) -> torch.fx.Graph:
         torch._dynamo.reset()
         graphs = torch._dynamo.explain(qmodel)(inputs).graphs
-        return [str(n.target) for g in graphs for n in g.graph.nodes
+        assert len(graphs) == 1
+        return graphs[0].graph
+
+    def layer_ops(g: torch.fx.Graph) -> list[str]:
+        return [str(n.target) for n in g.nodes
                 if n.op == "call_function" and "quantized_layer" in str(n.target)]
 
     layers = sum(hasattr(m, "kernel_info") for m in qmodel.modules())
-    with torch.no_grad():
-        assert layer_ops(x) == ["lowbit.quantized_layer_nograd"] * layers
-    assert layer_ops(x) == ["lowbit.quantized_layer_nograd"] * layers  # x needs none
-    first, *rest = layer_ops(x.clone().requires_grad_())
-    assert first == "lowbit.quantized_layer" and len(rest) == layers - 1
+    for context in (torch.no_grad(), torch.enable_grad()):  # (x needs no gradient)
+        with context:
+            g = graph(x)
+        assert layer_ops(g) == ["lowbit.quantized_layer_live"] * layers
+        assert [n.op for n in g.nodes].count("placeholder") == 1  # x only: no buffers
+    assert layer_ops(graph(x.clone().requires_grad_())) == ["lowbit.quantized_layer"] * layers
+    program = torch.export.export(qmodel, (x,))
+    assert "quantized_layer_live" not in str(program.graph)
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = torch.compile(qmodel)(x)
     assert torch.equal(compiled, qmodel(x))
+
+
+@pytest.mark.parametrize("kind", ["mlp-dynamic", "cnn-static", "mlp-int4"])
+def test_a_compiled_model_follows_its_layers_and_copies_keep_their_own(kind: str,
+                                                                        make_quantized) -> None:
+    """The live op calls the module a graph was traced from: a buffer assigned after compiling
+    is used (as eager does), and a deep copy, which carries the original's attributes, gets a
+    layer of its own when compiled (its graph never calls the original's layers)."""
+    qmodel, x = make_quantized(kind)
+    torch._dynamo.reset()
+    compiled = torch.compile(qmodel)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), qmodel(x))
+        twin = copy.deepcopy(qmodel)
+        layer = next(m for m in twin.modules() if hasattr(m, "kernel_info"))
+        name = "weight_scale" if hasattr(layer, "weight_scale") else "scales"
+        setattr(layer, name, getattr(layer, name) * 2)  # the copy changes; the original not
+        changed = twin(x)
+        assert not torch.equal(changed, qmodel(x))
+        assert torch.equal(torch.compile(twin)(x), changed)
+        assert torch.equal(compiled(x), qmodel(x))
+        layer = next(m for m in qmodel.modules() if hasattr(m, "kernel_info"))
+        setattr(layer, name, getattr(layer, name) * 2)  # the original, after compiling
+        assert torch.equal(compiled(x), qmodel(x))
+        assert torch.equal(compiled(x), changed)
+
+
+def test_a_graph_whose_layer_is_gone_says_so() -> None:
+    with pytest.raises(RuntimeError, match=r"no longer exists.*compile the model again"):
+        torch.ops.lowbit.quantized_layer_live(torch.randn(2, 4), 10**15)
 
 
 @pytest.mark.parametrize("method", ["smooth_quant", "awq"])
