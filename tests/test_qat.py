@@ -566,6 +566,58 @@ def test_conversion_needs_observed_inputs_and_leaves_qat_model_alone() -> None:
         QATConfig(activation_observer="nope")
 
 
+class _HeadReadsWeight(nn.Module):
+    """MobileBERT's shape: the head reads ``tied.weight`` and never calls ``tied``; ``branch``
+    (fused with its ReLU module) runs only where ``use_branch`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.act = nn.Linear(8, 8), nn.ReLU()
+        self.branch, self.branch_act = nn.Linear(8, 8), nn.ReLU()
+        self.tied = nn.Linear(8, 6)
+        self.use_branch = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.body(x))
+        if self.use_branch:
+            h = h + self.branch_act(self.branch(h))
+        return h @ self.tied.weight.t()
+
+
+def test_layers_no_batch_reached_stay_float_as_in_static_ptq() -> None:
+    """A static layer whose input quantizer never saw data (its weight read, never called;
+    a branch training never took) made convert_qat raise for the whole model, where
+    quantize_static keeps such a layer float with a warning. Now the same: float (a fused ReLU
+    module put back), a RuntimeWarning naming it, "skipped" in the converted model's report;
+    the others convert. A model no batch ran through at all still raises."""
+    torch.manual_seed(0)
+    model = _HeadReadsWeight().eval()
+    qat = prepare_qat(model, QuantizationConfig.int8_static())
+    assert isinstance(qat.branch, QATLayer) and qat.branch.fused_relu
+    assert isinstance(qat.branch_act, nn.Identity)
+    with pytest.raises(ValueError, match="never saw data"):
+        convert_qat(qat)  # nothing ran yet
+    qat.use_branch = False
+    for _ in range(3):
+        qat(torch.randn(16, 8))
+    with pytest.warns(RuntimeWarning) as caught:
+        converted = convert_qat(qat)
+    warned = " ".join(str(w.message) for w in caught)
+    assert "branch: not reached" in warned and "tied: not reached" in warned
+    assert type(converted.body).__name__ == "QuantizedLinear"
+    assert type(converted.branch) is nn.Linear and type(converted.tied) is nn.Linear
+    assert type(converted.branch_act) is nn.ReLU and isinstance(qat.branch_act, nn.Identity)
+    report = converted.lowbit_report
+    assert set(report.skipped) == {"branch", "tied"} and report.quantized == ["body"]
+    assert qat.lowbit_report.quantized == ["body", "branch", "tied"]  # the QAT model's own
+    x = torch.randn(5, 8)
+    converted.use_branch = True
+    with torch.no_grad():
+        h = converted.body(x)
+        want = h + F.relu(F.linear(h, qat.branch.to_float().weight, qat.branch.bias))
+        torch.testing.assert_close(converted(x), want @ qat.tied.to_float().weight.t())
+
+
 def test_single_layer_model() -> None:
     qat = prepare_qat(nn.Linear(8, 4), QuantizationConfig.int8_dynamic())
     assert isinstance(qat, QATLayer)

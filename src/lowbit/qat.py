@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -567,6 +568,9 @@ class QATPreparer:
         # max-pools that convert_qat runs inside their conv, as PTQ does (training keeps them)
         qat.lowbit_qat_pools = {n: p for n, p in fusions.pool_after.items() if n in fused
                                 or (n in plans and plans[n].status == "quantized")}
+        # the ReLU modules fused into a layer, to put back where that layer stays float
+        removed = relu_modules_to_remove(fusions, fused) if not isinstance(qat, QATLayer) else {}
+        qat.lowbit_qat_relus = {n: r for n, r in fusions.relu_after.items() if r in removed}
         n = len(report.quantized)
         if n == 0:
             log.warning("prepare_for_qat: no layer to quantize under this config")
@@ -585,11 +589,17 @@ class QATPreparer:
             qat_model: a model from :meth:`prepare_for_qat` (trained or not).
             backend: ``"auto"`` (fast integer kernels) or ``"reference"``.
 
+        A static layer whose input quantizer never saw data, where others did (a head that
+        reads its weight and never calls it, a branch training never took), stays float with a
+        ``RuntimeWarning``, as :func:`lowbit.quantize_static` keeps a layer no calibration
+        batch reached; the returned model's report lists it as skipped.
+
         Returns:
             The quantized copy in eval mode, with ``lowbit_report`` attached.
 
         Raises:
-            ValueError: when a static layer's input quantizer never saw data.
+            ValueError: when no static layer's input quantizer saw data (the model was not
+                run), or one with a functional fused ReLU did not.
         """
         return convert_qat(qat_model, backend=backend)
 
@@ -630,21 +640,63 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         out = carry_hooks(model, model.to_quantized(backend))
         out.lowbit_report = getattr(qat_model, "lowbit_report", None)
         return out.eval()
+    unseen = _unobserved_layers(model, getattr(qat_model, "lowbit_qat_relus", {}))
     converted: dict[int, nn.Module] = {}  # a shared QAT layer converts once, stays shared
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, QATLayer):
             if id(module) not in converted:
-                converted[id(module)] = carry_hooks(module, module.to_quantized(backend))
+                converted[id(module)] = carry_hooks(module, module.to_float() if id(module)
+                                                    in unseen else module.to_quantized(backend))
             model.set_submodule(name, converted[id(module)])
     leftovers = [n for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
     if leftovers:
         raise ValueError(f"convert_qat: FakeQuantize modules outside QAT layers remain at "
                          f"{leftovers}; remove them or prepare the model with QATPreparer")
     _fuse_maxpools(model, getattr(qat_model, "lowbit_qat_pools", {}))
+    if unseen:
+        _keep_unobserved_float(model, unseen, getattr(qat_model, "lowbit_qat_relus", {}))
     disable_fused_fast_paths(model)
     sharing.unshare(model.modules())  # float layers: their own weights, not the QAT model's
     trim_heap()
     return guard_save_pretrained(model).eval()
+
+
+_UNSEEN = ("not reached by any training or calibration batch, so its input range is unknown; "
+           "kept in float")
+
+
+def _unobserved_layers(model: nn.Module, relus: Mapping[str, str]) -> dict[int, str]:
+    """The static QAT layers whose input quantizer never saw data (``id -> name``), where
+    other static layers did: they stay float, as :func:`lowbit.quantize_static` keeps a layer
+    no calibration batch reached (e.g. a head that reads a layer's weight and never calls it).
+    Where no static layer saw data the model was not run at all, and where a layer's fused
+    ReLU was functional (no module to put back), ``to_quantized`` refuses."""
+    static = {id(m): m for m in model.modules() if isinstance(m, QATLayer)
+              and m.input_quantizer is not None and not m.input_quantizer.dynamic}
+    unseen = {i: m.name for i, m in static.items() if not bool(m.input_quantizer.initialized)}
+    if len(unseen) == len(static):
+        return {}
+    return {i: n for i, n in unseen.items() if not static[i].fused_relu or n in relus}
+
+
+def _keep_unobserved_float(model: nn.Module, unseen: dict[int, str],
+                           relus: Mapping[str, str]) -> None:
+    """Warn about the layers :func:`_unobserved_layers` kept float, put back the ReLU modules
+    fused into them, and record them as skipped in the model's own copy of the report."""
+    for name in unseen.values():
+        warnings.warn(f"{name or '<model>'}: {_UNSEEN}. Run batches that call it before "
+                      "converting", RuntimeWarning, stacklevel=3)
+        relu = relus.get(name)
+        if relu is not None:
+            model.set_submodule(relu, nn.ReLU())
+    report = getattr(model, "lowbit_report", None)
+    if isinstance(report, QuantizationReport):
+        report = copy.deepcopy(report)  # (the QAT model's report stays as it is)
+        for row in report.rows:
+            if row.name in unseen.values() or row.shared_with in unseen.values():
+                row.config, row.status, row.reason = None, "skipped", _UNSEEN
+                row.fused_relu, row.fused_gelu, row.fused_pool = False, None, None
+        model.lowbit_report = report
 
 
 def _fuse_maxpools(model: nn.Module, pools: dict[str, str]) -> None:
