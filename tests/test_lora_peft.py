@@ -129,6 +129,25 @@ def test_adapters_on_a_few_projections_train_through_the_rest(build, targets) ->
         assert (a - b.grad).norm() <= tol * b.grad.norm()
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda"])
+def test_initializations_that_rewrite_the_base_weight_are_refused(init: str) -> None:
+    """PiSSA / OLoRA (and CorDA, LoftQ, LoRA-GA) assign ``base_layer.weight.data``: on a lowbit
+    layer that wrote into a dequantized view and was lost, and the adapter added the moved part
+    a second time (outputs off by ~1 before training). Refused, naming the layer; the usual
+    initializations still leave the output unchanged."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32)).eval()
+    q = lowbit.quantize_weight_only(model, bits=8)
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}'.*layer '0'"):
+        get_peft_model(copy.deepcopy(q), lowbit.register_peft(
+            LoraConfig(r=4, target_modules=["0"], init_lora_weights=init)))
+    x = torch.randn(4, 32)
+    for ok in (True, "gaussian"):
+        pm = get_peft_model(copy.deepcopy(q), lowbit.register_peft(
+            LoraConfig(r=4, target_modules=["0"], init_lora_weights=ok)))
+        with torch.no_grad():
+            assert torch.equal(pm(x), q(x)), ok
+
+
 def test_peft_on_a_lowbit_model_round_trips(tmp_path: Path) -> None:
     """Direction 1: peft wraps lowbit's INT8 layers; save_pretrained / from_pretrained."""
     q = lowbit.quantize_dynamic(_bert())

@@ -23,6 +23,9 @@ from lowbit.lora_merge import merged_weight, requantize_linear
 
 __all__ = ["LowbitLoraLinear"]
 
+#: peft ``init_lora_weights`` values (prefixes) whose initialization writes the base weight.
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
 
 class LowbitLoraLinear(PeftLinear):
     """peft ``lora.Linear`` over a lowbit quantized linear layer.
@@ -53,6 +56,26 @@ class LowbitLoraLinear(PeftLinear):
         self.fused_relu = bool(base.fused_relu)
         base.fused_gelu, base.fused_relu = None, False
         self._unmerged_base: nn.Module | None = None
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any,
+                     **kwargs: Any) -> None:
+        """peft's ``update_layer``, refusing the initializations that rewrite the base weight.
+
+        PiSSA, CorDA, OLoRA, LoftQ and LoRA-GA move part of the weight into the adapter by
+        assigning ``base_layer.weight.data``: on a lowbit layer ``weight`` is a dequantized
+        view, so the assignment changed nothing and the adapter added that part a second time
+        (outputs off by ~1 before any training).
+        """
+        init = getattr(config, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+            base = self.get_base_layer()
+            name = getattr(base, "name", "") or type(base).__name__
+            raise ValueError(
+                f"register_peft: init_lora_weights={init!r} rewrites the base weight, which is "
+                f"integer on layer {name!r}; initialize the adapters this way on the float model, "
+                "then quantize it (its adapters stay float), or use init_lora_weights=True or "
+                "'gaussian'")
+        super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
         if self.fused_gelu is not None:
