@@ -169,6 +169,24 @@ def test_dropout_only_in_training() -> None:
     assert torch.equal(layer(x), layer(x))
 
 
+def test_adapters_take_the_mode_of_the_model() -> None:
+    """Quantized layers were left in training mode inside an eval model, and add_lora gave
+    their adapters that mode: dropout ran in an eval model (two calls, two outputs)."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    for quantize in (quantize_dynamic, lambda m: quantize_weight_only(m, bits=4, group_size=16),
+                     lambda m: quantize_static(m, [torch.randn(8, 16)], progress=False)):
+        q = quantize(model)
+        assert not any(m.training for m in q.modules())
+        lq = add_lora(q, r=4, dropout=0.5)
+        assert not any(m.training for m in lq.modules())
+        with torch.no_grad():
+            lq[0].lora_B.normal_()
+            x = torch.randn(4, 16)
+            assert torch.equal(lq(x), lq(x))
+        lq.train()
+        assert lq[0].lora_dropout.training
+
+
 def test_target_modules_inplace_and_errors() -> None:
     q = _quantize("dynamic")
     lq = add_lora(q, target_modules=["2", "4"], r=2)

@@ -125,6 +125,56 @@ def test_save_and_load_adapters_alone(tmp_path: Path) -> None:
     assert meta["0"]["lora"]["fused_relu"] and meta["2"]["lora"]["fused_gelu"] == "none"
 
 
+def test_load_adapters_onto_adapters_takes_the_file_settings(tmp_path: Path) -> None:
+    """Onto a model whose adapters had the same r but another alpha / dropout, the file's
+    weights were loaded with the model's scaling: outputs off by ~1.9 from the trained model,
+    silently. The file's alpha and dropout now apply, as onto a model without adapters."""
+    lq = add_lora(_quantize("int4"), r=8, alpha=4, dropout=0.25)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_parameters(lq):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lq.eval()
+    path = lowbit.save_adapters(lq, tmp_path / "a.safetensors")
+    other = add_lora(_quantize("int4"), r=8, alpha=64, dropout=0.0).eval()
+    back = lowbit.load_adapters(other, path)
+    assert [(m.alpha, m.scaling, m.dropout_p) for m in back.modules()
+            if isinstance(m, LoRALinear)] == [(4.0, 0.5, 0.25)] * 3
+    assert isinstance(back[0].lora_dropout, nn.Dropout) and not back[0].lora_dropout.training
+    with torch.no_grad():
+        assert torch.equal(back(X), lq(X))
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+def test_merge_keeps_a_bfloat16_model_in_bfloat16(requantize: bool) -> None:
+    """merge_lora(requantize=False) built float32 nn.Linear layers for a model cast to bf16:
+    its first bf16 call raised "mat1 and mat2 must have the same dtype"."""
+    lq = _trained("int8_weight_only").to(torch.bfloat16)
+    x = X.to(torch.bfloat16)
+    merged = lowbit.merge_lora(lq, requantize=requantize)
+    with torch.no_grad():
+        y, want = merged(x), lq(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def test_merge_report_measures_in_eval_mode() -> None:
+    """The output error of a model merged in train mode was measured with the adapters'
+    dropout on (0.58 against a true 0.002): both sides now run in eval mode, as the inputs
+    were captured, and each merged layer keeps the mode of the layer it replaced."""
+    lq = add_lora(_quantize("int4"), r=8, alpha=16, dropout=0.5)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in lora_parameters(lq):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    evaluated = lowbit.merge_lora(lq.eval(), requantize=False, inputs=X).lora_merge_report
+    trained = lowbit.merge_lora(lq.train(), requantize=False, inputs=X)
+    assert trained.lora_merge_report.max_output_error == pytest.approx(
+        evaluated.max_output_error, rel=1e-6)
+    assert evaluated.max_output_error < 0.02  # (the INT4 x INT8 kernel vs a float layer)
+    assert all(m.training for m in trained.modules())
+
+
 def test_load_adapters_refuses_another_base(tmp_path: Path) -> None:
     path = lowbit.save_adapters(_trained("int4"), tmp_path / "a.safetensors")
     torch.manual_seed(5)

@@ -226,8 +226,9 @@ def add_lora(qmodel: nn.Module, r: int = 8, alpha: float = 16.0,
     wrappers: dict[int, LoRALinear] = {}  # a layer used under several names gets one adapter
     for name, module in named:
         if id(module) in chosen:
-            if id(module) not in wrappers:
-                wrappers[id(module)] = LoRALinear(module, r, alpha, dropout)
+            if id(module) not in wrappers:  # (in the layer's mode: an eval model stays eval)
+                wrappers[id(module)] = LoRALinear(module, r, alpha, dropout).train(
+                    module.training)
             if name:
                 model.set_submodule(name, wrappers[id(module)])
             else:  # the model itself is a quantized linear layer

@@ -192,8 +192,9 @@ def _adapter_parts(name: str, module: nn.Module) -> tuple[nn.Module, torch.Tenso
 
 def _float_layer(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
                  gelu: str | None, relu: bool) -> nn.Module:
-    fl = nn.Linear(base.in_features, base.out_features, bias=bias is not None)
-    with torch.no_grad():
+    fl = nn.Linear(base.in_features, base.out_features, bias=bias is not None,
+                   device=weight.device, dtype=getattr(torch, base.orig_dtype, torch.float32))
+    with torch.no_grad():  # (the model's dtype: a bf16 model's merged layer takes bf16)
         fl.weight.copy_(weight)
         if bias is not None:
             fl.bias.copy_(bias)
@@ -293,9 +294,12 @@ def merge_lora(model: nn.Module, requantize: bool = True, *, inputs: Any = None,
                 raw = exact if factor is None else exact * factor.to(exact.device).float()
                 new, kind, err = _float_layer(base, raw, bias, gelu, relu), "Linear", 0.0
             out_err = None
-            if name in seen:
-                x = seen[name]
-                out_err = _rel(new(x), module(x))
+            if name in seen:  # both in eval mode, as the inputs were captured (no dropout)
+                x, training = seen[name], module.training
+                module.eval()
+                out_err = _rel(new.eval()(x), module(x))
+                module.train(training)
+            new.train(module.training)
         rows.append(MergeRow(name, kind, err, out_err))
         model = _replace(model, module, new)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):

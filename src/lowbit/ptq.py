@@ -361,6 +361,7 @@ class PTQQuantizer(Quantizer):
         if sharing is not None:  # (layers kept float after calibration, for one)
             sharing.unshare(qmodel.modules())
         trim_heap()  # the conversion temporaries' freed heap back to the OS
+        qmodel.eval()  # (the layers put in above too: model.training flags agree)
         qmodel.lowbit_report = report
         guard_save_pretrained(qmodel)  # (transformers: from_pretrained would misread its file)
         self.last_report = report
