@@ -134,7 +134,8 @@ def route(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return torch.ops.lowbit.quantized_layer(x, layer_buffers(module), op_spec(module))
         if not _COMPILER.is_exporting() and _COMPILER.is_dynamo_compiling():
-            return torch.ops.lowbit.quantized_layer_live(x, _handle_of(id(module)))
+            return torch.ops.lowbit.quantized_layer_live(x, _handle_of(id(module)),
+                                                         op_spec(module))
         return torch.ops.lowbit.quantized_layer_nograd(x, layer_buffers(module), op_spec(module))
     name = _OVERRIDE.get()
     if name is not None and name != module.backend:
@@ -235,10 +236,10 @@ def _spec_of(key: int) -> str:
 
 
 #: ``torch.compile`` handles: a number per quantized module a compiled graph calls (never
-#: reused, so a graph never reaches another module that got a dead one's address), its module
-#: (weakly) and its spec, for the fake implementation, written while dynamo traces.
+#: reused, so a graph never reaches another module that got a dead one's address) and its
+#: module, held weakly; written while dynamo traces.
 _HANDLE_OF: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-_HANDLES: dict[int, tuple[weakref.ref, str]] = {}
+_HANDLES: dict[int, weakref.ref] = {}
 _NEXT_HANDLE = itertools.count(1)
 
 
@@ -251,16 +252,15 @@ def _handle_of(key: int) -> int:
             handle = _HANDLE_OF.get(module)
             if handle is None:
                 handle = _HANDLE_OF[module] = next(_NEXT_HANDLE)
-            _HANDLES[handle] = (weakref.ref(module, lambda _, h=handle: _HANDLES.pop(h, None)),
-                                _spec(module))
+                _HANDLES[handle] = weakref.ref(module, lambda _, h=handle: _HANDLES.pop(h, None))
             return handle
     raise RuntimeError(f"lowbit: no live quantized module with id {key}")
 
 
 def _live(handle: int) -> nn.Module:
     """The module behind a compiled graph's handle."""
-    entry = _HANDLES.get(handle)
-    module = None if entry is None else entry[0]()
+    ref = _HANDLES.get(handle)
+    module = None if ref is None else ref()
     if module is None:
         raise RuntimeError(f"lowbit.quantized_layer_live: the quantized layer {handle} that this "
                            "compiled graph calls no longer exists (a graph loaded from another "
@@ -374,10 +374,14 @@ def _quantized_layer_grad(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     return input_grad(_executor(spec, buffers), x, y, grad).contiguous()
 
 
-_LIB.define("quantized_layer_live(Tensor x, int handle) -> Tensor")
+#: The spec rides along although the module is at hand: it is what makes two layers' graphs
+#: differ for Inductor's on-disk FX-graph cache, which keys on the graph's text. With handles
+#: alone, two models of other shapes (or dtypes) traced in two processes wrote the same graph,
+#: and the second got the first one's compiled code.
+_LIB.define("quantized_layer_live(Tensor x, int handle, str spec) -> Tensor")
 
 
-def _quantized_layer_live(x: torch.Tensor, handle: int) -> torch.Tensor:
+def _quantized_layer_live(x: torch.Tensor, handle: int, spec: str) -> torch.Tensor:
     """One layer call of a compiled graph: the module itself, its prepared C call first (what
     its ``forward`` does after the checks a compiled graph has passed at trace time)."""
     module = _live(handle)
@@ -391,11 +395,8 @@ def _quantized_layer_live(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("lowbit::quantized_layer_live")
-def _quantized_layer_live_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
-    entry = _HANDLES.get(handle)
-    if entry is None:
-        _live(handle)  # (raises)
-    return _quantized_layer_fake(x, [], entry[1])
+def _quantized_layer_live_fake(x: torch.Tensor, handle: int, spec: str) -> torch.Tensor:
+    return _quantized_layer_fake(x, [], spec)
 
 
 for _key in ("CPU", "CUDA"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -125,9 +126,31 @@ def test_a_compiled_model_follows_its_layers_and_copies_keep_their_own(kind: str
         assert torch.equal(compiled(x), changed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inductor_cache_never_serves_another_models_graph(dtype: torch.dtype, tmp_path,
+                                                          monkeypatch) -> None:
+    """Inductor's on-disk FX-graph cache keys on the graph's text. With handles alone, a
+    second process (the handle counter restarting at 1) compiling a model of other widths
+    wrote the same graph and got the first model's compiled code: wrong sizes ("malloc():
+    invalid next size", or an assertion on the output's shape). The layer's spec is in the
+    graph now, so each model gets its own entry."""
+    from lowbit import _dispatch
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(4, 64, dtype=dtype)
+    for hidden in (96, 128, 96):  # (the third: a hit of the first's entry, which is right)
+        torch._dynamo.reset()
+        monkeypatch.setattr(_dispatch, "_NEXT_HANDLE", itertools.count(1))  # a new process
+        torch.manual_seed(hidden)
+        model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 8)).eval()
+        q = lowbit.quantize_dynamic(model.to(dtype))
+        with torch.no_grad():
+            assert torch.equal(torch.compile(q)(x), q(x)), hidden
+
+
 def test_a_graph_whose_layer_is_gone_says_so() -> None:
     with pytest.raises(RuntimeError, match=r"no longer exists.*compile the model again"):
-        torch.ops.lowbit.quantized_layer_live(torch.randn(2, 4), 10**15)
+        torch.ops.lowbit.quantized_layer_live(torch.randn(2, 4), 10**15, "{}")
 
 
 @pytest.mark.parametrize("method", ["smooth_quant", "awq"])
