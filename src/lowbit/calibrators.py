@@ -841,8 +841,20 @@ class EntropyCalibrator(HistogramCalibrator):
             e = (half + n).clamp(max=i_hi)
             keep = (e - s) >= nq
             s, e = (s[keep], e[keep]) if bool(keep.any()) else (s[-1:], e[-1:])
+        # A window whose own data fills fewer than two fine bins scores KL = 0 whatever it
+        # clips (p and q both put everything in one bin): on integer, binary or shifted data
+        # the search took a window holding none or one value of the data, and clipped the
+        # rest (-5..5 -> (-1, 1)). Such windows are no candidates; with none left, the whole
+        # observed range.
+        nonempty = (h > 0).cumsum(0)
+        filled = nonempty[e - 1] - torch.where(s > 0, nonempty[(s - 1).clamp(min=0)], 0)
+        if not bool((filled >= 2).any()):
+            t = max(-float(self.min_val), float(self.max_val))
+            return (self._clamped(-t, t) if self.spec.symmetric else
+                    self._clamped(float(self.min_val), float(self.max_val)))
         nq = min(nq, int((e - s).min()))
-        best = int(torch.argmin(_kl_divergence(h, s, e, nq))) if e.numel() > 1 else 0
+        kl = _kl_divergence(h, s, e, nq).masked_fill(filled < 2, float("inf"))
+        best = int(torch.argmin(kl))
         if self.spec.symmetric:
             t = float(e[best]) * w
             return self._clamped(-t, t)
