@@ -312,3 +312,19 @@ def test_method_options_of_the_wrong_type_are_refused(method: str, key: str,
     good = {"clip_search": True, "act_order": False, "damp": 0.05, "block_size": 64,
             "grid": 10}[key]
     QuantizationConfig.int4_weight_only(32, method=method, method_kwargs={key: good})
+
+
+def test_a_containers_rule_covers_its_layers_and_the_most_specific_rule_wins():
+    """skip_layers / layer_overrides naming a container (a torchvision "classifier"
+    Sequential) were silently ignored: its layers stayed quantized. A container's rule now
+    covers the layers inside it, and a rule for a layer (or a nearer container) beats it."""
+    int4 = QuantizationConfig.int4_weight_only(group_size=32)
+    cfg = QuantizationConfig(skip_layers=("classifier",),
+                             layer_overrides={"encoder": int4, "encoder.block.1.fc": None,
+                                              "classifier.out": int4, "head*": None})
+    assert cfg.config_for("classifier.0") is None and cfg.is_skipped("classifier.0")
+    assert cfg.config_for("classifier.out") is int4  # its own override beats the container's
+    assert cfg.config_for("encoder.block.0.fc") is int4
+    assert cfg.config_for("encoder.block.1.fc") is None
+    assert cfg.config_for("heads.0.proj") is None  # a glob naming a container
+    assert cfg.config_for("classifier_extra") is cfg and cfg.config_for("body.0") is cfg

@@ -836,3 +836,31 @@ def test_tied_embedding_keeps_its_float_table_when_the_head_is_written(how: str,
     ids = torch.randint(0, 60, (2, 10))
     with torch.no_grad():
         assert torch.equal(q.embed(ids), F.embedding(ids, table))
+
+
+def test_skip_override_and_fallback_of_a_container_keep_its_layers_float() -> None:
+    """The README's own ``skip_layers=("classifier",)`` names a container in torchvision-style
+    models: every layer in it was quantized anyway, with no warning. Each route now keeps the
+    container's layers float; the layers outside it are quantized."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            self.classifier = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features(x))
+
+    model, data = Net().eval(), [torch.randn(8, 4)]
+    routes = [QuantizationConfig.int8_static(skip_layers=("classifier",)),
+              QuantizationConfig.int8_static(layer_overrides={"classifier": None}), None]
+    for config in routes:
+        quantizer = PTQQuantizer(config or QuantizationConfig.int8_static(), progress=False)
+        if config is None:
+            quantizer.set_per_layer_fallback("classifier", True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no "matches no layer" either)
+            q = quantizer.quantize(model, data)
+        assert q.lowbit_report.quantized == ["features.0"]
+        assert sorted(q.lowbit_report.fp32) == ["classifier.0", "classifier.2"]
+        assert type(q.classifier[0]) is nn.Linear and type(q.classifier[2]) is nn.Linear

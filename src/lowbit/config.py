@@ -193,6 +193,17 @@ def _default_weight_spec() -> QuantSpec:
     return QuantSpec.int8_weight()
 
 
+def enclosing_names(name: str) -> list[str]:
+    """``name`` and the names of the modules around it, most specific first.
+
+    Example:
+        >>> enclosing_names("encoder.layer.0")
+        ['encoder.layer.0', 'encoder.layer', 'encoder']
+    """
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """How a model is quantized.
@@ -206,9 +217,13 @@ class QuantizationConfig:
         calibrator: registry name of the calibrator for static activations (``"minmax"``,
             ``"moving_average"``, ``"percentile"``, ``"entropy"``, ``"mse"`` or a custom one).
         calibrator_kwargs: keyword arguments for the calibrator (e.g. ``{"percentile": 99.99}``).
-        skip_layers: qualified layer names or glob patterns kept in float.
+        skip_layers: qualified layer names or glob patterns kept in float. A container's name
+            (an ``nn.Sequential`` head, a block) covers every layer inside it, as torch.ao's
+            module-name qconfigs do.
         layer_overrides: ``{name or glob: QuantizationConfig or None}``; ``None`` keeps the layer
-            in FP32. The first matching pattern in insertion order wins; an exact name beats globs.
+            in FP32. A container's name covers the layers inside it; the most specific rule
+            wins (a layer's own name, then its parent's, ...); at one level, a skip beats an
+            override, an exact name beats globs, and globs go in insertion order.
         method: how weight-only Linear weights are rounded: ``"rtn"`` (round to nearest, no
             data), ``"gptq"``, ``"awq"`` or ``"signround"`` (need ``calibration_data``; see
             :mod:`lowbit.weight_calibration` and :mod:`lowbit.signround`).
@@ -445,20 +460,35 @@ class QuantizationConfig:
                    method=method, **kwargs)
 
     # ------------------------------------------------------------------ per-layer resolution
+    def _rule(self, name: str) -> tuple[bool, QuantizationConfig | None] | None:
+        """``(skipped, override)`` of the most specific rule for layer ``name`` (its own name,
+        then each enclosing module's: a container's rule covers its layers), or None."""
+        for scope in enclosing_names(name):
+            if any(scope == pat or fnmatch.fnmatchcase(scope, pat) for pat in self.skip_layers):
+                return True, None
+            if scope in self.layer_overrides:
+                return False, self.layer_overrides[scope]
+            for pattern, value in self.layer_overrides.items():
+                if fnmatch.fnmatchcase(scope, pattern):
+                    return False, value
+        return None
+
     def is_skipped(self, name: str) -> bool:
-        """True when ``name`` matches one of ``skip_layers`` (exact name or glob)."""
-        return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in self.skip_layers)
+        """True when the most specific rule for ``name`` is one of ``skip_layers`` (exact name
+        or glob, of the layer or of a container it sits in)."""
+        rule = self._rule(name)
+        return rule is not None and rule[0]
 
     def config_for(self, name: str) -> QuantizationConfig | None:
-        """The config that applies to layer ``name`` (``None`` = keep in FP32)."""
-        if self.is_skipped(name):
-            return None
-        if name in self.layer_overrides:
-            return self.layer_overrides[name]
-        for pattern, value in self.layer_overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return value
-        return self
+        """The config that applies to layer ``name`` (``None`` = keep in FP32).
+
+        Example:
+            >>> cfg = QuantizationConfig(skip_layers=("head",), layer_overrides={"head.out": None})
+            >>> cfg.config_for("head.0") is None, cfg.config_for("body.0") is cfg
+            (True, True)
+        """
+        rule = self._rule(name)
+        return self if rule is None else rule[1]
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:

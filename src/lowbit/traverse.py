@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit._qmodule import has_hooks
-from lowbit.config import QuantizationConfig, QuantSpec
+from lowbit.config import QuantizationConfig, QuantSpec, enclosing_names
 from lowbit.dropin import is_depthwise_conv, is_hf_conv1d, is_linear_like, linear_weight
 from lowbit.lora_peft import is_peft_adapter, peft_adapter_prefixes
 from lowbit.modules import (
@@ -624,7 +624,7 @@ def _rule_for(names: list[str], config: QuantizationConfig, fallback: set[str]
     that disagree are an error naming them (the module can take only one)."""
     rules: dict[str, tuple[QuantizationConfig | None, str]] = {}
     for n in names:
-        if n in fallback:
+        if any(scope in fallback for scope in enclosing_names(n)):  # (a container's covers it)
             rules[n] = (None, "set_per_layer_fallback")
         elif config.is_skipped(n):
             rules[n] = (None, "skip_layers")
