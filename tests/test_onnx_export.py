@@ -598,3 +598,27 @@ def test_model_code_that_reads_layer_weights_exports(mode: str, tmp_path) -> Non
     with torch.inference_mode():
         ref = qmodel(x2)
     _assert_close(ref, ort_model(x2), steps=0.5)
+
+
+def test_none_in_the_outputs_comes_back_as_none(tmp_path) -> None:
+    """A model returning ``(logits, None)`` (no loss in eval) exported fine, but every
+    OnnxRuntimeModule call raised "treespec.unflatten(leaves): leaves has length 1": the graph
+    has no output for a None. The None now comes back where the model put it."""
+    class WithNone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[None, torch.Tensor, dict]:
+            y = self.fc(x)
+            return None, y, {"aux": None, "twice": y * 2}
+
+    q = lowbit.quantize_dynamic(WithNone().eval())
+    path = tmp_path / "m.onnx"
+    export_onnx(q, torch.randn(2, 8), path)
+    x = torch.randn(5, 8)
+    none, y, extra = OnnxRuntimeModule(path)(x)
+    want = q(x)
+    assert none is None and extra["aux"] is None
+    torch.testing.assert_close(y, want[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(extra["twice"], want[2]["twice"], rtol=0, atol=1e-5)

@@ -579,3 +579,46 @@ def test_int4_int8_activations_setting_is_saved_with_the_module(tmp_path) -> Non
     x = torch.randn(5, 64)
     with torch.inference_mode():
         assert torch.equal(r(x), q(x))
+
+
+def test_a_loaded_model_saved_again_keeps_its_report(tmp_path: Path) -> None:
+    """lowbit.save of a loaded model wrote no schemes and no quantization report (a loaded
+    model carries them in lowbit_manifest, not lowbit_report): lost after one round trip."""
+    q = quantize_static(_cnn(), [torch.randn(8, 1, 28, 28)], progress=False)
+    first = save(q, tmp_path / "a")
+    again = save(load(first, model=_cnn()), tmp_path / "b")
+    one, two = read_manifest(first), read_manifest(again)
+    assert two["schemes"] == one["schemes"] and len(one["schemes"]) >= 3
+    assert two["quantization_report"] == one["quantization_report"]
+
+
+def test_load_refuses_an_identity_where_the_float_model_has_another_module(
+        tmp_path: Path) -> None:
+    """A fused ReLU is saved as an Identity entry; loading that file into a model with a Tanh
+    there swapped the Tanh for an Identity, silently. Refused, naming both; a model of another
+    class with the same layer names loads with a warning."""
+    def mlp(act: nn.Module) -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 8), act, nn.Linear(8, 4)).eval()
+
+    path = save(quantize_dynamic(mlp(nn.ReLU())), tmp_path / "m")
+    with pytest.raises(LoadError, match=r"Identity at '1'.*has a Tanh there"):
+        load(path, model=mlp(nn.Tanh()))
+
+    class Other(nn.Sequential):
+        pass
+
+    with pytest.warns(UserWarning, match="saved from a Sequential, and is loaded into a"):
+        load(path, model=Other(*mlp(nn.ReLU())))
+
+
+def test_save_refuses_the_runtime_module_of_a_compiled_backend(tmp_path: Path) -> None:
+    """set_backend(q, "onnxruntime", x) returns an OnnxRuntimeModule; lowbit.save wrote a file
+    with no weights from it, and only load said so. Refused at save, saying what to save."""
+    from lowbit import backends
+
+    q = quantize_dynamic(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval())
+    runtime = backends.set_backend(q, "onnxruntime", torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"OnnxRuntimeModule.*save the quantized PyTorch model"):
+        save(runtime, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -58,7 +58,7 @@ from lowbit.modules import (
 )
 from lowbit.modules_mha import MultiheadAttentionLinears
 from lowbit.modules_rnn import MAX_RNN_LAYERS, QuantizedRNNBase, rnn_weight_shapes
-from lowbit.traverse import disable_fused_fast_paths
+from lowbit.traverse import disable_fused_fast_paths, gelu_approximate
 
 try:
     import fcntl
@@ -334,8 +334,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, factory: str | None 
 
     Raises:
         ValueError: ``factory`` is not ``"module:function"``, ``extra`` is not JSON-compatible,
-            a module cannot be saved (e.g. an unconverted QAT module), or ``path`` is a
-            directory where a file is asked for (and vice versa).
+            a module cannot be saved (e.g. an unconverted QAT module, or the
+            ``OnnxRuntimeModule`` / ``AOTInductorModule`` of a compiled backend), or ``path``
+            is a directory where a file is asked for (and vice versa).
 
     Example:
         >>> import tempfile, torch
@@ -347,6 +348,11 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, factory: str | None 
         >>> x = torch.randn(2, 8); torch.equal(r(x), q(x))
         True
     """
+    if type(model).__name__ in ("OnnxRuntimeModule", "AOTInductorModule"):
+        raise ValueError(f"lowbit.save: this is a {type(model).__name__} (what set_backend "
+                         "returns for a compiled backend): it runs a compiled file and holds no "
+                         "PyTorch weights, so the file would hold none either; save the "
+                         "quantized PyTorch model it was made from, or keep the compiled file")
     if factory is not None and not _FACTORY_RE.match(factory):
         raise ValueError(f"lowbit.save: factory={factory!r} must look like "
                          "'package.module:function'")
@@ -361,6 +367,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, factory: str | None 
     entries = _module_entries(model)
     tensors, aliases, narrowed = _dedupe(model.state_dict())
     report = getattr(model, "lowbit_report", None)
+    loaded = getattr(model, "lowbit_manifest", None)  # a loaded model's report: carried over
+    carried = loaded if report is None and isinstance(loaded, dict) else {}
     manifest: dict[str, Any] = {
         "format": "lowbit",
         "format_version": FORMAT_VERSION,
@@ -370,8 +378,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, factory: str | None 
                          "factory_kwargs": dict(factory_kwargs or {})},
         "modules": entries,
         "schemes": ({r.name: {"status": r.status, "scheme": r.reason}
-                     for r in getattr(report, "rows", [])}),
-        "quantization_report": report.to_dict() if hasattr(report, "to_dict") else None,
+                     for r in getattr(report, "rows", [])} or dict(carried.get("schemes") or {})),
+        "quantization_report": (report.to_dict() if hasattr(report, "to_dict")
+                                else carried.get("quantization_report")),
         "aliases": aliases,
         "narrowed": narrowed,
         "tensors_sha256": tensors_sha256(tensors),
@@ -812,6 +821,12 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, trust_factory: 
         if not isinstance(model, nn.Module):
             raise TypeError(f"lowbit.load(model=...) must be an nn.Module (the float model), got "
                             f"{type(model).__name__}")
+        saved = str(arch.get("class", "")).rpartition(":")[2]
+        if saved and saved != type(model).__qualname__:
+            warnings.warn(f"lowbit.load: {where} was saved from a {saved}, and is loaded into a "
+                          f"{type(model).__qualname__}: their layers match by name, but their "
+                          "forward may differ; pass the class that was quantized",
+                          stacklevel=3)
         return model
     factory = arch.get("factory")
     if factory is None:
@@ -883,6 +898,14 @@ def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Pa
                                     f"from {entry.get('lora')!r}: {e}") from e
             built[name] = module
         elif kind == "replace" and entry.get("class") in REPLACEMENTS:
+            old = names.get(name)
+            if entry["class"] == "Identity" and old is not None and not _absorbed_kind(old):
+                raise LoadError(
+                    f"{where}: the file has an Identity at {name!r} (a ReLU, GELU or max-pool "
+                    "run inside the layer before it, or a BatchNorm folded into it), but the "
+                    f"float model has a {type(old).__name__} there, which lowbit never absorbs; "
+                    "pass the same architecture that was quantized "
+                    f"({manifest.get('architecture', {}).get('class', '?')})")
             built[name] = REPLACEMENTS[entry["class"]](**entry.get("config", {}))
         elif kind == "shared" and entry.get("of") in built:
             built[name] = built[entry["of"]]
@@ -892,6 +915,13 @@ def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Pa
         if owner is not None:  # inside another replacement (attention projections): goes in it
             built[owner].set_submodule(name[len(owner) + 1:], built[name])
     return built
+
+
+def _absorbed_kind(module: nn.Module) -> bool:
+    """Whether quantizing puts an ``nn.Identity`` in this float module's place: a ReLU, GELU
+    or max-pool fused into the layer before it, a BatchNorm folded into it (or an Identity)."""
+    absorbed = nn.Identity | nn.ReLU | nn.MaxPool2d | nn.modules.batchnorm._BatchNorm
+    return isinstance(module, absorbed) or gelu_approximate(module) is not None
 
 
 def _ancestors(name: str) -> list[str]:

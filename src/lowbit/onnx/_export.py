@@ -260,7 +260,7 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
     args, kwargs, shapes = export_arguments(example_inputs, axes, "export_onnx")
     _refuse_bfloat16(qmodel, [*args, *kwargs.values()])
     with record_weight_reads() as weight_read, torch.no_grad():  # (model code that reads a
-        qmodel(*args, **kwargs)  # quantized layer's float weight: its graph needs it too)
+        eager = qmodel(*args, **kwargs)  # quantized layer's float weight: its graph needs it)
     model = _export_copy(qmodel, exact, weight_read)
     with _quiet_exporter() as log:
         try:
@@ -283,6 +283,11 @@ def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike 
         meta["lowbit.constants"] = json.dumps(constants)
     if (spec := _output_spec(program)) is not None:
         meta["lowbit.output_spec"] = spec
+        from torch.utils import _pytree
+
+        nones = [i for i, leaf in enumerate(_pytree.tree_leaves(eager)) if leaf is None]
+        if nones:  # (``return logits, None``: the graph has no output for a None)
+            meta["lowbit.output_none"] = json.dumps(nones)
     onnx.helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto)
     if path is not None:

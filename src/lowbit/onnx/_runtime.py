@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -95,6 +96,8 @@ class OnnxRuntimeModule(nn.Module):
         self.output_names = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         self._out_spec = _load_spec(meta.get("lowbit.output_spec"))
+        #: positions of the model's None outputs among the output leaves (no graph output)
+        self._none_leaves: list[int] = json.loads(meta.get("lowbit.output_none") or "[]")
         #: keyword flags that were constants at export (``use_cache=False``): accepted with
         #: the same value, refused with another
         self.constants: dict[str, Any] = _load_constants(meta.get("lowbit.constants"))
@@ -153,7 +156,10 @@ class OnnxRuntimeModule(nn.Module):
         if self._out_spec is not None:
             from torch.utils import _pytree
 
-            return _pytree.tree_unflatten(outs, self._out_spec)
+            leaves: list[Any] = list(outs)
+            for i in self._none_leaves:
+                leaves.insert(i, None)
+            return _pytree.tree_unflatten(leaves, self._out_spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def extra_repr(self) -> str:
