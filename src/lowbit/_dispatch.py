@@ -12,7 +12,7 @@ its kernels directly. Otherwise :func:`route` sends the call to:
   embed);
 - ``torch.ops.lowbit.quantized_layer_live`` where ``torch.compile`` traces a layer whose input
   needs no gradient: the same opaque node, but it names the live module by a handle instead of
-  passing its buffers, so each call is the module's own prepared call (13-15 us less per
+  passing its buffers, so each call is the module's own prepared call (12-19 us less per
   layer call at batch 1 than the buffer op, measured on an MLP, a CNN and an encoder block);
 - a sibling module sharing the layer's buffers with another backend, inside a
   ``lowbit.backends.use(name)`` block;

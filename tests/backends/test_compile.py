@@ -71,7 +71,7 @@ def test_gradients_through_compiled_layers_equal_eager(kind: str, make_quantized
 def test_a_trace_without_gradients_calls_the_live_layer(make_quantized) -> None:
     """Under ``torch.no_grad()`` (and for inputs that need no gradient) a compiled graph calls
     each layer through ``lowbit.quantized_layer_live``: the module itself, by a handle, with no
-    buffers as graph inputs and no Python autograd kernel (the buffer op cost 13-15 us more per
+    buffers as graph inputs and no Python autograd kernel (the buffer op cost 12-19 us more per
     layer call at batch 1). A layer whose input needs a gradient keeps the op with the eager
     backward; ``torch.export`` keeps the self-contained buffer op."""
     qmodel, x = make_quantized("mlp-dynamic")
