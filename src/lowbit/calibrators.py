@@ -65,6 +65,7 @@ __all__ = [
     "PercentileCalibrator",
     "available_calibrators",
     "create_calibrator",
+    "observed_range",
     "register_calibrator",
 ]
 
@@ -528,15 +529,26 @@ class MovingAverageCalibrator(MinMaxCalibrator):
         self.averaging_constant = float(averaging_constant)
         super().__init__(spec, tensor_name=tensor_name, **kwargs)
 
+    def _init_state(self, device: torch.device) -> None:
+        super()._init_state(device)
+        # the true extremes, for reports ("observed"); not part of the state a checkpoint holds
+        lo, hi = self._empty_range(device)
+        self.register_buffer("seen_min", lo, persistent=False)
+        self.register_buffer("seen_max", hi, persistent=False)
+
     def _observe(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  first: torch.Tensor) -> None:
         if self.min_val.numel() == 0:  # per-channel/group: the first batch sets the shape
             self.min_val, self.max_val = lo.clone(), hi.clone()
+            self.seen_min, self.seen_max = lo.clone(), hi.clone()
             return
         self._check_shape(lo)
         c = self.averaging_constant
         self.min_val = torch.where(first, lo, self.min_val + c * (lo - self.min_val))
         self.max_val = torch.where(first, hi, self.max_val + c * (hi - self.max_val))
+        if self.seen_min.shape == lo.shape:
+            self.seen_min = torch.minimum(self.seen_min, lo)
+            self.seen_max = torch.maximum(self.seen_max, hi)
 
     def _merge(self, other: Calibrator) -> None:
         self._check_shape(other.min_val, "the other calibrator")
@@ -544,6 +556,30 @@ class MovingAverageCalibrator(MinMaxCalibrator):
         dev = self.min_val.device
         self.min_val = (na * self.min_val + nb * other.min_val.to(dev)) / (na + nb)
         self.max_val = (na * self.max_val + nb * other.max_val.to(dev)) / (na + nb)
+        if self.seen_min.shape == other.seen_min.shape:
+            self.seen_min = torch.minimum(self.seen_min, other.seen_min.to(dev))
+            self.seen_max = torch.maximum(self.seen_max, other.seen_max.to(dev))
+
+
+def observed_range(cal: Calibrator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The extremes a calibrator saw (what reports call "observed"): the moving average's own
+    running extremes where it has them (not its averaged range), else ``min_val`` /
+    ``max_val``, else the chosen range.
+
+    Example:
+        >>> cal = MovingAverageCalibrator(averaging_constant=0.5)
+        >>> for b in (torch.tensor([0.0, 2.0]), torch.tensor([0.0, 4.0])):
+        ...     _ = cal(b)
+        >>> cal.max_val.item(), observed_range(cal)[1].item()
+        (3.0, 4.0)
+    """
+    lo, hi = getattr(cal, "seen_min", None), getattr(cal, "seen_max", None)
+    if (lo is not None and hi is not None and lo.numel() > 0 and bool(torch.isfinite(lo).all())
+            and bool(torch.isfinite(hi).all()) and lo.shape == cal.min_val.shape):
+        return lo, hi  # (after load_state_dict they are unset: the tracked range instead)
+    if hasattr(cal, "min_val") and hasattr(cal, "max_val"):
+        return cal.min_val, cal.max_val
+    return cal.compute_range()
 
 
 # ---------------------------------------------------------------------- histogram family

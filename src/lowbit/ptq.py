@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit._qmodule import QuantizedModuleBase
 from lowbit.calibration import CalibrationRecord, run_calibration
-from lowbit.calibrators import Calibrator, create_calibrator
+from lowbit.calibrators import Calibrator, create_calibrator, observed_range
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.distributed import calibrate_synced
 from lowbit.dropin import guard_save_pretrained, is_linear_like
@@ -465,7 +465,8 @@ def _static_qparams(name: str, cal: Calibrator, plan: LayerPlan
     if float(scale.min()) > torch.finfo(torch.float32).eps:
         return (scale, zp), None
     lo, hi = cal.compute_range()
-    seen = (float(getattr(cal, "min_val", lo).min()), float(getattr(cal, "max_val", hi).max()))
+    seen_lo, seen_hi = observed_range(cal)
+    seen = (float(seen_lo.min()), float(seen_hi.max()))
     clip = (float(lo.min()), float(hi.max()))
     what = ("a constant input" if seen[0] == seen[1] else
             f"a clipping range {list(clip)} of zero width (chosen by the calibrator)")
@@ -480,8 +481,7 @@ def _static_qparams(name: str, cal: Calibrator, plan: LayerPlan
 
 def _record(cal: Calibrator, default_name: str, scale: Any, zp: Any) -> CalibrationRecord:
     lo, hi = cal.compute_range()
-    seen_lo = getattr(cal, "min_val", lo)
-    seen_hi = getattr(cal, "max_val", hi)
+    seen_lo, seen_hi = observed_range(cal)
     return CalibrationRecord(
         calibrator=getattr(cal, "name", default_name) or default_name,
         min=float(seen_lo.min()), max=float(seen_hi.max()),
