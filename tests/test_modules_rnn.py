@@ -361,3 +361,22 @@ def test_malformed_packed_sequences_are_refused_by_name(cls) -> None:
             q(bad)
     good = pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
     assert q(good)[0].data.shape == (5, 8)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_an_empty_batch_gives_the_float_modules_empty_outputs(backend: str,
+                                                              batch_first: bool) -> None:
+    """A batch of size 0 (the end of a filtered stream) gave "RNN scan refused its arguments"
+    (or a reshape error on the reference path), where nn.LSTM / nn.GRU return empty outputs."""
+    for kind, cls in (("LSTM", QuantizedLSTM), ("GRU", QuantizedGRU)):
+        float_rnn = getattr(nn, kind)(6, 12, num_layers=2, bidirectional=True,
+                                      batch_first=batch_first).eval()
+        q = cls.from_float(float_rnn, QuantizationConfig.int8_dynamic(), backend=backend)
+        x = torch.randn(0, 4, 6) if batch_first else torch.randn(4, 0, 6)
+        with torch.no_grad():
+            want, got = float_rnn(x), q(x)
+        assert got[0].shape == want[0].shape
+        hidden = (got[1],) if kind == "GRU" else got[1]
+        for g, w in zip(hidden, (want[1],) if kind == "GRU" else want[1], strict=True):
+            assert g.shape == w.shape

@@ -232,3 +232,42 @@ def test_clip_search_never_rounds_a_group_worse_than_min_max() -> None:
     cfg = QuantizationConfig.int4_weight_only(32, method="gptq",
                                               method_kwargs={"clip_search": True})
     assert QuantizationConfig.from_json(cfg.to_json()) == cfg
+
+
+class _KeywordCall(nn.Module):
+    """Calls its Linears as ``fc(input=x)``, which nn.Linear allows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(input=torch.relu(self.fc1(input=x)))
+
+
+def test_layers_called_with_the_input_keyword_quantize_and_smooth() -> None:
+    """A model calling ``fc(input=x)`` ran in float, but every quantized model of it raised
+    "forward() got an unexpected keyword argument 'input'", and SmoothQuant's division hook
+    read ``args[0]`` (IndexError). Each mode now equals the same model called positionally."""
+    torch.manual_seed(0)
+    model = _KeywordCall().eval()
+    data = [torch.randn(32, 16) * torch.linspace(0.1, 8, 16) for _ in range(2)]
+    x = data[0][:5]
+    quantized = {
+        "dynamic": lowbit.quantize_dynamic(model),
+        "static": quantize_static(model, data, progress=False),
+        "int4": quantize_weight_only(model, bits=4, group_size=16),
+        "dynamic + smooth_quant": lowbit.quantize_dynamic(model, smooth_quant=0.5,
+                                                          calibration_data=data, progress=False),
+        "static + smooth_quant": quantize_static(model, data, smooth_quant=0.5, progress=False),
+        "add_lora": lowbit.add_lora(lowbit.quantize_dynamic(model), r=2),
+    }
+    with torch.no_grad():
+        for name, q in quantized.items():
+            positional = q.fc2(torch.relu(q.fc1(x)))
+            assert torch.equal(q(x), positional), name
+    smoothed = _KeywordCall().eval()
+    smoothed.load_state_dict(model.state_dict())
+    smooth_quant(smoothed, {"fc1": 0.5}, data, progress=False)  # float function unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(x), model(x), rtol=1e-5, atol=1e-5)

@@ -467,8 +467,10 @@ class QuantizedModuleBase(nn.Module):
             return
 
         @functools.wraps(body)
-        def forward(self: QuantizedModuleBase, x: torch.Tensor, *,
+        def forward(self: QuantizedModuleBase, input: torch.Tensor, *,
                     _smoothed_input: bool = False) -> torch.Tensor:
+            # ``input``: the float layers' name, so ``layer(input=x)`` works as on nn.Linear
+            x = input
             refuse_jit_trace(self)
             smoothing = None if _smoothed_input else self._buffers.get("input_smoothing")
             if smoothing is not None and isinstance(x, torch.Tensor) and x.is_floating_point():

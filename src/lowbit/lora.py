@@ -101,9 +101,10 @@ class LoRALinear(nn.Module):
         """The base layer's bias."""
         return self.base.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``base(x) + dropout(x) @ A.T @ B.T * scaling`` (then the ReLU / GELU fused into the
-        base, if any)."""
+        base, if any); ``input`` is named as nn.Linear's, so ``layer(input=x)`` works too."""
+        x = input
         y = self.base(x)  # differentiable w.r.t. x when x requires grad (lowbit.qgrad)
         update = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
         y = y + (update * self.scaling).to(y.dtype)

@@ -131,6 +131,9 @@ class _RecurrentForward:
         if (isinstance(data, torch.Tensor) and data.is_meta  # shape inference: no values
                 and self._buffers["weight_ih_l0"].is_meta):  # type: ignore[attr-defined]
             return self.to_float()(input, hx)  # type: ignore[attr-defined]
+        if (isinstance(input, torch.Tensor) and input.dim() == 3  # an empty batch: the float
+                and input.shape[0 if self.batch_first else 1] == 0):  # type: ignore[attr-defined]
+            return self.to_float()(input, hx)  # type: ignore[attr-defined]  # module's shapes
         return self._forward_eager(input, hx)  # type: ignore[attr-defined]
 
 

@@ -659,8 +659,12 @@ def smooth_quant(model: nn.Module, alphas: Mapping[str, float], calibration_data
             layer.weight.mul_(s)
         inv = 1.0 / s
 
-        def pre(_m: nn.Module, args: tuple[Any, ...], inv: torch.Tensor = inv) -> Any:
-            return (args[0] * inv.to(args[0].dtype), *args[1:])
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                inv: torch.Tensor = inv) -> Any:
+            if args:  # (fc(x) or, as nn.Linear allows, fc(input=x))
+                return (args[0] * inv.to(args[0].dtype), *args[1:]), kwargs
+            x = kwargs["input"]
+            return args, {**kwargs, "input": x * inv.to(x.dtype)}
 
-        out[name] = (inv, layer.register_forward_pre_hook(pre))
+        out[name] = (inv, layer.register_forward_pre_hook(pre, with_kwargs=True))
     return out
