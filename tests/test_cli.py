@@ -200,9 +200,12 @@ def test_exported_program_model(work: Path, capsys) -> None:
     assert "| fc1 | Linear | quantized |" in run.stdout and "| conv1 | Conv2d | quantized |" \
         in run.stdout
     run = lowbit("compare", "cnn.pt2", "q_cnn.safetensors", "--data", "data.pt", "--iters", "2",
-                 "--batch-sizes", "4", "--json", "--quiet", "--trust-pickle", cwd=work)
+                 "--batch-sizes", "4", "--json", "--quiet", "--trust-pickle", "--report",
+                 "pt2_report", cwd=work)  # (the report picked the program's root: '' failed)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["rows"][1]["output_error"]["cosine"] > 0.99
+    assert (work / "pt2_report" / "report.html").is_file()
+    assert (work / "pt2_report" / "hist_conv1.png").is_file()
 
 
 def test_torchscript_model_needs_trust_and_arch(work: Path, capsys) -> None:
@@ -343,10 +346,24 @@ def test_data_formats(tmp_path: Path) -> None:
      "DATA 'nothing.npy' does not exist"),
     (["inspect", "data.pt"], 1, "data.pt: not a lowbit file (a zip archive"),
     (["inspect", "nothing"], 1, "does not exist; pass the folder or the .safetensors file"),
+    # options that were accepted and silently ignored, or checked only after the work
+    (["sensitivity", "mlp.pt", *ARCH, "--method", "dynamic", "--data", "data.pt", "--out",
+      "fb"], 2, "--out saves the fallback model that --budget finds"),
+    (["sensitivity", "mlp.pt", *ARCH, "--method", "dynamic", "--data", "data.pt", "--budget",
+      "-1"], 2, "must be an accuracy drop >= 0"),
+    (["quantize", "mlp.pt", *ARCH, "--method", "dynamic", "--calibrator", "percentile",
+      "--out", "x"], 2, "--calibrator chooses static activation ranges"),
+    (["quantize", "mlp.pt", *ARCH, "--method", "int4", "--per-channel", "--group-size", "32",
+      "--out", "x"], 2, "--group-size applies to group-wise INT4"),
+    (["compare", "mlp.pt", "q_dyn", *ARCH, "--data", "short_labels.pt"], 1,
+     "holds 40 inputs but 10 labels"),
 ])
 def test_errors_are_one_line(work: Path, monkeypatch, capsys, argv: list[str], code: int,
                              message: str) -> None:
     monkeypatch.chdir(work)
+    if not (work / "short_labels.pt").exists():
+        torch.save({"inputs": torch.randn(40, 1, 28, 28), "labels": torch.arange(10)},
+                   work / "short_labels.pt")
     assert main(argv) == code
     err = capsys.readouterr().err
     if code:
@@ -383,3 +400,21 @@ def test_tampered_file_and_debug_via_subprocess(work: Path) -> None:
     run = lowbit("quantize", cwd=work)
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert run.stderr.startswith("lowbit: error: the following arguments are required")
+
+
+def test_compare_and_bench_label_every_model_apart(work: Path, capsys) -> None:
+    """Models were keyed by file name: run1/q and run2/q gave one row (the second one's
+    numbers under the first one's name), and a folder named FP32 replaced the float row."""
+    from lowbit.cli import _labels
+
+    assert _labels(["run1/q", "run2/q", "b.safetensors"]) == ["run1/q", "run2/q", "b"]
+    assert _labels(["FP32", "q"], taken=("FP32",)) == ["FP32 (#1)", "q"]
+    for folder in ("run1", "run2"):
+        (work / folder).mkdir(exist_ok=True)
+        save(load(work / "q_dyn", model=MLP(hidden=(32,))), work / folder / "q")
+    capsys.readouterr()
+    assert main(["compare", str(work / "mlp.pt"), str(work / "run1" / "q"),
+                 str(work / "run2" / "q"), *ARCH, "--data", str(work / "data.pt"), "--iters",
+                 "2", "--batch-sizes", "1", "--json", "--quiet"]) == 0
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)["rows"]]
+    assert names == ["FP32", str(work / "run1" / "q"), str(work / "run2" / "q")]

@@ -132,6 +132,10 @@ def load_data(spec: str, split: str = "eval", limit: int | None = None) -> Data:
             raise ValueError(f"DATA {spec!r}: unknown format {suffix!r}; use .pt, .npy, .npz or "
                              ".safetensors (or 'mnist')")
         x, y = torch.as_tensor(x), None if y is None else torch.as_tensor(y)
+        if y is not None and (y.dim() == 0 or len(y) != len(x)):
+            raise ValueError(f"DATA {spec!r} holds {len(x)} inputs but "
+                             f"{y.numel() if y.dim() == 0 else len(y)} labels; "
+                             "give one label per input")
         if x.dtype == torch.float64:
             x = x.float()
         data = Data(x, y, f"{path.name} ({len(x)} samples)")
@@ -346,12 +350,18 @@ def _config(args: argparse.Namespace) -> Any:
                          "--method int4")
     if bits != 8 and args.method != "dynamic":
         raise UsageError("--activation-bits 7 applies to --method dynamic")
+    if args.calibrator is not None and args.method != "static":
+        raise UsageError(f"--calibrator chooses static activation ranges: use it with --method "
+                         f"static (--method {args.method} has none to calibrate)")
+    if args.method == "int4" and gran is not None and args.group_size is not None:
+        raise UsageError(f"--group-size applies to group-wise INT4; --{gran.replace('_', '-')} "
+                         "has no groups: pass one of them")
     if alpha is not None and args.method == "int4":
         raise UsageError("--smooth-quant applies to INT8 activations (--method dynamic or "
                          "static); for INT4 weights use --weight-method awq")
     if args.method == "int4":
         if gran is None:
-            return QuantizationConfig.int4_weight_only(args.group_size, method=method,
+            return QuantizationConfig.int4_weight_only(args.group_size or 128, method=method,
                                                        skip_layers=skip)
         spec = QuantSpec(bits=4, symmetric=False, granularity=gran)
         return QuantizationConfig(weights=spec, activations=None, mode="weight_only",
@@ -450,17 +460,28 @@ def _write_report(args: argparse.Namespace, **sections: Any) -> None:
             _say(f"\nReport: {page}")
 
 
+def _labels(specs: list[str], taken: tuple[str, ...] = ()) -> list[str]:
+    """A table label per model argument: its file name, or the whole argument where two
+    arguments share a name (``run1/q``, ``run2/q``) or a name is taken (the ``FP32`` row)."""
+    names = [Path(s).name.removesuffix(".safetensors") for s in specs]
+    out = [n if names.count(n) == 1 and n not in taken else s for n, s in zip(names, specs,
+                                                                                strict=True)]
+    return [f"{label} (#{i + 1})" if out.count(label) > 1 or label in taken else label
+            for i, label in enumerate(out)]
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """``lowbit compare``: accuracy, size, latency and output error vs the float model."""
+    from lowbit._qmodule import QuantizedModuleBase
     from lowbit.evaluation import compare_models
     from lowbit.report import collect_histograms
 
     data = load_data(args.data, "eval", args.samples)
     fp32 = load_any(args.float_model, args)
     models = {"FP32": fp32}
-    for spec in args.quantized:
-        models[Path(spec).name.removesuffix(".safetensors")] = load_any(spec, args,
-                                                                        args.float_model)
+    for label, spec in zip(_labels(args.quantized, taken=("FP32",)), args.quantized,
+                           strict=True):
+        models[label] = load_any(spec, args, args.float_model)
     table = compare_models(models, data.dataset(), _latency_inputs(data, args.batch_sizes),
                            iters=args.iters, rounds=3, warmup=3)
     if args.json:
@@ -470,7 +491,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _say(table.to_markdown())
     if args.report:
         qmodel = list(models.values())[1]
-        layers = [n for n, m in qmodel.named_modules() if hasattr(m, "meta")][:3]
+        layers = [n for n, m in qmodel.named_modules()
+                  if isinstance(m, QuantizedModuleBase) and n][:3]  # (a .pt2 root has .meta)
         hists = collect_histograms(fp32, qmodel, data.inputs[:args.batch_size], layers)
         _write_report(args, comparison=table, quantized_model=qmodel, histograms=hists,
                       notes=f"Data: {data.description}.")
@@ -483,10 +505,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from lowbit.report import collect_histograms
     from lowbit.sensitivity import analyze_sensitivity, auto_fallback
 
+    if args.out and args.budget is None:  # (checked before the analysis, not after it)
+        raise UsageError("--out saves the fallback model that --budget finds: pass --budget")
+    if args.budget is not None and not args.budget >= 0:
+        raise UsageError(f"--budget {args.budget} must be an accuracy drop >= 0 (points)")
     config = _config(args)
     model = load_float(args.model, args.arch, args.arch_kwargs,
                        trust_pickle=args.trust_pickle)
     data = load_data(args.data, "eval", args.samples)
+    if args.budget is not None and data.labels is None:
+        raise UsageError("--budget needs labelled DATA (accuracy); this DATA has no labels")
     calib = _calibration(args)
     eval_fn = None
     if data.labels is not None:
@@ -544,7 +572,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         inputs = {f"b{b}": torch.randn(b, *shape[1:]) for b in args.batch_sizes}
     else:
         raise UsageError("pass --data DATA or --input-shape 1,C,H,W for the benchmark inputs")
-    models = {Path(s).name: load_any(s, args, args.models[0]) for s in args.models}
+    models = {label: load_any(s, args, args.models[0])
+              for label, s in zip(_labels(args.models), args.models, strict=True)}
     samples: dict[tuple[str, str], list[float]] = {(m, k): [] for m in models for k in inputs}
     per_round = max(1, args.iters // args.rounds)
     steps = [(r, m, k) for r in range(args.rounds) for m in models for k in inputs]
@@ -716,8 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
                        const="per_channel", help="one weight scale per output channel")
         g.add_argument("--per-tensor", dest="granularity", action="store_const",
                        const="per_tensor", help="one weight scale per tensor")
-        p.add_argument("--group-size", type=_positive, default=128,
-                       help="INT4 group size (default 128)")
+        p.add_argument("--group-size", type=_positive,
+                       help="INT4 group size (default 128; not with --per-channel / "
+                            "--per-tensor)")
         p.add_argument("--calib-samples", type=_positive, default=512,
                        help="calibration samples (default 512)")
         p.add_argument("--batch-size", type=_positive, default=64)
