@@ -227,12 +227,18 @@ def op_spec(module: nn.Module) -> str:
     return _spec_of(id(module))
 
 
+def _module_with_id(key: int) -> nn.Module:
+    """The live quantized module whose ``id`` is ``key`` (trace time only: dynamo before
+    torch 2.13 cannot pass a module to a constant function, only its id)."""
+    for module in list(_LIVE):  # every quantized module (registered by __new__)
+        if id(module) == key:
+            return module
+    raise RuntimeError(f"lowbit: no live quantized module with id {key}")
+
+
 @_assume_constant_result
 def _spec_of(key: int) -> str:
-    for module in list(_LIVE):  # every quantized module (registered by __new__), trace time only
-        if id(module) == key:
-            return _spec(module)
-    raise RuntimeError(f"lowbit: no live quantized module with id {key}")
+    return _spec(_module_with_id(key))
 
 
 #: ``torch.compile`` handles: a number per quantized module a compiled graph calls (never
@@ -247,14 +253,12 @@ _NEXT_HANDLE = itertools.count(1)
 def _handle_of(key: int) -> int:
     """The handle of the live quantized module with ``id`` ``key`` (given one on first use);
     a constant of the trace, as :func:`_spec_of`."""
-    for module in list(_LIVE):
-        if id(module) == key:
-            handle = _HANDLE_OF.get(module)
-            if handle is None:
-                handle = _HANDLE_OF[module] = next(_NEXT_HANDLE)
-                _HANDLES[handle] = weakref.ref(module, lambda _, h=handle: _HANDLES.pop(h, None))
-            return handle
-    raise RuntimeError(f"lowbit: no live quantized module with id {key}")
+    module = _module_with_id(key)
+    handle = _HANDLE_OF.get(module)
+    if handle is None:
+        handle = _HANDLE_OF[module] = next(_NEXT_HANDLE)
+        _HANDLES[handle] = weakref.ref(module, lambda _, h=handle: _HANDLES.pop(h, None))
+    return handle
 
 
 def _live(handle: int) -> nn.Module:
@@ -385,12 +389,13 @@ def _quantized_layer_live(x: torch.Tensor, handle: int, spec: str) -> torch.Tens
     """One layer call of a compiled graph: the module itself, its prepared C call first (what
     its ``forward`` does after the checks a compiled graph has passed at trace time)."""
     module = _live(handle)
-    plans = module.__dict__.get("_plans")
-    if plans is not None and not routed(module):
-        y = module._planned(plans, x)
-        if y is not None:
-            return y
-    y = module._forward_smoothed(x)  # the traced graph smoothed x
+    if routed(module):  # (a use(...) block, the "torch" backend: the forward routes it)
+        y = module._forward_smoothed(x)  # the traced graph smoothed x
+    else:  # (once: a plan that declines the call leaves it to the body, as forward does)
+        plans = module.__dict__.get("_plans")
+        y = None if plans is None or type(x) is not torch.Tensor else module._planned(plans, x)
+        if y is None:
+            y = module._forward_body(x)
     return y if y.is_contiguous() else y.contiguous()
 
 
