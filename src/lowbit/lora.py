@@ -75,12 +75,10 @@ class LoRALinear(nn.Module):
                             f"{type(base).__name__}")
         if int(r) != r or r < 1:
             raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
         self.in_features: int = base.in_features  # type: ignore[assignment]
         self.out_features: int = base.out_features  # type: ignore[assignment]
-        self.r, self.alpha, self.dropout_p = int(r), float(alpha), float(dropout)
-        self.scaling = self.alpha / self.r
+        self.r = int(r)
+        self.set_scaling(alpha, dropout)
         self.fused_relu = bool(base.fused_relu)
         self.fused_gelu: str | None = base.fused_gelu
         base.fused_relu, base.fused_gelu = False, None  # act(base + update), not act(base) + ...
@@ -88,7 +86,24 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p else nn.Identity()
+
+    def set_scaling(self, alpha: float, dropout: float) -> None:
+        """Set ``alpha`` (the update is scaled by ``alpha / r``) and the adapter's input
+        dropout, in the layer's train / eval mode.
+
+        Example:
+            >>> from lowbit.config import QuantizationConfig
+            >>> q = QuantizedLinear.from_float(nn.Linear(4, 2), QuantizationConfig.int8_dynamic())
+            >>> layer = LoRALinear(q, r=2, alpha=4)
+            >>> layer.set_scaling(8, 0.1); layer.scaling, type(layer.lora_dropout).__name__
+            (4.0, 'Dropout')
+        """
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
+        self.alpha, self.dropout_p = float(alpha), float(dropout)
+        self.scaling = self.alpha / self.r
+        self.lora_dropout = (nn.Dropout(self.dropout_p) if self.dropout_p else
+                             nn.Identity()).train(self.training)
 
     @property
     def weight(self) -> torch.Tensor:

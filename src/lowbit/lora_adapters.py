@@ -219,14 +219,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *,
                 raise ValueError(f"{label}: its adapter has r={target.r}, the file "
                                  f"r={entry['lora']['r']}")
             try:  # the file's scaling and dropout, as a fresh wrapper would get them
-                fresh = LoRALinear(copy.copy(base), r=target.r, alpha=entry["lora"]["alpha"],
-                                   dropout=entry["lora"].get("dropout", 0.0))
+                target.set_scaling(entry["lora"]["alpha"], entry["lora"].get("dropout", 0.0))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{where}: cannot rebuild the adapter from "
                                  f"{entry['lora']!r:.200}: {e}") from e
-            target.alpha, target.scaling = fresh.alpha, fresh.scaling
-            target.dropout_p, target.lora_dropout = fresh.dropout_p, fresh.lora_dropout
-            target.lora_dropout.train(target.training)
             layer = target
         else:
             try:
