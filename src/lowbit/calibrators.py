@@ -882,8 +882,8 @@ class EntropyCalibrator(HistogramCalibrator):
         # the search took a window holding none or one value of the data, and clipped the
         # rest (-5..5 -> (-1, 1)). Such windows are no candidates; with none left, the whole
         # observed range.
-        nonempty = (h > 0).cumsum(0)
-        filled = nonempty[e - 1] - torch.where(s > 0, nonempty[(s - 1).clamp(min=0)], 0)
+        nonempty = torch.cat([h.new_zeros(1), (h > 0).to(h.dtype).cumsum(0)])  # before i
+        filled = nonempty[e] - nonempty[s]  # non-empty fine bins in [s, e)
         if not bool((filled >= 2).any()):
             t = max(-float(self.min_val), float(self.max_val))
             return (self._clamped(-t, t) if self.spec.symmetric else

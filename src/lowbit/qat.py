@@ -640,7 +640,8 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         out = carry_hooks(model, model.to_quantized(backend))
         out.lowbit_report = getattr(qat_model, "lowbit_report", None)
         return out.eval()
-    unseen = _unobserved_layers(model, getattr(qat_model, "lowbit_qat_relus", {}))
+    relus = getattr(qat_model, "lowbit_qat_relus", {})  # (fused into layers, by layer)
+    unseen = _unobserved_layers(model, relus)
     converted: dict[int, nn.Module] = {}  # a shared QAT layer converts once, stays shared
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, QATLayer):
@@ -654,7 +655,7 @@ def convert_qat(qat_model: nn.Module, *, backend: str = "auto") -> nn.Module:
                          f"{leftovers}; remove them or prepare the model with QATPreparer")
     _fuse_maxpools(model, getattr(qat_model, "lowbit_qat_pools", {}))
     if unseen:
-        _keep_unobserved_float(model, unseen, getattr(qat_model, "lowbit_qat_relus", {}))
+        _keep_unobserved_float(model, unseen, relus)
     disable_fused_fast_paths(model)
     sharing.unshare(model.modules())  # float layers: their own weights, not the QAT model's
     trim_heap()

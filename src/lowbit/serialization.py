@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lowbit._qmodule import check_conv_geometry
-from lowbit.config import QuantSpec
+from lowbit.config import QuantSpec, enclosing_names
 from lowbit.dropin import guard_save_pretrained
 from lowbit.lora import LORA_BASES, LoRALinear, mark_only_lora_trainable
 from lowbit.modules import (
@@ -911,7 +911,7 @@ def _build_replacements(manifest: dict[str, Any], skeleton: nn.Module, where: Pa
             built[name] = built[entry["of"]]
         else:
             raise LoadError(f"{where}: unknown module entry for {name!r}: {entry!r}")
-        owner = next((a for a in _ancestors(name) if a in built), None)
+        owner = next((a for a in enclosing_names(name)[1:] if a in built), None)
         if owner is not None:  # inside another replacement (attention projections): goes in it
             built[owner].set_submodule(name[len(owner) + 1:], built[name])
     return built
@@ -922,12 +922,6 @@ def _absorbed_kind(module: nn.Module) -> bool:
     or max-pool fused into the layer before it, a BatchNorm folded into it (or an Identity)."""
     absorbed = nn.Identity | nn.ReLU | nn.MaxPool2d | nn.modules.batchnorm._BatchNorm
     return isinstance(module, absorbed) or gelu_approximate(module) is not None
-
-
-def _ancestors(name: str) -> list[str]:
-    """``"a.b.c"`` -> ``["a.b", "a"]`` (nearest first)."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _expected_state(skeleton: nn.Module, built: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
