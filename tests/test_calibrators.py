@@ -1032,3 +1032,10 @@ def test_moving_average_reports_the_extremes_it_saw() -> None:
     fresh.load_state_dict(cal.state_dict())
     lo, hi = cb.observed_range(fresh)  # (unknown after loading: the tracked range)
     assert torch.equal(lo, cal.min_val) and torch.equal(hi, cal.max_val)
+
+
+def test_observed_range_refuses_what_is_not_a_fed_calibrator() -> None:
+    with pytest.raises(TypeError, match="expected a Calibrator"):
+        cb.observed_range("minmax")
+    with pytest.raises(ValueError):  # (nothing observed: compute_range's own message)
+        cb.observed_range(MinMaxCalibrator(tensor_name="fc1 input"))

@@ -316,3 +316,13 @@ def test_fused_gelu_moves_after_the_update(tmp_path) -> None:
     assert back[0].fused_gelu == "none" and torch.equal(back(x), y)
     with pytest.raises(ValueError, match="fused_gelu='erf' must be None, 'none' or 'tanh'"):
         LoRALinear.from_config(back[0], {**layer.lora_config(), "fused_gelu": "erf"})
+
+
+def test_set_scaling_names_a_bad_alpha_or_dropout() -> None:
+    layer = add_lora(quantize_dynamic(nn.Sequential(nn.Linear(8, 4))), r=2)[0]
+    with pytest.raises(ValueError, match=r"alpha='a' must be a number"):
+        layer.set_scaling("a", 0.1)
+    with pytest.raises(ValueError, match=r"dropout=1.5 must be in \[0, 1\)"):
+        layer.set_scaling(8, 1.5)
+    layer.set_scaling(8, 0.25)
+    assert (layer.alpha, layer.scaling, layer.dropout_p) == (8.0, 4.0, 0.25)

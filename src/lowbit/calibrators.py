@@ -573,6 +573,11 @@ def observed_range(cal: Calibrator) -> tuple[torch.Tensor, torch.Tensor]:
         >>> cal.max_val.item(), observed_range(cal)[1].item()
         (3.0, 4.0)
     """
+    if not isinstance(cal, Calibrator):
+        raise TypeError(f"observed_range: expected a Calibrator (e.g. create_calibrator("
+                        f"'minmax')), got {type(cal).__name__}")
+    if cal.num_batches == 0:
+        return cal.compute_range()  # (raises: nothing observed yet, naming the tensor)
     lo, hi = getattr(cal, "seen_min", None), getattr(cal, "seen_max", None)
     if (lo is not None and hi is not None and lo.numel() > 0 and bool(torch.isfinite(lo).all())
             and bool(torch.isfinite(hi).all()) and lo.shape == cal.min_val.shape):

@@ -98,9 +98,14 @@ class LoRALinear(nn.Module):
             >>> layer.set_scaling(8, 0.1); layer.scaling, type(layer.lora_dropout).__name__
             (4.0, 'Dropout')
         """
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f"LoRALinear: alpha={alpha!r} must be a number (the update is "
+                             "scaled by alpha / r; lowbit's default is 16)") from None
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
-        self.alpha, self.dropout_p = float(alpha), float(dropout)
+        self.alpha, self.dropout_p = alpha, float(dropout)
         self.scaling = self.alpha / self.r
         self.lora_dropout = (nn.Dropout(self.dropout_p) if self.dropout_p else
                              nn.Identity()).train(self.training)
