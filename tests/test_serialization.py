@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -610,6 +611,10 @@ def test_load_refuses_an_identity_where_the_float_model_has_another_module(
 
     with pytest.warns(UserWarning, match="saved from a Sequential, and is loaded into a"):
         load(path, model=Other(*mlp(nn.ReLU())))
+    root = save(quantize_dynamic(nn.Linear(16, 8)), tmp_path / "root.safetensors")
+    with warnings.catch_warnings():  # a quantized root is saved as its quantized class
+        warnings.simplefilter("error")
+        load(root, model=nn.Linear(16, 8))
 
 
 def test_save_refuses_the_runtime_module_of_a_compiled_backend(tmp_path: Path) -> None:

@@ -822,7 +822,8 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None, trust_factory: 
             raise TypeError(f"lowbit.load(model=...) must be an nn.Module (the float model), got "
                             f"{type(model).__name__}")
         saved = str(arch.get("class", "")).rpartition(":")[2]
-        if saved and saved != type(model).__qualname__:
+        root_replaced = "" in manifest.get("modules", {})  # (saved: the quantized root's class)
+        if saved and not root_replaced and saved != type(model).__qualname__:
             warnings.warn(f"lowbit.load: {where} was saved from a {saved}, and is loaded into a "
                           f"{type(model).__qualname__}: their layers match by name, but their "
                           "forward may differ; pass the class that was quantized",
