@@ -983,6 +983,35 @@ def test_static_bias_changed_in_place_is_used() -> None:
     assert torch.allclose(q(x), y + 1.0, atol=float(scale * q.weight_scale.max()))
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int4", "int8wo", "conv_static",
+                                  "conv_int4"])
+def test_qparams_changed_in_place_are_used(kind: str) -> None:
+    """Scales, zero-points and input qparams changed in place (``layer.input_scale.mul_(2)``,
+    or through the tensors ``state_dict()`` returns) reach the kernel caches and prepared calls
+    at the next call, as assigning new tensors or ``load_state_dict`` does (the caches had
+    kept the old zero-points and the int32 bias of the old scale)."""
+    torch.manual_seed(5)
+    conv = kind.startswith("conv")
+    layer, x = ((nn.Conv2d(4, 8, 3), torch.randn(2, 4, 7, 7)) if conv
+                else (_linear(40, 24), torch.randn(5, 40)))
+    cfg = {"dynamic": DYN, "static": STATIC, "int4": QuantizationConfig.int4_weight_only(8),
+           "int8wo": INT8_WO}[kind.removeprefix("conv_")]
+    kw = ({"input_qparams": _static_qparams(x)} if "static" in kind else {})
+    names = [n for n in ("weight_scale", "weight_zero_point", "input_scale", "input_zero_point")
+             if n in convert_module(layer, cfg, **kw)._buffers]
+    for name in names:
+        q = convert_module(layer, cfg, **kw)
+        q(x)
+        q(x)  # (a prepared call now, where the layer has one)
+        t = q.state_dict()[name]
+        with torch.no_grad():
+            t.copy_(t * 2 if t.is_floating_point() else t + 1)
+        fresh = convert_module(layer, cfg, **kw)
+        fresh.load_state_dict(q.state_dict())
+        assert torch.equal(q(x), fresh(x)), name
+        assert not torch.equal(q(x), convert_module(layer, cfg, **kw)(x)), name
+
+
 def test_input_smoothing_product_from_the_pool_is_x_times_factor() -> None:
     """Large smoothed inputs are written into the output pool: the same values, and inputs that
     autograd tracks keep their graph."""

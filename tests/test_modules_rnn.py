@@ -380,3 +380,22 @@ def test_an_empty_batch_gives_the_float_modules_empty_outputs(backend: str,
         hidden = (got[1],) if kind == "GRU" else got[1]
         for g, w in zip(hidden, (want[1],) if kind == "GRU" else want[1], strict=True):
             assert g.shape == w.shape
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_buffers_changed_in_place_are_used(kind: str) -> None:
+    """A zero-point (or scale, weight, bias) changed in place reaches the next call: the layer
+    had kept the decision that its zero-points are all 0, so the change was ignored."""
+    torch.manual_seed(6)
+    f = getattr(nn, kind)(8, 16)
+    x = torch.randn(5, 2, 8)
+    for name in ("weight_hh_l0_zero_point", "weight_ih_l0_scale", "bias_hh_l0"):
+        q = convert_module(f, QuantizationConfig.int8_dynamic())
+        before = q(x)[0]
+        t = q.state_dict()[name]
+        with torch.no_grad():
+            t.copy_(t * 2 if t.is_floating_point() else t + 1)
+        fresh = convert_module(f, QuantizationConfig.int8_dynamic())
+        fresh.load_state_dict(q.state_dict())
+        assert torch.equal(q(x)[0], fresh(x)[0]), name
+        assert not torch.equal(q(x)[0], before), name

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import operator
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -65,14 +66,37 @@ def record_weight_reads() -> Iterator[set[int]]:
 
 
 def _weight_key(w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, int, int]:
-    """What identifies a weight's values for the derived kernel caches and prepared calls: its
-    version counter (moved by in-place changes) and storage, and the bias's version (static
-    layers derive their int32 bias from it). Inference tensors (made under
-    ``torch.inference_mode``) have no version counter: their storage alone, as for the packed
-    weights (:func:`lowbit.kernels.s8_packed`); such a weight changed in place inside
-    inference mode needs ``layer._refresh_cache()``."""
+    """What identifies one tensor's values (the input smoothing a prepared call applies): its
+    version counter (moved by in-place changes) and storage; inference tensors (made under
+    ``torch.inference_mode``) have no version counter: their storage alone."""
     return (-1 if w.is_inference() else w._version, w.data_ptr(),
             -1 if bias is None or bias.is_inference() else bias._version)
+
+
+def _state_key(module: nn.Module, codes: str = "weight") -> tuple[int, ...]:
+    """What identifies a quantized layer's values for its derived kernel caches and prepared
+    calls: the storage of its codes and the version counter (moved by in-place changes) of every
+    persistent buffer, the codes, scales, zero-points, bias and input qparams (static layers
+    derive their int32 bias and zero-point corrections from them), so that
+    ``layer.input_scale.mul_(2)`` is honoured as assigning a new tensor is. Inference tensors
+    (made under ``torch.inference_mode``) have no version counter: such a buffer changed in
+    place inside inference mode needs ``layer._refresh_cache()``."""
+    buffers = module._buffers
+    names = module.__dict__.get("_state_names")
+    if names is None:  # (cached: dropped when a buffer is assigned or registered)
+        skip = module._non_persistent_buffers_set
+        names = (*(n for n in buffers if n not in skip), codes)  # (2+ names: a tuple)
+        module.__dict__["_state_names"] = names = (names, operator.itemgetter(*names))
+    try:  # the common case, ~1 us: every buffer present and versioned
+        return (buffers[codes].data_ptr(), *map(_VERSION, names[1](buffers)))
+    except (AttributeError, RuntimeError, KeyError):  # None, inference tensors, removed ones
+        ts = [buffers.get(n) for n in names[0]]
+        w = buffers.get(codes)
+        return (-1 if w is None else w.data_ptr(),
+                *[-1 if t is None or t.is_inference() else t._version for t in ts])
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def jsonable(value: Any) -> Any:
@@ -441,8 +465,8 @@ class QuantizedModuleBase(nn.Module):
     (:mod:`lowbit.kernels.plans`): float32 (INT8 layers: also bfloat16) contiguous CPU inputs
     that do not require grad, the same bits as the body with one C call. Plans live in
     ``_plans`` ((shape, threads, ISA path, library, ``_plan_tag``) -> (plan or False, the
-    weight's version and pointer)), emptied by ``_refresh_cache`` and whenever a fusion, the
-    backend or ``use_plans`` is set.
+    buffers' versions and the codes' pointer: ``_state_key``)), emptied by ``_refresh_cache``
+    and whenever a fusion, the backend or ``use_plans`` is set.
     """
 
     #: Attributes whose change makes the prepared calls stale.
@@ -586,6 +610,12 @@ class QuantizedModuleBase(nn.Module):
         return DequantizedWeight(self._float_weight, shape, dtype, codes.device, self._label(),
                                  codes)
 
+    def register_buffer(self, name: str, tensor: torch.Tensor | None,
+                        persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self.__dict__.pop("_state_names", None)  # (see _state_key)
+        self.__dict__.pop("_weight_key", None)
+
     def __setattr__(self, name: str, value: Any) -> None:
         codes = self.__dict__.get("_buffers", {}).get("weight") if name == "weight" else None
         if name == "weight" and (isinstance(value, nn.Parameter) or (
@@ -611,6 +641,7 @@ class QuantizedModuleBase(nn.Module):
         super().__setattr__(name, value)
         if state:  # the kernel caches and prepared calls derive from it: rebuilt at the next call
             self.__dict__.pop("_weight_key", None)
+            self.__dict__.pop("_state_names", None)
             if "_plans_enabled" in self.__dict__:
                 self._reset_plans(self.__dict__["_plans_enabled"])
         if name in self._PLAN_ATTRS and "_plans_enabled" in self.__dict__:
@@ -637,7 +668,6 @@ class QuantizedModuleBase(nn.Module):
                  smooth: torch.Tensor | None = None) -> torch.Tensor | None:
         """This call on the layer's prepared C call for ``x.shape``, or None (the body runs).
         ``smooth``: the input smoothing, for a plan that applies it (float32 ``x`` only)."""
-        w = self._buffers["weight"]  # (a replaced one fails the weight key: the body restores)
         if x.requires_grad or not x.is_cpu or not x.is_contiguous():
             return None
         if x.dtype != torch.float32:  # bfloat16 models: the body computes in float32 too
@@ -648,7 +678,7 @@ class QuantizedModuleBase(nn.Module):
         key = (x.shape, torch.get_num_threads(), selected_isa(), load_native(), self._plan_tag,
                None if smooth is None else _weight_key(smooth))
         entry = plans.get(key)
-        weight_key = _weight_key(w, self._buffers.get("bias"))
+        weight_key = _state_key(self)
         if entry is None:
             # per shape, thread count and kernel library; built only from fresh kernel caches
             # (the body's _input refreshes them after an in-place change of the weight); at
@@ -853,9 +883,10 @@ class QuantizedModuleBase(nn.Module):
         could not be differentiated). An input that requires grad (under grad mode) never
         gets here: ``forward`` hands it to ``lowbit.qgrad.frozen_forward``, which runs this
         same path inside an autograd Function whose backward uses the dequantized weight. A
-        weight changed in place since the last call (its version counter moved), or a first
-        call, rebuilds the kernel caches first: once, under a lock, with the key published
-        last, so calls from several threads never run on half-rebuilt caches.
+        buffer (codes, scales, zero-points, bias, input qparams) changed in place since the last
+        call (its version counter moved), or a first call, rebuilds the kernel caches first:
+        once, under a lock, with the key published last, so calls from several threads never
+        run on half-rebuilt caches.
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self._label()}: expected a torch.Tensor input, got "
@@ -869,16 +900,22 @@ class QuantizedModuleBase(nn.Module):
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
         if w is not None and not w.is_meta:  # (meta: no values to derive caches from)
-            key = _weight_key(w, self._buffers.get("bias"))
-            if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
-                with _REFRESH_LOCK:  # the kernel caches derive from it; one thread rebuilds
-                    if key != self.__dict__.get("_weight_key"):  # (the others wait for it)
-                        if w.is_floating_point():  # replaced by what layer.weight presents
-                            w = self._restore_codes(w)
-                            key = _weight_key(w, self._buffers.get("bias"))
-                        self._refresh_cache()
-                        self.__dict__["_weight_key"] = key
+            self._fresh_caches()
         return x.detach()
+
+    def _fresh_caches(self, codes: str = "weight") -> None:
+        """Rebuild the kernel caches if a buffer changed in place since they were built (or on
+        a first call): once, under a lock, with the key published last."""
+        key = _state_key(self, codes)
+        if key != self.__dict__.get("_weight_key"):  # changed in place (or first call):
+            with _REFRESH_LOCK:  # the kernel caches derive from it; one thread rebuilds
+                if key != self.__dict__.get("_weight_key"):  # (the others wait for it)
+                    w = self._buffers[codes]
+                    if codes == "weight" and w.is_floating_point():  # replaced by what
+                        self._restore_codes(w)  # layer.weight presents
+                        key = _state_key(self, codes)
+                    self._refresh_cache()
+                    self.__dict__["_weight_key"] = key
 
     def _finite_rows(self, x: torch.Tensor, scheme: str
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -441,6 +441,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
         self._check_input(x)
+        self._fresh_caches("weight_ih_l0")  # (a buffer changed in place: rebuilt)
         dtype = x.dtype
         if packed:
             steps = input.batch_sizes.tolist()  # type: ignore[union-attr]
