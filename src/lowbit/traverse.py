@@ -270,10 +270,17 @@ def fusable_maxpool(module: nn.Module | None) -> int:
     return int(k[0]) if ok else 0
 
 
+def _plain_sequential(module: nn.Module) -> bool:
+    """``module`` is an ``nn.Sequential`` that runs its children one after another (a subclass
+    with a forward of its own may skip, reorder or reuse them: a residual around a ReLU)."""
+    return (isinstance(module, nn.Sequential) and "forward" not in vars(module)
+            and type(module).forward is nn.Sequential.forward)
+
+
 def _order_fusions(model: nn.Module, note: str) -> Fusions:
     fusions = Fusions(method="module_order", note=note)
     for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
+        if not _plain_sequential(parent):  # (other containers: _add_submodule_fusions)
             continue
         children = list(parent.named_children())
         prefix = f"{parent_name}." if parent_name else ""
@@ -374,7 +381,7 @@ def _add_submodule_fusions(model: nn.Module, fusions: Fusions) -> None:
     into it are registered once in the whole model, so no other forward can call them."""
     taken = {n for t in fusions.tables() for n in t}
     for parent_name, parent in model.named_modules():
-        if (parent is model or isinstance(parent, nn.Sequential)
+        if (parent is model or _plain_sequential(parent)
                 or not any(isinstance(c, WEIGHTED_LAYERS) or is_hf_conv1d(c)
                            for c in parent.children())
                 or not _straight_line(parent)):
