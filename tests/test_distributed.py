@@ -180,9 +180,52 @@ def _fsdp_worker(rank: int, out: Path) -> None:
     save_file(result, str(out / f"fsdp_rank{rank}.safetensors"))
 
 
+def _mismatch_worker(rank: int, out: Path) -> None:
+    """Ranks that differ (a config that leaves rank 1 no static layer, another percentile, an
+    empty GPTQ / SmoothQuant shard, a NaN batch in QAT with a histogram observer) must all
+    raise at once; each case had left the healthy rank waiting for the group's timeout."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    shard = _batches()[rank::WORLD][:2]
+    percentile = lowbit.QuantizationConfig.int8_static(
+        calibrator="percentile", calibrator_kwargs={"percentile": 99.0 if rank else 99.9})
+    gptq = lowbit.QuantizationConfig.int4_weight_only(32, method="gptq")
+    cases = {
+        "no_static": lambda: lowbit.quantize_static(_model(), shard, lowbit.QuantizationConfig
+                                                    .int8_static(skip_layers=("*",) if rank
+                                                                 else ()), progress=False),
+        "options": lambda: lowbit.quantize_static(_model(), shard, percentile, progress=False),
+        "gptq_empty": lambda: lowbit.PTQQuantizer(gptq, progress=False).quantize(
+            _model(), [] if rank else shard),
+        "smooth_empty": lambda: lowbit.quantize_dynamic(
+            _model(), smooth_quant=0.5, calibration_data=[] if rank else shard, progress=False),
+    }
+
+    def qat_nan() -> None:
+        cfg = lowbit.QATConfig(quantization=lowbit.QuantizationConfig.int8_static(
+            calibrator="percentile"))
+        ddp = DDP(lowbit.QATPreparer(cfg).prepare_for_qat(_model()).train())
+        for step, (x, y) in enumerate(_qat_batches(rank)[:2]):
+            if rank and step:
+                x = x.clone().fill_(float("nan"))
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+
+    cases["qat_nan"] = qat_nan
+    for how, case in cases.items():
+        start = time.perf_counter()
+        try:
+            case()
+            result = {"type": None}
+        except Exception as exc:  # reported to the test through a file
+            result = {"type": type(exc).__name__, "message": str(exc)}
+        result["seconds"] = time.perf_counter() - start
+        (out / f"{how}_rank{rank}.json").write_text(json.dumps(result))
+
+
 def _fail_worker(rank: int, out: Path) -> None:
     """Rank 1 raises mid-calibration (a NaN batch), then hangs in it (on a subgroup with a
     4-second timeout, passed as process_group=), then dies in it (os._exit)."""
+    _mismatch_worker(rank, out)
     hang_group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=4))
     for how in ("raise", "hang", "exit"):
         shard = _batches()[rank::WORLD]
@@ -405,6 +448,16 @@ def test_a_failing_rank_makes_the_other_fail_clearly(tmp_path: Path) -> None:
     died = json.loads((tmp_path / "exit_rank0.json").read_text())
     assert died["type"] == "DistributedSyncError", died
     assert "did not answer" in died["message"], died
+    # ranks that differ stop at once (the group's timeout is 20 s), each with a clear error
+    for how, want in (("no_static", "hold different calibrators"),
+                      ("options", "hold different calibrators"),
+                      ("gptq_empty", "calibration_data is empty"),
+                      ("smooth_empty", "calibration_data is empty"),
+                      ("qat_nan", "NaN")):
+        for rank in range(WORLD):
+            got = json.loads((tmp_path / f"{how}_rank{rank}.json").read_text())
+            assert got["type"] is not None and want in got["message"], (how, rank, got)
+            assert got["seconds"] < 15, (how, rank, got)
 
 
 def test_example_runs_on_two_processes(tmp_path: Path) -> None:

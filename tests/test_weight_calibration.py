@@ -271,3 +271,18 @@ def test_layers_called_with_the_input_keyword_quantize_and_smooth() -> None:
     smooth_quant(smoothed, {"fc1": 0.5}, data, progress=False)  # float function unchanged
     with torch.no_grad():
         torch.testing.assert_close(smoothed(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [QuantizationConfig.int4_weight_only(16, method="gptq"),
+                                 QuantizationConfig.int4_weight_only(16, method="awq"),
+                                 QuantizationConfig.int8_dynamic(smooth_quant=0.5)],
+                         ids=["gptq", "awq", "smoothquant"])
+def test_nan_calibration_inputs_are_refused_naming_the_layer(cfg: QuantizationConfig) -> None:
+    """A NaN in a calibration batch: GPTQ failed in a bare ``linalg.cholesky`` error, AWQ and
+    SmoothQuant went on with NaN statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    batches[1][0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"0: its inputs in the calibration batches hold NaN"):
+        PTQQuantizer(cfg, progress=False).quantize(model, batches)

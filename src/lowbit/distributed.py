@@ -162,17 +162,28 @@ def _agree(error: BaseException | None, group: Any, what: str, count: int = 0,
 
 
 # ---------------------------------------------------------------------- calibration
+def _options(cal: Calibrator) -> str:
+    """A calibrator's plain settings (``percentile``, ``bins``, ``averaging_constant``, a custom
+    calibrator's own numbers and strings): ranks that differ there would merge into qparams
+    that no single process computes."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return repr(sorted((k, v) for k, v in vars(cal).items()
+                       if not k.startswith("_") and k != "training" and isinstance(v, plain)))
+
+
 def _fingerprint(names: list[str], states: list[dict[str, torch.Tensor]],
                  cals: list[Calibrator]) -> int:
-    text = "|".join(f"{n}:{type(c).__qualname__}:{c.spec}:{getattr(c, 'bins', '')}:"
+    text = "|".join(f"{n}:{type(c).__qualname__}:{c.spec}:{_options(c)}:"
                     + ",".join(f"{k}/{v.dtype}/{v.dim()}" for k, v in s.items())
                     for n, s, c in zip(names, states, cals, strict=True))
     return zlib.crc32(text.encode())
 
 
-def _gather_states(names: list[str], cals: list[Calibrator], group: Any
-                   ) -> list[list[dict[str, torch.Tensor]]]:
-    """``[rank][calibrator] -> state dict`` of every rank, exchanged as raw bytes (exact)."""
+def _gather_states(names: list[str], cals: list[Calibrator], group: Any,
+                   error: BaseException | None = None) -> list[list[dict[str, torch.Tensor]]]:
+    """``[rank][calibrator] -> state dict`` of every rank, exchanged as raw bytes (exact).
+    ``error``: this rank could not fill its calibrators (its batch held NaN): every rank stops,
+    that one with ``error``, the others naming it."""
     what = "calibration sync"
     states = [{k: v.detach() for k, v in c.state_dict().items()} for c in cals]
     entries = [(i, k, v) for i, s in enumerate(states) for k, v in s.items()]
@@ -182,12 +193,20 @@ def _gather_states(names: list[str], cals: list[Calibrator], group: Any
     payload = [v.contiguous().cpu().reshape(-1).view(torch.uint8) for _, _, v in entries]
     nbytes = sum(p.numel() for p in payload)
     dev = _device(group)
-    head = torch.tensor([_fingerprint(names, states, cals), len(entries), nbytes], device=dev)
+    head = torch.tensor([_fingerprint(names, states, cals), len(entries), nbytes,
+                         error is not None], device=dev)
     heads = [h.cpu() for h in _all_gather(head, group, what)]
+    failed = [r for r, h in enumerate(heads) if int(h[3])]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"{', '.join(names)}: rank {failed[0]} could not observe its batch "
+                         f"(see its error, e.g. NaN/Inf values); every rank stops at this step")
     if len({int(h[0]) for h in heads}) > 1:
         raise ValueError(f"sync_calibrators ({_where(group)}): the ranks hold different "
-                         "calibrators (layer names, classes, specs or bins differ); every rank "
-                         "must quantize the same model with the same config")
+                         "calibrators (layer names, classes, specs or options such as bins or "
+                         "percentile differ, or a rank has none); every rank must quantize the "
+                         "same model with the same config")
     shapes = torch.zeros(len(entries), _MAX_DIMS + 1, dtype=torch.int64)
     for j, (_, _, v) in enumerate(entries):
         shapes[j, 0] = v.dim()
@@ -215,7 +234,7 @@ def _gather_states(names: list[str], cals: list[Calibrator], group: Any
 def sync_calibrators(calibrators: Mapping[str, Calibrator], process_group: Any = None) -> None:
     """Merge the calibrators of every rank into each rank's calibrators, in place.
 
-    Every rank must call this with calibrators of the same names, classes, specs and bins (the
+    Every rank must call this with calibrators of the same names, classes, specs and options (the
     same model and config). Each calibrator's state dict is gathered from every rank, bit for
     bit, and merged in rank order with :meth:`Calibrator.merge`, so all ranks end with the same
     state, equal to a single process calibrating on the union of the shards (exactly for
@@ -238,11 +257,17 @@ def sync_calibrators(calibrators: Mapping[str, Calibrator], process_group: Any =
         [-1.0, 2.0]
     """
     group = active_group(process_group)
-    if group is None or not calibrators:
+    if group is None:
         return
-    names = sorted(calibrators)
-    cals = [calibrators[n] for n in names]
-    gathered = _gather_states(names, cals, group)
+    _merge_over(calibrators, group)
+
+
+def _merge_over(calibrators: Mapping[str, Calibrator], group: Any,
+                error: BaseException | None = None) -> None:
+    """:func:`sync_calibrators` over ``group``; ``error``: see :func:`_gather_states`."""
+    names = sorted(calibrators)  # (none on this rank: it still takes part, so that the
+    cals = [calibrators[n] for n in names]  # others learn it holds different calibrators)
+    gathered = _gather_states(names, cals, group, error)
     for i, cal in enumerate(cals):
         merged = create_calibrator(cal)
         for rank_states in gathered:
@@ -379,8 +404,12 @@ def observe_merged(obs: Calibrator, x: torch.Tensor, reset: bool, group: Any) ->
     """Generic observers with ``sync_every=1``: observe ``x`` in a fresh calibrator, merge the
     ranks' fresh calibrators (the global batch), then fold that into ``obs``."""
     delta = create_calibrator(obs)
-    delta.update(x)
-    sync_calibrators({obs.tensor_name: delta}, group)
+    try:
+        delta.update(x)
+        error = None
+    except (ValueError, RuntimeError) as exc:  # (NaN / Inf): the other ranks must not wait
+        error = exc
+    _merge_over({obs.tensor_name: delta}, group, error)
     if reset:
         obs.reset()
     obs.merge(delta)

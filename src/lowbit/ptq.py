@@ -298,6 +298,9 @@ class PTQQuantizer(Quantizer):
                                         progress=self.progress,
                                         max_batches=self.max_calibration_batches),
                 self.calibrators, self.process_group, sync=self.sync)
+        elif _asks_static(cfg):  # a rank left with no static layer still joins the sync, so
+            calibrate_synced(lambda: 0, {}, self.process_group,  # that the others raise
+                             sync=self.sync)  # "different calibrators" instead of waiting
         input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, cal in self.calibrators.items():
             qparams, reason = _static_qparams(name, cal, todo[name])
@@ -443,6 +446,13 @@ def _fuse_gelus(qmodel: nn.Module, todo: dict[str, LayerPlan]) -> None:
             continue
         layer.fused_gelu = gelu_approximate(qmodel.get_submodule(plan.fused_gelu))
         qmodel.set_submodule(plan.fused_gelu, nn.Identity())
+
+
+def _asks_static(cfg: QuantizationConfig) -> bool:
+    """Whether ``cfg`` (or one of its layer overrides) calibrates static activations: every
+    rank of a distributed run then takes part in the calibration sync."""
+    return cfg.mode == "static" or any(c is not None and c.mode == "static"
+                                       for c in cfg.layer_overrides.values())
 
 
 def _static_qparams(name: str, cal: Calibrator, plan: LayerPlan

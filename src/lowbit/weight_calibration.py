@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ from lowbit.signround import block_of, signround_block
 
 __all__ = ["WEIGHT_METHODS", "CalibratedWeight", "awq_search", "calibrate_weights",
            "gptq_quantize", "set_input_smoothing", "smooth_quant"]
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -277,6 +279,24 @@ def _sync_group(process_group: Any, sync: bool) -> Any | None:
     return active_group(process_group)
 
 
+def _collect(group: Any, what: str, collect: Callable[[], _T]) -> _T:
+    """``collect()`` (this rank's statistics), then, in a distributed run, every rank reports
+    whether it succeeded before any statistics are exchanged: a rank whose ``collect`` raised
+    (an empty shard, NaN inputs) re-raises, the others raise ``DistributedSyncError`` quoting
+    it instead of waiting for its sums."""
+    if group is None:
+        return collect()
+    from lowbit.distributed import _agree
+
+    try:
+        out = collect()
+    except BaseException as exc:
+        _agree(exc, group, what)
+        raise
+    _agree(None, group, what)
+    return out
+
+
 def _sync_stats(stats: Mapping[str, _Stats], group: Any, what: str, full: bool = True) -> None:
     """Every rank's statistics become those of all ranks' batches: sums (``X^T X``, ``|x|``,
     rows) added, maxima taken, so every rank calibrates the same weights. ``full``: the sums
@@ -437,7 +457,19 @@ def _group_stats(model: nn.Module, group: list[str], multi: bool, data: Iterable
             yield batch
 
     _run(model, batches(), {n: hook(n) for n in group}, max_batches)
+    _check_finite(stats, "weight calibration (GPTQ / AWQ)")
     return stats
+
+
+def _check_finite(stats: Mapping[str, _Stats], what: str) -> None:
+    """Refuse statistics of inputs that held NaN / Inf, naming the layer (GPTQ failed in a
+    bare Cholesky error, SmoothQuant's factors became NaN)."""
+    for name, st in stats.items():
+        if not bool(torch.isfinite(st.h).all() & torch.isfinite(st.abs_max).all()):
+            raise ValueError(f"{name}: its inputs in the calibration batches hold NaN/Inf "
+                             f"values, which {what} cannot use; fix the calibration batches, "
+                             f"or keep the layer in float with layer_overrides={{{name!r}: "
+                             "None}")
 
 
 def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpec,
@@ -485,10 +517,15 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
                              f"this is a {type(model.get_submodule(name)).__name__}. Use "
                              f"layer_overrides={{{name!r}: QuantizationConfig.int4_weight_only()}}"
                              " (method='rtn') for it")
-    first = next(iter(data), None)
-    if first is None:
-        raise ValueError(_EMPTY)
-    groups, multi = _call_order(model, list(layers), first)
+    group_ = _sync_group(process_group, sync)
+
+    def call_order() -> tuple[list[list[str]], set[str]]:
+        first = next(iter(data), None)
+        if first is None:
+            raise ValueError(_EMPTY)
+        return _call_order(model, list(layers), first)
+
+    groups, multi = _collect(group_, "weight calibration", call_order)
     reached = {n for g in groups for n in g}
     for name in layers:
         if name not in reached:
@@ -496,7 +533,6 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
                           "round-to-nearest. Calibrate with batches that run it",
                           RuntimeWarning, stacklevel=3)
     results: dict[str, CalibratedWeight] = {}
-    group_ = _sync_group(process_group, sync)
     rounded = [n for g in groups for n in g if layers[n][0] == "signround"]
     bar = tqdm(total=len(reached), desc="weight calibration", unit="layer",
                disable=not progress, leave=False)
@@ -505,8 +541,8 @@ def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpe
             group = [n for n in group if n not in rounded]
             if not group:
                 continue
-            stats = _group_stats(model, group, bool(multi.intersection(group)), data,
-                                 max_batches)
+            stats = _collect(group_, "weight calibration", lambda group=group: _group_stats(
+                model, group, bool(multi.intersection(group)), data, max_batches))
             _sync_stats(stats, group_, "weight calibration")
             for name in group:
                 bar.set_postfix_str(name)
@@ -642,9 +678,14 @@ def smooth_quant(model: nn.Module, alphas: Mapping[str, float], calibration_data
             stats[name].rows += 1
         return fn
 
-    _run(model, tqdm(data, desc="smooth_quant", unit="batch", disable=not progress,
-                     leave=False), {n: hook(n) for n in alphas}, max_batches)
-    _sync_stats(stats, _sync_group(process_group, sync), "SmoothQuant", full=False)
+    def collect() -> None:
+        _run(model, tqdm(data, desc="smooth_quant", unit="batch", disable=not progress,
+                         leave=False), {n: hook(n) for n in alphas}, max_batches)
+        _check_finite(stats, "SmoothQuant")
+
+    group = _sync_group(process_group, sync)
+    _collect(group, "SmoothQuant", collect)
+    _sync_stats(stats, group, "SmoothQuant", full=False)
     out: dict[str, tuple[torch.Tensor, Any]] = {}
     for name, alpha in alphas.items():
         layer = model.get_submodule(name)
