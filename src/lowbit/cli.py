@@ -815,7 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = subs.add_parser("bench", parents=parent, help="latency of models side by side")
     p.add_argument("models", metavar="MODEL", nargs="+", help="the first one is the baseline")
     p.add_argument("--data", metavar="DATA", help="inputs taken from DATA")
-    p.add_argument("--input-shape", type=_ints, metavar="B,C,H,W", help="random inputs")
+    p.add_argument("--input-shape", type=_ints, metavar="1,C,H,W",
+                   help="random inputs of this shape; its first (batch) size is replaced by "
+                        "each of --batch-sizes")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 64], metavar="1,64")
     p.add_argument("--iters", type=_positive, default=30, help="timed calls per model/input")
     p.add_argument("--rounds", type=_positive, default=3, help="interleaved timing rounds")
