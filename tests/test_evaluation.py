@@ -184,3 +184,18 @@ def test_evaluation_gives_every_submodule_its_own_mode_back() -> None:
     data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
     evaluate_accuracy(model, data)
     assert model.training and model[0].training and not model[1].training
+
+
+def test_nbytes_counts_each_meta_tensor() -> None:
+    """Meta tensors have no storage (data_ptr 0): they had counted as one tied tensor."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    assert model_nbytes(model) == 3 * (64 * 64 + 64) * 4
+
+
+def test_accuracy_refuses_one_logit_per_sample() -> None:
+    """argmax over one logit is always 0: a perfect binary classifier had scored ~50%."""
+    x = torch.randn(100, 1)
+    data = TensorDataset(x, (x > 0).long())
+    with pytest.raises(ValueError, match="one value per sample"):
+        evaluate_accuracy(nn.Identity(), data)

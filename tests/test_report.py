@@ -181,3 +181,14 @@ def test_console_error_detection_works(tmp_path: Path) -> None:
                     bad.as_uri(), tmp=tmp_path)
     assert any("Uncaught ReferenceError" in line for line in _console_messages(run.stderr))
     assert _probe(bad, tmp_path)["images"] == [0]
+
+
+def test_layers_left_out_of_a_sensitivity_run_are_listed(tmp_path: Path) -> None:
+    """Without an eval_fn the report had dropped the list of layers not analysed (it kept the
+    markdown after the table's blank line, which only a baseline wrote)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    rep = analyze_sensitivity(model, QuantizationConfig.int8_dynamic(skip_layers=("2",)),
+                              example_input=torch.randn(32, 8), progress=False)
+    report(tmp_path, sensitivity=rep)
+    assert "- 2: not analysed (kept in FP32 by skip_layers)" in (tmp_path / "report.md").read_text()

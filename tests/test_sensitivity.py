@@ -223,3 +223,91 @@ def test_output_error_ranking_reads_a_transformers_model_output() -> None:
     with pytest.raises(ValueError, match="holds no tensor to compare; pass eval_fn"):
         analyze_sensitivity(nn.Sequential(nn.Linear(4, 4), Text()), None, None,
                             [torch.randn(2, 4)], progress=False)
+
+
+def test_bad_metrics_and_settings_are_refused(trap) -> None:
+    """A NaN metric had counted as meeting the budget (and a NaN budget as any budget), a
+    negative max_fallback fell back every layer but the last."""
+    model, calib, agreement = trap
+    nan_quantized = lambda m: 100.0 if type(m[2]) is nn.Linear else float("nan")  # noqa: E731
+    with pytest.raises(ValueError, match="eval_fn returned nan for the quantized model"):
+        auto_fallback(model, PER_TENSOR_STATIC, nan_quantized, calib, progress=False)
+    with pytest.raises(ValueError, match="eval_fn returned nan for the quantized model"):
+        analyze_sensitivity(model, PER_TENSOR_STATIC, nan_quantized, calib, progress=False)
+    with pytest.raises(ValueError, match="budget=nan"):
+        auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, budget=float("nan"))
+    with pytest.raises(ValueError, match="max_fallback=-1"):
+        auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, max_fallback=-1)
+
+
+def test_an_eval_fn_that_leaves_train_mode_does_not_change_the_measurements() -> None:
+    """The working copy is back in eval mode after every eval_fn call: an eval_fn ending with
+    model.train() had left dropout on for the output error (cosine 0.52 instead of 1.0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 16)
+
+    def score(m: nn.Module, restore: bool) -> float:
+        m.eval()
+        with torch.no_grad():
+            value = -float((m(x) - model(x)).abs().mean())
+        if restore:
+            m.train()
+        return value
+
+    clean, messy = (analyze_sensitivity(model, None, lambda m, r=r: score(m, r),
+                                        example_input=x, progress=False) for r in (False, True))
+    assert [(r.name, r.drop, r.cosine) for r in messy.rows] == [
+        (r.name, r.drop, r.cosine) for r in clean.rows]
+    assert min(r.cosine for r in messy.rows) > 0.999
+    q, _ = auto_fallback(model, None, lambda m: score(m, True), budget=1.0, progress=False)
+    assert not q.training
+
+
+def test_a_shared_layer_is_one_row_measured_at_every_call_site() -> None:
+    """A module registered under two names had a row per name, each quantized at one call site
+    only (the other still float): its error was understated."""
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.b = self.a
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x = torch.randn(64, 16)
+    per_tensor = QuantizationConfig(weights=QuantSpec(granularity="per_tensor"))
+    rep = analyze_sensitivity(model, per_tensor, example_input=x, progress=False)
+    assert sorted(r.name for r in rep.rows) == ["a", "head"]
+    only_a = lowbit_quantize_only(model, per_tensor, "a")
+    row = next(r for r in rep.rows if r.name == "a")
+    with torch.no_grad():
+        expected = float((only_a(x) - model(x)).norm() / model(x).norm())
+    assert row.rel_l2 == pytest.approx(expected, rel=1e-5)
+
+
+def lowbit_quantize_only(model: nn.Module, config: QuantizationConfig, name: str) -> nn.Module:
+    from dataclasses import replace
+
+    from lowbit.ptq import PTQQuantizer
+    others = {n: None for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != name
+              and m is not model.get_submodule(name)}
+    return PTQQuantizer(replace(config, layer_overrides=others), progress=False).quantize(model)
+
+
+def test_a_model_that_is_one_layer_is_analysed() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4).eval()
+    x = torch.randn(32, 8)
+    rep = analyze_sensitivity(model, None, lambda m: -float((m(x) - model(x)).abs().mean()),
+                              example_input=x, progress=False)
+    assert [r.name for r in rep.rows] == [""] and rep.rows[0].cosine > 0.999
+    with pytest.warns(UserWarning, match="no quantizable layer") as seen:  # (it is in FP32)
+        q, fallback = auto_fallback(model, None, lambda m: -float((m(x) - model(x)).abs().mean()),
+                                    budget=0.0, progress=False)
+    assert fallback == [""] and type(q) is nn.Linear
+    assert not [w for w in seen if "matches no layer" in str(w.message)]

@@ -98,6 +98,11 @@ def evaluate_accuracy(model: nn.Module, dataset_or_loader: Dataset | Iterable[An
         # a cache the model builds in forward must stay usable by autograd)
         for inputs, labels in _batches(dataset_or_loader, batch_size):
             logits = _call(model, inputs)
+            if logits.dim() == 0 or logits.shape[-1] == 1:  # (argmax of one logit: always 0)
+                raise ValueError(
+                    f"evaluate_accuracy: the model's output {tuple(logits.shape)} has one value "
+                    "per sample, not one logit per class; wrap a binary classifier to return "
+                    "two logits, e.g. torch.cat([-z, z], -1), or evaluate it yourself")
             preds = logits.argmax(dim=-1)
             labels = torch.as_tensor(labels, device=preds.device)
             if labels.shape == (*preds.shape, 1):  # a (B, 1) column of class indices: it
@@ -129,7 +134,9 @@ def _unique_state(model: nn.Module) -> list[torch.Tensor]:
     out = []
     for value in model.state_dict(keep_vars=True).values():
         for t in _tensors(value):
-            key = (t.data_ptr(), t.numel(), t.dtype) if not t.is_quantized else (id(t), 0, t.dtype)
+            # (meta tensors have no storage, data_ptr 0: each counts, as it will once loaded)
+            key = ((t.data_ptr(), t.numel(), t.dtype)
+                   if not (t.is_quantized or t.is_meta) else (id(t), 0, t.dtype))
             if key not in seen:  # tied weights are stored once
                 seen.add(key)
                 out.append(t)

@@ -16,6 +16,7 @@ it is measured. :func:`auto_fallback` then keeps the most sensitive layers in FP
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -139,6 +140,8 @@ class SensitivityReport:
                 tail += (f"; all layers quantized: {self.quantized_metric:.4f} "
                          f"(drop {self.baseline - self.quantized_metric:+.4f})")
             lines += ["", tail + "."]
+        elif self.skipped:  # (the text after the table's blank line is what reports show)
+            lines.append("")
         lines += [f"- {name}: not analysed ({why})" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -171,6 +174,23 @@ def _output(model: nn.Module, batch: Any) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) else None
 
 
+def _metric(eval_fn: EvalFn, model: nn.Module, what: str) -> float:
+    """``eval_fn(model)`` as a finite float, with ``model`` (a working copy) back in eval mode
+    after it (an ``eval_fn`` that ends with ``model.train()`` would leave dropout on for the
+    next measurement)."""
+    value = float(eval_fn(model))
+    model.eval()
+    if not math.isfinite(value):
+        raise ValueError(f"eval_fn returned {value} for {what}; it must return a "
+                         "finite number, higher is better (e.g. accuracy in percent)")
+    return value
+
+
+def _aliases(plans: Mapping[str, Any], name: str) -> list[str]:
+    """The other names under which the module ``name`` is registered (one module, one row)."""
+    return [n for n, p in plans.items() if getattr(p, "shared_with", None) == name]
+
+
 def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = None,
                         eval_fn: EvalFn | None = None,
                         calibration_data: Iterable[Any] | None = None,
@@ -201,7 +221,7 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
 
     Raises:
         ValueError: no ``eval_fn`` and no batch to measure output error on; an unknown name in
-            ``layers``.
+            ``layers``; ``eval_fn`` returning NaN / Inf.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -224,7 +244,8 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     qfull = PTQQuantizer(config, progress=progress, process_group=process_group, sync=sync
                          ).quantize(model, calibration_data)
     plans = {r.name: r for r in qfull.lowbit_report.rows}
-    todo = [n for n, r in plans.items() if r.status == "quantized"]
+    # a module registered under several names: one row, quantized at all its names at once
+    todo = [n for n, r in plans.items() if r.status == "quantized" and not r.shared_with]
     skipped = {n: r.reason for n, r in plans.items() if r.status != "quantized"}
     if layers is not None:
         wanted = list(layers)
@@ -237,8 +258,9 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     work = copy_model(model).eval()
     expand_attention(work)  # the layers qfull quantized, under the same names
     disable_fused_fast_paths(work)
-    baseline = None if eval_fn is None else float(eval_fn(work))
-    quantized_metric = None if eval_fn is None else float(eval_fn(qfull))
+    baseline = None if eval_fn is None else _metric(eval_fn, work, "the float model")
+    quantized_metric = (None if eval_fn is None
+                        else _metric(eval_fn, qfull, "the quantized model"))
     reference = None if example is None else _output(work, example)
     if eval_fn is None and reference is None:
         raise ValueError("analyze_sensitivity: the model's output on example_input holds no "
@@ -246,19 +268,24 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     rows = []
     for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
         plan = plans[name]
-        swapped = {name: qfull.get_submodule(name)}
-        for absorbed in (plan.folded_bn, plan.fused_pool, plan.fused_gelu):  # now inside it
-            if absorbed:
-                swapped[absorbed] = nn.Identity()
-        originals = {n: work.get_submodule(n) for n in swapped}
-        try:
-            for n, module in swapped.items():
-                work.set_submodule(n, module)
-            metric = None if eval_fn is None else float(eval_fn(work))
-            out = None if reference is None else _output(work, example)
-        finally:
-            for n, module in originals.items():
-                work.set_submodule(n, module)
+        if not name:  # the model is the layer: the quantized model is the measurement
+            metric = quantized_metric
+            out = None if reference is None else _output(qfull, example)
+        else:
+            layer = qfull.get_submodule(name)
+            swapped = {n: layer for n in (name, *_aliases(plans, name))}
+            for absorbed in (plan.folded_bn, plan.fused_pool, plan.fused_gelu):  # now inside
+                if absorbed:
+                    swapped[absorbed] = nn.Identity()
+            originals = {n: work.get_submodule(n) for n in swapped}
+            try:
+                for n, module in swapped.items():
+                    work.set_submodule(n, module)
+                metric = None if eval_fn is None else _metric(eval_fn, work, f"layer {name!r}")
+                out = None if reference is None else _output(work, example)
+            finally:
+                for n, module in originals.items():
+                    work.set_submodule(n, module)
         err = None if out is None or reference is None else compare_outputs(reference, out)
         drop = None if metric is None or baseline is None else baseline - metric
         cosine = None if err is None else err.cosine
@@ -314,7 +341,8 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         fallback layers tried is returned.
 
     Raises:
-        ValueError: ``budget < 0``. TypeError: a ``fallback_config`` that is not a config.
+        ValueError: ``budget < 0`` or NaN, ``max_fallback < 0``, or ``eval_fn`` returning NaN /
+            Inf. TypeError: a ``fallback_config`` that is not a config.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -329,9 +357,12 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         >>> fp32, type(q[2]).__name__
         (['2'], 'Linear')
     """
-    if budget < 0:
+    if not budget >= 0:  # (NaN too)
         raise ValueError(f"auto_fallback: budget={budget} must be >= 0 (the largest acceptable "
                          "drop of eval_fn, e.g. 1.0 accuracy point)")
+    if max_fallback is not None and max_fallback < 0:
+        raise ValueError(f"auto_fallback: max_fallback={max_fallback} must be >= 0 (the most "
+                         "layers kept in FP32), or None for no limit")
     config = config or QuantizationConfig.int8_dynamic()
     if fallback_config is not None and not isinstance(fallback_config, QuantizationConfig):
         raise TypeError(f"auto_fallback: fallback_config must be a QuantizationConfig or None "
@@ -345,9 +376,12 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
 
     with _eval_mode(model):  # (the user's model may be training: no dropout, BN statistics)
         baseline = float(eval_fn(model))
+    if not math.isfinite(baseline):
+        raise ValueError(f"auto_fallback: eval_fn returned {baseline} for the float model; it "
+                         "must return a finite number, higher is better")
     fallback: list[str] = []
     qmodel = quantize(fallback)
-    drop = baseline - float(eval_fn(qmodel))
+    drop = baseline - _metric(eval_fn, qmodel, "the quantized model")
     if drop > budget:
         report = sensitivity or analyze_sensitivity(model, config, eval_fn, calibration_data,
                                                     progress=progress)
@@ -358,7 +392,7 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         for name in bar:
             fallback.append(name)
             qmodel = quantize(fallback)
-            drop = baseline - float(eval_fn(qmodel))
+            drop = baseline - _metric(eval_fn, qmodel, f"the model with {fallback} in {where}")
             log.info("auto_fallback: %s in %s -> drop %.4f (budget %.4f)", fallback, where,
                      drop, budget)
             if drop <= budget:

@@ -651,7 +651,7 @@ def _rule_for(names: list[str], config: QuantizationConfig, fallback: set[str]
 def _warn_unmatched(model: nn.Module, config: QuantizationConfig, fallback: set[str]) -> None:
     """Warn about skip / override / fallback names that match no module: a typo would otherwise
     quantize the layer the user meant to keep, without a word. Names the closest real ones."""
-    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    names = [n for n, _ in model.named_modules(remove_duplicate=False)]  # ("": the root)
     for source, patterns in (("skip_layers", tuple(config.skip_layers)),
                              ("layer_overrides", tuple(config.layer_overrides)),
                              ("set_per_layer_fallback", tuple(sorted(fallback)))):
