@@ -1012,6 +1012,72 @@ def test_qparams_changed_in_place_are_used(kind: str) -> None:
         assert not torch.equal(q(x), convert_module(layer, cfg, **kw)(x)), name
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int4", "conv_static", "conv_int4"])
+def test_buffers_whose_memory_moves_are_never_read_at_the_old_address(kind: str) -> None:
+    """``share_memory_()`` (what torch.multiprocessing does to tensors it sends) moves a buffer
+    to new memory without a new version: prepared calls had kept the old address (read after
+    free: outputs off by 1e14). They bind their own copies of the small vectors now."""
+    torch.manual_seed(7)
+    conv = kind.startswith("conv")
+    layer, x = ((nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 6, 6)) if conv
+                else (_linear(64, 48), torch.randn(4, 64)))
+    cfg = {"dynamic": DYN, "static": STATIC,
+           "int4": QuantizationConfig.int4_weight_only(32)}[kind.removeprefix("conv_")]
+    q = convert_module(layer, cfg, **({"input_qparams": _static_qparams(x)}
+                                      if "static" in kind else {}))
+    with torch.no_grad():
+        expected = q(x)
+        q(x)  # (a prepared call now, where the layer has one)
+        for name in ("weight_scale", "bias", "input_scale", "input_zero_point"):
+            if q._buffers.get(name) is not None:
+                q._buffers[name].share_memory_()
+        junk = [torch.full((1 << 14,), 1e30) for _ in range(64)]  # (reuses freed memory)
+        assert torch.equal(q(x), expected)
+    del junk
+
+
+def test_weight_only_dequantized_weight_follows_an_assigned_scale() -> None:
+    """``dequantize_weight()`` / ``layer.weight`` read before any call after a new scale was
+    assigned had returned the old weight (its C arguments were rebuilt at the next call)."""
+    q = convert_module(_linear(64, 32), QuantizationConfig.int4_weight_only(32))
+    q(torch.randn(2, 64))
+    before = q.dequantize_weight()
+    q.weight_scale = q.weight_scale * 2
+    torch.testing.assert_close(q.dequantize_weight(), before * 2)
+    torch.testing.assert_close(q.weight.float(), before * 2)
+
+
+def test_parametrized_quantized_layers_are_refused() -> None:
+    """weight_norm on a quantized layer removed its codes buffer, and a parametrization of
+    weight_scale moved the buffer: the kernels kept running on the old caches, ignoring both."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 2
+
+    x = torch.randn(4, 64)
+    q = convert_module(_linear(64, 48), DYN)
+    q(x)
+    parametrize.register_parametrization(q, "weight_scale", Double())
+    with pytest.raises(RuntimeError, match="parametrized"):
+        q(x)
+    q = convert_module(_linear(64, 48), DYN)
+    q(x)
+    torch.nn.utils.parametrizations.weight_norm(q)
+    with pytest.raises(RuntimeError, match="parametrized"):
+        q(x)
+
+
+def test_int4_takes_a_non_contiguous_bias() -> None:
+    q = convert_module(_linear(64, 48), QuantizationConfig.int4_weight_only(32))
+    x = torch.randn(4, 64)
+    expected = q(x)
+    q.bias = torch.stack([q.bias, q.bias], -1)[:, 0]  # (the same values, strided)
+    assert not q.bias.is_contiguous()
+    torch.testing.assert_close(q(x), expected)
+
+
 def test_input_smoothing_product_from_the_pool_is_x_times_factor() -> None:
     """Large smoothed inputs are written into the output pool: the same values, and inputs that
     autograd tracks keep their graph."""

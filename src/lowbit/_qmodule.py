@@ -75,19 +75,24 @@ def _weight_key(w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int,
 
 def _state_key(module: nn.Module, codes: str = "weight") -> tuple[int, ...]:
     """What identifies a quantized layer's values for its derived kernel caches and prepared
-    calls: the storage of its codes and the version counter (moved by in-place changes) of every
-    persistent buffer, the codes, scales, zero-points, bias and input qparams (static layers
-    derive their int32 bias and zero-point corrections from them), so that
-    ``layer.input_scale.mul_(2)`` is honoured as assigning a new tensor is. Inference tensors
-    (made under ``torch.inference_mode``) have no version counter: such a buffer changed in
-    place inside inference mode needs ``layer._refresh_cache()``."""
+    calls: the storage address of its codes and the version counter (moved by in-place
+    changes) of every persistent buffer, the codes, scales, zero-points, bias and input qparams
+    (static layers derive their int32 bias and zero-point corrections from them). So
+    ``layer.input_scale.mul_(2)`` is honoured as assigning a new tensor is. Prepared calls bind
+    their own copies of the small vectors (:mod:`lowbit.kernels.plans`), so a buffer whose
+    memory moves (``share_memory_()``) is never read at its old address.
+
+    Not seen (call ``layer._refresh_cache()`` after them): in-place changes made inside
+    ``torch.inference_mode`` to buffers made there (inference tensors have no version counter)
+    or through ``.data`` (which does not move it), and scales / zero-points / bias put straight
+    into ``layer._buffers`` (assignment, ``load_state_dict`` and ``.to()`` are seen)."""
     buffers = module._buffers
     names = module.__dict__.get("_state_names")
-    if names is None:  # (cached: dropped when a buffer is assigned or registered)
+    if names is None:  # (cached: dropped when a buffer is assigned, registered or deleted)
         skip = module._non_persistent_buffers_set
         names = (*(n for n in buffers if n not in skip), codes)  # (2+ names: a tuple)
         module.__dict__["_state_names"] = names = (names, operator.itemgetter(*names))
-    try:  # the common case, ~1 us: every buffer present and versioned
+    try:  # the common case, under 1 us: every buffer present and versioned
         return (buffers[codes].data_ptr(), *map(_VERSION, names[1](buffers)))
     except (AttributeError, RuntimeError, KeyError):  # None, inference tensors, removed ones
         ts = [buffers.get(n) for n in names[0]]
@@ -616,6 +621,11 @@ class QuantizedModuleBase(nn.Module):
         self.__dict__.pop("_state_names", None)  # (see _state_key)
         self.__dict__.pop("_weight_key", None)
 
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)  # (a parametrization moves a buffer away this way)
+        self.__dict__.pop("_state_names", None)
+        self.__dict__.pop("_weight_key", None)
+
     def __setattr__(self, name: str, value: Any) -> None:
         codes = self.__dict__.get("_buffers", {}).get("weight") if name == "weight" else None
         if name == "weight" and (isinstance(value, nn.Parameter) or (
@@ -896,12 +906,23 @@ class QuantizedModuleBase(nn.Module):
                             f"bfloat16, float16 or float64), got {x.dtype}; convert it first, "
                             "e.g. x.float()")
         w = self._check_device(x)
+        if w is None or "parametrizations" in self._modules:
+            self._refuse_parametrized()
         if x.dim() == 0 or x.shape[dim] != expected:
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
         if w is not None and not w.is_meta:  # (meta: no values to derive caches from)
             self._fresh_caches()
         return x.detach()
+
+    def _refuse_parametrized(self) -> None:
+        """A quantized layer's buffers are its integer format: a parametrization (weight_norm,
+        a function of ``weight_scale``) would be ignored by the kernels, silently."""
+        raise RuntimeError(
+            f"{self._label()}: its buffers are parametrized (torch.nn.utils.parametrize, e.g. "
+            "weight_norm) or its codes buffer 'weight' was deleted; the quantized kernels read "
+            "the plain buffers and would ignore that. Parametrize or change the float model, "
+            "then quantize it (lowbit bakes weight_norm / spectral_norm into plain weights)")
 
     def _fresh_caches(self, codes: str = "weight") -> None:
         """Rebuild the kernel caches if a buffer changed in place since they were built (or on

@@ -148,6 +148,9 @@ class _WeightOnly(QuantizedModuleBase):
         One pass of the fused C kernel (same bits) unless the backend is ``"reference"`` or the
         kernels are unavailable (see :mod:`lowbit.native`).
         """
+        codes = self._buffers.get("weight")
+        if codes is not None and not codes.is_meta:  # (a buffer changed since the last call)
+            self._fresh_caches()
         if self._c_args is not None and (lib := native_lib_for(self.qweight)) is not None:
             return run_dequantize_weight_native(lib, self._c_args)
         return self._dequant_padded()[:, : self.k]
@@ -172,6 +175,7 @@ class _WeightOnlyLinear(_WeightOnly):
         self.register_buffer("_packed", None, persistent=False)
         self.register_buffer("_scales", None, persistent=False)
         self._small_args: tuple | None = None  # set by _refresh_cache
+        self._bias_c: torch.Tensor | None = None  # (the bias, contiguous; by _refresh_cache)
         self._u4: tuple | None = None  # Int4Linear: lowbit's INT4 kernel layout (u4_pack)
         self._small_max_m = 0
 
@@ -220,14 +224,17 @@ class _WeightOnlyLinear(_WeightOnly):
         """Also the one-call C path for small shapes (:func:`weight_only_linear_native`)."""
         super()._refresh_cache()
         self._small_max_m, self._small_args = 0, None
-        fast = self._c_args is not None and c_layout((self.bias, torch.float32))
+        bias = self.bias  # (a strided float32 one: its contiguous copy, for the same kernels)
+        self._bias_c = (bias.contiguous() if bias is not None and bias.dtype == torch.float32
+                        else bias)
+        fast = self._c_args is not None and c_layout((self._bias_c, torch.float32))
         self._reset_plans(fast)
         if not fast:
             return
         w, packed, signed, n, kp, _k, group, scale, zp = self._c_args
         if wo_small_fits(self.packed, group):
             self._small_max_m = wo_small_max_rows(n, kp)
-            self._small_args = (w, packed, signed, n, kp, group, scale, zp, self.bias)
+            self._small_args = (w, packed, signed, n, kp, group, scale, zp, self._bias_c)
 
     _plans_fuse_smoothing = True  # (AWQ: the INT4 x INT8 kernel's plans take the factor)
 
@@ -239,7 +246,7 @@ class _WeightOnlyLinear(_WeightOnly):
         if 0 < m <= self._small_max_m:
             if smooth is not None:
                 return None
-            return wo_linear_plan(lib, tuple(x.shape), self._small_args, None, self.bias,
+            return wo_linear_plan(lib, tuple(x.shape), self._small_args, None, self._bias_c,
                                   self.fused_relu)
         kernel = self._select_packed(m)
         lib4 = load_gemm(kernel.partition("_")[2]) if kernel.startswith("u4q8_") else None
@@ -247,7 +254,7 @@ class _WeightOnlyLinear(_WeightOnly):
             return None
         return wo_linear_plan(lib, tuple(x.shape), None,
                               (lib4, self._u4_panels()),  # type: ignore[attr-defined]
-                              self.bias, self.fused_relu, smooth)
+                              self._bias_c, self.fused_relu, smooth)
 
     _max_packed_m = INT4_PACKED_MAX_M
 
@@ -287,7 +294,8 @@ class _WeightOnlyLinear(_WeightOnly):
         lowbit_int4 = kernel.startswith(("u4_", "u4q8_"))  # lowbit's INT4 kernels: "u4*_<isa>"
         lib = (load_gemm(kernel.partition("_")[2]) if lowbit_int4 and native_eager(x2)
                else None)
-        bias = self.bias if self.bias is None else self.bias.float()  # (a bf16-cast layer's)
+        bias = (self.bias if self.bias is None  # (float: a bf16-cast layer's)
+                else self.bias.float().contiguous())
         if lib is not None and kernel.startswith("u4q8_"):  # int8 activations (fused ReLU)
             y = run_u4p_linear(lib, x2.float(), self._u4_panels(),  # type: ignore[attr-defined]
                                bias, self.fused_relu)  # (M, N)

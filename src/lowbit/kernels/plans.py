@@ -67,6 +67,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _own(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The plan's own copies of the small vectors it binds pointers to (scales, zero-points,
+    bias, compensation, smoothing): a layer's buffer can move to other memory without a new
+    version (``share_memory_()``), and a bound pointer must never outlive its memory. (The
+    codes are not copied: layers key their plans by the codes' address.)"""
+    return tuple(None if t is None else t.clone(memory_format=torch.contiguous_format)
+                 for t in tensors)
+
+
 def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
                     w_scale: torch.Tensor, bias: torch.Tensor | None,
                     static_scale: torch.Tensor | None, zp: int, qmin: int, qmax: int,
@@ -114,6 +123,7 @@ def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
         raise ValueError(f"conv_codes_plan: weight {tuple(weight.shape)} {weight.dtype}, "
                          f"w_scale {tuple(w_scale.shape)} or bias do not match the conv "
                          f"{c} -> {o} channels, kernel {ksize}")
+    w_scale, bias, static_scale = _own(w_scale, bias, static_scale)
     threads = torch.get_num_threads()
     params = (ctypes.c_int64 * lib.lb_qconv_nparams())(
         b, c, h, w, o, *ksize, *stride, *padding, *dilation, zp, qmin, qmax, int(relu), pool,
@@ -205,6 +215,10 @@ def linear_plan(lib: Any, shape: tuple[int, ...], kernel: str, w: torch.Tensor,
     if m == 0 or (smooth is not None and not (dynamic and per_token)):
         return None
     check_smooth(smooth, k, "linear_plan")
+    w_scale, bias, scale, zero_point, comp, smooth = _own(w_scale, bias, scale, zero_point, comp,
+                                                         smooth)
+    if affine is not None:
+        affine = (*_own(affine[0]), *affine[1:])
     finite_check = not (dynamic and per_token)  # one shared scale: a NaN row must not spread
     absmax = lib.lb_absmax
     keep: tuple[Any, ...] = (w, w_scale, bias, scale, zero_point, comp, affine, smooth)
@@ -333,6 +347,7 @@ def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: 
     ho, wo = _conv_out_hw(shape, ksize, stride, padding, dilation)
     if ho <= 0 or wo <= 0 or not _direct_conv_takes(shape, n * k, stride, 1):
         return None
+    scale, zp, bias = _own(scale, zp, bias)
     params = (ctypes.c_int64 * lib.lb_wo_conv_nparams())(
         b, c, h, w, n, *ksize, *stride, *padding, *dilation, packed, signed, kp, group,
         int(relu), pool, _direct_conv_threads(b * ho * wo * n * k), threads_for(b * n * ho * wo))
@@ -384,6 +399,7 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
                              f"Kp={kp}, and the codes {tuple(w.shape)}, scales "
                              f"{tuple(scale.shape)} and bias must be a layer's own "
                              f"(its _small_args) for N={n}, group={group}")
+        scale, zp, bias = _own(scale, zp, bias)
         params = (ctypes.c_int64 * lib.lb_wo_linear_small_nparams())(
             m, k, w.data_ptr(), packed, signed, n, kp, group, scale.data_ptr(), zp.data_ptr(),
             _ptr(bias) or 0, int(relu), threads_for(m * n * kp))
@@ -402,6 +418,7 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
     if k > kp:
         raise ValueError(f"wo_linear_plan: the input's last dim {k} exceeds the layer's "
                          f"Kp={kp}")
+    sc, zp4, bias, smooth = _own(sc, zp4, bias, smooth)
     call4 = lib4.lbk_u4p_linear if smooth is None else lib4.lbk_u4p_linear_s
     head4 = (m, k, k, m * k, wp.data_ptr(), wp.numel(), n, kp, group, sc.data_ptr(),
              zp4.data_ptr(), _ptr(bias), int(relu))
