@@ -294,6 +294,11 @@ def test_bad_arguments_are_refused_with_the_fix(tmp_path) -> None:
         ort_model(y=torch.randn(2, 4))
     with pytest.raises(TypeError, match="missing input"):
         ort_model()
+    import copy
+    import pickle
+    for clone in (copy.deepcopy, pickle.dumps):  # (a live session: a clear message, not
+        with pytest.raises(TypeError, match=r"build another from the \.onnx file"):  # ORT's)
+            clone(ort_model)
 
 
 def test_cli_export_of_a_saved_lowbit_model(tmp_path, capsys) -> None:

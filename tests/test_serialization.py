@@ -627,3 +627,16 @@ def test_save_refuses_the_runtime_module_of_a_compiled_backend(tmp_path: Path) -
     with pytest.raises(ValueError, match=r"OnnxRuntimeModule.*save the quantized PyTorch model"):
         save(runtime, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_a_layer_backend_survives_save_and_load(tmp_path: Path, backend: str) -> None:
+    """A model quantized with backend="torch" (as the docs show) saved fine, then load refused
+    its file as damaged ('backend' must be 'auto' or 'reference')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    q = quantize_dynamic(model, backend=backend)
+    save(q, tmp_path / "q")
+    r = load(tmp_path / "q", model=nn.Sequential(nn.Linear(16, 8)))
+    x = torch.randn(3, 16)
+    assert r[0].backend == backend and torch.equal(r(x), q(x))

@@ -44,6 +44,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from lowbit._dispatch import LAYER_BACKENDS
 from lowbit._qmodule import check_conv_geometry
 from lowbit.config import QuantSpec, enclosing_names
 from lowbit.dropin import guard_save_pretrained
@@ -594,8 +595,9 @@ def _check_meta(meta: Mapping[str, Any], where: str, lora: bool) -> None:
     if _field(meta, "dtype", str, where, optional=True) not in (None, *_FLOAT_DTYPES):
         raise LoadError(f"{where}: field 'dtype'={meta['dtype']!r:.40} must be one of "
                         f"{_FLOAT_DTYPES}; {_DAMAGED}")
-    if _field(meta, "backend", str, where, optional=True) not in (None, "auto", "reference"):
-        raise LoadError(f"{where}: field 'backend' must be 'auto' or 'reference'; {_DAMAGED}")
+    if _field(meta, "backend", str, where, optional=True) not in (None, *LAYER_BACKENDS):
+        raise LoadError(f"{where}: field 'backend' must be one of {list(LAYER_BACKENDS)}; "
+                        f"{_DAMAGED}")
     _field(meta, "name", str, where, optional=True)
     _field(meta, "extra", dict, where, optional=True)
 

@@ -66,3 +66,34 @@ def test_a_long_multi_line_failure_stays_one_table_row() -> None:
     rows = [line for line in table.to_markdown().splitlines() if line.startswith("| onnx")]
     assert len(rows) == 1 and "\x1b" not in rows[0] and "step 1/3 of export - fix \\| this" in \
         rows[0] and len(rows[0]) < 400
+
+
+class _TwoHeads(torch.nn.Module):
+    """Returns ``(None, {"n": 3, "int8": ..., "int4": ...})``: a missing loss first, a
+    non-tensor value, and a second output whose layer deviates on another backend."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> tuple:
+        return None, {"n": 3, "int8": self.a(x), "int4": self.b(x)}
+
+
+def test_every_output_is_compared_and_batch_is_read_from_the_first_tensor() -> None:
+    """Only the first output had been compared (torch reported exact while the INT4 head
+    deviated), a None first output crashed, and a dict's first non-tensor value gave batch 1."""
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    cfg = lowbit.QuantizationConfig.int8_dynamic(
+        layer_overrides={"b": lowbit.QuantizationConfig.int4_weight_only(32)})
+    qmodel = lowbit.PTQQuantizer(cfg, progress=False).quantize(model)
+    x = torch.randn(32, 32)
+    table = backends.compare(qmodel, x, ["reference", "torch"], warmup=1, iters=2)
+    assert table["torch"].available and not table["torch"].exact  # (bf16 packed INT4)
+    only_int8 = lowbit.PTQQuantizer(lowbit.QuantizationConfig.int8_dynamic(),
+                                    progress=False).quantize(model)
+    assert backends.compare(only_int8, x, ["reference", "torch"], warmup=1,
+                            iters=2)["torch"].exact
+    assert backends.compare(only_int8, {"use_cache": False, "x": x}, ["reference"], warmup=1,
+                            iters=2).batch_size == 32

@@ -245,6 +245,16 @@ def test_aotinductor_backend_checks_what_the_library_would_not(make_quantized, r
         compiled(**longer)
     with pytest.raises(ValueError, match=r"torch\.int32"):
         compiled(**{**x, "input_ids": x["input_ids"].int()})
+    # called like the model: positionally too (it was traced with keywords), and what the
+    # example did not pass is named (the compiled program had refused both with a bare "kwarg
+    # keyword mismatch")
+    with torch.inference_mode():
+        positional = compiled(x["input_ids"], x["attention_mask"])
+    assert torch.allclose(positional.last_hidden_state, run(qmodel, x), atol=1e-5)
+    with pytest.raises(ValueError, match="input attention_mask is a NoneType"):
+        compiled(x["input_ids"])
+    with pytest.raises(ValueError, match="'token_type_ids' was not among the example inputs"):
+        compiled(**x, token_type_ids=torch.zeros_like(x["input_ids"]))
 
 
 @needs_aoti

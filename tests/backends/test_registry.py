@@ -70,6 +70,17 @@ def test_hidden_package_makes_onnxruntime_unavailable(monkeypatch: pytest.Monkey
     assert "onnxruntime" not in backends.available().names
 
 
+def test_missing_onnxscript_makes_onnxruntime_unavailable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exporter needs onnxscript: without it available() had said yes, then set_backend
+    failed with an ImportError."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None
+                        if name == "onnxscript" else real(name, *a, **k))
+    assert backends.available()["onnxruntime"].reason == (
+        "package onnxscript is not installed (pip install 'lowbit[onnx]')")
+
+
 def test_missing_export_module_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lowbit.onnx_export", None)  # import fails: not present
     status = backends.available()["onnxruntime"]

@@ -97,7 +97,7 @@ def _cuda_prepare(qmodel: nn.Module, example_inputs: Any) -> nn.Module:
 
 
 def _onnx_missing() -> str | None:
-    for package in ("onnx", "onnxruntime"):
+    for package in ("onnx", "onnxruntime", "onnxscript"):  # (the exporter needs onnxscript)
         if importlib.util.find_spec(package) is None:
             return f"package {package} is not installed (pip install 'lowbit[onnx]')"
     try:
@@ -178,15 +178,59 @@ class AOTInductorModule(nn.Module):
     """
 
     def __init__(self, runner: Any,
-                 inputs: dict[int | str, tuple[tuple, torch.dtype, torch.device]]) -> None:
+                 inputs: dict[int | str, tuple[tuple, torch.dtype, torch.device]],
+                 signature: inspect.Signature | None = None,
+                 traced: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> None:
         super().__init__()
         self.runner = runner
         self.inputs = inputs  # position / keyword -> (shape, None where dynamic; dtype; device)
+        self.signature = signature  # of the model's forward (None: calls pass through as is)
+        self.traced = traced  # (names passed by position, names passed by keyword) when traced
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("AOTInductorModule holds a loaded compiled library, which cannot be "
+                        "pickled: keep the .pt2 package (torch._inductor.aoti_compile_and_"
+                        "package) and load it with torch._inductor.aoti_load_package, or call "
+                        "lowbit.backends.set_backend again")
+
+    def __deepcopy__(self, memo: dict) -> AOTInductorModule:
+        """Another module on the same loaded library (it holds no state a call changes)."""
+        twin = AOTInductorModule(self.runner, copy.deepcopy(self.inputs, memo), self.signature,
+                                 self.traced)
+        return twin.train(self.training)
+
+    def _traced_form(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """``args`` / ``kwargs`` bound to the model's ``forward`` and rearranged as the example
+        inputs passed them (the compiled program takes exactly that form)."""
+        if self.signature is None:
+            return args, kwargs
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"aotinductor: {exc} (the compiled model is called like the model "
+                            "it came from)") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        params = self.signature.parameters
+        for p in params.values():  # (**kwargs: its items are arguments of their own)
+            if p.kind is p.VAR_KEYWORD:
+                values.update(values.pop(p.name, {}))
+        positional, keyword = self.traced
+        for name, value in values.items():
+            if (name not in positional and name not in keyword
+                    and (name not in params or value is not params[name].default)):
+                raise ValueError(f"aotinductor: argument {name!r} was not among the example "
+                                 "inputs the model was compiled with; compile again with it")
+        return tuple(values[n] for n in positional), {k: values.get(k) for k in keyword}
 
     def _check(self, key: int | str, t: Any) -> None:
         shape, dtype, device = self.inputs.get(key, (None, None, None))
-        if shape is None or not isinstance(t, torch.Tensor):
+        if shape is None:
             return
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"aotinductor: input {key} is a {type(t).__name__}; the model was "
+                             "compiled with a tensor there: pass one, or compile again with an "
+                             "example like this call")
         if t.dtype != dtype or t.device.type != device.type or t.dim() != len(shape) or any(
                 d is not None and d != n for d, n in zip(shape, t.shape, strict=True)):
             want = ", ".join("*" if d is None else str(d) for d in shape)
@@ -197,6 +241,7 @@ class AOTInductorModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Check the inputs' shapes, run the compiled model (float tensors in and out)."""
+        args, kwargs = self._traced_form(args, kwargs)
         for i, a in enumerate(args):
             self._check(i, a)
         for k, v in kwargs.items():
@@ -237,6 +282,11 @@ def _aoti_prepare(qmodel: nn.Module, example_inputs: Any,
             raise
         raise RuntimeError(f"backend aotinductor: {hint}torch.export failed: {exc}") from exc
     inputs = _traced_inputs(program, qmodel, args, kwargs)
+    signature = inspect.signature(qmodel.forward)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    if any(p.kind is p.VAR_POSITIONAL for p in params) or len(args) > len(params):
+        signature = None  # (*args: calls pass through as they come)
+    traced = (tuple(p.name for p in params[:len(args)]), tuple(kwargs))
     with tempfile.TemporaryDirectory(prefix="lowbit-aoti-") as folder, \
             warnings.catch_warnings():
         # torch's own unpickling of the program's tree spec (not the user's concern)
@@ -244,7 +294,7 @@ def _aoti_prepare(qmodel: nn.Module, example_inputs: Any,
         path = torch._inductor.aoti_compile_and_package(
             program, package_path=str(Path(folder) / "model.pt2"))
         runner = torch._inductor.aoti_load_package(path)  # (loaded: the file can go)
-    return AOTInductorModule(runner, inputs)
+    return AOTInductorModule(runner, inputs, signature, traced)
 
 
 register_backend(Backend(
@@ -253,7 +303,8 @@ register_backend(Backend(
     layer_value="reference", detail=lambda: "pure PyTorch ops, any device"))
 register_backend(Backend(
     "native", "lowbit's kernels for this CPU (the default)",
-    "INT8 x INT8: bit-identical; weight-only: int8 activations per group for INT4 (relative "
+    "INT8 x INT8: bit-identical (LSTM / GRU: the gates' float32 rounding, within half an "
+    "activation step); weight-only: int8 activations per group for INT4 (relative "
     "max deviation <= 1e-2; float32 rounding with int8_activations=False), bf16 activations "
     "(<= 1e-2) for weight-only INT8 up to 64 rows and, on CPUs with AMX, for INT4 above 1024 "
     "rows",

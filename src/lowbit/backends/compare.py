@@ -40,7 +40,8 @@ class BackendResult:
         p50_ms, p90_ms: latency per call (median, 90th percentile), milliseconds.
         throughput: samples per second at the median (batch size / p50).
         max_abs_dev: largest ``|y - y_reference|``; rel_dev: that over ``max |y_reference|``.
-        cosine: cosine similarity with the reference output. exact: the same bits.
+        cosine: cosine similarity with the reference output. exact: the same bits. All three
+            over every tensor the model returns (a tuple's, a dict's or ``ModelOutput``'s).
         reason: why it did not run (unavailable, or the error it raised).
     """
 
@@ -120,34 +121,42 @@ class Selection:
                 f"{self.tolerance:g})")
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    """The tensor to compare in an output (first of a tuple / dict / ModelOutput)."""
+def _leaves(out: Any) -> list[torch.Tensor]:
+    """Every tensor in an output, in order: of tuples, lists, dicts and ``ModelOutput``s
+    (``None`` and other values, such as a ``(loss, logits)`` pair's missing loss, skipped)."""
     if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping) and out:
-        return _first_tensor(next(iter(out.values())))
-    if isinstance(out, (tuple, list)) and out:
-        return _first_tensor(out[0])
-    if hasattr(out, "__array__"):
-        return torch.as_tensor(out)
-    raise TypeError(f"compare: cannot find an output tensor in {type(out).__name__}")
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _leaves(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _leaves(v)]
+    if hasattr(out, "__array__") and not isinstance(out, (str, bytes)):
+        return [torch.as_tensor(out)]
+    return []
 
 
 def _batch_size(inputs: Any) -> int:
-    first = inputs
-    while not isinstance(first, torch.Tensor):
-        if isinstance(first, Mapping) and first:
-            first = next(iter(first.values()))
-        elif isinstance(first, (tuple, list)) and first:
-            first = first[0]
-        else:
-            return 1
-    return int(first.shape[0]) if first.dim() else 1
+    """The leading size of the first input tensor (1 without one, or for a 0-dim one)."""
+    first = next(iter(_leaves(inputs)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
 
 
-def _run(model: Any, inputs: Any) -> torch.Tensor:
+def _run(model: Any, inputs: Any) -> list[torch.Tensor]:
     with torch.no_grad():
-        return _first_tensor(_call(model, inputs)).detach().cpu()
+        out = _leaves(_call(model, inputs))
+    if not out:
+        raise TypeError("compare: the model's output holds no tensor to compare")
+    return [t.detach().cpu() for t in out]
+
+
+def _flat(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """All outputs as one float64 vector (deviation and cosine over every output)."""
+    return torch.cat([t.detach().double().reshape(-1) for t in leaves])
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y)
+                                    for x, y in zip(a, b, strict=True))
 
 
 def compare(qmodel: nn.Module, example_inputs: Any, backends: Sequence[str] | None = None, *,
@@ -184,7 +193,8 @@ def compare(qmodel: nn.Module, example_inputs: Any, backends: Sequence[str] | No
         get_backend(name)  # unknown names fail before anything runs
     work = copy.deepcopy(qmodel).eval()  # switched between the layer backends
     reference = _run(set_backend(work, "reference"), example_inputs)
-    ref_max = float(reference.double().abs().max()) if reference.numel() else 0.0
+    ref_flat = _flat(reference)
+    ref_max = float(ref_flat.abs().max()) if ref_flat.numel() else 0.0
     results = []
     for name in names:
         backend = get_backend(name)
@@ -206,12 +216,17 @@ def compare(qmodel: nn.Module, example_inputs: Any, backends: Sequence[str] | No
             results.append(BackendResult(name, False, reason=f"failed: {type(exc).__name__}: "
                                                               f"{_one_line(str(exc), 300)}"))
             continue
-        err = compare_outputs(reference, out)
+        if [t.shape for t in out] != [t.shape for t in reference]:
+            results.append(BackendResult(name, False, reason="failed: its outputs' shapes "
+                                         f"{[tuple(t.shape) for t in out]} differ from the "
+                                         "reference's"))
+            continue
+        err = compare_outputs(ref_flat, _flat(out))
         results.append(BackendResult(
             name, True, stats.median_ms, stats.p90_ms,
             _batch_size(example_inputs) / (stats.median_ms / 1e3), err.max_abs,
             err.max_abs / ref_max if ref_max else err.max_abs, err.cosine,
-            out.dtype == reference.dtype and torch.equal(out, reference)))
+            _same(out, reference)))
     results.sort(key=lambda r: (not r.available, r.p50_ms if r.available else 0.0))
     return BackendComparison(results, _batch_size(example_inputs),
                              threads or torch.get_num_threads(), _machine())

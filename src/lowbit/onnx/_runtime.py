@@ -102,6 +102,14 @@ class OnnxRuntimeModule(nn.Module):
         #: the same value, refused with another
         self.constants: dict[str, Any] = _load_constants(meta.get("lowbit.constants"))
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("OnnxRuntimeModule holds a live ONNX Runtime session, which cannot be "
+                        "copied or pickled: build another from the .onnx file "
+                        "(OnnxRuntimeModule(path)), or call lowbit.backends.set_backend again")
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return self.__reduce_ex__(4)
+
     def _feeds(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
         if len(args) > len(self.input_names):
             raise TypeError(f"OnnxRuntimeModule: {len(args)} positional inputs, but the graph "
