@@ -280,3 +280,25 @@ def test_checkpoint_files_honour_umask_and_clean_stale_temporaries(tmp_path) -> 
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_a_wrapped_qat_model_trained_with_another_config_is_refused(tmp_path: Path) -> None:
+    """The QATConfig check read only the root module: a QAT model inside a wrapper, trained with
+    INT8 weights, loaded silently into the same wrapper prepared for INT4 (its quantizers took
+    the INT8 scales and clipped each row to a handful of codes)."""
+    def wrapped(bits: int) -> nn.Module:
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).train()
+        q = QuantizationConfig.int8_static()
+        q = QuantizationConfig.from_dict({**q.to_dict(),
+                                          "weights": {**q.to_dict()["weights"], "bits": bits}})
+        holder = nn.Module()
+        holder.net = prepare_qat(base, QATConfig(quantization=q))
+        return holder
+
+    eight = wrapped(8)
+    eight.net(torch.randn(8, 16))
+    save_checkpoint(tmp_path / "c.safetensors", eight)
+    with pytest.raises(ValueError, match=r"its QAT model 'net'\) was prepared with"):
+        load_checkpoint(tmp_path / "c.safetensors", wrapped(4))
+    load_checkpoint(tmp_path / "c.safetensors", wrapped(8))  # the same config loads

@@ -317,6 +317,41 @@ def test_data_formats(tmp_path: Path) -> None:
         load_data(str(tmp_path / "ambiguous.safetensors"))
 
 
+def test_hostile_data_files_are_refused_naming_the_file(tmp_path: Path) -> None:
+    """A pickled payload (refused without running: torch's own advice to re-run with
+    weights_only=False is not repeated), an empty .pt, a nested dict, and a .npy whose header
+    promises 40 GB (numpy tried to allocate it) each name the DATA file and the cause."""
+    import os
+
+    import numpy as np
+
+    from lowbit.cli import load_data
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save(Evil(), tmp_path / "evil.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"inputs": {"a": torch.ones(2)}}, tmp_path / "nested.pt")
+    huge = tmp_path / "huge.npy"
+    with huge.open("wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (10_000_000_000,)})
+        f.write(b"\0" * 16)
+    for name, cause in (("evil.pt", "unsupported GLOBAL posix.system"),
+                        ("empty.pt", "EOFError"), ("nested.pt", "Could not infer dtype"),
+                        ("huge.npy", "40000000000 bytes) but the file holds 16")):
+        with pytest.raises(ValueError) as info:
+            load_data(str(tmp_path / name))
+        text = str(info.value)
+        assert text.startswith(f"DATA {str(tmp_path / name)!r}") and cause in text, text
+        assert "will likely succeed" not in text
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize(("argv", "code", "message"), [
     ([], 2, "the following arguments are required: COMMAND"),

@@ -126,6 +126,26 @@ def test_bad_magic_and_swapped_files(tmp_path):
         load_mnist(tmp_path)
 
 
+def test_hostile_idx_headers_are_refused_before_reading(tmp_path):
+    """A gzip file inflating to far more than its header announces had been decompressed in
+    full first (1000:1: a 4 MB file took 4 GB); negative or wrapping dimensions failed in numpy
+    without the file's name; images of another size loaded and failed later in the model."""
+    bomb = tmp_path / "bomb-idx.gz"
+    header = struct.pack(">BBBBiii", 0, 0, 8, 3, 1, 28, 28)
+    bomb.write_bytes(gzip.compress(header + bytes(784 + (64 << 20)), compresslevel=1))
+    with pytest.raises(ValueError, match=r"784 bytes of data.*holds more"):
+        read_idx(bomb)
+    for dims in ((-1, -784, 1), (1 << 30, 1 << 30, 16)):
+        path = tmp_path / "dims-idx"
+        path.write_bytes(struct.pack(">BBBBiii", 0, 0, 8, 3, *dims))
+        with pytest.raises(ValueError, match=r"dims-idx: header says shape .* not a dataset"):
+            read_idx(path)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 10, 10)))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(3))
+    with pytest.raises(ValueError, match="are 10 x 10 pixels; MNIST images are 28 x 28"):
+        load_mnist(tmp_path)
+
+
 def test_count_mismatch(tmp_path):
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(4))

@@ -540,6 +540,11 @@ def test_stale_temporaries_are_removed_by_the_next_save(tmp_path: Path) -> None:
             os.utime(folder / name, (old, old))
     (folder / ".x.lowbit-link0000.tmp").symlink_to(folder / names["user"])
     os.utime(folder / ".x.lowbit-link0000.tmp", (old, old), follow_symlinks=False)
+    # a save killed mid-write: its private folder, holding safetensors' own temporary
+    crashed = folder / ".model.safetensors.lowbit-dead0000.tmpdir"
+    crashed.mkdir()
+    (crashed / ".tmpAbC123").write_bytes(b"most of a model")
+    os.utime(crashed, (old, old))
     with open(folder / names["locked"], "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         save(quantize_dynamic(nn.Sequential(nn.Linear(8, 4))), folder)

@@ -107,6 +107,18 @@ def _checksum(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> s
     return hashlib.sha256((text + tensors_sha256(tensors)).encode()).hexdigest()
 
 
+def _qat_configs(model: nn.Module) -> dict[str, Any]:
+    """``{name: QATConfig dict}`` of every QAT model in ``model`` (itself: ``""``), named as
+    the checkpoint's state dict names it (a ``DistributedDataParallel`` wrapper's ``module.``
+    prefix dropped, as ``state_dict`` consumers do)."""
+    out = {}
+    for name, module in model.named_modules():
+        text = getattr(module, "lowbit_qat_config_json", None)
+        if isinstance(text, str):
+            out[name.removeprefix("module.") if name != "module" else ""] = json.loads(text)
+    return out
+
+
 def save_checkpoint(path: str | Path, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, *,
                     extra: Mapping[str, Any] | None = None) -> Path:
@@ -149,6 +161,7 @@ def save_checkpoint(path: str | Path, model: nn.Module,
         tensors.update(opt_tensors)
     qat_config = getattr(model, "lowbit_qat_config_json", None)
     meta["qat_config"] = None if qat_config is None else json.loads(qat_config)
+    meta["qat_configs"] = _qat_configs(model)  # (also of QAT models inside a wrapper / DDP)
     if any(isinstance(m, FakeQuantize) for m in model.modules()):
         meta["qat_statistics"] = collect_statistics(model).to_dict()
     tensors = _cpu_tensors(tensors)
@@ -332,11 +345,16 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     """
     path = Path(path)
     tensors, meta = _read(path)
-    saved_cfg, model_cfg = meta.get("qat_config"), getattr(model, "lowbit_qat_config_json", None)
-    if saved_cfg is not None and model_cfg is not None and json.loads(model_cfg) != saved_cfg:
-        raise ValueError(f"load_checkpoint: {path} was trained with another QATConfig than the "
-                         "one this model was prepared with; prepare the model with "
-                         "QATConfig.from_dict(<the checkpoint's qat_config>)")
+    saved = meta.get("qat_configs")
+    if not isinstance(saved, dict):  # (a checkpoint of an earlier lowbit: the root's only)
+        saved = {} if meta.get("qat_config") is None else {"": meta["qat_config"]}
+    for name, config in _qat_configs(model).items():
+        if name in saved and saved[name] != config:
+            where = f" (its QAT model {name!r})" if name else ""
+            raise ValueError(f"load_checkpoint: {path} was trained with another QATConfig than "
+                             f"the one this model{where} was prepared with; prepare the model "
+                             "with QATConfig.from_dict(<the checkpoint's qat_configs"
+                             f"[{name!r}]>)")
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     _check_model_state(model, model_sd, strict, path)
     opt_state = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import warnings
@@ -114,24 +115,22 @@ def load_data(spec: str, split: str = "eval", limit: int | None = None) -> Data:
             raise FileNotFoundError(f"DATA {spec!r} does not exist (use 'mnist' for the bundled "
                                     "set, or a .pt/.npy/.npz/.safetensors file)")
         suffix = path.suffix.lower()
-        if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, (tuple, list)) and len(obj) == 2:
-                obj = {"inputs": obj[0], "labels": obj[1]}
-            x, y = _pick(obj if isinstance(obj, dict) else {"inputs": obj}, spec)
-        elif suffix in (".npy", ".npz"):
-            import numpy as np
-
-            arr = np.load(path, allow_pickle=False)
-            x, y = _pick(dict(arr) if suffix == ".npz" else {"inputs": arr}, spec)
-        elif suffix == ".safetensors":
-            import safetensors.torch
-
-            x, y = _pick(safetensors.torch.load_file(path), spec)
-        else:
+        if suffix not in (".pt", ".pth", ".npy", ".npz", ".safetensors"):
             raise ValueError(f"DATA {spec!r}: unknown format {suffix!r}; use .pt, .npy, .npz or "
                              ".safetensors (or 'mnist')")
-        x, y = torch.as_tensor(x), None if y is None else torch.as_tensor(y)
+        try:
+            x, y = _read_data_file(path, suffix, spec)
+            x, y = torch.as_tensor(x), None if y is None else torch.as_tensor(y)
+        except ValueError as e:
+            if str(e).startswith(f"DATA {spec!r}"):  # (already names the file)
+                raise
+            raise ValueError(f"DATA {spec!r}: cannot read it as a {suffix} file "
+                             f"({_first_line(e)}); it must hold an inputs tensor (and labels), "
+                             "see lowbit --help") from e
+        except Exception as e:  # the readers' own errors (empty, truncated, nested, huge)
+            raise ValueError(f"DATA {spec!r}: cannot read it as a {suffix} file "
+                             f"({type(e).__name__}: {_first_line(e)}); it must hold an inputs "
+                             "tensor (and labels), see lowbit --help") from e
         if y is not None and (y.dim() == 0 or len(y) != len(x)):
             raise ValueError(f"DATA {spec!r} holds {len(x)} inputs but "
                              f"{y.numel() if y.dim() == 0 else len(y)} labels; "
@@ -145,6 +144,68 @@ def load_data(spec: str, split: str = "eval", limit: int | None = None) -> Data:
     if len(data.inputs) == 0:
         raise ValueError(f"DATA {spec!r} holds no sample")
     return data
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)``; its refusal as a ValueError naming ``what`` and the
+    cause (torch's own text advises ``weights_only=False``, which must not be followed for
+    files of unknown origin)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", text, re.S)
+        if found:
+            cause = found.group(1).strip()
+        else:  # torch 2.6+: the advice, then the cause in a paragraph of its own
+            paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+            causes = [p for p in paragraphs if not p.startswith(("Weights only load failed",
+                                                                   "Check the documentation"))]
+            cause = (causes[0] if causes else _first_line(e)) or type(e).__name__
+        raise ValueError(f"{what}: torch.load(weights_only=True) refused it "
+                         f"({cause.splitlines()[0][:300]})") from e
+
+
+def _read_data_file(path: Path, suffix: str, spec: str) -> tuple[Any, Any]:
+    """``(inputs, labels or None)`` of a DATA tensor file."""
+    if suffix in (".pt", ".pth"):
+        obj = _torch_load(path, f"DATA {spec!r}")
+        if isinstance(obj, (tuple, list)) and len(obj) == 2:
+            obj = {"inputs": obj[0], "labels": obj[1]}
+        return _pick(obj if isinstance(obj, dict) else {"inputs": obj}, spec)
+    if suffix in (".npy", ".npz"):
+        import numpy as np
+
+        if suffix == ".npy":
+            _check_npy_size(path, spec)
+        arr = np.load(path, allow_pickle=False)
+        return _pick(dict(arr) if suffix == ".npz" else {"inputs": arr}, spec)
+    import safetensors.torch
+
+    return _pick(safetensors.torch.load_file(path), spec)
+
+
+def _check_npy_size(path: Path, spec: str) -> None:
+    """A ``.npy`` header's shape against the file's size, before numpy allocates it."""
+    import numpy as np
+
+    fmt = np.lib.format
+    with path.open("rb") as f:
+        try:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except ValueError:
+            return  # (a header np.load reads its own way, or refuses with its own message)
+        needed = math.prod(shape) * dtype.itemsize
+        held = path.stat().st_size - f.tell()
+    if held < needed:
+        raise ValueError(f"DATA {spec!r}: its header says shape {shape} {dtype} ({needed} "
+                         f"bytes) but the file holds {held}; it is truncated or corrupted")
 
 
 # ---------------------------------------------------------------------------------- models
@@ -296,12 +357,9 @@ def load_float(spec: str, arch: str | None, arch_kwargs: dict[str, Any], *,
         state = safetensors.torch.load_file(path)
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch's own text advises weights_only=False: name the cause
-            found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
-            cause = found.group(1).strip() if found else (str(e).splitlines() or [""])[0]
-            raise ValueError(f"MODEL {spec!r}: torch.load(weights_only=True) refused it "
-                             f"({cause}): it must be a state dict saved with "
+            state = _torch_load(path, f"MODEL {spec!r}")
+        except ValueError as e:
+            raise ValueError(f"{e}: it must be a state dict saved with "
                              "torch.save(model.state_dict(), path), not a pickled model nor "
                              "another file") from e
     if not isinstance(state, dict):

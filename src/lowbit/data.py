@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,6 +90,7 @@ CIFAR10_CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "de
 _PREFIX = {"train": "train", "test": "t10k"}
 _IDX_UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
+_IDX_MAX_BYTES = 4 << 30  # an IDX file promising more is corrupted (MNIST train: 47 MB)
 _EXPECTED_NDIM = {"images": 3, "labels": 1}
 _TRAIN_TEST_SPLIT = 8000  # bundled test set only: first 8,000 train/calibrate, last 2,000 eval
 
@@ -117,15 +120,20 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"IDX file {path} does not exist")
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:  # gzipped, whatever the file is called
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-            raise ValueError(
-                f"{path}: cannot decompress ({exc}); the file is corrupted or truncated, "
-                "download it again"
-            ) from exc
+    with path.open("rb") as f:
+        gzipped = f.read(2) == _GZIP_MAGIC  # gzipped, whatever the file is called
+    try:  # (streamed: a small gzip file that inflates to gigabytes is refused by its header)
+        with (gzip.open(path, "rb") if gzipped else path.open("rb")) as f:
+            return _read_idx_stream(f, path, expected_ndim)
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot decompress ({exc}); the file is corrupted or "
+                         "truncated, download it again") from exc
+
+
+def _read_idx_stream(f: Any, path: Path, expected_ndim: int | None) -> np.ndarray:
+    """:func:`read_idx` on an open (decompressing) stream: the header first, then exactly the
+    bytes it announces, read only once its shape has been checked."""
+    raw = f.read(4)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()!r}); "
                          "expected a file such as t10k-images-idx3-ubyte(.gz)")
@@ -136,17 +144,24 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
     if expected_ndim is not None and ndim != expected_ndim:
         raise ValueError(f"{path}: has {ndim} dimension(s), expected {expected_ndim}; are the "
                          "image and label files swapped?")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated header ({len(raw)} bytes); download the file again")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64))
-    if len(raw) - header != expected:
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise ValueError(f"{path}: truncated header ({4 + len(dims)} bytes); download the file "
+                         "again")
+    shape = tuple(int.from_bytes(dims[i:i + 4], "big", signed=True) for i in range(0, len(dims), 4))
+    expected = math.prod(shape)  # (Python ints: no wrap-around)
+    if any(d < 0 for d in shape) or expected > _IDX_MAX_BYTES:
+        raise ValueError(f"{path}: header says shape {shape}, which is not a dataset this reader "
+                         f"takes (negative, or over {_IDX_MAX_BYTES >> 30} GiB); the file is "
+                         "corrupted")
+    data = f.read(expected + 1)  # (one more: a longer file is refused too)
+    if len(data) != expected:
+        held = f"{len(data)}" if len(data) <= expected else "more"
         raise ValueError(
             f"{path}: header says shape {shape} ({expected} bytes of data) but the file holds "
-            f"{len(raw) - header}; the file is truncated or corrupted, download it again"
+            f"{held}; the file is truncated or corrupted, download it again"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -189,6 +204,11 @@ def load_mnist(root: str | Path | None = None, split: str = "test"
     prefix = _PREFIX[split]
     images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"), expected_ndim=3)
     labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"), expected_ndim=1)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"load_mnist: the {split} images in {folder} are "
+                         f"{images.shape[1]} x {images.shape[2]} pixels; MNIST images are "
+                         "28 x 28 (resize your data, or load it as tensors with your own "
+                         "Dataset)")
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"load_mnist: {folder} holds {images.shape[0]} {split} images but "
                          f"{labels.shape[0]} labels; one of the files is from another set")

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import tempfile
 import time
@@ -200,7 +201,7 @@ def _dedupe(state: Mapping[str, torch.Tensor]
 
 #: Temporary files of :func:`_atomic_write`: ``.<target name>.lowbit-<random>.tmp``.
 _TMP_PREFIX, _TMP_SUFFIX = ".lowbit-", ".tmp"
-_TMP_RE = re.compile(r"^\..+\.lowbit-[A-Za-z0-9_]+\.tmp$")
+_TMP_RE = re.compile(r"^\..+\.lowbit-[A-Za-z0-9_]+\.tmp(dir)?$")
 #: A temporary not written to for this long (seconds), and not locked by a running save, was
 #: left by a crashed save: the next save into the same folder removes it.
 STALE_TMP_SECONDS = 3600.0
@@ -236,9 +237,11 @@ def clean_stale_temporaries(folder: str | os.PathLike[str], *,
                             older_than: float = STALE_TMP_SECONDS) -> list[Path]:
     """Remove the temporaries lowbit saves left in ``folder`` when they crashed.
 
-    Only files named like lowbit's temporaries (``.<name>.lowbit-<random>.tmp``), not written
-    to for ``older_than`` seconds and not locked by a save in progress are removed. Every
-    :func:`save` (and :func:`lowbit.checkpoint.save_checkpoint`) calls it on its folder.
+    Only files and folders named like lowbit's temporaries (``.<name>.lowbit-<random>.tmp``,
+    or ``.tmpdir``: a save writes inside one, so that what its writer leaves, such as
+    safetensors' own temporary, goes with it), not written to for ``older_than`` seconds and not
+    locked by a save in progress are removed. Every :func:`save` (and
+    :func:`lowbit.checkpoint.save_checkpoint`) calls it on its folder.
 
     Returns:
         The paths removed.
@@ -261,7 +264,9 @@ def clean_stale_temporaries(folder: str | os.PathLike[str], *,
         if not _TMP_RE.match(entry.name):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False):
+            folder_entry = entry.name.endswith("dir")
+            if not (entry.is_dir(follow_symlinks=False) if folder_entry
+                    else entry.is_file(follow_symlinks=False)):
                 continue
             if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
                 continue
@@ -270,7 +275,10 @@ def clean_stale_temporaries(folder: str | os.PathLike[str], *,
             continue  # removed meanwhile, or not ours to open
         try:
             if _try_lock(fd):  # a running save holds its temporary locked
-                os.unlink(entry.path)
+                if folder_entry:
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:
             pass
@@ -282,14 +290,18 @@ def clean_stale_temporaries(folder: str | os.PathLike[str], *,
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write ``path`` through a temporary file in the same folder, fsync, then ``os.replace``.
 
-    The temporary is fresh and locked while written (:func:`clean_stale_temporaries` of another
-    save leaves it alone) and gets the mode a plain ``open(path, "w")`` would (``0o666 &
-    ~umask``; ``mkstemp`` and ``safetensors`` create 0600). Stale temporaries of crashed saves
-    in the folder are removed first.
+    The temporary lies in a fresh private folder next to ``path``, locked while written
+    (:func:`clean_stale_temporaries` of another save leaves it alone), so whatever the writer
+    creates there (safetensors writes a temporary of its own and renames it) goes with the
+    folder, even after a crash. The file gets the mode a plain ``open(path, "w")`` would
+    (``0o666 & ~umask``; ``mkstemp`` and ``safetensors`` create 0600). Stale temporaries of
+    crashed saves in the folder are removed first.
     """
     clean_stale_temporaries(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_PREFIX}",
-                               suffix=_TMP_SUFFIX)
+    folder = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{_TMP_PREFIX}",
+                              suffix=f"{_TMP_SUFFIX}dir")
+    fd = os.open(folder, os.O_RDONLY)
+    tmp = os.path.join(folder, path.name)
     try:
         _try_lock(fd)
         write(tmp)
@@ -297,10 +309,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
+        shutil.rmtree(folder, ignore_errors=True)
         os.close(fd)  # releases the lock
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
