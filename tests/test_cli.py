@@ -350,6 +350,10 @@ def test_hostile_data_files_are_refused_naming_the_file(tmp_path: Path) -> None:
         assert text.startswith(f"DATA {str(tmp_path / name)!r}") and cause in text, text
         assert "will likely succeed" not in text
     assert not marker.exists()
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}] * 200, dtype=object),
+            allow_pickle=True)  # (pickled objects: numpy's own reason, not a size)
+    with pytest.raises(ValueError, match="Object arrays cannot be loaded"):
+        load_data(str(tmp_path / "objects.npy"))
 
 
 # ------------------------------------------------------------------ errors

@@ -180,6 +180,18 @@ def _fsdp_worker(rank: int, out: Path) -> None:
     save_file(result, str(out / f"fsdp_rank{rank}.safetensors"))
 
 
+class _Counting(lowbit.calibrators.MinMaxCalibrator):
+    """A custom calibrator with a public counter that differs between the ranks."""
+
+    def __init__(self, spec=None, *, tensor_name: str = "") -> None:
+        super().__init__(spec, tensor_name=tensor_name)
+        self.seen = 0
+
+    def _observe(self, *args, **kwargs) -> None:
+        self.seen += 1
+        super()._observe(*args, **kwargs)
+
+
 def _mismatch_worker(rank: int, out: Path) -> None:
     """Ranks that differ (a config that leaves rank 1 no static layer, another percentile, an
     empty GPTQ / SmoothQuant shard, a NaN batch in QAT with a histogram observer) must all
@@ -211,6 +223,15 @@ def _mismatch_worker(rank: int, out: Path) -> None:
             torch.nn.functional.cross_entropy(ddp(x), y).backward()
 
     cases["qat_nan"] = qat_nan
+
+    def counting() -> None:  # a custom calibrator's data-dependent attribute is no setting
+        cal = _Counting(tensor_name="fc.input")
+        for x in shard[:rank + 1]:
+            cal(x)
+        sync_calibrators({"fc": cal})
+        assert cal.num_batches == 3
+
+    cases["counting"] = counting
     for how, case in cases.items():
         start = time.perf_counter()
         try:
@@ -458,6 +479,9 @@ def test_a_failing_rank_makes_the_other_fail_clearly(tmp_path: Path) -> None:
             got = json.loads((tmp_path / f"{how}_rank{rank}.json").read_text())
             assert got["type"] is not None and want in got["message"], (how, rank, got)
             assert got["seconds"] < 15, (how, rank, got)
+    for rank in range(WORLD):  # ... and what does not differ merges
+        got = json.loads((tmp_path / f"counting_rank{rank}.json").read_text())
+        assert got["type"] is None, got
 
 
 def test_example_runs_on_two_processes(tmp_path: Path) -> None:

@@ -283,6 +283,9 @@ def test_a_shared_layer_is_one_row_measured_at_every_call_site() -> None:
     per_tensor = QuantizationConfig(weights=QuantSpec(granularity="per_tensor"))
     rep = analyze_sensitivity(model, per_tensor, example_input=x, progress=False)
     assert sorted(r.name for r in rep.rows) == ["a", "head"]
+    by_alias = analyze_sensitivity(model, per_tensor, example_input=x, layers=["b"],
+                                   progress=False)  # (its other name: the same row)
+    assert [r.name for r in by_alias.rows] == ["a"]
     only_a = lowbit_quantize_only(model, per_tensor, "a")
     row = next(r for r in rep.rows if r.name == "a")
     with torch.no_grad():

@@ -90,15 +90,19 @@ def _state_key(module: nn.Module, codes: str = "weight") -> tuple[int, ...]:
     names = module.__dict__.get("_state_names")
     if names is None:  # (cached: dropped when a buffer is assigned, registered or deleted)
         skip = module._non_persistent_buffers_set
-        names = (*(n for n in buffers if n not in skip), codes)  # (2+ names: a tuple)
-        module.__dict__["_state_names"] = names = (names, operator.itemgetter(*names))
-    try:  # the common case, under 1 us: every buffer present and versioned
+        # versioned ones only: None buffers and inference tensors have no counter to read
+        names = tuple(n for n, t in buffers.items() if n not in skip and t is not None
+                      and not t.is_inference())
+        getter = (operator.itemgetter(*names) if len(names) > 1  # (a tuple from 2 names on)
+                  else (lambda b, n=names: tuple(b[k] for k in n)))
+        module.__dict__["_state_names"] = names = (names, getter)
+    try:  # under 1 us: one attribute read per buffer
         return (buffers[codes].data_ptr(), *map(_VERSION, names[1](buffers)))
-    except (AttributeError, RuntimeError, KeyError):  # None, inference tensors, removed ones
-        ts = [buffers.get(n) for n in names[0]]
+    except (AttributeError, RuntimeError, KeyError):  # the codes removed or not versioned
         w = buffers.get(codes)
         return (-1 if w is None else w.data_ptr(),
-                *[-1 if t is None or t.is_inference() else t._version for t in ts])
+                *[-1 if t is None or t.is_inference() else t._version
+                  for t in map(buffers.get, names[0])])
 
 
 _VERSION = operator.attrgetter("_version")

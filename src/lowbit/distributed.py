@@ -22,6 +22,7 @@ See ``docs/distributed.md`` for ``torchrun`` commands, DDP, FSDP2 and NCCL.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -163,12 +164,18 @@ def _agree(error: BaseException | None, group: Any, what: str, count: int = 0,
 
 # ---------------------------------------------------------------------- calibration
 def _options(cal: Calibrator) -> str:
-    """A calibrator's plain settings (``percentile``, ``bins``, ``averaging_constant``, a custom
-    calibrator's own numbers and strings): ranks that differ there would merge into qparams
-    that no single process computes."""
+    """A calibrator's settings: the constructor arguments it keeps under their own names
+    (``percentile``, ``bins``, ``averaging_constant``, a custom calibrator's own), as plain
+    values; ranks that differ there would merge into qparams no single process computes.
+    (What changes with the data, such as a counter, is not a setting: left out.)"""
     plain = (bool, int, float, str, tuple, type(None))
-    return repr(sorted((k, v) for k, v in vars(cal).items()
-                       if not k.startswith("_") and k != "training" and isinstance(v, plain)))
+    try:
+        params = inspect.signature(type(cal).__init__).parameters
+    except (TypeError, ValueError):
+        return ""
+    skip = {"self", "spec", "tensor_name"}
+    return repr(sorted((k, v) for k in params if k not in skip
+                       and isinstance(v := getattr(cal, k, None), plain)))
 
 
 def _fingerprint(names: list[str], states: list[dict[str, torch.Tensor]],

@@ -247,8 +247,8 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     # a module registered under several names: one row, quantized at all its names at once
     todo = [n for n, r in plans.items() if r.status == "quantized" and not r.shared_with]
     skipped = {n: r.reason for n, r in plans.items() if r.status != "quantized"}
-    if layers is not None:
-        wanted = list(layers)
+    if layers is not None:  # (a shared module's other names: its row)
+        wanted = [n if n not in plans else (plans[n].shared_with or n) for n in layers]
         unknown = [n for n in wanted if n not in todo]
         if unknown:
             raise ValueError(f"analyze_sensitivity: layers {unknown} are not quantized under this "

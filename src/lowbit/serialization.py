@@ -300,10 +300,12 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     clean_stale_temporaries(path.parent)
     folder = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{_TMP_PREFIX}",
                               suffix=f"{_TMP_SUFFIX}dir")
-    fd = os.open(folder, os.O_RDONLY)
     tmp = os.path.join(folder, path.name)
+    fd = None
     try:
-        _try_lock(fd)
+        if fcntl is not None:  # (a folder's descriptor: POSIX; elsewhere its age protects it)
+            fd = os.open(folder, os.O_RDONLY)
+            _try_lock(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # after write: writers may recreate the file
         with open(tmp, "rb+") as f:
@@ -311,7 +313,8 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
