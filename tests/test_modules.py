@@ -916,6 +916,9 @@ def test_embedding_empty_batches_for_int8_and_int4() -> None:
         for shape in ((0,), (0, 3), (2, 0)):
             idx = torch.zeros(shape, dtype=torch.long)
             assert q(idx).shape == emb(idx).shape == (*shape, 8)
+        for dtype in (torch.uint8, torch.bool):  # refused as torch refuses them, empty or not
+            with pytest.raises(RuntimeError, match="indices"):
+                q(torch.zeros(0, dtype=dtype))
 
 
 class _no_warning:

@@ -513,7 +513,8 @@ class QuantizedEmbedding(_WeightOnly):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Indices (...) -> float rows (..., D) in the original dtype."""
         dtype = getattr(torch, self.orig_dtype, torch.float32)
-        if isinstance(idx, torch.Tensor) and idx.numel() == 0 and not idx.is_floating_point():
+        if (isinstance(idx, torch.Tensor) and idx.numel() == 0
+                and idx.dtype in (torch.int32, torch.int64)):  # (others: F.embedding refuses)
             return torch.empty(*idx.shape, self.k, dtype=dtype, device=self.qweight.device)
         rows = F.embedding(idx, self.qweight)  # (..., Kp) codes or (..., Kp/2) packed
         if self.packed:
