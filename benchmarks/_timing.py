@@ -8,6 +8,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -58,6 +59,16 @@ EMULATION_VARS = ("LOWBIT_ISA", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTION
                   "MKL_ENABLE_INSTRUCTIONS")
 
 
+def results_path(name: str) -> Path:
+    """Where a benchmark writes its JSON results: ``benchmarks/results/<name>`` (gitignored),
+    or ``$LOWBIT_BENCH_RESULTS/<name>`` (``run_all.py --out-dir DIR`` sets it); the folder is
+    created."""
+    folder = Path(os.environ.get("LOWBIT_BENCH_RESULTS") or Path(__file__).resolve().parent
+                  / "results")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
 def machine_line() -> str:
     """The CPU model, its ISA class and the ISA path lowbit runs, e.g. ``"AMD EPYC (AVX2, no
     AVX-512 VNNI), lowbit ISA path: avx2"`` (benchmarks print it: results depend on it)."""
@@ -77,6 +88,7 @@ def machine_line() -> str:
     except OSError:
         pass
     isa = ("AVX-512 VNNI" + (" + BF16" if "avx512_bf16" in flags else "")
+           + (" + AMX" if "amx_int8" in flags else "")
            if "avx512_vnni" in flags else
            "AVX2, no AVX-512 VNNI" if "avx2" in flags else "no AVX2")
     model = model or platform.processor() or platform.machine()

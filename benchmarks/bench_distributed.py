@@ -35,7 +35,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing import machine_line
+from _timing import machine_line, results_path
 
 import lowbit
 from lowbit.data import mnist_splits
@@ -105,8 +105,7 @@ def main() -> None:
         for m in ("MNIST CNN", "encoder block"):
             for c in CALIBRATORS:
                 single[(threads, m, c)] = time_rank(m, c, args.rounds, args.quick)[0]
-    out = Path(__file__).resolve().parent / "results" / "bench_distributed.json"
-    out.parent.mkdir(exist_ok=True)
+    out = results_path("bench_distributed.json")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -51,7 +51,7 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
     fc = nn.Linear(k, n)
     x = torch.randn(m, k)
     xb = x.bfloat16()
-    wb = fc.weight.detach().bfloat16()
+    wb, bb = fc.weight.detach().bfloat16(), fc.bias.detach().bfloat16()
     dyn = QuantizedLinear.from_float(fc, QuantizationConfig.int8_dynamic())
     amax = float(x.abs().max())
     static = QuantizedLinear.from_float(fc, QuantizationConfig.int8_static(),
@@ -71,7 +71,7 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
 
     cands: dict[str, Callable[[], object]] = {
         "fp32 F.linear": lambda: F.linear(x, fc.weight, fc.bias),
-        "bf16 F.linear": lambda: F.linear(xb, wb),
+        "bf16 F.linear": lambda: F.linear(xb, wb, bb),
         **({"_int_mm u8s8 (int32 out)": lambda: torch._int_mm(u, w8.t())}
            if int_mm_takes_uint8() else {}),  # (torch >= 2.13)
         "_int_mm s8s8 (int32 out)": lambda: torch._int_mm(s8, w8.t()),
@@ -89,7 +89,8 @@ def _linear_candidates(m: int, k: int, n: int) -> dict[str, Callable[[], object]
         "int4 dequant+bf16": lambda: weight_only_linear(x, "dequant_bf16",
                                                         i4_deq._dequant_padded),
     }
-    if gemm := next((g for g in ("s8_avx2", "s8_portable") if g == int8_gemm()), None):
+    # this CPU's C GEMM (s8_portable / s8_avx2 / s8_avx512_vnni / s8_amx), where it applies
+    if (gemm := int8_gemm()).startswith("s8_") and s8_acc(s8, w8, gemm, False) is not None:
         cands[f"lowbit {gemm} GEMM (int32 out)"] = lambda: s8_acc(s8, w8, gemm, False)
     if m <= 8:
         cands["_weight_int4pack_mm fp32 act"] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -119,10 +120,10 @@ def _conv_candidates(batch: int, cin: int = 32, cout: int = 32, hw: int = 16
                                    (1, 1), (1, 1), 1, kernel=kernel).contiguous()
 
     gemm = int8_gemm()  # this CPU's exact INT8 GEMM (ISA path)
+    xb, wb, bb = x.bfloat16(), conv.weight.bfloat16(), conv.bias.bfloat16()  # (not timed)
     return {
         "fp32 F.conv2d": lambda: conv(x),
-        "bf16 F.conv2d": lambda: F.conv2d(x.bfloat16(), conv.weight.bfloat16(),
-                                          conv.bias.bfloat16(), padding=1),
+        "bf16 F.conv2d": lambda: F.conv2d(xb, wb, bb, padding=1),
         "QuantizedConv2d dynamic (auto)": lambda: dyn(x),
         "QuantizedConv2d static (auto)": lambda: st(x),
         f"int8_conv2d im2col + {gemm}": forced(gemm),

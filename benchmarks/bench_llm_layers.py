@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _timing import activations, machine_line, median_times
+from _timing import activations, machine_line, median_times, results_path
 from bench_ptq import OrtModel, _onnx, _torch_ao_dynamic
 from torch import nn
 
@@ -44,7 +44,7 @@ THREADS = 2
 SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 4096, 4096), (1, 4096, 11008),
           (8, 4096, 11008), (32, 4096, 11008), (4096, 384, 1536), (32, 1024, 1024)]
 QUICK_SHAPES = [(1, 1024, 1024), (32, 384, 1536)]
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_llm_layers.json"
+RESULTS = results_path("bench_llm_layers.json")
 PEERS = ("torch.ao dynamic", "ORT dynamic INT8")
 LOWBIT = ("lowbit INT8 dynamic", "lowbit INT8 dyn 7-bit act", "lowbit INT8 static",
           "lowbit INT4 g128")

@@ -138,7 +138,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _timing import machine_line
+    from _timing import machine_line, results_path
 
     print(machine_line())
     print(f"stack: hidden {args.hidden}, {args.blocks} blocks, batch {args.batch} x "
@@ -171,9 +171,11 @@ def main() -> None:
         print(f"\ntargets: INT4 + LoRA peak memory {mem:.2f}x <= 0.45x: "
               f"{'PASS' if mem <= 0.45 else 'FAIL'}; step time {step:.2f}x <= 1.5x: "
               f"{'PASS' if step <= 1.5 else 'FAIL'}")
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "bench_lora.json").write_text(json.dumps(rows, indent=2))
+    results_path("bench_lora.json").write_text(json.dumps(rows, indent=2))
+    failed = [v for v in VARIANTS if v not in rows]
+    if failed:  # (a failed variant, the peer included, must not pass as a run)
+        print(f"\nfailed variants: {failed}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

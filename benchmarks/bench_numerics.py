@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _timing import median_times
+from _timing import machine_line, median_times
 
 from lowbit import ops
 from lowbit.config import QuantSpec
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(args.size, args.size)
     gb = x.numel() * x.element_size() / 1e9
 
+    print(f"# {machine_line()}")
     print(f"# lowbit numerics throughput: {args.size}x{args.size} float32 "
           f"({gb * 1e3:.0f} MB), {args.threads} threads, torch {torch.__version__}, "
           f"median of {rounds} round-robin rounds\n")

@@ -45,12 +45,11 @@ import os
 import re
 import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _minilm import load_minilm, tokenize
-from _timing import machine_line, median_times
+from _timing import machine_line, median_times, results_path
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -59,7 +58,7 @@ from lowbit.data import mnist_splits
 from lowbit.models import MLP, MnistCNN, train_classifier
 
 THREADS = 2
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_onnx.json"
+RESULTS = results_path("bench_onnx.json")
 SEVEN = lowbit.QuantizationConfig.int8_dynamic(activation_bits=7)
 PER_TENSOR = lowbit.QuantizationConfig.int8_dynamic(per_token=False, symmetric=False)
 #: lowbit models also exported with ``exact=False`` (int8 weights, ORT's u8 x s8 kernels)

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 from _minilm import calibration_batches, load_minilm, tokenize
-from _timing import machine_line
+from _timing import machine_line, results_path
 from torch import nn
 
 from lowbit.config import QuantizationConfig
@@ -74,7 +74,7 @@ BF16_DYN = "lowbit INT8 dynamic, bf16 model"
 #: ``--malloc tuned``: glibc keeps freed memory instead of returning it to the OS after every
 #: call (what jemalloc/tcmalloc, which PyTorch's CPU launcher preloads, do by default).
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_ptq.json"
+RESULTS = results_path("bench_ptq.json")
 
 
 @dataclass

@@ -31,10 +31,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import machine_line, results_path  # (benchmarks/: the script's folder)
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -49,7 +49,7 @@ THREADS = 1
 TARGET = 1.5  # QAT step time / FP32 step time, from the issue
 BATCH = 64
 STEP_BATCHES = (64, 256)
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_qat.json"
+RESULTS = results_path("bench_qat.json")
 
 
 def _weight_only(**spec) -> QuantizationConfig:
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print(f"# {machine_line()}, {args.threads} threads, torch {torch.__version__}", flush=True)
     splits = mnist_splits()
     rounds, per_round = (3, 3) if args.quick else (15, 5)
     rounds = args.rounds or rounds

@@ -16,18 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import machine_line, median_times
+from _timing import machine_line, median_times, results_path
 from torch import nn
 
 import lowbit
 from lowbit.evaluation import format_bytes, model_nbytes
 
 THREADS = 2
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_rnn.json"
+RESULTS = results_path("bench_rnn.json")
 
 
 class RNNLM(nn.Module):
