@@ -192,3 +192,28 @@ def test_layers_left_out_of_a_sensitivity_run_are_listed(tmp_path: Path) -> None
                               example_input=torch.randn(32, 8), progress=False)
     report(tmp_path, sensitivity=rep)
     assert "- 2: not analysed (kept in FP32 by skip_layers)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_failed_write_keeps_the_previous_report(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each file is replaced atomically: a write that fails half-way (a full disk) leaves the
+    previous report whole, and no temporary behind (it had truncated report.md)."""
+    from lowbit.evaluation import ComparisonRow
+
+    rows = [ComparisonRow("FP32", 98.6, 0.0, 827_688, 1.0),
+            ComparisonRow("INT8", 98.5, 0.1, 211_000, 3.92)]
+    report(tmp_path, comparison=rows)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def half_then_fail(self: Path, data: Any, *args: Any, **kwargs: Any) -> int:
+        with open(self, "wb") as f:
+            f.write(bytes(data[: len(data) // 2]) if isinstance(data, bytes)
+                    else data[: len(data) // 2].encode())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_fail)
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        report(tmp_path, comparison=rows, title="another title")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

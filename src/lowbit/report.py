@@ -35,7 +35,7 @@ from lowbit.config import QuantSpec
 from lowbit.evaluation import format_bytes, markdown_table
 from lowbit.modules import QUANTIZED_MODULES
 from lowbit.sensitivity import SensitivityReport
-from lowbit.serialization import layer_rows
+from lowbit.serialization import _atomic_write, layer_rows
 from lowbit.traverse import fold_bn_weights
 
 __all__ = ["LayerHistogram", "collect_histograms", "report"]
@@ -326,7 +326,8 @@ def report(out_dir: str | Path, *, comparison: Sequence[Any] | None = None,
     """Write ``report.md``, a self-contained ``report.html`` and the PNG plots to ``out_dir``.
 
     Args:
-        out_dir: folder to write (created if needed; files in it are overwritten).
+        out_dir: folder to write (created if needed; files of the same names in it are
+            replaced, each atomically).
         comparison: rows of :func:`lowbit.evaluation.compare_models` (a ``ComparisonTable``,
             ``ComparisonRow`` objects or their ``to_dict()`` dicts); the first is the baseline.
         quantized_model: a quantized model: its per-layer scheme table (from
@@ -378,8 +379,11 @@ def report(out_dir: str | Path, *, comparison: Sequence[Any] | None = None,
         md.extend([markdown_table(head, body), ""])
         page.append(_html_table(head, body))
 
+    def write(filename: str, data: bytes) -> None:  # (atomic: a crash keeps the old file)
+        _atomic_write(out / filename, lambda tmp: Path(tmp).write_bytes(data))
+
     def image(filename: str, png: bytes, alt: str) -> None:
-        (out / filename).write_bytes(png)
+        write(filename, png)
         md.extend([f"![{alt}]({filename})", ""])
         data = base64.b64encode(png).decode()
         page.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
@@ -411,10 +415,9 @@ def report(out_dir: str | Path, *, comparison: Sequence[Any] | None = None,
         for name, h in histograms.items():
             image(f"hist_{_slug(name)}.png", _hist_png(h), f"{name}: weights and inputs")
     md_text = "\n".join(md).rstrip() + "\n"
-    (out / "report.md").write_text(md_text)
+    write("report.md", md_text.encode())
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
            + "\n".join(page) + "</body></html>\n")
-    path = out / "report.html"
-    path.write_text(doc)
-    return path
+    write("report.html", doc.encode())
+    return out / "report.html"
