@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -68,12 +69,38 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _own(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """The plan's own copies of the small vectors it binds pointers to (scales, zero-points,
-    bias, compensation, smoothing): a layer's buffer can move to other memory without a new
-    version (``share_memory_()``), and a bound pointer must never outlive its memory. (The
-    codes are not copied: layers key their plans by the codes' address.)"""
-    return tuple(None if t is None else t.clone(memory_format=torch.contiguous_format)
-                 for t in tensors)
+    """Private copies of the small per-channel vectors a plan binds pointers to (scales, bias,
+    zero-points, compensation, smoothing): a layer's buffer can move to other memory without a
+    new version (``share_memory_()``), and a bound pointer must never outlive its memory. One
+    copy per vector, shared by the layer's plans while the vector is unchanged. (The codes are
+    keyed by address by the layer; group-wise scale tables are checked at each call instead,
+    :func:`_same_memory`: a copy would cost a quarter of an INT4 layer's memory.)"""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        stamp = (t.data_ptr(), -1 if t.is_inference() else t._version)
+        hit = _OWNED.get(id(t))
+        if hit is None or hit[0]() is not t or hit[1] != stamp:
+            if hit is None or hit[0]() is not t:  # (forgotten with the vector)
+                weakref.finalize(t, _OWNED.pop, id(t), None)
+            hit = _OWNED[id(t)] = (weakref.ref(t), stamp,
+                                   t.clone(memory_format=torch.contiguous_format))
+        out.append(hit[2])
+    return tuple(out)
+
+
+#: id of a source vector -> (weak reference to it, (address, version), its private copy), see
+#: :func:`_own` (keyed by id: tensors compare elementwise, so they cannot be dict keys)
+_OWNED: dict[int, tuple[Any, tuple[int, int], torch.Tensor]] = {}
+
+
+def _same_memory(*tensors: torch.Tensor) -> Callable[[], bool]:
+    """A check that ``tensors`` still live where they did (else the plan declines the call and
+    the layer's step-by-step path runs on the tensors as they are now)."""
+    pairs = tuple((t, t.data_ptr()) for t in tensors)
+    return lambda: all(t.data_ptr() == p for t, p in pairs)
 
 
 def conv_codes_plan(lib: Any, shape: tuple[int, ...], weight: torch.Tensor,
@@ -347,7 +374,8 @@ def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: 
     ho, wo = _conv_out_hw(shape, ksize, stride, padding, dilation)
     if ho <= 0 or wo <= 0 or not _direct_conv_takes(shape, n * k, stride, 1):
         return None
-    scale, zp, bias = _own(scale, zp, bias)
+    (bias,) = _own(bias)
+    unmoved = _same_memory(scale, zp)
     params = (ctypes.c_int64 * lib.lb_wo_conv_nparams())(
         b, c, h, w, n, *ksize, *stride, *padding, *dilation, packed, signed, kp, group,
         int(relu), pool, _direct_conv_threads(b * ho * wo * n * k), threads_for(b * n * ho * wo))
@@ -357,7 +385,7 @@ def wo_conv_plan(lib: Any, shape: tuple[int, ...], c_args: tuple, out_channels: 
     call = lib.lb_wo_conv_direct
 
     def run(x_ptr: int, y_ptr: int) -> int:
-        return call(*bound, x_ptr, y_ptr)
+        return call(*bound, x_ptr, y_ptr) if unmoved() else 1
 
     return Plan(run, out, _alloc_for(out), (params, codes, scale, zp, bias))
 
@@ -399,14 +427,15 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
                              f"Kp={kp}, and the codes {tuple(w.shape)}, scales "
                              f"{tuple(scale.shape)} and bias must be a layer's own "
                              f"(its _small_args) for N={n}, group={group}")
-        scale, zp, bias = _own(scale, zp, bias)
+        (bias,) = _own(bias)
+        unmoved = _same_memory(scale, zp)
         params = (ctypes.c_int64 * lib.lb_wo_linear_small_nparams())(
             m, k, w.data_ptr(), packed, signed, n, kp, group, scale.data_ptr(), zp.data_ptr(),
             _ptr(bias) or 0, int(relu), threads_for(m * n * kp))
         call, p_addr = lib.lb_wo_linear_small_prepared, ctypes.addressof(params)
 
         def run_small(x_ptr: int, y_ptr: int) -> int:
-            return call(p_addr, x_ptr, y_ptr)
+            return call(p_addr, x_ptr, y_ptr) if unmoved() else 1
 
         out = (*shape[:-1], n)
         return Plan(run_small, out, torch.empty, (w, scale, zp, bias, params))
@@ -418,7 +447,7 @@ def wo_linear_plan(lib: Any, shape: tuple[int, ...], small_args: tuple | None,
     if k > kp:
         raise ValueError(f"wo_linear_plan: the input's last dim {k} exceeds the layer's "
                          f"Kp={kp}")
-    sc, zp4, bias, smooth = _own(sc, zp4, bias, smooth)
+    bias, smooth = _own(bias, smooth)  # (sc / zp4: the layer's private INT4 panels)
     call4 = lib4.lbk_u4p_linear if smooth is None else lib4.lbk_u4p_linear_s
     head4 = (m, k, k, m * k, wp.data_ptr(), wp.numel(), n, kp, group, sc.data_ptr(),
              zp4.data_ptr(), _ptr(bias), int(relu))
