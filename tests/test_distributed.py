@@ -328,6 +328,16 @@ def _check_ok(done: list[subprocess.CompletedProcess]) -> None:
         assert d.returncode == 0, f"rank {r} failed:\n{d.stderr[-4000:]}"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The single-process references run on one thread, as the ranks do (and as the suite's
+    xdist workers do): a GEMM's float sums on another thread count round differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PTQ, DDP QAT and FSDP2 QAT on 2 ranks (one launch: starting a rank costs seconds)."""
