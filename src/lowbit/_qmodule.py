@@ -65,12 +65,11 @@ def record_weight_reads() -> Iterator[set[int]]:
         _WEIGHT_READS.reset(token)
 
 
-def _weight_key(w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, int, int]:
+def _weight_key(w: torch.Tensor) -> tuple[int, int]:
     """What identifies one tensor's values (the input smoothing a prepared call applies): its
     version counter (moved by in-place changes) and storage; inference tensors (made under
     ``torch.inference_mode``) have no version counter: their storage alone."""
-    return (-1 if w.is_inference() else w._version, w.data_ptr(),
-            -1 if bias is None or bias.is_inference() else bias._version)
+    return (-1 if w.is_inference() else w._version, w.data_ptr())
 
 
 def _state_key(module: nn.Module, codes: str = "weight") -> tuple[int, ...]:
@@ -915,7 +914,7 @@ class QuantizedModuleBase(nn.Module):
         if x.dim() == 0 or x.shape[dim] != expected:
             raise ValueError(f"{self._label()}: expected input with {expected} features in dim "
                              f"{dim} (in_features={expected}), got shape {tuple(x.shape)}")
-        if w is not None and not w.is_meta:  # (meta: no values to derive caches from)
+        if not w.is_meta:  # (meta: no values to derive caches from)
             self._fresh_caches()
         return x.detach()
 

@@ -121,16 +121,13 @@ def load_data(spec: str, split: str = "eval", limit: int | None = None) -> Data:
         try:
             x, y = _read_data_file(path, suffix, spec)
             x, y = torch.as_tensor(x), None if y is None else torch.as_tensor(y)
-        except ValueError as e:
-            if str(e).startswith(f"DATA {spec!r}"):  # (already names the file)
-                raise
-            raise ValueError(f"DATA {spec!r}: cannot read it as a {suffix} file "
-                             f"({_first_line(e)}); it must hold an inputs tensor (and labels), "
-                             "see lowbit --help") from e
         except Exception as e:  # the readers' own errors (empty, truncated, nested, huge)
-            raise ValueError(f"DATA {spec!r}: cannot read it as a {suffix} file "
-                             f"({type(e).__name__}: {_first_line(e)}); it must hold an inputs "
-                             "tensor (and labels), see lowbit --help") from e
+            if isinstance(e, ValueError) and str(e).startswith(f"DATA {spec!r}"):
+                raise  # (already names the file)
+            cause = _first_line(e) if isinstance(e, ValueError) else (
+                f"{type(e).__name__}: {_first_line(e)}")
+            raise ValueError(f"DATA {spec!r}: cannot read it as a {suffix} file ({cause}); it "
+                             "must hold an inputs tensor (and labels), see lowbit --help") from e
         if y is not None and (y.dim() == 0 or len(y) != len(x)):
             raise ValueError(f"DATA {spec!r} holds {len(x)} inputs but "
                              f"{y.numel() if y.dim() == 0 else len(y)} labels; "

@@ -162,6 +162,21 @@ def _agree(error: BaseException | None, group: Any, what: str, count: int = 0,
     return sum(int(p[1:9].clone().view(torch.int64)) for p in parts)
 
 
+def _run_agreed(run: Callable[[], _T], group: Any, what: str,
+                count: Callable[[_T], int] = lambda _: 0,
+                timeout: float | None = None) -> tuple[_T, int]:
+    """``run()`` on this rank, then every rank reports its success (with ``count`` of the
+    result) or its error before anything else is exchanged (:func:`_agree`): a rank whose
+    ``run`` raised re-raises, the others raise :class:`DistributedSyncError` naming it instead
+    of waiting for it. Returns ``run()``'s result and the counts summed over the ranks."""
+    try:
+        out = run()
+    except BaseException as exc:
+        _agree(exc, group, what, timeout=timeout)
+        raise
+    return out, _agree(None, group, what, count(out), timeout=timeout)
+
+
 # ---------------------------------------------------------------------- calibration
 def _options(cal: Calibrator) -> str:
     """A calibrator's settings: the constructor arguments it keeps under their own names
@@ -316,12 +331,7 @@ def calibrate_synced(run: Callable[[], int], calibrators: Mapping[str, Calibrato
     group = active_group(process_group) if sync else None
     if group is None:
         return run()
-    try:
-        count = run()
-    except BaseException as exc:
-        _agree(exc, group, "calibration", timeout=timeout)
-        raise
-    total = _agree(None, group, "calibration", count, timeout=timeout)
+    _, total = _run_agreed(run, group, "calibration", lambda count: count, timeout)
     sync_calibrators(calibrators, group)
     return total
 
@@ -520,12 +530,6 @@ def on_rank0(fn: Callable[..., _T], *args: Any, process_group: Any = None,
     group = active_group(process_group)
     if group is None:
         return fn(*args, **kwargs)
-    result = None
-    if dist.get_rank(group) == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            _agree(exc, group, f"{getattr(fn, '__name__', 'call')} on rank 0")
-            raise
-    _agree(None, group, f"{getattr(fn, '__name__', 'call')} on rank 0")
-    return result
+    rank0 = dist.get_rank(group) == 0
+    return _run_agreed(lambda: fn(*args, **kwargs) if rank0 else None, group,
+                       f"{getattr(fn, '__name__', 'call')} on rank 0")[0]

@@ -175,9 +175,10 @@ def _output(model: nn.Module, batch: Any) -> torch.Tensor | None:
 
 
 def _metric(eval_fn: EvalFn, model: nn.Module, what: str) -> float:
-    """``eval_fn(model)`` as a finite float, with ``model`` (a working copy) back in eval mode
-    after it (an ``eval_fn`` that ends with ``model.train()`` would leave dropout on for the
-    next measurement)."""
+    """``eval_fn(model)`` as a finite float, with ``model`` back in eval mode after it (an
+    ``eval_fn`` that ends with ``model.train()`` would leave dropout on for the next
+    measurement; the user's own model is scored inside ``_eval_mode``, which restores its
+    modes afterwards)."""
     value = float(eval_fn(model))
     model.eval()
     if not math.isfinite(value):
@@ -374,11 +375,8 @@ def auto_fallback(model: nn.Module, config: QuantizationConfig | None, eval_fn: 
         cfg = _with_fallback(config, fallback, fallback_config) if fallback else config
         return PTQQuantizer(cfg, progress=False).quantize(model, calibration_data)
 
-    with _eval_mode(model):  # (the user's model may be training: no dropout, BN statistics)
-        baseline = float(eval_fn(model))
-    if not math.isfinite(baseline):
-        raise ValueError(f"auto_fallback: eval_fn returned {baseline} for the float model; it "
-                         "must return a finite number, higher is better")
+    with _eval_mode(model):  # (the user's model may be training: no dropout, BN statistics;
+        baseline = _metric(eval_fn, model, "the float model")  # its modes come back after)
     fallback: list[str] = []
     qmodel = quantize(fallback)
     drop = baseline - _metric(eval_fn, qmodel, "the quantized model")

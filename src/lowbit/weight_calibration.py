@@ -286,15 +286,9 @@ def _collect(group: Any, what: str, collect: Callable[[], _T]) -> _T:
     it instead of waiting for its sums."""
     if group is None:
         return collect()
-    from lowbit.distributed import _agree
+    from lowbit.distributed import _run_agreed
 
-    try:
-        out = collect()
-    except BaseException as exc:
-        _agree(exc, group, what)
-        raise
-    _agree(None, group, what)
-    return out
+    return _run_agreed(collect, group, what)[0]
 
 
 def _sync_stats(stats: Mapping[str, _Stats], group: Any, what: str, full: bool = True) -> None:
