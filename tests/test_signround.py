@@ -160,6 +160,10 @@ def test_options_are_checked():
         signround_block(block, {"1": SPEC}, samples, iters=2)
     with pytest.raises(ValueError, match="no calibration batch"):
         signround_block(block, {"0": SPEC}, [], iters=2)
+    nan = torch.randn(4, 32)
+    nan[1, 2] = float("nan")  # a NaN error never beats the start: RTN was kept silently
+    with pytest.raises(ValueError, match=r"calibration batches is nan.*\[.0.\]"):
+        signround_block(block, {"0": SPEC}, [((nan,), {})], iters=2)
     with pytest.raises(ValueError, match=r"no layer 'nope\.x'"):
         block_of(block, "nope.x")
     with pytest.raises(ValueError, match="not options of method='signround'"):

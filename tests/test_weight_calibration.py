@@ -275,14 +275,26 @@ def test_layers_called_with_the_input_keyword_quantize_and_smooth() -> None:
 
 @pytest.mark.parametrize("cfg", [QuantizationConfig.int4_weight_only(16, method="gptq"),
                                  QuantizationConfig.int4_weight_only(16, method="awq"),
+                                 QuantizationConfig.int4_weight_only(16, method="signround"),
                                  QuantizationConfig.int8_dynamic(smooth_quant=0.5)],
-                         ids=["gptq", "awq", "smoothquant"])
+                         ids=["gptq", "awq", "signround", "smoothquant"])
 def test_nan_calibration_inputs_are_refused_naming_the_layer(cfg: QuantizationConfig) -> None:
     """A NaN in a calibration batch: GPTQ failed in a bare ``linalg.cholesky`` error, AWQ and
-    SmoothQuant went on with NaN statistics."""
+    SmoothQuant went on with NaN statistics, SignRound kept round-to-nearest (a NaN error never
+    improves) while the layer said ``signround``."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     batches = [torch.randn(4, 16) for _ in range(3)]
     batches[1][0, 3] = float("nan")
     with pytest.raises(ValueError, match=r"0: its inputs in the calibration batches hold NaN"):
         PTQQuantizer(cfg, progress=False).quantize(model, batches)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "signround"])
+def test_empty_calibration_batch_is_refused_naming_the_layer(method: str) -> None:
+    """A zero-row batch: GPTQ / AWQ failed in a bare ``amax()`` IndexError naming no layer,
+    SignRound kept round-to-nearest without a word."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    cfg = QuantizationConfig.int4_weight_only(16, method=method)
+    with pytest.raises(ValueError, match=r"^0: a calibration batch gave it an empty input"):
+        PTQQuantizer(cfg, progress=False).quantize(model, [torch.randn(0, 16)])

@@ -16,6 +16,7 @@ Memory: the inputs and targets of one block on every calibration batch are kept.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -163,6 +164,11 @@ def signround_block(block: nn.Module, layers: Mapping[str, QuantSpec],
 
     checks = {iters * j // 4 for j in range(1, 5)}  # keep the best of these and the start
     best, kept = total(), [r.state() for r in rounding.values()]
+    if not math.isfinite(best):  # NaN never improves: round-to-nearest would be kept silently
+        raise ValueError(f"signround: the block's output error on the calibration batches is "
+                         f"{best} (its inputs or the float block's output hold NaN/Inf, or a "
+                         f"batch is empty); fix the calibration batches, or keep the layers "
+                         f"{sorted(layers)} round-to-nearest")
     with torch.enable_grad():
         for it in tqdm(range(iters), desc="signround", unit="it", disable=not progress,
                        leave=False):

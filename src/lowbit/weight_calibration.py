@@ -439,7 +439,9 @@ def _group_stats(model: nn.Module, group: list[str], multi: bool, data: Iterable
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            stats[name].update(_first(args, kwargs))
+            x = _first(args, kwargs)
+            _check_input(name, x, "weight calibration (GPTQ / AWQ)", finite=False)
+            stats[name].update(x)
             pending.discard(name)
             if not pending and not multi:
                 raise _Stop  # the rest of the model is not needed for this group
@@ -455,15 +457,32 @@ def _group_stats(model: nn.Module, group: list[str], multi: bool, data: Iterable
     return stats
 
 
+def _check_input(name: str, x: Any, what: str, *, finite: bool = True) -> None:
+    """Refuse a layer's (or block's) calibration input that is empty, or (``finite``) holds
+    NaN / Inf, naming it (an empty batch failed in a bare reduction error; SignRound kept
+    round-to-nearest without a word)."""
+    if not isinstance(x, torch.Tensor):
+        return
+    if x.numel() == 0:
+        raise ValueError(f"{name}: a calibration batch gave it an empty input (shape "
+                         f"{tuple(x.shape)}); {what} needs at least one row: drop empty "
+                         "batches from the calibration data")
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(_not_finite(name, what))
+
+
+def _not_finite(name: str, what: str) -> str:
+    return (f"{name}: its inputs in the calibration batches hold NaN/Inf values, which {what} "
+            f"cannot use; fix the calibration batches, or keep the layer in float with "
+            f"layer_overrides={{{name!r}: None}}")
+
+
 def _check_finite(stats: Mapping[str, _Stats], what: str) -> None:
     """Refuse statistics of inputs that held NaN / Inf, naming the layer (GPTQ failed in a
     bare Cholesky error, SmoothQuant's factors became NaN)."""
     for name, st in stats.items():
         if not bool(torch.isfinite(st.h).all() & torch.isfinite(st.abs_max).all()):
-            raise ValueError(f"{name}: its inputs in the calibration batches hold NaN/Inf "
-                             f"values, which {what} cannot use; fix the calibration batches, "
-                             f"or keep the layer in float with layer_overrides={{{name!r}: "
-                             "None}")
+            raise ValueError(_not_finite(name, what))
 
 
 def calibrate_weights(model: nn.Module, layers: Mapping[str, tuple[str, QuantSpec,
@@ -595,6 +614,8 @@ def _signround(model: nn.Module, block_name: str, names: list[str],
             raise _Stop
 
     _run(model, data, {block_name: capture}, max_batches)
+    for args, kwargs in samples:
+        _check_input(block_name, _first(args, kwargs), "SignRound")
     # inference tensors become normal ones (autograd runs through the block)
     samples = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, samples)
     prefix = len(block_name) + 1
