@@ -198,12 +198,55 @@ def test_load_adapters_refuses_another_base(tmp_path: Path) -> None:
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     safetensors.torch.save_file(tensors, str(bad), meta)
+    with pytest.raises(ValueError, match="adapter tensors are damaged"):  # the checksum
+        lowbit.load_adapters(_quantize("int4"), bad)
+    meta.pop("sha256")  # a file saved before lowbit recorded checksums
+    safetensors.torch.save_file(tensors, str(bad), meta)
     with pytest.raises(ValueError, match=r"lora_A must be a float tensor of shape \(8, 64\)"):
         lowbit.load_adapters(_quantize("int4"), bad)
     with pytest.raises(FileNotFoundError, match="save_adapters"):
         lowbit.load_adapters(_quantize("int4"), tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="has no LoRA adapters"):
         lowbit.save_adapters(_quantize("int4"), tmp_path / "none.safetensors")
+
+
+def test_load_adapters_refuses_damaged_tensors_before_changing_the_model(
+        tmp_path: Path) -> None:
+    """Two flipped bytes in a tensor loaded silently (output off by 8); a file without the
+    adapters a model has was refused only after ``inplace=True`` had overwritten the others."""
+    lq = _trained("dynamic")
+    path = lowbit.save_adapters(lq, tmp_path / "a.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0x7F
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="adapter tensors are damaged"):
+        lowbit.load_adapters(_quantize("dynamic"), damaged)
+    tensors = safetensors.torch.load_file(str(path))
+    tensors["2.lora_B"][0, 0] = float("nan")
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
+    safetensors.torch.save_file(tensors, str(damaged), meta)
+    with pytest.raises(ValueError, match=r"layer '2': lora_B holds NaN/Inf"):
+        lowbit.load_adapters(_quantize("dynamic"), damaged)
+
+    one = lowbit.save_adapters(add_lora(_quantize("dynamic"), r=2, target_modules=["0"]),
+                               tmp_path / "one.safetensors")
+    target = add_lora(_quantize("dynamic"), r=2, alpha=4.0)  # adapters on 0, 2 and 4
+    with torch.no_grad():
+        target[0].lora_B.normal_()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"has adapters at \['2', '4'\] that the file does "
+                                         "not hold"):
+        lowbit.load_adapters(target, one, inplace=True)
+    assert target[0].scaling == 2.0
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_lora_alpha_must_be_finite(alpha: float) -> None:
+    with pytest.raises(ValueError, match="must be a finite number"):
+        add_lora(_quantize("dynamic"), r=2, alpha=alpha)
 
 
 def test_merge_a_root_adapter_and_a_static_config_check() -> None:

@@ -103,6 +103,9 @@ class LoRALinear(nn.Module):
         except (TypeError, ValueError):
             raise ValueError(f"LoRALinear: alpha={alpha!r} must be a number (the update is "
                              "scaled by alpha / r; lowbit's default is 16)") from None
+        if not math.isfinite(alpha):  # NaN / Inf: every output NaN, even with lora_B zero
+            raise ValueError(f"LoRALinear: alpha={alpha!r} must be a finite number (the update "
+                             "is scaled by alpha / r; lowbit's default is 16)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
         self.alpha, self.dropout_p = alpha, float(dropout)

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike[str]) -> Path:
                                   "in_features": base.in_features,
                                   "out_features": base.out_features,
                                   "fingerprint": base_fingerprint(base)}}
-    metadata = {"format": ADAPTER_FORMAT, "adapters": json.dumps(entries, sort_keys=True)}
+    from lowbit.serialization import tensors_sha256
+
+    metadata = {"format": ADAPTER_FORMAT, "adapters": json.dumps(entries, sort_keys=True),
+                "sha256": tensors_sha256(tensors)}  # load_adapters finds damaged tensors
     target = _file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata))
@@ -129,6 +133,12 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise ValueError(f"{where}: the adapter metadata is not valid JSON ({e})") from e
     if not isinstance(entries, dict) or not entries:
         raise ValueError(f"{where}: the adapter metadata lists no adapters")
+    from lowbit.serialization import tensors_sha256
+
+    stored = meta.get("sha256")  # files saved before lowbit recorded it have none
+    if stored is not None and stored != tensors_sha256(tensors):
+        raise ValueError(f"{where}: the adapter tensors are damaged (their SHA-256 differs "
+                         "from the one recorded when the file was saved); save them again")
     return entries, tensors
 
 
@@ -148,6 +158,9 @@ def _check_entry(where: str, entry: Any, a: Any, b: Any) -> None:
             got = None if t is None else (t.dtype, tuple(t.shape))
             raise ValueError(f"{where}: {label} must be a float tensor of shape {shape}, "
                              f"got {got}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {label} holds NaN/Inf values: the file is damaged, or "
+                             "the adapters diverged in training; save them again")
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike[str], *,
@@ -189,47 +202,20 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *,
         report = getattr(model, "lowbit_report", None)
         model = copy.deepcopy(model, {} if report is None else {id(report): report})
     existing = _adapters(model)
+    extra = sorted(set(existing) - set(entries))
+    if extra:
+        raise ValueError(f"load_adapters: {file}: the model has adapters at {extra[:20]} that "
+                         "the file does not hold; load onto a model without them")
     modules = dict(model.named_modules())
-    for name, entry in entries.items():
-        where = f"load_adapters: {file}: layer {name!r}"
-        prefix = f"{name}." if name else ""
-        a, b = tensors.get(prefix + "lora_A"), tensors.get(prefix + "lora_B")
-        _check_entry(where, entry, a, b)
-        target = modules.get(name)
-        base = target.base if isinstance(target, LoRALinear) else target
-        if not isinstance(base, LORA_BASES):
-            candidates = sorted(n for n, m in modules.items() if isinstance(m, LORA_BASES))
-            raise ValueError(f"{where}: the model has no quantized linear layer there (found "
-                             f"{type(target).__name__ if target is not None else 'nothing'}); "
-                             f"its quantized linear layers: {candidates[:20]}")
-        stored = entry["base"]
-        label = (f"{where} ({type(base).__name__} {base.in_features} -> "
-                 f"{base.out_features})")
-        if (stored.get("class"), stored.get("in_features"), stored.get("out_features")) != (
-                type(base).__name__, base.in_features, base.out_features):
-            raise ValueError(f"{label}: the adapters were trained on a {stored.get('class')!r:.40}"
-                             f" {stored.get('in_features')} -> {stored.get('out_features')}; "
-                             "load them onto the model they were saved from")
-        if stored.get("fingerprint") != base_fingerprint(base):
-            raise ValueError(f"{label}: its weights differ from the base the adapters were "
-                             "trained on (fingerprint mismatch); load them onto the quantized "
-                             "model they were saved from (same float weights and config)")
-        if isinstance(target, LoRALinear):
-            if target.r != entry["lora"]["r"]:
-                raise ValueError(f"{label}: its adapter has r={target.r}, the file "
-                                 f"r={entry['lora']['r']}")
-            try:  # the file's scaling and dropout, as a fresh wrapper would get them
-                target.set_scaling(entry["lora"]["alpha"], entry["lora"].get("dropout", 0.0))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{where}: cannot rebuild the adapter from "
-                                 f"{entry['lora']!r:.200}: {e}") from e
+    # every entry is checked (and its wrapper built) before the model changes: with
+    # inplace=True a refused file leaves the model as it was
+    plans = [_plan(file, name, entry, tensors, modules) for name, entry in entries.items()]
+    for name, target, base, fresh, a, b in plans:
+        if isinstance(target, LoRALinear):  # same r (checked); the file's scaling and dropout
+            target.set_scaling(fresh.alpha, fresh.dropout_p)
             layer = target
         else:
-            try:
-                layer = LoRALinear.from_config(base, entry["lora"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{where}: cannot rebuild the adapter from "
-                                 f"{entry['lora']!r:.200}: {e}") from e
+            layer = fresh
             for n in [n for n, m in model.named_modules(remove_duplicate=False) if m is base]:
                 if n:
                     model.set_submodule(n, layer)
@@ -238,9 +224,43 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *,
         with torch.no_grad():
             layer.lora_A.copy_(a)
             layer.lora_B.copy_(b)
-    extra = sorted(set(existing) - set(entries))
-    if extra:
-        raise ValueError(f"load_adapters: {file}: the model has adapters at {extra[:20]} that "
-                         "the file does not hold; load onto a model without them")
     mark_only_lora_trainable(model)
     return model
+
+
+def _plan(file: Path, name: str, entry: Any, tensors: Mapping[str, torch.Tensor],
+          modules: Mapping[str, nn.Module]
+          ) -> tuple[str, nn.Module | None, nn.Module, LoRALinear, torch.Tensor, torch.Tensor]:
+    """One stored adapter checked against the model's layer ``name``: ``(name, the layer
+    there, its quantized base, a wrapper built from the file's settings, lora_A, lora_B)``."""
+    where = f"load_adapters: {file}: layer {name!r}"
+    prefix = f"{name}." if name else ""
+    a, b = tensors.get(prefix + "lora_A"), tensors.get(prefix + "lora_B")
+    _check_entry(where, entry, a, b)
+    target = modules.get(name)
+    base = target.base if isinstance(target, LoRALinear) else target
+    if not isinstance(base, LORA_BASES):
+        candidates = sorted(n for n, m in modules.items() if isinstance(m, LORA_BASES))
+        raise ValueError(f"{where}: the model has no quantized linear layer there (found "
+                         f"{type(target).__name__ if target is not None else 'nothing'}); "
+                         f"its quantized linear layers: {candidates[:20]}")
+    stored = entry["base"]
+    label = f"{where} ({type(base).__name__} {base.in_features} -> {base.out_features})"
+    if (stored.get("class"), stored.get("in_features"), stored.get("out_features")) != (
+            type(base).__name__, base.in_features, base.out_features):
+        raise ValueError(f"{label}: the adapters were trained on a {stored.get('class')!r:.40}"
+                         f" {stored.get('in_features')} -> {stored.get('out_features')}; "
+                         "load them onto the model they were saved from")
+    if stored.get("fingerprint") != base_fingerprint(base):
+        raise ValueError(f"{label}: its weights differ from the base the adapters were "
+                         "trained on (fingerprint mismatch); load them onto the quantized "
+                         "model they were saved from (same float weights and config)")
+    if isinstance(target, LoRALinear) and target.r != entry["lora"]["r"]:
+        raise ValueError(f"{label}: its adapter has r={target.r}, the file "
+                         f"r={entry['lora']['r']}")
+    try:
+        fresh = LoRALinear.from_config(base, entry["lora"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: cannot rebuild the adapter from "
+                         f"{entry['lora']!r:.200}: {e}") from e
+    return name, target, base, fresh, a, b
