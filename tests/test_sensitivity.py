@@ -240,6 +240,17 @@ def test_bad_metrics_and_settings_are_refused(trap) -> None:
         auto_fallback(model, PER_TENSOR_STATIC, agreement, calib, max_fallback=-1)
 
 
+@pytest.mark.parametrize("example", [torch.randn(0, 16), torch.full((4, 16), float("nan"))],
+                         ids=["empty", "nan"])
+def test_an_example_input_nothing_can_be_measured_on_is_refused(example) -> None:
+    """An empty example scored every layer cosine 1.0 (perfectly safe), a NaN one ranked the
+    layers by NaN in arbitrary order; auto_fallback then fell back in that order."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with pytest.raises(ValueError, match=r"the float model's output on example_input "
+                                         r"(is empty|holds NaN/Inf)"):
+        analyze_sensitivity(model, example_input=example, progress=False)
+
+
 def test_an_eval_fn_that_leaves_train_mode_does_not_change_the_measurements() -> None:
     """The working copy is back in eval mode after every eval_fn call: an eval_fn ending with
     model.train() had left dropout on for the output error (cosine 0.52 instead of 1.0)."""

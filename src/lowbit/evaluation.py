@@ -320,6 +320,17 @@ class OutputError:
     rel_l2: float
 
 
+def _check_reference(output: torch.Tensor, what: str) -> None:
+    """Refuse a reference output that nothing can be measured against: empty (every candidate
+    would score a perfect cosine) or holding NaN / Inf (every score NaN)."""
+    if output.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(output.shape)}); pass a batch with at "
+                         "least one sample")
+    if output.is_floating_point() and not bool(torch.isfinite(output).all()):
+        raise ValueError(f"{what} holds NaN/Inf values, so no error can be measured against "
+                         "it; pass finite inputs")
+
+
 def compare_outputs(reference: Any, candidate: Any) -> OutputError:
     """Compare two outputs of the same shape (tensors or numpy arrays), in float64.
 

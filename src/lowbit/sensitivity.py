@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration import run_batch
 from lowbit.config import QuantizationConfig
-from lowbit.evaluation import _eval_mode, compare_outputs
+from lowbit.evaluation import _check_reference, _eval_mode, compare_outputs
 from lowbit.modules_mha import expand_attention
 from lowbit.ptq import PTQQuantizer
 from lowbit.reparam import copy_model
@@ -266,6 +266,9 @@ def analyze_sensitivity(model: nn.Module, config: QuantizationConfig | None = No
     if eval_fn is None and reference is None:
         raise ValueError("analyze_sensitivity: the model's output on example_input holds no "
                          "tensor to compare; pass eval_fn (higher is better) instead")
+    if reference is not None:  # else every layer scored a perfect (or NaN) cosine
+        _check_reference(reference, "analyze_sensitivity: the float model's output on "
+                                    "example_input")
     rows = []
     for name in tqdm(todo, desc="sensitivity", unit="layer", disable=not progress, leave=False):
         plan = plans[name]

@@ -97,3 +97,12 @@ def test_every_output_is_compared_and_batch_is_read_from_the_first_tensor() -> N
                             iters=2)["torch"].exact
     assert backends.compare(only_int8, {"use_cache": False, "x": x}, ["reference"], warmup=1,
                             iters=2).batch_size == 32
+
+
+@pytest.mark.parametrize("example", [torch.randn(0, 32), torch.full((4, 32), float("nan"))],
+                         ids=["empty", "nan"])
+def test_an_example_nothing_can_be_measured_on_is_refused(example) -> None:
+    """An empty batch reported every backend 'same bits, cosine 1.0'."""
+    with pytest.raises(ValueError, match=r"reference backend's output on example_inputs "
+                                         r"(is empty|holds NaN/Inf)"):
+        backends.compare(lowbit.quantize_dynamic(_mlp()), example, ["reference", "native"])

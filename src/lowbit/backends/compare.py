@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.backends.registry import _status, available, get_backend, set_backend
-from lowbit.evaluation import _call, compare_outputs, measure_latency
+from lowbit.evaluation import _call, _check_reference, compare_outputs, measure_latency
 
 __all__ = ["BackendComparison", "BackendResult", "Selection", "compare", "select_best"]
 
@@ -193,7 +193,8 @@ def compare(qmodel: nn.Module, example_inputs: Any, backends: Sequence[str] | No
         get_backend(name)  # unknown names fail before anything runs
     work = copy.deepcopy(qmodel).eval()  # switched between the layer backends
     reference = _run(set_backend(work, "reference"), example_inputs)
-    ref_flat = _flat(reference)
+    ref_flat = _flat(reference) if reference else torch.zeros(0)
+    _check_reference(ref_flat, "compare: the reference backend's output on example_inputs")
     ref_max = float(ref_flat.abs().max()) if ref_flat.numel() else 0.0
     results = []
     for name in names:
