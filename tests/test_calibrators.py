@@ -1039,3 +1039,15 @@ def test_observed_range_refuses_what_is_not_a_fed_calibrator() -> None:
         cb.observed_range("minmax")
     with pytest.raises(ValueError):  # (nothing observed: compute_range's own message)
         cb.observed_range(MinMaxCalibrator(tensor_name="fc1 input"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda v: PercentileCalibrator(percentile=v),
+    lambda v: MovingAverageCalibrator(averaging_constant=v)], ids=["percentile", "moving"])
+@pytest.mark.parametrize("value", [True, None, "abc", float("nan")])
+def test_calibrator_options_must_be_numbers(make, value) -> None:
+    """percentile=True had been taken as 1.0 (a range clipping almost everything); None and
+    strings failed in float() without naming the option."""
+    with pytest.raises(ValueError, match=r"\.(percentile|averaging_constant)=.* must be a "
+                                         "finite number"):
+        make(value)

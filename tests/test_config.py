@@ -39,6 +39,7 @@ def test_quantspec_code_range(bits, signed, narrow, qmin, qmax, dtype):
     ({"granularity": "per_group"}, "group_size"),
     ({"granularity": "per_group", "group_size": 0}, "group_size"),
     ({"granularity": "per_group", "group_size": 32.0}, "group_size"),
+    ({"granularity": "per_group", "group_size": True}, "group_size"),  # had been group size 1
     ({"granularity": "per_channel", "group_size": 32}, "group_size"),
     ({"axis": 1.5}, "axis"),
     ({"axis": True}, "axis"),
@@ -84,7 +85,7 @@ def test_quantspec_dict_and_json_round_trip(spec):
     ({"mode": "fast"}, "mode"),
     ({"weights": "int8"}, "weights"),
     ({"activations": "int8"}, "activations"),
-    ({"mode": "weight_only"}, "activations"),
+    ({"mode": "weight_only", "activations": QuantSpec()}, "activations"),
     ({"mode": "dynamic", "activations": None}, "activations"),
     ({"activations": QuantSpec(granularity="per_channel")}, "activations"),
     ({"mode": "static", "activations": QuantSpec(granularity="per_token")}, "granularity"),
@@ -94,6 +95,9 @@ def test_quantspec_dict_and_json_round_trip(spec):
     ({"skip_layers": ["fc1", 3]}, "skip_layers"),
     ({"layer_overrides": {3: None}}, "layer_overrides"),
     ({"layer_overrides": {"fc1": "int8"}}, r"layer_overrides\['fc1'\]"),
+    ({"skip_layers": 5}, "skip_layers must be a list"),  # had been "'int' object is not ..."
+    ({"calibrator_kwargs": [1, 2]}, "calibrator_kwargs must be a dict"),
+    ({"layer_overrides": ["fc1"]}, "layer_overrides must be a dict"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -303,14 +307,14 @@ def test_from_json_that_is_not_an_object_is_refused() -> None:
 @pytest.mark.parametrize("method, key, value", [
     ("gptq", "clip_search", "yes"), ("gptq", "act_order", 1), ("gptq", "damp", -0.1),
     ("gptq", "damp", True), ("gptq", "block_size", 0), ("gptq", "block_size", 64.0),
-    ("awq", "grid", "20"),
+    ("awq", "grid", "20"), ("gptq", "damp", float("inf")), ("signround", "lr", float("nan")),
 ])
 def test_method_options_of_the_wrong_type_are_refused(method: str, key: str,
                                                       value: object) -> None:
     with pytest.raises(ValueError, match=rf"method_kwargs\['{key}'\].*takes"):
         QuantizationConfig.int4_weight_only(32, method=method, method_kwargs={key: value})
     good = {"clip_search": True, "act_order": False, "damp": 0.05, "block_size": 64,
-            "grid": 10}[key]
+            "grid": 10, "lr": 0.01}[key]
     QuantizationConfig.int4_weight_only(32, method=method, method_kwargs={key: good})
 
 
@@ -328,3 +332,14 @@ def test_a_containers_rule_covers_its_layers_and_the_most_specific_rule_wins():
     assert cfg.config_for("encoder.block.1.fc") is None
     assert cfg.config_for("heads.0.proj") is None  # a glob naming a container
     assert cfg.config_for("classifier_extra") is cfg and cfg.config_for("body.0") is cfg
+
+
+def test_the_default_activations_follow_the_mode() -> None:
+    """QuantizationConfig(mode="static") and (mode="weight_only") raised: the activations
+    default was always the dynamic per-token spec, whatever the mode."""
+    assert QuantizationConfig(mode="static") == QuantizationConfig.int8_static()
+    assert QuantizationConfig(mode="static").activations == QuantSpec.int8_static_activation()
+    assert QuantizationConfig(mode="weight_only").activations is None
+    assert QuantizationConfig().activations == QuantSpec.int8_dynamic_activation()
+    cfg = QuantizationConfig(mode="static", calibrator="entropy")
+    assert QuantizationConfig.from_json(cfg.to_json()) == cfg

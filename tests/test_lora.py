@@ -320,9 +320,19 @@ def test_fused_gelu_moves_after_the_update(tmp_path) -> None:
 
 def test_set_scaling_names_a_bad_alpha_or_dropout() -> None:
     layer = add_lora(quantize_dynamic(nn.Sequential(nn.Linear(8, 4))), r=2)[0]
-    with pytest.raises(ValueError, match=r"alpha='a' must be a number"):
+    with pytest.raises(ValueError, match=r"alpha='a' must be a finite number"):
         layer.set_scaling("a", 0.1)
     with pytest.raises(ValueError, match=r"dropout=1.5 must be in \[0, 1\)"):
         layer.set_scaling(8, 1.5)
     layer.set_scaling(8, 0.25)
     assert (layer.alpha, layer.scaling, layer.dropout_p) == (8.0, 4.0, 0.25)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": True}, "r=True must be an integer"),  # had been rank 1
+    ({"r": None}, "r=None must be an integer"),
+    ({"r": 2, "dropout": "0.1"}, "dropout='0.1' must be a finite number"),
+])
+def test_lora_settings_of_the_wrong_type_are_refused_by_name(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(quantize_dynamic(nn.Sequential(nn.Linear(8, 4)))[0], **kwargs)

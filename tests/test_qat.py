@@ -742,3 +742,18 @@ def test_qat_model_trains_under_torch_compile(record: bool) -> None:
     torch._dynamo.reset()
     eager, compiled = train(False), train(True)
     assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"learnable_scale": "no"}, "learnable_scale must be True or False"),  # "no" was truthy
+    ({"record_statistics": 1}, "record_statistics must be True or False"),
+    ({"freeze_bn_after": True}, "freeze_bn_after must be a non-negative int"),  # True was 1
+    ({"sync_every": True}, "sync_every must be an int"),
+    ({"statistics_every": True}, "statistics_every must be a positive int"),
+    ({"activation_observer_kwargs": [1]}, "activation_observer_kwargs must be a dict"),
+])
+def test_qat_config_fields_of_the_wrong_type_are_refused_by_name(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        QATConfig(**kwargs)
+    with pytest.raises(ValueError, match="from_dict expects a dict of QATConfig fields"):
+        QATConfig.from_dict("x")

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from lowbit import ops
-from lowbit.config import QuantSpec
+from lowbit.config import QuantSpec, real_number
 
 __all__ = [
     "Calibrator",
@@ -523,10 +523,13 @@ class MovingAverageCalibrator(MinMaxCalibrator):
 
     def __init__(self, spec: QuantSpec | None = None, *, tensor_name: str = "tensor",
                  averaging_constant: float = 0.01, **kwargs: Any) -> None:
-        if not 0.0 < float(averaging_constant) <= 1.0:
+        hint = "it must lie in (0, 1]; torch's default is 0.01"
+        value = real_number(averaging_constant, "MovingAverageCalibrator.averaging_constant",
+                            hint)
+        if not 0.0 < value <= 1.0:
             raise ValueError(f"MovingAverageCalibrator.averaging_constant={averaging_constant!r}"
-                             " must lie in (0, 1]; torch's default is 0.01")
-        self.averaging_constant = float(averaging_constant)
+                             f": {hint}")
+        self.averaging_constant = value
         super().__init__(spec, tensor_name=tensor_name, **kwargs)
 
     def _init_state(self, device: torch.device) -> None:
@@ -762,10 +765,12 @@ class PercentileCalibrator(HistogramCalibrator):
 
     def __init__(self, spec: QuantSpec | None = None, *, tensor_name: str = "tensor",
                  percentile: float = 99.99, bins: int = 2048, **kwargs: Any) -> None:
-        if not 0.0 < float(percentile) <= 100.0:
+        value = real_number(percentile, "PercentileCalibrator.percentile",
+                            "it must lie in (0, 100], e.g. 99.99")
+        if not 0.0 < value <= 100.0:
             raise ValueError(f"PercentileCalibrator.percentile={percentile!r} must lie in "
                              "(0, 100], e.g. 99.99")
-        self.percentile = float(percentile)
+        self.percentile = value
         super().__init__(spec, tensor_name=tensor_name, bins=bins, **kwargs)
 
     def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
@@ -52,7 +54,33 @@ def _accepts(kind: str, value: Any) -> bool:
     if kind == _FLAG:
         return isinstance(value, bool)
     number = isinstance(value, int if kind == _POSITIVE_INT else (int, float))
-    return number and not isinstance(value, bool) and value > 0
+    return number and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+
+
+def real_number(value: Any, what: str, hint: str) -> float:
+    """``value`` as a float if it is a finite real number (not a bool), else a ValueError
+    naming ``what`` (``float()`` had taken ``True`` as 1.0 and NaN / Inf silently).
+
+    Example:
+        >>> real_number(2, "alpha", "e.g. 16")
+        2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+            value):
+        raise ValueError(f"{what}={value!r} must be a finite number; {hint}")
+    return float(value)
+
+
+def whole_number(value: Any, what: str, hint: str) -> int:
+    """``value`` as an int if it is an integer (not a bool), else a ValueError naming ``what``.
+
+    Example:
+        >>> whole_number(8, "r", "e.g. 8")
+        8
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{what}={value!r} must be an integer; {hint}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -103,7 +131,8 @@ class QuantSpec:
                 f"QuantSpec.granularity={self.granularity!r} is unknown; use one of {GRANULARITIES}"
             )
         if self.granularity == "per_group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
+            if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                    or self.group_size < 1):
                 raise ValueError(
                     "QuantSpec.group_size must be a positive integer when granularity='per_group'"
                     f" (got {self.group_size!r}); typical values are 32, 64 or 128"
@@ -193,6 +222,16 @@ def _default_weight_spec() -> QuantSpec:
     return QuantSpec.int8_weight()
 
 
+class _ByMode:
+    """The default of ``QuantizationConfig.activations``: chosen from ``mode``."""
+
+    def __repr__(self) -> str:
+        return "<activations of the mode>"
+
+
+_BY_MODE: Any = _ByMode()
+
+
 def enclosing_names(name: str) -> list[str]:
     """``name`` and the names of the modules around it, most specific first.
 
@@ -210,9 +249,10 @@ class QuantizationConfig:
 
     Args:
         weights: spec of the weights.
-        activations: spec of the activations; ``None`` for weight-only. For ``mode="dynamic"``
-            it says how activations are quantized at run time (default per token); for
-            ``mode="static"`` it is the calibrated format (default per-tensor affine INT8).
+        activations: spec of the activations; ``None`` for weight-only (its default there).
+            For ``mode="dynamic"`` it says how activations are quantized at run time (default
+            per token); for ``mode="static"`` it is the calibrated format (default per-tensor
+            affine INT8).
         mode: ``"dynamic"``, ``"static"`` or ``"weight_only"``.
         calibrator: registry name of the calibrator for static activations (``"minmax"``,
             ``"moving_average"``, ``"percentile"``, ``"entropy"``, ``"mse"`` or a custom one).
@@ -248,7 +288,7 @@ class QuantizationConfig:
     """
 
     weights: QuantSpec = field(default_factory=_default_weight_spec)
-    activations: QuantSpec | None = field(default_factory=QuantSpec.int8_dynamic_activation)
+    activations: QuantSpec | None = field(default=_BY_MODE)
     mode: Mode = "dynamic"
     calibrator: str = "minmax"
     calibrator_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -264,6 +304,10 @@ class QuantizationConfig:
             raise ValueError(
                 f"QuantizationConfig.mode={self.mode!r} is unknown; use one of {MODES}"
             )
+        if self.activations is _BY_MODE:  # QuantizationConfig(mode="static") just works
+            object.__setattr__(self, "activations", {
+                "dynamic": QuantSpec.int8_dynamic_activation(),
+                "static": QuantSpec.int8_static_activation()}.get(self.mode))
         if not isinstance(self.weights, QuantSpec):
             raise ValueError("QuantizationConfig.weights must be a QuantSpec, "
                              f"got {type(self.weights).__name__}")
@@ -299,10 +343,19 @@ class QuantizationConfig:
                              "PTQQuantizer(calibrator=...)")
         if isinstance(self.skip_layers, str):
             object.__setattr__(self, "skip_layers", (self.skip_layers,))
+        if isinstance(self.skip_layers, Mapping) or not hasattr(self.skip_layers, "__iter__"):
+            raise ValueError("QuantizationConfig.skip_layers must be a list of layer names or "
+                             f"globs, got {type(self.skip_layers).__name__}: "
+                             f"{self.skip_layers!r:.60}")
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
         for name in self.skip_layers:
             if not isinstance(name, str):
                 raise ValueError(f"QuantizationConfig.skip_layers must hold strings, got {name!r}")
+        for what in ("layer_overrides", "calibrator_kwargs"):
+            if not isinstance(getattr(self, what), Mapping):
+                raise ValueError(f"QuantizationConfig.{what} must be a dict, got "
+                                 f"{type(getattr(self, what)).__name__}: "
+                                 f"{getattr(self, what)!r:.60}")
         overrides = dict(self.layer_overrides)
         for key, value in overrides.items():
             if not isinstance(key, str):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.config import real_number, whole_number
 from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedLinear
 
 __all__ = ["LORA_BASES", "LoRALinear", "add_lora", "lora_parameters", "mark_only_lora_trainable"]
@@ -73,7 +74,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base, LORA_BASES):
             raise TypeError(f"LoRALinear wraps {[c.__name__ for c in LORA_BASES]}, got "
                             f"{type(base).__name__}")
-        if int(r) != r or r < 1:
+        if whole_number(r, "LoRALinear: r", "the adapters' rank, e.g. 8") < 1:
             raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
         self.in_features: int = base.in_features  # type: ignore[assignment]
         self.out_features: int = base.out_features  # type: ignore[assignment]
@@ -98,15 +99,10 @@ class LoRALinear(nn.Module):
             >>> layer.set_scaling(8, 0.1); layer.scaling, type(layer.lora_dropout).__name__
             (4.0, 'Dropout')
         """
-        try:
-            alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise ValueError(f"LoRALinear: alpha={alpha!r} must be a number (the update is "
-                             "scaled by alpha / r; lowbit's default is 16)") from None
-        if not math.isfinite(alpha):  # NaN / Inf: every output NaN, even with lora_B zero
-            raise ValueError(f"LoRALinear: alpha={alpha!r} must be a finite number (the update "
-                             "is scaled by alpha / r; lowbit's default is 16)")
-        if not 0.0 <= dropout < 1.0:
+        # NaN / Inf alpha: every output NaN, even with lora_B zero
+        alpha = real_number(alpha, "LoRALinear: alpha",
+                            "the update is scaled by alpha / r; lowbit's default is 16")
+        if not 0.0 <= real_number(dropout, "LoRALinear: dropout", "it must be in [0, 1)") < 1.0:
             raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
         self.alpha, self.dropout_p = alpha, float(dropout)
         self.scaling = self.alpha / self.r

@@ -105,6 +105,10 @@ def _default_quantization() -> QuantizationConfig:
     return QuantizationConfig.int8_static()
 
 
+def _not_int(value: Any) -> bool:
+    return not isinstance(value, int) or isinstance(value, bool)  # True had counted as 1
+
+
 @dataclass(frozen=True)
 class QATConfig:
     """How a model is trained with fake quantization.
@@ -164,17 +168,25 @@ class QATConfig:
             if name not in available_calibrators():
                 raise ValueError(f"QATConfig.{what}={name!r} is unknown; use one of "
                                  f"{available_calibrators()}")
+        for what in ("learnable_scale", "record_statistics"):  # "no" had been truthy
+            if not isinstance(getattr(self, what), bool):
+                raise ValueError(f"QATConfig.{what} must be True or False, got "
+                                 f"{getattr(self, what)!r}")
         for what in ("freeze_bn_after", "freeze_observers_after"):
             value = getattr(self, what)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (_not_int(value) or value < 0):
                 raise ValueError(f"QATConfig.{what} must be a non-negative int or None, got "
                                  f"{value!r}")
-        if not isinstance(self.sync_every, int) or self.sync_every < 0:
+        if _not_int(self.sync_every) or self.sync_every < 0:
             raise ValueError("QATConfig.sync_every must be an int >= 0 (1: every step, 0: never), "
                              f"got {self.sync_every!r}")
-        if not isinstance(self.statistics_every, int) or self.statistics_every < 1:
+        if _not_int(self.statistics_every) or self.statistics_every < 1:
             raise ValueError("QATConfig.statistics_every must be a positive int, got "
                              f"{self.statistics_every!r}")
+        if not isinstance(self.activation_observer_kwargs, Mapping):
+            raise ValueError("QATConfig.activation_observer_kwargs must be a dict, got "
+                             f"{type(self.activation_observer_kwargs).__name__}: "
+                             f"{self.activation_observer_kwargs!r:.60}")
         object.__setattr__(self, "activation_observer_kwargs",
                            dict(self.activation_observer_kwargs))
 
@@ -198,6 +210,10 @@ class QATConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QATConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused by name."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"QATConfig.from_dict expects a dict of QATConfig fields (as "
+                             f"QATConfig.to_dict() writes), got {type(data).__name__}: "
+                             f"{data!r:.80}")
         data = dict(data)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
