@@ -559,3 +559,11 @@ def test_quantize_bias_rounds_to_int32_and_refuses_mismatched_scales():
     assert ops.quantize_bias(torch.tensor([1e30]), torch.tensor(1e-6), torch.ones(1)) is None
     with pytest.raises(ValueError, match="one weight scale per bias value"):
         ops.quantize_bias(torch.ones(3), torch.tensor(0.1), torch.ones(4))
+
+
+@pytest.mark.parametrize("shape, axis", [((), 0), ((4,), 1), ((3, 4), -3)])
+def test_compute_range_names_a_missing_channel_axis(shape, axis) -> None:
+    """A 0-d tensor with a per-channel spec failed in a bare ZeroDivisionError (axis % 0)."""
+    spec = QuantSpec(granularity="per_channel", axis=axis)
+    with pytest.raises(ValueError, match=rf"fc1.weight has shape .*no axis {axis}"):
+        ops.compute_range(torch.ones(shape), spec, "fc1.weight")

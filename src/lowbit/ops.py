@@ -95,6 +95,9 @@ def compute_range(x: torch.Tensor, spec: QuantSpec, name: str = "tensor"
     if spec.granularity == "per_tensor":
         return x.amin(), x.amax()
     if spec.granularity == "per_channel":
+        if not -x.dim() <= spec.axis < x.dim():  # a 0-d tensor: a bare modulo by zero
+            raise ValueError(f"{name} has shape {tuple(x.shape)}: it has no axis {spec.axis} "
+                             "for per_channel quantization; use granularity='per_tensor'")
         axis = spec.axis % x.dim()
         flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # (C, rest)
         return flat.amin(1), flat.amax(1)
