@@ -88,7 +88,8 @@ def test_every_output_is_compared_and_batch_is_read_from_the_first_tensor() -> N
     cfg = lowbit.QuantizationConfig.int8_dynamic(
         layer_overrides={"b": lowbit.QuantizationConfig.int4_weight_only(32)})
     qmodel = lowbit.PTQQuantizer(cfg, progress=False).quantize(model)
-    x = torch.randn(32, 32)
+    x = torch.randn(8, 32)  # (up to 16 rows PyTorch's bf16 packed INT4 runs on every CPU;
+    # more rows dequantize for a float32 GEMM on CPUs without fast bf16: exact there)
     table = backends.compare(qmodel, x, ["reference", "torch"], warmup=1, iters=2)
     assert table["torch"].available and not table["torch"].exact  # (bf16 packed INT4)
     only_int8 = lowbit.PTQQuantizer(lowbit.QuantizationConfig.int8_dynamic(),
@@ -96,7 +97,7 @@ def test_every_output_is_compared_and_batch_is_read_from_the_first_tensor() -> N
     assert backends.compare(only_int8, x, ["reference", "torch"], warmup=1,
                             iters=2)["torch"].exact
     assert backends.compare(only_int8, {"use_cache": False, "x": x}, ["reference"], warmup=1,
-                            iters=2).batch_size == 32
+                            iters=2).batch_size == 8
 
 
 @pytest.mark.parametrize("example", [torch.randn(0, 32), torch.full((4, 32), float("nan"))],
