@@ -1,6 +1,6 @@
-"""Dynamic INT8 LSTM / GRU (lowbit.modules_rnn): accuracy vs float and torch.ao, exact float
-semantics (layers, directions, batch_first, states, packed and unbatched inputs), save / load,
-and the refusals (static / weight-only modes, export)."""
+"""Dynamic INT8 LSTM / GRU / RNN and their cells (lowbit.modules_rnn): accuracy vs float and
+torch.ao, exact float semantics (layers, directions, batch_first, states, packed and unbatched
+inputs), save / load, and the refusals (static / weight-only modes, export)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,15 @@ import lowbit
 from lowbit.config import QuantizationConfig
 from lowbit.kernels import run_rnn_scan, s8_packed
 from lowbit.modules import QUANTIZED_MODULES, check_supported, convert_module, module_from_meta
-from lowbit.modules_rnn import QuantizedGRU, QuantizedLSTM, rnn_weight_shapes
+from lowbit.modules_rnn import (
+    QuantizedGRU,
+    QuantizedGRUCell,
+    QuantizedLSTM,
+    QuantizedLSTMCell,
+    QuantizedRNN,
+    QuantizedRNNCell,
+    rnn_weight_shapes,
+)
 from lowbit.native import load_gemm, native_status
 
 DYN = QuantizationConfig.int8_dynamic()
@@ -399,3 +407,119 @@ def test_buffers_changed_in_place_are_used(kind: str) -> None:
         fresh.load_state_dict(q.state_dict())
         assert torch.equal(q(x)[0], fresh(x)[0]), name
         assert not torch.equal(q(x)[0], before), name
+
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bidir", [False, True])
+def test_elman_rnn_matches_float_packed_and_unbatched(nonlinearity: str, bidir: bool) -> None:
+    """nn.RNN had stayed float without a word (torch.ao's dynamic coverage includes it)."""
+    f = _float("RNN", 2, bidir, batch_first=True, nonlinearity=nonlinearity)
+    q = convert_module(f, DYN, name="rnn")
+    assert type(q) is QuantizedRNN and q.nonlinearity == nonlinearity
+    x = torch.randn(3, 7, 16)
+    h0 = torch.randn(2 * (2 if bidir else 1), 3, 32) * 0.5
+    packed = pack_padded_sequence(x, [4, 7, 2], batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        for args in ((x,), (x, h0), (packed, h0), (x[0],)):
+            got, want = q(*args), f(*args)
+            if isinstance(got[0], PackedSequence):
+                got, want = (got[0].data, got[1]), (want[0].data, want[1])
+            for a, b in zip(_flat(got), _flat(want), strict=True):
+                assert a.shape == b.shape
+                _close(a, b)
+        with lowbit.backends.use("reference"):
+            assert torch.equal(q(x)[0], q(x)[0])
+
+
+CELLS = {"LSTMCell": QuantizedLSTMCell, "GRUCell": QuantizedGRUCell, "RNNCell": QuantizedRNNCell}
+
+
+def _cell(kind: str, **kw: object) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(nn, kind)(16, 32, **kw).eval()
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cells_match_float_and_one_step_of_the_sequence_module(kind: str) -> None:
+    """LSTMCell / GRUCell / RNNCell had stayed float (torch.ao quantizes them): each is one
+    time step of the one-layer sequence module with the same weights, with the float cell's
+    call signature (states given or not, unbatched) and buffer names."""
+    f = _cell(kind)
+    q = convert_module(f, DYN, name="cell")
+    assert type(q) is CELLS[kind]
+    assert {k for k in q.state_dict() if not k.endswith(("_scale", "_zero_point"))} == set(
+        f.state_dict())
+    x = torch.randn(5, 16)
+    h = torch.randn(5, 32) * 0.5
+    hx = (h, torch.randn(5, 32)) if kind == "LSTMCell" else h
+    seq = getattr(nn, kind.removesuffix("Cell"))(16, 32).eval()
+    with torch.no_grad():
+        for name, t in f.named_parameters():
+            getattr(seq, f"{name}_l0").copy_(t)
+        qseq = convert_module(seq, DYN)
+        for state in (None, hx):
+            got, want = q(x, state), f(x, state)
+            for a, b in zip(_flat(got), _flat(want), strict=True):
+                assert a.shape == b.shape
+                _close(a, b)
+            seq_state = None if state is None else (
+                tuple(t.unsqueeze(0) for t in state) if kind == "LSTMCell" else state[None])
+            _, step = qseq(x[None], seq_state)
+            assert all(torch.equal(a, b[0]) for a, b in zip(_flat(got), _flat(step),
+                                                            strict=True))
+        one = q(x[0], None if state is None else (
+            tuple(t[0] for t in hx) if kind == "LSTMCell" else h[0]))  # unbatched
+        assert all(a.shape == (32,) for a in _flat(one))
+        assert all(a.shape == (0, 32) for a in _flat(q(torch.randn(0, 16))))
+    xg = x.clone().requires_grad_()
+    out = _flat(q(xg, hx))[0]  # straight through: the float cell's gradient
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(out.detach(), _flat(q(x, hx))[0])
+    with pytest.raises(ValueError, match=r"cell \(Quantized\w+Cell\): expected a 1-D"):
+        q(torch.randn(2, 3, 16))
+
+
+def test_recurrent_layers_and_cells_quantize_in_a_model_and_round_trip(tmp_path) -> None:
+    """Every recurrent type in one model: all quantized (the report lists them), more accurate
+    than torch.ao's dynamic quantization of the same model, and bit-exact after save / load."""
+    ao = pytest.importorskip("torch.ao.quantization")
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.RNN(16, 32, nonlinearity="relu")
+            self.lstm_cell, self.gru_cell = nn.LSTMCell(32, 32), nn.GRUCell(32, 32)
+            self.rnn_cell = nn.RNNCell(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, _ = self.rnn(x)
+            state = None
+            for t in range(y.shape[0]):
+                state = self.lstm_cell(y[t], state)
+            return self.rnn_cell(self.gru_cell(state[0]))
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    q = lowbit.quantize_dynamic(model, progress=False)
+    assert [(r.name, r.status) for r in q.lowbit_report.rows] == [
+        (n, "quantized") for n in ("rnn", "lstm_cell", "gru_cell", "rnn_cell")]
+    x = torch.randn(6, 4, 16) * torch.rand(1, 4, 1) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = ao.quantize_dynamic(model, {nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell},
+                                     dtype=torch.qint8)
+    with torch.no_grad():
+        want, y, y_ao = model(x), q(x), theirs(x)
+    _close(y, want)
+    assert (y - want).abs().mean() <= (y_ao - want).abs().mean()
+    lowbit.save(q, tmp_path / "m")
+    back = lowbit.load(tmp_path / "m", model=Decoder())
+    with torch.no_grad():
+        assert torch.equal(back(x), y)
+    with pytest.raises(lowbit.serialization.LoadError, match="rnn_cell is GRUCell"):
+        other = Decoder()
+        other.rnn_cell = nn.GRUCell(32, 32)
+        lowbit.load(tmp_path / "m", model=other)

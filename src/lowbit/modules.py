@@ -49,7 +49,11 @@ from lowbit.kernels.plans import Plan, conv_codes_plan, linear_plan
 from lowbit.modules_rnn import (
     RNN_TYPES,
     QuantizedGRU,
+    QuantizedGRUCell,
     QuantizedLSTM,
+    QuantizedLSTMCell,
+    QuantizedRNN,
+    QuantizedRNNCell,
     rnn_unsupported_reason,
 )
 from lowbit.modules_weight_only import (
@@ -71,8 +75,12 @@ __all__ = [
     "QuantizedConv2d",
     "QuantizedEmbedding",
     "QuantizedGRU",
+    "QuantizedGRUCell",
     "QuantizedLSTM",
+    "QuantizedLSTMCell",
     "QuantizedLinear",
+    "QuantizedRNN",
+    "QuantizedRNNCell",
     "WeightOnlyConv1d",
     "WeightOnlyConv2d",
     "check_supported",
@@ -666,7 +674,8 @@ class QuantizedConv1d(QuantizedConv2d):
 QUANTIZED_MODULES: dict[str, type[nn.Module]] = {
     c.__name__: c for c in (QuantizedLinear, QuantizedConv2d, QuantizedConv1d, Int4Linear,
                             Int8WeightOnlyLinear, QuantizedEmbedding, WeightOnlyConv2d,
-                            WeightOnlyConv1d, QuantizedLSTM, QuantizedGRU)
+                            WeightOnlyConv1d, QuantizedLSTM, QuantizedGRU, QuantizedRNN,
+                            QuantizedLSTMCell, QuantizedGRUCell, QuantizedRNNCell)
 }
 
 
@@ -689,6 +698,20 @@ def module_from_meta(meta: Mapping[str, Any]) -> nn.Module:
     return cls.from_meta(meta)  # type: ignore[attr-defined]
 
 
+_RNN_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.LSTM: QuantizedLSTM, nn.GRU: QuantizedGRU, nn.RNN: QuantizedRNN,
+    nn.LSTMCell: QuantizedLSTMCell, nn.GRUCell: QuantizedGRUCell, nn.RNNCell: QuantizedRNNCell}
+
+
+def _first_weight(module: nn.Module) -> Any:
+    """A layer's weight (a recurrent layer's first input projection: ``weight_ih_l0``, a
+    cell's ``weight_ih``), or None."""
+    for name in ("weight", "weight_ih_l0", "weight_ih"):
+        if isinstance(getattr(module, name, None), torch.Tensor):
+            return getattr(module, name)
+    return None
+
+
 def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None:
     """Why ``module`` cannot be quantized under ``config``, or None when it can.
 
@@ -704,7 +727,7 @@ def check_supported(module: nn.Module, config: QuantizationConfig) -> str | None
     if not isinstance(module, QUANTIZABLE_TYPES) and not is_hf_conv1d(module):
         return f"{type(module).__name__} is not a quantizable type"
     kind, w = type(module).__name__, config.weights
-    weight = getattr(module, "weight", getattr(module, "weight_ih_l0", None))
+    weight = _first_weight(module)
     if isinstance(weight, torch.Tensor) and weight.numel() == 0:
         return (f"{kind} has an empty weight (shape {tuple(weight.shape)}): nothing to "
                 "quantize, so it stays float")
@@ -744,9 +767,10 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
     """Build the quantized replacement of a float layer (dispatch on type and ``config.mode``).
 
     Args:
-        module: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM`` or
-            ``nn.GRU`` (dynamic mode only), or ``transformers``' ``Conv1D`` (quantized as the
-            Linear it is; the replacement's ``weight`` view keeps its ``[in, out]`` shape).
+        module: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.LSTM``,
+            ``nn.GRU``, ``nn.RNN`` or their cells (dynamic mode only), or ``transformers``'
+            ``Conv1D`` (quantized as the Linear it is; the replacement's ``weight`` view keeps
+            its ``[in, out]`` shape).
         config: the layer's resolved config.
         **kwargs: passed to ``from_float`` (``input_qparams``, ``weight_qparams``,
             ``fused_relu``, ``name``, ``meta_extra``, ``backend``).
@@ -772,7 +796,7 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
         module = linear_from_conv1d(module)
         kwargs = {**kwargs, "meta_extra": {**(kwargs.get("meta_extra") or {}), "hf_conv1d": True}}
     if isinstance(module, RNN_TYPES):
-        cls: Any = QuantizedLSTM if isinstance(module, nn.LSTM) else QuantizedGRU
+        cls: Any = _RNN_CLASSES[type(module)]
     elif isinstance(module, nn.Embedding):
         cls = QuantizedEmbedding
     elif isinstance(module, nn.Linear):
@@ -785,6 +809,6 @@ def convert_module(module: nn.Module, config: QuantizationConfig, **kwargs: Any)
     if wo:
         kwargs = {k: v for k, v in kwargs.items() if k != "input_qparams"}
     q = carry_hooks(float_module, cls.from_float(module, config, **kwargs))  # the user's hooks
-    ref = module.weight_ih_l0 if isinstance(module, RNN_TYPES) else module.weight
+    ref = _first_weight(module)
     device = ref.device  # the replacement lives where the float layer did (CUDA too)
     return q if device.type == "cpu" else q.to(device)

@@ -1,4 +1,7 @@
-"""Dynamic INT8 ``nn.LSTM`` / ``nn.GRU``: :class:`QuantizedLSTM`, :class:`QuantizedGRU`.
+"""Dynamic INT8 recurrent layers: :class:`QuantizedLSTM`, :class:`QuantizedGRU`,
+:class:`QuantizedRNN` and the cells :class:`QuantizedLSTMCell`, :class:`QuantizedGRUCell`,
+:class:`QuantizedRNNCell` (torch.ao's dynamic coverage; a cell is one time step of a one-layer
+sequence module, with the float cell's buffer names and call signature).
 
 A recurrent layer spends its time in two GEMMs per layer and direction: the input projection
 ``W_ih x_t`` and the recurrence ``W_hh h_{t-1}``. Both run on lowbit's exact INT8 kernels, as
@@ -44,16 +47,22 @@ from lowbit.kernels import (
 from lowbit.native import load_gemm
 from lowbit.ops import dequantize
 
-__all__ = ["MAX_RNN_LAYERS", "RNN_TYPES", "QuantizedGRU", "QuantizedLSTM", "QuantizedRNNBase",
+__all__ = ["MAX_RNN_LAYERS", "RNN_TYPES", "QuantizedGRU", "QuantizedGRUCell", "QuantizedLSTM",
+           "QuantizedLSTMCell", "QuantizedRNN", "QuantizedRNNBase", "QuantizedRNNCell",
            "rnn_unsupported_reason", "rnn_weight_shapes"]
 
 #: The float recurrent layers lowbit quantizes (dynamic mode).
-RNN_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU)
+RNN_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell,
+                                          nn.RNNCell)
 
 #: Most layers a quantized RNN may have (a saved file describing more is refused).
 MAX_RNN_LAYERS = 1024
 
-_GATES = {"LSTM": 4, "GRU": 3}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _is_cell(meta: Mapping[str, Any]) -> bool:
+    return str(meta["class"]).endswith("Cell")
 
 
 def rnn_unsupported_reason(module: nn.Module, config: QuantizationConfig) -> str | None:
@@ -67,14 +76,15 @@ def rnn_unsupported_reason(module: nn.Module, config: QuantizationConfig) -> str
     """
     kind = type(module).__name__
     if type(module) not in RNN_TYPES:
-        return f"{kind}: only nn.LSTM and nn.GRU (not subclasses) have quantized versions"
+        return (f"{kind}: only nn.LSTM, nn.GRU, nn.RNN and their cells (not subclasses) have "
+                "quantized versions")
     if config.mode != "dynamic":
         why = ("a calibrated activation range does not fit a recurrence (the hidden state's "
                "range changes every step)" if config.mode == "static" else
                "weight-only recurrent layers are not implemented")
         return (f"{kind}: mode={config.mode!r} keeps recurrent layers in float ({why}); "
-                "lowbit quantizes LSTM / GRU in mode='dynamic': use layer_overrides={name: "
-                "QuantizationConfig.int8_dynamic()} for this layer")
+                "lowbit quantizes LSTM / GRU / RNN layers and cells in mode='dynamic': use "
+                "layer_overrides={name: QuantizationConfig.int8_dynamic()} for this layer")
     w, a = config.weights, config.activations
     if w.bits > 8 or not w.signed or w.granularity not in ("per_tensor", "per_channel") or (
             w.granularity == "per_channel" and w.axis != 0):
@@ -87,7 +97,11 @@ def rnn_unsupported_reason(module: nn.Module, config: QuantizationConfig) -> str
 
 
 def _names(meta: Mapping[str, Any]) -> Iterator[tuple[str, int, int]]:
-    """``(suffix, layer, direction)`` of every layer and direction, float-module order."""
+    """``(suffix, layer, direction)`` of every layer and direction, float-module order (a
+    cell's weights have no suffix)."""
+    if _is_cell(meta):
+        yield "", 0, 0
+        return
     for layer in range(meta["num_layers"]):
         for d in range(2 if meta["bidirectional"] else 1):
             yield f"_l{layer}{'_reverse' if d else ''}", layer, d
@@ -102,7 +116,7 @@ def rnn_weight_shapes(meta: Mapping[str, Any]) -> dict[str, list[int]]:
         >>> rnn_weight_shapes(meta)
         {'weight_ih_l0': [32, 4], 'weight_hh_l0': [32, 8]}
     """
-    gates = _GATES[meta["class"].removeprefix("Quantized")]
+    gates = _GATES[meta["class"].removeprefix("Quantized").removesuffix("Cell")]
     hidden, proj = meta["hidden_size"], meta.get("proj_size", 0)
     out = proj or hidden
     shapes = {}
@@ -129,7 +143,7 @@ class _RecurrentForward:
                 "float for export: layer_overrides={name: None}")
         data = input.data if isinstance(input, PackedSequence) else input
         if (isinstance(data, torch.Tensor) and data.is_meta  # shape inference: no values
-                and self._buffers["weight_ih_l0"].is_meta):  # type: ignore[attr-defined]
+                and self._buffers[self._first].is_meta):  # type: ignore[attr-defined]
             return self.to_float()(input, hx)  # type: ignore[attr-defined]
         if (isinstance(input, torch.Tensor) and input.dim() == 3  # an empty batch: the float
                 and input.shape[0 if self.batch_first else 1] == 0):  # type: ignore[attr-defined]
@@ -150,13 +164,18 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
     """
 
     _kind = ""
+    _first = "weight_ih_l0"  # the first input projection's buffer
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, *,
                  weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None,
-                 **kw: Any) -> None:
+                 nonlinearity: str = "tanh", **kw: Any) -> None:
         super().__init__(**kw)
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"{self._label()}: nonlinearity={nonlinearity!r} must be 'tanh' or "
+                             "'relu' (as nn.RNN)")
+        self.nonlinearity = nonlinearity
         for field, value, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
                                   ("num_layers", num_layers, 1), ("proj_size", proj_size, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -206,11 +225,13 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         if reason is not None:
             raise ValueError(f"{name or '<unnamed>'}: {reason}")
         m: Any = module
-        q = cls(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first,
-                float(m.dropout), m.bidirectional, getattr(m, "proj_size", 0),
-                weight_spec=config.weights, act_spec=config.activations, name=name,
+        q = cls(m.input_size, m.hidden_size, getattr(m, "num_layers", 1), m.bias,
+                getattr(m, "batch_first", False), float(getattr(m, "dropout", 0.0)),
+                getattr(m, "bidirectional", False), getattr(m, "proj_size", 0),
+                weight_spec=config.weights, act_spec=config.activations,
+                nonlinearity=getattr(m, "nonlinearity", "tanh"), name=name,
                 meta_extra=meta_extra, backend=backend,
-                orig_dtype=str(m.weight_ih_l0.dtype).removeprefix("torch."))
+                orig_dtype=str(getattr(m, cls._first).dtype).removeprefix("torch."))
         kind = type(module).__name__
         with torch.no_grad():
             for wname in rnn_weight_shapes(q._shape_meta()):
@@ -232,7 +253,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         return cls(meta["input_size"], meta["hidden_size"], meta["num_layers"], meta["bias"],
                    meta["batch_first"], meta.get("dropout", 0.0), meta["bidirectional"],
                    meta.get("proj_size", 0), weight_spec=QuantSpec.from_dict(meta["weight_spec"]),
-                   act_spec=QuantSpec.from_dict(meta["activation_spec"]), **cls._common(meta))
+                   act_spec=QuantSpec.from_dict(meta["activation_spec"]),
+                   nonlinearity=meta.get("nonlinearity", "tanh"), **cls._common(meta))
 
     def _shape_meta(self) -> dict[str, Any]:
         meta = {"class": type(self).__name__, "input_size": self.input_size,
@@ -240,12 +262,14 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
                 "bias": self.bias, "batch_first": self.batch_first, "dropout": self.dropout,
                 "bidirectional": self.bidirectional, "proj_size": self.proj_size,
                 "mode": self.mode}
+        if self._kind == "RNN":
+            meta["nonlinearity"] = self.nonlinearity
         return {**meta, "weight_spec": self.weight_spec.to_dict(),
                 "activation_spec": self.act_spec.to_dict()}
 
     def kernel_info(self) -> str:
         """The INT8 GEMM of a one-row call (the recurrence at batch 1), e.g. ``"s8_avx2"``."""
-        w = self._buffers["weight_hh_l0"]  # (the codes: the attribute is a float view)
+        w = self._buffers[self._first.replace("_ih", "_hh")]  # (the codes, not the float view)
         return select_kernel("int8_linear", 1, backend=self.backend, k=w.shape[1],
                              n=w.shape[0], device=w.device.type)
 
@@ -265,14 +289,16 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
             mats[name] = (w, scale, colsum, bias, w_zp, fusable)
         self._mats = mats
 
-    def dequantize_weight(self, name: str = "weight_ih_l0") -> torch.Tensor:
-        """The float32 weight ``(q - zp) * scale`` of buffer ``name``.
+    def dequantize_weight(self, name: str = "") -> torch.Tensor:
+        """The float32 weight ``(q - zp) * scale`` of buffer ``name`` (default: the first input
+        projection, ``weight_ih_l0`` or a cell's ``weight_ih``).
 
         Example:
             >>> q = QuantizedGRU.from_float(nn.GRU(4, 8), QuantizationConfig.int8_dynamic())
             >>> tuple(q.dequantize_weight("weight_hh_l0").shape)
             (24, 8)
         """
+        name = name or self._first
         return dequantize(self._buffers[name], self._buffers[f"{name}_scale"],
                           self._buffers[f"{name}_zero_point"], self.weight_spec)
 
@@ -287,13 +313,22 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
             >>> bool((q.to_float()(x)[0] - f(x)[0]).abs().max() < 0.05)
             True
         """
-        kw = {"proj_size": self.proj_size} if self._kind == "LSTM" else {}
-        ref = self._buffers["weight_ih_l0"]
-        m = getattr(nn, self._kind)(self.input_size, self.hidden_size, self.num_layers,
-                                    bias=self.bias, batch_first=self.batch_first,
-                                    dropout=self.dropout, bidirectional=self.bidirectional,
-                                    device=ref.device,
-                                    dtype=getattr(torch, self.orig_dtype, torch.float32), **kw)
+        cell = _is_cell(self._shape_meta())
+        kw: dict[str, Any] = ({"proj_size": self.proj_size} if self._kind == "LSTM" and not cell
+                              else {})
+        if self._kind == "RNN":
+            kw["nonlinearity"] = self.nonlinearity
+        ref = self._buffers[self._first]
+        dtype = getattr(torch, self.orig_dtype, torch.float32)
+        if cell:
+            m = getattr(nn, f"{self._kind}Cell")(self.input_size, self.hidden_size,
+                                                 bias=self.bias, device=ref.device, dtype=dtype,
+                                                 **kw)
+        else:
+            m = getattr(nn, self._kind)(self.input_size, self.hidden_size, self.num_layers,
+                                        bias=self.bias, batch_first=self.batch_first,
+                                        dropout=self.dropout, bidirectional=self.bidirectional,
+                                        device=ref.device, dtype=dtype, **kw)
         with torch.no_grad():
             for name in rnn_weight_shapes(self._shape_meta()):
                 getattr(m, name).copy_(self.dequantize_weight(name))
@@ -370,7 +405,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         if not x.is_floating_point():
             raise TypeError(f"{self._label()}: expected a floating-point input, got {x.dtype}; "
                             "convert it first, e.g. x.float()")
-        w = self._buffers["weight_ih_l0"]
+        w = self._buffers[self._first]
         if x.device != w.device:
             raise RuntimeError(f"{self._label()}: input is on {x.device} but the layer's "
                                f"buffers are on {w.device}; move one of them")
@@ -385,7 +420,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         dirs = 2 if self.bidirectional else 1
         sizes = {"h0": self.proj_size or self.hidden_size, "c0": self.hidden_size}
         names = ("h0", "c0") if self._kind == "LSTM" else ("h0",)
-        w = self._buffers["weight_ih_l0"]
+        w = self._buffers[self._first]
         if hx is None:
             given: tuple = tuple(None for _ in names)
         elif self._kind == "LSTM":
@@ -441,7 +476,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         packed = isinstance(input, PackedSequence)
         x = input.data if packed else input
         self._check_input(x)
-        self._fresh_caches("weight_ih_l0")  # (a buffer changed in place: rebuilt)
+        self._fresh_caches(self._first)  # (a buffer changed in place: rebuilt)
         dtype = x.dtype
         if packed:
             steps = input.batch_sizes.tolist()  # type: ignore[union-attr]
@@ -528,6 +563,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         hidden GEMM runs on a C ISA path, else None (the PyTorch loop runs)."""
         w, scale, _, bias, _, fusable = self._mats[f"weight_hh{sfx}"]
         if (not fusable or backend != "auto" or self.proj_size or not spans
+                or self._kind not in ("LSTM", "GRU")
                 or native_lib_for(gx, h) is None):
             return None
         kernel = select_kernel("int8_linear", h.shape[0], backend=backend, k=w.shape[1],
@@ -543,6 +579,11 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
 
     def extra_repr(self) -> str:
         proj = f", proj_size={self.proj_size}" if self.proj_size else ""
+        if self._kind == "RNN":
+            proj += f", nonlinearity={self.nonlinearity!r}"
+        if _is_cell(self._shape_meta()):
+            return (f"{self.input_size}, {self.hidden_size}, bias={self.bias}{proj}, "
+                    f"backend={self.backend}")
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, "
                 f"bidirectional={self.bidirectional}{proj}, backend={self.backend}")
@@ -623,3 +664,111 @@ class QuantizedGRU(QuantizedRNNBase):
             else:
                 h[:b] = h_new
         return out, h, None
+
+
+class QuantizedRNN(QuantizedRNNBase):
+    """Dynamic INT8 ``nn.RNN`` (Elman, ``tanh`` or ``relu``; see :class:`QuantizedRNNBase`):
+    same arguments, inputs and outputs ``(output, h_n)`` as the float module.
+
+    Example:
+        >>> f = nn.RNN(16, 32, num_layers=2, nonlinearity="relu", bidirectional=True)
+        >>> q = QuantizedRNN.from_float(f, QuantizationConfig.int8_dynamic(), name="rnn")
+        >>> x = torch.randn(9, 2, 16)
+        >>> (y, h), (yf, _) = q(x), f(x)
+        >>> y.shape, h.shape, q.nonlinearity
+        (torch.Size([9, 2, 64]), torch.Size([4, 2, 32]), 'relu')
+        >>> bool(torch.nn.functional.cosine_similarity(y.flatten(), yf.flatten(), 0) > 0.999)
+        True
+    """
+
+    _kind = "RNN"
+
+    def _scan(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]], h: torch.Tensor,
+              c: torch.Tensor | None, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        out = gx.new_empty((gx.shape[0], self.hidden_size))
+        act = torch.tanh if self.nonlinearity == "tanh" else torch.relu
+        for o, b in spans:
+            h_new = act(self._gemm(f"weight_hh{sfx}", h[:b], backend).add_(gx[o:o + b]))
+            out[o:o + b] = h_new
+            if b == h.shape[0]:
+                h = h_new
+            else:
+                h[:b] = h_new
+        return out, h, None
+
+
+class _Cell:
+    """``forward(input, hx=None)`` of the quantized cells: one time step of the one-layer
+    sequence module (``input [batch, in]`` or ``[in]``; ``hx`` as the float cell takes it)."""
+
+    _first = "weight_ih"
+
+    def forward(self, input: torch.Tensor, hx: Any = None) -> Any:
+        """Run the cell like the float one: the new ``h`` (``(h, c)`` for an LSTM cell)."""
+        me: Any = self
+        if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
+            shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input)
+            raise ValueError(f"{me._label()}: expected a 1-D (unbatched) or 2-D input "
+                             f"[batch, input_size], got {shape}")
+        lstm = me._kind == "LSTM"
+        if lstm and hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError(f"{me._label()}: hx must be a tuple (h, c) of tensors, got "
+                            f"{type(hx).__name__}")
+        states = tuple(hx) if lstm and hx is not None else (hx,)
+        if ((input.is_meta and me._buffers[me._first].is_meta)  # shapes only, or an empty
+                or (input.dim() == 2 and input.shape[0] == 0)):  # batch: the float cell's
+            return me.to_float()(input, hx)
+        if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
+                                           for t in (input, *states)):
+            with torch.no_grad():  # quantized values, the float cell's gradient
+                q = self.forward(input, hx)
+            f = me.to_float().to(input.dtype)(input, hx)
+            return (tuple(a + (b - b.detach()) for a, b in zip(q, f, strict=True)) if lstm
+                    else q + (f - f.detach()))
+        if hx is not None:  # [1 layer, (batch,) hidden]
+            seq = tuple(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in states)
+            hx = seq if lstm else seq[0]
+        _, h_n = super().forward(input.unsqueeze(0), hx)  # type: ignore[misc]  # one step
+        return (h_n[0][0], h_n[1][0]) if lstm else h_n[0]
+
+
+class QuantizedLSTMCell(_Cell, QuantizedLSTM):
+    """Dynamic INT8 ``nn.LSTMCell``: buffers ``weight_ih`` / ``weight_hh`` (and biases) as the
+    float cell names them; ``cell(x, (h, c))`` returns ``(h', c')``.
+
+    Example:
+        >>> f = nn.LSTMCell(16, 32)
+        >>> q = QuantizedLSTMCell.from_float(f, QuantizationConfig.int8_dynamic())
+        >>> x, h, c = torch.randn(3, 16), torch.randn(3, 32), torch.randn(3, 32)
+        >>> (h1, c1), (hf, _) = q(x, (h, c)), f(x, (h, c))
+        >>> h1.shape, c1.shape, sorted(q.state_dict())[:2]
+        (torch.Size([3, 32]), torch.Size([3, 32]), ['bias_hh', 'bias_ih'])
+        >>> bool(torch.nn.functional.cosine_similarity(h1.flatten(), hf.flatten(), 0) > 0.999)
+        True
+    """
+
+
+class QuantizedGRUCell(_Cell, QuantizedGRU):
+    """Dynamic INT8 ``nn.GRUCell``; ``cell(x, h)`` returns ``h'``.
+
+    Example:
+        >>> f = nn.GRUCell(16, 32)
+        >>> q = QuantizedGRUCell.from_float(f, QuantizationConfig.int8_dynamic())
+        >>> x = torch.randn(16)  # unbatched, as the float cell takes it
+        >>> h = q(x)
+        >>> h.shape, bool(torch.nn.functional.cosine_similarity(h, f(x), 0) > 0.999)
+        (torch.Size([32]), True)
+    """
+
+
+class QuantizedRNNCell(_Cell, QuantizedRNN):
+    """Dynamic INT8 ``nn.RNNCell`` (``tanh`` or ``relu``); ``cell(x, h)`` returns ``h'``.
+
+    Example:
+        >>> f = nn.RNNCell(16, 32, nonlinearity="relu")
+        >>> q = QuantizedRNNCell.from_float(f, QuantizationConfig.int8_dynamic())
+        >>> x = torch.randn(4, 16)
+        >>> bool(torch.nn.functional.cosine_similarity(q(x).flatten(), f(x).flatten(), 0) > 0.999)
+        True
+    """

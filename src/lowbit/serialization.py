@@ -633,6 +633,13 @@ def _check_rnn_meta(meta: Mapping[str, Any], where: str) -> None:
         raise LoadError(f"{where}: field 'proj_size'={proj} must be 0, or below hidden_size "
                         f"for an LSTM; {_DAMAGED}")
     _field(meta, "dropout", (int, float), where, optional=True)
+    if _field(meta, "nonlinearity", str, where, optional=True) not in (None, "tanh", "relu"):
+        raise LoadError(f"{where}: field 'nonlinearity'={meta['nonlinearity']!r:.40} must be "
+                        f"'tanh' or 'relu'; {_DAMAGED}")
+    if str(meta["class"]).endswith("Cell") and (meta["num_layers"] != 1 or meta["bidirectional"]
+                                                 or meta["batch_first"]):
+        raise LoadError(f"{where}: a recurrent cell has one layer, one direction and no "
+                        f"batch_first; {_DAMAGED}")
 
 
 def _check_lora(config: Mapping[str, Any], where: str) -> None:
@@ -870,14 +877,17 @@ def _rebuild_quantized(name: str, meta: dict[str, Any], float_module: nn.Module 
         raise LoadError(f"{where}: cannot rebuild module {name!r} ({cls}) from its meta: {e}"
                         ) from e
     if isinstance(module, QuantizedRNNBase) and float_module is not None:
-        keys = ("input_size", "hidden_size", "num_layers", "bidirectional", "proj_size")
+        kind = str(cls).removeprefix("Quantized")  # LSTM, GRU, RNN, LSTMCell, ...
+        keys = ("input_size", "hidden_size", "bias") + (
+            () if kind.endswith("Cell") else ("num_layers", "bidirectional", "proj_size"))
+        keys += ("nonlinearity",) if kind.startswith("RNN") else ()
         saved = {k: getattr(module, k) for k in keys}
         have = {k: getattr(float_module, k, 0) for k in keys}
-        if type(float_module).__name__ != module._kind or saved != have:
+        if type(float_module).__name__ != kind or saved != have:
             raise LoadError(
                 f"{where}: the float model does not match the saved model: {name} is "
                 f"{type(float_module).__name__} {have}, the saved {cls} replaces an "
-                f"nn.{module._kind} {saved}. Pass the same architecture (and constructor "
+                f"nn.{kind} {saved}. Pass the same architecture (and constructor "
                 "arguments) that was quantized")
     weight = getattr(float_module, "weight", None)
     expected = _weight_shape(meta)
@@ -1150,8 +1160,8 @@ def _weight_shape(meta: Mapping[str, Any]) -> list[int]:
     if "in_channels" in meta:
         groups = (meta.get("geometry") or {}).get("groups", 1)
         return [meta["out_channels"], meta["in_channels"] // groups, *meta["kernel_size"]]
-    if "hidden_size" in meta:  # LSTM / GRU: the first input projection
-        return rnn_weight_shapes(meta)["weight_ih_l0"]
+    if "hidden_size" in meta:  # LSTM / GRU / RNN (cell): the first input projection
+        return next(iter(rnn_weight_shapes(meta).values()))
     for a, b in (("num_embeddings", "embedding_dim"), ("n", "k")):
         if a in meta:
             return [meta[a], meta[b]]
@@ -1174,7 +1184,8 @@ def layer_rows(metas: Mapping[str, Mapping[str, Any]], state: Mapping[str, torch
     for name, meta in metas.items():
         prefix = f"{name}." if name else ""
         own = {k: v for k, v in state.items() if k.startswith(prefix)}
-        scale = own.get(f"{prefix}weight_scale", own.get(f"{prefix}weight_ih_l0_scale"))
+        scale = next((own[f"{prefix}{w}_scale"] for w in ("weight", "weight_ih_l0", "weight_ih")
+                      if f"{prefix}{w}_scale" in own), None)
         rows.append(SavedLayer(
             name=name, cls=str(meta.get("class")), scheme=_scheme_text(meta),
             bits=int((meta.get("weight_spec") or {}).get("bits", 0)),

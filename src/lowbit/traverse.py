@@ -603,9 +603,10 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, fallback: set[str]
         if reason:
             plans[name] = LayerPlan(name, kind, None, "skipped", reason)
             continue
-        tensors = (module.named_parameters(recurse=False) if isinstance(module, nn.RNNBase)
+        tensors = (module.named_parameters(recurse=False)
+                   if isinstance(module, (nn.RNNBase, nn.RNNCellBase))
                    else [("weight", module.weight), ("bias", getattr(module, "bias", None))])
-        for pname, p in tensors:  # (LSTM / GRU: every gate matrix and bias)
+        for pname, p in tensors:  # (recurrent layers, cells: every gate matrix and bias)
             if p is not None:
                 check_finite(p, f"{name} ({kind}).{pname}", name)
         # a following ReLU runs inside the quantized layer (in place on its fresh output), for
