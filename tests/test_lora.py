@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lowbit
 from lowbit.config import QuantizationConfig, QuantSpec
 from lowbit.lora import LoRALinear, add_lora, lora_parameters
 from lowbit.modules import Int4Linear, Int8WeightOnlyLinear, QuantizedLinear
@@ -200,6 +201,8 @@ def test_target_modules_inplace_and_errors() -> None:
         add_lora(_quantize("dynamic"), target_modules=["fc*"])
     with pytest.raises(ValueError, match="quantize it first"):
         add_lora(_mlp())
+    with pytest.raises(ValueError, match=r"prepared for QAT .*convert it first"):
+        add_lora(lowbit.prepare_qat(_mlp()))
     with pytest.raises(TypeError, match="got Linear"):
         LoRALinear(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="r=0"):

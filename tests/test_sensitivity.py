@@ -325,3 +325,16 @@ def test_a_model_that_is_one_layer_is_analysed() -> None:
                                     budget=0.0, progress=False)
     assert fallback == [""] and type(q) is nn.Linear
     assert not [w for w in seen if "matches no layer" in str(w.message)]
+
+
+def test_sensitive_layers_by_threshold(trap) -> None:
+    """Seed 000: 'identify sensitive layers that need FP32 fallback' by a per-layer limit, not
+    only the top k: the layers above the threshold, most sensitive first, as skip_layers."""
+    model, calib, agreement = trap
+    rep = analyze_sensitivity(model, PER_TENSOR_STATIC, agreement, calib, progress=False)
+    cut = (rep.rows[0].sensitivity + rep.rows[1].sensitivity) / 2
+    assert rep.sensitive_layers(cut) == [rep.rows[0].name] == rep.most_sensitive(1)
+    assert rep.sensitive_layers(float(rep.rows[-1].sensitivity) - 1) == [r.name for r in rep.rows]
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match=r"threshold=.* must be a finite number"):
+            rep.sensitive_layers(bad)

@@ -240,7 +240,11 @@ def add_lora(qmodel: nn.Module, r: int = 8, alpha: float = 16.0,
              if isinstance(m, LORA_BASES)]
     chosen = {id(m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
     if not chosen:
-        candidates = [n for n, _ in named] or "none (quantize it first)"
+        qat = any(type(m).__name__ == "QATLayer" for m in model.modules())
+        candidates = [n for n, _ in named] or (
+            "none: the model is prepared for QAT (fake-quantized float layers); convert it "
+            "first (lowbit.convert_qat), then add adapters to its integer layers" if qat
+            else "none (quantize it first)")
         raise ValueError(f"add_lora: no quantized linear layer matches target_modules="
                          f"{patterns}; candidates: {candidates}")
     wrappers: dict[int, LoRALinear] = {}  # a layer used under several names gets one adapter

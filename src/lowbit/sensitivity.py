@@ -98,6 +98,24 @@ class SensitivityReport:
         """Names of the ``k`` most sensitive layers."""
         return [r.name for r in self.rows[: max(0, k)]]
 
+    def sensitive_layers(self, threshold: float) -> list[str]:
+        """Names of the layers whose ``sensitivity`` exceeds ``threshold``, most sensitive first:
+        the FP32-fallback candidates by a per-layer limit (``drop`` in metric points with an
+        ``eval_fn``, else ``1 - cosine`` of the output), e.g. for
+        ``QuantizationConfig(skip_layers=report.sensitive_layers(0.5))``.
+
+        Example:
+            >>> rows = [LayerSensitivity("fc1", "Linear", "W8", 96.0, 2.0, None, None, 2.0),
+            ...         LayerSensitivity("fc2", "Linear", "W8", 97.9, 0.1, None, None, 0.1)]
+            >>> SensitivityReport(rows, baseline=98.0).sensitive_layers(0.5)
+            ['fc1']
+        """
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or (
+                not math.isfinite(threshold)):
+            raise ValueError(f"sensitive_layers: threshold={threshold!r} must be a finite "
+                             "number (metric points with an eval_fn, else 1 - cosine)")
+        return [r.name for r in self.rows if r.sensitivity > threshold]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form."""
         return {"metric_name": self.metric_name, "baseline": self.baseline,
