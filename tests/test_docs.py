@@ -98,3 +98,20 @@ def test_page_code_runs(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
             assert result.failed == 0, "".join(report)
         elif lang == "bash":
             _run_bash(code, where, tmp_path)
+
+
+def test_every_public_function_has_a_runnable_example() -> None:
+    """The style rule: every public function's docstring has a ``>>>`` example (the doctests
+    run them; load_checkpoint had none)."""
+    import inspect
+
+    import lowbit
+    from lowbit import backends
+
+    missing = []
+    for module in (lowbit, backends):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) and ">>>" not in (inspect.getdoc(obj) or ""):
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, f"public functions without a >>> example: {missing}"

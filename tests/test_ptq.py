@@ -864,3 +864,13 @@ def test_skip_override_and_fallback_of_a_container_keep_its_layers_float() -> No
         assert q.lowbit_report.quantized == ["features.0"]
         assert sorted(q.lowbit_report.fp32) == ["classifier.0", "classifier.2"]
         assert type(q.classifier[0]) is nn.Linear and type(q.classifier[2]) is nn.Linear
+
+
+def test_quantize_weight_only_8_bit_takes_a_group_size() -> None:
+    """bits=8 with group_size=32 gave per-channel weights: the group size was ignored."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 64))
+    assert quantize_weight_only(m, bits=8)[0].weight_spec.granularity == "per_channel"
+    grouped = quantize_weight_only(m, bits=8, group_size=32)[0]
+    assert (grouped.weight_spec.group_size, tuple(grouped.weight_scale.shape)) == (32, (64, 8))
+    assert quantize_weight_only(m)[0].weight_spec.group_size == 128

@@ -342,6 +342,15 @@ def load_checkpoint(path: str | Path, model: nn.Module,
             (with ``strict``) or mis-shaped model keys, no optimizer state when one is asked
             for, another optimizer class, parameter layout or state shapes. Raised before the
             model or the optimizer is changed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> model = nn.Linear(3, 2)
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "ckpt.safetensors"
+        >>> _ = save_checkpoint(path, model, extra={"step": 7})
+        >>> fresh = nn.Linear(3, 2)
+        >>> load_checkpoint(path, fresh), torch.equal(fresh.weight, model.weight)
+        ({'step': 7}, True)
     """
     path = Path(path)
     tensors, meta = _read(path)

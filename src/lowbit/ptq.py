@@ -562,13 +562,17 @@ def quantize_static(model: nn.Module, calibration_data: Iterable[Any],
                         ).quantize(model, calibration_data)
 
 
-def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128, *,
+def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int | None = None, *,
                          symmetric: bool = False, config: QuantizationConfig | None = None,
                          inplace: bool = False, backend: str | None = None,
                          method: str | None = None,
                          calibration_data: Iterable[Any] | None = None,
                          progress: bool = True) -> nn.Module:
     """Weight-only quantization (INT4 packed two per byte, group-wise scales by default).
+
+    ``group_size``: weights per scale along the input dimension; default 128 for 2-7 bits and
+    one scale per output channel for ``bits=8`` (a given ``group_size`` makes INT8 weights
+    group-wise too; it was ignored).
 
     ``backend``: the layers' backend (see :class:`PTQQuantizer`). ``method``: ``"rtn"``
     (default), ``"gptq"``, ``"awq"`` or ``"signround"``; all but ``"rtn"`` need
@@ -585,8 +589,9 @@ def quantize_weight_only(model: nn.Module, bits: int = 4, group_size: int = 128,
         'gptq'
     """
     if config is None:
-        spec = (QuantSpec.int8_weight() if bits == 8
-                else QuantSpec.int4_weight(group_size, symmetric).with_(bits=bits))
+        spec = (QuantSpec.int8_weight() if bits == 8 and group_size is None
+                else QuantSpec.int4_weight(128 if group_size is None else group_size,
+                                           symmetric).with_(bits=bits))
         config = QuantizationConfig(weights=spec, activations=None, mode="weight_only")
     if config.mode != "weight_only":
         raise ValueError(f"quantize_weight_only: config.mode is {config.mode!r}; use "

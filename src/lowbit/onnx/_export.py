@@ -23,13 +23,16 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lowbit._export_inputs import export_arguments, export_failure_hint
 from lowbit._qmodule import record_weight_reads
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["DEFAULT_OPSET", "IR_VERSION", "export_onnx"]
 
@@ -199,7 +202,7 @@ def _refuse_bfloat16(qmodel: nn.Module, inputs: list[Any]) -> None:
 
 def export_onnx(qmodel: nn.Module, example_inputs: Any, path: str | os.PathLike | None,
                 opset: int = DEFAULT_OPSET, *, dynamic_axes: Sequence[int] = (0,),
-                exact: bool | str = True) -> Any:
+                exact: bool | str = True) -> onnx.ModelProto:
     """Export a lowbit model to ONNX that ONNX Runtime runs with integer kernels.
 
     Quantized layers become standard ONNX: static INT8 as QDQ (``QuantizeLinear`` /
