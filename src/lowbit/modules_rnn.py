@@ -202,6 +202,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         off = 0 if self.act_spec.signed else -(2 ** (self.act_spec.bits - 1))
         self._qmin, self._qmax = self.act_spec.qmin + off, self.act_spec.qmax + off
         self._mats: dict[str, tuple] = {}
+        self._directions = list(_names(self._shape_meta()))  # (a dict per call cost ~20 us)
         self._refresh_cache()
 
     # ------------------------------------------------------------------ construction
@@ -535,7 +536,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
             offsets.append(offsets[-1] + b)
         spans = list(zip(offsets, steps, strict=False))
         h_n, c_n = [], []
-        for sfx, _layer, d in _names(self._shape_meta()):
+        for sfx, _layer, d in self._directions:
             if d == 0:
                 outs = []
             gx = self._gemm(f"weight_ih{sfx}", x, backend)  # all time steps: one GEMM
@@ -563,7 +564,6 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         hidden GEMM runs on a C ISA path, else None (the PyTorch loop runs)."""
         w, scale, _, bias, _, fusable = self._mats[f"weight_hh{sfx}"]
         if (not fusable or backend != "auto" or self.proj_size or not spans
-                or self._kind not in ("LSTM", "GRU")
                 or native_lib_for(gx, h) is None):
             return None
         kernel = select_kernel("int8_linear", h.shape[0], backend=backend, k=w.shape[1],
@@ -573,7 +573,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         if packed is None or not (gx.is_contiguous() and h.is_contiguous()
                                   and (c is None or c.is_contiguous())):
             return None
-        out = run_rnn_scan(lib, self._kind, gx, spans, h, c, packed, scale, bias, self._qmin,
+        kind = f"RNN_{self.nonlinearity.upper()}" if self._kind == "RNN" else self._kind
+        out = run_rnn_scan(lib, kind, gx, spans, h, c, packed, scale, bias, self._qmin,
                            self._qmax)
         return out, h, c
 

@@ -651,7 +651,7 @@ def test_weight_only_batch_one_reads_strided_inputs_as_they_are(bits: int, layou
 
 @needs_c
 @settings(max_examples=60, deadline=None)
-@given(kind=st.sampled_from([0, 1]), hid=st.integers(1, 12), batch=st.integers(1, 3),
+@given(kind=st.sampled_from([0, 1, 2, 3]), hid=st.integers(1, 12), batch=st.integers(1, 3),
        steps=st.integers(0, 4), extra_rows=st.integers(0, 2), bad_span=st.booleans(),
        short=st.sampled_from(["", "gx", "state", "out"]))
 def test_fuzz_rnn_scan_checks_every_span_and_extent(kind: int, hid: int, batch: int, steps: int,
@@ -662,7 +662,7 @@ def test_fuzz_rnn_scan_checks_every_span_and_extent(kind: int, hid: int, batch: 
     is one float short; never reading past them."""
     lib = native.load_gemm(C_PATHS[0])
     g = torch.Generator().manual_seed(kind * 1000 + hid * 37 + batch * 5 + steps)
-    gates = 4 if kind == 0 else 3
+    gates = {0: 4, 1: 3}.get(kind, 1)  # LSTM, GRU, Elman RNN (tanh, relu)
     spans = [(t * batch, batch) for t in range(steps)]
     rows = steps * batch + extra_rows
     if bad_span and spans:
@@ -688,7 +688,8 @@ def test_fuzz_rnn_scan_checks_every_span_and_extent(kind: int, hid: int, batch: 
     elif steps:
         y = out[:steps * batch * hid].reshape(steps, batch, hid)
         assert bool(torch.isfinite(y).all())
-        assert kind == 1 or bool((y.abs() <= 1).all())  # LSTM: h = o * tanh(c)
+        assert kind in (1, 3) or bool((y.abs() <= 1).all())  # h = o * tanh(c), tanh(.)
+        assert kind != 3 or bool((y >= 0).all())  # relu
         assert torch.equal(h.reshape(batch, hid), y[-1])
 
 

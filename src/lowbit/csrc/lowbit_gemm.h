@@ -934,7 +934,7 @@ float_rows:
     return LB_OK;
 }
 
-/* ---------------------------------------------------------------- LSTM / GRU recurrence */
+/* --------------------------------------------------------- LSTM / GRU / RNN recurrence */
 
 /* exp(x) for the gates, written so the compiler vectorizes it (Cephes' expf: Cody-Waite
  * reduction by ln 2 and a degree-6 polynomial, about 1 ulp; PyTorch's Sleef exp is also about
@@ -1002,30 +1002,45 @@ static inline __attribute__((always_inline)) void gru_gates(const float *restric
     }
 }
 
-/* One direction of one LSTM (kind 0) or GRU (kind 1) layer over packed time-major steps, the
- * whole recurrence in one call (the Python loop costs ~25 us of op dispatch per step).
+/* Elman RNN of one row: h = tanh(hh + x) (RELU 0) or relu(hh + x) (RELU 1). */
+static inline __attribute__((always_inline)) void rnn_gates(const float *restrict g,
+                                                            const float *restrict x,
+                                                            int64_t hid, float *restrict y,
+                                                            const int RELU) {
+#pragma omp simd
+    for (int64_t j = 0; j < hid; ++j) {
+        const float v = g[j] + x[j];
+        y[j] = RELU ? (v > 0.0f ? v : (v == v ? 0.0f : v)) : gate_tanh(v); /* NaN stays NaN */
+    }
+}
+
+/* One direction of one LSTM (kind 0), GRU (kind 1) or Elman RNN (kind 2: tanh, 3: relu) layer
+ * over packed time-major steps, the whole recurrence in one call (the Python loop costs ~25 us
+ * of op dispatch per step).
  *
  * spans [nsteps][2]: step t reads rows o .. o + b of gx [rows, G * hid] (the input projection
- * with its bias, G = 4 for LSTM / 3 for GRU) and writes them in out [rows, hid]; it updates
+ * with its bias, G = 4 for LSTM / 3 for GRU / 1 for RNN) and writes them in out [rows, hid];
+ * it updates
  * the first b of the batch rows of h [batch, hid] (and c, LSTM); gx_floats, state_floats (h
  * and c each) and out_floats are the sizes of those buffers. Each step's hidden GEMM is
  * lbk_s8_linear on h (dynamic per-row codes in [qmin, qmax], the packed weight [G * hid, hid],
  * w_scale sw, bias: exact, the layer's own GEMM); the gates then follow nn.LSTM / nn.GRU:
  *   LSTM: g = hh + gx; c = s(f) c + s(i) tanh(g); h = s(o) tanh(c)
  *   GRU:  r, z = s(hh_rz + gx_rz); n = tanh(gx_n + r hh_n); h = n + z (h - n)
+ *   RNN:  h = tanh(hh + gx) or relu(hh + gx)
  * Returns LB_OK, LB_EARG (nothing written) or LB_ENOMEM. */
 int lbk_rnn_scan(int kind, const float *gx, int64_t gx_floats, int64_t rows, int64_t hid,
                  const int64_t *spans, int64_t nsteps, float *h, float *c, int64_t state_floats,
                  int64_t batch, const int8_t *wpack, int64_t wpack_bytes, const float *sw,
                  const float *bias, int fused, int32_t qmin, int32_t qmax, float *out,
                  int64_t out_floats, int nthreads) {
-    if ((kind != 0 && kind != 1) || rows < 0 || hid <= 0 || hid > (1LL << 24) || nsteps < 0 ||
+    if (kind < 0 || kind > 3 || rows < 0 || hid <= 0 || hid > (1LL << 24) || nsteps < 0 ||
         batch <= 0 || batch > (1LL << 24) || rows > (1LL << 40) || nthreads < 1 || !wpack ||
         !sw || qmin < -128 || qmax > 127 || qmin > qmax)
         return LB_EARG;
     if (nsteps > 0 && (!gx || !h || !out || !spans || (kind == 0 && !c)))
         return LB_EARG; /* (no step: empty buffers may come as NULL) */
-    const int64_t G = kind == 0 ? 4 : 3, n = G * hid;
+    const int64_t G = kind == 0 ? 4 : kind == 1 ? 3 : 1, n = G * hid;
     /* every buffer at least as large as the shapes claim (gx [rows, n], h / c [batch, hid],
      * out [rows, hid]): nothing is read or written past what the caller gave */
     if (wpack_bytes != lbk_s8_packed_bytes(n, hid) || gx_floats < rows * n ||
@@ -1053,10 +1068,12 @@ int lbk_rnn_scan(int kind, const float *gx, int64_t gx_floats, int64_t rows, int
                 lstm_gates(gates + r * n, x, hid, c + r * hid, yr, 1);
             else if (kind == 0)
                 lstm_gates(gates + r * n, x, hid, c + r * hid, yr, 0);
-            else if (fused)
+            else if (kind == 1 && fused)
                 gru_gates(gates + r * n, x, hid, h + r * hid, yr, 1);
-            else
+            else if (kind == 1)
                 gru_gates(gates + r * n, x, hid, h + r * hid, yr, 0);
+            else
+                rnn_gates(gates + r * n, x, hid, yr, kind == 3);
             memcpy(h + r * hid, yr, (size_t)hid * sizeof(float));
         }
     }

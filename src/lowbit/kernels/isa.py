@@ -323,11 +323,16 @@ def run_u4_linear(lib: Any, x: torch.Tensor, args: tuple, bias: torch.Tensor | N
                     wq.shape[0], kp, group, sc, zp, bias, relu)
 
 
+#: ``lbk_rnn_scan``'s kind code and gate count of each recurrent layer kind.
+_RNN_KINDS = {"LSTM": (0, 4), "GRU": (1, 3), "RNN_TANH": (2, 1), "RNN_RELU": (3, 1)}
+
+
 def run_rnn_scan(lib: Any, kind: str, gx: torch.Tensor, spans: list[tuple[int, int]],
                  h: torch.Tensor, c: torch.Tensor | None, packed: torch.Tensor,
                  w_scale: torch.Tensor, bias: torch.Tensor | None, qmin: int,
                  qmax: int) -> torch.Tensor:
-    """One LSTM / GRU layer direction's whole recurrence in one ``lbk_rnn_scan`` call.
+    """One LSTM / GRU / Elman RNN layer direction's whole recurrence in one ``lbk_rnn_scan``
+    call (``kind``: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``).
 
     ``gx [rows, G * hid]``: the input projection of every step (its bias included); ``spans``:
     ``(first row, batch rows)`` per step in order; ``h`` / ``c [batch, hid]`` are updated in
@@ -345,7 +350,7 @@ def run_rnn_scan(lib: Any, kind: str, gx: torch.Tensor, spans: list[tuple[int, i
         >>> out is None or (tuple(out.shape) == (2, 3) and torch.equal(out[1], h[0]))
         True
     """
-    gates = {"LSTM": 4, "GRU": 3}[kind]
+    code, gates = _RNN_KINDS[kind]
     hid = h.shape[1]
     rows = gx.shape[0] if gx.dim() == 2 else -1
     for name, t, shape in (("gx", gx, (rows, gates * hid)), ("h", h, (h.shape[0], hid)),
@@ -361,7 +366,7 @@ def run_rnn_scan(lib: Any, kind: str, gx: torch.Tensor, spans: list[tuple[int, i
         raise ValueError("lowbit RNN scan: the packed weight must come from s8_packed")
     out = torch.empty((rows, hid))
     span_t = torch.tensor(spans, dtype=torch.int64).reshape(-1, 2)
-    rc = lib.lbk_rnn_scan(0 if kind == "LSTM" else 1, gx.data_ptr(), gx.numel(), rows, hid,
+    rc = lib.lbk_rnn_scan(code, gx.data_ptr(), gx.numel(), rows, hid,
                           span_t.data_ptr(), span_t.shape[0], h.data_ptr(),
                           None if c is None else c.data_ptr(), h.numel(), h.shape[0],
                           packed.data_ptr(), packed.numel(), w_scale.data_ptr(),
