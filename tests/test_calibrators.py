@@ -1051,3 +1051,10 @@ def test_calibrator_options_must_be_numbers(make, value) -> None:
     with pytest.raises(ValueError, match=r"\.(percentile|averaging_constant)=.* must be a "
                                          "finite number"):
         make(value)
+
+
+def test_calibrator_options_take_numpy_and_tensor_scalars() -> None:
+    """The stricter number check still takes what float() took before it (numpy scalars,
+    one-element tensors), as the same range."""
+    assert PercentileCalibrator(percentile=torch.tensor(99.0)).percentile == 99.0
+    assert MovingAverageCalibrator(averaging_constant=np.float32(0.5)).averaging_constant == 0.5

@@ -339,3 +339,10 @@ def test_set_scaling_names_a_bad_alpha_or_dropout() -> None:
 def test_lora_settings_of_the_wrong_type_are_refused_by_name(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         LoRALinear(quantize_dynamic(nn.Sequential(nn.Linear(8, 4)))[0], **kwargs)
+
+
+def test_lora_settings_take_integral_floats_and_scalars() -> None:
+    """r=8.0 and tensor / numpy alphas were accepted before the stricter checks: still are."""
+    layer = LoRALinear(quantize_dynamic(nn.Sequential(nn.Linear(8, 4)))[0], r=8.0,
+                       alpha=torch.tensor(16.0))
+    assert (layer.r, layer.alpha, layer.scaling) == (8, 16.0, 2.0)

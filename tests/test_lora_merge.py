@@ -242,6 +242,17 @@ def test_load_adapters_refuses_damaged_tensors_before_changing_the_model(
         lowbit.load_adapters(target, one, inplace=True)
     assert target[0].scaling == 2.0
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    changed = _mlp()  # layer '2' differs: refused there, after layer '0' passed its checks
+    with torch.no_grad():
+        changed[2].weight.mul_(1.5)
+    other = lowbit.quantize_dynamic(changed)
+    with torch.no_grad():
+        want = other(X)
+    with pytest.raises(ValueError, match=r"layer '2' .*its weights differ"):
+        lowbit.load_adapters(other, path, inplace=True)
+    assert other[0].fused_relu  # (a wrapper built for layer '0' had turned it off)
+    with torch.no_grad():
+        assert torch.equal(other(X), want)
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf")])

@@ -483,6 +483,13 @@ def test_cells_match_float_and_one_step_of_the_sequence_module(kind: str) -> Non
         assert torch.equal(out.detach(), _flat(q(x, hx))[0])
     with pytest.raises(ValueError, match=r"cell \(Quantized\w+Cell\): expected a 1-D"):
         q(torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match=r"input_size\), got shape \(5, 7\)"):
+        q(torch.randn(5, 7))  # (named in the cell's shapes, not the one-step sequence's)
+    with pytest.raises(ValueError, match=r"expected h of shape \(5, 32\) for an input of shape "
+                                         r"\(5, 16\), got \(5, 31\)"):
+        q(x, (torch.zeros(5, 31), torch.zeros(5, 32)) if kind == "LSTMCell" else torch.zeros(5, 31))
+    with pytest.raises(ValueError, match=r"expected h of shape \(32,\)"):
+        q(x[0], tuple(hx) if kind == "LSTMCell" else h)  # batched states, unbatched input
 
 
 def test_recurrent_layers_and_cells_quantize_in_a_model_and_round_trip(tmp_path) -> None:

@@ -290,11 +290,12 @@ def test_nan_calibration_inputs_are_refused_naming_the_layer(cfg: QuantizationCo
         PTQQuantizer(cfg, progress=False).quantize(model, batches)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "signround"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "signround", "smoothquant"])
 def test_empty_calibration_batch_is_refused_naming_the_layer(method: str) -> None:
-    """A zero-row batch: GPTQ / AWQ failed in a bare ``amax()`` IndexError naming no layer,
-    SignRound kept round-to-nearest without a word."""
+    """A zero-row batch: GPTQ / AWQ / SmoothQuant failed in a bare ``amax()`` IndexError naming
+    no layer, SignRound kept round-to-nearest without a word."""
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-    cfg = QuantizationConfig.int4_weight_only(16, method=method)
+    cfg = (QuantizationConfig.int8_dynamic(smooth_quant=0.5) if method == "smoothquant"
+           else QuantizationConfig.int4_weight_only(16, method=method))
     with pytest.raises(ValueError, match=r"^0: a calibration batch gave it an empty input"):
         PTQQuantizer(cfg, progress=False).quantize(model, [torch.randn(0, 16)])

@@ -58,17 +58,26 @@ def _accepts(kind: str, value: Any) -> bool:
 
 
 def real_number(value: Any, what: str, hint: str) -> float:
-    """``value`` as a float if it is a finite real number (not a bool), else a ValueError
-    naming ``what`` (``float()`` had taken ``True`` as 1.0 and NaN / Inf silently).
+    """``value`` as a float if it is a finite real number (not a bool; numpy scalars and
+    one-element tensors count), else a ValueError naming ``what`` (``float()`` had taken
+    ``True`` as 1.0 and NaN / Inf silently).
 
     Example:
         >>> real_number(2, "alpha", "e.g. 16")
         2.0
     """
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
             value):
         raise ValueError(f"{what}={value!r} must be a finite number; {hint}")
     return float(value)
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element non-bool tensor as its Python number, anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        return value.item()
+    return value
 
 
 def whole_number(value: Any, what: str, hint: str) -> int:
@@ -78,6 +87,9 @@ def whole_number(value: Any, what: str, hint: str) -> int:
         >>> whole_number(8, "r", "e.g. 8")
         8
     """
+    value = _scalar(value)
+    if isinstance(value, float) and value.is_integer():  # 8.0 (as LoRA's r was accepted)
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what}={value!r} must be an integer; {hint}")
     return int(value)

@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from lowbit.config import real_number
 from lowbit.lora import LORA_BASES, LoRALinear, mark_only_lora_trainable
 
 __all__ = ["ADAPTER_FORMAT", "base_fingerprint", "load_adapters", "save_adapters"]
@@ -210,12 +211,12 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *,
     # every entry is checked (and its wrapper built) before the model changes: with
     # inplace=True a refused file leaves the model as it was
     plans = [_plan(file, name, entry, tensors, modules) for name, entry in entries.items()]
-    for name, target, base, fresh, a, b in plans:
+    for name, target, base, settings, a, b in plans:
         if isinstance(target, LoRALinear):  # same r (checked); the file's scaling and dropout
-            target.set_scaling(fresh.alpha, fresh.dropout_p)
+            target.set_scaling(settings["alpha"], settings.get("dropout", 0.0))
             layer = target
-        else:
-            layer = fresh
+        else:  # (a wrapper turns its base's fused activation off: built only now)
+            layer = LoRALinear.from_config(base, settings)
             for n in [n for n, m in model.named_modules(remove_duplicate=False) if m is base]:
                 if n:
                     model.set_submodule(n, layer)
@@ -230,9 +231,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike[str], *,
 
 def _plan(file: Path, name: str, entry: Any, tensors: Mapping[str, torch.Tensor],
           modules: Mapping[str, nn.Module]
-          ) -> tuple[str, nn.Module | None, nn.Module, LoRALinear, torch.Tensor, torch.Tensor]:
-    """One stored adapter checked against the model's layer ``name``: ``(name, the layer
-    there, its quantized base, a wrapper built from the file's settings, lora_A, lora_B)``."""
+          ) -> tuple[str, nn.Module | None, nn.Module, dict[str, Any], torch.Tensor,
+                     torch.Tensor]:
+    """One stored adapter checked against the model's layer ``name``, the model unchanged:
+    ``(name, the layer there, its quantized base, the file's adapter settings, lora_A,
+    lora_B)``."""
     where = f"load_adapters: {file}: layer {name!r}"
     prefix = f"{name}." if name else ""
     a, b = tensors.get(prefix + "lora_A"), tensors.get(prefix + "lora_B")
@@ -258,9 +261,16 @@ def _plan(file: Path, name: str, entry: Any, tensors: Mapping[str, torch.Tensor]
     if isinstance(target, LoRALinear) and target.r != entry["lora"]["r"]:
         raise ValueError(f"{label}: its adapter has r={target.r}, the file "
                          f"r={entry['lora']['r']}")
-    try:
-        fresh = LoRALinear.from_config(base, entry["lora"])
+    settings = entry["lora"]
+    try:  # what LoRALinear.from_config would refuse, checked without building one
+        real_number(settings["alpha"], "alpha", "the update is scaled by alpha / r")
+        dropout = real_number(settings.get("dropout", 0.0), "dropout", "it must be in [0, 1)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        if settings.get("fused_gelu") not in (None, "none", "tanh"):
+            raise ValueError(f"fused_gelu={settings.get('fused_gelu')!r} must be None, 'none' "
+                             "or 'tanh'")
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: cannot rebuild the adapter from "
-                         f"{entry['lora']!r:.200}: {e}") from e
-    return name, target, base, fresh, a, b
+        raise ValueError(f"{where}: cannot rebuild the adapter from {settings!r:.200}: {e}"
+                         ) from e
+    return name, target, base, settings, a, b

@@ -66,7 +66,8 @@ def _is_cell(meta: Mapping[str, Any]) -> bool:
 
 
 def rnn_unsupported_reason(module: nn.Module, config: QuantizationConfig) -> str | None:
-    """Why a float ``nn.LSTM`` / ``nn.GRU`` cannot be quantized under ``config``, else None.
+    """Why a float recurrent layer (:data:`RNN_TYPES`) cannot be quantized under ``config``,
+    else None.
 
     Example:
         >>> rnn_unsupported_reason(nn.GRU(4, 8), QuantizationConfig.int8_dynamic()) is None
@@ -139,7 +140,7 @@ class _RecurrentForward:
         if torch.compiler.is_exporting():
             raise RuntimeError(
                 f"{self._label()}: torch.export / ONNX export of a quantized "  # type: ignore
-                "LSTM / GRU is not supported (its recurrence runs eagerly); keep the layer in "
+                "recurrent layer is not supported (its recurrence runs eagerly); keep it in "
                 "float for export: layer_overrides={name: None}")
         data = input.data if isinstance(input, PackedSequence) else input
         if (isinstance(data, torch.Tensor) and data.is_meta  # shape inference: no values
@@ -152,7 +153,8 @@ class _RecurrentForward:
 
 
 class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
-    """Shared storage and recurrence of :class:`QuantizedLSTM` and :class:`QuantizedGRU`.
+    """Shared storage and recurrence of :class:`QuantizedLSTM`, :class:`QuantizedGRU`,
+    :class:`QuantizedRNN` and the cells.
 
     Buffers follow the float module's parameter names: ``weight_ih_l{k}[_reverse]`` int8
     ``[gates * hidden, in]`` with ``..._scale`` float32 and ``..._zero_point`` int32 (one per
@@ -210,7 +212,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
     def from_float(cls, module: nn.Module, config: QuantizationConfig, *, name: str = "",
                    meta_extra: Mapping[str, Any] | None = None, backend: str = "auto",
                    **_ignored: Any) -> QuantizedRNNBase:
-        """Quantize a float ``nn.LSTM`` / ``nn.GRU`` (``config``: dynamic INT8).
+        """Quantize a float ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` or cell (``config``: dynamic
+        INT8).
 
         Args:
             module: the float layer. config: its resolved config.
@@ -304,8 +307,8 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
                           self._buffers[f"{name}_zero_point"], self.weight_spec)
 
     def to_float(self) -> nn.Module:
-        """The float ``nn.LSTM`` / ``nn.GRU`` with the dequantized weights, in the dtype the
-        layer presents (``orig_dtype``).
+        """The float module (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` or the cell) with the
+        dequantized weights, in the dtype the layer presents (``orig_dtype``).
 
         Example:
             >>> f = nn.LSTM(4, 8)
@@ -716,7 +719,16 @@ class _Cell:
         if lstm and hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError(f"{me._label()}: hx must be a tuple (h, c) of tensors, got "
                             f"{type(hx).__name__}")
+        if input.shape[-1] != me.input_size:  # (named in the cell's terms, not the sequence's)
+            raise ValueError(f"{me._label()}: expected input with {me.input_size} features in "
+                             f"the last dim (input_size), got shape {tuple(input.shape)}")
         states = tuple(hx) if lstm and hx is not None else (hx,)
+        want = (*input.shape[:-1], me.hidden_size)
+        for key, t in zip(("h", "c"), states if hx is not None else (), strict=False):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{me._label()}: expected {key} of shape {want} for an input "
+                                 f"of shape {tuple(input.shape)}, got {got}")
         if ((input.is_meta and me._buffers[me._first].is_meta)  # shapes only, or an empty
                 or (input.dim() == 2 and input.shape[0] == 0)):  # batch: the float cell's
             return me.to_float()(input, hx)

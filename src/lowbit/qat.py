@@ -51,6 +51,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -169,9 +170,10 @@ class QATConfig:
                 raise ValueError(f"QATConfig.{what}={name!r} is unknown; use one of "
                                  f"{available_calibrators()}")
         for what in ("learnable_scale", "record_statistics"):  # "no" had been truthy
-            if not isinstance(getattr(self, what), bool):
+            if not isinstance(getattr(self, what), (bool, np.bool_)):
                 raise ValueError(f"QATConfig.{what} must be True or False, got "
                                  f"{getattr(self, what)!r}")
+            object.__setattr__(self, what, bool(getattr(self, what)))
         for what in ("freeze_bn_after", "freeze_observers_after"):
             value = getattr(self, what)
             if value is not None and (_not_int(value) or value < 0):

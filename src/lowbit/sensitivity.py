@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calibration import run_batch
-from lowbit.config import QuantizationConfig
+from lowbit.config import QuantizationConfig, real_number
 from lowbit.evaluation import _check_reference, _eval_mode, compare_outputs
 from lowbit.modules_mha import expand_attention
 from lowbit.ptq import PTQQuantizer
@@ -110,11 +110,9 @@ class SensitivityReport:
             >>> SensitivityReport(rows, baseline=98.0).sensitive_layers(0.5)
             ['fc1']
         """
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or (
-                not math.isfinite(threshold)):
-            raise ValueError(f"sensitive_layers: threshold={threshold!r} must be a finite "
-                             "number (metric points with an eval_fn, else 1 - cosine)")
-        return [r.name for r in self.rows if r.sensitivity > threshold]
+        limit = real_number(threshold, "sensitive_layers: threshold",
+                            "metric points with an eval_fn, else 1 - cosine")
+        return [r.name for r in self.rows if r.sensitivity > limit]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible form."""

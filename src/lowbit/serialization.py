@@ -616,7 +616,7 @@ def _check_meta(meta: Mapping[str, Any], where: str, lora: bool) -> None:
 
 
 def _check_rnn_meta(meta: Mapping[str, Any], where: str) -> None:
-    """A quantized LSTM / GRU's meta: sizes, flags, dynamic activation spec."""
+    """A quantized recurrent layer's meta: sizes, flags, dynamic activation spec."""
     if _field(meta, "mode", str, where) != "dynamic":
         raise LoadError(f"{where}: field 'mode'={meta['mode']!r:.40} must be 'dynamic'; "
                         f"{_DAMAGED}")

@@ -688,6 +688,7 @@ def smooth_quant(model: nn.Module, alphas: Mapping[str, float], calibration_data
     def hook(name: str) -> Callable[..., None]:
         def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = _first(args, kwargs).detach()
+            _check_input(name, x, "SmoothQuant", finite=False)
             stats[name].abs_max = torch.maximum(stats[name].abs_max,
                                                 x.reshape(-1, x.shape[-1]).abs().amax(0).float())
             stats[name].rows += 1

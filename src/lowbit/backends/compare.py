@@ -193,7 +193,7 @@ def compare(qmodel: nn.Module, example_inputs: Any, backends: Sequence[str] | No
         get_backend(name)  # unknown names fail before anything runs
     work = copy.deepcopy(qmodel).eval()  # switched between the layer backends
     reference = _run(set_backend(work, "reference"), example_inputs)
-    ref_flat = _flat(reference) if reference else torch.zeros(0)
+    ref_flat = _flat(reference)
     _check_reference(ref_flat, "compare: the reference backend's output on example_inputs")
     ref_max = float(ref_flat.abs().max()) if ref_flat.numel() else 0.0
     results = []

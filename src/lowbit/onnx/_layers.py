@@ -372,14 +372,14 @@ def export_layer(layer: nn.Module, exact: bool | str = True) -> nn.Module | None
         ('ExportLinear', None)
 
     Raises:
-        NotImplementedError: a quantized LSTM / GRU (no ONNX subgraph yet), naming the layer.
+        NotImplementedError: a quantized recurrent layer (no ONNX subgraph yet), naming it.
     """
     if isinstance(layer, QuantizedRNNBase):
         raise NotImplementedError(
             f"export_onnx: {layer._label()} has no ONNX export yet (its per-step INT8 "
             "recurrence has no standard ONNX form); keep it in float for export: quantize with "
-            f"layer_overrides={{{layer.name or 'name'!r}: None}} (torch exports nn.{layer._kind} "
-            "as the ONNX operator), or run the quantized model in PyTorch")
+            f"layer_overrides={{{layer.name or 'name'!r}: None}} (torch exports the float "
+            "recurrent layer), or run the quantized model in PyTorch")
     stand_in = _export_layer(layer, exact)
     smoothing = getattr(layer, "input_smoothing", None)
     if stand_in is not None and isinstance(smoothing, torch.Tensor):
