@@ -1,10 +1,12 @@
-"""LSTM / GRU benchmark: lowbit dynamic INT8 vs torch.ao dynamic vs FP32 on a language model.
+"""Recurrent benchmark: lowbit dynamic INT8 vs torch.ao dynamic vs FP32 on a language model.
 
 Run: ``.venv/bin/python benchmarks/bench_rnn.py`` (about 1-2 minutes on 2 idle cores;
-``--quick`` for a smoke run). The model: ``Embedding(2000, 256) -> {LSTM, GRU}(256, 512,
-num_layers=2) -> Linear(512, 2000)`` (random init), on random sequences of 64 tokens.
-Variants: FP32 eager; torch.ao ``quantize_dynamic`` ({LSTM/GRU, Linear}: per-tensor
-activations, per-tensor qint8 weights); lowbit ``quantize_dynamic`` (per-channel INT8
+``--quick`` for a smoke run). The model: ``Embedding(2000, 256) -> {LSTM, GRU, RNN}(256, 512,
+num_layers=2) -> Linear(512, 2000)``, or a decoder stepping an ``{LSTMCell, GRUCell}(256,
+512)`` over the tokens (random init), on random sequences of 64 tokens.
+Variants: FP32 eager; torch.ao ``quantize_dynamic`` ({the recurrent type, Linear}: per-tensor
+activations, per-tensor qint8 weights; torch.ao has no quantized ``nn.RNN``, so there only the
+head is quantized); lowbit ``quantize_dynamic`` (per-channel INT8
 weights, per-token INT8 activations). Prints, per variant, the logits' cosine vs FP32 (mean
 over sequences), the next-token (top-1) agreement with FP32, the weight size, and the latency
 at batch 1 and 32 (2 intra-op threads, timing rounds interleaved). Results also go to
@@ -30,16 +32,26 @@ RESULTS = results_path("bench_rnn.json")
 
 
 class RNNLM(nn.Module):
-    """Embedding, 2-layer LSTM or GRU, next-token head."""
+    """Embedding, 2-layer LSTM / GRU / RNN (or one cell stepped over the tokens), next-token
+    head."""
 
     def __init__(self, kind: str, vocab: int = 2000, emb: int = 256, hidden: int = 512) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, emb)
-        self.rnn = getattr(nn, kind)(emb, hidden, num_layers=2, batch_first=True)
+        self.cell = kind.endswith("Cell")
+        self.rnn = (getattr(nn, kind)(emb, hidden) if self.cell
+                    else getattr(nn, kind)(emb, hidden, num_layers=2, batch_first=True))
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(self.emb(ids))[0])
+        x = self.emb(ids)
+        if not self.cell:
+            return self.head(self.rnn(x)[0])
+        state, outs = None, []
+        for t in range(x.shape[1]):
+            state = self.rnn(x[:, t], state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        return self.head(torch.stack(outs, 1))
 
 
 def _variants(model: nn.Module, kind: str) -> dict[str, nn.Module]:
@@ -82,11 +94,12 @@ def main() -> None:
     seq, rounds = (16, 3) if args.quick else (64, 5)
     print(f"{machine_line()}, {THREADS} threads, torch {torch.__version__}")
     results = {}
-    for kind in ("LSTM", "GRU"):
+    for kind in ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell"):
         rows = run(kind, seq, rounds)
         results[kind] = rows
         fp32 = rows["FP32"]
-        print(f"\n{kind} LM: Embedding(2000, 256) -> {kind}(256, 512, 2 layers) -> "
+        layers = "stepped over the tokens" if kind.endswith("Cell") else "2 layers"
+        print(f"\n{kind} LM: Embedding(2000, 256) -> {kind}(256, 512, {layers}) -> "
               f"Linear(512, 2000), {seq} tokens")
         print("| variant | logits cosine vs FP32 | next-token agreement | size | batch 1 | "
               "batch 32 |")
