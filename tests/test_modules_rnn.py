@@ -533,3 +533,24 @@ def test_recurrent_layers_and_cells_quantize_in_a_model_and_round_trip(tmp_path)
         other = Decoder()
         other.rnn_cell = nn.GRUCell(32, 32)
         lowbit.load(tmp_path / "m", model=other)
+
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cells_take_strided_states_and_refuse_tracing_by_name(kind: str) -> None:
+    """A transposed (column-major) state had been read as row-major by the C GEMM of the
+    direct step (0.59 off instead of 0.006); tracing and export failed in internal errors
+    naming no layer once the step bypassed the sequence layers' forward."""
+    f = _cell(kind)
+    q = convert_module(f, DYN, name="cell")
+    x, h = torch.randn(3, 16), torch.randn(3, 32) * 0.5
+    ht = h.t().contiguous().t()  # the same values, column-major
+    hx = (h, torch.randn(3, 32)) if kind == "LSTMCell" else h
+    hxt = (ht, hx[1].t().contiguous().t()) if kind == "LSTMCell" else ht
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(_flat(q(x, hxt)), _flat(q(x, hx)),
+                                                     strict=True))
+    with pytest.raises(RuntimeError, match=r"cell \(Quantized\w+Cell\): torch.jit.trace"):
+        torch.jit.trace(q, (x,))
+    with pytest.raises(RuntimeError, match=r"cell \(Quantized\w+Cell\): torch.export"):
+        torch.export.export(q, (x,))

@@ -134,14 +134,18 @@ class _RecurrentForward:
     """``forward(input, hx=None)`` of the quantized RNNs; a mixin, so that the one-tensor
     forward wrapper of :class:`QuantizedModuleBase` (custom op while compiling) stays off."""
 
-    def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
-        """Run the layer like the float module (see the class docstring)."""
+    def _refuse_tracing(self) -> None:
+        """torch.jit.trace and torch.export / ONNX export refused, naming the layer."""
         refuse_jit_trace(self)  # type: ignore[arg-type]
         if torch.compiler.is_exporting():
             raise RuntimeError(
                 f"{self._label()}: torch.export / ONNX export of a quantized "  # type: ignore
                 "recurrent layer is not supported (its recurrence runs eagerly); keep it in "
                 "float for export: layer_overrides={name: None}")
+
+    def forward(self, input: torch.Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
+        """Run the layer like the float module (see the class docstring)."""
+        self._refuse_tracing()
         data = input.data if isinstance(input, PackedSequence) else input
         if (isinstance(data, torch.Tensor) and data.is_meta  # shape inference: no values
                 and self._buffers[self._first].is_meta):  # type: ignore[attr-defined]
@@ -393,6 +397,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         """``x [M, K]`` (float32, contiguous) times weight ``name`` plus its bias: ``[M, N]``,
         activations quantized per row."""
         w, scale, colsum, bias, w_zp, fusable = self._mats[name]
+        x = x.contiguous()  # (a no-op for the callers' rows; a strided one would be misread)
         kernel = select_kernel("int8_linear", x.shape[0], backend=backend, k=w.shape[1],
                                n=w.shape[0], device=x.device.type)
         if (fusable and backend == "auto" and kernel in FUSED_GEMMS
@@ -711,6 +716,7 @@ class _Cell:
     def forward(self, input: torch.Tensor, hx: Any = None) -> Any:
         """Run the cell like the float one: the new ``h`` (``(h, c)`` for an LSTM cell)."""
         me: Any = self
+        me._refuse_tracing()
         if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input)
             raise ValueError(f"{me._label()}: expected a 1-D (unbatched) or 2-D input "
@@ -756,7 +762,8 @@ class _Cell:
         def state(i: int) -> torch.Tensor:
             if states is None:
                 return torch.zeros(b, me.hidden_size, device=w.device)
-            return states[i].detach().reshape(b, me.hidden_size).to(torch.float32).clone()
+            return states[i].detach().reshape(b, me.hidden_size).to(torch.float32).clone(
+                memory_format=torch.contiguous_format)  # (the C GEMMs read rows in order)
 
         h, c = state(0), state(1) if me._kind == "LSTM" else None
         spans = [(0, b)]
