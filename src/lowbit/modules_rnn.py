@@ -321,7 +321,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
             >>> bool((q.to_float()(x)[0] - f(x)[0]).abs().max() < 0.05)
             True
         """
-        cell = _is_cell(self._shape_meta())
+        cell = isinstance(self, _Cell)
         kw: dict[str, Any] = ({"proj_size": self.proj_size} if self._kind == "LSTM" and not cell
                               else {})
         if self._kind == "RNN":
@@ -519,10 +519,11 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         c_n = c_n.to(dtype).squeeze(1) if unbatched else c_n.to(dtype)
         return output, (h_n, c_n)
 
-    def _straight_through(self, input: Any, hx: Any) -> tuple[Any, Any]:
-        """Quantized values, gradient of the float layer with the dequantized weights."""
+    def _straight_through(self, input: Any, hx: Any, run: Any = None) -> Any:
+        """Quantized values (``run``, default :meth:`_forward_eager`), gradient of the float
+        layer with the dequantized weights."""
         with torch.no_grad():
-            q_out = self._forward_eager(input, hx)
+            q_out = (run or self._forward_eager)(input, hx)
         data = input.data if isinstance(input, PackedSequence) else input
         f_out = self.to_float().to(data.dtype)(input, hx)  # the quantized layer takes any float
 
@@ -563,6 +564,26 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
     def _scan(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]], h: torch.Tensor,
               c: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The recurrence of one layer direction in PyTorch ops: per step ``(o, b)``,
+        :meth:`_gates` on the first ``b`` state rows and input projection rows ``o .. o + b``;
+        packed, the longer sequences come first and the rest keep their state."""
+        out = gx.new_empty((gx.shape[0], h.shape[1]))
+        for o, b in spans:
+            h_new, c_new = self._gates(h[:b], None if c is None else c[:b], gx[o:o + b], sfx,
+                                       backend)
+            out[o:o + b] = h_new
+            if b == h.shape[0]:
+                h, c = h_new, c_new
+            else:
+                h[:b] = h_new
+                if c is not None:
+                    c[:b] = c_new
+        return out, h, c
+
+    def _gates(self, h: torch.Tensor, c: torch.Tensor | None, gx: torch.Tensor, sfx: str,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step's new ``(h, c)`` (``c`` None but for an LSTM) from the state rows and the
+        input projection rows ``gx`` (its bias included)."""
         raise NotImplementedError
 
     def _scan_native(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]],
@@ -590,7 +611,7 @@ class QuantizedRNNBase(_RecurrentForward, QuantizedModuleBase):
         proj = f", proj_size={self.proj_size}" if self.proj_size else ""
         if self._kind == "RNN":
             proj += f", nonlinearity={self.nonlinearity!r}"
-        if _is_cell(self._shape_meta()):
+        if isinstance(self, _Cell):
             return (f"{self.input_size}, {self.hidden_size}, bias={self.bias}{proj}, "
                     f"backend={self.backend}")
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
@@ -615,27 +636,17 @@ class QuantizedLSTM(QuantizedRNNBase):
 
     _kind = "LSTM"
 
-    def _scan(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]], h: torch.Tensor,
-              c: torch.Tensor | None, backend: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _gates(self, h: torch.Tensor, c: torch.Tensor | None, gx: torch.Tensor, sfx: str,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         assert c is not None
         hid = self.hidden_size
-        out = gx.new_empty((gx.shape[0], h.shape[1]))
-        hh, hr = f"weight_hh{sfx}", f"weight_hr{sfx}" if self.proj_size else None
-        for o, b in spans:
-            g = self._gemm(hh, h[:b], backend).add_(gx[o:o + b])  # i, f, g, o gates
-            s = torch.sigmoid(g)
-            c_new = torch.addcmul(s[:, hid:2 * hid] * c[:b], s[:, :hid],
-                                  g[:, 2 * hid:3 * hid].tanh())
-            h_new = s[:, 3 * hid:] * c_new.tanh()
-            if hr is not None:
-                h_new = self._gemm(hr, h_new, backend)
-            out[o:o + b] = h_new
-            if b == h.shape[0]:
-                h, c = h_new, c_new
-            else:  # packed: the longer sequences come first; the rest keep their state
-                h[:b], c[:b] = h_new, c_new
-        return out, h, c
+        g = self._gemm(f"weight_hh{sfx}", h, backend).add_(gx)  # i, f, g, o gates
+        s = torch.sigmoid(g)
+        c_new = torch.addcmul(s[:, hid:2 * hid] * c, s[:, :hid], g[:, 2 * hid:3 * hid].tanh())
+        h_new = s[:, 3 * hid:] * c_new.tanh()
+        if self.proj_size:
+            h_new = self._gemm(f"weight_hr{sfx}", h_new, backend)
+        return h_new, c_new
 
 
 class QuantizedGRU(QuantizedRNNBase):
@@ -655,24 +666,13 @@ class QuantizedGRU(QuantizedRNNBase):
 
     _kind = "GRU"
 
-    def _scan(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]], h: torch.Tensor,
-              c: torch.Tensor | None, backend: str
-              ) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def _gates(self, h: torch.Tensor, c: torch.Tensor | None, gx: torch.Tensor, sfx: str,
+               backend: str) -> tuple[torch.Tensor, None]:
         hid = self.hidden_size
-        out = gx.new_empty((gx.shape[0], hid))
-        hh = f"weight_hh{sfx}"
-        for o, b in spans:
-            gh = self._gemm(hh, h[:b], backend)  # r, z, n gates (with b_hh)
-            gxb = gx[o:o + b]
-            rz = torch.sigmoid(gh[:, :2 * hid] + gxb[:, :2 * hid])
-            n = torch.addcmul(gxb[:, 2 * hid:], rz[:, :hid], gh[:, 2 * hid:]).tanh_()
-            h_new = torch.addcmul(n, rz[:, hid:], h[:b] - n)  # (1 - z) * n + z * h
-            out[o:o + b] = h_new
-            if b == h.shape[0]:
-                h = h_new
-            else:
-                h[:b] = h_new
-        return out, h, None
+        gh = self._gemm(f"weight_hh{sfx}", h, backend)  # r, z, n gates (with b_hh)
+        rz = torch.sigmoid(gh[:, :2 * hid] + gx[:, :2 * hid])
+        n = torch.addcmul(gx[:, 2 * hid:], rz[:, :hid], gh[:, 2 * hid:]).tanh_()
+        return torch.addcmul(n, rz[:, hid:], h - n), None  # (1 - z) * n + z * h
 
 
 class QuantizedRNN(QuantizedRNNBase):
@@ -692,19 +692,10 @@ class QuantizedRNN(QuantizedRNNBase):
 
     _kind = "RNN"
 
-    def _scan(self, gx: torch.Tensor, sfx: str, spans: list[tuple[int, int]], h: torch.Tensor,
-              c: torch.Tensor | None, backend: str
-              ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        out = gx.new_empty((gx.shape[0], self.hidden_size))
+    def _gates(self, h: torch.Tensor, c: torch.Tensor | None, gx: torch.Tensor, sfx: str,
+               backend: str) -> tuple[torch.Tensor, None]:
         act = torch.tanh if self.nonlinearity == "tanh" else torch.relu
-        for o, b in spans:
-            h_new = act(self._gemm(f"weight_hh{sfx}", h[:b], backend).add_(gx[o:o + b]))
-            out[o:o + b] = h_new
-            if b == h.shape[0]:
-                h = h_new
-            else:
-                h[:b] = h_new
-        return out, h, None
+        return act(self._gemm(f"weight_hh{sfx}", h, backend).add_(gx)), None
 
 
 class _Cell:
@@ -740,11 +731,7 @@ class _Cell:
             return me.to_float()(input, hx)
         if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False)
                                            for t in (input, *states)):
-            with torch.no_grad():  # quantized values, the float cell's gradient
-                q = self.forward(input, hx)
-            f = me.to_float().to(input.dtype)(input, hx)
-            return (tuple(a + (b - b.detach()) for a, b in zip(q, f, strict=True)) if lstm
-                    else q + (f - f.detach()))
+            return me._straight_through(input, hx, self.forward)
         return self._step(input, states if hx is not None else None)
 
     @torch._disable_dynamo  # (as the sequence layers: torch.compile runs the step eagerly)
