@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,8 +74,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base, LORA_BASES):
             raise TypeError(f"LoRALinear wraps {[c.__name__ for c in LORA_BASES]}, got "
                             f"{type(base).__name__}")
-        if whole_number(r, "LoRALinear: r", "the adapters' rank, e.g. 8") < 1:
-            raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
+        r = _rank(r)
         self.in_features: int = base.in_features  # type: ignore[assignment]
         self.out_features: int = base.out_features  # type: ignore[assignment]
         self.r = int(r)
@@ -99,12 +98,7 @@ class LoRALinear(nn.Module):
             >>> layer.set_scaling(8, 0.1); layer.scaling, type(layer.lora_dropout).__name__
             (4.0, 'Dropout')
         """
-        # NaN / Inf alpha: every output NaN, even with lora_B zero
-        alpha = real_number(alpha, "LoRALinear: alpha",
-                            "the update is scaled by alpha / r; lowbit's default is 16")
-        if not 0.0 <= real_number(dropout, "LoRALinear: dropout", "it must be in [0, 1)") < 1.0:
-            raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
-        self.alpha, self.dropout_p = alpha, float(dropout)
+        self.alpha, self.dropout_p = _scaling(alpha, dropout)
         self.scaling = self.alpha / self.r
         self.lora_dropout = (nn.Dropout(self.dropout_p) if self.dropout_p else
                              nn.Identity()).train(self.training)
@@ -155,20 +149,57 @@ class LoRALinear(nn.Module):
             >>> LoRALinear.from_config(q, cfg).lora_config() == cfg
             True
         """
+        cls.check_config(config)  # before the wrapper turns its base's fused activation off
         layer = cls(base, r=config["r"], alpha=config["alpha"],
                     dropout=config.get("dropout", 0.0))
         layer.fused_relu = bool(config.get("fused_relu", False)) or layer.fused_relu
+        layer.fused_gelu = config.get("fused_gelu") or layer.fused_gelu
+        return layer
+
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Refuse settings :meth:`from_config` cannot build a wrapper from, without building
+        one (a wrapper turns its base's fused activation off: a refusal after that would leave
+        the base changed).
+
+        Raises:
+            KeyError: ``r`` or ``alpha`` is missing.
+            ValueError: a setting out of range, naming it.
+
+        Example:
+            >>> LoRALinear.check_config({"r": 2, "alpha": 4.0, "fused_gelu": "erf"})
+            Traceback (most recent call last):
+            ...
+            ValueError: LoRALinear: fused_gelu='erf' must be None, 'none' or 'tanh' ...
+        """
+        _rank(config["r"])
+        _scaling(config["alpha"], config.get("dropout", 0.0))
         gelu = config.get("fused_gelu")
         if gelu not in (None, "none", "tanh"):
-            raise ValueError(f"LoRALinear.from_config: fused_gelu={gelu!r} must be None, 'none' "
-                             "or 'tanh' (nn.GELU's approximate); the config is damaged")
-        layer.fused_gelu = gelu or layer.fused_gelu
-        return layer
+            raise ValueError(f"LoRALinear: fused_gelu={gelu!r} must be None, 'none' or 'tanh' "
+                             "(nn.GELU's approximate); the config is damaged")
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
                 f"dropout={self.dropout_p:g}, fused_relu={self.fused_relu}"
                 + ("" if self.fused_gelu is None else f", fused_gelu={self.fused_gelu!r}"))
+
+
+def _rank(r: Any) -> int:
+    r = whole_number(r, "LoRALinear: r", "the adapters' rank, e.g. 8")
+    if r < 1:
+        raise ValueError(f"LoRALinear: r={r!r} must be a positive integer")
+    return r
+
+
+def _scaling(alpha: Any, dropout: Any) -> tuple[float, float]:
+    """``(alpha, dropout)`` as floats, or a ValueError naming the bad one (a NaN / Inf alpha
+    makes every output NaN, even with lora_B zero)."""
+    alpha = real_number(alpha, "LoRALinear: alpha",
+                        "the update is scaled by alpha / r; lowbit's default is 16")
+    if not 0.0 <= real_number(dropout, "LoRALinear: dropout", "it must be in [0, 1)") < 1.0:
+        raise ValueError(f"LoRALinear: dropout={dropout!r} must be in [0, 1)")
+    return alpha, float(dropout)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

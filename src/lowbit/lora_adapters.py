@@ -23,7 +23,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lowbit.config import real_number
 from lowbit.lora import LORA_BASES, LoRALinear, mark_only_lora_trainable
 
 __all__ = ["ADAPTER_FORMAT", "base_fingerprint", "load_adapters", "save_adapters"]
@@ -262,14 +261,8 @@ def _plan(file: Path, name: str, entry: Any, tensors: Mapping[str, torch.Tensor]
         raise ValueError(f"{label}: its adapter has r={target.r}, the file "
                          f"r={entry['lora']['r']}")
     settings = entry["lora"]
-    try:  # what LoRALinear.from_config would refuse, checked without building one
-        real_number(settings["alpha"], "alpha", "the update is scaled by alpha / r")
-        dropout = real_number(settings.get("dropout", 0.0), "dropout", "it must be in [0, 1)")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        if settings.get("fused_gelu") not in (None, "none", "tanh"):
-            raise ValueError(f"fused_gelu={settings.get('fused_gelu')!r} must be None, 'none' "
-                             "or 'tanh'")
+    try:
+        LoRALinear.check_config(settings)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: cannot rebuild the adapter from {settings!r:.200}: {e}"
                          ) from e
