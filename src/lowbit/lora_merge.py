@@ -23,6 +23,7 @@ from torch import nn
 
 from lowbit.config import QuantizationConfig
 from lowbit.lora import LORA_BASES, LoRALinear
+from lowbit.ops import code_range
 from lowbit.weight_calibration import set_input_smoothing
 
 __all__ = ["MergeReport", "MergeRow", "merge_lora", "merged_weight", "requantize_linear"]
@@ -235,9 +236,8 @@ def _warn_clipped(name: str, base: nn.Module, x: torch.Tensor, out_err: float) -
         return
     factor = base._buffers.get("input_smoothing")  # the layer quantizes x * f
     xs = x.detach().float() if factor is None else x.detach().float() * factor.to(x).float()
-    spec, scale = base.act_spec, base.input_scale.float()
-    zp = base.input_zero_point.float()
-    lo, hi = float((spec.qmin - zp) * scale), float((spec.qmax - zp) * scale)
+    scale = base.input_scale.float()
+    lo, hi = code_range(base.input_scale, base.input_zero_point, base.act_spec)
     outside = float(((xs < lo - scale / 2) | (xs > hi + scale / 2)).float().mean())
     if outside > 1e-3:
         warnings.warn(f"merge_lora: layer {name!r}: {outside:.1%} of its inputs lie outside its "

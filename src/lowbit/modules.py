@@ -703,10 +703,14 @@ _RNN_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.LSTMCell: QuantizedLSTMCell, nn.GRUCell: QuantizedGRUCell, nn.RNNCell: QuantizedRNNCell}
 
 
+#: Where a layer keeps its (first) weight: a recurrent layer's first input projection is
+#: ``weight_ih_l0``, a cell's ``weight_ih``.
+WEIGHT_NAMES = ("weight", "weight_ih_l0", "weight_ih")
+
+
 def _first_weight(module: nn.Module) -> Any:
-    """A layer's weight (a recurrent layer's first input projection: ``weight_ih_l0``, a
-    cell's ``weight_ih``), or None."""
-    for name in ("weight", "weight_ih_l0", "weight_ih"):
+    """A layer's weight (:data:`WEIGHT_NAMES`), or None."""
+    for name in WEIGHT_NAMES:
         if isinstance(getattr(module, name, None), torch.Tensor):
             return getattr(module, name)
     return None

@@ -30,6 +30,7 @@ from lowbit.config import QuantSpec
 __all__ = [
     "check_finite",
     "choose_qparams",
+    "code_range",
     "compute_range",
     "dequantize",
     "expand_qparam",
@@ -142,6 +143,20 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
         raise ValueError("choose_qparams: the observed range holds NaN/Inf; the calibrated "
                          "tensor had non-finite values")
     return qparams_from_range(min_val, max_val, spec)
+
+
+def code_range(scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+               ) -> tuple[float, float]:
+    """The float range the codes of ``spec`` can represent with these qparams: ``(qmin - zp) *
+    scale`` to ``(qmax - zp) * scale`` (the widest over channels), in float64.
+
+    Example:
+        >>> code_range(torch.tensor(0.125), torch.tensor(-28), QuantSpec(symmetric=False))
+        (-12.5, 19.375)
+    """
+    lo = (spec.qmin - zero_point.double()) * scale.double()
+    hi = (spec.qmax - zero_point.double()) * scale.double()
+    return float(lo.min()), float(hi.max())
 
 
 def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec

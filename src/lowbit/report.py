@@ -34,6 +34,7 @@ from lowbit.calibration import run_batch
 from lowbit.config import QuantSpec
 from lowbit.evaluation import format_bytes, markdown_table
 from lowbit.modules import QUANTIZED_MODULES
+from lowbit.ops import code_range
 from lowbit.sensitivity import SensitivityReport
 from lowbit.serialization import _atomic_write, layer_rows
 from lowbit.traverse import fold_bn_weights
@@ -79,12 +80,6 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     if flat.numel() > _MAX_SAMPLES:
         flat = flat[:: -(-flat.numel() // _MAX_SAMPLES)]
     return flat.cpu()
-
-
-def _code_range(scale: torch.Tensor, zp: torch.Tensor, spec: QuantSpec) -> tuple[float, float]:
-    lo = (spec.qmin - zp.double()) * scale.double()
-    hi = (spec.qmax - zp.double()) * scale.double()
-    return float(lo.min()), float(hi.max())
 
 
 def _plan_rows(model: nn.Module) -> list[dict[str, Any]]:
@@ -158,11 +153,11 @@ def collect_histograms(float_model: nn.Module, quantized_model: nn.Module, examp
             weight, _ = fold_bn_weights(weight, getattr(layer, "bias", None),
                                         float_model.get_submodule(folded[name]))
         wspec = QuantSpec.from_dict(meta.get("effective_weight_spec") or meta["weight_spec"])
-        wrange = _code_range(q.weight_scale, q.weight_zero_point, wspec)
+        wrange = code_range(q.weight_scale, q.weight_zero_point, wspec)
         arange, note = None, "float (weight-only quantization)"
         if meta.get("mode") == "static":
             aspec = QuantSpec.from_dict(meta["activation_spec"])
-            arange = _code_range(q.input_scale, q.input_zero_point, aspec)
+            arange = code_range(q.input_scale, q.input_zero_point, aspec)
             note = f"calibrated ({(meta.get('extra') or {}).get('calibrator', '?')})"
         elif meta.get("mode") == "dynamic":
             note = f"quantized at run time ({meta['activation_spec']['granularity']})"

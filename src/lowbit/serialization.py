@@ -52,6 +52,7 @@ from lowbit.dropin import guard_save_pretrained
 from lowbit.lora import LORA_BASES, LoRALinear, mark_only_lora_trainable
 from lowbit.modules import (
     QUANTIZED_MODULES,
+    WEIGHT_NAMES,
     QuantizedConv2d,
     QuantizedEmbedding,
     QuantizedLinear,
@@ -1184,7 +1185,7 @@ def layer_rows(metas: Mapping[str, Mapping[str, Any]], state: Mapping[str, torch
     for name, meta in metas.items():
         prefix = f"{name}." if name else ""
         own = {k: v for k, v in state.items() if k.startswith(prefix)}
-        scale = next((own[f"{prefix}{w}_scale"] for w in ("weight", "weight_ih_l0", "weight_ih")
+        scale = next((own[f"{prefix}{w}_scale"] for w in WEIGHT_NAMES
                       if f"{prefix}{w}_scale" in own), None)
         rows.append(SavedLayer(
             name=name, cls=str(meta.get("class")), scheme=_scheme_text(meta),
