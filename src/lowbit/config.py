@@ -73,6 +73,20 @@ def real_number(value: Any, what: str, hint: str) -> float:
     return float(value)
 
 
+def require_mapping(value: Any, what: str) -> Mapping[str, Any]:
+    """``value`` if it is a mapping, else a ValueError naming ``what``.
+
+    Example:
+        >>> require_mapping([1, 2], "calibrator_kwargs")
+        Traceback (most recent call last):
+        ...
+        ValueError: calibrator_kwargs must be a dict, got list: [1, 2]
+    """
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a dict, got {type(value).__name__}: {value!r:.80}")
+    return value
+
+
 def _scalar(value: Any) -> Any:
     """A one-element non-bool tensor as its Python number, anything else as it is."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
@@ -364,10 +378,7 @@ class QuantizationConfig:
             if not isinstance(name, str):
                 raise ValueError(f"QuantizationConfig.skip_layers must hold strings, got {name!r}")
         for what in ("layer_overrides", "calibrator_kwargs"):
-            if not isinstance(getattr(self, what), Mapping):
-                raise ValueError(f"QuantizationConfig.{what} must be a dict, got "
-                                 f"{type(getattr(self, what)).__name__}: "
-                                 f"{getattr(self, what)!r:.60}")
+            require_mapping(getattr(self, what), f"QuantizationConfig.{what}")
         overrides = dict(self.layer_overrides)
         for key, value in overrides.items():
             if not isinstance(key, str):
@@ -395,9 +406,7 @@ class QuantizationConfig:
                              f"weights; mode is {self.mode!r}: use mode='weight_only' (e.g. "
                              f"QuantizationConfig.int4_weight_only(method={self.method!r})) or "
                              "smooth_quant=alpha for W8A8")
-        if not isinstance(self.method_kwargs, Mapping):
-            raise ValueError("QuantizationConfig.method_kwargs must be a dict, got "
-                             f"{type(self.method_kwargs).__name__}")
+        require_mapping(self.method_kwargs, "QuantizationConfig.method_kwargs")
         options = _METHOD_KWARGS[self.method]
         unknown = set(self.method_kwargs) - set(options)
         if unknown:
@@ -602,9 +611,8 @@ class QuantizationConfig:
                                  f"{data['skip_layers']!r:.80}")
             data["skip_layers"] = tuple(data["skip_layers"])
         for key in ("layer_overrides", "calibrator_kwargs", "method_kwargs"):
-            if key in data and not isinstance(data[key], Mapping):
-                raise ValueError(f"QuantizationConfig.{key} must be a dict, got "
-                                 f"{type(data[key]).__name__}: {data[key]!r:.80}")
+            if key in data:  # (layer_overrides is read below, before __post_init__)
+                require_mapping(data[key], f"QuantizationConfig.{key}")
         if "layer_overrides" in data:
             overrides = {}
             for k, v in data["layer_overrides"].items():

@@ -58,7 +58,7 @@ from torch import nn
 
 from lowbit._qmodule import QuantizedModuleBase, carry_hooks, has_hooks
 from lowbit.calibrators import available_calibrators
-from lowbit.config import QuantizationConfig
+from lowbit.config import QuantizationConfig, require_mapping
 from lowbit.distributed import configure_qat_sync, qat_group, sync_batchnorm
 from lowbit.dropin import guard_save_pretrained, is_hf_conv1d, linear_from_conv1d
 from lowbit.fake_quantize import FakeQuantize
@@ -185,12 +185,8 @@ class QATConfig:
         if _not_int(self.statistics_every) or self.statistics_every < 1:
             raise ValueError("QATConfig.statistics_every must be a positive int, got "
                              f"{self.statistics_every!r}")
-        if not isinstance(self.activation_observer_kwargs, Mapping):
-            raise ValueError("QATConfig.activation_observer_kwargs must be a dict, got "
-                             f"{type(self.activation_observer_kwargs).__name__}: "
-                             f"{self.activation_observer_kwargs!r:.60}")
-        object.__setattr__(self, "activation_observer_kwargs",
-                           dict(self.activation_observer_kwargs))
+        object.__setattr__(self, "activation_observer_kwargs", dict(require_mapping(
+            self.activation_observer_kwargs, "QATConfig.activation_observer_kwargs")))
 
     def __hash__(self) -> int:
         return hash((self.quantization, self.activation_observer, self.weight_observer,
